@@ -1,0 +1,119 @@
+//! The `roomcast` command.
+//!
+//! * `roomcast table create` — create the table as the deployment does.
+//! * `roomcast poll` — run the stream processor over a real table's stream (DynamoDB Streams
+//!   API), the way `roomcast dev --dynamodb-endpoint` does.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+use crate::deliver::Deliverer;
+use crate::metrics::Metrics;
+use crate::model::SystemClock;
+use crate::pipeline::{Processor, run_from_stream};
+use crate::store::dynamodb::{DynamoStore, create_table, wait_until_active};
+use crate::stream::poller::{StartAt, StreamPoller};
+
+#[derive(Debug, Parser)]
+#[command(name = "roomcast", version, about = "Real-time rooms, presence and tenant plugins for API Gateway WebSocket APIs")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage the DynamoDB table.
+    Table {
+        #[command(subcommand)]
+        command: TableCommand,
+    },
+    /// Run the stream processor over a table's stream until Ctrl-C.
+    Poll {
+        #[command(flatten)]
+        table: TableArgs,
+        /// Send every @connections call here instead of each connection's own endpoint.
+        #[arg(long, env = "ROOMCAST_MANAGEMENT_ENDPOINT")]
+        management_endpoint: Option<String>,
+        /// Start with records already in the stream instead of only new ones.
+        #[arg(long)]
+        from_trim_horizon: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TableCommand {
+    /// Create the table (stream NEW_AND_OLD_IMAGES, TTL on `ttl`, the `gsi1` index); an existing
+    /// table is left as it is.
+    Create {
+        #[command(flatten)]
+        table: TableArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct TableArgs {
+    /// A DynamoDB API other than AWS's (moto, DynamoDB Local, LocalStack).
+    #[arg(long, env = "DYNAMODB_ENDPOINT_URL")]
+    dynamodb_endpoint: Option<String>,
+    #[arg(long, env = "TABLE_NAME", default_value = "roomcast")]
+    table: String,
+}
+
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Table { command: TableCommand::Create { table } } => {
+            let sdk = config::load_aws().await;
+            let client = config::dynamodb_client(&sdk, table.dynamodb_endpoint.as_deref());
+            let info = create_table(&client, &table.table).await?;
+            let verb = if info.created { "created" } else { "already exists:" };
+            println!("table {verb} {} (stream {})", info.name, info.stream_arn);
+            Ok(())
+        }
+        Command::Poll { table, management_endpoint, from_trim_horizon } => {
+            let config = Config::from_lookup(|name| match name {
+                "TABLE_NAME" => Some(table.table.clone()),
+                "DYNAMODB_ENDPOINT_URL" => table.dynamodb_endpoint.clone(),
+                "ROOMCAST_MANAGEMENT_ENDPOINT" => management_endpoint.clone(),
+                other => std::env::var(other).ok(),
+            })?;
+            let sdk = config::load_aws().await;
+            let client = config::dynamodb_client(&sdk, config.dynamodb_endpoint.as_deref());
+            let stream_arn = wait_until_active(&client, &config.table_name).await?;
+            let store = Arc::new(DynamoStore::new(client, &config.table_name));
+            let clock = Arc::new(SystemClock);
+            let metrics = Arc::new(Metrics::default());
+            let deliverer = Deliverer::new(sdk.clone(), config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
+            let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once);
+            let streams = config::streams_client(&sdk, config.dynamodb_endpoint.as_deref());
+            let start = if from_trim_horizon { StartAt::TrimHorizon } else { StartAt::Latest };
+            let mut poller = StreamPoller::new(streams, stream_arn.clone(), start);
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                let _ = stop.send(true);
+            });
+            eprintln!("processing stream {stream_arn}; Ctrl-C stops");
+            run_from_stream(&processor, &mut poller, Duration::from_millis(250), stopped).await?;
+            processor.counts().emit("roomcast.totals");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Configuration from the environment, for the Lambda binaries and the CLI.
+//!
+//! The library never reads the environment itself: binaries call [`Config::from_env`] and hand
+//! the parts on. A bad configuration is reported whole — every missing or invalid variable, by
+//! name and value — not one at a time.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::deliver::DeliverySettings;
+
+/// Every variable Roomcast reads, with its meaning, for error messages and the README.
+pub const VARIABLES: &[(&str, &str, &str)] = &[
+    ("TABLE_NAME", "(required)", "the DynamoDB table"),
+    ("DYNAMODB_ENDPOINT_URL", "AWS", "a local DynamoDB API (moto, DynamoDB Local, LocalStack)"),
+    ("ROOMCAST_MANAGEMENT_ENDPOINT", "per connection", "send every @connections call here"),
+    ("CONNECTION_TTL_SECONDS", "3600", "connection and membership TTL; `ping` refreshes it"),
+    ("HISTORY_TTL_SECONDS", "604800", "how long messages are kept for `history`"),
+    ("ROOMCAST_DELIVERY_CONCURRENCY", "32", "recipients served at once per record"),
+    ("ROOMCAST_DELIVERY_TIMEOUT_MS", "3000", "one PostToConnection attempt"),
+    ("ROOMCAST_DELIVERY_DEADLINE_MS", "20000", "all retries for one recipient"),
+    ("ROOMCAST_YOUNG_CONNECTION_MS", "5000", "a 410 for a connection this young is retried"),
+    ("ROOMCAST_PARTITIONS_AT_ONCE", "8", "rooms processed concurrently within a batch"),
+];
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub table_name: String,
+    pub dynamodb_endpoint: Option<String>,
+    pub connection_ttl_seconds: i64,
+    pub history_ttl_seconds: i64,
+    pub delivery: DeliverySettings,
+    pub partitions_at_once: usize,
+}
+
+/// Every problem found, one per line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration ({} problem{}):", self.0.len(), if self.0.len() == 1 { "" } else { "s" })?;
+        for problem in &self.0 {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+
+        let table_name = get("TABLE_NAME").unwrap_or_else(|| {
+            problems.push("TABLE_NAME is not set: name the DynamoDB table".to_string());
+            String::new()
+        });
+        let mut url = |name: &str| {
+            let value = get(name)?;
+            if value.starts_with("http://") || value.starts_with("https://") {
+                Some(value)
+            } else {
+                problems.push(format!("{name}={value:?} is not an http:// or https:// URL"));
+                None
+            }
+        };
+        let dynamodb_endpoint = url("DYNAMODB_ENDPOINT_URL");
+        let endpoint_override = url("ROOMCAST_MANAGEMENT_ENDPOINT");
+
+        let mut number = |name: &str, default: u64, min: u64, max: u64| -> u64 {
+            match get(name) {
+                None => default,
+                Some(raw) => match raw.trim().parse::<u64>() {
+                    Ok(n) if (min..=max).contains(&n) => n,
+                    _ => {
+                        problems.push(format!("{name}={raw:?} must be a whole number from {min} to {max}"));
+                        default
+                    }
+                },
+            }
+        };
+        let connection_ttl_seconds = number("CONNECTION_TTL_SECONDS", 3600, 10, 7 * 86_400) as i64;
+        let history_ttl_seconds = number("HISTORY_TTL_SECONDS", 7 * 86_400, 60, 365 * 86_400) as i64;
+        let delivery = DeliverySettings {
+            concurrency: number("ROOMCAST_DELIVERY_CONCURRENCY", 32, 1, 1024) as usize,
+            call_timeout: Duration::from_millis(number("ROOMCAST_DELIVERY_TIMEOUT_MS", 3000, 10, 60_000)),
+            deadline: Duration::from_millis(number("ROOMCAST_DELIVERY_DEADLINE_MS", 20_000, 10, 900_000)),
+            young_connection: Duration::from_millis(number("ROOMCAST_YOUNG_CONNECTION_MS", 5000, 0, 60_000)),
+            endpoint_override,
+            ..DeliverySettings::default()
+        };
+        let partitions_at_once = number("ROOMCAST_PARTITIONS_AT_ONCE", 8, 1, 256) as usize;
+
+        if problems.is_empty() {
+            Ok(Config {
+                table_name,
+                dynamodb_endpoint,
+                connection_ttl_seconds,
+                history_ttl_seconds,
+                delivery,
+                partitions_at_once,
+            })
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+}
+
+/// The AWS SDK configuration from the standard environment (credentials, region, profile).
+/// Without a region anywhere, `us-east-1`, which local endpoints accept.
+pub async fn load_aws() -> aws_config::SdkConfig {
+    let region = aws_config::meta::region::RegionProviderChain::default_provider().or_else("us-east-1");
+    aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region).load().await
+}
+
+pub fn dynamodb_client(sdk: &aws_config::SdkConfig, endpoint: Option<&str>) -> aws_sdk_dynamodb::Client {
+    let mut builder = aws_sdk_dynamodb::config::Builder::from(sdk);
+    if let Some(url) = endpoint {
+        builder = builder.endpoint_url(url);
+    }
+    aws_sdk_dynamodb::Client::from_conf(builder.build())
+}
+
+pub fn streams_client(sdk: &aws_config::SdkConfig, endpoint: Option<&str>) -> aws_sdk_dynamodbstreams::Client {
+    let mut builder = aws_sdk_dynamodbstreams::config::Builder::from(sdk);
+    if let Some(url) = endpoint {
+        builder = builder.endpoint_url(url);
+    }
+    aws_sdk_dynamodbstreams::Client::from_conf(builder.build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_need_only_the_table() {
+        let c = config(&[("TABLE_NAME", "roomcast")]).unwrap();
+        assert_eq!(c.table_name, "roomcast");
+        assert_eq!(c.connection_ttl_seconds, 3600);
+        assert_eq!(c.delivery.concurrency, 32);
+        assert_eq!(c.dynamodb_endpoint, None);
+    }
+
+    #[test]
+    fn reports_every_problem_at_once_by_name() {
+        let err = config(&[
+            ("DYNAMODB_ENDPOINT_URL", "localhost:8000"),
+            ("CONNECTION_TTL_SECONDS", "soon"),
+            ("ROOMCAST_DELIVERY_CONCURRENCY", "0"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.0.len(), 4, "{err}");
+        let text = err.to_string();
+        for name in ["TABLE_NAME", "DYNAMODB_ENDPOINT_URL", "CONNECTION_TTL_SECONDS", "ROOMCAST_DELIVERY_CONCURRENCY"] {
+            assert!(text.contains(name), "{name} missing from: {text}");
+        }
+        assert!(text.contains("\"soon\""), "{text}");
+    }
+}

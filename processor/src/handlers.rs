@@ -1,0 +1,266 @@
+//! The write path: API Gateway WebSocket routes → records in the table.
+//!
+//! These handlers validate the request and write (or delete) records; they never call
+//! `PostToConnection`. Whatever reaches other clients goes through the stream and the processor.
+//! A handler answers only its own caller, through the route response (`pong`, `info`, `history`,
+//! acknowledgements and errors). Bad input gets an `error` answer and writes nothing.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
+use aws_lambda_events::encodings::Body;
+use serde_json::Value;
+
+use crate::model::{Clock, Connection, JoinReason, Message, Name, NewConnection, expiry, format_ts};
+use crate::protocol::{ErrorCode, FrameError, Request, ServerMessage, parse_frame};
+use crate::store::{Store, StoreError};
+
+/// The most rooms one connection may be in (also keeps `$connect` within one transaction).
+pub const MAX_ROOMS_PER_CONNECTION: usize = 50;
+
+/// What the handlers need, built once per Lambda container (or once per `roomcast dev`).
+#[derive(Clone)]
+pub struct HandlerDeps {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub connection_ttl_seconds: i64,
+    pub history_ttl_seconds: i64,
+}
+
+fn respond(status: i64, body: Option<String>) -> ApiGatewayProxyResponse {
+    let mut response = ApiGatewayProxyResponse::default();
+    response.status_code = status;
+    response.body = body.map(Body::Text);
+    response
+}
+
+fn answer(message: ServerMessage) -> ApiGatewayProxyResponse {
+    respond(200, Some(message.to_json()))
+}
+
+fn internal(err: &StoreError) -> ApiGatewayProxyResponse {
+    tracing::error!(error = %err, "table unavailable");
+    respond(
+        500,
+        Some(
+            ServerMessage::Error { code: ErrorCode::Internal, message: "the service is unavailable; nothing was written".into() }
+                .to_json(),
+        ),
+    )
+}
+
+/// The caller's identity, from the `$connect` authorizer's context (never from the client).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub tenant: Name,
+    pub user_id: String,
+}
+
+/// 401 without any authorizer context; 403 when it lacks a valid tenant or user.
+pub fn identity(request: &ApiGatewayWebsocketProxyRequest) -> Result<Identity, (i64, String)> {
+    let context = &request.request_context.authorizer.other;
+    if context.is_empty() {
+        return Err((401, "no authorizer context: $connect must run behind the Roomcast authorizer".into()));
+    }
+    let text = |key: &str| match context.get(key) {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    let tenant = text("tenant").ok_or((403, "the authorizer context has no tenant".to_string()))?;
+    let tenant = Name::parse("tenant", &tenant).map_err(|e| (403, e))?;
+    let user_id = text("userId")
+        .or_else(|| text("principalId"))
+        .ok_or((403, "the authorizer context has neither userId nor principalId".to_string()))?;
+    if user_id.len() > 256 {
+        return Err((403, "the user id is longer than 256 characters".into()));
+    }
+    Ok(Identity { tenant, user_id })
+}
+
+fn connection_id(request: &ApiGatewayWebsocketProxyRequest) -> Option<&str> {
+    request.request_context.connection_id.as_deref().filter(|id| !id.is_empty())
+}
+
+/// `$connect`: checks the authorizer's context, reads `rooms`, `deployment_id` and
+/// `connection_type`, and writes the connection with its memberships.
+pub async fn connect(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDeps) -> ApiGatewayProxyResponse {
+    let who = match identity(request) {
+        Ok(who) => who,
+        Err((status, why)) => {
+            tracing::warn!(status, reason = %why, "connection refused");
+            return respond(status, Some(why));
+        }
+    };
+    let Some(connection_id) = connection_id(request) else {
+        return respond(400, Some("the request has no connectionId".into()));
+    };
+    let context = &request.request_context;
+    let (Some(domain), Some(stage)) = (context.domain_name.as_deref(), context.stage.as_deref()) else {
+        return respond(400, Some("the request has no domainName or stage".into()));
+    };
+    let query = &request.query_string_parameters;
+    let mut rooms = BTreeSet::new();
+    for room in query.first("rooms").unwrap_or("").split(',').map(str::trim).filter(|r| !r.is_empty()) {
+        match Name::parse("room", room) {
+            Ok(room) => rooms.insert(room.to_string()),
+            Err(why) => return respond(400, Some(why)),
+        };
+    }
+    if rooms.len() > MAX_ROOMS_PER_CONNECTION {
+        return respond(400, Some(format!("at most {MAX_ROOMS_PER_CONNECTION} rooms per connection")));
+    }
+    let now = deps.clock.now();
+    let conn = Connection::new(NewConnection {
+        connection_id,
+        tenant: &who.tenant,
+        user_id: &who.user_id,
+        connection_type: query.first("connection_type").map(str::to_string),
+        deployment_id: query.first("deployment_id").map(str::to_string),
+        rooms,
+        endpoint: format!("https://{domain}/{stage}"),
+        now,
+        ttl_seconds: deps.connection_ttl_seconds,
+    });
+    let memberships: Vec<_> = conn.rooms.iter().map(|room| conn.membership(room, JoinReason::Connect, now)).collect();
+    match deps.store.put_connection(&conn, &memberships).await {
+        Ok(()) => {
+            tracing::info!(connection_id, tenant = %conn.tenant, user_id = %conn.user_id, rooms = conn.rooms.len(), "connected");
+            respond(200, None)
+        }
+        Err(err) => internal(&err),
+    }
+}
+
+/// `$disconnect`: deletes the connection record (the processor removes its memberships).
+/// Idempotent; logs API Gateway's close code and reason.
+pub async fn disconnect(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDeps) -> ApiGatewayProxyResponse {
+    let Some(connection_id) = connection_id(request) else {
+        return respond(400, Some("the request has no connectionId".into()));
+    };
+    let context = &request.request_context;
+    match deps.store.delete_connection(connection_id, None).await {
+        Ok(old) => {
+            tracing::info!(
+                connection_id,
+                close_code = context.disconnect_status_code,
+                close_reason = context.disconnect_reason.as_deref().unwrap_or(""),
+                existed = old.is_some(),
+                "disconnected"
+            );
+            respond(200, None)
+        }
+        Err(err) => internal(&err),
+    }
+}
+
+/// `$default` and the named routes: one client frame.
+pub async fn message(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDeps) -> ApiGatewayProxyResponse {
+    let Some(connection_id) = connection_id(request) else {
+        return respond(400, Some("the request has no connectionId".into()));
+    };
+    let parsed = match (&request.body, request.is_base64_encoded) {
+        (_, true) => Err(FrameError::new(ErrorCode::InvalidJson, "binary frames are not supported; send JSON text")),
+        (None, _) => Err(FrameError::new(ErrorCode::InvalidJson, "empty frame")),
+        (Some(body), false) => parse_frame(body),
+    };
+    let request = match parsed {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(connection_id, code = ?e.code, reason = %e.message, "bad frame");
+            return answer(e.into());
+        }
+    };
+    let now = deps.clock.now();
+    let conn = match deps.store.get_connection(connection_id, now).await {
+        Ok(Some(conn)) => conn,
+        Ok(None) => return answer(FrameError::new(ErrorCode::NotConnected, "this connection has no record; reconnect").into()),
+        Err(err) => return internal(&err),
+    };
+    match act(request, &conn, deps, now).await {
+        Ok(message) => answer(message),
+        Err(Failure::Client(e)) => {
+            tracing::info!(connection_id, code = ?e.code, reason = %e.message, "request refused");
+            answer(e.into())
+        }
+        Err(Failure::Platform(err)) => internal(&err),
+    }
+}
+
+enum Failure {
+    Client(FrameError),
+    Platform(StoreError),
+}
+
+impl From<StoreError> for Failure {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::NoConnection(_) => {
+                Failure::Client(FrameError::new(ErrorCode::NotConnected, "this connection has no record; reconnect"))
+            }
+            other => Failure::Platform(other),
+        }
+    }
+}
+
+fn room_name(room: &str) -> Result<Name, Failure> {
+    Name::parse("room", room).map_err(|e| Failure::Client(FrameError::new(ErrorCode::InvalidRequest, e)))
+}
+
+fn member_of(conn: &Connection, room: &str) -> Result<(), Failure> {
+    if conn.rooms.contains(room) {
+        Ok(())
+    } else {
+        Err(Failure::Client(FrameError::new(ErrorCode::NotMember, format!("you have not joined room {room:?}"))))
+    }
+}
+
+async fn act(request: Request, conn: &Connection, deps: &HandlerDeps, now: chrono::DateTime<chrono::Utc>) -> Result<ServerMessage, Failure> {
+    let store = &deps.store;
+    Ok(match request {
+        Request::SendMessage { room, message } => {
+            let room = room_name(&room)?;
+            member_of(conn, room.as_str())?;
+            let message = Message::new(conn, room.as_str(), message, now, deps.history_ttl_seconds);
+            store.put_message(&message).await?;
+            ServerMessage::Ack { request: "sendMessage".into(), room: message.room, id: Some(message.id) }
+        }
+        Request::Join { room } => {
+            let room = room_name(&room)?;
+            if !conn.rooms.contains(room.as_str()) {
+                if conn.rooms.len() >= MAX_ROOMS_PER_CONNECTION {
+                    return Err(Failure::Client(FrameError::new(
+                        ErrorCode::InvalidRequest,
+                        format!("at most {MAX_ROOMS_PER_CONNECTION} rooms per connection"),
+                    )));
+                }
+                store.join(&conn.membership(room.as_str(), JoinReason::Join, now)).await?;
+            }
+            ServerMessage::Ack { request: "join".into(), room: room.to_string(), id: None }
+        }
+        Request::Leave { room } => {
+            let room = room_name(&room)?;
+            member_of(conn, room.as_str())?;
+            store.leave(&conn.connection_id, &conn.tenant, room.as_str()).await?;
+            ServerMessage::Ack { request: "leave".into(), room: room.to_string(), id: None }
+        }
+        Request::Ping => {
+            store.touch(conn, now, expiry(now, deps.connection_ttl_seconds)).await?;
+            ServerMessage::Pong
+        }
+        Request::Info => ServerMessage::Info {
+            connection_id: conn.connection_id.clone(),
+            tenant: conn.tenant.clone(),
+            user_id: conn.user_id.clone(),
+            rooms: conn.rooms.iter().cloned().collect(),
+            connected_at: format_ts(&conn.connected_at),
+        },
+        Request::History { room, limit, before } => {
+            let room = room_name(&room)?;
+            member_of(conn, room.as_str())?;
+            let messages = store.history(&conn.tenant, room.as_str(), limit, before.as_deref(), now).await?;
+            ServerMessage::History { room: room.to_string(), messages: messages.iter().map(Into::into).collect() }
+        }
+    })
+}

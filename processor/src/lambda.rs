@@ -1,0 +1,74 @@
+//! The Lambda entry points: each binary in `src/bin` is `main` → [`run_handler`] or
+//! [`run_processor`]. Clients are built once per container; a bad configuration fails the init
+//! with every problem named.
+
+use std::sync::Arc;
+
+use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
+use lambda_runtime::{Error, LambdaEvent, service_fn};
+
+use crate::config::{self, Config};
+use crate::deliver::Deliverer;
+use crate::handlers::{self, HandlerDeps};
+use crate::metrics::Metrics;
+use crate::model::SystemClock;
+use crate::pipeline::Processor;
+use crate::store::dynamodb::DynamoStore;
+
+/// JSON logs for CloudWatch; `RUST_LOG` sets the filter (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(true).without_time().init();
+}
+
+async fn store_from(config: &Config) -> (aws_config::SdkConfig, Arc<DynamoStore>) {
+    let sdk = config::load_aws().await;
+    let client = config::dynamodb_client(&sdk, config.dynamodb_endpoint.as_deref());
+    (sdk, Arc::new(DynamoStore::new(client, &config.table_name)))
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Route {
+    Connect,
+    Disconnect,
+    Message,
+}
+
+/// Serves one of the write-path routes.
+pub async fn run_handler(route: Route) -> Result<(), Error> {
+    init_tracing();
+    let config = Config::from_env()?;
+    let (_, store) = store_from(&config).await;
+    let deps = HandlerDeps {
+        store,
+        clock: Arc::new(SystemClock),
+        connection_ttl_seconds: config.connection_ttl_seconds,
+        history_ttl_seconds: config.history_ttl_seconds,
+    };
+    let deps = &deps;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {
+        let response: ApiGatewayProxyResponse = match route {
+            Route::Connect => handlers::connect(&event.payload, deps).await,
+            Route::Disconnect => handlers::disconnect(&event.payload, deps).await,
+            Route::Message => handlers::message(&event.payload, deps).await,
+        };
+        Ok::<_, Error>(response)
+    }))
+    .await
+}
+
+/// Serves the stream processor.
+pub async fn run_processor() -> Result<(), Error> {
+    init_tracing();
+    let config = Config::from_env()?;
+    let (sdk, store) = store_from(&config).await;
+    let clock = Arc::new(SystemClock);
+    let metrics = Arc::new(Metrics::default());
+    let deliverer = Deliverer::new(sdk, config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
+    let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once);
+    let processor = &processor;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
+        processor.handle_event(&event.payload).await.map_err(Error::from)
+    }))
+    .await
+}

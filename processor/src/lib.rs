@@ -1,0 +1,38 @@
+//! # Roomcast
+//!
+//! Real-time rooms, presence and tenant plugins for AWS API Gateway WebSocket APIs.
+//!
+//! ```text
+//! client ─ws─▶ API Gateway ─▶ handlers ──write──▶ table ──stream──▶ processor ──@connections──▶ clients
+//! ```
+//!
+//! # Layout
+//!
+//! The write path (handlers) only writes records. Everything that reaches other clients flows
+//! through the stream, in this order — each step its own module:
+//!
+//! | step | module | job |
+//! |------|--------|-----|
+//! | records | [`model`] | the single table's records and keys; validated names; the clock |
+//! | write path | [`handlers`] | `$connect`, `$disconnect`, messages → records; route responses |
+//! | table | [`store`] | one trait, a DynamoDB adapter and an embedded one with a stream |
+//! | record → change | [`stream`] | decode stream records into typed [`stream::Change`]s; the batch runner; the Streams poller |
+//! | change → effects | [`react`] | pure: welcome, room fan-out, presence, cascades |
+//! | effects → delivery | [`deliver`] | `PostToConnection` with retries; 410 / 429 / 413 rules |
+//! | the processor | [`pipeline`] | the path above for one record and for a batch |
+//!
+//! Around it: [`protocol`] (client frames), [`config`] (the environment), [`metrics`] (counts),
+//! [`lambda`] (the Lambda entry points), [`cli`] (the `roomcast` command).
+
+pub mod cli;
+pub mod config;
+pub mod deliver;
+pub mod handlers;
+pub mod lambda;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
+pub mod protocol;
+pub mod react;
+pub mod store;
+pub mod stream;

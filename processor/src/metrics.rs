@@ -1,0 +1,79 @@
+//! Counts of what the processor did, for operators: one structured log line per batch
+//! (`roomcast.batch`), with the same names a dashboard would chart.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Monotonic counters, shared by every task of a processor.
+        #[derive(Debug, Default)]
+        pub struct Metrics { $($(#[$doc])* pub $name: AtomicU64,)* }
+
+        /// A point-in-time copy of [`Metrics`].
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+        pub struct Counts { $(pub $name: u64,)* }
+
+        impl Metrics {
+            pub fn snapshot(&self) -> Counts {
+                Counts { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+
+        impl Counts {
+            /// What happened between `earlier` and `self`.
+            pub fn since(&self, earlier: &Counts) -> Counts {
+                Counts { $($name: self.$name - earlier.$name,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Stream records seen.
+    records,
+    /// Records skipped: malformed, or of a kind this processor does not act on.
+    skipped,
+    /// Messages accepted by `@connections`.
+    delivered,
+    /// Recipients API Gateway answered 410 Gone for; their records were deleted.
+    gone,
+    /// 429 answers (each retried within the deadline).
+    throttled,
+    /// Retries after 429, 5xx, timeouts and young connections' 410.
+    retried,
+    /// Recipients given up on: 413, other 4xx, or retries past the deadline.
+    failed,
+    /// Records reported in `batchItemFailures` (our fault: the table was unavailable).
+    platform_failures,
+    /// Messages a tenant's plugin rejected.
+    rejected,
+    /// Plugin faults (trap, fuel, deadline, memory, bad output).
+    plugin_faults,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl Counts {
+    /// Writes the counts as one structured log line.
+    pub fn emit(&self, what: &'static str) {
+        tracing::info!(
+            records = self.records,
+            skipped = self.skipped,
+            delivered = self.delivered,
+            gone = self.gone,
+            throttled = self.throttled,
+            retried = self.retried,
+            failed = self.failed,
+            platform_failures = self.platform_failures,
+            rejected = self.rejected,
+            plugin_faults = self.plugin_faults,
+            "{what}"
+        );
+    }
+}

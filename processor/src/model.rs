@@ -1,0 +1,400 @@
+//! The single table's records and keys (DESIGN.md, "One table, one stream").
+//!
+//! | record     | pk                      | sk                          |
+//! |------------|-------------------------|-----------------------------|
+//! | connection | `CONN#{connectionId}`   | `META`                      |
+//! | membership | `ROOM#{tenant}#{room}`  | `CONN#{connectionId}`       |
+//! | message    | `ROOM#{tenant}#{room}`  | `MSG#{timestamp}#{id}`      |
+//!
+//! Room keys carry the tenant, so two tenants' rooms of the same name never meet. Tenant and room
+//! names are validated ([`Name`]) so that `#` can never appear inside a key component.
+//! Attribute names are camelCase; every record also carries `type` for people reading the table.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A tenant or room name: 1–64 of `A-Z a-z 0-9 _ - . :`. Never contains the key separator `#`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Name(String);
+
+impl Name {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(what: &str, value: &str) -> Result<Name, String> {
+        if value.is_empty() || value.len() > Self::MAX_LEN {
+            return Err(format!("{what} must be 1 to {} characters, got {}", Self::MAX_LEN, value.len()));
+        }
+        if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))) {
+            return Err(format!("{what} {value:?} contains {bad:?}; allowed are letters, digits and _ - . :"));
+        }
+        Ok(Name(value.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub const CONNECTION_SK: &str = "META";
+pub const STATUS_CONNECTED: &str = "CONNECTED";
+
+pub fn connection_pk(connection_id: &str) -> String {
+    format!("CONN#{connection_id}")
+}
+
+pub fn room_pk(tenant: &str, room: &str) -> String {
+    format!("ROOM#{tenant}#{room}")
+}
+
+pub fn membership_sk(connection_id: &str) -> String {
+    format!("CONN#{connection_id}")
+}
+
+pub fn message_sk(timestamp: &DateTime<Utc>, id: &str) -> String {
+    format!("MSG#{}#{id}", format_ts(timestamp))
+}
+
+pub fn user_gsi1pk(tenant: &str, user_id: &str) -> String {
+    format!("TENANT#{tenant}#USER#{user_id}")
+}
+
+/// Timestamps are stored as fixed-width RFC 3339 UTC strings with milliseconds, so that they sort
+/// as strings (message sort keys depend on it) and read well in the console.
+pub fn format_ts(ts: &DateTime<Utc>) -> String {
+    ts.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+pub fn parse_ts(value: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("invalid timestamp {value:?}: {e}"))
+}
+
+pub mod ts_format {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ts: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_ts(ts))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let raw = String::deserialize(d)?;
+        parse_ts(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An open WebSocket connection, written by `$connect`, deleted by `$disconnect` (or by TTL, or by
+/// the processor when API Gateway answers 410 Gone for it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Connection {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub gsi1pk: String,
+    pub gsi1sk: String,
+    pub connection_id: String,
+    pub tenant: String,
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<String>,
+    /// A DynamoDB string set; absent when empty (DynamoDB has no empty sets).
+    #[serde(default, with = "serde_dynamo::string_set", skip_serializing_if = "BTreeSet::is_empty")]
+    pub rooms: BTreeSet<String>,
+    #[serde(with = "ts_format")]
+    pub connected_at: DateTime<Utc>,
+    #[serde(with = "ts_format")]
+    pub last_seen_at: DateTime<Utc>,
+    pub status: String,
+    /// The management API endpoint to reach this connection: `https://{domainName}/{stage}`.
+    pub endpoint: String,
+    /// Epoch seconds; DynamoDB's TTL deletes the record some time after it.
+    pub ttl: i64,
+    /// Set just before the processor deletes a stale connection, so the REMOVE record says why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_reason: Option<String>,
+}
+
+pub struct NewConnection<'a> {
+    pub connection_id: &'a str,
+    pub tenant: &'a Name,
+    pub user_id: &'a str,
+    pub connection_type: Option<String>,
+    pub deployment_id: Option<String>,
+    pub rooms: BTreeSet<String>,
+    pub endpoint: String,
+    pub now: DateTime<Utc>,
+    pub ttl_seconds: i64,
+}
+
+impl Connection {
+    pub fn new(n: NewConnection<'_>) -> Connection {
+        Connection {
+            pk: connection_pk(n.connection_id),
+            sk: CONNECTION_SK.to_string(),
+            record_type: "connection".into(),
+            gsi1pk: user_gsi1pk(n.tenant.as_str(), n.user_id),
+            gsi1sk: connection_pk(n.connection_id),
+            connection_id: n.connection_id.to_string(),
+            tenant: n.tenant.to_string(),
+            user_id: n.user_id.to_string(),
+            connection_type: n.connection_type,
+            deployment_id: n.deployment_id,
+            rooms: n.rooms,
+            connected_at: n.now,
+            last_seen_at: n.now,
+            status: STATUS_CONNECTED.into(),
+            endpoint: n.endpoint,
+            ttl: expiry(n.now, n.ttl_seconds),
+            close_reason: None,
+        }
+    }
+
+    /// A membership of this connection in `room`, with the connection's facts copied in so that
+    /// a room fan-out needs one query, not one read per member.
+    pub fn membership(&self, room: &str, reason: JoinReason, now: DateTime<Utc>) -> Membership {
+        Membership {
+            pk: room_pk(&self.tenant, room),
+            sk: membership_sk(&self.connection_id),
+            record_type: "membership".into(),
+            tenant: self.tenant.clone(),
+            room: room.to_string(),
+            connection_id: self.connection_id.clone(),
+            user_id: self.user_id.clone(),
+            joined_at: now,
+            connected_at: self.connected_at,
+            endpoint: self.endpoint.clone(),
+            join_reason: reason,
+            ttl: self.ttl,
+            left_reason: None,
+        }
+    }
+}
+
+pub fn expiry(now: DateTime<Utc>, ttl_seconds: i64) -> i64 {
+    (now + Duration::seconds(ttl_seconds)).timestamp()
+}
+
+/// A record whose `ttl` has passed is gone, whether or not DynamoDB has deleted it yet (it
+/// deletes lazily, up to about 48 hours later).
+pub fn is_expired(ttl: i64, now: DateTime<Utc>) -> bool {
+    ttl <= now.timestamp()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinReason {
+    /// Named in the `rooms` query parameter at connect time.
+    Connect,
+    /// A `join` action.
+    Join,
+}
+
+/// Why a user left a room; the `reason` of a presence `left` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeftReason {
+    /// A `leave` action.
+    Leave,
+    /// The connection closed (`$disconnect`).
+    Disconnect,
+    /// DynamoDB's TTL removed the connection or the membership.
+    Expired,
+    /// API Gateway answered 410 Gone: the connection had silently died.
+    Gone,
+}
+
+impl LeftReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeftReason::Leave => "leave",
+            LeftReason::Disconnect => "disconnect",
+            LeftReason::Expired => "expired",
+            LeftReason::Gone => "gone",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<LeftReason> {
+        [LeftReason::Leave, LeftReason::Disconnect, LeftReason::Expired, LeftReason::Gone]
+            .into_iter()
+            .find(|r| r.as_str() == value)
+    }
+}
+
+/// A connection's membership in a room.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Membership {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub tenant: String,
+    pub room: String,
+    pub connection_id: String,
+    pub user_id: String,
+    #[serde(with = "ts_format")]
+    pub joined_at: DateTime<Utc>,
+    #[serde(with = "ts_format")]
+    pub connected_at: DateTime<Utc>,
+    pub endpoint: String,
+    pub join_reason: JoinReason,
+    pub ttl: i64,
+    /// Set just before the processor deletes the membership, so the REMOVE record says why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_reason: Option<String>,
+}
+
+/// A chat message, kept for history until its TTL.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub gsi1pk: String,
+    pub gsi1sk: String,
+    pub id: String,
+    pub tenant: String,
+    pub room: String,
+    pub user_id: String,
+    pub sender_connection_id: String,
+    pub body: String,
+    #[serde(with = "ts_format")]
+    pub timestamp: DateTime<Utc>,
+    pub ttl: i64,
+}
+
+impl Message {
+    pub fn new(sender: &Connection, room: &str, body: String, now: DateTime<Utc>, ttl_seconds: i64) -> Message {
+        let id = uuid::Uuid::new_v4().to_string();
+        Message {
+            pk: room_pk(&sender.tenant, room),
+            sk: message_sk(&now, &id),
+            record_type: "message".into(),
+            gsi1pk: user_gsi1pk(&sender.tenant, &sender.user_id),
+            gsi1sk: format!("MSG#{}", format_ts(&now)),
+            id,
+            tenant: sender.tenant.clone(),
+            room: room.to_string(),
+            user_id: sender.user_id.clone(),
+            sender_connection_id: sender.connection_id.clone(),
+            body,
+            timestamp: now,
+            ttl: expiry(now, ttl_seconds),
+        }
+    }
+}
+
+/// Where "now" comes from. Handlers and the processor take it from here so that tests can move
+/// time (TTL expiry, young connections) without sleeping.
+pub trait Clock: Send + Sync + fmt::Debug {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        truncate_ms(Utc::now())
+    }
+}
+
+/// A clock that only moves when told to.
+#[derive(Debug)]
+pub struct ManualClock(Mutex<DateTime<Utc>>);
+
+impl ManualClock {
+    pub fn at(t: DateTime<Utc>) -> Arc<ManualClock> {
+        Arc::new(ManualClock(Mutex::new(truncate_ms(t))))
+    }
+
+    pub fn starting_now() -> Arc<ManualClock> {
+        Self::at(Utc::now())
+    }
+
+    pub fn advance(&self, by: Duration) {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *t += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn truncate_ms(t: DateTime<Utc>) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(t.timestamp_millis()).single().unwrap_or(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_reject_key_separators_and_bad_lengths() {
+        assert!(Name::parse("room", "general").is_ok());
+        assert!(Name::parse("room", "team-1.chat:ops_x").is_ok());
+        let err = Name::parse("room", "a#b").unwrap_err();
+        assert!(err.contains("'#'"), "{err}");
+        assert!(Name::parse("room", "").is_err());
+        assert!(Name::parse("room", &"x".repeat(65)).is_err());
+        assert!(Name::parse("room", "caf\u{e9}").is_err());
+    }
+
+    #[test]
+    fn timestamps_are_fixed_width_and_sort_as_strings() {
+        let a = Utc.timestamp_millis_opt(1_700_000_000_000).unwrap();
+        let b = a + Duration::milliseconds(5);
+        assert_eq!(format_ts(&a), "2023-11-14T22:13:20.000Z");
+        assert!(message_sk(&a, "z") < message_sk(&b, "a"));
+        assert_eq!(parse_ts(&format_ts(&b)).unwrap(), b);
+    }
+
+    #[test]
+    fn connection_round_trips_through_a_dynamodb_item_with_rooms_as_a_string_set() {
+        let tenant = Name::parse("tenant", "acme").unwrap();
+        let now = Utc.timestamp_millis_opt(1_700_000_000_123).unwrap();
+        let conn = Connection::new(NewConnection {
+            connection_id: "abc=",
+            tenant: &tenant,
+            user_id: "u1",
+            connection_type: Some("client".into()),
+            deployment_id: None,
+            rooms: ["general".to_string(), "ops".to_string()].into(),
+            endpoint: "https://x/prod".into(),
+            now,
+            ttl_seconds: 60,
+        });
+        let item: serde_dynamo::Item = serde_dynamo::to_item(&conn).unwrap();
+        assert!(matches!(item.get("rooms"), Some(serde_dynamo::AttributeValue::Ss(_))), "{item:?}");
+        assert!(item.get("deploymentId").is_none());
+        assert_eq!(item.get("ttl"), Some(&serde_dynamo::AttributeValue::N("1700000060".into())));
+        let back: Connection = serde_dynamo::from_item(item).unwrap();
+        assert_eq!(back, conn);
+
+        let lonely = Connection { rooms: BTreeSet::new(), ..conn };
+        let item: serde_dynamo::Item = serde_dynamo::to_item(&lonely).unwrap();
+        assert!(item.get("rooms").is_none(), "DynamoDB rejects empty sets");
+        assert_eq!(serde_dynamo::from_item::<_, Connection>(item).unwrap(), lonely);
+    }
+}

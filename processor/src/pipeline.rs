@@ -1,0 +1,153 @@
+//! The processor: one stream record through decode → react → deliver, and whole batches through
+//! the batch runner. The same `Processor` serves the Lambda, the stream poller and `roomcast dev`.
+
+use std::sync::Arc;
+
+use aws_lambda_events::dynamodb::EventRecord;
+use aws_lambda_events::streams::DynamoDbEventResponse;
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use crate::deliver::{Deliverer, Outcome};
+use crate::metrics::{Metrics, Counts};
+use crate::model::Clock;
+use crate::react::{self, Effect};
+use crate::store::{Store, StoreError};
+use crate::stream::Change;
+use crate::stream::batch::{BatchOutcome, run_batch};
+
+/// What the processor did with one record.
+#[derive(Debug)]
+pub struct RecordReport {
+    pub change: Change,
+    pub effects: Vec<Effect>,
+    /// Per recipient, sorted by connection id.
+    pub outcomes: Vec<(String, Outcome)>,
+}
+
+pub struct Processor {
+    store: Arc<dyn Store>,
+    deliverer: Deliverer,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    partitions_at_once: usize,
+}
+
+impl Processor {
+    pub fn new(
+        store: Arc<dyn Store>,
+        deliverer: Deliverer,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+        partitions_at_once: usize,
+    ) -> Processor {
+        Processor { store, deliverer, clock, metrics, partitions_at_once }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// One record: decode, read the room if the change needs it, react, deliver.
+    /// Only a platform fault (the table unavailable) is an error.
+    pub async fn process_record(&self, record: &EventRecord) -> Result<RecordReport, StoreError> {
+        let span = tracing::info_span!(
+            "record",
+            seq = record.change.sequence_number.as_deref().unwrap_or(""),
+            event_id = %record.event_id,
+            event = %record.event_name,
+            tenant = Empty,
+            room = Empty,
+        );
+        async {
+            Metrics::add(&self.metrics.records, 1);
+            let change = Change::from_record(record);
+            if let Change::Unknown { reason } = &change {
+                tracing::warn!(%reason, "skipping stream record");
+                Metrics::add(&self.metrics.skipped, 1);
+                return Ok(RecordReport { change, effects: Vec::new(), outcomes: Vec::new() });
+            }
+            let (tenant, room) = change.tenant_room();
+            let span = tracing::Span::current();
+            if let Some(tenant) = tenant {
+                span.record("tenant", tenant);
+            }
+            if let Some(room) = room {
+                span.record("room", room);
+            }
+            let members = match react::room_needed(&change) {
+                Some((tenant, room)) => self.store.room_members(tenant, room, self.clock.now()).await?,
+                None => Vec::new(),
+            };
+            let effects = react::react(&change, &members);
+            let outcomes = self.deliverer.apply(&effects).await?;
+            tracing::debug!(effects = effects.len(), recipients = outcomes.len(), "record processed");
+            Ok(RecordReport { change, effects, outcomes })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One batch, as the Lambda receives it (`Records` of the event, raw).
+    pub async fn process_batch(&self, raw: &[serde_json::Value]) -> BatchOutcome {
+        let before = self.metrics.snapshot();
+        let outcome = run_batch(raw, self.partitions_at_once, |_, record| async move {
+            self.process_record(&record).await.map(|_| ())
+        })
+        .await;
+        let malformed = outcome.malformed.len() as u64;
+        Metrics::add(&self.metrics.records, malformed);
+        Metrics::add(&self.metrics.skipped, malformed);
+        if outcome.failure.is_some() {
+            Metrics::add(&self.metrics.platform_failures, 1);
+        }
+        self.metrics.snapshot().since(&before).emit("roomcast.batch");
+        outcome
+    }
+
+    /// The Lambda entry: `{"Records": [...]}` in, `batchItemFailures` out.
+    pub async fn handle_event(&self, event: &serde_json::Value) -> Result<DynamoDbEventResponse, String> {
+        let Some(records) = event.get("Records").and_then(|r| r.as_array()) else {
+            return Err("not a DynamoDB stream event: it has no \"Records\" array".into());
+        };
+        Ok(self.process_batch(records).await.response())
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.metrics.snapshot()
+    }
+}
+
+/// Feeds the processor from a table's stream through the DynamoDB Streams API until `shutdown`
+/// fires, as Lambda's event source mapping would: a batch whose record failed for a platform
+/// reason is re-read from that record after a pause.
+pub async fn run_from_stream(
+    processor: &Processor,
+    poller: &mut crate::stream::poller::StreamPoller,
+    idle: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut failures_in_a_row = 0u32;
+    while !*shutdown.borrow() {
+        let batch = poller.poll().await?;
+        if batch.records.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(idle) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        let raw: Vec<serde_json::Value> = batch.records.iter().filter_map(|r| serde_json::to_value(r).ok()).collect();
+        let outcome = processor.process_batch(&raw).await;
+        if let Some((_, sequence)) = outcome.failure {
+            failures_in_a_row += 1;
+            let pause = std::time::Duration::from_millis(200 * u64::from(failures_in_a_row.min(25)));
+            tracing::warn!(shard = %batch.shard_id, %sequence, ?pause, "batch failed; re-reading from the failed record");
+            poller.rewind(&batch.shard_id, &sequence);
+            tokio::time::sleep(pause).await;
+        } else {
+            failures_in_a_row = 0;
+        }
+    }
+    Ok(())
+}

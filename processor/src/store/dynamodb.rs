@@ -1,0 +1,416 @@
+//! The DynamoDB adapter: `aws-sdk-dynamodb` with `serde_dynamo` for the items.
+//!
+//! Multi-item operations are `TransactWriteItems`, so that a connection and its memberships (or
+//! a membership and the connection's `rooms` set) never disagree. Reads are strongly consistent
+//! and filter `ttl <= now` on our side: DynamoDB's TTL deletes lazily.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, Delete, GlobalSecondaryIndex, KeySchemaElement, KeyType,
+    Projection, ProjectionType, Put, ReturnValue, ScalarAttributeType, StreamSpecification, StreamViewType,
+    TableStatus, TimeToLiveSpecification, TransactWriteItem, Update,
+};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Result, Store, StoreError, history_upper_bound};
+use crate::model::{self, Connection, LeftReason, Membership, Message, format_ts, is_expired};
+
+pub const GSI1: &str = "gsi1";
+
+type DynamoItem = HashMap<String, AttributeValue>;
+
+#[derive(Clone, Debug)]
+pub struct DynamoStore {
+    client: Client,
+    table: String,
+}
+
+impl DynamoStore {
+    pub fn new(client: Client, table: impl Into<String>) -> DynamoStore {
+        DynamoStore { client, table: table.into() }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    fn put(&self, item: DynamoItem) -> Result<TransactWriteItem> {
+        let put = Put::builder().table_name(&self.table).set_item(Some(item)).build().map_err(build_error)?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    async fn transact(&self, what: &str, connection_id: &str, items: Vec<TransactWriteItem>) -> Result<()> {
+        match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                if let SdkError::ServiceError(service) = &err
+                    && let TransactWriteItemsError::TransactionCanceledException(cancel) = service.err()
+                    && cancel
+                        .cancellation_reasons()
+                        .iter()
+                        .any(|r| r.code() == Some("ConditionalCheckFailed"))
+                {
+                    return Err(StoreError::NoConnection(connection_id.to_string()));
+                }
+                Err(unavailable(what, err))
+            }
+        }
+    }
+
+    /// Sets one attribute on an item if it exists; a missing item is not an error.
+    async fn mark(&self, key: DynamoItem, attribute: &str, value: &str) -> Result<()> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key))
+            .update_expression("SET #a = :v")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#a", attribute)
+            .expression_attribute_values(":v", s(value))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
+            Err(err) => Err(unavailable("update_item", err)),
+        }
+    }
+
+    /// Runs a query to the end, page by page, stopping early when `enough` says so.
+    async fn query_all(
+        &self,
+        key_condition: &str,
+        values: Vec<(&str, AttributeValue)>,
+        newest_first: bool,
+        mut keep: impl FnMut(DynamoItem) -> Result<bool>,
+    ) -> Result<()> {
+        let mut start: Option<DynamoItem> = None;
+        loop {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .key_condition_expression(key_condition)
+                .scan_index_forward(!newest_first)
+                .set_exclusive_start_key(start.take());
+            for (name, value) in &values {
+                query = query.expression_attribute_values(*name, value.clone());
+            }
+            let page = query.send().await.map_err(|e| unavailable("query", e))?;
+            for item in page.items.unwrap_or_default() {
+                if !keep(item)? {
+                    return Ok(());
+                }
+            }
+            match page.last_evaluated_key {
+                Some(next) if !next.is_empty() => start = Some(next),
+                _ => return Ok(()),
+            }
+        }
+    }
+}
+
+fn s(value: &str) -> AttributeValue {
+    AttributeValue::S(value.to_string())
+}
+
+fn key(pk: String, sk: String) -> DynamoItem {
+    HashMap::from([("pk".to_string(), AttributeValue::S(pk)), ("sk".to_string(), AttributeValue::S(sk))])
+}
+
+fn connection_key(id: &str) -> DynamoItem {
+    key(model::connection_pk(id), model::CONNECTION_SK.into())
+}
+
+fn membership_key(tenant: &str, room: &str, connection_id: &str) -> DynamoItem {
+    key(model::room_pk(tenant, room), model::membership_sk(connection_id))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<DynamoItem> {
+    serde_dynamo::to_item(value).map_err(|e| StoreError::Unavailable(format!("cannot encode record: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(item: DynamoItem) -> Result<T> {
+    let pk = match item.get("pk") {
+        Some(AttributeValue::S(pk)) => pk.clone(),
+        _ => "?".into(),
+    };
+    serde_dynamo::from_item(item).map_err(|e| StoreError::Unavailable(format!("corrupt record {pk}: {e}")))
+}
+
+fn unavailable<E, R>(operation: &str, err: SdkError<E, R>) -> StoreError
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    StoreError::Unavailable(format!("{operation}: {}", DisplayErrorContext(&err)))
+}
+
+fn build_error(e: aws_sdk_dynamodb::error::BuildError) -> StoreError {
+    StoreError::Unavailable(format!("cannot build request: {e}"))
+}
+
+fn string_set(value: &str) -> AttributeValue {
+    AttributeValue::Ss(vec![value.to_string()])
+}
+
+#[async_trait]
+impl Store for DynamoStore {
+    async fn put_connection(&self, conn: &Connection, memberships: &[Membership]) -> Result<()> {
+        let mut items = vec![self.put(encode(conn)?)?];
+        for m in memberships {
+            items.push(self.put(encode(m)?)?);
+        }
+        self.transact("put_connection", &conn.connection_id, items).await
+    }
+
+    async fn get_connection(&self, connection_id: &str, now: DateTime<Utc>) -> Result<Option<Connection>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .set_key(Some(connection_key(connection_id)))
+            .send()
+            .await
+            .map_err(|e| unavailable("get_item", e))?;
+        let conn: Option<Connection> = out.item.map(decode).transpose()?;
+        Ok(conn.filter(|c| !is_expired(c.ttl, now)))
+    }
+
+    async fn delete_connection(&self, connection_id: &str, reason: Option<LeftReason>) -> Result<Option<Connection>> {
+        if let Some(reason) = reason {
+            self.mark(connection_key(connection_id), "closeReason", reason.as_str()).await?;
+        }
+        let out = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(connection_key(connection_id)))
+            .return_values(ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(|e| unavailable("delete_item", e))?;
+        out.attributes.filter(|a| !a.is_empty()).map(decode).transpose()
+    }
+
+    async fn join(&self, membership: &Membership) -> Result<()> {
+        let add_room = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(connection_key(&membership.connection_id)))
+            .update_expression("ADD rooms :r")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":r", string_set(&membership.room))
+            .build()
+            .map_err(build_error)?;
+        let items = vec![self.put(encode(membership)?)?, TransactWriteItem::builder().update(add_room).build()];
+        self.transact("join", &membership.connection_id, items).await
+    }
+
+    async fn leave(&self, connection_id: &str, tenant: &str, room: &str) -> Result<()> {
+        let delete = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(membership_key(tenant, room, connection_id)))
+            .build()
+            .map_err(build_error)?;
+        let drop_room = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(connection_key(connection_id)))
+            .update_expression("DELETE rooms :r")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":r", string_set(room))
+            .build()
+            .map_err(build_error)?;
+        let items = vec![
+            TransactWriteItem::builder().delete(delete).build(),
+            TransactWriteItem::builder().update(drop_room).build(),
+        ];
+        self.transact("leave", connection_id, items).await
+    }
+
+    async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()> {
+        let refresh = |key: DynamoItem, set: &str| {
+            let mut update = Update::builder()
+                .table_name(&self.table)
+                .set_key(Some(key))
+                .update_expression(set)
+                .condition_expression("attribute_exists(pk)")
+                .expression_attribute_names("#ttl", "ttl")
+                .expression_attribute_values(":ttl", AttributeValue::N(ttl.to_string()));
+            if set.contains(":seen") {
+                update = update.expression_attribute_values(":seen", s(&format_ts(&now)));
+            }
+            update.build().map_err(build_error).map(|u| TransactWriteItem::builder().update(u).build())
+        };
+        let mut items = vec![refresh(connection_key(&conn.connection_id), "SET lastSeenAt = :seen, #ttl = :ttl")?];
+        for room in &conn.rooms {
+            items.push(refresh(membership_key(&conn.tenant, room, &conn.connection_id), "SET #ttl = :ttl")?);
+        }
+        self.transact("touch", &conn.connection_id, items).await
+    }
+
+    async fn room_members(&self, tenant: &str, room: &str, now: DateTime<Utc>) -> Result<Vec<Membership>> {
+        let mut members = Vec::new();
+        self.query_all(
+            "pk = :pk AND begins_with(sk, :conn)",
+            vec![(":pk", s(&model::room_pk(tenant, room))), (":conn", s("CONN#"))],
+            false,
+            |item| {
+                let m: Membership = decode(item)?;
+                if !is_expired(m.ttl, now) {
+                    members.push(m);
+                }
+                Ok(true)
+            },
+        )
+        .await?;
+        Ok(members)
+    }
+
+    async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()> {
+        self.mark(membership_key(tenant, room, connection_id), "leftReason", reason.as_str()).await?;
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(membership_key(tenant, room, connection_id)))
+            .send()
+            .await
+            .map_err(|e| unavailable("delete_item", e))?;
+        Ok(())
+    }
+
+    async fn put_message(&self, message: &Message) -> Result<()> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(message)?))
+            .send()
+            .await
+            .map_err(|e| unavailable("put_item", e))?;
+        Ok(())
+    }
+
+    async fn history(
+        &self,
+        tenant: &str,
+        room: &str,
+        limit: usize,
+        before: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Message>> {
+        let mut newest_first = Vec::new();
+        self.query_all(
+            "pk = :pk AND sk BETWEEN :lo AND :hi",
+            vec![
+                (":pk", s(&model::room_pk(tenant, room))),
+                (":lo", s("MSG#")),
+                (":hi", s(&history_upper_bound(before))),
+            ],
+            true,
+            |item| {
+                let m: Message = decode(item)?;
+                if !is_expired(m.ttl, now) {
+                    newest_first.push(m);
+                }
+                Ok(newest_first.len() < limit)
+            },
+        )
+        .await?;
+        newest_first.reverse();
+        Ok(newest_first)
+    }
+}
+
+/// What `create_table` found or made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableInfo {
+    pub name: String,
+    pub stream_arn: String,
+    pub created: bool,
+}
+
+/// Creates the table exactly as `template.yaml` declares it: `pk`/`sk` strings, the `gsi1` index
+/// (`gsi1pk`/`gsi1sk`, all attributes), on-demand billing, stream `NEW_AND_OLD_IMAGES`, TTL on
+/// `ttl`. An existing table is left as it is and described.
+pub async fn create_table(client: &Client, table: &str) -> anyhow::Result<TableInfo> {
+    use anyhow::Context;
+    let attr = |name: &str| {
+        AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build()
+    };
+    let key_el = |name: &str, kind: KeyType| KeySchemaElement::builder().attribute_name(name).key_type(kind).build();
+    let created = client
+        .create_table()
+        .table_name(table)
+        .set_attribute_definitions(Some(vec![attr("pk")?, attr("sk")?, attr("gsi1pk")?, attr("gsi1sk")?]))
+        .key_schema(key_el("pk", KeyType::Hash)?)
+        .key_schema(key_el("sk", KeyType::Range)?)
+        .global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name(GSI1)
+                .key_schema(key_el("gsi1pk", KeyType::Hash)?)
+                .key_schema(key_el("gsi1sk", KeyType::Range)?)
+                .projection(Projection::builder().projection_type(ProjectionType::All).build())
+                .build()?,
+        )
+        .billing_mode(BillingMode::PayPerRequest)
+        .stream_specification(
+            StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(StreamViewType::NewAndOldImages)
+                .build()?,
+        )
+        .send()
+        .await;
+    let created = match created {
+        Ok(_) => true,
+        Err(err) if err.as_service_error().is_some_and(|e| e.is_resource_in_use_exception()) => false,
+        Err(err) => return Err(anyhow::anyhow!("creating table {table}: {}", DisplayErrorContext(&err))),
+    };
+
+    let stream_arn = wait_until_active(client, table).await?;
+    if created {
+        client
+            .update_time_to_live()
+            .table_name(table)
+            .time_to_live_specification(TimeToLiveSpecification::builder().enabled(true).attribute_name("ttl").build()?)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("enabling TTL on {table}: {}", DisplayErrorContext(&e)))
+            .context("the table was created, but without TTL")?;
+    }
+    Ok(TableInfo { name: table.to_string(), stream_arn, created })
+}
+
+/// Waits for the table to be ACTIVE and returns its stream ARN.
+pub async fn wait_until_active(client: &Client, table: &str) -> anyhow::Result<String> {
+    for _ in 0..120 {
+        let out = client
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("describing table {table}: {}", DisplayErrorContext(&e)))?;
+        let desc = out.table.ok_or_else(|| anyhow::anyhow!("table {table} has no description"))?;
+        if desc.table_status == Some(TableStatus::Active) {
+            return desc
+                .latest_stream_arn
+                .ok_or_else(|| anyhow::anyhow!("table {table} has no stream; Roomcast needs NEW_AND_OLD_IMAGES"));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("table {table} did not become ACTIVE within a minute")
+}

@@ -1,0 +1,338 @@
+//! The embedded store: the table in memory, with a stream.
+//!
+//! Every write appends a stream record in DynamoDB Streams' own shape (the `aws_lambda_events`
+//! types, `NEW_AND_OLD_IMAGES`), in write order, with increasing sequence numbers. Items are kept
+//! as DynamoDB items (`serde_dynamo::Item`), so the images are exactly what DynamoDB would emit.
+//! [`MemoryStore::expire_due`] plays DynamoDB's TTL process: it deletes expired items and emits
+//! REMOVE records with the service identity (`userIdentity {type: Service, principalId:
+//! dynamodb.amazonaws.com}`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use aws_lambda_events::dynamodb::{EventRecord, StreamRecord, StreamViewType, UserIdentity};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_dynamo::{AttributeValue, Item};
+use tokio::sync::mpsc;
+
+use super::{Result, Store, StoreError, history_upper_bound};
+use crate::model::{self, Clock, Connection, LeftReason, Membership, Message, is_expired};
+
+pub const TTL_PRINCIPAL: &str = "dynamodb.amazonaws.com";
+
+type Key = (String, String);
+
+#[derive(Debug)]
+struct Table {
+    items: BTreeMap<Key, Item>,
+    next_sequence: u128,
+    subscriber: Option<mpsc::UnboundedSender<EventRecord>>,
+    /// Records written before anyone subscribed, as a stream keeps them (24 h in DynamoDB).
+    backlog: Vec<EventRecord>,
+}
+
+#[derive(Debug)]
+pub struct MemoryStore {
+    table: Mutex<Table>,
+    clock: Arc<dyn Clock>,
+    table_name: String,
+}
+
+/// Who made a change, as the stream record's `userIdentity` tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Actor {
+    Client,
+    TtlService,
+}
+
+impl MemoryStore {
+    pub fn new(clock: Arc<dyn Clock>) -> Arc<MemoryStore> {
+        Arc::new(MemoryStore {
+            table: Mutex::new(Table { items: BTreeMap::new(), next_sequence: 1, subscriber: None, backlog: Vec::new() }),
+            clock,
+            table_name: "roomcast".into(),
+        })
+    }
+
+    /// The table's stream: every record written so far and from now on, in write order. One
+    /// reader at a time, like one event source mapping; a new subscription replaces the old.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<EventRecord> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut table = self.lock();
+        for record in table.backlog.drain(..) {
+            let _ = tx.send(record);
+        }
+        table.subscriber = Some(tx);
+        rx
+    }
+
+    /// Deletes every item whose TTL has passed, as DynamoDB's TTL process does, emitting REMOVE
+    /// records with the service identity. Returns how many items it deleted.
+    pub fn expire_due(&self, now: DateTime<Utc>) -> usize {
+        let mut table = self.lock();
+        let due: Vec<Key> = table
+            .items
+            .iter()
+            .filter(|(_, item)| item_ttl(item).is_some_and(|ttl| is_expired(ttl, now)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &due {
+            self.delete_item(&mut table, key, Actor::TtlService);
+        }
+        due.len()
+    }
+
+    /// Every item, for tests and the dev stack's inspection.
+    pub fn item_count(&self) -> usize {
+        self.lock().items.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        // A panic while holding the lock cannot leave the map half-written: every mutation is
+        // one insert or remove. So a poisoned lock is still a consistent table.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put_item(&self, table: &mut Table, item: Item) {
+        let key = item_key(&item);
+        let old = table.items.insert(key.clone(), item.clone());
+        self.emit(table, &key, old, Some(item), Actor::Client);
+    }
+
+    fn delete_item(&self, table: &mut Table, key: &Key, actor: Actor) -> Option<Item> {
+        let old = table.items.remove(key)?;
+        self.emit(table, key, Some(old.clone()), None, actor);
+        Some(old)
+    }
+
+    fn emit(&self, table: &mut Table, key: &Key, old: Option<Item>, new: Option<Item>, actor: Actor) {
+        let event_name = match (&old, &new) {
+            (None, Some(_)) => "INSERT",
+            (Some(_), Some(_)) => "MODIFY",
+            (Some(_), None) => "REMOVE",
+            (None, None) => return,
+        };
+        let sequence = table.next_sequence;
+        table.next_sequence += 1;
+
+        let mut change = StreamRecord::default();
+        change.approximate_creation_date_time = self.clock.now();
+        change.keys = Item::from(std::collections::HashMap::from([
+            ("pk".to_string(), AttributeValue::S(key.0.clone())),
+            ("sk".to_string(), AttributeValue::S(key.1.clone())),
+        ]));
+        change.size_bytes = [&old, &new].iter().filter_map(|i| i.as_ref()).map(approximate_size).sum::<usize>() as i64;
+        change.new_image = new.unwrap_or_default();
+        change.old_image = old.unwrap_or_default();
+        change.sequence_number = Some(format!("{sequence:021}"));
+        change.stream_view_type = Some(StreamViewType::NewAndOldImages);
+
+        let mut record = EventRecord::default();
+        record.aws_region = "local".into();
+        record.event_id = uuid::Uuid::new_v4().simple().to_string();
+        record.event_name = event_name.into();
+        record.event_source = Some("aws:dynamodb".into());
+        record.event_version = Some("1.1".into());
+        record.event_source_arn = Some(format!("arn:aws:dynamodb:local:000000000000:table/{}/stream/embedded", self.table_name));
+        if actor == Actor::TtlService {
+            let mut identity = UserIdentity::default();
+            identity.type_ = "Service".into();
+            identity.principal_id = TTL_PRINCIPAL.into();
+            record.user_identity = Some(identity);
+        }
+        record.change = change;
+
+        let delivered = match &table.subscriber {
+            Some(tx) => tx.send(record.clone()).is_ok(),
+            None => false,
+        };
+        if !delivered {
+            table.subscriber = None;
+            table.backlog.push(record);
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, table: &Table, key: &Key) -> Result<Option<T>> {
+        table.items.get(key).map(|item| decode(item.clone())).transpose()
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Item> {
+    serde_dynamo::to_item(value).map_err(|e| StoreError::Unavailable(format!("cannot encode record: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(item: Item) -> Result<T> {
+    serde_dynamo::from_item(item).map_err(|e| StoreError::Unavailable(format!("corrupt record in table: {e}")))
+}
+
+fn item_key(item: &Item) -> Key {
+    let s = |name: &str| match item.get(name) {
+        Some(AttributeValue::S(s)) => s.clone(),
+        _ => String::new(),
+    };
+    (s("pk"), s("sk"))
+}
+
+fn item_ttl(item: &Item) -> Option<i64> {
+    match item.get("ttl") {
+        Some(AttributeValue::N(n)) => n.parse().ok(),
+        _ => None,
+    }
+}
+
+fn approximate_size(item: &Item) -> usize {
+    serde_json::to_vec(item).map(|v| v.len()).unwrap_or(0)
+}
+
+fn connection_key(id: &str) -> Key {
+    (model::connection_pk(id), model::CONNECTION_SK.to_string())
+}
+
+fn membership_key(tenant: &str, room: &str, connection_id: &str) -> Key {
+    (model::room_pk(tenant, room), model::membership_sk(connection_id))
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn put_connection(&self, conn: &Connection, memberships: &[Membership]) -> Result<()> {
+        let items = std::iter::once(encode(conn))
+            .chain(memberships.iter().map(encode))
+            .collect::<Result<Vec<_>>>()?;
+        let mut table = self.lock();
+        for item in items {
+            self.put_item(&mut table, item);
+        }
+        Ok(())
+    }
+
+    async fn get_connection(&self, connection_id: &str, now: DateTime<Utc>) -> Result<Option<Connection>> {
+        let table = self.lock();
+        let conn: Option<Connection> = self.get(&table, &connection_key(connection_id))?;
+        Ok(conn.filter(|c| !is_expired(c.ttl, now)))
+    }
+
+    async fn delete_connection(&self, connection_id: &str, reason: Option<LeftReason>) -> Result<Option<Connection>> {
+        let mut table = self.lock();
+        let key = connection_key(connection_id);
+        if let Some(reason) = reason
+            && let Some(mut conn) = self.get::<Connection>(&table, &key)?
+        {
+            conn.close_reason = Some(reason.as_str().into());
+            let item = encode(&conn)?;
+            self.put_item(&mut table, item);
+        }
+        self.delete_item(&mut table, &key, Actor::Client).map(decode).transpose()
+    }
+
+    async fn join(&self, membership: &Membership) -> Result<()> {
+        let mut table = self.lock();
+        let key = connection_key(&membership.connection_id);
+        let Some(mut conn) = self.get::<Connection>(&table, &key)? else {
+            return Err(StoreError::NoConnection(membership.connection_id.clone()));
+        };
+        let member_item = encode(membership)?;
+        self.put_item(&mut table, member_item);
+        if conn.rooms.insert(membership.room.clone()) {
+            let item = encode(&conn)?;
+            self.put_item(&mut table, item);
+        }
+        Ok(())
+    }
+
+    async fn leave(&self, connection_id: &str, tenant: &str, room: &str) -> Result<()> {
+        let mut table = self.lock();
+        let key = connection_key(connection_id);
+        let Some(mut conn) = self.get::<Connection>(&table, &key)? else {
+            return Err(StoreError::NoConnection(connection_id.into()));
+        };
+        self.delete_item(&mut table, &membership_key(tenant, room, connection_id), Actor::Client);
+        if conn.rooms.remove(room) {
+            let item = encode(&conn)?;
+            self.put_item(&mut table, item);
+        }
+        Ok(())
+    }
+
+    async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()> {
+        let mut table = self.lock();
+        let Some(mut current) = self.get::<Connection>(&table, &connection_key(&conn.connection_id))? else {
+            return Err(StoreError::NoConnection(conn.connection_id.clone()));
+        };
+        current.last_seen_at = now;
+        current.ttl = ttl;
+        let item = encode(&current)?;
+        self.put_item(&mut table, item);
+        for room in &current.rooms {
+            let key = membership_key(&current.tenant, room, &current.connection_id);
+            if let Some(mut m) = self.get::<Membership>(&table, &key)? {
+                m.ttl = ttl;
+                let item = encode(&m)?;
+                self.put_item(&mut table, item);
+            }
+        }
+        Ok(())
+    }
+
+    async fn room_members(&self, tenant: &str, room: &str, now: DateTime<Utc>) -> Result<Vec<Membership>> {
+        let table = self.lock();
+        let pk = model::room_pk(tenant, room);
+        let from = (pk.clone(), "CONN#".to_string());
+        let to = (pk, "CONN$".to_string());
+        let mut members = Vec::new();
+        for item in table.items.range(from..to).map(|(_, item)| item) {
+            let m: Membership = decode(item.clone())?;
+            if !is_expired(m.ttl, now) {
+                members.push(m);
+            }
+        }
+        Ok(members)
+    }
+
+    async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()> {
+        let mut table = self.lock();
+        let key = membership_key(tenant, room, connection_id);
+        if let Some(mut m) = self.get::<Membership>(&table, &key)? {
+            m.left_reason = Some(reason.as_str().into());
+            let item = encode(&m)?;
+            self.put_item(&mut table, item);
+            self.delete_item(&mut table, &key, Actor::Client);
+        }
+        Ok(())
+    }
+
+    async fn put_message(&self, message: &Message) -> Result<()> {
+        let item = encode(message)?;
+        let mut table = self.lock();
+        self.put_item(&mut table, item);
+        Ok(())
+    }
+
+    async fn history(
+        &self,
+        tenant: &str,
+        room: &str,
+        limit: usize,
+        before: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Message>> {
+        let table = self.lock();
+        let pk = model::room_pk(tenant, room);
+        let from = (pk.clone(), "MSG#".to_string());
+        let to = (pk, history_upper_bound(before));
+        let mut newest_first = Vec::new();
+        for item in table.items.range(from..to).rev().map(|(_, item)| item) {
+            let m: Message = decode(item.clone())?;
+            if !is_expired(m.ttl, now) {
+                newest_first.push(m);
+                if newest_first.len() == limit {
+                    break;
+                }
+            }
+        }
+        newest_first.reverse();
+        Ok(newest_first)
+    }
+}

@@ -1,0 +1,89 @@
+//! The table, behind one trait with two adapters (DESIGN.md, "One table, one stream"):
+//!
+//! * [`dynamodb::DynamoStore`] — the real DynamoDB API through `aws-sdk-dynamodb` + `serde_dynamo`
+//!   (AWS, or any local endpoint: moto, DynamoDB Local, LocalStack);
+//! * [`memory::MemoryStore`] — the embedded default: in memory, and it emits stream records in
+//!   DynamoDB Streams' own shape, in write order, including TTL deletions by the service identity.
+//!
+//! Both pass the same contract suite (`tests/contract.rs`). The operations are the domain's
+//! (connect, join, leave, …), not raw item calls, so that each is atomic in both adapters.
+//! Every read takes `now` and treats `ttl <= now` as gone: DynamoDB deletes expired items lazily.
+
+pub mod dynamodb;
+pub mod memory;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::model::{Connection, LeftReason, Membership, Message};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The connection record does not exist (or has expired): the client's fault or a race with
+    /// its disconnect, never retried.
+    #[error("connection {0} is not connected")]
+    NoConnection(String),
+    /// The table could not be reached or refused the call: our fault, worth retrying.
+    #[error("table unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// A platform fault: the stream processor reports the record in `batchItemFailures`.
+    pub fn is_platform(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Writes a new connection and its memberships in one transaction.
+    async fn put_connection(&self, conn: &Connection, memberships: &[Membership]) -> Result<()>;
+
+    /// The live connection, or `None` if it does not exist or its TTL has passed.
+    async fn get_connection(&self, connection_id: &str, now: DateTime<Utc>) -> Result<Option<Connection>>;
+
+    /// Deletes the connection and returns what was deleted. Idempotent: a second call returns
+    /// `None`. With a `reason`, the record is first marked (`closeReason`) so that the stream's
+    /// REMOVE record carries why the processor removed it.
+    async fn delete_connection(&self, connection_id: &str, reason: Option<LeftReason>) -> Result<Option<Connection>>;
+
+    /// Adds the membership and the room to the connection's `rooms`, atomically.
+    /// [`StoreError::NoConnection`] when the connection is gone.
+    async fn join(&self, membership: &Membership) -> Result<()>;
+
+    /// Removes the membership and the room from the connection's `rooms`, atomically.
+    async fn leave(&self, connection_id: &str, tenant: &str, room: &str) -> Result<()>;
+
+    /// Refreshes `lastSeenAt` and the TTL of the connection and of its memberships.
+    async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()>;
+
+    /// The live memberships of a room, ordered by connection id.
+    async fn room_members(&self, tenant: &str, room: &str, now: DateTime<Utc>) -> Result<Vec<Membership>>;
+
+    /// Marks the membership with `leftReason` and deletes it (the processor's cascade when a
+    /// connection goes). Idempotent.
+    async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()>;
+
+    async fn put_message(&self, message: &Message) -> Result<()>;
+
+    /// Up to `limit` live messages of the room older than `before` (a timestamp), oldest first.
+    async fn history(
+        &self,
+        tenant: &str,
+        room: &str,
+        limit: usize,
+        before: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Message>>;
+}
+
+/// The key prefix of a room's messages older than `before` (exclusive), for range queries.
+pub(crate) fn history_upper_bound(before: Option<&str>) -> String {
+    match before {
+        Some(ts) => format!("MSG#{ts}"),
+        None => "MSG$".to_string(), // '$' sorts right after '#': every MSG# key is below it
+    }
+}

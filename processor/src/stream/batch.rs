@@ -1,0 +1,166 @@
+//! The batch runner: how one batch of stream records is processed.
+//!
+//! * Records of one partition key (`pk`: a room, or a connection) are processed in order, one
+//!   after the other; different partition keys proceed concurrently.
+//! * A malformed record is reported with its position and event id, counted, and skipped.
+//! * A record that fails for a platform reason (the table is unavailable) stops its partition.
+//!   Its sequence number — the earliest such in the batch — is reported in `batchItemFailures`,
+//!   and no record after it in the batch is started. Lambda then redelivers from that record;
+//!   records of other rooms already in flight when it failed complete, and their redelivery is
+//!   harmless for clients because every message carries its id.
+
+use std::future::Future;
+use std::sync::Mutex;
+
+use aws_lambda_events::dynamodb::EventRecord;
+use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
+use futures::StreamExt;
+
+use super::{MalformedRecord, decode_record, partition_key};
+use crate::store::StoreError;
+
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// The earliest record that failed for a platform reason: (position, sequence number).
+    pub failure: Option<(usize, String)>,
+    pub malformed: Vec<MalformedRecord>,
+    /// Records processed to the end.
+    pub processed: usize,
+}
+
+impl BatchOutcome {
+    /// The Lambda response: the failed record's sequence number, or nothing.
+    pub fn response(&self) -> DynamoDbEventResponse {
+        let mut response = DynamoDbEventResponse::default();
+        if let Some((_, sequence)) = &self.failure {
+            let mut failure = DynamoDbBatchItemFailure::default();
+            failure.item_identifier = Some(sequence.clone());
+            response.batch_item_failures.push(failure);
+        }
+        response
+    }
+}
+
+/// Runs `process` over the raw records of one batch (see the module docs for the rules).
+pub async fn run_batch<F, Fut>(raw: &[serde_json::Value], partitions_at_once: usize, process: F) -> BatchOutcome
+where
+    F: Fn(usize, EventRecord) -> Fut,
+    Fut: Future<Output = Result<(), StoreError>>,
+{
+    let mut outcome = BatchOutcome::default();
+    let mut groups: Vec<(String, Vec<(usize, EventRecord)>)> = Vec::new();
+    for (position, value) in raw.iter().enumerate() {
+        match decode_record(position, value) {
+            Ok(record) => {
+                // A record without a key gets a group of its own; decoding it will say why.
+                let key = partition_key(&record).map_or_else(|| format!("\0{position}"), str::to_string);
+                match groups.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, group)) => group.push((position, record)),
+                    None => groups.push((key, vec![(position, record)])),
+                }
+            }
+            Err(malformed) => {
+                tracing::warn!(position, event_id = %malformed.event_id, reason = %malformed.reason, "skipping malformed stream record");
+                outcome.malformed.push(malformed);
+            }
+        }
+    }
+
+    let failure: Mutex<Option<(usize, String)>> = Mutex::new(None);
+    let processed = std::sync::atomic::AtomicUsize::new(0);
+    let failed_before = |position: usize| {
+        failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|(at, _)| *at < position)
+    };
+    futures::stream::iter(groups)
+        .for_each_concurrent(partitions_at_once.max(1), |(_, group)| {
+            let (failure, processed, process) = (&failure, &processed, &process);
+            async move {
+                for (position, record) in group {
+                    if failed_before(position) {
+                        return;
+                    }
+                    let sequence = record.change.sequence_number.clone().unwrap_or_else(|| record.event_id.clone());
+                    match process(position, record).await {
+                        Ok(()) => {
+                            processed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(err) if err.is_platform() => {
+                            tracing::error!(position, %sequence, error = %err, "record failed; reporting it for redelivery");
+                            let mut earliest = failure.lock().unwrap_or_else(|p| p.into_inner());
+                            if earliest.as_ref().is_none_or(|(at, _)| position < *at) {
+                                *earliest = Some((position, sequence));
+                            }
+                            return;
+                        }
+                        Err(err) => {
+                            // Not the platform's fault (e.g. the connection vanished meanwhile):
+                            // retrying would not help.
+                            tracing::warn!(position, %sequence, error = %err, "record could not be applied; skipping it");
+                            processed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+    outcome.failure = failure.into_inner().unwrap_or_else(|p| p.into_inner());
+    outcome.processed = processed.into_inner();
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn record(seq: u32, pk: &str) -> serde_json::Value {
+        serde_json::json!({
+            "eventID": format!("e{seq}"), "eventName": "INSERT", "awsRegion": "us-east-1",
+            "eventSource": "aws:dynamodb",
+            "dynamodb": {"Keys": {"pk": {"S": pk}, "sk": {"S": "x"}}, "SequenceNumber": format!("{seq:03}"), "SizeBytes": 10}
+        })
+    }
+
+    #[tokio::test]
+    async fn keeps_order_per_partition_and_reports_the_earliest_platform_failure() {
+        let raw = vec![record(1, "a"), record(2, "b"), record(3, "a"), record(4, "b"), record(5, "a"), record(6, "c")];
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let outcome = run_batch(&raw, 1, |pos, rec| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(rec.event_id.clone());
+                if pos == 3 { Err(StoreError::Unavailable("down".into())) } else { Ok(()) }
+            }
+        })
+        .await;
+        assert_eq!(outcome.failure, Some((3, "004".into())));
+        let response = serde_json::to_value(outcome.response()).unwrap();
+        assert_eq!(response, serde_json::json!({"batchItemFailures": [{"itemIdentifier": "004"}]}));
+        // One partition at a time: a's records in order, then b's up to the failure; nothing
+        // positioned after the failure (c's record 6) was started.
+        assert_eq!(*seen.lock().unwrap(), vec!["e1", "e3", "e5", "e2", "e4"]);
+    }
+
+    #[tokio::test]
+    async fn malformed_records_are_reported_and_the_rest_processed() {
+        let raw = vec![record(1, "a"), serde_json::json!({"eventID": "bad", "eventName": "INSERT"}), record(3, "a")];
+        let outcome = run_batch(&raw, 4, |_, _| async { Ok(()) }).await;
+        assert_eq!(outcome.processed, 2);
+        assert_eq!(outcome.failure, None);
+        assert_eq!(outcome.malformed.len(), 1);
+        assert_eq!(outcome.malformed[0].position, 1);
+        assert_eq!(outcome.malformed[0].event_id, "bad");
+        assert!(outcome.response().batch_item_failures.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_client_fault_does_not_fail_the_batch() {
+        let raw = vec![record(1, "a"), record(2, "a")];
+        let outcome = run_batch(&raw, 2, |pos, _| async move {
+            if pos == 0 { Err(StoreError::NoConnection("c".into())) } else { Ok(()) }
+        })
+        .await;
+        assert_eq!(outcome.failure, None);
+        assert_eq!(outcome.processed, 2);
+    }
+}

@@ -1,0 +1,143 @@
+//! DynamoDB stream records in, typed changes out.
+//!
+//! * [`decode_record`] — one stream record (raw JSON, as the Lambda event carries it) into an
+//!   `aws_lambda_events` [`EventRecord`]; a malformed one is an error value naming its position.
+//! * [`Change::from_record`] — an `EventRecord` into a [`Change`] of a typed [`Record`], with
+//!   [`Change::Unknown`] for anything we do not recognise (never a panic).
+//! * [`batch`] — the batch runner: ordering per partition key, the earliest platform failure.
+//! * [`poller`] — reads a real table's stream through the DynamoDB Streams API.
+
+pub mod batch;
+pub mod poller;
+
+use aws_lambda_events::dynamodb::EventRecord;
+use serde::de::DeserializeOwned;
+use serde_dynamo::{AttributeValue, Item};
+
+use crate::model::{Connection, Membership, Message};
+use crate::store::memory::TTL_PRINCIPAL;
+
+/// A decoded table record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    Connection(Connection),
+    Membership(Membership),
+    Message(Message),
+}
+
+impl Record {
+    /// The tenant and room the record belongs to, if any (for spans and room views).
+    pub fn tenant_room(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Record::Connection(c) => (Some(&c.tenant), None),
+            Record::Membership(m) => (Some(&m.tenant), Some(&m.room)),
+            Record::Message(m) => (Some(&m.tenant), Some(&m.room)),
+        }
+    }
+}
+
+/// Who removed an item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// A client of the table: a handler, the processor, an operator.
+    Client,
+    /// DynamoDB's TTL process (`userIdentity {type: Service, principalId: dynamodb.amazonaws.com}`).
+    TtlExpired,
+}
+
+/// What happened to the table, as the processor understands it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    Inserted(Record),
+    Modified { old: Record, new: Record },
+    Removed { old: Record, cause: Cause },
+    /// A record we do not act on: an unknown item type or event name, or an image that does not
+    /// decode. Skipped and counted, never fatal.
+    Unknown { reason: String },
+}
+
+impl Change {
+    pub fn from_record(record: &EventRecord) -> Change {
+        let change = &record.change;
+        let result = match record.event_name.as_str() {
+            "INSERT" => decode_image(&change.keys, &change.new_image, "NewImage").map(Change::Inserted),
+            "MODIFY" => decode_image(&change.keys, &change.old_image, "OldImage")
+                .and_then(|old| Ok(Change::Modified { old, new: decode_image(&change.keys, &change.new_image, "NewImage")? })),
+            "REMOVE" => decode_image(&change.keys, &change.old_image, "OldImage").map(|old| Change::Removed {
+                old,
+                cause: if is_ttl_deletion(record) { Cause::TtlExpired } else { Cause::Client },
+            }),
+            other => Err(format!("unknown eventName {other:?}")),
+        };
+        result.unwrap_or_else(|reason| Change::Unknown { reason })
+    }
+
+    pub fn tenant_room(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Change::Inserted(r) | Change::Modified { new: r, .. } | Change::Removed { old: r, .. } => r.tenant_room(),
+            Change::Unknown { .. } => (None, None),
+        }
+    }
+}
+
+pub fn is_ttl_deletion(record: &EventRecord) -> bool {
+    record
+        .user_identity
+        .as_ref()
+        .is_some_and(|id| id.type_ == "Service" && id.principal_id == TTL_PRINCIPAL)
+}
+
+fn key_string<'a>(keys: &'a Item, image: &'a Item, name: &str) -> Option<&'a str> {
+    match keys.get(name).or_else(|| image.get(name)) {
+        Some(AttributeValue::S(s)) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String> {
+    let (Some(pk), Some(sk)) = (key_string(keys, image, "pk"), key_string(keys, image, "sk")) else {
+        return Err("record has no string pk/sk keys".into());
+    };
+    if image.is_empty() {
+        return Err(format!("{pk}/{sk}: {which} is missing (is the stream NEW_AND_OLD_IMAGES?)"));
+    }
+    fn typed<T: DeserializeOwned>(image: &Item, pk: &str, sk: &str, which: &str) -> Result<T, String> {
+        serde_dynamo::from_item(image.clone()).map_err(|e| format!("{pk}/{sk}: {which} does not decode: {e}"))
+    }
+    if pk.starts_with("CONN#") && sk == crate::model::CONNECTION_SK {
+        typed(image, pk, sk, which).map(Record::Connection)
+    } else if pk.starts_with("ROOM#") && sk.starts_with("CONN#") {
+        typed(image, pk, sk, which).map(Record::Membership)
+    } else if pk.starts_with("ROOM#") && sk.starts_with("MSG#") {
+        typed(image, pk, sk, which).map(Record::Message)
+    } else {
+        Err(format!("{pk}/{sk}: not a record type this processor handles"))
+    }
+}
+
+/// A stream record that could not even be read as one.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("malformed stream record at position {position} (eventID {event_id}): {reason}")]
+pub struct MalformedRecord {
+    pub position: usize,
+    pub event_id: String,
+    pub reason: String,
+}
+
+/// Reads one raw stream record. Records are read one by one, so one bad record never makes the
+/// whole batch unreadable.
+pub fn decode_record(position: usize, raw: &serde_json::Value) -> Result<EventRecord, MalformedRecord> {
+    serde_json::from_value::<EventRecord>(raw.clone()).map_err(|e| MalformedRecord {
+        position,
+        event_id: raw.get("eventID").and_then(|v| v.as_str()).unwrap_or("?").to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// The `pk` of a record: records of one partition key keep their order.
+pub fn partition_key(record: &EventRecord) -> Option<&str> {
+    match record.change.keys.get("pk") {
+        Some(AttributeValue::S(pk)) => Some(pk),
+        _ => None,
+    }
+}
