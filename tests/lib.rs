@@ -1,1 +1,521 @@
+//! Test support for Roomcast's end-to-end tests: real parts wherever a real one runs here.
+//!
+//! * [`moto_endpoint`] — a moto server (the DynamoDB and DynamoDB Streams APIs) from the
+//!   project's `.venv`, started once per test binary and killed with it; or the one named by
+//!   `ROOMCAST_TEST_DYNAMODB_ENDPOINT`. Never skipped: without moto, the test fails and says how
+//!   to get it.
+//! * [`Recorder`] — a local HTTP server speaking the `@connections` management API to the
+//!   processor's real `aws-sdk-apigatewaymanagement` client; it records every call and answers
+//!   with scripted faults (410, 429, 413, 500).
+//! * [`Stack`] — handlers, processor and a store (embedded or DynamoDB) wired as deployed, with
+//!   [`Stack::pump`] feeding the table's real stream to the processor as Lambda events.
 
+use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
+use aws_lambda_events::dynamodb::EventRecord;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use roomcast::deliver::{Deliverer, DeliverySettings};
+use roomcast::handlers::{self, HandlerDeps};
+use roomcast::metrics::Metrics;
+use roomcast::model::{Clock, ManualClock};
+use roomcast::pipeline::Processor;
+use roomcast::store::Store;
+use roomcast::store::dynamodb::{DynamoStore, create_table};
+use roomcast::store::memory::MemoryStore;
+use roomcast::stream::poller::{StartAt, StreamPoller};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+// ---------------------------------------------------------------------------------------------
+// moto
+
+/// The endpoint, and the server this binary started (held so that it lives as long as the tests;
+/// the kernel kills it when the binary exits).
+static MOTO: OnceLock<(String, Option<Mutex<std::process::Child>>)> = OnceLock::new();
+
+/// The endpoint of a DynamoDB API for tests. Panics, with what to do, when there is none.
+pub fn moto_endpoint() -> String {
+    MOTO.get_or_init(|| {
+        if let Ok(url) = std::env::var("ROOMCAST_TEST_DYNAMODB_ENDPOINT")
+            && !url.is_empty()
+        {
+            return (url, None);
+        }
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let server = root.join(".venv/bin/moto_server");
+        assert!(
+            server.exists(),
+            "no DynamoDB API for the tests: {} is missing. Run ./scripts/test (it installs moto into .venv) \
+             or set ROOMCAST_TEST_DYNAMODB_ENDPOINT to a running moto server",
+            server.display()
+        );
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port");
+        let mut command = Command::new(&server);
+        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null());
+        // The server dies with the test binary, however it ends.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        // PR_SET_PDEATHSIG fires when the *thread* that spawned the child ends, and each test runs
+        // on a thread of its own: spawn from a thread that lives as long as the binary.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(command.spawn());
+            loop {
+                std::thread::park();
+            }
+        });
+        let mut child = rx
+            .recv()
+            .expect("the spawning thread answers")
+            .unwrap_or_else(|e| panic!("starting {}: {e}", server.display()));
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        for _ in 0..300 {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                return (format!("http://{addr}"), Some(Mutex::new(child)));
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("moto_server exited at start with {status}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("moto_server did not listen on {addr} within 30 s");
+    })
+    .0
+    .clone()
+}
+
+/// AWS SDK configuration for local endpoints: fixed test credentials, us-east-1.
+pub async fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_credential_types::Credentials::new("test", "test", None, None, "roomcast-tests"))
+        .load()
+        .await
+}
+
+static TABLES: AtomicUsize = AtomicUsize::new(0);
+
+/// A new table on moto, made by `roomcast`'s own `create_table`.
+pub async fn moto_table() -> (DynamoStore, String) {
+    let sdk = sdk_config().await;
+    let endpoint = moto_endpoint();
+    let client = roomcast::config::dynamodb_client(&sdk, Some(&endpoint));
+    let name = format!("roomcast-{}-{}", std::process::id(), TABLES.fetch_add(1, Ordering::Relaxed));
+    let info = create_table(&client, &name).await.expect("create table on moto");
+    (DynamoStore::new(client, name), info.stream_arn)
+}
+
+// ---------------------------------------------------------------------------------------------
+// the table's stream
+
+/// Where a test reads the table's stream from.
+pub enum StreamSource {
+    Memory(mpsc::UnboundedReceiver<EventRecord>),
+    Dynamo(Box<StreamPoller>),
+}
+
+impl StreamSource {
+    pub async fn dynamo(stream_arn: &str) -> StreamSource {
+        let sdk = sdk_config().await;
+        let client = roomcast::config::streams_client(&sdk, Some(&moto_endpoint()));
+        StreamSource::Dynamo(Box::new(StreamPoller::new(client, stream_arn, StartAt::TrimHorizon)))
+    }
+
+    /// Every record written since the last call, in stream order.
+    pub async fn drain(&mut self) -> Vec<EventRecord> {
+        let mut records = Vec::new();
+        match self {
+            StreamSource::Memory(rx) => {
+                while let Ok(r) = rx.try_recv() {
+                    records.push(r);
+                }
+            }
+            StreamSource::Dynamo(poller) => loop {
+                let batch = poller.poll().await.expect("poll the stream");
+                if batch.records.is_empty() {
+                    break;
+                }
+                records.extend(batch.records);
+            },
+        }
+        records
+    }
+}
+
+/// A store under test with its stream.
+pub struct Table {
+    pub store: Arc<dyn Store>,
+    pub stream: StreamSource,
+    pub memory: Option<Arc<MemoryStore>>,
+    pub kind: &'static str,
+}
+
+impl Table {
+    pub async fn memory(clock: Arc<dyn Clock>) -> Table {
+        let store = MemoryStore::new(clock);
+        Table {
+            stream: StreamSource::Memory(store.subscribe()),
+            store: store.clone(),
+            memory: Some(store),
+            kind: "memory",
+        }
+    }
+
+    pub async fn dynamodb() -> Table {
+        let (store, arn) = moto_table().await;
+        Table { store: Arc::new(store), stream: StreamSource::dynamo(&arn).await, memory: None, kind: "dynamodb" }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the @connections recorder
+
+/// One `@connections` call as the recorder saw it.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub stage: String,
+    pub connection_id: String,
+    pub body: Value,
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct RecorderState {
+    calls: Vec<Call>,
+    /// Per connection, the statuses of its next calls; 200 when none is left.
+    script: HashMap<String, VecDeque<u16>>,
+}
+
+/// A local `@connections` endpoint that records calls and answers as scripted.
+#[derive(Clone)]
+pub struct Recorder {
+    pub endpoint: String,
+    state: Arc<Mutex<RecorderState>>,
+}
+
+impl Recorder {
+    pub async fn start() -> Recorder {
+        let state = Arc::new(Mutex::new(RecorderState::default()));
+        let app = axum::Router::new()
+            .route("/{stage}/@connections/{id}", axum::routing::post(post_to_connection))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind recorder");
+        let addr = listener.local_addr().expect("recorder address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Recorder { endpoint: format!("http://{addr}/test"), state }
+    }
+
+    /// The next calls to `connection_id` answer these statuses, in order.
+    pub fn script(&self, connection_id: &str, statuses: &[u16]) {
+        let mut state = self.state.lock().unwrap();
+        state.script.entry(connection_id.to_string()).or_default().extend(statuses);
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// Bodies accepted (200) for one connection, in arrival order.
+    pub fn received(&self, connection_id: &str) -> Vec<Value> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.connection_id == connection_id && c.status == 200)
+            .map(|c| c.body)
+            .collect()
+    }
+
+    /// Accepted bodies of one `action` for one connection.
+    pub fn received_action(&self, connection_id: &str, action: &str) -> Vec<Value> {
+        self.received(connection_id).into_iter().filter(|b| b["action"] == action).collect()
+    }
+
+    pub fn clear(&self) {
+        self.state.lock().unwrap().calls.clear();
+    }
+}
+
+async fn post_to_connection(
+    State(state): State<Arc<Mutex<RecorderState>>>,
+    Path((stage, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> impl IntoResponse {
+    let signed =
+        headers.get("authorization").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256"));
+    let mut state = state.lock().unwrap();
+    let status = if signed { state.script.get_mut(&id).and_then(|q| q.pop_front()).unwrap_or(200) } else { 403 };
+    let body = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+    state.calls.push(Call { stage, connection_id: id, body, status });
+    let error_type = match status {
+        410 => "GoneException",
+        429 => "LimitExceededException",
+        413 => "PayloadTooLargeException",
+        403 => "ForbiddenException",
+        _ => "InternalServerErrorException",
+    };
+    let mut response = (StatusCode::from_u16(status).unwrap(), "").into_response();
+    if status != 200 {
+        response =
+            (StatusCode::from_u16(status).unwrap(), json!({ "message": error_type }).to_string()).into_response();
+        response.headers_mut().insert("x-amzn-ErrorType", error_type.parse().unwrap());
+    }
+    response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    response
+}
+
+// ---------------------------------------------------------------------------------------------
+// AWS-documented request fixtures
+
+pub const CONNECT_FIXTURE: &str = include_str!("fixtures/example-apigw-websocket-request.json");
+pub const DISCONNECT_FIXTURE: &str = include_str!("fixtures/example-apigw-websocket-request-disconnect-route.json");
+pub const DYNAMODB_EVENT_FIXTURE: &str = include_str!("fixtures/example-dynamodb-event.json");
+
+/// The AWS example WebSocket request, as `$connect` with our authorizer's context.
+pub fn connect_request(connection_id: &str, tenant: &str, user: &str, rooms: &str) -> ApiGatewayWebsocketProxyRequest {
+    let mut v: Value = serde_json::from_str(CONNECT_FIXTURE).unwrap();
+    v["requestContext"]["connectionId"] = json!(connection_id);
+    v["requestContext"]["routeKey"] = json!("$connect");
+    v["requestContext"]["eventType"] = json!("CONNECT");
+    v["requestContext"]["domainName"] = json!("abcd1234.execute-api.us-east-1.amazonaws.com");
+    v["requestContext"]["stage"] = json!("prod");
+    v["requestContext"]["authorizer"] =
+        json!({"principalId": user, "tenant": tenant, "userId": user, "integrationLatency": 12});
+    v["queryStringParameters"] = json!({"rooms": rooms, "deployment_id": "deploy-1", "connection_type": "client"});
+    v["multiValueQueryStringParameters"] =
+        json!({"rooms": [rooms], "deployment_id": ["deploy-1"], "connection_type": ["client"]});
+    v["body"] = Value::Null;
+    serde_json::from_value(v).unwrap()
+}
+
+/// The AWS example WebSocket request, as a message frame from `connection_id`.
+pub fn message_request(connection_id: &str, body: &str) -> ApiGatewayWebsocketProxyRequest {
+    let mut v: Value = serde_json::from_str(CONNECT_FIXTURE).unwrap();
+    v["requestContext"]["connectionId"] = json!(connection_id);
+    v["requestContext"]["routeKey"] = json!("$default");
+    v["requestContext"]["eventType"] = json!("MESSAGE");
+    v["requestContext"]["authorizer"] = Value::Null;
+    v["body"] = json!(body);
+    serde_json::from_value(v).unwrap()
+}
+
+/// The AWS example `$disconnect` request for `connection_id`.
+pub fn disconnect_request(connection_id: &str) -> ApiGatewayWebsocketProxyRequest {
+    let mut v: Value = serde_json::from_str(DISCONNECT_FIXTURE).unwrap();
+    v["requestContext"]["connectionId"] = json!(connection_id);
+    serde_json::from_value(v).unwrap()
+}
+
+pub fn body_json(response: &ApiGatewayProxyResponse) -> Value {
+    match &response.body {
+        Some(aws_lambda_events::encodings::Body::Text(t)) => {
+            serde_json::from_str(t).unwrap_or(Value::String(t.clone()))
+        }
+        other => panic!("expected a text body, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the whole backbone
+
+/// Handlers, processor and table wired as deployed, with the processor's real management API
+/// client talking to a [`Recorder`].
+pub struct Stack {
+    pub table: Table,
+    pub clock: Arc<ManualClock>,
+    pub deps: HandlerDeps,
+    pub processor: Processor,
+    pub recorder: Recorder,
+    /// Every `batchItemFailures` the processor answered.
+    pub failures: Vec<Value>,
+}
+
+impl Stack {
+    pub async fn memory() -> Stack {
+        let clock = ManualClock::starting_now();
+        Self::build(Table::memory(clock.clone()).await, clock, DeliverySettings::default()).await
+    }
+
+    pub async fn dynamodb() -> Stack {
+        Self::build(Table::dynamodb().await, ManualClock::starting_now(), DeliverySettings::default()).await
+    }
+
+    pub async fn on(kind: &str) -> Stack {
+        match kind {
+            "memory" => Self::memory().await,
+            "dynamodb" => Self::dynamodb().await,
+            other => panic!("unknown store kind {other}"),
+        }
+    }
+
+    pub async fn build(table: Table, clock: Arc<ManualClock>, delivery: DeliverySettings) -> Stack {
+        Self::build_with_store(table.store.clone(), table, clock, delivery).await
+    }
+
+    /// `processor_store` may wrap the table's store (to inject platform faults).
+    pub async fn build_with_store(
+        processor_store: Arc<dyn Store>,
+        table: Table,
+        clock: Arc<ManualClock>,
+        delivery: DeliverySettings,
+    ) -> Stack {
+        let recorder = Recorder::start().await;
+        let metrics = Arc::new(Metrics::default());
+        let delivery = DeliverySettings {
+            endpoint_override: Some(recorder.endpoint.clone()),
+            deadline: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(10),
+            ..delivery
+        };
+        let deliverer =
+            Deliverer::new(sdk_config().await, delivery, processor_store.clone(), clock.clone(), metrics.clone());
+        let processor = Processor::new(processor_store, deliverer, clock.clone(), metrics, 8);
+        let deps = HandlerDeps {
+            store: table.store.clone(),
+            clock: clock.clone(),
+            connection_ttl_seconds: 600,
+            history_ttl_seconds: 3600,
+        };
+        Stack { table, clock, deps, processor, recorder, failures: Vec::new() }
+    }
+
+    pub async fn connect(&self, id: &str, tenant: &str, user: &str, rooms: &str) -> ApiGatewayProxyResponse {
+        handlers::connect(&connect_request(id, tenant, user, rooms), &self.deps).await
+    }
+
+    pub async fn send(&self, id: &str, frame: Value) -> Value {
+        body_json(&handlers::message(&message_request(id, &frame.to_string()), &self.deps).await)
+    }
+
+    pub async fn disconnect(&self, id: &str) -> ApiGatewayProxyResponse {
+        handlers::disconnect(&disconnect_request(id), &self.deps).await
+    }
+
+    /// Feeds everything in the table's stream to the processor as Lambda events (JSON, as Lambda
+    /// delivers them), until the stream is quiet: cascades write records that are processed too.
+    pub async fn pump(&mut self) -> usize {
+        let mut total = 0;
+        loop {
+            let records = self.table.stream.drain().await;
+            if records.is_empty() {
+                return total;
+            }
+            total += records.len();
+            let event = json!({ "Records": records });
+            let response = self.processor.handle_event(&event).await.expect("a stream event");
+            let response = serde_json::to_value(response).unwrap();
+            if !response["batchItemFailures"].as_array().is_some_and(|a| a.is_empty()) {
+                self.failures.push(response);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// platform faults
+
+/// Wraps a real store; reading the members of `room` fails as if DynamoDB were unavailable, for
+/// the next `times` reads.
+pub struct UnavailableRoom {
+    pub inner: Arc<dyn Store>,
+    pub room: String,
+    pub times: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Store for UnavailableRoom {
+    async fn put_connection(
+        &self,
+        c: &roomcast::model::Connection,
+        m: &[roomcast::model::Membership],
+    ) -> roomcast::store::Result<()> {
+        self.inner.put_connection(c, m).await
+    }
+    async fn get_connection(
+        &self,
+        id: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> roomcast::store::Result<Option<roomcast::model::Connection>> {
+        self.inner.get_connection(id, now).await
+    }
+    async fn delete_connection(
+        &self,
+        id: &str,
+        r: Option<roomcast::model::LeftReason>,
+    ) -> roomcast::store::Result<Option<roomcast::model::Connection>> {
+        self.inner.delete_connection(id, r).await
+    }
+    async fn join(&self, m: &roomcast::model::Membership) -> roomcast::store::Result<()> {
+        self.inner.join(m).await
+    }
+    async fn leave(&self, id: &str, tenant: &str, room: &str) -> roomcast::store::Result<()> {
+        self.inner.leave(id, tenant, room).await
+    }
+    async fn touch(
+        &self,
+        c: &roomcast::model::Connection,
+        now: chrono::DateTime<chrono::Utc>,
+        ttl: i64,
+    ) -> roomcast::store::Result<()> {
+        self.inner.touch(c, now, ttl).await
+    }
+    async fn room_members(
+        &self,
+        tenant: &str,
+        room: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> roomcast::store::Result<Vec<roomcast::model::Membership>> {
+        if room == self.room
+            && self.times.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+        {
+            return Err(roomcast::store::StoreError::Unavailable("query: service unavailable (injected)".into()));
+        }
+        self.inner.room_members(tenant, room, now).await
+    }
+    async fn remove_membership(
+        &self,
+        tenant: &str,
+        room: &str,
+        id: &str,
+        r: roomcast::model::LeftReason,
+    ) -> roomcast::store::Result<()> {
+        self.inner.remove_membership(tenant, room, id, r).await
+    }
+    async fn put_message(&self, m: &roomcast::model::Message) -> roomcast::store::Result<()> {
+        self.inner.put_message(m).await
+    }
+    async fn history(
+        &self,
+        tenant: &str,
+        room: &str,
+        limit: usize,
+        before: Option<&str>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> roomcast::store::Result<Vec<roomcast::model::Message>> {
+        self.inner.history(tenant, room, limit, before, now).await
+    }
+}
+
+impl Stack {
+    pub fn clock_now(&self) -> chrono::DateTime<chrono::Utc> {
+        use roomcast::model::Clock;
+        self.clock.now()
+    }
+}

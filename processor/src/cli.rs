@@ -19,7 +19,11 @@ use crate::store::dynamodb::{DynamoStore, create_table, wait_until_active};
 use crate::stream::poller::{StartAt, StreamPoller};
 
 #[derive(Debug, Parser)]
-#[command(name = "roomcast", version, about = "Real-time rooms, presence and tenant plugins for API Gateway WebSocket APIs")]
+#[command(
+    name = "roomcast",
+    version,
+    about = "Real-time rooms, presence and tenant plugins for API Gateway WebSocket APIs"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -100,7 +104,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = Arc::new(DynamoStore::new(client, &config.table_name));
             let clock = Arc::new(SystemClock);
             let metrics = Arc::new(Metrics::default());
-            let deliverer = Deliverer::new(sdk.clone(), config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
+            let deliverer =
+                Deliverer::new(sdk.clone(), config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
             let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once);
             let streams = config::streams_client(&sdk, config.dynamodb_endpoint.as_deref());
             let start = if from_trim_horizon { StartAt::TrimHorizon } else { StartAt::Latest };

@@ -127,10 +127,11 @@ impl Deliverer {
         let started = Instant::now();
         let mut backoff = self.settings.initial_backoff;
         loop {
-            let attempt = match client.post_to_connection().connection_id(&to.connection_id).data(body.clone()).send().await {
-                Ok(_) => Attempt::Ok,
-                Err(err) => classify(err),
-            };
+            let attempt =
+                match client.post_to_connection().connection_id(&to.connection_id).data(body.clone()).send().await {
+                    Ok(_) => Attempt::Ok,
+                    Err(err) => classify(err),
+                };
             let why_retry = match attempt {
                 Attempt::Ok => {
                     Metrics::add(&self.metrics.delivered, 1);
@@ -190,7 +191,9 @@ fn classify(err: SdkError<PostToConnectionError, aws_smithy_runtime_api_http::Re
     let status = err.raw_response().map(|r| r.status().as_u16());
     match err.as_service_error() {
         Some(PostToConnectionError::GoneException(_)) => return Attempt::Gone,
-        Some(PostToConnectionError::LimitExceededException(_)) => return Attempt::Retry("429 LimitExceededException".into()),
+        Some(PostToConnectionError::LimitExceededException(_)) => {
+            return Attempt::Retry("429 LimitExceededException".into());
+        }
         Some(PostToConnectionError::PayloadTooLargeException(_)) => {
             return Attempt::GiveUp("413 PayloadTooLargeException".into());
         }
@@ -208,7 +211,8 @@ fn classify(err: SdkError<PostToConnectionError, aws_smithy_runtime_api_http::Re
 
 /// Up to a quarter off the backoff, so that many recipients do not retry in lockstep.
 fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
     d - d.mul_f64(f64::from(nanos % 1000) / 4000.0)
 }
 

@@ -44,8 +44,11 @@ fn internal(err: &StoreError) -> ApiGatewayProxyResponse {
     respond(
         500,
         Some(
-            ServerMessage::Error { code: ErrorCode::Internal, message: "the service is unavailable; nothing was written".into() }
-                .to_json(),
+            ServerMessage::Error {
+                code: ErrorCode::Internal,
+                message: "the service is unavailable; nothing was written".into(),
+            }
+            .to_json(),
         ),
     )
 }
@@ -59,7 +62,9 @@ pub struct Identity {
 
 /// 401 without any authorizer context; 403 when it lacks a valid tenant or user.
 pub fn identity(request: &ApiGatewayWebsocketProxyRequest) -> Result<Identity, (i64, String)> {
-    let context = &request.request_context.authorizer.other;
+    // A REQUEST authorizer's context arrives flat (`tenant`, `userId`, `principalId`); the event
+    // types keep it in `fields`.
+    let context = &request.request_context.authorizer.fields;
     if context.is_empty() {
         return Err((401, "no authorizer context: $connect must run behind the Roomcast authorizer".into()));
     }
@@ -175,7 +180,9 @@ pub async fn message(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDe
     let now = deps.clock.now();
     let conn = match deps.store.get_connection(connection_id, now).await {
         Ok(Some(conn)) => conn,
-        Ok(None) => return answer(FrameError::new(ErrorCode::NotConnected, "this connection has no record; reconnect").into()),
+        Ok(None) => {
+            return answer(FrameError::new(ErrorCode::NotConnected, "this connection has no record; reconnect").into());
+        }
         Err(err) => return internal(&err),
     };
     match act(request, &conn, deps, now).await {
@@ -216,7 +223,12 @@ fn member_of(conn: &Connection, room: &str) -> Result<(), Failure> {
     }
 }
 
-async fn act(request: Request, conn: &Connection, deps: &HandlerDeps, now: chrono::DateTime<chrono::Utc>) -> Result<ServerMessage, Failure> {
+async fn act(
+    request: Request,
+    conn: &Connection,
+    deps: &HandlerDeps,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<ServerMessage, Failure> {
     let store = &deps.store;
     Ok(match request {
         Request::SendMessage { room, message } => {

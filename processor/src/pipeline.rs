@@ -9,7 +9,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use crate::deliver::{Deliverer, Outcome};
-use crate::metrics::{Metrics, Counts};
+use crate::metrics::{Counts, Metrics};
 use crate::model::Clock;
 use crate::react::{self, Effect};
 use crate::store::{Store, StoreError};

@@ -99,7 +99,10 @@ pub fn parse_frame(body: &str) -> Result<Request, FrameError> {
                     Some(s.clone())
                 }
                 Some(_) => {
-                    return Err(FrameError::new(ErrorCode::InvalidRequest, "history: `before` must be a timestamp string"));
+                    return Err(FrameError::new(
+                        ErrorCode::InvalidRequest,
+                        "history: `before` must be a timestamp string",
+                    ));
                 }
             };
             Request::History { room: room()?, limit, before }
@@ -155,14 +158,39 @@ impl From<&crate::model::Message> for ChatMessage {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum ServerMessage {
-    Welcome { connection_id: String, tenant: String, user_id: String, rooms: Vec<String> },
+    Welcome {
+        connection_id: String,
+        tenant: String,
+        user_id: String,
+        rooms: Vec<String>,
+    },
     Message(ChatMessage),
-    Presence { room: String, user_id: String, event: PresenceEvent, reason: String },
-    Rejected { id: String, reason: String },
-    Error { code: ErrorCode, message: String },
+    Presence {
+        room: String,
+        user_id: String,
+        event: PresenceEvent,
+        reason: String,
+    },
+    Rejected {
+        id: String,
+        reason: String,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
     Pong,
-    Info { connection_id: String, tenant: String, user_id: String, rooms: Vec<String>, connected_at: String },
-    History { room: String, messages: Vec<ChatMessage> },
+    Info {
+        connection_id: String,
+        tenant: String,
+        user_id: String,
+        rooms: Vec<String>,
+        connected_at: String,
+    },
+    History {
+        room: String,
+        messages: Vec<ChatMessage>,
+    },
     /// Confirms `sendMessage` (with the message's id, which a later `rejected` refers to),
     /// `join` and `leave`. Presence and the message itself arrive through the stream.
     Ack {
@@ -176,7 +204,8 @@ pub enum ServerMessage {
 impl ServerMessage {
     pub fn to_json(&self) -> String {
         // Serialising these plain structs cannot fail: no maps with non-string keys, no floats.
-        serde_json::to_string(self).unwrap_or_else(|e| format!(r#"{{"action":"error","code":"internal","message":"{e}"}}"#))
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!(r#"{{"action":"error","code":"internal","message":"{e}"}}"#))
     }
 }
 
@@ -231,13 +260,21 @@ mod tests {
 
     #[test]
     fn server_messages_have_the_documented_shape() {
-        let m = ServerMessage::Presence { room: "r".into(), user_id: "u".into(), event: PresenceEvent::Left, reason: "expired".into() };
+        let m = ServerMessage::Presence {
+            room: "r".into(),
+            user_id: "u".into(),
+            event: PresenceEvent::Left,
+            reason: "expired".into(),
+        };
         assert_eq!(
             serde_json::to_value(&m).unwrap(),
             serde_json::json!({"action":"presence","room":"r","user_id":"u","event":"left","reason":"expired"})
         );
         let e: ServerMessage = FrameError::new(ErrorCode::NotMember, "x").into();
-        assert_eq!(serde_json::to_value(&e).unwrap(), serde_json::json!({"action":"error","code":"not_member","message":"x"}));
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!({"action":"error","code":"not_member","message":"x"})
+        );
         assert_eq!(ServerMessage::Pong.to_json(), r#"{"action":"pong"}"#);
         let msg = ServerMessage::Message(ChatMessage {
             id: "1".into(),

@@ -231,7 +231,10 @@ mod tests {
         assert_eq!(out[0].1, vec!["c9"]);
 
         let marked = Membership { left_reason: Some("disconnect".into()), ..tab2.clone() };
-        assert_eq!(sent(&react(&removed(&marked, Cause::Client), std::slice::from_ref(&bob)))[0].0["reason"], "disconnect");
+        assert_eq!(
+            sent(&react(&removed(&marked, Cause::Client), std::slice::from_ref(&bob)))[0].0["reason"],
+            "disconnect"
+        );
         assert_eq!(sent(&react(&removed(&tab2, Cause::TtlExpired), &[bob]))[0].0["reason"], "expired");
     }
 
@@ -252,14 +255,19 @@ mod tests {
         let ttl = Change::Removed { old: Record::Connection(c.clone()), cause: Cause::TtlExpired };
         assert_eq!(reasons(ttl)[0].1, LeftReason::Expired);
         let gone = Connection { close_reason: Some("gone".into()), ..c };
-        assert_eq!(reasons(Change::Removed { old: Record::Connection(gone), cause: Cause::Client })[0].1, LeftReason::Gone);
+        assert_eq!(
+            reasons(Change::Removed { old: Record::Connection(gone), cause: Cause::Client })[0].1,
+            LeftReason::Gone
+        );
     }
 
     #[test]
     fn modifications_and_unknown_records_do_nothing() {
         let c = conn("c1", "ann", &["a"], 0);
         let later = Connection { ttl: c.ttl + Duration::minutes(5).num_seconds(), ..c.clone() };
-        assert!(react(&Change::Modified { old: Record::Connection(c), new: Record::Connection(later) }, &[]).is_empty());
+        assert!(
+            react(&Change::Modified { old: Record::Connection(c), new: Record::Connection(later) }, &[]).is_empty()
+        );
         assert!(react(&Change::Unknown { reason: "x".into() }, &[]).is_empty());
     }
 }

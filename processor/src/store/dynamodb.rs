@@ -57,10 +57,7 @@ impl DynamoStore {
             Err(err) => {
                 if let SdkError::ServiceError(service) = &err
                     && let TransactWriteItemsError::TransactionCanceledException(cancel) = service.err()
-                    && cancel
-                        .cancellation_reasons()
-                        .iter()
-                        .any(|r| r.code() == Some("ConditionalCheckFailed"))
+                    && cancel.cancellation_reasons().iter().any(|r| r.code() == Some("ConditionalCheckFailed"))
                 {
                     return Err(StoreError::NoConnection(connection_id.to_string()));
                 }
@@ -348,9 +345,8 @@ pub struct TableInfo {
 /// `ttl`. An existing table is left as it is and described.
 pub async fn create_table(client: &Client, table: &str) -> anyhow::Result<TableInfo> {
     use anyhow::Context;
-    let attr = |name: &str| {
-        AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build()
-    };
+    let attr =
+        |name: &str| AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build();
     let key_el = |name: &str, kind: KeyType| KeySchemaElement::builder().attribute_name(name).key_type(kind).build();
     let created = client
         .create_table()

@@ -51,7 +51,12 @@ enum Actor {
 impl MemoryStore {
     pub fn new(clock: Arc<dyn Clock>) -> Arc<MemoryStore> {
         Arc::new(MemoryStore {
-            table: Mutex::new(Table { items: BTreeMap::new(), next_sequence: 1, subscriber: None, backlog: Vec::new() }),
+            table: Mutex::new(Table {
+                items: BTreeMap::new(),
+                next_sequence: 1,
+                subscriber: None,
+                backlog: Vec::new(),
+            }),
             clock,
             table_name: "roomcast".into(),
         })
@@ -136,7 +141,8 @@ impl MemoryStore {
         record.event_name = event_name.into();
         record.event_source = Some("aws:dynamodb".into());
         record.event_version = Some("1.1".into());
-        record.event_source_arn = Some(format!("arn:aws:dynamodb:local:000000000000:table/{}/stream/embedded", self.table_name));
+        record.event_source_arn =
+            Some(format!("arn:aws:dynamodb:local:000000000000:table/{}/stream/embedded", self.table_name));
         if actor == Actor::TtlService {
             let mut identity = UserIdentity::default();
             identity.type_ = "Service".into();
@@ -198,9 +204,7 @@ fn membership_key(tenant: &str, room: &str, connection_id: &str) -> Key {
 #[async_trait]
 impl Store for MemoryStore {
     async fn put_connection(&self, conn: &Connection, memberships: &[Membership]) -> Result<()> {
-        let items = std::iter::once(encode(conn))
-            .chain(memberships.iter().map(encode))
-            .collect::<Result<Vec<_>>>()?;
+        let items = std::iter::once(encode(conn)).chain(memberships.iter().map(encode)).collect::<Result<Vec<_>>>()?;
         let mut table = self.lock();
         for item in items {
             self.put_item(&mut table, item);

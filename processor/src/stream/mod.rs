@@ -47,13 +47,25 @@ pub enum Cause {
 
 /// What happened to the table, as the processor understands it.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one short-lived Change per record: boxing the images would only add allocations"
+)]
 pub enum Change {
     Inserted(Record),
-    Modified { old: Record, new: Record },
-    Removed { old: Record, cause: Cause },
+    Modified {
+        old: Record,
+        new: Record,
+    },
+    Removed {
+        old: Record,
+        cause: Cause,
+    },
     /// A record we do not act on: an unknown item type or event name, or an image that does not
     /// decode. Skipped and counted, never fatal.
-    Unknown { reason: String },
+    Unknown {
+        reason: String,
+    },
 }
 
 impl Change {
@@ -61,8 +73,9 @@ impl Change {
         let change = &record.change;
         let result = match record.event_name.as_str() {
             "INSERT" => decode_image(&change.keys, &change.new_image, "NewImage").map(Change::Inserted),
-            "MODIFY" => decode_image(&change.keys, &change.old_image, "OldImage")
-                .and_then(|old| Ok(Change::Modified { old, new: decode_image(&change.keys, &change.new_image, "NewImage")? })),
+            "MODIFY" => decode_image(&change.keys, &change.old_image, "OldImage").and_then(|old| {
+                Ok(Change::Modified { old, new: decode_image(&change.keys, &change.new_image, "NewImage")? })
+            }),
             "REMOVE" => decode_image(&change.keys, &change.old_image, "OldImage").map(|old| Change::Removed {
                 old,
                 cause: if is_ttl_deletion(record) { Cause::TtlExpired } else { Cause::Client },
@@ -81,10 +94,7 @@ impl Change {
 }
 
 pub fn is_ttl_deletion(record: &EventRecord) -> bool {
-    record
-        .user_identity
-        .as_ref()
-        .is_some_and(|id| id.type_ == "Service" && id.principal_id == TTL_PRINCIPAL)
+    record.user_identity.as_ref().is_some_and(|id| id.type_ == "Service" && id.principal_id == TTL_PRINCIPAL)
 }
 
 fn key_string<'a>(keys: &'a Item, image: &'a Item, name: &str) -> Option<&'a str> {

@@ -62,7 +62,14 @@ pub struct StreamPoller {
 
 impl StreamPoller {
     pub fn new(client: Client, stream_arn: impl Into<String>, start: StartAt) -> StreamPoller {
-        StreamPoller { client, stream_arn: stream_arn.into(), start, shards: BTreeMap::new(), described_at: None, limit: 1000 }
+        StreamPoller {
+            client,
+            stream_arn: stream_arn.into(),
+            start,
+            shards: BTreeMap::new(),
+            described_at: None,
+            limit: 1000,
+        }
     }
 
     pub fn stream_arn(&self) -> &str {
@@ -132,7 +139,9 @@ impl StreamPoller {
                 request.shard_iterator_type(ShardIteratorType::TrimHorizon)
             }
             Position::Start => request.shard_iterator_type(ShardIteratorType::Latest),
-            Position::After(seq) => request.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).sequence_number(seq),
+            Position::After(seq) => {
+                request.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).sequence_number(seq)
+            }
             Position::At(seq) => request.shard_iterator_type(ShardIteratorType::AtSequenceNumber).sequence_number(seq),
         };
         let out = request
@@ -161,8 +170,12 @@ impl StreamPoller {
         let Some(shard) = self.shards.get_mut(shard_id) else { return Ok(Vec::new()) };
         match result {
             Ok(out) => {
-                let records: Vec<EventRecord> =
-                    out.records.unwrap_or_default().into_iter().map(|r| to_lambda_record(r, &self.stream_arn)).collect();
+                let records: Vec<EventRecord> = out
+                    .records
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| to_lambda_record(r, &self.stream_arn))
+                    .collect();
                 if let Some(last) = records.last().and_then(|r| r.change.sequence_number.clone()) {
                     shard.position = Position::After(last);
                 }
@@ -179,8 +192,11 @@ impl StreamPoller {
                     Ok(Vec::new())
                 }
                 Some(GetRecordsError::TrimmedDataAccessException(_)) => {
-                    tracing::warn!(shard_id, "records were trimmed from the stream (older than 24 h) before they were read; \
-                                              continuing at the trim horizon");
+                    tracing::warn!(
+                        shard_id,
+                        "records were trimmed from the stream (older than 24 h) before they were read; \
+                                              continuing at the trim horizon"
+                    );
                     shard.iterator = None;
                     shard.position = Position::Start;
                     self.start = StartAt::TrimHorizon;
@@ -232,10 +248,8 @@ pub fn to_lambda_record(record: Record, stream_arn: &str) -> EventRecord {
     if let Some(change) = record.dynamodb {
         let mut c = StreamRecord::default();
         if let Some(t) = change.approximate_creation_date_time {
-            c.approximate_creation_date_time = Utc
-                .timestamp_opt(t.secs(), t.subsec_nanos())
-                .single()
-                .unwrap_or_default();
+            c.approximate_creation_date_time =
+                Utc.timestamp_opt(t.secs(), t.subsec_nanos()).single().unwrap_or_default();
         }
         c.keys = change.keys.map(serde_dynamo::Item::from).unwrap_or_default();
         c.new_image = change.new_image.map(serde_dynamo::Item::from).unwrap_or_default();

@@ -1,0 +1,245 @@
+//! The store contract: one suite, run against the embedded store and against a real DynamoDB API
+//! (moto), including what each writes to its stream. An adapter that passes it can stand in for
+//! the other.
+
+use std::collections::BTreeSet;
+
+use aws_lambda_events::dynamodb::EventRecord;
+use chrono::{DateTime, Duration, Utc};
+use roomcast::model::{Connection, JoinReason, LeftReason, Message, Name, NewConnection};
+use roomcast::store::StoreError;
+use roomcast::stream::{Cause, Change, Record};
+use roomcast_tests::Table;
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $( #[tokio::test] async fn $name() {
+                super::$name(roomcast_tests::Table::memory(roomcast::model::ManualClock::starting_now()).await).await
+            } )*
+        }
+        mod dynamodb {
+            $( #[tokio::test] async fn $name() { super::$name(roomcast_tests::Table::dynamodb().await).await } )*
+        }
+    };
+}
+
+contract!(
+    a_connection_round_trips_and_expires_on_read,
+    delete_is_idempotent_and_marks_the_reason_in_the_remove_record,
+    join_and_leave_keep_membership_and_rooms_in_step,
+    join_or_touch_without_a_connection_writes_nothing,
+    touch_refreshes_the_ttl_of_the_connection_and_its_memberships,
+    room_members_are_live_and_per_tenant,
+    history_is_ordered_limited_and_paged,
+    the_stream_carries_every_write_in_order_with_both_images,
+);
+
+fn now() -> DateTime<Utc> {
+    use roomcast::model::Clock;
+    roomcast::model::SystemClock.now()
+}
+
+fn connection(id: &str, tenant: &str, user: &str, rooms: &[&str], at: DateTime<Utc>) -> Connection {
+    Connection::new(NewConnection {
+        connection_id: id,
+        tenant: &Name::parse("tenant", tenant).unwrap(),
+        user_id: user,
+        connection_type: Some("client".into()),
+        deployment_id: Some("d1".into()),
+        rooms: rooms.iter().map(|r| r.to_string()).collect(),
+        endpoint: "https://abc.execute-api.us-east-1.amazonaws.com/prod".into(),
+        now: at,
+        ttl_seconds: 600,
+    })
+}
+
+async fn connect(table: &Table, c: &Connection, at: DateTime<Utc>) {
+    let memberships: Vec<_> = c.rooms.iter().map(|r| c.membership(r, JoinReason::Connect, at)).collect();
+    table.store.put_connection(c, &memberships).await.unwrap();
+}
+
+async fn a_connection_round_trips_and_expires_on_read(table: Table) {
+    let t = now();
+    let c = connection("c1=", "acme", "ann", &["general"], t);
+    connect(&table, &c, t).await;
+    assert_eq!(table.store.get_connection("c1=", t).await.unwrap(), Some(c.clone()));
+    assert_eq!(table.store.get_connection("nobody", t).await.unwrap(), None);
+    // `ttl <= now` is gone even though nothing deleted it yet.
+    let at_ttl = t + Duration::seconds(600);
+    assert_eq!(table.store.get_connection("c1=", at_ttl).await.unwrap(), None);
+    assert!(table.store.room_members("acme", "general", at_ttl).await.unwrap().is_empty());
+}
+
+async fn delete_is_idempotent_and_marks_the_reason_in_the_remove_record(mut table: Table) {
+    let t = now();
+    let c = connection("c1", "acme", "ann", &[], t);
+    connect(&table, &c, t).await;
+    let deleted = table.store.delete_connection("c1", Some(LeftReason::Gone)).await.unwrap();
+    assert_eq!(deleted.map(|d| d.close_reason), Some(Some("gone".to_string())));
+    assert_eq!(table.store.delete_connection("c1", None).await.unwrap(), None);
+    assert_eq!(table.store.delete_connection("never", Some(LeftReason::Gone)).await.unwrap(), None);
+
+    let changes = changes(&mut table).await;
+    let Some(Change::Removed { old: Record::Connection(old), cause: Cause::Client }) = changes.last() else {
+        panic!("expected the connection's REMOVE last: {changes:?}")
+    };
+    assert_eq!(old.close_reason.as_deref(), Some("gone"));
+}
+
+async fn join_and_leave_keep_membership_and_rooms_in_step(table: Table) {
+    let t = now();
+    let c = connection("c1", "acme", "ann", &[], t);
+    connect(&table, &c, t).await;
+    table.store.join(&c.membership("ops", JoinReason::Join, t)).await.unwrap();
+    let joined = table.store.get_connection("c1", t).await.unwrap().unwrap();
+    assert_eq!(joined.rooms, BTreeSet::from(["ops".to_string()]));
+    let members = table.store.room_members("acme", "ops", t).await.unwrap();
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].join_reason, JoinReason::Join);
+
+    table.store.leave("c1", "acme", "ops").await.unwrap();
+    assert!(table.store.get_connection("c1", t).await.unwrap().unwrap().rooms.is_empty());
+    assert!(table.store.room_members("acme", "ops", t).await.unwrap().is_empty());
+}
+
+async fn join_or_touch_without_a_connection_writes_nothing(table: Table) {
+    let t = now();
+    let ghost = connection("ghost", "acme", "ann", &["general"], t);
+    let err = table.store.join(&ghost.membership("ops", JoinReason::Join, t)).await.unwrap_err();
+    assert!(matches!(err, StoreError::NoConnection(ref id) if id == "ghost"), "{err}");
+    assert!(!err.is_platform());
+    assert!(table.store.room_members("acme", "ops", t).await.unwrap().is_empty(), "the transaction wrote nothing");
+    assert!(matches!(table.store.leave("ghost", "acme", "ops").await, Err(StoreError::NoConnection(_))));
+    assert!(matches!(table.store.touch(&ghost, t, 0).await, Err(StoreError::NoConnection(_))));
+}
+
+async fn touch_refreshes_the_ttl_of_the_connection_and_its_memberships(table: Table) {
+    let t = now();
+    let c = connection("c1", "acme", "ann", &["a", "b"], t);
+    connect(&table, &c, t).await;
+    let later = t + Duration::seconds(500);
+    table.store.touch(&c, later, roomcast::model::expiry(later, 600)).await.unwrap();
+    let past_first_ttl = t + Duration::seconds(700);
+    let refreshed = table.store.get_connection("c1", past_first_ttl).await.unwrap().expect("still live");
+    assert_eq!(refreshed.last_seen_at, later);
+    for room in ["a", "b"] {
+        assert_eq!(table.store.room_members("acme", room, past_first_ttl).await.unwrap().len(), 1, "{room}");
+    }
+}
+
+async fn room_members_are_live_and_per_tenant(table: Table) {
+    let t = now();
+    for (id, tenant, user) in [("c3", "acme", "cid"), ("c1", "acme", "ann"), ("c2", "globex", "bob")] {
+        connect(&table, &connection(id, tenant, user, &["general"], t), t).await;
+    }
+    let members = table.store.room_members("acme", "general", t).await.unwrap();
+    let ids: Vec<_> = members.iter().map(|m| m.connection_id.as_str()).collect();
+    assert_eq!(ids, ["c1", "c3"], "ordered by connection id, and only this tenant's");
+    assert_eq!(members[0].endpoint, "https://abc.execute-api.us-east-1.amazonaws.com/prod");
+    table.store.remove_membership("acme", "general", "c1", LeftReason::Disconnect).await.unwrap();
+    table.store.remove_membership("acme", "general", "c1", LeftReason::Disconnect).await.unwrap();
+    assert_eq!(table.store.room_members("acme", "general", t).await.unwrap().len(), 1);
+}
+
+async fn history_is_ordered_limited_and_paged(table: Table) {
+    let t = now();
+    let c = connection("c1", "acme", "ann", &["general"], t);
+    connect(&table, &c, t).await;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let m = Message::new(&c, "general", format!("m{i}"), t + Duration::milliseconds(i), 60);
+        table.store.put_message(&m).await.unwrap();
+        sent.push(m);
+    }
+    let other_tenant = connection("c2", "globex", "bob", &["general"], t);
+    table.store.put_message(&Message::new(&other_tenant, "general", "theirs".into(), t, 60)).await.unwrap();
+
+    let bodies = |ms: Vec<Message>| ms.into_iter().map(|m| m.body).collect::<Vec<_>>();
+    assert_eq!(
+        bodies(table.store.history("acme", "general", 10, None, t).await.unwrap()),
+        ["m0", "m1", "m2", "m3", "m4"]
+    );
+    assert_eq!(bodies(table.store.history("acme", "general", 2, None, t).await.unwrap()), ["m3", "m4"]);
+    let before = roomcast::model::format_ts(&sent[3].timestamp);
+    assert_eq!(bodies(table.store.history("acme", "general", 2, Some(&before), t).await.unwrap()), ["m1", "m2"]);
+    assert!(
+        table.store.history("acme", "general", 10, None, t + Duration::seconds(61)).await.unwrap().is_empty(),
+        "expired"
+    );
+}
+
+async fn the_stream_carries_every_write_in_order_with_both_images(mut table: Table) {
+    let t = now();
+    let c = connection("c1", "acme", "ann", &["general"], t);
+    connect(&table, &c, t).await;
+    table.store.join(&c.membership("ops", JoinReason::Join, t)).await.unwrap();
+    table.store.delete_connection("c1", None).await.unwrap();
+
+    let records = drain(&mut table).await;
+    let names: Vec<(&str, String)> = records
+        .iter()
+        .map(|r| (r.event_name.as_str(), roomcast::stream::partition_key(r).unwrap_or("").to_string()))
+        .collect();
+    let expected = [
+        ("INSERT", "CONN#c1"),
+        ("INSERT", "ROOM#acme#general"),
+        ("INSERT", "ROOM#acme#ops"),
+        ("MODIFY", "CONN#c1"),
+        ("REMOVE", "CONN#c1"),
+    ];
+    let expected: Vec<(&str, String)> = expected.iter().map(|(n, k)| (*n, k.to_string())).collect();
+    assert_eq!(names, expected, "{} stream", table.kind);
+
+    let sequences: Vec<&str> = records.iter().map(|r| r.change.sequence_number.as_deref().unwrap()).collect();
+    assert!(
+        sequences.windows(2).all(|w| w[0].len() < w[1].len() || (w[0].len() == w[1].len() && w[0] < w[1])),
+        "{sequences:?}"
+    );
+    for r in &records {
+        assert_eq!(r.event_source.as_deref(), Some("aws:dynamodb"));
+        assert!(r.user_identity.is_none(), "client writes carry no service identity");
+        assert_eq!(r.change.stream_view_type, Some(aws_lambda_events::dynamodb::StreamViewType::NewAndOldImages));
+    }
+    let modify = &records[3];
+    assert!(!modify.change.old_image.is_empty() && !modify.change.new_image.is_empty());
+    let Change::Modified { old: Record::Connection(old), new: Record::Connection(new) } = Change::from_record(modify)
+    else {
+        panic!("a connection MODIFY");
+    };
+    assert!(old.rooms.len() == 1 && new.rooms.len() == 2);
+    // Each record survives the Lambda event's JSON and decodes the same.
+    let json = serde_json::to_value(&records[4]).unwrap();
+    let back: EventRecord = serde_json::from_value(json).unwrap();
+    assert_eq!(Change::from_record(&back), Change::from_record(&records[4]));
+}
+
+async fn drain(table: &mut Table) -> Vec<EventRecord> {
+    table.stream.drain().await
+}
+
+async fn changes(table: &mut Table) -> Vec<Change> {
+    drain(table).await.iter().map(Change::from_record).collect()
+}
+
+/// Only the embedded store runs TTL itself (moto does not): its expiry emits REMOVE records with
+/// DynamoDB's service identity, which the decoder reads as a TTL deletion.
+#[tokio::test]
+async fn the_embedded_store_expires_ttl_items_as_the_dynamodb_service() {
+    let mut table = Table::memory(roomcast::model::ManualClock::starting_now()).await;
+    let t = now();
+    let c = connection("c1", "acme", "ann", &["general"], t);
+    connect(&table, &c, t).await;
+    drain(&mut table).await;
+    let memory = table.memory.clone().unwrap();
+    assert_eq!(memory.expire_due(t + Duration::seconds(599)), 0);
+    assert_eq!(memory.expire_due(t + Duration::seconds(600)), 2);
+    let records = drain(&mut table).await;
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        let identity = r.user_identity.as_ref().expect("service identity");
+        assert_eq!((identity.type_.as_str(), identity.principal_id.as_str()), ("Service", "dynamodb.amazonaws.com"));
+        assert!(matches!(Change::from_record(r), Change::Removed { cause: Cause::TtlExpired, .. }));
+    }
+    assert_eq!(memory.item_count(), 0);
+}

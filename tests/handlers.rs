@@ -1,0 +1,151 @@
+//! The write-path handlers fed with AWS-documented WebSocket events, and every bad input: each
+//! gets a clear answer and writes nothing.
+
+use aws_lambda_events::apigw::ApiGatewayWebsocketProxyRequest;
+use roomcast::handlers;
+use roomcast_tests::{CONNECT_FIXTURE, DYNAMODB_EVENT_FIXTURE, Stack, body_json, connect_request, message_request};
+use serde_json::{Value, json};
+
+fn fixture(raw: &str) -> ApiGatewayWebsocketProxyRequest {
+    serde_json::from_str(raw).expect("AWS fixture parses")
+}
+
+fn item_count(stack: &Stack) -> usize {
+    stack.table.memory.as_ref().expect("embedded store").item_count()
+}
+
+#[tokio::test]
+async fn the_aws_example_connect_without_a_tenant_is_refused_with_403() {
+    let stack = Stack::memory().await;
+    // AWS's example request carries an authorizer context (principalId, clientId) but no tenant.
+    let response = handlers::connect(&fixture(CONNECT_FIXTURE), &stack.deps).await;
+    assert_eq!(response.status_code, 403);
+    assert_eq!(item_count(&stack), 0);
+}
+
+#[tokio::test]
+async fn connect_without_any_authorizer_context_is_refused_with_401() {
+    let stack = Stack::memory().await;
+    let mut v: Value = serde_json::from_str(CONNECT_FIXTURE).unwrap();
+    v["requestContext"]["authorizer"] = Value::Null;
+    let response = handlers::connect(&serde_json::from_value(v).unwrap(), &stack.deps).await;
+    assert_eq!(response.status_code, 401);
+    assert_eq!(item_count(&stack), 0);
+}
+
+#[tokio::test]
+async fn connect_uses_principal_id_when_there_is_no_user_id_and_writes_the_callback_endpoint() {
+    let stack = Stack::memory().await;
+    let mut v = serde_json::to_value(connect_request("c1", "acme", "ann", "general")).unwrap();
+    v["requestContext"]["authorizer"] = json!({"principalId": "user-7", "tenant": "acme"});
+    let response = handlers::connect(&serde_json::from_value(v).unwrap(), &stack.deps).await;
+    assert_eq!(response.status_code, 200);
+    let conn = stack.table.store.get_connection("c1", stack.clock_now()).await.unwrap().unwrap();
+    assert_eq!(conn.user_id, "user-7");
+    assert_eq!(conn.endpoint, "https://abcd1234.execute-api.us-east-1.amazonaws.com/prod");
+    assert_eq!(conn.deployment_id.as_deref(), Some("deploy-1"));
+    assert_eq!(conn.connection_type.as_deref(), Some("client"));
+    assert_eq!(item_count(&stack), 2, "the connection and its membership");
+}
+
+#[tokio::test]
+async fn connect_refuses_bad_tenants_and_rooms_and_writes_nothing() {
+    let stack = Stack::memory().await;
+    assert_eq!(stack.connect("c1", "ac#me", "ann", "").await.status_code, 403);
+    assert_eq!(stack.connect("c1", "acme", "ann", "general,bad#room").await.status_code, 400);
+    let many: Vec<String> = (0..51).map(|i| format!("r{i}")).collect();
+    assert_eq!(stack.connect("c1", "acme", "ann", &many.join(",")).await.status_code, 400);
+    assert_eq!(item_count(&stack), 0);
+}
+
+#[tokio::test]
+async fn every_bad_frame_gets_an_error_answer_and_writes_nothing() {
+    let stack = Stack::memory().await;
+    stack.connect("c1", "acme", "ann", "general").await;
+    let before = item_count(&stack);
+    let oversize = json!({"action":"sendMessage","room":"general","message":"x".repeat(128 * 1024)}).to_string();
+    let cases: Vec<(String, &str)> = vec![
+        ("not json".into(), "invalid_json"),
+        ("[1]".into(), "invalid_json"),
+        (json!({"action":"dance"}).to_string(), "unknown_action"),
+        (json!({"room":"general"}).to_string(), "unknown_action"),
+        (json!({"action":"sendMessage","room":"general"}).to_string(), "invalid_request"),
+        (json!({"action":"sendMessage","room":"elsewhere","message":"hi"}).to_string(), "not_member"),
+        (json!({"action":"sendMessage","room":"a#b","message":"hi"}).to_string(), "invalid_request"),
+        (json!({"action":"leave","room":"elsewhere"}).to_string(), "not_member"),
+        (oversize, "message_too_large"),
+    ];
+    for (frame, code) in cases {
+        let answer = body_json(&handlers::message(&message_request("c1", &frame), &stack.deps).await);
+        assert_eq!(answer["action"], "error", "{frame:.60}");
+        assert_eq!(answer["code"], code, "{frame:.60}: {answer}");
+        assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let mut binary = message_request("c1", "AAEC");
+    binary.is_base64_encoded = true;
+    assert_eq!(body_json(&handlers::message(&binary, &stack.deps).await)["code"], "invalid_json");
+    assert_eq!(item_count(&stack), before, "bad input writes nothing");
+}
+
+#[tokio::test]
+async fn a_frame_from_an_unknown_connection_is_told_to_reconnect() {
+    let stack = Stack::memory().await;
+    let answer = stack.send("ghost", json!({"type":"ping"})).await;
+    assert_eq!(answer["code"], "not_connected");
+    assert_eq!(item_count(&stack), 0);
+}
+
+#[tokio::test]
+async fn the_seed_type_field_routes_like_action() {
+    let stack = Stack::memory().await;
+    stack.connect("c1", "acme", "ann", "").await;
+    assert_eq!(stack.send("c1", json!({"type":"ping"})).await, json!({"action":"pong"}));
+    assert_eq!(stack.send("c1", json!({"type":"info"})).await["user_id"], "ann");
+}
+
+#[tokio::test]
+async fn the_disconnect_fixture_is_idempotent() {
+    let stack = Stack::memory().await;
+    stack.connect("AAAA1234=", "acme", "ann", "general").await;
+    let disconnect = fixture(roomcast_tests::DISCONNECT_FIXTURE);
+    assert_eq!(disconnect.request_context.disconnect_status_code, Some(1005));
+    assert_eq!(handlers::disconnect(&disconnect, &stack.deps).await.status_code, 200);
+    assert_eq!(handlers::disconnect(&disconnect, &stack.deps).await.status_code, 200);
+    assert!(stack.table.store.get_connection("AAAA1234=", stack.clock_now()).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_table_outage_is_a_500_with_an_internal_error_and_nothing_half_written() {
+    // A DynamoDB endpoint with nothing listening: the real SDK client fails to connect.
+    let sdk = roomcast_tests::sdk_config().await;
+    let client = roomcast::config::dynamodb_client(&sdk, Some("http://127.0.0.1:9"));
+    let mut stack = Stack::memory().await;
+    stack.deps.store = std::sync::Arc::new(roomcast::store::dynamodb::DynamoStore::new(client, "roomcast"));
+    assert_eq!(stack.connect("c1", "acme", "ann", "general").await.status_code, 500);
+    let answer = body_json(&handlers::message(&message_request("c1", r#"{"type":"ping"}"#), &stack.deps).await);
+    assert_eq!(answer["code"], "internal");
+}
+
+#[tokio::test]
+async fn the_aws_example_stream_event_and_malformed_records_are_skipped_not_fatal() {
+    let mut stack = Stack::memory().await;
+    // AWS's example event: records of another table's shape (keys `Id`), which we do not handle.
+    let mut event: Value = serde_json::from_str(DYNAMODB_EVENT_FIXTURE).unwrap();
+    let records = event["Records"].as_array_mut().unwrap();
+    let aws_examples = records.len() as u64;
+    records.push(json!({"eventID": "no-dynamodb-section", "eventName": "INSERT"}));
+    records.push(json!("not even an object"));
+    records.push(json!({"eventID": "bad-image", "eventName": "INSERT", "awsRegion": "us-east-1",
+        "dynamodb": {"Keys": {"pk": {"S": "CONN#x"}, "sk": {"S": "META"}}, "NewImage": {"pk": {"S": "CONN#x"}},
+                     "SequenceNumber": "1", "SizeBytes": 1}}));
+    let response = stack.processor.handle_event(&event).await.unwrap();
+    assert!(response.batch_item_failures.is_empty(), "skipped records never fail the batch");
+    let counts = stack.processor.counts();
+    assert_eq!(counts.records, aws_examples + 3);
+    assert_eq!(counts.skipped, aws_examples + 3);
+    assert!(stack.recorder.calls().is_empty());
+
+    let not_a_stream_event = stack.processor.handle_event(&json!({"hello": "world"})).await.unwrap_err();
+    assert!(not_a_stream_event.contains("Records"), "{not_a_stream_event}");
+    assert_eq!(stack.pump().await, 0);
+}
