@@ -34,8 +34,15 @@ pub struct Config {
 }
 
 /// Every problem found, one per line.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub struct ConfigError(pub Vec<String>);
+
+/// `main` prints an init error with `Debug`: make that the readable list too.
+impl fmt::Debug for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
