@@ -111,7 +111,7 @@ pub async fn sdk_config() -> aws_config::SdkConfig {
         .await
 }
 
-static TABLES: AtomicUsize = AtomicUsize::new(0);
+pub static TABLES: AtomicUsize = AtomicUsize::new(0);
 
 /// A new table on moto, made by `roomcast`'s own `create_table`.
 pub async fn moto_table() -> (DynamoStore, String) {
@@ -518,4 +518,174 @@ impl Stack {
         use roomcast::model::Clock;
         self.clock.now()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the local stack over real WebSockets
+
+pub mod ws {
+    use std::time::Duration;
+
+    use futures::{SinkExt, StreamExt};
+    use roomcast::auth::{Claims, mint};
+    use roomcast::dev::{DevOptions, DevStack};
+    use serde_json::Value;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    pub const SECRET: &[u8] = b"roomcast-test-secret";
+
+    /// `roomcast dev` on a free port, on the embedded store or on moto.
+    pub async fn dev(kind: &str, tweak: impl FnOnce(&mut DevOptions)) -> DevStack {
+        let mut options = DevOptions {
+            port: 0,
+            auth: roomcast::gateway::AuthMode::Jwt { secret: SECRET.to_vec() },
+            ..DevOptions::default()
+        };
+        options.delivery.initial_backoff = Duration::from_millis(20);
+        if kind == "dynamodb" {
+            options.dynamodb_endpoint = Some(super::moto_endpoint());
+            options.table = format!(
+                "dev-{}-{}",
+                std::process::id(),
+                super::TABLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+        tweak(&mut options);
+        roomcast::dev::start(options).await.expect("start the dev stack")
+    }
+
+    pub fn token(tenant: &str, user: &str) -> String {
+        let exp = chrono::Utc::now().timestamp() + 3600;
+        mint(&Claims { tenant: tenant.into(), sub: user.into(), exp, nbf: None }, SECRET)
+    }
+
+    type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+    /// A real WebSocket client that keeps what it has not looked at yet.
+    pub struct Client {
+        socket: Socket,
+        pending: Vec<Value>,
+        pub closed: Option<(u16, String)>,
+    }
+
+    /// Connects with a query string (`token=…&rooms=…`); the upgrade's HTTP status on refusal.
+    pub async fn try_connect(stack: &DevStack, query: &str) -> Result<Client, u16> {
+        let url = format!("{}?{query}", stack.ws_url());
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((socket, _)) => Ok(Client { socket, pending: Vec::new(), closed: None }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+            Err(e) => panic!("connect failed without an HTTP answer: {e}"),
+        }
+    }
+
+    pub async fn connect(stack: &DevStack, tenant: &str, user: &str, rooms: &str) -> Client {
+        let query = format!("token={}&rooms={rooms}", token(tenant, user));
+        try_connect(stack, &query).await.unwrap_or_else(|status| panic!("connect refused with {status}"))
+    }
+
+    impl Client {
+        pub async fn send(&mut self, frame: Value) {
+            self.send_text(frame.to_string()).await;
+        }
+
+        pub async fn send_text(&mut self, text: String) {
+            self.socket.send(Message::Text(text.into())).await.expect("send a frame");
+        }
+
+        async fn read(&mut self, wait: Duration) -> Option<Value> {
+            loop {
+                match tokio::time::timeout(wait, self.socket.next()).await {
+                    Err(_) => return None,
+                    Ok(Some(Ok(Message::Text(t)))) => return Some(serde_json::from_str(&t).expect("JSON frames")),
+                    Ok(Some(Ok(Message::Close(frame)))) => {
+                        self.closed =
+                            Some(frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string())));
+                        return None;
+                    }
+                    Ok(Some(Ok(_))) => continue,
+                    Ok(Some(Err(_))) | Ok(None) => {
+                        self.closed.get_or_insert((1006, String::new()));
+                        return None;
+                    }
+                }
+            }
+        }
+
+        /// The first frame (pending or new) matching `want`, within 10 s; panics otherwise.
+        pub async fn expect(&mut self, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+            if let Some(i) = self.pending.iter().position(&want) {
+                return self.pending.remove(i);
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while let Some(left) = deadline.checked_duration_since(tokio::time::Instant::now()) {
+                match self.read(left).await {
+                    Some(frame) if want(&frame) => return frame,
+                    Some(frame) => self.pending.push(frame),
+                    None if self.closed.is_some() => {
+                        panic!("closed {:?} while waiting for {what}; had {:?}", self.closed, self.pending)
+                    }
+                    None => break,
+                }
+            }
+            panic!("no {what} within 10 s; had {:?}", self.pending)
+        }
+
+        pub async fn expect_action(&mut self, action: &str) -> Value {
+            self.expect(action, |f| f["action"] == action).await
+        }
+
+        /// Asserts nothing matching `unwanted` arrives within `wait` (or is pending).
+        pub async fn expect_none(&mut self, what: &str, wait: Duration, unwanted: impl Fn(&Value) -> bool) {
+            let deadline = tokio::time::Instant::now() + wait;
+            while let Some(left) = deadline.checked_duration_since(tokio::time::Instant::now()) {
+                match self.read(left).await {
+                    Some(frame) => self.pending.push(frame),
+                    None => break,
+                }
+            }
+            assert!(!self.pending.iter().any(unwanted), "unexpected {what}: {:?}", self.pending);
+        }
+
+        /// Takes a pending frame matching `want`, if one has arrived.
+        pub fn pending_match(&mut self, want: impl Fn(&Value) -> bool) -> Option<Value> {
+            let i = self.pending.iter().position(want)?;
+            Some(self.pending.remove(i))
+        }
+
+        /// A request/answer on this socket (route responses come back on it).
+        pub async fn ask(&mut self, frame: Value, answer: &str) -> Value {
+            self.send(frame).await;
+            self.expect_action(answer).await
+        }
+
+        /// Waits for the server to close the socket; the close code and reason.
+        pub async fn expect_close(&mut self, wait: Duration) -> (u16, String) {
+            let deadline = tokio::time::Instant::now() + wait;
+            while self.closed.is_none() {
+                let left = deadline.checked_duration_since(tokio::time::Instant::now()).expect("closed in time");
+                if let Some(frame) = self.read(left).await {
+                    self.pending.push(frame);
+                }
+            }
+            self.closed.clone().unwrap()
+        }
+
+        pub async fn close(mut self) {
+            let frame =
+                tokio_tungstenite::tungstenite::protocol::CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
+            let _ = self.socket.close(Some(frame)).await;
+            // Read until the server's close arrives, so `$disconnect` has been called.
+            while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), self.socket.next()).await {}
+        }
+    }
+}
+
+/// Signs `header.payload` with HS256, for hand-made tokens.
+pub fn sign_hs256(signed: &str, secret: &[u8]) -> String {
+    use base64::Engine;
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+    mac.update(signed.as_bytes());
+    format!("{signed}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
 }

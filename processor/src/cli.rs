@@ -1,5 +1,6 @@
 //! The `roomcast` command.
 //!
+//! * `roomcast dev` — the whole system on loopback: gateway emulator, store, processor, page.
 //! * `roomcast table create` — create the table as the deployment does.
 //! * `roomcast poll` — run the stream processor over a real table's stream (DynamoDB Streams
 //!   API), the way `roomcast dev --dynamodb-endpoint` does.
@@ -31,6 +32,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the whole system locally: an API Gateway WebSocket emulator, the handlers, a store with
+    /// a stream, the processor and a browser page. No AWS account needed.
+    Dev(DevArgs),
     /// Manage the DynamoDB table.
     Table {
         #[command(subcommand)]
@@ -47,6 +51,36 @@ enum Command {
         #[arg(long)]
         from_trim_horizon: bool,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct DevArgs {
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Use this DynamoDB API (moto, DynamoDB Local, LocalStack, AWS) instead of the embedded
+    /// store; the table is created when missing and its stream is polled.
+    #[arg(long, env = "DYNAMODB_ENDPOINT_URL")]
+    dynamodb_endpoint: Option<String>,
+    #[arg(long, env = "TABLE_NAME", default_value = "roomcast")]
+    table: String,
+    /// Append every stream record processed to FILE, one JSON line each (DynamoDB's format).
+    #[arg(long, value_name = "FILE")]
+    stream_log: Option<std::path::PathBuf>,
+    /// The HS256 secret that `$connect` tokens are checked against.
+    #[arg(long, env = "ROOMCAST_JWT_SECRET", default_value = "roomcast-dev-secret", hide_env_values = true)]
+    jwt_secret: String,
+    /// Also accept unsigned `?tenant=…&user_id=…` at connect. Never in production.
+    #[arg(long)]
+    insecure_dev_auth: bool,
+    /// Connection and membership TTL, seconds.
+    #[arg(long, env = "CONNECTION_TTL_SECONDS", default_value_t = 3600)]
+    connection_ttl: i64,
+    /// Close connections idle this long, seconds (API Gateway: 600).
+    #[arg(long, default_value_t = 600)]
+    idle_timeout: u64,
+    /// Close connections open this long, seconds (API Gateway: 7200).
+    #[arg(long, default_value_t = 7200)]
+    max_connection: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +117,7 @@ pub async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Dev(args) => dev(args).await,
         Command::Table { command: TableCommand::Create { table } } => {
             let sdk = config::load_aws().await;
             let client = config::dynamodb_client(&sdk, table.dynamodb_endpoint.as_deref());
@@ -116,9 +151,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let _ = stop.send(true);
             });
             eprintln!("processing stream {stream_arn}; Ctrl-C stops");
-            run_from_stream(&processor, &mut poller, Duration::from_millis(250), stopped).await?;
+            run_from_stream(&processor, &mut poller, Duration::from_millis(250), None, stopped).await?;
             processor.counts().emit("roomcast.totals");
             Ok(())
         }
     }
+}
+
+async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    use crate::gateway::{AuthMode, Limits};
+    let secret = args.jwt_secret.into_bytes();
+    let auth = if args.insecure_dev_auth { AuthMode::InsecureDev { secret } } else { AuthMode::Jwt { secret } };
+    let options = crate::dev::DevOptions {
+        port: args.port,
+        dynamodb_endpoint: args.dynamodb_endpoint,
+        table: args.table,
+        stream_log: args.stream_log,
+        auth: auth.clone(),
+        limits: Limits {
+            idle_timeout: Duration::from_secs(args.idle_timeout),
+            max_connection: Duration::from_secs(args.max_connection),
+            ..Limits::default()
+        },
+        connection_ttl_seconds: args.connection_ttl,
+        ..crate::dev::DevOptions::default()
+    };
+    let store_name =
+        options.dynamodb_endpoint.clone().map_or("embedded store".to_string(), |e| format!("DynamoDB at {e}"));
+    let stack = crate::dev::start(options).await?;
+    let claims = crate::auth::Claims {
+        tenant: "demo".into(),
+        sub: "alice".into(),
+        exp: chrono::Utc::now().timestamp() + 12 * 3600,
+        nbf: None,
+    };
+    let token = crate::auth::mint(&claims, auth.secret());
+    println!("Roomcast dev stack ({store_name})");
+    println!("  page       {}", stack.page_url());
+    println!("  websocket  {}?token=<jwt>&rooms=general", stack.ws_url());
+    println!("  @connections  http://{}/local/@connections/{{id}}", stack.addr);
+    println!("  dev token (tenant demo, user alice, 12 h):");
+    println!("    {token}");
+    println!("  try: websocat '{}?token={token}&rooms=general'", stack.ws_url());
+    if args.insecure_dev_auth {
+        println!();
+        println!(
+            "  WARNING: --insecure-dev-auth accepts UNSIGNED ?tenant=&user_id= identities. Never expose this port."
+        );
+    }
+    println!("Ctrl-C stops.");
+    tokio::signal::ctrl_c().await?;
+    eprintln!("stopping: closing connections");
+    let metrics = stack.metrics.clone();
+    stack.shutdown().await;
+    metrics.snapshot().emit("roomcast.totals");
+    Ok(())
 }

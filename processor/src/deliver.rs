@@ -100,14 +100,9 @@ impl Deliverer {
             match effect {
                 Effect::Send { payload, recipients } => {
                     let body = Blob::new(payload.to_json());
-                    let results: Vec<Result<(String, Outcome), StoreError>> = futures::stream::iter(recipients)
-                        .map(|r| {
-                            let body = body.clone();
-                            async move { self.send(r, body).await.map(|o| (r.connection_id.clone(), o)) }
-                        })
-                        .buffer_unordered(self.settings.concurrency.max(1))
-                        .collect()
-                        .await;
+                    let sends: Vec<_> = recipients.iter().map(|r| self.send_to(r, body.clone())).collect();
+                    let results: Vec<Result<(String, Outcome), StoreError>> =
+                        futures::stream::iter(sends).buffer_unordered(self.settings.concurrency.max(1)).collect().await;
                     for result in results {
                         outcomes.push(result?);
                     }
@@ -119,6 +114,10 @@ impl Deliverer {
         }
         outcomes.sort();
         Ok(outcomes)
+    }
+
+    async fn send_to(&self, to: &Recipient, body: Blob) -> Result<(String, Outcome), StoreError> {
+        Ok((to.connection_id.clone(), self.send(to, body).await?))
     }
 
     async fn send(&self, to: &Recipient, body: Blob) -> Result<Outcome, StoreError> {

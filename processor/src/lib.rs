@@ -21,12 +21,17 @@
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries; 410 / 429 / 413 rules |
 //! | the processor | [`pipeline`] | the path above for one record and for a batch |
 //!
-//! Around it: [`protocol`] (client frames), [`config`] (the environment), [`metrics`] (counts),
-//! [`lambda`] (the Lambda entry points), [`cli`] (the `roomcast` command).
+//! Around it: [`protocol`] (client frames), [`auth`] (the `$connect` authorizer's rule),
+//! [`config`] (the environment), [`metrics`] (counts), [`lambda`] (the Lambda entry points),
+//! [`gateway`] (the local API Gateway emulator), [`dev`] (`roomcast dev`: everything in one
+//! process), [`cli`] (the `roomcast` command).
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod deliver;
+pub mod dev;
+pub mod gateway;
 pub mod handlers;
 pub mod lambda;
 pub mod metrics;

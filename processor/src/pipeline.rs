@@ -88,13 +88,14 @@ impl Processor {
         .await
     }
 
+    async fn process_owned(&self, record: EventRecord) -> Result<(), StoreError> {
+        self.process_record(&record).await.map(|_| ())
+    }
+
     /// One batch, as the Lambda receives it (`Records` of the event, raw).
     pub async fn process_batch(&self, raw: &[serde_json::Value]) -> BatchOutcome {
         let before = self.metrics.snapshot();
-        let outcome = run_batch(raw, self.partitions_at_once, |_, record| async move {
-            self.process_record(&record).await.map(|_| ())
-        })
-        .await;
+        let outcome = run_batch(raw, self.partitions_at_once, |_, record| self.process_owned(record)).await;
         let malformed = outcome.malformed.len() as u64;
         Metrics::add(&self.metrics.records, malformed);
         Metrics::add(&self.metrics.skipped, malformed);
@@ -125,6 +126,7 @@ pub async fn run_from_stream(
     processor: &Processor,
     poller: &mut crate::stream::poller::StreamPoller,
     idle: std::time::Duration,
+    log: Option<&crate::stream::log::StreamLog>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut failures_in_a_row = 0u32;
@@ -136,6 +138,9 @@ pub async fn run_from_stream(
                 _ = shutdown.changed() => {}
             }
             continue;
+        }
+        if let Some(log) = log {
+            log.append(&batch.records);
         }
         let raw: Vec<serde_json::Value> = batch.records.iter().filter_map(|r| serde_json::to_value(r).ok()).collect();
         let outcome = processor.process_batch(&raw).await;

@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use aws_lambda_events::dynamodb::EventRecord;
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
@@ -66,46 +67,58 @@ where
         }
     }
 
-    let failure: Mutex<Option<(usize, String)>> = Mutex::new(None);
-    let processed = std::sync::atomic::AtomicUsize::new(0);
-    let failed_before = |position: usize| {
-        failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|(at, _)| *at < position)
-    };
-    futures::stream::iter(groups)
-        .for_each_concurrent(partitions_at_once.max(1), |(_, group)| {
-            let (failure, processed, process) = (&failure, &processed, &process);
-            async move {
-                for (position, record) in group {
-                    if failed_before(position) {
-                        return;
-                    }
-                    let sequence = record.change.sequence_number.clone().unwrap_or_else(|| record.event_id.clone());
-                    match process(position, record).await {
-                        Ok(()) => {
-                            processed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        Err(err) if err.is_platform() => {
-                            tracing::error!(position, %sequence, error = %err, "record failed; reporting it for redelivery");
-                            let mut earliest = failure.lock().unwrap_or_else(|p| p.into_inner());
-                            if earliest.as_ref().is_none_or(|(at, _)| position < *at) {
-                                *earliest = Some((position, sequence));
-                            }
-                            return;
-                        }
-                        Err(err) => {
-                            // Not the platform's fault (e.g. the connection vanished meanwhile):
-                            // retrying would not help.
-                            tracing::warn!(position, %sequence, error = %err, "record could not be applied; skipping it");
-                            processed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                }
-            }
-        })
-        .await;
+    let shared = Shared { failure: Mutex::new(None), processed: AtomicUsize::new(0) };
+    let partitions: Vec<_> = groups.into_iter().map(|(_, group)| run_partition(group, &shared, &process)).collect();
+    futures::stream::iter(partitions).buffer_unordered(partitions_at_once.max(1)).collect::<Vec<()>>().await;
+    let Shared { failure, processed } = shared;
     outcome.failure = failure.into_inner().unwrap_or_else(|p| p.into_inner());
     outcome.processed = processed.into_inner();
     outcome
+}
+
+struct Shared {
+    /// The earliest platform failure so far: (position, sequence number).
+    failure: Mutex<Option<(usize, String)>>,
+    processed: AtomicUsize,
+}
+
+impl Shared {
+    fn failed_before(&self, position: usize) -> bool {
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|(at, _)| *at < position)
+    }
+}
+
+/// One partition key's records, in order, until one fails for a platform reason.
+async fn run_partition<F, Fut>(group: Vec<(usize, EventRecord)>, shared: &Shared, process: &F)
+where
+    F: Fn(usize, EventRecord) -> Fut,
+    Fut: Future<Output = Result<(), StoreError>>,
+{
+    for (position, record) in group {
+        if shared.failed_before(position) {
+            return;
+        }
+        let sequence = record.change.sequence_number.clone().unwrap_or_else(|| record.event_id.clone());
+        match process(position, record).await {
+            Ok(()) => {
+                shared.processed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) if err.is_platform() => {
+                tracing::error!(position, %sequence, error = %err, "record failed; reporting it for redelivery");
+                let mut earliest = shared.failure.lock().unwrap_or_else(|p| p.into_inner());
+                if earliest.as_ref().is_none_or(|(at, _)| position < *at) {
+                    *earliest = Some((position, sequence));
+                }
+                return;
+            }
+            Err(err) => {
+                // Not the platform's fault (e.g. the connection vanished meanwhile): retrying
+                // would not help.
+                tracing::warn!(position, %sequence, error = %err, "record could not be applied; skipping it");
+                shared.processed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

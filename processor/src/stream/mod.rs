@@ -8,6 +8,7 @@
 //! * [`poller`] — reads a real table's stream through the DynamoDB Streams API.
 
 pub mod batch;
+pub mod log;
 pub mod poller;
 
 use aws_lambda_events::dynamodb::EventRecord;

@@ -91,6 +91,23 @@ impl StreamPoller {
         Ok(Batch::default())
     }
 
+    /// Describes the stream and takes an iterator for every readable shard, so that a poller
+    /// starting at `Latest` sees every record written after this returns.
+    pub async fn prime(&mut self) -> anyhow::Result<()> {
+        self.describe().await?;
+        for shard_id in ready_shards(&self.shards) {
+            let Some(shard) = self.shards.get(&shard_id) else { continue };
+            if shard.iterator.is_none() {
+                let (position, has_parent) = (shard.position.clone(), shard.parent.is_some());
+                let iterator = self.iterator(&shard_id, &position, has_parent).await?;
+                if let Some(shard) = self.shards.get_mut(&shard_id) {
+                    shard.iterator = iterator;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Re-read `shard_id` from `sequence_number` (inclusive), as Lambda does after a batch
     /// reported that record in `batchItemFailures`.
     pub fn rewind(&mut self, shard_id: &str, sequence_number: &str) {

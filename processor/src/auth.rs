@@ -1,0 +1,177 @@
+//! The `$connect` authorizer's rule, shared by the deployed REQUEST authorizer and the local
+//! gateway: an HS256 JWT with `tenant` and `sub` claims and an `exp`, from the `token` query
+//! parameter or the `Authorization` header. Allowed callers get a flat context
+//! (`tenant`, `userId`); everything else is denied. The token itself is never logged.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::model::Name;
+
+/// The claims Roomcast reads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub tenant: String,
+    pub sub: String,
+    /// Expiry, epoch seconds. Required.
+    pub exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("no token: pass ?token=… or an Authorization header")]
+    Missing,
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("token algorithm {0:?} is not HS256")]
+    Algorithm(String),
+    #[error("token signature does not verify")]
+    Signature,
+    #[error("token expired")]
+    Expired,
+    #[error("token not valid yet")]
+    NotYetValid,
+    #[error("token has no valid {0} claim")]
+    Claim(&'static str),
+}
+
+impl Denied {
+    /// What API Gateway answers: 401 without credentials, 403 with bad ones.
+    pub fn status(&self) -> u16 {
+        match self {
+            Denied::Missing => 401,
+            _ => 403,
+        }
+    }
+}
+
+/// Checks `token` against `secret` at `now` (epoch seconds).
+pub fn verify(token: &str, secret: &[u8], now: i64) -> Result<Claims, Denied> {
+    let token = token.trim();
+    let token = token.strip_prefix("Bearer ").unwrap_or(token);
+    if token.is_empty() {
+        return Err(Denied::Missing);
+    }
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(Denied::Malformed("expected three dot-separated parts".into()));
+    };
+    let decode = |part: &str, what: &str| {
+        URL_SAFE_NO_PAD.decode(part).map_err(|e| Denied::Malformed(format!("{what} is not base64url: {e}")))
+    };
+    let header: serde_json::Value = serde_json::from_slice(&decode(header, "header")?)
+        .map_err(|e| Denied::Malformed(format!("header is not JSON: {e}")))?;
+    match header.get("alg").and_then(|a| a.as_str()) {
+        Some("HS256") => {}
+        other => return Err(Denied::Algorithm(other.unwrap_or("none").to_string())),
+    }
+    let signed = &token[..token.len() - signature.len() - 1];
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| Denied::Signature)?;
+    mac.update(signed.as_bytes());
+    mac.verify_slice(&decode(signature, "signature")?).map_err(|_| Denied::Signature)?;
+
+    let claims: serde_json::Value = serde_json::from_slice(&decode(payload, "payload")?)
+        .map_err(|e| Denied::Malformed(format!("payload is not JSON: {e}")))?;
+    let text = |name: &'static str| claims.get(name).and_then(|v| v.as_str()).filter(|s| !s.is_empty());
+    let tenant = text("tenant").ok_or(Denied::Claim("tenant"))?;
+    Name::parse("tenant", tenant).map_err(|_| Denied::Claim("tenant"))?;
+    let sub = text("sub").ok_or(Denied::Claim("sub"))?;
+    let exp = claims.get("exp").and_then(|v| v.as_i64()).ok_or(Denied::Claim("exp"))?;
+    let nbf = claims.get("nbf").and_then(|v| v.as_i64());
+    if exp <= now {
+        return Err(Denied::Expired);
+    }
+    if nbf.is_some_and(|nbf| nbf > now) {
+        return Err(Denied::NotYetValid);
+    }
+    Ok(Claims { tenant: tenant.to_string(), sub: sub.to_string(), exp, nbf })
+}
+
+/// Signs claims as an HS256 JWT (dev tokens, tests).
+pub fn mint(claims: &Claims, secret: &[u8]) -> String {
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap_or_default());
+    let signed = format!("{header}.{payload}");
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(signed.as_bytes());
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+}
+
+/// The context an allowed caller gets: flat, as API Gateway passes it to `$connect`.
+pub fn context(claims: &Claims) -> std::collections::HashMap<String, serde_json::Value> {
+    std::collections::HashMap::from([
+        ("tenant".to_string(), serde_json::Value::String(claims.tenant.clone())),
+        ("userId".to_string(), serde_json::Value::String(claims.sub.clone())),
+        ("principalId".to_string(), serde_json::Value::String(claims.sub.clone())),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"test-secret";
+
+    fn claims(exp: i64) -> Claims {
+        Claims { tenant: "acme".into(), sub: "ann".into(), exp, nbf: None }
+    }
+
+    fn sign_raw(payload: &str, secret: &[u8]) -> String {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256"}"#);
+        let signed = format!("{header}.{}", URL_SAFE_NO_PAD.encode(payload));
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+        mac.update(signed.as_bytes());
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+    }
+
+    #[test]
+    fn a_valid_token_yields_its_claims_and_a_flat_context() {
+        let token = mint(&claims(2000), SECRET);
+        assert_eq!(verify(&token, SECRET, 1000), Ok(claims(2000)));
+        assert_eq!(verify(&format!("Bearer {token}"), SECRET, 1000), Ok(claims(2000)));
+        let ctx = context(&claims(2000));
+        assert_eq!(ctx["tenant"], "acme");
+        assert_eq!(ctx["userId"], "ann");
+    }
+
+    #[test]
+    fn every_bad_token_is_denied_for_a_specific_reason() {
+        let good = mint(&claims(2000), SECRET);
+        assert_eq!(verify("", SECRET, 1000), Err(Denied::Missing));
+        assert_eq!(verify(&good, SECRET, 2000), Err(Denied::Expired));
+        assert_eq!(verify(&good, b"other-secret", 1000), Err(Denied::Signature));
+        assert!(matches!(verify("a.b", SECRET, 1000), Err(Denied::Malformed(_))));
+        assert!(matches!(verify("%%%.%%%.%%%", SECRET, 1000), Err(Denied::Malformed(_))));
+        let none_alg = format!("{}.{}.", URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#), URL_SAFE_NO_PAD.encode(b"{}"));
+        assert_eq!(verify(&none_alg, SECRET, 1000), Err(Denied::Algorithm("none".into())));
+        assert_eq!(
+            verify(&sign_raw(r#"{"sub":"ann","exp":2000}"#, SECRET), SECRET, 1000),
+            Err(Denied::Claim("tenant"))
+        );
+        assert_eq!(
+            verify(&sign_raw(r#"{"tenant":"acme","exp":2000}"#, SECRET), SECRET, 1000),
+            Err(Denied::Claim("sub"))
+        );
+        assert_eq!(
+            verify(&sign_raw(r#"{"tenant":"acme","sub":"ann"}"#, SECRET), SECRET, 1000),
+            Err(Denied::Claim("exp"))
+        );
+        assert_eq!(
+            verify(&sign_raw(r#"{"tenant":"a#b","sub":"ann","exp":2000}"#, SECRET), SECRET, 1000),
+            Err(Denied::Claim("tenant"))
+        );
+        let early = sign_raw(r#"{"tenant":"acme","sub":"ann","exp":2000,"nbf":1500}"#, SECRET);
+        assert_eq!(verify(&early, SECRET, 1000), Err(Denied::NotYetValid));
+        let mut tampered = good.clone();
+        tampered.insert(good.find('.').unwrap() + 2, 'x');
+        assert!(verify(&tampered, SECRET, 1000).is_err());
+        assert_eq!(Denied::Missing.status(), 401);
+        assert_eq!(Denied::Signature.status(), 403);
+    }
+}

@@ -1,0 +1,237 @@
+//! `roomcast dev`: the whole system in one process on loopback, with no AWS account.
+//!
+//! The gateway emulator ([`crate::gateway`]) runs the real handlers; they write to the store
+//! (embedded by default, or a real DynamoDB API); the store's stream (the embedded store's own, or
+//! the table's through the DynamoDB Streams poller) feeds the real processor, whose real
+//! `aws-sdk-apigatewaymanagement` client posts back to the emulator's `@connections` API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config;
+use crate::deliver::{Deliverer, DeliverySettings};
+use crate::gateway::{AuthMode, Gateway, GatewaySettings, Limits};
+use crate::handlers::HandlerDeps;
+use crate::metrics::Metrics;
+use crate::model::{Clock, SystemClock};
+use crate::pipeline::{Processor, run_from_stream};
+use crate::store::Store;
+use crate::store::dynamodb::{DynamoStore, create_table};
+use crate::store::memory::MemoryStore;
+use crate::stream::log::StreamLog;
+use crate::stream::poller::{StartAt, StreamPoller};
+
+#[derive(Clone, Debug)]
+pub struct DevOptions {
+    /// 0 picks a free port.
+    pub port: u16,
+    pub dynamodb_endpoint: Option<String>,
+    pub table: String,
+    pub stream_log: Option<PathBuf>,
+    pub auth: AuthMode,
+    pub limits: Limits,
+    pub connection_ttl_seconds: i64,
+    pub history_ttl_seconds: i64,
+    /// How often the embedded store runs TTL (DynamoDB's own TTL lags by minutes to days).
+    pub ttl_sweep_every: Duration,
+    pub delivery: DeliverySettings,
+}
+
+impl Default for DevOptions {
+    fn default() -> Self {
+        DevOptions {
+            port: 8080,
+            dynamodb_endpoint: None,
+            table: "roomcast".into(),
+            stream_log: None,
+            auth: AuthMode::Jwt { secret: b"roomcast-dev-secret".to_vec() },
+            limits: Limits::default(),
+            connection_ttl_seconds: 3600,
+            history_ttl_seconds: 7 * 86_400,
+            ttl_sweep_every: Duration::from_secs(1),
+            delivery: DeliverySettings::default(),
+        }
+    }
+}
+
+/// A running local stack.
+pub struct DevStack {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    /// The embedded store, when it is the one in use.
+    pub memory: Option<Arc<MemoryStore>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl DevStack {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/{}", self.addr, self.gateway.settings.stage)
+    }
+
+    pub fn page_url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// Closes every connection (1001, as a redeploy would), stops serving and processing.
+    pub async fn shutdown(self) {
+        self.gateway.close_all().await;
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+/// Starts the stack and returns once it is listening.
+pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", options.port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on 127.0.0.1:{}: {e}", options.port))?;
+    let addr = listener.local_addr()?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let sdk = dev_aws_config().await;
+    let stage = "local".to_string();
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let log = match &options.stream_log {
+        Some(path) => Some(Arc::new(
+            StreamLog::open(path).map_err(|e| anyhow::anyhow!("cannot open stream log {}: {e}", path.display()))?,
+        )),
+        None => None,
+    };
+
+    enum Source {
+        Memory(tokio::sync::mpsc::UnboundedReceiver<aws_lambda_events::dynamodb::EventRecord>),
+        Dynamo(StreamPoller),
+    }
+    let (store, memory, source): (Arc<dyn Store>, Option<Arc<MemoryStore>>, Source) = match &options.dynamodb_endpoint {
+        None => {
+            let memory = MemoryStore::new(clock.clone());
+            let rx = memory.subscribe();
+            (memory.clone(), Some(memory), Source::Memory(rx))
+        }
+        Some(endpoint) => {
+            let client = config::dynamodb_client(&sdk, Some(endpoint));
+            let info = create_table(&client, &options.table).await?;
+            let streams = config::streams_client(&sdk, Some(endpoint));
+            // A table made just now is read from its start; an existing one from now on (old
+            // connection records would only earn 410s).
+            let start = if info.created { StartAt::TrimHorizon } else { StartAt::Latest };
+            let mut poller = StreamPoller::new(streams, info.stream_arn, start);
+            poller.prime().await?;
+            (Arc::new(DynamoStore::new(client, &options.table)), None, Source::Dynamo(poller))
+        }
+    };
+
+    let metrics = Arc::new(Metrics::default());
+    let delivery =
+        DeliverySettings { endpoint_override: Some(format!("http://{addr}/{stage}")), ..options.delivery.clone() };
+    let deliverer = Deliverer::new(sdk, delivery, store.clone(), clock.clone(), metrics.clone());
+    let processor = Arc::new(Processor::new(store.clone(), deliverer, clock.clone(), metrics.clone(), 8));
+    let deps = HandlerDeps {
+        store: store.clone(),
+        clock: clock.clone(),
+        connection_ttl_seconds: options.connection_ttl_seconds,
+        history_ttl_seconds: options.history_ttl_seconds,
+    };
+    let gateway =
+        Gateway::new(GatewaySettings { stage, auth: options.auth.clone(), limits: options.limits.clone() }, deps);
+
+    let serving = gateway.clone();
+    let mut serve_stop = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = serve_stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = serving.serve(listener, shutdown).await {
+            tracing::error!(error = %e, "gateway stopped");
+        }
+    }));
+
+    match source {
+        Source::Memory(rx) => {
+            tasks.push(tokio::spawn(feed_from_memory(processor.clone(), rx, log.clone(), stopped.clone())));
+            let memory = memory.clone().expect("the embedded store");
+            let (every, clock, mut stop) = (options.ttl_sweep_every, clock.clone(), stopped.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => { memory.expire_due(clock.now()); }
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            }));
+        }
+        Source::Dynamo(mut poller) => {
+            let (processor, log, stopped) = (processor.clone(), log.clone(), stopped.clone());
+            tasks.push(tokio::spawn(async move {
+                let result =
+                    run_from_stream(&processor, &mut poller, Duration::from_millis(100), log.as_deref(), stopped).await;
+                if let Err(e) = result {
+                    tracing::error!(error = %format!("{e:#}"), "stream poller stopped");
+                }
+            }));
+        }
+    }
+    Ok(DevStack { addr, gateway, store, metrics, memory, stop, tasks })
+}
+
+/// The embedded store's stream, in batches of up to 100 records as Lambda would read them.
+async fn feed_from_memory(
+    processor: Arc<Processor>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<aws_lambda_events::dynamodb::EventRecord>,
+    log: Option<Arc<StreamLog>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let first = tokio::select! {
+            record = rx.recv() => match record { Some(r) => r, None => return },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < 100 {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        if let Some(log) = &log {
+            log.append(&batch);
+        }
+        let raw: Vec<serde_json::Value> = batch.iter().filter_map(|r| serde_json::to_value(r).ok()).collect();
+        let outcome = processor.process_batch(&raw).await;
+        if let Some((_, sequence)) = outcome.failure {
+            // The embedded store cannot be unavailable; a failure here is a bug worth shouting about.
+            tracing::error!(%sequence, "a batch failed against the embedded store");
+        }
+    }
+}
+
+/// Credentials for the local `@connections` API (it accepts any signature) and local DynamoDB
+/// endpoints: the environment's when set, else fixed dev ones.
+async fn dev_aws_config() -> aws_config::SdkConfig {
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() || std::env::var_os("AWS_PROFILE").is_some() {
+        return config::load_aws().await;
+    }
+    let region = aws_config::meta::region::RegionProviderChain::default_provider().or_else("us-east-1");
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(region)
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "roomcast-dev",
+            "roomcast-dev",
+            None,
+            None,
+            "roomcast-dev",
+        ))
+        .load()
+        .await
+}

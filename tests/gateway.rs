@@ -1,0 +1,250 @@
+//! `roomcast dev` end to end with real WebSocket clients on loopback, on the embedded store and
+//! on moto: the gateway emulator runs the real authorizer rule and handlers, the store's stream
+//! feeds the real processor, and the processor's real SDK client posts to the emulator's
+//! `@connections` API.
+
+use std::time::Duration;
+
+use roomcast::gateway::Fault;
+use roomcast_tests::ws::{self, connect, try_connect};
+use serde_json::{Value, json};
+
+/// Long enough for a message that is going to arrive to have arrived (the positive cases around
+/// each negative check show the pipeline is flowing); not a performance bound.
+const QUIET: Duration = Duration::from_millis(400);
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name("memory").await } )* }
+        mod dynamodb { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name("dynamodb").await } )* }
+    };
+}
+
+on_both_stores!(
+    welcome_pong_and_info,
+    a_room_broadcast_reaches_members_only_and_tenants_are_isolated,
+    presence_is_once_per_user_across_two_connections,
+    history_comes_back_as_the_route_response,
+    bad_frames_get_errors_and_an_oversize_frame_closes_with_1009,
+    bad_tokens_are_refused_at_the_upgrade,
+    the_idle_timeout_closes_the_connection_and_announces_left,
+    injected_410_429_500_and_stalls_are_handled,
+);
+
+fn presence(user: &str, event: &str) -> impl Fn(&Value) -> bool {
+    let (user, event) = (user.to_string(), event.to_string());
+    move |f| f["action"] == "presence" && f["user_id"] == user.as_str() && f["event"] == event.as_str()
+}
+
+async fn welcome_pong_and_info(kind: &str) {
+    let stack = ws::dev(kind, |_| {}).await;
+    let mut ann = connect(&stack, "acme", "ann", "general,ops").await;
+    let welcome = ann.expect_action("welcome").await;
+    assert_eq!(welcome["tenant"], "acme");
+    assert_eq!(welcome["user_id"], "ann");
+    assert_eq!(welcome["rooms"], json!(["general", "ops"]));
+    let id = welcome["connection_id"].as_str().unwrap().to_string();
+    assert!(id.ends_with('='), "API Gateway-style id: {id}");
+
+    assert_eq!(ann.ask(json!({"action":"ping"}), "pong").await, json!({"action":"pong"}));
+    assert_eq!(ann.ask(json!({"type":"ping"}), "pong").await, json!({"action":"pong"}));
+    let info = ann.ask(json!({"action":"info"}), "info").await;
+    assert_eq!(info["connection_id"], id.as_str());
+    assert_eq!(info["rooms"], json!(["general", "ops"]));
+    stack.shutdown().await;
+}
+
+async fn a_room_broadcast_reaches_members_only_and_tenants_are_isolated(kind: &str) {
+    let stack = ws::dev(kind, |_| {}).await;
+    let mut ann = connect(&stack, "acme", "ann", "general").await;
+    let mut bob = connect(&stack, "acme", "bob", "general").await;
+    let mut cid = connect(&stack, "acme", "cid", "random").await;
+    let mut eve = connect(&stack, "globex", "eve", "general").await;
+    for c in [&mut ann, &mut bob, &mut cid, &mut eve] {
+        c.expect_action("welcome").await;
+    }
+    let ack = ann.ask(json!({"action":"sendMessage","room":"general","message":"hello"}), "ack").await;
+    let id = ack["id"].as_str().unwrap().to_string();
+    for c in [&mut ann, &mut bob] {
+        let m = c.expect("the message", |f| f["action"] == "message").await;
+        assert_eq!(
+            (m["id"].as_str(), m["message"].as_str(), m["user_id"].as_str()),
+            (Some(id.as_str()), Some("hello"), Some("ann"))
+        );
+    }
+    cid.expect_none("message in another room", QUIET, |f| f["action"] == "message").await;
+    eve.expect_none("message from another tenant", Duration::ZERO, |f| f["action"] == "message").await;
+    // Eve's own room of the same name works, and stays hers.
+    eve.ask(json!({"action":"sendMessage","room":"general","message":"globex only"}), "ack").await;
+    eve.expect("her own message", |f| f["action"] == "message").await;
+    ann.expect_none("another tenant's message", QUIET, |f| f["message"] == "globex only").await;
+    stack.shutdown().await;
+}
+
+async fn presence_is_once_per_user_across_two_connections(kind: &str) {
+    let stack = ws::dev(kind, |_| {}).await;
+    let mut bob = connect(&stack, "acme", "bob", "general").await;
+    bob.expect_action("welcome").await;
+    let mut ann1 = connect(&stack, "acme", "ann", "general").await;
+    ann1.expect_action("welcome").await;
+    bob.expect("ann joined", presence("ann", "joined")).await;
+    let mut ann2 = connect(&stack, "acme", "ann", "general").await;
+    ann2.expect_action("welcome").await;
+    // A marker after Ann's second tab: once Bob has it, any second `joined` would be there too.
+    let mut cid = connect(&stack, "acme", "cid", "general").await;
+    cid.expect_action("welcome").await;
+    bob.expect("cid joined", presence("cid", "joined")).await;
+    bob.expect_none("a second joined for ann", QUIET, presence("ann", "joined")).await;
+
+    ann1.close().await;
+    bob.expect_none("left while ann still has a tab", QUIET, presence("ann", "left")).await;
+    ann2.close().await;
+    let left = bob.expect("ann left", presence("ann", "left")).await;
+    assert_eq!(left["reason"], "disconnect");
+    stack.shutdown().await;
+}
+
+async fn history_comes_back_as_the_route_response(kind: &str) {
+    let stack = ws::dev(kind, |_| {}).await;
+    let mut ann = connect(&stack, "acme", "ann", "general").await;
+    for text in ["first", "second"] {
+        ann.ask(json!({"action":"sendMessage","room":"general","message":text}), "ack").await;
+    }
+    let history = ann.ask(json!({"action":"history","room":"general"}), "history").await;
+    let texts: Vec<&str> =
+        history["messages"].as_array().unwrap().iter().map(|m| m["message"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["first", "second"]);
+    stack.shutdown().await;
+}
+
+async fn bad_frames_get_errors_and_an_oversize_frame_closes_with_1009(kind: &str) {
+    let stack = ws::dev(kind, |_| {}).await;
+    let mut ann = connect(&stack, "acme", "ann", "general").await;
+    ann.expect_action("welcome").await;
+    ann.send_text("this is not json".into()).await;
+    assert_eq!(ann.expect_action("error").await["code"], "invalid_json");
+    ann.send(json!({"action":"dance"})).await;
+    assert_eq!(ann.expect_action("error").await["code"], "unknown_action");
+    ann.send(json!({"action":"sendMessage","room":"secret","message":"x"})).await;
+    assert_eq!(ann.expect_action("error").await["code"], "not_member");
+    // The connection survives errors...
+    ann.ask(json!({"action":"ping"}), "pong").await;
+    // ...but not a frame over API Gateway's 128 KB limit.
+    ann.send(json!({"action":"sendMessage","room":"general","message":"x".repeat(130 * 1024)})).await;
+    let (code, _) = ann.expect_close(Duration::from_secs(10)).await;
+    assert_eq!(code, 1009);
+    stack.shutdown().await;
+}
+
+async fn bad_tokens_are_refused_at_the_upgrade(kind: &str) {
+    use roomcast::auth::{Claims, mint};
+    let stack = ws::dev(kind, |_| {}).await;
+    let now = chrono::Utc::now().timestamp();
+    let expired = mint(&Claims { tenant: "acme".into(), sub: "ann".into(), exp: now - 10, nbf: None }, ws::SECRET);
+    let wrongly_signed =
+        mint(&Claims { tenant: "acme".into(), sub: "ann".into(), exp: now + 600, nbf: None }, b"not-the-secret");
+    let claimless = {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        // Properly signed, but with none of our claims but `exp`.
+        let signed = format!("{}.{}", b64(r#"{"alg":"HS256"}"#), b64(&format!(r#"{{"exp":{}}}"#, now + 600)));
+        roomcast_tests::sign_hs256(&signed, ws::SECRET)
+    };
+    for (what, query, status) in [
+        ("no token", "rooms=general".to_string(), 401),
+        ("garbage", "token=not.a.jwt".to_string(), 403),
+        ("expired", format!("token={expired}"), 403),
+        ("wrong signature", format!("token={wrongly_signed}"), 403),
+        ("no tenant or sub claims", format!("token={claimless}"), 403),
+        ("unsigned identity without --insecure-dev-auth", "tenant=acme&user_id=ann".to_string(), 401),
+    ] {
+        assert_eq!(try_connect(&stack, &query).await.err(), Some(status), "{what}");
+    }
+    assert_eq!(stack.gateway.connection_count(), 0);
+    stack.shutdown().await;
+}
+
+async fn the_idle_timeout_closes_the_connection_and_announces_left(kind: &str) {
+    let stack = ws::dev(kind, |o| o.limits.idle_timeout = Duration::from_millis(1500)).await;
+    let mut ann = connect(&stack, "acme", "ann", "general").await;
+    let mut bob = connect(&stack, "acme", "bob", "general").await;
+    ann.expect_action("welcome").await;
+    bob.expect_action("welcome").await;
+    // Bob stays active; Ann says nothing and is closed like API Gateway does (1001).
+    let keep_alive = async {
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            bob.ask(json!({"action":"ping"}), "pong").await;
+        }
+        bob
+    };
+    let (closed, mut bob) = tokio::join!(ann.expect_close(Duration::from_secs(10)), keep_alive);
+    assert_eq!(closed.0, 1001, "{closed:?}");
+    let left = bob.expect("ann left", presence("ann", "left")).await;
+    assert_eq!(left["reason"], "disconnect");
+    stack.shutdown().await;
+}
+
+async fn injected_410_429_500_and_stalls_are_handled(kind: &str) {
+    let stack = ws::dev(kind, |o| {
+        o.delivery.young_connection = Duration::from_millis(1500);
+        o.delivery.call_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let faults = stack.gateway.faults();
+    // A young connection's 410 is retried: the welcome arrives.
+    faults.inject(None, Fault::Status(410), 2);
+    let mut ann = connect(&stack, "acme", "ann", "general").await;
+    ann.expect_action("welcome").await;
+    let mut bob = connect(&stack, "acme", "bob", "general").await;
+    bob.expect_action("welcome").await;
+
+    // 429, 500 and a stalled call are retried: the message arrives.
+    for fault in [Fault::Status(429), Fault::Status(500), Fault::Stall(Duration::from_secs(2))] {
+        faults.inject(None, fault, 1);
+        ann.ask(json!({"action":"sendMessage","room":"general","message":format!("{fault:?}")}), "ack").await;
+        let expected = format!("{fault:?}");
+        bob.expect("the message despite the fault", |f| f["message"] == expected.as_str()).await;
+        ann.expect("the message despite the fault", |f| f["message"] == expected.as_str()).await;
+    }
+
+    // Once Bob is no longer young, a 410 means he is gone: his record is deleted and Ann is told.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let bob_id = bob.ask(json!({"action":"info"}), "info").await["connection_id"].as_str().unwrap().to_string();
+    faults.inject(Some(&bob_id), Fault::Status(410), 1);
+    ann.ask(json!({"action":"sendMessage","room":"general","message":"still there?"}), "ack").await;
+    let left = ann.expect("bob left", presence("bob", "left")).await;
+    assert_eq!(left["reason"], "gone");
+    assert_eq!(bob.ask(json!({"action":"ping"}), "error").await["code"], "not_connected");
+    let counts = stack.metrics.snapshot();
+    assert!(counts.retried >= 5, "{counts:?}");
+    assert_eq!(counts.gone, 1);
+    stack.shutdown().await;
+}
+
+/// Only the embedded store runs TTL (moto does not): a short TTL expires Ann, and Bob, who keeps
+/// pinging, is told she left with reason `expired`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_ttl_expiry_announces_left_with_reason_expired() {
+    let stack = ws::dev("memory", |o| {
+        o.connection_ttl_seconds = 2;
+        o.ttl_sweep_every = Duration::from_millis(100);
+    })
+    .await;
+    let mut ann = connect(&stack, "acme", "ann", "general").await;
+    let mut bob = connect(&stack, "acme", "bob", "general").await;
+    ann.expect_action("welcome").await;
+    bob.expect_action("welcome").await;
+    let mut left = None;
+    for _ in 0..40 {
+        bob.ask(json!({"action":"ping"}), "pong").await;
+        if let Some(frame) = bob.pending_match(presence("ann", "left")) {
+            left = Some(frame);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let left = left.expect("ann's TTL expiry announced within 10 s");
+    assert_eq!(left["reason"], "expired");
+    stack.shutdown().await;
+}
