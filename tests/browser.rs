@@ -1,0 +1,193 @@
+//! The browser page, driven in headless Chromium (Debian's `chromium`; `scripts/test` installs
+//! it when missing) over the DevTools protocol: two pages in one room exchange messages and see
+//! each other's presence. `ROOMCAST_UPDATE_SCREENSHOT=1` also writes `docs/dev-page.png`.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Headless Chromium and a DevTools connection to it.
+struct Browser {
+    child: Child,
+    socket: Socket,
+    next_id: u64,
+    _profile: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn chromium_path() -> PathBuf {
+    let path = PathBuf::from(std::env::var("ROOMCAST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()));
+    assert!(path.exists(), "{} is missing: scripts/test installs Debian's chromium (or set ROOMCAST_CHROMIUM)", path.display());
+    path
+}
+
+impl Browser {
+    async fn launch() -> Browser {
+        let profile = TempDir(std::env::temp_dir().join(format!("roomcast-chromium-{}", std::process::id())));
+        std::fs::create_dir_all(&profile.0).unwrap();
+        let mut child = Command::new(chromium_path())
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--remote-debugging-port=0",
+                "--remote-allow-origins=*",
+            ])
+            .arg(format!("--user-data-dir={}", profile.0.display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chromium");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("DevTools listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(30)).expect("chromium announces its DevTools endpoint");
+        let (socket, _) = tokio_tungstenite::connect_async(url).await.expect("connect to DevTools");
+        Browser { child, socket, next_id: 0, _profile: profile }
+    }
+
+    /// One DevTools command; events that arrive meanwhile are ignored.
+    async fn call(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut request = json!({"id": id, "method": method, "params": params});
+        if let Some(session) = session {
+            request["sessionId"] = json!(session);
+        }
+        self.socket.send(Message::Text(request.to_string().into())).await.unwrap();
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(20), self.socket.next())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to {method}"))
+                .expect("DevTools open")
+                .unwrap();
+            let Message::Text(text) = frame else { continue };
+            let v: Value = serde_json::from_str(&text).unwrap();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method} failed: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    async fn open(&mut self, url: &str) -> String {
+        let target = self.call(None, "Target.createTarget", json!({"url": "about:blank"})).await;
+        let attached =
+            self.call(None, "Target.attachToTarget", json!({"targetId": target["targetId"], "flatten": true})).await;
+        let session = attached["sessionId"].as_str().unwrap().to_string();
+        self.call(
+            Some(&session),
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 1180, "height": 720, "deviceScaleFactor": 1, "mobile": false}),
+        )
+        .await;
+        self.call(Some(&session), "Page.navigate", json!({"url": url})).await;
+        self.wait_for(&session, "the page to load", "document.readyState === 'complete' && !!document.getElementById('connect')")
+            .await;
+        session
+    }
+
+    async fn eval(&mut self, session: &str, expression: &str) -> Value {
+        let out = self
+            .call(Some(session), "Runtime.evaluate", json!({"expression": expression, "returnByValue": true, "awaitPromise": true}))
+            .await;
+        assert!(out.get("exceptionDetails").is_none(), "{expression}: {out}");
+        out["result"]["value"].clone()
+    }
+
+    async fn wait_for(&mut self, session: &str, what: &str, condition: &str) {
+        for _ in 0..200 {
+            if self.eval(session, condition).await == json!(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = self.eval(session, "document.getElementById('log') ? document.getElementById('log').innerText : ''").await;
+        panic!("timed out waiting for {what}; the page's log:\n{log}");
+    }
+
+    async fn click(&mut self, session: &str, id: &str) {
+        self.eval(session, &format!("document.getElementById('{id}').click()")).await;
+    }
+
+    async fn type_into(&mut self, session: &str, id: &str, text: &str) {
+        self.eval(session, &format!("document.getElementById('{id}').value = {}", json!(text))).await;
+    }
+}
+
+fn log_has(action: &str, text: &str) -> String {
+    format!(
+        "[...document.querySelectorAll('#log li[data-action=\"{action}\"]')].some(li => li.textContent.includes({}))",
+        json!(text)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pages_in_one_room_exchange_messages_and_see_each_others_presence() {
+    let stack = roomcast::dev::start(roomcast::dev::DevOptions { port: 0, ..Default::default() }).await.unwrap();
+    let mut browser = Browser::launch().await;
+    let page = |user: &str| format!("{}?tenant=acme&user={user}&rooms=general&room=general", stack.page_url());
+
+    let ann = browser.open(&page("ann")).await;
+    browser.click(&ann, "connect").await;
+    browser.wait_for(&ann, "ann's welcome", &log_has("welcome", "connected as ann")).await;
+
+    let bob = browser.open(&page("bob")).await;
+    browser.click(&bob, "connect").await;
+    browser.wait_for(&bob, "bob's welcome", &log_has("welcome", "connected as bob")).await;
+    browser.wait_for(&ann, "bob's presence on ann's page", &log_has("presence", "bob joined #general")).await;
+
+    browser.type_into(&bob, "text", "hello from bob").await;
+    browser.click(&bob, "send").await;
+    browser.wait_for(&ann, "bob's message on ann's page", &log_has("message", "#general bob: hello from bob")).await;
+    browser.type_into(&ann, "text", "hi bob, ann here").await;
+    browser.click(&ann, "send").await;
+    browser.wait_for(&bob, "ann's message on bob's page", &log_has("message", "#general ann: hi bob, ann here")).await;
+    browser.wait_for(&ann, "the roster", "document.getElementById('presence').innerText.includes('bob in #general')").await;
+
+    if std::env::var_os("ROOMCAST_UPDATE_SCREENSHOT").is_some() {
+        let shot = browser.call(Some(&ann), "Page.captureScreenshot", json!({"format": "png"})).await;
+        use base64::Engine;
+        let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/dev-page.png");
+        std::fs::write(&path, png).unwrap();
+    }
+
+    browser.click(&ann, "disconnect").await;
+    browser.wait_for(&bob, "ann's departure on bob's page", &log_has("presence", "ann left #general (disconnect)")).await;
+    stack.shutdown().await;
+}
