@@ -38,7 +38,11 @@ impl Drop for Browser {
 
 fn chromium_path() -> PathBuf {
     let path = PathBuf::from(std::env::var("ROOMCAST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()));
-    assert!(path.exists(), "{} is missing: scripts/test installs Debian's chromium (or set ROOMCAST_CHROMIUM)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: scripts/test installs Debian's chromium (or set ROOMCAST_CHROMIUM)",
+        path.display()
+    );
     path
 }
 
@@ -116,14 +120,22 @@ impl Browser {
         )
         .await;
         self.call(Some(&session), "Page.navigate", json!({"url": url})).await;
-        self.wait_for(&session, "the page to load", "document.readyState === 'complete' && !!document.getElementById('connect')")
-            .await;
+        self.wait_for(
+            &session,
+            "the page to load",
+            "document.readyState === 'complete' && !!document.getElementById('connect')",
+        )
+        .await;
         session
     }
 
     async fn eval(&mut self, session: &str, expression: &str) -> Value {
         let out = self
-            .call(Some(session), "Runtime.evaluate", json!({"expression": expression, "returnByValue": true, "awaitPromise": true}))
+            .call(
+                Some(session),
+                "Runtime.evaluate",
+                json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
+            )
             .await;
         assert!(out.get("exceptionDetails").is_none(), "{expression}: {out}");
         out["result"]["value"].clone()
@@ -136,7 +148,8 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let log = self.eval(session, "document.getElementById('log') ? document.getElementById('log').innerText : ''").await;
+        let log =
+            self.eval(session, "document.getElementById('log') ? document.getElementById('log').innerText : ''").await;
         panic!("timed out waiting for {what}; the page's log:\n{log}");
     }
 
@@ -177,7 +190,9 @@ async fn two_pages_in_one_room_exchange_messages_and_see_each_others_presence() 
     browser.type_into(&ann, "text", "hi bob, ann here").await;
     browser.click(&ann, "send").await;
     browser.wait_for(&bob, "ann's message on bob's page", &log_has("message", "#general ann: hi bob, ann here")).await;
-    browser.wait_for(&ann, "the roster", "document.getElementById('presence').innerText.includes('bob in #general')").await;
+    browser
+        .wait_for(&ann, "the roster", "document.getElementById('presence').innerText.includes('bob in #general')")
+        .await;
 
     if std::env::var_os("ROOMCAST_UPDATE_SCREENSHOT").is_some() {
         let shot = browser.call(Some(&ann), "Page.captureScreenshot", json!({"format": "png"})).await;
@@ -188,6 +203,8 @@ async fn two_pages_in_one_room_exchange_messages_and_see_each_others_presence() 
     }
 
     browser.click(&ann, "disconnect").await;
-    browser.wait_for(&bob, "ann's departure on bob's page", &log_has("presence", "ann left #general (disconnect)")).await;
+    browser
+        .wait_for(&bob, "ann's departure on bob's page", &log_has("presence", "ann left #general (disconnect)"))
+        .await;
     stack.shutdown().await;
 }
