@@ -167,6 +167,14 @@ async fn history_is_ordered_limited_and_paged(table: Table) {
         table.store.history("acme", "general", 10, None, t + Duration::seconds(61)).await.unwrap().is_empty(),
         "expired"
     );
+
+    // Many messages in one millisecond keep the order they were sent in.
+    let burst_at = t + Duration::seconds(1);
+    for i in 0..20 {
+        table.store.put_message(&Message::new(&c, "burst", format!("b{i:02}"), burst_at, 60)).await.unwrap();
+    }
+    let burst = bodies(table.store.history("acme", "burst", 50, None, t).await.unwrap());
+    assert_eq!(burst, (0..20).map(|i| format!("b{i:02}")).collect::<Vec<_>>());
 }
 
 async fn the_stream_carries_every_write_in_order_with_both_images(mut table: Table) {

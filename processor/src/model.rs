@@ -283,7 +283,9 @@ pub struct Message {
 
 impl Message {
     pub fn new(sender: &Connection, room: &str, body: String, now: DateTime<Utc>, ttl_seconds: i64) -> Message {
-        let id = uuid::Uuid::new_v4().to_string();
+        // Time-ordered and monotonic within a process: two messages in the same millisecond keep
+        // their order in the sort key, so history never swaps them.
+        let id = uuid::Uuid::now_v7().to_string();
         Message {
             pk: room_pk(&sender.tenant, room),
             sk: message_sk(&now, &id),
