@@ -33,6 +33,7 @@ contract!(
     room_members_are_live_and_per_tenant,
     history_is_ordered_limited_and_paged,
     the_stream_carries_every_write_in_order_with_both_images,
+    connections_by_user_scan_pages_and_status,
 );
 
 fn now() -> DateTime<Utc> {
@@ -220,6 +221,40 @@ async fn the_stream_carries_every_write_in_order_with_both_images(mut table: Tab
     let json = serde_json::to_value(&records[4]).unwrap();
     let back: EventRecord = serde_json::from_value(json).unwrap();
     assert_eq!(Change::from_record(&back), Change::from_record(&records[4]));
+}
+
+async fn connections_by_user_scan_pages_and_status(table: Table) {
+    let t = now();
+    for (id, tenant, user) in
+        [("c1", "acme", "ann"), ("c2", "acme", "ann"), ("c3", "acme", "bob"), ("c4", "globex", "ann")]
+    {
+        connect(&table, &connection(id, tenant, user, &["general"], t), t).await;
+    }
+    let mut ann: Vec<String> =
+        table.store.user_connections("acme", "ann", t).await.unwrap().into_iter().map(|c| c.connection_id).collect();
+    ann.sort();
+    assert_eq!(ann, ["c1", "c2"], "by user, within the tenant");
+    assert!(table.store.user_connections("acme", "ann", t + Duration::seconds(600)).await.unwrap().is_empty());
+
+    // Pages of two, resuming after the last id, see every connection once (expired ones too).
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = table.store.scan_connections(2, after.as_deref()).await.unwrap();
+        seen.extend(page.iter().map(|c| c.connection_id.clone()));
+        if page.len() < 2 {
+            break;
+        }
+        after = page.last().map(|c| c.connection_id.clone());
+    }
+    seen.sort();
+    assert_eq!(seen, ["c1", "c2", "c3", "c4"]);
+
+    let updated = table.store.set_status("c3", "DISCONNECTED").await.unwrap().expect("c3 exists");
+    assert_eq!(updated.status, "DISCONNECTED");
+    assert_eq!(table.store.get_connection("c3", t).await.unwrap().unwrap().status, "DISCONNECTED");
+    assert_eq!(table.store.set_status("nobody", "DISCONNECTED").await.unwrap(), None);
+    assert_eq!(table.store.get_connection("nobody", t).await.unwrap(), None, "set_status creates nothing");
 }
 
 async fn drain(table: &mut Table) -> Vec<EventRecord> {

@@ -202,6 +202,10 @@ struct RecorderState {
     calls: Vec<Call>,
     /// Per connection, the statuses of its next calls; 200 when none is left.
     script: HashMap<String, VecDeque<u16>>,
+    /// Connections `GetConnection` answers 410 for.
+    gone: std::collections::HashSet<String>,
+    /// Connections `GetConnection` was asked about.
+    probed: Vec<String>,
 }
 
 /// A local `@connections` endpoint that records calls and answers as scripted.
@@ -215,7 +219,7 @@ impl Recorder {
     pub async fn start() -> Recorder {
         let state = Arc::new(Mutex::new(RecorderState::default()));
         let app = axum::Router::new()
-            .route("/{stage}/@connections/{id}", axum::routing::post(post_to_connection))
+            .route("/{stage}/@connections/{id}", axum::routing::post(post_to_connection).get(get_connection))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind recorder");
         let addr = listener.local_addr().expect("recorder address");
@@ -247,8 +251,34 @@ impl Recorder {
         self.received(connection_id).into_iter().filter(|b| b["action"] == action).collect()
     }
 
+    /// `GetConnection` answers 410 for `connection_id` from now on.
+    pub fn mark_gone(&self, connection_id: &str) {
+        self.state.lock().unwrap().gone.insert(connection_id.to_string());
+    }
+
+    /// The connections `GetConnection` was asked about, in order.
+    pub fn probed(&self) -> Vec<String> {
+        self.state.lock().unwrap().probed.clone()
+    }
+
     pub fn clear(&self) {
         self.state.lock().unwrap().calls.clear();
+    }
+}
+
+async fn get_connection(
+    State(state): State<Arc<Mutex<RecorderState>>>,
+    Path((_, id)): Path<(String, String)>,
+) -> impl IntoResponse {
+    let mut state = state.lock().unwrap();
+    state.probed.push(id.clone());
+    if state.gone.contains(&id) {
+        let mut response = (StatusCode::GONE, json!({"message": null}).to_string()).into_response();
+        response.headers_mut().insert("x-amzn-ErrorType", "GoneException".parse().unwrap());
+        response
+    } else {
+        let body = json!({"ConnectedAt": "2026-01-01T00:00:00Z", "Identity": {"SourceIp": "127.0.0.1"}, "LastActiveAt": "2026-01-01T00:00:00Z"});
+        (StatusCode::OK, body.to_string()).into_response()
     }
 }
 
@@ -500,6 +530,24 @@ impl Store for UnavailableRoom {
     }
     async fn put_message(&self, m: &roomcast::model::Message) -> roomcast::store::Result<()> {
         self.inner.put_message(m).await
+    }
+    async fn user_connections(
+        &self,
+        tenant: &str,
+        user: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> roomcast::store::Result<Vec<roomcast::model::Connection>> {
+        self.inner.user_connections(tenant, user, now).await
+    }
+    async fn scan_connections(
+        &self,
+        limit: usize,
+        after: Option<&str>,
+    ) -> roomcast::store::Result<Vec<roomcast::model::Connection>> {
+        self.inner.scan_connections(limit, after).await
+    }
+    async fn set_status(&self, id: &str, status: &str) -> roomcast::store::Result<Option<roomcast::model::Connection>> {
+        self.inner.set_status(id, status).await
     }
     async fn history(
         &self,

@@ -40,6 +40,18 @@ enum Command {
         #[command(subcommand)]
         command: TableCommand,
     },
+    /// Run an admin operation against any table: the admin Lambda's event, as JSON, e.g.
+    /// '{"action":"get_user_connections","tenant":"acme","userId":"ann"}'.
+    Admin {
+        /// The event: get_user_connections, get_all_connections, update_connection_status or
+        /// cleanup_stale_connections (see the README).
+        event: String,
+        #[command(flatten)]
+        table: TableArgs,
+        /// Where GetConnection asks (cleanup); by default each connection's own endpoint.
+        #[arg(long, env = "ROOMCAST_MANAGEMENT_ENDPOINT")]
+        management_endpoint: Option<String>,
+    },
     /// Run the stream processor over a table's stream until Ctrl-C.
     Poll {
         #[command(flatten)]
@@ -118,6 +130,32 @@ pub async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev(args).await,
+        Command::Admin { event, table, management_endpoint } => {
+            let event: serde_json::Value =
+                serde_json::from_str(&event).map_err(|e| anyhow::anyhow!("the event is not JSON: {e}"))?;
+            let sdk = config::load_aws().await;
+            let client = config::dynamodb_client(&sdk, table.dynamodb_endpoint.as_deref());
+            let store = Arc::new(DynamoStore::new(client, &table.table));
+            let clock = Arc::new(SystemClock);
+            let delivery = crate::deliver::DeliverySettings {
+                endpoint_override: management_endpoint,
+                ..crate::deliver::DeliverySettings::default()
+            };
+            let deliverer = Deliverer::new(sdk, delivery, store.clone(), clock.clone(), Arc::new(Metrics::default()));
+            let admin = crate::admin::Admin {
+                store,
+                deliverer: Arc::new(deliverer),
+                clock,
+                idle_limit: Duration::from_secs(600),
+            };
+            let answer = admin.handle(&event).await;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            if answer["statusCode"] == 200 {
+                Ok(())
+            } else {
+                anyhow::bail!("the operation answered {}", answer["statusCode"])
+            }
+        }
         Command::Table { command: TableCommand::Create { table } } => {
             let sdk = config::load_aws().await;
             let client = config::dynamodb_client(&sdk, table.dynamodb_endpoint.as_deref());

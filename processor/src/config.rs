@@ -21,6 +21,9 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("ROOMCAST_DELIVERY_DEADLINE_MS", "20000", "all retries for one recipient"),
     ("ROOMCAST_YOUNG_CONNECTION_MS", "5000", "a 410 for a connection this young is retried"),
     ("ROOMCAST_PARTITIONS_AT_ONCE", "8", "rooms processed concurrently within a batch"),
+    ("ROOMCAST_IDLE_LIMIT_SECONDS", "600", "the sweeper checks connections silent this long"),
+    ("ROOMCAST_JWT_SECRET_PARAMETER", "(authorizer)", "SSM parameter (SecureString) holding the HS256 secret"),
+    ("ROOMCAST_JWT_SECRET", "(authorizer)", "the HS256 secret itself, instead of the parameter"),
 ];
 
 #[derive(Clone, Debug)]
@@ -31,6 +34,7 @@ pub struct Config {
     pub history_ttl_seconds: i64,
     pub delivery: DeliverySettings,
     pub partitions_at_once: usize,
+    pub idle_limit: Duration,
 }
 
 /// Every problem found, one per line.
@@ -104,6 +108,7 @@ impl Config {
             ..DeliverySettings::default()
         };
         let partitions_at_once = number("ROOMCAST_PARTITIONS_AT_ONCE", 8, 1, 256) as usize;
+        let idle_limit = Duration::from_secs(number("ROOMCAST_IDLE_LIMIT_SECONDS", 600, 1, 86_400));
 
         if problems.is_empty() {
             Ok(Config {
@@ -113,6 +118,7 @@ impl Config {
                 history_ttl_seconds,
                 delivery,
                 partitions_at_once,
+                idle_limit,
             })
         } else {
             Err(ConfigError(problems))

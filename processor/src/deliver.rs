@@ -65,6 +65,15 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// What `GetConnection` said of a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    Open,
+    Gone,
+    /// No clear answer (throttled, unreachable): leave the record alone this time.
+    Unknown(String),
+}
+
 /// One attempt's result, classified.
 enum Attempt {
     Ok,
@@ -166,6 +175,20 @@ impl Deliverer {
             Metrics::add(&self.metrics.retried, 1);
             tokio::time::sleep(jitter(backoff)).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Asks API Gateway whether a connection is still open (`GetConnection`): the sweeper's
+    /// confirmation before it deletes a record.
+    pub async fn probe(&self, connection_id: &str, endpoint: &str) -> Probe {
+        let endpoint = self.settings.endpoint_override.as_deref().unwrap_or(endpoint);
+        match self.client(endpoint).get_connection().connection_id(connection_id).send().await {
+            Ok(_) => Probe::Open,
+            Err(err) => {
+                let gone = err.as_service_error().is_some_and(|e| e.is_gone_exception())
+                    || err.raw_response().is_some_and(|r| r.status().as_u16() == 410);
+                if gone { Probe::Gone } else { Probe::Unknown(DisplayErrorContext(&err).to_string()) }
+            }
         }
     }
 

@@ -276,3 +276,46 @@ async fn act(
         }
     })
 }
+
+/// The `$connect` REQUEST authorizer: the same rule as the local gateway ([`crate::auth`]).
+/// Allowed → an `Allow` policy for the route with the flat context (`tenant`, `userId`);
+/// a bad token → a `Deny` policy (API Gateway answers 403); no token at all →
+/// `Err("Unauthorized")`, which API Gateway answers with 401. The token is never logged.
+pub fn authorize(
+    request: &aws_lambda_events::apigw::ApiGatewayCustomAuthorizerRequestTypeRequest,
+    secret: &[u8],
+    now: i64,
+) -> Result<Value, &'static str> {
+    let token = request
+        .query_string_parameters
+        .first("token")
+        .map(str::to_string)
+        .or_else(|| request.headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string))
+        .unwrap_or_default();
+    let resource = request.method_arn.clone().unwrap_or_else(|| "*".into());
+    let policy = |principal: &str, effect: &str| {
+        serde_json::json!({
+            "principalId": principal,
+            "policyDocument": {
+                "Version": "2012-10-17",
+                "Statement": [{"Action": "execute-api:Invoke", "Effect": effect, "Resource": [resource]}]
+            },
+        })
+    };
+    match crate::auth::verify(&token, secret, now) {
+        Ok(claims) => {
+            tracing::info!(tenant = %claims.tenant, user_id = %claims.sub, "allowed");
+            let mut allow = policy(&claims.sub, "Allow");
+            allow["context"] = serde_json::json!({ "tenant": claims.tenant, "userId": claims.sub });
+            Ok(allow)
+        }
+        Err(crate::auth::Denied::Missing) => {
+            tracing::info!("no token: unauthorized");
+            Err("Unauthorized")
+        }
+        Err(denied) => {
+            tracing::info!(reason = %denied, "denied");
+            Ok(policy("anonymous", "Deny"))
+        }
+    }
+}

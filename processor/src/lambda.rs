@@ -72,3 +72,67 @@ pub async fn run_processor() -> Result<(), Error> {
     }))
     .await
 }
+
+/// Serves the `$connect` REQUEST authorizer. The secret is read once per container: from the SSM
+/// parameter named by `ROOMCAST_JWT_SECRET_PARAMETER` (decrypted), or `ROOMCAST_JWT_SECRET`.
+pub async fn run_authorizer() -> Result<(), Error> {
+    init_tracing();
+    let secret = match (std::env::var("ROOMCAST_JWT_SECRET_PARAMETER"), std::env::var("ROOMCAST_JWT_SECRET")) {
+        (Ok(name), _) if !name.is_empty() => {
+            let sdk = config::load_aws().await;
+            let out = aws_sdk_ssm::Client::new(&sdk)
+                .get_parameter()
+                .name(&name)
+                .with_decryption(true)
+                .send()
+                .await
+                .map_err(|e| {
+                    format!("reading the JWT secret parameter {name}: {}", aws_sdk_ssm::error::DisplayErrorContext(&e))
+                })?;
+            out.parameter.and_then(|p| p.value).ok_or_else(|| format!("SSM parameter {name} has no value"))?
+        }
+        (_, Ok(secret)) if !secret.is_empty() => secret,
+        _ => return Err("set ROOMCAST_JWT_SECRET_PARAMETER (an SSM parameter name) or ROOMCAST_JWT_SECRET".into()),
+    };
+    let secret = secret.into_bytes();
+    let secret = &secret;
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<aws_lambda_events::apigw::ApiGatewayCustomAuthorizerRequestTypeRequest>| async move {
+            handlers::authorize(&event.payload, secret, chrono::Utc::now().timestamp()).map_err(Error::from)
+        },
+    ))
+    .await
+}
+
+async fn admin_from(config: &Config) -> crate::admin::Admin {
+    let (sdk, store) = store_from(config).await;
+    let clock = Arc::new(SystemClock);
+    let metrics = Arc::new(Metrics::default());
+    let deliverer = Deliverer::new(sdk, config.delivery.clone(), store.clone(), clock.clone(), metrics);
+    crate::admin::Admin { store, deliverer: Arc::new(deliverer), clock, idle_limit: config.idle_limit }
+}
+
+/// Serves the admin operations (direct invoke).
+pub async fn run_admin() -> Result<(), Error> {
+    init_tracing();
+    let config = Config::from_env()?;
+    let admin = admin_from(&config).await;
+    let admin = &admin;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
+        Ok::<_, Error>(admin.handle(&event.payload).await)
+    }))
+    .await
+}
+
+/// Serves the scheduled sweeper: stale connection records, confirmed gone, deleted.
+pub async fn run_sweeper() -> Result<(), Error> {
+    init_tracing();
+    let config = Config::from_env()?;
+    let admin = admin_from(&config).await;
+    let admin = &admin;
+    lambda_runtime::run(service_fn(move |_: LambdaEvent<serde_json::Value>| async move {
+        let report = admin.sweep(admin.idle_limit).await.map_err(|e| Error::from(e.to_string()))?;
+        Ok::<_, Error>(serde_json::to_value(report)?)
+    }))
+    .await
+}

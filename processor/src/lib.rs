@@ -21,11 +21,12 @@
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries; 410 / 429 / 413 rules |
 //! | the processor | [`pipeline`] | the path above for one record and for a batch |
 //!
-//! Around it: [`protocol`] (client frames), [`auth`] (the `$connect` authorizer's rule),
+//! Around it: [`protocol`] (client frames), [`admin`] (operator operations and the sweeper), [`auth`] (the `$connect` authorizer's rule),
 //! [`config`] (the environment), [`metrics`] (counts), [`lambda`] (the Lambda entry points),
 //! [`gateway`] (the local API Gateway emulator), [`dev`] (`roomcast dev`: everything in one
 //! process), [`cli`] (the `roomcast` command).
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -301,6 +301,84 @@ impl Store for DynamoStore {
         Ok(())
     }
 
+    async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>> {
+        let mut found = Vec::new();
+        let mut start: Option<DynamoItem> = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(GSI1)
+                .key_condition_expression("gsi1pk = :u AND begins_with(gsi1sk, :conn)")
+                .expression_attribute_values(":u", s(&model::user_gsi1pk(tenant, user_id)))
+                .expression_attribute_values(":conn", s("CONN#"))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| unavailable("query gsi1", e))?;
+            for item in page.items.unwrap_or_default() {
+                let c: Connection = decode(item)?;
+                if !is_expired(c.ttl, now) {
+                    found.push(c);
+                }
+            }
+            match page.last_evaluated_key {
+                Some(next) if !next.is_empty() => start = Some(next),
+                _ => return Ok(found),
+            }
+        }
+    }
+
+    async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>> {
+        let mut page_out = Vec::new();
+        let mut start = after.map(connection_key);
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .filter_expression("#t = :connection")
+                .expression_attribute_names("#t", "type")
+                .expression_attribute_values(":connection", s("connection"))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| unavailable("scan", e))?;
+            for item in page.items.unwrap_or_default() {
+                page_out.push(decode(item)?);
+                if page_out.len() == limit {
+                    return Ok(page_out);
+                }
+            }
+            match page.last_evaluated_key {
+                Some(next) if !next.is_empty() => start = Some(next),
+                _ => return Ok(page_out),
+            }
+        }
+    }
+
+    async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(connection_key(connection_id)))
+            .update_expression("SET #s = :s")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#s", "status")
+            .expression_attribute_values(":s", s(status))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(out) => out.attributes.map(decode).transpose(),
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
+            Err(err) => Err(unavailable("update_item", err)),
+        }
+    }
+
     async fn history(
         &self,
         tenant: &str,

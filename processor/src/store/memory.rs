@@ -314,6 +314,52 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>> {
+        let table = self.lock();
+        let gsi1pk = model::user_gsi1pk(tenant, user_id);
+        let mut found = Vec::new();
+        for item in table.items.values() {
+            if matches!(item.get("gsi1pk"), Some(AttributeValue::S(k)) if *k == gsi1pk)
+                && matches!(item.get("type"), Some(AttributeValue::S(t)) if t == "connection")
+            {
+                let c: Connection = decode(item.clone())?;
+                if !is_expired(c.ttl, now) {
+                    found.push(c);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>> {
+        let table = self.lock();
+        let from = match after {
+            Some(id) => std::ops::Bound::Excluded(connection_key(id)),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut page = Vec::new();
+        for (key, item) in table.items.range((from, std::ops::Bound::Unbounded)) {
+            if page.len() == limit {
+                break;
+            }
+            if key.0.starts_with("CONN#") && key.1 == model::CONNECTION_SK {
+                page.push(decode(item.clone())?);
+            }
+        }
+        Ok(page)
+    }
+
+    async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>> {
+        let mut table = self.lock();
+        let Some(mut conn) = self.get::<Connection>(&table, &connection_key(connection_id))? else {
+            return Ok(None);
+        };
+        conn.status = status.to_string();
+        let item = encode(&conn)?;
+        self.put_item(&mut table, item);
+        Ok(Some(conn))
+    }
+
     async fn history(
         &self,
         tenant: &str,

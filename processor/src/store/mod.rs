@@ -69,6 +69,18 @@ pub trait Store: Send + Sync + 'static {
 
     async fn put_message(&self, message: &Message) -> Result<()>;
 
+    /// A user's live connections in a tenant, through the `gsi1` index (eventually consistent,
+    /// as any GSI read).
+    async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>>;
+
+    /// One page of connection records, expired ones included (the sweeper wants those), after
+    /// the connection id `after`. The next page starts after the last one returned; fewer than
+    /// `limit` means the end.
+    async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>>;
+
+    /// Sets `status` on a connection; `None` when there is no such connection.
+    async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>>;
+
     /// Up to `limit` live messages of the room older than `before` (a timestamp), oldest first.
     async fn history(
         &self,

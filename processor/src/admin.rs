@@ -1,0 +1,216 @@
+//! Operations for operators (seed 003's connection manager): the `admin` Lambda (direct invoke),
+//! `roomcast admin`, and the scheduled `sweeper`.
+//!
+//! | event `action`              | fields                          | answer body |
+//! |-----------------------------|---------------------------------|-------------|
+//! | `get_user_connections`      | `tenant`, `userId`              | `{connections, count}` |
+//! | `get_all_connections`       | `limit?`, `nextToken?`          | `{connections, count, nextToken?}` |
+//! | `update_connection_status`  | `connectionId`, `status`        | `{connection}`; 404 when unknown |
+//! | `cleanup_stale_connections` | `idleSeconds?`                  | `{message, cleanedCount}` |
+//!
+//! Every answer is `{statusCode, body}`; an invalid event gets 400 with the reason.
+//!
+//! The sweep: a connection record past its TTL, or silent for longer than the idle limit, is
+//! confirmed with `GetConnection`; on 410 it is deleted (reason `expired` or `gone`), which
+//! announces presence `left` through the stream — within minutes, although DynamoDB's TTL can
+//! take days.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::deliver::{Deliverer, Probe};
+use crate::model::{Clock, Connection, LeftReason, format_ts, is_expired};
+use crate::store::{Store, StoreError};
+
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum AdminRequest {
+    GetUserConnections {
+        tenant: String,
+        #[serde(rename = "userId")]
+        user_id: String,
+    },
+    GetAllConnections {
+        #[serde(default)]
+        limit: Option<usize>,
+        #[serde(default, rename = "nextToken")]
+        next_token: Option<String>,
+    },
+    UpdateConnectionStatus {
+        #[serde(rename = "connectionId")]
+        connection_id: String,
+        status: String,
+    },
+    CleanupStaleConnections {
+        #[serde(default, rename = "idleSeconds")]
+        idle_seconds: Option<u64>,
+    },
+}
+
+/// A connection as the admin operations show it (seed 003's fields first).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionView {
+    pub connection_id: String,
+    pub user_id: String,
+    pub status: String,
+    pub created_at: String,
+    pub tenant: String,
+    pub rooms: Vec<String>,
+    pub last_seen_at: String,
+}
+
+impl From<&Connection> for ConnectionView {
+    fn from(c: &Connection) -> Self {
+        ConnectionView {
+            connection_id: c.connection_id.clone(),
+            user_id: c.user_id.clone(),
+            status: c.status.clone(),
+            created_at: format_ts(&c.connected_at),
+            tenant: c.tenant.clone(),
+            rooms: c.rooms.iter().cloned().collect(),
+            last_seen_at: format_ts(&c.last_seen_at),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SweepReport {
+    /// Records past their TTL or silent too long, asked about.
+    pub checked: usize,
+    /// Confirmed gone (410) and deleted.
+    pub cleaned: usize,
+    /// Still open at API Gateway: kept.
+    pub still_open: usize,
+    /// No clear answer: kept for the next sweep.
+    pub unknown: usize,
+}
+
+pub struct Admin {
+    pub store: Arc<dyn Store>,
+    pub deliverer: Arc<Deliverer>,
+    pub clock: Arc<dyn Clock>,
+    /// Connections silent this long are checked (API Gateway's idle timeout: 10 minutes).
+    pub idle_limit: Duration,
+}
+
+fn answer(status: u16, body: Value) -> Value {
+    json!({ "statusCode": status, "body": body })
+}
+
+fn invalid(reason: impl Into<String>) -> Value {
+    answer(400, json!({ "message": reason.into() }))
+}
+
+impl Admin {
+    /// One admin event, as the Lambda receives it.
+    pub async fn handle(&self, event: &Value) -> Value {
+        let request: AdminRequest = match serde_json::from_value(event.clone()) {
+            Ok(r) => r,
+            Err(e) => return invalid(format!("invalid admin event: {e}")),
+        };
+        match self.run(request).await {
+            Ok(answer) => answer,
+            Err(err) => {
+                tracing::error!(error = %err, "admin operation failed");
+                answer(500, json!({ "message": err.to_string() }))
+            }
+        }
+    }
+
+    async fn run(&self, request: AdminRequest) -> Result<Value, StoreError> {
+        let now = self.clock.now();
+        Ok(match request {
+            AdminRequest::GetUserConnections { tenant, user_id } => {
+                if tenant.is_empty() || user_id.is_empty() {
+                    return Ok(invalid("tenant and userId are required"));
+                }
+                let found = self.store.user_connections(&tenant, &user_id, now).await?;
+                let views: Vec<ConnectionView> = found.iter().map(Into::into).collect();
+                answer(200, json!({ "connections": views, "count": views.len() }))
+            }
+            AdminRequest::GetAllConnections { limit, next_token } => {
+                let limit = limit.unwrap_or(DEFAULT_PAGE);
+                if !(1..=MAX_PAGE).contains(&limit) {
+                    return Ok(invalid(format!("limit must be from 1 to {MAX_PAGE}")));
+                }
+                // Expired records are not "active"; they still advance the page.
+                let page = self.store.scan_connections(limit, next_token.as_deref()).await?;
+                let next = (page.len() == limit).then(|| page.last().map(|c| c.connection_id.clone())).flatten();
+                let views: Vec<ConnectionView> =
+                    page.iter().filter(|c| !is_expired(c.ttl, now)).map(Into::into).collect();
+                let mut body = json!({ "connections": views, "count": views.len() });
+                if let Some(next) = next {
+                    body["nextToken"] = json!(next);
+                }
+                answer(200, body)
+            }
+            AdminRequest::UpdateConnectionStatus { connection_id, status } => {
+                let valid = !status.is_empty()
+                    && status.len() <= 32
+                    && status.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+                if !valid {
+                    return Ok(invalid("status must be 1 to 32 of A-Z and _, e.g. DISCONNECTED"));
+                }
+                match self.store.set_status(&connection_id, &status).await? {
+                    Some(c) => answer(200, json!({ "connection": ConnectionView::from(&c) })),
+                    None => answer(404, json!({ "message": format!("no connection {connection_id}") })),
+                }
+            }
+            AdminRequest::CleanupStaleConnections { idle_seconds } => {
+                let idle = idle_seconds.map_or(self.idle_limit, Duration::from_secs);
+                let report = self.sweep(idle).await?;
+                answer(200, json!({ "message": "Stale connections cleaned up", "cleanedCount": report.cleaned }))
+            }
+        })
+    }
+
+    /// Finds stale connection records, confirms each with `GetConnection`, deletes the gone.
+    pub async fn sweep(&self, idle: Duration) -> Result<SweepReport, StoreError> {
+        let now = self.clock.now();
+        let idle = chrono::Duration::from_std(idle).unwrap_or(chrono::Duration::MAX);
+        let mut report = SweepReport::default();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.scan_connections(DEFAULT_PAGE, after.as_deref()).await?;
+            for conn in &page {
+                let expired = is_expired(conn.ttl, now);
+                if !expired && now - conn.last_seen_at < idle {
+                    continue;
+                }
+                report.checked += 1;
+                match self.deliverer.probe(&conn.connection_id, &conn.endpoint).await {
+                    Probe::Gone => {
+                        let reason = if expired { LeftReason::Expired } else { LeftReason::Gone };
+                        self.store.delete_connection(&conn.connection_id, Some(reason)).await?;
+                        report.cleaned += 1;
+                    }
+                    Probe::Open => report.still_open += 1,
+                    Probe::Unknown(why) => {
+                        tracing::warn!(connection_id = %conn.connection_id, reason = %why, "cannot tell whether the connection is open");
+                        report.unknown += 1;
+                    }
+                }
+            }
+            if page.len() < DEFAULT_PAGE {
+                break;
+            }
+            after = page.last().map(|c| c.connection_id.clone());
+        }
+        tracing::info!(
+            checked = report.checked,
+            cleaned = report.cleaned,
+            still_open = report.still_open,
+            unknown = report.unknown,
+            "roomcast.sweep"
+        );
+        Ok(report)
+    }
+}
