@@ -40,6 +40,18 @@ enum Command {
         #[command(subcommand)]
         command: TableCommand,
     },
+    /// Mint an HS256 token for `$connect` (tenant and sub claims), e.g. to try a deployment.
+    Token {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long, env = "ROOMCAST_JWT_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Lifetime, seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: i64,
+    },
     /// Run an admin operation against any table: the admin Lambda's event, as JSON, e.g.
     /// '{"action":"get_user_connections","tenant":"acme","userId":"ann"}'.
     Admin {
@@ -130,6 +142,15 @@ pub async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev(args).await,
+        Command::Token { tenant, user, secret, ttl } => {
+            crate::model::Name::parse("tenant", &tenant).map_err(|e| anyhow::anyhow!(e))?;
+            let exp = chrono::Utc::now().timestamp() + ttl;
+            println!(
+                "{}",
+                crate::auth::mint(&crate::auth::Claims { tenant, sub: user, exp, nbf: None }, secret.as_bytes())
+            );
+            Ok(())
+        }
         Command::Admin { event, table, management_endpoint } => {
             let event: serde_json::Value =
                 serde_json::from_str(&event).map_err(|e| anyhow::anyhow!("the event is not JSON: {e}"))?;

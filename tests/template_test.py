@@ -1,0 +1,153 @@
+"""Checks template.yaml for the properties the deployment depends on, so that an edit cannot
+silently drop them: the table's stream, TTL and index; the processor's bisect, bounded retries,
+partial batch responses and dead-letter queue; the authorizer on $connect; route responses; and
+IAM scoped to this table and this API's @connections.
+
+Run by scripts/test (after cfn-lint) with the project's .venv:
+    .venv/bin/python -m unittest tests/template_test.py
+"""
+
+import pathlib
+import unittest
+
+from cfnlint.decode import cfn_yaml
+
+TEMPLATE = pathlib.Path(__file__).resolve().parent.parent / "template.yaml"
+
+
+def load():
+    return cfn_yaml.load(str(TEMPLATE))
+
+
+def sub_text(value):
+    """The string inside a !Sub (plain or list form), or a plain string."""
+    if isinstance(value, dict) and "Fn::Sub" in value:
+        sub = value["Fn::Sub"]
+        return sub[0] if isinstance(sub, list) else sub
+    return value if isinstance(value, str) else None
+
+
+class Template(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.t = load()
+        cls.resources = cls.t["Resources"]
+
+    def of_type(self, kind):
+        return {name: r for name, r in self.resources.items() if r["Type"] == kind}
+
+    def statements(self, function):
+        props = self.resources[function]["Properties"]
+        return [s for policy in props.get("Policies", []) for s in policy.get("Statement", [])]
+
+    def test_it_is_a_sam_template(self):
+        self.assertEqual(self.t["Transform"], "AWS::Serverless-2016-10-31")
+
+    def test_the_table(self):
+        table = self.resources["Table"]["Properties"]
+        self.assertEqual(table["BillingMode"], "PAY_PER_REQUEST")
+        self.assertEqual(table["StreamSpecification"]["StreamViewType"], "NEW_AND_OLD_IMAGES")
+        self.assertEqual(table["TimeToLiveSpecification"], {"AttributeName": "ttl", "Enabled": True})
+        self.assertTrue(table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"])
+        keys = {k["AttributeName"]: k["KeyType"] for k in table["KeySchema"]}
+        self.assertEqual(keys, {"pk": "HASH", "sk": "RANGE"})
+        gsi = {g["IndexName"]: g for g in table["GlobalSecondaryIndexes"]}
+        self.assertIn("gsi1", gsi)
+        self.assertEqual({k["AttributeName"]: k["KeyType"] for k in gsi["gsi1"]["KeySchema"]},
+                         {"gsi1pk": "HASH", "gsi1sk": "RANGE"})
+
+    def test_the_processor_reads_the_stream_safely(self):
+        processor = self.resources["ProcessorFunction"]["Properties"]
+        self.assertEqual(processor["Architectures"], ["x86_64"], "wasmtime's tier-1 platform")
+        events = [e["Properties"] for e in processor["Events"].values() if e["Type"] == "DynamoDB"]
+        self.assertEqual(len(events), 1)
+        source = events[0]
+        self.assertEqual(source["Stream"], {"Fn::GetAtt": ["Table", "StreamArn"]})
+        self.assertIs(source["BisectBatchOnFunctionError"], True)
+        self.assertIn("ReportBatchItemFailures", source["FunctionResponseTypes"])
+        self.assertTrue(0 <= source["MaximumRetryAttempts"] <= 10, "retries must be bounded")
+        self.assertTrue(60 <= source["MaximumRecordAgeInSeconds"] <= 86400, "record age must be bounded")
+        self.assertLessEqual(source["BatchSize"], 1000)
+        self.assertIn("MaximumBatchingWindowInSeconds", source)
+        on_failure = source["DestinationConfig"]["OnFailure"]
+        self.assertEqual(on_failure["Destination"], {"Fn::GetAtt": ["StreamDeadLetterQueue", "Arn"]})
+        self.assertEqual(self.resources["StreamDeadLetterQueue"]["Type"], "AWS::SQS::Queue")
+
+    def test_every_function_is_rust_on_provided_al2023(self):
+        runtime = self.t["Globals"]["Function"]["Runtime"]
+        self.assertEqual(runtime, "provided.al2023")
+        functions = self.of_type("AWS::Serverless::Function")
+        self.assertEqual(set(functions), {"AuthorizerFunction", "ConnectFunction", "DisconnectFunction", "MessageFunction",
+                                          "ProcessorFunction", "SweeperFunction", "AdminFunction"})
+        for name, f in functions.items():
+            self.assertEqual(f["Metadata"]["BuildMethod"], "rust-cargolambda", name)
+            self.assertNotIn("Runtime", f["Properties"], f"{name} must not override the runtime")
+            binary = f["Metadata"]["BuildProperties"]["Binary"]
+            self.assertTrue((TEMPLATE.parent / "processor/src/bin" / f"{binary}.rs").exists(), f"{name}: no binary {binary}")
+
+    def test_the_websocket_api_routes_and_route_responses(self):
+        api = self.resources["WebSocketApi"]["Properties"]
+        self.assertEqual(api["ProtocolType"], "WEBSOCKET")
+        self.assertEqual(api["RouteSelectionExpression"], "$request.body.action")
+        routes = {r["Properties"]["RouteKey"]: name for name, r in self.of_type("AWS::ApiGatewayV2::Route").items()}
+        for key in ["$connect", "$disconnect", "$default", "sendMessage", "join", "leave", "ping", "info", "history"]:
+            self.assertIn(key, routes)
+        responses = {r["Properties"]["RouteId"]["Ref"] for r in self.of_type("AWS::ApiGatewayV2::RouteResponse").values()}
+        for key in ["$default", "sendMessage", "join", "leave", "ping", "info", "history"]:
+            self.assertIn(routes[key], responses, f"{key} needs a route response so answers reach clients")
+            self.assertEqual(self.resources[routes[key]]["Properties"]["RouteResponseSelectionExpression"], "$default")
+        self.assertEqual(len(self.of_type("AWS::ApiGatewayV2::Stage")), 1)
+
+    def test_connect_is_behind_the_request_authorizer(self):
+        connect = self.resources["ConnectRoute"]["Properties"]
+        self.assertEqual(connect["AuthorizationType"], "CUSTOM")
+        authorizer = self.resources[connect["AuthorizerId"]["Ref"]]["Properties"]
+        self.assertEqual(authorizer["AuthorizerType"], "REQUEST")
+        self.assertEqual(authorizer["IdentitySource"], ["route.request.querystring.token"])
+        self.assertIn("${AuthorizerFunction.Arn}", sub_text(authorizer["AuthorizerUri"]))
+        env = self.resources["AuthorizerFunction"]["Properties"]["Environment"]["Variables"]
+        self.assertEqual(env["ROOMCAST_JWT_SECRET_PARAMETER"], {"Ref": "JwtSecretParameter"})
+
+    def test_manage_connections_is_scoped_to_this_apis_connections(self):
+        found = 0
+        for name in self.of_type("AWS::Serverless::Function"):
+            for s in self.statements(name):
+                actions = s["Action"] if isinstance(s["Action"], list) else [s["Action"]]
+                if any(a.startswith("execute-api:") for a in actions):
+                    found += 1
+                    self.assertEqual(actions, ["execute-api:ManageConnections"], name)
+                    resource = sub_text(s["Resource"])
+                    self.assertIsNotNone(resource, f"{name}: ManageConnections needs a scoped resource")
+                    self.assertIn("${WebSocketApi}/${StageName}/", resource, name)
+                    self.assertIn("/@connections/", resource, name)
+        self.assertEqual(found, 3, "the processor, the sweeper and admin manage connections")
+
+    def test_table_actions_are_on_the_table_and_its_index_only(self):
+        allowed = [{"Fn::GetAtt": ["Table", "Arn"]}, {"Fn::GetAtt": ["Table", "StreamArn"]},
+                   {"Fn::Sub": "${Table.Arn}/index/gsi1"}]
+        for name in self.of_type("AWS::Serverless::Function"):
+            for s in self.statements(name):
+                actions = s["Action"] if isinstance(s["Action"], list) else [s["Action"]]
+                self.assertNotEqual(s["Resource"], "*", f"{name}: no wildcard resources")
+                if any(a.startswith("dynamodb:") for a in actions):
+                    self.assertFalse(any(a.endswith("*") for a in actions), f"{name}: no wildcard actions")
+                    resources = s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]]
+                    for r in resources:
+                        self.assertIn(r, allowed, name)
+
+    def test_the_sweeper_runs_on_a_schedule(self):
+        events = self.resources["SweeperFunction"]["Properties"]["Events"].values()
+        self.assertTrue(any(e["Type"] == "Schedule" for e in events))
+
+    def test_alarms_and_outputs(self):
+        alarms = {(a["Properties"]["Namespace"], a["Properties"]["MetricName"])
+                  for a in self.of_type("AWS::CloudWatch::Alarm").values()}
+        self.assertIn(("AWS/Lambda", "Errors"), alarms)
+        self.assertIn(("AWS/Lambda", "IteratorAge"), alarms)
+        self.assertIn(("AWS/SQS", "ApproximateNumberOfMessagesVisible"), alarms)
+        for output in ["WebSocketUrl", "TableName", "StreamDeadLetterQueueUrl"]:
+            self.assertIn(output, self.t["Outputs"])
+
+
+if __name__ == "__main__":
+    unittest.main()
