@@ -248,3 +248,132 @@ async fn a_short_ttl_expiry_announces_left_with_reason_expired() {
     assert_eq!(left["reason"], "expired");
     stack.shutdown().await;
 }
+
+/// The management API as the real `aws-sdk-apigatewaymanagement` client sees it: GET describes a
+/// connection, POST over 128 KB is `PayloadTooLargeException`, an unknown id is
+/// `GoneException`, DELETE closes the socket (then `$disconnect` and presence follow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_api_answers_like_api_gateway() {
+    use aws_sdk_apigatewaymanagement::primitives::Blob;
+    let stack = ws::dev("memory", |_| {}).await;
+    let mut ann = connect(&stack, "acme", "ann", "general").await;
+    let mut bob = connect(&stack, "acme", "bob", "general").await;
+    let ann_id = ann.expect_action("welcome").await["connection_id"].as_str().unwrap().to_string();
+    bob.expect_action("welcome").await;
+
+    let config = aws_sdk_apigatewaymanagement::config::Builder::from(&roomcast_tests::sdk_config().await)
+        .endpoint_url(format!("http://{}/local", stack.addr))
+        .build();
+    let client = aws_sdk_apigatewaymanagement::Client::from_conf(config);
+
+    let described = client.get_connection().connection_id(&ann_id).send().await.expect("GET @connections");
+    assert!(described.connected_at().is_some());
+    assert_eq!(described.identity().and_then(|i| i.source_ip()), Some("127.0.0.1"));
+
+    client.post_to_connection().connection_id(&ann_id).data(Blob::new(r#"{"action":"hello"}"#)).send().await.unwrap();
+    ann.expect_action("hello").await;
+
+    let too_big =
+        client.post_to_connection().connection_id(&ann_id).data(Blob::new(vec![b'x'; 129 * 1024])).send().await;
+    assert!(too_big.unwrap_err().into_service_error().is_payload_too_large_exception());
+    let unknown = client.post_to_connection().connection_id("nobody=").data(Blob::new("x")).send().await;
+    assert!(unknown.unwrap_err().into_service_error().is_gone_exception());
+    let unknown = client.get_connection().connection_id("nobody=").send().await;
+    assert!(unknown.unwrap_err().into_service_error().is_gone_exception());
+
+    client.delete_connection().connection_id(&ann_id).send().await.expect("DELETE @connections");
+    assert_eq!(ann.expect_close(Duration::from_secs(10)).await.0, 1000);
+    assert_eq!(bob.expect("ann left", presence("ann", "left")).await["reason"], "disconnect");
+    stack.shutdown().await;
+}
+
+/// A client that does not read fills its send buffer; then `@connections` answers 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_send_buffer_answers_429() {
+    use aws_sdk_apigatewaymanagement::primitives::Blob;
+    let stack = ws::dev("memory", |o| o.limits.send_buffer = 4).await;
+    let mut ann = connect(&stack, "acme", "ann", "").await;
+    let ann_id = ann.expect_action("welcome").await["connection_id"].as_str().unwrap().to_string();
+    let config = aws_sdk_apigatewaymanagement::config::Builder::from(&roomcast_tests::sdk_config().await)
+        .endpoint_url(format!("http://{}/local", stack.addr))
+        .retry_config(aws_sdk_apigatewaymanagement::config::retry::RetryConfig::disabled())
+        .build();
+    let client = aws_sdk_apigatewaymanagement::Client::from_conf(config);
+    // Ann never reads: large frames fill the socket, then the buffer of 4.
+    let frame = Blob::new(vec![b'x'; 120 * 1024]);
+    let mut throttled = false;
+    for _ in 0..400 {
+        match client.post_to_connection().connection_id(&ann_id).data(frame.clone()).send().await {
+            Ok(_) => continue,
+            Err(e) => {
+                assert!(e.into_service_error().is_limit_exceeded_exception());
+                throttled = true;
+                break;
+            }
+        }
+    }
+    assert!(throttled, "400 frames of 120 KB never filled a buffer of 4");
+    stack.shutdown().await;
+}
+
+/// API Gateway's two-hour limit, shortened: the connection is closed with 1001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_maximum_connection_duration_closes_even_a_busy_connection() {
+    let stack = ws::dev("memory", |o| o.limits.max_connection = Duration::from_millis(1200)).await;
+    let mut ann = connect(&stack, "acme", "ann", "").await;
+    ann.expect_action("welcome").await;
+    // Ann stays busy (never idle), and is closed anyway.
+    let keep_busy = async {
+        for _ in 0..20 {
+            if !ann.try_send(json!({"action":"ping"})).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    keep_busy.await;
+    let (code, reason) = ann.expect_close(Duration::from_secs(5)).await;
+    assert_eq!(code, 1001);
+    assert!(reason.contains("maximum connection duration"), "{reason}");
+    stack.shutdown().await;
+}
+
+/// `--insecure-dev-auth` takes `?tenant=&user_id=` unsigned (and still takes real tokens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_dev_auth_accepts_an_unsigned_identity() {
+    let stack =
+        ws::dev("memory", |o| o.auth = roomcast::gateway::AuthMode::InsecureDev { secret: ws::SECRET.to_vec() }).await;
+    let mut ann = try_connect(&stack, "tenant=acme&user_id=ann&rooms=general").await.expect("accepted unsigned");
+    let welcome = ann.expect_action("welcome").await;
+    assert_eq!((welcome["tenant"].as_str(), welcome["user_id"].as_str()), (Some("acme"), Some("ann")));
+    assert!(try_connect(&stack, &format!("token={}", ws::token("acme", "bob"))).await.is_ok());
+    assert_eq!(try_connect(&stack, "token=bad.bad.bad").await.err(), Some(403), "a bad token is still refused");
+    stack.shutdown().await;
+}
+
+/// `--stream-log FILE`: every record processed, one JSON line each, in DynamoDB's format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_log_records_every_processed_record_as_json_lines() {
+    let path = std::env::temp_dir().join(format!("roomcast-stream-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let log_path = path.clone();
+    let stack = ws::dev("memory", move |o| o.stream_log = Some(log_path)).await;
+    let mut ann = connect(&stack, "acme", "ann", "general").await;
+    ann.expect_action("welcome").await;
+    ann.ask(json!({"action":"sendMessage","room":"general","message":"logged"}), "ack").await;
+    ann.expect_action("message").await;
+    // Records are logged before they are processed: the message's delivery means all three are in.
+    let text = std::fs::read_to_string(&path).unwrap();
+    stack.shutdown().await;
+
+    let records: Vec<aws_lambda_events::dynamodb::EventRecord> =
+        text.lines().map(|l| serde_json::from_str(l).expect("each line is a stream record")).collect();
+    let names: Vec<&str> = records.iter().map(|r| r.event_name.as_str()).collect();
+    assert_eq!(names, ["INSERT", "INSERT", "INSERT"], "connection, membership, message");
+    assert!(records.iter().all(|r| r.change.sequence_number.is_some()));
+    assert!(matches!(
+        roomcast::stream::Change::from_record(&records[2]),
+        roomcast::stream::Change::Inserted(roomcast::stream::Record::Message(m)) if m.body == "logged"
+    ));
+    let _ = std::fs::remove_file(&path);
+}

@@ -637,6 +637,11 @@ pub mod ws {
             self.send_text(frame.to_string()).await;
         }
 
+        /// Sends, reporting whether the socket took it (false once the server has closed it).
+        pub async fn try_send(&mut self, frame: Value) -> bool {
+            self.socket.send(Message::Text(frame.to_string().into())).await.is_ok()
+        }
+
         pub async fn send_text(&mut self, text: String) {
             self.socket.send(Message::Text(text.into())).await.expect("send a frame");
         }

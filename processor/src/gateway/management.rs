@@ -4,7 +4,7 @@
 //! | call   | answer |
 //! |--------|--------|
 //! | POST   | 200; 410 `GoneException` (unknown, or `$connect` still running); 413 `PayloadTooLargeException` over 128 KB; 429 `LimitExceededException` when the client's send buffer is full |
-//! | GET    | 200 `{ConnectedAt, LastActiveAt, Identity}`; 410 |
+//! | GET    | 200 `{connectedAt, lastActiveAt, identity: {sourceIp, userAgent}}`; 410 |
 //! | DELETE | 204, and the connection closes (then `$disconnect`); 410 |
 //!
 //! [`Faults`] make chosen calls answer 410, 429, 500 or stall, for tests.
@@ -132,13 +132,12 @@ async fn get_connection(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) 
 }
 
 async fn delete_connection(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
-    let tx = match gw.lock().get(&id) {
-        Some(live) if live.open => live.tx.clone(),
-        _ => return gone(&id),
-    };
-    // The close is queued behind what was already sent, as API Gateway flushes before closing.
-    match tx.send(Outbound::Close(1000, "Connection deleted via @connections".into())).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(_) => gone(&id),
+    let connections = gw.lock();
+    match connections.get(&id) {
+        Some(live) if live.open => {
+            let _ = live.closer.send(Some((1000, "Connection deleted via @connections".into())));
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => gone(&id),
     }
 }

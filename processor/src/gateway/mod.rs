@@ -90,13 +90,18 @@ pub struct GatewaySettings {
 #[derive(Debug)]
 pub(crate) enum Outbound {
     Text(String),
-    Close(u16, String),
 }
+
+/// How long a client may take to accept one frame before the gateway gives up on it.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One connection as API Gateway knows it.
 #[derive(Debug)]
 pub(crate) struct Live {
     tx: mpsc::Sender<Outbound>,
+    /// Closes the connection with a code and reason; separate from `tx`, so that a close gets
+    /// through even when the send buffer is full.
+    closer: tokio::sync::watch::Sender<Option<(u16, String)>>,
     /// False until the upgrade completes: `@connections` answers 410 meanwhile, as API Gateway
     /// does while `$connect` runs.
     open: bool,
@@ -295,10 +300,12 @@ async fn upgrade(
         query,
     };
     let (tx, rx) = mpsc::channel(gw.settings.limits.send_buffer.max(1));
+    let (closer, close_rx) = tokio::sync::watch::channel(None);
     gw.lock().insert(
         ctx.id.clone(),
         Live {
             tx,
+            closer,
             open: false,
             connected_at: now,
             last_active: now,
@@ -314,7 +321,7 @@ async fn upgrade(
     }
     let limits = gw.settings.limits.clone();
     ws.max_message_size(limits.max_frame_bytes.saturating_mul(4))
-        .on_upgrade(move |socket| connection(gw, ctx, socket, rx, limits))
+        .on_upgrade(move |socket| connection(gw, ctx, socket, rx, close_rx, limits))
 }
 
 fn body_text(response: &ApiGatewayProxyResponse) -> Option<String> {
@@ -340,6 +347,7 @@ async fn connection(
     ctx: ConnectionContext,
     mut socket: WebSocket,
     mut rx: mpsc::Receiver<Outbound>,
+    mut close_rx: tokio::sync::watch::Receiver<Option<(u16, String)>>,
     limits: Limits,
 ) {
     if let Some(live) = gw.lock().get_mut(&ctx.id) {
@@ -398,13 +406,18 @@ async fn connection(
             },
             out = rx.recv() => match out {
                 Some(Outbound::Text(text)) => {
-                    if socket.send(WsMessage::Text(text.into())).await.is_err() {
-                        break (1006, "Connection lost".into());
+                    match tokio::time::timeout(SEND_TIMEOUT, socket.send(WsMessage::Text(text.into()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break (1006, "Connection lost".into()),
+                        Err(_) => break (1006, "Client not reading".into()),
                     }
                 }
-                Some(Outbound::Close(code, reason)) => break close(&mut socket, code, &reason).await,
                 None => break (1011, "Gateway stopping".into()),
             },
+            _ = close_rx.changed() => {
+                let (code, reason) = close_rx.borrow().clone().unwrap_or((1000, String::new()));
+                break close(&mut socket, code, &reason).await;
+            }
             _ = tokio::time::sleep_until(idle_deadline) => {
                 break close(&mut socket, 1001, "Going away: idle timeout").await;
             }
@@ -425,7 +438,8 @@ async fn connection(
 }
 
 async fn close(socket: &mut WebSocket, code: u16, reason: &str) -> (u16, String) {
-    let _ = socket.send(WsMessage::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+    let frame = WsMessage::Close(Some(CloseFrame { code, reason: reason.into() }));
+    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(frame)).await;
     (code, reason.to_string())
 }
 
@@ -438,21 +452,20 @@ impl Gateway {
     }
 }
 
-/// `GET @connections/{id}`'s answer.
+/// `GET @connections/{id}`'s answer, with the API's own JSON names.
 pub(crate) fn describe(live: &Live) -> Value {
     json!({
-        "ConnectedAt": format_ts(&live.connected_at),
-        "LastActiveAt": format_ts(&live.last_active),
-        "Identity": {"SourceIp": live.source_ip, "UserAgent": live.user_agent},
+        "connectedAt": format_ts(&live.connected_at),
+        "lastActiveAt": format_ts(&live.last_active),
+        "identity": {"sourceIp": live.source_ip, "userAgent": live.user_agent},
     })
 }
 
 impl Gateway {
     /// Closes every open connection with 1001, as a redeploy does; each then runs `$disconnect`.
     pub async fn close_all(&self) {
-        let senders: Vec<_> = self.lock().values().map(|live| live.tx.clone()).collect();
-        for tx in senders {
-            let _ = tx.send(Outbound::Close(1001, "Going away: server stopping".into())).await;
+        for live in self.lock().values() {
+            let _ = live.closer.send(Some((1001, "Going away: server stopping".into())));
         }
         for _ in 0..100 {
             if self.lock().is_empty() {
