@@ -13,15 +13,7 @@ use roomcast::model::{Clock, ManualClock};
 use roomcast_tests::{Stack, Table, UnavailableRoom};
 use serde_json::{Value, json};
 
-/// Each scenario runs once per store.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory { $( #[tokio::test] async fn $name() { super::$name("memory").await } )* }
-        mod dynamodb { $( #[tokio::test] async fn $name() { super::$name("dynamodb").await } )* }
-    };
-}
-
-on_both_stores!(
+roomcast_tests::on_both_stores!(
     connect_is_welcomed_through_the_stream,
     a_message_reaches_every_member_of_its_room_and_nobody_else,
     presence_is_announced_once_per_user,

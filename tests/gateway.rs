@@ -13,14 +13,7 @@ use serde_json::{Value, json};
 /// each negative check show the pipeline is flowing); not a performance bound.
 const QUIET: Duration = Duration::from_millis(400);
 
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name("memory").await } )* }
-        mod dynamodb { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name("dynamodb").await } )* }
-    };
-}
-
-on_both_stores!(
+roomcast_tests::on_both_stores!(multi_thread:
     welcome_pong_and_info,
     a_room_broadcast_reaches_members_only_and_tenants_are_isolated,
     presence_is_once_per_user_across_two_connections,

@@ -35,6 +35,21 @@ use roomcast::stream::poller::{StartAt, StreamPoller};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+/// Runs each scenario `async fn name(kind: &str)` once per store, as `memory::name` and
+/// `dynamodb::name`. `multi_thread:` first gives each test a two-thread runtime (for tests that
+/// run servers and clients side by side).
+#[macro_export]
+macro_rules! on_both_stores {
+    (multi_thread: $($name:ident),* $(,)?) => {
+        mod memory { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name("memory").await } )* }
+        mod dynamodb { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name("dynamodb").await } )* }
+    };
+    ($($name:ident),* $(,)?) => {
+        mod memory { $( #[tokio::test] async fn $name() { super::$name("memory").await } )* }
+        mod dynamodb { $( #[tokio::test] async fn $name() { super::$name("dynamodb").await } )* }
+    };
+}
+
 // ---------------------------------------------------------------------------------------------
 // moto
 

@@ -90,14 +90,7 @@ async fn admin_for(stack: &Stack) -> Admin {
     }
 }
 
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory { $( #[tokio::test] async fn $name() { super::$name("memory").await } )* }
-        mod dynamodb { $( #[tokio::test] async fn $name() { super::$name("dynamodb").await } )* }
-    };
-}
-
-on_both_stores!(
+roomcast_tests::on_both_stores!(
     admin_operations_answer_with_seed_003s_shapes,
     invalid_admin_events_get_400_with_the_reason,
     cleanup_deletes_only_confirmed_stale_connections_and_presence_follows,
