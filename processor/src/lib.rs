@@ -20,6 +20,7 @@
 //! | change → effects | [`react`] | pure: welcome, room fan-out, presence, cascades |
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries; 410 / 429 / 413 rules |
 //! | the processor | [`pipeline`] | the path above for one record and for a batch |
+//! | tenant rules | [`plugins`] | the wasmtime host for tenant plugins (not yet called by [`pipeline`]) |
 //!
 //! Around it: [`protocol`] (client frames), [`admin`] (operator operations and the sweeper), [`auth`] (the `$connect` authorizer's rule),
 //! [`config`] (the environment), [`metrics`] (counts), [`lambda`] (the Lambda entry points),
@@ -38,6 +39,7 @@ pub mod lambda;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod plugins;
 pub mod protocol;
 pub mod react;
 pub mod store;

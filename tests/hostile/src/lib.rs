@@ -1,0 +1,77 @@
+//! A hostile tenant plugin. `validate` misbehaves as the message body asks:
+//!
+//! | body        | what it does |
+//! |-------------|--------------|
+//! | `loop`      | spins forever (fuel, then the deadline) |
+//! | `grow`      | allocates without end (the memory cap) |
+//! | `recurse`   | recurses without end (the wasm stack) |
+//! | `trap`      | panics |
+//! | `giant`     | rewrites the message to 1 MiB (the output limit) |
+//! | `flood`     | logs ten thousand lines and prints to stdout (the log limit) |
+//! | `clock`     | rewrites the message to the wall clock it sees (must be the record's time) |
+//!
+//! Anything else is accepted.
+
+#[cfg(target_arch = "wasm32")]
+#[allow(clippy::too_many_arguments, reason = "in the code wit-bindgen generates")]
+mod component {
+    wit_bindgen::generate!({ world: "tenant-plugin", path: "../../wit" });
+
+    use roomcast::plugin::host::{Level, log};
+
+    struct Hostile;
+
+    /// Deep recursion on the wasm call stack itself (no locals in linear memory).
+    #[inline(never)]
+    fn recurse(depth: u64) -> u64 {
+        if std::hint::black_box(depth) == u64::MAX { 0 } else { recurse(depth + 1).wrapping_add(depth) }
+    }
+
+    impl Guest for Hostile {
+        fn validate(message: Message) -> Verdict {
+            match message.body.as_str() {
+                "loop" => {
+                    let mut x: u64 = 0;
+                    loop {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
+                }
+                "grow" => {
+                    let mut hoard: Vec<Vec<u8>> = Vec::new();
+                    loop {
+                        // Allocate a MiB at a time without writing it: cheap in fuel, so the
+                        // memory cap (not fuel) is what stops it.
+                        let mut chunk = Vec::<u8>::with_capacity(1 << 20);
+                        chunk.push(1);
+                        hoard.push(std::hint::black_box(chunk));
+                    }
+                }
+                "recurse" => Verdict::Rewrite(recurse(0).to_string()),
+                "trap" => panic!("the hostile plugin panics on purpose"),
+                "giant" => Verdict::Rewrite("x".repeat(1 << 20)),
+                "flood" => {
+                    for i in 0..10_000 {
+                        log(Level::Info, &format!("line {i}"));
+                    }
+                    println!("to stdout as well");
+                    Verdict::Accept
+                }
+                "clock" => {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    Verdict::Rewrite(now.as_millis().to_string())
+                }
+                _ => Verdict::Accept,
+            }
+        }
+
+        fn route(_: Message) -> Routing {
+            Routing { extra_rooms: Vec::new(), only_users: None, echo_to_sender: true }
+        }
+
+        fn welcome(_: WelcomeInfo) -> Option<String> {
+            None
+        }
+    }
+
+    export!(Hostile);
+}
