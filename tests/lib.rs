@@ -390,6 +390,8 @@ pub struct Stack {
     pub recorder: Recorder,
     /// Every `batchItemFailures` the processor answered.
     pub failures: Vec<Value>,
+    /// Tenant plugins the processor runs ([`Stack::install_plugin`]).
+    pub plugins: Arc<roomcast::plugins::registry::Registry>,
 }
 
 impl Stack {
@@ -431,14 +433,17 @@ impl Stack {
         };
         let deliverer =
             Deliverer::new(sdk_config().await, delivery, processor_store.clone(), clock.clone(), metrics.clone());
-        let processor = Processor::new(processor_store, deliverer, clock.clone(), metrics, 8);
+        let host = Arc::new(roomcast::plugins::PluginHost::new().expect("the plugin host"));
+        let plugins = Arc::new(roomcast::plugins::registry::Registry::new(host, metrics.clone()));
+        let processor =
+            Processor::new(processor_store, deliverer, clock.clone(), metrics, 8).with_plugins(plugins.clone());
         let deps = HandlerDeps {
             store: table.store.clone(),
             clock: clock.clone(),
             connection_ttl_seconds: 600,
             history_ttl_seconds: 3600,
         };
-        Stack { table, clock, deps, processor, recorder, failures: Vec::new() }
+        Stack { table, clock, deps, processor, recorder, failures: Vec::new(), plugins }
     }
 
     pub async fn connect(&self, id: &str, tenant: &str, user: &str, rooms: &str) -> ApiGatewayProxyResponse {
@@ -577,6 +582,14 @@ impl Store for UnavailableRoom {
 }
 
 impl Stack {
+    /// Compiles a component built from this workspace (`scripts/test` builds them) and makes it
+    /// `tenant`'s plugin.
+    pub fn install_plugin(&self, tenant: &str, crate_name: &str, policy: roomcast::plugins::registry::Policy) {
+        let limits = roomcast::plugins::Limits::default();
+        let plugin = self.plugins.host().compile(&component(crate_name), &limits).expect("compile the plugin");
+        self.plugins.install(tenant, plugin, limits, policy);
+    }
+
     pub fn clock_now(&self) -> chrono::DateTime<chrono::Utc> {
         use roomcast::model::Clock;
         self.clock.now()
@@ -756,4 +769,17 @@ pub fn sign_hs256(signed: &str, secret: &[u8]) -> String {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
     mac.update(signed.as_bytes());
     format!("{signed}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+}
+
+/// A component built from this workspace for wasm32-wasip2 (`scripts/test` builds them first).
+pub fn component(crate_name: &str) -> Vec<u8> {
+    let file = crate_name.replace('-', "_");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/wasm32-wasip2/release/{file}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}. Build the components first: scripts/test does, or \
+             cargo build --release --target wasm32-wasip2 -p {crate_name}",
+            path.display()
+        )
+    })
 }

@@ -2,22 +2,10 @@
 //! (`scripts/test` builds them for wasm32-wasip2 first): the example rules work, and every
 //! hostile behaviour ends in a specific fault while the host goes on serving.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use roomcast::plugins::{Fault, Limits, Message, PluginHost, Rejected, Verdict, WelcomeInfo};
-
-fn component(crate_name: &str) -> Vec<u8> {
-    let file = crate_name.replace('-', "_");
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/wasm32-wasip2/release/{file}.wasm"));
-    std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}. Build the components first: scripts/test does, or \
-             cargo build --release --target wasm32-wasip2 -p {crate_name}",
-            path.display()
-        )
-    })
-}
+use roomcast_tests::component;
 
 fn message(body: &str) -> Message {
     Message {
@@ -138,4 +126,143 @@ fn an_oversized_input_is_refused_before_the_plugin_runs() {
     let (verdict, report) = host.validate(&plugin, &limits, &message(&"x".repeat(limits.io_bytes + 1)), RECORD_TIME);
     assert!(matches!(verdict, Err(Fault::InputTooLarge { .. })));
     assert_eq!(report.fuel_used, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end through the stream: handlers write, the table's stream carries the records, the
+// processor asks the tenant's real component, and the real SDK client delivers (or does not).
+
+use roomcast::plugins::registry::{BREAKER_THRESHOLD, Policy};
+use roomcast_tests::Stack;
+use serde_json::json;
+
+roomcast_tests::on_both_stores!(
+    a_rejected_message_is_never_delivered_and_its_sender_is_told,
+    a_rewritten_message_arrives_rewritten,
+    routing_changes_the_recipients,
+    the_welcome_carries_the_tenants_greeting,
+    a_hostile_tenant_never_hurts_another_tenant_in_the_same_batch,
+);
+
+async fn a_rejected_message_is_never_delivered_and_its_sender_is_told(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.install_plugin("acme", "roomcast-plugin-moderation", Policy::FailOpen);
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    stack.pump().await;
+    stack.recorder.clear();
+    let id = stack.send("ann", json!({"action":"sendMessage","room":"general","message":"cheap viagra"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    stack.pump().await;
+    let rejected = stack.recorder.received_action("ann", "rejected");
+    assert_eq!(rejected.len(), 1, "{:?}", stack.recorder.calls());
+    assert_eq!(rejected[0]["id"], id.as_str());
+    assert!(rejected[0]["reason"].as_str().unwrap().contains("viagra"));
+    assert!(stack.recorder.received_action("bob", "message").is_empty(), "never delivered");
+    assert!(stack.recorder.received_action("ann", "message").is_empty());
+    assert_eq!(stack.processor.counts().rejected, 1);
+}
+
+async fn a_rewritten_message_arrives_rewritten(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.install_plugin("acme", "roomcast-plugin-moderation", Policy::FailOpen);
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    stack.pump().await;
+    stack.send("ann", json!({"action":"sendMessage","room":"general","message":"   hello there   "})).await;
+    stack.pump().await;
+    for who in ["ann", "bob"] {
+        let got = stack.recorder.received_action(who, "message");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["message"], "hello there");
+    }
+}
+
+async fn routing_changes_the_recipients(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.install_plugin("acme", "roomcast-plugin-routing", Policy::FailOpen);
+    stack.connect("ann", "acme", "ann", "announcements,general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    stack.connect("cid", "acme", "cid", "ops").await;
+    stack.connect("dan", "acme", "dan", "random").await;
+    stack.connect("eve", "globex", "eve", "general").await;
+    stack.pump().await;
+    stack.recorder.clear();
+
+    stack
+        .send(
+            "ann",
+            json!({"action":"sendMessage","room":"announcements","message":"deploy at 5, see #general and #ops"}),
+        )
+        .await;
+    stack.pump().await;
+    for who in ["ann", "bob", "cid"] {
+        assert_eq!(stack.recorder.received_action(who, "message").len(), 1, "{who}");
+    }
+    assert!(stack.recorder.received("dan").is_empty(), "not in a named room");
+    assert!(stack.recorder.received("eve").is_empty(), "another tenant's #general is never reached");
+
+    stack.recorder.clear();
+    stack.send("ann", json!({"action":"sendMessage","room":"general","message":"@bob lunch?"})).await;
+    stack.pump().await;
+    assert_eq!(stack.recorder.received_action("bob", "message").len(), 1);
+    assert_eq!(stack.recorder.received_action("ann", "message").len(), 1, "the sender keeps a copy");
+    assert!(stack.recorder.received("cid").is_empty());
+}
+
+async fn the_welcome_carries_the_tenants_greeting(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.install_plugin("acme", "roomcast-plugin-welcome", Policy::FailOpen);
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("eve", "globex", "eve", "general").await;
+    stack.pump().await;
+    let welcome = &stack.recorder.received_action("ann", "welcome")[0];
+    assert_eq!(welcome["greeting"], "Welcome to acme, ann! You are in #general.");
+    let plain = &stack.recorder.received_action("eve", "welcome")[0];
+    assert!(plain.get("greeting").is_none(), "a tenant without a plugin gets the default welcome");
+}
+
+async fn a_hostile_tenant_never_hurts_another_tenant_in_the_same_batch(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.install_plugin("acme", "roomcast-plugin-moderation", Policy::FailOpen);
+    stack.install_plugin("evil", "roomcast-hostile-plugin", Policy::FailClosed);
+    stack.install_plugin("lax", "roomcast-hostile-plugin", Policy::FailOpen);
+    for (id, tenant) in
+        [("ann", "acme"), ("bob", "acme"), ("mal", "evil"), ("max", "evil"), ("lou", "lax"), ("liz", "lax")]
+    {
+        stack.connect(id, tenant, id, "general").await;
+    }
+    stack.pump().await;
+    stack.recorder.clear();
+
+    // One batch: hostile behaviours from two tenants around an ordinary message from acme.
+    for (who, text) in [("mal", "loop"), ("ann", "hello"), ("mal", "grow"), ("lou", "trap"), ("mal", "giant")] {
+        stack.send(who, json!({"action":"sendMessage","room":"general","message":text})).await;
+    }
+    assert!(stack.pump().await >= 5);
+    assert!(stack.failures.is_empty(), "plugin faults never fail a batch: {:?}", stack.failures);
+
+    assert_eq!(stack.recorder.received_action("bob", "message")[0]["message"], "hello", "acme is served");
+    // evil fails closed: each faulting message is rejected, never delivered.
+    let rejected = stack.recorder.received_action("mal", "rejected");
+    assert_eq!(rejected.len(), 3, "{rejected:?}");
+    assert!(rejected.iter().all(|r| r["reason"].as_str().unwrap().contains("could not be checked")));
+    assert!(stack.recorder.received_action("max", "message").is_empty());
+    // lax fails open: the trap falls back to the default rules.
+    assert_eq!(stack.recorder.received_action("liz", "message")[0]["message"], "trap");
+    assert_eq!(stack.processor.counts().plugin_faults, 4);
+
+    // Repeated faults open evil's breaker: the plugin is no longer called at all.
+    for _ in 0..BREAKER_THRESHOLD {
+        stack.send("mal", json!({"action":"sendMessage","room":"general","message":"loop"})).await;
+    }
+    stack.pump().await;
+    stack.recorder.clear();
+    stack.send("mal", json!({"action":"sendMessage","room":"general","message":"harmless"})).await;
+    stack.pump().await;
+    let last = stack.recorder.received_action("mal", "rejected");
+    assert!(last[0]["reason"].as_str().unwrap().contains("circuit breaker"), "{last:?}");
+    assert_eq!(stack.recorder.received_action("bob", "message").len(), 0);
 }

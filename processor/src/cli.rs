@@ -105,6 +105,9 @@ struct DevArgs {
     /// Close connections open this long, seconds (API Gateway: 7200).
     #[arg(long, default_value_t = 7200)]
     max_connection: u64,
+    /// Load DIR/<tenant>.wasm as each tenant's plugin at start.
+    #[arg(long, value_name = "DIR")]
+    plugins: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,6 +236,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             ..Limits::default()
         },
         connection_ttl_seconds: args.connection_ttl,
+        plugins: args.plugins,
         ..crate::dev::DevOptions::default()
     };
     let store_name =
@@ -249,6 +253,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("  page       {}", stack.page_url());
     println!("  websocket  {}?token=<jwt>&rooms=general", stack.ws_url());
     println!("  @connections  http://{}/local/@connections/{{id}}", stack.addr);
+    if !stack.plugin_tenants.is_empty() {
+        println!("  plugins    {}", stack.plugin_tenants.join(", "));
+    }
     println!("  dev token (tenant demo, user alice, 12 h):");
     println!("    {token}");
     println!("  try: websocat '{}?token={token}&rooms=general'", stack.ws_url());

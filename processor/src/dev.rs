@@ -40,6 +40,8 @@ pub struct DevOptions {
     /// How often the embedded store runs TTL (DynamoDB's own TTL lags by minutes to days).
     pub ttl_sweep_every: Duration,
     pub delivery: DeliverySettings,
+    /// Loads `DIR/<tenant>.wasm` for each tenant at start (fail-open, default limits).
+    pub plugins: Option<PathBuf>,
 }
 
 impl Default for DevOptions {
@@ -55,8 +57,36 @@ impl Default for DevOptions {
             history_ttl_seconds: 7 * 86_400,
             ttl_sweep_every: Duration::from_secs(1),
             delivery: DeliverySettings::default(),
+            plugins: None,
         }
     }
+}
+
+/// Compiles every `DIR/<tenant>.wasm` and installs it for that tenant.
+fn load_plugins(dir: &std::path::Path, registry: &crate::plugins::registry::Registry) -> anyhow::Result<Vec<String>> {
+    use crate::plugins::Limits;
+    use crate::plugins::registry::Policy;
+    let mut loaded = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("cannot read plugin directory {}: {e}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("wasm") {
+            continue;
+        }
+        let tenant = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        crate::model::Name::parse("tenant", &tenant)
+            .map_err(|e| anyhow::anyhow!("{}: the file name must be a tenant: {e}", path.display()))?;
+        let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        let limits = Limits::default();
+        let plugin =
+            registry.host().compile(&bytes, &limits).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        tracing::info!(%tenant, sha256 = %plugin.sha256, size = plugin.size, "plugin loaded");
+        registry.install(&tenant, plugin, limits, Policy::FailOpen);
+        loaded.push(tenant);
+    }
+    loaded.sort();
+    Ok(loaded)
 }
 
 /// A running local stack.
@@ -67,6 +97,8 @@ pub struct DevStack {
     pub metrics: Arc<Metrics>,
     /// The embedded store, when it is the one in use.
     pub memory: Option<Arc<MemoryStore>>,
+    /// Tenants whose plugin `--plugins` loaded.
+    pub plugin_tenants: Vec<String>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -135,7 +167,15 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
     let delivery =
         DeliverySettings { endpoint_override: Some(format!("http://{addr}/{stage}")), ..options.delivery.clone() };
     let deliverer = Deliverer::new(sdk, delivery, store.clone(), clock.clone(), metrics.clone());
-    let processor = Arc::new(Processor::new(store.clone(), deliverer, clock.clone(), metrics.clone(), 8));
+    let mut processor = Processor::new(store.clone(), deliverer, clock.clone(), metrics.clone(), 8);
+    let mut plugin_tenants = Vec::new();
+    if let Some(dir) = &options.plugins {
+        let host = Arc::new(crate::plugins::PluginHost::new()?);
+        let registry = Arc::new(crate::plugins::registry::Registry::new(host, metrics.clone()));
+        plugin_tenants = load_plugins(dir, &registry)?;
+        processor = processor.with_plugins(registry);
+    }
+    let processor = Arc::new(processor);
     let deps = HandlerDeps {
         store: store.clone(),
         clock: clock.clone(),
@@ -182,7 +222,7 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
             }));
         }
     }
-    Ok(DevStack { addr, gateway, store, metrics, memory, stop, tasks })
+    Ok(DevStack { addr, gateway, store, metrics, memory, plugin_tenants, stop, tasks })
 }
 
 /// The embedded store's stream, in batches of up to 100 records as Lambda would read them.

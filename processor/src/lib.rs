@@ -20,7 +20,7 @@
 //! | change → effects | [`react`] | pure: welcome, room fan-out, presence, cascades |
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries; 410 / 429 / 413 rules |
 //! | the processor | [`pipeline`] | the path above for one record and for a batch |
-//! | tenant rules | [`plugins`] | the wasmtime host for tenant plugins (not yet called by [`pipeline`]) |
+//! | tenant rules | [`plugins`] | the wasmtime host; the registry [`pipeline`] asks before [`react`] |
 //!
 //! Around it: [`protocol`] (client frames), [`admin`] (operator operations and the sweeper), [`auth`] (the `$connect` authorizer's rule),
 //! [`config`] (the environment), [`metrics`] (counts), [`lambda`] (the Lambda entry points),

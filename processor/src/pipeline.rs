@@ -11,9 +11,11 @@ use tracing::field::Empty;
 use crate::deliver::{Deliverer, Outcome};
 use crate::metrics::{Counts, Metrics};
 use crate::model::Clock;
-use crate::react::{self, Effect};
+use crate::plugins::registry::{CallRecord, Registry};
+use crate::react::{self, Decisions, Effect};
 use crate::store::{Store, StoreError};
 use crate::stream::Change;
+use crate::stream::Record;
 use crate::stream::batch::{BatchOutcome, run_batch};
 
 /// What the processor did with one record.
@@ -23,6 +25,8 @@ pub struct RecordReport {
     pub effects: Vec<Effect>,
     /// Per recipient, sorted by connection id.
     pub outcomes: Vec<(String, Outcome)>,
+    /// Tenant plugin calls made for this record.
+    pub plugin_calls: Vec<CallRecord>,
 }
 
 pub struct Processor {
@@ -31,6 +35,7 @@ pub struct Processor {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     partitions_at_once: usize,
+    plugins: Option<Arc<Registry>>,
 }
 
 impl Processor {
@@ -41,7 +46,53 @@ impl Processor {
         metrics: Arc<Metrics>,
         partitions_at_once: usize,
     ) -> Processor {
-        Processor { store, deliverer, clock, metrics, partitions_at_once }
+        Processor { store, deliverer, clock, metrics, partitions_at_once, plugins: None }
+    }
+
+    /// Runs tenant plugins on messages and welcomes.
+    pub fn with_plugins(mut self, registry: Arc<Registry>) -> Processor {
+        self.plugins = Some(registry);
+        self
+    }
+
+    /// Asks the tenant's plugin, if any, about this change.
+    async fn decide(&self, change: &Change) -> (Decisions, Vec<CallRecord>) {
+        let mut decisions = Decisions::default();
+        let mut calls = Vec::new();
+        let Some(registry) = &self.plugins else { return (decisions, calls) };
+        match change {
+            Change::Inserted(Record::Message(m)) => {
+                let message = crate::plugins::Message {
+                    id: m.id.clone(),
+                    tenant: m.tenant.clone(),
+                    room: m.room.clone(),
+                    user_id: m.user_id.clone(),
+                    body: m.body.clone(),
+                    timestamp: crate::model::format_ts(&m.timestamp),
+                };
+                // The record's own time, never the clock: replay decides the same.
+                let at = m.timestamp.timestamp_millis().max(0) as u64;
+                if let Some((decision, route, made)) = registry.decide_message(&message, at).await {
+                    decisions.message = Some((decision, route));
+                    calls = made;
+                }
+            }
+            Change::Inserted(Record::Connection(c)) => {
+                let info = crate::plugins::WelcomeInfo {
+                    connection_id: c.connection_id.clone(),
+                    tenant: c.tenant.clone(),
+                    user_id: c.user_id.clone(),
+                    rooms: c.rooms.iter().cloned().collect(),
+                };
+                let at = c.connected_at.timestamp_millis().max(0) as u64;
+                if let Some((greeting, call)) = registry.greeting(&info, at).await {
+                    decisions.greeting = greeting;
+                    calls.push(call);
+                }
+            }
+            _ => {}
+        }
+        (decisions, calls)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -65,7 +116,12 @@ impl Processor {
             if let Change::Unknown { reason } = &change {
                 tracing::warn!(%reason, "skipping stream record");
                 Metrics::add(&self.metrics.skipped, 1);
-                return Ok(RecordReport { change, effects: Vec::new(), outcomes: Vec::new() });
+                return Ok(RecordReport {
+                    change,
+                    effects: Vec::new(),
+                    outcomes: Vec::new(),
+                    plugin_calls: Vec::new(),
+                });
             }
             let (tenant, room) = change.tenant_room();
             let span = tracing::Span::current();
@@ -75,14 +131,28 @@ impl Processor {
             if let Some(room) = room {
                 span.record("room", room);
             }
-            let members = match react::room_needed(&change) {
+            let (decisions, plugin_calls) = self.decide(&change).await;
+            let mut members = match react::room_needed(&change) {
                 Some((tenant, room)) => self.store.room_members(tenant, room, self.clock.now()).await?,
                 None => Vec::new(),
             };
-            let effects = react::react(&change, &members);
+            if let (Some((_, route)), Some((tenant, _))) = (&decisions.message, react::room_needed(&change)) {
+                for extra in &route.extra_rooms {
+                    // A plugin names rooms; only valid names of the same tenant are read.
+                    if crate::model::Name::parse("room", extra).is_ok() {
+                        members.extend(self.store.room_members(tenant, extra, self.clock.now()).await?);
+                    }
+                }
+            }
+            let effects = react::react(&change, &members, &decisions);
             let outcomes = self.deliverer.apply(&effects).await?;
-            tracing::debug!(effects = effects.len(), recipients = outcomes.len(), "record processed");
-            Ok(RecordReport { change, effects, outcomes })
+            tracing::debug!(
+                effects = effects.len(),
+                recipients = outcomes.len(),
+                plugin_calls = plugin_calls.len(),
+                "record processed"
+            );
+            Ok(RecordReport { change, effects, outcomes, plugin_calls })
         }
         .instrument(span)
         .await

@@ -163,6 +163,9 @@ pub enum ServerMessage {
         tenant: String,
         user_id: String,
         rooms: Vec<String>,
+        /// The tenant plugin's greeting, when it has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        greeting: Option<String>,
     },
     Message(ChatMessage),
     Presence {

@@ -33,6 +33,37 @@ impl From<&Membership> for Recipient {
     }
 }
 
+/// A tenant plugin's decision about a message (the default: deliver it as written).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Deliver { rewritten: Option<String> },
+    Reject { reason: String },
+}
+
+/// Who receives a delivered message beyond the default (its room's members, sender included).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Members of these rooms (same tenant) receive it too; the caller reads them into `members`.
+    pub extra_rooms: Vec<String>,
+    /// Only these users' connections receive it.
+    pub only_users: Option<Vec<String>>,
+    /// False: the sending connection does not get its own message back.
+    pub echo_to_sender: bool,
+}
+
+impl Default for Route {
+    fn default() -> Self {
+        Route { extra_rooms: Vec::new(), only_users: None, echo_to_sender: true }
+    }
+}
+
+/// What tenant plugins decided for this change; empty when there are no plugins.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Decisions {
+    pub message: Option<(Decision, Route)>,
+    pub greeting: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
     /// One payload to each recipient (sorted by connection id).
@@ -53,8 +84,9 @@ pub fn room_needed(change: &Change) -> Option<(&str, &str)> {
 }
 
 /// `members`: the room's live memberships, read after the change was written (so an inserted
-/// membership is among them and a removed one is not). Required when [`room_needed`] is `Some`.
-pub fn react(change: &Change, members: &[Membership]) -> Vec<Effect> {
+/// membership is among them and a removed one is not), plus those of a route's extra rooms.
+/// Required when [`room_needed`] is `Some`.
+pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> Vec<Effect> {
     match change {
         Change::Inserted(Record::Connection(c)) => vec![Effect::Send {
             payload: ServerMessage::Welcome {
@@ -62,6 +94,7 @@ pub fn react(change: &Change, members: &[Membership]) -> Vec<Effect> {
                 tenant: c.tenant.clone(),
                 user_id: c.user_id.clone(),
                 rooms: c.rooms.iter().cloned().collect(),
+                greeting: decisions.greeting.clone(),
             },
             recipients: vec![Recipient {
                 connection_id: c.connection_id.clone(),
@@ -69,7 +102,34 @@ pub fn react(change: &Change, members: &[Membership]) -> Vec<Effect> {
                 connected_at: c.connected_at,
             }],
         }],
-        Change::Inserted(Record::Message(m)) => send_to_room(ServerMessage::Message(ChatMessage::from(m)), members),
+        Change::Inserted(Record::Message(m)) => {
+            let (decision, route) =
+                decisions.message.clone().unwrap_or((Decision::Deliver { rewritten: None }, Route::default()));
+            match decision {
+                Decision::Reject { reason } => members
+                    .iter()
+                    .find(|member| member.connection_id == m.sender_connection_id)
+                    .map(|sender| Effect::Send {
+                        payload: ServerMessage::Rejected { id: m.id.clone(), reason },
+                        recipients: vec![Recipient::from(sender)],
+                    })
+                    .into_iter()
+                    .collect(),
+                Decision::Deliver { rewritten } => {
+                    let mut chat = ChatMessage::from(m);
+                    if let Some(text) = rewritten {
+                        chat.message = text;
+                    }
+                    let chosen: Vec<Membership> = members
+                        .iter()
+                        .filter(|member| route.only_users.as_ref().is_none_or(|users| users.contains(&member.user_id)))
+                        .filter(|member| route.echo_to_sender || member.connection_id != m.sender_connection_id)
+                        .cloned()
+                        .collect();
+                    send_to_room(ServerMessage::Message(chat), &chosen)
+                }
+            }
+        }
         Change::Inserted(Record::Membership(joined)) => {
             if first_connection_of_user(joined, members) {
                 let reason = match joined.join_reason {
@@ -180,7 +240,7 @@ mod tests {
     #[test]
     fn a_new_connection_is_welcomed_alone() {
         let c = conn("c1", "ann", &["b", "a"], 0);
-        let out = sent(&react(&Change::Inserted(Record::Connection(c)), &[]));
+        let out = sent(&react(&Change::Inserted(Record::Connection(c)), &[], &Decisions::default()));
         assert_eq!(
             out,
             vec![(
@@ -195,7 +255,7 @@ mod tests {
         let sender = conn("c2", "ann", &["general"], 0);
         let msg = Message::new(&sender, "general", "hi".into(), t(5), 60);
         let members = [member("c3", "bob", 1), member("c2", "ann", 0)];
-        let out = sent(&react(&Change::Inserted(Record::Message(msg.clone())), &members));
+        let out = sent(&react(&Change::Inserted(Record::Message(msg.clone())), &members, &Decisions::default()));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0["message"], "hi");
         assert_eq!(out[0].0["id"], msg.id.as_str());
@@ -208,8 +268,8 @@ mod tests {
         let second = member("c2", "ann", 0); // same instant: the connection id breaks the tie
         let bob = member("c9", "bob", 0);
         let members = [first.clone(), second.clone(), bob];
-        let a = react(&Change::Inserted(Record::Membership(first)), &members);
-        let b = react(&Change::Inserted(Record::Membership(second)), &members);
+        let a = react(&Change::Inserted(Record::Membership(first)), &members, &Decisions::default());
+        let b = react(&Change::Inserted(Record::Membership(second)), &members, &Decisions::default());
         assert_eq!(sent(&a).len(), 1);
         assert_eq!(sent(&a)[0].0["event"], "joined");
         assert_eq!(sent(&a)[0].0["reason"], "join");
@@ -223,26 +283,29 @@ mod tests {
         let tab2 = member("c2", "ann", 1);
         let bob = member("c9", "bob", 0);
         let removed = |m: &Membership, cause| Change::Removed { old: Record::Membership(m.clone()), cause };
-        assert!(react(&removed(&tab1, Cause::Client), &[tab2.clone(), bob.clone()]).is_empty());
+        assert!(react(&removed(&tab1, Cause::Client), &[tab2.clone(), bob.clone()], &Decisions::default()).is_empty());
 
-        let out = sent(&react(&removed(&tab2, Cause::Client), std::slice::from_ref(&bob)));
+        let out = sent(&react(&removed(&tab2, Cause::Client), std::slice::from_ref(&bob), &Decisions::default()));
         assert_eq!(out[0].0["event"], "left");
         assert_eq!(out[0].0["reason"], "leave");
         assert_eq!(out[0].1, vec!["c9"]);
 
         let marked = Membership { left_reason: Some("disconnect".into()), ..tab2.clone() };
         assert_eq!(
-            sent(&react(&removed(&marked, Cause::Client), std::slice::from_ref(&bob)))[0].0["reason"],
+            sent(&react(&removed(&marked, Cause::Client), std::slice::from_ref(&bob), &Decisions::default()))[0].0["reason"],
             "disconnect"
         );
-        assert_eq!(sent(&react(&removed(&tab2, Cause::TtlExpired), &[bob]))[0].0["reason"], "expired");
+        assert_eq!(
+            sent(&react(&removed(&tab2, Cause::TtlExpired), &[bob], &Decisions::default()))[0].0["reason"],
+            "expired"
+        );
     }
 
     #[test]
     fn a_removed_connection_removes_its_memberships_with_the_right_reason() {
         let c = conn("c1", "ann", &["a", "b"], 0);
         let reasons = |change: Change| -> Vec<(String, LeftReason)> {
-            react(&change, &[])
+            react(&change, &[], &Decisions::default())
                 .into_iter()
                 .map(|e| match e {
                     Effect::RemoveMembership { room, reason, .. } => (room, reason),
@@ -262,12 +325,45 @@ mod tests {
     }
 
     #[test]
+    fn plugin_decisions_reject_rewrite_and_route() {
+        let sender = conn("c2", "ann", &["general"], 0);
+        let msg = Message::new(&sender, "general", "hi".into(), t(5), 60);
+        let members = [member("c2", "ann", 0), member("c3", "bob", 1), member("c4", "cid", 1)];
+        let with = |decision: Decision, route: Route| {
+            sent(&react(
+                &Change::Inserted(Record::Message(msg.clone())),
+                &members,
+                &Decisions { message: Some((decision, route)), greeting: None },
+            ))
+        };
+        let rejected = with(Decision::Reject { reason: "no".into() }, Route::default());
+        assert_eq!(
+            rejected,
+            vec![(serde_json::json!({"action":"rejected","id":msg.id,"reason":"no"}), vec!["c2".to_string()])]
+        );
+
+        let rewritten = with(Decision::Deliver { rewritten: Some("HI".into()) }, Route::default());
+        assert_eq!(rewritten[0].0["message"], "HI");
+        assert_eq!(rewritten[0].1, vec!["c2", "c3", "c4"]);
+
+        let only = Route { only_users: Some(vec!["bob".into(), "ann".into()]), ..Route::default() };
+        assert_eq!(with(Decision::Deliver { rewritten: None }, only)[0].1, vec!["c2", "c3"]);
+        let no_echo = Route { echo_to_sender: false, ..Route::default() };
+        assert_eq!(with(Decision::Deliver { rewritten: None }, no_echo)[0].1, vec!["c3", "c4"]);
+    }
+
+    #[test]
     fn modifications_and_unknown_records_do_nothing() {
         let c = conn("c1", "ann", &["a"], 0);
         let later = Connection { ttl: c.ttl + Duration::minutes(5).num_seconds(), ..c.clone() };
         assert!(
-            react(&Change::Modified { old: Record::Connection(c), new: Record::Connection(later) }, &[]).is_empty()
+            react(
+                &Change::Modified { old: Record::Connection(c), new: Record::Connection(later) },
+                &[],
+                &Decisions::default()
+            )
+            .is_empty()
         );
-        assert!(react(&Change::Unknown { reason: "x".into() }, &[]).is_empty());
+        assert!(react(&Change::Unknown { reason: "x".into() }, &[], &Decisions::default()).is_empty());
     }
 }

@@ -27,6 +27,8 @@ wasmtime::component::bindgen!({ world: "tenant-plugin", path: "../wit", addition
 
 pub use self::roomcast::plugin::host::Level;
 
+pub mod registry;
+
 /// How often the epoch ticks: the granularity of the wall-clock deadline.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
