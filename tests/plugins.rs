@@ -114,6 +114,16 @@ fn components_that_cannot_be_plugins_are_rejected_with_the_reason() {
     assert!(matches!(host.compile(b"\0asm\x01\0\0\0", &limits), Err(Rejected::NotAComponent(_))));
     let big = vec![0u8; limits.component_bytes + 1];
     assert!(matches!(host.compile(&big, &limits), Err(Rejected::TooLarge { .. })));
+    // A component that imports an interface Roomcast does not offer.
+    match host.compile(&component("roomcast-greedy-plugin"), &limits) {
+        Err(Rejected::ForbiddenImport(why)) => assert!(why.contains("forbidden"), "{why}"),
+        other => panic!("expected a forbidden import, got {other:?}"),
+    }
+    // A valid component of another world.
+    match host.compile(&component("roomcast-stranger-plugin"), &limits) {
+        Err(Rejected::WrongWorld(why)) => assert!(why.contains("no export"), "{why}"),
+        other => panic!("expected the wrong world, got {other:?}"),
+    }
     let small = Limits { component_bytes: 1000, ..Limits::default() };
     assert!(matches!(host.compile(&component("roomcast-plugin-welcome"), &small), Err(Rejected::TooLarge { .. })));
 }

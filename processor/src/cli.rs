@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         command: TableCommand,
     },
+    /// Work with tenant plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Mint an HS256 token for `$connect` (tenant and sub claims), e.g. to try a deployment.
     Token {
         #[arg(long)]
@@ -111,6 +116,27 @@ struct DevArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Run a component's hooks on an event, under the same limits as the processor, and print
+    /// each verdict with the fuel, time and log. EVENT.json is {"message": {...}} (validate, then
+    /// route) or {"welcome": {...}}, with an optional "time" in epoch milliseconds.
+    Test {
+        file: std::path::PathBuf,
+        #[arg(long, value_name = "EVENT.json")]
+        event: std::path::PathBuf,
+        /// Fuel per call.
+        #[arg(long, default_value_t = 10_000_000)]
+        fuel: u64,
+        /// Wall-clock deadline per call, milliseconds.
+        #[arg(long, default_value_t = 100)]
+        deadline_ms: u64,
+        /// Memory cap, MiB.
+        #[arg(long, default_value_t = 16)]
+        memory_mib: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TableCommand {
     /// Create the table (stream NEW_AND_OLD_IMAGES, TTL on `ttl`, the `gsi1` index); an existing
     /// table is left as it is.
@@ -145,6 +171,16 @@ pub async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev(args).await,
+        Command::Plugin { command: PluginCommand::Test { file, event, fuel, deadline_ms, memory_mib } } => {
+            let limits = crate::plugins::Limits {
+                fuel,
+                deadline: Duration::from_millis(deadline_ms),
+                memory_bytes: memory_mib << 20,
+                ..crate::plugins::Limits::default()
+            };
+            let clean = plugin_test(&file, &event, &limits)?;
+            if clean { Ok(()) } else { anyhow::bail!("the plugin faulted") }
+        }
         Command::Token { tenant, user, secret, ttl } => {
             crate::model::Name::parse("tenant", &tenant).map_err(|e| anyhow::anyhow!(e))?;
             let exp = chrono::Utc::now().timestamp() + ttl;
@@ -272,4 +308,65 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     stack.shutdown().await;
     metrics.snapshot().emit("roomcast.totals");
     Ok(())
+}
+
+/// `roomcast plugin test`: true when every hook ran without a fault.
+fn plugin_test(
+    file: &std::path::Path,
+    event: &std::path::Path,
+    limits: &crate::plugins::Limits,
+) -> anyhow::Result<bool> {
+    use crate::plugins::{CallReport, Message, PluginHost, WelcomeInfo};
+    let bytes = std::fs::read(file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+    let event: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(event).map_err(|e| anyhow::anyhow!("reading {}: {e}", event.display()))?)
+            .map_err(|e| anyhow::anyhow!("{} is not JSON: {e}", event.display()))?;
+    let host = PluginHost::new()?;
+    let plugin = host.compile(&bytes, limits).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    println!("plugin   {}  sha256 {}  {} bytes", file.display(), plugin.sha256, plugin.size);
+    let time = event["time"].as_u64().unwrap_or(0);
+    let text = |v: &serde_json::Value, key: &str| v[key].as_str().unwrap_or_default().to_string();
+    let show = |hook: &str, outcome: String, report: &CallReport| {
+        println!("{hook:<9} {outcome}");
+        println!("          fuel {}  time {:.3} ms", report.fuel_used, report.elapsed.as_secs_f64() * 1000.0);
+        for line in &report.log {
+            println!("          log  {line}");
+        }
+    };
+    let mut clean = true;
+    if let Some(m) = event.get("message") {
+        let message = Message {
+            id: text(m, "id"),
+            tenant: text(m, "tenant"),
+            room: text(m, "room"),
+            user_id: text(m, "user_id"),
+            body: text(m, "body"),
+            timestamp: text(m, "timestamp"),
+        };
+        let (verdict, report) = host.validate(&plugin, limits, &message, time);
+        clean &= verdict.is_ok();
+        let rejected = matches!(verdict, Ok(crate::plugins::Verdict::Reject(_)));
+        show("validate", verdict.map_or_else(|f| format!("FAULT {f}"), |v| format!("{v:?}")), &report);
+        if !rejected {
+            let (routing, report) = host.route(&plugin, limits, &message, time);
+            clean &= routing.is_ok();
+            show("route", routing.map_or_else(|f| format!("FAULT {f}"), |r| format!("{r:?}")), &report);
+        }
+    } else if let Some(w) = event.get("welcome") {
+        let info = WelcomeInfo {
+            connection_id: text(w, "connection_id"),
+            tenant: text(w, "tenant"),
+            user_id: text(w, "user_id"),
+            rooms: w["rooms"]
+                .as_array()
+                .map(|r| r.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+                .unwrap_or_default(),
+        };
+        let (greeting, report) = host.welcome(&plugin, limits, &info, time);
+        clean &= greeting.is_ok();
+        show("welcome", greeting.map_or_else(|f| format!("FAULT {f}"), |g| format!("{g:?}")), &report);
+    } else {
+        anyhow::bail!("the event needs a \"message\" or a \"welcome\" object");
+    }
+    Ok(clean)
 }
