@@ -34,6 +34,7 @@ contract!(
     history_is_ordered_limited_and_paged,
     the_stream_carries_every_write_in_order_with_both_images,
     connections_by_user_scan_pages_and_status,
+    a_large_plugin_is_chunked_under_the_item_limit_and_reassembled,
 );
 
 fn now() -> DateTime<Utc> {
@@ -255,6 +256,31 @@ async fn connections_by_user_scan_pages_and_status(table: Table) {
     assert_eq!(table.store.get_connection("c3", t).await.unwrap().unwrap().status, "DISCONNECTED");
     assert_eq!(table.store.set_status("nobody", "DISCONNECTED").await.unwrap(), None);
     assert_eq!(table.store.get_connection("nobody", t).await.unwrap(), None, "set_status creates nothing");
+}
+
+async fn a_large_plugin_is_chunked_under_the_item_limit_and_reassembled(table: Table) {
+    use roomcast::model::{FailurePolicy, PluginMeta, PluginStatus, plugin_chunks};
+    let bytes: Vec<u8> = (0..900_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let meta = PluginMeta::new("acme", &"ab".repeat(32), bytes.len(), FailurePolicy::Closed, now());
+    let chunks = plugin_chunks("acme", &meta.version, &bytes);
+    assert_eq!((meta.chunks, chunks.len()), (3, 3));
+    table.store.put_plugin(&meta, &chunks).await.unwrap();
+    assert_eq!(table.store.plugin_bytes("acme", &meta.version, meta.chunks).await.unwrap(), Some(bytes));
+    assert_eq!(
+        table.store.plugin_bytes("acme", &meta.version, meta.chunks + 1).await.unwrap(),
+        None,
+        "a missing chunk"
+    );
+    assert_eq!(table.store.plugins("acme").await.unwrap(), vec![meta.clone()]);
+    assert!(table.store.plugins("globex").await.unwrap().is_empty());
+    table.store.set_plugin_status("acme", &meta.version, PluginStatus::Rejected, Some("nope")).await.unwrap();
+    let stored = &table.store.plugins("acme").await.unwrap()[0];
+    assert_eq!((stored.status, stored.reason.as_deref()), (PluginStatus::Rejected, Some("nope")));
+    assert_eq!(table.store.active_plugin("acme").await.unwrap(), None);
+    table.store.set_active_plugin("acme", Some(&meta.version)).await.unwrap();
+    assert_eq!(table.store.active_plugin("acme").await.unwrap().unwrap().version, meta.version);
+    table.store.set_active_plugin("acme", None).await.unwrap();
+    assert_eq!(table.store.active_plugin("acme").await.unwrap(), None);
 }
 
 async fn drain(table: &mut Table) -> Vec<EventRecord> {

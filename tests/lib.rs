@@ -569,6 +569,39 @@ impl Store for UnavailableRoom {
     async fn set_status(&self, id: &str, status: &str) -> roomcast::store::Result<Option<roomcast::model::Connection>> {
         self.inner.set_status(id, status).await
     }
+    async fn put_plugin(
+        &self,
+        m: &roomcast::model::PluginMeta,
+        c: &[roomcast::model::PluginChunk],
+    ) -> roomcast::store::Result<()> {
+        self.inner.put_plugin(m, c).await
+    }
+    async fn plugin_bytes(
+        &self,
+        tenant: &str,
+        version: &str,
+        chunks: usize,
+    ) -> roomcast::store::Result<Option<Vec<u8>>> {
+        self.inner.plugin_bytes(tenant, version, chunks).await
+    }
+    async fn plugins(&self, tenant: &str) -> roomcast::store::Result<Vec<roomcast::model::PluginMeta>> {
+        self.inner.plugins(tenant).await
+    }
+    async fn set_plugin_status(
+        &self,
+        tenant: &str,
+        version: &str,
+        status: roomcast::model::PluginStatus,
+        reason: Option<&str>,
+    ) -> roomcast::store::Result<()> {
+        self.inner.set_plugin_status(tenant, version, status, reason).await
+    }
+    async fn active_plugin(&self, tenant: &str) -> roomcast::store::Result<Option<roomcast::model::PluginActive>> {
+        self.inner.active_plugin(tenant).await
+    }
+    async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> roomcast::store::Result<()> {
+        self.inner.set_active_plugin(tenant, version).await
+    }
     async fn history(
         &self,
         tenant: &str,

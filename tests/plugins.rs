@@ -152,6 +152,8 @@ roomcast_tests::on_both_stores!(
     routing_changes_the_recipients,
     the_welcome_carries_the_tenants_greeting,
     a_hostile_tenant_never_hurts_another_tenant_in_the_same_batch,
+    uploads_activate_through_the_stream_and_roll_back,
+    a_cold_processor_loads_the_active_plugin,
 );
 
 async fn a_rejected_message_is_never_delivered_and_its_sender_is_told(kind: &str) {
@@ -275,4 +277,135 @@ async fn a_hostile_tenant_never_hurts_another_tenant_in_the_same_batch(kind: &st
     let last = stack.recorder.received_action("mal", "rejected");
     assert!(last[0]["reason"].as_str().unwrap().contains("circuit breaker"), "{last:?}");
     assert_eq!(stack.recorder.received_action("bob", "message").len(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upload and activation as records, through the table's stream.
+
+use roomcast::model::{FailurePolicy, PluginStatus};
+
+async fn spam_is_rejected(stack: &mut Stack) -> bool {
+    stack.recorder.clear();
+    stack.send("ann", json!({"action":"sendMessage","room":"general","message":"spam spam"})).await;
+    stack.pump().await;
+    let rejected = !stack.recorder.received_action("ann", "rejected").is_empty();
+    let delivered = !stack.recorder.received_action("bob", "message").is_empty();
+    assert_ne!(rejected, delivered, "exactly one of rejected or delivered");
+    rejected
+}
+
+async fn uploads_activate_through_the_stream_and_roll_back(kind: &str) {
+    use roomcast::model::Clock;
+    let mut stack = Stack::on(kind).await;
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    stack.pump().await;
+    let store = stack.table.store.clone();
+    assert!(!spam_is_rejected(&mut stack).await, "no plugin yet");
+
+    // Upload: chunks and metadata are written; the processor activates on the metadata's INSERT.
+    let moderation = component("roomcast-plugin-moderation");
+    let v1 = roomcast::plugins::upload(
+        &*store,
+        stack.plugins.host(),
+        "acme",
+        &moderation,
+        FailurePolicy::Open,
+        stack.clock.now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(v1.chunks, moderation.len().div_ceil(roomcast::model::PLUGIN_CHUNK_BYTES));
+    stack.pump().await;
+    let listed = store.plugins("acme").await.unwrap();
+    assert_eq!((listed.len(), listed[0].status), (1, PluginStatus::Active));
+    assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, v1.version);
+    assert!(spam_is_rejected(&mut stack).await, "moderation is active");
+
+    // A record whose chunks do not hash to its sha256 is refused, with the reason.
+    let mut tampered = roomcast::model::PluginMeta::new(
+        "acme",
+        &"0".repeat(64),
+        moderation.len(),
+        FailurePolicy::Open,
+        stack.clock.now(),
+    );
+    tampered.version = "tampered".into();
+    tampered.sk = roomcast::model::plugin_meta_sk("tampered");
+    store.put_plugin(&tampered, &roomcast::model::plugin_chunks("acme", "tampered", &moderation)).await.unwrap();
+    stack.pump().await;
+    let refused = store.plugins("acme").await.unwrap().into_iter().find(|m| m.version == "tampered").unwrap();
+    assert_eq!(refused.status, PluginStatus::Rejected);
+    assert!(refused.reason.as_deref().unwrap_or("").contains("sha256 mismatch"), "{refused:?}");
+    assert!(spam_is_rejected(&mut stack).await, "v1 still active after a refused upload");
+
+    // A second version takes over; v1 becomes inactive.
+    stack.clock.advance(chrono::Duration::seconds(1));
+    let v2 = roomcast::plugins::upload(
+        &*store,
+        stack.plugins.host(),
+        "acme",
+        &component("roomcast-plugin-welcome"),
+        FailurePolicy::Open,
+        stack.clock.now(),
+    )
+    .await
+    .unwrap();
+    stack.pump().await;
+    assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, v2.version);
+    let statuses: Vec<_> = store.plugins("acme").await.unwrap().into_iter().map(|m| (m.version, m.status)).collect();
+    assert!(statuses.contains(&(v1.version.clone(), PluginStatus::Inactive)), "{statuses:?}");
+    assert!(!spam_is_rejected(&mut stack).await, "the welcome plugin accepts everything");
+
+    // Rollback: activate v1 again.
+    store.set_active_plugin("acme", Some(&v1.version)).await.unwrap();
+    stack.pump().await;
+    assert!(spam_is_rejected(&mut stack).await, "rolled back to moderation");
+
+    // Disable: no plugin.
+    store.set_active_plugin("acme", None).await.unwrap();
+    stack.pump().await;
+    assert!(!spam_is_rejected(&mut stack).await, "disabled");
+}
+
+async fn a_cold_processor_loads_the_active_plugin(kind: &str) {
+    use roomcast::model::Clock;
+    let mut stack = Stack::on(kind).await;
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    let store = stack.table.store.clone();
+    roomcast::plugins::upload(
+        &*store,
+        stack.plugins.host(),
+        "acme",
+        &component("roomcast-plugin-moderation"),
+        FailurePolicy::Closed,
+        stack.clock.now(),
+    )
+    .await
+    .unwrap();
+    stack.pump().await;
+
+    // A new container: an empty registry, the same table.
+    let metrics = std::sync::Arc::new(roomcast::metrics::Metrics::default());
+    let delivery = roomcast::deliver::DeliverySettings {
+        endpoint_override: Some(stack.recorder.endpoint.clone()),
+        ..Default::default()
+    };
+    let deliverer = roomcast::deliver::Deliverer::new(
+        roomcast_tests::sdk_config().await,
+        delivery,
+        store.clone(),
+        stack.clock.clone(),
+        metrics.clone(),
+    );
+    let registry = std::sync::Arc::new(roomcast::plugins::registry::Registry::new(
+        std::sync::Arc::new(PluginHost::new().unwrap()),
+        metrics.clone(),
+    ));
+    assert_eq!(registry.installed_version("acme"), None);
+    stack.processor = roomcast::pipeline::Processor::new(store, deliverer, stack.clock.clone(), metrics, 8)
+        .with_plugins(registry.clone());
+    assert!(spam_is_rejected(&mut stack).await, "the cold processor found and loaded acme's plugin");
+    assert!(registry.installed_version("acme").is_some());
 }

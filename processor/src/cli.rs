@@ -16,6 +16,7 @@ use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
 use crate::model::SystemClock;
 use crate::pipeline::{Processor, run_from_stream};
+use crate::store::Store;
 use crate::store::dynamodb::{DynamoStore, create_table, wait_until_active};
 use crate::stream::poller::{StartAt, StreamPoller};
 
@@ -117,6 +118,40 @@ struct DevArgs {
 
 #[derive(Debug, Subcommand)]
 enum PluginCommand {
+    /// Check a component and upload it for a tenant; the processor activates it.
+    Upload {
+        #[arg(long)]
+        tenant: String,
+        file: std::path::PathBuf,
+        /// When the plugin faults: deliver by the default rules (open) or reject (closed).
+        #[arg(long, value_parser = ["open", "closed"], default_value = "open")]
+        policy: String,
+        #[command(flatten)]
+        table: TableArgs,
+    },
+    /// A tenant's uploaded versions and their status.
+    List {
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        table: TableArgs,
+    },
+    /// Make an uploaded version the tenant's plugin (rollback).
+    Activate {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        version: String,
+        #[command(flatten)]
+        table: TableArgs,
+    },
+    /// Run the tenant without a plugin.
+    Disable {
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        table: TableArgs,
+    },
     /// Run a component's hooks on an event, under the same limits as the processor, and print
     /// each verdict with the fuel, time and log. EVENT.json is {"message": {...}} (validate, then
     /// route) or {"welcome": {...}}, with an optional "time" in epoch milliseconds.
@@ -171,6 +206,57 @@ pub async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev(args).await,
+        Command::Plugin { command: PluginCommand::Upload { tenant, file, policy, table } } => {
+            let store = table_store(&table).await;
+            let bytes = std::fs::read(&file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+            let host = crate::plugins::PluginHost::new()?;
+            let policy = if policy == "closed" {
+                crate::model::FailurePolicy::Closed
+            } else {
+                crate::model::FailurePolicy::Open
+            };
+            let meta = crate::plugins::upload(&store, &host, &tenant, &bytes, policy, chrono::Utc::now())
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e:#}", file.display()))?;
+            println!(
+                "uploaded {tenant} version {} ({} bytes, {} chunks, sha256 {})",
+                meta.version, meta.size, meta.chunks, meta.sha256
+            );
+            println!("the processor activates it; `roomcast plugin list --tenant {tenant}` shows the outcome");
+            Ok(())
+        }
+        Command::Plugin { command: PluginCommand::List { tenant, table } } => {
+            let store = table_store(&table).await;
+            let active = store.active_plugin(&tenant).await?.map(|a| a.version);
+            for meta in store.plugins(&tenant).await? {
+                let marker = if active.as_deref() == Some(meta.version.as_str()) { "*" } else { " " };
+                let status = serde_json::to_value(meta.status)?;
+                println!(
+                    "{marker} {}  {:<8}  {:>8} bytes  uploaded {}{}",
+                    meta.version,
+                    status.as_str().unwrap_or("?"),
+                    meta.size,
+                    crate::model::format_ts(&meta.uploaded_at),
+                    meta.reason.map(|r| format!("  ({r})")).unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        Command::Plugin { command: PluginCommand::Activate { tenant, version, table } } => {
+            let store = table_store(&table).await;
+            if !store.plugins(&tenant).await?.iter().any(|m| m.version == version) {
+                anyhow::bail!("{tenant} has no uploaded version {version}");
+            }
+            store.set_active_plugin(&tenant, Some(&version)).await?;
+            println!("{tenant} now runs version {version}");
+            Ok(())
+        }
+        Command::Plugin { command: PluginCommand::Disable { tenant, table } } => {
+            let store = table_store(&table).await;
+            store.set_active_plugin(&tenant, None).await?;
+            println!("{tenant} runs without a plugin");
+            Ok(())
+        }
         Command::Plugin { command: PluginCommand::Test { file, event, fuel, deadline_ms, memory_mib } } => {
             let limits = crate::plugins::Limits {
                 fuel,
@@ -369,4 +455,9 @@ fn plugin_test(
         anyhow::bail!("the event needs a \"message\" or a \"welcome\" object");
     }
     Ok(clean)
+}
+
+async fn table_store(table: &TableArgs) -> DynamoStore {
+    let sdk = config::load_aws().await;
+    DynamoStore::new(config::dynamodb_client(&sdk, table.dynamodb_endpoint.as_deref()), &table.table)
 }

@@ -167,15 +167,15 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
     let delivery =
         DeliverySettings { endpoint_override: Some(format!("http://{addr}/{stage}")), ..options.delivery.clone() };
     let deliverer = Deliverer::new(sdk, delivery, store.clone(), clock.clone(), metrics.clone());
-    let mut processor = Processor::new(store.clone(), deliverer, clock.clone(), metrics.clone(), 8);
-    let mut plugin_tenants = Vec::new();
-    if let Some(dir) = &options.plugins {
-        let host = Arc::new(crate::plugins::PluginHost::new()?);
-        let registry = Arc::new(crate::plugins::registry::Registry::new(host, metrics.clone()));
-        plugin_tenants = load_plugins(dir, &registry)?;
-        processor = processor.with_plugins(registry);
-    }
-    let processor = Arc::new(processor);
+    // Plugins uploaded to the table are activated as in AWS; --plugins adds files at start.
+    let host = Arc::new(crate::plugins::PluginHost::new()?);
+    let registry = Arc::new(crate::plugins::registry::Registry::new(host, metrics.clone()));
+    let plugin_tenants = match &options.plugins {
+        Some(dir) => load_plugins(dir, &registry)?,
+        None => Vec::new(),
+    };
+    let processor =
+        Arc::new(Processor::new(store.clone(), deliverer, clock.clone(), metrics.clone(), 8).with_plugins(registry));
     let deps = HandlerDeps {
         store: store.clone(),
         clock: clock.clone(),

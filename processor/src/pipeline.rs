@@ -11,7 +11,8 @@ use tracing::field::Empty;
 use crate::deliver::{Deliverer, Outcome};
 use crate::metrics::{Counts, Metrics};
 use crate::model::Clock;
-use crate::plugins::registry::{CallRecord, Registry};
+use crate::model::{FailurePolicy, PluginMeta, PluginStatus};
+use crate::plugins::registry::{CallRecord, Policy, Registry};
 use crate::react::{self, Decisions, Effect};
 use crate::store::{Store, StoreError};
 use crate::stream::Change;
@@ -55,11 +56,118 @@ impl Processor {
         self
     }
 
+    /// Plugin records: activate an uploaded version, follow the `ACTIVE` pointer, disable.
+    /// A component that cannot be a plugin is the tenant's fault: its status says why. Only the
+    /// table being unavailable is an error.
+    async fn plugin_lifecycle(&self, change: &Change) -> Result<(), StoreError> {
+        let Some(registry) = &self.plugins else { return Ok(()) };
+        match change {
+            Change::Inserted(Record::Plugin(meta)) if meta.status == PluginStatus::Uploaded => {
+                match self.load_version(registry, meta).await? {
+                    Ok(()) => {
+                        for other in self.store.plugins(&meta.tenant).await? {
+                            if other.version != meta.version && other.status == PluginStatus::Active {
+                                self.store
+                                    .set_plugin_status(&meta.tenant, &other.version, PluginStatus::Inactive, None)
+                                    .await?;
+                            }
+                        }
+                        self.store.set_plugin_status(&meta.tenant, &meta.version, PluginStatus::Active, None).await?;
+                        self.store.set_active_plugin(&meta.tenant, Some(&meta.version)).await?;
+                        tracing::info!(tenant = %meta.tenant, version = %meta.version, "plugin activated");
+                    }
+                    Err(reason) => {
+                        tracing::warn!(tenant = %meta.tenant, version = %meta.version, %reason, "plugin rejected");
+                        self.store
+                            .set_plugin_status(&meta.tenant, &meta.version, PluginStatus::Rejected, Some(&reason))
+                            .await?;
+                    }
+                }
+            }
+            Change::Inserted(Record::PluginActive(active))
+            | Change::Modified { new: Record::PluginActive(active), .. }
+                if registry.installed_version(&active.tenant).as_deref() != Some(active.version.as_str()) =>
+            {
+                self.ensure_version(registry, &active.tenant, &active.version).await?;
+            }
+            Change::Removed { old: Record::PluginActive(active), .. } => {
+                registry.remove(&active.tenant);
+                tracing::info!(tenant = %active.tenant, "plugin disabled");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Installs `version` of the tenant's plugin from the table.
+    async fn ensure_version(&self, registry: &Registry, tenant: &str, version: &str) -> Result<(), StoreError> {
+        let Some(meta) = self.store.plugins(tenant).await?.into_iter().find(|m| m.version == version) else {
+            tracing::warn!(tenant, version, "the active plugin version has no record");
+            return Ok(());
+        };
+        if let Err(reason) = self.load_version(registry, &meta).await? {
+            self.store.set_plugin_status(tenant, version, PluginStatus::Rejected, Some(&reason)).await?;
+        } else if meta.status != PluginStatus::Active {
+            for other in self.store.plugins(tenant).await? {
+                if other.version != version && other.status == PluginStatus::Active {
+                    self.store.set_plugin_status(tenant, &other.version, PluginStatus::Inactive, None).await?;
+                }
+            }
+            self.store.set_plugin_status(tenant, version, PluginStatus::Active, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Reassembles, verifies and compiles a version, and installs it. The inner error is the
+    /// reason the tenant sees.
+    async fn load_version(&self, registry: &Registry, meta: &PluginMeta) -> Result<Result<(), String>, StoreError> {
+        let Some(bytes) = self.store.plugin_bytes(&meta.tenant, &meta.version, meta.chunks).await? else {
+            return Ok(Err("the component's chunks are missing".into()));
+        };
+        let sha256 = crate::plugins::sha256_hex(&bytes);
+        if sha256 != meta.sha256 {
+            return Ok(Err(format!("sha256 mismatch: the chunks hash to {sha256}, the record says {}", meta.sha256)));
+        }
+        let limits = crate::plugins::Limits::default();
+        let host = registry.host().clone();
+        let compiled = tokio::task::spawn_blocking(move || host.compile(&bytes, &limits).map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(format!("compilation did not complete: {e}")));
+        Ok(compiled.map(|plugin| {
+            let policy = match meta.policy {
+                FailurePolicy::Open => Policy::FailOpen,
+                FailurePolicy::Closed => Policy::FailClosed,
+            };
+            registry.install(&meta.tenant, plugin, crate::plugins::Limits::default(), policy);
+        }))
+    }
+
+    /// On a cold container, the tenant's active plugin is loaded from the table on first use.
+    async fn ensure_loaded(&self, registry: &Registry, tenant: &str) -> Result<(), StoreError> {
+        if !registry.should_look_up(tenant) {
+            return Ok(());
+        }
+        match self.store.active_plugin(tenant).await? {
+            Some(active) => self.ensure_version(registry, tenant, &active.version).await?,
+            None => registry.remove(tenant),
+        }
+        if registry.installed_version(tenant).is_none() {
+            registry.remove(tenant); // remembered as absent for a while
+        }
+        Ok(())
+    }
+
     /// Asks the tenant's plugin, if any, about this change.
-    async fn decide(&self, change: &Change) -> (Decisions, Vec<CallRecord>) {
+    async fn decide(&self, change: &Change) -> Result<(Decisions, Vec<CallRecord>), StoreError> {
         let mut decisions = Decisions::default();
         let mut calls = Vec::new();
-        let Some(registry) = &self.plugins else { return (decisions, calls) };
+        let Some(registry) = &self.plugins else { return Ok((decisions, calls)) };
+        if let Change::Inserted(Record::Message(m)) = change {
+            self.ensure_loaded(registry, &m.tenant).await?;
+        }
+        if let Change::Inserted(Record::Connection(c)) = change {
+            self.ensure_loaded(registry, &c.tenant).await?;
+        }
         match change {
             Change::Inserted(Record::Message(m)) => {
                 let message = crate::plugins::Message {
@@ -92,7 +200,7 @@ impl Processor {
             }
             _ => {}
         }
-        (decisions, calls)
+        Ok((decisions, calls))
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -131,7 +239,8 @@ impl Processor {
             if let Some(room) = room {
                 span.record("room", room);
             }
-            let (decisions, plugin_calls) = self.decide(&change).await;
+            self.plugin_lifecycle(&change).await?;
+            let (decisions, plugin_calls) = self.decide(&change).await?;
             let mut members = match react::room_needed(&change) {
                 Some((tenant, room)) => self.store.room_members(tenant, room, self.clock.now()).await?,
                 None => Vec::new(),

@@ -168,7 +168,11 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                 })
                 .collect()
         }
-        Change::Modified { .. } | Change::Removed { .. } | Change::Unknown { .. } => Vec::new(),
+        // Plugin records are the pipeline's business (activation), not clients'.
+        Change::Inserted(Record::Plugin(_) | Record::PluginChunk { .. } | Record::PluginActive(_))
+        | Change::Modified { .. }
+        | Change::Removed { .. }
+        | Change::Unknown { .. } => Vec::new(),
     }
 }
 

@@ -66,3 +66,48 @@ fn plugin_test_reports_faults_and_refused_components_with_a_failing_status() {
     assert!(stderr.contains("does not implement roomcast:plugin/tenant-plugin"), "{stderr}");
     let _ = std::fs::remove_file(event);
 }
+
+/// `roomcast table create`, `plugin upload`, `list`, `activate` and `disable` against the moto
+/// server `scripts/test` starts (ROOMCAST_TEST_DYNAMODB_ENDPOINT).
+#[test]
+fn plugin_upload_list_activate_and_disable_against_a_dynamodb_endpoint() {
+    let endpoint = std::env::var("ROOMCAST_TEST_DYNAMODB_ENDPOINT")
+        .expect("ROOMCAST_TEST_DYNAMODB_ENDPOINT: run scripts/test, which starts moto and sets it");
+    let table = format!("cli-{}", std::process::id());
+    let roomcast = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .args(args)
+            .args(["--dynamodb-endpoint", &endpoint, "--table", &table])
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .output()
+            .expect("run roomcast");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let moderation = wasm("roomcast_plugin_moderation");
+    let moderation = moderation.to_str().unwrap();
+    assert!(roomcast(&["table", "create"]).0);
+    let (ok, out) = roomcast(&["plugin", "upload", "--tenant", "acme", moderation]);
+    assert!(ok, "{out}");
+    let version =
+        out.split("version ").nth(1).and_then(|s| s.split_whitespace().next()).expect("a version").to_string();
+    let (ok, out) = roomcast(&["plugin", "list", "--tenant", "acme"]);
+    assert!(ok && out.contains(&version) && out.contains("uploaded"), "{out}");
+
+    let (ok, out) = roomcast(&["plugin", "activate", "--tenant", "acme", "--version", &version]);
+    assert!(ok, "{out}");
+    let (_, out) = roomcast(&["plugin", "list", "--tenant", "acme"]);
+    assert!(out.starts_with(&format!("* {version}")), "the active version is marked: {out}");
+    assert!(!roomcast(&["plugin", "activate", "--tenant", "acme", "--version", "nope"]).0);
+    assert!(roomcast(&["plugin", "disable", "--tenant", "acme"]).0);
+    let (_, out) = roomcast(&["plugin", "list", "--tenant", "acme"]);
+    assert!(out.starts_with("  "), "nothing active: {out}");
+
+    let stranger = wasm("roomcast_stranger_plugin");
+    let (ok, out) = roomcast(&["plugin", "upload", "--tenant", "acme", stranger.to_str().unwrap()]);
+    assert!(!ok && out.contains("does not implement"), "refused before upload: {out}");
+}

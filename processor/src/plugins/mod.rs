@@ -385,3 +385,22 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// `roomcast plugin upload`: checks a component as the processor will (size, a component, the
+/// world, compiled here), then writes its chunks and metadata. The processor activates it on the
+/// metadata's INSERT and records the outcome in its `status`.
+pub async fn upload(
+    store: &dyn crate::store::Store,
+    host: &PluginHost,
+    tenant: &str,
+    bytes: &[u8],
+    policy: crate::model::FailurePolicy,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<crate::model::PluginMeta> {
+    crate::model::Name::parse("tenant", tenant).map_err(|e| anyhow::anyhow!(e))?;
+    let plugin = host.compile(bytes, &Limits::default())?;
+    let meta = crate::model::PluginMeta::new(tenant, &plugin.sha256, bytes.len(), policy, now);
+    let chunks = crate::model::plugin_chunks(tenant, &meta.version, bytes);
+    store.put_plugin(&meta, &chunks).await?;
+    Ok(meta)
+}

@@ -33,6 +33,7 @@ struct Breaker {
 }
 
 struct Installed {
+    version: String,
     plugin: Plugin,
     limits: Limits,
     policy: Policy,
@@ -50,12 +51,17 @@ pub struct CallRecord {
 pub struct Registry {
     host: Arc<PluginHost>,
     tenants: RwLock<HashMap<String, Arc<Installed>>>,
+    /// Tenants looked up in the table recently and found without a plugin.
+    absent: Mutex<HashMap<String, Instant>>,
     metrics: Arc<Metrics>,
 }
 
+/// How long "this tenant has no plugin" is believed before the table is asked again.
+pub const ABSENT_FOR: Duration = Duration::from_secs(30);
+
 impl Registry {
     pub fn new(host: Arc<PluginHost>, metrics: Arc<Metrics>) -> Registry {
-        Registry { host, tenants: RwLock::new(HashMap::new()), metrics }
+        Registry { host, tenants: RwLock::new(HashMap::new()), absent: Mutex::new(HashMap::new()), metrics }
     }
 
     pub fn host(&self) -> &Arc<PluginHost> {
@@ -64,12 +70,32 @@ impl Registry {
 
     /// Makes `plugin` the tenant's active plugin (replacing any other).
     pub fn install(&self, tenant: &str, plugin: Plugin, limits: Limits, policy: Policy) {
-        let installed = Arc::new(Installed { plugin, limits, policy, breaker: Mutex::new(Breaker::default()) });
+        let version = plugin.sha256[..16.min(plugin.sha256.len())].to_string();
+        let installed =
+            Arc::new(Installed { version, plugin, limits, policy, breaker: Mutex::new(Breaker::default()) });
         self.tenants.write().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), installed);
+        self.absent.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant);
     }
 
+    /// The tenant runs no plugin (until the table says otherwise).
     pub fn remove(&self, tenant: &str) {
         self.tenants.write().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+        self.absent.lock().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), Instant::now());
+    }
+
+    /// The version the tenant runs here, if any.
+    pub fn installed_version(&self, tenant: &str) -> Option<String> {
+        self.get(tenant).map(|i| i.version.clone())
+    }
+
+    /// Whether the table should be asked for this tenant's plugin (a cold container, or a
+    /// "none" older than [`ABSENT_FOR`]).
+    pub fn should_look_up(&self, tenant: &str) -> bool {
+        if self.get(tenant).is_some() {
+            return false;
+        }
+        let absent = self.absent.lock().unwrap_or_else(|p| p.into_inner());
+        absent.get(tenant).is_none_or(|at| at.elapsed() > ABSENT_FOR)
     }
 
     fn get(&self, tenant: &str) -> Option<Arc<Installed>> {

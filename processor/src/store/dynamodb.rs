@@ -21,7 +21,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{Result, Store, StoreError, history_upper_bound};
-use crate::model::{self, Connection, LeftReason, Membership, Message, format_ts, is_expired};
+use crate::model::{
+    self, Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus, format_ts,
+    is_expired,
+};
 
 pub const GSI1: &str = "gsi1";
 
@@ -377,6 +380,143 @@ impl Store for DynamoStore {
             Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
             Err(err) => Err(unavailable("update_item", err)),
         }
+    }
+
+    async fn put_plugin(&self, meta: &PluginMeta, chunks: &[PluginChunk]) -> Result<()> {
+        for chunk in chunks {
+            self.client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(encode(chunk)?))
+                .send()
+                .await
+                .map_err(|e| unavailable("put_item (plugin chunk)", e))?;
+        }
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(meta)?))
+            .send()
+            .await
+            .map_err(|e| unavailable("put_item (plugin)", e))?;
+        Ok(())
+    }
+
+    async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>> {
+        let mut bytes = Vec::new();
+        for index in 0..chunks {
+            let out = self
+                .client
+                .get_item()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .set_key(Some(key(model::tenant_pk(tenant), model::plugin_chunk_sk(version, index))))
+                .send()
+                .await
+                .map_err(|e| unavailable("get_item (plugin chunk)", e))?;
+            match out.item {
+                Some(item) => bytes.extend_from_slice(&decode::<PluginChunk>(item)?.data),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(bytes))
+    }
+
+    async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>> {
+        let mut metas: Vec<PluginMeta> = Vec::new();
+        let mut start: Option<DynamoItem> = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :plugin)")
+                .filter_expression("#t = :meta")
+                .expression_attribute_names("#t", "type")
+                .expression_attribute_values(":pk", s(&model::tenant_pk(tenant)))
+                .expression_attribute_values(":plugin", s("PLUGIN#"))
+                .expression_attribute_values(":meta", s("plugin"))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| unavailable("query (plugins)", e))?;
+            for item in page.items.unwrap_or_default() {
+                metas.push(decode(item)?);
+            }
+            match page.last_evaluated_key {
+                Some(next) if !next.is_empty() => start = Some(next),
+                _ => break,
+            }
+        }
+        metas.sort_by_key(|m| m.uploaded_at);
+        Ok(metas)
+    }
+
+    async fn set_plugin_status(
+        &self,
+        tenant: &str,
+        version: &str,
+        status: PluginStatus,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let status = serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(model::tenant_pk(tenant), model::plugin_meta_sk(version))))
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#s", "status")
+            .expression_attribute_values(":s", s(&status));
+        update = match reason {
+            Some(reason) => {
+                update.update_expression("SET #s = :s, reason = :r").expression_attribute_values(":r", s(reason))
+            }
+            None => update.update_expression("SET #s = :s REMOVE reason"),
+        };
+        match update.send().await {
+            Ok(_) => Ok(()),
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
+            Err(err) => Err(unavailable("update_item (plugin)", err)),
+        }
+    }
+
+    async fn active_plugin(&self, tenant: &str) -> Result<Option<PluginActive>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .set_key(Some(key(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.into())))
+            .send()
+            .await
+            .map_err(|e| unavailable("get_item (active plugin)", e))?;
+        out.item.map(decode).transpose()
+    }
+
+    async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()> {
+        match version {
+            Some(version) => {
+                self.client
+                    .put_item()
+                    .table_name(&self.table)
+                    .set_item(Some(encode(&PluginActive::new(tenant, version))?))
+                    .send()
+                    .await
+                    .map_err(|e| unavailable("put_item (active plugin)", e))?;
+            }
+            None => {
+                self.client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .set_key(Some(key(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.into())))
+                    .send()
+                    .await
+                    .map_err(|e| unavailable("delete_item (active plugin)", e))?;
+            }
+        }
+        Ok(())
     }
 
     async fn history(

@@ -19,7 +19,10 @@ use serde_dynamo::{AttributeValue, Item};
 use tokio::sync::mpsc;
 
 use super::{Result, Store, StoreError, history_upper_bound};
-use crate::model::{self, Clock, Connection, LeftReason, Membership, Message, is_expired};
+use crate::model::{
+    self, Clock, Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus,
+    is_expired,
+};
 
 pub const TTL_PRINCIPAL: &str = "dynamodb.amazonaws.com";
 
@@ -358,6 +361,79 @@ impl Store for MemoryStore {
         let item = encode(&conn)?;
         self.put_item(&mut table, item);
         Ok(Some(conn))
+    }
+
+    async fn put_plugin(&self, meta: &PluginMeta, chunks: &[PluginChunk]) -> Result<()> {
+        let items = chunks.iter().map(encode).chain(std::iter::once(encode(meta))).collect::<Result<Vec<_>>>()?;
+        let mut table = self.lock();
+        for item in items {
+            self.put_item(&mut table, item);
+        }
+        Ok(())
+    }
+
+    async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>> {
+        let table = self.lock();
+        let mut bytes = Vec::new();
+        for index in 0..chunks {
+            let key = (model::tenant_pk(tenant), model::plugin_chunk_sk(version, index));
+            match self.get::<PluginChunk>(&table, &key)? {
+                Some(chunk) => bytes.extend_from_slice(&chunk.data),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(bytes))
+    }
+
+    async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>> {
+        let table = self.lock();
+        let pk = model::tenant_pk(tenant);
+        let mut metas: Vec<PluginMeta> = Vec::new();
+        for (key, item) in table.items.range((pk.clone(), "PLUGIN#".to_string())..(pk, "PLUGIN$".to_string())) {
+            if key.1.ends_with("#META") {
+                metas.push(decode(item.clone())?);
+            }
+        }
+        metas.sort_by_key(|m| m.uploaded_at);
+        Ok(metas)
+    }
+
+    async fn set_plugin_status(
+        &self,
+        tenant: &str,
+        version: &str,
+        status: PluginStatus,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let mut table = self.lock();
+        let key = (model::tenant_pk(tenant), model::plugin_meta_sk(version));
+        if let Some(mut meta) = self.get::<PluginMeta>(&table, &key)? {
+            meta.status = status;
+            meta.reason = reason.map(str::to_string);
+            let item = encode(&meta)?;
+            self.put_item(&mut table, item);
+        }
+        Ok(())
+    }
+
+    async fn active_plugin(&self, tenant: &str) -> Result<Option<PluginActive>> {
+        let table = self.lock();
+        self.get(&table, &(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string()))
+    }
+
+    async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()> {
+        let mut table = self.lock();
+        let key = (model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string());
+        match version {
+            Some(version) => {
+                let item = encode(&PluginActive::new(tenant, version))?;
+                self.put_item(&mut table, item);
+            }
+            None => {
+                self.delete_item(&mut table, &key, Actor::Client);
+            }
+        }
+        Ok(())
     }
 
     async fn history(

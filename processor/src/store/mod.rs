@@ -15,7 +15,7 @@ pub mod memory;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::model::{Connection, LeftReason, Membership, Message};
+use crate::model::{Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -80,6 +80,31 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets `status` on a connection; `None` when there is no such connection.
     async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>>;
+
+    /// Writes an uploaded plugin: its chunks first, then its metadata (whose INSERT the processor
+    /// activates on, so every chunk is there by then).
+    async fn put_plugin(&self, meta: &PluginMeta, chunks: &[PluginChunk]) -> Result<()>;
+
+    /// The component's bytes, reassembled from its chunks; `None` when any chunk is missing.
+    async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>>;
+
+    /// Every uploaded version of a tenant's plugin, oldest first.
+    async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>>;
+
+    /// Records the processor's verdict on a version.
+    async fn set_plugin_status(
+        &self,
+        tenant: &str,
+        version: &str,
+        status: PluginStatus,
+        reason: Option<&str>,
+    ) -> Result<()>;
+
+    /// The tenant's active version, if any.
+    async fn active_plugin(&self, tenant: &str) -> Result<Option<PluginActive>>;
+
+    /// Points the tenant at a version, or (with `None`) at no plugin.
+    async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()>;
 
     /// Up to `limit` live messages of the room older than `before` (a timestamp), oldest first.
     async fn history(

@@ -15,7 +15,7 @@ use aws_lambda_events::dynamodb::EventRecord;
 use serde::de::DeserializeOwned;
 use serde_dynamo::{AttributeValue, Item};
 
-use crate::model::{Connection, Membership, Message};
+use crate::model::{Connection, Membership, Message, PluginActive, PluginMeta};
 use crate::store::memory::TTL_PRINCIPAL;
 
 /// A decoded table record.
@@ -24,6 +24,14 @@ pub enum Record {
     Connection(Connection),
     Membership(Membership),
     Message(Message),
+    /// An uploaded plugin version (its metadata).
+    Plugin(PluginMeta),
+    /// A piece of an uploaded component; its bytes are not decoded here.
+    PluginChunk {
+        tenant: String,
+    },
+    /// Which version a tenant runs.
+    PluginActive(PluginActive),
 }
 
 impl Record {
@@ -33,6 +41,9 @@ impl Record {
             Record::Connection(c) => (Some(&c.tenant), None),
             Record::Membership(m) => (Some(&m.tenant), Some(&m.room)),
             Record::Message(m) => (Some(&m.tenant), Some(&m.room)),
+            Record::Plugin(p) => (Some(&p.tenant), None),
+            Record::PluginChunk { tenant } => (Some(tenant), None),
+            Record::PluginActive(a) => (Some(&a.tenant), None),
         }
     }
 }
@@ -121,6 +132,16 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
         typed(image, pk, sk, which).map(Record::Membership)
     } else if pk.starts_with("ROOM#") && sk.starts_with("MSG#") {
         typed(image, pk, sk, which).map(Record::Message)
+    } else if let Some(tenant) = pk.strip_prefix("TENANT#") {
+        if sk == crate::model::PLUGIN_ACTIVE_SK {
+            typed(image, pk, sk, which).map(Record::PluginActive)
+        } else if sk.starts_with("PLUGIN#") && sk.ends_with("#META") {
+            typed(image, pk, sk, which).map(Record::Plugin)
+        } else if sk.starts_with("PLUGIN#") && sk.contains("#CHUNK#") {
+            Ok(Record::PluginChunk { tenant: tenant.to_string() })
+        } else {
+            Err(format!("{pk}/{sk}: not a record type this processor handles"))
+        }
     } else {
         Err(format!("{pk}/{sk}: not a record type this processor handles"))
     }
