@@ -73,6 +73,12 @@ class Template(unittest.TestCase):
         self.assertEqual(on_failure["Destination"], {"Fn::GetAtt": ["StreamDeadLetterQueue", "Arn"]})
         self.assertEqual(self.resources["StreamDeadLetterQueue"]["Type"], "AWS::SQS::Queue")
 
+    def test_plugin_limits_reach_the_processor(self):
+        env = self.resources["ProcessorFunction"]["Properties"]["Environment"]["Variables"]
+        self.assertEqual(env["ROOMCAST_PLUGIN_FUEL"], {"Ref": "PluginFuel"})
+        self.assertEqual(env["ROOMCAST_PLUGIN_MEMORY_MIB"], {"Ref": "PluginMemoryMiB"})
+        self.assertEqual(env["ROOMCAST_PLUGIN_DEADLINE_MS"], {"Ref": "PluginDeadlineMs"})
+
     def test_every_function_is_rust_on_provided_al2023(self):
         runtime = self.t["Globals"]["Function"]["Runtime"]
         self.assertEqual(runtime, "provided.al2023")

@@ -22,6 +22,9 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("ROOMCAST_YOUNG_CONNECTION_MS", "5000", "a 410 for a connection this young is retried"),
     ("ROOMCAST_PARTITIONS_AT_ONCE", "8", "rooms processed concurrently within a batch"),
     ("ROOMCAST_IDLE_LIMIT_SECONDS", "600", "the sweeper checks connections silent this long"),
+    ("ROOMCAST_PLUGIN_FUEL", "10000000", "fuel per plugin call"),
+    ("ROOMCAST_PLUGIN_MEMORY_MIB", "16", "a plugin's memory cap"),
+    ("ROOMCAST_PLUGIN_DEADLINE_MS", "100", "a plugin call's wall-clock deadline"),
     ("ROOMCAST_JWT_SECRET_PARAMETER", "(authorizer)", "SSM parameter (SecureString) holding the HS256 secret"),
     ("ROOMCAST_JWT_SECRET", "(authorizer)", "the HS256 secret itself, instead of the parameter"),
 ];
@@ -35,6 +38,8 @@ pub struct Config {
     pub delivery: DeliverySettings,
     pub partitions_at_once: usize,
     pub idle_limit: Duration,
+    /// The limits every tenant plugin runs with.
+    pub plugin_limits: crate::plugins::Limits,
 }
 
 /// Every problem found, one per line.
@@ -109,6 +114,12 @@ impl Config {
         };
         let partitions_at_once = number("ROOMCAST_PARTITIONS_AT_ONCE", 8, 1, 256) as usize;
         let idle_limit = Duration::from_secs(number("ROOMCAST_IDLE_LIMIT_SECONDS", 600, 1, 86_400));
+        let plugin_limits = crate::plugins::Limits {
+            fuel: number("ROOMCAST_PLUGIN_FUEL", 10_000_000, 1_000, 10_000_000_000),
+            memory_bytes: (number("ROOMCAST_PLUGIN_MEMORY_MIB", 16, 1, 512) as usize) << 20,
+            deadline: Duration::from_millis(number("ROOMCAST_PLUGIN_DEADLINE_MS", 100, 1, 10_000)),
+            ..crate::plugins::Limits::default()
+        };
 
         if problems.is_empty() {
             Ok(Config {
@@ -119,6 +130,7 @@ impl Config {
                 delivery,
                 partitions_at_once,
                 idle_limit,
+                plugin_limits,
             })
         } else {
             Err(ConfigError(problems))
@@ -166,6 +178,12 @@ mod tests {
         assert_eq!(c.connection_ttl_seconds, 3600);
         assert_eq!(c.delivery.concurrency, 32);
         assert_eq!(c.dynamodb_endpoint, None);
+        assert_eq!(c.plugin_limits, crate::plugins::Limits::default());
+        let tuned =
+            config(&[("TABLE_NAME", "t"), ("ROOMCAST_PLUGIN_FUEL", "5000"), ("ROOMCAST_PLUGIN_MEMORY_MIB", "32")])
+                .unwrap();
+        assert_eq!((tuned.plugin_limits.fuel, tuned.plugin_limits.memory_bytes), (5000, 32 << 20));
+        assert!(config(&[("TABLE_NAME", "t"), ("ROOMCAST_PLUGIN_MEMORY_MIB", "4096")]).is_err());
     }
 
     #[test]

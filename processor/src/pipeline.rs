@@ -128,7 +128,7 @@ impl Processor {
         if sha256 != meta.sha256 {
             return Ok(Err(format!("sha256 mismatch: the chunks hash to {sha256}, the record says {}", meta.sha256)));
         }
-        let limits = crate::plugins::Limits::default();
+        let limits = registry.limits().clone();
         let host = registry.host().clone();
         let compiled = tokio::task::spawn_blocking(move || host.compile(&bytes, &limits).map_err(|e| e.to_string()))
             .await
@@ -138,7 +138,7 @@ impl Processor {
                 FailurePolicy::Open => Policy::FailOpen,
                 FailurePolicy::Closed => Policy::FailClosed,
             };
-            registry.install(&meta.tenant, plugin, crate::plugins::Limits::default(), policy);
+            registry.install(&meta.tenant, plugin, registry.limits().clone(), policy);
         }))
     }
 

@@ -50,6 +50,7 @@ pub struct CallRecord {
 
 pub struct Registry {
     host: Arc<PluginHost>,
+    limits: Limits,
     tenants: RwLock<HashMap<String, Arc<Installed>>>,
     /// Tenants looked up in the table recently and found without a plugin.
     absent: Mutex<HashMap<String, Instant>>,
@@ -61,7 +62,23 @@ pub const ABSENT_FOR: Duration = Duration::from_secs(30);
 
 impl Registry {
     pub fn new(host: Arc<PluginHost>, metrics: Arc<Metrics>) -> Registry {
-        Registry { host, tenants: RwLock::new(HashMap::new()), absent: Mutex::new(HashMap::new()), metrics }
+        Registry {
+            host,
+            limits: Limits::default(),
+            tenants: RwLock::new(HashMap::new()),
+            absent: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// The limits plugins loaded from the table run with (the deployment's configuration).
+    pub fn with_limits(mut self, limits: Limits) -> Registry {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     pub fn host(&self) -> &Arc<PluginHost> {
