@@ -89,25 +89,25 @@ impl DynamoStore {
         }
     }
 
-    /// Runs a query to the end, page by page, stopping early when `enough` says so.
-    async fn query_all(
-        &self,
-        key_condition: &str,
-        values: Vec<(&str, AttributeValue)>,
-        newest_first: bool,
-        mut keep: impl FnMut(DynamoItem) -> Result<bool>,
-    ) -> Result<()> {
+    /// Runs a query to the end, page by page, until `keep` says it has enough.
+    async fn query_all(&self, spec: QuerySpec<'_>, mut keep: impl FnMut(DynamoItem) -> Result<bool>) -> Result<()> {
         let mut start: Option<DynamoItem> = None;
         loop {
             let mut query = self
                 .client
                 .query()
                 .table_name(&self.table)
-                .consistent_read(true)
-                .key_condition_expression(key_condition)
-                .scan_index_forward(!newest_first)
+                .set_index_name(spec.index.map(str::to_string))
+                // Global secondary indexes offer only eventually consistent reads.
+                .consistent_read(spec.index.is_none())
+                .key_condition_expression(spec.key_condition)
+                .set_filter_expression(spec.filter.map(str::to_string))
+                .scan_index_forward(!spec.newest_first)
                 .set_exclusive_start_key(start.take());
-            for (name, value) in &values {
+            for (name, attribute) in &spec.names {
+                query = query.expression_attribute_names(*name, *attribute);
+            }
+            for (name, value) in &spec.values {
                 query = query.expression_attribute_values(*name, value.clone());
             }
             let page = query.send().await.map_err(|e| unavailable("query", e))?;
@@ -122,6 +122,17 @@ impl DynamoStore {
             }
         }
     }
+}
+
+/// What [`DynamoStore::query_all`] asks for.
+#[derive(Default)]
+struct QuerySpec<'a> {
+    index: Option<&'a str>,
+    key_condition: &'a str,
+    filter: Option<&'a str>,
+    names: Vec<(&'a str, &'a str)>,
+    values: Vec<(&'a str, AttributeValue)>,
+    newest_first: bool,
 }
 
 fn s(value: &str) -> AttributeValue {
@@ -265,18 +276,18 @@ impl Store for DynamoStore {
 
     async fn room_members(&self, tenant: &str, room: &str, now: DateTime<Utc>) -> Result<Vec<Membership>> {
         let mut members = Vec::new();
-        self.query_all(
-            "pk = :pk AND begins_with(sk, :conn)",
-            vec![(":pk", s(&model::room_pk(tenant, room))), (":conn", s("CONN#"))],
-            false,
-            |item| {
-                let m: Membership = decode(item)?;
-                if !is_expired(m.ttl, now) {
-                    members.push(m);
-                }
-                Ok(true)
-            },
-        )
+        let spec = QuerySpec {
+            key_condition: "pk = :pk AND begins_with(sk, :conn)",
+            values: vec![(":pk", s(&model::room_pk(tenant, room))), (":conn", s("CONN#"))],
+            ..QuerySpec::default()
+        };
+        self.query_all(spec, |item| {
+            let m: Membership = decode(item)?;
+            if !is_expired(m.ttl, now) {
+                members.push(m);
+            }
+            Ok(true)
+        })
         .await?;
         Ok(members)
     }
@@ -306,31 +317,21 @@ impl Store for DynamoStore {
 
     async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>> {
         let mut found = Vec::new();
-        let mut start: Option<DynamoItem> = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(GSI1)
-                .key_condition_expression("gsi1pk = :u AND begins_with(gsi1sk, :conn)")
-                .expression_attribute_values(":u", s(&model::user_gsi1pk(tenant, user_id)))
-                .expression_attribute_values(":conn", s("CONN#"))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| unavailable("query gsi1", e))?;
-            for item in page.items.unwrap_or_default() {
-                let c: Connection = decode(item)?;
-                if !is_expired(c.ttl, now) {
-                    found.push(c);
-                }
+        let spec = QuerySpec {
+            index: Some(GSI1),
+            key_condition: "gsi1pk = :u AND begins_with(gsi1sk, :conn)",
+            values: vec![(":u", s(&model::user_gsi1pk(tenant, user_id))), (":conn", s("CONN#"))],
+            ..QuerySpec::default()
+        };
+        self.query_all(spec, |item| {
+            let c: Connection = decode(item)?;
+            if !is_expired(c.ttl, now) {
+                found.push(c);
             }
-            match page.last_evaluated_key {
-                Some(next) if !next.is_empty() => start = Some(next),
-                _ => return Ok(found),
-            }
-        }
+            Ok(true)
+        })
+        .await?;
+        Ok(found)
     }
 
     async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>> {
@@ -424,31 +425,19 @@ impl Store for DynamoStore {
 
     async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>> {
         let mut metas: Vec<PluginMeta> = Vec::new();
-        let mut start: Option<DynamoItem> = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :plugin)")
-                .filter_expression("#t = :meta")
-                .expression_attribute_names("#t", "type")
-                .expression_attribute_values(":pk", s(&model::tenant_pk(tenant)))
-                .expression_attribute_values(":plugin", s("PLUGIN#"))
-                .expression_attribute_values(":meta", s("plugin"))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| unavailable("query (plugins)", e))?;
-            for item in page.items.unwrap_or_default() {
-                metas.push(decode(item)?);
-            }
-            match page.last_evaluated_key {
-                Some(next) if !next.is_empty() => start = Some(next),
-                _ => break,
-            }
-        }
+        let spec = QuerySpec {
+            key_condition: "pk = :pk AND begins_with(sk, :plugin)",
+            // The chunks share the partition; only the metadata comes back.
+            filter: Some("#t = :meta"),
+            names: vec![("#t", "type")],
+            values: vec![(":pk", s(&model::tenant_pk(tenant))), (":plugin", s("PLUGIN#")), (":meta", s("plugin"))],
+            ..QuerySpec::default()
+        };
+        self.query_all(spec, |item| {
+            metas.push(decode(item)?);
+            Ok(true)
+        })
+        .await?;
         metas.sort_by_key(|m| m.uploaded_at);
         Ok(metas)
     }
@@ -528,22 +517,23 @@ impl Store for DynamoStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<Message>> {
         let mut newest_first = Vec::new();
-        self.query_all(
-            "pk = :pk AND sk BETWEEN :lo AND :hi",
-            vec![
+        let spec = QuerySpec {
+            key_condition: "pk = :pk AND sk BETWEEN :lo AND :hi",
+            values: vec![
                 (":pk", s(&model::room_pk(tenant, room))),
                 (":lo", s("MSG#")),
                 (":hi", s(&history_upper_bound(before))),
             ],
-            true,
-            |item| {
-                let m: Message = decode(item)?;
-                if !is_expired(m.ttl, now) {
-                    newest_first.push(m);
-                }
-                Ok(newest_first.len() < limit)
-            },
-        )
+            newest_first: true,
+            ..QuerySpec::default()
+        };
+        self.query_all(spec, |item| {
+            let m: Message = decode(item)?;
+            if !is_expired(m.ttl, now) {
+                newest_first.push(m);
+            }
+            Ok(newest_first.len() < limit)
+        })
         .await?;
         newest_first.reverse();
         Ok(newest_first)
