@@ -807,7 +807,7 @@ pub fn sign_hs256(signed: &str, secret: &[u8]) -> String {
 /// A component built from this workspace for wasm32-wasip2 (`scripts/test` builds them first).
 pub fn component(crate_name: &str) -> Vec<u8> {
     let file = crate_name.replace('-', "_");
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/wasm32-wasip2/release/{file}.wasm"));
+    let path = target_dir().join(format!("wasm32-wasip2/release/{file}.wasm"));
     std::fs::read(&path).unwrap_or_else(|e| {
         panic!(
             "{}: {e}. Build the components first: scripts/test does, or \
@@ -815,4 +815,11 @@ pub fn component(crate_name: &str) -> Vec<u8> {
             path.display()
         )
     })
+}
+
+/// Where cargo puts build output: `CARGO_TARGET_DIR` when set, else the workspace's `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }

@@ -9,7 +9,8 @@ fn root() -> PathBuf {
 }
 
 fn wasm(name: &str) -> PathBuf {
-    let path = root().join(format!("target/wasm32-wasip2/release/{name}.wasm"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let path = target.join(format!("wasm32-wasip2/release/{name}.wasm"));
     assert!(path.exists(), "{} is missing: run scripts/test (it builds the components)", path.display());
     path
 }
