@@ -16,8 +16,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use roomcast::plugins::{Limits, Message, PluginHost};
 
 fn component() -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/wasm32-wasip2/release/roomcast_plugin_moderation.wasm");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("wasm32-wasip2/release/roomcast_plugin_moderation.wasm");
     std::fs::read(&path)
         .unwrap_or_else(|e| panic!("{}: {e}; build the component first (scripts/test does)", path.display()))
 }
