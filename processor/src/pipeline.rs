@@ -65,14 +65,7 @@ impl Processor {
             Change::Inserted(Record::Plugin(meta)) if meta.status == PluginStatus::Uploaded => {
                 match self.load_version(registry, meta).await? {
                     Ok(()) => {
-                        for other in self.store.plugins(&meta.tenant).await? {
-                            if other.version != meta.version && other.status == PluginStatus::Active {
-                                self.store
-                                    .set_plugin_status(&meta.tenant, &other.version, PluginStatus::Inactive, None)
-                                    .await?;
-                            }
-                        }
-                        self.store.set_plugin_status(&meta.tenant, &meta.version, PluginStatus::Active, None).await?;
+                        self.mark_active(&meta.tenant, &meta.version).await?;
                         self.store.set_active_plugin(&meta.tenant, Some(&meta.version)).await?;
                         tracing::info!(tenant = %meta.tenant, version = %meta.version, "plugin activated");
                     }
@@ -108,14 +101,19 @@ impl Processor {
         if let Err(reason) = self.load_version(registry, &meta).await? {
             self.store.set_plugin_status(tenant, version, PluginStatus::Rejected, Some(&reason)).await?;
         } else if meta.status != PluginStatus::Active {
-            for other in self.store.plugins(tenant).await? {
-                if other.version != version && other.status == PluginStatus::Active {
-                    self.store.set_plugin_status(tenant, &other.version, PluginStatus::Inactive, None).await?;
-                }
-            }
-            self.store.set_plugin_status(tenant, version, PluginStatus::Active, None).await?;
+            self.mark_active(tenant, version).await?;
         }
         Ok(())
+    }
+
+    /// Records `version` as the tenant's active one and whichever was active before as inactive.
+    async fn mark_active(&self, tenant: &str, version: &str) -> Result<(), StoreError> {
+        for other in self.store.plugins(tenant).await? {
+            if other.version != version && other.status == PluginStatus::Active {
+                self.store.set_plugin_status(tenant, &other.version, PluginStatus::Inactive, None).await?;
+            }
+        }
+        self.store.set_plugin_status(tenant, version, PluginStatus::Active, None).await
     }
 
     /// Reassembles, verifies and compiles a version, and installs it. The inner error is the
@@ -147,9 +145,8 @@ impl Processor {
         if !registry.should_look_up(tenant) {
             return Ok(());
         }
-        match self.store.active_plugin(tenant).await? {
-            Some(active) => self.ensure_version(registry, tenant, &active.version).await?,
-            None => registry.remove(tenant),
+        if let Some(active) = self.store.active_plugin(tenant).await? {
+            self.ensure_version(registry, tenant, &active.version).await?;
         }
         if registry.installed_version(tenant).is_none() {
             registry.remove(tenant); // remembered as absent for a while
