@@ -423,6 +423,31 @@ impl Stack {
         clock: Arc<ManualClock>,
         delivery: DeliverySettings,
     ) -> Stack {
+        let host = Arc::new(roomcast::plugins::PluginHost::new().expect("the plugin host"));
+        Self::assemble(processor_store, table, clock, delivery, host, roomcast::plugins::registry::DEFAULT_CAPACITY)
+            .await
+    }
+
+    /// A stack whose processor keeps at most `capacity` tenants' compiled plugins.
+    pub async fn with_plugin_capacity(kind: &str, capacity: usize) -> Stack {
+        let clock = ManualClock::starting_now();
+        let table = match kind {
+            "memory" => Table::memory(clock.clone()).await,
+            "dynamodb" => Table::dynamodb().await,
+            other => panic!("unknown store kind {other}"),
+        };
+        let host = Arc::new(roomcast::plugins::PluginHost::new().expect("the plugin host"));
+        Self::assemble(table.store.clone(), table, clock, DeliverySettings::default(), host, capacity).await
+    }
+
+    async fn assemble(
+        processor_store: Arc<dyn Store>,
+        table: Table,
+        clock: Arc<ManualClock>,
+        delivery: DeliverySettings,
+        host: Arc<roomcast::plugins::PluginHost>,
+        capacity: usize,
+    ) -> Stack {
         let recorder = Recorder::start().await;
         let metrics = Arc::new(Metrics::default());
         let delivery = DeliverySettings {
@@ -433,8 +458,8 @@ impl Stack {
         };
         let deliverer =
             Deliverer::new(sdk_config().await, delivery, processor_store.clone(), clock.clone(), metrics.clone());
-        let host = Arc::new(roomcast::plugins::PluginHost::new().expect("the plugin host"));
-        let plugins = Arc::new(roomcast::plugins::registry::Registry::new(host, metrics.clone()));
+        let plugins =
+            Arc::new(roomcast::plugins::registry::Registry::new(host, metrics.clone()).with_capacity(capacity));
         let processor =
             Processor::new(processor_store, deliverer, clock.clone(), metrics, 8).with_plugins(plugins.clone());
         let deps = HandlerDeps {
@@ -620,7 +645,7 @@ impl Stack {
     pub fn install_plugin(&self, tenant: &str, crate_name: &str, policy: roomcast::plugins::registry::Policy) {
         let limits = roomcast::plugins::Limits::default();
         let plugin = self.plugins.host().compile(&component(crate_name), &limits).expect("compile the plugin");
-        self.plugins.install(tenant, plugin, limits, policy);
+        self.plugins.install(tenant, plugin, limits, policy, true);
     }
 
     pub fn clock_now(&self) -> chrono::DateTime<chrono::Utc> {

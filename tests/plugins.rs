@@ -129,6 +129,103 @@ fn components_that_cannot_be_plugins_are_rejected_with_the_reason() {
 }
 
 #[test]
+fn one_instance_serves_many_calls_each_with_its_own_fuel_clock_and_log() {
+    let host = PluginHost::new().unwrap();
+    let limits = Limits::default();
+    let hostile = host.compile(&component("roomcast-hostile-plugin"), &limits).unwrap();
+    let (instance, setup) = host.instantiate(&hostile, &limits);
+    let mut instance = instance.unwrap();
+    assert!(setup.fuel_used < limits.fuel, "{setup:?}");
+
+    // Each call sees its own record's time.
+    for time in [RECORD_TIME, RECORD_TIME + 5_000, RECORD_TIME - 1] {
+        assert_eq!(instance.validate(&message("clock"), time).0, Ok(Verdict::Rewrite(time.to_string())));
+    }
+    // Each call gets the whole log budget, and only its own lines.
+    for _ in 0..3 {
+        let (verdict, report) = instance.validate(&message("flood"), RECORD_TIME);
+        assert_eq!(verdict, Ok(Verdict::Accept));
+        assert!(report.log[0].starts_with("info: line 0"), "{:?}", &report.log[..2]);
+        let logged: usize = report.log.iter().map(String::len).sum();
+        assert!(logged < limits.log_bytes + 200, "{logged} bytes of log");
+    }
+    // Fresh fuel per call: many calls together burn far more than one call's budget.
+    let mut burned = 0;
+    for _ in 0..50 {
+        let (verdict, report) = instance.validate(&message("fine"), RECORD_TIME);
+        assert_eq!(verdict, Ok(Verdict::Accept));
+        burned += report.fuel_used;
+    }
+    assert!(burned > 0 && instance.calls == 56, "{burned} fuel over {} calls", instance.calls);
+    let (_, one) = instance.validate(&message("fine"), RECORD_TIME);
+    assert!(one.fuel_used < limits.fuel / 100, "{one:?}");
+
+    // A loop still stops at one call's budget, not the instance's.
+    assert_eq!(instance.validate(&message("loop"), RECORD_TIME).0, Err(Fault::OutOfFuel(limits.fuel)));
+}
+
+#[test]
+fn precompiled_artifacts_are_reused_and_a_damaged_one_is_compiled_again() {
+    let dir = std::env::temp_dir().join(format!("roomcast-artifacts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let limits = Limits::default();
+    let bytes = component("roomcast-plugin-moderation");
+
+    let first = PluginHost::new().unwrap().with_artifact_dir(&dir).unwrap();
+    let compiled = first.compile(&bytes, &limits).unwrap();
+    assert!(!compiled.from_artifact, "nothing was cached yet");
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with(&compiled.sha256) && name.ends_with(".cwasm"), "{name}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    // Another process (a new host, same engine settings) loads it instead of compiling.
+    let second = PluginHost::new().unwrap().with_artifact_dir(&dir).unwrap();
+    let loaded = second.compile(&bytes, &limits).unwrap();
+    assert!(loaded.from_artifact);
+    assert_eq!(loaded.sha256, compiled.sha256);
+    assert_eq!(
+        second.validate(&loaded, &limits, &message("buy spam"), RECORD_TIME).0,
+        Ok(Verdict::Reject("the word \"spam\" is not allowed here".into()))
+    );
+    // Other bytes never match it: a different component compiles afresh.
+    assert!(!second.compile(&component("roomcast-plugin-welcome"), &limits).unwrap().from_artifact);
+
+    // A damaged artifact is discarded and the component compiled again.
+    std::fs::write(&files[0], b"garbage").unwrap();
+    let third = PluginHost::new().unwrap().with_artifact_dir(&dir).unwrap();
+    let recompiled = third.compile(&bytes, &limits).unwrap();
+    assert!(!recompiled.from_artifact);
+    assert_eq!(third.validate(&recompiled, &limits, &message("hello"), RECORD_TIME).0, Ok(Verdict::Accept));
+    assert!(third.compile(&bytes, &limits).unwrap().from_artifact, "and written anew");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tenant_overrides_change_the_limits_within_the_ceiling() {
+    use roomcast::plugins::{CEILING, LimitOverrides};
+    let base = Limits::default();
+    let tight = base.with_overrides(&LimitOverrides { fuel: Some(1000), memory_mib: Some(2), ..Default::default() });
+    assert_eq!((tight.fuel, tight.memory_bytes, tight.deadline), (1000, 2 << 20, base.deadline));
+    let greedy = base.with_overrides(&LimitOverrides {
+        fuel: Some(u64::MAX),
+        memory_mib: Some(1 << 20),
+        deadline_ms: Some(3_600_000),
+        log_bytes: Some(usize::MAX),
+    });
+    assert_eq!(
+        (greedy.fuel, greedy.memory_bytes, greedy.deadline, greedy.log_bytes),
+        (CEILING.fuel, CEILING.memory_bytes, CEILING.deadline, CEILING.log_bytes)
+    );
+    assert_eq!(base.with_overrides(&LimitOverrides::default()), base);
+}
+
+#[test]
 fn an_oversized_input_is_refused_before_the_plugin_runs() {
     let host = PluginHost::new().unwrap();
     let limits = Limits::default();
@@ -154,6 +251,9 @@ roomcast_tests::on_both_stores!(
     a_hostile_tenant_never_hurts_another_tenant_in_the_same_batch,
     uploads_activate_through_the_stream_and_roll_back,
     a_cold_processor_loads_the_active_plugin,
+    a_batch_reuses_one_instance_per_tenant_and_replaces_a_faulted_one,
+    per_tenant_limits_from_the_upload_apply_and_are_capped,
+    the_compiled_plugin_cache_is_bounded_and_evicted_tenants_reload,
 );
 
 async fn a_rejected_message_is_never_delivered_and_its_sender_is_told(kind: &str) {
@@ -311,6 +411,7 @@ async fn uploads_activate_through_the_stream_and_roll_back(kind: &str) {
         "acme",
         &moderation,
         FailurePolicy::Open,
+        roomcast::plugins::LimitOverrides::default(),
         stack.clock.now(),
     )
     .await
@@ -347,6 +448,7 @@ async fn uploads_activate_through_the_stream_and_roll_back(kind: &str) {
         "acme",
         &component("roomcast-plugin-welcome"),
         FailurePolicy::Open,
+        roomcast::plugins::LimitOverrides::default(),
         stack.clock.now(),
     )
     .await
@@ -380,6 +482,7 @@ async fn a_cold_processor_loads_the_active_plugin(kind: &str) {
         "acme",
         &component("roomcast-plugin-moderation"),
         FailurePolicy::Closed,
+        roomcast::plugins::LimitOverrides::default(),
         stack.clock.now(),
     )
     .await
@@ -408,4 +511,133 @@ async fn a_cold_processor_loads_the_active_plugin(kind: &str) {
         .with_plugins(registry.clone());
     assert!(spam_is_rejected(&mut stack).await, "the cold processor found and loaded acme's plugin");
     assert!(registry.installed_version("acme").is_some());
+}
+
+async fn a_batch_reuses_one_instance_per_tenant_and_replaces_a_faulted_one(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.install_plugin("acme", "roomcast-plugin-moderation", Policy::FailOpen);
+    stack.install_plugin("lax", "roomcast-hostile-plugin", Policy::FailOpen);
+    for (id, tenant) in [("ann", "acme"), ("bob", "acme"), ("lou", "lax"), ("liz", "lax")] {
+        stack.connect(id, tenant, id, "general").await;
+    }
+    stack.pump().await;
+    let before = stack.processor.counts();
+    stack.recorder.clear();
+
+    // One batch: five messages from acme, and lax's plugin trapping between two good calls.
+    for text in ["one", "two", "spam", "  four  ", "five"] {
+        stack.send("ann", json!({"action":"sendMessage","room":"general","message":text})).await;
+    }
+    for text in ["fine", "trap", "fine again"] {
+        stack.send("lou", json!({"action":"sendMessage","room":"general","message":text})).await;
+    }
+    assert_eq!(stack.pump().await, 8);
+    let counts = stack.processor.counts().since(&before);
+    // acme: one instance for all its calls (validate and route, five messages). lax: one, then a
+    // new one after the trap (a trapped instance is never entered again).
+    assert_eq!(counts.plugin_instances, 3, "{counts:?}");
+    assert_eq!(counts.plugin_faults, 1);
+    let got: Vec<_> = stack.recorder.received_action("bob", "message").iter().map(|m| m["message"].clone()).collect();
+    assert_eq!(got, [json!("one"), json!("two"), json!("four"), json!("five")]);
+    assert_eq!(stack.recorder.received_action("liz", "message").len(), 3, "fail-open delivers the trap's message");
+
+    // The next batch starts with new instances: nothing carries over between batches.
+    stack.send("ann", json!({"action":"sendMessage","room":"general","message":"six"})).await;
+    stack.pump().await;
+    assert_eq!(stack.processor.counts().since(&before).plugin_instances, 4);
+}
+
+async fn per_tenant_limits_from_the_upload_apply_and_are_capped(kind: &str) {
+    use roomcast::model::Clock;
+    use roomcast::plugins::{CEILING, LimitOverrides};
+    let mut stack = Stack::on(kind).await;
+    for (id, tenant) in [("ann", "acme"), ("bob", "acme"), ("gus", "globex"), ("gil", "globex")] {
+        stack.connect(id, tenant, id, "general").await;
+    }
+    stack.pump().await;
+    let store = stack.table.store.clone();
+    let moderation = component("roomcast-plugin-moderation");
+    // acme's plugin gets too little fuel to run at all and fails closed; globex asks for far more
+    // than the ceiling and gets the ceiling.
+    let starved = LimitOverrides { fuel: Some(500), ..Default::default() };
+    let meta = roomcast::plugins::upload(
+        &*store,
+        stack.plugins.host(),
+        "acme",
+        &moderation,
+        FailurePolicy::Closed,
+        starved,
+        stack.clock.now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(meta.limits, Some(starved), "kept with the version");
+    let greedy = LimitOverrides { fuel: Some(u64::MAX), memory_mib: Some(4096), ..Default::default() };
+    roomcast::plugins::upload(
+        &*store,
+        stack.plugins.host(),
+        "globex",
+        &moderation,
+        FailurePolicy::Closed,
+        greedy,
+        stack.clock.now(),
+    )
+    .await
+    .unwrap();
+    stack.pump().await;
+    assert_eq!(store.plugins("acme").await.unwrap()[0].limits, Some(starved), "read back from the table");
+    assert_eq!(stack.plugins.installed_limits("acme").unwrap().fuel, 500);
+    let globex = stack.plugins.installed_limits("globex").unwrap();
+    assert_eq!((globex.fuel, globex.memory_bytes), (CEILING.fuel, CEILING.memory_bytes));
+
+    stack.recorder.clear();
+    stack.send("ann", json!({"action":"sendMessage","room":"general","message":"hello"})).await;
+    stack.send("gus", json!({"action":"sendMessage","room":"general","message":"hello"})).await;
+    stack.pump().await;
+    let rejected = stack.recorder.received_action("ann", "rejected");
+    assert!(rejected[0]["reason"].as_str().unwrap().contains("ran out of fuel (500 units)"), "{rejected:?}");
+    assert!(stack.recorder.received_action("bob", "message").is_empty());
+    assert_eq!(stack.recorder.received_action("gil", "message")[0]["message"], "hello", "globex runs normally");
+}
+
+async fn the_compiled_plugin_cache_is_bounded_and_evicted_tenants_reload(kind: &str) {
+    use roomcast::model::Clock;
+    let mut stack = Stack::with_plugin_capacity(kind, 2).await;
+    let tenants = ["acme", "globex", "initech"];
+    for tenant in tenants {
+        let (a, b) = (format!("{tenant}-a"), format!("{tenant}-b"));
+        stack.connect(&a, tenant, "a", "general").await;
+        stack.connect(&b, tenant, "b", "general").await;
+        roomcast::plugins::upload(
+            &*stack.table.store,
+            stack.plugins.host(),
+            tenant,
+            &component("roomcast-plugin-moderation"),
+            FailurePolicy::Closed,
+            roomcast::plugins::LimitOverrides::default(),
+            stack.clock.now(),
+        )
+        .await
+        .unwrap();
+    }
+    stack.pump().await;
+    assert!(stack.plugins.loaded() <= 2, "at most two tenants' plugins are kept");
+
+    // Round robin over three tenants with room for two: every turn may evict, and every tenant's
+    // plugin still decides its own messages (reloaded from the table when it was evicted).
+    for round in 0..2 {
+        for tenant in tenants {
+            stack.recorder.clear();
+            stack.send(&format!("{tenant}-a"), json!({"action":"sendMessage","room":"general","message":"spam"})).await;
+            stack.pump().await;
+            assert_eq!(
+                stack.recorder.received_action(&format!("{tenant}-a"), "rejected").len(),
+                1,
+                "round {round}, {tenant}: {:?}",
+                stack.recorder.calls()
+            );
+            assert!(stack.plugins.loaded() <= 2);
+        }
+    }
+    assert!(stack.processor.counts().plugin_evictions >= 4, "{:?}", stack.processor.counts());
 }

@@ -25,6 +25,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("ROOMCAST_PLUGIN_FUEL", "10000000", "fuel per plugin call"),
     ("ROOMCAST_PLUGIN_MEMORY_MIB", "16", "a plugin's memory cap"),
     ("ROOMCAST_PLUGIN_DEADLINE_MS", "100", "a plugin call's wall-clock deadline"),
+    (
+        "ROOMCAST_PLUGIN_CACHE_TENANTS",
+        "256",
+        "tenants whose compiled plugin is kept in memory (least recently used go)",
+    ),
+    (
+        "ROOMCAST_PLUGIN_ARTIFACT_DIR",
+        "(none)",
+        "keep compiled plugins here, so reloads deserialize instead of compiling",
+    ),
     ("ROOMCAST_JWT_SECRET_PARAMETER", "(authorizer)", "SSM parameter (SecureString) holding the HS256 secret"),
     ("ROOMCAST_JWT_SECRET", "(authorizer)", "the HS256 secret itself, instead of the parameter"),
 ];
@@ -38,8 +48,12 @@ pub struct Config {
     pub delivery: DeliverySettings,
     pub partitions_at_once: usize,
     pub idle_limit: Duration,
-    /// The limits every tenant plugin runs with.
+    /// The limits tenant plugins run with, unless their upload overrides them.
     pub plugin_limits: crate::plugins::Limits,
+    /// How many tenants' compiled plugins are kept.
+    pub plugin_cache_tenants: usize,
+    /// Where compiled plugins are kept between activations, if anywhere.
+    pub plugin_artifact_dir: Option<std::path::PathBuf>,
 }
 
 /// Every problem found, one per line.
@@ -120,6 +134,8 @@ impl Config {
             deadline: Duration::from_millis(number("ROOMCAST_PLUGIN_DEADLINE_MS", 100, 1, 10_000)),
             ..crate::plugins::Limits::default()
         };
+        let plugin_cache_tenants = number("ROOMCAST_PLUGIN_CACHE_TENANTS", 256, 1, 100_000) as usize;
+        let plugin_artifact_dir = get("ROOMCAST_PLUGIN_ARTIFACT_DIR").map(std::path::PathBuf::from);
 
         if problems.is_empty() {
             Ok(Config {
@@ -131,6 +147,8 @@ impl Config {
                 partitions_at_once,
                 idle_limit,
                 plugin_limits,
+                plugin_cache_tenants,
+                plugin_artifact_dir,
             })
         } else {
             Err(ConfigError(problems))
@@ -179,6 +197,7 @@ mod tests {
         assert_eq!(c.delivery.concurrency, 32);
         assert_eq!(c.dynamodb_endpoint, None);
         assert_eq!(c.plugin_limits, crate::plugins::Limits::default());
+        assert_eq!((c.plugin_cache_tenants, c.plugin_artifact_dir), (256, None));
         let tuned =
             config(&[("TABLE_NAME", "t"), ("ROOMCAST_PLUGIN_FUEL", "5000"), ("ROOMCAST_PLUGIN_MEMORY_MIB", "32")])
                 .unwrap();

@@ -65,10 +65,7 @@ pub async fn run_processor() -> Result<(), Error> {
     let clock = Arc::new(SystemClock);
     let metrics = Arc::new(Metrics::default());
     let deliverer = Deliverer::new(sdk, config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
-    let host = Arc::new(crate::plugins::PluginHost::new()?);
-    let registry = Arc::new(
-        crate::plugins::registry::Registry::new(host, metrics.clone()).with_limits(config.plugin_limits.clone()),
-    );
+    let registry = Arc::new(crate::plugins::registry::Registry::from_config(&config, metrics.clone())?);
     let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once).with_plugins(registry);
     let processor = &processor;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {

@@ -51,6 +51,10 @@ counters! {
     rejected,
     /// Plugin faults (trap, fuel, deadline, memory, bad output).
     plugin_faults,
+    /// Plugin instances created: one per tenant per batch, plus one after each fault.
+    plugin_instances,
+    /// Compiled plugins evicted from the bounded cache (reloaded on the tenant's next use).
+    plugin_evictions,
 }
 
 impl Metrics {
@@ -73,6 +77,8 @@ impl Counts {
             platform_failures = self.platform_failures,
             rejected = self.rejected,
             plugin_faults = self.plugin_faults,
+            plugin_instances = self.plugin_instances,
+            plugin_evictions = self.plugin_evictions,
             "{what}"
         );
     }

@@ -465,6 +465,9 @@ pub struct PluginMeta {
     pub uploaded_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Per-tenant limits set at upload; unset, the deployment's apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::plugins::LimitOverrides>,
 }
 
 impl PluginMeta {
@@ -484,6 +487,7 @@ impl PluginMeta {
             policy,
             uploaded_at: now,
             reason: None,
+            limits: None,
         }
     }
 }

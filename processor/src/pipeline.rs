@@ -12,7 +12,7 @@ use crate::deliver::{Deliverer, Outcome};
 use crate::metrics::{Counts, Metrics};
 use crate::model::Clock;
 use crate::model::{FailurePolicy, PluginMeta, PluginStatus};
-use crate::plugins::registry::{CallRecord, Policy, Registry};
+use crate::plugins::registry::{CallRecord, Policy, Registry, Warm};
 use crate::react::{self, Decisions, Effect};
 use crate::store::{Store, StoreError};
 use crate::stream::Change;
@@ -126,9 +126,10 @@ impl Processor {
         if sha256 != meta.sha256 {
             return Ok(Err(format!("sha256 mismatch: the chunks hash to {sha256}, the record says {}", meta.sha256)));
         }
-        let limits = registry.limits().clone();
+        let limits = registry.limits().with_overrides(&meta.limits.unwrap_or_default());
         let host = registry.host().clone();
-        let compiled = tokio::task::spawn_blocking(move || host.compile(&bytes, &limits).map_err(|e| e.to_string()))
+        let checked = limits.clone();
+        let compiled = tokio::task::spawn_blocking(move || host.compile(&bytes, &checked).map_err(|e| e.to_string()))
             .await
             .unwrap_or_else(|e| Err(format!("compilation did not complete: {e}")));
         Ok(compiled.map(|plugin| {
@@ -136,7 +137,16 @@ impl Processor {
                 FailurePolicy::Open => Policy::FailOpen,
                 FailurePolicy::Closed => Policy::FailClosed,
             };
-            registry.install(&meta.tenant, plugin, registry.limits().clone(), policy);
+            tracing::info!(
+                tenant = %meta.tenant,
+                version = %meta.version,
+                from_artifact = plugin.from_artifact,
+                fuel = limits.fuel,
+                memory_bytes = limits.memory_bytes,
+                deadline_ms = limits.deadline.as_millis() as u64,
+                "plugin loaded"
+            );
+            registry.install(&meta.tenant, plugin, limits, policy, false);
         }))
     }
 
@@ -155,7 +165,7 @@ impl Processor {
     }
 
     /// Asks the tenant's plugin, if any, about this change.
-    async fn decide(&self, change: &Change) -> Result<(Decisions, Vec<CallRecord>), StoreError> {
+    async fn decide(&self, change: &Change, warm: &Warm) -> Result<(Decisions, Vec<CallRecord>), StoreError> {
         let mut decisions = Decisions::default();
         let mut calls = Vec::new();
         let Some(registry) = &self.plugins else { return Ok((decisions, calls)) };
@@ -177,7 +187,7 @@ impl Processor {
                 };
                 // The record's own time, never the clock: replay decides the same.
                 let at = m.timestamp.timestamp_millis().max(0) as u64;
-                if let Some((decision, route, made)) = registry.decide_message(&message, at).await {
+                if let Some((decision, route, made)) = registry.decide_message(warm, &message, at).await {
                     decisions.message = Some((decision, route));
                     calls = made;
                 }
@@ -190,7 +200,7 @@ impl Processor {
                     rooms: c.rooms.iter().cloned().collect(),
                 };
                 let at = c.connected_at.timestamp_millis().max(0) as u64;
-                if let Some((greeting, call)) = registry.greeting(&info, at).await {
+                if let Some((greeting, call)) = registry.greeting(warm, &info, at).await {
                     decisions.greeting = greeting;
                     calls.push(call);
                 }
@@ -204,9 +214,14 @@ impl Processor {
         &self.metrics
     }
 
-    /// One record: decode, read the room if the change needs it, react, deliver.
+    /// One record on its own: decode, read the room if the change needs it, react, deliver.
     /// Only a platform fault (the table unavailable) is an error.
     pub async fn process_record(&self, record: &EventRecord) -> Result<RecordReport, StoreError> {
+        self.process_in_batch(record, &Warm::default()).await
+    }
+
+    /// One record of a batch: plugin calls reuse the batch's `warm` instances.
+    pub async fn process_in_batch(&self, record: &EventRecord, warm: &Warm) -> Result<RecordReport, StoreError> {
         let span = tracing::info_span!(
             "record",
             seq = record.change.sequence_number.as_deref().unwrap_or(""),
@@ -237,7 +252,7 @@ impl Processor {
                 span.record("room", room);
             }
             self.plugin_lifecycle(&change).await?;
-            let (decisions, plugin_calls) = self.decide(&change).await?;
+            let (decisions, plugin_calls) = self.decide(&change, warm).await?;
             let mut members = match react::room_needed(&change) {
                 Some((tenant, room)) => self.store.room_members(tenant, room, self.clock.now()).await?,
                 None => Vec::new(),
@@ -264,14 +279,16 @@ impl Processor {
         .await
     }
 
-    async fn process_owned(&self, record: EventRecord) -> Result<(), StoreError> {
-        self.process_record(&record).await.map(|_| ())
-    }
-
     /// One batch, as the Lambda receives it (`Records` of the event, raw).
     pub async fn process_batch(&self, raw: &[serde_json::Value]) -> BatchOutcome {
         let before = self.metrics.snapshot();
-        let outcome = run_batch(raw, self.partitions_at_once, |_, record| self.process_owned(record)).await;
+        // One warm instance per tenant for the whole batch (DESIGN.md: a Store per tenant per batch).
+        let warm = Warm::default();
+        let outcome = run_batch(raw, self.partitions_at_once, |_, record| {
+            let warm = &warm;
+            async move { self.process_in_batch(&record, warm).await.map(|_| ()) }
+        })
+        .await;
         let malformed = outcome.malformed.len() as u64;
         Metrics::add(&self.metrics.records, malformed);
         Metrics::add(&self.metrics.skipped, malformed);

@@ -5,34 +5,43 @@
 //! * process — one [`PluginHost`]: one `Engine` (fuel and epoch interruption on), one `Linker`
 //!   with WASI locked down (no env, args, directories or network; stdout and stderr into the
 //!   bounded log; clocks that show the record's time; a fixed random seed) and our two imports;
+//!   and, optionally, a directory of precompiled artifacts that only this host writes;
 //! * tenant-version — a compiled [`Plugin`]: the `Component` and its `InstancePre`, checked
 //!   against the world when it is compiled;
-//! * call — a fresh `Store` with [`Limits`]: fuel, an epoch deadline, a memory cap, and bounded
-//!   input, output and log. After any fault the store is dropped: wasmtime refuses re-entry.
+//! * tenant-batch — an [`Instance`]: a `Store` with [`Limits`] (memory cap) and the instantiated
+//!   component, reused for that tenant's calls within one batch ([`registry::Warm`]);
+//! * call — fuel, an epoch deadline, the record's time and a fresh bounded log are set anew for
+//!   every call. After any fault the instance is dropped: wasmtime refuses re-entry after a trap.
 //!
 //! Blame: everything that goes wrong inside a call is a [`Fault`] — the tenant's, never the
 //! platform's. The processor applies the tenant's failure policy; it never fails a batch for it.
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use serde::{Deserialize, Serialize};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine};
 
 wasmtime::component::bindgen!({ world: "tenant-plugin", path: "../wit", additional_derives: [PartialEq, Eq] });
 
+pub use self::instance::{CallReport, Instance};
 pub use self::roomcast::plugin::host::Level;
 
+mod instance;
 pub mod registry;
 
-/// How often the epoch ticks: the granularity of the wall-clock deadline.
-const EPOCH_TICK: Duration = Duration::from_millis(5);
+use self::instance::State;
 
-/// Per-call limits (DESIGN.md: in the spirit of Shopify Functions' budget). Per tenant.
+/// How often the epoch ticks: the granularity of the wall-clock deadline.
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Per-call limits (DESIGN.md: in the spirit of Shopify Functions' budget). The deployment sets
+/// the defaults (`ROOMCAST_PLUGIN_*`); an uploaded version may carry [`LimitOverrides`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Fuel per call (roughly, wasm instructions).
@@ -58,6 +67,51 @@ impl Default for Limits {
             component_bytes: 4 << 20,
             io_bytes: 128 << 10,
             log_bytes: 1 << 10,
+        }
+    }
+}
+
+/// The most any tenant's overrides may ask for, whatever they say: one plugin call must never be
+/// able to hold a processor for long or take a large share of its memory.
+pub const CEILING: Limits = Limits {
+    fuel: 200_000_000,
+    deadline: Duration::from_secs(1),
+    memory_bytes: 128 << 20,
+    component_bytes: 4 << 20,
+    io_bytes: 128 << 10,
+    log_bytes: 16 << 10,
+};
+
+/// Per-tenant limits, stored with an uploaded version (`roomcast plugin upload --fuel …`).
+/// Unset fields take the deployment's value; set ones are capped at [`CEILING`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_bytes: Option<usize>,
+}
+
+impl LimitOverrides {
+    pub fn is_empty(&self) -> bool {
+        *self == LimitOverrides::default()
+    }
+}
+
+impl Limits {
+    /// These limits with a tenant's overrides applied, each capped at [`CEILING`].
+    pub fn with_overrides(&self, o: &LimitOverrides) -> Limits {
+        Limits {
+            fuel: o.fuel.unwrap_or(self.fuel).clamp(1, CEILING.fuel),
+            deadline: o.deadline_ms.map_or(self.deadline, Duration::from_millis).clamp(EPOCH_TICK, CEILING.deadline),
+            memory_bytes: o.memory_mib.map_or(self.memory_bytes, |m| m << 20).clamp(1 << 20, CEILING.memory_bytes),
+            log_bytes: o.log_bytes.unwrap_or(self.log_bytes).min(CEILING.log_bytes),
+            ..self.clone()
         }
     }
 }
@@ -92,20 +146,21 @@ pub enum Fault {
     InputTooLarge { size: usize, limit: usize },
 }
 
-/// What a call cost and said.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CallReport {
-    pub fuel_used: u64,
-    pub elapsed: Duration,
-    pub log: Vec<String>,
-}
-
-/// A compiled, checked plugin: ready to instantiate per call.
+/// A compiled, checked plugin: ready to instantiate.
 #[derive(Clone)]
 pub struct Plugin {
     pre: TenantPluginPre<State>,
     pub sha256: String,
     pub size: usize,
+    /// Loaded from this host's precompiled-artifact directory instead of compiled.
+    pub from_artifact: bool,
+}
+
+impl Plugin {
+    /// Content-addressed: the first 16 hex digits of the component's sha256.
+    pub fn version(&self) -> &str {
+        &self.sha256[..16.min(self.sha256.len())]
+    }
 }
 
 impl fmt::Debug for Plugin {
@@ -114,99 +169,15 @@ impl fmt::Debug for Plugin {
     }
 }
 
-/// The per-call store's state.
-pub struct State {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    limits: StoreLimits,
-    log: BoundedLog,
-    record_time_ms: u64,
-}
-
-impl WasiView for State {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
-    }
-}
-
-impl self::roomcast::plugin::host::Host for State {
-    fn log(&mut self, level: Level, message: String) {
-        let level = match level {
-            Level::Debug => "debug",
-            Level::Info => "info",
-            Level::Warn => "warn",
-            Level::Error => "error",
-        };
-        self.log.push(format!("{level}: {message}"));
-    }
-
-    fn record_time(&mut self) -> u64 {
-        self.record_time_ms
-    }
-}
-
-impl self::roomcast::plugin::types::Host for State {}
-
-/// A log that keeps lines until a byte budget is spent, then says how many it dropped.
-#[derive(Debug)]
-struct BoundedLog {
-    lines: Vec<String>,
-    bytes: usize,
-    limit: usize,
-    dropped: usize,
-}
-
-impl BoundedLog {
-    fn push(&mut self, line: String) {
-        if self.bytes + line.len() > self.limit {
-            self.dropped += 1;
-            return;
-        }
-        self.bytes += line.len();
-        self.lines.push(line);
-    }
-
-    fn finish(mut self, stdio: &[MemoryOutputPipe]) -> Vec<String> {
-        for pipe in stdio {
-            let text = String::from_utf8_lossy(&pipe.contents()).into_owned();
-            for line in text.lines().filter(|l| !l.is_empty()) {
-                self.push(format!("stdio: {line}"));
-            }
-        }
-        if self.dropped > 0 {
-            self.lines
-                .push(format!("({} more lines dropped: the log is limited to {} bytes)", self.dropped, self.limit));
-        }
-        self.lines
-    }
-}
-
-/// A clock that always shows the record's time (replay is deterministic).
-struct RecordClock(Duration);
-
-impl wasmtime_wasi::HostWallClock for RecordClock {
-    fn resolution(&self) -> Duration {
-        Duration::from_millis(1)
-    }
-    fn now(&self) -> Duration {
-        self.0
-    }
-}
-
-impl wasmtime_wasi::HostMonotonicClock for RecordClock {
-    fn resolution(&self) -> u64 {
-        1_000_000
-    }
-    fn now(&self) -> u64 {
-        self.0.as_nanos() as u64
-    }
-}
-
 /// The process-wide plugin runtime.
 pub struct PluginHost {
     engine: Engine,
     linker: Linker<State>,
     stop_ticker: Arc<AtomicBool>,
+    /// Where compiled components are kept between activations (and processes), if anywhere.
+    artifacts: Option<PathBuf>,
+    /// The engine's compatibility hash: an artifact is only loaded by an engine that made it.
+    engine_key: String,
 }
 
 impl Drop for PluginHost {
@@ -240,71 +211,116 @@ impl PluginHost {
                 }
             }
         })?;
-        Ok(PluginHost { engine, linker, stop_ticker })
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let engine_key = format!("{:016x}", hasher.finish());
+        Ok(PluginHost { engine, linker, stop_ticker, artifacts: None, engine_key })
     }
 
-    /// Compiles a component and checks it against the world. Never on a batch's hot path: at
-    /// upload and activation.
+    /// Keeps compiled components in `dir` (created `0700`), keyed by the component's sha256 and
+    /// the engine's compatibility hash, so a later activation of the same bytes — after an
+    /// eviction, or in a new process — deserializes instead of compiling. Only files this host
+    /// wrote are ever loaded: tenants supply component bytes, never artifacts.
+    pub fn with_artifact_dir(mut self, dir: impl Into<PathBuf>) -> anyhow::Result<PluginHost> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| anyhow::anyhow!("cannot create the plugin artifact directory {}: {e}", dir.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| anyhow::anyhow!("cannot restrict {} to its owner: {e}", dir.display()))?;
+        }
+        self.artifacts = Some(dir);
+        Ok(self)
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles a component (or loads this host's precompiled artifact of the same bytes) and
+    /// checks it against the world. Never on a batch's hot path: at upload and activation.
     pub fn compile(&self, bytes: &[u8], limits: &Limits) -> Result<Plugin, Rejected> {
         if bytes.len() > limits.component_bytes {
             return Err(Rejected::TooLarge { size: bytes.len(), limit: limits.component_bytes });
         }
-        let component = Component::new(&self.engine, bytes).map_err(|e| Rejected::NotAComponent(root_cause(&e)))?;
+        let sha256 = sha256_hex(bytes);
+        let (component, from_artifact) = match self.load_artifact(&sha256) {
+            Some(component) => (component, true),
+            None => {
+                let component =
+                    Component::new(&self.engine, bytes).map_err(|e| Rejected::NotAComponent(root_cause(&e)))?;
+                (component, false)
+            }
+        };
         let pre = self.linker.instantiate_pre(&component).map_err(|e| Rejected::ForbiddenImport(root_cause(&e)))?;
         let pre = TenantPluginPre::new(pre).map_err(|e| Rejected::WrongWorld(root_cause(&e)))?;
-        Ok(Plugin { pre, sha256: sha256_hex(bytes), size: bytes.len() })
+        if !from_artifact {
+            // Only a component that passed every check is worth keeping.
+            self.save_artifact(&sha256, &component);
+        }
+        Ok(Plugin { pre, sha256, size: bytes.len(), from_artifact })
     }
 
-    fn store(&self, limits: &Limits, record_time_ms: u64) -> (Store<State>, Vec<MemoryOutputPipe>) {
-        let stdout = MemoryOutputPipe::new(limits.log_bytes);
-        let stderr = MemoryOutputPipe::new(limits.log_bytes);
-        let time = RecordClock(Duration::from_millis(record_time_ms));
-        let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .wall_clock(time)
-            .monotonic_clock(RecordClock(Duration::from_millis(record_time_ms)))
-            .insecure_random_seed(u128::from(record_time_ms))
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let state = State {
-            wasi,
-            table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.memory_bytes)
-                .table_elements(100_000)
-                .instances(20)
-                .trap_on_grow_failure(true)
-                .build(),
-            log: BoundedLog { lines: Vec::new(), bytes: 0, limit: limits.log_bytes, dropped: 0 },
-            record_time_ms,
-        };
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limits);
-        // Fuel cannot run out while set: this store was made with fuel consumption on.
-        let _ = store.set_fuel(limits.fuel);
-        let ticks = (limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        (store, vec![stdout, stderr])
+    fn artifact_path(&self, sha256: &str) -> Option<PathBuf> {
+        self.artifacts.as_ref().map(|dir| dir.join(format!("{sha256}-{}.cwasm", self.engine_key)))
     }
 
-    /// One call into a fresh instance, with the limits enforced and the fault classified.
-    fn call<R>(
+    fn load_artifact(&self, sha256: &str) -> Option<Component> {
+        let path = self.artifact_path(sha256)?;
+        // Read into memory rather than mapped (`deserialize_file`): a file truncated under a
+        // mapping would kill the process with SIGBUS, not fail this load.
+        let bytes = std::fs::read(&path).ok()?;
+        // SAFETY: `path` is in the directory this host owns (0700), named by the sha256 of
+        // component bytes it compiled itself and by this engine's compatibility hash; it was
+        // written by `save_artifact` from `Component::serialize`, atomically (rename). Tenants
+        // never supply precompiled code: their uploads only ever reach `Component::new`.
+        match unsafe { Component::deserialize(&self.engine, &bytes) } {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %root_cause(&e), "discarding an unreadable plugin artifact");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    fn save_artifact(&self, sha256: &str, component: &Component) {
+        let Some(path) = self.artifact_path(sha256) else { return };
+        let written = component.serialize().map_err(|e| root_cause(&e)).and_then(|bytes| {
+            let partial = path.with_extension(format!("{}.partial", std::process::id()));
+            std::fs::write(&partial, bytes)
+                .and_then(|()| std::fs::rename(&partial, &path))
+                .map_err(|e| format!("{}: {e}", path.display()))
+        });
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot keep the compiled plugin; the next activation compiles again");
+        }
+    }
+
+    /// A ready instance of `plugin`: a store with the memory cap, and the component instantiated
+    /// in it. Instantiation runs guest code, so it can fault like a call.
+    pub fn instantiate(&self, plugin: &Plugin, limits: &Limits) -> (Result<Instance, Fault>, CallReport) {
+        Instance::new(&self.engine, plugin, limits)
+    }
+
+    /// One call on a fresh instance (`roomcast plugin test`, tests, benchmarks): instantiation's
+    /// cost is in the report.
+    fn once<R>(
         &self,
         plugin: &Plugin,
         limits: &Limits,
-        record_time_ms: u64,
-        run: impl FnOnce(&TenantPlugin, &mut Store<State>) -> wasmtime::Result<R>,
+        call: impl FnOnce(&mut Instance) -> (Result<R, Fault>, CallReport),
     ) -> (Result<R, Fault>, CallReport) {
-        let started = Instant::now();
-        let (mut store, stdio) = self.store(limits, record_time_ms);
-        let result = plugin.pre.instantiate(&mut store).and_then(|instance| run(&instance, &mut store));
-        let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
-        let result = result.map_err(|e| classify(&e, limits, fuel_used));
-        let log = store.into_data().log.finish(&stdio);
-        (result, CallReport { fuel_used, elapsed: started.elapsed(), log })
+        let (instance, setup) = self.instantiate(plugin, limits);
+        match instance {
+            Ok(mut instance) => {
+                let (result, report) = call(&mut instance);
+                (result, report.after(setup))
+            }
+            Err(fault) => (Err(fault), setup),
+        }
     }
 
     pub fn validate(
@@ -314,19 +330,10 @@ impl PluginHost {
         message: &Message,
         record_time_ms: u64,
     ) -> (Result<Verdict, Fault>, CallReport) {
-        let size = message.body.len() + message.room.len() + message.user_id.len() + message.id.len();
-        if size > limits.io_bytes {
-            return (Err(Fault::InputTooLarge { size, limit: limits.io_bytes }), CallReport::default());
+        if let Err(fault) = instance::check_input(message, limits) {
+            return (Err(fault), CallReport::default());
         }
-        let (result, report) = self.call(plugin, limits, record_time_ms, |p, store| p.call_validate(store, message));
-        let result = result.and_then(|verdict| {
-            let size = match &verdict {
-                Verdict::Accept => 0,
-                Verdict::Rewrite(text) | Verdict::Reject(text) => text.len(),
-            };
-            within(size, limits).map(|()| verdict)
-        });
-        (result, report)
+        self.once(plugin, limits, |i| i.validate(message, record_time_ms))
     }
 
     pub fn route(
@@ -336,13 +343,7 @@ impl PluginHost {
         message: &Message,
         record_time_ms: u64,
     ) -> (Result<Routing, Fault>, CallReport) {
-        let (result, report) = self.call(plugin, limits, record_time_ms, |p, store| p.call_route(store, message));
-        let result = result.and_then(|routing| {
-            let size = routing.extra_rooms.iter().map(String::len).sum::<usize>()
-                + routing.only_users.iter().flatten().map(String::len).sum::<usize>();
-            within(size, limits).map(|()| routing)
-        });
-        (result, report)
+        self.once(plugin, limits, |i| i.route(message, record_time_ms))
     }
 
     pub fn welcome(
@@ -352,31 +353,11 @@ impl PluginHost {
         info: &WelcomeInfo,
         record_time_ms: u64,
     ) -> (Result<Option<String>, Fault>, CallReport) {
-        let (result, report) = self.call(plugin, limits, record_time_ms, |p, store| p.call_welcome(store, info));
-        let result =
-            result.and_then(|greeting| within(greeting.as_ref().map_or(0, String::len), limits).map(|()| greeting));
-        (result, report)
+        self.once(plugin, limits, |i| i.welcome(info, record_time_ms))
     }
 }
 
-fn within(size: usize, limits: &Limits) -> Result<(), Fault> {
-    if size > limits.io_bytes { Err(Fault::OutputTooLarge { size, limit: limits.io_bytes }) } else { Ok(()) }
-}
-
-fn classify(error: &wasmtime::Error, limits: &Limits, fuel_used: u64) -> Fault {
-    match error.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => return Fault::OutOfFuel(fuel_used.max(limits.fuel)),
-        Some(Trap::Interrupt) => return Fault::Deadline(limits.deadline),
-        _ => {}
-    }
-    let text = format!("{error:?}");
-    if text.contains("growing memory") || text.contains("memory size") || text.contains("forcing trap when growing") {
-        return Fault::Memory(limits.memory_bytes);
-    }
-    Fault::Trap(root_cause(error))
-}
-
-fn root_cause(error: &wasmtime::Error) -> String {
+pub(crate) fn root_cause(error: &wasmtime::Error) -> String {
     let chain: Vec<String> = error.chain().map(|e| e.to_string()).collect();
     chain.join(": ")
 }
@@ -384,6 +365,11 @@ fn root_cause(error: &wasmtime::Error) -> String {
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads a component file for upload, test or replay, naming the file in any error.
+pub fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))
 }
 
 /// `roomcast plugin upload`: checks a component as the processor will (size, a component, the
@@ -395,11 +381,13 @@ pub async fn upload(
     tenant: &str,
     bytes: &[u8],
     policy: crate::model::FailurePolicy,
+    limits: LimitOverrides,
     now: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<crate::model::PluginMeta> {
     crate::model::Name::parse("tenant", tenant).map_err(|e| anyhow::anyhow!(e))?;
     let plugin = host.compile(bytes, &Limits::default())?;
-    let meta = crate::model::PluginMeta::new(tenant, &plugin.sha256, bytes.len(), policy, now);
+    let mut meta = crate::model::PluginMeta::new(tenant, &plugin.sha256, bytes.len(), policy, now);
+    meta.limits = (!limits.is_empty()).then_some(limits);
     let chunks = crate::model::plugin_chunks(tenant, &meta.version, bytes);
     store.put_plugin(&meta, &chunks).await?;
     Ok(meta)

@@ -1,21 +1,29 @@
 //! Which plugin each tenant runs, with its limits, failure policy and circuit breaker, and the
 //! calls the processor makes: [`Registry::decide_message`] and [`Registry::greeting`].
 //!
-//! Blame stays with the tenant: a fault applies the tenant's [`Policy`] (fail open to the default
-//! rules, or fail closed and reject), is counted, and after [`BREAKER_THRESHOLD`] faults in a row
-//! opens the breaker: the plugin is skipped (policy applied) for [`BREAKER_COOLDOWN`]. Nothing
-//! here ever fails a batch or touches another tenant.
+//! * Bounded: at most [`Registry::with_capacity`] tenants' compiled plugins are kept; the least
+//!   recently used one is evicted and reloaded from the table (or the host's precompiled
+//!   artifacts) when that tenant next needs it. Plugins installed with `pin` (`--plugins DIR`,
+//!   replay's `--plugin`) have no table record to come back from and are never evicted.
+//! * Warm: within one batch ([`Warm`]), a tenant's calls reuse one instance (store + component);
+//!   the batch drops it. An instance that faulted is never reused.
+//! * Blame stays with the tenant: a fault applies the tenant's [`Policy`] (fail open to the
+//!   default rules, or fail closed and reject), is counted, and after [`BREAKER_THRESHOLD`] faults
+//!   in a row opens the breaker: the plugin is skipped (policy applied) for [`BREAKER_COOLDOWN`].
+//!   Nothing here ever fails a batch or touches another tenant.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::{CallReport, Fault, Limits, Message, Plugin, PluginHost, Verdict, WelcomeInfo};
+use super::{CallReport, Fault, Instance, Limits, Message, Plugin, PluginHost, Verdict, WelcomeInfo};
 use crate::metrics::Metrics;
 use crate::react::{Decision, Route};
 
 pub const BREAKER_THRESHOLD: u32 = 5;
 pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
+/// Tenants whose compiled plugin is kept, unless configured otherwise.
+pub const DEFAULT_CAPACITY: usize = 256;
 
 /// What to do when a tenant's plugin faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,11 +41,12 @@ struct Breaker {
 }
 
 struct Installed {
-    version: String,
     plugin: Plugin,
     limits: Limits,
     policy: Policy,
+    pinned: bool,
     breaker: Mutex<Breaker>,
+    last_used: Mutex<Instant>,
 }
 
 /// One plugin call as it happened, for logs and replay.
@@ -48,9 +57,30 @@ pub struct CallRecord {
     pub report: CallReport,
 }
 
+/// The instances of one batch, per tenant and version: made on a tenant's first call in the
+/// batch, reused by its next ones, dropped with the batch.
+#[derive(Clone, Default)]
+pub struct Warm(Arc<Mutex<Pool>>);
+
+/// Idle instances by (tenant, version).
+type Pool = HashMap<(String, String), Vec<Instance>>;
+
+impl Warm {
+    fn take(&self, tenant: &str, version: &str) -> Option<Instance> {
+        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        pool.get_mut(&(tenant.to_string(), version.to_string())).and_then(Vec::pop)
+    }
+
+    fn give_back(&self, tenant: &str, version: &str, instance: Instance) {
+        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        pool.entry((tenant.to_string(), version.to_string())).or_default().push(instance);
+    }
+}
+
 pub struct Registry {
     host: Arc<PluginHost>,
     limits: Limits,
+    capacity: usize,
     tenants: RwLock<HashMap<String, Arc<Installed>>>,
     /// Tenants looked up in the table recently and found without a plugin.
     absent: Mutex<HashMap<String, Instant>>,
@@ -65,15 +95,33 @@ impl Registry {
         Registry {
             host,
             limits: Limits::default(),
+            capacity: DEFAULT_CAPACITY,
             tenants: RwLock::new(HashMap::new()),
             absent: Mutex::new(HashMap::new()),
             metrics,
         }
     }
 
-    /// The limits plugins loaded from the table run with (the deployment's configuration).
+    /// The registry a deployment configures: limits, cache bound and artifact directory.
+    pub fn from_config(config: &crate::config::Config, metrics: Arc<Metrics>) -> anyhow::Result<Registry> {
+        let mut host = PluginHost::new()?;
+        if let Some(dir) = &config.plugin_artifact_dir {
+            host = host.with_artifact_dir(dir)?;
+        }
+        Ok(Registry::new(Arc::new(host), metrics)
+            .with_limits(config.plugin_limits.clone())
+            .with_capacity(config.plugin_cache_tenants))
+    }
+
+    /// The deployment's limits: what plugins run with unless their upload overrides them.
     pub fn with_limits(mut self, limits: Limits) -> Registry {
         self.limits = limits;
+        self
+    }
+
+    /// How many tenants' compiled plugins are kept at most.
+    pub fn with_capacity(mut self, tenants: usize) -> Registry {
+        self.capacity = tenants.max(1);
         self
     }
 
@@ -85,12 +133,31 @@ impl Registry {
         &self.host
     }
 
-    /// Makes `plugin` the tenant's active plugin (replacing any other).
-    pub fn install(&self, tenant: &str, plugin: Plugin, limits: Limits, policy: Policy) {
-        let version = plugin.sha256[..16.min(plugin.sha256.len())].to_string();
-        let installed =
-            Arc::new(Installed { version, plugin, limits, policy, breaker: Mutex::new(Breaker::default()) });
-        self.tenants.write().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), installed);
+    /// Makes `plugin` the tenant's active plugin (replacing any other). A `pinned` plugin is
+    /// never evicted. Installing past the capacity evicts the least recently used other tenant.
+    pub fn install(&self, tenant: &str, plugin: Plugin, limits: Limits, policy: Policy, pinned: bool) {
+        let installed = Arc::new(Installed {
+            plugin,
+            limits,
+            policy,
+            pinned,
+            breaker: Mutex::new(Breaker::default()),
+            last_used: Mutex::new(Instant::now()),
+        });
+        let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        tenants.insert(tenant.to_string(), installed);
+        while tenants.len() > self.capacity {
+            let victim = tenants
+                .iter()
+                .filter(|(name, i)| !i.pinned && name.as_str() != tenant)
+                .min_by_key(|(_, i)| *i.last_used.lock().unwrap_or_else(|p| p.into_inner()))
+                .map(|(name, _)| name.clone());
+            let Some(victim) = victim else { break };
+            tenants.remove(&victim);
+            Metrics::add(&self.metrics.plugin_evictions, 1);
+            tracing::info!(tenant = %victim, capacity = self.capacity, "plugin evicted from the cache; it reloads on next use");
+        }
+        drop(tenants);
         self.absent.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant);
     }
 
@@ -102,11 +169,21 @@ impl Registry {
 
     /// The version the tenant runs here, if any.
     pub fn installed_version(&self, tenant: &str) -> Option<String> {
-        self.get(tenant).map(|i| i.version.clone())
+        self.get(tenant).map(|i| i.plugin.version().to_string())
     }
 
-    /// Whether the table should be asked for this tenant's plugin (a cold container, or a
-    /// "none" older than [`ABSENT_FOR`]).
+    /// The limits the tenant's plugin runs with here, if it has one.
+    pub fn installed_limits(&self, tenant: &str) -> Option<Limits> {
+        self.get(tenant).map(|i| i.limits.clone())
+    }
+
+    /// How many tenants' plugins are loaded.
+    pub fn loaded(&self) -> usize {
+        self.tenants.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether the table should be asked for this tenant's plugin (a cold container, an evicted
+    /// plugin, or a "none" older than [`ABSENT_FOR`]).
     pub fn should_look_up(&self, tenant: &str) -> bool {
         if self.get(tenant).is_some() {
             return false;
@@ -119,14 +196,17 @@ impl Registry {
         self.tenants.read().unwrap_or_else(|p| p.into_inner()).get(tenant).cloned()
     }
 
-    /// Runs a hook on a blocking thread (a call may take up to its deadline), with the breaker.
+    /// Runs a hook on a blocking thread (a call may take up to its deadline), on the batch's warm
+    /// instance of the tenant's plugin when there is one, with the breaker.
     async fn run<R: Send + 'static>(
         &self,
+        warm: &Warm,
         tenant: &str,
         hook: &'static str,
-        call: impl FnOnce(&PluginHost, &Plugin, &Limits) -> (Result<R, Fault>, CallReport) + Send + 'static,
+        call: impl FnOnce(&mut Instance) -> (Result<R, Fault>, CallReport) + Send + 'static,
     ) -> Option<(Result<R, Fault>, CallReport, Policy)> {
         let installed = self.get(tenant)?;
+        *installed.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         {
             let breaker = installed.breaker.lock().unwrap_or_else(|p| p.into_inner());
             if breaker.open_until.is_some_and(|until| Instant::now() < until) {
@@ -138,11 +218,36 @@ impl Registry {
                 ));
             }
         }
+        let version = installed.plugin.version().to_string();
+        let ready = warm.take(tenant, &version);
+        if ready.is_none() {
+            Metrics::add(&self.metrics.plugin_instances, 1);
+        }
         let host = self.host.clone();
         let running = installed.clone();
-        let joined = tokio::task::spawn_blocking(move || call(&host, &running.plugin, &running.limits)).await;
+        let joined = tokio::task::spawn_blocking(move || {
+            let (instance, setup) = match ready {
+                Some(instance) => (Ok(instance), CallReport::default()),
+                None => host.instantiate(&running.plugin, &running.limits),
+            };
+            match instance {
+                Ok(mut instance) => {
+                    let (result, report) = call(&mut instance);
+                    // A faulted instance is never reused: wasmtime refuses re-entry after a trap.
+                    let keep = result.is_ok().then_some(instance);
+                    (result, report.after(setup), keep)
+                }
+                Err(fault) => (Err(fault), setup, None),
+            }
+        })
+        .await;
         let (result, report) = match joined {
-            Ok(done) => done,
+            Ok((result, report, keep)) => {
+                if let Some(instance) = keep {
+                    warm.give_back(tenant, &version, instance);
+                }
+                (result, report)
+            }
             Err(e) => (Err(Fault::Trap(format!("the plugin call did not complete: {e}"))), CallReport::default()),
         };
         let mut breaker = installed.breaker.lock().unwrap_or_else(|p| p.into_inner());
@@ -170,6 +275,7 @@ impl Registry {
     /// Validation then routing for one message; `None` when the tenant has no plugin.
     pub async fn decide_message(
         &self,
+        warm: &Warm,
         message: &Message,
         record_time_ms: u64,
     ) -> Option<(Decision, Route, Vec<CallRecord>)> {
@@ -177,7 +283,7 @@ impl Registry {
         let mut calls = Vec::new();
         let input = message.clone();
         let (result, report, policy) =
-            self.run(&tenant, "validate", move |h, p, l| h.validate(p, l, &input, record_time_ms)).await?;
+            self.run(warm, &tenant, "validate", move |i| i.validate(&input, record_time_ms)).await?;
         let outcome = describe(&result);
         let decision = match result {
             Ok(Verdict::Accept) => Decision::Deliver { rewritten: None },
@@ -196,7 +302,7 @@ impl Registry {
             return Some((decision, Route::default(), calls));
         }
         let input = message.clone();
-        let route = match self.run(&tenant, "route", move |h, p, l| h.route(p, l, &input, record_time_ms)).await {
+        let route = match self.run(warm, &tenant, "route", move |i| i.route(&input, record_time_ms)).await {
             Some((result, report, _)) => {
                 calls.push(CallRecord { hook: "route", outcome: describe(&result), report });
                 match result {
@@ -212,10 +318,15 @@ impl Registry {
     }
 
     /// The tenant plugin's greeting for a welcome, if any.
-    pub async fn greeting(&self, info: &WelcomeInfo, record_time_ms: u64) -> Option<(Option<String>, CallRecord)> {
+    pub async fn greeting(
+        &self,
+        warm: &Warm,
+        info: &WelcomeInfo,
+        record_time_ms: u64,
+    ) -> Option<(Option<String>, CallRecord)> {
         let input = info.clone();
         let (result, report, _) =
-            self.run(&info.tenant, "welcome", move |h, p, l| h.welcome(p, l, &input, record_time_ms)).await?;
+            self.run(warm, &info.tenant, "welcome", move |i| i.welcome(&input, record_time_ms)).await?;
         let record = CallRecord { hook: "welcome", outcome: describe(&result), report };
         Some((result.unwrap_or(None), record))
     }

@@ -1,0 +1,359 @@
+//! One instantiated plugin: a `Store` with its limits and the component's instance, reused for
+//! one tenant's calls within a batch. Each call gets its own fuel, epoch deadline, record time
+//! and bounded log; after a fault the owner drops the instance.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::roomcast::plugin::host::Level;
+use super::{EPOCH_TICK, Fault, Limits, Message, Plugin, Routing, TenantPlugin, Verdict, WelcomeInfo, root_cause};
+
+/// What a call cost and said.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallReport {
+    pub fuel_used: u64,
+    pub elapsed: Duration,
+    pub log: Vec<String>,
+}
+
+impl CallReport {
+    /// This report with an earlier step's cost (instantiation) added in front.
+    pub(crate) fn after(mut self, earlier: CallReport) -> CallReport {
+        self.fuel_used += earlier.fuel_used;
+        self.elapsed += earlier.elapsed;
+        let mut log = earlier.log;
+        log.append(&mut self.log);
+        self.log = log;
+        self
+    }
+}
+
+/// The store's state.
+pub struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    log: BoundedLog,
+    /// The current call's record time, epoch milliseconds (also what WASI's clocks show).
+    time: Arc<AtomicU64>,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl super::roomcast::plugin::host::Host for State {
+    fn log(&mut self, level: Level, message: String) {
+        let level = match level {
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        };
+        self.log.push(format!("{level}: {message}"));
+    }
+
+    fn record_time(&mut self) -> u64 {
+        self.time.load(Ordering::Relaxed)
+    }
+}
+
+impl super::roomcast::plugin::types::Host for State {}
+
+/// A log that keeps lines until a byte budget is spent, then says how many it dropped.
+#[derive(Debug)]
+struct BoundedLog {
+    lines: Vec<String>,
+    bytes: usize,
+    limit: usize,
+    dropped: usize,
+}
+
+impl BoundedLog {
+    fn new(limit: usize) -> BoundedLog {
+        BoundedLog { lines: Vec::new(), bytes: 0, limit, dropped: 0 }
+    }
+
+    fn push(&mut self, line: String) {
+        if self.bytes + line.len() > self.limit {
+            self.dropped += 1;
+            return;
+        }
+        self.bytes += line.len();
+        self.lines.push(line);
+    }
+
+    fn finish(mut self, stdio: &StdioSink) -> Vec<String> {
+        let (text, dropped_bytes) = stdio.take();
+        for line in String::from_utf8_lossy(&text).lines().filter(|l| !l.is_empty()) {
+            self.push(format!("stdio: {line}"));
+        }
+        if dropped_bytes > 0 {
+            self.dropped += 1;
+        }
+        if self.dropped > 0 {
+            self.lines
+                .push(format!("({} more lines dropped: the log is limited to {} bytes)", self.dropped, self.limit));
+        }
+        self.lines
+    }
+}
+
+/// The guest's stdout and stderr: keeps up to a call's log budget, silently drops the rest, and
+/// never fails a write (a full pipe would make Rust's `println!` panic inside the guest).
+#[derive(Clone)]
+struct StdioSink(Arc<Mutex<SinkBuffer>>);
+
+struct SinkBuffer {
+    kept: Vec<u8>,
+    budget: usize,
+    dropped: usize,
+}
+
+impl StdioSink {
+    fn new(budget: usize) -> StdioSink {
+        StdioSink(Arc::new(Mutex::new(SinkBuffer { kept: Vec::new(), budget, dropped: 0 })))
+    }
+
+    fn append(&self, bytes: &[u8]) {
+        let mut buffer = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let room = buffer.budget.saturating_sub(buffer.kept.len());
+        let keep = bytes.len().min(room);
+        buffer.kept.extend_from_slice(&bytes[..keep]);
+        buffer.dropped += bytes.len() - keep;
+    }
+
+    /// What this call wrote (and how many bytes it dropped); the next call starts empty.
+    fn take(&self) -> (Vec<u8>, usize) {
+        let mut buffer = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let dropped = std::mem::take(&mut buffer.dropped);
+        (std::mem::take(&mut buffer.kept), dropped)
+    }
+}
+
+impl OutputStream for StdioSink {
+    fn write(&mut self, bytes: bytes::Bytes) -> Result<(), StreamError> {
+        self.append(&bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(64 << 10)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for StdioSink {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for StdioSink {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.append(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for StdioSink {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for StdioSink {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+/// A clock that always shows the current call's record time (replay is deterministic).
+struct RecordClock(Arc<AtomicU64>);
+
+impl RecordClock {
+    fn now(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
+}
+
+impl wasmtime_wasi::HostWallClock for RecordClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+    fn now(&self) -> Duration {
+        RecordClock::now(self)
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for RecordClock {
+    fn resolution(&self) -> u64 {
+        1_000_000
+    }
+    fn now(&self) -> u64 {
+        RecordClock::now(self).as_nanos() as u64
+    }
+}
+
+/// An instantiated plugin with its store.
+pub struct Instance {
+    store: Store<State>,
+    bindings: TenantPlugin,
+    stdio: StdioSink,
+    limits: Limits,
+    /// Calls made on this instance so far.
+    pub calls: u32,
+}
+
+impl Instance {
+    pub(super) fn new(engine: &Engine, plugin: &Plugin, limits: &Limits) -> (Result<Instance, Fault>, CallReport) {
+        let started = Instant::now();
+        let stdio = StdioSink::new(limits.log_bytes);
+        let time = Arc::new(AtomicU64::new(0));
+        let wasi = WasiCtx::builder()
+            .stdout(stdio.clone())
+            .stderr(stdio.clone())
+            .wall_clock(RecordClock(time.clone()))
+            .monotonic_clock(RecordClock(time.clone()))
+            .insecure_random_seed(0)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = State {
+            wasi,
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes)
+                .table_elements(100_000)
+                .instances(20)
+                .trap_on_grow_failure(true)
+                .build(),
+            log: BoundedLog::new(limits.log_bytes),
+            time,
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|state| &mut state.limits);
+        arm(&mut store, limits);
+        let bindings = plugin.pre.instantiate(&mut store);
+        let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        match bindings {
+            Ok(bindings) => {
+                let log = std::mem::replace(&mut store.data_mut().log, BoundedLog::new(limits.log_bytes));
+                let report = CallReport { fuel_used, elapsed: started.elapsed(), log: log.finish(&stdio) };
+                (Ok(Instance { store, bindings, stdio, limits: limits.clone(), calls: 0 }), report)
+            }
+            Err(e) => {
+                let fault = classify(&e, limits, fuel_used);
+                let log = store.into_data().log.finish(&stdio);
+                (Err(fault), CallReport { fuel_used, elapsed: started.elapsed(), log })
+            }
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// One call with fresh fuel, deadline, record time and log. After a fault, drop `self`.
+    fn call<R>(
+        &mut self,
+        record_time_ms: u64,
+        run: impl FnOnce(&TenantPlugin, &mut Store<State>) -> wasmtime::Result<R>,
+    ) -> (Result<R, Fault>, CallReport) {
+        let started = Instant::now();
+        self.calls += 1;
+        arm(&mut self.store, &self.limits);
+        self.store.data().time.store(record_time_ms, Ordering::Relaxed);
+        let result = run(&self.bindings, &mut self.store);
+        let fuel_used = self.limits.fuel.saturating_sub(self.store.get_fuel().unwrap_or(0));
+        let result = result.map_err(|e| classify(&e, &self.limits, fuel_used));
+        let log = std::mem::replace(&mut self.store.data_mut().log, BoundedLog::new(self.limits.log_bytes));
+        (result, CallReport { fuel_used, elapsed: started.elapsed(), log: log.finish(&self.stdio) })
+    }
+
+    pub fn validate(&mut self, message: &Message, record_time_ms: u64) -> (Result<Verdict, Fault>, CallReport) {
+        if let Err(fault) = check_input(message, &self.limits) {
+            return (Err(fault), CallReport::default());
+        }
+        let limits = self.limits.clone();
+        let (result, report) = self.call(record_time_ms, |p, store| p.call_validate(store, message));
+        let result = result.and_then(|verdict| {
+            let size = match &verdict {
+                Verdict::Accept => 0,
+                Verdict::Rewrite(text) | Verdict::Reject(text) => text.len(),
+            };
+            within(size, &limits).map(|()| verdict)
+        });
+        (result, report)
+    }
+
+    pub fn route(&mut self, message: &Message, record_time_ms: u64) -> (Result<Routing, Fault>, CallReport) {
+        let limits = self.limits.clone();
+        let (result, report) = self.call(record_time_ms, |p, store| p.call_route(store, message));
+        let result = result.and_then(|routing| {
+            let size = routing.extra_rooms.iter().map(String::len).sum::<usize>()
+                + routing.only_users.iter().flatten().map(String::len).sum::<usize>();
+            within(size, &limits).map(|()| routing)
+        });
+        (result, report)
+    }
+
+    pub fn welcome(&mut self, info: &WelcomeInfo, record_time_ms: u64) -> (Result<Option<String>, Fault>, CallReport) {
+        let limits = self.limits.clone();
+        let (result, report) = self.call(record_time_ms, |p, store| p.call_welcome(store, info));
+        let result =
+            result.and_then(|greeting| within(greeting.as_ref().map_or(0, String::len), &limits).map(|()| greeting));
+        (result, report)
+    }
+}
+
+/// Fresh fuel and a fresh epoch deadline for the next piece of guest code.
+fn arm(store: &mut Store<State>, limits: &Limits) {
+    // Fuel cannot fail to set: the engine was made with fuel consumption on.
+    let _ = store.set_fuel(limits.fuel);
+    let ticks = (limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+    store.set_epoch_deadline(ticks);
+}
+
+/// A message too large for a plugin is refused before any guest code runs.
+pub(super) fn check_input(message: &Message, limits: &Limits) -> Result<(), Fault> {
+    let size = message.body.len() + message.room.len() + message.user_id.len() + message.id.len();
+    if size > limits.io_bytes { Err(Fault::InputTooLarge { size, limit: limits.io_bytes }) } else { Ok(()) }
+}
+
+fn within(size: usize, limits: &Limits) -> Result<(), Fault> {
+    if size > limits.io_bytes { Err(Fault::OutputTooLarge { size, limit: limits.io_bytes }) } else { Ok(()) }
+}
+
+fn classify(error: &wasmtime::Error, limits: &Limits, fuel_used: u64) -> Fault {
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => return Fault::OutOfFuel(fuel_used.max(limits.fuel)),
+        Some(Trap::Interrupt) => return Fault::Deadline(limits.deadline),
+        _ => {}
+    }
+    let text = format!("{error:?}");
+    if text.contains("growing memory") || text.contains("memory size") || text.contains("forcing trap when growing") {
+        return Fault::Memory(limits.memory_bytes);
+    }
+    Fault::Trap(root_cause(error))
+}
