@@ -16,9 +16,10 @@ use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
 use crate::model::SystemClock;
 use crate::pipeline::{Processor, run_from_stream};
-use crate::store::Store;
 use crate::store::dynamodb::{DynamoStore, create_table, wait_until_active};
 use crate::stream::poller::{StartAt, StreamPoller};
+
+mod plugins;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -126,15 +127,24 @@ enum PluginCommand {
         /// When the plugin faults: deliver by the default rules (open) or reject (closed).
         #[arg(long, value_parser = ["open", "closed"], default_value = "open")]
         policy: String,
+        /// Fuel per call for this tenant (default: the deployment's ROOMCAST_PLUGIN_FUEL).
+        #[arg(long)]
+        fuel: Option<u64>,
+        /// Memory cap for this tenant, MiB (default: ROOMCAST_PLUGIN_MEMORY_MIB).
+        #[arg(long)]
+        memory_mib: Option<usize>,
+        /// Wall-clock deadline per call for this tenant, ms (default: ROOMCAST_PLUGIN_DEADLINE_MS).
+        #[arg(long)]
+        deadline_ms: Option<u64>,
         #[command(flatten)]
-        table: TableArgs,
+        target: PluginTargetArgs,
     },
     /// A tenant's uploaded versions and their status.
     List {
         #[arg(long)]
         tenant: String,
         #[command(flatten)]
-        table: TableArgs,
+        target: PluginTargetArgs,
     },
     /// Make an uploaded version the tenant's plugin (rollback).
     Activate {
@@ -143,14 +153,14 @@ enum PluginCommand {
         #[arg(long)]
         version: String,
         #[command(flatten)]
-        table: TableArgs,
+        target: PluginTargetArgs,
     },
     /// Run the tenant without a plugin.
     Disable {
         #[arg(long)]
         tenant: String,
         #[command(flatten)]
-        table: TableArgs,
+        target: PluginTargetArgs,
     },
     /// Run a component's hooks on an event, under the same limits as the processor, and print
     /// each verdict with the fuel, time and log. EVENT.json is {"message": {...}} (validate, then
@@ -181,6 +191,25 @@ enum TableCommand {
     },
 }
 
+/// A table, or a running `roomcast dev` (whose embedded store lives in its process).
+#[derive(Debug, clap::Args)]
+struct PluginTargetArgs {
+    /// A running `roomcast dev`, e.g. http://127.0.0.1:8080, instead of a table.
+    #[arg(long, env = "ROOMCAST_DEV_URL", conflicts_with = "dynamodb_endpoint")]
+    dev: Option<String>,
+    #[command(flatten)]
+    table: TableArgs,
+}
+
+impl PluginTargetArgs {
+    async fn target(&self) -> plugins::Target {
+        match &self.dev {
+            Some(url) => plugins::Target::Dev(url.clone()),
+            None => plugins::Target::Table(table_store(&self.table).await),
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct TableArgs {
     /// A DynamoDB API other than AWS's (moto, DynamoDB Local, LocalStack).
@@ -206,16 +235,20 @@ pub async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev(args).await,
-        Command::Plugin { command: PluginCommand::Upload { tenant, file, policy, table } } => {
-            let store = table_store(&table).await;
-            let bytes = std::fs::read(&file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
-            let host = crate::plugins::PluginHost::new()?;
+        Command::Plugin {
+            command: PluginCommand::Upload { tenant, file, policy, fuel, memory_mib, deadline_ms, target },
+        } => {
+            let bytes = crate::plugins::read_component(&file)?;
             let policy = if policy == "closed" {
                 crate::model::FailurePolicy::Closed
             } else {
                 crate::model::FailurePolicy::Open
             };
-            let meta = crate::plugins::upload(&store, &host, &tenant, &bytes, policy, chrono::Utc::now())
+            let limits = crate::plugins::LimitOverrides { fuel, memory_mib, deadline_ms, log_bytes: None };
+            let meta = target
+                .target()
+                .await
+                .upload(&tenant, bytes, policy, limits)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e:#}", file.display()))?;
             println!(
@@ -225,35 +258,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("the processor activates it; `roomcast plugin list --tenant {tenant}` shows the outcome");
             Ok(())
         }
-        Command::Plugin { command: PluginCommand::List { tenant, table } } => {
-            let store = table_store(&table).await;
-            let active = store.active_plugin(&tenant).await?.map(|a| a.version);
-            for meta in store.plugins(&tenant).await? {
-                let marker = if active.as_deref() == Some(meta.version.as_str()) { "*" } else { " " };
-                let status = serde_json::to_value(meta.status)?;
-                println!(
-                    "{marker} {}  {:<8}  {:>8} bytes  uploaded {}{}",
-                    meta.version,
-                    status.as_str().unwrap_or("?"),
-                    meta.size,
-                    crate::model::format_ts(&meta.uploaded_at),
-                    meta.reason.map(|r| format!("  ({r})")).unwrap_or_default()
-                );
-            }
+        Command::Plugin { command: PluginCommand::List { tenant, target } } => {
+            let (active, versions) = target.target().await.list(&tenant).await?;
+            plugins::print_list(active.as_deref(), &versions);
             Ok(())
         }
-        Command::Plugin { command: PluginCommand::Activate { tenant, version, table } } => {
-            let store = table_store(&table).await;
-            if !store.plugins(&tenant).await?.iter().any(|m| m.version == version) {
-                anyhow::bail!("{tenant} has no uploaded version {version}");
-            }
-            store.set_active_plugin(&tenant, Some(&version)).await?;
+        Command::Plugin { command: PluginCommand::Activate { tenant, version, target } } => {
+            target.target().await.set_active(&tenant, Some(&version)).await?;
             println!("{tenant} now runs version {version}");
             Ok(())
         }
-        Command::Plugin { command: PluginCommand::Disable { tenant, table } } => {
-            let store = table_store(&table).await;
-            store.set_active_plugin(&tenant, None).await?;
+        Command::Plugin { command: PluginCommand::Disable { tenant, target } } => {
+            target.target().await.set_active(&tenant, None).await?;
             println!("{tenant} runs without a plugin");
             Ok(())
         }
@@ -264,7 +280,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 memory_bytes: memory_mib << 20,
                 ..crate::plugins::Limits::default()
             };
-            let clean = plugin_test(&file, &event, &limits)?;
+            let clean = plugins::test(&file, &event, &limits)?;
             if clean { Ok(()) } else { anyhow::bail!("the plugin faulted") }
         }
         Command::Token { tenant, user, secret, ttl } => {
@@ -394,67 +410,6 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     stack.shutdown().await;
     metrics.snapshot().emit("roomcast.totals");
     Ok(())
-}
-
-/// `roomcast plugin test`: true when every hook ran without a fault.
-fn plugin_test(
-    file: &std::path::Path,
-    event: &std::path::Path,
-    limits: &crate::plugins::Limits,
-) -> anyhow::Result<bool> {
-    use crate::plugins::{CallReport, Message, PluginHost, WelcomeInfo};
-    let bytes = std::fs::read(file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
-    let event: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(event).map_err(|e| anyhow::anyhow!("reading {}: {e}", event.display()))?)
-            .map_err(|e| anyhow::anyhow!("{} is not JSON: {e}", event.display()))?;
-    let host = PluginHost::new()?;
-    let plugin = host.compile(&bytes, limits).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    println!("plugin   {}  sha256 {}  {} bytes", file.display(), plugin.sha256, plugin.size);
-    let time = event["time"].as_u64().unwrap_or(0);
-    let text = |v: &serde_json::Value, key: &str| v[key].as_str().unwrap_or_default().to_string();
-    let show = |hook: &str, outcome: String, report: &CallReport| {
-        println!("{hook:<9} {outcome}");
-        println!("          fuel {}  time {:.3} ms", report.fuel_used, report.elapsed.as_secs_f64() * 1000.0);
-        for line in &report.log {
-            println!("          log  {line}");
-        }
-    };
-    let mut clean = true;
-    if let Some(m) = event.get("message") {
-        let message = Message {
-            id: text(m, "id"),
-            tenant: text(m, "tenant"),
-            room: text(m, "room"),
-            user_id: text(m, "user_id"),
-            body: text(m, "body"),
-            timestamp: text(m, "timestamp"),
-        };
-        let (verdict, report) = host.validate(&plugin, limits, &message, time);
-        clean &= verdict.is_ok();
-        let rejected = matches!(verdict, Ok(crate::plugins::Verdict::Reject(_)));
-        show("validate", verdict.map_or_else(|f| format!("FAULT {f}"), |v| format!("{v:?}")), &report);
-        if !rejected {
-            let (routing, report) = host.route(&plugin, limits, &message, time);
-            clean &= routing.is_ok();
-            show("route", routing.map_or_else(|f| format!("FAULT {f}"), |r| format!("{r:?}")), &report);
-        }
-    } else if let Some(w) = event.get("welcome") {
-        let info = WelcomeInfo {
-            connection_id: text(w, "connection_id"),
-            tenant: text(w, "tenant"),
-            user_id: text(w, "user_id"),
-            rooms: w["rooms"]
-                .as_array()
-                .map(|r| r.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
-                .unwrap_or_default(),
-        };
-        let (greeting, report) = host.welcome(&plugin, limits, &info, time);
-        clean &= greeting.is_ok();
-        show("welcome", greeting.map_or_else(|f| format!("FAULT {f}"), |g| format!("{g:?}")), &report);
-    } else {
-        anyhow::bail!("the event needs a \"message\" or a \"welcome\" object");
-    }
-    Ok(clean)
 }
 
 async fn table_store(table: &TableArgs) -> DynamoStore {

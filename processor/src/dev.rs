@@ -26,6 +26,8 @@ use crate::store::memory::MemoryStore;
 use crate::stream::log::StreamLog;
 use crate::stream::poller::{StartAt, StreamPoller};
 
+pub mod plugin_api;
+
 #[derive(Clone, Debug)]
 pub struct DevOptions {
     /// 0 picks a free port.
@@ -64,7 +66,6 @@ impl Default for DevOptions {
 
 /// Compiles every `DIR/<tenant>.wasm` and installs it for that tenant.
 fn load_plugins(dir: &std::path::Path, registry: &crate::plugins::registry::Registry) -> anyhow::Result<Vec<String>> {
-    use crate::plugins::Limits;
     use crate::plugins::registry::Policy;
     let mut loaded = Vec::new();
     let entries =
@@ -78,11 +79,12 @@ fn load_plugins(dir: &std::path::Path, registry: &crate::plugins::registry::Regi
         crate::model::Name::parse("tenant", &tenant)
             .map_err(|e| anyhow::anyhow!("{}: the file name must be a tenant: {e}", path.display()))?;
         let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        let limits = Limits::default();
+        let limits = registry.limits().clone();
         let plugin =
             registry.host().compile(&bytes, &limits).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         tracing::info!(%tenant, sha256 = %plugin.sha256, size = plugin.size, "plugin loaded");
-        registry.install(&tenant, plugin, limits, Policy::FailOpen);
+        // Pinned: a file has no table record to reload from after an eviction.
+        registry.install(&tenant, plugin, limits, Policy::FailOpen, true);
         loaded.push(tenant);
     }
     loaded.sort();
@@ -169,7 +171,8 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
     let deliverer = Deliverer::new(sdk, delivery, store.clone(), clock.clone(), metrics.clone());
     // Plugins uploaded to the table are activated as in AWS; --plugins adds files at start.
     let host = Arc::new(crate::plugins::PluginHost::new()?);
-    let registry = Arc::new(crate::plugins::registry::Registry::new(host, metrics.clone()));
+    let registry = Arc::new(crate::plugins::registry::Registry::new(host.clone(), metrics.clone()));
+    let plugin_routes = plugin_api::routes(store.clone(), host);
     let plugin_tenants = match &options.plugins {
         Some(dir) => load_plugins(dir, &registry)?,
         None => Vec::new(),
@@ -191,7 +194,7 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         let shutdown = async move {
             let _ = serve_stop.wait_for(|s| *s).await;
         };
-        if let Err(e) = serving.serve(listener, shutdown).await {
+        if let Err(e) = serving.serve(listener, plugin_routes, shutdown).await {
             tracing::error!(error = %e, "gateway stopped");
         }
     }));

@@ -112,3 +112,68 @@ fn plugin_upload_list_activate_and_disable_against_a_dynamodb_endpoint() {
     let (ok, out) = roomcast(&["plugin", "upload", "--tenant", "acme", stranger.to_str().unwrap()]);
     assert!(!ok && out.contains("does not implement"), "refused before upload: {out}");
 }
+
+/// `roomcast plugin … --dev URL` against a running `roomcast dev` with its embedded store: the
+/// upload lands in that process's store, its stream activates it, and list, activate and disable
+/// act on it — all from another process, as from a second terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_upload_into_a_running_dev_stack_with_the_embedded_store() {
+    let stack = roomcast::dev::start(roomcast::dev::DevOptions { port: 0, ..Default::default() }).await.unwrap();
+    let url = format!("http://{}", stack.addr);
+    let roomcast = |args: Vec<String>| {
+        let url = url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+                    .args(&args)
+                    .args(["--dev", &url])
+                    .env_remove("DYNAMODB_ENDPOINT_URL")
+                    .output()
+                    .expect("run roomcast");
+                (
+                    out.status.success(),
+                    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let args = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    let moderation = wasm("roomcast_plugin_moderation").display().to_string();
+
+    let (ok, out) =
+        roomcast(args(&format!("plugin upload --tenant acme --policy closed --fuel 2000000 {moderation}"))).await;
+    assert!(ok, "{out}");
+    let version = out.split("version ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().to_string();
+
+    // The stack's processor activates it from the embedded store's stream.
+    let mut listed = String::new();
+    for _ in 0..100 {
+        listed = roomcast(args("plugin list --tenant acme")).await.1;
+        if listed.contains("active") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(listed.starts_with(&format!("* {version}  active")), "{listed}");
+    assert!(listed.contains(r#"limits {"fuel":2000000}"#), "{listed}");
+
+    // Refusals come back as the command's error, and nothing is written.
+    let stranger = wasm("roomcast_stranger_plugin").display().to_string();
+    let (ok, out) = roomcast(args(&format!("plugin upload --tenant acme {stranger}"))).await;
+    assert!(!ok && out.contains("does not implement roomcast:plugin/tenant-plugin"), "{out}");
+    let (ok, out) = roomcast(args("plugin activate --tenant acme --version nope")).await;
+    assert!(!ok && out.contains("no uploaded version nope"), "{out}");
+    assert_eq!(roomcast(args("plugin list --tenant acme")).await.1.lines().count(), 1);
+
+    assert!(roomcast(args("plugin disable --tenant acme")).await.0);
+    assert!(roomcast(args("plugin list --tenant acme")).await.1.starts_with("  "), "nothing active");
+    assert!(roomcast(args(&format!("plugin activate --tenant acme --version {version}"))).await.0);
+    assert!(roomcast(args("plugin list --tenant acme")).await.1.starts_with('*'));
+    stack.shutdown().await;
+
+    // A dev stack that is not there is a clear error.
+    let (ok, out) = roomcast(args("plugin list --tenant acme")).await;
+    assert!(!ok && out.contains("is `roomcast dev` running there?"), "{out}");
+}

@@ -147,13 +147,15 @@ impl Gateway {
             .with_state(self.clone())
     }
 
-    /// Serves until `shutdown` resolves.
+    /// Serves until `shutdown` resolves, with `extra` routes beside the gateway's own.
     pub async fn serve(
         self: &Arc<Self>,
         listener: tokio::net::TcpListener,
+        extra: axum::Router,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router().into_make_service_with_connect_info::<SocketAddr>())
+        let router = self.router().merge(extra);
+        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown)
             .await
     }

@@ -1,0 +1,184 @@
+//! `roomcast plugin …`: upload, list, activate, disable and test tenant plugins, against a
+//! DynamoDB table (AWS or any local endpoint) or a running `roomcast dev` (`--dev URL`, which
+//! reaches its embedded store through [`crate::dev::plugin_api`]).
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::model::{FailurePolicy, PluginMeta};
+use crate::plugins::{CallReport, LimitOverrides, Message, PluginHost, Verdict, WelcomeInfo};
+use crate::store::Store;
+use crate::store::dynamodb::DynamoStore;
+
+/// Where a plugin command acts.
+pub enum Target {
+    Table(DynamoStore),
+    /// A running `roomcast dev`'s base URL, e.g. `http://127.0.0.1:8080`.
+    Dev(String),
+}
+
+impl Target {
+    pub async fn upload(
+        &self,
+        tenant: &str,
+        bytes: Vec<u8>,
+        policy: FailurePolicy,
+        limits: LimitOverrides,
+    ) -> anyhow::Result<PluginMeta> {
+        match self {
+            Target::Table(store) => {
+                let host = PluginHost::new()?;
+                crate::plugins::upload(store, &host, tenant, &bytes, policy, limits, chrono::Utc::now()).await
+            }
+            Target::Dev(url) => {
+                let mut query =
+                    vec![format!("policy={}", if policy == FailurePolicy::Closed { "closed" } else { "open" })];
+                if let Some(fuel) = limits.fuel {
+                    query.push(format!("fuel={fuel}"));
+                }
+                if let Some(mib) = limits.memory_mib {
+                    query.push(format!("memory_mib={mib}"));
+                }
+                if let Some(ms) = limits.deadline_ms {
+                    query.push(format!("deadline_ms={ms}"));
+                }
+                let path = format!("/_dev/plugins/{tenant}?{}", query.join("&"));
+                let answer = request(url, http::Method::POST, &path, bytes).await?;
+                Ok(serde_json::from_value(answer)?)
+            }
+        }
+    }
+
+    /// The active version and every uploaded one, oldest first.
+    pub async fn list(&self, tenant: &str) -> anyhow::Result<(Option<String>, Vec<PluginMeta>)> {
+        match self {
+            Target::Table(store) => {
+                let active = store.active_plugin(tenant).await?.map(|a| a.version);
+                Ok((active, store.plugins(tenant).await?))
+            }
+            Target::Dev(url) => {
+                let answer = request(url, http::Method::GET, &format!("/_dev/plugins/{tenant}"), Vec::new()).await?;
+                let active = answer["active"].as_str().map(str::to_string);
+                Ok((active, serde_json::from_value(answer["versions"].clone())?))
+            }
+        }
+    }
+
+    /// Points the tenant at `version`, or at no plugin.
+    pub async fn set_active(&self, tenant: &str, version: Option<&str>) -> anyhow::Result<()> {
+        match self {
+            Target::Table(store) => {
+                if let Some(version) = version
+                    && !store.plugins(tenant).await?.iter().any(|m| m.version == version)
+                {
+                    anyhow::bail!("{tenant} has no uploaded version {version}");
+                }
+                Ok(store.set_active_plugin(tenant, version).await?)
+            }
+            Target::Dev(url) => {
+                let body = serde_json::to_vec(&serde_json::json!({ "version": version }))?;
+                request(url, http::Method::PUT, &format!("/_dev/plugins/{tenant}/active"), body).await.map(|_| ())
+            }
+        }
+    }
+}
+
+/// One request to the dev stack's plugin API; its `{"error"}` answers become errors.
+async fn request(base: &str, method: http::Method, path: &str, body: Vec<u8>) -> anyhow::Result<serde_json::Value> {
+    let uri = format!("{}{path}", base.trim_end_matches('/'));
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(&uri)
+        .header("content-type", "application/octet-stream")
+        .body(Full::new(bytes::Bytes::from(body)))?;
+    let response = tokio::time::timeout(Duration::from_secs(60), client.request(request))
+        .await
+        .map_err(|_| anyhow::anyhow!("{uri}: no answer within 60 s"))?
+        .map_err(|e| anyhow::anyhow!("{uri}: {e} (is `roomcast dev` running there?)"))?;
+    let status = response.status();
+    let bytes = response.into_body().collect().await.map_err(|e| anyhow::anyhow!("{uri}: {e}"))?.to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|_| anyhow::anyhow!("{uri}: answered {status} with {}", String::from_utf8_lossy(&bytes)))?;
+    if !status.is_success() {
+        anyhow::bail!("{}", answer["error"].as_str().unwrap_or(&answer.to_string()));
+    }
+    Ok(answer)
+}
+
+/// `roomcast plugin list`'s lines.
+pub fn print_list(active: Option<&str>, versions: &[PluginMeta]) {
+    for meta in versions {
+        let marker = if active == Some(meta.version.as_str()) { "*" } else { " " };
+        let status = serde_json::to_value(meta.status).ok();
+        let limits = meta.limits.map(|l| format!("  limits {}", serde_json::to_string(&l).unwrap_or_default()));
+        println!(
+            "{marker} {}  {:<8}  {:>8} bytes  uploaded {}{}{}",
+            meta.version,
+            status.as_ref().and_then(|s| s.as_str()).unwrap_or("?"),
+            meta.size,
+            crate::model::format_ts(&meta.uploaded_at),
+            limits.unwrap_or_default(),
+            meta.reason.as_ref().map(|r| format!("  ({r})")).unwrap_or_default()
+        );
+    }
+}
+
+/// `roomcast plugin test`: true when every hook ran without a fault.
+pub fn test(file: &std::path::Path, event: &std::path::Path, limits: &crate::plugins::Limits) -> anyhow::Result<bool> {
+    let bytes = crate::plugins::read_component(file)?;
+    let event: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(event).map_err(|e| anyhow::anyhow!("reading {}: {e}", event.display()))?)
+            .map_err(|e| anyhow::anyhow!("{} is not JSON: {e}", event.display()))?;
+    let host = PluginHost::new()?;
+    let plugin = host.compile(&bytes, limits).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    println!("plugin   {}  sha256 {}  {} bytes", file.display(), plugin.sha256, plugin.size);
+    let time = event["time"].as_u64().unwrap_or(0);
+    let text = |v: &serde_json::Value, key: &str| v[key].as_str().unwrap_or_default().to_string();
+    let show = |hook: &str, outcome: String, report: &CallReport| {
+        println!("{hook:<9} {outcome}");
+        println!("          fuel {}  time {:.3} ms", report.fuel_used, report.elapsed.as_secs_f64() * 1000.0);
+        for line in &report.log {
+            println!("          log  {line}");
+        }
+    };
+    let mut clean = true;
+    if let Some(m) = event.get("message") {
+        let message = Message {
+            id: text(m, "id"),
+            tenant: text(m, "tenant"),
+            room: text(m, "room"),
+            user_id: text(m, "user_id"),
+            body: text(m, "body"),
+            timestamp: text(m, "timestamp"),
+        };
+        let (verdict, report) = host.validate(&plugin, limits, &message, time);
+        clean &= verdict.is_ok();
+        let rejected = matches!(verdict, Ok(Verdict::Reject(_)));
+        show("validate", verdict.map_or_else(|f| format!("FAULT {f}"), |v| format!("{v:?}")), &report);
+        if !rejected {
+            let (routing, report) = host.route(&plugin, limits, &message, time);
+            clean &= routing.is_ok();
+            show("route", routing.map_or_else(|f| format!("FAULT {f}"), |r| format!("{r:?}")), &report);
+        }
+    } else if let Some(w) = event.get("welcome") {
+        let info = WelcomeInfo {
+            connection_id: text(w, "connection_id"),
+            tenant: text(w, "tenant"),
+            user_id: text(w, "user_id"),
+            rooms: w["rooms"]
+                .as_array()
+                .map(|r| r.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+                .unwrap_or_default(),
+        };
+        let (greeting, report) = host.welcome(&plugin, limits, &info, time);
+        clean &= greeting.is_ok();
+        show("welcome", greeting.map_or_else(|f| format!("FAULT {f}"), |g| format!("{g:?}")), &report);
+    } else {
+        anyhow::bail!("the event needs a \"message\" or a \"welcome\" object");
+    }
+    Ok(clean)
+}

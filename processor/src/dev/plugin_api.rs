@@ -1,0 +1,117 @@
+//! `roomcast plugin … --dev URL`: the running dev stack's plugin operations over HTTP, so a
+//! plugin can be uploaded into the embedded store (which lives inside the `roomcast dev`
+//! process) from another terminal. The same records are written as against DynamoDB, and the
+//! stack's processor activates them from its stream exactly as in AWS.
+//!
+//! | request | does |
+//! |---|---|
+//! | `GET /_dev/plugins/{tenant}` | `{"active": version or null, "versions": [PluginMeta…]}` |
+//! | `POST /_dev/plugins/{tenant}?policy=open&fuel=…&memory_mib=…&deadline_ms=…` (body: the component) | checks and uploads it; answers its `PluginMeta` |
+//! | `PUT /_dev/plugins/{tenant}/active` (body `{"version": v or null}`) | activates a version, or disables the plugin |
+//!
+//! Errors answer `{"error": "…"}` with 400 (a bad component or request), 404 (no such version)
+//! or 503 (the store failed). The server listens on loopback only, like the rest of the stack.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::model::FailurePolicy;
+use crate::plugins::{LimitOverrides, PluginHost};
+use crate::store::Store;
+
+#[derive(Clone)]
+struct Api {
+    store: Arc<dyn Store>,
+    host: Arc<PluginHost>,
+}
+
+pub fn routes(store: Arc<dyn Store>, host: Arc<PluginHost>) -> axum::Router {
+    axum::Router::new()
+        .route("/_dev/plugins/{tenant}", get(list).post(upload))
+        .route("/_dev/plugins/{tenant}/active", put(activate))
+        // The host refuses components over its limit with a clear reason; let them reach it.
+        .layer(DefaultBodyLimit::max(8 << 20))
+        .with_state(Api { store, host })
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, axum::Json(json!({ "error": message.to_string() }))).into_response()
+}
+
+fn unavailable(e: crate::store::StoreError) -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, e)
+}
+
+async fn list(State(api): State<Api>, Path(tenant): Path<String>) -> Response {
+    let active = match api.store.active_plugin(&tenant).await {
+        Ok(active) => active.map(|a| a.version),
+        Err(e) => return unavailable(e),
+    };
+    match api.store.plugins(&tenant).await {
+        Ok(versions) => axum::Json(json!({ "active": active, "versions": versions })).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadQuery {
+    policy: Option<String>,
+    fuel: Option<u64>,
+    memory_mib: Option<usize>,
+    deadline_ms: Option<u64>,
+}
+
+async fn upload(
+    State(api): State<Api>,
+    Path(tenant): Path<String>,
+    Query(query): Query<UploadQuery>,
+    body: axum::body::Bytes,
+) -> Response {
+    let policy = match query.policy.as_deref() {
+        None | Some("open") => FailurePolicy::Open,
+        Some("closed") => FailurePolicy::Closed,
+        Some(other) => return error(StatusCode::BAD_REQUEST, format!("policy {other:?} is not open or closed")),
+    };
+    let limits = LimitOverrides {
+        fuel: query.fuel,
+        memory_mib: query.memory_mib,
+        deadline_ms: query.deadline_ms,
+        log_bytes: None,
+    };
+    match crate::plugins::upload(&*api.store, &api.host, &tenant, &body, policy, limits, chrono::Utc::now()).await {
+        Ok(meta) => axum::Json(meta).into_response(),
+        Err(e) if e.downcast_ref::<crate::store::StoreError>().is_some() => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Activate {
+    version: Option<String>,
+}
+
+async fn activate(State(api): State<Api>, Path(tenant): Path<String>, body: axum::body::Bytes) -> Response {
+    let request: Activate = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body must be {{\"version\": …}}: {e}")),
+    };
+    if let Some(version) = &request.version {
+        match api.store.plugins(&tenant).await {
+            Ok(versions) if versions.iter().any(|m| &m.version == version) => {}
+            Ok(_) => return error(StatusCode::NOT_FOUND, format!("{tenant} has no uploaded version {version}")),
+            Err(e) => return unavailable(e),
+        }
+    }
+    match api.store.set_active_plugin(&tenant, request.version.as_deref()).await {
+        Ok(()) => axum::Json(json!({ "active": request.version })).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
