@@ -392,6 +392,8 @@ pub struct Stack {
     pub failures: Vec<Value>,
     /// Tenant plugins the processor runs ([`Stack::install_plugin`]).
     pub plugins: Arc<roomcast::plugins::registry::Registry>,
+    /// Every stream record [`Stack::pump`] fed to the processor, in order: a capture.
+    pub captured: Vec<aws_lambda_events::dynamodb::EventRecord>,
 }
 
 impl Stack {
@@ -468,7 +470,7 @@ impl Stack {
             connection_ttl_seconds: 600,
             history_ttl_seconds: 3600,
         };
-        Stack { table, clock, deps, processor, recorder, failures: Vec::new(), plugins }
+        Stack { table, clock, deps, processor, recorder, failures: Vec::new(), plugins, captured: Vec::new() }
     }
 
     pub async fn connect(&self, id: &str, tenant: &str, user: &str, rooms: &str) -> ApiGatewayProxyResponse {
@@ -494,6 +496,7 @@ impl Stack {
             }
             total += records.len();
             let event = json!({ "Records": records });
+            self.captured.extend(records);
             let response = self.processor.handle_event(&event).await.expect("a stream event");
             let response = serde_json::to_value(response).unwrap();
             if !response["batchItemFailures"].as_array().is_some_and(|a| a.is_empty()) {

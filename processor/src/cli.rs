@@ -2,6 +2,8 @@
 //!
 //! * `roomcast dev` — the whole system on loopback: gateway emulator, store, processor, page.
 //! * `roomcast table create` — create the table as the deployment does.
+//! * `roomcast capture` / `roomcast replay` — read a stream into JSON lines; replay records and
+//!   print every decision.
 //! * `roomcast poll` — run the stream processor over a real table's stream (DynamoDB Streams
 //!   API), the way `roomcast dev --dynamodb-endpoint` does.
 
@@ -20,6 +22,7 @@ use crate::store::dynamodb::{DynamoStore, create_table, wait_until_active};
 use crate::stream::poller::{StartAt, StreamPoller};
 
 mod plugins;
+mod replay;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,6 +74,12 @@ enum Command {
         #[arg(long, env = "ROOMCAST_MANAGEMENT_ENDPOINT")]
         management_endpoint: Option<String>,
     },
+    /// Read a table's stream (every shard, in order per shard) into JSON lines for `replay`.
+    Capture(replay::CaptureArgs),
+    /// Run stream records through the processor and print every decision: the decoded change,
+    /// each plugin call, each effect. A dry run unless --execute. Exit status 2 when any record
+    /// was skipped.
+    Replay(replay::ReplayArgs),
     /// Run the stream processor over a table's stream until Ctrl-C.
     Poll {
         #[command(flatten)]
@@ -223,8 +232,12 @@ pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = match cli.command {
+        Command::Replay(args) => replay::replay_main(args).await,
+        command => run(Cli { command }).await.map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
@@ -235,6 +248,8 @@ pub async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev(args).await,
+        Command::Capture(args) => replay::capture_main(args).await,
+        Command::Replay(_) => unreachable!("main runs replay itself, for its exit status"),
         Command::Plugin {
             command: PluginCommand::Upload { tenant, file, policy, fuel, memory_mib, deadline_ms, target },
         } => {

@@ -63,6 +63,8 @@ pub enum Outcome {
     Gone,
     /// Given up: 413, another 4xx, or the deadline passed.
     Failed(String),
+    /// A dry run: it would have been sent, and was not.
+    NotSent,
 }
 
 /// What `GetConnection` said of a connection.
@@ -89,6 +91,8 @@ pub struct Deliverer {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
+    /// Sends nothing and deletes nothing: every recipient's outcome is [`Outcome::NotSent`].
+    dry_run: bool,
 }
 
 impl Deliverer {
@@ -99,12 +103,31 @@ impl Deliverer {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Deliverer {
-        Deliverer { sdk, clients: Mutex::new(HashMap::new()), settings, store, clock, metrics }
+        Deliverer { sdk, clients: Mutex::new(HashMap::new()), settings, store, clock, metrics, dry_run: false }
+    }
+
+    /// A deliverer for replay's dry runs: it performs no effect at all.
+    pub fn dry_run(store: Arc<dyn Store>, clock: Arc<dyn Clock>, metrics: Arc<Metrics>) -> Deliverer {
+        let sdk = aws_config::SdkConfig::builder().build();
+        Deliverer { dry_run: true, ..Deliverer::new(sdk, DeliverySettings::default(), store, clock, metrics) }
+    }
+
+    pub fn is_dry_run(&self) -> bool {
+        self.dry_run
     }
 
     /// Performs the effects of one record, in order. Sends to many recipients run concurrently.
     pub async fn apply(&self, effects: &[Effect]) -> Result<Vec<(String, Outcome)>, StoreError> {
         let mut outcomes = Vec::new();
+        if self.dry_run {
+            for effect in effects {
+                if let Effect::Send { recipients, .. } = effect {
+                    outcomes.extend(recipients.iter().map(|r| (r.connection_id.clone(), Outcome::NotSent)));
+                }
+            }
+            outcomes.sort();
+            return Ok(outcomes);
+        }
         for effect in effects {
             match effect {
                 Effect::Send { payload, recipients } => {

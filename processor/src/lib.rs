@@ -21,6 +21,7 @@
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries; 410 / 429 / 413 rules |
 //! | the processor | [`pipeline`] | the path above for one record and for a batch |
 //! | tenant rules | [`plugins`] | the wasmtime host; the registry [`pipeline`] asks before [`react`] |
+//! | debugging | [`replay`] | capture a stream; replay records through [`pipeline`], printing every decision |
 //!
 //! Around it: [`protocol`] (client frames), [`admin`] (operator operations and the sweeper), [`auth`] (the `$connect` authorizer's rule),
 //! [`config`] (the environment), [`metrics`] (counts), [`lambda`] (the Lambda entry points),
@@ -42,5 +43,6 @@ pub mod pipeline;
 pub mod plugins;
 pub mod protocol;
 pub mod react;
+pub mod replay;
 pub mod store;
 pub mod stream;

@@ -336,6 +336,11 @@ impl ManualClock {
         let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
         *t += by;
     }
+
+    /// Sets the time (replay: each record's own time).
+    pub fn set(&self, to: DateTime<Utc>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = truncate_ms(to);
+    }
 }
 
 impl Clock for ManualClock {

@@ -14,7 +14,7 @@ use crate::model::Clock;
 use crate::model::{FailurePolicy, PluginMeta, PluginStatus};
 use crate::plugins::registry::{CallRecord, Policy, Registry, Warm};
 use crate::react::{self, Decisions, Effect};
-use crate::store::{Store, StoreError};
+use crate::store::{Rooms, Store, StoreError};
 use crate::stream::Change;
 use crate::stream::Record;
 use crate::stream::batch::{BatchOutcome, run_batch};
@@ -37,6 +37,8 @@ pub struct Processor {
     metrics: Arc<Metrics>,
     partitions_at_once: usize,
     plugins: Option<Arc<Registry>>,
+    /// Who is in a room; the store when not set.
+    rooms: Option<Arc<dyn Rooms>>,
 }
 
 impl Processor {
@@ -47,7 +49,7 @@ impl Processor {
         metrics: Arc<Metrics>,
         partitions_at_once: usize,
     ) -> Processor {
-        Processor { store, deliverer, clock, metrics, partitions_at_once, plugins: None }
+        Processor { store, deliverer, clock, metrics, partitions_at_once, plugins: None, rooms: None }
     }
 
     /// Runs tenant plugins on messages and welcomes.
@@ -56,11 +58,34 @@ impl Processor {
         self
     }
 
+    /// Reads rooms' members from `rooms` instead of the store (replay's `--membership-from-stream`).
+    pub fn with_rooms(mut self, rooms: Arc<dyn Rooms>) -> Processor {
+        self.rooms = Some(rooms);
+        self
+    }
+
+    /// A dry run writes nothing: its deliverer performs no effect, and plugin records are
+    /// neither activated nor given a status.
+    fn dry_run(&self) -> bool {
+        self.deliverer.is_dry_run()
+    }
+
+    async fn room_members(&self, tenant: &str, room: &str) -> Result<Vec<crate::model::Membership>, StoreError> {
+        let now = self.clock.now();
+        match &self.rooms {
+            Some(rooms) => rooms.room_members(tenant, room, now).await,
+            None => self.store.room_members(tenant, room, now).await,
+        }
+    }
+
     /// Plugin records: activate an uploaded version, follow the `ACTIVE` pointer, disable.
     /// A component that cannot be a plugin is the tenant's fault: its status says why. Only the
     /// table being unavailable is an error.
     async fn plugin_lifecycle(&self, change: &Change) -> Result<(), StoreError> {
         let Some(registry) = &self.plugins else { return Ok(()) };
+        if self.dry_run() {
+            return Ok(());
+        }
         match change {
             Change::Inserted(Record::Plugin(meta)) if meta.status == PluginStatus::Uploaded => {
                 match self.load_version(registry, meta).await? {
@@ -98,7 +123,12 @@ impl Processor {
             tracing::warn!(tenant, version, "the active plugin version has no record");
             return Ok(());
         };
-        if let Err(reason) = self.load_version(registry, &meta).await? {
+        let loaded = self.load_version(registry, &meta).await?;
+        if self.dry_run() {
+            if let Err(reason) = loaded {
+                tracing::warn!(tenant, version, %reason, "the active plugin version cannot be loaded");
+            }
+        } else if let Err(reason) = loaded {
             self.store.set_plugin_status(tenant, version, PluginStatus::Rejected, Some(&reason)).await?;
         } else if meta.status != PluginStatus::Active {
             self.mark_active(tenant, version).await?;
@@ -254,14 +284,14 @@ impl Processor {
             self.plugin_lifecycle(&change).await?;
             let (decisions, plugin_calls) = self.decide(&change, warm).await?;
             let mut members = match react::room_needed(&change) {
-                Some((tenant, room)) => self.store.room_members(tenant, room, self.clock.now()).await?,
+                Some((tenant, room)) => self.room_members(tenant, room).await?,
                 None => Vec::new(),
             };
             if let (Some((_, route)), Some((tenant, _))) = (&decisions.message, react::room_needed(&change)) {
                 for extra in &route.extra_rooms {
                     // A plugin names rooms; only valid names of the same tenant are read.
                     if crate::model::Name::parse("room", extra).is_ok() {
-                        members.extend(self.store.room_members(tenant, extra, self.clock.now()).await?);
+                        members.extend(self.room_members(tenant, extra).await?);
                     }
                 }
             }

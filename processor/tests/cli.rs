@@ -177,3 +177,76 @@ async fn plugin_upload_into_a_running_dev_stack_with_the_embedded_store() {
     let (ok, out) = roomcast(args("plugin list --tenant acme")).await;
     assert!(!ok && out.contains("is `roomcast dev` running there?"), "{out}");
 }
+
+/// `roomcast capture` reads a moto table's stream into JSON lines (from the trim horizon, or at
+/// a sequence number), and `roomcast replay` reads them back; skipped records give exit status 2.
+#[test]
+fn capture_a_stream_and_replay_it() {
+    let endpoint = std::env::var("ROOMCAST_TEST_DYNAMODB_ENDPOINT")
+        .expect("ROOMCAST_TEST_DYNAMODB_ENDPOINT: run scripts/test, which starts moto and sets it");
+    let table = format!("capture-{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("roomcast-capture-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let roomcast = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .args(args)
+            .env("DYNAMODB_ENDPOINT_URL", &endpoint)
+            .env("TABLE_NAME", &table)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .output()
+            .expect("run roomcast");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(roomcast(&["table", "create"]).0, Some(0));
+    // Records to capture: an upload writes the component's chunks and its metadata.
+    let welcome = wasm("roomcast_plugin_welcome");
+    let (code, _, err) = roomcast(&["plugin", "upload", "--tenant", "acme", welcome.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+
+    let all = dir.join("all.jsonl");
+    let (code, _, err) = roomcast(&["capture", "--until-idle", "--out", all.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let text = std::fs::read_to_string(&all).unwrap();
+    let records: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(records.len() >= 2, "{text}");
+    assert!(err.contains(&format!("captured {} records", records.len())), "progress on stderr: {err}");
+    assert!(records.iter().all(|r| r["eventName"] == "INSERT" && r["dynamodb"]["SequenceNumber"].is_string()));
+
+    // From a sequence number on, and at most one record.
+    let second = records[1]["dynamodb"]["SequenceNumber"].as_str().unwrap();
+    let one = dir.join("one.jsonl");
+    let from = format!("at:{second}");
+    let (code, _, err) = roomcast(&["capture", "--from", &from, "--limit", "1", "--out", one.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let one: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&one).unwrap().trim()).unwrap();
+    assert_eq!(one["dynamodb"]["SequenceNumber"], second);
+    let (code, _, err) = roomcast(&["capture", "--from", "yesterday", "--out", "x.jsonl"]);
+    assert!(code != Some(0) && err.contains("not trim-horizon, latest or at:SEQUENCE_NUMBER"), "{err}");
+
+    // Replay what was captured: no table needed with --membership-from-stream.
+    let (code, out, err) = roomcast(&["replay", all.to_str().unwrap(), "--membership-from-stream"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("INSERT plugin acme version") && out.contains("(not activated by a replay)"), "{out}");
+    assert!(err.contains(&format!("replayed {} records", records.len())) && err.contains("dry run"), "{err}");
+
+    // AWS's example event holds records of another application's table: each is reported and
+    // skipped, and the exit status says so.
+    let example = root().join("tests/fixtures/example-dynamodb-event.json");
+    let (code, out, _) = roomcast(&["replay", example.to_str().unwrap(), "--membership-from-stream", "--json"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["skipped"].is_string()), "{out}");
+    let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        .args(["replay", example.to_str().unwrap()])
+        .env_remove("TABLE_NAME")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--membership-from-stream"), "no source of room members: {err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -117,6 +117,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Message>>;
 }
 
+/// Who is in a room. The table answers (every [`Store`] is one); replay may answer from the
+/// connection and membership records of its own input instead.
+#[async_trait]
+pub trait Rooms: Send + Sync {
+    /// The live memberships of a room, ordered by connection id.
+    async fn room_members(&self, tenant: &str, room: &str, now: DateTime<Utc>) -> Result<Vec<Membership>>;
+}
+
 /// The key prefix of a room's messages older than `before` (exclusive), for range queries.
 pub(crate) fn history_upper_bound(before: Option<&str>) -> String {
     match before {

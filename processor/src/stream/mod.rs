@@ -166,6 +166,11 @@ pub fn decode_record(position: usize, raw: &serde_json::Value) -> Result<EventRe
     })
 }
 
+/// `a` comes before `b` in a shard: sequence numbers are decimal strings of varying length.
+pub fn sequence_lt(a: &str, b: &str) -> bool {
+    (a.len(), a) < (b.len(), b)
+}
+
 /// The `pk` of a record: records of one partition key keep their order.
 pub fn partition_key(record: &EventRecord) -> Option<&str> {
     match record.change.keys.get("pk") {

@@ -20,10 +20,30 @@ use aws_sdk_dynamodbstreams::types::{Record, ShardIteratorType};
 use chrono::{TimeZone, Utc};
 
 /// Where reading starts in a shard that has not been read yet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StartAt {
     TrimHorizon,
     Latest,
+    /// At this sequence number in the shard that holds it; shards that begin after it are read
+    /// from their start, shards that ended before it are not read.
+    Sequence(String),
+}
+
+impl std::str::FromStr for StartAt {
+    type Err = String;
+    /// `trim-horizon`, `latest` or `at:SEQ`.
+    fn from_str(s: &str) -> Result<StartAt, String> {
+        match s {
+            "trim-horizon" => Ok(StartAt::TrimHorizon),
+            "latest" => Ok(StartAt::Latest),
+            _ => match s.strip_prefix("at:") {
+                Some(seq) if !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()) => {
+                    Ok(StartAt::Sequence(seq.to_string()))
+                }
+                _ => Err(format!("{s:?} is not trim-horizon, latest or at:SEQUENCE_NUMBER")),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +56,9 @@ enum Position {
 #[derive(Debug)]
 struct Shard {
     parent: Option<String>,
+    /// The shard's sequence number range, as described (the end only once it is closed).
+    first: Option<String>,
+    last: Option<String>,
     iterator: Option<String>,
     position: Position,
     /// Read to its end: `GetRecords` gave no next iterator.
@@ -132,8 +155,11 @@ impl StreamPoller {
             let Some(description) = out.stream_description else { break };
             for shard in description.shards.unwrap_or_default() {
                 let Some(id) = shard.shard_id else { continue };
+                let range = shard.sequence_number_range;
                 self.shards.entry(id).or_insert(Shard {
                     parent: shard.parent_shard_id,
+                    first: range.as_ref().and_then(|r| r.starting_sequence_number.clone()),
+                    last: range.and_then(|r| r.ending_sequence_number),
                     iterator: None,
                     position: Position::Start,
                     closed: false,
@@ -150,9 +176,23 @@ impl StreamPoller {
 
     async fn iterator(&self, shard_id: &str, position: &Position, has_parent: bool) -> anyhow::Result<Option<String>> {
         let request = self.client.get_shard_iterator().stream_arn(&self.stream_arn).shard_id(shard_id);
+        let position = match (&self.start, position, self.shards.get(shard_id)) {
+            (StartAt::Sequence(seq), Position::Start, Some(shard)) => {
+                let lt = super::sequence_lt;
+                if shard.last.as_deref().is_some_and(|last| lt(last, seq)) {
+                    return Ok(None); // the shard ended before: nothing to read in it
+                }
+                if shard.first.as_deref().is_none_or(|first| !lt(seq, first)) {
+                    &Position::At(seq.clone())
+                } else {
+                    position // it begins after the sequence number: all of it
+                }
+            }
+            _ => position,
+        };
         let request = match position {
             // A child shard is read from its start: its parent was read to the end already.
-            Position::Start if has_parent || self.start == StartAt::TrimHorizon => {
+            Position::Start if has_parent || self.start != StartAt::Latest => {
                 request.shard_iterator_type(ShardIteratorType::TrimHorizon)
             }
             Position::Start => request.shard_iterator_type(ShardIteratorType::Latest),
@@ -289,7 +329,14 @@ mod tests {
     use super::*;
 
     fn shard(parent: Option<&str>, closed: bool) -> Shard {
-        Shard { parent: parent.map(str::to_string), iterator: None, position: Position::Start, closed }
+        Shard {
+            parent: parent.map(str::to_string),
+            first: None,
+            last: None,
+            iterator: None,
+            position: Position::Start,
+            closed,
+        }
     }
 
     #[test]

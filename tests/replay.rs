@@ -1,0 +1,270 @@
+//! Replay: a recorded session (real handlers, the table's real stream, the real processor and
+//! SDK client) replays to the effects the live run performed; the input forms agree; a plugin
+//! comparison flags exactly the records decided differently; a failure destination's message
+//! refetches its records from moto's stream; malformed input is reported and skipped.
+
+use aws_lambda_events::dynamodb::EventRecord;
+use roomcast::plugins::registry::Policy;
+use roomcast::replay::{Compare, Execute, Options, Summary, replay};
+use roomcast_tests::{Stack, component};
+use serde_json::{Value, json};
+
+/// Runs a session on `stack` with acme moderated; returns the captured stream.
+async fn session(stack: &mut Stack) -> Vec<EventRecord> {
+    stack.install_plugin("acme", "roomcast-plugin-moderation", Policy::FailOpen);
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.pump().await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    stack.pump().await;
+    stack.connect("eve", "globex", "eve", "general").await;
+    stack.pump().await;
+    for (who, frame) in [
+        ("ann", json!({"action":"join","room":"ops"})),
+        ("bob", json!({"action":"join","room":"ops"})),
+        ("ann", json!({"action":"sendMessage","room":"general","message":"hello"})),
+        ("bob", json!({"action":"sendMessage","room":"general","message":"buy spam now"})),
+        ("ann", json!({"action":"sendMessage","room":"ops","message":"   deploy at five   "})),
+        ("eve", json!({"action":"sendMessage","room":"general","message":"spam is fine here"})),
+        ("ann", json!({"action":"leave","room":"ops"})),
+    ] {
+        stack.send(who, frame).await;
+        stack.pump().await;
+    }
+    stack.disconnect("bob").await;
+    stack.pump().await;
+    stack.captured.clone()
+}
+
+fn lines(records: &[EventRecord]) -> String {
+    records.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect()
+}
+
+fn from_stream(plugins: Vec<(String, Vec<u8>)>) -> Options {
+    Options { membership_from_stream: true, plugins, ..Options::default() }
+}
+
+fn moderation() -> Vec<(String, Vec<u8>)> {
+    vec![("acme".to_string(), component("roomcast-plugin-moderation"))]
+}
+
+async fn run(text: &str, options: &Options) -> (String, Summary) {
+    let mut out = Vec::new();
+    let summary = replay(text, options, &mut out).await.expect("replay");
+    (String::from_utf8(out).unwrap(), summary)
+}
+
+/// (connection, payload) for every send, sorted: what was (or would be) posted.
+fn sends_in(jsonl: &str) -> Vec<(String, Value)> {
+    let mut sends = Vec::new();
+    for line in jsonl.lines() {
+        let entry: Value = serde_json::from_str(line).unwrap();
+        for effect in entry["effects"].as_array().into_iter().flatten() {
+            for to in effect["to"].as_array().into_iter().flatten() {
+                sends.push((to.as_str().unwrap().to_string(), effect["send"].clone()));
+            }
+        }
+    }
+    sends.sort_by(|a, b| (&a.0, a.1.to_string()).cmp(&(&b.0, b.1.to_string())));
+    sends
+}
+
+#[tokio::test]
+async fn a_recorded_session_replays_to_the_effects_the_live_run_performed() {
+    let mut stack = Stack::memory().await;
+    session(&mut stack).await;
+    // A TTL expiry: Cy arrives later; then Ann's connection and membership outlive their TTL
+    // (600 s here) and DynamoDB's TTL removes them, which Cy sees.
+    use roomcast::model::Clock;
+    stack.clock.advance(chrono::Duration::seconds(500));
+    stack.connect("cy", "acme", "cy", "general").await;
+    stack.pump().await;
+    stack.clock.advance(chrono::Duration::seconds(200));
+    let expired = stack.table.memory.as_ref().unwrap().expire_due(stack.clock.now());
+    assert!(expired >= 2, "{expired}");
+    stack.pump().await;
+    let records = stack.captured.clone();
+    assert!(records.iter().any(roomcast::stream::is_ttl_deletion), "the capture holds a TTL deletion");
+
+    let mut live: Vec<(String, Value)> =
+        stack.recorder.calls().into_iter().filter(|c| c.status == 200).map(|c| (c.connection_id, c.body)).collect();
+    live.sort_by(|a, b| (&a.0, a.1.to_string()).cmp(&(&b.0, b.1.to_string())));
+    assert!(live.iter().any(|(_, b)| b["action"] == "rejected"), "the session has a rejection");
+    assert!(live.iter().any(|(_, b)| b["action"] == "presence" && b["reason"] == "expired"));
+
+    let options = Options { json: true, ..from_stream(moderation()) };
+    let (out, summary) = run(&lines(&records), &options).await;
+    assert_eq!(summary, Summary { replayed: records.len(), ..Summary::default() });
+    assert_eq!(sends_in(&out), live, "replay decides exactly what the live run delivered");
+
+    // The rejection is explained: the plugin call, its verdict and fuel, and the one effect.
+    let spam: Value = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["change"]["body"] == "buy spam now")
+        .unwrap();
+    assert_eq!(spam["plugin_calls"][0]["hook"], "validate");
+    assert!(spam["plugin_calls"][0]["outcome"].as_str().unwrap().starts_with("Verdict::Reject("), "{spam}");
+    assert!(spam["plugin_calls"][0]["fuel"].as_u64().unwrap() > 0);
+    assert_eq!(spam["effects"].as_array().unwrap().len(), 1);
+    assert_eq!(spam["effects"][0]["to"], json!(["bob"]));
+    // Nothing was sent or written by the replay.
+    assert_eq!(stack.recorder.calls().len(), live.len());
+}
+
+#[tokio::test]
+async fn the_event_form_and_the_json_lines_form_print_the_same_and_runs_are_identical() {
+    let mut stack = Stack::memory().await;
+    let records = session(&mut stack).await;
+    let event = json!({ "Records": records }).to_string();
+    for json in [false, true] {
+        let options = Options { json, ..from_stream(moderation()) };
+        let (from_lines, _) = run(&lines(&records), &options).await;
+        let (from_event, _) = run(&event, &options).await;
+        assert_eq!(from_lines, from_event);
+        let (again, _) = run(&lines(&records), &options).await;
+        assert_eq!(from_lines, again, "byte-identical on a second run");
+    }
+    let (text, _) = run(&lines(&records), &from_stream(moderation())).await;
+    assert!(text.contains("INSERT message acme/general by bob (bob): \"buy spam now\""), "{text}");
+    assert!(text.contains("validate Verdict::Reject(\"the word \\\"spam\\\" is not allowed here\")  fuel "), "{text}");
+    assert!(text.contains("log info: rejected"), "{text}");
+    assert!(text.contains("send     {\"action\":\"rejected\""), "{text}");
+    assert!(text.contains("remove   membership acme/general of bob (disconnect)"), "{text}");
+}
+
+#[tokio::test]
+async fn a_comparison_flags_exactly_the_records_a_changed_plugin_decides_differently() {
+    let mut stack = Stack::memory().await;
+    let records = session(&mut stack).await;
+    let options = Options {
+        json: true,
+        compare: Some(Compare {
+            tenant: "acme".into(),
+            old: component("roomcast-plugin-moderation"),
+            new: component("roomcast-plugin-welcome"),
+        }),
+        ..from_stream(Vec::new())
+    };
+    let (out, summary) = run(&lines(&records), &options).await;
+
+    // The welcome plugin greets (moderation does not) and accepts everything (moderation rejects
+    // spam and trims): acme's connections, the spam and the padded message differ; nothing else.
+    let expected: Vec<String> = records
+        .iter()
+        .filter(|r| {
+            let change = roomcast::stream::Change::from_record(r);
+            match change {
+                roomcast::stream::Change::Inserted(roomcast::stream::Record::Connection(c)) => c.tenant == "acme",
+                roomcast::stream::Change::Inserted(roomcast::stream::Record::Message(m)) => {
+                    m.tenant == "acme" && m.body != "hello"
+                }
+                _ => false,
+            }
+        })
+        .map(|r| r.event_id.clone())
+        .collect();
+    assert_eq!(expected.len(), 4);
+    let flagged: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["event_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(flagged, expected);
+    assert_eq!(summary.differing, 4);
+    let spam: Value = out.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).nth(2).unwrap();
+    assert!(spam["old"]["plugin_calls"][0]["outcome"].as_str().unwrap().starts_with("Verdict::Reject"), "{spam}");
+    assert_eq!(spam["new"]["plugin_calls"][0]["outcome"], "Verdict::Accept");
+    assert_eq!(spam["new"]["effects"][0]["to"], json!(["ann", "bob"]));
+}
+
+#[tokio::test]
+async fn a_failure_destination_message_refetches_its_records_from_the_stream() {
+    let mut stack = Stack::dynamodb().await;
+    let records = session(&mut stack).await;
+    let arn = records[0].event_source_arn.clone().expect("records from moto's stream carry its ARN");
+    let streams = aws_sdk_dynamodbstreams::Client::from_conf(
+        aws_sdk_dynamodbstreams::config::Builder::from(&roomcast_tests::sdk_config().await)
+            .endpoint_url(roomcast_tests::moto_endpoint())
+            .build(),
+    );
+    let described = streams.describe_stream().stream_arn(&arn).send().await.unwrap();
+    let shard = described.stream_description.unwrap().shards.unwrap()[0].shard_id.clone().unwrap();
+
+    // The batch that "failed": records 4 to 9 of the session.
+    let failed = &records[3..9];
+    let seq = |r: &EventRecord| r.change.sequence_number.clone().unwrap();
+    let message = json!({
+        "requestContext": {"requestId": "9e6bd57c", "functionArn": "arn:aws:lambda:us-east-1:123456789012:function:processor",
+                           "condition": "RetryAttemptsExhausted", "approximateInvokeCount": 6},
+        "responseContext": {"statusCode": 200, "executedVersion": "$LATEST", "functionError": "Unhandled"},
+        "version": "1.0", "timestamp": "2026-11-21T10:00:00.000Z",
+        "DDBStreamBatchInfo": {"shardId": shard, "startSequenceNumber": seq(&failed[0]),
+            "endSequenceNumber": seq(&failed[5]), "approximateArrivalOfFirstRecord": "2026-11-21T09:59:00Z",
+            "approximateArrivalOfLastRecord": "2026-11-21T09:59:01Z", "batchSize": 6, "streamArn": arn}
+    });
+    let options = Options {
+        json: true,
+        table: Some(stack.table.store.clone()),
+        streams: Some(streams),
+        plugins: moderation(),
+        ..Options::default()
+    };
+    let (fetched, summary) = run(&message.to_string(), &options).await;
+    assert_eq!(summary.replayed, 6, "{fetched}");
+    let (direct, _) = run(&lines(failed), &options).await;
+    assert_eq!(fetched, direct, "the same records, fetched from the stream by their sequence numbers");
+
+    // Without the stream there is nothing to fetch from: a clear error.
+    let mut out = Vec::new();
+    let err = replay(&message.to_string(), &Options { streams: None, ..options }, &mut out).await.unwrap_err();
+    assert!(err.to_string().contains("fetching its records needs the stream"), "{err}");
+}
+
+#[tokio::test]
+async fn malformed_input_is_reported_with_its_position_and_skipped() {
+    let mut stack = Stack::memory().await;
+    let records = session(&mut stack).await;
+    let good = lines(&records[..3]);
+    let mut unknown = serde_json::to_value(&records[0]).unwrap();
+    unknown["eventID"] = json!("unknown-kind");
+    unknown["dynamodb"]["Keys"] = json!({"pk": {"S": "INVOICE#1"}, "sk": {"S": "LINE#1"}});
+    let text = format!(
+        "{good}this is not json\n{{\"eventID\": \"e-broken\", \"eventName\": 12}}\n{}\n[1, 2]\n{}",
+        unknown,
+        lines(&records[3..5])
+    );
+    let (out, summary) = run(&text, &from_stream(moderation())).await;
+    assert_eq!(summary, Summary { replayed: 5, skipped: 4, ..Summary::default() }, "{out}");
+    assert!(out.contains("#4 line 4 · event ?\n   SKIPPED  not JSON"), "{out}");
+    assert!(out.contains("#5 line 5 · event e-broken\n   SKIPPED  "), "{out}");
+    assert!(out.contains("event unknown-kind"), "{out}");
+    assert!(out.contains("INVOICE#1/LINE#1: not a record type this processor handles"), "{out}");
+    assert!(out.contains("#7 line 7 · event ?\n   SKIPPED  not a JSON object"), "{out}");
+    assert!(out.contains("#9 "), "records after the bad ones are replayed: {out}");
+}
+
+#[tokio::test]
+async fn execute_re_drives_the_records_for_real() {
+    let mut stack = Stack::memory().await;
+    let records = session(&mut stack).await;
+    let hello: Vec<EventRecord> =
+        records.iter().filter(|r| serde_json::to_string(r).unwrap().contains("\"hello\"")).cloned().collect();
+    assert_eq!(hello.len(), 1);
+    stack.recorder.clear();
+    let options = Options {
+        table: Some(stack.table.store.clone()),
+        plugins: moderation(),
+        execute: Some(Execute {
+            sdk: roomcast_tests::sdk_config().await,
+            delivery: roomcast::deliver::DeliverySettings {
+                endpoint_override: Some(stack.recorder.endpoint.clone()),
+                ..Default::default()
+            },
+        }),
+        ..Options::default()
+    };
+    let (out, summary) = run(&lines(&hello), &options).await;
+    assert_eq!(summary.replayed, 1);
+    // Bob disconnected in the session: only Ann is still in #general, and she gets it again.
+    assert_eq!(stack.recorder.received_action("ann", "message")[0]["message"], "hello");
+    assert!(out.contains("outcome  ann: Delivered"), "{out}");
+}
