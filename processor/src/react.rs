@@ -120,13 +120,11 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                     if let Some(text) = rewritten {
                         chat.message = text;
                     }
-                    let chosen: Vec<Membership> = members
+                    let chosen = members
                         .iter()
                         .filter(|member| route.only_users.as_ref().is_none_or(|users| users.contains(&member.user_id)))
-                        .filter(|member| route.echo_to_sender || member.connection_id != m.sender_connection_id)
-                        .cloned()
-                        .collect();
-                    send_to_room(ServerMessage::Message(chat), &chosen)
+                        .filter(|member| route.echo_to_sender || member.connection_id != m.sender_connection_id);
+                    send_to_room(ServerMessage::Message(chat), chosen)
                 }
             }
         }
@@ -180,7 +178,9 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
 /// connection id). Exactly one of a user's simultaneous joins is first, so `joined` is announced
 /// once even when two tabs join at the same moment.
 fn first_connection_of_user(joined: &Membership, members: &[Membership]) -> bool {
-    let rank = |m: &Membership| (m.joined_at, m.connection_id.clone());
+    fn rank(m: &Membership) -> (DateTime<Utc>, &str) {
+        (m.joined_at, m.connection_id.as_str())
+    }
     !members
         .iter()
         .any(|m| m.user_id == joined.user_id && m.connection_id != joined.connection_id && rank(m) < rank(joined))
@@ -190,9 +190,9 @@ fn presence(m: &Membership, event: PresenceEvent, reason: &str) -> ServerMessage
     ServerMessage::Presence { room: m.room.clone(), user_id: m.user_id.clone(), event, reason: reason.into() }
 }
 
-fn send_to_room(payload: ServerMessage, members: &[Membership]) -> Vec<Effect> {
-    let mut recipients: Vec<Recipient> = members.iter().map(Recipient::from).collect();
-    recipients.sort();
+fn send_to_room<'a>(payload: ServerMessage, members: impl IntoIterator<Item = &'a Membership>) -> Vec<Effect> {
+    let mut recipients: Vec<Recipient> = members.into_iter().map(Recipient::from).collect();
+    recipients.sort_unstable();
     recipients.dedup_by(|a, b| a.connection_id == b.connection_id);
     if recipients.is_empty() {
         return Vec::new();
