@@ -26,7 +26,7 @@ use crate::store::memory::MemoryStore;
 use crate::stream::log::StreamLog;
 use crate::stream::poller::{StartAt, StreamPoller};
 
-pub mod plugin_api;
+pub mod api;
 
 #[derive(Clone, Debug)]
 pub struct DevOptions {
@@ -172,7 +172,7 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
     // Plugins uploaded to the table are activated as in AWS; --plugins adds files at start.
     let host = Arc::new(crate::plugins::PluginHost::new()?);
     let registry = Arc::new(crate::plugins::registry::Registry::new(host.clone(), metrics.clone()));
-    let plugin_routes = plugin_api::routes(store.clone(), host);
+    let api_routes = api::routes(store.clone(), host, metrics.clone());
     let plugin_tenants = match &options.plugins {
         Some(dir) => load_plugins(dir, &registry)?,
         None => Vec::new(),
@@ -194,7 +194,7 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         let shutdown = async move {
             let _ = serve_stop.wait_for(|s| *s).await;
         };
-        if let Err(e) = serving.serve(listener, plugin_routes, shutdown).await {
+        if let Err(e) = serving.serve(listener, api_routes, shutdown).await {
             tracing::error!(error = %e, "gateway stopped");
         }
     }));
@@ -265,9 +265,14 @@ async fn dev_aws_config() -> aws_config::SdkConfig {
     if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() || std::env::var_os("AWS_PROFILE").is_some() {
         return config::load_aws().await;
     }
-    let region = aws_config::meta::region::RegionProviderChain::default_provider().or_else("us-east-1");
+    // The region from the environment, else us-east-1: never the instance metadata service, which
+    // a laptop does not have (probing it only prints a warning).
+    let region = ["AWS_REGION", "AWS_DEFAULT_REGION"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| "us-east-1".into());
     aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(region)
+        .region(aws_config::Region::new(region))
         .credentials_provider(aws_credential_types::Credentials::new(
             "roomcast-dev",
             "roomcast-dev",
