@@ -21,6 +21,7 @@ use crate::pipeline::{Processor, run_from_stream};
 use crate::store::dynamodb::{DynamoStore, create_table, wait_until_active};
 use crate::stream::poller::{StartAt, StreamPoller};
 
+mod bench;
 mod plugins;
 mod replay;
 
@@ -80,6 +81,9 @@ enum Command {
     /// each plugin call, each effect. A dry run unless --execute. Exit status 2 when any record
     /// was skipped.
     Replay(replay::ReplayArgs),
+    /// Load the local stack over real WebSockets: deliveries per second against the raw
+    /// @connections rate, latency p50/p99, CPU per stream record and memory (docs/PERFORMANCE.md).
+    Bench(bench::BenchArgs),
     /// Run the stream processor over a table's stream until Ctrl-C.
     Poll {
         #[command(flatten)]
@@ -249,6 +253,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev(args).await,
         Command::Capture(args) => replay::capture_main(args).await,
+        Command::Bench(args) => bench::bench_main(args).await,
         Command::Replay(_) => unreachable!("main runs replay itself, for its exit status"),
         Command::Plugin {
             command: PluginCommand::Upload { tenant, file, policy, fuel, memory_mib, deadline_ms, target },

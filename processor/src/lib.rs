@@ -26,10 +26,12 @@
 //! Around it: [`protocol`] (client frames), [`admin`] (operator operations and the sweeper), [`auth`] (the `$connect` authorizer's rule),
 //! [`config`] (the environment), [`metrics`] (counts), [`lambda`] (the Lambda entry points),
 //! [`gateway`] (the local API Gateway emulator), [`dev`] (`roomcast dev`: everything in one
-//! process), [`cli`] (the `roomcast` command).
+//! process), [`bench`] (`roomcast bench`: the local stack under load), [`cli`] (the `roomcast`
+//! command).
 
 pub mod admin;
 pub mod auth;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod deliver;

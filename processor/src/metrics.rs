@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
@@ -12,7 +12,7 @@ macro_rules! counters {
         pub struct Metrics { $($(#[$doc])* pub $name: AtomicU64,)* }
 
         /// A point-in-time copy of [`Metrics`].
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
         pub struct Counts { $(pub $name: u64,)* }
 
         impl Metrics {

@@ -250,3 +250,33 @@ fn capture_a_stream_and_replay_it() {
     assert!(!out.status.success() && err.contains("--membership-from-stream"), "no source of room members: {err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `roomcast bench` at a small scale: it starts its own `roomcast dev`, drives it over real
+/// WebSockets, and accounts for every delivery. No speed is asserted (timed tests flake on
+/// shared machines): the figures belong in docs/PERFORMANCE.md.
+#[test]
+fn bench_drives_the_local_stack_and_reports_every_figure() {
+    let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        .args(["bench", "--connections", "30", "--room-size", "10", "--messages", "12", "--rate", "100"])
+        .args(["--raw-posts", "300", "--plugin-tenants", "2", "--json", "--plugin"])
+        .arg(wasm("roomcast_plugin_moderation"))
+        .output()
+        .expect("run roomcast bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!((report["rooms"].as_u64(), report["connections"].as_u64()), (Some(3), Some(30)));
+    assert!(report["raw_posts_per_second"].as_f64().unwrap() > 0.0, "{report}");
+    let phases = report["phases"].as_array().unwrap();
+    assert_eq!(phases.iter().map(|p| p["name"].as_str().unwrap()).collect::<Vec<_>>(), ["no plugin", "plugin"]);
+    for phase in phases {
+        // 12 messages over 3 rooms of 10: every member (the sender included) receives each one.
+        assert_eq!((phase["expected"].as_u64(), phase["deliveries"].as_u64()), (Some(120), Some(120)), "{phase}");
+        assert!(phase["stream_records"].as_u64().unwrap() >= 12, "{phase}");
+        let (p50, p99) = (phase["latency_p50_ms"].as_f64().unwrap(), phase["latency_p99_ms"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p99 >= p50, "{phase}");
+        assert!(phase["cpu_us_per_record"].as_f64().is_some() && phase["peak_rss_mib"].as_f64().unwrap() > 1.0);
+    }
+    assert_eq!(report["memory"]["tenants"], 2);
+    assert!(report["memory"]["rss_after_mib"].as_f64().unwrap() > 1.0, "{report}");
+}

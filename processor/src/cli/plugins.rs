@@ -1,13 +1,8 @@
 //! `roomcast plugin …`: upload, list, activate, disable and test tenant plugins, against a
 //! DynamoDB table (AWS or any local endpoint) or a running `roomcast dev` (`--dev URL`, which
-//! reaches its embedded store through [`crate::dev::plugin_api`]).
+//! reaches its embedded store through [`crate::dev::api`]).
 
-use std::time::Duration;
-
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-
+use crate::dev::api::request;
 use crate::model::{FailurePolicy, PluginMeta};
 use crate::plugins::{CallReport, LimitOverrides, Message, PluginHost, Verdict, WelcomeInfo};
 use crate::store::Store;
@@ -84,29 +79,6 @@ impl Target {
             }
         }
     }
-}
-
-/// One request to the dev stack's plugin API; its `{"error"}` answers become errors.
-async fn request(base: &str, method: http::Method, path: &str, body: Vec<u8>) -> anyhow::Result<serde_json::Value> {
-    let uri = format!("{}{path}", base.trim_end_matches('/'));
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
-    let request = http::Request::builder()
-        .method(method)
-        .uri(&uri)
-        .header("content-type", "application/octet-stream")
-        .body(Full::new(bytes::Bytes::from(body)))?;
-    let response = tokio::time::timeout(Duration::from_secs(60), client.request(request))
-        .await
-        .map_err(|_| anyhow::anyhow!("{uri}: no answer within 60 s"))?
-        .map_err(|e| anyhow::anyhow!("{uri}: {e} (is `roomcast dev` running there?)"))?;
-    let status = response.status();
-    let bytes = response.into_body().collect().await.map_err(|e| anyhow::anyhow!("{uri}: {e}"))?.to_bytes();
-    let answer: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|_| anyhow::anyhow!("{uri}: answered {status} with {}", String::from_utf8_lossy(&bytes)))?;
-    if !status.is_success() {
-        anyhow::bail!("{}", answer["error"].as_str().unwrap_or(&answer.to_string()));
-    }
-    Ok(answer)
 }
 
 /// `roomcast plugin list`'s lines.

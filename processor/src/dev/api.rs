@@ -1,10 +1,14 @@
-//! `roomcast plugin … --dev URL`: the running dev stack's plugin operations over HTTP, so a
-//! plugin can be uploaded into the embedded store (which lives inside the `roomcast dev`
-//! process) from another terminal. The same records are written as against DynamoDB, and the
-//! stack's processor activates them from its stream exactly as in AWS.
+//! The dev stack's own HTTP API, beside the gateway's routes.
+//!
+//! Plugins (`roomcast plugin … --dev URL`): the plugin operations over HTTP, so a plugin can be
+//! uploaded into the embedded store (which lives inside the `roomcast dev` process) from another
+//! terminal. The same records are written as against DynamoDB, and the stack's processor
+//! activates them from its stream exactly as in AWS. Metrics (`roomcast bench`): the processor's
+//! counts so far.
 //!
 //! | request | does |
 //! |---|---|
+//! | `GET /_dev/metrics` | the processor's counts (records, delivered, plugin faults, …) as JSON |
 //! | `GET /_dev/plugins/{tenant}` | `{"active": version or null, "versions": [PluginMeta…]}` |
 //! | `POST /_dev/plugins/{tenant}?policy=open&fuel=…&memory_mib=…&deadline_ms=…` (body: the component) | checks and uploads it; answers its `PluginMeta` |
 //! | `PUT /_dev/plugins/{tenant}/active` (body `{"version": v or null}`) | activates a version, or disables the plugin |
@@ -13,14 +17,19 @@
 //! or 503 (the store failed). The server listens on loopback only, like the rest of the stack.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::metrics::Metrics;
 use crate::model::FailurePolicy;
 use crate::plugins::{LimitOverrides, PluginHost};
 use crate::store::Store;
@@ -29,15 +38,21 @@ use crate::store::Store;
 struct Api {
     store: Arc<dyn Store>,
     host: Arc<PluginHost>,
+    metrics: Arc<Metrics>,
 }
 
-pub fn routes(store: Arc<dyn Store>, host: Arc<PluginHost>) -> axum::Router {
+pub fn routes(store: Arc<dyn Store>, host: Arc<PluginHost>, metrics: Arc<Metrics>) -> axum::Router {
     axum::Router::new()
+        .route("/_dev/metrics", get(counts))
         .route("/_dev/plugins/{tenant}", get(list).post(upload))
         .route("/_dev/plugins/{tenant}/active", put(activate))
         // The host refuses components over its limit with a clear reason; let them reach it.
         .layer(DefaultBodyLimit::max(8 << 20))
-        .with_state(Api { store, host })
+        .with_state(Api { store, host, metrics })
+}
+
+async fn counts(State(api): State<Api>) -> Response {
+    axum::Json(api.metrics.snapshot()).into_response()
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
@@ -114,4 +129,28 @@ async fn activate(State(api): State<Api>, Path(tenant): Path<String>, body: axum
         Ok(()) => axum::Json(json!({ "active": request.version })).into_response(),
         Err(e) => unavailable(e),
     }
+}
+
+/// The client side: one request to a running dev stack's API; its `{"error"}` answers become
+/// errors.
+pub async fn request(base: &str, method: http::Method, path: &str, body: Vec<u8>) -> anyhow::Result<serde_json::Value> {
+    let uri = format!("{}{path}", base.trim_end_matches('/'));
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(&uri)
+        .header("content-type", "application/octet-stream")
+        .body(Full::new(bytes::Bytes::from(body)))?;
+    let response = tokio::time::timeout(Duration::from_secs(60), client.request(request))
+        .await
+        .map_err(|_| anyhow::anyhow!("{uri}: no answer within 60 s"))?
+        .map_err(|e| anyhow::anyhow!("{uri}: {e} (is `roomcast dev` running there?)"))?;
+    let status = response.status();
+    let bytes = response.into_body().collect().await.map_err(|e| anyhow::anyhow!("{uri}: {e}"))?.to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|_| anyhow::anyhow!("{uri}: answered {status} with {}", String::from_utf8_lossy(&bytes)))?;
+    if !status.is_success() {
+        anyhow::bail!("{}", answer["error"].as_str().unwrap_or(&answer.to_string()));
+    }
+    Ok(answer)
 }
