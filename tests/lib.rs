@@ -651,6 +651,28 @@ impl Stack {
         self.plugins.install(tenant, plugin, limits, policy, true);
     }
 
+    /// `roomcast plugin upload` into this stack's table, at the stack's time.
+    pub async fn upload_plugin(
+        &self,
+        tenant: &str,
+        component: &[u8],
+        policy: roomcast::model::FailurePolicy,
+        limits: roomcast::plugins::LimitOverrides,
+    ) -> roomcast::model::PluginMeta {
+        use roomcast::model::Clock;
+        roomcast::plugins::upload(
+            &*self.table.store,
+            self.plugins.host(),
+            tenant,
+            component,
+            policy,
+            limits,
+            self.clock.now(),
+        )
+        .await
+        .expect("upload the plugin")
+    }
+
     pub fn clock_now(&self) -> chrono::DateTime<chrono::Utc> {
         use roomcast::model::Clock;
         self.clock.now()

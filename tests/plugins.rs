@@ -405,17 +405,9 @@ async fn uploads_activate_through_the_stream_and_roll_back(kind: &str) {
 
     // Upload: chunks and metadata are written; the processor activates on the metadata's INSERT.
     let moderation = component("roomcast-plugin-moderation");
-    let v1 = roomcast::plugins::upload(
-        &*store,
-        stack.plugins.host(),
-        "acme",
-        &moderation,
-        FailurePolicy::Open,
-        roomcast::plugins::LimitOverrides::default(),
-        stack.clock.now(),
-    )
-    .await
-    .unwrap();
+    let v1 = stack
+        .upload_plugin("acme", &moderation, FailurePolicy::Open, roomcast::plugins::LimitOverrides::default())
+        .await;
     assert_eq!(v1.chunks, moderation.len().div_ceil(roomcast::model::PLUGIN_CHUNK_BYTES));
     stack.pump().await;
     let listed = store.plugins("acme").await.unwrap();
@@ -442,17 +434,14 @@ async fn uploads_activate_through_the_stream_and_roll_back(kind: &str) {
 
     // A second version takes over; v1 becomes inactive.
     stack.clock.advance(chrono::Duration::seconds(1));
-    let v2 = roomcast::plugins::upload(
-        &*store,
-        stack.plugins.host(),
-        "acme",
-        &component("roomcast-plugin-welcome"),
-        FailurePolicy::Open,
-        roomcast::plugins::LimitOverrides::default(),
-        stack.clock.now(),
-    )
-    .await
-    .unwrap();
+    let v2 = stack
+        .upload_plugin(
+            "acme",
+            &component("roomcast-plugin-welcome"),
+            FailurePolicy::Open,
+            roomcast::plugins::LimitOverrides::default(),
+        )
+        .await;
     stack.pump().await;
     assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, v2.version);
     let statuses: Vec<_> = store.plugins("acme").await.unwrap().into_iter().map(|m| (m.version, m.status)).collect();
@@ -471,22 +460,18 @@ async fn uploads_activate_through_the_stream_and_roll_back(kind: &str) {
 }
 
 async fn a_cold_processor_loads_the_active_plugin(kind: &str) {
-    use roomcast::model::Clock;
     let mut stack = Stack::on(kind).await;
     stack.connect("ann", "acme", "ann", "general").await;
     stack.connect("bob", "acme", "bob", "general").await;
     let store = stack.table.store.clone();
-    roomcast::plugins::upload(
-        &*store,
-        stack.plugins.host(),
-        "acme",
-        &component("roomcast-plugin-moderation"),
-        FailurePolicy::Closed,
-        roomcast::plugins::LimitOverrides::default(),
-        stack.clock.now(),
-    )
-    .await
-    .unwrap();
+    stack
+        .upload_plugin(
+            "acme",
+            &component("roomcast-plugin-moderation"),
+            FailurePolicy::Closed,
+            roomcast::plugins::LimitOverrides::default(),
+        )
+        .await;
     stack.pump().await;
 
     // A new container: an empty registry, the same table.
@@ -547,8 +532,40 @@ async fn a_batch_reuses_one_instance_per_tenant_and_replaces_a_faulted_one(kind:
     assert_eq!(stack.processor.counts().since(&before).plugin_instances, 4);
 }
 
+/// A batch keeps at most WARM_IDLE_LIMIT instances idle: with more tenants than that, each still
+/// gets its plugin's decision, and the ones past the limit instantiate per call. On the embedded
+/// store, whose stream hands over everything pumped as one batch (moto's may split it).
+#[tokio::test]
+async fn a_batch_keeps_a_bounded_number_of_idle_instances() {
+    use roomcast::plugins::registry::WARM_IDLE_LIMIT;
+    let mut stack = Stack::memory().await;
+    let tenants: Vec<String> = (0..WARM_IDLE_LIMIT + 4).map(|i| format!("t{i:02}")).collect();
+    for tenant in &tenants {
+        stack.install_plugin(tenant, "roomcast-plugin-moderation", Policy::FailOpen);
+        stack.connect(&format!("{tenant}-a"), tenant, "a", "general").await;
+    }
+    stack.pump().await;
+    let before = stack.processor.counts();
+    stack.recorder.clear();
+    for round in 0..2 {
+        for tenant in &tenants {
+            let text = if round == 0 { "first" } else { "spam" };
+            stack.send(&format!("{tenant}-a"), json!({"action":"sendMessage","room":"general","message":text})).await;
+        }
+    }
+    assert_eq!(stack.pump().await, 2 * tenants.len(), "one batch");
+    for tenant in &tenants {
+        let me = format!("{tenant}-a");
+        assert_eq!(stack.recorder.received_action(&me, "message").len(), 1, "{tenant}");
+        assert_eq!(stack.recorder.received_action(&me, "rejected").len(), 1, "{tenant}");
+    }
+    // 60 calls (20 × validate + route, then 20 × validate). Unbounded, 20 instances would do;
+    // without reuse, 60. Which tenants find room depends on the order rooms run in (8 at once).
+    let made = stack.processor.counts().since(&before).plugin_instances as usize;
+    assert!(tenants.len() < made && made < 3 * tenants.len(), "{made} instances for 60 calls");
+}
+
 async fn per_tenant_limits_from_the_upload_apply_and_are_capped(kind: &str) {
-    use roomcast::model::Clock;
     use roomcast::plugins::{CEILING, LimitOverrides};
     let mut stack = Stack::on(kind).await;
     for (id, tenant) in [("ann", "acme"), ("bob", "acme"), ("gus", "globex"), ("gil", "globex")] {
@@ -560,30 +577,10 @@ async fn per_tenant_limits_from_the_upload_apply_and_are_capped(kind: &str) {
     // acme's plugin gets too little fuel to run at all and fails closed; globex asks for far more
     // than the ceiling and gets the ceiling.
     let starved = LimitOverrides { fuel: Some(500), ..Default::default() };
-    let meta = roomcast::plugins::upload(
-        &*store,
-        stack.plugins.host(),
-        "acme",
-        &moderation,
-        FailurePolicy::Closed,
-        starved,
-        stack.clock.now(),
-    )
-    .await
-    .unwrap();
+    let meta = stack.upload_plugin("acme", &moderation, FailurePolicy::Closed, starved).await;
     assert_eq!(meta.limits, Some(starved), "kept with the version");
     let greedy = LimitOverrides { fuel: Some(u64::MAX), memory_mib: Some(4096), ..Default::default() };
-    roomcast::plugins::upload(
-        &*store,
-        stack.plugins.host(),
-        "globex",
-        &moderation,
-        FailurePolicy::Closed,
-        greedy,
-        stack.clock.now(),
-    )
-    .await
-    .unwrap();
+    stack.upload_plugin("globex", &moderation, FailurePolicy::Closed, greedy).await;
     stack.pump().await;
     assert_eq!(store.plugins("acme").await.unwrap()[0].limits, Some(starved), "read back from the table");
     assert_eq!(stack.plugins.installed_limits("acme").unwrap().fuel, 500);
@@ -601,24 +598,20 @@ async fn per_tenant_limits_from_the_upload_apply_and_are_capped(kind: &str) {
 }
 
 async fn the_compiled_plugin_cache_is_bounded_and_evicted_tenants_reload(kind: &str) {
-    use roomcast::model::Clock;
     let mut stack = Stack::with_plugin_capacity(kind, 2).await;
     let tenants = ["acme", "globex", "initech"];
     for tenant in tenants {
         let (a, b) = (format!("{tenant}-a"), format!("{tenant}-b"));
         stack.connect(&a, tenant, "a", "general").await;
         stack.connect(&b, tenant, "b", "general").await;
-        roomcast::plugins::upload(
-            &*stack.table.store,
-            stack.plugins.host(),
-            tenant,
-            &component("roomcast-plugin-moderation"),
-            FailurePolicy::Closed,
-            roomcast::plugins::LimitOverrides::default(),
-            stack.clock.now(),
-        )
-        .await
-        .unwrap();
+        stack
+            .upload_plugin(
+                tenant,
+                &component("roomcast-plugin-moderation"),
+                FailurePolicy::Closed,
+                roomcast::plugins::LimitOverrides::default(),
+            )
+            .await;
     }
     stack.pump().await;
     assert!(stack.plugins.loaded() <= 2, "at most two tenants' plugins are kept");

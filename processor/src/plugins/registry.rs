@@ -58,9 +58,14 @@ pub struct CallRecord {
 }
 
 /// The instances of one batch, per tenant and version: made on a tenant's first call in the
-/// batch, reused by its next ones, dropped with the batch.
+/// batch, reused by its next ones, dropped with the batch. At most [`WARM_IDLE_LIMIT`] are kept
+/// idle: each may hold up to its memory cap, and a batch of 100 records can touch 100 tenants.
 #[derive(Clone, Default)]
 pub struct Warm(Arc<Mutex<Pool>>);
+
+/// Idle instances a batch keeps for reuse; past it, an instance is dropped after its call and
+/// the tenant's next call instantiates afresh (tens of microseconds).
+pub const WARM_IDLE_LIMIT: usize = 16;
 
 /// Idle instances by (tenant, version).
 type Pool = HashMap<(String, String), Vec<Instance>>;
@@ -73,7 +78,9 @@ impl Warm {
 
     fn give_back(&self, tenant: &str, version: &str, instance: Instance) {
         let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        pool.entry((tenant.to_string(), version.to_string())).or_default().push(instance);
+        if pool.values().map(Vec::len).sum::<usize>() < WARM_IDLE_LIMIT {
+            pool.entry((tenant.to_string(), version.to_string())).or_default().push(instance);
+        }
     }
 }
 
