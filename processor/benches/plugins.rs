@@ -3,8 +3,9 @@
 //! * `hook/*` — one `validate` call on a realistic message: the moderation component through
 //!   the host against the same rule compiled natively. `wasm_validate_warm` is how the processor
 //!   calls it within a batch (the tenant's instance reused; fresh fuel, deadline and log per
-//!   call); `wasm_validate_fresh` adds a new Store and instance from the cached `InstancePre`
-//!   (a tenant's first call in a batch).
+//!   call); `wasm_route_warm` is the boundary alone (the same message in, a constant out);
+//!   `wasm_validate_fresh` adds a new Store and instance from the cached `InstancePre` (a
+//!   tenant's first call in a batch).
 //! * `activation/*` — compiling the component (cold activation) against loading it from the
 //!   host's precompiled-artifact directory (warm cache), and instantiating from `InstancePre`.
 //!
@@ -48,6 +49,8 @@ fn hook(c: &mut Criterion) {
     });
     let mut instance = host.instantiate(&plugin, &limits).0.unwrap();
     group.bench_function("wasm_validate_warm", |b| b.iter(|| instance.validate(black_box(&message), 0).0.unwrap()));
+    // The boundary alone: route crosses it with the same message and returns a constant.
+    group.bench_function("wasm_route_warm", |b| b.iter(|| instance.route(black_box(&message), 0).0.unwrap()));
     group.bench_function("wasm_validate_fresh", |b| {
         b.iter(|| host.validate(&plugin, &limits, black_box(&message), 0).0.unwrap())
     });
