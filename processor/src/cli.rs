@@ -361,7 +361,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let metrics = Arc::new(Metrics::default());
             let deliverer =
                 Deliverer::new(sdk.clone(), config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
-            let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once);
+            // Tenant plugins as in the Lambda: the deployment's limits, cache bound and artifacts.
+            let registry = Arc::new(crate::plugins::registry::Registry::from_config(&config, metrics.clone())?);
+            let processor =
+                Processor::new(store, deliverer, clock, metrics, config.partitions_at_once).with_plugins(registry);
             let streams = config::streams_client(&sdk, config.dynamodb_endpoint.as_deref());
             let start = if from_trim_horizon { StartAt::TrimHorizon } else { StartAt::Latest };
             let mut poller = StreamPoller::new(streams, stream_arn.clone(), start);

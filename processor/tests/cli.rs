@@ -280,3 +280,45 @@ fn bench_drives_the_local_stack_and_reports_every_figure() {
     assert_eq!(report["memory"]["tenants"], 2);
     assert!(report["memory"]["rss_after_mib"].as_f64().unwrap() > 1.0, "{report}");
 }
+
+/// `roomcast poll` runs the same processor as the Lambda, tenant plugins included: an upload to
+/// the table is activated from the stream it polls.
+#[test]
+fn poll_activates_uploaded_plugins_from_the_stream() {
+    let endpoint = std::env::var("ROOMCAST_TEST_DYNAMODB_ENDPOINT")
+        .expect("ROOMCAST_TEST_DYNAMODB_ENDPOINT: run scripts/test, which starts moto and sets it");
+    let table = format!("poll-{}", std::process::id());
+    let command = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_roomcast"));
+        command
+            .args(args)
+            .env("DYNAMODB_ENDPOINT_URL", &endpoint)
+            .env("TABLE_NAME", &table)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1");
+        command
+    };
+    assert!(command(&["table", "create"]).status().unwrap().success());
+    let moderation = wasm("roomcast_plugin_moderation");
+    let out = command(&["plugin", "upload", "--tenant", "acme", moderation.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut poll = command(&["poll", "--from-trim-horizon"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut listed = String::new();
+    for _ in 0..150 {
+        listed = String::from_utf8_lossy(&command(&["plugin", "list", "--tenant", "acme"]).output().unwrap().stdout)
+            .into_owned();
+        if listed.contains("active") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = poll.kill();
+    let _ = poll.wait();
+    assert!(listed.starts_with('*') && listed.contains("active"), "poll activated the upload: {listed}");
+}
