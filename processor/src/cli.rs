@@ -417,6 +417,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     if !stack.plugin_tenants.is_empty() {
         println!("  plugins    {}", stack.plugin_tenants.join(", "));
     }
+    println!("  upload a plugin: roomcast plugin upload --dev http://{} --tenant demo FILE.wasm", stack.addr);
     println!("  dev token (tenant demo, user alice, 12 h):");
     println!("    {token}");
     println!("  try: websocat '{}?token={token}&rooms=general'", stack.ws_url());
