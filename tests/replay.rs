@@ -268,3 +268,40 @@ async fn execute_re_drives_the_records_for_real() {
     assert_eq!(stack.recorder.received_action("ann", "message")[0]["message"], "hello");
     assert!(out.contains("outcome  ann: Delivered"), "{out}");
 }
+
+#[tokio::test]
+async fn with_a_table_a_replay_uses_the_tenants_active_plugin_and_writes_nothing() {
+    let mut stack = Stack::memory().await;
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    stack
+        .upload_plugin(
+            "acme",
+            &component("roomcast-plugin-moderation"),
+            roomcast::model::FailurePolicy::Open,
+            roomcast::plugins::LimitOverrides::default(),
+        )
+        .await;
+    stack.pump().await;
+    stack.send("bob", json!({"action":"sendMessage","room":"general","message":"buy spam now"})).await;
+    stack.pump().await;
+    let table_before = stack.table.store.plugins("acme").await.unwrap();
+
+    let options = Options { json: true, table: Some(stack.table.store.clone()), ..Options::default() };
+    let (out, summary) = run(&lines(&stack.captured), &options).await;
+    assert_eq!(summary.skipped, 0, "{out}");
+    assert!(summary.replayed > 0);
+    let spam: Value = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["change"]["body"] == "buy spam now")
+        .unwrap();
+    assert!(spam["plugin_calls"][0]["outcome"].as_str().unwrap().starts_with("Verdict::Reject"), "{spam}");
+    assert_eq!(spam["effects"][0]["to"], json!(["bob"]), "recipients from the table");
+    // The plugin's upload records are shown, not activated; nothing was written.
+    assert!(out.contains("plugin records are not activated by a replay"), "{out}");
+    assert_eq!(stack.table.store.plugins("acme").await.unwrap(), table_before);
+    let captured = stack.captured.clone();
+    assert_eq!(stack.pump().await, 0, "no write reached the table's stream");
+    assert_eq!(stack.captured, captured);
+}
