@@ -50,6 +50,13 @@ macro_rules! on_both_stores {
     };
 }
 
+/// The stack's own logs (`roomcast=debug`, or `RUST_LOG`) go to the test's captured output, so
+/// a failing test shows what the processor and the deliverer did: every retry, every skip.
+pub fn capture_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "roomcast=debug".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
 // ---------------------------------------------------------------------------------------------
 // moto
 
@@ -450,6 +457,7 @@ impl Stack {
         host: Arc<roomcast::plugins::PluginHost>,
         capacity: usize,
     ) -> Stack {
+        capture_logs();
         let recorder = Recorder::start().await;
         let metrics = Arc::new(Metrics::default());
         let delivery = DeliverySettings {
@@ -696,6 +704,7 @@ pub mod ws {
 
     /// `roomcast dev` on a free port, on the embedded store or on moto.
     pub async fn dev(kind: &str, tweak: impl FnOnce(&mut DevOptions)) -> DevStack {
+        super::capture_logs();
         let mut options = DevOptions {
             port: 0,
             auth: roomcast::gateway::AuthMode::Jwt { secret: SECRET.to_vec() },
