@@ -182,6 +182,7 @@ impl Connection {
             join_reason: reason,
             ttl: self.ttl,
             left_reason: None,
+            joined_ns: Some(join_order()),
         }
     }
 }
@@ -258,6 +259,29 @@ pub struct Membership {
     /// Set just before the processor deletes the membership, so the REMOVE record says why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub left_reason: Option<String>,
+    /// When the join happened in nanoseconds since the epoch, strictly increasing within a
+    /// process: two joins of one user in the same millisecond keep their order, so presence is
+    /// announced once ([`crate::react`]). Records written before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joined_ns: Option<i64>,
+}
+
+/// A join's place in time at nanosecond resolution: the wall clock's nanoseconds, or one more
+/// than the last this process handed out, whichever is later.
+fn join_order() -> i64 {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last.saturating_add(1));
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
 }
 
 /// A chat message, kept for history until its TTL.

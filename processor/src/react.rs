@@ -174,12 +174,14 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
     }
 }
 
-/// Whether `joined` is the user's earliest live connection in the room (by join time, then
-/// connection id). Exactly one of a user's simultaneous joins is first, so `joined` is announced
-/// once even when two tabs join at the same moment.
+/// Whether `joined` is the user's earliest live connection in the room: by join time, then the
+/// join's nanosecond order (two tabs in the same millisecond), then connection id. Records of one
+/// room are processed in stream order, and an earlier join ranks first, so `joined` is announced
+/// once: a later tab never outranks the one already announced, and of joins written together
+/// exactly one is first.
 fn first_connection_of_user(joined: &Membership, members: &[Membership]) -> bool {
-    fn rank(m: &Membership) -> (DateTime<Utc>, &str) {
-        (m.joined_at, m.connection_id.as_str())
+    fn rank(m: &Membership) -> (DateTime<Utc>, Option<i64>, &str) {
+        (m.joined_at, m.joined_ns, m.connection_id.as_str())
     }
     !members
         .iter()
@@ -279,6 +281,22 @@ mod tests {
         assert_eq!(sent(&a)[0].0["reason"], "join");
         assert_eq!(sent(&a)[0].1, vec!["c1", "c2", "c9"]);
         assert!(b.is_empty(), "the second tab must not re-announce: {b:?}");
+    }
+
+    #[test]
+    fn a_later_tab_in_the_same_millisecond_never_re_announces() {
+        // Seen in the gateway test: the first tab's join was processed alone and announced; the
+        // second tab joined within the same millisecond, with a smaller connection id. Ranked by
+        // (millisecond, id) alone it came first and announced Ann again.
+        let first = member("zz-first", "ann", 0);
+        let second = member("aa-second", "ann", 0);
+        let bob = member("c9", "bob", 0);
+        let alone = [first.clone(), bob.clone()];
+        let a = react(&Change::Inserted(Record::Membership(first.clone())), &alone, &Decisions::default());
+        assert_eq!(sent(&a).len(), 1, "the first tab announces");
+        let both = [first, second.clone(), bob];
+        let b = react(&Change::Inserted(Record::Membership(second)), &both, &Decisions::default());
+        assert!(b.is_empty(), "the later tab must not re-announce: {b:?}");
     }
 
     #[test]
