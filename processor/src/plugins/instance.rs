@@ -270,10 +270,6 @@ impl Instance {
         }
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     /// One call with fresh fuel, deadline, record time and log. After a fault, drop `self`.
     fn call<R>(
         &mut self,

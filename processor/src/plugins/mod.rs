@@ -235,10 +235,6 @@ impl PluginHost {
         Ok(self)
     }
 
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
     /// Compiles a component (or loads this host's precompiled artifact of the same bytes) and
     /// checks it against the world. Never on a batch's hot path: at upload and activation.
     pub fn compile(&self, bytes: &[u8], limits: &Limits) -> Result<Plugin, Rejected> {
