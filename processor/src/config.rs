@@ -20,6 +20,8 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("ROOMCAST_DELIVERY_TIMEOUT_MS", "3000", "one PostToConnection attempt"),
     ("ROOMCAST_DELIVERY_DEADLINE_MS", "20000", "all retries for one recipient"),
     ("ROOMCAST_YOUNG_CONNECTION_MS", "5000", "a 410 for a connection this young is retried"),
+    ("ROOMCAST_SLOW_CONSUMER_MS", "2000", "a connection answering 429 this long is a slow consumer"),
+    ("ROOMCAST_CLOSE_SLOW_CONSUMERS", "true", "close slow consumers (DELETE @connections); false only skips them"),
     ("ROOMCAST_PARTITIONS_AT_ONCE", "8", "rooms processed concurrently within a batch"),
     ("ROOMCAST_IDLE_LIMIT_SECONDS", "600", "the sweeper checks connections silent this long"),
     ("ROOMCAST_PLUGIN_FUEL", "10000000", "fuel per plugin call"),
@@ -104,6 +106,14 @@ impl Config {
         let dynamodb_endpoint = url("DYNAMODB_ENDPOINT_URL");
         let endpoint_override = url("ROOMCAST_MANAGEMENT_ENDPOINT");
 
+        let close_slow_consumers = match get("ROOMCAST_CLOSE_SLOW_CONSUMERS").as_deref().map(str::trim) {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                problems.push(format!("ROOMCAST_CLOSE_SLOW_CONSUMERS={other:?} must be true or false"));
+                true
+            }
+        };
         let mut number = |name: &str, default: u64, min: u64, max: u64| -> u64 {
             match get(name) {
                 None => default,
@@ -123,6 +133,8 @@ impl Config {
             call_timeout: Duration::from_millis(number("ROOMCAST_DELIVERY_TIMEOUT_MS", 3000, 10, 60_000)),
             deadline: Duration::from_millis(number("ROOMCAST_DELIVERY_DEADLINE_MS", 20_000, 10, 900_000)),
             young_connection: Duration::from_millis(number("ROOMCAST_YOUNG_CONNECTION_MS", 5000, 0, 60_000)),
+            slow_consumer: Duration::from_millis(number("ROOMCAST_SLOW_CONSUMER_MS", 2000, 10, 60_000)),
+            close_slow_consumers,
             endpoint_override,
             ..DeliverySettings::default()
         };

@@ -1,15 +1,26 @@
 //! Effects → the world: `PostToConnection` through the real `aws-sdk-apigatewaymanagement`
 //! client, and record deletions through the [`Store`].
 //!
-//! Per recipient: 410 Gone → the connection is stale: delete its record (which in turn yields
-//! presence `left`), unless it is younger than [`DeliverySettings::young_connection`] (its
-//! `$connect` may not have returned yet): then retry. 429, 5xx and timeouts → back off and retry
-//! until [`DeliverySettings::deadline`]. 413 and other 4xx → give up on that recipient and log.
-//! The SDK's own retries are off: this module owns the policy.
+//! Per recipient:
+//! * 410 Gone → the connection is stale: delete its record (which in turn yields presence
+//!   `left`), unless it is younger than [`DeliverySettings::young_connection`] (its `$connect`
+//!   may not have returned yet). A young connection's retries are set aside in the batch's
+//!   [`Window`]: they never hold up the room's next record or other rooms, and the batch waits
+//!   for them only while it has time.
+//! * 429 → back off and retry; a connection still answering 429 after
+//!   [`DeliverySettings::slow_consumer`] is a slow consumer: given up for this record and for
+//!   the rest of the batch, counted (`slow_consumers`) and, unless configured otherwise, closed
+//!   (`DELETE @connections/{id}`), so one client never stalls its room.
+//! * 5xx and timeouts → back off and retry until [`DeliverySettings::deadline`].
+//! * 413 and other 4xx → give up on that recipient and log.
 //!
-//! Only a store failure is an error here: it is the platform's fault and fails the record.
+//! No attempt and no retry runs past the batch's [`Window`] (the Lambda deadline less a
+//! margin): a recipient still being retried then leaves its record unfinished, and the record
+//! is reported for redelivery. The SDK's own retries are off: this module owns the policy.
+//!
+//! Only a store failure and an unfinished record are errors here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +51,10 @@ pub struct DeliverySettings {
     pub initial_backoff: Duration,
     /// Sends every message here instead of each connection's own endpoint (local stacks).
     pub endpoint_override: Option<String>,
+    /// A connection answering 429 for this long is a slow consumer.
+    pub slow_consumer: Duration,
+    /// Close slow consumers (`DELETE @connections/{id}`); otherwise only skip them.
+    pub close_slow_consumers: bool,
 }
 
 impl Default for DeliverySettings {
@@ -51,6 +66,8 @@ impl Default for DeliverySettings {
             young_connection: Duration::from_secs(5),
             initial_backoff: Duration::from_millis(50),
             endpoint_override: None,
+            slow_consumer: Duration::from_secs(2),
+            close_slow_consumers: true,
         }
     }
 }
@@ -65,6 +82,58 @@ pub enum Outcome {
     Failed(String),
     /// A dry run: it would have been sent, and was not.
     NotSent,
+    /// A young connection answered 410: its retries go on beside the batch ([`Window`]).
+    Deferred,
+    /// Still being retried when the batch's time ran out: the record is redelivered.
+    Unfinished(String),
+}
+
+/// The time one batch's deliveries may take, the young connections' retries set aside until
+/// the batch ends, and the connections found slow in it.
+#[derive(Default)]
+pub struct Window {
+    finish_by: Option<Instant>,
+    deferred: Mutex<tokio::task::JoinSet<()>>,
+    slow: Mutex<HashSet<String>>,
+}
+
+impl Window {
+    /// No deadline (the local stacks, replay, tests).
+    pub fn unbounded() -> Window {
+        Window::default()
+    }
+
+    /// Every delivery of the batch ends by `finish_by`.
+    pub fn until(finish_by: Instant) -> Window {
+        Window { finish_by: Some(finish_by), ..Window::default() }
+    }
+
+    pub fn finish_by(&self) -> Option<Instant> {
+        self.finish_by
+    }
+
+    fn is_slow(&self, connection_id: &str) -> bool {
+        self.slow.lock().unwrap_or_else(|p| p.into_inner()).contains(connection_id)
+    }
+
+    /// Waits for the set-aside retries while the window lasts; those still running then are
+    /// dropped (logged): a connection that has not finished connecting by then gets no welcome.
+    pub async fn settle(&self) {
+        let mut deferred = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|p| p.into_inner()));
+        let all = async { while deferred.join_next().await.is_some() {} };
+        match self.finish_by {
+            None => all.await,
+            Some(at) => {
+                if tokio::time::timeout_at(at.into(), all).await.is_err() {
+                    tracing::warn!(
+                        dropped = deferred.len(),
+                        "young connections' retries still running at the deadline"
+                    );
+                    deferred.abort_all();
+                }
+            }
+        }
+    }
 }
 
 /// What `GetConnection` said of a connection.
@@ -85,14 +154,19 @@ enum Attempt {
 }
 
 pub struct Deliverer {
+    inner: Arc<Inner>,
+    /// Sends nothing and deletes nothing: every recipient's outcome is [`Outcome::NotSent`].
+    dry_run: bool,
+}
+
+/// What a delivery needs, shared with the retries set aside in a [`Window`].
+struct Inner {
     sdk: aws_config::SdkConfig,
     clients: Mutex<HashMap<String, Client>>,
     settings: DeliverySettings,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    /// Sends nothing and deletes nothing: every recipient's outcome is [`Outcome::NotSent`].
-    dry_run: bool,
 }
 
 impl Deliverer {
@@ -103,7 +177,8 @@ impl Deliverer {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Deliverer {
-        Deliverer { sdk, clients: Mutex::new(HashMap::new()), settings, store, clock, metrics, dry_run: false }
+        let inner = Inner { sdk, clients: Mutex::new(HashMap::new()), settings, store, clock, metrics };
+        Deliverer { inner: Arc::new(inner), dry_run: false }
     }
 
     /// A deliverer for replay's dry runs: it performs no effect at all.
@@ -116,8 +191,10 @@ impl Deliverer {
         self.dry_run
     }
 
-    /// Performs the effects of one record, in order. Sends to many recipients run concurrently.
-    pub async fn apply(&self, effects: &[Effect]) -> Result<Vec<(String, Outcome)>, StoreError> {
+    /// Performs the effects of one record, in order, within the batch's `window`. Sends to many
+    /// recipients run concurrently. A recipient still being retried when the window closes
+    /// makes the record unfinished: [`StoreError::OutOfTime`].
+    pub async fn apply(&self, effects: &[Effect], window: &Window) -> Result<Vec<(String, Outcome)>, StoreError> {
         let mut outcomes = Vec::new();
         if self.dry_run {
             for effect in effects {
@@ -132,41 +209,123 @@ impl Deliverer {
             match effect {
                 Effect::Send { payload, recipients } => {
                     let body = Blob::new(payload.to_json());
-                    let sends: Vec<_> = recipients.iter().map(|r| self.send_to(r, body.clone())).collect();
-                    let results: Vec<Result<(String, Outcome), StoreError>> =
-                        futures::stream::iter(sends).buffer_unordered(self.settings.concurrency.max(1)).collect().await;
+                    let sends: Vec<_> =
+                        recipients
+                            .iter()
+                            .map(|r| {
+                                let body = body.clone();
+                                async move {
+                                    Ok::<_, StoreError>((r.connection_id.clone(), self.send(r, body, window).await?))
+                                }
+                            })
+                            .collect();
+                    let results: Vec<Result<(String, Outcome), StoreError>> = futures::stream::iter(sends)
+                        .buffer_unordered(self.inner.settings.concurrency.max(1))
+                        .collect()
+                        .await;
                     for result in results {
                         outcomes.push(result?);
                     }
                 }
                 Effect::RemoveMembership { tenant, room, connection_id, reason } => {
-                    self.store.remove_membership(tenant, room, connection_id, *reason).await?;
+                    self.inner.store.remove_membership(tenant, room, connection_id, *reason).await?;
                 }
             }
         }
         outcomes.sort();
+        let unfinished = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Unfinished(_))).count();
+        if unfinished > 0 {
+            return Err(StoreError::OutOfTime(format!(
+                "{unfinished} recipient(s) still being retried when the invocation's time ran out"
+            )));
+        }
         Ok(outcomes)
     }
 
-    async fn send_to(&self, to: &Recipient, body: Blob) -> Result<(String, Outcome), StoreError> {
-        Ok((to.connection_id.clone(), self.send(to, body).await?))
+    async fn send(&self, to: &Recipient, body: Blob, window: &Window) -> Result<Outcome, StoreError> {
+        if window.is_slow(&to.connection_id) {
+            Metrics::add(&self.inner.metrics.failed, 1);
+            return Ok(Outcome::Failed("slow consumer: skipped for the rest of the batch".into()));
+        }
+        match self.inner.clone().send(to, body.clone(), window.finish_by, true).await? {
+            Sent::Done(outcome) => Ok(outcome),
+            Sent::Slow(outcome) => {
+                window.slow.lock().unwrap_or_else(|p| p.into_inner()).insert(to.connection_id.clone());
+                Ok(outcome)
+            }
+            Sent::Young => {
+                let (inner, to, finish_by) = (self.inner.clone(), to.clone(), window.finish_by);
+                let retry = async move {
+                    match inner.send(&to, body, finish_by, false).await {
+                        Ok(Sent::Done(outcome) | Sent::Slow(outcome)) => {
+                            tracing::debug!(connection_id = %to.connection_id, ?outcome, "young connection's retries ended")
+                        }
+                        Ok(Sent::Young) => {}
+                        Err(err) => {
+                            tracing::error!(connection_id = %to.connection_id, error = %err, "young connection's retries failed")
+                        }
+                    }
+                };
+                window.deferred.lock().unwrap_or_else(|p| p.into_inner()).spawn(retry);
+                Ok(Outcome::Deferred)
+            }
+        }
     }
 
-    async fn send(&self, to: &Recipient, body: Blob) -> Result<Outcome, StoreError> {
+    /// Asks API Gateway whether a connection is still open (`GetConnection`): the sweeper's
+    /// confirmation before it deletes a record.
+    pub async fn probe(&self, connection_id: &str, endpoint: &str) -> Probe {
+        let endpoint = self.inner.settings.endpoint_override.as_deref().unwrap_or(endpoint);
+        match self.inner.client(endpoint).get_connection().connection_id(connection_id).send().await {
+            Ok(_) => Probe::Open,
+            Err(err) => {
+                let gone = err.as_service_error().is_some_and(|e| e.is_gone_exception())
+                    || err.raw_response().is_some_and(|r| r.status().as_u16() == 410);
+                if gone { Probe::Gone } else { Probe::Unknown(DisplayErrorContext(&err).to_string()) }
+            }
+        }
+    }
+}
+
+/// How [`Inner::send`] ended.
+enum Sent {
+    Done(Outcome),
+    /// Given up as a slow consumer.
+    Slow(Outcome),
+    /// A young connection answered 410, and the caller asked to set such retries aside.
+    Young,
+}
+
+impl Inner {
+    /// Delivers to one recipient, retrying by the rules of the module docs, until its own
+    /// deadline or `finish_by`, whichever comes first. With `set_aside_young`, a young
+    /// connection's 410 returns [`Sent::Young`] at once instead of being retried here.
+    async fn send(
+        self: Arc<Self>,
+        to: &Recipient,
+        body: Blob,
+        finish_by: Option<Instant>,
+        set_aside_young: bool,
+    ) -> Result<Sent, StoreError> {
         let endpoint = self.settings.endpoint_override.as_deref().unwrap_or(&to.endpoint);
         let client = self.client(endpoint);
         let started = Instant::now();
+        let own_deadline = started + self.settings.deadline;
+        let limit = finish_by.map_or(own_deadline, |f| f.min(own_deadline));
         let mut backoff = self.settings.initial_backoff;
+        let mut throttled_since: Option<Instant> = None;
         loop {
-            let attempt =
-                match client.post_to_connection().connection_id(&to.connection_id).data(body.clone()).send().await {
-                    Ok(_) => Attempt::Ok,
-                    Err(err) => classify(err),
-                };
+            let left = limit.saturating_duration_since(Instant::now());
+            let call = client.post_to_connection().connection_id(&to.connection_id).data(body.clone()).send();
+            let attempt = match tokio::time::timeout(left.min(self.settings.call_timeout), call).await {
+                Ok(Ok(_)) => Attempt::Ok,
+                Ok(Err(err)) => classify(err),
+                Err(_) => Attempt::Retry(format!("no response within {:?}", left.min(self.settings.call_timeout))),
+            };
             let why_retry = match attempt {
                 Attempt::Ok => {
                     Metrics::add(&self.metrics.delivered, 1);
-                    return Ok(Outcome::Delivered);
+                    return Ok(Sent::Done(Outcome::Delivered));
                 }
                 Attempt::Gone => {
                     let age = self.clock.now() - to.connected_at;
@@ -174,7 +333,11 @@ impl Deliverer {
                         tracing::info!(connection_id = %to.connection_id, "410 Gone: deleting the stale connection");
                         self.store.delete_connection(&to.connection_id, Some(LeftReason::Gone)).await?;
                         Metrics::add(&self.metrics.gone, 1);
-                        return Ok(Outcome::Gone);
+                        return Ok(Sent::Done(Outcome::Gone));
+                    }
+                    if set_aside_young {
+                        tracing::debug!(connection_id = %to.connection_id, "410 for a young connection: retrying beside the batch");
+                        return Ok(Sent::Young);
                     }
                     format!("410 for a connection {}ms old: its $connect may still be running", age.num_milliseconds())
                 }
@@ -182,17 +345,28 @@ impl Deliverer {
                 Attempt::GiveUp(why) => {
                     tracing::warn!(connection_id = %to.connection_id, reason = %why, "giving up on recipient");
                     Metrics::add(&self.metrics.failed, 1);
-                    return Ok(Outcome::Failed(why));
+                    return Ok(Sent::Done(Outcome::Failed(why)));
                 }
             };
             if why_retry.starts_with("429") {
                 Metrics::add(&self.metrics.throttled, 1);
+                let since = *throttled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.settings.slow_consumer {
+                    return Ok(Sent::Slow(self.slow_consumer(&client, to).await));
+                }
+            } else {
+                throttled_since = None;
             }
-            if started.elapsed() + backoff > self.settings.deadline {
+            if Instant::now() + backoff > limit {
                 let why = format!("deadline of {:?} passed; last: {why_retry}", self.settings.deadline);
+                if limit < own_deadline {
+                    let why = format!("the invocation's time ran out; last: {why_retry}");
+                    tracing::warn!(connection_id = %to.connection_id, reason = %why, "recipient unfinished");
+                    return Ok(Sent::Done(Outcome::Unfinished(why)));
+                }
                 tracing::warn!(connection_id = %to.connection_id, reason = %why, "giving up on recipient");
                 Metrics::add(&self.metrics.failed, 1);
-                return Ok(Outcome::Failed(why));
+                return Ok(Sent::Done(Outcome::Failed(why)));
             }
             tracing::debug!(connection_id = %to.connection_id, reason = %why_retry, ?backoff, "retrying");
             Metrics::add(&self.metrics.retried, 1);
@@ -201,18 +375,24 @@ impl Deliverer {
         }
     }
 
-    /// Asks API Gateway whether a connection is still open (`GetConnection`): the sweeper's
-    /// confirmation before it deletes a record.
-    pub async fn probe(&self, connection_id: &str, endpoint: &str) -> Probe {
-        let endpoint = self.settings.endpoint_override.as_deref().unwrap_or(endpoint);
-        match self.client(endpoint).get_connection().connection_id(connection_id).send().await {
-            Ok(_) => Probe::Open,
-            Err(err) => {
-                let gone = err.as_service_error().is_some_and(|e| e.is_gone_exception())
-                    || err.raw_response().is_some_and(|r| r.status().as_u16() == 410);
-                if gone { Probe::Gone } else { Probe::Unknown(DisplayErrorContext(&err).to_string()) }
-            }
+    /// Gives up on a connection that keeps answering 429, and closes it unless configured not to.
+    async fn slow_consumer(&self, client: &Client, to: &Recipient) -> Outcome {
+        Metrics::add(&self.metrics.slow_consumers, 1);
+        Metrics::add(&self.metrics.failed, 1);
+        let budget = self.settings.slow_consumer;
+        if !self.settings.close_slow_consumers {
+            tracing::warn!(connection_id = %to.connection_id, ?budget, "slow consumer: skipped for this batch");
+            return Outcome::Failed(format!("slow consumer: 429 for {budget:?}"));
         }
+        match client.delete_connection().connection_id(&to.connection_id).send().await {
+            Ok(_) => tracing::warn!(connection_id = %to.connection_id, ?budget, "slow consumer: closed"),
+            Err(err) => tracing::warn!(
+                connection_id = %to.connection_id,
+                error = %DisplayErrorContext(&err),
+                "slow consumer: closing it failed; skipped for this batch"
+            ),
+        }
+        Outcome::Failed(format!("slow consumer: 429 for {budget:?}; closed"))
     }
 
     /// One client per endpoint (per API and stage), built once and reused.

@@ -69,9 +69,17 @@ pub async fn run_processor() -> Result<(), Error> {
     let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once).with_plugins(registry);
     let processor = &processor;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
-        processor.handle_event(&event.payload).await.map_err(Error::from)
+        let deadline = deadline_instant(event.context.deadline);
+        processor.handle_event_until(&event.payload, Some(deadline)).await.map_err(Error::from)
     }))
     .await
+}
+
+/// The invocation's deadline (milliseconds since the epoch, as the Runtime API gives it) on
+/// this process's monotonic clock.
+pub fn deadline_instant(deadline_ms: u64) -> std::time::Instant {
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    std::time::Instant::now() + std::time::Duration::from_millis(deadline_ms.saturating_sub(now_ms))
 }
 
 /// Serves the `$connect` REQUEST authorizer. The secret is read once per container: from the SSM

@@ -41,6 +41,8 @@ counters! {
     gone,
     /// 429 answers (each retried within the deadline).
     throttled,
+    /// Recipients that kept answering 429 past the slow-consumer budget: given up for that record and, by default, closed
+    slow_consumers,
     /// Retries after 429, 5xx, timeouts and young connections' 410.
     retried,
     /// Recipients given up on: 413, other 4xx, or retries past the deadline.
@@ -72,6 +74,7 @@ impl Counts {
             delivered = self.delivered,
             gone = self.gone,
             throttled = self.throttled,
+            slow_consumers = self.slow_consumers,
             retried = self.retried,
             failed = self.failed,
             platform_failures = self.platform_failures,

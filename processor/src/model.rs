@@ -559,6 +559,11 @@ pub struct PluginActive {
     pub record_type: String,
     pub tenant: String,
     pub version: String,
+    /// New on every write of the pointer (an activation, a rollback, a re-upload of the active
+    /// version with other settings): every processor container compares it once per batch and
+    /// reloads when it changed. Absent on pointers written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
 }
 
 impl PluginActive {
@@ -569,6 +574,7 @@ impl PluginActive {
             record_type: "plugin-active".into(),
             tenant: tenant.to_string(),
             version: version.to_string(),
+            revision: Some(uuid::Uuid::now_v7().to_string()),
         }
     }
 }

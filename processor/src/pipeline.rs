@@ -2,16 +2,17 @@
 //! the batch runner. The same `Processor` serves the Lambda, the stream poller and `roomcast dev`.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use aws_lambda_events::dynamodb::EventRecord;
 use aws_lambda_events::streams::DynamoDbEventResponse;
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::deliver::{Deliverer, Outcome};
+use crate::deliver::{Deliverer, Outcome, Window};
 use crate::metrics::{Counts, Metrics};
 use crate::model::Clock;
-use crate::model::{FailurePolicy, PluginMeta, PluginStatus};
+use crate::model::{FailurePolicy, PluginActive, PluginMeta, PluginStatus};
 use crate::plugins::registry::{CallRecord, Policy, Registry, Warm};
 use crate::react::{self, Decisions, Effect};
 use crate::store::{Rooms, Store, StoreError};
@@ -29,6 +30,12 @@ pub struct RecordReport {
     /// Tenant plugin calls made for this record.
     pub plugin_calls: Vec<CallRecord>,
 }
+
+/// Time kept back from the Lambda deadline to answer and flush the logs.
+pub const ANSWER_MARGIN: Duration = Duration::from_millis(1000);
+/// No record starts with less than this left before the batch's work must end: enough for its
+/// reads and a delivery attempt. A record not started is reported for redelivery.
+pub const START_RESERVE: Duration = Duration::from_millis(1000);
 
 pub struct Processor {
     store: Arc<dyn Store>,
@@ -87,11 +94,17 @@ impl Processor {
             return Ok(());
         }
         match change {
-            Change::Inserted(Record::Plugin(meta)) if meta.status == PluginStatus::Uploaded => {
+            // An upload, or a re-upload of an existing version (its settings may differ).
+            Change::Inserted(Record::Plugin(meta)) | Change::Modified { new: Record::Plugin(meta), .. }
+                if meta.status == PluginStatus::Uploaded =>
+            {
                 match self.load_version(registry, meta).await? {
                     Ok(()) => {
                         self.mark_active(&meta.tenant, &meta.version).await?;
                         self.store.set_active_plugin(&meta.tenant, Some(&meta.version)).await?;
+                        // This container has loaded what the new pointer names.
+                        let revision = self.store.active_plugin(&meta.tenant).await?.and_then(|a| a.revision);
+                        registry.set_revision(&meta.tenant, revision);
                         tracing::info!(tenant = %meta.tenant, version = %meta.version, "plugin activated");
                     }
                     Err(reason) => {
@@ -103,10 +116,8 @@ impl Processor {
                 }
             }
             Change::Inserted(Record::PluginActive(active))
-            | Change::Modified { new: Record::PluginActive(active), .. }
-                if registry.installed_version(&active.tenant).as_deref() != Some(active.version.as_str()) =>
-            {
-                self.ensure_version(registry, &active.tenant, &active.version).await?;
+            | Change::Modified { new: Record::PluginActive(active), .. } => {
+                self.follow(registry, active).await?;
             }
             Change::Removed { old: Record::PluginActive(active), .. } => {
                 registry.remove(&active.tenant);
@@ -180,16 +191,35 @@ impl Processor {
         }))
     }
 
-    /// On a cold container, the tenant's active plugin is loaded from the table on first use.
-    async fn ensure_loaded(&self, registry: &Registry, tenant: &str) -> Result<(), StoreError> {
-        if !registry.should_look_up(tenant) {
+    /// Loads what an `ACTIVE` pointer names, unless this container runs exactly that already
+    /// (the same version, loaded for the same revision of the pointer).
+    async fn follow(&self, registry: &Registry, active: &PluginActive) -> Result<(), StoreError> {
+        let tenant = active.tenant.as_str();
+        let current = registry.installed_version(tenant).as_deref() == Some(active.version.as_str())
+            && registry.installed_revision(tenant) == active.revision;
+        if !current {
+            self.ensure_version(registry, tenant, &active.version).await?;
+            registry.set_revision(tenant, active.revision.clone());
+        }
+        Ok(())
+    }
+
+    /// Many processor containers run at once, and a plugin change reaches only the one that
+    /// processes its record. So the first time a batch meets a tenant, the tenant's `ACTIVE`
+    /// pointer is read (one strongly consistent `GetItem`): an activation, rollback, disable or
+    /// re-upload elsewhere takes effect here from the next batch on. A cold container loads the
+    /// tenant's plugin the same way. Plugins pinned from files have no pointer to follow.
+    async fn ensure_loaded(&self, registry: &Registry, tenant: &str, warm: &Warm) -> Result<(), StoreError> {
+        if !warm.first_look(tenant) || registry.is_pinned(tenant) {
             return Ok(());
         }
-        if let Some(active) = self.store.active_plugin(tenant).await? {
-            self.ensure_version(registry, tenant, &active.version).await?;
-        }
-        if registry.installed_version(tenant).is_none() {
-            registry.remove(tenant); // remembered as absent for a while
+        match self.store.active_plugin(tenant).await? {
+            Some(active) => self.follow(registry, &active).await?,
+            None if registry.installed_version(tenant).is_some() => {
+                registry.remove(tenant);
+                tracing::info!(tenant, "plugin disabled (no ACTIVE pointer)");
+            }
+            None => {}
         }
         Ok(())
     }
@@ -200,10 +230,10 @@ impl Processor {
         let mut calls = Vec::new();
         let Some(registry) = &self.plugins else { return Ok((decisions, calls)) };
         if let Change::Inserted(Record::Message(m)) = change {
-            self.ensure_loaded(registry, &m.tenant).await?;
+            self.ensure_loaded(registry, &m.tenant, warm).await?;
         }
         if let Change::Inserted(Record::Connection(c)) = change {
-            self.ensure_loaded(registry, &c.tenant).await?;
+            self.ensure_loaded(registry, &c.tenant, warm).await?;
         }
         match change {
             Change::Inserted(Record::Message(m)) => {
@@ -247,11 +277,20 @@ impl Processor {
     /// One record on its own: decode, read the room if the change needs it, react, deliver.
     /// Only a platform fault (the table unavailable) is an error.
     pub async fn process_record(&self, record: &EventRecord) -> Result<RecordReport, StoreError> {
-        self.process_in_batch(record, &Warm::default()).await
+        let window = Window::unbounded();
+        let report = self.process_in_batch(record, &Warm::default(), &window).await;
+        window.settle().await;
+        report
     }
 
-    /// One record of a batch: plugin calls reuse the batch's `warm` instances.
-    pub async fn process_in_batch(&self, record: &EventRecord, warm: &Warm) -> Result<RecordReport, StoreError> {
+    /// One record of a batch: plugin calls reuse the batch's `warm` instances; deliveries end
+    /// within the batch's `window`.
+    pub async fn process_in_batch(
+        &self,
+        record: &EventRecord,
+        warm: &Warm,
+        window: &Window,
+    ) -> Result<RecordReport, StoreError> {
         let span = tracing::info_span!(
             "record",
             seq = record.change.sequence_number.as_deref().unwrap_or(""),
@@ -296,7 +335,7 @@ impl Processor {
                 }
             }
             let effects = react::react(&change, &members, &decisions);
-            let outcomes = self.deliverer.apply(&effects).await?;
+            let outcomes = self.deliverer.apply(&effects, window).await?;
             tracing::debug!(
                 effects = effects.len(),
                 recipients = outcomes.len(),
@@ -309,16 +348,26 @@ impl Processor {
         .await
     }
 
-    /// One batch, as the Lambda receives it (`Records` of the event, raw).
+    /// One batch, as the Lambda receives it (`Records` of the event, raw), with no deadline.
     pub async fn process_batch(&self, raw: &[serde_json::Value]) -> BatchOutcome {
+        self.process_batch_until(raw, None).await
+    }
+
+    /// One batch that must be done by `finish_by`: no record starts with less than
+    /// [`START_RESERVE`] left, no delivery runs past it, and the earliest record not done is
+    /// reported for redelivery.
+    pub async fn process_batch_until(&self, raw: &[serde_json::Value], finish_by: Option<Instant>) -> BatchOutcome {
         let before = self.metrics.snapshot();
-        // One warm instance per tenant for the whole batch (DESIGN.md: a Store per tenant per batch).
+        // One warm instance per tenant for the whole batch: a wasmtime Store per tenant per batch.
         let warm = Warm::default();
-        let outcome = run_batch(raw, self.partitions_at_once, |_, record| {
-            let warm = &warm;
-            async move { self.process_in_batch(&record, warm).await.map(|_| ()) }
+        let window = finish_by.map_or_else(Window::unbounded, Window::until);
+        let start_by = finish_by.map(|at| at.checked_sub(START_RESERVE).unwrap_or(at));
+        let outcome = run_batch(raw, self.partitions_at_once, start_by, |_, record| {
+            let (warm, window) = (&warm, &window);
+            async move { self.process_in_batch(&record, warm, window).await.map(|_| ()) }
         })
         .await;
+        window.settle().await;
         let malformed = outcome.malformed.len() as u64;
         Metrics::add(&self.metrics.records, malformed);
         Metrics::add(&self.metrics.skipped, malformed);
@@ -329,12 +378,23 @@ impl Processor {
         outcome
     }
 
-    /// The Lambda entry: `{"Records": [...]}` in, `batchItemFailures` out.
+    /// The Lambda entry without a deadline: `{"Records": [...]}` in, `batchItemFailures` out.
     pub async fn handle_event(&self, event: &serde_json::Value) -> Result<DynamoDbEventResponse, String> {
+        self.handle_event_until(event, None).await
+    }
+
+    /// The Lambda entry: the batch must be answered by `deadline` (the invocation's); the work
+    /// ends [`ANSWER_MARGIN`] before it.
+    pub async fn handle_event_until(
+        &self,
+        event: &serde_json::Value,
+        deadline: Option<Instant>,
+    ) -> Result<DynamoDbEventResponse, String> {
         let Some(records) = event.get("Records").and_then(|r| r.as_array()) else {
             return Err("not a DynamoDB stream event: it has no \"Records\" array".into());
         };
-        Ok(self.process_batch(records).await.response())
+        let finish_by = deadline.map(|at| at.checked_sub(ANSWER_MARGIN).unwrap_or(at));
+        Ok(self.process_batch_until(records, finish_by).await.response())
     }
 
     pub fn counts(&self) -> Counts {

@@ -45,6 +45,8 @@ struct Installed {
     limits: Limits,
     policy: Policy,
     pinned: bool,
+    /// The `ACTIVE` pointer's revision this was loaded for.
+    revision: Mutex<Option<String>>,
     breaker: Mutex<Breaker>,
     last_used: Mutex<Instant>,
 }
@@ -61,7 +63,11 @@ pub struct CallRecord {
 /// batch, reused by its next ones, dropped with the batch. At most [`WARM_IDLE_LIMIT`] are kept
 /// idle: each may hold up to its memory cap, and a batch of 100 records can touch 100 tenants.
 #[derive(Clone, Default)]
-pub struct Warm(Arc<Mutex<Pool>>);
+pub struct Warm {
+    pool: Arc<Mutex<Pool>>,
+    /// Tenants whose `ACTIVE` pointer this batch has read already.
+    looked_up: Arc<Mutex<std::collections::HashSet<String>>>,
+}
 
 /// Idle instances a batch keeps for reuse; past it, an instance is dropped after its call and
 /// the tenant's next call instantiates afresh (tens of microseconds).
@@ -71,13 +77,18 @@ pub const WARM_IDLE_LIMIT: usize = 16;
 type Pool = HashMap<(String, String), Vec<Instance>>;
 
 impl Warm {
+    /// True the first time a batch asks for `tenant`: its `ACTIVE` pointer is read then.
+    pub fn first_look(&self, tenant: &str) -> bool {
+        self.looked_up.lock().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string())
+    }
+
     fn take(&self, tenant: &str, version: &str) -> Option<Instance> {
-        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         pool.get_mut(&(tenant.to_string(), version.to_string())).and_then(Vec::pop)
     }
 
     fn give_back(&self, tenant: &str, version: &str, instance: Instance) {
-        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         if pool.values().map(Vec::len).sum::<usize>() < WARM_IDLE_LIMIT {
             pool.entry((tenant.to_string(), version.to_string())).or_default().push(instance);
         }
@@ -89,13 +100,8 @@ pub struct Registry {
     limits: Limits,
     capacity: usize,
     tenants: RwLock<HashMap<String, Arc<Installed>>>,
-    /// Tenants looked up in the table recently and found without a plugin.
-    absent: Mutex<HashMap<String, Instant>>,
     metrics: Arc<Metrics>,
 }
-
-/// How long "this tenant has no plugin" is believed before the table is asked again.
-pub const ABSENT_FOR: Duration = Duration::from_secs(30);
 
 impl Registry {
     pub fn new(host: Arc<PluginHost>, metrics: Arc<Metrics>) -> Registry {
@@ -104,7 +110,6 @@ impl Registry {
             limits: Limits::default(),
             capacity: DEFAULT_CAPACITY,
             tenants: RwLock::new(HashMap::new()),
-            absent: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -148,6 +153,7 @@ impl Registry {
             limits,
             policy,
             pinned,
+            revision: Mutex::new(None),
             breaker: Mutex::new(Breaker::default()),
             last_used: Mutex::new(Instant::now()),
         });
@@ -164,14 +170,11 @@ impl Registry {
             Metrics::add(&self.metrics.plugin_evictions, 1);
             tracing::info!(tenant = %victim, capacity = self.capacity, "plugin evicted from the cache; it reloads on next use");
         }
-        drop(tenants);
-        self.absent.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant);
     }
 
     /// The tenant runs no plugin (until the table says otherwise).
     pub fn remove(&self, tenant: &str) {
         self.tenants.write().unwrap_or_else(|p| p.into_inner()).remove(tenant);
-        self.absent.lock().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), Instant::now());
     }
 
     /// The version the tenant runs here, if any.
@@ -189,14 +192,27 @@ impl Registry {
         self.tenants.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Whether the table should be asked for this tenant's plugin (a cold container, an evicted
-    /// plugin, or a "none" older than [`ABSENT_FOR`]).
-    pub fn should_look_up(&self, tenant: &str) -> bool {
-        if self.get(tenant).is_some() {
-            return false;
+    /// The failure policy the tenant's plugin runs with here, if it has one.
+    pub fn installed_policy(&self, tenant: &str) -> Option<Policy> {
+        self.get(tenant).map(|i| i.policy)
+    }
+
+    /// Whether the tenant's plugin came from `--plugins DIR` or replay's `--plugin`: it has no
+    /// `ACTIVE` pointer in the table to follow.
+    pub fn is_pinned(&self, tenant: &str) -> bool {
+        self.get(tenant).is_some_and(|i| i.pinned)
+    }
+
+    /// The `ACTIVE` pointer revision the tenant's plugin here was loaded for.
+    pub fn installed_revision(&self, tenant: &str) -> Option<String> {
+        self.get(tenant).and_then(|i| i.revision.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Records which `ACTIVE` pointer revision the tenant's installed plugin follows.
+    pub fn set_revision(&self, tenant: &str, revision: Option<String>) {
+        if let Some(installed) = self.get(tenant) {
+            *installed.revision.lock().unwrap_or_else(|p| p.into_inner()) = revision;
         }
-        let absent = self.absent.lock().unwrap_or_else(|p| p.into_inner());
-        absent.get(tenant).is_none_or(|at| at.elapsed() > ABSENT_FOR)
     }
 
     fn get(&self, tenant: &str) -> Option<Arc<Installed>> {

@@ -260,6 +260,8 @@ async fn run(items: &[Item], options: &Options, plugins: &[(String, Vec<u8>)]) -
 
     // One batch: a tenant's plugin instance is reused across the whole replay, as within a batch.
     let warm = Warm::default();
+    // Replay has no deadline; a young connection's set-aside retries end with the replay.
+    let window = crate::deliver::Window::unbounded();
     let mut entries = Vec::new();
     for (index, item) in items.iter().enumerate() {
         let position = index + 1;
@@ -281,7 +283,7 @@ async fn run(items: &[Item], options: &Options, plugins: &[(String, Vec<u8>)]) -
                 let mut entry = Entry::new(position, record.event_id.clone());
                 entry.seq = record.change.sequence_number.clone();
                 entry.time = Some(crate::model::format_ts(&time));
-                match (&change, processor.process_in_batch(record, &warm).await) {
+                match (&change, processor.process_in_batch(record, &warm, &window).await) {
                     (Change::Unknown { reason }, _) => entry.skipped = Some(reason.clone()),
                     (_, Err(e)) => entry.failed = Some(e.to_string()),
                     (_, Ok(report)) => fill(&mut entry, record, &report, options),
@@ -291,6 +293,7 @@ async fn run(items: &[Item], options: &Options, plugins: &[(String, Vec<u8>)]) -
         };
         entries.push(entry);
     }
+    window.settle().await;
     Ok(entries)
 }
 

@@ -26,12 +26,16 @@ pub enum StoreError {
     /// The table could not be reached or refused the call: our fault, worth retrying.
     #[error("table unavailable: {0}")]
     Unavailable(String),
+    /// The invocation's time ran out before the record's deliveries finished: redeliver it.
+    #[error("out of time: {0}")]
+    OutOfTime(String),
 }
 
 impl StoreError {
-    /// A platform fault: the stream processor reports the record in `batchItemFailures`.
+    /// A platform fault, or a record the invocation had no time to finish: the stream processor
+    /// reports the record in `batchItemFailures`.
     pub fn is_platform(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::OutOfTime(_))
     }
 }
 

@@ -8,10 +8,14 @@
 //!   and no record after it in the batch is started. Lambda then redelivers from that record;
 //!   records of other rooms already in flight when it failed complete, and their redelivery is
 //!   harmless for clients because every message carries its id.
+//! * With a deadline (`start_by`), no record starts after it: the earliest record not started
+//!   is reported the same way, so the invocation answers in time instead of timing out (which
+//!   would make Lambda redeliver the whole batch).
 
 use std::future::Future;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use aws_lambda_events::dynamodb::EventRecord;
 use aws_lambda_events::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
@@ -43,7 +47,12 @@ impl BatchOutcome {
 }
 
 /// Runs `process` over the raw records of one batch (see the module docs for the rules).
-pub async fn run_batch<F, Fut>(raw: &[serde_json::Value], partitions_at_once: usize, process: F) -> BatchOutcome
+pub async fn run_batch<F, Fut>(
+    raw: &[serde_json::Value],
+    partitions_at_once: usize,
+    start_by: Option<Instant>,
+    process: F,
+) -> BatchOutcome
 where
     F: Fn(usize, EventRecord) -> Fut,
     Fut: Future<Output = Result<(), StoreError>>,
@@ -67,10 +76,10 @@ where
         }
     }
 
-    let shared = Shared { failure: Mutex::new(None), processed: AtomicUsize::new(0) };
+    let shared = Shared { failure: Mutex::new(None), processed: AtomicUsize::new(0), start_by };
     let partitions: Vec<_> = groups.into_iter().map(|(_, group)| run_partition(group, &shared, &process)).collect();
     futures::stream::iter(partitions).buffer_unordered(partitions_at_once.max(1)).collect::<Vec<()>>().await;
-    let Shared { failure, processed } = shared;
+    let Shared { failure, processed, .. } = shared;
     outcome.failure = failure.into_inner().unwrap_or_else(|p| p.into_inner());
     outcome.processed = processed.into_inner();
     outcome
@@ -80,9 +89,18 @@ struct Shared {
     /// The earliest platform failure so far: (position, sequence number).
     failure: Mutex<Option<(usize, String)>>,
     processed: AtomicUsize,
+    /// No record starts after this.
+    start_by: Option<Instant>,
 }
 
 impl Shared {
+    fn report(&self, position: usize, sequence: String) {
+        let mut earliest = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if earliest.as_ref().is_none_or(|(at, _)| position < *at) {
+            *earliest = Some((position, sequence));
+        }
+    }
+
     fn failed_before(&self, position: usize) -> bool {
         self.failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|(at, _)| *at < position)
     }
@@ -99,16 +117,18 @@ where
             return;
         }
         let sequence = record.change.sequence_number.clone().unwrap_or_else(|| record.event_id.clone());
+        if shared.start_by.is_some_and(|at| Instant::now() >= at) {
+            tracing::warn!(position, %sequence, "no time left to start this record; reporting it for redelivery");
+            shared.report(position, sequence);
+            return;
+        }
         match process(position, record).await {
             Ok(()) => {
                 shared.processed.fetch_add(1, Ordering::Relaxed);
             }
             Err(err) if err.is_platform() => {
                 tracing::error!(position, %sequence, error = %err, "record failed; reporting it for redelivery");
-                let mut earliest = shared.failure.lock().unwrap_or_else(|p| p.into_inner());
-                if earliest.as_ref().is_none_or(|(at, _)| position < *at) {
-                    *earliest = Some((position, sequence));
-                }
+                shared.report(position, sequence);
                 return;
             }
             Err(err) => {
@@ -138,7 +158,7 @@ mod tests {
     async fn keeps_order_per_partition_and_reports_the_earliest_platform_failure() {
         let raw = vec![record(1, "a"), record(2, "b"), record(3, "a"), record(4, "b"), record(5, "a"), record(6, "c")];
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let outcome = run_batch(&raw, 1, |pos, rec| {
+        let outcome = run_batch(&raw, 1, None, |pos, rec| {
             let seen = seen.clone();
             async move {
                 seen.lock().unwrap().push(rec.event_id.clone());
@@ -157,7 +177,7 @@ mod tests {
     #[tokio::test]
     async fn malformed_records_are_reported_and_the_rest_processed() {
         let raw = vec![record(1, "a"), serde_json::json!({"eventID": "bad", "eventName": "INSERT"}), record(3, "a")];
-        let outcome = run_batch(&raw, 4, |_, _| async { Ok(()) }).await;
+        let outcome = run_batch(&raw, 4, None, |_, _| async { Ok(()) }).await;
         assert_eq!(outcome.processed, 2);
         assert_eq!(outcome.failure, None);
         assert_eq!(outcome.malformed.len(), 1);
@@ -167,9 +187,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn no_record_starts_after_the_deadline_and_the_earliest_unstarted_is_reported() {
+        let raw = vec![record(1, "a"), record(2, "a"), record(3, "b"), record(4, "a")];
+        let start_by = Instant::now() + std::time::Duration::from_millis(200);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let outcome = run_batch(&raw, 1, Some(start_by), |pos, rec| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(rec.event_id.clone());
+                if pos == 0 {
+                    // The first record uses up the batch's time.
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                }
+                Ok(())
+            }
+        })
+        .await;
+        assert_eq!(*seen.lock().unwrap(), vec!["e1"]);
+        assert_eq!(outcome.processed, 1);
+        assert_eq!(outcome.failure, Some((1, "002".into())), "the earliest record not done");
+    }
+
+    #[tokio::test]
     async fn a_client_fault_does_not_fail_the_batch() {
         let raw = vec![record(1, "a"), record(2, "a")];
-        let outcome = run_batch(&raw, 2, |pos, _| async move {
+        let outcome = run_batch(&raw, 2, None, |pos, _| async move {
             if pos == 0 { Err(StoreError::NoConnection("c".into())) } else { Ok(()) }
         })
         .await;
