@@ -35,6 +35,8 @@ use roomcast::stream::poller::{StartAt, StreamPoller};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+pub mod aws;
+
 /// Runs each scenario `async fn name(kind: &str)` once per store, as `memory::name` and
 /// `dynamodb::name`. `multi_thread:` first gives each test a two-thread runtime (for tests that
 /// run servers and clients side by side).
@@ -228,6 +230,20 @@ struct RecorderState {
     gone: std::collections::HashSet<String>,
     /// Connections `GetConnection` was asked about.
     probed: Vec<String>,
+    /// Connections closed with `DeleteConnection`, in order.
+    deleted: Vec<String>,
+    /// IAM for `@connections` calls: the gate and the API's id.
+    gate: Option<(aws::Gate, String)>,
+}
+
+impl RecorderState {
+    /// Whether the caller's policy allows `execute-api:ManageConnections` for this call.
+    fn allowed(&self, headers: &HeaderMap, method: &str, stage: &str, id: &str) -> bool {
+        match &self.gate {
+            Some((gate, api_id)) => gate.judge_management(headers, method, api_id, stage, id),
+            None => true,
+        }
+    }
 }
 
 /// A local `@connections` endpoint that records calls and answers as scripted.
@@ -239,14 +255,32 @@ pub struct Recorder {
 
 impl Recorder {
     pub async fn start() -> Recorder {
-        let state = Arc::new(Mutex::new(RecorderState::default()));
+        Self::serve(RecorderState::default(), "test").await
+    }
+
+    /// A recorder that lets through only the calls the caller's policy allows
+    /// (`execute-api:ManageConnections` on `{api_id}/{stage}/{METHOD}/@connections/{id}`).
+    pub async fn start_gated(gate: aws::Gate, api_id: &str, stage: &str) -> Recorder {
+        Self::serve(RecorderState { gate: Some((gate, api_id.to_string())), ..RecorderState::default() }, stage).await
+    }
+
+    async fn serve(state: RecorderState, stage: &str) -> Recorder {
+        let state = Arc::new(Mutex::new(state));
         let app = axum::Router::new()
-            .route("/{stage}/@connections/{id}", axum::routing::post(post_to_connection).get(get_connection))
+            .route(
+                "/{stage}/@connections/{id}",
+                axum::routing::post(post_to_connection).get(get_connection).delete(delete_connection),
+            )
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind recorder");
         let addr = listener.local_addr().expect("recorder address");
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Recorder { endpoint: format!("http://{addr}/test"), state }
+        Recorder { endpoint: format!("http://{addr}/{stage}"), state }
+    }
+
+    /// The connections closed with `DeleteConnection`, in order.
+    pub fn deleted(&self) -> Vec<String> {
+        self.state.lock().unwrap().deleted.clone()
     }
 
     /// The next calls to `connection_id` answer these statuses, in order.
@@ -288,11 +322,34 @@ impl Recorder {
     }
 }
 
+fn forbidden() -> axum::response::Response {
+    let mut response = (StatusCode::FORBIDDEN, json!({"message": "ForbiddenException"}).to_string()).into_response();
+    response.headers_mut().insert("x-amzn-ErrorType", "ForbiddenException".parse().unwrap());
+    response
+}
+
+async fn delete_connection(
+    State(state): State<Arc<Mutex<RecorderState>>>,
+    Path((stage, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    let mut state = state.lock().unwrap();
+    if !state.allowed(&headers, "DELETE", &stage, &id) {
+        return forbidden();
+    }
+    state.deleted.push(id);
+    StatusCode::NO_CONTENT.into_response()
+}
+
 async fn get_connection(
     State(state): State<Arc<Mutex<RecorderState>>>,
-    Path((_, id)): Path<(String, String)>,
-) -> impl IntoResponse {
+    Path((stage, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> axum::response::Response {
     let mut state = state.lock().unwrap();
+    if !state.allowed(&headers, "GET", &stage, &id) {
+        return forbidden();
+    }
     state.probed.push(id.clone());
     if state.gone.contains(&id) {
         let mut response = (StatusCode::GONE, json!({"message": null}).to_string()).into_response();
@@ -313,6 +370,7 @@ async fn post_to_connection(
     let signed =
         headers.get("authorization").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256"));
     let mut state = state.lock().unwrap();
+    let signed = signed && state.allowed(&headers, "POST", &stage, &id);
     let status = if signed { state.script.get_mut(&id).and_then(|q| q.pop_front()).unwrap_or(200) } else { 403 };
     let body = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
     state.calls.push(Call { stage, connection_id: id, body, status });

@@ -251,6 +251,7 @@ roomcast_tests::on_both_stores!(
     a_hostile_tenant_never_hurts_another_tenant_in_the_same_batch,
     uploads_activate_through_the_stream_and_roll_back,
     a_cold_processor_loads_the_active_plugin,
+    every_warm_container_follows_activation_rollback_disable_and_reupload,
     a_batch_reuses_one_instance_per_tenant_and_replaces_a_faulted_one,
     per_tenant_limits_from_the_upload_apply_and_are_capped,
     the_compiled_plugin_cache_is_bounded_and_evicted_tenants_reload,
@@ -457,6 +458,86 @@ async fn uploads_activate_through_the_stream_and_roll_back(kind: &str) {
     store.set_active_plugin("acme", None).await.unwrap();
     stack.pump().await;
     assert!(!spam_is_rejected(&mut stack).await, "disabled");
+}
+
+/// Another processor container on the same table: its own registry and deliverer.
+async fn another_container(
+    stack: &Stack,
+) -> (roomcast::pipeline::Processor, std::sync::Arc<roomcast::plugins::registry::Registry>) {
+    let metrics = std::sync::Arc::new(roomcast::metrics::Metrics::default());
+    let delivery = roomcast::deliver::DeliverySettings {
+        endpoint_override: Some(stack.recorder.endpoint.clone()),
+        ..Default::default()
+    };
+    let store = stack.table.store.clone();
+    let deliverer = roomcast::deliver::Deliverer::new(
+        roomcast_tests::sdk_config().await,
+        delivery,
+        store.clone(),
+        stack.clock.clone(),
+        metrics.clone(),
+    );
+    let registry = std::sync::Arc::new(roomcast::plugins::registry::Registry::new(
+        std::sync::Arc::new(PluginHost::new().unwrap()),
+        metrics.clone(),
+    ));
+    let processor = roomcast::pipeline::Processor::new(store, deliverer, stack.clock.clone(), metrics, 8)
+        .with_plugins(registry.clone());
+    (processor, registry)
+}
+
+/// Whether spam is rejected when container `b`, not the stack's own processor, processes it.
+async fn spam_is_rejected_by(stack: &mut Stack, b: &mut roomcast::pipeline::Processor) -> bool {
+    std::mem::swap(&mut stack.processor, b);
+    let rejected = spam_is_rejected(stack).await;
+    std::mem::swap(&mut stack.processor, b);
+    rejected
+}
+
+/// Lambda runs many processor containers at once; a plugin change is a record only one of them
+/// processes. Container A processes every plugin record; container B only later messages, and
+/// still follows each change from its next batch on.
+async fn every_warm_container_follows_activation_rollback_disable_and_reupload(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    stack.pump().await;
+    let (mut b, b_registry) = another_container(&stack).await;
+    let store = stack.table.store.clone();
+    let none = roomcast::plugins::LimitOverrides::default;
+    assert!(!spam_is_rejected_by(&mut stack, &mut b).await, "no plugin yet, and B is warm");
+
+    let moderation = component("roomcast-plugin-moderation");
+    let v1 = stack.upload_plugin("acme", &moderation, FailurePolicy::Closed, none()).await;
+    stack.pump().await; // A activates
+    assert!(spam_is_rejected_by(&mut stack, &mut b).await, "B follows an activation made by A");
+
+    stack.clock.advance(chrono::Duration::seconds(1));
+    stack.upload_plugin("acme", &component("roomcast-plugin-welcome"), FailurePolicy::Closed, none()).await;
+    stack.pump().await;
+    assert!(!spam_is_rejected_by(&mut stack, &mut b).await, "B follows a new version");
+
+    store.set_active_plugin("acme", Some(&v1.version)).await.unwrap();
+    stack.pump().await;
+    assert!(spam_is_rejected_by(&mut stack, &mut b).await, "B follows a rollback");
+
+    store.set_active_plugin("acme", None).await.unwrap();
+    stack.pump().await;
+    assert!(!spam_is_rejected_by(&mut stack, &mut b).await, "B follows a disable");
+    assert_eq!(b_registry.installed_version("acme"), None);
+
+    // Re-uploading the same component with another failure policy takes effect everywhere.
+    store.set_active_plugin("acme", Some(&v1.version)).await.unwrap();
+    stack.pump().await;
+    assert!(spam_is_rejected_by(&mut stack, &mut b).await);
+    assert_eq!(b_registry.installed_policy("acme"), Some(Policy::FailClosed));
+    let again = stack.upload_plugin("acme", &moderation, FailurePolicy::Open, none()).await;
+    assert_eq!(again.version, v1.version, "the same component is the same version");
+    stack.pump().await;
+    assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, v1.version);
+    assert!(spam_is_rejected_by(&mut stack, &mut b).await);
+    assert_eq!(b_registry.installed_policy("acme"), Some(Policy::FailOpen), "B runs the re-uploaded settings");
+    assert_eq!(stack.plugins.installed_policy("acme"), Some(Policy::FailOpen), "and so does A");
 }
 
 async fn a_cold_processor_loads_the_active_plugin(kind: &str) {

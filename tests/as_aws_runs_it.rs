@@ -1,0 +1,367 @@
+//! Roomcast as AWS runs it: the real Lambda binaries behind a local Lambda Runtime API, each
+//! with credentials allowed exactly what its function's policy in `template.yaml` grants
+//! (`roomcast_tests::aws`), the table on moto, `@connections` on a recorder that checks
+//! `execute-api:ManageConnections` the same way, and the stream fed to the processor as Lambda's
+//! event source mapping feeds it — with the processor's own role, every batch delivered twice,
+//! and a failed record retried from where the processor said.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use roomcast::stream::poller::{StartAt, StreamPoller};
+use roomcast_tests::aws::{Deployment, Gate, Invoked, Lambda, Template};
+use roomcast_tests::{Recorder, connect_request, disconnect_request, message_request, moto_endpoint, moto_table};
+use serde_json::{Value, json};
+
+const FUNCTIONS: &[&str] = &[
+    "AuthorizerFunction",
+    "ConnectFunction",
+    "DisconnectFunction",
+    "MessageFunction",
+    "ProcessorFunction",
+    "SweeperFunction",
+    "AdminFunction",
+];
+const SECRET: &str = "as-aws-runs-it-secret";
+const API_ID: &str = "local0001";
+const STAGE: &str = "prod";
+
+/// A deployment of `template.yaml` on loopback.
+struct Aws {
+    gate: Gate,
+    recorder: Recorder,
+    admin: roomcast::store::dynamodb::DynamoStore,
+    lambdas: BTreeMap<&'static str, Lambda>,
+    poller: StreamPoller,
+    /// Deliver every batch twice, as the event source may after a failure or a timeout.
+    redeliver: bool,
+    /// Every `batchItemFailures` the processor answered.
+    failures: Vec<Value>,
+}
+
+impl Aws {
+    async fn start(template: Template, redeliver: bool, extra: &[(&str, &str)]) -> Aws {
+        roomcast_tests::capture_logs();
+        let (admin, stream_arn) = moto_table().await;
+        let parameter = format!("/roomcast/jwt-{}-{}", std::process::id(), admin.table());
+        let deployment = Deployment {
+            table: admin.table().to_string(),
+            stream_arn,
+            api_id: API_ID.into(),
+            stage: STAGE.into(),
+            parameters: BTreeMap::from([("JwtSecretParameter".to_string(), parameter.clone())]),
+        };
+        // The operator creates the secret before deploying (the template's parameter says so).
+        let sdk = roomcast_tests::sdk_config().await;
+        let ssm = aws_sdk_ssm::Client::from_conf(
+            aws_sdk_ssm::config::Builder::from(&sdk).endpoint_url(moto_endpoint()).build(),
+        );
+        ssm.put_parameter()
+            .name(&parameter)
+            .value(SECRET)
+            .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+            .send()
+            .await
+            .expect("put the JWT secret parameter on moto");
+
+        let gate = Gate::start(&moto_endpoint(), &deployment).await;
+        let recorder = Recorder::start_gated(gate.clone(), API_ID, STAGE).await;
+        let functions = template.functions(&deployment);
+        let mut lambdas = BTreeMap::new();
+        for name in FUNCTIONS {
+            let function = functions
+                .iter()
+                .find(|f| f.logical_id == *name)
+                .unwrap_or_else(|| panic!("template.yaml has no {name}"))
+                .clone();
+            gate.admit(&function);
+            let mut env =
+                vec![("ROOMCAST_MANAGEMENT_ENDPOINT", recorder.endpoint.as_str()), ("RUST_LOG", "roomcast=debug")];
+            env.extend_from_slice(extra);
+            lambdas.insert(*name, Lambda::start(function, &gate.endpoint, &env).await);
+        }
+
+        // The event source mapping reads the stream with the function's own role.
+        let processor = &lambdas["ProcessorFunction"].function;
+        let streams = roomcast::config::streams_client(
+            &aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new(roomcast_tests::aws::REGION))
+                .credentials_provider(aws_credential_types::Credentials::new(
+                    processor.access_key(),
+                    "local-secret",
+                    None,
+                    None,
+                    "event-source-mapping",
+                ))
+                .load()
+                .await,
+            Some(&gate.endpoint),
+        );
+        let poller = StreamPoller::new(streams, &deployment.stream_arn, StartAt::TrimHorizon);
+        Aws { gate, recorder, admin, lambdas, poller, redeliver, failures: Vec::new() }
+    }
+
+    fn assert_allowed(&self) {
+        let denials = self.gate.denials();
+        assert!(denials.is_empty(), "IAM denied calls that the functions make:\n{}", denials.join("\n"));
+    }
+
+    /// One invocation; it must answer, and every AWS call it made must have been allowed.
+    async fn invoke(&self, function: &str, payload: Value) -> Value {
+        let lambda = &self.lambdas[function];
+        let answer = lambda.invoke(payload).await;
+        self.assert_allowed();
+        answer.response(function, lambda)
+    }
+
+    async fn authorize(&self, token: &str) -> Value {
+        let mut event: Value =
+            serde_json::from_str(include_str!("fixtures/example-apigw-v2-custom-authorizer-websocket-request.json"))
+                .unwrap();
+        event["methodArn"] = json!(format!("arn:aws:execute-api:us-east-1:123456789012:{API_ID}/{STAGE}/$connect"));
+        event["queryStringParameters"] = json!({ "token": token, "rooms": "lobby" });
+        event["multiValueQueryStringParameters"] = json!({ "token": [token], "rooms": ["lobby"] });
+        self.invoke("AuthorizerFunction", event).await
+    }
+
+    /// `$connect` as API Gateway calls it after the authorizer allowed `token`.
+    async fn connect(&self, id: &str, token: &str, rooms: &str) -> Value {
+        let allowed = self.authorize(token).await;
+        assert_eq!(allowed["policyDocument"]["Statement"][0]["Effect"], "Allow", "{allowed}");
+        let mut event = serde_json::to_value(connect_request(id, "x", "x", rooms)).unwrap();
+        let mut context = allowed["context"].clone();
+        context["principalId"] = allowed["principalId"].clone();
+        event["requestContext"]["authorizer"] = context;
+        let answer = self.invoke("ConnectFunction", event).await;
+        assert_eq!(answer["statusCode"], 200, "$connect answered {answer}");
+        answer
+    }
+
+    async fn send(&self, id: &str, frame: Value) -> Value {
+        let event = serde_json::to_value(message_request(id, &frame.to_string())).unwrap();
+        let answer = self.invoke("MessageFunction", event).await;
+        serde_json::from_str(answer["body"].as_str().unwrap_or("null")).unwrap_or(Value::Null)
+    }
+
+    async fn disconnect(&self, id: &str) {
+        let event = serde_json::to_value(disconnect_request(id)).unwrap();
+        let answer = self.invoke("DisconnectFunction", event).await;
+        assert_eq!(answer["statusCode"], 200, "$disconnect answered {answer}");
+    }
+
+    /// Feeds the stream to the processor until it is quiet, as the event source mapping does:
+    /// each batch (twice when redelivering), and after a reported failure the batch again from
+    /// the reported record. Returns the invocations made.
+    async fn pump(&mut self) -> Vec<Invoked> {
+        let mut invocations = Vec::new();
+        let mut retries = 0;
+        loop {
+            let batch = self.poller.poll().await.expect("the event source reads the stream");
+            self.assert_allowed();
+            if batch.records.is_empty() {
+                return invocations;
+            }
+            let event = json!({ "Records": batch.records });
+            let times = if self.redeliver { 2 } else { 1 };
+            let mut failed = None;
+            for _ in 0..times {
+                let lambda = &self.lambdas["ProcessorFunction"];
+                let answer = lambda.invoke(event.clone()).await;
+                self.assert_allowed();
+                if let Invoked::Response(response) = &answer {
+                    if let Some(first) = response["batchItemFailures"].as_array().and_then(|a| a.first()) {
+                        failed = first["itemIdentifier"].as_str().map(str::to_string);
+                        self.failures.push(response.clone());
+                    }
+                } else {
+                    panic!("the processor did not answer: {answer:?}\n--- its log ---\n{}", lambda.logs());
+                }
+                invocations.push(answer);
+            }
+            if let Some(sequence) = failed {
+                retries += 1;
+                assert!(retries <= 5, "the batch failed 5 times (MaximumRetryAttempts): {:?}", self.failures);
+                self.poller.rewind(&batch.shard_id, &sequence);
+            }
+        }
+    }
+}
+
+fn token(tenant: &str, user: &str) -> String {
+    let exp = chrono::Utc::now().timestamp() + 3600;
+    roomcast::auth::mint(
+        &roomcast::auth::Claims { tenant: tenant.into(), sub: user.into(), exp, nbf: None },
+        SECRET.as_bytes(),
+    )
+}
+
+/// Every function's binary, through a whole session (connect, join, messages, a plugin upload
+/// and the plugin deciding, history, disconnect, the sweeper and every admin operation), with
+/// nothing but its template policy, and every stream batch delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_function_runs_under_its_template_policy_with_every_batch_delivered_twice() {
+    let mut aws = Aws::start(Template::load(), true, &[]).await;
+
+    // The authorizer reads its secret from SSM with its own policy, and refuses a bad token.
+    let denied = aws.authorize("not-a-token").await;
+    assert_eq!(denied["policyDocument"]["Statement"][0]["Effect"], "Deny", "{denied}");
+
+    aws.connect("c-alice", &token("acme", "alice"), "lobby").await;
+    aws.connect("c-bob", &token("acme", "bob"), "lobby").await;
+    aws.pump().await;
+    for id in ["c-alice", "c-bob"] {
+        assert!(!aws.recorder.received_action(id, "welcome").is_empty(), "{id} was not welcomed");
+    }
+
+    // Messages, join, the read-only routes.
+    let mut ids = Vec::new();
+    for text in ["one", "two"] {
+        let ack = aws.send("c-alice", json!({"action": "sendMessage", "room": "lobby", "message": text})).await;
+        assert_eq!(ack["action"], "ack", "{ack}");
+        ids.push(ack["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(aws.send("c-bob", json!({"action": "join", "room": "side"})).await["action"], "ack");
+    assert_eq!(aws.send("c-bob", json!({"action": "ping"})).await["action"], "pong");
+    assert_eq!(aws.send("c-bob", json!({"action": "info"})).await["action"], "info");
+    aws.pump().await;
+
+    // An operator uploads a plugin (with the operator's credentials); the processor activates
+    // it from the stream and runs it on the next message, all under its own policy.
+    let host = roomcast::plugins::PluginHost::new().expect("a plugin host");
+    let component = roomcast_tests::component("roomcast-plugin-moderation");
+    roomcast::plugins::upload(
+        &aws.admin,
+        &host,
+        "acme",
+        &component,
+        roomcast::model::FailurePolicy::Closed,
+        Default::default(),
+        chrono::Utc::now(),
+    )
+    .await
+    .expect("upload the plugin");
+    aws.pump().await;
+    let spam = aws.send("c-alice", json!({"action": "sendMessage", "room": "lobby", "message": "buy spam"})).await;
+    let ok = aws.send("c-alice", json!({"action": "sendMessage", "room": "lobby", "message": "three"})).await;
+    ids.push(ok["id"].as_str().unwrap().to_string());
+    aws.pump().await;
+    let rejected = aws.recorder.received_action("c-alice", "rejected");
+    assert!(rejected.iter().any(|r| r["id"] == spam["id"]), "the plugin did not reject: {rejected:?}");
+
+    let history = aws.send("c-bob", json!({"action": "history", "room": "lobby"})).await;
+    for id in &ids {
+        assert!(
+            history["messages"].as_array().unwrap().iter().any(|m| m["id"] == id.as_str()),
+            "{id} not in {history}"
+        );
+    }
+
+    aws.disconnect("c-bob").await;
+    aws.pump().await;
+    let left = aws.recorder.received_action("c-alice", "presence");
+    assert!(left.iter().any(|p| p["user_id"] == "bob" && p["event"] == "left"), "{left:?}");
+
+    // The sweeper and every admin operation.
+    let report = aws.invoke("SweeperFunction", json!({"source": "aws.events", "detail-type": "Scheduled Event"})).await;
+    assert!(report.is_object(), "{report}");
+    for (event, key) in [
+        (json!({"action": "get_user_connections", "tenant": "acme", "userId": "alice"}), "connections"),
+        (json!({"action": "get_all_connections", "limit": 10}), "connections"),
+        (json!({"action": "update_connection_status", "connectionId": "c-alice", "status": "AWAY"}), "connection"),
+        (json!({"action": "cleanup_stale_connections", "idleSeconds": 3600}), "cleanedCount"),
+    ] {
+        let answer = aws.invoke("AdminFunction", event.clone()).await;
+        assert_eq!(answer["statusCode"], 200, "{event} answered {answer}");
+        assert!(answer["body"].get(key).is_some(), "{event} answered {answer}");
+    }
+    aws.pump().await;
+
+    // Nothing failed, and redelivery showed clients each message twice under the same id.
+    assert!(aws.failures.is_empty(), "the processor reported failures: {:?}", aws.failures);
+    let messages = aws.recorder.received_action("c-bob", "message");
+    for id in &ids {
+        let copies: Vec<&Value> = messages.iter().filter(|m| m["id"] == id.as_str()).collect();
+        assert_eq!(copies.len(), 2, "message {id} reached bob {} times: {messages:?}", copies.len());
+        assert_eq!(copies[0], copies[1], "a redelivered message differs from the first delivery");
+    }
+    let distinct: std::collections::BTreeSet<&str> = messages.iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(distinct.len(), ids.len(), "bob saw other messages than the ones sent: {messages:?}");
+}
+
+/// The proof that the template is what the test grants: the same session with one action taken
+/// out of one function's policy fails, naming the function and the action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_without_an_action_its_function_needs_fails_naming_both() {
+    let text = std::fs::read_to_string(Template::path()).unwrap();
+    let processor = text.find("  ProcessorFunction:").expect("the processor in template.yaml");
+    let at =
+        text[processor..].find("- dynamodb:GetItem\n").expect("the processor is granted dynamodb:GetItem") + processor;
+    let line = text[..at].rfind('\n').unwrap() + 1;
+    let without = format!("{}{}", &text[..line], &text[at + "- dynamodb:GetItem\n".len()..]);
+    let mut aws = Aws::start(Template::parse(&without), false, &[]).await;
+    aws.connect("c-alice", &token("acme", "alice"), "lobby").await;
+    let poisoned = std::panic::AssertUnwindSafe(aws.pump());
+    let outcome = futures::FutureExt::catch_unwind(poisoned).await;
+    let message = match outcome {
+        Ok(_) => panic!("the session passed without dynamodb:GetItem in the processor's policy"),
+        Err(panic) => panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default(),
+    };
+    assert!(
+        message.contains("ProcessorFunction is not allowed dynamodb:GetItem on arn:aws:dynamodb:"),
+        "the failure does not name the function and the action: {message}"
+    );
+}
+
+/// One client answers 429 forever, under a 6-second deadline: every invocation answers before
+/// its deadline, the other members get every message (after the retries Lambda makes from the
+/// reported record), and the slow client is counted and closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_never_stalls_its_room_or_passes_the_deadline() {
+    let template = Template::load();
+    let mut aws = Aws::start(template, false, &[("ROOMCAST_SLOW_CONSUMER_MS", "1500")]).await;
+    // The processor's Timeout, as the template would set it for this test.
+    let six = Duration::from_secs(6);
+    aws.connect("c-alice", &token("acme", "alice"), "lobby").await;
+    aws.connect("c-bob", &token("acme", "bob"), "lobby").await;
+    aws.connect("c-slow", &token("acme", "slow"), "lobby").await;
+    aws.pump().await;
+    aws.recorder.script("c-slow", &[429; 10_000]);
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let ack =
+            aws.send("c-alice", json!({"action": "sendMessage", "room": "lobby", "message": format!("m{n}")})).await;
+        ids.push(ack["id"].as_str().unwrap().to_string());
+    }
+    // Lambda's event source, with the processor's deadline at 6 s.
+    let mut retries = 0;
+    loop {
+        let batch = aws.poller.poll().await.expect("read the stream");
+        if batch.records.is_empty() {
+            break;
+        }
+        let started = std::time::Instant::now();
+        let lambda = &aws.lambdas["ProcessorFunction"];
+        let answer = lambda.invoke_within(json!({ "Records": batch.records }), six).await;
+        let Invoked::Response(response) = answer else {
+            panic!("the processor did not answer within its deadline: {answer:?}\n{}", lambda.logs())
+        };
+        assert!(started.elapsed() < six, "answered after the deadline: {:?}", started.elapsed());
+        if let Some(first) = response["batchItemFailures"].as_array().and_then(|a| a.first()) {
+            retries += 1;
+            assert!(retries <= 5, "still failing after Lambda's retries: {response}");
+            aws.poller.rewind(&batch.shard_id, first["itemIdentifier"].as_str().unwrap());
+        }
+    }
+    aws.assert_allowed();
+    let to_bob: Vec<Value> = aws.recorder.received_action("c-bob", "message");
+    for id in &ids {
+        assert!(to_bob.iter().any(|m| m["id"] == id.as_str()), "bob never got {id}: {to_bob:?}");
+    }
+    assert!(aws.recorder.deleted().contains(&"c-slow".to_string()), "the slow consumer was not closed");
+    let logs = aws.lambdas["ProcessorFunction"].logs();
+    assert!(logs.contains("\"slow_consumers\":1"), "slow_consumers not counted:\n{logs}");
+}
