@@ -311,12 +311,10 @@ async fn leave_announces_left_and_stops_delivery(kind: &str) {
 async fn the_stream_poller_feeds_the_processor_and_redrives_failed_batches() {
     let clock = ManualClock::starting_now();
     let (store, arn) = roomcast_tests::moto_table().await;
-    let store: Arc<dyn roomcast::store::Store> = Arc::new(store);
-    let failing =
-        Arc::new(UnavailableRoom { inner: store.clone(), room: "general".into(), times: AtomicUsize::new(2) });
     // The harness's own stream reader stays unused: `run_from_stream` reads the stream here.
-    let table =
-        Table { store, stream: roomcast_tests::StreamSource::dynamo(&arn).await, memory: None, kind: "dynamodb" };
+    let table = Table::on_moto(store, &arn).await;
+    let failing =
+        Arc::new(UnavailableRoom { inner: table.store.clone(), room: "general".into(), times: AtomicUsize::new(2) });
     let stack = Stack::build_with_store(failing, table, clock, DeliverySettings::default()).await;
     stack.connect("ann1", "acme", "ann", "general").await;
     stack.connect("bob1", "acme", "bob", "general").await;

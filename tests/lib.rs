@@ -189,23 +189,63 @@ pub struct Table {
     pub store: Arc<dyn Store>,
     pub stream: StreamSource,
     pub memory: Option<Arc<MemoryStore>>,
+    /// The DynamoDB adapter, for writes beneath the store's operations ([`Table::put_raw`]).
+    pub dynamo: Option<DynamoStore>,
+    /// Where the store counts items that do not decode; a [`Stack`]'s processor counts in it too.
+    pub metrics: Arc<Metrics>,
     pub kind: &'static str,
 }
 
 impl Table {
     pub async fn memory(clock: Arc<dyn Clock>) -> Table {
-        let store = MemoryStore::new(clock);
+        let metrics = Arc::new(Metrics::default());
+        let store = MemoryStore::with_metrics(clock, metrics.clone());
         Table {
             stream: StreamSource::Memory(store.subscribe()),
             store: store.clone(),
             memory: Some(store),
+            dynamo: None,
+            metrics,
             kind: "memory",
         }
     }
 
     pub async fn dynamodb() -> Table {
         let (store, arn) = moto_table().await;
-        Table { store: Arc::new(store), stream: StreamSource::dynamo(&arn).await, memory: None, kind: "dynamodb" }
+        Table::on_moto(store, &arn).await
+    }
+
+    /// A table made by [`moto_table`], its stream read from the start.
+    pub async fn on_moto(store: DynamoStore, arn: &str) -> Table {
+        let metrics = Arc::new(Metrics::default());
+        let store = store.with_metrics(metrics.clone());
+        Table {
+            store: Arc::new(store.clone()),
+            stream: StreamSource::dynamo(arn).await,
+            memory: None,
+            dynamo: Some(store),
+            metrics,
+            kind: "dynamodb",
+        }
+    }
+
+    /// Writes an item as it is, past the records' types (`PutItem` on DynamoDB): what a newer
+    /// handler or a console edit writes.
+    pub async fn put_raw(&self, item: serde_dynamo::Item) {
+        match (&self.memory, &self.dynamo) {
+            (Some(memory), _) => memory.put_raw(item),
+            (None, Some(dynamo)) => {
+                dynamo
+                    .client()
+                    .put_item()
+                    .table_name(dynamo.table())
+                    .set_item(Some(item.into()))
+                    .send()
+                    .await
+                    .expect("put a raw item");
+            }
+            (None, None) => panic!("a table without an adapter to write through"),
+        }
     }
 }
 
@@ -517,7 +557,8 @@ impl Stack {
     ) -> Stack {
         capture_logs();
         let recorder = Recorder::start().await;
-        let metrics = Arc::new(Metrics::default());
+        // The table's: the processor's counts include the items its reads could not decode.
+        let metrics = table.metrics.clone();
         let delivery = DeliverySettings {
             endpoint_override: Some(recorder.endpoint.clone()),
             deadline: Duration::from_secs(5),

@@ -356,9 +356,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let sdk = config::load_aws().await;
             let client = config::dynamodb_client(&sdk, config.dynamodb_endpoint.as_deref());
             let stream_arn = wait_until_active(&client, &config.table_name).await?;
-            let store = Arc::new(DynamoStore::new(client, &config.table_name));
-            let clock = Arc::new(SystemClock);
             let metrics = Arc::new(Metrics::default());
+            let store = Arc::new(DynamoStore::new(client, &config.table_name).with_metrics(metrics.clone()));
+            let clock = Arc::new(SystemClock);
             let deliverer =
                 Deliverer::new(sdk.clone(), config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
             // Tenant plugins as in the Lambda: the deployment's limits, cache bound and artifacts.

@@ -146,9 +146,11 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         Memory(tokio::sync::mpsc::UnboundedReceiver<aws_lambda_events::dynamodb::EventRecord>),
         Dynamo(StreamPoller),
     }
+    // The processor's counts, also of items of the table that do not decode.
+    let metrics = Arc::new(Metrics::default());
     let (store, memory, source): (Arc<dyn Store>, Option<Arc<MemoryStore>>, Source) = match &options.dynamodb_endpoint {
         None => {
-            let memory = MemoryStore::new(clock.clone());
+            let memory = MemoryStore::with_metrics(clock.clone(), metrics.clone());
             let rx = memory.subscribe();
             (memory.clone(), Some(memory), Source::Memory(rx))
         }
@@ -161,11 +163,11 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
             let start = if info.created { StartAt::TrimHorizon } else { StartAt::Latest };
             let mut poller = StreamPoller::new(streams, info.stream_arn, start);
             poller.prime().await?;
-            (Arc::new(DynamoStore::new(client, &options.table)), None, Source::Dynamo(poller))
+            let store = DynamoStore::new(client, &options.table).with_metrics(metrics.clone());
+            (Arc::new(store), None, Source::Dynamo(poller))
         }
     };
 
-    let metrics = Arc::new(Metrics::default());
     let delivery =
         DeliverySettings { endpoint_override: Some(format!("http://{addr}/{stage}")), ..options.delivery.clone() };
     let deliverer = Deliverer::new(sdk, delivery, store.clone(), clock.clone(), metrics.clone());

@@ -21,10 +21,11 @@ pub fn init_tracing() {
     tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(true).without_time().init();
 }
 
-async fn store_from(config: &Config) -> (aws_config::SdkConfig, Arc<DynamoStore>) {
+/// The table, counting items that do not decode in `metrics`.
+async fn store_from(config: &Config, metrics: Arc<Metrics>) -> (aws_config::SdkConfig, Arc<DynamoStore>) {
     let sdk = config::load_aws().await;
     let client = config::dynamodb_client(&sdk, config.dynamodb_endpoint.as_deref());
-    (sdk, Arc::new(DynamoStore::new(client, &config.table_name)))
+    (sdk, Arc::new(DynamoStore::new(client, &config.table_name).with_metrics(metrics)))
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -38,7 +39,8 @@ pub enum Route {
 pub async fn run_handler(route: Route) -> Result<(), Error> {
     init_tracing();
     let config = Config::from_env()?;
-    let (_, store) = store_from(&config).await;
+    // The handlers emit no counts: an item that does not decode is told by its log line.
+    let (_, store) = store_from(&config, Arc::default()).await;
     let deps = HandlerDeps {
         store,
         clock: Arc::new(SystemClock),
@@ -61,9 +63,9 @@ pub async fn run_handler(route: Route) -> Result<(), Error> {
 pub async fn run_processor() -> Result<(), Error> {
     init_tracing();
     let config = Config::from_env()?;
-    let (sdk, store) = store_from(&config).await;
-    let clock = Arc::new(SystemClock);
     let metrics = Arc::new(Metrics::default());
+    let (sdk, store) = store_from(&config, metrics.clone()).await;
+    let clock = Arc::new(SystemClock);
     let deliverer = Deliverer::new(sdk, config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
     let registry = Arc::new(crate::plugins::registry::Registry::from_config(&config, metrics.clone())?);
     let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once).with_plugins(registry);
@@ -114,9 +116,9 @@ pub async fn run_authorizer() -> Result<(), Error> {
 }
 
 async fn admin_from(config: &Config) -> crate::admin::Admin {
-    let (sdk, store) = store_from(config).await;
-    let clock = Arc::new(SystemClock);
     let metrics = Arc::new(Metrics::default());
+    let (sdk, store) = store_from(config, metrics.clone()).await;
+    let clock = Arc::new(SystemClock);
     let deliverer = Deliverer::new(sdk, config.delivery.clone(), store.clone(), clock.clone(), metrics);
     crate::admin::Admin { store, deliverer: Arc::new(deliverer), clock, idle_limit: config.idle_limit }
 }

@@ -41,7 +41,8 @@ counters! {
     gone,
     /// 429 answers (each retried within the deadline).
     throttled,
-    /// Recipients that kept answering 429 past the slow-consumer budget: given up for that record and, by default, closed
+    /// Recipients that kept answering 429 past the slow-consumer budget: given up for that record
+    /// and, by default, closed.
     slow_consumers,
     /// Retries after 429, 5xx, timeouts and young connections' 410.
     retried,
@@ -49,6 +50,8 @@ counters! {
     failed,
     /// Records reported in `batchItemFailures` (our fault: the table was unavailable).
     platform_failures,
+    /// Items read from the table that did not decode, skipped; the key is logged.
+    corrupt_items,
     /// Messages a tenant's plugin rejected.
     rejected,
     /// Plugin faults (trap, fuel, deadline, memory, bad output).
@@ -78,6 +81,7 @@ impl Counts {
             retried = self.retried,
             failed = self.failed,
             platform_failures = self.platform_failures,
+            corrupt_items = self.corrupt_items,
             rejected = self.rejected,
             plugin_faults = self.plugin_faults,
             plugin_instances = self.plugin_instances,

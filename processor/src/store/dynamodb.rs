@@ -5,6 +5,7 @@
 //! and filter `ttl <= now` on our side: DynamoDB's TTL deletes lazily.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,7 +21,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Result, Store, StoreError, history_upper_bound};
+use super::{Result, Store, StoreError, decode_or_skip, history_upper_bound};
+use crate::metrics::Metrics;
 use crate::model::{
     self, Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus, format_ts,
     is_expired,
@@ -34,11 +36,21 @@ type DynamoItem = HashMap<String, AttributeValue>;
 pub struct DynamoStore {
     client: Client,
     table: String,
+    /// Where items that do not decode are counted (`corrupt_items`).
+    metrics: Arc<Metrics>,
 }
 
 impl DynamoStore {
+    /// A store that counts items that do not decode on its own (only the log line tells);
+    /// [`DynamoStore::with_metrics`] counts them with a processor's.
     pub fn new(client: Client, table: impl Into<String>) -> DynamoStore {
-        DynamoStore { client, table: table.into() }
+        DynamoStore { client, table: table.into(), metrics: Arc::default() }
+    }
+
+    /// Counts items that do not decode in `metrics`: the processor's, when it reads through this
+    /// store.
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> DynamoStore {
+        DynamoStore { metrics, ..self }
     }
 
     pub fn client(&self) -> &Client {
@@ -87,6 +99,11 @@ impl DynamoStore {
             Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
             Err(err) => Err(unavailable("update_item", err)),
         }
+    }
+
+    /// The record, or `None` (logged and counted) when the item does not decode.
+    fn decode<T: DeserializeOwned>(&self, item: DynamoItem) -> Option<T> {
+        decode_or_skip(item, &self.metrics)
     }
 
     /// Runs a query to the end, page by page, until `keep` says it has enough.
@@ -155,14 +172,6 @@ fn encode<T: Serialize>(value: &T) -> Result<DynamoItem> {
     serde_dynamo::to_item(value).map_err(|e| StoreError::Unavailable(format!("cannot encode record: {e}")))
 }
 
-fn decode<T: DeserializeOwned>(item: DynamoItem) -> Result<T> {
-    let pk = match item.get("pk") {
-        Some(AttributeValue::S(pk)) => pk.clone(),
-        _ => "?".into(),
-    };
-    serde_dynamo::from_item(item).map_err(|e| StoreError::Unavailable(format!("corrupt record {pk}: {e}")))
-}
-
 fn unavailable<E, R>(operation: &str, err: SdkError<E, R>) -> StoreError
 where
     E: std::error::Error + 'static,
@@ -199,7 +208,7 @@ impl Store for DynamoStore {
             .send()
             .await
             .map_err(|e| unavailable("get_item", e))?;
-        let conn: Option<Connection> = out.item.map(decode).transpose()?;
+        let conn: Option<Connection> = out.item.and_then(|item| self.decode(item));
         Ok(conn.filter(|c| !is_expired(c.ttl, now)))
     }
 
@@ -216,7 +225,7 @@ impl Store for DynamoStore {
             .send()
             .await
             .map_err(|e| unavailable("delete_item", e))?;
-        out.attributes.filter(|a| !a.is_empty()).map(decode).transpose()
+        Ok(out.attributes.filter(|a| !a.is_empty()).and_then(|item| self.decode(item)))
     }
 
     async fn join(&self, membership: &Membership) -> Result<()> {
@@ -282,8 +291,9 @@ impl Store for DynamoStore {
             ..QuerySpec::default()
         };
         self.query_all(spec, |item| {
-            let m: Membership = decode(item)?;
-            if !is_expired(m.ttl, now) {
+            if let Some(m) = self.decode::<Membership>(item)
+                && !is_expired(m.ttl, now)
+            {
                 members.push(m);
             }
             Ok(true)
@@ -324,8 +334,9 @@ impl Store for DynamoStore {
             ..QuerySpec::default()
         };
         self.query_all(spec, |item| {
-            let c: Connection = decode(item)?;
-            if !is_expired(c.ttl, now) {
+            if let Some(c) = self.decode::<Connection>(item)
+                && !is_expired(c.ttl, now)
+            {
                 found.push(c);
             }
             Ok(true)
@@ -351,7 +362,7 @@ impl Store for DynamoStore {
                 .await
                 .map_err(|e| unavailable("scan", e))?;
             for item in page.items.unwrap_or_default() {
-                page_out.push(decode(item)?);
+                page_out.extend(self.decode(item));
                 if page_out.len() == limit {
                     return Ok(page_out);
                 }
@@ -377,7 +388,7 @@ impl Store for DynamoStore {
             .send()
             .await;
         match result {
-            Ok(out) => out.attributes.map(decode).transpose(),
+            Ok(out) => Ok(out.attributes.and_then(|item| self.decode(item))),
             Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
             Err(err) => Err(unavailable("update_item", err)),
         }
@@ -415,8 +426,8 @@ impl Store for DynamoStore {
                 .send()
                 .await
                 .map_err(|e| unavailable("get_item (plugin chunk)", e))?;
-            match out.item {
-                Some(item) => bytes.extend_from_slice(&decode::<PluginChunk>(item)?.data),
+            match out.item.and_then(|item| self.decode::<PluginChunk>(item)) {
+                Some(chunk) => bytes.extend_from_slice(&chunk.data),
                 None => return Ok(None),
             }
         }
@@ -434,7 +445,7 @@ impl Store for DynamoStore {
             ..QuerySpec::default()
         };
         self.query_all(spec, |item| {
-            metas.push(decode(item)?);
+            metas.extend(self.decode(item));
             Ok(true)
         })
         .await?;
@@ -481,7 +492,7 @@ impl Store for DynamoStore {
             .send()
             .await
             .map_err(|e| unavailable("get_item (active plugin)", e))?;
-        out.item.map(decode).transpose()
+        Ok(out.item.and_then(|item| self.decode(item)))
     }
 
     async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()> {
@@ -528,8 +539,9 @@ impl Store for DynamoStore {
             ..QuerySpec::default()
         };
         self.query_all(spec, |item| {
-            let m: Message = decode(item)?;
-            if !is_expired(m.ttl, now) {
+            if let Some(m) = self.decode::<Message>(item)
+                && !is_expired(m.ttl, now)
+            {
                 newest_first.push(m);
             }
             Ok(newest_first.len() < limit)

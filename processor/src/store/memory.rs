@@ -18,7 +18,8 @@ use serde::de::DeserializeOwned;
 use serde_dynamo::{AttributeValue, Item};
 use tokio::sync::mpsc;
 
-use super::{Result, Store, StoreError, history_upper_bound};
+use super::{Result, Store, StoreError, decode_or_skip, history_upper_bound};
+use crate::metrics::Metrics;
 use crate::model::{
     self, Clock, Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus,
     is_expired,
@@ -42,6 +43,8 @@ pub struct MemoryStore {
     table: Mutex<Table>,
     clock: Arc<dyn Clock>,
     table_name: String,
+    /// Where items that do not decode are counted (`corrupt_items`).
+    metrics: Arc<Metrics>,
 }
 
 /// Who made a change, as the stream record's `userIdentity` tells it.
@@ -52,7 +55,15 @@ enum Actor {
 }
 
 impl MemoryStore {
+    /// A store that counts items that do not decode on its own (only the log line tells);
+    /// [`MemoryStore::with_metrics`] counts them with a processor's.
     pub fn new(clock: Arc<dyn Clock>) -> Arc<MemoryStore> {
+        Self::with_metrics(clock, Arc::default())
+    }
+
+    /// Counts items that do not decode in `metrics`: the processor's, when it reads through this
+    /// store.
+    pub fn with_metrics(clock: Arc<dyn Clock>, metrics: Arc<Metrics>) -> Arc<MemoryStore> {
         Arc::new(MemoryStore {
             table: Mutex::new(Table {
                 items: BTreeMap::new(),
@@ -62,6 +73,7 @@ impl MemoryStore {
             }),
             clock,
             table_name: "roomcast".into(),
+            metrics,
         })
     }
 
@@ -91,6 +103,13 @@ impl MemoryStore {
             self.delete_item(&mut table, key, Actor::TtlService);
         }
         due.len()
+    }
+
+    /// Writes an item as it is, bypassing the records' types, with its stream record: what a
+    /// newer handler or a console edit does to the table. For tests of items that do not decode.
+    pub fn put_raw(&self, item: Item) {
+        let mut table = self.lock();
+        self.put_item(&mut table, item);
     }
 
     /// Every item, for tests and the dev stack's inspection.
@@ -164,17 +183,33 @@ impl MemoryStore {
         }
     }
 
-    fn get<T: DeserializeOwned>(&self, table: &Table, key: &Key) -> Result<Option<T>> {
-        table.items.get(key).map(|item| decode(item.clone())).transpose()
+    /// The record, or `None` (logged and counted) when the item does not decode.
+    fn decode<T: DeserializeOwned>(&self, item: &Item) -> Option<T> {
+        decode_or_skip(item.clone(), &self.metrics)
+    }
+
+    /// The record under `key`; `None` when there is none or it does not decode.
+    fn get<T: DeserializeOwned>(&self, table: &Table, key: &Key) -> Option<T> {
+        table.items.get(key).and_then(|item| self.decode(item))
+    }
+
+    /// Sets (or, with `None`, removes) attributes of an existing item as it is, decoding or not,
+    /// as DynamoDB's update expressions do; returns the new item, or `None` when there is none.
+    fn update(&self, table: &mut Table, key: &Key, set: &[(&str, Option<AttributeValue>)]) -> Option<Item> {
+        let mut item = table.items.get(key)?.clone();
+        for (name, value) in set {
+            match value {
+                Some(value) => item.insert(name.to_string(), value.clone()),
+                None => item.remove(*name),
+            };
+        }
+        self.put_item(table, item.clone());
+        Some(item)
     }
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Item> {
     serde_dynamo::to_item(value).map_err(|e| StoreError::Unavailable(format!("cannot encode record: {e}")))
-}
-
-fn decode<T: DeserializeOwned>(item: Item) -> Result<T> {
-    serde_dynamo::from_item(item).map_err(|e| StoreError::Unavailable(format!("corrupt record in table: {e}")))
 }
 
 fn item_key(item: &Item) -> Key {
@@ -217,27 +252,23 @@ impl Store for MemoryStore {
 
     async fn get_connection(&self, connection_id: &str, now: DateTime<Utc>) -> Result<Option<Connection>> {
         let table = self.lock();
-        let conn: Option<Connection> = self.get(&table, &connection_key(connection_id))?;
+        let conn: Option<Connection> = self.get(&table, &connection_key(connection_id));
         Ok(conn.filter(|c| !is_expired(c.ttl, now)))
     }
 
     async fn delete_connection(&self, connection_id: &str, reason: Option<LeftReason>) -> Result<Option<Connection>> {
         let mut table = self.lock();
         let key = connection_key(connection_id);
-        if let Some(reason) = reason
-            && let Some(mut conn) = self.get::<Connection>(&table, &key)?
-        {
-            conn.close_reason = Some(reason.as_str().into());
-            let item = encode(&conn)?;
-            self.put_item(&mut table, item);
+        if let Some(reason) = reason {
+            self.update(&mut table, &key, &[("closeReason", Some(AttributeValue::S(reason.as_str().into())))]);
         }
-        self.delete_item(&mut table, &key, Actor::Client).map(decode).transpose()
+        Ok(self.delete_item(&mut table, &key, Actor::Client).and_then(|old| self.decode(&old)))
     }
 
     async fn join(&self, membership: &Membership) -> Result<()> {
         let mut table = self.lock();
         let key = connection_key(&membership.connection_id);
-        let Some(mut conn) = self.get::<Connection>(&table, &key)? else {
+        let Some(mut conn) = self.get::<Connection>(&table, &key) else {
             return Err(StoreError::NoConnection(membership.connection_id.clone()));
         };
         let member_item = encode(membership)?;
@@ -252,7 +283,7 @@ impl Store for MemoryStore {
     async fn leave(&self, connection_id: &str, tenant: &str, room: &str) -> Result<()> {
         let mut table = self.lock();
         let key = connection_key(connection_id);
-        let Some(mut conn) = self.get::<Connection>(&table, &key)? else {
+        let Some(mut conn) = self.get::<Connection>(&table, &key) else {
             return Err(StoreError::NoConnection(connection_id.into()));
         };
         self.delete_item(&mut table, &membership_key(tenant, room, connection_id), Actor::Client);
@@ -265,7 +296,7 @@ impl Store for MemoryStore {
 
     async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()> {
         let mut table = self.lock();
-        let Some(mut current) = self.get::<Connection>(&table, &connection_key(&conn.connection_id))? else {
+        let Some(mut current) = self.get::<Connection>(&table, &connection_key(&conn.connection_id)) else {
             return Err(StoreError::NoConnection(conn.connection_id.clone()));
         };
         current.last_seen_at = now;
@@ -274,11 +305,7 @@ impl Store for MemoryStore {
         self.put_item(&mut table, item);
         for room in &current.rooms {
             let key = membership_key(&current.tenant, room, &current.connection_id);
-            if let Some(mut m) = self.get::<Membership>(&table, &key)? {
-                m.ttl = ttl;
-                let item = encode(&m)?;
-                self.put_item(&mut table, item);
-            }
+            self.update(&mut table, &key, &[("ttl", Some(AttributeValue::N(ttl.to_string())))]);
         }
         Ok(())
     }
@@ -290,8 +317,9 @@ impl Store for MemoryStore {
         let to = (pk, "CONN$".to_string());
         let mut members = Vec::new();
         for item in table.items.range(from..to).map(|(_, item)| item) {
-            let m: Membership = decode(item.clone())?;
-            if !is_expired(m.ttl, now) {
+            if let Some(m) = self.decode::<Membership>(item)
+                && !is_expired(m.ttl, now)
+            {
                 members.push(m);
             }
         }
@@ -301,10 +329,7 @@ impl Store for MemoryStore {
     async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()> {
         let mut table = self.lock();
         let key = membership_key(tenant, room, connection_id);
-        if let Some(mut m) = self.get::<Membership>(&table, &key)? {
-            m.left_reason = Some(reason.as_str().into());
-            let item = encode(&m)?;
-            self.put_item(&mut table, item);
+        if self.update(&mut table, &key, &[("leftReason", Some(AttributeValue::S(reason.as_str().into())))]).is_some() {
             self.delete_item(&mut table, &key, Actor::Client);
         }
         Ok(())
@@ -324,11 +349,10 @@ impl Store for MemoryStore {
         for item in table.items.values() {
             if matches!(item.get("gsi1pk"), Some(AttributeValue::S(k)) if *k == gsi1pk)
                 && matches!(item.get("type"), Some(AttributeValue::S(t)) if t == "connection")
+                && let Some(c) = self.decode::<Connection>(item)
+                && !is_expired(c.ttl, now)
             {
-                let c: Connection = decode(item.clone())?;
-                if !is_expired(c.ttl, now) {
-                    found.push(c);
-                }
+                found.push(c);
             }
         }
         Ok(found)
@@ -346,7 +370,7 @@ impl Store for MemoryStore {
                 break;
             }
             if key.0.starts_with("CONN#") && key.1 == model::CONNECTION_SK {
-                page.push(decode(item.clone())?);
+                page.extend(self.decode(item));
             }
         }
         Ok(page)
@@ -354,13 +378,8 @@ impl Store for MemoryStore {
 
     async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>> {
         let mut table = self.lock();
-        let Some(mut conn) = self.get::<Connection>(&table, &connection_key(connection_id))? else {
-            return Ok(None);
-        };
-        conn.status = status.to_string();
-        let item = encode(&conn)?;
-        self.put_item(&mut table, item);
-        Ok(Some(conn))
+        let set = [("status", Some(AttributeValue::S(status.to_string())))];
+        Ok(self.update(&mut table, &connection_key(connection_id), &set).and_then(|item| self.decode(&item)))
     }
 
     async fn put_plugin(&self, meta: &PluginMeta, chunks: &[PluginChunk]) -> Result<()> {
@@ -377,7 +396,7 @@ impl Store for MemoryStore {
         let mut bytes = Vec::new();
         for index in 0..chunks {
             let key = (model::tenant_pk(tenant), model::plugin_chunk_sk(version, index));
-            match self.get::<PluginChunk>(&table, &key)? {
+            match self.get::<PluginChunk>(&table, &key) {
                 Some(chunk) => bytes.extend_from_slice(&chunk.data),
                 None => return Ok(None),
             }
@@ -391,7 +410,7 @@ impl Store for MemoryStore {
         let mut metas: Vec<PluginMeta> = Vec::new();
         for (key, item) in table.items.range((pk.clone(), "PLUGIN#".to_string())..(pk, "PLUGIN$".to_string())) {
             if key.1.ends_with("#META") {
-                metas.push(decode(item.clone())?);
+                metas.extend(self.decode(item));
             }
         }
         metas.sort_by_key(|m| m.uploaded_at);
@@ -407,18 +426,16 @@ impl Store for MemoryStore {
     ) -> Result<()> {
         let mut table = self.lock();
         let key = (model::tenant_pk(tenant), model::plugin_meta_sk(version));
-        if let Some(mut meta) = self.get::<PluginMeta>(&table, &key)? {
-            meta.status = status;
-            meta.reason = reason.map(str::to_string);
-            let item = encode(&meta)?;
-            self.put_item(&mut table, item);
-        }
+        let status = serde_dynamo::to_attribute_value(status)
+            .map_err(|e| StoreError::Unavailable(format!("cannot encode a plugin status: {e}")))?;
+        let reason = reason.map(|r| AttributeValue::S(r.to_string()));
+        self.update(&mut table, &key, &[("status", Some(status)), ("reason", reason)]);
         Ok(())
     }
 
     async fn active_plugin(&self, tenant: &str) -> Result<Option<PluginActive>> {
         let table = self.lock();
-        self.get(&table, &(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string()))
+        Ok(self.get(&table, &(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string())))
     }
 
     async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()> {
@@ -450,8 +467,9 @@ impl Store for MemoryStore {
         let to = (pk, history_upper_bound(before));
         let mut newest_first = Vec::new();
         for item in table.items.range(from..to).rev().map(|(_, item)| item) {
-            let m: Message = decode(item.clone())?;
-            if !is_expired(m.ttl, now) {
+            if let Some(m) = self.decode::<Message>(item)
+                && !is_expired(m.ttl, now)
+            {
                 newest_first.push(m);
                 if newest_first.len() == limit {
                     break;

@@ -8,13 +8,23 @@
 //! Both pass the same contract suite (`tests/contract.rs`). The operations are the domain's
 //! (connect, join, leave, …), not raw item calls, so that each is atomic in both adapters.
 //! Every read takes `now` and treats `ttl <= now` as gone: DynamoDB deletes expired items lazily.
+//!
+//! An item read from the table that does not decode (a field value this processor does not know,
+//! written by a newer handler during a rolling deployment or by a console edit; a wrong type; a
+//! missing field) is not a platform failure: [`decode_or_skip`] logs it with its key, counts it
+//! (`corrupt_items`), and the read goes on without it. A list leaves it out; a single-item read
+//! answers as if it were absent (each method says what its caller sees). Unknown *fields* decode:
+//! no record denies them.
 
 pub mod dynamodb;
 pub mod memory;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde_dynamo::{AttributeValue, Item};
 
+use crate::metrics::Metrics;
 use crate::model::{Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,16 +56,20 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a new connection and its memberships in one transaction.
     async fn put_connection(&self, conn: &Connection, memberships: &[Membership]) -> Result<()>;
 
-    /// The live connection, or `None` if it does not exist or its TTL has passed.
+    /// The live connection, or `None` if it does not exist, its TTL has passed, or its record
+    /// does not decode (logged and counted): a handler answers "not connected", the client
+    /// reconnects and writes a new record.
     async fn get_connection(&self, connection_id: &str, now: DateTime<Utc>) -> Result<Option<Connection>>;
 
     /// Deletes the connection and returns what was deleted. Idempotent: a second call returns
     /// `None`. With a `reason`, the record is first marked (`closeReason`) so that the stream's
-    /// REMOVE record carries why the processor removed it.
+    /// REMOVE record carries why the processor removed it. A record that does not decode is
+    /// deleted all the same and answered as `None` (logged and counted).
     async fn delete_connection(&self, connection_id: &str, reason: Option<LeftReason>) -> Result<Option<Connection>>;
 
     /// Adds the membership and the room to the connection's `rooms`, atomically.
-    /// [`StoreError::NoConnection`] when the connection is gone.
+    /// [`StoreError::NoConnection`] when the connection is gone (in the embedded store, also when
+    /// its record does not decode).
     async fn join(&self, membership: &Membership) -> Result<()>;
 
     /// Removes the membership and the room from the connection's `rooms`, atomically.
@@ -64,38 +78,43 @@ pub trait Store: Send + Sync + 'static {
     /// Refreshes `lastSeenAt` and the TTL of the connection and of its memberships.
     async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()>;
 
-    /// The live memberships of a room, ordered by connection id.
+    /// The live memberships of a room, ordered by connection id; one that does not decode is
+    /// left out (logged and counted), and the rest of the room is served.
     async fn room_members(&self, tenant: &str, room: &str, now: DateTime<Utc>) -> Result<Vec<Membership>>;
 
     /// Marks the membership with `leftReason` and deletes it (the processor's cascade when a
-    /// connection goes). Idempotent.
+    /// connection goes), whether or not it decodes. Idempotent.
     async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()>;
 
     async fn put_message(&self, message: &Message) -> Result<()>;
 
     /// A user's live connections in a tenant, through the `gsi1` index (eventually consistent,
-    /// as any GSI read).
+    /// as any GSI read). One that does not decode is left out (logged and counted).
     async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>>;
 
     /// One page of connection records, expired ones included (the sweeper wants those), after
     /// the connection id `after`. The next page starts after the last one returned; fewer than
-    /// `limit` means the end.
+    /// `limit` means the end. A record that does not decode is passed over (logged and counted):
+    /// the page is filled from the records after it.
     async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>>;
 
-    /// Sets `status` on a connection; `None` when there is no such connection.
+    /// Sets `status` on a connection; `None` when there is no such connection, or when its record
+    /// does not decode (logged and counted; the status is set all the same).
     async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>>;
 
     /// Writes an uploaded plugin: its chunks first, then its metadata (whose INSERT the processor
     /// activates on, so every chunk is there by then).
     async fn put_plugin(&self, meta: &PluginMeta, chunks: &[PluginChunk]) -> Result<()>;
 
-    /// The component's bytes, reassembled from its chunks; `None` when any chunk is missing.
+    /// The component's bytes, reassembled from its chunks; `None` when any chunk is missing or
+    /// does not decode (logged and counted): the version is refused as incomplete.
     async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>>;
 
-    /// Every uploaded version of a tenant's plugin, oldest first.
+    /// Every uploaded version of a tenant's plugin, oldest first; one whose record does not
+    /// decode is left out (logged and counted), as if it had never been uploaded.
     async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>>;
 
-    /// Records the processor's verdict on a version.
+    /// Records the processor's verdict on a version (on its record as it is, decoding or not).
     async fn set_plugin_status(
         &self,
         tenant: &str,
@@ -104,13 +123,16 @@ pub trait Store: Send + Sync + 'static {
         reason: Option<&str>,
     ) -> Result<()>;
 
-    /// The tenant's active version, if any.
+    /// The tenant's active version, if any. A pointer that does not decode is `None` (logged and
+    /// counted): the tenant runs without a plugin, by the default rules, until the pointer is
+    /// written again, as when the active version's record or chunks are missing.
     async fn active_plugin(&self, tenant: &str) -> Result<Option<PluginActive>>;
 
     /// Points the tenant at a version, or (with `None`) at no plugin.
     async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()>;
 
-    /// Up to `limit` live messages of the room older than `before` (a timestamp), oldest first.
+    /// Up to `limit` live messages of the room older than `before` (a timestamp), oldest first;
+    /// one that does not decode is left out (logged and counted) and does not count to `limit`.
     async fn history(
         &self,
         tenant: &str,
@@ -134,5 +156,24 @@ pub(crate) fn history_upper_bound(before: Option<&str>) -> String {
     match before {
         Some(ts) => format!("MSG#{ts}"),
         None => "MSG$".to_string(), // '$' sorts right after '#': every MSG# key is below it
+    }
+}
+
+/// Decodes an item read from the table. One that does not decode is logged with its key and the
+/// serde error, counted in `metrics.corrupt_items`, and `None`: the caller goes on without it.
+pub(crate) fn decode_or_skip<T: DeserializeOwned>(item: impl Into<Item>, metrics: &Metrics) -> Option<T> {
+    let item: Item = item.into();
+    let key = |name: &str| match item.get(name) {
+        Some(AttributeValue::S(value)) => value.clone(),
+        _ => String::new(),
+    };
+    let (pk, sk) = (key("pk"), key("sk"));
+    match serde_dynamo::from_item(item) {
+        Ok(record) => Some(record),
+        Err(error) => {
+            tracing::warn!(%pk, %sk, %error, "skipping an item of the table that does not decode");
+            Metrics::add(&metrics.corrupt_items, 1);
+            None
+        }
     }
 }
