@@ -1,18 +1,21 @@
 """Checks template.yaml for the properties the deployment depends on, so that an edit cannot
 silently drop them: the table's stream, TTL and index; the processor's bisect, bounded retries,
 partial batch responses and dead-letter queue; the authorizer on $connect; route responses; and
-IAM scoped to this table and this API's @connections.
+IAM scoped to this table and this API's @connections. Also samconfig.toml, which makes `sam build`
+and `sam deploy` run without questions, and how every function is built.
 
 Run by scripts/test (after cfn-lint) with the project's .venv:
     .venv/bin/python -m unittest tests/template_test.py
 """
 
 import pathlib
+import tomllib
 import unittest
 
 from cfnlint.decode import cfn_yaml
 
 TEMPLATE = pathlib.Path(__file__).resolve().parent.parent / "template.yaml"
+SAMCONFIG = TEMPLATE.parent / "samconfig.toml"
 
 
 def load():
@@ -90,6 +93,28 @@ class Template(unittest.TestCase):
             self.assertNotIn("Runtime", f["Properties"], f"{name} must not override the runtime")
             binary = f["Metadata"]["BuildProperties"]["Binary"]
             self.assertTrue((TEMPLATE.parent / "processor/src/bin" / f"{binary}.rs").exists(), f"{name}: no binary {binary}")
+
+    def test_every_function_builds_its_own_binary_of_the_processor_crate(self):
+        # (test_every_function_is_rust_on_provided_al2023 checks BuildMethod and that the binary exists.)
+        binaries = {}
+        for name, f in self.of_type("AWS::Serverless::Function").items():
+            self.assertEqual(f["Properties"]["CodeUri"], "./processor", f"{name}: cargo-lambda builds the processor crate")
+            binaries.setdefault(f["Metadata"]["BuildProperties"]["Binary"], []).append(name)
+        shared = {b: names for b, names in binaries.items() if len(names) > 1}
+        self.assertEqual(shared, {}, "each function has its own binary (and its own build directory)")
+
+    def test_samconfig_makes_build_and_deploy_ask_nothing_but_the_changeset(self):
+        config = tomllib.loads(SAMCONFIG.read_text())
+        self.assertEqual(config["version"], 0.1)
+        default = config["default"]
+        # rust-cargolambda was a SAM CLI beta: without this, SAM CLI 1.155 and older stop to ask.
+        self.assertIs(default["build"]["parameters"]["beta_features"], True)
+        deploy = default["deploy"]["parameters"]
+        self.assertEqual(deploy["capabilities"], "CAPABILITY_IAM", "the template creates IAM roles")
+        self.assertIs(deploy["resolve_s3"], True)
+        self.assertIs(deploy["confirm_changeset"], True)
+        stack = default.get("global", {}).get("parameters", {}).get("stack_name") or deploy.get("stack_name")
+        self.assertTrue(stack, "sam deploy and sam delete need a stack name")
 
     def test_the_websocket_api_routes_and_route_responses(self):
         api = self.resources["WebSocketApi"]["Properties"]
