@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use roomcast::store::Store;
 use roomcast::stream::poller::{StartAt, StreamPoller};
 use roomcast_tests::aws::{Deployment, Gate, Invoked, Lambda, Template};
 use roomcast_tests::{Recorder, connect_request, disconnect_request, message_request, moto_endpoint, moto_table};
@@ -261,9 +262,31 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     let left = aws.recorder.received_action("c-alice", "presence");
     assert!(left.iter().any(|p| p["user_id"] == "bob" && p["event"] == "left"), "{left:?}");
 
-    // The sweeper and every admin operation.
+    assert_eq!(aws.send("c-alice", json!({"action": "join", "room": "side"})).await["action"], "ack");
+    assert_eq!(aws.send("c-alice", json!({"action": "leave", "room": "side"})).await["action"], "ack");
+    aws.pump().await;
+
+    // Two connections went silent two hours ago, and API Gateway says they are gone: the sweeper
+    // removes one on its schedule, the admin operation the other.
+    let two_hours_ago = roomcast::model::ManualClock::at(chrono::Utc::now() - chrono::Duration::hours(2));
+    let old = roomcast::handlers::HandlerDeps {
+        store: std::sync::Arc::new(aws.admin.clone()),
+        clock: two_hours_ago,
+        connection_ttl_seconds: 3 * 3600,
+        history_ttl_seconds: 3600,
+    };
+    let stale = |id: &'static str, user: &'static str| {
+        let (old, recorder) = (&old, &aws.recorder);
+        async move {
+            let connected = roomcast::handlers::connect(&connect_request(id, "acme", user, "attic"), old).await;
+            assert_eq!(connected.status_code, 200);
+            recorder.mark_gone(id);
+        }
+    };
+    stale("c-stale-1", "carol").await;
     let report = aws.invoke("SweeperFunction", json!({"source": "aws.events", "detail-type": "Scheduled Event"})).await;
     assert!(report.is_object(), "{report}");
+    stale("c-stale-2", "dave").await;
     for (event, key) in [
         (json!({"action": "get_user_connections", "tenant": "acme", "userId": "alice"}), "connections"),
         (json!({"action": "get_all_connections", "limit": 10}), "connections"),
@@ -275,6 +298,18 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
         assert!(answer["body"].get(key).is_some(), "{event} answered {answer}");
     }
     aws.pump().await;
+
+    assert!(aws.admin.get_connection("c-stale-1", chrono::Utc::now()).await.unwrap().is_none(), "not swept");
+    assert!(aws.admin.get_connection("c-stale-2", chrono::Utc::now()).await.unwrap().is_none(), "not cleaned");
+
+    // Least privilege: every action granted was needed, but for what Lambda itself does with the
+    // processor's role (the event source lists streams; the on-failure destination is SQS).
+    let unused = aws.gate.unused_grants();
+    assert_eq!(
+        unused,
+        ["ProcessorFunction: dynamodb:ListStreams", "ProcessorFunction: sqs:SendMessage"],
+        "template.yaml grants actions no function used"
+    );
 
     // Nothing failed, and redelivery showed clients each message twice under the same id.
     assert!(aws.failures.is_empty(), "the processor reported failures: {:?}", aws.failures);

@@ -344,6 +344,32 @@ impl Gate {
             .collect()
     }
 
+    /// The actions each function's policy grants that no call of this session needed, as
+    /// `Function: action` lines: candidates to take out of template.yaml.
+    pub fn unused_grants(&self) -> Vec<String> {
+        let judged = self.judged();
+        let principals = self.state.principals.lock().unwrap();
+        let mut unused = Vec::new();
+        for function in principals.values() {
+            for statement in function.policy.iter().filter(|s| s.allow) {
+                for action in &statement.actions {
+                    let used = judged.iter().any(|j| {
+                        j.allowed
+                            && j.function == function.logical_id
+                            && glob(&action.to_ascii_lowercase(), &j.action.to_ascii_lowercase())
+                            && statement.resources.iter().any(|r| glob(r, &j.resource))
+                    });
+                    if !used {
+                        unused.push(format!("{}: {action}", function.logical_id));
+                    }
+                }
+            }
+        }
+        unused.sort();
+        unused.dedup();
+        unused
+    }
+
     /// Judges a call to `@connections` (API Gateway's management API): `execute-api:ManageConnections`
     /// on `…/{stage}/{METHOD}/@connections/{id}`.
     pub fn judge_management(&self, headers: &HeaderMap, method: &str, api_id: &str, stage: &str, id: &str) -> bool {

@@ -326,8 +326,15 @@ async fn the_stream_poller_feeds_the_processor_and_redrives_failed_batches() {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let recorder = stack.recorder.clone();
     let run = async {
-        roomcast::pipeline::run_from_stream(&stack.processor, &mut poller, Duration::from_millis(20), None, stopped)
-            .await
+        roomcast::pipeline::run_from_stream(
+            &stack.processor,
+            &mut poller,
+            Duration::from_millis(20),
+            None,
+            false,
+            stopped,
+        )
+        .await
     };
     let watch = async {
         for _ in 0..500 {

@@ -208,3 +208,33 @@ async fn two_pages_in_one_room_exchange_messages_and_see_each_others_presence() 
         .await;
     stack.shutdown().await;
 }
+
+/// Lambda's event source may deliver a batch twice; `roomcast dev --redeliver` does it every
+/// time. The page shows each message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_a_redelivered_message_once() {
+    let options = roomcast::dev::DevOptions { port: 0, redeliver: true, ..Default::default() };
+    let stack = roomcast::dev::start(options).await.unwrap();
+    let mut browser = Browser::launch().await;
+    let page = |user: &str| format!("{}?tenant=acme&user={user}&rooms=general&room=general", stack.page_url());
+    let ann = browser.open(&page("ann")).await;
+    browser.click(&ann, "connect").await;
+    browser.wait_for(&ann, "ann's welcome", &log_has("welcome", "connected as ann")).await;
+    for text in ["first", "second", "marker"] {
+        browser.type_into(&ann, "text", text).await;
+        browser.click(&ann, "send").await;
+        browser.wait_for(&ann, text, &log_has("message", &format!("ann: {text}"))).await;
+    }
+    // Both deliveries of "first" and "second" came before "marker" was even sent.
+    let count = |text: &str| {
+        format!(
+            "[...document.querySelectorAll('#log li[data-action=\"message\"]')].filter(li => li.textContent.includes({})).length",
+            json!(format!("ann: {text}"))
+        )
+    };
+    for text in ["first", "second"] {
+        browser.wait_for(&ann, &format!("{text} shown once"), &format!("{} === 1", count(text))).await;
+    }
+    browser.wait_for(&ann, "the repeats dropped", "Number(document.body.dataset.repeatsDropped || 0) >= 2").await;
+    stack.shutdown().await;
+}

@@ -147,10 +147,11 @@ class Template(unittest.TestCase):
                 if any(a.startswith("execute-api:") for a in actions):
                     found += 1
                     self.assertEqual(actions, ["execute-api:ManageConnections"], name)
-                    resource = sub_text(s["Resource"])
-                    self.assertIsNotNone(resource, f"{name}: ManageConnections needs a scoped resource")
-                    self.assertIn("${WebSocketApi}/${StageName}/", resource, name)
-                    self.assertIn("/@connections/", resource, name)
+                    resources = s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]]
+                    for resource in map(sub_text, resources):
+                        self.assertIsNotNone(resource, f"{name}: ManageConnections needs a scoped resource")
+                        self.assertIn("${WebSocketApi}/${StageName}/", resource, name)
+                        self.assertIn("/@connections/", resource, name)
         self.assertEqual(found, 3, "the processor, the sweeper and admin manage connections")
 
     def test_table_actions_are_on_the_table_and_its_index_only(self):

@@ -116,6 +116,10 @@ struct DevArgs {
     /// Also accept unsigned `?tenant=…&user_id=…` at connect. Never in production.
     #[arg(long)]
     insecure_dev_auth: bool,
+    /// Deliver every stream batch twice, as Lambda's event source may after a failure or a
+    /// timeout: a client sees each message twice with the same id and must show it once.
+    #[arg(long)]
+    redeliver: bool,
     /// Connection and membership TTL, seconds.
     #[arg(long, env = "CONNECTION_TTL_SECONDS", default_value_t = 3600)]
     connection_ttl: i64,
@@ -374,7 +378,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let _ = stop.send(true);
             });
             eprintln!("processing stream {stream_arn}; Ctrl-C stops");
-            run_from_stream(&processor, &mut poller, Duration::from_millis(250), None, stopped).await?;
+            run_from_stream(&processor, &mut poller, Duration::from_millis(250), None, false, stopped).await?;
             processor.counts().emit("roomcast.totals");
             Ok(())
         }
@@ -398,6 +402,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         },
         connection_ttl_seconds: args.connection_ttl,
         plugins: args.plugins,
+        redeliver: args.redeliver,
         ..crate::dev::DevOptions::default()
     };
     let store_name =

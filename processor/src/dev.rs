@@ -44,6 +44,9 @@ pub struct DevOptions {
     pub delivery: DeliverySettings,
     /// Loads `DIR/<tenant>.wasm` for each tenant at start (fail-open, default limits).
     pub plugins: Option<PathBuf>,
+    /// Deliver every stream batch twice, as Lambda's event source may: clients see repeats
+    /// and can show that they drop them.
+    pub redeliver: bool,
 }
 
 impl Default for DevOptions {
@@ -60,6 +63,7 @@ impl Default for DevOptions {
             ttl_sweep_every: Duration::from_secs(1),
             delivery: DeliverySettings::default(),
             plugins: None,
+            redeliver: false,
         }
     }
 }
@@ -203,7 +207,13 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
 
     match source {
         Source::Memory(rx) => {
-            tasks.push(tokio::spawn(feed_from_memory(processor.clone(), rx, log.clone(), stopped.clone())));
+            tasks.push(tokio::spawn(feed_from_memory(
+                processor.clone(),
+                rx,
+                log.clone(),
+                options.redeliver,
+                stopped.clone(),
+            )));
             let memory = memory.clone().expect("the embedded store");
             let (every, clock, mut stop) = (options.ttl_sweep_every, clock.clone(), stopped.clone());
             tasks.push(tokio::spawn(async move {
@@ -218,9 +228,17 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         }
         Source::Dynamo(mut poller) => {
             let (processor, log, stopped) = (processor.clone(), log.clone(), stopped.clone());
+            let redeliver = options.redeliver;
             tasks.push(tokio::spawn(async move {
-                let result =
-                    run_from_stream(&processor, &mut poller, Duration::from_millis(100), log.as_deref(), stopped).await;
+                let result = run_from_stream(
+                    &processor,
+                    &mut poller,
+                    Duration::from_millis(100),
+                    log.as_deref(),
+                    redeliver,
+                    stopped,
+                )
+                .await;
                 if let Err(e) = result {
                     tracing::error!(error = %format!("{e:#}"), "stream poller stopped");
                 }
@@ -235,6 +253,7 @@ async fn feed_from_memory(
     processor: Arc<Processor>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<aws_lambda_events::dynamodb::EventRecord>,
     log: Option<Arc<StreamLog>>,
+    redeliver: bool,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -253,7 +272,10 @@ async fn feed_from_memory(
             log.append(&batch);
         }
         let raw: Vec<serde_json::Value> = batch.iter().filter_map(|r| serde_json::to_value(r).ok()).collect();
-        let outcome = processor.process_batch(&raw).await;
+        let mut outcome = processor.process_batch(&raw).await;
+        if redeliver {
+            outcome = processor.process_batch(&raw).await;
+        }
         if let Some((_, sequence)) = outcome.failure {
             // The embedded store cannot be unavailable; a failure here is a bug worth shouting about.
             tracing::error!(%sequence, "a batch failed against the embedded store");

@@ -404,12 +404,14 @@ impl Processor {
 
 /// Feeds the processor from a table's stream through the DynamoDB Streams API until `shutdown`
 /// fires, as Lambda's event source mapping would: a batch whose record failed for a platform
-/// reason is re-read from that record after a pause.
+/// reason is re-read from that record after a pause; with `redeliver`, every batch is
+/// processed twice, as the event source may.
 pub async fn run_from_stream(
     processor: &Processor,
     poller: &mut crate::stream::poller::StreamPoller,
     idle: std::time::Duration,
     log: Option<&crate::stream::log::StreamLog>,
+    redeliver: bool,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut failures_in_a_row = 0u32;
@@ -426,7 +428,10 @@ pub async fn run_from_stream(
             log.append(&batch.records);
         }
         let raw: Vec<serde_json::Value> = batch.records.iter().filter_map(|r| serde_json::to_value(r).ok()).collect();
-        let outcome = processor.process_batch(&raw).await;
+        let mut outcome = processor.process_batch(&raw).await;
+        if redeliver {
+            outcome = processor.process_batch(&raw).await;
+        }
         if let Some((_, sequence)) = outcome.failure {
             failures_in_a_row += 1;
             let pause = std::time::Duration::from_millis(200 * u64::from(failures_in_a_row.min(25)));
