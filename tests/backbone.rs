@@ -20,6 +20,7 @@ roomcast_tests::on_both_stores!(
     a_ttl_deletion_yields_left_with_reason_expired,
     a_gone_recipient_is_deleted_while_the_others_are_served,
     a_young_connections_410_is_retried,
+    a_young_connections_retries_hold_up_no_other_record,
     throttling_and_server_errors_are_retried_and_413_is_not,
     a_platform_failure_reports_exactly_its_sequence_number,
     route_responses_and_history,
@@ -197,6 +198,36 @@ async fn a_young_connections_410_is_retried(kind: &str) {
     let counts = stack.processor.counts();
     assert_eq!(counts.gone, 0);
     assert!(counts.retried >= 2);
+}
+
+async fn a_young_connections_retries_hold_up_no_other_record(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.connect("ann", "acme", "ann", "lobby").await;
+    stack.pump().await;
+    // A client that closed before its welcome: API Gateway answers 410 for as long as it is young.
+    stack.recorder.script("young", &[410; 10_000]);
+    stack.connect("young", "acme", "yan", "lobby").await;
+    let first = stack.send("ann", json!({"action":"sendMessage","room":"lobby","message":"one"})).await;
+    let second = stack.send("ann", json!({"action":"sendMessage","room":"lobby","message":"two"})).await;
+    stack.pump().await;
+    let calls = stack.recorder.calls();
+    let second_to_ann = calls
+        .iter()
+        .position(|c| c.connection_id == "ann" && c.status == 200 && c.body["id"] == second["id"])
+        .expect("ann got her second message");
+    let first_to_young = calls
+        .iter()
+        .rposition(|c| c.connection_id == "young" && c.body["id"] == first["id"])
+        .expect("the first message was tried on young");
+    // The room's records run in order: the second message went out while the first one's
+    // retries to young were still going on, not after them.
+    assert!(
+        second_to_ann < first_to_young,
+        "the room's next record waited for the young connection's retries: {:?}",
+        calls.iter().map(|c| (&c.connection_id, c.status)).collect::<Vec<_>>()
+    );
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+    assert!(stack.table.store.get_connection("young", stack.clock.now()).await.unwrap().is_some(), "young, not gone");
 }
 
 async fn throttling_and_server_errors_are_retried_and_413_is_not(kind: &str) {

@@ -6,7 +6,7 @@
 //!   `left`), unless it is younger than [`DeliverySettings::young_connection`] (its `$connect`
 //!   may not have returned yet). A young connection's retries are set aside in the batch's
 //!   [`Window`]: they never hold up the room's next record or other rooms, and the batch waits
-//!   for them only while it has time.
+//!   for them at most [`YOUNG_GRACE`] after its own work, and never past its window.
 //! * 429 → back off and retry; a connection still answering 429 after
 //!   [`DeliverySettings::slow_consumer`] is a slow consumer: given up for this record and for
 //!   the rest of the batch, counted (`slow_consumers`) and, unless configured otherwise, closed
@@ -88,6 +88,9 @@ pub enum Outcome {
     Unfinished(String),
 }
 
+/// How long a batch, its own work done, still waits for young connections' retries.
+pub const YOUNG_GRACE: Duration = Duration::from_secs(1);
+
 /// The time one batch's deliveries may take, the young connections' retries set aside until
 /// the batch ends, and the connections found slow in it.
 #[derive(Default)]
@@ -116,22 +119,24 @@ impl Window {
         self.slow.lock().unwrap_or_else(|p| p.into_inner()).contains(connection_id)
     }
 
-    /// Waits for the set-aside retries while the window lasts; those still running then are
-    /// dropped (logged): a connection that has not finished connecting by then gets no welcome.
+    /// Once the batch's own work is done, waits for the set-aside retries for at most
+    /// [`YOUNG_GRACE`], and never past the window. Those still running then are dropped
+    /// (logged, not deleted): a connection that has not finished connecting by then gets no
+    /// welcome from this batch; if it is really gone, its `$disconnect` or the sweeper removes it.
     pub async fn settle(&self) {
         let mut deferred = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|p| p.into_inner()));
+        if deferred.is_empty() {
+            return;
+        }
+        let grace = Instant::now() + YOUNG_GRACE;
+        let until = self.finish_by.map_or(grace, |at| at.min(grace));
         let all = async { while deferred.join_next().await.is_some() {} };
-        match self.finish_by {
-            None => all.await,
-            Some(at) => {
-                if tokio::time::timeout_at(at.into(), all).await.is_err() {
-                    tracing::warn!(
-                        dropped = deferred.len(),
-                        "young connections' retries still running at the deadline"
-                    );
-                    deferred.abort_all();
-                }
-            }
+        if tokio::time::timeout_at(until.into(), all).await.is_err() {
+            tracing::warn!(
+                dropped = deferred.len(),
+                "young connections still answering 410; their retries end with the batch"
+            );
+            deferred.abort_all();
         }
     }
 }
@@ -336,6 +341,7 @@ impl Inner {
                         return Ok(Sent::Done(Outcome::Gone));
                     }
                     if set_aside_young {
+                        Metrics::add(&self.metrics.retried, 1);
                         tracing::debug!(connection_id = %to.connection_id, "410 for a young connection: retrying beside the batch");
                         return Ok(Sent::Young);
                     }
