@@ -252,6 +252,9 @@ roomcast_tests::on_both_stores!(
     uploads_activate_through_the_stream_and_roll_back,
     a_cold_processor_loads_the_active_plugin,
     every_warm_container_follows_activation_rollback_disable_and_reupload,
+    a_cold_container_runs_no_room_of_a_tenant_without_its_plugin,
+    old_plugin_records_never_undo_a_newer_change,
+    an_active_version_that_cannot_load_leaves_no_plugin_and_is_not_retried,
     a_batch_reuses_one_instance_per_tenant_and_replaces_a_faulted_one,
     per_tenant_limits_from_the_upload_apply_and_are_capped,
     the_compiled_plugin_cache_is_bounded_and_evicted_tenants_reload,
@@ -540,11 +543,110 @@ async fn every_warm_container_follows_activation_rollback_disable_and_reupload(k
     assert_eq!(stack.plugins.installed_policy("acme"), Some(Policy::FailOpen), "and so does A");
 }
 
-async fn a_cold_processor_loads_the_active_plugin(kind: &str) {
+/// Rooms of one batch run concurrently: on a cold container, every room of the tenant waits
+/// for the one look-up of its plugin, so no message skips it.
+async fn a_cold_container_runs_no_room_of_a_tenant_without_its_plugin(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    let rooms = ["r1", "r2", "r3", "r4"];
+    for room in rooms {
+        stack.connect(&format!("s-{room}"), "acme", &format!("sender-{room}"), room).await;
+        stack.connect(&format!("l-{room}"), "acme", &format!("listener-{room}"), room).await;
+    }
+    let moderation = component("roomcast-plugin-moderation");
+    stack.upload_plugin("acme", &moderation, FailurePolicy::Closed, roomcast::plugins::LimitOverrides::default()).await;
+    stack.pump().await;
+    let (cold, _) = another_container(&stack).await;
+    stack.processor = cold;
+    stack.recorder.clear();
+    for room in rooms {
+        stack.send(&format!("s-{room}"), json!({"action":"sendMessage","room":room,"message":"spam"})).await;
+    }
+    stack.pump().await;
+    for room in rooms {
+        assert!(
+            stack.recorder.received_action(&format!("l-{room}"), "message").is_empty(),
+            "spam in {room} skipped the plugin on a cold container"
+        );
+        assert_eq!(stack.recorder.received_action(&format!("s-{room}"), "rejected").len(), 1, "{room}");
+    }
+}
+
+/// The stream redelivers, and a record may be late: an upload record seen again after a
+/// rollback does not activate its version again.
+async fn old_plugin_records_never_undo_a_newer_change(kind: &str) {
     let mut stack = Stack::on(kind).await;
     stack.connect("ann", "acme", "ann", "general").await;
     stack.connect("bob", "acme", "bob", "general").await;
     let store = stack.table.store.clone();
+    let none = roomcast::plugins::LimitOverrides::default;
+    let v1 = stack.upload_plugin("acme", &component("roomcast-plugin-moderation"), FailurePolicy::Closed, none()).await;
+    stack.pump().await;
+    stack.clock.advance(chrono::Duration::seconds(1));
+    let v2 = stack.upload_plugin("acme", &component("roomcast-plugin-welcome"), FailurePolicy::Closed, none()).await;
+    stack.pump().await;
+    assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, v2.version);
+    let v2_upload = stack
+        .captured
+        .iter()
+        .find(|r| {
+            r.event_name == "INSERT"
+                && matches!(
+                    roomcast::stream::Change::from_record(r),
+                    roomcast::stream::Change::Inserted(roomcast::stream::Record::Plugin(ref m)) if m.version == v2.version
+                )
+        })
+        .cloned()
+        .expect("v2's upload record");
+    store.set_active_plugin("acme", Some(&v1.version)).await.unwrap();
+    stack.pump().await;
+    assert!(spam_is_rejected(&mut stack).await, "rolled back to moderation");
+
+    // The event source delivers v2's upload record again.
+    let response = stack.processor.handle_event(&json!({ "Records": [v2_upload] })).await.unwrap();
+    assert!(response.batch_item_failures.is_empty());
+    stack.pump().await;
+    assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, v1.version, "the rollback stands");
+    assert!(spam_is_rejected(&mut stack).await, "moderation still runs");
+}
+
+/// An operator points the tenant at a version that cannot load: the container runs no plugin
+/// (not the older one the pointer no longer names), and does not try again every batch.
+async fn an_active_version_that_cannot_load_leaves_no_plugin_and_is_not_retried(kind: &str) {
+    use roomcast::model::Clock;
+    let mut stack = Stack::on(kind).await;
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    let store = stack.table.store.clone();
+    let moderation = component("roomcast-plugin-moderation");
+    stack.upload_plugin("acme", &moderation, FailurePolicy::Closed, roomcast::plugins::LimitOverrides::default()).await;
+    stack.pump().await;
+    assert!(spam_is_rejected(&mut stack).await);
+
+    let mut broken = roomcast::model::PluginMeta::new(
+        "acme",
+        &"0".repeat(64),
+        moderation.len(),
+        FailurePolicy::Closed,
+        stack.clock.now(),
+    );
+    broken.version = "broken".into();
+    broken.sk = roomcast::model::plugin_meta_sk("broken");
+    broken.status = PluginStatus::Inactive;
+    store.put_plugin(&broken, &roomcast::model::plugin_chunks("acme", "broken", &moderation)).await.unwrap();
+    store.set_active_plugin("acme", Some("broken")).await.unwrap();
+    stack.pump().await;
+    assert_eq!(stack.plugins.installed_version("acme"), None, "no plugin rather than the one rolled away from");
+    assert!(stack.plugins.unloadable("acme").is_some_and(|(v, _)| v == "broken"));
+
+    // The next batches do not load it again: no new status write follows a message.
+    stack.send("ann", json!({"action":"sendMessage","room":"general","message":"hello"})).await;
+    assert_eq!(stack.pump().await, 1, "only the message: the version was not tried (and rejected) again");
+}
+
+async fn a_cold_processor_loads_the_active_plugin(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
     stack
         .upload_plugin(
             "acme",
@@ -556,25 +658,9 @@ async fn a_cold_processor_loads_the_active_plugin(kind: &str) {
     stack.pump().await;
 
     // A new container: an empty registry, the same table.
-    let metrics = std::sync::Arc::new(roomcast::metrics::Metrics::default());
-    let delivery = roomcast::deliver::DeliverySettings {
-        endpoint_override: Some(stack.recorder.endpoint.clone()),
-        ..Default::default()
-    };
-    let deliverer = roomcast::deliver::Deliverer::new(
-        roomcast_tests::sdk_config().await,
-        delivery,
-        store.clone(),
-        stack.clock.clone(),
-        metrics.clone(),
-    );
-    let registry = std::sync::Arc::new(roomcast::plugins::registry::Registry::new(
-        std::sync::Arc::new(PluginHost::new().unwrap()),
-        metrics.clone(),
-    ));
+    let (cold, registry) = another_container(&stack).await;
     assert_eq!(registry.installed_version("acme"), None);
-    stack.processor = roomcast::pipeline::Processor::new(store, deliverer, stack.clock.clone(), metrics, 8)
-        .with_plugins(registry.clone());
+    stack.processor = cold;
     assert!(spam_is_rejected(&mut stack).await, "the cold processor found and loaded acme's plugin");
     assert!(registry.installed_version("acme").is_some());
 }

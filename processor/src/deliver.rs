@@ -92,11 +92,12 @@ pub enum Outcome {
 pub const YOUNG_GRACE: Duration = Duration::from_secs(1);
 
 /// The time one batch's deliveries may take, the young connections' retries set aside until
-/// the batch ends, and the connections found slow in it.
+/// the batch ends (one ordered queue per connection), and the connections found slow in it.
 #[derive(Default)]
 pub struct Window {
     finish_by: Option<Instant>,
     deferred: Mutex<tokio::task::JoinSet<()>>,
+    queues: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<Blob>>>,
     slow: Mutex<HashSet<String>>,
 }
 
@@ -119,25 +120,61 @@ impl Window {
         self.slow.lock().unwrap_or_else(|p| p.into_inner()).contains(connection_id)
     }
 
+    /// Queues `body` behind the connection's set-aside retries, if it has any; else gives it back.
+    fn queue_behind(&self, connection_id: &str, body: Blob) -> Result<(), Blob> {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        match queues.get(connection_id) {
+            Some(queue) => queue.send(body).map_err(|e| e.0),
+            None => Err(body),
+        }
+    }
+
+    /// Starts the connection's queue of set-aside retries with `body`: one task delivers them in
+    /// order, retrying while the connection is young, until the window closes.
+    fn set_aside(&self, inner: Arc<Inner>, to: Recipient, body: Blob) {
+        let (queue, mut frames) = tokio::sync::mpsc::unbounded_channel();
+        let _ = queue.send(body);
+        self.queues.lock().unwrap_or_else(|p| p.into_inner()).insert(to.connection_id.clone(), queue);
+        let finish_by = self.finish_by;
+        self.deferred.lock().unwrap_or_else(|p| p.into_inner()).spawn(async move {
+            while let Some(body) = frames.recv().await {
+                match inner.clone().send(&to, body, finish_by, false).await {
+                    Ok(Sent::Done(Outcome::Delivered)) => continue,
+                    Ok(_) => {
+                        tracing::debug!(connection_id = %to.connection_id, "young connection's retries ended undelivered");
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::error!(connection_id = %to.connection_id, error = %err, "young connection's retries failed");
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
     /// Once the batch's own work is done, waits for the set-aside retries for at most
     /// [`YOUNG_GRACE`], and never past the window. Those still running then are dropped
     /// (logged, not deleted): a connection that has not finished connecting by then gets no
-    /// welcome from this batch; if it is really gone, its `$disconnect` or the sweeper removes it.
-    pub async fn settle(&self) {
+    /// frames from this batch; if it is really gone, its `$disconnect` or the sweeper removes it.
+    /// Returns how many connections' retries were dropped (`young_dropped`).
+    pub async fn settle(&self) -> usize {
+        // No more frames join the queues: each task ends when its queue is empty.
+        self.queues.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let mut deferred = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|p| p.into_inner()));
         if deferred.is_empty() {
-            return;
+            return 0;
         }
         let grace = Instant::now() + YOUNG_GRACE;
         let until = self.finish_by.map_or(grace, |at| at.min(grace));
         let all = async { while deferred.join_next().await.is_some() {} };
-        if tokio::time::timeout_at(until.into(), all).await.is_err() {
-            tracing::warn!(
-                dropped = deferred.len(),
-                "young connections still answering 410; their retries end with the batch"
-            );
-            deferred.abort_all();
+        if tokio::time::timeout_at(until.into(), all).await.is_ok() {
+            return 0;
         }
+        let dropped = deferred.len();
+        tracing::warn!(dropped, "young connections still answering 410; their frames from this batch are dropped");
+        deferred.abort_all();
+        dropped
     }
 }
 
@@ -214,23 +251,22 @@ impl Deliverer {
             match effect {
                 Effect::Send { payload, recipients } => {
                     let body = Blob::new(payload.to_json());
-                    let sends: Vec<_> =
-                        recipients
-                            .iter()
-                            .map(|r| {
-                                let body = body.clone();
-                                async move {
-                                    Ok::<_, StoreError>((r.connection_id.clone(), self.send(r, body, window).await?))
-                                }
-                            })
-                            .collect();
-                    let results: Vec<Result<(String, Outcome), StoreError>> = futures::stream::iter(sends)
+                    let sends: Vec<_> = recipients
+                        .iter()
+                        .map(|r| {
+                            let body = body.clone();
+                            async move { Ok::<_, StoreError>((r, self.send(r, body, window).await?)) }
+                        })
+                        .collect();
+                    let results: Vec<Result<(&Recipient, Sent), StoreError>> = futures::stream::iter(sends)
                         .buffer_unordered(self.inner.settings.concurrency.max(1))
                         .collect()
                         .await;
+                    let mut sent = Vec::with_capacity(results.len());
                     for result in results {
-                        outcomes.push(result?);
+                        sent.push(result?);
                     }
+                    outcomes.extend(self.judge_slow(sent, window).await);
                 }
                 Effect::RemoveMembership { tenant, room, connection_id, reason } => {
                     self.inner.store.remove_membership(tenant, room, connection_id, *reason).await?;
@@ -247,34 +283,51 @@ impl Deliverer {
         Ok(outcomes)
     }
 
-    async fn send(&self, to: &Recipient, body: Blob, window: &Window) -> Result<Outcome, StoreError> {
+    /// One recipient, within the batch's window. A connection that already has retries set
+    /// aside in this window queues behind them, so that it receives its frames in order.
+    async fn send(&self, to: &Recipient, body: Blob, window: &Window) -> Result<Sent, StoreError> {
         if window.is_slow(&to.connection_id) {
             Metrics::add(&self.inner.metrics.failed, 1);
-            return Ok(Outcome::Failed("slow consumer: skipped for the rest of the batch".into()));
+            return Ok(Sent::Done(Outcome::Failed("slow consumer: skipped for the rest of the batch".into())));
         }
+        let body = match window.queue_behind(&to.connection_id, body) {
+            Ok(()) => return Ok(Sent::Done(Outcome::Deferred)),
+            Err(body) => body,
+        };
         match self.inner.clone().send(to, body.clone(), window.finish_by, true).await? {
-            Sent::Done(outcome) => Ok(outcome),
-            Sent::Slow(outcome) => {
-                window.slow.lock().unwrap_or_else(|p| p.into_inner()).insert(to.connection_id.clone());
-                Ok(outcome)
-            }
             Sent::Young => {
-                let (inner, to, finish_by) = (self.inner.clone(), to.clone(), window.finish_by);
-                let retry = async move {
-                    match inner.send(&to, body, finish_by, false).await {
-                        Ok(Sent::Done(outcome) | Sent::Slow(outcome)) => {
-                            tracing::debug!(connection_id = %to.connection_id, ?outcome, "young connection's retries ended")
-                        }
-                        Ok(Sent::Young) => {}
-                        Err(err) => {
-                            tracing::error!(connection_id = %to.connection_id, error = %err, "young connection's retries failed")
-                        }
-                    }
-                };
-                window.deferred.lock().unwrap_or_else(|p| p.into_inner()).spawn(retry);
-                Ok(Outcome::Deferred)
+                window.set_aside(self.inner.clone(), to.clone(), body);
+                Ok(Sent::Done(Outcome::Deferred))
             }
+            other => Ok(other),
         }
+    }
+
+    /// Decides on the recipients of one frame that kept answering 429 past the budget. If some
+    /// other recipient was served, the 429s are those clients' own (their send buffers are full):
+    /// slow consumers, closed unless configured otherwise and skipped for the rest of the batch.
+    /// If every recipient of a frame sent to several kept answering 429, API Gateway itself is
+    /// throttling: nobody is closed, and the record is left unfinished, for Lambda to retry.
+    async fn judge_slow(&self, sent: Vec<(&Recipient, Sent)>, window: &Window) -> Vec<(String, Outcome)> {
+        let served = sent.iter().any(|(_, s)| matches!(s, Sent::Done(Outcome::Delivered)));
+        let slow = sent.iter().filter(|(_, s)| matches!(s, Sent::Slow)).count();
+        let everyone_throttled = !served && slow == sent.len() && sent.len() > 1;
+        let mut outcomes = Vec::with_capacity(sent.len());
+        for (to, s) in sent {
+            let outcome = match s {
+                Sent::Done(outcome) => outcome,
+                Sent::Young => Outcome::Deferred,
+                Sent::Slow if everyone_throttled => Outcome::Unfinished(
+                    "every recipient answered 429 past the budget: API Gateway is throttling".into(),
+                ),
+                Sent::Slow => {
+                    window.slow.lock().unwrap_or_else(|p| p.into_inner()).insert(to.connection_id.clone());
+                    self.inner.slow_consumer(to, window.finish_by).await
+                }
+            };
+            outcomes.push((to.connection_id.clone(), outcome));
+        }
+        outcomes
     }
 
     /// Asks API Gateway whether a connection is still open (`GetConnection`): the sweeper's
@@ -295,8 +348,9 @@ impl Deliverer {
 /// How [`Inner::send`] ended.
 enum Sent {
     Done(Outcome),
-    /// Given up as a slow consumer.
-    Slow(Outcome),
+    /// Still answering 429 after the slow-consumer budget: judged with the frame's other
+    /// recipients ([`Deliverer::judge_slow`]).
+    Slow,
     /// A young connection answered 410, and the caller asked to set such retries aside.
     Young,
 }
@@ -358,7 +412,7 @@ impl Inner {
                 Metrics::add(&self.metrics.throttled, 1);
                 let since = *throttled_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= self.settings.slow_consumer {
-                    return Ok(Sent::Slow(self.slow_consumer(&client, to).await));
+                    return Ok(Sent::Slow);
                 }
             } else {
                 throttled_since = None;
@@ -381,8 +435,9 @@ impl Inner {
         }
     }
 
-    /// Gives up on a connection that keeps answering 429, and closes it unless configured not to.
-    async fn slow_consumer(&self, client: &Client, to: &Recipient) -> Outcome {
+    /// Gives up on a slow consumer, and closes it unless configured not to (the `DELETE` bounded
+    /// by the time left).
+    async fn slow_consumer(&self, to: &Recipient, finish_by: Option<Instant>) -> Outcome {
         Metrics::add(&self.metrics.slow_consumers, 1);
         Metrics::add(&self.metrics.failed, 1);
         let budget = self.settings.slow_consumer;
@@ -390,13 +445,19 @@ impl Inner {
             tracing::warn!(connection_id = %to.connection_id, ?budget, "slow consumer: skipped for this batch");
             return Outcome::Failed(format!("slow consumer: 429 for {budget:?}"));
         }
-        match client.delete_connection().connection_id(&to.connection_id).send().await {
-            Ok(_) => tracing::warn!(connection_id = %to.connection_id, ?budget, "slow consumer: closed"),
-            Err(err) => tracing::warn!(
+        let endpoint = self.settings.endpoint_override.as_deref().unwrap_or(&to.endpoint);
+        let left = finish_by.map_or(self.settings.call_timeout, |at| at.saturating_duration_since(Instant::now()));
+        let close = self.client(endpoint).delete_connection().connection_id(&to.connection_id).send();
+        match tokio::time::timeout(left.min(self.settings.call_timeout), close).await {
+            Ok(Ok(_)) => tracing::warn!(connection_id = %to.connection_id, ?budget, "slow consumer: closed"),
+            Ok(Err(err)) => tracing::warn!(
                 connection_id = %to.connection_id,
                 error = %DisplayErrorContext(&err),
                 "slow consumer: closing it failed; skipped for this batch"
             ),
+            Err(_) => {
+                tracing::warn!(connection_id = %to.connection_id, "slow consumer: no time left to close it; skipped")
+            }
         }
         Outcome::Failed(format!("slow consumer: 429 for {budget:?}; closed"))
     }

@@ -48,8 +48,14 @@ counters! {
     retried,
     /// Recipients given up on: 413, other 4xx, or retries past the deadline.
     failed,
-    /// Records reported in `batchItemFailures` (our fault: the table was unavailable).
+    /// Batches that reported a record in `batchItemFailures` because the table was unavailable.
     platform_failures,
+    /// Batches that reported a record because the invocation's time ran out before it was done
+    /// (not started, or a recipient still being retried): Lambda retries from it.
+    out_of_time,
+    /// Young connections still answering 410 when their batch ended: their frames from that
+    /// batch were dropped (the client had most likely gone before its `$connect` returned).
+    young_dropped,
     /// Items read from the table that did not decode, skipped; the key is logged.
     corrupt_items,
     /// Messages a tenant's plugin rejected.
@@ -81,6 +87,8 @@ impl Counts {
             retried = self.retried,
             failed = self.failed,
             platform_failures = self.platform_failures,
+            out_of_time = self.out_of_time,
+            young_dropped = self.young_dropped,
             corrupt_items = self.corrupt_items,
             rejected = self.rejected,
             plugin_faults = self.plugin_faults,

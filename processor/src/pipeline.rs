@@ -87,7 +87,8 @@ impl Processor {
 
     /// Plugin records: activate an uploaded version, follow the `ACTIVE` pointer, disable.
     /// A component that cannot be a plugin is the tenant's fault: its status says why. Only the
-    /// table being unavailable is an error.
+    /// table being unavailable is an error. Records are redelivered and may be late, so each is
+    /// only a hint: what the table says now decides.
     async fn plugin_lifecycle(&self, change: &Change) -> Result<(), StoreError> {
         let Some(registry) = &self.plugins else { return Ok(()) };
         if self.dry_run() {
@@ -98,7 +99,14 @@ impl Processor {
             Change::Inserted(Record::Plugin(meta)) | Change::Modified { new: Record::Plugin(meta), .. }
                 if meta.status == PluginStatus::Uploaded =>
             {
-                match self.load_version(registry, meta).await? {
+                let now = self.store.plugins(&meta.tenant).await?.into_iter().find(|m| m.version == meta.version);
+                let Some(meta) =
+                    now.filter(|m| m.status == PluginStatus::Uploaded && m.uploaded_at == meta.uploaded_at)
+                else {
+                    tracing::info!(tenant = %meta.tenant, version = %meta.version, "upload already handled; not activating it again");
+                    return Ok(());
+                };
+                match self.load_version(registry, &meta).await? {
                     Ok(()) => {
                         self.mark_active(&meta.tenant, &meta.version).await?;
                         self.store.set_active_plugin(&meta.tenant, Some(&meta.version)).await?;
@@ -116,12 +124,9 @@ impl Processor {
                 }
             }
             Change::Inserted(Record::PluginActive(active))
-            | Change::Modified { new: Record::PluginActive(active), .. } => {
-                self.follow(registry, active).await?;
-            }
-            Change::Removed { old: Record::PluginActive(active), .. } => {
-                registry.remove(&active.tenant);
-                tracing::info!(tenant = %active.tenant, "plugin disabled");
+            | Change::Modified { new: Record::PluginActive(active), .. }
+            | Change::Removed { old: Record::PluginActive(active), .. } => {
+                self.refresh(registry, &active.tenant).await?;
             }
             _ => {}
         }
@@ -192,36 +197,58 @@ impl Processor {
     }
 
     /// Loads what an `ACTIVE` pointer names, unless this container runs exactly that already
-    /// (the same version, loaded for the same revision of the pointer).
+    /// (the same version, loaded for the same revision of the pointer). A version this container
+    /// cannot load leaves the tenant with no plugin — never an older one the pointer no longer
+    /// names — and is not tried again until the pointer changes.
     async fn follow(&self, registry: &Registry, active: &PluginActive) -> Result<(), StoreError> {
         let tenant = active.tenant.as_str();
+        let wanted = (active.version.clone(), active.revision.clone());
         let current = registry.installed_version(tenant).as_deref() == Some(active.version.as_str())
             && registry.installed_revision(tenant) == active.revision;
-        if !current {
-            self.ensure_version(registry, tenant, &active.version).await?;
+        if current || registry.unloadable(tenant).as_ref() == Some(&wanted) {
+            return Ok(());
+        }
+        self.ensure_version(registry, tenant, &active.version).await?;
+        if registry.installed_version(tenant).as_deref() == Some(active.version.as_str()) {
             registry.set_revision(tenant, active.revision.clone());
+        } else {
+            registry.remove(tenant);
+            registry.set_unloadable(tenant, wanted);
+            tracing::error!(
+                tenant,
+                version = %active.version,
+                "the ACTIVE plugin version cannot be loaded; the tenant runs no plugin until its pointer changes"
+            );
+        }
+        Ok(())
+    }
+
+    /// Follows the tenant's `ACTIVE` pointer as it is in the table now (one strongly consistent
+    /// `GetItem`). Plugins pinned from files have no pointer to follow.
+    async fn refresh(&self, registry: &Registry, tenant: &str) -> Result<(), StoreError> {
+        if registry.is_pinned(tenant) {
+            return Ok(());
+        }
+        match self.store.active_plugin(tenant).await? {
+            Some(active) => self.follow(registry, &active).await?,
+            None => {
+                if registry.installed_version(tenant).is_some() {
+                    tracing::info!(tenant, "plugin disabled (no ACTIVE pointer)");
+                }
+                registry.remove(tenant);
+            }
         }
         Ok(())
     }
 
     /// Many processor containers run at once, and a plugin change reaches only the one that
     /// processes its record. So the first time a batch meets a tenant, the tenant's `ACTIVE`
-    /// pointer is read (one strongly consistent `GetItem`): an activation, rollback, disable or
-    /// re-upload elsewhere takes effect here from the next batch on. A cold container loads the
-    /// tenant's plugin the same way. Plugins pinned from files have no pointer to follow.
+    /// pointer is read: an activation, rollback, disable or re-upload elsewhere takes effect here
+    /// from the next batch on. A cold container loads the tenant's plugin the same way. Rooms of
+    /// one batch run concurrently: all of them wait for that one look-up, so none runs without
+    /// the plugin; a look-up that failed is tried again by the next record.
     async fn ensure_loaded(&self, registry: &Registry, tenant: &str, warm: &Warm) -> Result<(), StoreError> {
-        if !warm.first_look(tenant) || registry.is_pinned(tenant) {
-            return Ok(());
-        }
-        match self.store.active_plugin(tenant).await? {
-            Some(active) => self.follow(registry, &active).await?,
-            None if registry.installed_version(tenant).is_some() => {
-                registry.remove(tenant);
-                tracing::info!(tenant, "plugin disabled (no ACTIVE pointer)");
-            }
-            None => {}
-        }
-        Ok(())
+        warm.look_up(tenant).get_or_try_init(|| self.refresh(registry, tenant)).await.map(|_| ())
     }
 
     /// Asks the tenant's plugin, if any, about this change.
@@ -279,7 +306,7 @@ impl Processor {
     pub async fn process_record(&self, record: &EventRecord) -> Result<RecordReport, StoreError> {
         let window = Window::unbounded();
         let report = self.process_in_batch(record, &Warm::default(), &window).await;
-        window.settle().await;
+        Metrics::add(&self.metrics.young_dropped, window.settle().await as u64);
         report
     }
 
@@ -364,15 +391,27 @@ impl Processor {
         let start_by = finish_by.map(|at| at.checked_sub(START_RESERVE).unwrap_or(at));
         let outcome = run_batch(raw, self.partitions_at_once, start_by, |_, record| {
             let (warm, window) = (&warm, &window);
-            async move { self.process_in_batch(&record, warm, window).await.map(|_| ()) }
+            async move {
+                let record = self.process_in_batch(&record, warm, window);
+                match finish_by {
+                    // Reads, compiles and writes are bounded too: a record still running at
+                    // the end of the window is left for redelivery (every step is idempotent).
+                    Some(at) => match tokio::time::timeout_at(at.into(), record).await {
+                        Ok(done) => done.map(|_| ()),
+                        Err(_) => Err(StoreError::OutOfTime("the record was still running at the deadline".into())),
+                    },
+                    None => record.await.map(|_| ()),
+                }
+            }
         })
         .await;
-        window.settle().await;
+        Metrics::add(&self.metrics.young_dropped, window.settle().await as u64);
         let malformed = outcome.malformed.len() as u64;
         Metrics::add(&self.metrics.records, malformed);
         Metrics::add(&self.metrics.skipped, malformed);
         if outcome.failure.is_some() {
-            Metrics::add(&self.metrics.platform_failures, 1);
+            let counter = if outcome.out_of_time { &self.metrics.out_of_time } else { &self.metrics.platform_failures };
+            Metrics::add(counter, 1);
         }
         self.metrics.snapshot().since(&before).emit("roomcast.batch");
         outcome

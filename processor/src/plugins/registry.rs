@@ -65,8 +65,8 @@ pub struct CallRecord {
 #[derive(Clone, Default)]
 pub struct Warm {
     pool: Arc<Mutex<Pool>>,
-    /// Tenants whose `ACTIVE` pointer this batch has read already.
-    looked_up: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Per tenant, this batch's one look-up of its `ACTIVE` pointer.
+    looked_up: Arc<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<()>>>>>,
 }
 
 /// Idle instances a batch keeps for reuse; past it, an instance is dropped after its call and
@@ -77,9 +77,10 @@ pub const WARM_IDLE_LIMIT: usize = 16;
 type Pool = HashMap<(String, String), Vec<Instance>>;
 
 impl Warm {
-    /// True the first time a batch asks for `tenant`: its `ACTIVE` pointer is read then.
-    pub fn first_look(&self, tenant: &str) -> bool {
-        self.looked_up.lock().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string())
+    /// The batch's look-up of `tenant`'s `ACTIVE` pointer: the first record of the tenant runs
+    /// it, the others (of other rooms, running at the same time) wait for it.
+    pub fn look_up(&self, tenant: &str) -> Arc<tokio::sync::OnceCell<()>> {
+        self.looked_up.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_default().clone()
     }
 
     fn take(&self, tenant: &str, version: &str) -> Option<Instance> {
@@ -100,6 +101,8 @@ pub struct Registry {
     limits: Limits,
     capacity: usize,
     tenants: RwLock<HashMap<String, Arc<Installed>>>,
+    /// Per tenant, the (version, pointer revision) that could not be loaded here.
+    unloadable: Mutex<HashMap<String, (String, Option<String>)>>,
     metrics: Arc<Metrics>,
 }
 
@@ -110,6 +113,7 @@ impl Registry {
             limits: Limits::default(),
             capacity: DEFAULT_CAPACITY,
             tenants: RwLock::new(HashMap::new()),
+            unloadable: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -157,6 +161,7 @@ impl Registry {
             breaker: Mutex::new(Breaker::default()),
             last_used: Mutex::new(Instant::now()),
         });
+        self.unloadable.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant);
         let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
         tenants.insert(tenant.to_string(), installed);
         while tenants.len() > self.capacity {
@@ -201,6 +206,16 @@ impl Registry {
     /// `ACTIVE` pointer in the table to follow.
     pub fn is_pinned(&self, tenant: &str) -> bool {
         self.get(tenant).is_some_and(|i| i.pinned)
+    }
+
+    /// The (version, pointer revision) of the tenant's that this container could not load.
+    pub fn unloadable(&self, tenant: &str) -> Option<(String, Option<String>)> {
+        self.unloadable.lock().unwrap_or_else(|p| p.into_inner()).get(tenant).cloned()
+    }
+
+    /// Remembers that the version the tenant's pointer names (at that revision) cannot be loaded.
+    pub fn set_unloadable(&self, tenant: &str, wanted: (String, Option<String>)) {
+        self.unloadable.lock().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), wanted);
     }
 
     /// The `ACTIVE` pointer revision the tenant's plugin here was loaded for.

@@ -31,6 +31,8 @@ pub struct BatchOutcome {
     pub malformed: Vec<MalformedRecord>,
     /// Records processed to the end.
     pub processed: usize,
+    /// The reported record was not done for lack of time (not a platform fault).
+    pub out_of_time: bool,
 }
 
 impl BatchOutcome {
@@ -76,10 +78,12 @@ where
         }
     }
 
-    let shared = Shared { failure: Mutex::new(None), processed: AtomicUsize::new(0), start_by };
+    let shared =
+        Shared { failure: Mutex::new(None), processed: AtomicUsize::new(0), out_of_time: Default::default(), start_by };
     let partitions: Vec<_> = groups.into_iter().map(|(_, group)| run_partition(group, &shared, &process)).collect();
     futures::stream::iter(partitions).buffer_unordered(partitions_at_once.max(1)).collect::<Vec<()>>().await;
-    let Shared { failure, processed, .. } = shared;
+    let Shared { failure, processed, out_of_time, .. } = shared;
+    outcome.out_of_time = out_of_time.into_inner();
     outcome.failure = failure.into_inner().unwrap_or_else(|p| p.into_inner());
     outcome.processed = processed.into_inner();
     outcome
@@ -89,6 +93,7 @@ struct Shared {
     /// The earliest platform failure so far: (position, sequence number).
     failure: Mutex<Option<(usize, String)>>,
     processed: AtomicUsize,
+    out_of_time: std::sync::atomic::AtomicBool,
     /// No record starts after this.
     start_by: Option<Instant>,
 }
@@ -119,6 +124,7 @@ where
         let sequence = record.change.sequence_number.clone().unwrap_or_else(|| record.event_id.clone());
         if shared.start_by.is_some_and(|at| Instant::now() >= at) {
             tracing::warn!(position, %sequence, "no time left to start this record; reporting it for redelivery");
+            shared.out_of_time.store(true, Ordering::Relaxed);
             shared.report(position, sequence);
             return;
         }
@@ -128,6 +134,9 @@ where
             }
             Err(err) if err.is_platform() => {
                 tracing::error!(position, %sequence, error = %err, "record failed; reporting it for redelivery");
+                if matches!(err, StoreError::OutOfTime(_)) {
+                    shared.out_of_time.store(true, Ordering::Relaxed);
+                }
                 shared.report(position, sequence);
                 return;
             }
