@@ -14,7 +14,9 @@
 //!   it: behind a local Lambda Runtime API (`/2018-06-01/runtime/invocation/next`, `…/response`,
 //!   `…/error`, `…/init/error`), with the function's environment from the template, its
 //!   credentials, and each invocation's deadline from the function's `Timeout`. An invocation
-//!   that passes its deadline ends the process, as Lambda ends the sandbox.
+//!   that passes its deadline ends the process, as Lambda ends the sandbox; between invocations
+//!   the process is stopped (`SIGSTOP`), as Lambda freezes it, so work left running after an
+//!   answer does not go on unseen.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -72,6 +74,8 @@ pub struct Statement {
     pub allow: bool,
     pub actions: Vec<String>,
     pub resources: Vec<String>,
+    /// Where it comes from: `template.yaml`, or what SAM adds for an event source.
+    pub origin: &'static str,
 }
 
 impl Function {
@@ -180,13 +184,45 @@ impl Template {
                         allow: s["Effect"].as_str() == Some("Allow"),
                         actions: list(&s["Action"]),
                         resources: list(&s["Resource"]),
+                        origin: "template.yaml",
                     });
                 }
             }
+            policy.extend(self.sam_added(props, at));
             let (timeout, memory) = (number("Timeout"), number("MemorySize"));
             functions.push(Function { logical_id: id, binary, environment, timeout, memory, policy });
         }
         functions
+    }
+
+    /// What SAM adds to a function's generated role for its event sources: for a DynamoDB
+    /// stream, the managed policy `AWSLambdaDynamoDBExecutionRole` (its stream actions, on `*`);
+    /// for an `OnFailure` destination of `Type: SQS`, `sqs:SendMessage` on that queue.
+    fn sam_added(&self, props: &Yaml, at: &Deployment) -> Vec<Statement> {
+        let mut added = Vec::new();
+        for (_, event) in props["Events"].as_mapping().into_iter().flatten() {
+            if event["Type"].as_str() != Some("DynamoDB") {
+                continue;
+            }
+            added.push(Statement {
+                allow: true,
+                actions: ["DescribeStream", "GetRecords", "GetShardIterator", "ListStreams"]
+                    .map(|a| format!("dynamodb:{a}"))
+                    .to_vec(),
+                resources: vec!["*".into()],
+                origin: "SAM (AWSLambdaDynamoDBExecutionRole)",
+            });
+            let on_failure = &event["Properties"]["DestinationConfig"]["OnFailure"];
+            if on_failure["Type"].as_str() == Some("SQS") {
+                added.push(Statement {
+                    allow: true,
+                    actions: vec!["sqs:SendMessage".into()],
+                    resources: vec![self.resolve(&on_failure["Destination"], at)],
+                    origin: "SAM (OnFailure destination)",
+                });
+            }
+        }
+        added
     }
 
     pub fn function(&self, logical_id: &str, at: &Deployment) -> Function {
@@ -344,14 +380,15 @@ impl Gate {
             .collect()
     }
 
-    /// The actions each function's policy grants that no call of this session needed, as
-    /// `Function: action` lines: candidates to take out of template.yaml.
+    /// The actions each function's policy in template.yaml grants that no call of this session
+    /// needed, as `Function: action` lines: candidates to take out of template.yaml. (What SAM
+    /// adds for Lambda's own use is not the template's to take out.)
     pub fn unused_grants(&self) -> Vec<String> {
         let judged = self.judged();
         let principals = self.state.principals.lock().unwrap();
         let mut unused = Vec::new();
         for function in principals.values() {
-            for statement in function.policy.iter().filter(|s| s.allow) {
+            for statement in function.policy.iter().filter(|s| s.allow && s.origin == "template.yaml") {
                 for action in &statement.actions {
                     let used = judged.iter().any(|j| {
                         j.allowed
@@ -681,6 +718,7 @@ impl Lambda {
         let id = format!("{}-{n}", self.function.logical_id);
         let deadline_ms =
             SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64 + timeout.as_millis() as u64;
+        self.signal(libc::SIGCONT);
         let (tx, rx) = oneshot::channel();
         self.state.waiting.lock().unwrap().insert(id.clone(), tx);
         self.state.queue.lock().unwrap().push_back(Pending { id: id.clone(), payload, deadline_ms });
@@ -705,8 +743,19 @@ impl Lambda {
         self.state.waiting.lock().unwrap().remove(&id);
         if matches!(outcome, Invoked::TimedOut | Invoked::Crashed(_)) {
             self.restart();
+        } else {
+            // Lambda freezes the sandbox once the function has answered: nothing it left running
+            // goes on until the next invocation.
+            self.signal(libc::SIGSTOP);
         }
         outcome
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(child) = self.child.lock().unwrap().as_ref() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        }
     }
 
     fn restart(&self) {

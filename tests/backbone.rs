@@ -21,6 +21,9 @@ roomcast_tests::on_both_stores!(
     a_gone_recipient_is_deleted_while_the_others_are_served,
     a_young_connections_410_is_retried,
     a_young_connections_retries_hold_up_no_other_record,
+    a_slow_consumer_is_closed_when_the_others_are_served,
+    a_slow_consumer_is_only_skipped_when_closing_is_off,
+    when_every_recipient_is_throttled_nobody_is_closed_and_the_record_is_retried,
     throttling_and_server_errors_are_retried_and_413_is_not,
     a_platform_failure_reports_exactly_its_sequence_number,
     route_responses_and_history,
@@ -228,6 +231,71 @@ async fn a_young_connections_retries_hold_up_no_other_record(kind: &str) {
     );
     assert!(stack.failures.is_empty(), "{:?}", stack.failures);
     assert!(stack.table.store.get_connection("young", stack.clock.now()).await.unwrap().is_some(), "young, not gone");
+}
+
+/// A stack whose processor calls a connection slow after 200 ms of 429s (`close`: close it).
+async fn stack_with_slow_budget(kind: &str, close: bool) -> Stack {
+    let clock = roomcast::model::ManualClock::starting_now();
+    let table = match kind {
+        "memory" => roomcast_tests::Table::memory(clock.clone()).await,
+        _ => roomcast_tests::Table::dynamodb().await,
+    };
+    let delivery = roomcast::deliver::DeliverySettings {
+        slow_consumer: std::time::Duration::from_millis(200),
+        close_slow_consumers: close,
+        ..Default::default()
+    };
+    Stack::build(table, clock, delivery).await
+}
+
+async fn a_slow_consumer_is_closed_when_the_others_are_served(kind: &str) {
+    let mut stack = stack_with_slow_budget(kind, true).await;
+    for id in ["ann", "bob", "slow"] {
+        stack.connect(id, "acme", id, "lobby").await;
+    }
+    stack.pump().await;
+    stack.recorder.script("slow", &[429; 10_000]);
+    for text in ["one", "two"] {
+        stack.send("ann", json!({"action":"sendMessage","room":"lobby","message":text})).await;
+    }
+    stack.pump().await;
+    assert_eq!(stack.recorder.received_action("bob", "message").len(), 2);
+    assert_eq!(stack.recorder.deleted(), vec!["slow".to_string()], "closed once");
+    let counts = stack.processor.counts();
+    assert_eq!(counts.slow_consumers, 1, "judged once, then skipped for the rest of the batch: {counts:?}");
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+}
+
+async fn a_slow_consumer_is_only_skipped_when_closing_is_off(kind: &str) {
+    let mut stack = stack_with_slow_budget(kind, false).await;
+    for id in ["ann", "bob", "slow"] {
+        stack.connect(id, "acme", id, "lobby").await;
+    }
+    stack.pump().await;
+    stack.recorder.script("slow", &[429; 10_000]);
+    stack.send("ann", json!({"action":"sendMessage","room":"lobby","message":"one"})).await;
+    stack.pump().await;
+    assert_eq!(stack.recorder.received_action("bob", "message").len(), 1);
+    assert!(stack.recorder.deleted().is_empty(), "ROOMCAST_CLOSE_SLOW_CONSUMERS=false closes nobody");
+    assert_eq!(stack.processor.counts().slow_consumers, 1);
+}
+
+async fn when_every_recipient_is_throttled_nobody_is_closed_and_the_record_is_retried(kind: &str) {
+    let mut stack = stack_with_slow_budget(kind, true).await;
+    for id in ["ann", "bob"] {
+        stack.connect(id, "acme", id, "lobby").await;
+    }
+    stack.pump().await;
+    // API Gateway throttles the account: every recipient answers 429 for a while.
+    for id in ["ann", "bob"] {
+        stack.recorder.script(id, &[429; 12]);
+    }
+    stack.send("ann", json!({"action":"sendMessage","room":"lobby","message":"one"})).await;
+    stack.pump().await;
+    assert!(stack.recorder.deleted().is_empty(), "nobody is closed for the API's own throttling");
+    assert_eq!(stack.processor.counts().slow_consumers, 0);
+    assert_eq!(stack.failures.len(), 1, "the record is reported for Lambda to retry");
+    assert_eq!(stack.processor.counts().out_of_time, 1);
 }
 
 async fn throttling_and_server_errors_are_retried_and_413_is_not(kind: &str) {
