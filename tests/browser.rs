@@ -48,7 +48,10 @@ fn chromium_path() -> PathBuf {
 
 impl Browser {
     async fn launch() -> Browser {
-        let profile = TempDir(std::env::temp_dir().join(format!("roomcast-chromium-{}", std::process::id())));
+        // A profile per browser: tests run at once, and Chromium locks its profile.
+        static LAUNCHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = LAUNCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let profile = TempDir(std::env::temp_dir().join(format!("roomcast-chromium-{}-{n}", std::process::id())));
         std::fs::create_dir_all(&profile.0).unwrap();
         let mut child = Command::new(chromium_path())
             .args([
