@@ -22,6 +22,7 @@ roomcast_tests::on_both_stores!(multi_thread:
     bad_tokens_are_refused_at_the_upgrade,
     the_idle_timeout_closes_the_connection_and_announces_left,
     injected_410_429_500_and_stalls_are_handled,
+    a_tenant_plugin_that_sleeps_forever_never_stops_other_tenants,
 );
 
 fn presence(user: &str, event: &str) -> impl Fn(&Value) -> bool {
@@ -369,4 +370,29 @@ async fn the_stream_log_records_every_processed_record_as_json_lines() {
         roomcast::stream::Change::Inserted(roomcast::stream::Record::Message(m)) if m.body == "logged"
     ));
     let _ = std::fs::remove_file(&path);
+}
+
+/// `roomcast dev --plugins DIR` with a hostile tenant whose plugin sleeps without end: its call
+/// ends at the deadline (fail-open: the message is delivered by the default rules), and the
+/// other tenant's messages keep flowing, before and after.
+async fn a_tenant_plugin_that_sleeps_forever_never_stops_other_tenants(kind: &str) {
+    let dir = std::env::temp_dir().join(format!("roomcast-dev-plugins-{}-{kind}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("lax.wasm"), roomcast_tests::component("roomcast-hostile-plugin")).unwrap();
+    let stack = ws::dev(kind, |o| o.plugins = Some(dir.clone())).await;
+    let mut lou = connect(&stack, "lax", "lou", "general").await;
+    lou.expect_action("welcome").await;
+    let mut ann = connect(&stack, "acme", "ann", "general").await;
+    ann.expect_action("welcome").await;
+    let mut bob = connect(&stack, "acme", "bob", "general").await;
+    bob.expect_action("welcome").await;
+
+    lou.ask(json!({"action":"sendMessage","room":"general","message":"sleep-forever"}), "ack").await;
+    for text in ["after the sleeper", "and again"] {
+        ann.ask(json!({"action":"sendMessage","room":"general","message":text}), "ack").await;
+        bob.expect(text, |f| f["message"] == text).await;
+    }
+    lou.expect("the sleeper's own message, once its call ended", |f| f["message"] == "sleep-forever").await;
+    stack.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -95,6 +95,44 @@ fn every_hostile_behaviour_ends_in_a_specific_fault_and_the_host_goes_on() {
     assert_eq!(host.validate(&moderation, &limits, &message("hello"), RECORD_TIME).0, Ok(Verdict::Accept));
 }
 
+/// Runs `f` on a thread of its own and fails the test, rather than hanging it, if it has not
+/// returned within a minute: a call parked in a host call used to hold its thread for good.
+fn finishes<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("{what} did not return within a minute"))
+}
+
+#[test]
+fn blocking_host_calls_obey_the_deadline_and_capabilities_are_refused() {
+    let host = std::sync::Arc::new(PluginHost::new().unwrap());
+    let limits = Limits::default();
+    let hostile = host.compile(&component("roomcast-hostile-plugin"), &limits).unwrap();
+    let call = |body: &'static str| {
+        let (host, hostile, limits) = (host.clone(), hostile.clone(), limits.clone());
+        finishes(body, move || host.validate(&hostile, &limits, &message(body), RECORD_TIME))
+    };
+    // A sleep parks the call in the host, where epoch interruption cannot reach: the deadline
+    // still ends it, whether the sleep is ten seconds or endless.
+    for body in ["sleep", "sleep-forever"] {
+        let (verdict, report) = call(body);
+        assert_eq!(verdict, Err(Fault::Deadline(limits.deadline)), "{body}");
+        assert!(report.elapsed < Duration::from_secs(5), "{body} held its caller for {:?}", report.elapsed);
+    }
+    // stdin is closed, and sockets are refused: each answers at once.
+    let (stdin, _) = call("stdin");
+    assert_eq!(stdin, Ok(Verdict::Rewrite("stdin: Ok(0)".into())));
+    let (socket, _) = call("socket");
+    assert!(matches!(socket, Ok(Verdict::Rewrite(ref r)) if r.starts_with("socket: Err(")), "{socket:?}");
+    // Printing and panicking end in the log and a trap, never in the host's own output.
+    let (printed, report) = call("print");
+    assert!(matches!(printed, Err(Fault::Trap(_))), "{printed:?}");
+    assert!(report.log.iter().any(|l| l.contains("to stdout")), "{:?}", report.log);
+    assert!(report.log.iter().any(|l| l.contains("panics after printing")), "{:?}", report.log);
+}
+
 #[test]
 fn the_wall_clock_deadline_stops_a_loop_that_fuel_would_let_run() {
     let host = PluginHost::new().unwrap();
@@ -249,6 +287,7 @@ roomcast_tests::on_both_stores!(
     routing_changes_the_recipients,
     the_welcome_carries_the_tenants_greeting,
     a_hostile_tenant_never_hurts_another_tenant_in_the_same_batch,
+    a_plugin_that_sleeps_forever_never_stops_delivery,
     uploads_activate_through_the_stream_and_roll_back,
     a_cold_processor_loads_the_active_plugin,
     every_warm_container_follows_activation_rollback_disable_and_reupload,
@@ -387,6 +426,29 @@ async fn a_hostile_tenant_never_hurts_another_tenant_in_the_same_batch(kind: &st
 // Upload and activation as records, through the table's stream.
 
 use roomcast::model::{FailurePolicy, PluginStatus};
+
+/// A tenant whose plugin sleeps without end, in the same batch as a good tenant: the batch
+/// ends, the good tenant's messages arrive, and the sleeper's call ends at its deadline.
+async fn a_plugin_that_sleeps_forever_never_stops_delivery(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.install_plugin("acme", "roomcast-plugin-moderation", Policy::FailOpen);
+    stack.install_plugin("lax", "roomcast-hostile-plugin", Policy::FailClosed);
+    for (id, tenant) in [("ann", "acme"), ("bob", "acme"), ("lou", "lax"), ("liz", "lax")] {
+        stack.connect(id, tenant, id, "general").await;
+    }
+    stack.pump().await;
+    stack.send("lou", json!({"action":"sendMessage","room":"general","message":"sleep-forever"})).await;
+    stack.send("ann", json!({"action":"sendMessage","room":"general","message":"still here"})).await;
+    let pumped = tokio::time::timeout(Duration::from_secs(60), stack.pump()).await;
+    assert!(pumped.is_ok(), "the batch never ended");
+    let to_bob: Vec<_> =
+        stack.recorder.received_action("bob", "message").into_iter().map(|m| m["message"].clone()).collect();
+    assert_eq!(to_bob, [json!("still here")]);
+    // Fail-closed: the sleeper's message is rejected, never delivered.
+    assert!(stack.recorder.received_action("liz", "message").is_empty());
+    let rejected = stack.recorder.received_action("lou", "rejected");
+    assert!(rejected.iter().any(|r| r["reason"].as_str().unwrap_or("").contains("deadline")), "{rejected:?}");
+}
 
 async fn spam_is_rejected(stack: &mut Stack) -> bool {
     stack.recorder.clear();

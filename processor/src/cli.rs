@@ -304,7 +304,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 memory_bytes: memory_mib << 20,
                 ..crate::plugins::Limits::default()
             };
-            let clean = plugins::test(&file, &event, &limits)?;
+            // The plugin host blocks its caller's thread while guest code runs: not this
+            // runtime's worker.
+            let clean = tokio::task::spawn_blocking(move || plugins::test(&file, &event, &limits))
+                .await
+                .map_err(|e| anyhow::anyhow!("the plugin test did not complete: {e}"))??;
             if clean { Ok(()) } else { anyhow::bail!("the plugin faulted") }
         }
         Command::Token { tenant, user, secret, ttl } => {

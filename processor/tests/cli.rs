@@ -68,6 +68,37 @@ fn plugin_test_reports_faults_and_refused_components_with_a_failing_status() {
     let _ = std::fs::remove_file(event);
 }
 
+/// `roomcast plugin test` runs the host on a thread of its own: a plugin that prints, panics,
+/// sleeps, reads stdin or opens a socket gets its verdict or fault, never a crashed CLI.
+#[test]
+fn plugin_test_survives_every_capability_probe() {
+    for (body, expected) in [
+        ("print", "FAULT trapped"),
+        ("trap", "FAULT trapped"),
+        ("sleep", "FAULT exceeded its 100ms deadline"),
+        ("sleep-forever", "FAULT exceeded its 100ms deadline"),
+        ("stdin", r#"Rewrite("stdin: Ok(0)")"#),
+        ("socket", r#"Rewrite("socket: Err("#),
+    ] {
+        let event = std::env::temp_dir().join(format!("roomcast-probe-{body}-{}.json", std::process::id()));
+        let frame = format!(
+            r#"{{"message": {{"id": "1", "tenant": "t", "room": "r", "user_id": "u", "body": "{body}", "timestamp": "x"}}}}"#
+        );
+        std::fs::write(&event, frame).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .args(["plugin", "test"])
+            .arg(wasm("roomcast_hostile_plugin"))
+            .arg("--event")
+            .arg(&event)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!stderr.contains("runtime"), "{body}: the CLI crashed: {stderr}");
+        assert!(stdout.contains(expected), "{body}: expected {expected:?} in:\n{stdout}\n{stderr}");
+        let _ = std::fs::remove_file(event);
+    }
+}
+
 /// `roomcast table create`, `plugin upload`, `list`, `activate` and `disable` against the moto
 /// server `scripts/test` starts (ROOMCAST_TEST_DYNAMODB_ENDPOINT).
 #[test]

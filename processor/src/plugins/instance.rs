@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -40,7 +40,7 @@ impl CallReport {
 pub struct State {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: Budget,
     log: BoundedLog,
     /// The current call's record time, epoch milliseconds (also what WASI's clocks show).
     time: Arc<AtomicU64>,
@@ -242,19 +242,14 @@ impl Instance {
         let state = State {
             wasi,
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.memory_bytes)
-                .table_elements(100_000)
-                .instances(20)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: Budget::new(limits.memory_bytes),
             log: BoundedLog::new(limits.log_bytes),
             time,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limits);
         arm(&mut store, limits);
-        let bindings = plugin.pre.instantiate(&mut store);
+        let bindings = bounded(limits, plugin.pre.instantiate_async(&mut store));
         let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
         match bindings {
             Ok(bindings) => {
@@ -263,7 +258,7 @@ impl Instance {
                 (Ok(Instance { store, bindings, stdio, limits: limits.clone(), calls: 0 }), report)
             }
             Err(e) => {
-                let fault = classify(&e, limits, fuel_used);
+                let fault = e.fault(limits, fuel_used);
                 let log = store.into_data().log.finish(&stdio);
                 (Err(fault), CallReport { fuel_used, elapsed: started.elapsed(), log })
             }
@@ -274,15 +269,16 @@ impl Instance {
     fn call<R>(
         &mut self,
         record_time_ms: u64,
-        run: impl FnOnce(&TenantPlugin, &mut Store<State>) -> wasmtime::Result<R>,
+        run: impl AsyncFnOnce(&TenantPlugin, &mut Store<State>) -> wasmtime::Result<R>,
     ) -> (Result<R, Fault>, CallReport) {
         let started = Instant::now();
         self.calls += 1;
         arm(&mut self.store, &self.limits);
         self.store.data().time.store(record_time_ms, Ordering::Relaxed);
-        let result = run(&self.bindings, &mut self.store);
+        let limits = self.limits.clone();
+        let result = bounded(&limits, run(&self.bindings, &mut self.store));
         let fuel_used = self.limits.fuel.saturating_sub(self.store.get_fuel().unwrap_or(0));
-        let result = result.map_err(|e| classify(&e, &self.limits, fuel_used));
+        let result = result.map_err(|e| e.fault(&self.limits, fuel_used));
         let log = std::mem::replace(&mut self.store.data_mut().log, BoundedLog::new(self.limits.log_bytes));
         (result, CallReport { fuel_used, elapsed: started.elapsed(), log: log.finish(&self.stdio) })
     }
@@ -292,7 +288,7 @@ impl Instance {
             return (Err(fault), CallReport::default());
         }
         let limits = self.limits.clone();
-        let (result, report) = self.call(record_time_ms, |p, store| p.call_validate(store, message));
+        let (result, report) = self.call(record_time_ms, async |p, store| p.call_validate(store, message).await);
         let result = result.and_then(|verdict| {
             let size = match &verdict {
                 Verdict::Accept => 0,
@@ -305,7 +301,7 @@ impl Instance {
 
     pub fn route(&mut self, message: &Message, record_time_ms: u64) -> (Result<Routing, Fault>, CallReport) {
         let limits = self.limits.clone();
-        let (result, report) = self.call(record_time_ms, |p, store| p.call_route(store, message));
+        let (result, report) = self.call(record_time_ms, async |p, store| p.call_route(store, message).await);
         let result = result.and_then(|routing| {
             let size = routing.extra_rooms.iter().map(String::len).sum::<usize>()
                 + routing.only_users.iter().flatten().map(String::len).sum::<usize>();
@@ -316,10 +312,101 @@ impl Instance {
 
     pub fn welcome(&mut self, info: &WelcomeInfo, record_time_ms: u64) -> (Result<Option<String>, Fault>, CallReport) {
         let limits = self.limits.clone();
-        let (result, report) = self.call(record_time_ms, |p, store| p.call_welcome(store, info));
+        let (result, report) = self.call(record_time_ms, async |p, store| p.call_welcome(store, info).await);
         let result =
             result.and_then(|greeting| within(greeting.as_ref().map_or(0, String::len), &limits).map(|()| greeting));
         (result, report)
+    }
+}
+
+/// One budget for everything a plugin's store holds: all its linear memories together within
+/// the memory cap, and all its tables together within [`Budget::TABLE_ELEMENTS`], however many
+/// core modules and memories the component brings. (wasmtime's `StoreLimits` caps each memory
+/// on its own, so a component with dozens of memories could hold dozens of caps.)
+#[derive(Debug)]
+pub(crate) struct Budget {
+    memory_bytes: usize,
+    memory_used: usize,
+    table_used: usize,
+}
+
+impl Budget {
+    /// Table elements, over all the store's tables.
+    pub(crate) const TABLE_ELEMENTS: usize = 100_000;
+    /// Instances, memories and tables a store may hold at all.
+    const COUNT: usize = 32;
+
+    pub(crate) fn new(memory_bytes: usize) -> Budget {
+        Budget { memory_bytes, memory_used: 0, table_used: 0 }
+    }
+}
+
+impl ResourceLimiter for Budget {
+    fn memory_growing(&mut self, current: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.memory_used - current.min(self.memory_used) + desired;
+        if total > self.memory_bytes {
+            wasmtime::bail!(
+                "forcing trap when growing memory to {desired} bytes: the plugin's memories would hold {total} bytes \
+                 together, over its {} byte cap",
+                self.memory_bytes
+            );
+        }
+        self.memory_used = total;
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.table_used - current.min(self.table_used) + desired;
+        if total > Self::TABLE_ELEMENTS {
+            wasmtime::bail!(
+                "forcing trap when growing a table to {desired} elements: {total} together, over {}",
+                Self::TABLE_ELEMENTS
+            );
+        }
+        self.table_used = total;
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        Self::COUNT
+    }
+
+    fn tables(&self) -> usize {
+        Self::COUNT
+    }
+
+    fn memories(&self) -> usize {
+        Self::COUNT
+    }
+}
+
+/// Why guest code did not return.
+enum Stopped {
+    Error(wasmtime::Error),
+    /// Still running (parked in a host call: a sleep, a poll, a read) at the deadline.
+    Deadline,
+}
+
+impl Stopped {
+    fn fault(&self, limits: &Limits, fuel_used: u64) -> Fault {
+        match self {
+            Stopped::Error(e) => classify(e, limits, fuel_used),
+            Stopped::Deadline => Fault::Deadline(limits.deadline),
+        }
+    }
+}
+
+/// Runs guest code on the plugin runtime, on this thread, for at most the call's deadline.
+/// Epoch interruption stops wasm code at the deadline; this also abandons a call parked in an
+/// async host call, which the epoch cannot reach. The store is not used again after that.
+///
+/// Never call this on an async runtime's worker: from a thread of its own (`spawn_blocking`).
+fn bounded<R>(limits: &Limits, call: impl std::future::Future<Output = wasmtime::Result<R>>) -> Result<R, Stopped> {
+    let grace = limits.deadline + EPOCH_TICK * 2;
+    match super::runtime().block_on(async { tokio::time::timeout(grace, call).await }) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(Stopped::Error(e)),
+        Err(_) => Err(Stopped::Deadline),
     }
 }
 
@@ -352,4 +439,25 @@ fn classify(error: &wasmtime::Error, limits: &Limits, fuel_used: u64) -> Fault {
         return Fault::Memory(limits.memory_bytes);
     }
     Fault::Trap(root_cause(error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_memory_of_a_store_counts_against_one_cap() {
+        let mut budget = Budget::new(16 << 20);
+        // Two memories of 10 MiB each: the second would put the store over its 16 MiB.
+        assert!(budget.memory_growing(0, 10 << 20, None).unwrap());
+        let refused = budget.memory_growing(0, 10 << 20, None).unwrap_err().to_string();
+        assert!(refused.contains("forcing trap when growing memory"), "{refused}");
+        // Growing the first within the cap is fine; its earlier size is not counted twice.
+        assert!(budget.memory_growing(10 << 20, 12 << 20, None).unwrap());
+        assert!(budget.memory_growing(0, 4 << 20, None).unwrap());
+        assert!(budget.memory_growing(0, 1, None).is_err());
+        // Tables likewise, over all of them.
+        assert!(budget.table_growing(0, Budget::TABLE_ELEMENTS - 10, None).unwrap());
+        assert!(budget.table_growing(0, 11, None).is_err());
+    }
 }

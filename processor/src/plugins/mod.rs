@@ -27,7 +27,14 @@ use serde::{Deserialize, Serialize};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
-wasmtime::component::bindgen!({ world: "tenant-plugin", path: "../wit", additional_derives: [PartialEq, Eq] });
+wasmtime::component::bindgen!({
+    world: "tenant-plugin",
+    path: "../wit",
+    additional_derives: [PartialEq, Eq],
+    // Guest code runs as a future, so that a call parked in a host call (a sleep, a poll, a read)
+    // can be abandoned at its deadline: epoch interruption only stops wasm code.
+    exports: { default: async },
+});
 
 pub use self::instance::{CallReport, Instance};
 pub use self::roomcast::plugin::host::Level;
@@ -193,9 +200,12 @@ impl PluginHost {
         config.epoch_interruption(true);
         // Deep recursion is the guest's problem: it traps within this stack, not ours.
         config.max_wasm_stack(512 << 10);
+        // One linear memory per component instance's core modules is all the world needs; more
+        // would each get the whole memory cap. (The store limiter caps each memory.)
+        config.wasm_multi_memory(false);
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut linker: Linker<State> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("{e}"))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e}"))?;
         TenantPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
 
@@ -351,6 +361,21 @@ impl PluginHost {
     ) -> (Result<Option<String>, Fault>, CallReport) {
         self.once(plugin, limits, |i| i.welcome(info, record_time_ms))
     }
+}
+
+/// The runtime plugin calls run on. Callers block on it from threads of their own (a
+/// processor's `spawn_blocking`, the CLI's, a test's), so guest code runs on the caller's thread;
+/// its one worker drives the timers that end a call parked in a host call at its deadline.
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("roomcast-plugin-timers")
+            .enable_all()
+            .build()
+            .expect("the plugin runtime starts")
+    })
 }
 
 pub(crate) fn root_cause(error: &wasmtime::Error) -> String {

@@ -9,6 +9,11 @@
 //! | `giant`     | rewrites the message to 1 MiB (the output limit) |
 //! | `flood`     | logs ten thousand lines and prints to stdout (the log limit) |
 //! | `clock`     | rewrites the message to the wall clock it sees (must be the record's time) |
+//! | `sleep`     | sleeps ten seconds (a host call: the deadline must still hold) |
+//! | `sleep-forever` | sleeps without end |
+//! | `stdin`     | reads stdin to its end (closed: nothing to read) |
+//! | `socket`    | opens a TCP connection (denied) and rewrites the message to what happened |
+//! | `print`     | prints to stdout and stderr, and panics with a message |
 //!
 //! Anything else is accepted.
 
@@ -55,6 +60,28 @@ mod component {
                     }
                     println!("to stdout as well");
                     Verdict::Accept
+                }
+                "sleep" => {
+                    std::thread::sleep(std::time::Duration::from_secs(10));
+                    Verdict::Accept
+                }
+                "sleep-forever" => loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                },
+                "stdin" => {
+                    use std::io::Read;
+                    let mut input = String::new();
+                    let read = std::io::stdin().read_to_string(&mut input);
+                    Verdict::Rewrite(format!("stdin: {read:?}"))
+                }
+                "socket" => {
+                    let connected = std::net::TcpStream::connect("127.0.0.1:9").map(|_| ());
+                    Verdict::Rewrite(format!("socket: {connected:?}"))
+                }
+                "print" => {
+                    println!("to stdout");
+                    eprintln!("to stderr");
+                    panic!("the hostile plugin panics after printing");
                 }
                 "clock" => {
                     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
