@@ -87,6 +87,28 @@ async fn every_bad_frame_gets_an_error_answer_and_writes_nothing() {
     assert_eq!(item_count(&stack), before, "bad input writes nothing");
 }
 
+/// A frame within the client limit whose message would not fit the frame every recipient gets
+/// (a long user id, an id and a time are added) is refused here, not acknowledged and then
+/// refused with 413 by every recipient.
+#[tokio::test]
+async fn a_message_that_would_not_fit_its_recipients_frame_is_refused_when_sent() {
+    let stack = Stack::memory().await;
+    let user = "u".repeat(256);
+    stack.connect("c1", "acme", &user, "general").await;
+    let before = item_count(&stack);
+    let frame_of = |body: String| json!({"action":"sendMessage","room":"general","message":body}).to_string();
+    let envelope = frame_of(String::new()).len();
+    let fits_the_client_limit = frame_of("x".repeat(roomcast::protocol::MAX_FRAME_BYTES - envelope));
+    assert_eq!(fits_the_client_limit.len(), roomcast::protocol::MAX_FRAME_BYTES);
+    let answer = body_json(&handlers::message(&message_request("c1", &fits_the_client_limit), &stack.deps).await);
+    assert_eq!(answer["code"], "message_too_large", "{answer:.200}");
+    assert_eq!(item_count(&stack), before, "nothing written");
+    // A message that fits its recipients' frame is accepted.
+    let fits = frame_of("x".repeat(roomcast::protocol::MAX_OUTGOING_BYTES - 1024));
+    let answer = body_json(&handlers::message(&message_request("c1", &fits), &stack.deps).await);
+    assert_eq!(answer["action"], "ack", "{answer:.200}");
+}
+
 #[tokio::test]
 async fn a_frame_from_an_unknown_connection_is_told_to_reconnect() {
     let stack = Stack::memory().await;

@@ -153,6 +153,12 @@ enum PluginCommand {
         /// Wall-clock deadline per call for this tenant, ms (default: ROOMCAST_PLUGIN_DEADLINE_MS).
         #[arg(long)]
         deadline_ms: Option<u64>,
+        /// Rooms this tenant's `route` may add to a message (default 8, at most 64).
+        #[arg(long)]
+        max_extra_rooms: Option<usize>,
+        /// Users this tenant's `route` may narrow a message to (default 100, at most 1000).
+        #[arg(long)]
+        max_only_users: Option<usize>,
         #[command(flatten)]
         target: PluginTargetArgs,
     },
@@ -260,7 +266,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::bench_main(args).await,
         Command::Replay(_) => unreachable!("main runs replay itself, for its exit status"),
         Command::Plugin {
-            command: PluginCommand::Upload { tenant, file, policy, fuel, memory_mib, deadline_ms, target },
+            command:
+                PluginCommand::Upload {
+                    tenant,
+                    file,
+                    policy,
+                    fuel,
+                    memory_mib,
+                    deadline_ms,
+                    max_extra_rooms,
+                    max_only_users,
+                    target,
+                },
         } => {
             let bytes = crate::plugins::read_component(&file)?;
             let policy = if policy == "closed" {
@@ -268,7 +285,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 crate::model::FailurePolicy::Open
             };
-            let limits = crate::plugins::LimitOverrides { fuel, memory_mib, deadline_ms, log_bytes: None };
+            let limits = crate::plugins::LimitOverrides {
+                fuel,
+                memory_mib,
+                deadline_ms,
+                max_extra_rooms,
+                max_only_users,
+                ..Default::default()
+            };
             let meta = target
                 .target()
                 .await

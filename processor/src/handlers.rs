@@ -235,6 +235,19 @@ async fn act(
             let room = room_name(&room)?;
             member_of(conn, room.as_str())?;
             let message = Message::new(conn, room.as_str(), message, now, deps.history_ttl_seconds);
+            // What every recipient will get must fit API Gateway's frame limit: refuse it here,
+            // not with a 413 from every recipient after it was acknowledged. (It then also fits
+            // a tenant plugin's input, which counts the same fields unescaped.)
+            let outgoing = ServerMessage::Message(crate::protocol::ChatMessage::from(&message)).to_json().len();
+            if outgoing > crate::protocol::MAX_OUTGOING_BYTES {
+                return Err(Failure::Client(FrameError::new(
+                    ErrorCode::MessageTooLarge,
+                    format!(
+                        "the message would reach its recipients as {outgoing} bytes; the limit is {}",
+                        crate::protocol::MAX_OUTGOING_BYTES
+                    ),
+                )));
+            }
             store.put_message(&message).await?;
             ServerMessage::Ack { request: "sendMessage".into(), room: message.room, id: Some(message.id) }
         }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use aws_lambda_events::dynamodb::EventRecord;
 use aws_lambda_events::streams::DynamoDbEventResponse;
+use futures::StreamExt;
 use tracing::Instrument;
 use tracing::field::Empty;
 
@@ -36,6 +37,9 @@ pub const ANSWER_MARGIN: Duration = Duration::from_millis(1000);
 /// No record starts with less than this left before the batch's work must end: enough for its
 /// reads and a delivery attempt. A record not started is reported for redelivery.
 pub const START_RESERVE: Duration = Duration::from_millis(1000);
+
+/// A plugin's extra rooms read at once, per record.
+pub const EXTRA_ROOMS_AT_ONCE: usize = 4;
 
 pub struct Processor {
     store: Arc<dyn Store>,
@@ -354,11 +358,12 @@ impl Processor {
                 None => Vec::new(),
             };
             if let (Some((_, route)), Some((tenant, _))) = (&decisions.message, react::room_needed(&change)) {
-                for extra in &route.extra_rooms {
-                    // A plugin names rooms; only valid names of the same tenant are read.
-                    if crate::model::Name::parse("room", extra).is_ok() {
-                        members.extend(self.room_members(tenant, extra).await?);
-                    }
+                // The plugin's extra rooms: already without repeats and within the tenant's
+                // limit (`plugins::registry`); read a few at a time, not one after another.
+                let reads: Vec<_> = route.extra_rooms.iter().map(|extra| self.room_members(tenant, extra)).collect();
+                let extra: Vec<_> = futures::stream::iter(reads).buffered(EXTRA_ROOMS_AT_ONCE).collect().await;
+                for read in extra {
+                    members.extend(read?);
                 }
             }
             let effects = react::react(&change, &members, &decisions);

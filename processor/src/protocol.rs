@@ -8,6 +8,10 @@ use serde_json::Value;
 
 /// API Gateway's WebSocket frame limit, and so the largest message a client can send.
 pub const MAX_FRAME_BYTES: usize = 128 * 1024;
+
+/// The largest frame `@connections` delivers (API Gateway's WebSocket message limit). A message
+/// is accepted only if the frame every recipient gets — with its id, sender and time — fits.
+pub const MAX_OUTGOING_BYTES: usize = 128 * 1024;
 pub const DEFAULT_HISTORY_LIMIT: usize = 50;
 pub const MAX_HISTORY_LIMIT: usize = 100;
 

@@ -40,6 +40,12 @@ impl Target {
                 if let Some(ms) = limits.deadline_ms {
                     query.push(format!("deadline_ms={ms}"));
                 }
+                if let Some(n) = limits.max_extra_rooms {
+                    query.push(format!("max_extra_rooms={n}"));
+                }
+                if let Some(n) = limits.max_only_users {
+                    query.push(format!("max_only_users={n}"));
+                }
                 let path = format!("/_dev/plugins/{tenant}?{}", query.join("&"));
                 let answer = request(url, http::Method::POST, &path, bytes).await?;
                 Ok(serde_json::from_value(answer)?)

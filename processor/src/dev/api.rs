@@ -81,6 +81,8 @@ struct UploadQuery {
     fuel: Option<u64>,
     memory_mib: Option<usize>,
     deadline_ms: Option<u64>,
+    max_extra_rooms: Option<usize>,
+    max_only_users: Option<usize>,
 }
 
 async fn upload(
@@ -98,7 +100,9 @@ async fn upload(
         fuel: query.fuel,
         memory_mib: query.memory_mib,
         deadline_ms: query.deadline_ms,
-        log_bytes: None,
+        max_extra_rooms: query.max_extra_rooms,
+        max_only_users: query.max_only_users,
+        ..LimitOverrides::default()
     };
     match crate::plugins::upload(&*api.store, &api.host, &tenant, &body, policy, limits, chrono::Utc::now()).await {
         Ok(meta) => axum::Json(meta).into_response(),

@@ -248,6 +248,11 @@ impl Instance {
         };
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limits);
+        // What the host lifts from the guest (a call's results, an import's arguments) is
+        // bounded before it is allocated here, not only checked after: lists of strings that
+        // alias one guest buffer would otherwise cost up to wasmtime's default of 128 MiB each.
+        store.set_hostcall_fuel(2 * limits.io_bytes);
+        store.set_max_component_handles(1000);
         arm(&mut store, limits);
         let bindings = bounded(limits, plugin.pre.instantiate_async(&mut store));
         let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
@@ -303,8 +308,9 @@ impl Instance {
         let limits = self.limits.clone();
         let (result, report) = self.call(record_time_ms, async |p, store| p.call_route(store, message).await);
         let result = result.and_then(|routing| {
-            let size = routing.extra_rooms.iter().map(String::len).sum::<usize>()
-                + routing.only_users.iter().flatten().map(String::len).sum::<usize>();
+            // Every entry counts, not only its bytes: thousands of empty names are not free.
+            let entries = routing.extra_rooms.iter().chain(routing.only_users.iter().flatten());
+            let size = entries.map(|e| e.len() + ROUTE_ENTRY_BYTES).sum::<usize>();
             within(size, &limits).map(|()| routing)
         });
         (result, report)
@@ -418,8 +424,11 @@ fn arm(store: &mut Store<State>, limits: &Limits) {
     store.set_epoch_deadline(ticks);
 }
 
+/// What one `route` entry costs in the output limit on top of its bytes.
+const ROUTE_ENTRY_BYTES: usize = 16;
+
 /// A message too large for a plugin is refused before any guest code runs.
-pub(super) fn check_input(message: &Message, limits: &Limits) -> Result<(), Fault> {
+pub(crate) fn check_input(message: &Message, limits: &Limits) -> Result<(), Fault> {
     let size = message.body.len() + message.room.len() + message.user_id.len() + message.id.len();
     if size > limits.io_bytes { Err(Fault::InputTooLarge { size, limit: limits.io_bytes }) } else { Ok(()) }
 }
@@ -435,6 +444,9 @@ fn classify(error: &wasmtime::Error, limits: &Limits, fuel_used: u64) -> Fault {
         _ => {}
     }
     let text = format!("{error:?}");
+    if text.contains("fuel allocated for hostcalls has been exhausted") {
+        return Fault::OutputTooLargeToCopy { limit: limits.io_bytes };
+    }
     if text.contains("growing memory") || text.contains("memory size") || text.contains("forcing trap when growing") {
         return Fault::Memory(limits.memory_bytes);
     }

@@ -63,6 +63,10 @@ pub struct Limits {
     pub io_bytes: usize,
     /// The call's log, in bytes.
     pub log_bytes: usize,
+    /// Rooms a `route` may add (after dropping repeats and the message's own room).
+    pub max_extra_rooms: usize,
+    /// Users a `route` may narrow a message to.
+    pub max_only_users: usize,
 }
 
 impl Default for Limits {
@@ -74,6 +78,8 @@ impl Default for Limits {
             component_bytes: 4 << 20,
             io_bytes: 128 << 10,
             log_bytes: 1 << 10,
+            max_extra_rooms: 8,
+            max_only_users: 100,
         }
     }
 }
@@ -87,6 +93,8 @@ pub const CEILING: Limits = Limits {
     component_bytes: 4 << 20,
     io_bytes: 128 << 10,
     log_bytes: 16 << 10,
+    max_extra_rooms: 64,
+    max_only_users: 1000,
 };
 
 /// Per-tenant limits, stored with an uploaded version (`roomcast plugin upload --fuel …`).
@@ -102,6 +110,10 @@ pub struct LimitOverrides {
     pub deadline_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_bytes: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_extra_rooms: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_only_users: Option<usize>,
 }
 
 impl LimitOverrides {
@@ -118,6 +130,8 @@ impl Limits {
             deadline: o.deadline_ms.map_or(self.deadline, Duration::from_millis).clamp(EPOCH_TICK, CEILING.deadline),
             memory_bytes: o.memory_mib.map_or(self.memory_bytes, |m| m << 20).clamp(1 << 20, CEILING.memory_bytes),
             log_bytes: o.log_bytes.unwrap_or(self.log_bytes).min(CEILING.log_bytes),
+            max_extra_rooms: o.max_extra_rooms.unwrap_or(self.max_extra_rooms).min(CEILING.max_extra_rooms),
+            max_only_users: o.max_only_users.unwrap_or(self.max_only_users).min(CEILING.max_only_users),
             ..self.clone()
         }
     }
@@ -149,8 +163,23 @@ pub enum Fault {
     Trap(String),
     #[error("returned an output of {size} bytes; the limit is {limit}")]
     OutputTooLarge { size: usize, limit: usize },
+    /// Stopped while its output was being copied to the host, long before it was all there.
+    #[error("returned an output far over the {limit} byte limit")]
+    OutputTooLargeToCopy { limit: usize },
     #[error("was given an input of {size} bytes; the limit is {limit}")]
     InputTooLarge { size: usize, limit: usize },
+    #[error("routed to {count} {what}; the limit is {limit}")]
+    RoutedTooWide { what: &'static str, count: usize, limit: usize },
+    /// Not a call: the breaker is open after repeated faults, and the policy applies.
+    #[error("circuit breaker open after repeated faults")]
+    BreakerOpen,
+}
+
+impl Fault {
+    /// Whether the plugin was called and failed (not the breaker speaking for it).
+    pub fn is_the_plugins(&self) -> bool {
+        !matches!(self, Fault::BreakerOpen)
+    }
 }
 
 /// A compiled, checked plugin: ready to instantiate.

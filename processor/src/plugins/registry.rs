@@ -249,11 +249,7 @@ impl Registry {
             let breaker = installed.breaker.lock().unwrap_or_else(|p| p.into_inner());
             if breaker.open_until.is_some_and(|until| Instant::now() < until) {
                 tracing::warn!(tenant, hook, "plugin breaker open: applying the failure policy without calling it");
-                return Some((
-                    Err(Fault::Trap("circuit breaker open after repeated faults".into())),
-                    CallReport::default(),
-                    installed.policy,
-                ));
+                return Some((Err(Fault::BreakerOpen), CallReport::default(), installed.policy));
             }
         }
         let version = installed.plugin.version().to_string();
@@ -288,17 +284,9 @@ impl Registry {
             }
             Err(e) => (Err(Fault::Trap(format!("the plugin call did not complete: {e}"))), CallReport::default()),
         };
-        let mut breaker = installed.breaker.lock().unwrap_or_else(|p| p.into_inner());
-        match &result {
-            Ok(_) => *breaker = Breaker::default(),
-            Err(fault) => {
-                Metrics::add(&self.metrics.plugin_faults, 1);
-                breaker.faults_in_a_row += 1;
-                tracing::warn!(tenant, hook, %fault, faults_in_a_row = breaker.faults_in_a_row, "plugin fault");
-                if breaker.faults_in_a_row >= BREAKER_THRESHOLD {
-                    breaker.open_until = Some(Instant::now() + BREAKER_COOLDOWN);
-                }
-            }
+        if let Err(fault) = &result {
+            Metrics::add(&self.metrics.plugin_faults, 1);
+            tracing::warn!(tenant, hook, %fault, "plugin fault");
         }
         tracing::debug!(
             tenant,
@@ -310,7 +298,34 @@ impl Registry {
         Some((result, report, installed.policy))
     }
 
+    /// The breaker counts messages (and welcomes), not calls: one whose hooks faulted counts
+    /// once; one that went through every hook cleanly closes it. Only the plugin's own faults
+    /// count — never the caller's size checks, never the breaker itself.
+    fn settle_breaker(&self, tenant: &str, faulted: bool) {
+        let Some(installed) = self.get(tenant) else { return };
+        if installed.breaker.lock().unwrap_or_else(|p| p.into_inner()).open_until.is_some_and(|t| Instant::now() < t) {
+            return; // the breaker spoke for the plugin: nothing was called
+        }
+        let mut breaker = installed.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        if !faulted {
+            *breaker = Breaker::default();
+            return;
+        }
+        breaker.faults_in_a_row += 1;
+        if breaker.faults_in_a_row >= BREAKER_THRESHOLD {
+            breaker.open_until = Some(Instant::now() + BREAKER_COOLDOWN);
+            tracing::warn!(
+                tenant,
+                faults_in_a_row = breaker.faults_in_a_row,
+                "plugin breaker opens for {BREAKER_COOLDOWN:?}"
+            );
+        }
+    }
+
     /// Validation then routing for one message; `None` when the tenant has no plugin.
+    ///
+    /// Failure policy, for every hook: fail-closed rejects the message; fail-open delivers it by
+    /// the default rules — to its room, as if there were no plugin, never to anyone outside it.
     pub async fn decide_message(
         &self,
         warm: &Warm,
@@ -318,44 +333,78 @@ impl Registry {
         record_time_ms: u64,
     ) -> Option<(Decision, Route, Vec<CallRecord>)> {
         let tenant = message.tenant.clone();
+        let installed = self.get(&tenant)?;
+        let (limits, policy) = (installed.limits.clone(), installed.policy);
+        let on_fault = |fault: &Fault| match policy {
+            Policy::FailOpen => Decision::Deliver { rewritten: None },
+            Policy::FailClosed => {
+                Decision::Reject { reason: format!("the room's rules could not be checked ({fault})") }
+            }
+        };
+        // The caller's checks come first and are the caller's: a message too large for the
+        // plugin (only a record written around the handlers can be) is never the plugin's fault.
+        if let Err(too_large) = super::instance::check_input(message, &limits) {
+            let call = CallRecord {
+                hook: "validate",
+                outcome: format!("not called: {too_large}"),
+                report: CallReport::default(),
+            };
+            return Some((on_fault(&too_large), Route::default(), vec![call]));
+        }
         let mut calls = Vec::new();
         let input = message.clone();
-        let (result, report, policy) =
+        let (mut result, report, _) =
             self.run(warm, &tenant, "validate", move |i| i.validate(&input, record_time_ms)).await?;
-        let outcome = describe(&result);
+        // A rewrite must still fit the frame every recipient gets.
+        if let Ok(Verdict::Rewrite(text)) = &result {
+            let size = outgoing_size(message, text);
+            if size > crate::protocol::MAX_OUTGOING_BYTES {
+                result = Err(Fault::OutputTooLarge { size, limit: crate::protocol::MAX_OUTGOING_BYTES });
+                Metrics::add(&self.metrics.plugin_faults, 1);
+            }
+        }
+        let mut faulted = result.as_ref().is_err_and(Fault::is_the_plugins);
+        calls.push(CallRecord { hook: "validate", outcome: describe(&result), report });
         let decision = match result {
             Ok(Verdict::Accept) => Decision::Deliver { rewritten: None },
             Ok(Verdict::Rewrite(text)) => Decision::Deliver { rewritten: Some(text) },
             Ok(Verdict::Reject(reason)) => Decision::Reject { reason },
-            Err(ref fault) => match policy {
-                Policy::FailOpen => Decision::Deliver { rewritten: None },
-                Policy::FailClosed => {
-                    Decision::Reject { reason: format!("the room's rules could not be checked ({fault})") }
-                }
-            },
+            Err(ref fault) => on_fault(fault),
         };
-        calls.push(CallRecord { hook: "validate", outcome, report });
         if let Decision::Reject { .. } = decision {
+            self.settle_breaker(&tenant, faulted);
             Metrics::add(&self.metrics.rejected, 1);
             return Some((decision, Route::default(), calls));
         }
         let input = message.clone();
-        let route = match self.run(warm, &tenant, "route", move |i| i.route(&input, record_time_ms)).await {
-            Some((result, report, _)) => {
-                calls.push(CallRecord { hook: "route", outcome: describe(&result), report });
-                match result {
-                    Ok(r) => {
-                        Route { extra_rooms: r.extra_rooms, only_users: r.only_users, echo_to_sender: r.echo_to_sender }
+        let (mut decision, mut route) = (decision, Route::default());
+        if let Some((result, report, _)) =
+            self.run(warm, &tenant, "route", move |i| i.route(&input, record_time_ms)).await
+        {
+            let result = result.and_then(|r| {
+                narrow(r, &message.room, &limits).inspect_err(|fault| {
+                    Metrics::add(&self.metrics.plugin_faults, 1);
+                    tracing::warn!(tenant = %tenant, hook = "route", %fault, "plugin fault");
+                })
+            });
+            faulted |= result.as_ref().is_err_and(Fault::is_the_plugins);
+            calls.push(CallRecord { hook: "route", outcome: describe(&result), report });
+            match result {
+                Ok(narrowed) => route = narrowed,
+                Err(fault) => {
+                    if let Decision::Reject { .. } = on_fault(&fault) {
+                        decision = on_fault(&fault);
+                        Metrics::add(&self.metrics.rejected, 1);
                     }
-                    Err(_) => Route::default(), // routing faults fall back to the room's members
                 }
             }
-            None => Route::default(),
-        };
+        }
+        self.settle_breaker(&tenant, faulted);
         Some((decision, route, calls))
     }
 
-    /// The tenant plugin's greeting for a welcome, if any.
+    /// The tenant plugin's greeting for a welcome, if any. A fault or a greeting too large for
+    /// the welcome frame means no greeting; the welcome itself always goes out.
     pub async fn greeting(
         &self,
         warm: &Warm,
@@ -363,11 +412,73 @@ impl Registry {
         record_time_ms: u64,
     ) -> Option<(Option<String>, CallRecord)> {
         let input = info.clone();
-        let (result, report, _) =
+        let (mut result, report, _) =
             self.run(warm, &info.tenant, "welcome", move |i| i.welcome(&input, record_time_ms)).await?;
+        if let Ok(Some(greeting)) = &result {
+            let welcome = crate::protocol::ServerMessage::Welcome {
+                connection_id: info.connection_id.clone(),
+                tenant: info.tenant.clone(),
+                user_id: info.user_id.clone(),
+                rooms: info.rooms.clone(),
+                greeting: Some(greeting.clone()),
+            };
+            let size = welcome.to_json().len();
+            if size > crate::protocol::MAX_OUTGOING_BYTES {
+                result = Err(Fault::OutputTooLarge { size, limit: crate::protocol::MAX_OUTGOING_BYTES });
+                Metrics::add(&self.metrics.plugin_faults, 1);
+            }
+        }
+        self.settle_breaker(&info.tenant, result.as_ref().is_err_and(Fault::is_the_plugins));
         let record = CallRecord { hook: "welcome", outcome: describe(&result), report };
         Some((result.unwrap_or(None), record))
     }
+}
+
+/// The frame a recipient gets for `message` with its body rewritten to `text`, in bytes.
+fn outgoing_size(message: &Message, text: &str) -> usize {
+    let chat = crate::protocol::ChatMessage {
+        id: message.id.clone(),
+        room: message.room.clone(),
+        user_id: message.user_id.clone(),
+        message: text.to_string(),
+        timestamp: message.timestamp.clone(),
+    };
+    crate::protocol::ServerMessage::Message(chat).to_json().len()
+}
+
+/// A plugin's routing as the processor applies it: extra rooms without repeats, without the
+/// message's own room and without names that are not rooms; users without repeats; each list
+/// within the tenant's limits (a longer one is the plugin's fault, not silently cut).
+fn narrow(routing: super::Routing, own_room: &str, limits: &Limits) -> Result<Route, Fault> {
+    let mut rooms: Vec<String> = Vec::new();
+    for room in routing.extra_rooms {
+        if room != own_room && crate::model::Name::parse("room", &room).is_ok() && !rooms.contains(&room) {
+            rooms.push(room);
+        }
+    }
+    if rooms.len() > limits.max_extra_rooms {
+        return Err(Fault::RoutedTooWide { what: "extra rooms", count: rooms.len(), limit: limits.max_extra_rooms });
+    }
+    let only_users = match routing.only_users {
+        None => None,
+        Some(users) => {
+            let mut unique: Vec<String> = Vec::new();
+            for user in users {
+                if !unique.contains(&user) {
+                    unique.push(user);
+                }
+                if unique.len() > limits.max_only_users {
+                    return Err(Fault::RoutedTooWide {
+                        what: "users",
+                        count: unique.len(),
+                        limit: limits.max_only_users,
+                    });
+                }
+            }
+            Some(unique)
+        }
+    };
+    Ok(Route { extra_rooms: rooms, only_users, echo_to_sender: routing.echo_to_sender })
 }
 
 fn describe<T: std::fmt::Debug>(result: &Result<T, Fault>) -> String {

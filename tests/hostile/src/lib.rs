@@ -15,6 +15,9 @@
 //! | `socket`    | opens a TCP connection (denied) and rewrites the message to what happened |
 //! | `print`     | prints to stdout and stderr, and panics with a message |
 //!
+//! `route` misbehaves the same way: `route-aliased` names one room 18,000 times, `route-wide`
+//! names 20 rooms, `route-trap` panics, `route-to-bob` narrows the message to the user `bob`.
+//!
 //! Anything else is accepted.
 
 #[cfg(target_arch = "wasm32")]
@@ -91,8 +94,16 @@ mod component {
             }
         }
 
-        fn route(_: Message) -> Routing {
-            Routing { extra_rooms: Vec::new(), only_users: None, echo_to_sender: true }
+        fn route(message: Message) -> Routing {
+            let plain = Routing { extra_rooms: Vec::new(), only_users: None, echo_to_sender: true };
+            match message.body.as_str() {
+                // 18,000 names of one short room: within 128 KB counting bytes alone.
+                "route-aliased" => Routing { extra_rooms: vec!["general".to_string(); 18_000], ..plain },
+                "route-wide" => Routing { extra_rooms: (0..20).map(|i| format!("room{i}")).collect(), ..plain },
+                "route-trap" => panic!("the hostile plugin's route panics on purpose"),
+                "route-to-bob" => Routing { only_users: Some(vec!["bob".into()]), ..plain },
+                _ => plain,
+            }
         }
 
         fn welcome(_: WelcomeInfo) -> Option<String> {
