@@ -134,6 +134,29 @@ fn blocking_host_calls_obey_the_deadline_and_capabilities_are_refused() {
     assert!(report.log.iter().any(|l| l.contains("panics after printing")), "{:?}", report.log);
 }
 
+/// wasi:random is seeded from the record: a plugin that draws random numbers, or hashes with a
+/// random seed as Rust's `HashMap` does, decides the same each time the record is replayed, and
+/// another record draws other numbers.
+#[test]
+fn random_numbers_and_hash_maps_come_from_the_record() {
+    let host = PluginHost::new().unwrap();
+    let limits = Limits::default();
+    let hostile = host.compile(&component("roomcast-hostile-plugin"), &limits).unwrap();
+    let decide = |id: &str, time: u64| {
+        let message = Message { id: id.into(), ..message("random") };
+        match host.validate(&hostile, &limits, &message, time).0 {
+            Ok(Verdict::Rewrite(drawn)) => drawn,
+            other => panic!("{other:?}"),
+        }
+    };
+    let first = decide("m1", RECORD_TIME);
+    for _ in 0..3 {
+        assert_eq!(decide("m1", RECORD_TIME), first, "a replay of the record draws the same");
+    }
+    assert_ne!(decide("m2", RECORD_TIME), first, "another record draws others");
+    assert_ne!(decide("m1", RECORD_TIME + 1), first, "the record's time is part of the seed");
+}
+
 #[test]
 fn the_wall_clock_deadline_stops_a_loop_that_fuel_would_let_run() {
     let host = PluginHost::new().unwrap();

@@ -44,6 +44,9 @@ pub struct State {
     log: BoundedLog,
     /// The current call's record time, epoch milliseconds (also what WASI's clocks show).
     time: Arc<AtomicU64>,
+    /// The states of wasi:random's two generators, seeded from the record at each call.
+    random: Arc<AtomicU64>,
+    insecure: Arc<AtomicU64>,
 }
 
 impl WasiView for State {
@@ -187,6 +190,41 @@ impl wasmtime_wasi::cli::StdoutStream for StdioSink {
     }
 }
 
+/// wasi:random's generators: SplitMix64 over a state the host sets from the record at every
+/// call. A plugin that draws random numbers (or hashes with a random seed, as Rust's `HashMap`
+/// does) decides the same way every time the same record is replayed.
+struct RecordRng(Arc<AtomicU64>);
+
+impl RecordRng {
+    fn next(&self) -> u64 {
+        let mut z = self.0.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+impl rand_core::TryRng for RecordRng {
+    type Error = std::convert::Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(self.next() as u32)
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        Ok(self.next())
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        for chunk in dst.chunks_mut(8) {
+            chunk.copy_from_slice(&self.next().to_le_bytes()[..chunk.len()]);
+        }
+        Ok(())
+    }
+}
+
+/// FNV-1a: a stable hash (the same in every Rust release, unlike `DefaultHasher`).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// A clock that always shows the current call's record time (replay is deterministic).
 struct RecordClock(Arc<AtomicU64>);
 
@@ -229,12 +267,18 @@ impl Instance {
         let started = Instant::now();
         let stdio = StdioSink::new(limits.log_bytes);
         let time = Arc::new(AtomicU64::new(0));
+        let (random, insecure) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let wasi = WasiCtx::builder()
             .stdout(stdio.clone())
             .stderr(stdio.clone())
             .wall_clock(RecordClock(time.clone()))
             .monotonic_clock(RecordClock(time.clone()))
             .insecure_random_seed(0)
+            // Both generators are seeded from the record at each call (see `RecordRng`), and
+            // one call may ask for at most the I/O limit's worth of random bytes.
+            .secure_random(RecordRng(random.clone()))
+            .insecure_random(RecordRng(insecure.clone()))
+            .max_random_size(limits.io_bytes as u64)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -245,6 +289,8 @@ impl Instance {
             limits: Budget::new(limits.memory_bytes),
             log: BoundedLog::new(limits.log_bytes),
             time,
+            random,
+            insecure,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limits);
@@ -274,12 +320,18 @@ impl Instance {
     fn call<R>(
         &mut self,
         record_time_ms: u64,
+        record_key: &str,
         run: impl AsyncFnOnce(&TenantPlugin, &mut Store<State>) -> wasmtime::Result<R>,
     ) -> (Result<R, Fault>, CallReport) {
         let started = Instant::now();
         self.calls += 1;
         arm(&mut self.store, &self.limits);
-        self.store.data().time.store(record_time_ms, Ordering::Relaxed);
+        let state = self.store.data();
+        state.time.store(record_time_ms, Ordering::Relaxed);
+        // Random numbers come from the record, so a replay of it draws the same ones.
+        let seed = fnv1a(record_key.as_bytes()) ^ record_time_ms.rotate_left(32);
+        state.random.store(seed, Ordering::Relaxed);
+        state.insecure.store(!seed, Ordering::Relaxed);
         let limits = self.limits.clone();
         let result = bounded(&limits, run(&self.bindings, &mut self.store));
         let fuel_used = self.limits.fuel.saturating_sub(self.store.get_fuel().unwrap_or(0));
@@ -293,7 +345,8 @@ impl Instance {
             return (Err(fault), CallReport::default());
         }
         let limits = self.limits.clone();
-        let (result, report) = self.call(record_time_ms, async |p, store| p.call_validate(store, message).await);
+        let (result, report) =
+            self.call(record_time_ms, &message.id, async |p, store| p.call_validate(store, message).await);
         let result = result.and_then(|verdict| {
             let size = match &verdict {
                 Verdict::Accept => 0,
@@ -306,7 +359,8 @@ impl Instance {
 
     pub fn route(&mut self, message: &Message, record_time_ms: u64) -> (Result<Routing, Fault>, CallReport) {
         let limits = self.limits.clone();
-        let (result, report) = self.call(record_time_ms, async |p, store| p.call_route(store, message).await);
+        let (result, report) =
+            self.call(record_time_ms, &message.id, async |p, store| p.call_route(store, message).await);
         let result = result.and_then(|routing| {
             // Every entry counts, not only its bytes: thousands of empty names are not free.
             let entries = routing.extra_rooms.iter().chain(routing.only_users.iter().flatten());
@@ -318,7 +372,8 @@ impl Instance {
 
     pub fn welcome(&mut self, info: &WelcomeInfo, record_time_ms: u64) -> (Result<Option<String>, Fault>, CallReport) {
         let limits = self.limits.clone();
-        let (result, report) = self.call(record_time_ms, async |p, store| p.call_welcome(store, info).await);
+        let (result, report) =
+            self.call(record_time_ms, &info.connection_id, async |p, store| p.call_welcome(store, info).await);
         let result =
             result.and_then(|greeting| within(greeting.as_ref().map_or(0, String::len), &limits).map(|()| greeting));
         (result, report)

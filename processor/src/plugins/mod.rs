@@ -4,7 +4,7 @@
 //! Scopes, as in Spin:
 //! * process — one [`PluginHost`]: one `Engine` (fuel and epoch interruption on), one `Linker`
 //!   with WASI locked down (no env, args, directories or network; stdout and stderr into the
-//!   bounded log; clocks that show the record's time; a fixed random seed) and our two imports;
+//!   bounded log; clocks that show the record's time; random numbers seeded from the record) and our imports;
 //!   and, optionally, a directory of precompiled artifacts that only this host writes;
 //! * tenant-version — a compiled [`Plugin`]: the `Component` and its `InstancePre`, checked
 //!   against the world when it is compiled;

@@ -14,6 +14,7 @@
 //! | `stdin`     | reads stdin to its end (closed: nothing to read) |
 //! | `socket`    | opens a TCP connection (denied) and rewrites the message to what happened |
 //! | `print`     | prints to stdout and stderr, and panics with a message |
+//! | `random`    | rewrites the message to a `HashMap`'s order, a randomly seeded hash and a random `u64` from `wasi:random` |
 //!
 //! `route` misbehaves the same way: `route-aliased` names one room 18,000 times, `route-wide`
 //! names 20 rooms, `route-trap` panics, `route-to-bob` narrows the message to the user `bob`.
@@ -85,6 +86,14 @@ mod component {
                     println!("to stdout");
                     eprintln!("to stderr");
                     panic!("the hostile plugin panics after printing");
+                }
+                "random" => {
+                    use std::hash::BuildHasher;
+                    let map: std::collections::HashMap<u32, u32> = (0..16).map(|i| (i, i)).collect();
+                    let order: Vec<&u32> = map.keys().collect();
+                    let hashed = std::collections::hash_map::RandomState::new().hash_one(7u64);
+                    let drawn = getrandom::u64().unwrap_or_default();
+                    Verdict::Rewrite(format!("{order:?} {hashed} {drawn}"))
                 }
                 "clock" => {
                     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
