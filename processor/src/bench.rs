@@ -44,6 +44,12 @@ pub struct Options {
     pub raw_posts: usize,
     /// Tenants running the plugin for the memory measurement.
     pub plugin_tenants: usize,
+    /// A hostile component: adds the phase with a hostile tenant beside the plugin's.
+    pub hostile: Option<Vec<u8>>,
+    /// The hostile tenant's messages per second.
+    pub hostile_rate: f64,
+    /// The started `roomcast dev` uses this DynamoDB API instead of the embedded store.
+    pub dynamodb_endpoint: Option<String>,
     /// The secret `$connect` tokens are signed with (the dev stack's).
     pub secret: Vec<u8>,
     /// Give up waiting for deliveries after this long.
@@ -85,6 +91,8 @@ pub struct Phase {
     /// The server process's CPU time (user + system) per stream record processed.
     pub cpu_us_per_record: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// The server's resident set once the phase's traffic has stopped and the stack settled.
+    pub settled_rss_mib: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -109,8 +117,12 @@ impl Server {
             return Ok(server);
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = tokio::process::Command::new(&options.binary)
-            .args(["dev", "--port", &port.to_string(), "--idle-timeout", "86400", "--max-connection", "86400"])
+        let mut command = tokio::process::Command::new(&options.binary);
+        command.args(["dev", "--port", &port.to_string(), "--idle-timeout", "86400", "--max-connection", "86400"]);
+        if let Some(endpoint) = &options.dynamodb_endpoint {
+            command.args(["--dynamodb-endpoint", endpoint, "--table", &format!("bench-{}", std::process::id())]);
+        }
+        let child = command
             .env("RUST_LOG", "warn")
             .env("ROOMCAST_JWT_SECRET", String::from_utf8_lossy(&options.secret).as_ref())
             .stdout(std::process::Stdio::null())
@@ -370,7 +382,49 @@ async fn run_phase(
         stream_records: records,
         cpu_us_per_record: cpu,
         peak_rss_mib: server.pid().and_then(|pid| status_mib(pid, "VmHWM:")),
+        settled_rss_mib: None,
     })
+}
+
+/// The hostile tenant's traffic: its users send each misbehaviour in turn at `rate` per second
+/// until `stop` fires. Returns how many it sent.
+async fn hostile_traffic(
+    server: &Server,
+    options: &Options,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<usize> {
+    const ABUSE: &[&str] =
+        &["loop", "sleep", "grow", "route-wide", "route-aliased", "sleep-forever", "giant", "recurse"];
+    let exp = chrono::Utc::now().timestamp() + 6 * 3600;
+    let claims = crate::auth::Claims { tenant: "bench-hostile".into(), sub: "mallory".into(), exp, nbf: None };
+    let url = format!("{}?token={}&rooms=general", server.ws_url(), crate::auth::mint(&claims, &options.secret));
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.map_err(|e| anyhow::anyhow!("the hostile user: {e}"))?;
+    let (mut writer, mut reader) = ws.split();
+    // Whatever comes back (rejections, its own messages) is read and dropped.
+    let drain = tokio::spawn(async move { while let Some(Ok(_)) = reader.next().await {} });
+    let interval = Duration::from_secs_f64(1.0 / options.hostile_rate.max(0.001));
+    let mut sent = 0;
+    while !*stop.borrow() {
+        let frame =
+            serde_json::json!({"action": "sendMessage", "room": "general", "message": ABUSE[sent % ABUSE.len()]});
+        writer.send(Frame::text(frame.to_string())).await?;
+        sent += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    let _ = writer.close().await;
+    drain.abort();
+    Ok(sent)
+}
+
+/// The resident set once the stack has settled after a phase (a few seconds for the allocator
+/// to return what the phase used).
+async fn settled_rss(server: &Server) -> anyhow::Result<Option<f64>> {
+    server.settle().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    Ok(server.pid().and_then(|pid| status_mib(pid, "VmRSS:")))
 }
 
 async fn activate(server: &Server, tenant: &str, component: &[u8]) -> anyhow::Result<()> {
@@ -394,11 +448,15 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     let server = Server::start(options).await?;
     let mut phases = Vec::new();
     let mut raw = f64::NAN;
-    let mut variants = vec![("no plugin", "bench-plain", None)];
+    let mut variants = vec![("no plugin", "bench-plain", None, false)];
     if let Some(component) = &options.plugin {
-        variants.push(("plugin", "bench-plugin", Some(component)));
+        variants.push(("plugin", "bench-plugin", Some(component), false));
+        if let Some(hostile) = &options.hostile {
+            activate(&server, "bench-hostile", hostile).await?;
+            variants.push(("plugin, beside a hostile tenant", "bench-guarded", Some(component), true));
+        }
     }
-    for (name, tenant, plugin) in variants {
+    for (name, tenant, plugin, beside_hostile) in variants {
         if let Some(component) = plugin {
             activate(&server, tenant, component).await?;
         }
@@ -406,7 +464,31 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
         if raw.is_nan() {
             raw = raw_rate(&server, &crowd.ids, options.raw_posts).await?;
         }
-        phases.push(run_phase(&server, options, name, raw, &mut crowd).await?);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let hostile = beside_hostile.then(|| {
+            let (server, options) = (&server, options);
+            async move { hostile_traffic(server, options, stopped).await }
+        });
+        let (phase, hostile_sent) = match hostile {
+            Some(traffic) => {
+                let phase = async {
+                    // Let the hostile traffic start before the measured messages do.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let phase = run_phase(&server, options, name, raw, &mut crowd).await;
+                    let _ = stop.send(true);
+                    phase
+                };
+                let (phase, sent) = tokio::join!(phase, traffic);
+                (phase?, Some(sent?))
+            }
+            None => (run_phase(&server, options, name, raw, &mut crowd).await?, None),
+        };
+        let mut phase = phase;
+        if let Some(sent) = hostile_sent {
+            phase.name = format!("{name} ({sent} hostile messages)");
+        }
+        phase.settled_rss_mib = settled_rss(&server).await?;
+        phases.push(phase);
         for reader in &crowd.readers {
             reader.abort();
         }
@@ -474,12 +556,12 @@ impl Report {
         ));
         out.push_str(&format!("raw @connections rate (the limit): {:.0} posts/s\n\n", self.raw_posts_per_second));
         out.push_str(
-            "| phase | deliveries | per second | of raw | p50 ms | p99 ms | records | CPU µs/record | peak RSS MiB |\n",
+            "| phase | deliveries | per second | of raw | p50 ms | p99 ms | records | CPU µs/record | peak RSS MiB | settled RSS MiB |\n",
         );
-        out.push_str("|---|---|---|---|---|---|---|---|---|\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
         for p in &self.phases {
             out.push_str(&format!(
-                "| {} | {}/{} | {:.0} | {:.0}% | {:.1} | {:.1} | {} | {} | {} |\n",
+                "| {} | {}/{} | {:.0} | {:.0}% | {:.1} | {:.1} | {} | {} | {} | {} |\n",
                 p.name,
                 p.deliveries,
                 p.expected,
@@ -489,7 +571,8 @@ impl Report {
                 p.latency_p99_ms,
                 p.stream_records,
                 opt(p.cpu_us_per_record, 1),
-                opt(p.peak_rss_mib, 1)
+                opt(p.peak_rss_mib, 1),
+                opt(p.settled_rss_mib, 1)
             ));
         }
         if let Some(m) = &self.memory {

@@ -25,6 +25,18 @@ pub struct BenchArgs {
     /// PostToConnection calls that measure the raw @connections rate.
     #[arg(long, default_value_t = 20_000)]
     raw_posts: usize,
+    /// A hostile component (tests/hostile): adds a phase in which the plugin phase's traffic
+    /// shares the stack with a tenant running it, whose users send loops, sleeps, memory bombs
+    /// and routes to every room it can, at --hostile-rate.
+    #[arg(long, value_name = "FILE.wasm", requires = "plugin")]
+    hostile: Option<std::path::PathBuf>,
+    /// The hostile tenant's messages per second.
+    #[arg(long, default_value_t = 20.0)]
+    hostile_rate: f64,
+    /// Run the started `roomcast dev` on this DynamoDB API (moto) instead of the embedded store,
+    /// so that queries cost what they cost.
+    #[arg(long)]
+    dynamodb_endpoint: Option<String>,
     /// Tenants that run the plugin for the memory measurement.
     #[arg(long, default_value_t = 100)]
     plugin_tenants: usize,
@@ -47,6 +59,9 @@ pub async fn bench_main(args: BenchArgs) -> anyhow::Result<()> {
         plugin: args.plugin.as_deref().map(crate::plugins::read_component).transpose()?,
         raw_posts: args.raw_posts,
         plugin_tenants: args.plugin_tenants,
+        hostile: args.hostile.as_deref().map(crate::plugins::read_component).transpose()?,
+        hostile_rate: args.hostile_rate,
+        dynamodb_endpoint: args.dynamodb_endpoint,
         secret: args.jwt_secret.into_bytes(),
         patience: Duration::from_secs(30),
     };
