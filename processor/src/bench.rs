@@ -68,6 +68,8 @@ pub struct Report {
     pub raw_posts_per_second: f64,
     pub phases: Vec<Phase>,
     pub memory: Option<Memory>,
+    /// The server's resident set when it started, before any traffic.
+    pub idle_rss_mib: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -149,10 +151,12 @@ impl Server {
         Ok(serde_json::from_value(value)?)
     }
 
-    /// Waits until the processor has been idle for a while: nothing new in its counts.
+    /// Waits until the processor has been idle for a while: nothing new in its counts (at most
+    /// ten seconds: beside a hostile tenant's traffic it never is).
     async fn settle(&self) -> anyhow::Result<crate::metrics::Counts> {
         let mut last = self.counts().await?;
-        loop {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
             tokio::time::sleep(Duration::from_millis(400)).await;
             let now = self.counts().await?;
             if now == last {
@@ -160,6 +164,7 @@ impl Server {
             }
             last = now;
         }
+        Ok(last)
     }
 
     fn ws_url(&self) -> String {
@@ -324,6 +329,10 @@ async fn run_phase(
 ) -> anyhow::Result<Phase> {
     let rooms = crowd.senders.len();
     let before = server.settle().await?;
+    // The peak is this phase's own: reset the process's high-water mark (Linux: clear_refs 5).
+    if let Some(pid) = server.pid() {
+        let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    }
     let cpu_before = server.pid().and_then(cpu_seconds);
     let interval = Duration::from_secs_f64(1.0 / options.rate.max(0.001));
     let started = Instant::now();
@@ -397,7 +406,10 @@ async fn hostile_traffic(
         &["loop", "sleep", "grow", "route-wide", "route-aliased", "sleep-forever", "giant", "recurse"];
     let exp = chrono::Utc::now().timestamp() + 6 * 3600;
     let claims = crate::auth::Claims { tenant: "bench-hostile".into(), sub: "mallory".into(), exp, nbf: None };
-    let url = format!("{}?token={}&rooms=general", server.ws_url(), crate::auth::mint(&claims, &options.secret));
+    // Its traffic spreads over eight rooms: one room's records run one after another.
+    let rooms: Vec<String> = (0..8).map(|i| format!("h{i}")).collect();
+    let url =
+        format!("{}?token={}&rooms={}", server.ws_url(), crate::auth::mint(&claims, &options.secret), rooms.join(","));
     let (ws, _) = tokio_tungstenite::connect_async(url).await.map_err(|e| anyhow::anyhow!("the hostile user: {e}"))?;
     let (mut writer, mut reader) = ws.split();
     // Whatever comes back (rejections, its own messages) is read and dropped.
@@ -405,8 +417,8 @@ async fn hostile_traffic(
     let interval = Duration::from_secs_f64(1.0 / options.hostile_rate.max(0.001));
     let mut sent = 0;
     while !*stop.borrow() {
-        let frame =
-            serde_json::json!({"action": "sendMessage", "room": "general", "message": ABUSE[sent % ABUSE.len()]});
+        let room = &rooms[sent % rooms.len()];
+        let frame = serde_json::json!({"action": "sendMessage", "room": room, "message": ABUSE[sent % ABUSE.len()]});
         writer.send(Frame::text(frame.to_string())).await?;
         sent += 1;
         tokio::select! {
@@ -446,6 +458,7 @@ async fn activate(server: &Server, tenant: &str, component: &[u8]) -> anyhow::Re
 pub async fn run(options: &Options) -> anyhow::Result<Report> {
     anyhow::ensure!(options.connections > 0 && options.room_size > 0 && options.messages > 0, "nothing to measure");
     let server = Server::start(options).await?;
+    let idle_rss_mib = server.pid().and_then(|pid| status_mib(pid, "VmRSS:"));
     let mut phases = Vec::new();
     let mut raw = f64::NAN;
     let mut variants = vec![("no plugin", "bench-plain", None, false)];
@@ -532,6 +545,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
         raw_posts_per_second: raw,
         phases,
         memory,
+        idle_rss_mib,
     })
 }
 
@@ -554,7 +568,8 @@ impl Report {
             "{} connections in {} rooms of {}; {} messages at {}/s\n",
             self.connections, self.rooms, self.room_size, self.messages, self.rate
         ));
-        out.push_str(&format!("raw @connections rate (the limit): {:.0} posts/s\n\n", self.raw_posts_per_second));
+        out.push_str(&format!("raw @connections rate (the limit): {:.0} posts/s\n", self.raw_posts_per_second));
+        out.push_str(&format!("server RSS at start: {} MiB\n\n", opt(self.idle_rss_mib, 1)));
         out.push_str(
             "| phase | deliveries | per second | of raw | p50 ms | p99 ms | records | CPU µs/record | peak RSS MiB | settled RSS MiB |\n",
         );

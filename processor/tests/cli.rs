@@ -291,6 +291,8 @@ fn bench_drives_the_local_stack_and_reports_every_figure() {
         .args(["bench", "--connections", "30", "--room-size", "10", "--messages", "12", "--rate", "100"])
         .args(["--raw-posts", "300", "--plugin-tenants", "2", "--json", "--plugin"])
         .arg(wasm("roomcast_plugin_moderation"))
+        .args(["--hostile-rate", "50", "--hostile"])
+        .arg(wasm("roomcast_hostile_plugin"))
         .output()
         .expect("run roomcast bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -299,8 +301,12 @@ fn bench_drives_the_local_stack_and_reports_every_figure() {
     assert_eq!((report["rooms"].as_u64(), report["connections"].as_u64()), (Some(3), Some(30)));
     assert!(report["raw_posts_per_second"].as_f64().unwrap() > 0.0, "{report}");
     let phases = report["phases"].as_array().unwrap();
-    assert_eq!(phases.iter().map(|p| p["name"].as_str().unwrap()).collect::<Vec<_>>(), ["no plugin", "plugin"]);
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names[..2], ["no plugin", "plugin"]);
+    assert!(names[2].starts_with("plugin, beside a hostile tenant ("), "{names:?}");
+    assert!(!names[2].contains("(0 hostile"), "the hostile tenant sent nothing: {names:?}");
     for phase in phases {
+        assert!(phase["settled_rss_mib"].as_f64().unwrap() > 1.0, "{phase}");
         // 12 messages over 3 rooms of 10: every member (the sender included) receives each one.
         assert_eq!((phase["expected"].as_u64(), phase["deliveries"].as_u64()), (Some(120), Some(120)), "{phase}");
         assert!(phase["stream_records"].as_u64().unwrap() >= 12, "{phase}");

@@ -349,7 +349,10 @@ impl Registry {
                 outcome: format!("not called: {too_large}"),
                 report: CallReport::default(),
             };
-            return Some((on_fault(&too_large), Route::default(), vec![call]));
+            // Never delivered unchecked, whatever the policy: the plugin could not see it.
+            let reason = format!("the message is too large for the room's rules ({too_large})");
+            Metrics::add(&self.metrics.rejected, 1);
+            return Some((Decision::Reject { reason }, Route::default(), vec![call]));
         }
         let mut calls = Vec::new();
         let input = message.clone();
@@ -364,11 +367,12 @@ impl Registry {
             }
         }
         let mut faulted = result.as_ref().is_err_and(Fault::is_the_plugins);
+        let validated = result.as_ref().map(|_| ()).map_err(Clone::clone);
         calls.push(CallRecord { hook: "validate", outcome: describe(&result), report });
         let decision = match result {
             Ok(Verdict::Accept) => Decision::Deliver { rewritten: None },
             Ok(Verdict::Rewrite(text)) => Decision::Deliver { rewritten: Some(text) },
-            Ok(Verdict::Reject(reason)) => Decision::Reject { reason },
+            Ok(Verdict::Reject(reason)) => Decision::Reject { reason: bounded_reason(reason) },
             Err(ref fault) => on_fault(fault),
         };
         if let Decision::Reject { .. } = decision {
@@ -378,9 +382,14 @@ impl Registry {
         }
         let input = message.clone();
         let (mut decision, mut route) = (decision, Route::default());
-        if let Some((result, report, _)) =
+        // After a validate fault (fail-open) the default rules apply: route is not asked, so a
+        // faulting plugin costs one call per message, not two.
+        let routed = if faulted || matches!(validated, Err(Fault::BreakerOpen)) {
+            None
+        } else {
             self.run(warm, &tenant, "route", move |i| i.route(&input, record_time_ms)).await
-        {
+        };
+        if let Some((result, report, _)) = routed {
             let result = result.and_then(|r| {
                 narrow(r, &message.room, &limits).inspect_err(|fault| {
                     Metrics::add(&self.metrics.plugin_faults, 1);
@@ -434,6 +443,21 @@ impl Registry {
     }
 }
 
+/// A plugin's reject reason, cut (at a character boundary) to what the sender's `rejected`
+/// frame can carry: the sender must hear of the rejection, not get a 413.
+fn bounded_reason(mut reason: String) -> String {
+    const MAX: usize = 4096;
+    if reason.len() > MAX {
+        let mut end = MAX;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push('…');
+    }
+    reason
+}
+
 /// The frame a recipient gets for `message` with its body rewritten to `text`, in bytes.
 fn outgoing_size(message: &Message, text: &str) -> usize {
     let chat = crate::protocol::ChatMessage {
@@ -451,20 +475,26 @@ fn outgoing_size(message: &Message, text: &str) -> usize {
 /// within the tenant's limits (a longer one is the plugin's fault, not silently cut).
 fn narrow(routing: super::Routing, own_room: &str, limits: &Limits) -> Result<Route, Fault> {
     let mut rooms: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for room in routing.extra_rooms {
-        if room != own_room && crate::model::Name::parse("room", &room).is_ok() && !rooms.contains(&room) {
+        if room != own_room && crate::model::Name::parse("room", &room).is_ok() && seen.insert(room.clone()) {
             rooms.push(room);
+            if rooms.len() > limits.max_extra_rooms {
+                return Err(Fault::RoutedTooWide {
+                    what: "extra rooms",
+                    count: rooms.len(),
+                    limit: limits.max_extra_rooms,
+                });
+            }
         }
-    }
-    if rooms.len() > limits.max_extra_rooms {
-        return Err(Fault::RoutedTooWide { what: "extra rooms", count: rooms.len(), limit: limits.max_extra_rooms });
     }
     let only_users = match routing.only_users {
         None => None,
         Some(users) => {
             let mut unique: Vec<String> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
             for user in users {
-                if !unique.contains(&user) {
+                if seen.insert(user.clone()) {
                     unique.push(user);
                 }
                 if unique.len() > limits.max_only_users {
