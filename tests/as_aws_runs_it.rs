@@ -150,6 +150,31 @@ impl Aws {
         assert_eq!(answer["statusCode"], 200, "$disconnect answered {answer}");
     }
 
+    /// The event source with the processor's deadline at `deadline`: every invocation must
+    /// answer before it; a reported record is retried from (at most Lambda's five times). The
+    /// number of invocations that reported one.
+    async fn pump_within(&mut self, deadline: Duration) -> usize {
+        let mut reported = 0;
+        loop {
+            let batch = self.poller.poll().await.expect("read the stream");
+            if batch.records.is_empty() {
+                return reported;
+            }
+            let started = std::time::Instant::now();
+            let lambda = &self.lambdas["ProcessorFunction"];
+            let answer = lambda.invoke_within(json!({ "Records": batch.records }), deadline).await;
+            let Invoked::Response(response) = answer else {
+                panic!("the processor did not answer within its deadline: {answer:?}\n{}", lambda.logs())
+            };
+            assert!(started.elapsed() < deadline, "answered after the deadline: {:?}", started.elapsed());
+            if let Some(first) = response["batchItemFailures"].as_array().and_then(|a| a.first()) {
+                reported += 1;
+                assert!(reported <= 5, "still failing after Lambda's retries: {response}");
+                self.poller.rewind(&batch.shard_id, first["itemIdentifier"].as_str().unwrap());
+            }
+        }
+    }
+
     /// Feeds the stream to the processor until it is quiet, as the event source mapping does:
     /// each batch (twice when redelivering), and after a reported failure the batch again from
     /// the reported record. Returns the invocations made.
@@ -367,25 +392,7 @@ async fn a_slow_consumer_never_stalls_its_room_or_passes_the_deadline() {
         ids.push(ack["id"].as_str().unwrap().to_string());
     }
     // Lambda's event source, with the processor's deadline at 6 s.
-    let mut retries = 0;
-    loop {
-        let batch = aws.poller.poll().await.expect("read the stream");
-        if batch.records.is_empty() {
-            break;
-        }
-        let started = std::time::Instant::now();
-        let lambda = &aws.lambdas["ProcessorFunction"];
-        let answer = lambda.invoke_within(json!({ "Records": batch.records }), six).await;
-        let Invoked::Response(response) = answer else {
-            panic!("the processor did not answer within its deadline: {answer:?}\n{}", lambda.logs())
-        };
-        assert!(started.elapsed() < six, "answered after the deadline: {:?}", started.elapsed());
-        if let Some(first) = response["batchItemFailures"].as_array().and_then(|a| a.first()) {
-            retries += 1;
-            assert!(retries <= 5, "still failing after Lambda's retries: {response}");
-            aws.poller.rewind(&batch.shard_id, first["itemIdentifier"].as_str().unwrap());
-        }
-    }
+    aws.pump_within(six).await;
     aws.assert_allowed();
     let to_bob: Vec<Value> = aws.recorder.received_action("c-bob", "message");
     for id in &ids {
@@ -415,25 +422,7 @@ async fn a_batch_longer_than_the_deadline_answers_in_time_and_is_finished_by_lam
             aws.send("c-alice", json!({"action": "sendMessage", "room": "lobby", "message": format!("m{n}")})).await;
         ids.push(ack["id"].as_str().unwrap().to_string());
     }
-    let mut reported = 0;
-    loop {
-        let batch = aws.poller.poll().await.expect("read the stream");
-        if batch.records.is_empty() {
-            break;
-        }
-        let started = std::time::Instant::now();
-        let lambda = &aws.lambdas["ProcessorFunction"];
-        let answer = lambda.invoke_within(json!({ "Records": batch.records }), six).await;
-        let Invoked::Response(response) = answer else {
-            panic!("the processor did not answer within its deadline: {answer:?}\n{}", lambda.logs())
-        };
-        assert!(started.elapsed() < six, "answered after the deadline: {:?}", started.elapsed());
-        if let Some(first) = response["batchItemFailures"].as_array().and_then(|a| a.first()) {
-            reported += 1;
-            assert!(reported <= 5, "still failing after Lambda's retries: {response}");
-            aws.poller.rewind(&batch.shard_id, first["itemIdentifier"].as_str().unwrap());
-        }
-    }
+    let reported = aws.pump_within(six).await;
     aws.assert_allowed();
     assert!(reported >= 1, "the deadline never bound: nothing was reported");
     for member in ["c-bob", "c-flaky"] {
