@@ -18,8 +18,8 @@
 //! | table | [`store`] | one trait, a DynamoDB adapter and an embedded one with a stream |
 //! | record → change | [`stream`] | decode stream records into typed [`stream::Change`]s; the batch runner; the Streams poller |
 //! | change → effects | [`react`] | pure: welcome, room fan-out, presence, cascades |
-//! | effects → delivery | [`deliver`] | `PostToConnection` with retries; 410 / 429 / 413 rules |
-//! | the processor | [`pipeline`] | the path above for one record and for a batch |
+//! | effects → delivery | [`deliver`] | `PostToConnection` with retries within the batch's window; 410 / 429 / 413 rules, slow consumers |
+//! | the processor | [`pipeline`] | the path above for one record and for a batch, within the Lambda deadline; following each tenant's `ACTIVE` plugin pointer |
 //! | tenant rules | [`plugins`] | the wasmtime host; the registry [`pipeline`] asks before [`react`] |
 //! | debugging | [`replay`] | capture a stream; replay records through [`pipeline`], printing every decision |
 //!
