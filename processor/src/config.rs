@@ -218,6 +218,24 @@ mod tests {
     }
 
     #[test]
+    fn slow_consumers_are_closed_unless_configured_not_to() {
+        let on = config(&[("TABLE_NAME", "t")]).unwrap();
+        assert_eq!((on.delivery.close_slow_consumers, on.delivery.slow_consumer), (true, Duration::from_secs(2)));
+        let off = config(&[
+            ("TABLE_NAME", "t"),
+            ("ROOMCAST_CLOSE_SLOW_CONSUMERS", "false"),
+            ("ROOMCAST_SLOW_CONSUMER_MS", "500"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (off.delivery.close_slow_consumers, off.delivery.slow_consumer),
+            (false, Duration::from_millis(500))
+        );
+        let err = config(&[("TABLE_NAME", "t"), ("ROOMCAST_CLOSE_SLOW_CONSUMERS", "maybe")]).unwrap_err();
+        assert!(err.to_string().contains("ROOMCAST_CLOSE_SLOW_CONSUMERS=\"maybe\" must be true or false"), "{err}");
+    }
+
+    #[test]
     fn reports_every_problem_at_once_by_name() {
         let err = config(&[
             ("DYNAMODB_ENDPOINT_URL", "localhost:8000"),

@@ -182,7 +182,8 @@ async fn plugin_upload_into_a_running_dev_stack_with_the_embedded_store() {
     let mut listed = String::new();
     for _ in 0..100 {
         listed = roomcast(args("plugin list --tenant acme")).await.1;
-        if listed.contains("active") {
+        // Activation writes the version's status, then the ACTIVE pointer (`*`): wait for both.
+        if listed.starts_with('*') && listed.contains("active") {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -350,7 +351,8 @@ fn poll_activates_uploaded_plugins_from_the_stream() {
     for _ in 0..150 {
         listed = String::from_utf8_lossy(&command(&["plugin", "list", "--tenant", "acme"]).output().unwrap().stdout)
             .into_owned();
-        if listed.contains("active") {
+        // Activation writes the version's status, then the ACTIVE pointer (`*`): wait for both.
+        if listed.starts_with('*') && listed.contains("active") {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));

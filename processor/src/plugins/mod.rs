@@ -173,12 +173,16 @@ pub enum Fault {
     /// Not a call: the breaker is open after repeated faults, and the policy applies.
     #[error("circuit breaker open after repeated faults")]
     BreakerOpen,
+    /// The host failed around the call (its thread panicked, the runtime is shutting down):
+    /// the policy applies, and the plugin is not blamed.
+    #[error("the host could not run it: {0}")]
+    Host(String),
 }
 
 impl Fault {
-    /// Whether the plugin was called and failed (not the breaker speaking for it).
+    /// Whether the plugin was called and failed (not the breaker speaking for it, not the host).
     pub fn is_the_plugins(&self) -> bool {
-        !matches!(self, Fault::BreakerOpen)
+        !matches!(self, Fault::BreakerOpen | Fault::Host(_))
     }
 }
 

@@ -282,11 +282,16 @@ impl Registry {
                 }
                 (result, report)
             }
-            Err(e) => (Err(Fault::Trap(format!("the plugin call did not complete: {e}"))), CallReport::default()),
+            Err(e) => (Err(Fault::Host(format!("the plugin call did not complete: {e}"))), CallReport::default()),
         };
-        if let Err(fault) = &result {
+        if let Err(fault) = &result
+            && fault.is_the_plugins()
+        {
             Metrics::add(&self.metrics.plugin_faults, 1);
             tracing::warn!(tenant, hook, %fault, "plugin fault");
+        }
+        if let Err(Fault::Host(why)) = &result {
+            tracing::error!(tenant, hook, %why, "the plugin host failed around a call; the policy applies");
         }
         tracing::debug!(
             tenant,
