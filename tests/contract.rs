@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use aws_lambda_events::dynamodb::EventRecord;
 use chrono::{DateTime, Duration, Utc};
-use roomcast::model::{Connection, JoinReason, LeftReason, Message, Name, NewConnection};
+use roomcast::model::{Connection, JoinReason, LeftReason, Message};
 use roomcast::store::StoreError;
 use roomcast::stream::{Cause, Change, Record};
 use roomcast_tests::Table;
@@ -43,22 +43,11 @@ fn now() -> DateTime<Utc> {
 }
 
 fn connection(id: &str, tenant: &str, user: &str, rooms: &[&str], at: DateTime<Utc>) -> Connection {
-    Connection::new(NewConnection {
-        connection_id: id,
-        tenant: &Name::parse("tenant", tenant).unwrap(),
-        user_id: user,
-        connection_type: Some("client".into()),
-        deployment_id: Some("d1".into()),
-        rooms: rooms.iter().map(|r| r.to_string()).collect(),
-        endpoint: "https://abc.execute-api.us-east-1.amazonaws.com/prod".into(),
-        now: at,
-        ttl_seconds: 600,
-    })
+    roomcast_tests::test_connection(id, tenant, user, rooms, at)
 }
 
 async fn connect(table: &Table, c: &Connection, at: DateTime<Utc>) {
-    let memberships: Vec<_> = c.rooms.iter().map(|r| c.membership(r, JoinReason::Connect, at)).collect();
-    table.store.put_connection(c, &memberships).await.unwrap();
+    roomcast_tests::put_test_connection(table, c, at).await
 }
 
 async fn a_connection_round_trips_and_expires_on_read(table: Table) {

@@ -5,8 +5,8 @@
 
 use chrono::{DateTime, Duration, Utc};
 use roomcast::model::{
-    Clock, Connection, FailurePolicy, JoinReason, LeftReason, Message, Name, NewConnection, PluginActive, PluginMeta,
-    SystemClock, plugin_chunks,
+    Clock, Connection, FailurePolicy, JoinReason, LeftReason, Message, PluginActive, PluginMeta, SystemClock,
+    plugin_chunks,
 };
 use roomcast_tests::{Stack, Table};
 use serde_dynamo::{AttributeValue, Item};
@@ -38,22 +38,11 @@ mod store {
 roomcast_tests::on_both_stores!(a_room_is_served_past_a_membership_this_processor_cannot_read);
 
 fn connection(id: &str, user: &str, rooms: &[&str], at: DateTime<Utc>) -> Connection {
-    Connection::new(NewConnection {
-        connection_id: id,
-        tenant: &Name::parse("tenant", "acme").unwrap(),
-        user_id: user,
-        connection_type: Some("client".into()),
-        deployment_id: None,
-        rooms: rooms.iter().map(|r| r.to_string()).collect(),
-        endpoint: "https://abc.execute-api.us-east-1.amazonaws.com/prod".into(),
-        now: at,
-        ttl_seconds: 600,
-    })
+    roomcast_tests::test_connection(id, "acme", user, rooms, at)
 }
 
 async fn connect(table: &Table, c: &Connection, at: DateTime<Utc>) {
-    let memberships: Vec<_> = c.rooms.iter().map(|r| c.membership(r, JoinReason::Connect, at)).collect();
-    table.store.put_connection(c, &memberships).await.unwrap();
+    roomcast_tests::put_test_connection(table, c, at).await
 }
 
 /// A record's item with some attributes set as a newer handler, or a console edit, would.

@@ -981,3 +981,31 @@ pub fn target_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
+
+/// A connection record as the `$connect` handler writes it, for store-level tests.
+pub fn test_connection(
+    id: &str,
+    tenant: &str,
+    user: &str,
+    rooms: &[&str],
+    at: chrono::DateTime<chrono::Utc>,
+) -> roomcast::model::Connection {
+    roomcast::model::Connection::new(roomcast::model::NewConnection {
+        connection_id: id,
+        tenant: &roomcast::model::Name::parse("tenant", tenant).unwrap(),
+        user_id: user,
+        connection_type: Some("client".into()),
+        deployment_id: Some("d1".into()),
+        rooms: rooms.iter().map(|r| r.to_string()).collect(),
+        endpoint: "https://abc.execute-api.us-east-1.amazonaws.com/prod".into(),
+        now: at,
+        ttl_seconds: 600,
+    })
+}
+
+/// Writes `c` and a membership for each of its rooms, as `$connect` does.
+pub async fn put_test_connection(table: &Table, c: &roomcast::model::Connection, at: chrono::DateTime<chrono::Utc>) {
+    let memberships: Vec<_> =
+        c.rooms.iter().map(|r| c.membership(r, roomcast::model::JoinReason::Connect, at)).collect();
+    table.store.put_connection(c, &memberships).await.unwrap();
+}

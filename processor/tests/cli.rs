@@ -16,11 +16,15 @@ fn wasm(name: &str) -> PathBuf {
 }
 
 fn plugin_test(component: &str, event: &str) -> (bool, String, String) {
+    plugin_test_with(component, &root().join(event))
+}
+
+fn plugin_test_with(component: &str, event: &std::path::Path) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
         .args(["plugin", "test"])
         .arg(wasm(component))
         .arg("--event")
-        .arg(root().join(event))
+        .arg(event)
         .output()
         .expect("run roomcast");
     (
@@ -52,15 +56,9 @@ fn plugin_test_reports_faults_and_refused_components_with_a_failing_status() {
         r#"{"message": {"id": "1", "tenant": "t", "room": "r", "user_id": "u", "body": "loop", "timestamp": "x"}}"#,
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
-        .args(["plugin", "test"])
-        .arg(wasm("roomcast_hostile_plugin"))
-        .arg("--event")
-        .arg(&event)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("FAULT ran out of fuel"));
+    let (ok, stdout, _) = plugin_test_with("roomcast_hostile_plugin", &event);
+    assert!(!ok);
+    assert!(stdout.contains("FAULT ran out of fuel"));
 
     let (ok, _, stderr) = plugin_test("roomcast_stranger_plugin", "plugins/events/spam.json");
     assert!(!ok);
@@ -85,14 +83,7 @@ fn plugin_test_survives_every_capability_probe() {
             r#"{{"message": {{"id": "1", "tenant": "t", "room": "r", "user_id": "u", "body": "{body}", "timestamp": "x"}}}}"#
         );
         std::fs::write(&event, frame).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
-            .args(["plugin", "test"])
-            .arg(wasm("roomcast_hostile_plugin"))
-            .arg("--event")
-            .arg(&event)
-            .output()
-            .unwrap();
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let (_, stdout, stderr) = plugin_test_with("roomcast_hostile_plugin", &event);
         assert!(!stderr.contains("runtime"), "{body}: the CLI crashed: {stderr}");
         assert!(stdout.contains(expected), "{body}: expected {expected:?} in:\n{stdout}\n{stderr}");
         let _ = std::fs::remove_file(event);
