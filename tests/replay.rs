@@ -305,3 +305,60 @@ async fn with_a_table_a_replay_uses_the_tenants_active_plugin_and_writes_nothing
     assert_eq!(stack.pump().await, 0, "no write reached the table's stream");
     assert_eq!(stack.captured, captured);
 }
+
+/// A plugin whose decisions hang on randomness — `wasi:random` and a `HashMap`'s order — decides
+/// each message the same live, replayed with its batch, and replayed alone: every message runs
+/// on an instance of its own, so nothing drawn for one message shifts the next.
+#[tokio::test]
+async fn a_plugin_that_uses_randomness_replays_byte_identically_alone_or_with_its_batch() {
+    let mut stack = Stack::memory().await;
+    stack.install_plugin("lax", "roomcast-hostile-plugin", Policy::FailOpen);
+    stack.connect("lou", "lax", "lou", "general").await;
+    stack.connect("liz", "lax", "liz", "general").await;
+    stack.pump().await;
+    // One batch of four messages: a reused instance would hand the later ones other hash keys.
+    for _ in 0..4 {
+        stack.send("lou", json!({"action":"sendMessage","room":"general","message":"random"})).await;
+    }
+    assert_eq!(stack.pump().await, 4);
+    let live: Vec<Value> = stack.recorder.received_action("liz", "message");
+    assert_eq!(live.len(), 4);
+    let texts: std::collections::HashSet<String> = live.iter().map(|m| m["message"].to_string()).collect();
+    assert_eq!(texts.len(), 4, "each record draws its own numbers: {live:?}");
+
+    let records = stack.captured.clone();
+    let plugins = || vec![("lax".to_string(), component("roomcast-hostile-plugin"))];
+    let to_liz = |out: &str| -> Vec<Value> {
+        sends_in(out)
+            .into_iter()
+            .filter(|(to, send)| to == "liz" && send["action"] == "message")
+            .map(|(_, s)| s)
+            .collect()
+    };
+    let sorted = |mut frames: Vec<Value>| {
+        frames.sort_by_key(|f| f["id"].to_string());
+        frames
+    };
+    let options = Options { json: true, ..from_stream(plugins()) };
+    let (whole, _) = run(&lines(&records), &options).await;
+    assert_eq!(sorted(to_liz(&whole)), sorted(live.clone()), "replayed with its batch");
+    let (again, _) = run(&lines(&records), &options).await;
+    assert_eq!(whole, again, "byte-identical on a second run");
+
+    // Each message alone, after the connections it needs: the same decision as in its batch.
+    let is_message = |r: &EventRecord| {
+        matches!(
+            roomcast::stream::Change::from_record(r),
+            roomcast::stream::Change::Inserted(roomcast::stream::Record::Message(_))
+        )
+    };
+    let (messages, setup): (Vec<EventRecord>, Vec<EventRecord>) = records.into_iter().partition(is_message);
+    for message in &messages {
+        let alone: Vec<EventRecord> = setup.iter().cloned().chain([message.clone()]).collect();
+        let (out, _) = run(&lines(&alone), &options).await;
+        let replayed = to_liz(&out);
+        assert_eq!(replayed.len(), 1, "{out}");
+        let original = live.iter().find(|m| m["id"] == replayed[0]["id"]).unwrap();
+        assert_eq!(&replayed[0], original, "replayed alone");
+    }
+}

@@ -14,7 +14,7 @@ use crate::deliver::{Deliverer, Outcome, Window};
 use crate::metrics::{Counts, Metrics};
 use crate::model::Clock;
 use crate::model::{FailurePolicy, PluginActive, PluginMeta, PluginStatus};
-use crate::plugins::registry::{CallRecord, Policy, Registry, Warm};
+use crate::plugins::registry::{CallRecord, Lookups, Policy, Registry};
 use crate::react::{self, Decisions, Effect};
 use crate::store::{Rooms, Store, StoreError};
 use crate::stream::Change;
@@ -251,20 +251,20 @@ impl Processor {
     /// from the next batch on. A cold container loads the tenant's plugin the same way. Rooms of
     /// one batch run concurrently: all of them wait for that one look-up, so none runs without
     /// the plugin; a look-up that failed is tried again by the next record.
-    async fn ensure_loaded(&self, registry: &Registry, tenant: &str, warm: &Warm) -> Result<(), StoreError> {
-        warm.look_up(tenant).get_or_try_init(|| self.refresh(registry, tenant)).await.map(|_| ())
+    async fn ensure_loaded(&self, registry: &Registry, tenant: &str, lookups: &Lookups) -> Result<(), StoreError> {
+        lookups.look_up(tenant).get_or_try_init(|| self.refresh(registry, tenant)).await.map(|_| ())
     }
 
     /// Asks the tenant's plugin, if any, about this change.
-    async fn decide(&self, change: &Change, warm: &Warm) -> Result<(Decisions, Vec<CallRecord>), StoreError> {
+    async fn decide(&self, change: &Change, lookups: &Lookups) -> Result<(Decisions, Vec<CallRecord>), StoreError> {
         let mut decisions = Decisions::default();
         let mut calls = Vec::new();
         let Some(registry) = &self.plugins else { return Ok((decisions, calls)) };
         if let Change::Inserted(Record::Message(m)) = change {
-            self.ensure_loaded(registry, &m.tenant, warm).await?;
+            self.ensure_loaded(registry, &m.tenant, lookups).await?;
         }
         if let Change::Inserted(Record::Connection(c)) = change {
-            self.ensure_loaded(registry, &c.tenant, warm).await?;
+            self.ensure_loaded(registry, &c.tenant, lookups).await?;
         }
         match change {
             Change::Inserted(Record::Message(m)) => {
@@ -278,7 +278,7 @@ impl Processor {
                 };
                 // The record's own time, never the clock: replay decides the same.
                 let at = m.timestamp.timestamp_millis().max(0) as u64;
-                if let Some((decision, route, made)) = registry.decide_message(warm, &message, at).await {
+                if let Some((decision, route, made)) = registry.decide_message(&message, at).await {
                     decisions.message = Some((decision, route));
                     calls = made;
                 }
@@ -291,7 +291,7 @@ impl Processor {
                     rooms: c.rooms.iter().cloned().collect(),
                 };
                 let at = c.connected_at.timestamp_millis().max(0) as u64;
-                if let Some((greeting, call)) = registry.greeting(warm, &info, at).await {
+                if let Some((greeting, call)) = registry.greeting(&info, at).await {
                     decisions.greeting = greeting;
                     calls.push(call);
                 }
@@ -309,17 +309,17 @@ impl Processor {
     /// Only a platform fault (the table unavailable) is an error.
     pub async fn process_record(&self, record: &EventRecord) -> Result<RecordReport, StoreError> {
         let window = Window::unbounded();
-        let report = self.process_in_batch(record, &Warm::default(), &window).await;
+        let report = self.process_in_batch(record, &Lookups::default(), &window).await;
         Metrics::add(&self.metrics.young_dropped, window.settle().await as u64);
         report
     }
 
-    /// One record of a batch: plugin calls reuse the batch's `warm` instances; deliveries end
+    /// One record of a batch: the batch's `lookups` of `ACTIVE` pointers are shared; deliveries end
     /// within the batch's `window`.
     pub async fn process_in_batch(
         &self,
         record: &EventRecord,
-        warm: &Warm,
+        lookups: &Lookups,
         window: &Window,
     ) -> Result<RecordReport, StoreError> {
         let span = tracing::info_span!(
@@ -352,7 +352,7 @@ impl Processor {
                 span.record("room", room);
             }
             self.plugin_lifecycle(&change).await?;
-            let (decisions, plugin_calls) = self.decide(&change, warm).await?;
+            let (decisions, plugin_calls) = self.decide(&change, lookups).await?;
             let mut members = match react::room_needed(&change) {
                 Some((tenant, room)) => self.room_members(tenant, room).await?,
                 None => Vec::new(),
@@ -390,14 +390,14 @@ impl Processor {
     /// reported for redelivery.
     pub async fn process_batch_until(&self, raw: &[serde_json::Value], finish_by: Option<Instant>) -> BatchOutcome {
         let before = self.metrics.snapshot();
-        // One warm instance per tenant for the whole batch: a wasmtime Store per tenant per batch.
-        let warm = Warm::default();
+        // One look-up of each tenant's ACTIVE pointer for the whole batch.
+        let lookups = Lookups::default();
         let window = finish_by.map_or_else(Window::unbounded, Window::until);
         let start_by = finish_by.map(|at| at.checked_sub(START_RESERVE).unwrap_or(at));
         let outcome = run_batch(raw, self.partitions_at_once, start_by, |_, record| {
-            let (warm, window) = (&warm, &window);
+            let (lookups, window) = (&lookups, &window);
             async move {
-                let record = self.process_in_batch(&record, warm, window);
+                let record = self.process_in_batch(&record, lookups, window);
                 match finish_by {
                     // Reads, compiles and writes are bounded too: a record still running at
                     // the end of the window is left for redelivery (every step is idempotent).

@@ -67,27 +67,47 @@ fn plugin_test_reports_faults_and_refused_components_with_a_failing_status() {
 }
 
 /// `roomcast plugin test` runs the host on a thread of its own: a plugin that prints, panics,
-/// sleeps, reads stdin or opens a socket gets its verdict or fault, never a crashed CLI.
+/// sleeps, reads stdin or opens a socket gets its verdict or fault, never a crashed CLI. And it
+/// runs a message as the processor does: one fresh instance, the input and frame checks, routing
+/// narrowed to the limits, randomness seeded from the record.
 #[test]
-fn plugin_test_survives_every_capability_probe() {
+fn plugin_test_survives_every_capability_probe_and_applies_the_processors_checks() {
+    let probe = |body: &str| {
+        let event = std::env::temp_dir().join(format!("roomcast-probe-{}-{}.json", body.len(), std::process::id()));
+        let frame = serde_json::json!({"message": {"id": "1", "tenant": "t", "room": "r", "user_id": "u", "body": body, "timestamp": "x"}});
+        std::fs::write(&event, frame.to_string()).unwrap();
+        let (_, stdout, stderr) = plugin_test_with("roomcast_hostile_plugin", &event);
+        let _ = std::fs::remove_file(event);
+        assert!(!stderr.contains("runtime"), "{body}: the CLI crashed: {stderr}");
+        stdout
+    };
     for (body, expected) in [
-        ("print", "FAULT trapped"),
-        ("trap", "FAULT trapped"),
-        ("sleep", "FAULT exceeded its 100ms deadline"),
-        ("sleep-forever", "FAULT exceeded its 100ms deadline"),
+        ("print", "validate  FAULT trapped"),
+        ("trap", "validate  FAULT trapped"),
+        // Sleeps are virtual: the clocks stand at the record's time and move only by a sleep.
+        ("sleep", "validate  Verdict::Accept"),
+        ("sleep-clock", r#"Rewrite("2500 2500")"#),
+        ("sleep-forever", "validate  FAULT "),
         ("stdin", r#"Rewrite("stdin: Ok(0)")"#),
         ("socket", r#"Rewrite("socket: Err("#),
+        // Routing is bounded by entries, rooms and users, as in the processor.
+        ("route-wide", "route     FAULT routed to 9 extra rooms; the limit is 8"),
+        ("route-aliased", "route     FAULT returned an output"),
+        ("route-to-bob", r#"only_users: Some(["bob"])"#),
+        // A rewrite past what the recipients' frame can carry.
+        ("giant", "validate  FAULT returned an output"),
     ] {
-        let event = std::env::temp_dir().join(format!("roomcast-probe-{body}-{}.json", std::process::id()));
-        let frame = format!(
-            r#"{{"message": {{"id": "1", "tenant": "t", "room": "r", "user_id": "u", "body": "{body}", "timestamp": "x"}}}}"#
-        );
-        std::fs::write(&event, frame).unwrap();
-        let (_, stdout, stderr) = plugin_test_with("roomcast_hostile_plugin", &event);
-        assert!(!stderr.contains("runtime"), "{body}: the CLI crashed: {stderr}");
-        assert!(stdout.contains(expected), "{body}: expected {expected:?} in:\n{stdout}\n{stderr}");
-        let _ = std::fs::remove_file(event);
+        let stdout = probe(body);
+        assert!(stdout.contains(expected), "{body}: expected {expected:?} in:\n{stdout}");
     }
+    // Too large for the plugin: refused before any guest code runs.
+    let stdout = probe(&"x".repeat(200 << 10));
+    assert!(stdout.contains("validate  FAULT was given an input of"), "{stdout}");
+    // Random numbers come from the record: two runs print the same decision.
+    let decision = |out: String| out.lines().find(|l| l.starts_with("validate")).map(str::to_string);
+    let first = decision(probe("random"));
+    assert!(first.as_deref().is_some_and(|l| l.contains("Rewrite(")), "{first:?}");
+    assert_eq!(decision(probe("random")), first);
 }
 
 /// `roomcast table create`, `plugin upload`, `list`, `activate` and `disable` against the moto

@@ -4,7 +4,7 @@
 
 use crate::dev::api::request;
 use crate::model::{FailurePolicy, PluginMeta};
-use crate::plugins::{CallReport, LimitOverrides, Message, PluginHost, Verdict, WelcomeInfo};
+use crate::plugins::{CallReport, LimitOverrides, Message, PluginHost, WelcomeInfo};
 use crate::store::Store;
 use crate::store::dynamodb::DynamoStore;
 
@@ -133,14 +133,15 @@ pub fn test(file: &std::path::Path, event: &std::path::Path, limits: &crate::plu
             body: text(m, "body"),
             timestamp: text(m, "timestamp"),
         };
-        let (verdict, report) = host.validate(&plugin, limits, &message, time);
+        // As the processor runs it: one fresh instance, the input and frame checks, routing
+        // narrowed to the tenant's limits.
+        let calls = host.message(&plugin, limits, &message, time);
+        let (verdict, report) = calls.validate;
         clean &= verdict.is_ok();
-        let rejected = matches!(verdict, Ok(Verdict::Reject(_)));
         show("validate", verdict.map_or_else(|f| format!("FAULT {f}"), |v| format!("{v:?}")), &report);
-        if !rejected {
-            let (routing, report) = host.route(&plugin, limits, &message, time);
-            clean &= routing.is_ok();
-            show("route", routing.map_or_else(|f| format!("FAULT {f}"), |r| format!("{r:?}")), &report);
+        if let Some((route, report)) = calls.route {
+            clean &= route.is_ok();
+            show("route", route.map_or_else(|f| format!("FAULT {f}"), |r| format!("{r:?}")), &report);
         }
     } else if let Some(w) = event.get("welcome") {
         let info = WelcomeInfo {
@@ -152,7 +153,7 @@ pub fn test(file: &std::path::Path, event: &std::path::Path, limits: &crate::plu
                 .map(|r| r.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
                 .unwrap_or_default(),
         };
-        let (greeting, report) = host.welcome(&plugin, limits, &info, time);
+        let (greeting, report) = host.greet(&plugin, limits, &info, time);
         clean &= greeting.is_ok();
         show("welcome", greeting.map_or_else(|f| format!("FAULT {f}"), |g| format!("{g:?}")), &report);
     } else {

@@ -44,6 +44,8 @@ pub struct State {
     log: BoundedLog,
     /// The current call's record time, epoch milliseconds (also what WASI's clocks show).
     time: Arc<AtomicU64>,
+    /// What the current call has slept, in nanoseconds: its clocks show the record time plus this.
+    pub(super) slept: Arc<AtomicU64>,
     /// The states of wasi:random's two generators, seeded from the record at each call.
     random: Arc<AtomicU64>,
     insecure: Arc<AtomicU64>,
@@ -225,18 +227,23 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// A clock that always shows the current call's record time (replay is deterministic).
-struct RecordClock(Arc<AtomicU64>);
+/// A clock that shows the current call's record time, moved on only by the call's own sleeps:
+/// replay is deterministic, and a sleep costs no wall time (see [`Slept`]).
+struct RecordClock {
+    time: Arc<AtomicU64>,
+    slept: Arc<AtomicU64>,
+}
 
 impl RecordClock {
     fn now(&self) -> Duration {
-        Duration::from_millis(self.0.load(Ordering::Relaxed))
+        Duration::from_millis(self.time.load(Ordering::Relaxed))
+            + Duration::from_nanos(self.slept.load(Ordering::Relaxed))
     }
 }
 
 impl wasmtime_wasi::HostWallClock for RecordClock {
     fn resolution(&self) -> Duration {
-        Duration::from_millis(1)
+        Duration::from_nanos(1)
     }
     fn now(&self) -> Duration {
         RecordClock::now(self)
@@ -245,11 +252,41 @@ impl wasmtime_wasi::HostWallClock for RecordClock {
 
 impl wasmtime_wasi::HostMonotonicClock for RecordClock {
     fn resolution(&self) -> u64 {
-        1_000_000
+        1
     }
     fn now(&self) -> u64 {
         RecordClock::now(self).as_nanos() as u64
     }
+}
+
+/// A `wasi:clocks/monotonic-clock` subscription: the plugin's clock has already moved on by the
+/// time asked for, so it is ready at once. A plugin that sleeps — `std::thread::sleep`, a poll
+/// with a timeout — neither waits nor holds a thread, and sees its clock advance as it expected.
+pub(super) struct Slept;
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for Slept {
+    async fn ready(&mut self) {}
+}
+
+/// `subscribe-duration` / `subscribe-instant` on the record's clock: moves the call's clock on by
+/// `nanos` and hands back a pollable that is ready at once.
+pub(super) fn sleep(
+    mut store: wasmtime::StoreContextMut<'_, State>,
+    nanos: u64,
+) -> wasmtime::Result<wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>> {
+    let state = store.data_mut();
+    let slept = state.slept.load(Ordering::Relaxed).saturating_add(nanos);
+    state.slept.store(slept, Ordering::Relaxed);
+    let ready = state.table.push(Slept)?;
+    Ok(wasmtime_wasi::p2::subscribe(&mut state.table, ready)?)
+}
+
+/// Where the call's monotonic clock stands, in nanoseconds.
+pub(super) fn monotonic_now(store: &wasmtime::StoreContextMut<'_, State>) -> u64 {
+    let state = store.data();
+    (Duration::from_millis(state.time.load(Ordering::Relaxed)).as_nanos() as u64)
+        .saturating_add(state.slept.load(Ordering::Relaxed))
 }
 
 /// An instantiated plugin with its store.
@@ -266,13 +303,13 @@ impl Instance {
     pub(super) fn new(engine: &Engine, plugin: &Plugin, limits: &Limits) -> (Result<Instance, Fault>, CallReport) {
         let started = Instant::now();
         let stdio = StdioSink::new(limits.log_bytes);
-        let time = Arc::new(AtomicU64::new(0));
+        let (time, slept) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (random, insecure) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let wasi = WasiCtx::builder()
             .stdout(stdio.clone())
             .stderr(stdio.clone())
-            .wall_clock(RecordClock(time.clone()))
-            .monotonic_clock(RecordClock(time.clone()))
+            .wall_clock(RecordClock { time: time.clone(), slept: slept.clone() })
+            .monotonic_clock(RecordClock { time: time.clone(), slept: slept.clone() })
             .insecure_random_seed(0)
             // Both generators are seeded from the record at each call (see `RecordRng`), and
             // one call may ask for at most the I/O limit's worth of random bytes.
@@ -289,6 +326,7 @@ impl Instance {
             limits: Budget::new(limits.memory_bytes),
             log: BoundedLog::new(limits.log_bytes),
             time,
+            slept,
             random,
             insecure,
         };
@@ -328,6 +366,7 @@ impl Instance {
         arm(&mut self.store, &self.limits);
         let state = self.store.data();
         state.time.store(record_time_ms, Ordering::Relaxed);
+        state.slept.store(0, Ordering::Relaxed);
         // Random numbers come from the record, so a replay of it draws the same ones.
         let seed = fnv1a(record_key.as_bytes()) ^ record_time_ms.rotate_left(32);
         state.random.store(seed, Ordering::Relaxed);

@@ -8,8 +8,9 @@
 //!   and, optionally, a directory of precompiled artifacts that only this host writes;
 //! * tenant-version — a compiled [`Plugin`]: the `Component` and its `InstancePre`, checked
 //!   against the world when it is compiled;
-//! * tenant-batch — an [`Instance`]: a `Store` with [`Limits`] (memory cap) and the instantiated
-//!   component, reused for that tenant's calls within one batch ([`registry::Warm`]);
+//! * message — an [`Instance`]: a `Store` with [`Limits`] (memory cap) and the instantiated
+//!   component, made for one message's `validate` and `route` (or one welcome) and dropped after
+//!   ([`PluginHost::message`]): nothing carries from one message to the next;
 //! * call — fuel, an epoch deadline, the record's time and a fresh bounded log are set anew for
 //!   every call. After any fault the instance is dropped: wasmtime refuses re-entry after a trap.
 //!
@@ -36,13 +37,19 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
+pub use self::calls::MessageCalls;
 pub use self::instance::{CallReport, Instance};
 pub use self::roomcast::plugin::host::Level;
 
+mod calls;
 mod instance;
 pub mod registry;
 
 use self::instance::State;
+
+/// The monotonic clock interface as the WASI host defines it (plugins importing any 0.2.x
+/// version link to it).
+const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
 /// How often the epoch ticks: the granularity of the wall-clock deadline.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -180,9 +187,10 @@ pub enum Fault {
 }
 
 impl Fault {
-    /// Whether the plugin was called and failed (not the breaker speaking for it, not the host).
+    /// Whether the plugin was called and failed: not the breaker speaking for it, not the host,
+    /// not the caller's input check.
     pub fn is_the_plugins(&self) -> bool {
-        !matches!(self, Fault::BreakerOpen | Fault::Host(_))
+        !matches!(self, Fault::BreakerOpen | Fault::Host(_) | Fault::InputTooLarge { .. })
     }
 }
 
@@ -239,6 +247,20 @@ impl PluginHost {
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut linker: Linker<State> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // The plugin's clocks stand at the record's time, so its sleeps are virtual: a
+        // subscription moves the call's clock on and is ready at once (`instance::sleep`).
+        linker.allow_shadowing(true);
+        let mut clock = linker.instance(MONOTONIC_CLOCK).map_err(|e| anyhow::anyhow!("{e}"))?;
+        clock
+            .func_wrap("subscribe-duration", |store, (nanos,): (u64,)| Ok((instance::sleep(store, nanos)?,)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        clock
+            .func_wrap("subscribe-instant", |store, (when,): (u64,)| {
+                let now = instance::monotonic_now(&store);
+                Ok((instance::sleep(store, when.saturating_sub(now))?,))
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        linker.allow_shadowing(false);
         TenantPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
 

@@ -5,8 +5,9 @@
 //!   recently used one is evicted and reloaded from the table (or the host's precompiled
 //!   artifacts) when that tenant next needs it. Plugins installed with `pin` (`--plugins DIR`,
 //!   replay's `--plugin`) have no table record to come back from and are never evicted.
-//! * Warm: within one batch ([`Warm`]), a tenant's calls reuse one instance (store + component);
-//!   the batch drops it. An instance that faulted is never reused.
+//! * Fresh: every message (and every welcome) runs on a new instance of the tenant's plugin
+//!   ([`PluginHost::message`]), so no state carries between messages and replays decide as the
+//!   live run did. A batch keeps only its [`Lookups`] of `ACTIVE` pointers.
 //! * Blame stays with the tenant: a fault applies the tenant's [`Policy`] (fail open to the
 //!   default rules, or fail closed and reject), is counted, and after [`BREAKER_THRESHOLD`] faults
 //!   in a row opens the breaker: the plugin is skipped (policy applied) for [`BREAKER_COOLDOWN`].
@@ -16,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::{CallReport, Fault, Instance, Limits, Message, Plugin, PluginHost, Verdict, WelcomeInfo};
+use super::{CallReport, Fault, Limits, Message, MessageCalls, Plugin, PluginHost, Verdict, WelcomeInfo};
 use crate::metrics::Metrics;
 use crate::react::{Decision, Route};
 
@@ -59,40 +60,18 @@ pub struct CallRecord {
     pub report: CallReport,
 }
 
-/// The instances of one batch, per tenant and version: made on a tenant's first call in the
-/// batch, reused by its next ones, dropped with the batch. At most [`WARM_IDLE_LIMIT`] are kept
-/// idle: each may hold up to its memory cap, and a batch of 100 records can touch 100 tenants.
+/// What one batch has looked up: per tenant, its one read of the `ACTIVE` pointer. Made with
+/// the batch and dropped with it.
 #[derive(Clone, Default)]
-pub struct Warm {
-    pool: Arc<Mutex<Pool>>,
-    /// Per tenant, this batch's one look-up of its `ACTIVE` pointer.
+pub struct Lookups {
     looked_up: Arc<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<()>>>>>,
 }
 
-/// Idle instances a batch keeps for reuse; past it, an instance is dropped after its call and
-/// the tenant's next call instantiates afresh (tens of microseconds).
-pub const WARM_IDLE_LIMIT: usize = 16;
-
-/// Idle instances by (tenant, version).
-type Pool = HashMap<(String, String), Vec<Instance>>;
-
-impl Warm {
+impl Lookups {
     /// The batch's look-up of `tenant`'s `ACTIVE` pointer: the first record of the tenant runs
     /// it, the others (of other rooms, running at the same time) wait for it.
     pub fn look_up(&self, tenant: &str) -> Arc<tokio::sync::OnceCell<()>> {
         self.looked_up.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_default().clone()
-    }
-
-    fn take(&self, tenant: &str, version: &str) -> Option<Instance> {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.get_mut(&(tenant.to_string(), version.to_string())).and_then(Vec::pop)
-    }
-
-    fn give_back(&self, tenant: &str, version: &str, instance: Instance) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.values().map(Vec::len).sum::<usize>() < WARM_IDLE_LIMIT {
-            pool.entry((tenant.to_string(), version.to_string())).or_default().push(instance);
-        }
     }
 }
 
@@ -234,64 +213,43 @@ impl Registry {
         self.tenants.read().unwrap_or_else(|p| p.into_inner()).get(tenant).cloned()
     }
 
-    /// Runs a hook on a blocking thread (a call may take up to its deadline), on the batch's warm
-    /// instance of the tenant's plugin when there is one, with the breaker.
+    /// Runs a tenant's hooks on a blocking thread (a call may take up to its deadline), behind
+    /// its breaker: `None` when the tenant has no plugin, `Err(BreakerOpen)` while the breaker
+    /// is open, `Err(Host)` when the thread itself failed.
     async fn run<R: Send + 'static>(
         &self,
-        warm: &Warm,
         tenant: &str,
         hook: &'static str,
-        call: impl FnOnce(&mut Instance) -> (Result<R, Fault>, CallReport) + Send + 'static,
-    ) -> Option<(Result<R, Fault>, CallReport, Policy)> {
+        call: impl FnOnce(&PluginHost, &Plugin, &Limits) -> R + Send + 'static,
+    ) -> Option<(Result<R, Fault>, Policy)> {
         let installed = self.get(tenant)?;
         *installed.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         {
             let breaker = installed.breaker.lock().unwrap_or_else(|p| p.into_inner());
             if breaker.open_until.is_some_and(|until| Instant::now() < until) {
                 tracing::warn!(tenant, hook, "plugin breaker open: applying the failure policy without calling it");
-                return Some((Err(Fault::BreakerOpen), CallReport::default(), installed.policy));
+                return Some((Err(Fault::BreakerOpen), installed.policy));
             }
         }
-        let version = installed.plugin.version().to_string();
-        let ready = warm.take(tenant, &version);
-        if ready.is_none() {
-            Metrics::add(&self.metrics.plugin_instances, 1);
-        }
+        Metrics::add(&self.metrics.plugin_instances, 1);
         let host = self.host.clone();
         let running = installed.clone();
-        let joined = tokio::task::spawn_blocking(move || {
-            let (instance, setup) = match ready {
-                Some(instance) => (Ok(instance), CallReport::default()),
-                None => host.instantiate(&running.plugin, &running.limits),
-            };
-            match instance {
-                Ok(mut instance) => {
-                    let (result, report) = call(&mut instance);
-                    // A faulted instance is never reused: wasmtime refuses re-entry after a trap.
-                    let keep = result.is_ok().then_some(instance);
-                    (result, report.after(setup), keep)
-                }
-                Err(fault) => (Err(fault), setup, None),
-            }
-        })
-        .await;
-        let (result, report) = match joined {
-            Ok((result, report, keep)) => {
-                if let Some(instance) = keep {
-                    warm.give_back(tenant, &version, instance);
-                }
-                (result, report)
-            }
-            Err(e) => (Err(Fault::Host(format!("the plugin call did not complete: {e}"))), CallReport::default()),
-        };
-        if let Err(fault) = &result
+        let joined = tokio::task::spawn_blocking(move || call(&host, &running.plugin, &running.limits)).await;
+        let result = joined.map_err(|e| {
+            let why = format!("the plugin call did not complete: {e}");
+            tracing::error!(tenant, hook, %why, "the plugin host failed around a call; the policy applies");
+            Fault::Host(why)
+        });
+        Some((result, installed.policy))
+    }
+
+    /// Counts and logs a hook's outcome.
+    fn observe<T>(&self, tenant: &str, hook: &'static str, result: &Result<T, Fault>, report: &CallReport) {
+        if let Err(fault) = result
             && fault.is_the_plugins()
         {
             Metrics::add(&self.metrics.plugin_faults, 1);
             tracing::warn!(tenant, hook, %fault, "plugin fault");
-        }
-        if let Err(Fault::Host(why)) = &result {
-            tracing::error!(tenant, hook, %why, "the plugin host failed around a call; the policy applies");
         }
         tracing::debug!(
             tenant,
@@ -300,7 +258,6 @@ impl Registry {
             elapsed_us = report.elapsed.as_micros() as u64,
             "plugin call"
         );
-        Some((result, report, installed.policy))
     }
 
     /// The breaker counts messages (and welcomes), not calls: one whose hooks faulted counts
@@ -327,193 +284,93 @@ impl Registry {
         }
     }
 
-    /// Validation then routing for one message; `None` when the tenant has no plugin.
+    /// Validation then routing for one message, on a fresh instance
+    /// ([`PluginHost::message`]); `None` when the tenant has no plugin.
     ///
     /// Failure policy, for every hook: fail-closed rejects the message; fail-open delivers it by
     /// the default rules — to its room, as if there were no plugin, never to anyone outside it.
+    /// After a `validate` fault `route` is not asked, so a faulting plugin costs one call per
+    /// message.
     pub async fn decide_message(
         &self,
-        warm: &Warm,
         message: &Message,
         record_time_ms: u64,
     ) -> Option<(Decision, Route, Vec<CallRecord>)> {
         let tenant = message.tenant.clone();
-        let installed = self.get(&tenant)?;
-        let (limits, policy) = (installed.limits.clone(), installed.policy);
-        let on_fault = |fault: &Fault| match policy {
-            Policy::FailOpen => Decision::Deliver { rewritten: None },
-            Policy::FailClosed => {
+        let input = message.clone();
+        let (ran, policy) = self
+            .run(&tenant, "validate", move |host, plugin, limits| host.message(plugin, limits, &input, record_time_ms))
+            .await?;
+        let calls = match ran {
+            Ok(calls) => calls,
+            Err(fault) => MessageCalls { validate: (Err(fault), CallReport::default()), route: None },
+        };
+        let on_fault = |fault: &Fault| match (policy, fault) {
+            // The caller's check, not the plugin's: never delivered unchecked, whatever the
+            // policy, since the plugin could not see it (only a record written around the
+            // handlers can be this large).
+            (_, Fault::InputTooLarge { .. }) => {
+                Decision::Reject { reason: format!("the message is too large for the room's rules ({fault})") }
+            }
+            (Policy::FailOpen, _) => Decision::Deliver { rewritten: None },
+            (Policy::FailClosed, _) => {
                 Decision::Reject { reason: format!("the room's rules could not be checked ({fault})") }
             }
         };
-        // The caller's checks come first and are the caller's: a message too large for the
-        // plugin (only a record written around the handlers can be) is never the plugin's fault.
-        if let Err(too_large) = super::instance::check_input(message, &limits) {
-            let call = CallRecord {
-                hook: "validate",
-                outcome: format!("not called: {too_large}"),
-                report: CallReport::default(),
-            };
-            // Never delivered unchecked, whatever the policy: the plugin could not see it.
-            let reason = format!("the message is too large for the room's rules ({too_large})");
-            Metrics::add(&self.metrics.rejected, 1);
-            return Some((Decision::Reject { reason }, Route::default(), vec![call]));
-        }
-        let mut calls = Vec::new();
-        let input = message.clone();
-        let (mut result, report, _) =
-            self.run(warm, &tenant, "validate", move |i| i.validate(&input, record_time_ms)).await?;
-        // A rewrite must still fit the frame every recipient gets.
-        if let Ok(Verdict::Rewrite(text)) = &result {
-            let size = outgoing_size(message, text);
-            if size > crate::protocol::MAX_OUTGOING_BYTES {
-                result = Err(Fault::OutputTooLarge { size, limit: crate::protocol::MAX_OUTGOING_BYTES });
-                Metrics::add(&self.metrics.plugin_faults, 1);
-            }
-        }
-        let mut faulted = result.as_ref().is_err_and(Fault::is_the_plugins);
-        let validated = result.as_ref().map(|_| ()).map_err(Clone::clone);
-        calls.push(CallRecord { hook: "validate", outcome: describe(&result), report });
-        let decision = match result {
+        let (verdict, report) = calls.validate;
+        self.observe(&tenant, "validate", &verdict, &report);
+        let mut faulted = verdict.as_ref().is_err_and(Fault::is_the_plugins);
+        let mut records = vec![CallRecord {
+            hook: "validate",
+            outcome: match &verdict {
+                Err(fault @ Fault::InputTooLarge { .. }) => format!("not called: {fault}"),
+                other => describe(other),
+            },
+            report,
+        }];
+        let mut decision = match verdict {
             Ok(Verdict::Accept) => Decision::Deliver { rewritten: None },
             Ok(Verdict::Rewrite(text)) => Decision::Deliver { rewritten: Some(text) },
-            Ok(Verdict::Reject(reason)) => Decision::Reject { reason: bounded_reason(reason) },
+            Ok(Verdict::Reject(reason)) => Decision::Reject { reason },
             Err(ref fault) => on_fault(fault),
         };
-        if let Decision::Reject { .. } = decision {
-            self.settle_breaker(&tenant, faulted);
-            Metrics::add(&self.metrics.rejected, 1);
-            return Some((decision, Route::default(), calls));
-        }
-        let input = message.clone();
-        let (mut decision, mut route) = (decision, Route::default());
-        // After a validate fault (fail-open) the default rules apply: route is not asked, so a
-        // faulting plugin costs one call per message, not two.
-        let routed = if faulted || matches!(validated, Err(Fault::BreakerOpen)) {
-            None
-        } else {
-            self.run(warm, &tenant, "route", move |i| i.route(&input, record_time_ms)).await
-        };
-        if let Some((result, report, _)) = routed {
-            let result = result.and_then(|r| {
-                narrow(r, &message.room, &limits).inspect_err(|fault| {
-                    Metrics::add(&self.metrics.plugin_faults, 1);
-                    tracing::warn!(tenant = %tenant, hook = "route", %fault, "plugin fault");
-                })
-            });
-            faulted |= result.as_ref().is_err_and(Fault::is_the_plugins);
-            calls.push(CallRecord { hook: "route", outcome: describe(&result), report });
-            match result {
+        let mut route = Route::default();
+        if let Some((routed, report)) = calls.route {
+            self.observe(&tenant, "route", &routed, &report);
+            faulted |= routed.as_ref().is_err_and(Fault::is_the_plugins);
+            records.push(CallRecord { hook: "route", outcome: describe(&routed), report });
+            match routed {
                 Ok(narrowed) => route = narrowed,
+                // Fail-open: the room only, as if there were no plugin; fail-closed: rejected.
                 Err(fault) => {
-                    if let Decision::Reject { .. } = on_fault(&fault) {
-                        decision = on_fault(&fault);
-                        Metrics::add(&self.metrics.rejected, 1);
+                    if let reject @ Decision::Reject { .. } = on_fault(&fault) {
+                        decision = reject;
                     }
                 }
             }
         }
+        if let Decision::Reject { .. } = decision {
+            Metrics::add(&self.metrics.rejected, 1);
+        }
         self.settle_breaker(&tenant, faulted);
-        Some((decision, route, calls))
+        Some((decision, route, records))
     }
 
     /// The tenant plugin's greeting for a welcome, if any. A fault or a greeting too large for
     /// the welcome frame means no greeting; the welcome itself always goes out.
-    pub async fn greeting(
-        &self,
-        warm: &Warm,
-        info: &WelcomeInfo,
-        record_time_ms: u64,
-    ) -> Option<(Option<String>, CallRecord)> {
+    pub async fn greeting(&self, info: &WelcomeInfo, record_time_ms: u64) -> Option<(Option<String>, CallRecord)> {
         let input = info.clone();
-        let (mut result, report, _) =
-            self.run(warm, &info.tenant, "welcome", move |i| i.welcome(&input, record_time_ms)).await?;
-        if let Ok(Some(greeting)) = &result {
-            let welcome = crate::protocol::ServerMessage::Welcome {
-                connection_id: info.connection_id.clone(),
-                tenant: info.tenant.clone(),
-                user_id: info.user_id.clone(),
-                rooms: info.rooms.clone(),
-                greeting: Some(greeting.clone()),
-            };
-            let size = welcome.to_json().len();
-            if size > crate::protocol::MAX_OUTGOING_BYTES {
-                result = Err(Fault::OutputTooLarge { size, limit: crate::protocol::MAX_OUTGOING_BYTES });
-                Metrics::add(&self.metrics.plugin_faults, 1);
-            }
-        }
+        let (ran, _) = self
+            .run(&info.tenant, "welcome", move |host, plugin, limits| {
+                host.greet(plugin, limits, &input, record_time_ms)
+            })
+            .await?;
+        let (result, report) = ran.unwrap_or_else(|fault| (Err(fault), CallReport::default()));
+        self.observe(&info.tenant, "welcome", &result, &report);
         self.settle_breaker(&info.tenant, result.as_ref().is_err_and(Fault::is_the_plugins));
         let record = CallRecord { hook: "welcome", outcome: describe(&result), report };
         Some((result.unwrap_or(None), record))
     }
-}
-
-/// A plugin's reject reason, cut (at a character boundary) to what the sender's `rejected`
-/// frame can carry: the sender must hear of the rejection, not get a 413.
-fn bounded_reason(mut reason: String) -> String {
-    const MAX: usize = 4096;
-    if reason.len() > MAX {
-        let mut end = MAX;
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        reason.truncate(end);
-        reason.push('…');
-    }
-    reason
-}
-
-/// The frame a recipient gets for `message` with its body rewritten to `text`, in bytes.
-fn outgoing_size(message: &Message, text: &str) -> usize {
-    let chat = crate::protocol::ChatMessage {
-        id: message.id.clone(),
-        room: message.room.clone(),
-        user_id: message.user_id.clone(),
-        message: text.to_string(),
-        timestamp: message.timestamp.clone(),
-    };
-    crate::protocol::ServerMessage::Message(chat).to_json().len()
-}
-
-/// A plugin's routing as the processor applies it: extra rooms without repeats, without the
-/// message's own room and without names that are not rooms; users without repeats; each list
-/// within the tenant's limits (a longer one is the plugin's fault, not silently cut).
-fn narrow(routing: super::Routing, own_room: &str, limits: &Limits) -> Result<Route, Fault> {
-    let mut rooms: Vec<String> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for room in routing.extra_rooms {
-        if room != own_room && crate::model::Name::parse("room", &room).is_ok() && seen.insert(room.clone()) {
-            rooms.push(room);
-            if rooms.len() > limits.max_extra_rooms {
-                return Err(Fault::RoutedTooWide {
-                    what: "extra rooms",
-                    count: rooms.len(),
-                    limit: limits.max_extra_rooms,
-                });
-            }
-        }
-    }
-    let only_users = match routing.only_users {
-        None => None,
-        Some(users) => {
-            let mut unique: Vec<String> = Vec::new();
-            let mut seen = std::collections::HashSet::new();
-            for user in users {
-                if seen.insert(user.clone()) {
-                    unique.push(user);
-                }
-                if unique.len() > limits.max_only_users {
-                    return Err(Fault::RoutedTooWide {
-                        what: "users",
-                        count: unique.len(),
-                        limit: limits.max_only_users,
-                    });
-                }
-            }
-            Some(unique)
-        }
-    };
-    Ok(Route { extra_rooms: rooms, only_users, echo_to_sender: routing.echo_to_sender })
 }
 
 fn describe<T: std::fmt::Debug>(result: &Result<T, Fault>) -> String {

@@ -25,7 +25,7 @@ use crate::deliver::{Deliverer, DeliverySettings};
 use crate::metrics::Metrics;
 use crate::model::{Clock, ManualClock, SystemClock};
 use crate::pipeline::{Processor, RecordReport};
-use crate::plugins::registry::{Policy, Registry, Warm};
+use crate::plugins::registry::{Lookups, Policy, Registry};
 use crate::plugins::{Limits, PluginHost};
 use crate::react::Effect;
 use crate::store::Store;
@@ -258,8 +258,8 @@ async fn run(items: &[Item], options: &Options, plugins: &[(String, Vec<u8>)]) -
         processor = processor.with_rooms(view.clone());
     }
 
-    // One batch: a tenant's plugin instance is reused across the whole replay, as within a batch.
-    let warm = Warm::default();
+    // One batch: each tenant's ACTIVE pointer is looked up once for the whole replay.
+    let lookups = Lookups::default();
     // Replay has no deadline; a young connection's set-aside retries end with the replay.
     let window = crate::deliver::Window::unbounded();
     let mut entries = Vec::new();
@@ -283,7 +283,7 @@ async fn run(items: &[Item], options: &Options, plugins: &[(String, Vec<u8>)]) -
                 let mut entry = Entry::new(position, record.event_id.clone());
                 entry.seq = record.change.sequence_number.clone();
                 entry.time = Some(crate::model::format_ts(&time));
-                match (&change, processor.process_in_batch(record, &warm, &window).await) {
+                match (&change, processor.process_in_batch(record, &lookups, &window).await) {
                     (Change::Unknown { reason }, _) => entry.skipped = Some(reason.clone()),
                     (_, Err(e)) => entry.failed = Some(e.to_string()),
                     (_, Ok(report)) => fill(&mut entry, record, &report, options),

@@ -11,6 +11,7 @@
 //! | `clock`     | rewrites the message to the wall clock it sees (must be the record's time) |
 //! | `sleep`     | sleeps ten seconds (a host call: the deadline must still hold) |
 //! | `sleep-forever` | sleeps without end |
+//! | `sleep-clock` | sleeps 2.5 s and rewrites the message to how far its monotonic and wall clocks moved, in ms |
 //! | `stdin`     | reads stdin to its end (closed: nothing to read) |
 //! | `socket`    | opens a TCP connection (denied) and rewrites the message to what happened |
 //! | `print`     | prints to stdout and stderr, and panics with a message |
@@ -72,6 +73,12 @@ mod component {
                 "sleep-forever" => loop {
                     std::thread::sleep(std::time::Duration::from_secs(3600));
                 },
+                "sleep-clock" => {
+                    let (started, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+                    std::thread::sleep(std::time::Duration::from_millis(2500));
+                    let walled = wall.elapsed().map(|d| d.as_millis()).unwrap_or_default();
+                    Verdict::Rewrite(format!("{} {walled}", started.elapsed().as_millis()))
+                }
                 "stdin" => {
                     use std::io::Read;
                     let mut input = String::new();
