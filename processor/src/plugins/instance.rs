@@ -279,7 +279,7 @@ pub(super) fn sleep(
     let slept = state.slept.load(Ordering::Relaxed).saturating_add(nanos);
     state.slept.store(slept, Ordering::Relaxed);
     let ready = state.table.push(Slept)?;
-    Ok(wasmtime_wasi::p2::subscribe(&mut state.table, ready)?)
+    wasmtime_wasi::p2::subscribe(&mut state.table, ready)
 }
 
 /// Where the call's monotonic clock stands, in nanoseconds.
