@@ -23,6 +23,7 @@ roomcast_tests::on_both_stores!(multi_thread:
     the_idle_timeout_closes_the_connection_and_announces_left,
     injected_410_429_500_and_stalls_are_handled,
     a_tenant_plugin_that_sleeps_forever_never_stops_other_tenants,
+    hostile_plugins_in_roomcast_dev_fault_within_their_limits,
 );
 
 fn presence(user: &str, event: &str) -> impl Fn(&Value) -> bool {
@@ -393,6 +394,74 @@ async fn a_tenant_plugin_that_sleeps_forever_never_stops_other_tenants(kind: &st
         bob.expect(text, |f| f["message"] == text).await;
     }
     lou.expect("the sleeper's own message, once its call ended", |f| f["message"] == "sleep-forever").await;
+    stack.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `roomcast dev --plugins DIR` with the hostile plugin (tenant `lax`) and a plugin whose core
+/// modules together hold more memory than its cap (tenant `hog`), both fail-open, beside a
+/// tenant without a plugin: every fault is the plugin's and is counted, the failure policy keeps
+/// each message within its room, random numbers come from the record, and the other tenant's
+/// messages keep flowing.
+async fn hostile_plugins_in_roomcast_dev_fault_within_their_limits(kind: &str) {
+    let dir = std::env::temp_dir().join(format!("roomcast-dev-hostile-{}-{kind}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("lax.wasm"), roomcast_tests::component("roomcast-hostile-plugin")).unwrap();
+    std::fs::write(dir.join("hog.wasm"), roomcast_tests::memories_component(8, 192)).unwrap();
+    let stack = ws::dev(kind, |o| o.plugins = Some(dir.clone())).await;
+    let mut lou = connect(&stack, "lax", "lou", "general").await;
+    let mut liz = connect(&stack, "lax", "liz", "general").await;
+    let mut eve = connect(&stack, "lax", "eve", "room0").await;
+    let mut hal = connect(&stack, "hog", "hal", "general").await;
+    let mut hil = connect(&stack, "hog", "hil", "general").await;
+    let mut ann = connect(&stack, "acme", "ann", "general").await;
+    let mut bob = connect(&stack, "acme", "bob", "general").await;
+    for c in [&mut lou, &mut liz, &mut eve, &mut hal, &mut hil, &mut ann, &mut bob] {
+        c.expect_action("welcome").await;
+    }
+    let before = stack.metrics.snapshot();
+
+    // Memories that together pass the cap: the instance is refused; fail-open, the room gets it.
+    hal.ask(json!({"action":"sendMessage","room":"general","message":"hi"}), "ack").await;
+    hil.expect("hog's message by the default rules", |f| f["message"] == "hi").await;
+    // Routing too wide, and a route that traps: faults; fail-open keeps each in its room.
+    for body in ["route-wide", "route-trap"] {
+        lou.ask(json!({"action":"sendMessage","room":"general","message":body}), "ack").await;
+        liz.expect(body, |f| f["message"] == body).await;
+    }
+    // The room0 member hears none of it: her own later message comes first.
+    eve.ask(json!({"action":"sendMessage","room":"room0","message":"marker"}), "ack").await;
+    eve.expect("her own marker", |f| f["message"] == "marker").await;
+    assert!(eve.pending_match(|f| f["action"] == "message").is_none(), "a route widened the audience");
+    let faults = stack.metrics.snapshot().plugin_faults - before.plugin_faults;
+    assert_eq!(faults, 3, "memory, too wide, trap");
+
+    // Random numbers and hash order come from the record: what arrived is what this record
+    // decides on its own, as a replay of it would.
+    lou.ask(json!({"action":"sendMessage","room":"general","message":"random"}), "ack").await;
+    let got = liz.expect("the random rewrite", |f| f["action"] == "message" && f["user_id"] == "lou").await;
+    let alone = roomcast::plugins::Message {
+        id: got["id"].as_str().unwrap().into(),
+        tenant: "lax".into(),
+        room: "general".into(),
+        user_id: "lou".into(),
+        body: "random".into(),
+        timestamp: got["timestamp"].as_str().unwrap().into(),
+    };
+    let at = chrono::DateTime::parse_from_rfc3339(got["timestamp"].as_str().unwrap()).unwrap().timestamp_millis();
+    let decided = tokio::task::spawn_blocking(move || {
+        let host = roomcast::plugins::PluginHost::new().unwrap();
+        let limits = roomcast::plugins::Limits::default();
+        let plugin = host.compile(&roomcast_tests::component("roomcast-hostile-plugin"), &limits).unwrap();
+        host.message(&plugin, &limits, &alone, at as u64).validate.0
+    })
+    .await
+    .unwrap();
+    assert_eq!(decided, Ok(roomcast::plugins::Verdict::Rewrite(got["message"].as_str().unwrap().into())));
+
+    // The tenant without a plugin was never held up.
+    ann.ask(json!({"action":"sendMessage","room":"general","message":"still flowing"}), "ack").await;
+    bob.expect("acme's message", |f| f["message"] == "still flowing").await;
     stack.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }

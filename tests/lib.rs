@@ -975,6 +975,15 @@ pub fn component(crate_name: &str) -> Vec<u8> {
     })
 }
 
+/// A plugin written by hand (`tests/fixtures/memories.wat`) whose component instantiates `hogs`
+/// core modules of `pages` 64 KiB pages of memory each; otherwise it accepts everything.
+pub fn memories_component(hogs: usize, pages: u32) -> Vec<u8> {
+    let text = include_str!("fixtures/memories.wat")
+        .replace("@PAGES@", &pages.to_string())
+        .replace("@HOGS@", &"(core instance (instantiate $hog))\n".repeat(hogs));
+    wat::parse_str(&text).expect("the fixture is valid")
+}
+
 /// Where cargo puts build output: `CARGO_TARGET_DIR` when set, else the workspace's `target/`.
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")

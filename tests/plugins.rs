@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use roomcast::plugins::{Fault, Limits, Message, PluginHost, Rejected, Verdict, WelcomeInfo};
-use roomcast_tests::component;
+use roomcast_tests::{component, memories_component};
 
 fn message(body: &str) -> Message {
     Message {
@@ -158,6 +158,46 @@ fn random_numbers_and_hash_maps_come_from_the_record() {
     }
     assert_ne!(decide("m2", RECORD_TIME), first, "another record draws others");
     assert_ne!(decide("m1", RECORD_TIME + 1), first, "the record's time is part of the seed");
+}
+
+/// One memory budget per plugin, not per memory: a component whose core modules each bring a
+/// 12 MiB memory works with one of them, and with eight (96 MiB, if each had the cap to itself)
+/// faults at instantiation over its 16 MiB. A core module with two memories is refused at
+/// upload: multi-memory is off.
+#[test]
+fn every_memory_of_a_plugin_counts_against_one_budget() {
+    let host = PluginHost::new().unwrap();
+    let limits = Limits::default();
+    let one = host.compile(&memories_component(1, 192), &limits).unwrap();
+    let calls = host.message(&one, &limits, &message("hello"), RECORD_TIME);
+    assert_eq!(calls.validate.0, Ok(Verdict::Accept));
+    assert!(calls.route.is_some_and(|(route, _)| route.is_ok_and(|r| r.extra_rooms.is_empty())));
+
+    let eight = host.compile(&memories_component(8, 192), &limits).unwrap();
+    let calls = host.message(&eight, &limits, &message("hello"), RECORD_TIME);
+    assert_eq!(calls.validate.0, Err(Fault::Memory(limits.memory_bytes)));
+    assert!(calls.route.is_none());
+
+    // `roomcast plugin test` says the same, as the processor would.
+    let file = std::env::temp_dir().join(format!("roomcast-memories-{}.wasm", std::process::id()));
+    std::fs::write(&file, memories_component(8, 192)).unwrap();
+    let out = std::process::Command::new(roomcast_tests::aws::binary("roomcast"))
+        .args(["plugin", "test"])
+        .arg(&file)
+        .arg("--event")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/events/spam.json"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("validate  FAULT exceeded its memory limit of 16777216 bytes"), "{stdout}");
+
+    let two_memories = wat::parse_str("(component (core module (memory 1) (memory 1)))").unwrap();
+    match host.compile(&two_memories, &limits) {
+        Err(Rejected::NotAComponent(why)) => assert!(why.contains("multiple memories"), "{why}"),
+        other => panic!("expected multi-memory to be refused, got {other:?}"),
+    }
 }
 
 #[test]
