@@ -1,11 +1,11 @@
 //! Plugin costs, as ratios measured in one run (`cargo bench -p roomcast --bench plugins`):
 //!
 //! * `hook/*` — one `validate` call on a realistic message: the moderation component through
-//!   the host against the same rule compiled natively. `wasm_validate_warm` is how the processor
-//!   calls it within a batch (the tenant's instance reused; fresh fuel, deadline and log per
-//!   call); `wasm_route_warm` is the boundary alone (the same message in, a constant out);
-//!   `wasm_validate_fresh` adds a new Store and instance from the cached `InstancePre` (a
-//!   tenant's first call in a batch).
+//!   the host against the same rule compiled natively. `wasm_validate_warm` is a call on an
+//!   instance that is already there (fresh fuel, deadline and log per call); `wasm_route_warm` is the boundary alone (the same message in, a constant out);
+//!   `wasm_validate_fresh` adds a new Store and instance from the cached `InstancePre`;
+//!   `wasm_message` is what the processor does for each message: a fresh instance, `validate`
+//!   and `route` on it, and the host's checks (`PluginHost::message`).
 //! * `activation/*` — compiling the component (cold activation) against loading it from the
 //!   host's precompiled-artifact directory (warm cache), and instantiating from `InstancePre`.
 //!
@@ -53,6 +53,9 @@ fn hook(c: &mut Criterion) {
     group.bench_function("wasm_route_warm", |b| b.iter(|| instance.route(black_box(&message), 0).0.unwrap()));
     group.bench_function("wasm_validate_fresh", |b| {
         b.iter(|| host.validate(&plugin, &limits, black_box(&message), 0).0.unwrap())
+    });
+    group.bench_function("wasm_message", |b| {
+        b.iter(|| host.message(&plugin, &limits, black_box(&message), 0).validate.0.unwrap())
     });
     group.finish();
 }

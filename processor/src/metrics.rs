@@ -62,8 +62,10 @@ counters! {
     rejected,
     /// Plugin faults (trap, fuel, deadline, memory, bad output).
     plugin_faults,
-    /// Plugin instances created: one per tenant per batch, plus one after each fault.
+    /// Plugin instances created: one per message, one per welcome.
     plugin_instances,
+    /// Messages and welcomes decided by the failure policy without a call: the breaker was open.
+    plugin_breaker_skips,
     /// Compiled plugins evicted from the bounded cache (reloaded on the tenant's next use).
     plugin_evictions,
 }
@@ -93,6 +95,7 @@ impl Counts {
             rejected = self.rejected,
             plugin_faults = self.plugin_faults,
             plugin_instances = self.plugin_instances,
+            plugin_breaker_skips = self.plugin_breaker_skips,
             plugin_evictions = self.plugin_evictions,
             "{what}"
         );

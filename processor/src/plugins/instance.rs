@@ -428,6 +428,10 @@ pub(crate) struct Budget {
     memory_bytes: usize,
     memory_used: usize,
     table_used: usize,
+    /// What was counted before the last growth the limiter allowed, until it is known to have
+    /// happened: a growth that then fails (the host could not map the memory) gives it back.
+    before_memory: usize,
+    before_table: usize,
 }
 
 impl Budget {
@@ -437,7 +441,7 @@ impl Budget {
     const COUNT: usize = 32;
 
     pub(crate) fn new(memory_bytes: usize) -> Budget {
-        Budget { memory_bytes, memory_used: 0, table_used: 0 }
+        Budget { memory_bytes, memory_used: 0, table_used: 0, before_memory: 0, before_table: 0 }
     }
 }
 
@@ -451,8 +455,15 @@ impl ResourceLimiter for Budget {
                 self.memory_bytes
             );
         }
+        self.before_memory = self.memory_used;
         self.memory_used = total;
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.memory_used = self.before_memory;
+        tracing::debug!(error = %error, "a plugin memory could not grow; its budget is given back");
+        Ok(())
     }
 
     fn table_growing(&mut self, current: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
@@ -463,8 +474,15 @@ impl ResourceLimiter for Budget {
                 Self::TABLE_ELEMENTS
             );
         }
+        self.before_table = self.table_used;
         self.table_used = total;
         Ok(true)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.table_used = self.before_table;
+        tracing::debug!(error = %error, "a plugin table could not grow; its budget is given back");
+        Ok(())
     }
 
     fn instances(&self) -> usize {
@@ -565,5 +583,15 @@ mod tests {
         // Tables likewise, over all of them.
         assert!(budget.table_growing(0, Budget::TABLE_ELEMENTS - 10, None).unwrap());
         assert!(budget.table_growing(0, 11, None).is_err());
+
+        // A growth the limiter allowed but the host could not carry out is given back.
+        let mut budget = Budget::new(16 << 20);
+        assert!(budget.memory_growing(0, 10 << 20, None).unwrap());
+        assert!(budget.memory_growing(0, 6 << 20, None).unwrap());
+        budget.memory_grow_failed(wasmtime::format_err!("mmap failed")).unwrap();
+        assert!(budget.memory_growing(0, 6 << 20, None).unwrap(), "the failed 6 MiB was not kept");
+        assert!(budget.table_growing(0, Budget::TABLE_ELEMENTS, None).unwrap());
+        budget.table_grow_failed(wasmtime::format_err!("no room")).unwrap();
+        assert!(budget.table_growing(0, Budget::TABLE_ELEMENTS, None).unwrap());
     }
 }

@@ -227,7 +227,10 @@ impl Registry {
         {
             let breaker = installed.breaker.lock().unwrap_or_else(|p| p.into_inner());
             if breaker.open_until.is_some_and(|until| Instant::now() < until) {
-                tracing::warn!(tenant, hook, "plugin breaker open: applying the failure policy without calling it");
+                // Logged once when it opens; each skip is counted, not logged, so a tenant's
+                // traffic cannot flood the log while its plugin is off.
+                tracing::debug!(tenant, hook, "plugin breaker open: applying the failure policy without calling it");
+                Metrics::add(&self.metrics.plugin_breaker_skips, 1);
                 return Some((Err(Fault::BreakerOpen), installed.policy));
             }
         }
