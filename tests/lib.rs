@@ -978,7 +978,17 @@ pub fn component(crate_name: &str) -> Vec<u8> {
 /// A plugin written by hand (`tests/fixtures/memories.wat`) whose component instantiates `hogs`
 /// core modules of `pages` 64 KiB pages of memory each; otherwise it accepts everything.
 pub fn memories_component(hogs: usize, pages: u32) -> Vec<u8> {
+    wat_plugin(hogs, pages, false)
+}
+
+/// The same plugin, whose module loops without end in its start function (at instantiation).
+pub fn looping_at_start_component() -> Vec<u8> {
+    wat_plugin(0, 1, true)
+}
+
+fn wat_plugin(hogs: usize, pages: u32, spin_at_start: bool) -> Vec<u8> {
     let text = include_str!("fixtures/memories.wat")
+        .replace("@START@", if spin_at_start { "(start $spin)" } else { "" })
         .replace("@PAGES@", &pages.to_string())
         .replace("@HOGS@", &"(core instance (instantiate $hog))\n".repeat(hogs));
     wat::parse_str(&text).expect("the fixture is valid")

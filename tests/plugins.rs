@@ -96,6 +96,62 @@ fn every_hostile_behaviour_ends_in_a_specific_fault_and_the_host_goes_on() {
     assert_eq!(host.validate(&moderation, &limits, &message("hello"), RECORD_TIME).0, Ok(Verdict::Accept));
 }
 
+/// Every export misbehaves, and so does instantiation: each ends in its specific fault, within
+/// the call's budget, and capability probes find nothing (no environment, no files).
+#[test]
+fn every_export_and_instantiation_end_in_a_specific_fault() {
+    let host = PluginHost::new().unwrap();
+    let limits = Limits::default();
+    let hostile = host.compile(&component("roomcast-hostile-plugin"), &limits).unwrap();
+
+    // route, after a validate that accepts (one instance per message, as the processor runs it).
+    let route = |body: &str| {
+        let calls = host.message(&hostile, &limits, &message(body), RECORD_TIME);
+        assert_eq!(calls.validate.0, Ok(Verdict::Accept), "{body}");
+        calls.route.expect("route runs after an accept").0.unwrap_err()
+    };
+    assert_eq!(route("route-loop"), Fault::OutOfFuel(limits.fuel));
+    assert_eq!(route("route-grow"), Fault::Memory(limits.memory_bytes));
+    assert!(matches!(route("route-trap"), Fault::Trap(_)));
+    assert_eq!(route("route-wide"), Fault::RoutedTooWide { what: "extra rooms", count: 9, limit: 8 });
+    assert!(
+        matches!(route("route-aliased"), Fault::OutputTooLarge { .. } | Fault::OutputTooLargeToCopy { .. }),
+        "{:?}",
+        route("route-aliased")
+    );
+
+    // welcome, by the user id.
+    let welcome = |user: &str| {
+        let info = WelcomeInfo {
+            connection_id: "c1".into(),
+            tenant: "acme".into(),
+            user_id: user.into(),
+            rooms: vec!["general".into()],
+        };
+        host.greet(&hostile, &limits, &info, RECORD_TIME).0
+    };
+    assert_eq!(welcome("loop"), Err(Fault::OutOfFuel(limits.fuel)));
+    assert_eq!(welcome("grow"), Err(Fault::Memory(limits.memory_bytes)));
+    assert!(matches!(welcome("trap"), Err(Fault::Trap(_))));
+    assert!(matches!(welcome("giant"), Err(Fault::OutputTooLargeToCopy { .. } | Fault::OutputTooLarge { .. })));
+    assert_eq!(welcome("ann"), Ok(None));
+
+    // Instantiation runs guest code too (a start function): it is bounded like a call.
+    let spinner = host.compile(&roomcast_tests::looping_at_start_component(), &limits).unwrap();
+    let calls = host.message(&spinner, &limits, &message("hello"), RECORD_TIME);
+    assert_eq!(calls.validate.0, Err(Fault::OutOfFuel(limits.fuel)));
+    assert!(calls.route.is_none());
+
+    // Capability probes: no environment, no arguments, no files.
+    let probe = |body: &str| host.validate(&hostile, &limits, &message(body), RECORD_TIME).0;
+    assert_eq!(probe("env"), Ok(Verdict::Rewrite("env: [] args: []".into())));
+    assert_eq!(probe("files"), Ok(Verdict::Rewrite("passwd: false root: false".into())));
+
+    // Structural garbage: a component cut short is refused at upload, with the reason.
+    let bytes = component("roomcast-hostile-plugin");
+    assert!(matches!(host.compile(&bytes[..bytes.len() / 2], &limits), Err(Rejected::NotAComponent(_))));
+}
+
 /// Runs `f` on a thread of its own and fails the test, rather than hanging it, if it has not
 /// returned within a minute: a call parked in a host call used to hold its thread for good.
 fn finishes<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
@@ -459,6 +515,21 @@ async fn the_welcome_carries_the_tenants_greeting(kind: &str) {
     assert_eq!(welcome["greeting"], "Welcome to acme, ann! You are in #general.");
     let plain = &stack.recorder.received_action("eve", "welcome")[0];
     assert!(plain.get("greeting").is_none(), "a tenant without a plugin gets the default welcome");
+
+    // A welcome hook that loops, hoards, traps or greets with 1 MiB: the welcome still goes
+    // out, without a greeting, and each fault is counted.
+    stack.install_plugin("lax", "roomcast-hostile-plugin", Policy::FailClosed);
+    let before = stack.processor.counts();
+    for user in ["loop", "grow", "trap", "giant"] {
+        stack.connect(user, "lax", user, "general").await;
+    }
+    stack.pump().await;
+    for user in ["loop", "grow", "trap", "giant"] {
+        let welcome = stack.recorder.received_action(user, "welcome");
+        assert_eq!(welcome.len(), 1, "{user}");
+        assert!(welcome[0].get("greeting").is_none(), "{user}: {welcome:?}");
+    }
+    assert_eq!(stack.processor.counts().since(&before).plugin_faults, 4);
 }
 
 async fn a_hostile_tenant_never_hurts_another_tenant_in_the_same_batch(kind: &str) {

@@ -17,8 +17,15 @@
 //! | `print`     | prints to stdout and stderr, and panics with a message |
 //! | `random`    | rewrites the message to a `HashMap`'s order, a randomly seeded hash and a random `u64` from `wasi:random` |
 //!
+//! | `env`       | rewrites the message to the environment variables and arguments it sees (none) |
+//! | `files`     | rewrites the message to what opening `/etc/passwd` and listing `/` gave (refused) |
+//!
 //! `route` misbehaves the same way: `route-aliased` names one room 18,000 times, `route-wide`
-//! names 20 rooms, `route-trap` panics, `route-to-bob` narrows the message to the user `bob`.
+//! names 20 rooms, `route-trap` panics, `route-loop` spins, `route-grow` allocates without end,
+//! `route-to-bob` narrows the message to the user `bob`.
+//!
+//! `welcome` misbehaves as the user id asks: `loop`, `trap`, `grow` as above, `giant` greets
+//! with 1 MiB; anyone else gets no greeting.
 //!
 //! Anything else is accepted.
 
@@ -102,6 +109,16 @@ mod component {
                     let drawn = getrandom::u64().unwrap_or_default();
                     Verdict::Rewrite(format!("{order:?} {hashed} {drawn}"))
                 }
+                "env" => {
+                    let vars: Vec<(String, String)> = std::env::vars().collect();
+                    let args: Vec<String> = std::env::args().collect();
+                    Verdict::Rewrite(format!("env: {vars:?} args: {args:?}"))
+                }
+                "files" => {
+                    let passwd = std::fs::read_to_string("/etc/passwd").map(|t| t.len());
+                    let root = std::fs::read_dir("/").map(|d| d.count());
+                    Verdict::Rewrite(format!("passwd: {:?} root: {:?}", passwd.is_ok(), root.is_ok()))
+                }
                 "clock" => {
                     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
                     Verdict::Rewrite(now.as_millis().to_string())
@@ -118,12 +135,44 @@ mod component {
                 "route-wide" => Routing { extra_rooms: (0..20).map(|i| format!("room{i}")).collect(), ..plain },
                 "route-trap" => panic!("the hostile plugin's route panics on purpose"),
                 "route-to-bob" => Routing { only_users: Some(vec!["bob".into()]), ..plain },
+                "route-loop" => {
+                    let mut x: u64 = 0;
+                    loop {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
+                }
+                "route-grow" => {
+                    let mut hoard: Vec<Vec<u8>> = Vec::new();
+                    loop {
+                        let mut chunk = Vec::<u8>::with_capacity(1 << 20);
+                        chunk.push(1);
+                        hoard.push(std::hint::black_box(chunk));
+                    }
+                }
                 _ => plain,
             }
         }
 
-        fn welcome(_: WelcomeInfo) -> Option<String> {
-            None
+        fn welcome(info: WelcomeInfo) -> Option<String> {
+            match info.user_id.as_str() {
+                "loop" => {
+                    let mut x: u64 = 0;
+                    loop {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
+                }
+                "trap" => panic!("the hostile plugin's welcome panics on purpose"),
+                "grow" => {
+                    let mut hoard: Vec<Vec<u8>> = Vec::new();
+                    loop {
+                        let mut chunk = Vec::<u8>::with_capacity(1 << 20);
+                        chunk.push(1);
+                        hoard.push(std::hint::black_box(chunk));
+                    }
+                }
+                "giant" => Some("x".repeat(1 << 20)),
+                _ => None,
+            }
         }
     }
 
