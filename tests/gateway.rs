@@ -459,6 +459,27 @@ async fn hostile_plugins_in_roomcast_dev_fault_within_their_limits(kind: &str) {
     .unwrap();
     assert_eq!(decided, Ok(roomcast::plugins::Verdict::Rewrite(got["message"].as_str().unwrap().into())));
 
+    // A user with a long id sending the largest frames cannot trip the plugin's breaker: what
+    // would not fit the recipients' frame (and so the plugin's input) is refused when sent.
+    let long_id = "u".repeat(roomcast::model::Name::MAX_LEN);
+    let mut max = connect(&stack, "lax", &long_id, "general").await;
+    max.expect_action("welcome").await;
+    let frame_of = |body: String| json!({"action":"sendMessage","room":"general","message":body}).to_string();
+    let largest = frame_of("x".repeat(roomcast::protocol::MAX_FRAME_BYTES - frame_of(String::new()).len()));
+    let before = stack.metrics.snapshot();
+    for _ in 0..roomcast::plugins::registry::BREAKER_THRESHOLD + 1 {
+        max.send_text(largest.clone()).await;
+        let refused = max.expect_action("error").await;
+        assert_eq!(refused["code"], "message_too_large", "{refused:.200}");
+    }
+    lou.ask(json!({"action":"sendMessage","room":"general","message":"route-to-bob"}), "ack").await;
+    lou.ask(json!({"action":"sendMessage","room":"general","message":"decided"}), "ack").await;
+    liz.expect("lax's next message", |f| f["message"] == "decided").await;
+    assert!(liz.pending_match(|f| f["message"] == "route-to-bob").is_none(), "the plugin narrowed it to bob");
+    let since = stack.metrics.snapshot();
+    assert_eq!(since.plugin_faults - before.plugin_faults, 0);
+    assert_eq!(since.plugin_breaker_skips - before.plugin_breaker_skips, 0, "the breaker stayed shut");
+
     // The tenant without a plugin was never held up.
     ann.ask(json!({"action":"sendMessage","room":"general","message":"still flowing"}), "ack").await;
     bob.expect("acme's message", |f| f["message"] == "still flowing").await;
