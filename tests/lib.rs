@@ -28,6 +28,7 @@ use roomcast::handlers::{self, HandlerDeps};
 use roomcast::metrics::Metrics;
 use roomcast::model::{Clock, ManualClock};
 use roomcast::pipeline::Processor;
+use roomcast::plugins::WithPlugins;
 use roomcast::store::Store;
 use roomcast::store::dynamodb::{DynamoStore, create_table};
 use roomcast::store::memory::MemoryStore;

@@ -1,5 +1,5 @@
 //! Deployment-side operations: the `$connect` REQUEST authorizer (AWS's documented WebSocket
-//! authorizer event), the admin operations with seed 003's events and responses, and the
+//! authorizer event), the admin operations' events and responses, and the
 //! stale-connection sweeper — against moto and the embedded store.
 
 use std::sync::Arc;

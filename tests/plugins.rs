@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use roomcast::plugins::{Fault, Limits, Message, PluginHost, Rejected, Verdict, WelcomeInfo};
+use roomcast::plugins::{Fault, Limits, Message, PluginHost, Rejected, Verdict, WelcomeInfo, WithPlugins};
 use roomcast_tests::{component, memories_component};
 
 fn message(body: &str) -> Message {

@@ -299,7 +299,7 @@ async fn with_a_table_a_replay_uses_the_tenants_active_plugin_and_writes_nothing
     assert!(spam["plugin_calls"][0]["outcome"].as_str().unwrap().starts_with("Verdict::Reject"), "{spam}");
     assert_eq!(spam["effects"][0]["to"], json!(["bob"]), "recipients from the table");
     // The plugin's upload records are shown, not activated; nothing was written.
-    assert!(out.contains("plugin records are not activated by a replay"), "{out}");
+    assert!(out.contains("a dry run activates no plugin record"), "{out}");
     assert_eq!(stack.table.store.plugins("acme").await.unwrap(), table_before);
     let captured = stack.captured.clone();
     assert_eq!(stack.pump().await, 0, "no write reached the table's stream");

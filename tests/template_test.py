@@ -93,13 +93,17 @@ class Template(unittest.TestCase):
             self.assertEqual(f["Metadata"]["BuildMethod"], "rust-cargolambda", name)
             self.assertNotIn("Runtime", f["Properties"], f"{name} must not override the runtime")
             binary = f["Metadata"]["BuildProperties"]["Binary"]
-            self.assertTrue((TEMPLATE.parent / "processor/src/bin" / f"{binary}.rs").exists(), f"{name}: no binary {binary}")
+            crate = TEMPLATE.parent / f["Properties"]["CodeUri"]
+            self.assertTrue((crate / "src/bin" / f"{binary}.rs").exists(), f"{name}: no binary {binary} in {crate}")
 
-    def test_every_function_builds_its_own_binary_of_the_processor_crate(self):
+    def test_every_function_builds_its_own_binary_and_only_the_processor_links_the_plugin_host(self):
         # (test_every_function_is_rust_on_provided_al2023 checks BuildMethod and that the binary exists.)
         binaries = {}
         for name, f in self.of_type("AWS::Serverless::Function").items():
-            self.assertEqual(f["Properties"]["CodeUri"], "./processor", f"{name}: cargo-lambda builds the processor crate")
+            # The write-path and operator functions build from the core crate, which links no
+            # wasmtime; the processor from the plugin host's crate.
+            expected = "./host" if name == "ProcessorFunction" else "./processor"
+            self.assertEqual(f["Properties"]["CodeUri"], expected, f"{name}: cargo-lambda builds {expected}")
             binaries.setdefault(f["Metadata"]["BuildProperties"]["Binary"], []).append(name)
         shared = {b: names for b, names in binaries.items() if len(names) > 1}
         self.assertEqual(shared, {}, "each function has its own binary (and its own build directory)")

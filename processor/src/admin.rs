@@ -1,4 +1,4 @@
-//! Operations for operators (seed 003's connection manager): the `admin` Lambda (direct invoke),
+//! Operations for operators (a connection manager's operations): the `admin` Lambda (direct invoke),
 //! `roomcast admin`, and the scheduled `sweeper`.
 //!
 //! | event `action`              | fields                          | answer body |
@@ -53,7 +53,7 @@ pub enum AdminRequest {
     },
 }
 
-/// A connection as the admin operations show it (seed 003's fields first).
+/// A connection as the admin operations show it (the operator-facing fields first).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionView {

@@ -51,7 +51,7 @@ pub struct Config {
     pub partitions_at_once: usize,
     pub idle_limit: Duration,
     /// The limits tenant plugins run with, unless their upload overrides them.
-    pub plugin_limits: crate::plugins::Limits,
+    pub plugin_limits: crate::rules::Limits,
     /// How many tenants' compiled plugins are kept.
     pub plugin_cache_tenants: usize,
     /// Where compiled plugins are kept between activations, if anywhere.
@@ -140,11 +140,11 @@ impl Config {
         };
         let partitions_at_once = number("ROOMCAST_PARTITIONS_AT_ONCE", 8, 1, 256) as usize;
         let idle_limit = Duration::from_secs(number("ROOMCAST_IDLE_LIMIT_SECONDS", 600, 1, 86_400));
-        let plugin_limits = crate::plugins::Limits {
+        let plugin_limits = crate::rules::Limits {
             fuel: number("ROOMCAST_PLUGIN_FUEL", 10_000_000, 1_000, 10_000_000_000),
             memory_bytes: (number("ROOMCAST_PLUGIN_MEMORY_MIB", 16, 1, 512) as usize) << 20,
             deadline: Duration::from_millis(number("ROOMCAST_PLUGIN_DEADLINE_MS", 100, 1, 10_000)),
-            ..crate::plugins::Limits::default()
+            ..crate::rules::Limits::default()
         };
         let plugin_cache_tenants = number("ROOMCAST_PLUGIN_CACHE_TENANTS", 256, 1, 100_000) as usize;
         let plugin_artifact_dir = get("ROOMCAST_PLUGIN_ARTIFACT_DIR").map(std::path::PathBuf::from);
@@ -208,7 +208,7 @@ mod tests {
         assert_eq!(c.connection_ttl_seconds, 3600);
         assert_eq!(c.delivery.concurrency, 32);
         assert_eq!(c.dynamodb_endpoint, None);
-        assert_eq!(c.plugin_limits, crate::plugins::Limits::default());
+        assert_eq!(c.plugin_limits, crate::rules::Limits::default());
         assert_eq!((c.plugin_cache_tenants, c.plugin_artifact_dir), (256, None));
         let tuned =
             config(&[("TABLE_NAME", "t"), ("ROOMCAST_PLUGIN_FUEL", "5000"), ("ROOMCAST_PLUGIN_MEMORY_MIB", "32")])

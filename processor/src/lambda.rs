@@ -1,6 +1,7 @@
-//! The Lambda entry points: each binary in `src/bin` is `main` → [`run_handler`] or
-//! [`run_processor`]. Clients are built once per container; a bad configuration fails the init
-//! with every problem named.
+//! The Lambda entry points of this crate: each binary in `src/bin` is `main` → [`run_handler`],
+//! [`run_authorizer`], [`run_admin`] or [`run_sweeper`] (the processor's is in the plugin host
+//! crate, which uses [`store_from`] and [`deadline_instant`] from here). Clients are built once
+//! per container; a bad configuration fails the init with every problem named.
 
 use std::sync::Arc;
 
@@ -12,7 +13,6 @@ use crate::deliver::Deliverer;
 use crate::handlers::{self, HandlerDeps};
 use crate::metrics::Metrics;
 use crate::model::SystemClock;
-use crate::pipeline::Processor;
 use crate::store::dynamodb::DynamoStore;
 
 /// JSON logs for CloudWatch; `RUST_LOG` sets the filter (default `info`).
@@ -22,7 +22,7 @@ pub fn init_tracing() {
 }
 
 /// The table, counting items that do not decode in `metrics`.
-async fn store_from(config: &Config, metrics: Arc<Metrics>) -> (aws_config::SdkConfig, Arc<DynamoStore>) {
+pub async fn store_from(config: &Config, metrics: Arc<Metrics>) -> (aws_config::SdkConfig, Arc<DynamoStore>) {
     let sdk = config::load_aws().await;
     let client = config::dynamodb_client(&sdk, config.dynamodb_endpoint.as_deref());
     (sdk, Arc::new(DynamoStore::new(client, &config.table_name).with_metrics(metrics)))
@@ -55,24 +55,6 @@ pub async fn run_handler(route: Route) -> Result<(), Error> {
             Route::Message => handlers::message(&event.payload, deps).await,
         };
         Ok::<_, Error>(response)
-    }))
-    .await
-}
-
-/// Serves the stream processor.
-pub async fn run_processor() -> Result<(), Error> {
-    init_tracing();
-    let config = Config::from_env()?;
-    let metrics = Arc::new(Metrics::default());
-    let (sdk, store) = store_from(&config, metrics.clone()).await;
-    let clock = Arc::new(SystemClock);
-    let deliverer = Deliverer::new(sdk, config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
-    let registry = Arc::new(crate::plugins::registry::Registry::from_config(&config, metrics.clone())?);
-    let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once).with_plugins(registry);
-    let processor = &processor;
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
-        let deadline = deadline_instant(event.context.deadline);
-        processor.handle_event_until(&event.payload, Some(deadline)).await.map_err(Error::from)
     }))
     .await
 }

@@ -1,4 +1,4 @@
-//! The single table's records and keys (DESIGN.md, "One table, one stream").
+//! The single table's records and keys (docs/ARCHITECTURE.md, "The table").
 //!
 //! | record     | pk                      | sk                          |
 //! |------------|-------------------------|-----------------------------|
@@ -496,7 +496,7 @@ pub struct PluginMeta {
     pub reason: Option<String>,
     /// Per-tenant limits set at upload; unset, the deployment's apply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limits: Option<crate::plugins::LimitOverrides>,
+    pub limits: Option<LimitOverrides>,
 }
 
 impl PluginMeta {
@@ -578,3 +578,33 @@ impl PluginActive {
         }
     }
 }
+
+/// Per-tenant plugin limits, stored with an uploaded version (`roomcast plugin upload --fuel …`).
+/// Unset fields take the deployment's value; set ones are capped at
+/// [`CEILING`](crate::rules::CEILING).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_bytes: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_extra_rooms: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_only_users: Option<usize>,
+}
+
+impl LimitOverrides {
+    pub fn is_empty(&self) -> bool {
+        *self == LimitOverrides::default()
+    }
+}
+
+/// The principal DynamoDB's stream names in the `userIdentity` of a record that TTL removed
+/// (its `type` is `Service`). The embedded store writes the same.
+pub const TTL_PRINCIPAL: &str = "dynamodb.amazonaws.com";

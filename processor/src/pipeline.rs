@@ -13,9 +13,8 @@ use tracing::field::Empty;
 use crate::deliver::{Deliverer, Outcome, Window};
 use crate::metrics::{Counts, Metrics};
 use crate::model::Clock;
-use crate::model::{FailurePolicy, PluginActive, PluginMeta, PluginStatus};
-use crate::plugins::registry::{CallRecord, Lookups, Policy, Registry};
 use crate::react::{self, Decisions, Effect};
+use crate::rules::{CallRecord, Lookups, MessageInput, Mode, TenantRules, WelcomeInput};
 use crate::store::{Rooms, Store, StoreError};
 use crate::stream::Change;
 use crate::stream::Record;
@@ -47,9 +46,11 @@ pub struct Processor {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     partitions_at_once: usize,
-    plugins: Option<Arc<Registry>>,
+    /// The tenants' rules (the plugin host), if any.
+    rules: Option<Arc<dyn TenantRules>>,
     /// Who is in a room; the store when not set.
     rooms: Option<Arc<dyn Rooms>>,
+    mode: Mode,
 }
 
 impl Processor {
@@ -60,25 +61,41 @@ impl Processor {
         metrics: Arc<Metrics>,
         partitions_at_once: usize,
     ) -> Processor {
-        Processor { store, deliverer, clock, metrics, partitions_at_once, plugins: None, rooms: None }
+        Processor {
+            store,
+            deliverer,
+            clock,
+            metrics,
+            partitions_at_once,
+            rules: None,
+            rooms: None,
+            mode: Mode::Execute,
+        }
     }
 
-    /// Runs tenant plugins on messages and welcomes.
-    pub fn with_plugins(mut self, registry: Arc<Registry>) -> Processor {
-        self.plugins = Some(registry);
+    /// Asks `rules` (the plugin host: `roomcast_plugin_host::PluginRules`) about messages and
+    /// welcomes, and hands it the plugin records.
+    pub fn with_rules(mut self, rules: Arc<dyn TenantRules>) -> Processor {
+        self.rules = Some(rules);
         self
+    }
+
+    /// Decides and reports only (`roomcast replay`): nothing is written, and plugin records are
+    /// shown, not activated. The deliverer should be a dry run too (`Deliverer::dry_run`).
+    pub fn with_mode(mut self, mode: Mode) -> Processor {
+        self.mode = mode;
+        self
+    }
+
+    /// The table this processor reads and writes.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     /// Reads rooms' members from `rooms` instead of the store (replay's `--membership-from-stream`).
     pub fn with_rooms(mut self, rooms: Arc<dyn Rooms>) -> Processor {
         self.rooms = Some(rooms);
         self
-    }
-
-    /// A dry run writes nothing: its deliverer performs no effect, and plugin records are
-    /// neither activated nor given a status.
-    fn dry_run(&self) -> bool {
-        self.deliverer.is_dry_run()
     }
 
     async fn room_members(&self, tenant: &str, room: &str) -> Result<Vec<crate::model::Membership>, StoreError> {
@@ -89,186 +106,30 @@ impl Processor {
         }
     }
 
-    /// Plugin records: activate an uploaded version, follow the `ACTIVE` pointer, disable.
-    /// A component that cannot be a plugin is the tenant's fault: its status says why. Only the
-    /// table being unavailable is an error. Records are redelivered and may be late, so each is
-    /// only a hint: what the table says now decides.
-    async fn plugin_lifecycle(&self, change: &Change) -> Result<(), StoreError> {
-        let Some(registry) = &self.plugins else { return Ok(()) };
-        if self.dry_run() {
-            return Ok(());
-        }
-        match change {
-            // An upload, or a re-upload of an existing version (its settings may differ).
-            Change::Inserted(Record::Plugin(meta)) | Change::Modified { new: Record::Plugin(meta), .. }
-                if meta.status == PluginStatus::Uploaded =>
-            {
-                let now = self.store.plugins(&meta.tenant).await?.into_iter().find(|m| m.version == meta.version);
-                let Some(meta) =
-                    now.filter(|m| m.status == PluginStatus::Uploaded && m.uploaded_at == meta.uploaded_at)
-                else {
-                    tracing::info!(tenant = %meta.tenant, version = %meta.version, "upload already handled; not activating it again");
-                    return Ok(());
-                };
-                match self.load_version(registry, &meta).await? {
-                    Ok(()) => {
-                        self.mark_active(&meta.tenant, &meta.version).await?;
-                        self.store.set_active_plugin(&meta.tenant, Some(&meta.version)).await?;
-                        // This container has loaded what the new pointer names.
-                        let revision = self.store.active_plugin(&meta.tenant).await?.and_then(|a| a.revision);
-                        registry.set_revision(&meta.tenant, revision);
-                        tracing::info!(tenant = %meta.tenant, version = %meta.version, "plugin activated");
-                    }
-                    Err(reason) => {
-                        tracing::warn!(tenant = %meta.tenant, version = %meta.version, %reason, "plugin rejected");
-                        self.store
-                            .set_plugin_status(&meta.tenant, &meta.version, PluginStatus::Rejected, Some(&reason))
-                            .await?;
-                    }
-                }
-            }
-            Change::Inserted(Record::PluginActive(active))
-            | Change::Modified { new: Record::PluginActive(active), .. }
-            | Change::Removed { old: Record::PluginActive(active), .. } => {
-                self.refresh(registry, &active.tenant).await?;
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// Installs `version` of the tenant's plugin from the table.
-    async fn ensure_version(&self, registry: &Registry, tenant: &str, version: &str) -> Result<(), StoreError> {
-        let Some(meta) = self.store.plugins(tenant).await?.into_iter().find(|m| m.version == version) else {
-            tracing::warn!(tenant, version, "the active plugin version has no record");
-            return Ok(());
-        };
-        let loaded = self.load_version(registry, &meta).await?;
-        if self.dry_run() {
-            if let Err(reason) = loaded {
-                tracing::warn!(tenant, version, %reason, "the active plugin version cannot be loaded");
-            }
-        } else if let Err(reason) = loaded {
-            self.store.set_plugin_status(tenant, version, PluginStatus::Rejected, Some(&reason)).await?;
-        } else if meta.status != PluginStatus::Active {
-            self.mark_active(tenant, version).await?;
-        }
-        Ok(())
-    }
-
-    /// Records `version` as the tenant's active one and whichever was active before as inactive.
-    async fn mark_active(&self, tenant: &str, version: &str) -> Result<(), StoreError> {
-        for other in self.store.plugins(tenant).await? {
-            if other.version != version && other.status == PluginStatus::Active {
-                self.store.set_plugin_status(tenant, &other.version, PluginStatus::Inactive, None).await?;
-            }
-        }
-        self.store.set_plugin_status(tenant, version, PluginStatus::Active, None).await
-    }
-
-    /// Reassembles, verifies and compiles a version, and installs it. The inner error is the
-    /// reason the tenant sees.
-    async fn load_version(&self, registry: &Registry, meta: &PluginMeta) -> Result<Result<(), String>, StoreError> {
-        let Some(bytes) = self.store.plugin_bytes(&meta.tenant, &meta.version, meta.chunks).await? else {
-            return Ok(Err("the component's chunks are missing".into()));
-        };
-        let sha256 = crate::plugins::sha256_hex(&bytes);
-        if sha256 != meta.sha256 {
-            return Ok(Err(format!("sha256 mismatch: the chunks hash to {sha256}, the record says {}", meta.sha256)));
-        }
-        let limits = registry.limits().with_overrides(&meta.limits.unwrap_or_default());
-        let host = registry.host().clone();
-        let checked = limits.clone();
-        let compiled = tokio::task::spawn_blocking(move || host.compile(&bytes, &checked).map_err(|e| e.to_string()))
-            .await
-            .unwrap_or_else(|e| Err(format!("compilation did not complete: {e}")));
-        Ok(compiled.map(|plugin| {
-            let policy = match meta.policy {
-                FailurePolicy::Open => Policy::FailOpen,
-                FailurePolicy::Closed => Policy::FailClosed,
-            };
-            tracing::info!(
-                tenant = %meta.tenant,
-                version = %meta.version,
-                from_artifact = plugin.from_artifact,
-                fuel = limits.fuel,
-                memory_bytes = limits.memory_bytes,
-                deadline_ms = limits.deadline.as_millis() as u64,
-                "plugin loaded"
-            );
-            registry.install(&meta.tenant, plugin, limits, policy, false);
-        }))
-    }
-
-    /// Loads what an `ACTIVE` pointer names, unless this container runs exactly that already
-    /// (the same version, loaded for the same revision of the pointer). A version this container
-    /// cannot load leaves the tenant with no plugin — never an older one the pointer no longer
-    /// names — and is not tried again until the pointer changes.
-    async fn follow(&self, registry: &Registry, active: &PluginActive) -> Result<(), StoreError> {
-        let tenant = active.tenant.as_str();
-        let wanted = (active.version.clone(), active.revision.clone());
-        let current = registry.installed_version(tenant).as_deref() == Some(active.version.as_str())
-            && registry.installed_revision(tenant) == active.revision;
-        if current || registry.unloadable(tenant).as_ref() == Some(&wanted) {
-            return Ok(());
-        }
-        self.ensure_version(registry, tenant, &active.version).await?;
-        if registry.installed_version(tenant).as_deref() == Some(active.version.as_str()) {
-            registry.set_revision(tenant, active.revision.clone());
-        } else {
-            registry.remove(tenant);
-            registry.set_unloadable(tenant, wanted);
-            tracing::error!(
-                tenant,
-                version = %active.version,
-                "the ACTIVE plugin version cannot be loaded; the tenant runs no plugin until its pointer changes"
-            );
-        }
-        Ok(())
-    }
-
-    /// Follows the tenant's `ACTIVE` pointer as it is in the table now (one strongly consistent
-    /// `GetItem`). Plugins pinned from files have no pointer to follow.
-    async fn refresh(&self, registry: &Registry, tenant: &str) -> Result<(), StoreError> {
-        if registry.is_pinned(tenant) {
-            return Ok(());
-        }
-        match self.store.active_plugin(tenant).await? {
-            Some(active) => self.follow(registry, &active).await?,
-            None => {
-                if registry.installed_version(tenant).is_some() {
-                    tracing::info!(tenant, "plugin disabled (no ACTIVE pointer)");
-                }
-                registry.remove(tenant);
-            }
-        }
-        Ok(())
-    }
-
     /// Many processor containers run at once, and a plugin change reaches only the one that
     /// processes its record. So the first time a batch meets a tenant, the tenant's `ACTIVE`
     /// pointer is read: an activation, rollback, disable or re-upload elsewhere takes effect here
     /// from the next batch on. A cold container loads the tenant's plugin the same way. Rooms of
     /// one batch run concurrently: all of them wait for that one look-up, so none runs without
     /// the plugin; a look-up that failed is tried again by the next record.
-    async fn ensure_loaded(&self, registry: &Registry, tenant: &str, lookups: &Lookups) -> Result<(), StoreError> {
-        lookups.look_up(tenant).get_or_try_init(|| self.refresh(registry, tenant)).await.map(|_| ())
+    async fn ensure_loaded(&self, rules: &dyn TenantRules, tenant: &str, lookups: &Lookups) -> Result<(), StoreError> {
+        lookups.look_up(tenant).get_or_try_init(|| rules.refresh(tenant, self.mode)).await.map(|_| ())
     }
 
     /// Asks the tenant's plugin, if any, about this change.
     async fn decide(&self, change: &Change, lookups: &Lookups) -> Result<(Decisions, Vec<CallRecord>), StoreError> {
         let mut decisions = Decisions::default();
         let mut calls = Vec::new();
-        let Some(registry) = &self.plugins else { return Ok((decisions, calls)) };
+        let Some(rules) = self.rules.as_deref() else { return Ok((decisions, calls)) };
         if let Change::Inserted(Record::Message(m)) = change {
-            self.ensure_loaded(registry, &m.tenant, lookups).await?;
+            self.ensure_loaded(rules, &m.tenant, lookups).await?;
         }
         if let Change::Inserted(Record::Connection(c)) = change {
-            self.ensure_loaded(registry, &c.tenant, lookups).await?;
+            self.ensure_loaded(rules, &c.tenant, lookups).await?;
         }
         match change {
             Change::Inserted(Record::Message(m)) => {
-                let message = crate::plugins::Message {
+                let message = MessageInput {
                     id: m.id.clone(),
                     tenant: m.tenant.clone(),
                     room: m.room.clone(),
@@ -278,20 +139,20 @@ impl Processor {
                 };
                 // The record's own time, never the clock: replay decides the same.
                 let at = m.timestamp.timestamp_millis().max(0) as u64;
-                if let Some((decision, route, made)) = registry.decide_message(&message, at).await {
+                if let Some((decision, route, made)) = rules.decide_message(&message, at).await {
                     decisions.message = Some((decision, route));
                     calls = made;
                 }
             }
             Change::Inserted(Record::Connection(c)) => {
-                let info = crate::plugins::WelcomeInfo {
+                let info = WelcomeInput {
                     connection_id: c.connection_id.clone(),
                     tenant: c.tenant.clone(),
                     user_id: c.user_id.clone(),
                     rooms: c.rooms.iter().cloned().collect(),
                 };
                 let at = c.connected_at.timestamp_millis().max(0) as u64;
-                if let Some((greeting, call)) = registry.greeting(&info, at).await {
+                if let Some((greeting, call)) = rules.greeting(&info, at).await {
                     decisions.greeting = greeting;
                     calls.push(call);
                 }
@@ -351,7 +212,11 @@ impl Processor {
             if let Some(room) = room {
                 span.record("room", room);
             }
-            self.plugin_lifecycle(&change).await?;
+            if let Some(rules) = &self.rules
+                && change.is_plugin_record()
+            {
+                rules.on_plugin_record(&change, self.mode).await?;
+            }
             let (decisions, plugin_calls) = self.decide(&change, lookups).await?;
             let mut members = match react::room_needed(&change) {
                 Some((tenant, room)) => self.room_members(tenant, room).await?,

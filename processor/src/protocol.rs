@@ -1,4 +1,4 @@
-//! The client protocol: JSON text frames, routed on `action` (DESIGN.md, "Client protocol").
+//! The client protocol: JSON text frames, routed on `action` (README.md, "Protocol").
 //!
 //! Frames are parsed once, at the edge, into [`Request`]; everything a client can get wrong is a
 //! [`FrameError`] value that becomes an `{"action":"error","code":…,"message":…}` answer.
@@ -57,7 +57,7 @@ impl FrameError {
     }
 }
 
-/// Parses one text frame. Seed 001's `{"type": "ping"}` is accepted as well as `action`.
+/// Parses one text frame. The older `{"type": "ping"}` form is accepted as well as `action`.
 pub fn parse_frame(body: &str) -> Result<Request, FrameError> {
     if body.len() > MAX_FRAME_BYTES {
         return Err(FrameError::new(
@@ -135,7 +135,7 @@ pub enum PresenceEvent {
     Left,
 }
 
-/// A message in the form clients receive it (seed 004's format, plus its id).
+/// A message in the form clients receive it (`room`, `user_id`, `message`, `timestamp`, plus its id).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub id: String,

@@ -1,5 +1,5 @@
-//! The `admin` Lambda (see `roomcast::lambda::run_admin`).
+//! The `admin` Lambda (see `roomcast_core::lambda::run_admin`).
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    roomcast::lambda::run_admin().await
+    roomcast_core::lambda::run_admin().await
 }

@@ -1,5 +1,5 @@
-//! The `authorizer` Lambda (see `roomcast::lambda::run_authorizer`).
+//! The `authorizer` Lambda (see `roomcast_core::lambda::run_authorizer`).
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    roomcast::lambda::run_authorizer().await
+    roomcast_core::lambda::run_authorizer().await
 }

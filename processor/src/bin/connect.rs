@@ -1,5 +1,5 @@
-//! The `$connect` Lambda (see `roomcast::handlers::connect`).
+//! The `$connect` Lambda (see `roomcast_core::handlers::connect`).
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    roomcast::lambda::run_handler(roomcast::lambda::Route::Connect).await
+    roomcast_core::lambda::run_handler(roomcast_core::lambda::Route::Connect).await
 }

@@ -1,5 +1,5 @@
-//! The `$disconnect` Lambda (see `roomcast::handlers::disconnect`).
+//! The `$disconnect` Lambda (see `roomcast_core::handlers::disconnect`).
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    roomcast::lambda::run_handler(roomcast::lambda::Route::Disconnect).await
+    roomcast_core::lambda::run_handler(roomcast_core::lambda::Route::Disconnect).await
 }

@@ -1,5 +1,5 @@
-//! The `sweeper` Lambda (see `roomcast::lambda::run_sweeper`).
+//! The `sweeper` Lambda (see `roomcast_core::lambda::run_sweeper`).
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    roomcast::lambda::run_sweeper().await
+    roomcast_core::lambda::run_sweeper().await
 }

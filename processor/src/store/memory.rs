@@ -25,7 +25,7 @@ use crate::model::{
     is_expired,
 };
 
-pub const TTL_PRINCIPAL: &str = "dynamodb.amazonaws.com";
+pub use crate::model::TTL_PRINCIPAL;
 
 type Key = (String, String);
 

@@ -1,4 +1,4 @@
-//! The table, behind one trait with two adapters (DESIGN.md, "One table, one stream"):
+//! The table, behind one trait with two adapters (docs/ARCHITECTURE.md, "The table"):
 //!
 //! * [`dynamodb::DynamoStore`] — the real DynamoDB API through `aws-sdk-dynamodb` + `serde_dynamo`
 //!   (AWS, or any local endpoint: moto, DynamoDB Local, LocalStack);

@@ -15,8 +15,8 @@ use aws_lambda_events::dynamodb::EventRecord;
 use serde::de::DeserializeOwned;
 use serde_dynamo::{AttributeValue, Item};
 
+use crate::model::TTL_PRINCIPAL;
 use crate::model::{Connection, Membership, Message, PluginActive, PluginMeta};
-use crate::store::memory::TTL_PRINCIPAL;
 
 /// A decoded table record.
 #[derive(Clone, Debug, PartialEq)]
@@ -101,6 +101,16 @@ impl Change {
         match self {
             Change::Inserted(r) | Change::Modified { new: r, .. } | Change::Removed { old: r, .. } => r.tenant_room(),
             Change::Unknown { .. } => (None, None),
+        }
+    }
+
+    /// A plugin version's metadata or a tenant's `ACTIVE` pointer: the tenant rules' business.
+    pub fn is_plugin_record(&self) -> bool {
+        match self {
+            Change::Inserted(r) | Change::Modified { new: r, .. } | Change::Removed { old: r, .. } => {
+                matches!(r, Record::Plugin(_) | Record::PluginActive(_))
+            }
+            Change::Unknown { .. } => false,
         }
     }
 }

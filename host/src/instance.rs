@@ -1,6 +1,7 @@
-//! One instantiated plugin: a `Store` with its limits and the component's instance, reused for
-//! one tenant's calls within a batch. Each call gets its own fuel, epoch deadline, record time
-//! and bounded log; after a fault the owner drops the instance.
+//! One instantiated plugin: a `Store` with its limits and the component's instance, made for
+//! one message (its `validate` and `route`) or one welcome, then dropped. Each call gets its own
+//! fuel, epoch deadline, record time and bounded log; after a fault the instance is not entered
+//! again.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,27 +15,9 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::roomcast::plugin::host::Level;
-use super::{EPOCH_TICK, Fault, Limits, Message, Plugin, Routing, TenantPlugin, Verdict, WelcomeInfo, root_cause};
-
-/// What a call cost and said.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CallReport {
-    pub fuel_used: u64,
-    pub elapsed: Duration,
-    pub log: Vec<String>,
-}
-
-impl CallReport {
-    /// This report with an earlier step's cost (instantiation) added in front.
-    pub(crate) fn after(mut self, earlier: CallReport) -> CallReport {
-        self.fuel_used += earlier.fuel_used;
-        self.elapsed += earlier.elapsed;
-        let mut log = earlier.log;
-        log.append(&mut self.log);
-        self.log = log;
-        self
-    }
-}
+use super::{
+    CallReport, EPOCH_TICK, Fault, Limits, Message, Plugin, Routing, TenantPlugin, Verdict, WelcomeInfo, root_cause,
+};
 
 /// The store's state.
 pub struct State {

@@ -18,6 +18,7 @@ use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
 use crate::model::SystemClock;
 use crate::pipeline::{Processor, run_from_stream};
+use crate::plugins::WithPlugins;
 use crate::store::dynamodb::{DynamoStore, create_table, wait_until_active};
 use crate::stream::poller::{StartAt, StreamPoller};
 

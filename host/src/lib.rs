@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
@@ -38,12 +37,20 @@ wasmtime::component::bindgen!({
 });
 
 pub use self::calls::MessageCalls;
-pub use self::instance::{CallReport, Instance};
+pub use self::instance::Instance;
+pub use self::lifecycle::{PluginRules, WithPlugins, upload};
 pub use self::roomcast::plugin::host::Level;
+pub use crate::model::LimitOverrides;
+pub use crate::rules::{CEILING, CallRecord, CallReport, Limits};
 
 mod calls;
 mod instance;
+pub mod lambda;
+pub mod lifecycle;
 pub mod registry;
+
+// The core's modules, under the names this crate's code uses for them.
+use roomcast_core::{config, metrics, model, pipeline, protocol, react, rules, store, stream};
 
 use self::instance::State;
 
@@ -52,97 +59,7 @@ use self::instance::State;
 const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
 /// How often the epoch ticks: the granularity of the wall-clock deadline.
-pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
-
-/// Per-call limits (DESIGN.md: in the spirit of Shopify Functions' budget). The deployment sets
-/// the defaults (`ROOMCAST_PLUGIN_*`); an uploaded version may carry [`LimitOverrides`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Fuel per call (roughly, wasm instructions).
-    pub fuel: u64,
-    /// Wall-clock backstop per call, for time spent outside fuel (host calls).
-    pub deadline: Duration,
-    /// Linear memory and tables, in bytes.
-    pub memory_bytes: usize,
-    /// The largest component accepted for compilation.
-    pub component_bytes: usize,
-    /// The largest input (message) and output (rewrite, reason, greeting, routing) of a call.
-    pub io_bytes: usize,
-    /// The call's log, in bytes.
-    pub log_bytes: usize,
-    /// Rooms a `route` may add (after dropping repeats and the message's own room).
-    pub max_extra_rooms: usize,
-    /// Users a `route` may narrow a message to.
-    pub max_only_users: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            fuel: 10_000_000,
-            deadline: Duration::from_millis(100),
-            memory_bytes: 16 << 20,
-            component_bytes: 4 << 20,
-            io_bytes: 128 << 10,
-            log_bytes: 1 << 10,
-            max_extra_rooms: 8,
-            max_only_users: 100,
-        }
-    }
-}
-
-/// The most any tenant's overrides may ask for, whatever they say: one plugin call must never be
-/// able to hold a processor for long or take a large share of its memory.
-pub const CEILING: Limits = Limits {
-    fuel: 200_000_000,
-    deadline: Duration::from_secs(1),
-    memory_bytes: 128 << 20,
-    component_bytes: 4 << 20,
-    io_bytes: 128 << 10,
-    log_bytes: 16 << 10,
-    max_extra_rooms: 64,
-    max_only_users: 1000,
-};
-
-/// Per-tenant limits, stored with an uploaded version (`roomcast plugin upload --fuel …`).
-/// Unset fields take the deployment's value; set ones are capped at [`CEILING`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LimitOverrides {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fuel: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_mib: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_bytes: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_extra_rooms: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_only_users: Option<usize>,
-}
-
-impl LimitOverrides {
-    pub fn is_empty(&self) -> bool {
-        *self == LimitOverrides::default()
-    }
-}
-
-impl Limits {
-    /// These limits with a tenant's overrides applied, each capped at [`CEILING`].
-    pub fn with_overrides(&self, o: &LimitOverrides) -> Limits {
-        Limits {
-            fuel: o.fuel.unwrap_or(self.fuel).clamp(1, CEILING.fuel),
-            deadline: o.deadline_ms.map_or(self.deadline, Duration::from_millis).clamp(EPOCH_TICK, CEILING.deadline),
-            memory_bytes: o.memory_mib.map_or(self.memory_bytes, |m| m << 20).clamp(1 << 20, CEILING.memory_bytes),
-            log_bytes: o.log_bytes.unwrap_or(self.log_bytes).min(CEILING.log_bytes),
-            max_extra_rooms: o.max_extra_rooms.unwrap_or(self.max_extra_rooms).min(CEILING.max_extra_rooms),
-            max_only_users: o.max_only_users.unwrap_or(self.max_only_users).min(CEILING.max_only_users),
-            ..self.clone()
-        }
-    }
-}
+pub(crate) const EPOCH_TICK: Duration = crate::rules::MIN_DEADLINE;
 
 /// A component that could not become a plugin. Found at upload or activation, never later.
 #[derive(Debug, thiserror::Error)]
@@ -446,25 +363,4 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Reads a component file for upload, test or replay, naming the file in any error.
 pub fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))
-}
-
-/// `roomcast plugin upload`: checks a component as the processor will (size, a component, the
-/// world, compiled here), then writes its chunks and metadata. The processor activates it on the
-/// metadata's INSERT and records the outcome in its `status`.
-pub async fn upload(
-    store: &dyn crate::store::Store,
-    host: &PluginHost,
-    tenant: &str,
-    bytes: &[u8],
-    policy: crate::model::FailurePolicy,
-    limits: LimitOverrides,
-    now: chrono::DateTime<chrono::Utc>,
-) -> anyhow::Result<crate::model::PluginMeta> {
-    crate::model::Name::parse("tenant", tenant).map_err(|e| anyhow::anyhow!(e))?;
-    let plugin = host.compile(bytes, &Limits::default())?;
-    let mut meta = crate::model::PluginMeta::new(tenant, &plugin.sha256, bytes.len(), policy, now);
-    meta.limits = (!limits.is_empty()).then_some(limits);
-    let chunks = crate::model::plugin_chunks(tenant, &meta.version, bytes);
-    store.put_plugin(&meta, &chunks).await?;
-    Ok(meta)
 }

@@ -17,9 +17,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::{CallReport, Fault, Limits, Message, MessageCalls, Plugin, PluginHost, Verdict, WelcomeInfo};
+use super::{CallRecord, CallReport, Fault, Limits, Message, MessageCalls, Plugin, PluginHost, Verdict, WelcomeInfo};
 use crate::metrics::Metrics;
 use crate::react::{Decision, Route};
+pub use crate::rules::Lookups;
 
 pub const BREAKER_THRESHOLD: u32 = 5;
 pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
@@ -50,29 +51,6 @@ struct Installed {
     revision: Mutex<Option<String>>,
     breaker: Mutex<Breaker>,
     last_used: Mutex<Instant>,
-}
-
-/// One plugin call as it happened, for logs and replay.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CallRecord {
-    pub hook: &'static str,
-    pub outcome: String,
-    pub report: CallReport,
-}
-
-/// What one batch has looked up: per tenant, its one read of the `ACTIVE` pointer. Made with
-/// the batch and dropped with it.
-#[derive(Clone, Default)]
-pub struct Lookups {
-    looked_up: Arc<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<()>>>>>,
-}
-
-impl Lookups {
-    /// The batch's look-up of `tenant`'s `ACTIVE` pointer: the first record of the tenant runs
-    /// it, the others (of other rooms, running at the same time) wait for it.
-    pub fn look_up(&self, tenant: &str) -> Arc<tokio::sync::OnceCell<()>> {
-        self.looked_up.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_default().clone()
-    }
 }
 
 pub struct Registry {

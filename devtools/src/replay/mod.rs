@@ -25,9 +25,11 @@ use crate::deliver::{Deliverer, DeliverySettings};
 use crate::metrics::Metrics;
 use crate::model::{Clock, ManualClock, SystemClock};
 use crate::pipeline::{Processor, RecordReport};
+use crate::plugins::WithPlugins;
 use crate::plugins::registry::{Lookups, Policy, Registry};
 use crate::plugins::{Limits, PluginHost};
 use crate::react::Effect;
+use crate::rules::Mode;
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
 use crate::stream::{Cause, Change, Record};
@@ -253,7 +255,8 @@ async fn run(items: &[Item], options: &Options, plugins: &[(String, Vec<u8>)]) -
         registry.install(tenant, plugin, limits, Policy::FailOpen, true);
     }
     let view = Arc::new(StreamRooms::default());
-    let mut processor = Processor::new(store, deliverer, clock, metrics, 1).with_plugins(registry);
+    let mode = if options.execute.is_some() { Mode::Execute } else { Mode::DryRun };
+    let mut processor = Processor::new(store, deliverer, clock, metrics, 1).with_plugins(registry).with_mode(mode);
     if options.membership_from_stream {
         processor = processor.with_rooms(view.clone());
     }
@@ -357,7 +360,7 @@ pub fn describe_change(event: &str, change: &Change) -> Value {
         }),
         Record::Plugin(p) => json!({
             "record": "plugin", "tenant": p.tenant, "version": p.version, "status": p.status,
-            "note": "plugin records are not activated by a replay; pass --plugin TENANT=FILE.wasm",
+            "note": "a dry run activates no plugin record; pass --plugin TENANT=FILE.wasm to run one",
         }),
         Record::PluginChunk { tenant } => json!({ "record": "plugin-chunk", "tenant": tenant }),
         Record::PluginActive(a) => json!({ "record": "plugin-active", "tenant": a.tenant, "version": a.version }),
@@ -484,7 +487,7 @@ fn summarize_change(change: &Value) -> String {
             change["body"]
         ),
         "plugin" => {
-            format!("{event} plugin {} version {} (not activated by a replay)", text("tenant"), text("version"))
+            format!("{event} plugin {} version {} (a dry run activates nothing)", text("tenant"), text("version"))
         }
         "plugin-chunk" => format!("{event} plugin chunk of {}", text("tenant")),
         "plugin-active" => format!("{event} active plugin of {}: {}", text("tenant"), text("version")),

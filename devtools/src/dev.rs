@@ -20,6 +20,7 @@ use crate::handlers::HandlerDeps;
 use crate::metrics::Metrics;
 use crate::model::{Clock, SystemClock};
 use crate::pipeline::{Processor, run_from_stream};
+use crate::plugins::WithPlugins;
 use crate::store::Store;
 use crate::store::dynamodb::{DynamoStore, create_table};
 use crate::store::memory::MemoryStore;

@@ -1,0 +1,273 @@
+//! The plugin lifecycle: upload, activation and following each tenant's `ACTIVE` pointer, as
+//! records in the table. [`PluginRules`] is what the processor asks
+//! ([`roomcast_core::rules::TenantRules`](crate::rules::TenantRules)): it keeps this container's
+//! [`Registry`] in step with the table, and asks the registry for decisions.
+//!
+//! * Upload ([`upload`]): the CLI checks a component as the processor will, then writes its
+//!   chunks and metadata. Nothing else happens until the processor sees the metadata's INSERT.
+//! * Activation: on that INSERT the processor reassembles, verifies and compiles the version,
+//!   installs it, and records the outcome — `active` with the `ACTIVE` pointer, or `rejected`
+//!   with the reason the tenant sees (`roomcast plugin list`).
+//! * Following: many containers run at once, and a record reaches only one of them. The first
+//!   time a batch meets a tenant, its `ACTIVE` pointer is read (once, [`Lookups`](crate::rules::Lookups))
+//!   and this container loads what it names, so an activation, rollback, disable or re-upload
+//!   elsewhere takes effect here from the next batch on.
+//!
+//! A dry run (replay) activates nothing and writes nothing.
+
+use std::sync::Arc;
+
+use crate::model::{FailurePolicy, PluginActive, PluginMeta, PluginStatus};
+use crate::react::{Decision, Route};
+use crate::rules::{CallRecord, MessageInput, Mode, TenantRules, WelcomeInput};
+use crate::store::{Store, StoreError};
+use crate::stream::{Change, Record};
+
+use super::registry::{Policy, Registry};
+use super::{LimitOverrides, Limits, Message, PluginHost, WelcomeInfo};
+
+/// The tenants' plugins as the processor's [`TenantRules`]: this container's registry, kept in
+/// step with the table.
+pub struct PluginRules {
+    registry: Arc<Registry>,
+    store: Arc<dyn Store>,
+}
+
+impl PluginRules {
+    pub fn new(registry: Arc<Registry>, store: Arc<dyn Store>) -> PluginRules {
+        PluginRules { registry, store }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Plugin records: activate an uploaded version, follow the `ACTIVE` pointer, disable.
+    /// A component that cannot be a plugin is the tenant's fault: its status says why. Only the
+    /// table being unavailable is an error. Records are redelivered and may be late, so each is
+    /// only a hint: what the table says now decides.
+    async fn plugin_record(&self, change: &Change, mode: Mode) -> Result<(), StoreError> {
+        let registry = &*self.registry;
+        if mode == Mode::DryRun {
+            return Ok(());
+        }
+        match change {
+            // An upload, or a re-upload of an existing version (its settings may differ).
+            Change::Inserted(Record::Plugin(meta)) | Change::Modified { new: Record::Plugin(meta), .. }
+                if meta.status == PluginStatus::Uploaded =>
+            {
+                let now = self.store.plugins(&meta.tenant).await?.into_iter().find(|m| m.version == meta.version);
+                let Some(meta) =
+                    now.filter(|m| m.status == PluginStatus::Uploaded && m.uploaded_at == meta.uploaded_at)
+                else {
+                    tracing::info!(tenant = %meta.tenant, version = %meta.version, "upload already handled; not activating it again");
+                    return Ok(());
+                };
+                match self.load_version(&meta).await? {
+                    Ok(()) => {
+                        self.mark_active(&meta.tenant, &meta.version).await?;
+                        self.store.set_active_plugin(&meta.tenant, Some(&meta.version)).await?;
+                        // This container has loaded what the new pointer names.
+                        let revision = self.store.active_plugin(&meta.tenant).await?.and_then(|a| a.revision);
+                        registry.set_revision(&meta.tenant, revision);
+                        tracing::info!(tenant = %meta.tenant, version = %meta.version, "plugin activated");
+                    }
+                    Err(reason) => {
+                        tracing::warn!(tenant = %meta.tenant, version = %meta.version, %reason, "plugin rejected");
+                        self.store
+                            .set_plugin_status(&meta.tenant, &meta.version, PluginStatus::Rejected, Some(&reason))
+                            .await?;
+                    }
+                }
+            }
+            Change::Inserted(Record::PluginActive(active))
+            | Change::Modified { new: Record::PluginActive(active), .. }
+            | Change::Removed { old: Record::PluginActive(active), .. } => {
+                self.follow_pointer(&active.tenant, mode).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Installs `version` of the tenant's plugin from the table.
+    async fn ensure_version(&self, tenant: &str, version: &str, mode: Mode) -> Result<(), StoreError> {
+        let Some(meta) = self.store.plugins(tenant).await?.into_iter().find(|m| m.version == version) else {
+            tracing::warn!(tenant, version, "the active plugin version has no record");
+            return Ok(());
+        };
+        let loaded = self.load_version(&meta).await?;
+        if mode == Mode::DryRun {
+            if let Err(reason) = loaded {
+                tracing::warn!(tenant, version, %reason, "the active plugin version cannot be loaded");
+            }
+        } else if let Err(reason) = loaded {
+            self.store.set_plugin_status(tenant, version, PluginStatus::Rejected, Some(&reason)).await?;
+        } else if meta.status != PluginStatus::Active {
+            self.mark_active(tenant, version).await?;
+        }
+        Ok(())
+    }
+
+    /// Records `version` as the tenant's active one and whichever was active before as inactive.
+    async fn mark_active(&self, tenant: &str, version: &str) -> Result<(), StoreError> {
+        for other in self.store.plugins(tenant).await? {
+            if other.version != version && other.status == PluginStatus::Active {
+                self.store.set_plugin_status(tenant, &other.version, PluginStatus::Inactive, None).await?;
+            }
+        }
+        self.store.set_plugin_status(tenant, version, PluginStatus::Active, None).await
+    }
+
+    /// Reassembles, verifies and compiles a version, and installs it. The inner error is the
+    /// reason the tenant sees.
+    async fn load_version(&self, meta: &PluginMeta) -> Result<Result<(), String>, StoreError> {
+        let registry = &*self.registry;
+        let Some(bytes) = self.store.plugin_bytes(&meta.tenant, &meta.version, meta.chunks).await? else {
+            return Ok(Err("the component's chunks are missing".into()));
+        };
+        let sha256 = super::sha256_hex(&bytes);
+        if sha256 != meta.sha256 {
+            return Ok(Err(format!("sha256 mismatch: the chunks hash to {sha256}, the record says {}", meta.sha256)));
+        }
+        let limits = registry.limits().with_overrides(&meta.limits.unwrap_or_default());
+        let host = registry.host().clone();
+        let checked = limits.clone();
+        let compiled = tokio::task::spawn_blocking(move || host.compile(&bytes, &checked).map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(format!("compilation did not complete: {e}")));
+        Ok(compiled.map(|plugin| {
+            let policy = match meta.policy {
+                FailurePolicy::Open => Policy::FailOpen,
+                FailurePolicy::Closed => Policy::FailClosed,
+            };
+            tracing::info!(
+                tenant = %meta.tenant,
+                version = %meta.version,
+                from_artifact = plugin.from_artifact,
+                fuel = limits.fuel,
+                memory_bytes = limits.memory_bytes,
+                deadline_ms = limits.deadline.as_millis() as u64,
+                "plugin loaded"
+            );
+            registry.install(&meta.tenant, plugin, limits, policy, false);
+        }))
+    }
+
+    /// Loads what an `ACTIVE` pointer names, unless this container runs exactly that already
+    /// (the same version, loaded for the same revision of the pointer). A version this container
+    /// cannot load leaves the tenant with no plugin — never an older one the pointer no longer
+    /// names — and is not tried again until the pointer changes.
+    async fn follow(&self, active: &PluginActive, mode: Mode) -> Result<(), StoreError> {
+        let registry = &*self.registry;
+        let tenant = active.tenant.as_str();
+        let wanted = (active.version.clone(), active.revision.clone());
+        let current = registry.installed_version(tenant).as_deref() == Some(active.version.as_str())
+            && registry.installed_revision(tenant) == active.revision;
+        if current || registry.unloadable(tenant).as_ref() == Some(&wanted) {
+            return Ok(());
+        }
+        self.ensure_version(tenant, &active.version, mode).await?;
+        if registry.installed_version(tenant).as_deref() == Some(active.version.as_str()) {
+            registry.set_revision(tenant, active.revision.clone());
+        } else {
+            registry.remove(tenant);
+            registry.set_unloadable(tenant, wanted);
+            tracing::error!(
+                tenant,
+                version = %active.version,
+                "the ACTIVE plugin version cannot be loaded; the tenant runs no plugin until its pointer changes"
+            );
+        }
+        Ok(())
+    }
+
+    /// Follows the tenant's `ACTIVE` pointer as it is in the table now (one strongly consistent
+    /// `GetItem`). Plugins pinned from files have no pointer to follow.
+    async fn follow_pointer(&self, tenant: &str, mode: Mode) -> Result<(), StoreError> {
+        let registry = &*self.registry;
+        if registry.is_pinned(tenant) {
+            return Ok(());
+        }
+        match self.store.active_plugin(tenant).await? {
+            Some(active) => self.follow(&active, mode).await?,
+            None => {
+                if registry.installed_version(tenant).is_some() {
+                    tracing::info!(tenant, "plugin disabled (no ACTIVE pointer)");
+                }
+                registry.remove(tenant);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl TenantRules for PluginRules {
+    async fn on_plugin_record(&self, change: &Change, mode: Mode) -> Result<(), StoreError> {
+        self.plugin_record(change, mode).await
+    }
+
+    async fn refresh(&self, tenant: &str, mode: Mode) -> Result<(), StoreError> {
+        self.follow_pointer(tenant, mode).await
+    }
+
+    async fn decide_message(
+        &self,
+        message: &MessageInput,
+        record_time_ms: u64,
+    ) -> Option<(Decision, Route, Vec<CallRecord>)> {
+        let message = Message {
+            id: message.id.clone(),
+            tenant: message.tenant.clone(),
+            room: message.room.clone(),
+            user_id: message.user_id.clone(),
+            body: message.body.clone(),
+            timestamp: message.timestamp.clone(),
+        };
+        self.registry.decide_message(&message, record_time_ms).await
+    }
+
+    async fn greeting(&self, info: &WelcomeInput, record_time_ms: u64) -> Option<(Option<String>, CallRecord)> {
+        let info = WelcomeInfo {
+            connection_id: info.connection_id.clone(),
+            tenant: info.tenant.clone(),
+            user_id: info.user_id.clone(),
+            rooms: info.rooms.clone(),
+        };
+        self.registry.greeting(&info, record_time_ms).await
+    }
+}
+
+/// The processor with the tenants' plugins from `registry`, kept in step with its table.
+pub trait WithPlugins {
+    fn with_plugins(self, registry: Arc<Registry>) -> Self;
+}
+
+impl WithPlugins for crate::pipeline::Processor {
+    fn with_plugins(self, registry: Arc<Registry>) -> Self {
+        let rules = PluginRules::new(registry, self.store().clone());
+        self.with_rules(Arc::new(rules))
+    }
+}
+
+/// `roomcast plugin upload`: checks a component as the processor will (size, a component, the
+/// world, compiled here), then writes its chunks and metadata. The processor activates it on the
+/// metadata's INSERT and records the outcome in its `status`.
+pub async fn upload(
+    store: &dyn crate::store::Store,
+    host: &PluginHost,
+    tenant: &str,
+    bytes: &[u8],
+    policy: FailurePolicy,
+    limits: LimitOverrides,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<crate::model::PluginMeta> {
+    crate::model::Name::parse("tenant", tenant).map_err(|e| anyhow::anyhow!(e))?;
+    let plugin = host.compile(bytes, &Limits::default())?;
+    let mut meta = PluginMeta::new(tenant, &plugin.sha256, bytes.len(), policy, now);
+    meta.limits = (!limits.is_empty()).then_some(limits);
+    let chunks = crate::model::plugin_chunks(tenant, &meta.version, bytes);
+    store.put_plugin(&meta, &chunks).await?;
+    Ok(meta)
+}

@@ -1,0 +1,190 @@
+//! Tenant rules, as the processor sees them: the one interface [`pipeline`](crate::pipeline)
+//! asks before [`react`](crate::react), and the plain data that crosses it. The WebAssembly
+//! plugin host (crate `roomcast-plugin-host`) implements [`TenantRules`]; this crate links no
+//! wasmtime, so the write-path Lambdas that share it do not either.
+//!
+//! * [`TenantRules`] — a message's decision and route, a welcome's greeting, and the plugin
+//!   records' bookkeeping (activation, following each tenant's `ACTIVE` pointer).
+//! * [`Limits`] — what one plugin call may use; [`CEILING`] caps any tenant's overrides
+//!   ([`LimitOverrides`](crate::model::LimitOverrides), kept on the version's record).
+//! * [`CallReport`], [`CallRecord`] — what a call cost and said, for logs and replay.
+//! * [`Lookups`] — a batch's one look-up of each tenant's `ACTIVE` pointer.
+//! * [`Mode`] — execute, or dry run (replay): a dry run writes nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::model::LimitOverrides;
+use crate::react::{Decision, Route};
+use crate::store::StoreError;
+use crate::stream::Change;
+
+/// Whether the processor's work takes effect.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Deliver, delete, activate plugins and write their status: the Lambda, `roomcast dev`.
+    #[default]
+    Execute,
+    /// Decide and report only: `roomcast replay` without `--execute`. Nothing is sent, deleted
+    /// or written; plugin records are shown, not activated.
+    DryRun,
+}
+
+/// A message, as a tenant's rules see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageInput {
+    pub id: String,
+    pub tenant: String,
+    pub room: String,
+    pub user_id: String,
+    pub body: String,
+    pub timestamp: String,
+}
+
+/// A new connection, as a tenant's rules see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WelcomeInput {
+    pub connection_id: String,
+    pub tenant: String,
+    pub user_id: String,
+    pub rooms: Vec<String>,
+}
+
+/// A tenant's rules beside the data path.
+///
+/// Blame stays with the tenant: whatever its rules do, the answer is a decision (its failure
+/// policy applied), never an error. Only the table being unavailable is an error, and only from
+/// the bookkeeping methods.
+#[async_trait::async_trait]
+pub trait TenantRules: Send + Sync {
+    /// A plugin record of the table (an upload, the `ACTIVE` pointer) arrived on the stream.
+    /// Records are hints, redelivered and possibly late: what the table says now decides.
+    async fn on_plugin_record(&self, change: &Change, mode: Mode) -> Result<(), StoreError>;
+
+    /// Makes this container run what the tenant's `ACTIVE` pointer names now. The pipeline
+    /// calls it once per tenant per batch ([`Lookups`]).
+    async fn refresh(&self, tenant: &str, mode: Mode) -> Result<(), StoreError>;
+
+    /// The tenant's decision and route for a message; `None` when the tenant has no rules.
+    /// `record_time_ms` is the record's own time, never the clock: replay decides the same.
+    async fn decide_message(
+        &self,
+        message: &MessageInput,
+        record_time_ms: u64,
+    ) -> Option<(Decision, Route, Vec<CallRecord>)>;
+
+    /// The tenant's greeting for a welcome; `None` when the tenant has no rules.
+    async fn greeting(&self, info: &WelcomeInput, record_time_ms: u64) -> Option<(Option<String>, CallRecord)>;
+}
+
+/// What a batch has looked up: per tenant, its one read of the `ACTIVE` pointer. Made with the
+/// batch and dropped with it.
+#[derive(Clone, Default)]
+pub struct Lookups {
+    looked_up: Arc<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<()>>>>>,
+}
+
+impl Lookups {
+    /// The batch's look-up of `tenant`'s `ACTIVE` pointer: the first record of the tenant runs
+    /// it, the others (of other rooms, running at the same time) wait for it.
+    pub fn look_up(&self, tenant: &str) -> Arc<tokio::sync::OnceCell<()>> {
+        self.looked_up.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_default().clone()
+    }
+}
+
+/// What a call cost and said.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallReport {
+    pub fuel_used: u64,
+    pub elapsed: Duration,
+    pub log: Vec<String>,
+}
+
+impl CallReport {
+    /// This report with an earlier step's cost (instantiation) added in front.
+    pub fn after(mut self, earlier: CallReport) -> CallReport {
+        self.fuel_used += earlier.fuel_used;
+        self.elapsed += earlier.elapsed;
+        let mut log = earlier.log;
+        log.append(&mut self.log);
+        self.log = log;
+        self
+    }
+}
+
+/// One hook call as it happened, for logs and replay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallRecord {
+    pub hook: &'static str,
+    pub outcome: String,
+    pub report: CallReport,
+}
+
+/// The shortest deadline a call may have.
+pub const MIN_DEADLINE: Duration = Duration::from_millis(5);
+
+/// Per-call limits, in the spirit of Shopify Functions' budget. The deployment sets the defaults
+/// (`ROOMCAST_PLUGIN_*`); an uploaded version may carry [`LimitOverrides`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Fuel per call (roughly, wasm instructions).
+    pub fuel: u64,
+    /// Wall-clock backstop per call, for time spent outside fuel (host calls).
+    pub deadline: Duration,
+    /// Linear memory and tables, in bytes.
+    pub memory_bytes: usize,
+    /// The largest component accepted for compilation.
+    pub component_bytes: usize,
+    /// The largest input (message) and output (rewrite, reason, greeting, routing) of a call.
+    pub io_bytes: usize,
+    /// The call's log, in bytes.
+    pub log_bytes: usize,
+    /// Rooms a `route` may add (after dropping repeats and the message's own room).
+    pub max_extra_rooms: usize,
+    /// Users a `route` may narrow a message to.
+    pub max_only_users: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel: 10_000_000,
+            deadline: Duration::from_millis(100),
+            memory_bytes: 16 << 20,
+            component_bytes: 4 << 20,
+            io_bytes: 128 << 10,
+            log_bytes: 1 << 10,
+            max_extra_rooms: 8,
+            max_only_users: 100,
+        }
+    }
+}
+
+/// The most any tenant's overrides may ask for, whatever they say: one plugin call must never be
+/// able to hold a processor for long or take a large share of its memory.
+pub const CEILING: Limits = Limits {
+    fuel: 200_000_000,
+    deadline: Duration::from_secs(1),
+    memory_bytes: 128 << 20,
+    component_bytes: 4 << 20,
+    io_bytes: 128 << 10,
+    log_bytes: 16 << 10,
+    max_extra_rooms: 64,
+    max_only_users: 1000,
+};
+
+impl Limits {
+    /// These limits with a tenant's overrides applied, each capped at [`CEILING`].
+    pub fn with_overrides(&self, o: &LimitOverrides) -> Limits {
+        Limits {
+            fuel: o.fuel.unwrap_or(self.fuel).clamp(1, CEILING.fuel),
+            deadline: o.deadline_ms.map_or(self.deadline, Duration::from_millis).clamp(MIN_DEADLINE, CEILING.deadline),
+            memory_bytes: o.memory_mib.map_or(self.memory_bytes, |m| m << 20).clamp(1 << 20, CEILING.memory_bytes),
+            log_bytes: o.log_bytes.unwrap_or(self.log_bytes).min(CEILING.log_bytes),
+            max_extra_rooms: o.max_extra_rooms.unwrap_or(self.max_extra_rooms).min(CEILING.max_extra_rooms),
+            max_only_users: o.max_only_users.unwrap_or(self.max_only_users).min(CEILING.max_only_users),
+            ..self.clone()
+        }
+    }
+}
