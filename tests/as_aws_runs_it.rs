@@ -327,6 +327,22 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     assert!(aws.admin.get_connection("c-stale-1", chrono::Utc::now()).await.unwrap().is_none(), "not swept");
     assert!(aws.admin.get_connection("c-stale-2", chrono::Utc::now()).await.unwrap().is_none(), "not cleaned");
 
+    // The processor printed each batch's counts as CloudWatch embedded metrics, on the
+    // dimension the template's alarms watch.
+    let logs = aws.lambdas["ProcessorFunction"].logs();
+    let emf: Vec<Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l.get("_aws").is_some())
+        .collect();
+    assert!(!emf.is_empty(), "no embedded metrics in the processor's output:\n{logs}");
+    for line in &emf {
+        assert_eq!(line["_aws"]["CloudWatchMetrics"][0]["Namespace"], "Roomcast", "{line}");
+        assert_eq!(line["FunctionName"], "ProcessorFunction", "{line}");
+    }
+    let delivered: u64 = emf.iter().map(|l| l["delivered"].as_u64().unwrap()).sum();
+    assert!(delivered > 0, "the metrics count the deliveries: {emf:?}");
+
     // Least privilege: every action template.yaml grants was needed by this session.
     let unused = aws.gate.unused_grants();
     assert!(unused.is_empty(), "template.yaml grants actions no function used: {unused:?}");

@@ -908,16 +908,17 @@ pub mod ws {
             self.expect(action, |f| f["action"] == action).await
         }
 
-        /// Asserts nothing matching `unwanted` arrives within `wait` (or is pending).
-        pub async fn expect_none(&mut self, what: &str, wait: Duration, unwanted: impl Fn(&Value) -> bool) {
-            let deadline = tokio::time::Instant::now() + wait;
-            while let Some(left) = deadline.checked_duration_since(tokio::time::Instant::now()) {
-                match self.read(left).await {
-                    Some(frame) => self.pending.push(frame),
-                    None => break,
-                }
-            }
-            assert!(!self.pending.iter().any(unwanted), "unexpected {what}: {:?}", self.pending);
+        /// Waits for the marker frame `marker` and asserts that nothing matching `unwanted`
+        /// arrived before it: the negative check of a frame that, had it been sent, would have
+        /// been sent before the marker.
+        pub async fn expect_before(
+            &mut self,
+            what: &str,
+            marker: impl Fn(&Value) -> bool,
+            unwanted: impl Fn(&Value) -> bool,
+        ) {
+            self.expect(what, marker).await;
+            assert!(!self.pending.iter().any(unwanted), "unexpected before {what}: {:?}", self.pending);
         }
 
         /// Takes a pending frame matching `want`, if one has arrived.

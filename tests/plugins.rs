@@ -428,6 +428,7 @@ roomcast_tests::on_both_stores!(
     the_breaker_counts_messages_and_only_the_plugins_faults,
     uploads_activate_through_the_stream_and_roll_back,
     a_cold_processor_loads_the_active_plugin,
+    eight_partitions_asking_for_a_cold_tenants_plugin_compile_it_once,
     every_warm_container_follows_activation_rollback_disable_and_reupload,
     a_cold_container_runs_no_room_of_a_tenant_without_its_plugin,
     old_plugin_records_never_undo_a_newer_change,
@@ -952,6 +953,52 @@ async fn an_active_version_that_cannot_load_leaves_no_plugin_and_is_not_retried(
     // The next batches do not load it again: no new status write follows a message.
     stack.send("ann", json!({"action":"sendMessage","room":"general","message":"hello"})).await;
     assert_eq!(stack.pump().await, 1, "only the message: the version was not tried (and rejected) again");
+}
+
+/// A cold container meets one tenant in eight rooms of one batch (eight partitions, run at
+/// once): the plugin is read and compiled once. And eight callers at the same moment without a
+/// batch's shared look-up (a registry serving several batches) still compile it once.
+async fn eight_partitions_asking_for_a_cold_tenants_plugin_compile_it_once(kind: &str) {
+    use roomcast::rules::{Mode, TenantRules};
+    let mut stack = Stack::on(kind).await;
+    for i in 0..8 {
+        stack.connect(&format!("c{i}"), "acme", &format!("u{i}"), &format!("room{i}")).await;
+    }
+    stack
+        .upload_plugin(
+            "acme",
+            &component("roomcast-plugin-moderation"),
+            FailurePolicy::Open,
+            roomcast::plugins::LimitOverrides::default(),
+        )
+        .await;
+    stack.pump().await;
+
+    let (mut cold, _) = another_container(&stack).await;
+    stack.recorder.clear();
+    for i in 0..8 {
+        stack.send(&format!("c{i}"), json!({"action":"sendMessage","room":format!("room{i}"),"message":"spam"})).await;
+    }
+    std::mem::swap(&mut stack.processor, &mut cold);
+    stack.pump().await;
+    std::mem::swap(&mut stack.processor, &mut cold);
+    for i in 0..8 {
+        assert_eq!(stack.recorder.received_action(&format!("c{i}"), "rejected").len(), 1, "room{i} ran the plugin");
+    }
+    assert_eq!(cold.counts().plugin_compiles, 1, "{:?}", cold.counts());
+
+    let metrics = std::sync::Arc::new(roomcast::metrics::Metrics::default());
+    let registry = std::sync::Arc::new(roomcast::plugins::registry::Registry::new(
+        std::sync::Arc::new(PluginHost::new().unwrap()),
+        metrics.clone(),
+    ));
+    let rules = roomcast::plugins::PluginRules::new(registry.clone(), stack.table.store.clone());
+    let asks = (0..8).map(|_| rules.refresh("acme", Mode::Execute));
+    for asked in futures::future::join_all(asks).await {
+        asked.unwrap();
+    }
+    assert!(registry.installed_version("acme").is_some());
+    assert_eq!(metrics.snapshot().plugin_compiles, 1);
 }
 
 async fn a_cold_processor_loads_the_active_plugin(kind: &str) {

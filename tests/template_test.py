@@ -10,6 +10,7 @@ Run by scripts/test (after cfn-lint) with the project's .venv:
 
 import pathlib
 import tomllib
+import re
 import unittest
 
 from cfnlint.decode import cfn_yaml
@@ -182,6 +183,16 @@ class Template(unittest.TestCase):
         self.assertIn(("AWS/Lambda", "Errors"), alarms)
         self.assertIn(("AWS/Lambda", "IteratorAge"), alarms)
         self.assertIn(("AWS/SQS", "ApproximateNumberOfMessagesVisible"), alarms)
+        # The processor's embedded metrics (processor/src/metrics.rs): each alarmed counter exists
+        # there, on the processor's FunctionName dimension.
+        counters = set(re.findall(r"^    ([a-z_]+),$", (TEMPLATE.parent / "processor/src/metrics.rs").read_text(), re.M))
+        own = {name: a["Properties"] for name, a in self.of_type("AWS::CloudWatch::Alarm").items()
+               if a["Properties"]["Namespace"] == "Roomcast"}
+        self.assertEqual({p["MetricName"] for p in own.values()},
+                         {"failed", "gone", "slow_consumers", "plugin_faults", "corrupt_items"})
+        for name, p in own.items():
+            self.assertIn(p["MetricName"], counters, f"{name}: the processor emits no such counter")
+            self.assertEqual(p["Dimensions"], [{"Name": "FunctionName", "Value": {"Ref": "ProcessorFunction"}}], name)
         for output in ["WebSocketUrl", "TableName", "StreamDeadLetterQueueUrl"]:
             self.assertIn(output, self.t["Outputs"])
 

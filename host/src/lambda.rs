@@ -22,7 +22,13 @@ pub async fn run_processor() -> Result<(), Error> {
     let clock = Arc::new(SystemClock);
     let deliverer = Deliverer::new(sdk, config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
     let registry = Arc::new(crate::registry::Registry::from_config(&config, metrics.clone())?);
-    let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once).with_plugins(registry);
+    let emf = roomcast_core::metrics::Emf {
+        namespace: config.metrics_namespace.clone(),
+        function: std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "processor".into()),
+    };
+    let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once)
+        .with_plugins(registry)
+        .with_emf(emf);
     let processor = &processor;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
         let deadline = deadline_instant(event.context.deadline);

@@ -193,9 +193,11 @@ impl PluginHost {
                 }
             }
         })?;
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        // The engine's compatibility hash, digested with sha256: the same key in every process
+        // of this build, whatever Rust release built it (std's `DefaultHasher` promises neither).
+        let mut hasher = Sha256Hasher(sha2::Sha256::default());
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        let engine_key = format!("{:016x}", hasher.finish());
+        let engine_key = hex::encode(&sha2::Digest::finalize(hasher.0)[..8]);
         Ok(PluginHost { engine, linker, stop_ticker, artifacts: None, engine_key })
     }
 
@@ -357,7 +359,20 @@ pub(crate) fn root_cause(error: &wasmtime::Error) -> String {
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A `Hasher` that feeds what it is given into sha256 (for `Hash` values such as wasmtime's
+/// compatibility hash); `finish` is not used.
+struct Sha256Hasher(sha2::Sha256);
+
+impl Hasher for Sha256Hasher {
+    fn write(&mut self, bytes: &[u8]) {
+        sha2::Digest::update(&mut self.0, bytes);
+    }
+    fn finish(&self) -> u64 {
+        0
+    }
 }
 
 /// Reads a component file for upload, test or replay, naming the file in any error.

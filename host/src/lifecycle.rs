@@ -123,19 +123,22 @@ impl PluginRules {
     /// reason the tenant sees.
     async fn load_version(&self, meta: &PluginMeta) -> Result<Result<(), String>, StoreError> {
         let registry = &*self.registry;
-        let Some(bytes) = self.store.plugin_bytes(&meta.tenant, &meta.version, meta.chunks).await? else {
-            return Ok(Err("the component's chunks are missing".into()));
-        };
-        let sha256 = super::sha256_hex(&bytes);
-        if sha256 != meta.sha256 {
-            return Ok(Err(format!("sha256 mismatch: the chunks hash to {sha256}, the record says {}", meta.sha256)));
-        }
         let limits = registry.limits().with_overrides(&meta.limits.unwrap_or_default());
-        let host = registry.host().clone();
-        let checked = limits.clone();
-        let compiled = tokio::task::spawn_blocking(move || host.compile(&bytes, &checked).map_err(|e| e.to_string()))
-            .await
-            .unwrap_or_else(|e| Err(format!("compilation did not complete: {e}")));
+        // One load per version however many partitions ask at once (`Registry::load`).
+        let read = async {
+            let Some(bytes) = self.store.plugin_bytes(&meta.tenant, &meta.version, meta.chunks).await? else {
+                return Ok(Err("the component's chunks are missing".to_string()));
+            };
+            let sha256 = super::sha256_hex(&bytes);
+            if sha256 != meta.sha256 {
+                return Ok(Err(format!(
+                    "sha256 mismatch: the chunks hash to {sha256}, the record says {}",
+                    meta.sha256
+                )));
+            }
+            Ok(Ok(bytes))
+        };
+        let compiled = registry.load(&meta.tenant, &meta.version, &limits, read).await?;
         Ok(compiled.map(|plugin| {
             let policy = match meta.policy {
                 FailurePolicy::Open => Policy::FailOpen,

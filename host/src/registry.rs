@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::store::StoreError;
+
 use super::{CallRecord, CallReport, Fault, Limits, Message, MessageCalls, Plugin, PluginHost, Verdict, WelcomeInfo};
 use crate::metrics::Metrics;
 use crate::react::{Decision, Route};
@@ -58,10 +60,19 @@ pub struct Registry {
     limits: Limits,
     capacity: usize,
     tenants: RwLock<HashMap<String, Arc<Installed>>>,
-    /// Per tenant, the (version, pointer revision) that could not be loaded here.
-    unloadable: Mutex<HashMap<String, (String, Option<String>)>>,
+    /// Per tenant, the (version, pointer revision) that could not be loaded here: not tried
+    /// again until the pointer changes, or for [`UNLOADABLE_TTL`].
+    unloadable: moka::sync::Cache<String, (String, Option<String>)>,
+    /// Loads of (tenant, version) — read, verified, compiled — shared by every caller at once
+    /// (single flight) and kept a while: the compiled plugin, or the reason it cannot be one.
+    loads: moka::future::Cache<(String, String), Arc<Result<Plugin, String>>>,
     metrics: Arc<Metrics>,
 }
+
+/// How long a version that cannot be loaded is not tried again (unless its pointer changes).
+pub const UNLOADABLE_TTL: Duration = Duration::from_secs(600);
+/// How long a finished load is kept for the next caller (an install elsewhere, a cold tenant).
+const LOAD_TTL: Duration = Duration::from_secs(60);
 
 impl Registry {
     pub fn new(host: Arc<PluginHost>, metrics: Arc<Metrics>) -> Registry {
@@ -70,7 +81,15 @@ impl Registry {
             limits: Limits::default(),
             capacity: DEFAULT_CAPACITY,
             tenants: RwLock::new(HashMap::new()),
-            unloadable: Mutex::new(HashMap::new()),
+            unloadable: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(UNLOADABLE_TTL).build(),
+            loads: moka::future::Cache::builder()
+                // Weighed by component bytes: at most 256 MiB of components held here at once.
+                .weigher(|_, load: &Arc<Result<Plugin, String>>| {
+                    load.as_ref().as_ref().map_or(1, |p| u32::try_from(p.size).unwrap_or(u32::MAX))
+                })
+                .max_capacity(256 << 20)
+                .time_to_live(LOAD_TTL)
+                .build(),
             metrics,
         }
     }
@@ -118,7 +137,7 @@ impl Registry {
             breaker: Mutex::new(Breaker::default()),
             last_used: Mutex::new(Instant::now()),
         });
-        self.unloadable.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+        self.unloadable.invalidate(tenant);
         let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
         tenants.insert(tenant.to_string(), installed);
         while tenants.len() > self.capacity {
@@ -167,12 +186,49 @@ impl Registry {
 
     /// The (version, pointer revision) of the tenant's that this container could not load.
     pub fn unloadable(&self, tenant: &str) -> Option<(String, Option<String>)> {
-        self.unloadable.lock().unwrap_or_else(|p| p.into_inner()).get(tenant).cloned()
+        self.unloadable.get(tenant)
     }
 
     /// Remembers that the version the tenant's pointer names (at that revision) cannot be loaded.
     pub fn set_unloadable(&self, tenant: &str, wanted: (String, Option<String>)) {
-        self.unloadable.lock().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), wanted);
+        self.unloadable.insert(tenant.to_string(), wanted);
+    }
+
+    /// The tenant's `version`, loaded once however many callers ask at the same time: `read`
+    /// fetches and verifies its bytes (a table error is returned, not kept), then it is compiled
+    /// on a blocking thread. The result — a plugin, or the reason the tenant sees — is shared by
+    /// every caller waiting for it and kept for a minute.
+    pub async fn load<F>(
+        &self,
+        tenant: &str,
+        version: &str,
+        limits: &Limits,
+        read: F,
+    ) -> Result<Result<Plugin, String>, StoreError>
+    where
+        F: std::future::Future<Output = Result<Result<Vec<u8>, String>, StoreError>>,
+    {
+        let key = (tenant.to_string(), version.to_string());
+        let (host, metrics, limits) = (self.host.clone(), self.metrics.clone(), limits.clone());
+        let loaded = self
+            .loads
+            .try_get_with(key, async move {
+                let bytes = match read.await? {
+                    Ok(bytes) => bytes,
+                    Err(reason) => return Ok(Arc::new(Err(reason))),
+                };
+                Metrics::add(&metrics.plugin_compiles, 1);
+                let compiled =
+                    tokio::task::spawn_blocking(move || host.compile(&bytes, &limits).map_err(|e| e.to_string()))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("compilation did not complete: {e}")));
+                Ok::<_, StoreError>(Arc::new(compiled))
+            })
+            .await;
+        match loaded {
+            Ok(load) => Ok(load.as_ref().clone()),
+            Err(e) => Err(e.as_ref().clone()),
+        }
     }
 
     /// The `ACTIVE` pointer revision the tenant's plugin here was loaded for.

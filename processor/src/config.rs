@@ -37,6 +37,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "(none)",
         "keep compiled plugins here, so reloads deserialize instead of compiling",
     ),
+    (
+        "ROOMCAST_METRICS_NAMESPACE",
+        "Roomcast",
+        "the processor's counts as CloudWatch embedded metrics in this namespace (dimension FunctionName)",
+    ),
     ("ROOMCAST_JWT_SECRET_PARAMETER", "(authorizer)", "SSM parameter (SecureString) holding the HS256 secret"),
     ("ROOMCAST_JWT_SECRET", "(authorizer)", "the HS256 secret itself, instead of the parameter"),
 ];
@@ -56,6 +61,8 @@ pub struct Config {
     pub plugin_cache_tenants: usize,
     /// Where compiled plugins are kept between activations, if anywhere.
     pub plugin_artifact_dir: Option<std::path::PathBuf>,
+    /// The CloudWatch namespace of the processor's embedded metrics.
+    pub metrics_namespace: String,
 }
 
 /// Every problem found, one per line.
@@ -148,6 +155,7 @@ impl Config {
         };
         let plugin_cache_tenants = number("ROOMCAST_PLUGIN_CACHE_TENANTS", 256, 1, 100_000) as usize;
         let plugin_artifact_dir = get("ROOMCAST_PLUGIN_ARTIFACT_DIR").map(std::path::PathBuf::from);
+        let metrics_namespace = get("ROOMCAST_METRICS_NAMESPACE").unwrap_or_else(|| "Roomcast".into());
 
         if problems.is_empty() {
             Ok(Config {
@@ -161,6 +169,7 @@ impl Config {
                 plugin_limits,
                 plugin_cache_tenants,
                 plugin_artifact_dir,
+                metrics_namespace,
             })
         } else {
             Err(ConfigError(problems))

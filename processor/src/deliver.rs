@@ -503,9 +503,7 @@ fn classify(err: SdkError<PostToConnectionError, aws_smithy_runtime_api_http::Re
 
 /// Up to a quarter off the backoff, so that many recipients do not retry in lockstep.
 fn jitter(d: Duration) -> Duration {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
-    d - d.mul_f64(f64::from(nanos % 1000) / 4000.0)
+    d - d.mul_f64(fastrand::f64() / 4.0)
 }
 
 mod aws_smithy_runtime_api_http {

@@ -1,5 +1,8 @@
 //! Counts of what the processor did, for operators: one structured log line per batch
-//! (`roomcast.batch`), with the same names a dashboard would chart.
+//! (`roomcast.batch`), and — in the Lambda — the same counts as CloudWatch metrics, in the
+//! embedded metric format ([`Counts::emf`]): one JSON line on stdout that CloudWatch Logs turns
+//! into metrics under namespace `Roomcast`, dimension `FunctionName`, with no API call and no
+//! extra permission. `template.yaml`'s alarms watch them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,6 +28,11 @@ macro_rules! counters {
             /// What happened between `earlier` and `self`.
             pub fn since(&self, earlier: &Counts) -> Counts {
                 Counts { $($name: self.$name - earlier.$name,)* }
+            }
+
+            /// Every counter by name, in declaration order.
+            pub fn named(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
             }
         }
     };
@@ -68,6 +76,9 @@ counters! {
     plugin_breaker_skips,
     /// Compiled plugins evicted from the bounded cache (reloaded on the tenant's next use).
     plugin_evictions,
+    /// Plugin versions read and compiled (or loaded from the artifact directory): once per
+    /// version however many partitions ask at the same time.
+    plugin_compiles,
 }
 
 impl Metrics {
@@ -97,7 +108,69 @@ impl Counts {
             plugin_instances = self.plugin_instances,
             plugin_breaker_skips = self.plugin_breaker_skips,
             plugin_evictions = self.plugin_evictions,
+            plugin_compiles = self.plugin_compiles,
             "{what}"
+        );
+    }
+}
+
+/// Where a process's counts go as CloudWatch metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Emf {
+    pub namespace: String,
+    /// The `FunctionName` dimension's value: the Lambda function's name.
+    pub function: String,
+}
+
+impl Counts {
+    /// These counts as one line of CloudWatch's embedded metric format: every counter a metric
+    /// (unit `Count`) of `emf.namespace`, dimension `FunctionName`, at `timestamp_ms`.
+    pub fn emf(&self, emf: &Emf, timestamp_ms: i64) -> String {
+        let named = self.named();
+        let metrics: Vec<serde_json::Value> =
+            named.iter().map(|(name, _)| serde_json::json!({"Name": name, "Unit": "Count"})).collect();
+        let mut line = serde_json::json!({
+            "_aws": {
+                "Timestamp": timestamp_ms,
+                "CloudWatchMetrics": [{
+                    "Namespace": emf.namespace,
+                    "Dimensions": [["FunctionName"]],
+                    "Metrics": metrics,
+                }],
+            },
+            "FunctionName": emf.function,
+        });
+        for (name, value) in named {
+            line[name] = serde_json::json!(value);
+        }
+        line.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_become_one_embedded_metric_format_line() {
+        let counts = Counts { delivered: 7, plugin_faults: 2, ..Counts::default() };
+        let emf = Emf { namespace: "Roomcast".into(), function: "stack-ProcessorFunction-1".into() };
+        let line: serde_json::Value = serde_json::from_str(&counts.emf(&emf, 1_795_000_000_000)).unwrap();
+        let directive = &line["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(line["_aws"]["Timestamp"], 1_795_000_000_000i64);
+        assert_eq!(directive["Namespace"], "Roomcast");
+        assert_eq!(directive["Dimensions"], serde_json::json!([["FunctionName"]]));
+        assert_eq!(line["FunctionName"], "stack-ProcessorFunction-1");
+        // Every counter is declared and present at the root, as EMF requires.
+        let declared: Vec<&str> =
+            directive["Metrics"].as_array().unwrap().iter().map(|m| m["Name"].as_str().unwrap()).collect();
+        assert_eq!(declared.len(), counts.named().len());
+        for name in declared {
+            assert!(line[name].is_u64(), "{name} has no value");
+        }
+        assert_eq!(
+            (line["delivered"].as_u64(), line["plugin_faults"].as_u64(), line["failed"].as_u64()),
+            (Some(7), Some(2), Some(0))
         );
     }
 }

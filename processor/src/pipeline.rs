@@ -51,6 +51,8 @@ pub struct Processor {
     /// Who is in a room; the store when not set.
     rooms: Option<Arc<dyn Rooms>>,
     mode: Mode,
+    /// Each batch's counts as CloudWatch metrics (the Lambda).
+    emf: Option<crate::metrics::Emf>,
 }
 
 impl Processor {
@@ -70,6 +72,7 @@ impl Processor {
             rules: None,
             rooms: None,
             mode: Mode::Execute,
+            emf: None,
         }
     }
 
@@ -84,6 +87,12 @@ impl Processor {
     /// shown, not activated. The deliverer should be a dry run too (`Deliverer::dry_run`).
     pub fn with_mode(mut self, mode: Mode) -> Processor {
         self.mode = mode;
+        self
+    }
+
+    /// Prints each batch's counts as CloudWatch embedded metrics (see [`crate::metrics`]).
+    pub fn with_emf(mut self, emf: crate::metrics::Emf) -> Processor {
+        self.emf = Some(emf);
         self
     }
 
@@ -283,7 +292,12 @@ impl Processor {
             let counter = if outcome.out_of_time { &self.metrics.out_of_time } else { &self.metrics.platform_failures };
             Metrics::add(counter, 1);
         }
-        self.metrics.snapshot().since(&before).emit("roomcast.batch");
+        let counts = self.metrics.snapshot().since(&before);
+        counts.emit("roomcast.batch");
+        if let Some(emf) = &self.emf {
+            // Its own line on stdout, outside the JSON log's envelope: CloudWatch reads it as is.
+            println!("{}", counts.emf(emf, chrono::Utc::now().timestamp_millis()));
+        }
         outcome
     }
 

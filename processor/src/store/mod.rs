@@ -27,7 +27,7 @@ use serde_dynamo::{AttributeValue, Item};
 use crate::metrics::Metrics;
 use crate::model::{Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The connection record does not exist (or has expired): the client's fault or a race with
     /// its disconnect, never retried.
