@@ -270,6 +270,21 @@ async fn a_large_plugin_is_chunked_under_the_item_limit_and_reassembled(table: T
     assert_eq!(table.store.active_plugin("acme").await.unwrap().unwrap().version, meta.version);
     table.store.set_active_plugin("acme", None).await.unwrap();
     assert_eq!(table.store.active_plugin("acme").await.unwrap(), None);
+
+    // One version's metadata by key; chunks have their own prefix, so listing reads none.
+    assert_eq!(table.store.plugin("acme", &meta.version).await.unwrap().map(|m| m.version), Some(meta.version.clone()));
+    assert_eq!(table.store.plugin("acme", "0000000000000000").await.unwrap(), None);
+    assert!(chunks.iter().all(|c| c.sk.starts_with("CHUNK#")), "{:?}", chunks.iter().map(|c| &c.sk).collect::<Vec<_>>());
+
+    // A version uploaded before chunks had their own prefix is still read.
+    let old_bytes: Vec<u8> = (0..1000u32).map(|i| (i % 7) as u8).collect();
+    let old = PluginMeta::new("acme", &"b".repeat(64), old_bytes.len(), FailurePolicy::Open, chrono::Utc::now());
+    let mut legacy = plugin_chunks("acme", &old.version, &old_bytes);
+    for (index, chunk) in legacy.iter_mut().enumerate() {
+        chunk.sk = roomcast::model::legacy_plugin_chunk_sk(&old.version, index);
+    }
+    table.store.put_plugin(&old, &legacy).await.unwrap();
+    assert_eq!(table.store.plugin_bytes("acme", &old.version, old.chunks).await.unwrap(), Some(old_bytes));
 }
 
 async fn drain(table: &mut Table) -> Vec<EventRecord> {

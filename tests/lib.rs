@@ -720,6 +720,13 @@ impl Store for UnavailableRoom {
     ) -> roomcast::store::Result<Option<Vec<u8>>> {
         self.inner.plugin_bytes(tenant, version, chunks).await
     }
+    async fn plugin(
+        &self,
+        tenant: &str,
+        version: &str,
+    ) -> roomcast::store::Result<Option<roomcast::model::PluginMeta>> {
+        self.inner.plugin(tenant, version).await
+    }
     async fn plugins(&self, tenant: &str) -> roomcast::store::Result<Vec<roomcast::model::PluginMeta>> {
         self.inner.plugins(tenant).await
     }

@@ -56,7 +56,7 @@ impl PluginRules {
             Change::Inserted(Record::Plugin(meta)) | Change::Modified { new: Record::Plugin(meta), .. }
                 if meta.status == PluginStatus::Uploaded =>
             {
-                let now = self.store.plugins(&meta.tenant).await?.into_iter().find(|m| m.version == meta.version);
+                let now = self.store.plugin(&meta.tenant, &meta.version).await?;
                 let Some(meta) =
                     now.filter(|m| m.status == PluginStatus::Uploaded && m.uploaded_at == meta.uploaded_at)
                 else {
@@ -92,7 +92,7 @@ impl PluginRules {
 
     /// Installs `version` of the tenant's plugin from the table.
     async fn ensure_version(&self, tenant: &str, version: &str, mode: Mode) -> Result<(), StoreError> {
-        let Some(meta) = self.store.plugins(tenant).await?.into_iter().find(|m| m.version == version) else {
+        let Some(meta) = self.store.plugin(tenant, version).await? else {
             tracing::warn!(tenant, version, "the active plugin version has no record");
             return Ok(());
         };

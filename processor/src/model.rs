@@ -431,8 +431,10 @@ mod tests {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tenant plugins, as records: `TENANT#{tenant}` holds each uploaded version's metadata and its
-// chunks (a component can be 4 MiB; an item at most 400 KB), and the `ACTIVE` pointer.
+// Tenant plugins, as records: `TENANT#{tenant}` holds each uploaded version's metadata
+// (`PLUGIN#{version}#META`), its chunks under a prefix of their own (`CHUNK#{version}#{index}`:
+// a component can be 4 MiB, an item at most 400 KB) and the `ACTIVE` pointer. Finding a version
+// is one `GetItem`; listing versions reads metadata only, never a chunk.
 
 /// The largest chunk of a component in one item, leaving room under DynamoDB's 400 KB.
 pub const PLUGIN_CHUNK_BYTES: usize = 300 * 1024;
@@ -446,6 +448,11 @@ pub fn plugin_meta_sk(version: &str) -> String {
 }
 
 pub fn plugin_chunk_sk(version: &str, index: usize) -> String {
+    format!("CHUNK#{version}#{index:04}")
+}
+
+/// Where versions uploaded before chunks had their own prefix keep them (read, never written).
+pub fn legacy_plugin_chunk_sk(version: &str, index: usize) -> String {
     format!("PLUGIN#{version}#CHUNK#{index:04}")
 }
 

@@ -41,6 +41,24 @@ pub struct DynamoStore {
 }
 
 impl DynamoStore {
+    async fn get_chunk(&self, tenant: &str, sk: &str) -> Result<Option<PluginChunk>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .set_key(Some(key(model::tenant_pk(tenant), sk.to_string())))
+            .send()
+            .await
+            .map_err(|e| unavailable("get_item (plugin chunk)", e))?;
+        Ok(out.item.and_then(|item| self.decode::<PluginChunk>(item)))
+    }
+
+    /// The table this store reads and writes.
+    pub fn table_name(&self) -> &str {
+        &self.table
+    }
+
     /// A store that counts items that do not decode on its own (only the log line tells);
     /// [`DynamoStore::with_metrics`] counts them with a processor's.
     pub fn new(client: Client, table: impl Into<String>) -> DynamoStore {
@@ -416,22 +434,33 @@ impl Store for DynamoStore {
 
     async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>> {
         let mut bytes = Vec::new();
+        // Versions uploaded before chunks had their own prefix keep them under the old key.
+        let mut sk: fn(&str, usize) -> String = model::plugin_chunk_sk;
         for index in 0..chunks {
-            let out = self
-                .client
-                .get_item()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .set_key(Some(key(model::tenant_pk(tenant), model::plugin_chunk_sk(version, index))))
-                .send()
-                .await
-                .map_err(|e| unavailable("get_item (plugin chunk)", e))?;
-            match out.item.and_then(|item| self.decode::<PluginChunk>(item)) {
+            let mut chunk = self.get_chunk(tenant, &sk(version, index)).await?;
+            if chunk.is_none() && index == 0 {
+                sk = model::legacy_plugin_chunk_sk;
+                chunk = self.get_chunk(tenant, &sk(version, index)).await?;
+            }
+            match chunk {
                 Some(chunk) => bytes.extend_from_slice(&chunk.data),
                 None => return Ok(None),
             }
         }
         Ok(Some(bytes))
+    }
+
+    async fn plugin(&self, tenant: &str, version: &str) -> Result<Option<PluginMeta>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .set_key(Some(key(model::tenant_pk(tenant), model::plugin_meta_sk(version))))
+            .send()
+            .await
+            .map_err(|e| unavailable("get_item (plugin)", e))?;
+        Ok(out.item.and_then(|item| self.decode(item)))
     }
 
     async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>> {

@@ -394,14 +394,23 @@ impl Store for MemoryStore {
     async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>> {
         let table = self.lock();
         let mut bytes = Vec::new();
+        let mut sk: fn(&str, usize) -> String = model::plugin_chunk_sk;
         for index in 0..chunks {
-            let key = (model::tenant_pk(tenant), model::plugin_chunk_sk(version, index));
+            if index == 0 && !table.items.contains_key(&(model::tenant_pk(tenant), sk(version, 0))) {
+                sk = model::legacy_plugin_chunk_sk;
+            }
+            let key = (model::tenant_pk(tenant), sk(version, index));
             match self.get::<PluginChunk>(&table, &key) {
                 Some(chunk) => bytes.extend_from_slice(&chunk.data),
                 None => return Ok(None),
             }
         }
         Ok(Some(bytes))
+    }
+
+    async fn plugin(&self, tenant: &str, version: &str) -> Result<Option<PluginMeta>> {
+        let table = self.lock();
+        Ok(self.get::<PluginMeta>(&table, &(model::tenant_pk(tenant), model::plugin_meta_sk(version))))
     }
 
     async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>> {

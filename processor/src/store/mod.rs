@@ -110,6 +110,10 @@ pub trait Store: Send + Sync + 'static {
     /// does not decode (logged and counted): the version is refused as incomplete.
     async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>>;
 
+    /// One uploaded version's metadata, by key (strongly consistent); `None` when there is no
+    /// such version or its record does not decode.
+    async fn plugin(&self, tenant: &str, version: &str) -> Result<Option<PluginMeta>>;
+
     /// Every uploaded version of a tenant's plugin, oldest first; one whose record does not
     /// decode is left out (logged and counted), as if it had never been uploaded.
     async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>>;

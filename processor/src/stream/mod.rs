@@ -147,7 +147,7 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
             typed(image, pk, sk, which).map(Record::PluginActive)
         } else if sk.starts_with("PLUGIN#") && sk.ends_with("#META") {
             typed(image, pk, sk, which).map(Record::Plugin)
-        } else if sk.starts_with("PLUGIN#") && sk.contains("#CHUNK#") {
+        } else if sk.starts_with("CHUNK#") || (sk.starts_with("PLUGIN#") && sk.contains("#CHUNK#")) {
             Ok(Record::PluginChunk { tenant: tenant.to_string() })
         } else {
             Err(format!("{pk}/{sk}: not a record type this processor handles"))
