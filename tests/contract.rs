@@ -274,7 +274,11 @@ async fn a_large_plugin_is_chunked_under_the_item_limit_and_reassembled(table: T
     // One version's metadata by key; chunks have their own prefix, so listing reads none.
     assert_eq!(table.store.plugin("acme", &meta.version).await.unwrap().map(|m| m.version), Some(meta.version.clone()));
     assert_eq!(table.store.plugin("acme", "0000000000000000").await.unwrap(), None);
-    assert!(chunks.iter().all(|c| c.sk.starts_with("CHUNK#")), "{:?}", chunks.iter().map(|c| &c.sk).collect::<Vec<_>>());
+    assert!(
+        chunks.iter().all(|c| c.sk.starts_with("CHUNK#")),
+        "{:?}",
+        chunks.iter().map(|c| &c.sk).collect::<Vec<_>>()
+    );
 
     // A version uploaded before chunks had their own prefix is still read.
     let old_bytes: Vec<u8> = (0..1000u32).map(|i| (i % 7) as u8).collect();

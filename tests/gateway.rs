@@ -196,9 +196,12 @@ async fn the_idle_timeout_closes_the_connection_and_announces_left(kind: &str) {
 }
 
 async fn injected_410_429_500_and_stalls_are_handled(kind: &str) {
+    // The records' clock is the test's: Bob grows old by advancing it, not by waiting.
+    let clock = roomcast::model::ManualClock::at(chrono::Utc::now());
     let stack = ws::dev(kind, |o| {
         o.delivery.young_connection = Duration::from_millis(1500);
         o.delivery.call_timeout = Duration::from_millis(300);
+        o.clock = clock.clone();
     })
     .await;
     let faults = stack.gateway.faults();
@@ -219,7 +222,7 @@ async fn injected_410_429_500_and_stalls_are_handled(kind: &str) {
     }
 
     // Once Bob is no longer young, a 410 means he is gone: his record is deleted and Ann is told.
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    clock.advance(chrono::Duration::milliseconds(1600));
     let bob_id = bob.ask(json!({"action":"info"}), "info").await["connection_id"].as_str().unwrap().to_string();
     faults.inject(Some(&bob_id), Fault::Status(410), 1);
     ann.ask(json!({"action":"sendMessage","room":"general","message":"still there?"}), "ack").await;

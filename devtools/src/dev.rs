@@ -48,6 +48,10 @@ pub struct DevOptions {
     /// Deliver every stream batch twice, as Lambda's event source may: clients see repeats
     /// and can show that they drop them.
     pub redeliver: bool,
+    /// The records' clock: connection ages, message times, TTLs. The system clock unless a
+    /// test gives a `ManualClock` to age connections without waiting. (The gateway's socket
+    /// timers — idle timeout, maximum duration — keep the wall clock.)
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for DevOptions {
@@ -65,6 +69,7 @@ impl Default for DevOptions {
             delivery: DeliverySettings::default(),
             plugins: None,
             redeliver: false,
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -135,7 +140,7 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on 127.0.0.1:{}: {e}", options.port))?;
     let addr = listener.local_addr()?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let clock = options.clock.clone();
     let sdk = dev_aws_config().await;
     let stage = "local".to_string();
     let (stop, stopped) = watch::channel(false);
