@@ -175,23 +175,28 @@ async fn bad_tokens_are_refused_at_the_upgrade(kind: &str) {
 }
 
 async fn the_idle_timeout_closes_the_connection_and_announces_left(kind: &str) {
-    let stack = ws::dev(kind, |o| o.limits.idle_timeout = Duration::from_millis(1500)).await;
+    // API Gateway's 10-minute idle timeout, on the stack's clock: the test moves it.
+    let clock = roomcast::model::ManualClock::at(chrono::Utc::now());
+    let stack = ws::dev(kind, |o| {
+        o.limits.idle_timeout = Duration::from_secs(600);
+        o.clock = clock.clone();
+    })
+    .await;
     let mut ann = connect(&stack, "acme", "ann", "general").await;
     let mut bob = connect(&stack, "acme", "bob", "general").await;
     ann.expect_action("welcome").await;
     bob.expect_action("welcome").await;
-    // Bob stays active; Ann says nothing and is closed like API Gateway does (1001).
-    let keep_alive = async {
-        for _ in 0..10 {
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            bob.ask(json!({"action":"ping"}), "pong").await;
-        }
-        bob
-    };
-    let (closed, mut bob) = tokio::join!(ann.expect_close(Duration::from_secs(10)), keep_alive);
+    // Five minutes on, Bob says something; Ann says nothing. Six more: Ann has been idle for
+    // eleven minutes and is closed like API Gateway does (1001); Bob for six, and stays.
+    clock.advance(chrono::Duration::minutes(5));
+    bob.ask(json!({"action":"ping"}), "pong").await;
+    clock.advance(chrono::Duration::minutes(6));
+    let closed = ann.expect_close(Duration::from_secs(10)).await;
     assert_eq!(closed.0, 1001, "{closed:?}");
+    assert!(closed.1.contains("idle timeout"), "{closed:?}");
     let left = bob.expect("ann left", presence("ann", "left")).await;
     assert_eq!(left["reason"], "disconnect");
+    bob.ask(json!({"action":"ping"}), "pong").await;
     stack.shutdown().await;
 }
 
@@ -329,23 +334,26 @@ async fn a_full_send_buffer_answers_429() {
     stack.shutdown().await;
 }
 
-/// API Gateway's two-hour limit, shortened: the connection is closed with 1001.
+/// API Gateway's two-hour limit, on the stack's clock: the connection is closed with 1001.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_maximum_connection_duration_closes_even_a_busy_connection() {
-    let stack = ws::dev("memory", |o| o.limits.max_connection = Duration::from_millis(1200)).await;
+    // API Gateway's two-hour maximum, on the stack's clock: Ann is never idle for ten minutes,
+    // and is closed anyway once two hours have passed.
+    let clock = roomcast::model::ManualClock::at(chrono::Utc::now());
+    let stack = ws::dev("memory", |o| {
+        o.limits.max_connection = Duration::from_secs(2 * 3600);
+        o.limits.idle_timeout = Duration::from_secs(600);
+        o.clock = clock.clone();
+    })
+    .await;
     let mut ann = connect(&stack, "acme", "ann", "").await;
     ann.expect_action("welcome").await;
-    // Ann stays busy (never idle), and is closed anyway.
-    let keep_busy = async {
-        for _ in 0..20 {
-            if !ann.try_send(json!({"action":"ping"})).await {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    keep_busy.await;
-    let (code, reason) = ann.expect_close(Duration::from_secs(5)).await;
+    for _ in 0..23 {
+        clock.advance(chrono::Duration::minutes(5));
+        ann.ask(json!({"action":"ping"}), "pong").await;
+    }
+    clock.advance(chrono::Duration::minutes(5));
+    let (code, reason) = ann.expect_close(Duration::from_secs(10)).await;
     assert_eq!(code, 1001);
     assert!(reason.contains("maximum connection duration"), "{reason}");
     stack.shutdown().await;

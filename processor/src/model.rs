@@ -13,7 +13,6 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::Mutex;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -328,10 +327,18 @@ impl Message {
     }
 }
 
-/// Where "now" comes from. Handlers and the processor take it from here so that tests can move
-/// time (TTL expiry, young connections) without sleeping.
+/// Where "now" comes from. Handlers, the processor and the local gateway's socket timers take
+/// it from here so that tests can move time (TTL expiry, young connections, idle sockets)
+/// without sleeping.
 pub trait Clock: Send + Sync + fmt::Debug {
     fn now(&self) -> DateTime<Utc>;
+
+    /// Resolves once this clock shows `at` or later. The wall clock sleeps; a [`ManualClock`]
+    /// waits for a test to move it there.
+    fn sleep_until(&self, at: DateTime<Utc>) -> futures::future::BoxFuture<'static, ()> {
+        let wait = (at - self.now()).to_std().unwrap_or_default();
+        Box::pin(tokio::time::sleep(wait))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -343,13 +350,14 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that only moves when told to.
+/// A clock that only moves when told to; whoever waits on it ([`Clock::sleep_until`]) wakes
+/// when it is moved past their time.
 #[derive(Debug)]
-pub struct ManualClock(Mutex<DateTime<Utc>>);
+pub struct ManualClock(tokio::sync::watch::Sender<DateTime<Utc>>);
 
 impl ManualClock {
     pub fn at(t: DateTime<Utc>) -> Arc<ManualClock> {
-        Arc::new(ManualClock(Mutex::new(truncate_ms(t))))
+        Arc::new(ManualClock(tokio::sync::watch::Sender::new(truncate_ms(t))))
     }
 
     pub fn starting_now() -> Arc<ManualClock> {
@@ -357,19 +365,30 @@ impl ManualClock {
     }
 
     pub fn advance(&self, by: Duration) {
-        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *t += by;
+        self.0.send_modify(|t| *t += by);
     }
 
     /// Sets the time (replay: each record's own time).
     pub fn set(&self, to: DateTime<Utc>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = truncate_ms(to);
+        self.0.send_replace(truncate_ms(to));
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+        *self.0.borrow()
+    }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> futures::future::BoxFuture<'static, ()> {
+        let mut time = self.0.subscribe();
+        Box::pin(async move {
+            while *time.borrow_and_update() < at {
+                if time.changed().await.is_err() {
+                    // The clock is gone: it will never get there.
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
     }
 }
 

@@ -356,13 +356,16 @@ async fn connection(
         live.open = true;
     }
     tracing::info!(connection_id = %ctx.id, "connection open");
-    let max_deadline = tokio::time::Instant::now() + limits.max_connection;
-    let mut idle_deadline = tokio::time::Instant::now() + limits.idle_timeout;
+    // On the records' clock (the dev stack's): a test moves it to idle a socket or end it.
+    let clock = gw.deps.clock.clone();
+    let after = |d: Duration| clock.now() + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+    let max_deadline = after(limits.max_connection);
+    let mut idle_deadline = after(limits.idle_timeout);
     let (code, reason): (u16, String) = loop {
         tokio::select! {
             frame = socket.recv() => match frame {
                 Some(Ok(WsMessage::Text(text))) => {
-                    idle_deadline = tokio::time::Instant::now() + limits.idle_timeout;
+                    idle_deadline = after(limits.idle_timeout);
                     gw.touch(&ctx.id);
                     if text.len() > limits.max_frame_bytes {
                         break close(&mut socket, 1009, "Message too big").await;
@@ -377,7 +380,7 @@ async fn connection(
                     }
                 }
                 Some(Ok(WsMessage::Binary(bytes))) => {
-                    idle_deadline = tokio::time::Instant::now() + limits.idle_timeout;
+                    idle_deadline = after(limits.idle_timeout);
                     gw.touch(&ctx.id);
                     if bytes.len() > limits.max_frame_bytes {
                         break close(&mut socket, 1009, "Message too big").await;
@@ -420,10 +423,10 @@ async fn connection(
                 let (code, reason) = close_rx.borrow().clone().unwrap_or((1000, String::new()));
                 break close(&mut socket, code, &reason).await;
             }
-            _ = tokio::time::sleep_until(idle_deadline) => {
+            _ = clock.sleep_until(idle_deadline) => {
                 break close(&mut socket, 1001, "Going away: idle timeout").await;
             }
-            _ = tokio::time::sleep_until(max_deadline) => {
+            _ = clock.sleep_until(max_deadline) => {
                 break close(&mut socket, 1001, "Going away: maximum connection duration").await;
             }
         }
