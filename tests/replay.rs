@@ -298,8 +298,17 @@ async fn with_a_table_a_replay_uses_the_tenants_active_plugin_and_writes_nothing
         .unwrap();
     assert!(spam["plugin_calls"][0]["outcome"].as_str().unwrap().starts_with("Verdict::Reject"), "{spam}");
     assert_eq!(spam["effects"][0]["to"], json!(["bob"]), "recipients from the table");
-    // The plugin's upload records are shown, not activated; nothing was written.
-    assert!(out.contains("a dry run activates no plugin record"), "{out}");
+    // The plugin's upload records are shown, not activated (the table says it is done); nothing
+    // was written.
+    let upload = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["change"]["record"] == "plugin")
+        .unwrap();
+    assert!(
+        upload["plugin_actions"][0].as_str().unwrap().starts_with("nothing: the table no longer has acme version"),
+        "{upload}"
+    );
     assert_eq!(stack.table.store.plugins("acme").await.unwrap(), table_before);
     let captured = stack.captured.clone();
     assert_eq!(stack.pump().await, 0, "no write reached the table's stream");
@@ -361,4 +370,36 @@ async fn a_plugin_that_uses_randomness_replays_byte_identically_alone_or_with_it
         let original = live.iter().find(|m| m["id"] == replayed[0]["id"]).unwrap();
         assert_eq!(&replayed[0], original, "replayed alone");
     }
+}
+
+/// The plugin lifecycle's effects are printed: replayed against a table where the upload still
+/// waits, the record says what activating would do — and a dry run does not do it.
+#[tokio::test]
+async fn a_replay_prints_what_the_plugin_lifecycle_would_do_and_does_nothing() {
+    use roomcast::model::{FailurePolicy, PluginStatus, plugin_chunks};
+    let mut live = Stack::memory().await;
+    let bytes = component("roomcast-plugin-moderation");
+    let meta =
+        live.upload_plugin("acme", &bytes, FailurePolicy::Open, roomcast::plugins::LimitOverrides::default()).await;
+    live.pump().await;
+    let records = live.captured.clone();
+
+    // Another table, where the same upload waits for the processor.
+    let pending = Stack::memory().await;
+    pending.table.store.put_plugin(&meta, &plugin_chunks("acme", &meta.version, &bytes)).await.unwrap();
+    let options = Options { json: true, table: Some(pending.table.store.clone()), ..Options::default() };
+    let (out, _) = run(&lines(&records), &options).await;
+    let upload = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["change"]["record"] == "plugin" && e["change"]["event"] == "insert")
+        .unwrap();
+    assert_eq!(
+        upload["plugin_actions"],
+        json!([format!("would activate acme version {} (a dry run activates nothing)", meta.version)]),
+        "{upload}"
+    );
+    let still = pending.table.store.plugin("acme", &meta.version).await.unwrap().unwrap();
+    assert_eq!(still.status, PluginStatus::Uploaded, "the dry run activated it");
+    assert_eq!(pending.table.store.active_plugin("acme").await.unwrap(), None);
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crate::model::{FailurePolicy, PluginActive, PluginMeta, PluginStatus};
 use crate::react::{Decision, Route};
-use crate::rules::{CallRecord, MessageInput, Mode, TenantRules, WelcomeInput};
+use crate::rules::{CallRecord, MessageInput, Mode, PluginAction, TenantRules, WelcomeInput};
 use crate::store::{Store, StoreError};
 use crate::stream::{Change, Record};
 
@@ -46,23 +46,24 @@ impl PluginRules {
     /// A component that cannot be a plugin is the tenant's fault: its status says why. Only the
     /// table being unavailable is an error. Records are redelivered and may be late, so each is
     /// only a hint: what the table says now decides.
-    async fn plugin_record(&self, change: &Change, mode: Mode) -> Result<(), StoreError> {
+    async fn plugin_record(&self, change: &Change, mode: Mode) -> Result<Vec<PluginAction>, StoreError> {
         let registry = &*self.registry;
-        if mode == Mode::DryRun {
-            return Ok(());
-        }
         match change {
             // An upload, or a re-upload of an existing version (its settings may differ).
             Change::Inserted(Record::Plugin(meta)) | Change::Modified { new: Record::Plugin(meta), .. }
                 if meta.status == PluginStatus::Uploaded =>
             {
+                let (tenant, version) = (meta.tenant.clone(), meta.version.clone());
                 let now = self.store.plugin(&meta.tenant, &meta.version).await?;
                 let Some(meta) =
                     now.filter(|m| m.status == PluginStatus::Uploaded && m.uploaded_at == meta.uploaded_at)
                 else {
-                    tracing::info!(tenant = %meta.tenant, version = %meta.version, "upload already handled; not activating it again");
-                    return Ok(());
+                    tracing::info!(%tenant, %version, "upload already handled; not activating it again");
+                    return Ok(vec![PluginAction::AlreadyHandled { tenant, version }]);
                 };
+                if mode == Mode::DryRun {
+                    return Ok(vec![PluginAction::WouldActivate { tenant, version }]);
+                }
                 match self.load_version(&meta).await? {
                     Ok(()) => {
                         self.mark_active(&meta.tenant, &meta.version).await?;
@@ -70,24 +71,30 @@ impl PluginRules {
                         // This container has loaded what the new pointer names.
                         let revision = self.store.active_plugin(&meta.tenant).await?.and_then(|a| a.revision);
                         registry.set_revision(&meta.tenant, revision);
-                        tracing::info!(tenant = %meta.tenant, version = %meta.version, "plugin activated");
+                        tracing::info!(%tenant, %version, "plugin activated");
+                        Ok(vec![PluginAction::Activated { tenant, version }])
                     }
                     Err(reason) => {
-                        tracing::warn!(tenant = %meta.tenant, version = %meta.version, %reason, "plugin rejected");
+                        tracing::warn!(%tenant, %version, %reason, "plugin rejected");
                         self.store
                             .set_plugin_status(&meta.tenant, &meta.version, PluginStatus::Rejected, Some(&reason))
                             .await?;
+                        Ok(vec![PluginAction::Rejected { tenant, version, reason }])
                     }
                 }
             }
+            // A dry run leaves this container's plugins as the replay set them up.
             Change::Inserted(Record::PluginActive(active))
             | Change::Modified { new: Record::PluginActive(active), .. }
-            | Change::Removed { old: Record::PluginActive(active), .. } => {
+            | Change::Removed { old: Record::PluginActive(active), .. }
+                if mode == Mode::Execute =>
+            {
                 self.follow_pointer(&active.tenant, mode).await?;
+                let version = registry.installed_version(&active.tenant);
+                Ok(vec![PluginAction::Followed { tenant: active.tenant.clone(), version }])
             }
-            _ => {}
+            _ => Ok(Vec::new()),
         }
-        Ok(())
     }
 
     /// Installs `version` of the tenant's plugin from the table.
@@ -207,7 +214,7 @@ impl PluginRules {
 
 #[async_trait::async_trait]
 impl TenantRules for PluginRules {
-    async fn on_plugin_record(&self, change: &Change, mode: Mode) -> Result<(), StoreError> {
+    async fn on_plugin_record(&self, change: &Change, mode: Mode) -> Result<Vec<PluginAction>, StoreError> {
         self.plugin_record(change, mode).await
     }
 

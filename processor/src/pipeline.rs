@@ -14,7 +14,7 @@ use crate::deliver::{Deliverer, Outcome, Window};
 use crate::metrics::{Counts, Metrics};
 use crate::model::Clock;
 use crate::react::{self, Decisions, Effect};
-use crate::rules::{CallRecord, Lookups, MessageInput, Mode, TenantRules, WelcomeInput};
+use crate::rules::{CallRecord, Lookups, MessageInput, Mode, PluginAction, TenantRules, WelcomeInput};
 use crate::store::{Rooms, Store, StoreError};
 use crate::stream::Change;
 use crate::stream::Record;
@@ -29,6 +29,8 @@ pub struct RecordReport {
     pub outcomes: Vec<(String, Outcome)>,
     /// Tenant plugin calls made for this record.
     pub plugin_calls: Vec<CallRecord>,
+    /// What a plugin record made the plugin lifecycle do (activate, reject, follow).
+    pub plugin_actions: Vec<PluginAction>,
 }
 
 /// Time kept back from the Lambda deadline to answer and flush the logs.
@@ -211,6 +213,7 @@ impl Processor {
                     effects: Vec::new(),
                     outcomes: Vec::new(),
                     plugin_calls: Vec::new(),
+                    plugin_actions: Vec::new(),
                 });
             }
             let (tenant, room) = change.tenant_room();
@@ -221,10 +224,11 @@ impl Processor {
             if let Some(room) = room {
                 span.record("room", room);
             }
+            let mut plugin_actions = Vec::new();
             if let Some(rules) = &self.rules
                 && change.is_plugin_record()
             {
-                rules.on_plugin_record(&change, self.mode).await?;
+                plugin_actions = rules.on_plugin_record(&change, self.mode).await?;
             }
             let (decisions, plugin_calls) = self.decide(&change, lookups).await?;
             let mut members = match react::room_needed(&change) {
@@ -248,7 +252,7 @@ impl Processor {
                 plugin_calls = plugin_calls.len(),
                 "record processed"
             );
-            Ok(RecordReport { change, effects, outcomes, plugin_calls })
+            Ok(RecordReport { change, effects, outcomes, plugin_calls, plugin_actions })
         }
         .instrument(span)
         .await

@@ -51,6 +51,43 @@ pub struct WelcomeInput {
     pub rooms: Vec<String>,
 }
 
+/// What a plugin record made (or, in a dry run, would make) this container's rules do: the
+/// plugin lifecycle's effects, reported per record (replay prints them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PluginAction {
+    /// The uploaded version compiled, became the tenant's plugin, and the `ACTIVE` pointer
+    /// names it.
+    Activated { tenant: String, version: String },
+    /// A dry run: the table says this version is waiting to be activated.
+    WouldActivate { tenant: String, version: String },
+    /// The uploaded version cannot be a plugin; its status says why.
+    Rejected { tenant: String, version: String, reason: String },
+    /// The table no longer has this upload waiting (redelivered, superseded, or not in the
+    /// table a replay reads): nothing.
+    AlreadyHandled { tenant: String, version: String },
+    /// This container now runs what the tenant's `ACTIVE` pointer names (`None`: no plugin).
+    Followed { tenant: String, version: Option<String> },
+}
+
+impl std::fmt::Display for PluginAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginAction::Activated { tenant, version } => write!(f, "activate {tenant} version {version}"),
+            PluginAction::WouldActivate { tenant, version } => {
+                write!(f, "would activate {tenant} version {version} (a dry run activates nothing)")
+            }
+            PluginAction::Rejected { tenant, version, reason } => {
+                write!(f, "reject {tenant} version {version}: {reason}")
+            }
+            PluginAction::AlreadyHandled { tenant, version } => {
+                write!(f, "nothing: the table no longer has {tenant} version {version} waiting to be activated")
+            }
+            PluginAction::Followed { tenant, version: Some(v) } => write!(f, "{tenant} runs version {v}"),
+            PluginAction::Followed { tenant, version: None } => write!(f, "{tenant} runs no plugin"),
+        }
+    }
+}
+
 /// A tenant's rules beside the data path.
 ///
 /// Blame stays with the tenant: whatever its rules do, the answer is a decision (its failure
@@ -60,7 +97,7 @@ pub struct WelcomeInput {
 pub trait TenantRules: Send + Sync {
     /// A plugin record of the table (an upload, the `ACTIVE` pointer) arrived on the stream.
     /// Records are hints, redelivered and possibly late: what the table says now decides.
-    async fn on_plugin_record(&self, change: &Change, mode: Mode) -> Result<(), StoreError>;
+    async fn on_plugin_record(&self, change: &Change, mode: Mode) -> Result<Vec<PluginAction>, StoreError>;
 
     /// Makes this container run what the tenant's `ACTIVE` pointer names now. The pipeline
     /// calls it once per tenant per batch ([`Lookups`]).

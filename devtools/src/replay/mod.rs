@@ -119,6 +119,9 @@ pub struct Entry {
     pub failed: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plugin_calls: Vec<PluginCall>,
+    /// What a plugin record made the plugin lifecycle do (or would make it do, in a dry run).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugin_actions: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub effects: Vec<Value>,
     /// With `execute`: each recipient's delivery outcome.
@@ -312,6 +315,7 @@ impl Entry {
             skipped: None,
             failed: None,
             plugin_calls: Vec::new(),
+            plugin_actions: Vec::new(),
             effects: Vec::new(),
             outcomes: Vec::new(),
         }
@@ -331,6 +335,7 @@ fn fill(entry: &mut Entry, record: &EventRecord, report: &RecordReport, options:
             elapsed_us: options.timings.then_some(call.report.elapsed.as_micros() as u64),
         })
         .collect();
+    entry.plugin_actions = report.plugin_actions.iter().map(ToString::to_string).collect();
     entry.effects = report.effects.iter().map(describe_effect).collect();
     if options.execute.is_some() {
         entry.outcomes = report.outcomes.iter().map(|(id, outcome)| (id.clone(), format!("{outcome:?}"))).collect();
@@ -360,7 +365,7 @@ pub fn describe_change(event: &str, change: &Change) -> Value {
         }),
         Record::Plugin(p) => json!({
             "record": "plugin", "tenant": p.tenant, "version": p.version, "status": p.status,
-            "note": "a dry run activates no plugin record; pass --plugin TENANT=FILE.wasm to run one",
+            "note": "to run a plugin in a replay, pass --plugin TENANT=FILE.wasm",
         }),
         Record::PluginChunk { tenant } => json!({ "record": "plugin-chunk", "tenant": tenant }),
         Record::PluginActive(a) => json!({ "record": "plugin-active", "tenant": a.tenant, "version": a.version }),
@@ -434,6 +439,9 @@ fn write_decisions(out: &mut dyn Write, entry: &Entry, indent: &str) -> std::io:
             writeln!(out, "{blank}         log {line}")?;
         }
     }
+    for action in &entry.plugin_actions {
+        writeln!(out, "{}plugin   {action}", lead())?;
+    }
     for effect in &entry.effects {
         if let Some(to) = effect.get("to") {
             let to: Vec<&str> = to.as_array().into_iter().flatten().filter_map(Value::as_str).collect();
@@ -451,7 +459,12 @@ fn write_decisions(out: &mut dyn Write, entry: &Entry, indent: &str) -> std::io:
             )?;
         }
     }
-    if entry.plugin_calls.is_empty() && entry.effects.is_empty() && entry.skipped.is_none() && entry.failed.is_none() {
+    if entry.plugin_calls.is_empty()
+        && entry.plugin_actions.is_empty()
+        && entry.effects.is_empty()
+        && entry.skipped.is_none()
+        && entry.failed.is_none()
+    {
         writeln!(out, "{}(no effect)", lead())?;
     }
     Ok(())
@@ -487,7 +500,7 @@ fn summarize_change(change: &Value) -> String {
             change["body"]
         ),
         "plugin" => {
-            format!("{event} plugin {} version {} (a dry run activates nothing)", text("tenant"), text("version"))
+            format!("{event} plugin {} version {}", text("tenant"), text("version"))
         }
         "plugin-chunk" => format!("{event} plugin chunk of {}", text("tenant")),
         "plugin-active" => format!("{event} active plugin of {}: {}", text("tenant"), text("version")),
