@@ -276,8 +276,7 @@ fn capture_a_stream_and_replay_it() {
     let (code, out, err) = roomcast(&["replay", all.to_str().unwrap(), "--membership-from-stream"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(
-        out.contains("INSERT plugin acme version")
-            && out.contains("plugin   would activate acme version"),
+        out.contains("INSERT plugin acme version") && out.contains("plugin   would activate acme version"),
         "{out}"
     );
     assert!(err.contains(&format!("replayed {} records", records.len())) && err.contains("dry run"), "{err}");

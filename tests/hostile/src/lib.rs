@@ -38,6 +38,25 @@ mod component {
 
     struct Hostile;
 
+    /// Spins without end (fuel, then the deadline, stop it).
+    fn spin() -> ! {
+        let mut x: u64 = 0;
+        loop {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+    }
+
+    /// Allocates a MiB at a time without writing it: cheap in fuel, so the memory cap (not
+    /// fuel) is what stops it.
+    fn hoard() -> ! {
+        let mut hoard: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let mut chunk = Vec::<u8>::with_capacity(1 << 20);
+            chunk.push(1);
+            hoard.push(std::hint::black_box(chunk));
+        }
+    }
+
     /// Deep recursion on the wasm call stack itself (no locals in linear memory).
     #[inline(never)]
     fn recurse(depth: u64) -> u64 {
@@ -47,22 +66,8 @@ mod component {
     impl Guest for Hostile {
         fn validate(message: Message) -> Verdict {
             match message.body.as_str() {
-                "loop" => {
-                    let mut x: u64 = 0;
-                    loop {
-                        x = std::hint::black_box(x.wrapping_add(1));
-                    }
-                }
-                "grow" => {
-                    let mut hoard: Vec<Vec<u8>> = Vec::new();
-                    loop {
-                        // Allocate a MiB at a time without writing it: cheap in fuel, so the
-                        // memory cap (not fuel) is what stops it.
-                        let mut chunk = Vec::<u8>::with_capacity(1 << 20);
-                        chunk.push(1);
-                        hoard.push(std::hint::black_box(chunk));
-                    }
-                }
+                "loop" => spin(),
+                "grow" => hoard(),
                 "recurse" => Verdict::Rewrite(recurse(0).to_string()),
                 "trap" => panic!("the hostile plugin panics on purpose"),
                 "giant" => Verdict::Rewrite("x".repeat(1 << 20)),
@@ -135,41 +140,17 @@ mod component {
                 "route-wide" => Routing { extra_rooms: (0..20).map(|i| format!("room{i}")).collect(), ..plain },
                 "route-trap" => panic!("the hostile plugin's route panics on purpose"),
                 "route-to-bob" => Routing { only_users: Some(vec!["bob".into()]), ..plain },
-                "route-loop" => {
-                    let mut x: u64 = 0;
-                    loop {
-                        x = std::hint::black_box(x.wrapping_add(1));
-                    }
-                }
-                "route-grow" => {
-                    let mut hoard: Vec<Vec<u8>> = Vec::new();
-                    loop {
-                        let mut chunk = Vec::<u8>::with_capacity(1 << 20);
-                        chunk.push(1);
-                        hoard.push(std::hint::black_box(chunk));
-                    }
-                }
+                "route-loop" => spin(),
+                "route-grow" => hoard(),
                 _ => plain,
             }
         }
 
         fn welcome(info: WelcomeInfo) -> Option<String> {
             match info.user_id.as_str() {
-                "loop" => {
-                    let mut x: u64 = 0;
-                    loop {
-                        x = std::hint::black_box(x.wrapping_add(1));
-                    }
-                }
+                "loop" => spin(),
                 "trap" => panic!("the hostile plugin's welcome panics on purpose"),
-                "grow" => {
-                    let mut hoard: Vec<Vec<u8>> = Vec::new();
-                    loop {
-                        let mut chunk = Vec::<u8>::with_capacity(1 << 20);
-                        chunk.push(1);
-                        hoard.push(std::hint::black_box(chunk));
-                    }
-                }
+                "grow" => hoard(),
                 "giant" => Some("x".repeat(1 << 20)),
                 _ => None,
             }
