@@ -249,6 +249,10 @@ fn every_memory_of_a_plugin_counts_against_one_budget() {
     assert!(!out.status.success());
     assert!(stdout.contains("validate  FAULT exceeded its memory limit of 16777216 bytes"), "{stdout}");
 
+    // Nor 64-bit memories (memory64 is off: sizes a budget could not count).
+    let wide = wat::parse_str("(component (core module (memory i64 1)))").unwrap();
+    assert!(matches!(host.compile(&wide, &limits), Err(Rejected::NotAComponent(_))));
+
     let two_memories = wat::parse_str("(component (core module (memory 1) (memory 1)))").unwrap();
     match host.compile(&two_memories, &limits) {
         Err(Rejected::NotAComponent(why)) => assert!(why.contains("multiple memories"), "{why}"),

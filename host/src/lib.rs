@@ -161,6 +161,9 @@ impl PluginHost {
         // One linear memory per component instance's core modules is all the world needs; more
         // would each get the whole memory cap. (The store limiter caps each memory.)
         config.wasm_multi_memory(false);
+        // 64-bit memories and tables neither: the world needs none, and their sizes overflow
+        // what a budget counts.
+        config.wasm_memory64(false);
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut linker: Linker<State> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -352,9 +355,28 @@ pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// An error's chain, root cause first, in at most [`ERROR_TEXT_BYTES`]: the guest writes part of
+/// it (its function names in a backtrace, its panic message), and it ends up in logs and in the
+/// `rejected` frame a sender gets.
 pub(crate) fn root_cause(error: &wasmtime::Error) -> String {
-    let chain: Vec<String> = error.chain().map(|e| e.to_string()).collect();
-    chain.join(": ")
+    let mut chain: Vec<String> = error.chain().map(|e| cut(&e.to_string(), ERROR_TEXT_BYTES / 2)).collect();
+    chain.rotate_right(1);
+    cut(&chain.join(": "), ERROR_TEXT_BYTES)
+}
+
+/// The most of a fault's text kept.
+pub(crate) const ERROR_TEXT_BYTES: usize = 1024;
+
+/// `text` cut at a character boundary to at most `max` bytes (with an ellipsis when cut).
+pub(crate) fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -378,4 +400,21 @@ impl Hasher for Sha256Hasher {
 /// Reads a component file for upload, test or replay, naming the file in any error.
 pub fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_faults_text_is_bounded_and_leads_with_its_root_cause() {
+        // A hostile component controls much of a trap's text (its backtrace's function names).
+        let error = wasmtime::format_err!("wasm trap: unreachable").context("f".repeat(100_000)).context("call");
+        let text = root_cause(&error);
+        assert!(text.len() <= ERROR_TEXT_BYTES, "{} bytes", text.len());
+        assert!(text.starts_with("wasm trap: unreachable"), "{text:.80}");
+        // Cut at a character boundary, with room for the ellipsis.
+        assert_eq!(cut("héllo", 4), "h…");
+        assert_eq!(cut("hello", 5), "hello");
+    }
 }

@@ -346,13 +346,15 @@ impl Registry {
             // The caller's check, not the plugin's: never delivered unchecked, whatever the
             // policy, since the plugin could not see it (only a record written around the
             // handlers can be this large).
-            (_, Fault::InputTooLarge { .. }) => {
-                Decision::Reject { reason: format!("the message is too large for the room's rules ({fault})") }
-            }
+            (_, Fault::InputTooLarge { .. }) => Decision::Reject {
+                reason: super::calls::bounded_reason(format!(
+                    "the message is too large for the room's rules ({fault})"
+                )),
+            },
             (Policy::FailOpen, _) => Decision::Deliver { rewritten: None },
-            (Policy::FailClosed, _) => {
-                Decision::Reject { reason: format!("the room's rules could not be checked ({fault})") }
-            }
+            (Policy::FailClosed, _) => Decision::Reject {
+                reason: super::calls::bounded_reason(format!("the room's rules could not be checked ({fault})")),
+            },
         };
         let (verdict, report) = calls.validate;
         self.observe(&tenant, "validate", &verdict, &report);
