@@ -240,30 +240,30 @@ async fn injected_410_429_500_and_stalls_are_handled(kind: &str) {
     stack.shutdown().await;
 }
 
-/// Only the embedded store runs TTL (moto does not): a short TTL expires Ann, and Bob, who keeps
-/// pinging, is told she left with reason `expired`.
+/// Only the embedded store runs TTL (moto does not): Ann's TTL passes on the stack's clock, and
+/// Bob, who pinged in between (refreshing his), is told she left with reason `expired`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_short_ttl_expiry_announces_left_with_reason_expired() {
+async fn a_ttl_expiry_announces_left_with_reason_expired() {
+    let clock = roomcast::model::ManualClock::at(chrono::Utc::now());
     let stack = ws::dev("memory", |o| {
-        o.connection_ttl_seconds = 2;
-        o.ttl_sweep_every = Duration::from_millis(100);
+        o.connection_ttl_seconds = 3600;
+        o.ttl_sweep_every = Duration::from_millis(50);
+        // Past API Gateway's idle timeout here: only the TTL is under test.
+        o.limits.idle_timeout = Duration::from_secs(3 * 3600);
+        o.clock = clock.clone();
     })
     .await;
     let mut ann = connect(&stack, "acme", "ann", "general").await;
     let mut bob = connect(&stack, "acme", "bob", "general").await;
     ann.expect_action("welcome").await;
     bob.expect_action("welcome").await;
-    let mut left = None;
-    for _ in 0..40 {
-        bob.ask(json!({"action":"ping"}), "pong").await;
-        if let Some(frame) = bob.pending_match(presence("ann", "left")) {
-            left = Some(frame);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let left = left.expect("ann's TTL expiry announced within 10 s");
+    clock.advance(chrono::Duration::minutes(40));
+    bob.ask(json!({"action":"ping"}), "pong").await;
+    // Ann's hour is up; Bob's, refreshed at minute 40, is not.
+    clock.advance(chrono::Duration::minutes(25));
+    let left = bob.expect("ann's TTL expiry", presence("ann", "left")).await;
     assert_eq!(left["reason"], "expired");
+    bob.ask(json!({"action":"ping"}), "pong").await;
     stack.shutdown().await;
 }
 

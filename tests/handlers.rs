@@ -118,7 +118,7 @@ async fn a_frame_from_an_unknown_connection_is_told_to_reconnect() {
 }
 
 #[tokio::test]
-async fn the_seed_type_field_routes_like_action() {
+async fn the_older_type_field_routes_like_action() {
     let stack = Stack::memory().await;
     stack.connect("c1", "acme", "ann", "").await;
     assert_eq!(stack.send("c1", json!({"type":"ping"})).await, json!({"action":"pong"}));

@@ -91,13 +91,13 @@ async fn admin_for(stack: &Stack) -> Admin {
 }
 
 roomcast_tests::on_both_stores!(
-    admin_operations_answer_with_seed_003s_shapes,
+    admin_operations_answer_with_the_connection_managers_shapes,
     invalid_admin_events_get_400_with_the_reason,
     cleanup_deletes_only_confirmed_stale_connections_and_presence_follows,
     the_sweeper_expires_presence_although_ttl_has_not_deleted_the_record,
 );
 
-async fn admin_operations_answer_with_seed_003s_shapes(kind: &str) {
+async fn admin_operations_answer_with_the_connection_managers_shapes(kind: &str) {
     let mut stack = Stack::on(kind).await;
     stack.connect("c1", "acme", "user-123", "general").await;
     stack.connect("c2", "acme", "user-123", "").await;

@@ -681,6 +681,25 @@ async fn the_breaker_counts_messages_and_only_the_plugins_faults(kind: &str) {
     assert_eq!(since.plugin_faults, 0, "the breaker is open: the plugin was not called");
     assert_eq!((since.plugin_breaker_skips, since.plugin_instances), (1, 0), "{since:?}");
 
+    // A rewrite that grows a near-maximum message past the recipients' frame is the sender's
+    // doing: the policy applies (fail-open: the original goes out), and however many there are,
+    // the breaker stays shut.
+    let mut stack = hostile_room(kind, Policy::FailOpen).await;
+    let near_max = format!("pad:{}", "y".repeat(roomcast::protocol::MAX_OUTGOING_BYTES - 1200));
+    let before = stack.processor.counts();
+    for _ in 0..BREAKER_THRESHOLD + 1 {
+        let ack = stack.send("ann", json!({"action":"sendMessage","room":"general","message":near_max})).await;
+        assert_eq!(ack["action"], "ack", "{ack:.200}");
+    }
+    stack.pump().await;
+    stack.send("ann", json!({"action":"sendMessage","room":"general","message":"trap"})).await;
+    stack.pump().await;
+    let since = stack.processor.counts().since(&before);
+    assert_eq!((since.plugin_faults, since.plugin_breaker_skips), (1, 0), "only the trap counted: {since:?}");
+    let got = stack.recorder.received_action("bob", "message");
+    assert_eq!(got.len(), BREAKER_THRESHOLD as usize + 2);
+    assert_eq!(got[0]["message"], near_max.as_str(), "fail-open delivers the original");
+
     // Messages too large for the plugin are the caller's: however many, the breaker stays shut.
     let mut stack = hostile_room(kind, Policy::FailClosed).await;
     let sender = stack.table.store.get_connection("ann", stack.clock.now()).await.unwrap().unwrap();

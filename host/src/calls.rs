@@ -38,7 +38,7 @@ impl PluginHost {
         if let Ok(Verdict::Rewrite(text)) = &verdict {
             let size = outgoing_size(message, text);
             if size > crate::protocol::MAX_OUTGOING_BYTES {
-                verdict = Err(Fault::OutputTooLarge { size, limit: crate::protocol::MAX_OUTGOING_BYTES });
+                verdict = Err(Fault::FrameTooLarge { size, limit: crate::protocol::MAX_OUTGOING_BYTES });
             }
         }
         if let Ok(Verdict::Reject(reason)) = verdict {
@@ -75,7 +75,7 @@ impl PluginHost {
             };
             let size = welcome.to_json().len();
             if size > crate::protocol::MAX_OUTGOING_BYTES {
-                greeting = Err(Fault::OutputTooLarge { size, limit: crate::protocol::MAX_OUTGOING_BYTES });
+                greeting = Err(Fault::FrameTooLarge { size, limit: crate::protocol::MAX_OUTGOING_BYTES });
             }
         }
         (greeting, report)

@@ -370,9 +370,11 @@ impl Instance {
         let (result, report) =
             self.call(record_time_ms, &message.id, async |p, store| p.call_validate(store, message).await);
         let result = result.and_then(|verdict| {
+            // A rewrite is bounded by the frame its recipients get, which the caller checks
+            // (`PluginHost::message`): how far it grows depends on the sender's message.
             let size = match &verdict {
-                Verdict::Accept => 0,
-                Verdict::Rewrite(text) | Verdict::Reject(text) => text.len(),
+                Verdict::Accept | Verdict::Rewrite(_) => 0,
+                Verdict::Reject(text) => text.len(),
             };
             within(size, &limits).map(|()| verdict)
         });

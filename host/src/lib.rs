@@ -92,6 +92,12 @@ pub enum Fault {
     OutputTooLargeToCopy { limit: usize },
     #[error("was given an input of {size} bytes; the limit is {limit}")]
     InputTooLarge { size: usize, limit: usize },
+    /// The plugin's rewrite (or greeting) would make the frame its recipients get pass API
+    /// Gateway's 128 KB. How far a rewrite grows depends on the sender's message, so any user
+    /// could cause it at will: the policy applies, and the breaker is not told. (An output far
+    /// over the limit is still stopped while it is copied: `OutputTooLargeToCopy`.)
+    #[error("made a frame of {size} bytes; a frame is at most {limit}")]
+    FrameTooLarge { size: usize, limit: usize },
     #[error("routed to {count} {what}; the limit is {limit}")]
     RoutedTooWide { what: &'static str, count: usize, limit: usize },
     /// Not a call: the breaker is open after repeated faults, and the policy applies.
@@ -105,8 +111,13 @@ pub enum Fault {
 
 impl Fault {
     /// Whether the plugin was called and failed: not the breaker speaking for it, not the host,
-    /// not the caller's input check.
+    /// not the caller's size checks.
     pub fn is_the_plugins(&self) -> bool {
+        !matches!(self, Fault::BreakerOpen | Fault::Host(_) | Fault::InputTooLarge { .. } | Fault::FrameTooLarge { .. })
+    }
+
+    /// Whether the plugin was called at all (its breaker may learn from the outcome).
+    pub fn was_called(&self) -> bool {
         !matches!(self, Fault::BreakerOpen | Fault::Host(_) | Fault::InputTooLarge { .. })
     }
 }

@@ -167,7 +167,7 @@ impl PluginRules {
     /// Loads what an `ACTIVE` pointer names, unless this container runs exactly that already
     /// (the same version, loaded for the same revision of the pointer). A version this container
     /// cannot load leaves the tenant with no plugin — never an older one the pointer no longer
-    /// names — and is not tried again until the pointer changes.
+    /// names — and is not tried again until the pointer changes, or for `UNLOADABLE_TTL`.
     async fn follow(&self, active: &PluginActive, mode: Mode) -> Result<(), StoreError> {
         let registry = &*self.registry;
         let tenant = active.tenant.as_str();
@@ -186,7 +186,7 @@ impl PluginRules {
             tracing::error!(
                 tenant,
                 version = %active.version,
-                "the ACTIVE plugin version cannot be loaded; the tenant runs no plugin until its pointer changes"
+                "the ACTIVE plugin version cannot be loaded; the tenant runs no plugin until its pointer changes (tried again in 10 minutes)"
             );
         }
         Ok(())

@@ -359,6 +359,9 @@ impl Registry {
         let (verdict, report) = calls.validate;
         self.observe(&tenant, "validate", &verdict, &report);
         let mut faulted = verdict.as_ref().is_err_and(Fault::is_the_plugins);
+        // A message no hook saw (too large for it, the host failing around it) tells the
+        // breaker nothing: it neither counts nor closes it.
+        let called = !verdict.as_ref().is_err_and(|fault| !fault.was_called());
         let mut records = vec![CallRecord {
             hook: "validate",
             outcome: match &verdict {
@@ -391,7 +394,9 @@ impl Registry {
         if let Decision::Reject { .. } = decision {
             Metrics::add(&self.metrics.rejected, 1);
         }
-        self.settle_breaker(&tenant, faulted);
+        if called {
+            self.settle_breaker(&tenant, faulted);
+        }
         Some((decision, route, records))
     }
 
@@ -406,7 +411,9 @@ impl Registry {
             .await?;
         let (result, report) = ran.unwrap_or_else(|fault| (Err(fault), CallReport::default()));
         self.observe(&info.tenant, "welcome", &result, &report);
-        self.settle_breaker(&info.tenant, result.as_ref().is_err_and(Fault::is_the_plugins));
+        if !result.as_ref().is_err_and(|fault| !fault.was_called()) {
+            self.settle_breaker(&info.tenant, result.as_ref().is_err_and(Fault::is_the_plugins));
+        }
         let record = CallRecord { hook: "welcome", outcome: describe(&result), report };
         Some((result.unwrap_or(None), record))
     }

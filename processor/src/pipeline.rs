@@ -237,7 +237,7 @@ impl Processor {
             };
             if let (Some((_, route)), Some((tenant, _))) = (&decisions.message, react::room_needed(&change)) {
                 // The plugin's extra rooms: already without repeats and within the tenant's
-                // limit (`plugins::registry`); read a few at a time, not one after another.
+                // limit (the plugin host's `calls::narrow`); read a few at a time, not one after another.
                 let reads: Vec<_> = route.extra_rooms.iter().map(|extra| self.room_members(tenant, extra)).collect();
                 let extra: Vec<_> = futures::stream::iter(reads).buffered(EXTRA_ROOMS_AT_ONCE).collect().await;
                 for read in extra {

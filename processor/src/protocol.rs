@@ -231,7 +231,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_every_action_and_the_seed_type_field() {
+    fn parses_every_action_and_the_older_type_field() {
         assert_eq!(
             parse_frame(r#"{"action":"sendMessage","room":"general","message":"hi"}"#).unwrap(),
             Request::SendMessage { room: "general".into(), message: "hi".into() }

@@ -17,6 +17,7 @@
 //! | `print`     | prints to stdout and stderr, and panics with a message |
 //! | `random`    | rewrites the message to a `HashMap`'s order, a randomly seeded hash and a random `u64` from `wasi:random` |
 //!
+//! | `pad:…`     | rewrites the message to itself with 2 KB more (a rewrite that grows, as escaping does) |
 //! | `env`       | rewrites the message to the environment variables and arguments it sees (none) |
 //! | `files`     | rewrites the message to what opening `/etc/passwd` and listing `/` gave (refused) |
 //!
@@ -114,6 +115,7 @@ mod component {
                     let drawn = getrandom::u64().unwrap_or_default();
                     Verdict::Rewrite(format!("{order:?} {hashed} {drawn}"))
                 }
+                padded if padded.starts_with("pad:") => Verdict::Rewrite(format!("{padded}{}", "x".repeat(2048))),
                 "env" => {
                     let vars: Vec<(String, String)> = std::env::vars().collect();
                     let args: Vec<String> = std::env::args().collect();
