@@ -1293,3 +1293,27 @@ async fn a_cold_load_reads_only_the_active_version_by_key() {
     assert_eq!(read.items, 2 + active.chunks as u64, "{read:?}");
     assert!(read.bytes < active.size as u64 * 2 + 10_000, "{read:?}: the other versions' bytes were read too");
 }
+
+/// All plugin instances of a process share one memory budget: eight messages at once whose
+/// instances each fill their 16 MiB cap, under a 32 MiB budget, never hold more than 32 MiB
+/// together — the others wait their turn — and every one is decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_instances_share_the_processs_memory_budget() {
+    let metrics = std::sync::Arc::new(roomcast::metrics::Metrics::default());
+    let registry = roomcast::plugins::registry::Registry::new(std::sync::Arc::new(PluginHost::new().unwrap()), metrics)
+        .with_memory_budget(32);
+    let limits = Limits::default();
+    let hostile = registry.host().compile(&component("roomcast-hostile-plugin"), &limits).unwrap();
+    registry.install("lax", hostile, limits.clone(), Policy::FailOpen, true);
+    let asks = (0..8).map(|i| {
+        let message = Message { id: format!("m{i}"), tenant: "lax".into(), ..message("grow") };
+        let registry = &registry;
+        async move { registry.decide_message(&message, RECORD_TIME).await.unwrap() }
+    });
+    for (decision, _, calls) in futures::future::join_all(asks).await {
+        assert_eq!(decision, roomcast::react::Decision::Deliver { rewritten: None }, "fail-open");
+        assert!(calls[0].outcome.contains("memory limit"), "{:?}", calls[0]);
+    }
+    let peak = registry.memory_peak_mib();
+    assert!((16..=32).contains(&peak), "{peak} MiB reserved at once");
+}

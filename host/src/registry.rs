@@ -66,8 +66,17 @@ pub struct Registry {
     /// Loads of (tenant, version) — read, verified, compiled — shared by every caller at once
     /// (single flight) and kept a while: the compiled plugin, or the reason it cannot be one.
     loads: moka::future::Cache<(String, String), Arc<Result<Plugin, String>>>,
+    /// The memory all plugin instances of this process may hold at once, in MiB: a call takes
+    /// its instance's cap from here before it starts and gives it back when it ends, so eight
+    /// partitions of a tenant with a 128 MiB cap cannot take a 512 MB function down.
+    memory: Arc<tokio::sync::Semaphore>,
+    memory_mib: usize,
+    memory_peak_mib: std::sync::atomic::AtomicUsize,
     metrics: Arc<Metrics>,
 }
+
+/// The plugin memory budget of a process, unless configured (`ROOMCAST_PLUGIN_MEMORY_BUDGET_MIB`).
+pub const DEFAULT_MEMORY_BUDGET_MIB: usize = 1024;
 
 /// How long a version that cannot be loaded is not tried again (unless its pointer changes).
 pub const UNLOADABLE_TTL: Duration = Duration::from_secs(600);
@@ -90,6 +99,9 @@ impl Registry {
                 .max_capacity(256 << 20)
                 .time_to_live(LOAD_TTL)
                 .build(),
+            memory: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MEMORY_BUDGET_MIB)),
+            memory_mib: DEFAULT_MEMORY_BUDGET_MIB,
+            memory_peak_mib: std::sync::atomic::AtomicUsize::new(0),
             metrics,
         }
     }
@@ -102,7 +114,21 @@ impl Registry {
         }
         Ok(Registry::new(Arc::new(host), metrics)
             .with_limits(config.plugin_limits.clone())
-            .with_capacity(config.plugin_cache_tenants))
+            .with_capacity(config.plugin_cache_tenants)
+            .with_memory_budget(config.plugin_memory_budget_mib))
+    }
+
+    /// How much memory, in MiB, all plugin instances of this process may hold at once.
+    pub fn with_memory_budget(mut self, mib: usize) -> Registry {
+        let mib = mib.max(1);
+        self.memory = Arc::new(tokio::sync::Semaphore::new(mib));
+        self.memory_mib = mib;
+        self
+    }
+
+    /// The most plugin memory, in MiB, reserved at once so far.
+    pub fn memory_peak_mib(&self) -> usize {
+        self.memory_peak_mib.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The deployment's limits: what plugins run with unless their upload overrides them.
@@ -268,10 +294,23 @@ impl Registry {
                 return Some((Err(Fault::BreakerOpen), installed.policy));
             }
         }
+        // The instance's memory cap, reserved before it exists; the wait is bounded by the
+        // record's own deadline. A cap larger than the whole budget takes the whole budget.
+        let mib = installed.limits.memory_bytes.div_ceil(1 << 20).clamp(1, self.memory_mib) as u32;
+        let Ok(reserved) = self.memory.clone().acquire_many_owned(mib).await else {
+            return Some((Err(Fault::Host("the plugin memory budget is closed".into())), installed.policy));
+        };
+        let in_use = self.memory_mib - self.memory.available_permits();
+        self.memory_peak_mib.fetch_max(in_use, std::sync::atomic::Ordering::Relaxed);
         Metrics::add(&self.metrics.plugin_instances, 1);
         let host = self.host.clone();
         let running = installed.clone();
-        let joined = tokio::task::spawn_blocking(move || call(&host, &running.plugin, &running.limits)).await;
+        let joined = tokio::task::spawn_blocking(move || {
+            let answer = call(&host, &running.plugin, &running.limits);
+            drop(reserved);
+            answer
+        })
+        .await;
         let result = joined.map_err(|e| {
             let why = format!("the plugin call did not complete: {e}");
             tracing::error!(tenant, hook, %why, "the plugin host failed around a call; the policy applies");

@@ -38,6 +38,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "keep compiled plugins here, so reloads deserialize instead of compiling",
     ),
     (
+        "ROOMCAST_PLUGIN_MEMORY_BUDGET_MIB",
+        "half the function's memory, else 1024",
+        "the memory all plugin instances of a process may hold at once",
+    ),
+    (
         "ROOMCAST_METRICS_NAMESPACE",
         "Roomcast",
         "the processor's counts as CloudWatch embedded metrics in this namespace (dimension FunctionName)",
@@ -63,6 +68,8 @@ pub struct Config {
     pub plugin_artifact_dir: Option<std::path::PathBuf>,
     /// The CloudWatch namespace of the processor's embedded metrics.
     pub metrics_namespace: String,
+    /// The memory all plugin instances of a process may hold at once, in MiB.
+    pub plugin_memory_budget_mib: usize,
 }
 
 /// Every problem found, one per line.
@@ -156,6 +163,11 @@ impl Config {
         let plugin_cache_tenants = number("ROOMCAST_PLUGIN_CACHE_TENANTS", 256, 1, 100_000) as usize;
         let plugin_artifact_dir = get("ROOMCAST_PLUGIN_ARTIFACT_DIR").map(std::path::PathBuf::from);
         let metrics_namespace = get("ROOMCAST_METRICS_NAMESPACE").unwrap_or_else(|| "Roomcast".into());
+        // In Lambda, half the function's memory: the rest is the process's own.
+        let function_mib = get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE").and_then(|v| v.trim().parse::<u64>().ok());
+        let plugin_memory_budget_mib =
+            number("ROOMCAST_PLUGIN_MEMORY_BUDGET_MIB", function_mib.map_or(1024, |m| (m / 2).max(1)), 1, 65_536)
+                as usize;
 
         if problems.is_empty() {
             Ok(Config {
@@ -170,6 +182,7 @@ impl Config {
                 plugin_cache_tenants,
                 plugin_artifact_dir,
                 metrics_namespace,
+                plugin_memory_budget_mib,
             })
         } else {
             Err(ConfigError(problems))
