@@ -1,10 +1,13 @@
 //! Which plugin each tenant runs, with its limits, failure policy and circuit breaker, and the
 //! calls the processor makes: [`Registry::decide_message`] and [`Registry::greeting`].
 //!
-//! * Bounded: at most [`Registry::with_capacity`] tenants' compiled plugins are kept; the least
-//!   recently used one is evicted and reloaded from the table (or the host's precompiled
-//!   artifacts) when that tenant next needs it. Plugins installed with `pin` (`--plugins DIR`,
-//!   replay's `--plugin`) have no table record to come back from and are never evicted.
+//! * Bounded, with moka: at most [`Registry::with_capacity`] tenants' compiled plugins are kept
+//!   (least recently used evicted first, any idle for [`INSTALLED_IDLE`] released) and reloaded
+//!   from the table (or the host's precompiled artifacts) when that tenant next needs it; a
+//!   version is loaded once however many callers ask at once ([`Registry::load`], weighed by
+//!   component bytes); a version that cannot load is not retried for [`UNLOADABLE_TTL`].
+//!   Plugins installed with `pin` (`--plugins DIR`, replay's `--plugin`) have no table record
+//!   to come back from and are kept apart, never evicted.
 //! * Fresh: every message (and every welcome) runs on a new instance of the tenant's plugin
 //!   ([`PluginHost::message`]), so no state carries between messages and replays decide as the
 //!   live run did. A batch keeps only its [`Lookups`] of `ACTIVE` pointers.
@@ -52,14 +55,19 @@ struct Installed {
     /// The `ACTIVE` pointer's revision this was loaded for.
     revision: Mutex<Option<String>>,
     breaker: Mutex<Breaker>,
-    last_used: Mutex<Instant>,
 }
 
 pub struct Registry {
     host: Arc<PluginHost>,
     limits: Limits,
     capacity: usize,
-    tenants: RwLock<HashMap<String, Arc<Installed>>>,
+    /// Tenants' installed plugins from the table: at most `capacity`, the least recently used
+    /// evicted first, and any unused for [`INSTALLED_IDLE`] released (each reloads from the
+    /// table on its tenant's next use).
+    tenants: moka::sync::Cache<String, Arc<Installed>>,
+    /// Plugins from files (`--plugins DIR`, replay's `--plugin`): no table record to reload
+    /// them from, so never evicted.
+    pinned: RwLock<HashMap<String, Arc<Installed>>>,
     /// Per tenant, the (version, pointer revision) that could not be loaded here: not tried
     /// again until the pointer changes, or for [`UNLOADABLE_TTL`].
     unloadable: moka::sync::Cache<String, (String, Option<String>)>,
@@ -78,6 +86,26 @@ pub struct Registry {
 /// The plugin memory budget of a process, unless configured (`ROOMCAST_PLUGIN_MEMORY_BUDGET_MIB`).
 pub const DEFAULT_MEMORY_BUDGET_MIB: usize = 1024;
 
+/// An installed plugin unused this long is released (its tenant's next message reloads it).
+pub const INSTALLED_IDLE: Duration = Duration::from_secs(3600);
+
+/// The cache of installed plugins: bounded by count, least recently used first (an install is
+/// always admitted: it is the tenant's plugin), idle ones released; evictions counted.
+fn installed_cache(capacity: usize, metrics: &Arc<Metrics>) -> moka::sync::Cache<String, Arc<Installed>> {
+    let metrics = metrics.clone();
+    moka::sync::Cache::builder()
+        .max_capacity(capacity as u64)
+        .eviction_policy(moka::policy::EvictionPolicy::lru())
+        .time_to_idle(INSTALLED_IDLE)
+        .eviction_listener(move |tenant: Arc<String>, _, cause: moka::notification::RemovalCause| {
+            if cause.was_evicted() {
+                Metrics::add(&metrics.plugin_evictions, 1);
+                tracing::info!(tenant = %tenant, ?cause, "plugin evicted from the cache; it reloads on next use");
+            }
+        })
+        .build()
+}
+
 /// How long a version that cannot be loaded is not tried again (unless its pointer changes).
 pub const UNLOADABLE_TTL: Duration = Duration::from_secs(600);
 /// How long a finished load is kept for the next caller (an install elsewhere, a cold tenant).
@@ -89,7 +117,8 @@ impl Registry {
             host,
             limits: Limits::default(),
             capacity: DEFAULT_CAPACITY,
-            tenants: RwLock::new(HashMap::new()),
+            tenants: installed_cache(DEFAULT_CAPACITY, &metrics),
+            pinned: RwLock::new(HashMap::new()),
             unloadable: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(UNLOADABLE_TTL).build(),
             loads: moka::future::Cache::builder()
                 // Weighed by component bytes: at most 256 MiB of components held here at once.
@@ -140,6 +169,7 @@ impl Registry {
     /// How many tenants' compiled plugins are kept at most.
     pub fn with_capacity(mut self, tenants: usize) -> Registry {
         self.capacity = tenants.max(1);
+        self.tenants = installed_cache(self.capacity, &self.metrics);
         self
     }
 
@@ -161,27 +191,21 @@ impl Registry {
             pinned,
             revision: Mutex::new(None),
             breaker: Mutex::new(Breaker::default()),
-            last_used: Mutex::new(Instant::now()),
         });
         self.unloadable.invalidate(tenant);
-        let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
-        tenants.insert(tenant.to_string(), installed);
-        while tenants.len() > self.capacity {
-            let victim = tenants
-                .iter()
-                .filter(|(name, i)| !i.pinned && name.as_str() != tenant)
-                .min_by_key(|(_, i)| *i.last_used.lock().unwrap_or_else(|p| p.into_inner()))
-                .map(|(name, _)| name.clone());
-            let Some(victim) = victim else { break };
-            tenants.remove(&victim);
-            Metrics::add(&self.metrics.plugin_evictions, 1);
-            tracing::info!(tenant = %victim, capacity = self.capacity, "plugin evicted from the cache; it reloads on next use");
+        if pinned {
+            self.tenants.invalidate(tenant);
+            self.pinned.write().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), installed);
+        } else {
+            self.pinned.write().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+            self.tenants.insert(tenant.to_string(), installed);
         }
     }
 
     /// The tenant runs no plugin (until the table says otherwise).
     pub fn remove(&self, tenant: &str) {
-        self.tenants.write().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+        self.pinned.write().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+        self.tenants.invalidate(tenant);
     }
 
     /// The version the tenant runs here, if any.
@@ -196,7 +220,8 @@ impl Registry {
 
     /// How many tenants' plugins are loaded.
     pub fn loaded(&self) -> usize {
-        self.tenants.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.tenants.run_pending_tasks();
+        self.tenants.entry_count() as usize + self.pinned.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// The failure policy the tenant's plugin runs with here, if it has one.
@@ -270,7 +295,8 @@ impl Registry {
     }
 
     fn get(&self, tenant: &str) -> Option<Arc<Installed>> {
-        self.tenants.read().unwrap_or_else(|p| p.into_inner()).get(tenant).cloned()
+        let pinned = self.pinned.read().unwrap_or_else(|p| p.into_inner()).get(tenant).cloned();
+        pinned.or_else(|| self.tenants.get(tenant))
     }
 
     /// Runs a tenant's hooks on a blocking thread (a call may take up to its deadline), behind
@@ -283,7 +309,6 @@ impl Registry {
         call: impl FnOnce(&PluginHost, &Plugin, &Limits) -> R + Send + 'static,
     ) -> Option<(Result<R, Fault>, Policy)> {
         let installed = self.get(tenant)?;
-        *installed.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         {
             let breaker = installed.breaker.lock().unwrap_or_else(|p| p.into_inner());
             if breaker.open_until.is_some_and(|until| Instant::now() < until) {
