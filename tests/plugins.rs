@@ -1317,3 +1317,23 @@ async fn plugin_instances_share_the_processs_memory_budget() {
     let peak = registry.memory_peak_mib();
     assert!((16..=32).contains(&peak), "{peak} MiB reserved at once");
 }
+
+/// A load whose caller gave up (its record ran out of time) leaves the compilation running, and
+/// the next caller joins it instead of compiling the same component again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_whose_caller_gave_up_is_joined_not_repeated() {
+    let metrics = std::sync::Arc::new(roomcast::metrics::Metrics::default());
+    let registry =
+        roomcast::plugins::registry::Registry::new(std::sync::Arc::new(PluginHost::new().unwrap()), metrics.clone());
+    let bytes = component("roomcast-hostile-plugin");
+    let limits = Limits::default();
+    let read = || {
+        let bytes = bytes.clone();
+        async move { Ok(Ok(bytes)) }
+    };
+    let gave_up = tokio::time::timeout(Duration::from_micros(1), registry.load("acme", "v1", &limits, read())).await;
+    assert!(gave_up.is_err(), "the first caller was meant to give up before the compile ended");
+    let loaded = registry.load("acme", "v1", &limits, read()).await.unwrap();
+    assert!(loaded.is_ok(), "{loaded:?}");
+    assert_eq!(metrics.snapshot().plugin_compiles, 1);
+}

@@ -78,6 +78,10 @@ pub struct Registry {
     /// its instance's cap from here before it starts and gives it back when it ends, so eight
     /// partitions of a tenant with a 128 MiB cap cannot take a 512 MB function down.
     memory: Arc<tokio::sync::Semaphore>,
+    /// Compilations under way, by component sha256: a caller that gave up (its record ran out of
+    /// time) leaves the compile running, and the next caller waits for it instead of starting
+    /// another on a fraction of a vCPU.
+    compiling: Compiling,
     memory_mib: usize,
     memory_peak_mib: std::sync::atomic::AtomicUsize,
     metrics: Arc<Metrics>,
@@ -85,6 +89,51 @@ pub struct Registry {
 
 /// The plugin memory budget of a process, unless configured (`ROOMCAST_PLUGIN_MEMORY_BUDGET_MIB`).
 pub const DEFAULT_MEMORY_BUDGET_MIB: usize = 1024;
+
+type CompileResult = futures::future::Shared<futures::future::BoxFuture<'static, Result<Plugin, String>>>;
+
+/// Compilations under way, shared by every caller of the same component.
+#[derive(Clone, Default)]
+struct Compiling(Arc<Mutex<HashMap<String, CompileResult>>>);
+
+impl Compiling {
+    /// Compiles `bytes` on a blocking thread, or joins the compilation of the same bytes already
+    /// under way; it runs to the end whoever stops waiting.
+    async fn compile(
+        &self,
+        host: &Arc<PluginHost>,
+        metrics: &Arc<Metrics>,
+        bytes: Vec<u8>,
+        limits: Limits,
+    ) -> Result<Plugin, String> {
+        use futures::FutureExt;
+        let sha256 = super::sha256_hex(&bytes);
+        let shared = {
+            let mut under_way = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(shared) = under_way.get(&sha256) {
+                shared.clone()
+            } else {
+                Metrics::add(&metrics.plugin_compiles, 1);
+                let host = host.clone();
+                let task =
+                    tokio::task::spawn_blocking(move || host.compile(&bytes, &limits).map_err(|e| e.to_string()));
+                let shared =
+                    async move { task.await.unwrap_or_else(|e| Err(format!("compilation did not complete: {e}"))) }
+                        .boxed()
+                        .shared();
+                under_way.insert(sha256.clone(), shared.clone());
+                // Forgotten once done, whoever is still waiting (the result is theirs already).
+                let (done, map) = (shared.clone(), self.0.clone());
+                tokio::spawn(async move {
+                    let _ = done.await;
+                    map.lock().unwrap_or_else(|p| p.into_inner()).remove(&sha256);
+                });
+                shared
+            }
+        };
+        shared.await
+    }
+}
 
 /// An installed plugin unused this long is released (its tenant's next message reloads it).
 pub const INSTALLED_IDLE: Duration = Duration::from_secs(3600);
@@ -129,6 +178,7 @@ impl Registry {
                 .time_to_live(LOAD_TTL)
                 .build(),
             memory: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MEMORY_BUDGET_MIB)),
+            compiling: Compiling::default(),
             memory_mib: DEFAULT_MEMORY_BUDGET_MIB,
             memory_peak_mib: std::sync::atomic::AtomicUsize::new(0),
             metrics,
@@ -261,6 +311,7 @@ impl Registry {
     {
         let key = (tenant.to_string(), version.to_string());
         let (host, metrics, limits) = (self.host.clone(), self.metrics.clone(), limits.clone());
+        let compiling = self.compiling.clone();
         let loaded = self
             .loads
             .try_get_with(key, async move {
@@ -268,12 +319,7 @@ impl Registry {
                     Ok(bytes) => bytes,
                     Err(reason) => return Ok(Arc::new(Err(reason))),
                 };
-                Metrics::add(&metrics.plugin_compiles, 1);
-                let compiled =
-                    tokio::task::spawn_blocking(move || host.compile(&bytes, &limits).map_err(|e| e.to_string()))
-                        .await
-                        .unwrap_or_else(|e| Err(format!("compilation did not complete: {e}")));
-                Ok::<_, StoreError>(Arc::new(compiled))
+                Ok::<_, StoreError>(Arc::new(compiling.compile(&host, &metrics, bytes, limits).await))
             })
             .await;
         match loaded {
