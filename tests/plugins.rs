@@ -815,10 +815,7 @@ async fn another_container(
         stack.clock.clone(),
         metrics.clone(),
     );
-    let registry = std::sync::Arc::new(roomcast::plugins::registry::Registry::new(
-        std::sync::Arc::new(PluginHost::new().unwrap()),
-        metrics.clone(),
-    ));
+    let registry = std::sync::Arc::new(fresh_registry(&metrics));
     let processor = roomcast::pipeline::Processor::new(store, deliverer, stack.clock.clone(), metrics, 8)
         .with_plugins(registry.clone());
     (processor, registry)
@@ -1011,10 +1008,7 @@ async fn eight_partitions_asking_for_a_cold_tenants_plugin_compile_it_once(kind:
     assert_eq!(cold.counts().plugin_compiles, 1, "{:?}", cold.counts());
 
     let metrics = std::sync::Arc::new(roomcast::metrics::Metrics::default());
-    let registry = std::sync::Arc::new(roomcast::plugins::registry::Registry::new(
-        std::sync::Arc::new(PluginHost::new().unwrap()),
-        metrics.clone(),
-    ));
+    let registry = std::sync::Arc::new(fresh_registry(&metrics));
     let rules = roomcast::plugins::PluginRules::new(registry.clone(), stack.table.store.clone());
     let asks = (0..8).map(|_| rules.refresh("acme", Mode::Execute));
     for asked in futures::future::join_all(asks).await {
@@ -1300,8 +1294,7 @@ async fn a_cold_load_reads_only_the_active_version_by_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_instances_share_the_processs_memory_budget() {
     let metrics = std::sync::Arc::new(roomcast::metrics::Metrics::default());
-    let registry = roomcast::plugins::registry::Registry::new(std::sync::Arc::new(PluginHost::new().unwrap()), metrics)
-        .with_memory_budget(32);
+    let registry = fresh_registry(&metrics).with_memory_budget(32);
     let limits = Limits::default();
     let hostile = registry.host().compile(&component("roomcast-hostile-plugin"), &limits).unwrap();
     registry.install("lax", hostile, limits.clone(), Policy::FailOpen, true);
@@ -1323,8 +1316,7 @@ async fn plugin_instances_share_the_processs_memory_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compile_whose_caller_gave_up_is_joined_not_repeated() {
     let metrics = std::sync::Arc::new(roomcast::metrics::Metrics::default());
-    let registry =
-        roomcast::plugins::registry::Registry::new(std::sync::Arc::new(PluginHost::new().unwrap()), metrics.clone());
+    let registry = fresh_registry(&metrics);
     let bytes = component("roomcast-hostile-plugin");
     let limits = Limits::default();
     let read = || {
@@ -1336,4 +1328,9 @@ async fn a_compile_whose_caller_gave_up_is_joined_not_repeated() {
     let loaded = registry.load("acme", "v1", &limits, read()).await.unwrap();
     assert!(loaded.is_ok(), "{loaded:?}");
     assert_eq!(metrics.snapshot().plugin_compiles, 1);
+}
+
+/// A registry with nothing installed and a host of its own, counting into `metrics`.
+fn fresh_registry(metrics: &std::sync::Arc<roomcast::metrics::Metrics>) -> roomcast::plugins::registry::Registry {
+    roomcast::plugins::registry::Registry::new(std::sync::Arc::new(PluginHost::new().unwrap()), metrics.clone())
 }

@@ -84,17 +84,9 @@ impl PluginHost {
 
 /// A plugin's reject reason, cut (at a character boundary) to what the sender's `rejected`
 /// frame can carry: the sender must hear of the rejection, not get a 413.
-pub(crate) fn bounded_reason(mut reason: String) -> String {
-    const MAX: usize = 4096;
-    if reason.len() > MAX {
-        let mut end = MAX;
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        reason.truncate(end);
-        reason.push('…');
-    }
-    reason
+pub(crate) fn bounded_reason(reason: String) -> String {
+    // 4 KB of the reason, and the ellipsis after it when it was cut.
+    super::cut(&reason, 4096 + '…'.len_utf8())
 }
 
 /// The frame a recipient gets for `message` with its body rewritten to `text`, in bytes.

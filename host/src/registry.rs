@@ -10,7 +10,7 @@
 //!   to come back from and are kept apart, never evicted.
 //! * Fresh: every message (and every welcome) runs on a new instance of the tenant's plugin
 //!   ([`PluginHost::message`]), so no state carries between messages and replays decide as the
-//!   live run did. A batch keeps only its [`Lookups`] of `ACTIVE` pointers.
+//!   live run did. A batch keeps only its [`Lookups`](crate::rules::Lookups) of `ACTIVE` pointers.
 //! * Blame stays with the tenant: a fault applies the tenant's [`Policy`] (fail open to the
 //!   default rules, or fail closed and reject), is counted, and after [`BREAKER_THRESHOLD`] faults
 //!   in a row opens the breaker: the plugin is skipped (policy applied) for [`BREAKER_COOLDOWN`].
@@ -25,7 +25,6 @@ use crate::store::StoreError;
 use super::{CallRecord, CallReport, Fault, Limits, Message, MessageCalls, Plugin, PluginHost, Verdict, WelcomeInfo};
 use crate::metrics::Metrics;
 use crate::react::{Decision, Route};
-pub use crate::rules::Lookups;
 
 pub const BREAKER_THRESHOLD: u32 = 5;
 pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);

@@ -229,10 +229,6 @@ impl Deliverer {
         Deliverer { dry_run: true, ..Deliverer::new(sdk, DeliverySettings::default(), store, clock, metrics) }
     }
 
-    pub fn is_dry_run(&self) -> bool {
-        self.dry_run
-    }
-
     /// Performs the effects of one record, in order, within the batch's `window`. Sends to many
     /// recipients run concurrently. A recipient still being retried when the window closes
     /// makes the record unfinished: [`StoreError::OutOfTime`].
