@@ -348,6 +348,19 @@ impl Recorder {
         self.received(connection_id).into_iter().filter(|b| b["action"] == action).collect()
     }
 
+    /// Presence frames one connection accepted, each checked to carry an `id` (the stream
+    /// record's event id, for deduplication) and shown without it, so tests compare the rest.
+    pub fn presence(&self, connection_id: &str) -> Vec<Value> {
+        self.received_action(connection_id, "presence")
+            .into_iter()
+            .map(|mut frame| {
+                let id = frame.as_object_mut().and_then(|f| f.remove("id"));
+                assert!(id.as_ref().and_then(Value::as_str).is_some_and(|id| !id.is_empty()), "no id: {frame}");
+                frame
+            })
+            .collect()
+    }
+
     /// `GetConnection` answers 410 for `connection_id` from now on.
     pub fn mark_gone(&self, connection_id: &str) {
         self.state.lock().unwrap().gone.insert(connection_id.to_string());
@@ -686,6 +699,42 @@ impl Store for UnavailableRoom {
     }
     async fn put_message(&self, m: &roomcast::model::Message) -> roomcast::store::Result<()> {
         self.inner.put_message(m).await
+    }
+    async fn apply_presence(
+        &self,
+        update: &roomcast::presence::PresenceUpdate,
+    ) -> roomcast::store::Result<roomcast::presence::PresenceOutcome> {
+        self.inner.apply_presence(update).await
+    }
+    async fn who(
+        &self,
+        tenant: &str,
+        room: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> roomcast::store::Result<roomcast::presence::WhoPage> {
+        self.inner.who(tenant, room, limit, after).await
+    }
+    async fn presence(
+        &self,
+        tenant: &str,
+        room: &str,
+        user: &str,
+    ) -> roomcast::store::Result<Option<roomcast::model::Presence>> {
+        self.inner.presence(tenant, room, user).await
+    }
+    async fn room_presence(
+        &self,
+        tenant: &str,
+        room: &str,
+    ) -> roomcast::store::Result<Option<roomcast::model::RoomPresence>> {
+        self.inner.room_presence(tenant, room).await
+    }
+    async fn tenant_settings(&self, tenant: &str) -> roomcast::store::Result<Option<roomcast::model::TenantSettings>> {
+        self.inner.tenant_settings(tenant).await
+    }
+    async fn put_tenant_settings(&self, settings: &roomcast::model::TenantSettings) -> roomcast::store::Result<()> {
+        self.inner.put_tenant_settings(settings).await
     }
     async fn user_connections(
         &self,

@@ -177,8 +177,8 @@ async fn cleanup_deletes_only_confirmed_stale_connections_and_presence_follows(k
 
     stack.pump().await;
     assert_eq!(
-        stack.recorder.received_action("bob", "presence"),
-        vec![json!({"action":"presence","room":"general","user_id":"ann","event":"left","reason":"gone"})]
+        stack.recorder.presence("bob"),
+        vec![json!({"action":"presence","room":"general","user_id":"ann","event":"left","reason":"gone","users":2})]
     );
 }
 
@@ -198,7 +198,7 @@ async fn the_sweeper_expires_presence_although_ttl_has_not_deleted_the_record(ki
     assert_eq!((report.checked, report.cleaned), (1, 1), "{report:?}");
     stack.pump().await;
     assert_eq!(
-        stack.recorder.received_action("bob", "presence"),
-        vec![json!({"action":"presence","room":"general","user_id":"ann","event":"left","reason":"expired"})]
+        stack.recorder.presence("bob"),
+        vec![json!({"action":"presence","room":"general","user_id":"ann","event":"left","reason":"expired","users":1})]
     );
 }

@@ -52,6 +52,11 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// A tenant's settings.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
     /// Mint an HS256 token for `$connect` (tenant and sub claims), e.g. to try a deployment.
     Token {
         #[arg(long)]
@@ -206,6 +211,27 @@ enum PluginCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Print the tenant's settings (unset ones take the deployment's defaults).
+    Show {
+        tenant: String,
+        #[command(flatten)]
+        target: PluginTargetArgs,
+    },
+    /// Write the tenant's settings; the processor reads them from its next batch on. A setting
+    /// left out is unset.
+    Set {
+        tenant: String,
+        /// Rooms with more users announce no joined/left and offer counts and `who` only
+        /// (default: ROOMCAST_PRESENCE_ANNOUNCE_MAX_USERS, 100).
+        #[arg(long)]
+        presence_announce_max_users: Option<u64>,
+        #[command(flatten)]
+        target: PluginTargetArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TableCommand {
     /// Create the table (stream NEW_AND_OLD_IMAGES, TTL on `ttl`, the `gsi1` index); an existing
     /// table is left as it is.
@@ -307,6 +333,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("the processor activates it; `roomcast plugin list --tenant {tenant}` shows the outcome");
             Ok(())
         }
+        Command::Tenant { command: TenantCommand::Show { tenant, target } } => {
+            let settings = target.target().await.settings(&tenant).await?;
+            println!("{}", serde_json::to_string_pretty(&settings)?);
+            Ok(())
+        }
+        Command::Tenant { command: TenantCommand::Set { tenant, presence_announce_max_users, target } } => {
+            let settings = crate::model::TenantSettings {
+                presence_announce_max_users,
+                ..crate::model::TenantSettings::new(&tenant)
+            };
+            target.target().await.set_settings(&settings).await?;
+            println!("{}", serde_json::to_string_pretty(&settings)?);
+            Ok(())
+        }
         Command::Plugin { command: PluginCommand::List { tenant, target } } => {
             let (active, versions) = target.target().await.list(&tenant).await?;
             plugins::print_list(active.as_deref(), &versions);
@@ -396,8 +436,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Deliverer::new(sdk.clone(), config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
             // Tenant plugins as in the Lambda: the deployment's limits, cache bound and artifacts.
             let registry = Arc::new(crate::plugins::registry::Registry::from_config(&config, metrics.clone())?);
-            let processor =
-                Processor::new(store, deliverer, clock, metrics, config.partitions_at_once).with_plugins(registry);
+            let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once)
+                .with_plugins(registry)
+                .with_announce_max_users(config.presence_announce_max_users);
             let streams = config::streams_client(&sdk, config.dynamodb_endpoint.as_deref());
             let start = if from_trim_horizon { StartAt::TrimHorizon } else { StartAt::Latest };
             let mut poller = StreamPoller::new(streams, stream_arn.clone(), start);

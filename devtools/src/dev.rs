@@ -52,6 +52,8 @@ pub struct DevOptions {
     /// test gives a `ManualClock` to age connections without waiting. (The gateway's socket
     /// timers — idle timeout, maximum duration — keep the wall clock.)
     pub clock: Arc<dyn Clock>,
+    /// Rooms with more users announce no `joined`/`left` (`roomcast tenant set` overrides it per tenant).
+    pub presence_announce_max_users: u64,
 }
 
 impl Default for DevOptions {
@@ -70,6 +72,7 @@ impl Default for DevOptions {
             plugins: None,
             redeliver: false,
             clock: Arc::new(SystemClock),
+            presence_announce_max_users: crate::presence::DEFAULT_ANNOUNCE_MAX_USERS,
         }
     }
 }
@@ -189,8 +192,11 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         Some(dir) => load_plugins(dir, &registry)?,
         None => Vec::new(),
     };
-    let processor =
-        Arc::new(Processor::new(store.clone(), deliverer, clock.clone(), metrics.clone(), 8).with_plugins(registry));
+    let processor = Arc::new(
+        Processor::new(store.clone(), deliverer, clock.clone(), metrics.clone(), 8)
+            .with_plugins(registry)
+            .with_announce_max_users(options.presence_announce_max_users),
+    );
     let deps = HandlerDeps {
         store: store.clone(),
         clock: clock.clone(),

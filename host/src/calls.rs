@@ -72,6 +72,8 @@ impl PluginHost {
                 user_id: info.user_id.clone(),
                 rooms: info.rooms.clone(),
                 greeting: Some(text.clone()),
+                // The counts the welcome will carry, at their widest.
+                counts: info.rooms.iter().map(|room| (room.clone(), u64::MAX)).collect(),
             };
             let size = welcome.to_json().len();
             if size > crate::protocol::MAX_OUTGOING_BYTES {

@@ -28,6 +28,7 @@ pub async fn run_processor() -> Result<(), Error> {
     };
     let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once)
         .with_plugins(registry)
+        .with_announce_max_users(config.presence_announce_max_users)
         .with_emf(emf);
     let processor = &processor;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {

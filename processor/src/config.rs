@@ -23,6 +23,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("ROOMCAST_SLOW_CONSUMER_MS", "2000", "a connection answering 429 this long is a slow consumer"),
     ("ROOMCAST_CLOSE_SLOW_CONSUMERS", "true", "close slow consumers (DELETE @connections); false only skips them"),
     ("ROOMCAST_PARTITIONS_AT_ONCE", "8", "rooms processed concurrently within a batch"),
+    (
+        "ROOMCAST_PRESENCE_ANNOUNCE_MAX_USERS",
+        "100",
+        "rooms with more users announce no joined/left (a tenant's setting overrides it)",
+    ),
     ("ROOMCAST_IDLE_LIMIT_SECONDS", "600", "the sweeper checks connections silent this long"),
     ("ROOMCAST_PLUGIN_FUEL", "10000000", "fuel per plugin call"),
     ("ROOMCAST_PLUGIN_MEMORY_MIB", "16", "a plugin's memory cap"),
@@ -70,6 +75,8 @@ pub struct Config {
     pub metrics_namespace: String,
     /// The memory all plugin instances of a process may hold at once, in MiB.
     pub plugin_memory_budget_mib: usize,
+    /// Rooms with more users announce no `joined`/`left`, unless the tenant's settings say otherwise.
+    pub presence_announce_max_users: u64,
 }
 
 /// Every problem found, one per line.
@@ -154,6 +161,8 @@ impl Config {
         };
         let partitions_at_once = number("ROOMCAST_PARTITIONS_AT_ONCE", 8, 1, 256) as usize;
         let idle_limit = Duration::from_secs(number("ROOMCAST_IDLE_LIMIT_SECONDS", 600, 1, 86_400));
+        let presence_announce_max_users =
+            number("ROOMCAST_PRESENCE_ANNOUNCE_MAX_USERS", crate::presence::DEFAULT_ANNOUNCE_MAX_USERS, 0, 1_000_000);
         let plugin_limits = crate::rules::Limits {
             fuel: number("ROOMCAST_PLUGIN_FUEL", 10_000_000, 1_000, 10_000_000_000),
             memory_bytes: (number("ROOMCAST_PLUGIN_MEMORY_MIB", 16, 1, 512) as usize) << 20,
@@ -183,6 +192,7 @@ impl Config {
                 plugin_artifact_dir,
                 metrics_namespace,
                 plugin_memory_budget_mib,
+                presence_announce_max_users,
             })
         } else {
             Err(ConfigError(problems))

@@ -249,7 +249,7 @@ async fn act(
                 )));
             }
             store.put_message(&message).await?;
-            ServerMessage::Ack { request: "sendMessage".into(), room: message.room, id: Some(message.id) }
+            ServerMessage::ack("sendMessage", &message.room, Some(message.id))
         }
         Request::Join { room } => {
             let room = room_name(&room)?;
@@ -262,13 +262,22 @@ async fn act(
                 }
                 store.join(&conn.membership(room.as_str(), JoinReason::Join, now)).await?;
             }
-            ServerMessage::Ack { request: "join".into(), room: room.to_string(), id: None }
+            // A snapshot of who is here, so the client's roster starts whole; the `joined` and
+            // `left` events that follow keep it current.
+            let page = store.who(&conn.tenant, room.as_str(), crate::presence::JOIN_ACK_MEMBERS, None).await?;
+            ServerMessage::Ack {
+                request: "join".into(),
+                room: room.to_string(),
+                id: None,
+                users: Some(page.total),
+                members: Some(crate::protocol::present_users(&page.users)),
+            }
         }
         Request::Leave { room } => {
             let room = room_name(&room)?;
             member_of(conn, room.as_str())?;
             store.leave(&conn.connection_id, &conn.tenant, room.as_str()).await?;
-            ServerMessage::Ack { request: "leave".into(), room: room.to_string(), id: None }
+            ServerMessage::ack("leave", room.as_str(), None)
         }
         Request::Ping => {
             store.touch(conn, now, expiry(now, deps.connection_ttl_seconds)).await?;
@@ -286,6 +295,17 @@ async fn act(
             member_of(conn, room.as_str())?;
             let messages = store.history(&conn.tenant, room.as_str(), limit, before.as_deref(), now).await?;
             ServerMessage::History { room: room.to_string(), messages: messages.iter().map(Into::into).collect() }
+        }
+        Request::Who { room, limit, after } => {
+            let room = room_name(&room)?;
+            member_of(conn, room.as_str())?;
+            let page = store.who(&conn.tenant, room.as_str(), limit, after.as_deref()).await?;
+            ServerMessage::Who {
+                room: room.to_string(),
+                users: crate::protocol::present_users(&page.users),
+                total: page.total,
+                next: page.next,
+            }
         }
     })
 }

@@ -22,6 +22,7 @@
 //! | table | [`store`] | one trait, a DynamoDB adapter and an embedded one with a stream |
 //! | record → change | [`stream`] | decode stream records into typed [`stream::Change`]s; the batch runner; the Streams poller |
 //! | tenant rules | [`rules`] | the interface the pipeline asks before reacting (the plugin host implements it) |
+//! | presence | [`presence`] | who is in a room, as state: exactly one `joined`/`left` per user and room |
 //! | change → effects | [`react`] | pure: welcome, room fan-out, presence, cascades |
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries within the batch's window; 410 / 429 / 413 rules, slow consumers |
 //! | the processor | [`pipeline`] | the path above for one record and for a batch, within the Lambda deadline |
@@ -39,6 +40,7 @@ pub mod lambda;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod presence;
 pub mod protocol;
 pub mod react;
 pub mod rules;

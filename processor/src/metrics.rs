@@ -64,6 +64,14 @@ counters! {
     /// Young connections still answering 410 when their batch ended: their frames from that
     /// batch were dropped (the client had most likely gone before its `$connect` returned).
     young_dropped,
+    /// Users who became present in a room (`joined` transitions), announced or not.
+    presence_joined,
+    /// Users who stopped being present in a room (`left` transitions), announced or not.
+    presence_left,
+    /// Transitions not announced because the room has more users than its tenant's limit.
+    presence_unannounced,
+    /// Membership records at or below their room's presence watermark: redelivered, no change.
+    presence_redelivered,
     /// Items read from the table that did not decode, skipped; the key is logged.
     corrupt_items,
     /// Messages a tenant's plugin rejected.

@@ -5,6 +5,12 @@
 //! | connection | `CONN#{connectionId}`   | `META`                      |
 //! | membership | `ROOM#{tenant}#{room}`  | `CONN#{connectionId}`       |
 //! | message    | `ROOM#{tenant}#{room}`  | `MSG#{timestamp}#{id}`      |
+//! | presence   | `ROOM#{tenant}#{room}`  | `USER#{userId}`             |
+//! | room count | `ROOM#{tenant}#{room}`  | `PRESENCE`                  |
+//! | settings   | `TENANT#{tenant}`       | `SETTINGS`                  |
+//!
+//! The processor alone writes presence and room counts ([`crate::presence`]); handlers read them
+//! for `who` and the `join` ack.
 //!
 //! Room keys carry the tenant, so two tenants' rooms of the same name never meet. Tenant and room
 //! names are validated ([`Name`]) so that `#` can never appear inside a key component.
@@ -63,6 +69,13 @@ pub fn membership_sk(connection_id: &str) -> String {
 pub fn message_sk(timestamp: &DateTime<Utc>, id: &str) -> String {
     format!("MSG#{}#{id}", format_ts(timestamp))
 }
+
+pub fn presence_sk(user_id: &str) -> String {
+    format!("USER#{user_id}")
+}
+
+pub const ROOM_PRESENCE_SK: &str = "PRESENCE";
+pub const SETTINGS_SK: &str = "SETTINGS";
 
 pub fn user_gsi1pk(tenant: &str, user_id: &str) -> String {
     format!("TENANT#{tenant}#USER#{user_id}")
@@ -634,3 +647,117 @@ impl LimitOverrides {
 /// The principal DynamoDB's stream names in the `userIdentity` of a record that TTL removed
 /// (its `type` is `Service`). The embedded store writes the same.
 pub const TTL_PRINCIPAL: &str = "dynamodb.amazonaws.com";
+
+// ---------------------------------------------------------------------------------------------
+// Presence, as state (docs/ARCHITECTURE.md, "Presence"): one item per user and room holding
+// that user's live connections there, and one per room holding its count of users. Only the
+// processor writes them, one membership record at a time ([`crate::presence`]).
+
+/// One user's presence in one room: the set of their connections in it. Exists while the set is
+/// not empty; the membership REMOVE that empties it deletes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Presence {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub tenant: String,
+    pub room: String,
+    pub user_id: String,
+    /// A DynamoDB string set, never empty here.
+    #[serde(with = "serde_dynamo::string_set")]
+    pub connections: BTreeSet<String>,
+    /// When the user became present (the joining record's time).
+    #[serde(with = "ts_format")]
+    pub since: DateTime<Utc>,
+    /// Bumped on every write: the adapters' optimistic lock.
+    pub ver: u64,
+}
+
+impl Presence {
+    pub fn new(tenant: &str, room: &str, user_id: &str, since: DateTime<Utc>) -> Presence {
+        Presence {
+            pk: room_pk(tenant, room),
+            sk: presence_sk(user_id),
+            record_type: "presence".into(),
+            tenant: tenant.to_string(),
+            room: room.to_string(),
+            user_id: user_id.to_string(),
+            connections: BTreeSet::new(),
+            since,
+            ver: 0,
+        }
+    }
+}
+
+/// A room's count of present users, and the room's presence watermark: the stream sequence
+/// number of the last membership record that changed who is present, and that record's event
+/// id. A record at or below the watermark is a redelivery.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomPresence {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub tenant: String,
+    pub room: String,
+    pub users: u64,
+    /// The watermark's sequence number, zero-padded so that it compares as a string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<String>,
+    /// The event id of the record at the watermark: the id of the presence frame it announced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<String>,
+    /// Bumped on every write: the adapters' optimistic lock.
+    pub ver: u64,
+}
+
+impl RoomPresence {
+    pub fn new(tenant: &str, room: &str) -> RoomPresence {
+        RoomPresence {
+            pk: room_pk(tenant, room),
+            sk: ROOM_PRESENCE_SK.into(),
+            record_type: "room-presence".into(),
+            tenant: tenant.to_string(),
+            room: room.to_string(),
+            users: 0,
+            seq: None,
+            last_event: None,
+            ver: 0,
+        }
+    }
+}
+
+/// A stream sequence number as a fixed-width string: DynamoDB's are decimal numbers of up to 40
+/// digits, which compare correctly as strings only at one width.
+pub fn sequence_key(sequence: &str) -> String {
+    format!("{sequence:0>40}")
+}
+
+/// A tenant's settings (`roomcast tenant set`); unset fields take the deployment's defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantSettings {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub tenant: String,
+    /// Rooms with more users than this announce no `joined`/`left`; they offer counts and `who`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_announce_max_users: Option<u64>,
+}
+
+impl TenantSettings {
+    pub fn new(tenant: &str) -> TenantSettings {
+        TenantSettings {
+            pk: tenant_pk(tenant),
+            sk: SETTINGS_SK.into(),
+            record_type: "settings".into(),
+            tenant: tenant.to_string(),
+            presence_announce_max_users: None,
+        }
+    }
+}

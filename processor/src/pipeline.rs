@@ -1,5 +1,5 @@
-//! The processor: one stream record through decode → react → deliver, and whole batches through
-//! the batch runner. The same `Processor` serves the Lambda, the stream poller and `roomcast dev`.
+//! The processor: one stream record through decode → decide (tenant rules, presence) → react →
+//! deliver, and whole batches through the batch runner. The same `Processor` serves the Lambda, the stream poller and `roomcast dev`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +13,8 @@ use tracing::field::Empty;
 use crate::deliver::{Deliverer, Outcome, Window};
 use crate::metrics::{Counts, Metrics};
 use crate::model::Clock;
-use crate::react::{self, Decisions, Effect};
+use crate::presence::{PresenceOp, PresenceUpdate};
+use crate::react::{self, Decisions, Effect, PresenceDecision};
 use crate::rules::{CallRecord, Lookups, MessageInput, Mode, PluginAction, TenantRules, WelcomeInput};
 use crate::store::{Rooms, Store, StoreError};
 use crate::stream::Change;
@@ -31,6 +32,8 @@ pub struct RecordReport {
     pub plugin_calls: Vec<CallRecord>,
     /// What a plugin record made the plugin lifecycle do (activate, reject, follow).
     pub plugin_actions: Vec<PluginAction>,
+    /// What a membership record did to its room's presence.
+    pub presence: Option<PresenceDecision>,
 }
 
 /// Time kept back from the Lambda deadline to answer and flush the logs.
@@ -55,6 +58,11 @@ pub struct Processor {
     mode: Mode,
     /// Each batch's counts as CloudWatch metrics (the Lambda).
     emf: Option<crate::metrics::Emf>,
+    /// Rooms with more users announce no `joined`/`left`, unless the tenant's settings say otherwise.
+    announce_max_users: u64,
+    /// A dry run's presence state: its own, in memory, so that it writes nothing to the table and
+    /// decides the same on every run.
+    scratch: Arc<dyn Store>,
 }
 
 impl Processor {
@@ -68,14 +76,22 @@ impl Processor {
         Processor {
             store,
             deliverer,
-            clock,
             metrics,
             partitions_at_once,
             rules: None,
             rooms: None,
             mode: Mode::Execute,
             emf: None,
+            announce_max_users: crate::presence::DEFAULT_ANNOUNCE_MAX_USERS,
+            scratch: crate::store::memory::MemoryStore::scratch(clock.clone()),
+            clock,
         }
+    }
+
+    /// Rooms with more users than `max` announce no `joined`/`left` (a tenant's settings override it).
+    pub fn with_announce_max_users(mut self, max: u64) -> Processor {
+        self.announce_max_users = max;
+        self
     }
 
     /// Asks `rules` (the plugin host: `roomcast_plugin_host::PluginRules`) about messages and
@@ -177,6 +193,75 @@ impl Processor {
         &self.metrics
     }
 
+    /// Where presence state lives: the table, or a dry run's scratch copy.
+    fn presence_state(&self) -> &Arc<dyn Store> {
+        match self.mode {
+            Mode::Execute => &self.store,
+            Mode::DryRun => &self.scratch,
+        }
+    }
+
+    /// Applies a membership record to its room's presence ([`crate::presence`]) and decides
+    /// whether the room announces the transition.
+    async fn presence(
+        &self,
+        change: &Change,
+        record: &EventRecord,
+        lookups: &Lookups,
+    ) -> Result<Option<PresenceDecision>, StoreError> {
+        let (m, op) = match change {
+            Change::Inserted(Record::Membership(m)) => (m, PresenceOp::Add),
+            Change::Removed { old: Record::Membership(m), .. } => (m, PresenceOp::Remove),
+            _ => return Ok(None),
+        };
+        let update = PresenceUpdate {
+            tenant: m.tenant.clone(),
+            room: m.room.clone(),
+            user_id: m.user_id.clone(),
+            connection_id: m.connection_id.clone(),
+            op,
+            event_id: record.event_id.clone(),
+            seq: record.change.sequence_number.as_deref().map(crate::model::sequence_key),
+            at: m.joined_at,
+        };
+        let outcome = self.presence_state().apply_presence(&update).await?;
+        let mut announce = false;
+        if let Some(event) = outcome.transition {
+            let max =
+                match lookups.settings(&m.tenant).get_or_try_init(|| self.store.tenant_settings(&m.tenant)).await? {
+                    Some(settings) => settings.presence_announce_max_users.unwrap_or(self.announce_max_users),
+                    None => self.announce_max_users,
+                };
+            let users = outcome.users.unwrap_or_default();
+            // The room's size with the user in it: after a join, before a leave.
+            let counted = if event == crate::protocol::PresenceEvent::Joined { users } else { users + 1 };
+            announce = crate::presence::announces(counted, max);
+            if !outcome.redelivered {
+                let counter = match event {
+                    crate::protocol::PresenceEvent::Joined => &self.metrics.presence_joined,
+                    crate::protocol::PresenceEvent::Left => &self.metrics.presence_left,
+                };
+                Metrics::add(counter, 1);
+            }
+            if !announce {
+                Metrics::add(&self.metrics.presence_unannounced, 1);
+            }
+        }
+        if outcome.redelivered {
+            Metrics::add(&self.metrics.presence_redelivered, 1);
+        }
+        let decision = PresenceDecision {
+            event: outcome.transition,
+            id: record.event_id.clone(),
+            users: outcome.users,
+            connections: outcome.connections,
+            redelivered: outcome.redelivered,
+            announce,
+        };
+        tracing::debug!(user = %m.user_id, presence = %decision, "presence");
+        Ok(Some(decision))
+    }
+
     /// One record on its own: decode, read the room if the change needs it, react, deliver.
     /// Only a platform fault (the table unavailable) is an error.
     pub async fn process_record(&self, record: &EventRecord) -> Result<RecordReport, StoreError> {
@@ -214,6 +299,7 @@ impl Processor {
                     outcomes: Vec::new(),
                     plugin_calls: Vec::new(),
                     plugin_actions: Vec::new(),
+                    presence: None,
                 });
             }
             let (tenant, room) = change.tenant_room();
@@ -230,12 +316,20 @@ impl Processor {
             {
                 plugin_actions = rules.on_plugin_record(&change, self.mode).await?;
             }
-            let (decisions, plugin_calls) = self.decide(&change, lookups).await?;
-            let mut members = match react::room_needed(&change) {
+            let (mut decisions, plugin_calls) = self.decide(&change, lookups).await?;
+            decisions.presence = self.presence(&change, record, lookups).await?;
+            if let Change::Inserted(Record::Connection(c)) = &change {
+                let rooms: Vec<String> = c.rooms.iter().cloned().collect();
+                let state = self.presence_state();
+                let counts = crate::store::room_counts(state.as_ref(), &c.tenant, &c.user_id, &rooms).await?;
+                decisions.counts = counts.into_iter().collect();
+            }
+            let mut members = match react::room_needed(&change, &decisions) {
                 Some((tenant, room)) => self.room_members(tenant, room).await?,
                 None => Vec::new(),
             };
-            if let (Some((_, route)), Some((tenant, _))) = (&decisions.message, react::room_needed(&change)) {
+            if let (Some((_, route)), Some((tenant, _))) = (&decisions.message, react::room_needed(&change, &decisions))
+            {
                 // The plugin's extra rooms: already without repeats and within the tenant's
                 // limit (the plugin host's `calls::narrow`); read a few at a time, not one after another.
                 let reads: Vec<_> = route.extra_rooms.iter().map(|extra| self.room_members(tenant, extra)).collect();
@@ -252,7 +346,8 @@ impl Processor {
                 plugin_calls = plugin_calls.len(),
                 "record processed"
             );
-            Ok(RecordReport { change, effects, outcomes, plugin_calls, plugin_actions })
+            let presence = decisions.presence;
+            Ok(RecordReport { change, effects, outcomes, plugin_calls, plugin_actions, presence })
         }
         .instrument(span)
         .await

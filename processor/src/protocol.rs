@@ -18,12 +18,29 @@ pub const MAX_HISTORY_LIMIT: usize = 100;
 /// What a client asked for.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Request {
-    SendMessage { room: String, message: String },
-    Join { room: String },
-    Leave { room: String },
+    SendMessage {
+        room: String,
+        message: String,
+    },
+    Join {
+        room: String,
+    },
+    Leave {
+        room: String,
+    },
     Ping,
     Info,
-    History { room: String, limit: usize, before: Option<String> },
+    History {
+        room: String,
+        limit: usize,
+        before: Option<String>,
+    },
+    /// Who is in a room now: a page of users, after the user id `after`.
+    Who {
+        room: String,
+        limit: usize,
+        after: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +99,32 @@ pub fn parse_frame(body: &str) -> Result<Request, FrameError> {
         "leave" => Request::Leave { room: room()? },
         "ping" => Request::Ping,
         "info" => Request::Info,
+        "who" => {
+            let max = crate::presence::MAX_WHO_PAGE;
+            let limit = match fields.get("limit") {
+                None | Some(Value::Null) => crate::presence::DEFAULT_WHO_PAGE,
+                Some(v) => match v.as_u64() {
+                    Some(n) if (1..=max as u64).contains(&n) => n as usize,
+                    _ => {
+                        return Err(FrameError::new(
+                            ErrorCode::InvalidRequest,
+                            format!("who: `limit` must be a whole number from 1 to {max}"),
+                        ));
+                    }
+                },
+            };
+            let after = match fields.get("after") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(_) => {
+                    return Err(FrameError::new(
+                        ErrorCode::InvalidRequest,
+                        "who: `after` must be the `next` of the previous page",
+                    ));
+                }
+            };
+            Request::Who { room: room()?, limit, after }
+        }
         "history" => {
             let limit = match fields.get("limit") {
                 None | Some(Value::Null) => DEFAULT_HISTORY_LIMIT,
@@ -114,7 +157,7 @@ pub fn parse_frame(body: &str) -> Result<Request, FrameError> {
         other => {
             return Err(FrameError::new(
                 ErrorCode::UnknownAction,
-                format!("unknown action {other:?}; known: sendMessage, join, leave, ping, info, history"),
+                format!("unknown action {other:?}; known: sendMessage, join, leave, ping, info, history, who"),
             ));
         }
     })
@@ -170,13 +213,33 @@ pub enum ServerMessage {
         /// The tenant plugin's greeting, when it has one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         greeting: Option<String>,
+        /// Users present in each of `rooms` as the welcome was sent (this connection's own
+        /// membership may not be counted yet: its `joined` follows).
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        counts: std::collections::BTreeMap<String, u64>,
     },
     Message(ChatMessage),
+    /// A user became present in a room (their first connection joined) or stopped being present
+    /// (their last one left). `id` is the same when a redelivered record sends it again: a client
+    /// applies each id once.
     Presence {
+        id: String,
         room: String,
         user_id: String,
         event: PresenceEvent,
         reason: String,
+        /// The room's users after this event.
+        users: u64,
+    },
+    /// The answer to `who`: a page of the users present, each once with their connection count.
+    Who {
+        room: String,
+        users: Vec<PresentUser>,
+        /// Users in the room.
+        total: u64,
+        /// Pass as `after` for the next page; absent on the last page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
     },
     Rejected {
         id: String,
@@ -205,7 +268,37 @@ pub enum ServerMessage {
         room: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
+        /// For `join`: the room's users as the join was acknowledged (this connection's user is
+        /// counted once its `joined` is processed) …
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        users: Option<u64>,
+        /// … and the first of them, by user id (at most [`crate::presence::JOIN_ACK_MEMBERS`];
+        /// `who` pages through the rest).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        members: Option<Vec<PresentUser>>,
     },
+}
+
+/// A user present in a room, with how many connections they have in it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresentUser {
+    pub user_id: String,
+    pub connections: usize,
+}
+
+impl ServerMessage {
+    /// An `ack` with no presence snapshot.
+    pub fn ack(request: &str, room: &str, id: Option<String>) -> ServerMessage {
+        ServerMessage::Ack { request: request.into(), room: room.into(), id, users: None, members: None }
+    }
+}
+
+/// The users of a [`crate::presence::WhoPage`] as the protocol lists them.
+pub fn present_users(users: &[(String, usize)]) -> Vec<PresentUser> {
+    users
+        .iter()
+        .map(|(user_id, connections)| PresentUser { user_id: user_id.clone(), connections: *connections })
+        .collect()
 }
 
 impl ServerMessage {
@@ -268,15 +361,24 @@ mod tests {
     #[test]
     fn server_messages_have_the_documented_shape() {
         let m = ServerMessage::Presence {
+            id: "e1".into(),
             room: "r".into(),
             user_id: "u".into(),
             event: PresenceEvent::Left,
             reason: "expired".into(),
+            users: 3,
         };
         assert_eq!(
             serde_json::to_value(&m).unwrap(),
-            serde_json::json!({"action":"presence","room":"r","user_id":"u","event":"left","reason":"expired"})
+            serde_json::json!({"action":"presence","id":"e1","room":"r","user_id":"u","event":"left","reason":"expired","users":3})
         );
+        assert_eq!(
+            parse_frame(r#"{"action":"who","room":"a","limit":2,"after":"bob"}"#).unwrap(),
+            Request::Who { room: "a".into(), limit: 2, after: Some("bob".into()) }
+        );
+        assert_eq!(code(r#"{"action":"who","room":"a","limit":501}"#), ErrorCode::InvalidRequest);
+        assert_eq!(code(r#"{"action":"who","room":"a","after":7}"#), ErrorCode::InvalidRequest);
+        assert_eq!(code(r#"{"action":"who"}"#), ErrorCode::InvalidRequest);
         let e: ServerMessage = FrameError::new(ErrorCode::NotMember, "x").into();
         assert_eq!(
             serde_json::to_value(&e).unwrap(),

@@ -1,14 +1,15 @@
 //! Pure: a [`Change`] and a view of its room give a list of [`Effect`]s.
 //!
-//! No I/O happens here. The caller reads the room's live members (when [`room_needed`] says so)
-//! and performs the effects ([`crate::deliver`]). Replay prints the same effects.
+//! No I/O happens here. The caller applies membership records to presence ([`crate::presence`]),
+//! reads the room's live members (when [`room_needed`] says so) and performs the effects
+//! ([`crate::deliver`]). Replay prints the same effects.
 //!
 //! | change                         | effects                                                      |
 //! |--------------------------------|--------------------------------------------------------------|
-//! | connection INSERT              | `welcome` to that connection                                 |
+//! | connection INSERT              | `welcome` to that connection, with its rooms' counts          |
 //! | message INSERT                 | `message` to every live member of the room, sender included  |
-//! | membership INSERT              | `presence joined` to the room, unless the user was already in |
-//! | membership REMOVE              | `presence left` to the room, when the user's last connection goes |
+//! | membership INSERT              | `presence joined` to the room, when presence says the user became present and the room announces |
+//! | membership REMOVE              | `presence left` to the room, when presence says the user is no longer present and the room announces |
 //! | connection REMOVE              | remove its memberships, reason `disconnect`/`expired`/`gone` |
 //! | anything else                  | nothing                                                      |
 
@@ -16,6 +17,43 @@ use chrono::{DateTime, Utc};
 
 use crate::model::{JoinReason, LeftReason, Membership};
 use crate::protocol::{ChatMessage, PresenceEvent, ServerMessage};
+
+/// What a membership record did to its room's presence ([`crate::presence`]), as the pipeline
+/// found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresenceDecision {
+    /// `joined` or `left`, when the record made the user present or absent.
+    pub event: Option<PresenceEvent>,
+    /// The frame id: the record's event id.
+    pub id: String,
+    /// The room's users after the record, when known.
+    pub users: Option<u64>,
+    /// The user's connections in the room after the record.
+    pub connections: usize,
+    /// A redelivered record (at or below the room's watermark).
+    pub redelivered: bool,
+    /// Whether the room announces it (false: more users than the tenant's limit).
+    pub announce: bool,
+}
+
+impl std::fmt::Display for PresenceDecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.event {
+            Some(event) => {
+                let event = if event == PresenceEvent::Joined { "joined" } else { "left" };
+                write!(f, "{event} (room users {})", self.users.unwrap_or_default())?;
+                if !self.announce {
+                    f.write_str(", not announced: the room is over its tenant's limit")?;
+                }
+            }
+            None => write!(f, "no change (the user's connections here: {})", self.connections)?,
+        }
+        if self.redelivered {
+            f.write_str(", redelivered")?;
+        }
+        Ok(())
+    }
+}
 use crate::stream::{Cause, Change, Record};
 
 /// Someone to send to, with what delivery needs to know about them.
@@ -57,11 +95,15 @@ impl Default for Route {
     }
 }
 
-/// What tenant plugins decided for this change; empty when there are no plugins.
+/// What was decided about this change before reacting: the tenant plugin's verdicts (none
+/// without plugins), the room's presence, a welcome's room counts.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Decisions {
     pub message: Option<(Decision, Route)>,
     pub greeting: Option<String>,
+    pub presence: Option<PresenceDecision>,
+    /// For a welcome: users present in each of the connection's rooms.
+    pub counts: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -72,15 +114,23 @@ pub enum Effect {
     RemoveMembership { tenant: String, room: String, connection_id: String, reason: LeftReason },
 }
 
-/// The room whose live members [`react`] needs to see for this change, if any.
-pub fn room_needed(change: &Change) -> Option<(&str, &str)> {
+/// The room whose live members [`react`] needs to see for this change, if any: a message's, or
+/// a membership's when its presence transition is announced.
+pub fn room_needed<'a>(change: &'a Change, decisions: &Decisions) -> Option<(&'a str, &'a str)> {
     match change {
         Change::Inserted(Record::Message(m)) => Some((&m.tenant, &m.room)),
-        Change::Inserted(Record::Membership(m)) | Change::Removed { old: Record::Membership(m), .. } => {
+        Change::Inserted(Record::Membership(m)) | Change::Removed { old: Record::Membership(m), .. }
+            if announced(decisions).is_some() =>
+        {
             Some((&m.tenant, &m.room))
         }
         _ => None,
     }
+}
+
+/// The presence decision, when it is a transition the room announces.
+fn announced(decisions: &Decisions) -> Option<&PresenceDecision> {
+    decisions.presence.as_ref().filter(|p| p.event.is_some() && p.announce)
 }
 
 /// `members`: the room's live memberships, read after the change was written (so an inserted
@@ -95,6 +145,7 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                 user_id: c.user_id.clone(),
                 rooms: c.rooms.iter().cloned().collect(),
                 greeting: decisions.greeting.clone(),
+                counts: decisions.counts.clone(),
             },
             recipients: vec![Recipient {
                 connection_id: c.connection_id.clone(),
@@ -128,28 +179,27 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                 }
             }
         }
-        Change::Inserted(Record::Membership(joined)) => {
-            if first_connection_of_user(joined, members) {
+        Change::Inserted(Record::Membership(joined)) => match announced(decisions) {
+            Some(p) if p.event == Some(PresenceEvent::Joined) => {
                 let reason = match joined.join_reason {
                     JoinReason::Connect => "connect",
                     JoinReason::Join => "join",
                 };
-                send_to_room(presence(joined, PresenceEvent::Joined, reason), members)
-            } else {
-                Vec::new()
+                send_to_room(presence(joined, p, PresenceEvent::Joined, reason), members)
             }
-        }
-        Change::Removed { old: Record::Membership(left), cause } => {
-            if members.iter().any(|m| m.user_id == left.user_id) {
-                return Vec::new(); // the user is still in the room on another connection
+            _ => Vec::new(),
+        },
+        Change::Removed { old: Record::Membership(left), cause } => match announced(decisions) {
+            Some(p) if p.event == Some(PresenceEvent::Left) => {
+                let reason = match (cause, left.left_reason.as_deref().and_then(LeftReason::parse)) {
+                    (Cause::TtlExpired, _) => LeftReason::Expired,
+                    (Cause::Client, Some(reason)) => reason,
+                    (Cause::Client, None) => LeftReason::Leave,
+                };
+                send_to_room(presence(left, p, PresenceEvent::Left, reason.as_str()), members)
             }
-            let reason = match (cause, left.left_reason.as_deref().and_then(LeftReason::parse)) {
-                (Cause::TtlExpired, _) => LeftReason::Expired,
-                (Cause::Client, Some(reason)) => reason,
-                (Cause::Client, None) => LeftReason::Leave,
-            };
-            send_to_room(presence(left, PresenceEvent::Left, reason.as_str()), members)
-        }
+            _ => Vec::new(),
+        },
         Change::Removed { old: Record::Connection(c), cause } => {
             let reason = match (cause, c.close_reason.as_deref().and_then(LeftReason::parse)) {
                 (Cause::TtlExpired, _) => LeftReason::Expired,
@@ -167,29 +217,24 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                 .collect()
         }
         // Plugin records are the pipeline's business (activation), not clients'.
-        Change::Inserted(Record::Plugin(_) | Record::PluginChunk { .. } | Record::PluginActive(_))
+        Change::Inserted(
+            Record::Plugin(_) | Record::PluginChunk { .. } | Record::PluginActive(_) | Record::State { .. },
+        )
         | Change::Modified { .. }
         | Change::Removed { .. }
         | Change::Unknown { .. } => Vec::new(),
     }
 }
 
-/// Whether `joined` is the user's earliest live connection in the room: by join time, then the
-/// join's nanosecond order (two tabs in the same millisecond), then connection id. Records of one
-/// room are processed in stream order, and an earlier join ranks first, so `joined` is announced
-/// once: a later tab never outranks the one already announced, and of joins written together
-/// exactly one is first.
-fn first_connection_of_user(joined: &Membership, members: &[Membership]) -> bool {
-    fn rank(m: &Membership) -> (DateTime<Utc>, Option<i64>, &str) {
-        (m.joined_at, m.joined_ns, m.connection_id.as_str())
+fn presence(m: &Membership, p: &PresenceDecision, event: PresenceEvent, reason: &str) -> ServerMessage {
+    ServerMessage::Presence {
+        id: p.id.clone(),
+        room: m.room.clone(),
+        user_id: m.user_id.clone(),
+        event,
+        reason: reason.into(),
+        users: p.users.unwrap_or_default(),
     }
-    !members
-        .iter()
-        .any(|m| m.user_id == joined.user_id && m.connection_id != joined.connection_id && rank(m) < rank(joined))
-}
-
-fn presence(m: &Membership, event: PresenceEvent, reason: &str) -> ServerMessage {
-    ServerMessage::Presence { room: m.room.clone(), user_id: m.user_id.clone(), event, reason: reason.into() }
 }
 
 fn send_to_room<'a>(payload: ServerMessage, members: impl IntoIterator<Item = &'a Membership>) -> Vec<Effect> {
@@ -268,59 +313,57 @@ mod tests {
         assert_eq!(out[0].1, vec!["c2", "c3"]);
     }
 
-    #[test]
-    fn joined_is_announced_once_per_user_even_for_simultaneous_joins() {
-        let first = member("c1", "ann", 0);
-        let second = member("c2", "ann", 0); // same instant: the connection id breaks the tie
-        let bob = member("c9", "bob", 0);
-        let members = [first.clone(), second.clone(), bob];
-        let a = react(&Change::Inserted(Record::Membership(first)), &members, &Decisions::default());
-        let b = react(&Change::Inserted(Record::Membership(second)), &members, &Decisions::default());
-        assert_eq!(sent(&a).len(), 1);
-        assert_eq!(sent(&a)[0].0["event"], "joined");
-        assert_eq!(sent(&a)[0].0["reason"], "join");
-        assert_eq!(sent(&a)[0].1, vec!["c1", "c2", "c9"]);
-        assert!(b.is_empty(), "the second tab must not re-announce: {b:?}");
+    fn decided(event: Option<PresenceEvent>, announce: bool) -> Decisions {
+        Decisions {
+            presence: Some(PresenceDecision {
+                event,
+                id: "ev-1".into(),
+                users: Some(2),
+                connections: 1,
+                redelivered: false,
+                announce,
+            }),
+            ..Decisions::default()
+        }
     }
 
     #[test]
-    fn a_later_tab_in_the_same_millisecond_never_re_announces() {
-        // Seen in the gateway test: the first tab's join was processed alone and announced; the
-        // second tab joined within the same millisecond, with a smaller connection id. Ranked by
-        // (millisecond, id) alone it came first and announced Ann again.
-        let first = member("zz-first", "ann", 0);
-        let second = member("aa-second", "ann", 0);
-        let bob = member("c9", "bob", 0);
-        let alone = [first.clone(), bob.clone()];
-        let a = react(&Change::Inserted(Record::Membership(first.clone())), &alone, &Decisions::default());
-        assert_eq!(sent(&a).len(), 1, "the first tab announces");
-        let both = [first, second.clone(), bob];
-        let b = react(&Change::Inserted(Record::Membership(second)), &both, &Decisions::default());
-        assert!(b.is_empty(), "the later tab must not re-announce: {b:?}");
+    fn joined_is_announced_only_for_a_transition_the_room_announces() {
+        let ann = member("c1", "ann", 0);
+        let members = [ann.clone(), member("c9", "bob", 0)];
+        let change = Change::Inserted(Record::Membership(ann));
+        let out = sent(&react(&change, &members, &decided(Some(PresenceEvent::Joined), true)));
+        assert_eq!(
+            out,
+            vec![(
+                serde_json::json!({"action":"presence","id":"ev-1","room":"general","user_id":"ann","event":"joined","reason":"join","users":2}),
+                vec!["c1".to_string(), "c9".to_string()]
+            )]
+        );
+        assert!(room_needed(&change, &decided(Some(PresenceEvent::Joined), true)).is_some());
+        for quiet in [decided(None, true), decided(Some(PresenceEvent::Joined), false), Decisions::default()] {
+            assert!(react(&change, &members, &quiet).is_empty(), "{quiet:?}");
+            assert!(room_needed(&change, &quiet).is_none(), "no members are read for nothing to send");
+        }
     }
 
     #[test]
-    fn left_waits_for_the_users_last_connection_and_names_the_reason() {
-        let tab1 = member("c1", "ann", 0);
-        let tab2 = member("c2", "ann", 1);
+    fn left_names_the_reason() {
+        let tab = member("c2", "ann", 1);
         let bob = member("c9", "bob", 0);
         let removed = |m: &Membership, cause| Change::Removed { old: Record::Membership(m.clone()), cause };
-        assert!(react(&removed(&tab1, Cause::Client), &[tab2.clone(), bob.clone()], &Decisions::default()).is_empty());
-
-        let out = sent(&react(&removed(&tab2, Cause::Client), std::slice::from_ref(&bob), &Decisions::default()));
+        let left = decided(Some(PresenceEvent::Left), true);
+        let out = sent(&react(&removed(&tab, Cause::Client), std::slice::from_ref(&bob), &left));
         assert_eq!(out[0].0["event"], "left");
         assert_eq!(out[0].0["reason"], "leave");
         assert_eq!(out[0].1, vec!["c9"]);
 
-        let marked = Membership { left_reason: Some("disconnect".into()), ..tab2.clone() };
+        let marked = Membership { left_reason: Some("disconnect".into()), ..tab.clone() };
         assert_eq!(
-            sent(&react(&removed(&marked, Cause::Client), std::slice::from_ref(&bob), &Decisions::default()))[0].0["reason"],
+            sent(&react(&removed(&marked, Cause::Client), std::slice::from_ref(&bob), &left))[0].0["reason"],
             "disconnect"
         );
-        assert_eq!(
-            sent(&react(&removed(&tab2, Cause::TtlExpired), &[bob], &Decisions::default()))[0].0["reason"],
-            "expired"
-        );
+        assert_eq!(sent(&react(&removed(&tab, Cause::TtlExpired), &[bob], &left))[0].0["reason"], "expired");
     }
 
     #[test]
@@ -355,7 +398,7 @@ mod tests {
             sent(&react(
                 &Change::Inserted(Record::Message(msg.clone())),
                 &members,
-                &Decisions { message: Some((decision, route)), greeting: None },
+                &Decisions { message: Some((decision, route)), ..Decisions::default() },
             ))
         };
         let rejected = with(Decision::Reject { reason: "no".into() }, Route::default());

@@ -115,18 +115,27 @@ pub trait TenantRules: Send + Sync {
     async fn greeting(&self, info: &WelcomeInput, record_time_ms: u64) -> Option<(Option<String>, CallRecord)>;
 }
 
-/// What a batch has looked up: per tenant, its one read of the `ACTIVE` pointer. Made with the
-/// batch and dropped with it.
+/// What a batch has looked up: per tenant, its one read of the `ACTIVE` pointer and of its
+/// settings. Made with the batch and dropped with it.
 #[derive(Clone, Default)]
 pub struct Lookups {
-    looked_up: Arc<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<()>>>>>,
+    looked_up: PerTenant<()>,
+    settings: PerTenant<Option<crate::model::TenantSettings>>,
 }
+
+/// One look-up per tenant, shared by the records of a batch.
+type PerTenant<T> = Arc<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<T>>>>>;
 
 impl Lookups {
     /// The batch's look-up of `tenant`'s `ACTIVE` pointer: the first record of the tenant runs
     /// it, the others (of other rooms, running at the same time) wait for it.
     pub fn look_up(&self, tenant: &str) -> Arc<tokio::sync::OnceCell<()>> {
         self.looked_up.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_default().clone()
+    }
+
+    /// The batch's one read of `tenant`'s settings, shared the same way.
+    pub fn settings(&self, tenant: &str) -> Arc<tokio::sync::OnceCell<Option<crate::model::TenantSettings>>> {
+        self.settings.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_default().clone()
     }
 }
 

@@ -68,6 +68,34 @@ impl Target {
         }
     }
 
+    /// The tenant's settings (unset: the deployment's defaults).
+    pub async fn settings(&self, tenant: &str) -> anyhow::Result<crate::model::TenantSettings> {
+        match self {
+            Target::Table(store) => {
+                Ok(store.tenant_settings(tenant).await?.unwrap_or_else(|| crate::model::TenantSettings::new(tenant)))
+            }
+            Target::Dev(url) => {
+                let path = format!("/_dev/tenants/{tenant}/settings");
+                Ok(serde_json::from_value(request(url, http::Method::GET, &path, Vec::new()).await?)?)
+            }
+        }
+    }
+
+    /// Writes the tenant's settings; the processor reads them from its next batch on.
+    pub async fn set_settings(&self, settings: &crate::model::TenantSettings) -> anyhow::Result<()> {
+        crate::model::Name::parse("tenant", &settings.tenant).map_err(anyhow::Error::msg)?;
+        match self {
+            Target::Table(store) => Ok(store.put_tenant_settings(settings).await?),
+            Target::Dev(url) => {
+                let path = format!("/_dev/tenants/{}/settings", settings.tenant);
+                let body = serde_json::to_vec(&serde_json::json!({
+                    "presenceAnnounceMaxUsers": settings.presence_announce_max_users,
+                }))?;
+                request(url, http::Method::PUT, &path, body).await.map(|_| ())
+            }
+        }
+    }
+
     /// Points the tenant at `version`, or at no plugin.
     pub async fn set_active(&self, tenant: &str, version: Option<&str>) -> anyhow::Result<()> {
         match self {

@@ -12,6 +12,8 @@
 //! | `GET /_dev/plugins/{tenant}` | `{"active": version or null, "versions": [PluginMeta…]}` |
 //! | `POST /_dev/plugins/{tenant}?policy=open&fuel=…&memory_mib=…&deadline_ms=…` (body: the component) | checks and uploads it; answers its `PluginMeta` |
 //! | `PUT /_dev/plugins/{tenant}/active` (body `{"version": v or null}`) | activates a version, or disables the plugin |
+//! | `GET /_dev/tenants/{tenant}/settings` | the tenant's settings (`roomcast tenant show`) |
+//! | `PUT /_dev/tenants/{tenant}/settings` (body: the settings' fields) | writes them (`roomcast tenant set`) |
 //!
 //! Errors answer `{"error": "…"}` with 400 (a bad component or request), 404 (no such version)
 //! or 503 (the store failed). The server listens on loopback only, like the rest of the stack.
@@ -46,6 +48,7 @@ pub fn routes(store: Arc<dyn Store>, host: Arc<PluginHost>, metrics: Arc<Metrics
         .route("/_dev/metrics", get(counts))
         .route("/_dev/plugins/{tenant}", get(list).post(upload))
         .route("/_dev/plugins/{tenant}/active", put(activate))
+        .route("/_dev/tenants/{tenant}/settings", get(settings).put(set_settings))
         // The host refuses components over its limit with a clear reason; let them reach it.
         .layer(DefaultBodyLimit::max(8 << 20))
         .with_state(Api { store, host, metrics })
@@ -131,6 +134,39 @@ async fn activate(State(api): State<Api>, Path(tenant): Path<String>, body: axum
     }
     match api.store.set_active_plugin(&tenant, request.version.as_deref()).await {
         Ok(()) => axum::Json(json!({ "active": request.version })).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn settings(State(api): State<Api>, Path(tenant): Path<String>) -> Response {
+    match api.store.tenant_settings(&tenant).await {
+        Ok(settings) => {
+            axum::Json(settings.unwrap_or_else(|| crate::model::TenantSettings::new(&tenant))).into_response()
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SetSettings {
+    presence_announce_max_users: Option<u64>,
+}
+
+async fn set_settings(State(api): State<Api>, Path(tenant): Path<String>, body: axum::body::Bytes) -> Response {
+    let request: SetSettings = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body must be the settings' fields: {e}")),
+    };
+    if let Err(e) = crate::model::Name::parse("tenant", &tenant) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    let settings = crate::model::TenantSettings {
+        presence_announce_max_users: request.presence_announce_max_users,
+        ..crate::model::TenantSettings::new(&tenant)
+    };
+    match api.store.put_tenant_settings(&settings).await {
+        Ok(()) => axum::Json(settings).into_response(),
         Err(e) => unavailable(e),
     }
 }

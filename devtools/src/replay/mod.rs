@@ -122,6 +122,10 @@ pub struct Entry {
     /// What a plugin record made the plugin lifecycle do (or would make it do, in a dry run).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plugin_actions: Vec<String>,
+    /// What a membership record did to its room's presence: the transition (or none), the
+    /// room's users, whether the room announced it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence: Option<Value>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub effects: Vec<Value>,
     /// With `execute`: each recipient's delivery outcome.
@@ -132,6 +136,7 @@ pub struct Entry {
 impl Entry {
     /// What a plugin comparison compares: the verdicts and the effects (not fuel or logs).
     fn decision(&self) -> (Vec<(&'static str, &str)>, &[Value]) {
+        // Presence is the table's state, not the plugin's: it shows in the effects it causes.
         (self.plugin_calls.iter().map(|c| (c.hook, c.outcome.as_str())).collect(), &self.effects)
     }
 }
@@ -316,6 +321,7 @@ impl Entry {
             failed: None,
             plugin_calls: Vec::new(),
             plugin_actions: Vec::new(),
+            presence: None,
             effects: Vec::new(),
             outcomes: Vec::new(),
         }
@@ -336,6 +342,17 @@ fn fill(entry: &mut Entry, record: &EventRecord, report: &RecordReport, options:
         })
         .collect();
     entry.plugin_actions = report.plugin_actions.iter().map(ToString::to_string).collect();
+    entry.presence = report.presence.as_ref().map(|p| {
+        json!({
+            "transition": p.event.map(|e| if e == crate::protocol::PresenceEvent::Joined { "joined" } else { "left" }),
+            "id": p.id,
+            "users": p.users,
+            "connections": p.connections,
+            "announced": p.event.is_some() && p.announce,
+            "redelivered": p.redelivered,
+            "text": p.to_string(),
+        })
+    });
     entry.effects = report.effects.iter().map(describe_effect).collect();
     if options.execute.is_some() {
         entry.outcomes = report.outcomes.iter().map(|(id, outcome)| (id.clone(), format!("{outcome:?}"))).collect();
@@ -369,6 +386,7 @@ pub fn describe_change(event: &str, change: &Change) -> Value {
         }),
         Record::PluginChunk { tenant } => json!({ "record": "plugin-chunk", "tenant": tenant }),
         Record::PluginActive(a) => json!({ "record": "plugin-active", "tenant": a.tenant, "version": a.version }),
+        Record::State { tenant, kind } => json!({ "record": kind, "tenant": tenant }),
     };
     if let Value::Object(map) = &mut value {
         map.retain(|_, v| !v.is_null());
@@ -442,6 +460,9 @@ fn write_decisions(out: &mut dyn Write, entry: &Entry, indent: &str) -> std::io:
     for action in &entry.plugin_actions {
         writeln!(out, "{}plugin   {action}", lead())?;
     }
+    if let Some(text) = entry.presence.as_ref().and_then(|p| p["text"].as_str()) {
+        writeln!(out, "{}presence {text}", lead())?;
+    }
     for effect in &entry.effects {
         if let Some(to) = effect.get("to") {
             let to: Vec<&str> = to.as_array().into_iter().flatten().filter_map(Value::as_str).collect();
@@ -461,6 +482,7 @@ fn write_decisions(out: &mut dyn Write, entry: &Entry, indent: &str) -> std::io:
     }
     if entry.plugin_calls.is_empty()
         && entry.plugin_actions.is_empty()
+        && entry.presence.is_none()
         && entry.effects.is_empty()
         && entry.skipped.is_none()
         && entry.failed.is_none()

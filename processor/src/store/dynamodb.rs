@@ -24,9 +24,14 @@ use serde::de::DeserializeOwned;
 use super::{Result, Store, StoreError, decode_or_skip, history_upper_bound};
 use crate::metrics::Metrics;
 use crate::model::{
-    self, Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus, format_ts,
-    is_expired,
+    self, Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus, Presence,
+    RoomPresence, TenantSettings, format_ts, is_expired,
 };
+use crate::presence::{Plan, PresenceOutcome, PresenceUpdate, WhoPage};
+
+/// How often a presence write that lost a race is planned again before the record is failed
+/// (and redelivered).
+const PRESENCE_ATTEMPTS: usize = 8;
 
 pub const GSI1: &str = "gsi1";
 
@@ -119,6 +124,120 @@ impl DynamoStore {
         }
     }
 
+    /// One item by key, strongly consistent, decoded (`None` when absent or it does not decode).
+    async fn get_typed<T: DeserializeOwned>(&self, what: &str, key: DynamoItem) -> Result<Option<T>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .set_key(Some(key))
+            .send()
+            .await
+            .map_err(|e| unavailable(what, e))?;
+        Ok(out.item.and_then(|item| self.decode(item)))
+    }
+
+    /// The write of a presence item: a put or a delete, on the condition that the item still has
+    /// the version that was read (or, for a new one, does not exist).
+    fn presence_write(&self, key: DynamoItem, next: Option<&Presence>, ver: Option<u64>) -> Result<TransactWriteItem> {
+        let (condition, value) = match ver {
+            Some(ver) => ("ver = :ver", Some(AttributeValue::N(ver.to_string()))),
+            None => ("attribute_not_exists(pk)", None),
+        };
+        Ok(match next {
+            Some(p) => TransactWriteItem::builder()
+                .put(
+                    Put::builder()
+                        .table_name(&self.table)
+                        .set_item(Some(encode(p)?))
+                        .condition_expression(condition)
+                        .set_expression_attribute_values(value.map(|v| HashMap::from([(":ver".to_string(), v)])))
+                        .build()
+                        .map_err(build_error)?,
+                )
+                .build(),
+            None => TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(&self.table)
+                        .set_key(Some(key))
+                        .condition_expression(condition)
+                        .set_expression_attribute_values(value.map(|v| HashMap::from([(":ver".to_string(), v)])))
+                        .build()
+                        .map_err(build_error)?,
+                )
+                .build(),
+        })
+    }
+
+    /// Carries out a plan's writes. `Ok(false)`: a condition failed (someone else wrote first).
+    async fn write_plan(&self, writes: Vec<TransactWriteItem>) -> Result<bool> {
+        let single = writes.len() == 1;
+        let result = if single {
+            let write = writes.into_iter().next().expect("one write");
+            match (write.put, write.delete) {
+                (Some(put), _) => self
+                    .client
+                    .put_item()
+                    .table_name(put.table_name)
+                    .set_item(Some(put.item))
+                    .set_condition_expression(put.condition_expression)
+                    .set_expression_attribute_values(put.expression_attribute_values)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) {
+                            None
+                        } else {
+                            Some(unavailable("put_item (presence)", e))
+                        }
+                    }),
+                (None, Some(delete)) => self
+                    .client
+                    .delete_item()
+                    .table_name(delete.table_name)
+                    .set_key(Some(delete.key))
+                    .set_condition_expression(delete.condition_expression)
+                    .set_expression_attribute_values(delete.expression_attribute_values)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) {
+                            None
+                        } else {
+                            Some(unavailable("delete_item (presence)", e))
+                        }
+                    }),
+                (None, None) => Ok(()),
+            }
+        } else {
+            match self.client.transact_write_items().set_transact_items(Some(writes)).send().await {
+                Ok(_) => Ok(()),
+                Err(err) => {
+                    if let SdkError::ServiceError(service) = &err
+                        && let TransactWriteItemsError::TransactionCanceledException(cancel) = service.err()
+                        && cancel
+                            .cancellation_reasons()
+                            .iter()
+                            .any(|r| matches!(r.code(), Some("ConditionalCheckFailed" | "TransactionConflict")))
+                    {
+                        Err(None)
+                    } else {
+                        Err(Some(unavailable("transact_write_items (presence)", err)))
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(None) => Ok(false),
+            Err(Some(e)) => Err(e),
+        }
+    }
+
     /// The record, or `None` (logged and counted) when the item does not decode.
     fn decode<T: DeserializeOwned>(&self, item: DynamoItem) -> Option<T> {
         decode_or_skip(item, &self.metrics)
@@ -138,6 +257,7 @@ impl DynamoStore {
                 .key_condition_expression(spec.key_condition)
                 .set_filter_expression(spec.filter.map(str::to_string))
                 .scan_index_forward(!spec.newest_first)
+                .set_limit(spec.page_size)
                 .set_exclusive_start_key(start.take());
             for (name, attribute) in &spec.names {
                 query = query.expression_attribute_names(*name, *attribute);
@@ -168,6 +288,8 @@ struct QuerySpec<'a> {
     names: Vec<(&'a str, &'a str)>,
     values: Vec<(&'a str, AttributeValue)>,
     newest_first: bool,
+    /// Items read per page (DynamoDB's `Limit`): without it, a page reads up to 1 MB.
+    page_size: Option<i32>,
 }
 
 fn s(value: &str) -> AttributeValue {
@@ -548,6 +670,107 @@ impl Store for DynamoStore {
         Ok(())
     }
 
+    async fn apply_presence(&self, update: &PresenceUpdate) -> Result<PresenceOutcome> {
+        let pk = model::room_pk(&update.tenant, &update.room);
+        let user_key = key(pk.clone(), model::presence_sk(&update.user_id));
+        let room_key = key(pk, model::ROOM_PRESENCE_SK.into());
+        for _ in 0..PRESENCE_ATTEMPTS {
+            let (current, room) = tokio::try_join!(
+                self.get_typed::<Presence>("get_item (presence)", user_key.clone()),
+                self.get_typed::<RoomPresence>("get_item (room presence)", room_key.clone()),
+            )?;
+            let (presence, presence_ver, next_room, outcome) =
+                match crate::presence::plan(update, current.as_ref(), room.as_ref()) {
+                    Plan::Done(outcome) => return Ok(outcome),
+                    Plan::Write { presence, presence_ver, room, outcome } => (presence, presence_ver, room, outcome),
+                };
+            let mut writes = vec![self.presence_write(user_key.clone(), presence.as_ref(), presence_ver)?];
+            if let Some(next) = &next_room {
+                // The room's item as read: its version, or absent.
+                let (condition, value) = match &room {
+                    Some(read) => ("ver = :ver", Some(AttributeValue::N(read.ver.to_string()))),
+                    None => ("attribute_not_exists(pk)", None),
+                };
+                let put = Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(encode(next)?))
+                    .condition_expression(condition)
+                    .set_expression_attribute_values(value.map(|v| HashMap::from([(":ver".to_string(), v)])))
+                    .build()
+                    .map_err(build_error)?;
+                writes.push(TransactWriteItem::builder().put(put).build());
+            }
+            if self.write_plan(writes).await? {
+                return Ok(outcome);
+            }
+            tracing::debug!(room = %update.room, user = %update.user_id, "presence write lost a race; planning again");
+        }
+        Err(StoreError::Unavailable(format!(
+            "presence of {} in {} kept changing under {PRESENCE_ATTEMPTS} attempts",
+            update.user_id, update.room
+        )))
+    }
+
+    async fn who(&self, tenant: &str, room: &str, limit: usize, after: Option<&str>) -> Result<WhoPage> {
+        let pk = model::room_pk(tenant, room);
+        let mut page = WhoPage::default();
+        let mut start: Option<DynamoItem> = after.map(|user| key(pk.clone(), model::presence_sk(user)));
+        // One more than asked tells whether there is a next page.
+        'pages: loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :user)")
+                .expression_attribute_values(":pk", s(&pk))
+                .expression_attribute_values(":user", s("USER#"))
+                .set_limit(i32::try_from(limit.saturating_add(1)).ok())
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| unavailable("query (who)", e))?;
+            for item in out.items.unwrap_or_default() {
+                let Some(p) = self.decode::<Presence>(item) else { continue };
+                if page.users.len() == limit {
+                    page.next = page.users.last().map(|(user, _)| user.clone());
+                    break 'pages;
+                }
+                page.users.push((p.user_id, p.connections.len()));
+            }
+            match out.last_evaluated_key {
+                Some(next) if !next.is_empty() => start = Some(next),
+                _ => break,
+            }
+        }
+        page.total = self.room_presence(tenant, room).await?.map_or(0, |r| r.users);
+        Ok(page)
+    }
+
+    async fn presence(&self, tenant: &str, room: &str, user_id: &str) -> Result<Option<Presence>> {
+        self.get_typed("get_item (presence)", key(model::room_pk(tenant, room), model::presence_sk(user_id))).await
+    }
+
+    async fn room_presence(&self, tenant: &str, room: &str) -> Result<Option<RoomPresence>> {
+        self.get_typed("get_item (room presence)", key(model::room_pk(tenant, room), model::ROOM_PRESENCE_SK.into()))
+            .await
+    }
+
+    async fn tenant_settings(&self, tenant: &str) -> Result<Option<TenantSettings>> {
+        self.get_typed("get_item (tenant settings)", key(model::tenant_pk(tenant), model::SETTINGS_SK.into())).await
+    }
+
+    async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(settings)?))
+            .send()
+            .await
+            .map_err(|e| unavailable("put_item (tenant settings)", e))?;
+        Ok(())
+    }
+
     async fn history(
         &self,
         tenant: &str,
@@ -565,6 +788,8 @@ impl Store for DynamoStore {
                 (":hi", s(&history_upper_bound(before))),
             ],
             newest_first: true,
+            // Items that do not decode or have expired are rare: one more than asked is enough.
+            page_size: i32::try_from(limit.saturating_add(1)).ok(),
             ..QuerySpec::default()
         };
         self.query_all(spec, |item| {

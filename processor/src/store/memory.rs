@@ -22,8 +22,9 @@ use super::{Result, Store, StoreError, decode_or_skip, history_upper_bound};
 use crate::metrics::Metrics;
 use crate::model::{
     self, Clock, Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus,
-    is_expired,
+    Presence, RoomPresence, TenantSettings, is_expired,
 };
+use crate::presence::{Plan, PresenceOutcome, PresenceUpdate, WhoPage};
 
 pub use crate::model::TTL_PRINCIPAL;
 
@@ -45,6 +46,8 @@ pub struct MemoryStore {
     table_name: String,
     /// Where items that do not decode are counted (`corrupt_items`).
     metrics: Arc<Metrics>,
+    /// False: writes emit no stream records (a dry run's scratch table, which no one reads).
+    streams: bool,
 }
 
 /// Who made a change, as the stream record's `userIdentity` tells it.
@@ -74,7 +77,18 @@ impl MemoryStore {
             clock,
             table_name: "roomcast".into(),
             metrics,
+            streams: true,
         })
+    }
+
+    /// A table without a stream: a dry run's scratch state (replay's presence), never read as a
+    /// stream, so it keeps no records.
+    pub fn scratch(clock: Arc<dyn Clock>) -> Arc<MemoryStore> {
+        let mut store = Self::with_metrics(clock, Arc::default());
+        if let Some(store) = Arc::get_mut(&mut store) {
+            store.streams = false;
+        }
+        store
     }
 
     /// The table's stream: every record written so far and from now on, in write order. One
@@ -136,6 +150,9 @@ impl MemoryStore {
     }
 
     fn emit(&self, table: &mut Table, key: &Key, old: Option<Item>, new: Option<Item>, actor: Actor) {
+        if !self.streams {
+            return;
+        }
         let event_name = match (&old, &new) {
             (None, Some(_)) => "INSERT",
             (Some(_), Some(_)) => "MODIFY",
@@ -459,6 +476,78 @@ impl Store for MemoryStore {
                 self.delete_item(&mut table, &key, Actor::Client);
             }
         }
+        Ok(())
+    }
+
+    async fn apply_presence(&self, update: &PresenceUpdate) -> Result<PresenceOutcome> {
+        // Under the lock: the read, the plan and its writes are one atomic step.
+        let mut table = self.lock();
+        let user_key = (model::room_pk(&update.tenant, &update.room), model::presence_sk(&update.user_id));
+        let room_key = (user_key.0.clone(), model::ROOM_PRESENCE_SK.to_string());
+        let current: Option<Presence> = self.get(&table, &user_key);
+        let room: Option<RoomPresence> = self.get(&table, &room_key);
+        match crate::presence::plan(update, current.as_ref(), room.as_ref()) {
+            Plan::Done(outcome) => Ok(outcome),
+            Plan::Write { presence, room, outcome, .. } => {
+                match presence {
+                    Some(p) => {
+                        let item = encode(&p)?;
+                        self.put_item(&mut table, item);
+                    }
+                    None => {
+                        self.delete_item(&mut table, &user_key, Actor::Client);
+                    }
+                }
+                if let Some(room) = room {
+                    let item = encode(&room)?;
+                    self.put_item(&mut table, item);
+                }
+                Ok(outcome)
+            }
+        }
+    }
+
+    async fn who(&self, tenant: &str, room: &str, limit: usize, after: Option<&str>) -> Result<WhoPage> {
+        let table = self.lock();
+        let pk = model::room_pk(tenant, room);
+        let from = match after {
+            Some(user) => std::ops::Bound::Excluded((pk.clone(), model::presence_sk(user))),
+            None => std::ops::Bound::Included((pk.clone(), "USER#".to_string())),
+        };
+        let to = std::ops::Bound::Excluded((pk.clone(), "USER$".to_string()));
+        let mut page = WhoPage::default();
+        for (_, item) in table.items.range((from, to)) {
+            let Some(p) = self.decode::<Presence>(item) else { continue };
+            if page.users.len() == limit {
+                page.next = page.users.last().map(|(user, _)| user.clone());
+                break;
+            }
+            page.users.push((p.user_id, p.connections.len()));
+        }
+        page.total =
+            self.get::<RoomPresence>(&table, &(pk, model::ROOM_PRESENCE_SK.to_string())).map_or(0, |r| r.users);
+        Ok(page)
+    }
+
+    async fn presence(&self, tenant: &str, room: &str, user_id: &str) -> Result<Option<Presence>> {
+        let table = self.lock();
+        Ok(self.get(&table, &(model::room_pk(tenant, room), model::presence_sk(user_id))))
+    }
+
+    async fn room_presence(&self, tenant: &str, room: &str) -> Result<Option<RoomPresence>> {
+        let table = self.lock();
+        Ok(self.get(&table, &(model::room_pk(tenant, room), model::ROOM_PRESENCE_SK.to_string())))
+    }
+
+    async fn tenant_settings(&self, tenant: &str) -> Result<Option<TenantSettings>> {
+        let table = self.lock();
+        Ok(self.get(&table, &(model::tenant_pk(tenant), model::SETTINGS_SK.to_string())))
+    }
+
+    async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()> {
+        let item = encode(settings)?;
+        let mut table = self.lock();
+        self.put_item(&mut table, item);
         Ok(())
     }
 

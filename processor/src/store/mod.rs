@@ -25,7 +25,11 @@ use serde::de::DeserializeOwned;
 use serde_dynamo::{AttributeValue, Item};
 
 use crate::metrics::Metrics;
-use crate::model::{Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus};
+use crate::model::{
+    Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus, RoomPresence,
+    TenantSettings,
+};
+use crate::presence::{PresenceOutcome, PresenceUpdate, WhoPage};
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
@@ -135,6 +139,28 @@ pub trait Store: Send + Sync + 'static {
     /// Points the tenant at a version, or (with `None`) at no plugin.
     async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()>;
 
+    /// Applies one membership record to the room's presence state, atomically (see
+    /// [`crate::presence`]): the processor's, never a handler's.
+    async fn apply_presence(&self, update: &PresenceUpdate) -> Result<PresenceOutcome>;
+
+    /// Up to `limit` present users of a room in id order, after the user id `after`, each with
+    /// their connection count, and the room's count. One query and one read; a presence item
+    /// that does not decode is left out (logged and counted).
+    async fn who(&self, tenant: &str, room: &str, limit: usize, after: Option<&str>) -> Result<WhoPage>;
+
+    /// One user's presence in a room; `None` when they are not present (or the item does not
+    /// decode: logged and counted).
+    async fn presence(&self, tenant: &str, room: &str, user_id: &str) -> Result<Option<crate::model::Presence>>;
+
+    /// The room's count and watermark; `None` when no one has been present yet (or the item does
+    /// not decode: logged and counted).
+    async fn room_presence(&self, tenant: &str, room: &str) -> Result<Option<RoomPresence>>;
+
+    /// A tenant's settings; `None` when unset (or the item does not decode: logged and counted).
+    async fn tenant_settings(&self, tenant: &str) -> Result<Option<TenantSettings>>;
+
+    async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()>;
+
     /// Up to `limit` live messages of the room older than `before` (a timestamp), oldest first;
     /// one that does not decode is left out (logged and counted) and does not count to `limit`.
     async fn history(
@@ -153,6 +179,28 @@ pub trait Store: Send + Sync + 'static {
 pub trait Rooms: Send + Sync {
     /// The live memberships of a room, ordered by connection id.
     async fn room_members(&self, tenant: &str, room: &str, now: DateTime<Utc>) -> Result<Vec<Membership>>;
+}
+
+/// The users present in each of a new connection's rooms, `user_id` counted whether or not its
+/// own membership has been applied yet (it is in the same batch, on another partition): so a
+/// welcome's counts depend only on the records before it, however the batch was scheduled.
+pub async fn room_counts(
+    store: &dyn Store,
+    tenant: &str,
+    user_id: &str,
+    rooms: &[String],
+) -> Result<Vec<(String, u64)>> {
+    use futures::StreamExt;
+    let reads: Vec<_> = rooms
+        .iter()
+        .map(|room| async move {
+            let (count, mine) =
+                tokio::try_join!(store.room_presence(tenant, room), store.presence(tenant, room, user_id))?;
+            let users = count.map_or(0, |r| r.users);
+            Ok::<_, StoreError>((room.clone(), if mine.is_some() { users } else { users + 1 }))
+        })
+        .collect();
+    futures::stream::iter(reads).buffered(8).collect::<Vec<_>>().await.into_iter().collect()
 }
 
 /// The key prefix of a room's messages older than `before` (exclusive), for range queries.

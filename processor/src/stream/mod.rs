@@ -32,6 +32,12 @@ pub enum Record {
     },
     /// Which version a tenant runs.
     PluginActive(PluginActive),
+    /// State the processor keeps for itself (a user's presence in a room, a room's count) or a
+    /// tenant's settings: nothing to react to. Not decoded.
+    State {
+        tenant: String,
+        kind: &'static str,
+    },
 }
 
 impl Record {
@@ -44,6 +50,7 @@ impl Record {
             Record::Plugin(p) => (Some(&p.tenant), None),
             Record::PluginChunk { tenant } => (Some(tenant), None),
             Record::PluginActive(a) => (Some(&a.tenant), None),
+            Record::State { tenant, .. } => (Some(tenant), None),
         }
     }
 }
@@ -142,8 +149,18 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
         typed(image, pk, sk, which).map(Record::Membership)
     } else if pk.starts_with("ROOM#") && sk.starts_with("MSG#") {
         typed(image, pk, sk, which).map(Record::Message)
+    } else if let Some(room) = pk.strip_prefix("ROOM#")
+        && (sk.starts_with("USER#") || sk == crate::model::ROOM_PRESENCE_SK)
+    {
+        let tenant = room.split('#').next().unwrap_or_default().to_string();
+        Ok(Record::State {
+            tenant,
+            kind: if sk == crate::model::ROOM_PRESENCE_SK { "room-presence" } else { "presence" },
+        })
     } else if let Some(tenant) = pk.strip_prefix("TENANT#") {
-        if sk == crate::model::PLUGIN_ACTIVE_SK {
+        if sk == crate::model::SETTINGS_SK {
+            Ok(Record::State { tenant: tenant.to_string(), kind: "settings" })
+        } else if sk == crate::model::PLUGIN_ACTIVE_SK {
             typed(image, pk, sk, which).map(Record::PluginActive)
         } else if sk.starts_with("PLUGIN#") && sk.ends_with("#META") {
             typed(image, pk, sk, which).map(Record::Plugin)
