@@ -841,6 +841,94 @@ impl Stack {
         use roomcast::model::Clock;
         self.clock.now()
     }
+
+    /// What is in the stream now, processed as one batch (cascades it writes wait for the next).
+    pub async fn pump_once(&mut self) -> Vec<EventRecord> {
+        let records = self.table.stream.drain().await;
+        self.deliver(&records).await;
+        records
+    }
+
+    /// `records` as one Lambda event, again if they were delivered before: a redelivery.
+    pub async fn deliver(&mut self, records: &[EventRecord]) {
+        if records.is_empty() {
+            return;
+        }
+        self.captured.extend(records.iter().cloned());
+        let response = self.processor.handle_event(&json!({ "Records": records })).await.expect("a stream event");
+        let response = serde_json::to_value(response).unwrap();
+        if !response["batchItemFailures"].as_array().is_some_and(|a| a.is_empty()) {
+            self.failures.push(response);
+        }
+    }
+
+    /// DynamoDB's TTL deleting a connection whose TTL has passed: on the embedded store its TTL
+    /// process runs (every expired item goes, with the service identity); on moto, which has no
+    /// TTL process, the processor gets the REMOVE record DynamoDB would write for the connection.
+    pub async fn expire_by_ttl(&mut self, connection_id: &str, sequence: &str) {
+        use roomcast::model::Clock;
+        let now = self.clock.now();
+        match &self.table.memory {
+            Some(memory) => {
+                assert!(memory.expire_due(now) >= 1, "nothing had expired");
+            }
+            None => {
+                let dynamo = self.table.dynamo.as_ref().expect("a DynamoDB table");
+                let item = dynamo
+                    .client()
+                    .get_item()
+                    .table_name(dynamo.table())
+                    .key("pk", aws_sdk_dynamodb::types::AttributeValue::S(format!("CONN#{connection_id}")))
+                    .key("sk", aws_sdk_dynamodb::types::AttributeValue::S("META".into()))
+                    .send()
+                    .await
+                    .unwrap()
+                    .item
+                    .expect("the expired connection's record");
+                let old_image: serde_dynamo::Item = item.into();
+                let record = json!({
+                    "eventID": format!("ttl-{connection_id}"), "eventName": "REMOVE", "eventVersion": "1.1",
+                    "eventSource": "aws:dynamodb", "awsRegion": "us-east-1",
+                    "userIdentity": {"type": "Service", "principalId": "dynamodb.amazonaws.com"},
+                    "dynamodb": {"Keys": {"pk": {"S": format!("CONN#{connection_id}")}, "sk": {"S": "META"}},
+                                 "OldImage": old_image, "SequenceNumber": sequence, "SizeBytes": 200,
+                                 "StreamViewType": "NEW_AND_OLD_IMAGES"}
+                });
+                let response = self.processor.handle_event(&json!({"Records": [record]})).await.unwrap();
+                assert!(response.batch_item_failures.is_empty());
+            }
+        }
+    }
+
+    /// Every page of `who` for `room`, asked by `connection_id`: (user, connections) in order, and
+    /// the total the first page gave.
+    pub async fn who(&self, connection_id: &str, room: &str, page: usize) -> (Vec<(String, u64)>, u64) {
+        let mut users = Vec::new();
+        let mut after: Option<String> = None;
+        let mut total = None;
+        loop {
+            let answer = self.send(connection_id, json!({"action":"who","room":room,"limit":page,"after":after})).await;
+            assert_eq!(answer["action"], "who", "{answer}");
+            total.get_or_insert(answer["total"].as_u64().expect("a total"));
+            for u in answer["users"].as_array().unwrap() {
+                users.push((u["user_id"].as_str().unwrap().to_string(), u["connections"].as_u64().unwrap()));
+            }
+            match answer["next"].as_str() {
+                Some(next) => after = Some(next.to_string()),
+                None => return (users, total.unwrap()),
+            }
+        }
+    }
+
+    /// The live set of a room as its membership records say: (user, connections) by user id.
+    pub async fn live_set(&self, tenant: &str, room: &str) -> Vec<(String, u64)> {
+        let members = self.table.store.room_members(tenant, room, self.clock_now()).await.unwrap();
+        let mut users = std::collections::BTreeMap::<String, u64>::new();
+        for m in members {
+            *users.entry(m.user_id).or_default() += 1;
+        }
+        users.into_iter().collect()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -877,6 +965,59 @@ pub mod ws {
         }
         tweak(&mut options);
         roomcast::dev::start(options).await.expect("start the dev stack")
+    }
+
+    pub fn presence(user: &str, event: &str) -> impl Fn(&Value) -> bool {
+        let (user, event) = (user.to_string(), event.to_string());
+        move |f| f["action"] == "presence" && f["user_id"] == user.as_str() && f["event"] == event.as_str()
+    }
+
+    /// `client` asks for every page of `who` in `room`: (user, connections), and the total.
+    pub async fn who(client: &mut Client, room: &str) -> (Vec<(String, u64)>, u64) {
+        let mut users = Vec::new();
+        let mut after = Value::Null;
+        loop {
+            let page = client.ask(serde_json::json!({"action":"who","room":room,"limit":2,"after":after}), "who").await;
+            for u in page["users"].as_array().unwrap() {
+                users.push((u["user_id"].as_str().unwrap().to_string(), u["connections"].as_u64().unwrap()));
+            }
+            match &page["next"] {
+                Value::String(next) => after = Value::String(next.clone()),
+                _ => return (users, page["total"].as_u64().unwrap()),
+            }
+        }
+    }
+
+    /// Waits until the table's live memberships of acme/`room` are `want` (user, connections),
+    /// then checks that `who` answers the same.
+    pub async fn who_settles_on(stack: &DevStack, client: &mut Client, room: &str, want: &[(&str, u64)]) {
+        let want: Vec<(String, u64)> = want.iter().map(|(u, n)| (u.to_string(), *n)).collect();
+        for _ in 0..200 {
+            let members = stack.store.room_members("acme", room, chrono::Utc::now()).await.unwrap();
+            let mut live = std::collections::BTreeMap::<String, u64>::new();
+            for m in members {
+                *live.entry(m.user_id).or_default() += 1;
+            }
+            let live: Vec<_> = live.into_iter().collect();
+            if live == want {
+                // The memberships are settled; presence follows from their records.
+                for _ in 0..200 {
+                    let (users, total) = who(client, room).await;
+                    if users == want && total == want.len() as u64 {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                panic!("who never equalled the live set {want:?}: {:?}", who(client, room).await);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the room's memberships never became {want:?}");
+    }
+
+    /// Takes every pending frame matching `want`.
+    pub fn take_all(client: &mut Client, want: impl Fn(&Value) -> bool) -> Vec<Value> {
+        std::iter::from_fn(|| client.pending_match(&want)).collect()
     }
 
     pub fn token(tenant: &str, user: &str) -> String {

@@ -1,0 +1,404 @@
+//! Presence under concurrency and redelivery, on the embedded store and on moto: the handlers
+//! write records, the processor applies each membership record to the room's presence state
+//! ([`roomcast::presence`]), and a watcher in the room counts what it is told. In every case:
+//! exactly one `joined` and one `left` per user and room (frames are told apart by their id, as
+//! clients do), and `who` equal to the room's live memberships afterwards.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use chrono::Duration as Age;
+use roomcast::deliver::DeliverySettings;
+use roomcast::model::{ManualClock, TenantSettings};
+use roomcast_tests::{Stack, Table, UnavailableRoom};
+use serde_json::json;
+
+roomcast_tests::on_both_stores!(
+    two_tabs_join_and_leave_in_one_batch_and_across_batches,
+    a_page_reload_in_one_batch_announces_nothing,
+    a_redelivered_batch_announces_with_the_same_ids,
+    frames_lost_after_presence_was_written_are_sent_on_redelivery,
+    one_of_two_tabs_expiring_by_ttl_leaves_the_user_present,
+    gone_connections_deleted_by_the_processor_and_by_the_sweeper,
+    a_large_room_stops_announcing_but_counts_and_who_stay_exact,
+    the_join_ack_and_the_welcome_carry_the_room_as_it_is,
+);
+
+/// The presence events `observer` was told about `user`, each id once (as a client dedupes).
+fn events(stack: &Stack, observer: &str, user: &str) -> Vec<String> {
+    let mut seen = HashSet::new();
+    stack
+        .recorder
+        .received_action(observer, "presence")
+        .into_iter()
+        .filter(|f| f["user_id"] == user)
+        .filter(|f| seen.insert(f["id"].as_str().expect("every presence frame has an id").to_string()))
+        .map(|f| f["event"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `who` (paged by `page`) equals the room's live memberships, and its total their count.
+async fn who_is_the_live_set(stack: &Stack, asker: &str, room: &str, page: usize) -> Vec<(String, u64)> {
+    let (who, total) = stack.who(asker, room, page).await;
+    let live = stack.live_set("acme", room).await;
+    assert_eq!(who, live, "who must equal the room's live memberships");
+    assert_eq!(total, live.len() as u64, "the room's count");
+    who
+}
+
+async fn two_tabs_join_and_leave_in_one_batch_and_across_batches(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.connect("bob1", "acme", "bob", "general").await;
+    stack.pump().await;
+
+    // One batch: both tabs connect; later one batch closes both.
+    stack.connect("ann1", "acme", "ann", "general").await;
+    stack.connect("ann2", "acme", "ann", "general").await;
+    stack.pump_once().await;
+    assert_eq!(who_is_the_live_set(&stack, "bob1", "general", 10).await, [("ann".into(), 2), ("bob".into(), 1)]);
+    stack.disconnect("ann1").await;
+    stack.disconnect("ann2").await;
+    stack.pump().await;
+    assert_eq!(events(&stack, "bob1", "ann"), ["joined", "left"]);
+    who_is_the_live_set(&stack, "bob1", "general", 10).await;
+
+    // Across batches: a tab, a second tab by `join`, then each closes in a batch of its own.
+    stack.connect("ann3", "acme", "ann", "general").await;
+    stack.pump().await;
+    stack.connect("ann4", "acme", "ann", "").await;
+    stack.pump().await;
+    assert_eq!(stack.send("ann4", json!({"action":"join","room":"general"})).await["action"], "ack");
+    stack.pump().await;
+    assert_eq!(who_is_the_live_set(&stack, "bob1", "general", 1).await, [("ann".into(), 2), ("bob".into(), 1)]);
+    stack.disconnect("ann3").await;
+    stack.pump().await;
+    assert_eq!(events(&stack, "bob1", "ann"), ["joined", "left", "joined"], "the second tab keeps Ann here");
+    assert_eq!(stack.send("ann4", json!({"action":"leave","room":"general"})).await["action"], "ack");
+    stack.pump().await;
+    assert_eq!(events(&stack, "bob1", "ann"), ["joined", "left", "joined", "left"]);
+    assert_eq!(who_is_the_live_set(&stack, "bob1", "general", 10).await, [("bob".into(), 1)]);
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+}
+
+async fn a_page_reload_in_one_batch_announces_nothing(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.connect("bob1", "acme", "bob", "general").await;
+    stack.connect("ann-old", "acme", "ann", "general").await;
+    stack.pump().await;
+    stack.recorder.clear();
+
+    // The reload: the old connection closes and the new one connects; its REMOVE (whose cascade
+    // deletes the old membership) and the new membership's INSERT are in one batch, processed
+    // concurrently as different partitions.
+    stack.disconnect("ann-old").await;
+    stack.connect("ann-new", "acme", "ann", "general").await;
+    let batch = stack.pump_once().await;
+    let names: Vec<_> = batch.iter().map(|r| r.event_name.as_str()).collect();
+    assert!(names.contains(&"REMOVE") && names.contains(&"INSERT"), "{names:?}");
+    stack.pump().await; // the cascade's membership REMOVE
+    assert!(events(&stack, "bob1", "ann").is_empty(), "Ann never left: nothing to announce");
+    assert_eq!(who_is_the_live_set(&stack, "bob1", "general", 10).await, [("ann".into(), 1), ("bob".into(), 1)]);
+
+    stack.disconnect("ann-new").await;
+    stack.pump().await;
+    assert_eq!(events(&stack, "bob1", "ann"), ["left"]);
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+}
+
+async fn a_redelivered_batch_announces_with_the_same_ids(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.connect("bob1", "acme", "bob", "general").await;
+    stack.pump().await;
+    stack.recorder.clear();
+
+    stack.connect("ann1", "acme", "ann", "general").await;
+    stack.connect("ann2", "acme", "ann", "general").await;
+    let batch = stack.pump_once().await;
+    stack.deliver(&batch).await; // Lambda delivers the same batch again
+    stack.deliver(&batch).await; // and again
+    let frames = stack.recorder.received_action("bob1", "presence");
+    assert!(frames.len() >= 2, "the redelivery sends the last transition again: {frames:?}");
+    assert_eq!(events(&stack, "bob1", "ann"), ["joined"], "one id: {frames:?}");
+    assert!(stack.processor.counts().presence_redelivered >= 2, "the record at the watermark, each time");
+    assert_eq!(stack.processor.counts().presence_joined, 2, "Bob and Ann each joined once");
+
+    stack.disconnect("ann1").await;
+    stack.disconnect("ann2").await;
+    stack.pump_once().await;
+    let cascade = stack.pump_once().await;
+    stack.deliver(&cascade).await;
+    stack.deliver(&batch).await; // an old batch, late: it changes nothing
+    assert_eq!(events(&stack, "bob1", "ann"), ["joined", "left"]);
+    assert_eq!(who_is_the_live_set(&stack, "bob1", "general", 10).await, [("bob".into(), 1)]);
+}
+
+/// The record's presence write succeeded, then reading the room failed (the table throttled):
+/// the record is reported, Lambda redelivers it, and the `joined` that was never sent goes out
+/// then, once, with the record's id.
+async fn frames_lost_after_presence_was_written_are_sent_on_redelivery(kind: &str) {
+    let clock = ManualClock::starting_now();
+    let table = match kind {
+        "memory" => Table::memory(clock.clone()).await,
+        _ => Table::dynamodb().await,
+    };
+    let flaky =
+        Arc::new(UnavailableRoom { inner: table.store.clone(), room: "general".into(), times: AtomicUsize::new(0) });
+    let mut stack = Stack::build_with_store(flaky.clone(), table, clock, DeliverySettings::default()).await;
+    stack.connect("bob1", "acme", "bob", "general").await;
+    stack.pump().await;
+    stack.recorder.clear();
+
+    flaky.times.store(1, std::sync::atomic::Ordering::SeqCst);
+    stack.connect("ann1", "acme", "ann", "general").await;
+    let batch = stack.pump_once().await;
+    assert_eq!(stack.failures.len(), 1, "the record is reported for redelivery");
+    assert!(events(&stack, "bob1", "ann").is_empty(), "nothing was sent the first time");
+    stack.deliver(&batch).await;
+    assert_eq!(stack.failures.len(), 1, "the redelivery succeeds");
+    assert_eq!(events(&stack, "bob1", "ann"), ["joined"]);
+    assert_eq!(stack.processor.counts().presence_joined, 2, "counted once: Bob's and Ann's");
+    assert_eq!(who_is_the_live_set(&stack, "bob1", "general", 10).await, [("ann".into(), 1), ("bob".into(), 1)]);
+}
+
+async fn one_of_two_tabs_expiring_by_ttl_leaves_the_user_present(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.connect("bob1", "acme", "bob", "general").await;
+    stack.connect("ann1", "acme", "ann", "general").await;
+    stack.connect("ann2", "acme", "ann", "general").await;
+    stack.pump().await;
+    // Bob and Ann's second tab ping; later only the first tab's TTL (600 s) has passed.
+    stack.clock.advance(Age::seconds(400));
+    assert_eq!(stack.send("bob1", json!({"action":"ping"})).await["action"], "pong");
+    assert_eq!(stack.send("ann2", json!({"action":"ping"})).await["action"], "pong");
+    stack.clock.advance(Age::seconds(201));
+    stack.expire_by_ttl("ann1", "900000000000000000001").await;
+    stack.pump().await;
+    assert_eq!(events(&stack, "bob1", "ann"), ["joined"], "Ann is still here on her second tab");
+    assert_eq!(who_is_the_live_set(&stack, "bob1", "general", 10).await, [("ann".into(), 1), ("bob".into(), 1)]);
+
+    stack.disconnect("ann2").await;
+    stack.pump().await;
+    assert_eq!(events(&stack, "bob1", "ann"), ["joined", "left"]);
+    assert_eq!(who_is_the_live_set(&stack, "bob1", "general", 10).await, [("bob".into(), 1)]);
+}
+
+async fn gone_connections_deleted_by_the_processor_and_by_the_sweeper(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    for (id, user) in [("bob1", "bob"), ("ann1", "ann"), ("ann2", "ann"), ("cid1", "cid")] {
+        stack.connect(id, "acme", user, "general").await;
+    }
+    stack.pump().await;
+    stack.clock.advance(Age::seconds(60)); // past the young-connection window
+
+    // The processor meets a 410 for one of Ann's tabs: deleted, and Ann is still here.
+    stack.recorder.script("ann1", &[410]);
+    stack.send("bob1", json!({"action":"sendMessage","room":"general","message":"anyone?"})).await;
+    stack.pump().await;
+    assert_eq!(stack.processor.counts().gone, 1);
+    assert_eq!(events(&stack, "bob1", "ann"), ["joined"]);
+    assert_eq!(who_is_the_live_set(&stack, "bob1", "general", 10).await.len(), 3);
+
+    // The sweeper finds her other tab silently gone (its TTL passed; Bob and Cid pinged).
+    assert_eq!(stack.send("bob1", json!({"action":"ping"})).await["action"], "pong");
+    assert_eq!(stack.send("cid1", json!({"action":"ping"})).await["action"], "pong");
+    stack.clock.advance(Age::seconds(545));
+    stack.recorder.mark_gone("ann2");
+    let admin = roomcast::admin::Admin {
+        store: stack.table.store.clone(),
+        deliverer: Arc::new(roomcast::deliver::Deliverer::new(
+            roomcast_tests::sdk_config().await,
+            DeliverySettings { endpoint_override: Some(stack.recorder.endpoint.clone()), ..Default::default() },
+            stack.table.store.clone(),
+            stack.clock.clone(),
+            Arc::new(roomcast::metrics::Metrics::default()),
+        )),
+        clock: stack.clock.clone(),
+        idle_limit: std::time::Duration::from_secs(600),
+    };
+    let report = admin.sweep(std::time::Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(report.cleaned, 1, "{report:?}");
+    stack.pump().await;
+    assert_eq!(events(&stack, "bob1", "ann"), ["joined", "left"]);
+    let left = stack.recorder.presence("bob1").into_iter().rfind(|f| f["user_id"] == "ann").unwrap();
+    assert_eq!(left["reason"], "expired");
+    assert_eq!(who_is_the_live_set(&stack, "bob1", "general", 10).await, [("bob".into(), 1), ("cid".into(), 1)]);
+}
+
+async fn a_large_room_stops_announcing_but_counts_and_who_stay_exact(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    let settings = TenantSettings { presence_announce_max_users: Some(5), ..TenantSettings::new("acme") };
+    stack.table.store.put_tenant_settings(&settings).await.unwrap();
+    stack.connect("watcher", "acme", "watcher", "general").await;
+    stack.pump().await;
+    for i in 0..8 {
+        stack.connect(&format!("u{i}"), "acme", &format!("u{i}"), "general").await;
+    }
+    stack.pump().await;
+    // Up to five users in the room, joins are announced; beyond, they are counted only.
+    let announced: Vec<_> = (0..8).filter(|i| !events(&stack, "watcher", &format!("u{i}")).is_empty()).collect();
+    assert_eq!(announced, [0, 1, 2, 3], "{:?}", stack.recorder.presence("watcher"));
+    assert_eq!(stack.processor.counts().presence_unannounced, 4);
+    assert_eq!(who_is_the_live_set(&stack, "watcher", "general", 3).await.len(), 9);
+    // Leaving a large room is silent too, until the room is small again.
+    for i in 0..5 {
+        stack.disconnect(&format!("u{i}")).await;
+    }
+    stack.pump().await;
+    let left: Vec<_> =
+        (0..5).filter(|i| events(&stack, "watcher", &format!("u{i}")).contains(&"left".into())).collect();
+    assert_eq!(left.len(), 1, "only the leave that started from a room of five is announced: {left:?}");
+    assert_eq!(who_is_the_live_set(&stack, "watcher", "general", 3).await.len(), 4);
+}
+
+async fn the_join_ack_and_the_welcome_carry_the_room_as_it_is(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.connect("bob1", "acme", "bob", "general").await;
+    stack.connect("cid1", "acme", "cid", "general").await;
+    stack.pump().await;
+    // A welcome counts the room with its own user in it, whichever way the batch ran.
+    stack.connect("ann1", "acme", "ann", "general").await;
+    stack.pump().await;
+    let welcome = stack.recorder.received_action("ann1", "welcome");
+    assert_eq!(welcome[0]["counts"], json!({"general": 3}));
+
+    stack.connect("dan1", "acme", "dan", "").await;
+    stack.pump().await;
+    let ack = stack.send("dan1", json!({"action":"join","room":"general"})).await;
+    assert_eq!(ack["users"], 3, "{ack}");
+    assert_eq!(
+        ack["members"],
+        json!([{"user_id":"ann","connections":1},{"user_id":"bob","connections":1},{"user_id":"cid","connections":1}])
+    );
+    let denied = stack.send("dan1", json!({"action":"who","room":"secret"})).await;
+    assert_eq!(denied["code"], "not_member");
+}
+
+/// The same guarantees through `roomcast dev`, with real WebSocket clients: the gateway
+/// emulator, the stream poller (the embedded store's, or moto's through the Streams API) and the
+/// processor posting through the emulator's `@connections`.
+mod over_websockets {
+    use std::time::Duration;
+
+    use roomcast::gateway::Fault;
+    use roomcast_tests::ws::{self, connect, presence, take_all, who_settles_on};
+    use serde_json::json;
+
+    roomcast_tests::on_both_stores!(multi_thread:
+        a_page_reload_and_a_second_tab_announce_once,
+        a_redelivered_batch_is_shown_once,
+        a_gone_tab_leaves_the_user_present,
+    );
+
+    async fn a_page_reload_and_a_second_tab_announce_once(kind: &str) {
+        let stack = ws::dev(kind, |_| {}).await;
+        let mut bob = connect(&stack, "acme", "bob", "general").await;
+        bob.expect_action("welcome").await;
+        let mut ann1 = connect(&stack, "acme", "ann", "general").await;
+        ann1.expect_action("welcome").await;
+        let joined = bob.expect("ann joined", presence("ann", "joined")).await;
+        assert!(joined["id"].as_str().is_some_and(|id| !id.is_empty()), "{joined}");
+        assert_eq!(joined["users"], 2);
+        let mut ann2 = connect(&stack, "acme", "ann", "general").await;
+        ann2.expect_action("welcome").await;
+
+        // A reload of the first tab: it closes as the new one opens.
+        ann1.close().await;
+        let mut ann3 = connect(&stack, "acme", "ann", "general").await;
+        ann3.expect_action("welcome").await;
+        who_settles_on(&stack, &mut bob, "general", &[("ann", 2), ("bob", 1)]).await;
+        // A marker after all of it: any second `joined` or a `left` of Ann would be before it.
+        let mut cid = connect(&stack, "acme", "cid", "general").await;
+        cid.expect_action("welcome").await;
+        bob.expect("cid joined", presence("cid", "joined")).await;
+        assert!(take_all(&mut bob, |f| f["action"] == "presence" && f["user_id"] == "ann").is_empty());
+
+        ann2.close().await;
+        ann3.close().await;
+        let left = bob.expect("ann left", presence("ann", "left")).await;
+        assert_eq!(left["reason"], "disconnect");
+        who_settles_on(&stack, &mut bob, "general", &[("bob", 1), ("cid", 1)]).await;
+        stack.shutdown().await;
+    }
+
+    async fn a_redelivered_batch_is_shown_once(kind: &str) {
+        let stack = ws::dev(kind, |o| o.redeliver = true).await;
+        let mut bob = connect(&stack, "acme", "bob", "general").await;
+        bob.expect_action("welcome").await;
+        let mut ann = connect(&stack, "acme", "ann", "general").await;
+        ann.expect_action("welcome").await;
+        let joined = bob.expect("ann joined", presence("ann", "joined")).await;
+        ann.close().await;
+        let left = bob.expect("ann left", presence("ann", "left")).await;
+        let mut cid = connect(&stack, "acme", "cid", "general").await;
+        cid.expect_action("welcome").await;
+        bob.expect("cid joined", presence("cid", "joined")).await;
+        // Every batch was delivered twice: a repeat carries the first delivery's id, and no
+        // other `joined` or `left` of Ann came.
+        for repeat in take_all(&mut bob, |f| f["action"] == "presence" && f["user_id"] == "ann") {
+            let first = if repeat["event"] == "joined" { &joined } else { &left };
+            assert_eq!(repeat, *first, "a repeat is the same frame");
+        }
+        who_settles_on(&stack, &mut bob, "general", &[("bob", 1), ("cid", 1)]).await;
+        stack.shutdown().await;
+    }
+
+    async fn a_gone_tab_leaves_the_user_present(kind: &str) {
+        let clock = roomcast::model::ManualClock::at(chrono::Utc::now());
+        let stack = ws::dev(kind, |o| {
+            o.delivery.young_connection = Duration::from_millis(1000);
+            o.clock = clock.clone();
+        })
+        .await;
+        let mut bob = connect(&stack, "acme", "bob", "general").await;
+        bob.expect_action("welcome").await;
+        let mut ann1 = connect(&stack, "acme", "ann", "general").await;
+        ann1.expect_action("welcome").await;
+        let mut ann2 = connect(&stack, "acme", "ann", "general").await;
+        ann2.expect_action("welcome").await;
+        bob.expect("ann joined", presence("ann", "joined")).await;
+        clock.advance(chrono::Duration::seconds(10)); // nobody is young any more
+
+        // API Gateway answers 410 for Ann's first tab: the processor deletes it.
+        let first = ann1.ask(json!({"action":"info"}), "info").await["connection_id"].as_str().unwrap().to_string();
+        stack.gateway.faults().inject(Some(&first), Fault::Status(410), 1);
+        bob.ask(json!({"action":"sendMessage","room":"general","message":"anyone?"}), "ack").await;
+        who_settles_on(&stack, &mut bob, "general", &[("ann", 1), ("bob", 1)]).await;
+        assert_eq!(stack.metrics.snapshot().gone, 1);
+        bob.ask(json!({"action":"sendMessage","room":"general","message":"marker"}), "ack").await;
+        bob.expect_before("the marker", |f| f["message"] == "marker", presence("ann", "left")).await;
+
+        ann2.close().await;
+        assert_eq!(bob.expect("ann left", presence("ann", "left")).await["reason"], "disconnect");
+        stack.shutdown().await;
+    }
+
+    /// Only the embedded store runs TTL: one of Ann's two tabs outlives its TTL on the stack's
+    /// clock (the other pinged), and Ann stays present.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_tab_expiring_by_ttl_leaves_the_user_present() {
+        let clock = roomcast::model::ManualClock::at(chrono::Utc::now());
+        let stack = ws::dev("memory", |o| {
+            o.connection_ttl_seconds = 60;
+            o.ttl_sweep_every = Duration::from_millis(50);
+            o.clock = clock.clone();
+        })
+        .await;
+        let mut bob = connect(&stack, "acme", "bob", "general").await;
+        bob.expect_action("welcome").await;
+        let mut ann1 = connect(&stack, "acme", "ann", "general").await;
+        ann1.expect_action("welcome").await;
+        let mut ann2 = connect(&stack, "acme", "ann", "general").await;
+        ann2.expect_action("welcome").await;
+        bob.expect("ann joined", presence("ann", "joined")).await;
+        clock.advance(chrono::Duration::seconds(40));
+        bob.ask(json!({"action":"ping"}), "pong").await;
+        ann2.ask(json!({"action":"ping"}), "pong").await;
+        clock.advance(chrono::Duration::seconds(30)); // the first tab's TTL has passed
+        who_settles_on(&stack, &mut bob, "general", &[("ann", 1), ("bob", 1)]).await;
+        bob.ask(json!({"action":"sendMessage","room":"general","message":"marker"}), "ack").await;
+        bob.expect_before("the marker", |f| f["message"] == "marker", presence("ann", "left")).await;
+        drop(ann1);
+        stack.shutdown().await;
+    }
+}
