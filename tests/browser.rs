@@ -1,6 +1,6 @@
 //! The browser page, driven in headless Chromium (Debian's `chromium`; `scripts/test` installs
 //! it when missing) over the DevTools protocol: two pages in one room exchange messages and see
-//! each other's presence. `ROOMCAST_UPDATE_SCREENSHOT=1` also writes `docs/dev-page.png`.
+//! each other's presence; a page that connects later starts its roster from the snapshot. `ROOMCAST_UPDATE_SCREENSHOT=1` also writes `docs/dev-page.png`.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -205,9 +205,38 @@ async fn two_pages_in_one_room_exchange_messages_and_see_each_others_presence() 
         std::fs::write(&path, png).unwrap();
     }
 
+    // A page that connects later starts its roster from the snapshot (`who` for the rooms it
+    // joined at connect): Ann and Bob joined before it existed, and no event told it of them.
+    let cid = browser.open(&page("cid")).await;
+    browser.click(&cid, "connect").await;
+    let roster = |user: &str| format!("document.getElementById('presence').innerText.includes('{user} in #general')");
+    browser
+        .wait_for(
+            &cid,
+            "the roster from the snapshot",
+            &format!("{} && {} && {}", roster("ann"), roster("bob"), roster("cid")),
+        )
+        .await;
+    browser
+        .wait_for(
+            &cid,
+            "the room's count",
+            "document.getElementById('presence').innerText.includes('#general · 3 here')",
+        )
+        .await;
+
     browser.click(&ann, "disconnect").await;
     browser
         .wait_for(&bob, "ann's departure on bob's page", &log_has("presence", "ann left #general (disconnect)"))
+        .await;
+    // And it follows the events from there.
+    browser.wait_for(&cid, "ann gone from the roster", &format!("!{} && {}", roster("ann"), roster("bob"))).await;
+    browser
+        .wait_for(
+            &cid,
+            "the count follows",
+            "document.getElementById('presence').innerText.includes('#general · 2 here')",
+        )
         .await;
     stack.shutdown().await;
 }

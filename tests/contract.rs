@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 
 use aws_lambda_events::dynamodb::EventRecord;
 use chrono::{DateTime, Duration, Utc};
-use roomcast::model::{Connection, JoinReason, LeftReason, Message};
+use roomcast::model::{Connection, JoinReason, LeftReason, Message, TenantSettings};
+use roomcast::presence::{PresenceOp, PresenceUpdate};
+use roomcast::protocol::PresenceEvent;
 use roomcast::store::StoreError;
 use roomcast::stream::{Cause, Change, Record};
 use roomcast_tests::Table;
@@ -35,6 +37,8 @@ contract!(
     the_stream_carries_every_write_in_order_with_both_images,
     connections_by_user_scan_pages_and_status,
     a_large_plugin_is_chunked_under_the_item_limit_and_reassembled,
+    presence_changes_atomically_under_concurrent_writers,
+    presence_redelivery_and_who_pages_and_settings,
 );
 
 fn now() -> DateTime<Utc> {
@@ -289,6 +293,100 @@ async fn a_large_plugin_is_chunked_under_the_item_limit_and_reassembled(table: T
     }
     table.store.put_plugin(&old, &legacy).await.unwrap();
     assert_eq!(table.store.plugin_bytes("acme", &old.version, old.chunks).await.unwrap(), Some(old_bytes));
+}
+
+fn presence_update(user: &str, connection: &str, op: PresenceOp, seq: Option<u64>) -> PresenceUpdate {
+    PresenceUpdate {
+        tenant: "acme".into(),
+        room: "general".into(),
+        user_id: user.into(),
+        connection_id: connection.into(),
+        op,
+        event_id: format!("ev-{user}-{connection}-{op:?}"),
+        seq: seq.map(|n| roomcast::model::sequence_key(&n.to_string())),
+        at: now(),
+    }
+}
+
+/// Twelve writers add (then remove) connections of one user at the same time: exactly one of
+/// them makes the user present (absent), none is lost, and the room's count agrees. On DynamoDB
+/// this is the versioned conditional writes losing races and planning again.
+async fn presence_changes_atomically_under_concurrent_writers(table: Table) {
+    let store = table.store.clone();
+    let run = |op: PresenceOp| {
+        let store = store.clone();
+        async move {
+            let writes = (0..12).map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store.apply_presence(&presence_update("ann", &format!("c{i:02}"), op, None)).await
+                })
+            });
+            let outcomes: Vec<_> =
+                futures::future::join_all(writes).await.into_iter().map(|o| o.unwrap().unwrap()).collect();
+            outcomes.iter().filter(|o| o.transition.is_some()).count()
+        }
+    };
+    assert_eq!(run(PresenceOp::Add).await, 1, "exactly one joined");
+    let page = store.who("acme", "general", 10, None).await.unwrap();
+    assert_eq!(page.users, [("ann".to_string(), 12)]);
+    assert_eq!(page.total, 1);
+    assert_eq!(run(PresenceOp::Remove).await, 1, "exactly one left");
+    let page = store.who("acme", "general", 10, None).await.unwrap();
+    assert!(page.users.is_empty());
+    assert_eq!((page.total, store.presence("acme", "general", "ann").await.unwrap()), (0, None));
+}
+
+async fn presence_redelivery_and_who_pages_and_settings(table: Table) {
+    let store = &table.store;
+    let add = |user: &str, seq| presence_update(user, &format!("{user}-1"), PresenceOp::Add, Some(seq));
+    for (i, user) in ["cid", "ann", "eve", "bob", "dan"].iter().enumerate() {
+        let outcome = store.apply_presence(&add(user, 10 + i as u64)).await.unwrap();
+        assert_eq!(
+            (outcome.transition, outcome.users, outcome.redelivered),
+            (Some(PresenceEvent::Joined), Some(i as u64 + 1), false)
+        );
+    }
+    // The last record again: the same transition, announced again, nothing written.
+    let again = store.apply_presence(&add("dan", 14)).await.unwrap();
+    assert_eq!((again.transition, again.users, again.redelivered), (Some(PresenceEvent::Joined), Some(5), true));
+    // An earlier one again: nothing at all.
+    let old = store.apply_presence(&add("ann", 11)).await.unwrap();
+    assert_eq!((old.transition, old.redelivered), (None, true));
+    assert_eq!(store.room_presence("acme", "general").await.unwrap().unwrap().users, 5);
+
+    // Pages in user order, each user once; the total on every page.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.who("acme", "general", 2, after.as_deref()).await.unwrap();
+        assert_eq!(page.total, 5);
+        assert!(page.users.len() <= 2);
+        seen.extend(page.users.iter().map(|(u, n)| (u.clone(), *n)));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let users: Vec<&str> = seen.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(users, ["ann", "bob", "cid", "dan", "eve"]);
+    // Another tenant's room of the same name is another room.
+    assert_eq!(store.who("globex", "general", 10, None).await.unwrap(), roomcast::presence::WhoPage::default());
+    // A presence item that does not decode is left out, and counted.
+    table
+        .put_raw(
+            serde_dynamo::to_item(serde_json::json!({"pk":"ROOM#acme#general","sk":"USER#bad","type":"presence"}))
+                .unwrap(),
+        )
+        .await;
+    let before = table.metrics.snapshot().corrupt_items;
+    assert_eq!(store.who("acme", "general", 10, None).await.unwrap().users.len(), 5);
+    assert_eq!(table.metrics.snapshot().corrupt_items, before + 1);
+
+    assert_eq!(store.tenant_settings("acme").await.unwrap(), None);
+    let settings = TenantSettings { presence_announce_max_users: Some(7), ..TenantSettings::new("acme") };
+    store.put_tenant_settings(&settings).await.unwrap();
+    assert_eq!(store.tenant_settings("acme").await.unwrap(), Some(settings));
 }
 
 async fn drain(table: &mut Table) -> Vec<EventRecord> {

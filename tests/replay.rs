@@ -130,6 +130,21 @@ async fn the_event_form_and_the_json_lines_form_print_the_same_and_runs_are_iden
     assert!(text.contains("log info: rejected"), "{text}");
     assert!(text.contains("send     {\"action\":\"rejected\""), "{text}");
     assert!(text.contains("remove   membership acme/general of bob (disconnect)"), "{text}");
+    // Presence decisions, from the replay's own presence state: who became present or absent, in
+    // a room of how many, and whether it was announced.
+    assert!(text.contains("presence joined (room users 2)"), "{text}");
+    assert!(text.contains("presence left (room users 1)"), "{text}");
+    let (jsonl, _) = run(&lines(&records), &Options { json: true, ..from_stream(moderation()) }).await;
+    let decisions: Vec<Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|e| e.get("presence").cloned())
+        .collect();
+    let joined = decisions.iter().filter(|p| p["transition"] == "joined").count();
+    let left = decisions.iter().filter(|p| p["transition"] == "left").count();
+    // ann, bob and eve in general, ann and bob in ops; ann left ops, bob left both.
+    assert_eq!((joined, left), (5, 3), "{decisions:?}");
+    assert!(decisions.iter().all(|p| p["announced"] == (p["transition"] != Value::Null)), "{decisions:?}");
 }
 
 #[tokio::test]
