@@ -286,6 +286,14 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     aws.pump().await;
     let left = aws.recorder.received_action("c-alice", "presence");
     assert!(left.iter().any(|p| p["user_id"] == "bob" && p["event"] == "left"), "{left:?}");
+    // Presence state, written by the processor under its policy (a transaction of a PutItem and a
+    // DeleteItem at each transition), read by the message function's `who` under its own.
+    assert!(left.iter().all(|p| p["id"].as_str().is_some_and(|id| !id.is_empty())), "{left:?}");
+    let who = aws.send("c-alice", json!({"action": "who", "room": "lobby"})).await;
+    assert_eq!(who["action"], "who", "{who}");
+    let users: Vec<&str> = who["users"].as_array().unwrap().iter().map(|u| u["user_id"].as_str().unwrap()).collect();
+    assert!(users.contains(&"alice") && !users.contains(&"bob"), "{who}");
+    assert_eq!(who["total"].as_u64(), Some(users.len() as u64), "{who}");
 
     assert_eq!(aws.send("c-alice", json!({"action": "join", "room": "side"})).await["action"], "ack");
     assert_eq!(aws.send("c-alice", json!({"action": "leave", "room": "side"})).await["action"], "ack");
