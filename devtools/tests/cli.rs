@@ -214,6 +214,16 @@ async fn plugin_upload_into_a_running_dev_stack_with_the_embedded_store() {
     assert!(roomcast(args("plugin list --tenant acme")).await.1.starts_with("  "), "nothing active");
     assert!(roomcast(args(&format!("plugin activate --tenant acme --version {version}"))).await.0);
     assert!(roomcast(args("plugin list --tenant acme")).await.1.starts_with('*'));
+
+    // A tenant's settings, written into the running stack's table and read back.
+    let (ok, out) = roomcast(args("tenant show acme")).await;
+    assert!(ok && !out.contains("presenceAnnounceMaxUsers"), "unset: {out}");
+    let (ok, out) = roomcast(args("tenant set acme --presence-announce-max-users 7")).await;
+    assert!(ok && out.contains(r#""presenceAnnounceMaxUsers": 7"#), "{out}");
+    let stored = stack.store.tenant_settings("acme").await.unwrap().expect("written");
+    assert_eq!(stored.presence_announce_max_users, Some(7));
+    let (ok, out) = roomcast(args("tenant set bad#name --presence-announce-max-users 7")).await;
+    assert!(!ok && out.contains("contains '#'"), "{out}");
     stack.shutdown().await;
 
     // A dev stack that is not there is a clear error.

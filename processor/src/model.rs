@@ -272,8 +272,8 @@ pub struct Membership {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub left_reason: Option<String>,
     /// When the join happened in nanoseconds since the epoch, strictly increasing within a
-    /// process: two joins of one user in the same millisecond keep their order, so presence is
-    /// announced once ([`crate::react`]). Records written before it existed have none.
+    /// process. Presence no longer ranks joins by time ([`crate::presence`] keeps it as state);
+    /// kept so that records stay readable by processors of either version during a deploy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub joined_ns: Option<i64>,
 }
