@@ -307,6 +307,7 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
         clock: two_hours_ago,
         connection_ttl_seconds: 3 * 3600,
         history_ttl_seconds: 3600,
+        idempotency_window_seconds: roomcast::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
     };
     let stale = |id: &'static str, user: &'static str| {
         let (old, recorder) = (&old, &aws.recorder);

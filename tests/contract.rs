@@ -9,7 +9,7 @@ use chrono::{DateTime, Duration, Utc};
 use roomcast::model::{Connection, JoinReason, LeftReason, Message, TenantSettings};
 use roomcast::presence::{PresenceOp, PresenceUpdate};
 use roomcast::protocol::PresenceEvent;
-use roomcast::store::StoreError;
+use roomcast::store::{HistoryFrom, StoreError};
 use roomcast::stream::{Cause, Change, Record};
 use roomcast_tests::Table;
 
@@ -39,6 +39,7 @@ contract!(
     a_large_plugin_is_chunked_under_the_item_limit_and_reassembled,
     presence_changes_atomically_under_concurrent_writers,
     presence_redelivery_and_who_pages_and_settings,
+    an_idempotency_key_writes_once_within_its_window,
 );
 
 fn now() -> DateTime<Utc> {
@@ -152,14 +153,32 @@ async fn history_is_ordered_limited_and_paged(table: Table) {
 
     let bodies = |ms: Vec<Message>| ms.into_iter().map(|m| m.body).collect::<Vec<_>>();
     assert_eq!(
-        bodies(table.store.history("acme", "general", 10, None, t).await.unwrap()),
+        bodies(table.store.history("acme", "general", &HistoryFrom::Latest, 10, t).await.unwrap()),
         ["m0", "m1", "m2", "m3", "m4"]
     );
-    assert_eq!(bodies(table.store.history("acme", "general", 2, None, t).await.unwrap()), ["m3", "m4"]);
-    let before = roomcast::model::format_ts(&sent[3].timestamp);
-    assert_eq!(bodies(table.store.history("acme", "general", 2, Some(&before), t).await.unwrap()), ["m1", "m2"]);
+    assert_eq!(bodies(table.store.history("acme", "general", &HistoryFrom::Latest, 2, t).await.unwrap()), ["m3", "m4"]);
+    let before = sent[3].sk.clone();
+    assert_eq!(
+        bodies(table.store.history("acme", "general", &HistoryFrom::Before(before), 2, t).await.unwrap()),
+        ["m1", "m2"]
+    );
+    let after = sent[1].sk.clone();
+    assert_eq!(
+        bodies(table.store.history("acme", "general", &HistoryFrom::After(after), 2, t).await.unwrap()),
+        ["m2", "m3"]
+    );
+    // One message by its key; and by its id, which gives the key.
+    let key = roomcast::model::message_sk_of_id(&sent[2].id).unwrap();
+    assert_eq!(key, sent[2].sk);
+    assert_eq!(table.store.message("acme", "general", &key, t).await.unwrap().map(|m| m.body), Some("m2".into()));
+    assert_eq!(table.store.message("globex", "general", &key, t).await.unwrap(), None);
     assert!(
-        table.store.history("acme", "general", 10, None, t + Duration::seconds(61)).await.unwrap().is_empty(),
+        table
+            .store
+            .history("acme", "general", &HistoryFrom::Latest, 10, t + Duration::seconds(61))
+            .await
+            .unwrap()
+            .is_empty(),
         "expired"
     );
 
@@ -168,8 +187,61 @@ async fn history_is_ordered_limited_and_paged(table: Table) {
     for i in 0..20 {
         table.store.put_message(&Message::new(&c, "burst", format!("b{i:02}"), burst_at, 60)).await.unwrap();
     }
-    let burst = bodies(table.store.history("acme", "burst", 50, None, t).await.unwrap());
+    let burst = bodies(table.store.history("acme", "burst", &HistoryFrom::Latest, 50, t).await.unwrap());
     assert_eq!(burst, (0..20).map(|i| format!("b{i:02}")).collect::<Vec<_>>());
+    // Paged three at a time across the burst's one millisecond, forward and backward: nothing
+    // skipped or repeated.
+    let all = table.store.history("acme", "burst", &HistoryFrom::Latest, 50, t).await.unwrap();
+    let mut forward = Vec::new();
+    let mut from = HistoryFrom::After("MSG#".into());
+    loop {
+        let page = table.store.history("acme", "burst", &from, 3, t).await.unwrap();
+        let Some(last) = page.last() else { break };
+        from = HistoryFrom::After(last.sk.clone());
+        forward.extend(page.into_iter().map(|m| m.body));
+    }
+    assert_eq!(forward, bodies(all.clone()));
+    let mut backward = Vec::new();
+    let mut from = HistoryFrom::Latest;
+    loop {
+        let page = table.store.history("acme", "burst", &from, 3, t).await.unwrap();
+        let Some(first) = page.first() else { break };
+        from = HistoryFrom::Before(first.sk.clone());
+        backward.splice(0..0, page.into_iter().map(|m| m.body));
+    }
+    assert_eq!(backward, bodies(all));
+}
+
+async fn an_idempotency_key_writes_once_within_its_window(mut table: Table) {
+    let t = now();
+    let c = connection("c1", "acme", "ann", &["general"], t);
+    connect(&table, &c, t).await;
+    drain(&mut table).await;
+    let first = Message::new(&c, "general", "once".into(), t, 60);
+    let record = roomcast::model::IdempotencyRecord::new(&first, "order-42", t, 300);
+    assert_eq!(table.store.put_message_once(&first, &record, t).await.unwrap(), first.id);
+    // A repeat within the window: nothing written, the first id answered.
+    let again = Message::new(&c, "general", "once".into(), t + Duration::seconds(10), 60);
+    let repeat = roomcast::model::IdempotencyRecord::new(&again, "order-42", t + Duration::seconds(10), 300);
+    assert_eq!(table.store.put_message_once(&again, &repeat, t + Duration::seconds(10)).await.unwrap(), first.id);
+    // The same key in another tenant is another key.
+    let theirs = Message::new(&connection("c2", "globex", "bob", &["general"], t), "general", "x".into(), t, 60);
+    let record = roomcast::model::IdempotencyRecord::new(&theirs, "order-42", t, 300);
+    assert_eq!(table.store.put_message_once(&theirs, &record, t).await.unwrap(), theirs.id);
+    // After the window the key writes again.
+    let later_at = t + Duration::seconds(301);
+    let later = Message::new(&c, "general", "once more".into(), later_at, 60);
+    let record = roomcast::model::IdempotencyRecord::new(&later, "order-42", later_at, 300);
+    assert_eq!(table.store.put_message_once(&later, &record, later_at).await.unwrap(), later.id);
+    let messages: Vec<_> = changes(&mut table)
+        .await
+        .into_iter()
+        .filter_map(|c| match c {
+            Change::Inserted(Record::Message(m)) => Some(m.body),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(messages, ["once", "x", "once more"], "the repeat wrote no message");
 }
 
 async fn the_stream_carries_every_write_in_order_with_both_images(mut table: Table) {

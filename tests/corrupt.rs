@@ -151,8 +151,14 @@ async fn an_item_of_the_wrong_type_is_skipped_by_every_read(table: Table) {
     }
     table.put_raw(rewritten(&sent[1], &[("timestamp", number.clone())])).await;
     let before = counted(&table);
-    let bodies: Vec<String> =
-        table.store.history("acme", "general", 2, None, t).await.unwrap().into_iter().map(|m| m.body).collect();
+    let bodies: Vec<String> = table
+        .store
+        .history("acme", "general", &roomcast::store::HistoryFrom::Latest, 2, t)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
     assert_eq!(bodies, ["m0", "m2"]);
     assert_eq!(counted(&table) - before, 1, "history");
 

@@ -590,6 +590,7 @@ impl Stack {
             clock: clock.clone(),
             connection_ttl_seconds: 600,
             history_ttl_seconds: 3600,
+            idempotency_window_seconds: roomcast::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
         };
         Stack { table, clock, deps, processor, recorder, failures: Vec::new(), plugins, captured: Vec::new() }
     }
@@ -798,11 +799,28 @@ impl Store for UnavailableRoom {
         &self,
         tenant: &str,
         room: &str,
+        from: &roomcast::store::HistoryFrom,
         limit: usize,
-        before: Option<&str>,
         now: chrono::DateTime<chrono::Utc>,
     ) -> roomcast::store::Result<Vec<roomcast::model::Message>> {
-        self.inner.history(tenant, room, limit, before, now).await
+        self.inner.history(tenant, room, from, limit, now).await
+    }
+    async fn put_message_once(
+        &self,
+        m: &roomcast::model::Message,
+        record: &roomcast::model::IdempotencyRecord,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> roomcast::store::Result<String> {
+        self.inner.put_message_once(m, record, now).await
+    }
+    async fn message(
+        &self,
+        tenant: &str,
+        room: &str,
+        sk: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> roomcast::store::Result<Option<roomcast::model::Message>> {
+        self.inner.message(tenant, room, sk, now).await
     }
 }
 

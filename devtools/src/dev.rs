@@ -202,6 +202,7 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         clock: clock.clone(),
         connection_ttl_seconds: options.connection_ttl_seconds,
         history_ttl_seconds: options.history_ttl_seconds,
+        idempotency_window_seconds: crate::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
     };
     let gateway =
         Gateway::new(GatewaySettings { stage, auth: options.auth.clone(), limits: options.limits.clone() }, deps);

@@ -16,6 +16,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("ROOMCAST_MANAGEMENT_ENDPOINT", "per connection", "send every @connections call here"),
     ("CONNECTION_TTL_SECONDS", "3600", "connection and membership TTL; `ping` refreshes it"),
     ("HISTORY_TTL_SECONDS", "604800", "how long messages are kept for `history`"),
+    (
+        "ROOMCAST_IDEMPOTENCY_WINDOW_SECONDS",
+        "300",
+        "a repeated idempotency_key within this long answers the first message's id",
+    ),
     ("ROOMCAST_DELIVERY_CONCURRENCY", "32", "recipients served at once per record"),
     ("ROOMCAST_DELIVERY_TIMEOUT_MS", "3000", "one PostToConnection attempt"),
     ("ROOMCAST_DELIVERY_DEADLINE_MS", "20000", "all retries for one recipient"),
@@ -62,6 +67,7 @@ pub struct Config {
     pub dynamodb_endpoint: Option<String>,
     pub connection_ttl_seconds: i64,
     pub history_ttl_seconds: i64,
+    pub idempotency_window_seconds: i64,
     pub delivery: DeliverySettings,
     pub partitions_at_once: usize,
     pub idle_limit: Duration,
@@ -149,6 +155,12 @@ impl Config {
         };
         let connection_ttl_seconds = number("CONNECTION_TTL_SECONDS", 3600, 10, 7 * 86_400) as i64;
         let history_ttl_seconds = number("HISTORY_TTL_SECONDS", 7 * 86_400, 60, 365 * 86_400) as i64;
+        let idempotency_window_seconds = number(
+            "ROOMCAST_IDEMPOTENCY_WINDOW_SECONDS",
+            crate::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS as u64,
+            1,
+            86_400,
+        ) as i64;
         let delivery = DeliverySettings {
             concurrency: number("ROOMCAST_DELIVERY_CONCURRENCY", 32, 1, 1024) as usize,
             call_timeout: Duration::from_millis(number("ROOMCAST_DELIVERY_TIMEOUT_MS", 3000, 10, 60_000)),
@@ -184,6 +196,7 @@ impl Config {
                 dynamodb_endpoint,
                 connection_ttl_seconds,
                 history_ttl_seconds,
+                idempotency_window_seconds,
                 delivery,
                 partitions_at_once,
                 idle_limit,

@@ -12,9 +12,9 @@ use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxy
 use aws_lambda_events::encodings::Body;
 use serde_json::Value;
 
-use crate::model::{Clock, Connection, JoinReason, Message, Name, NewConnection, expiry, format_ts};
-use crate::protocol::{ErrorCode, FrameError, Request, ServerMessage, parse_frame};
-use crate::store::{Store, StoreError};
+use crate::model::{Clock, Connection, IdempotencyRecord, JoinReason, Message, Name, NewConnection, expiry, format_ts};
+use crate::protocol::{ChatMessage, ErrorCode, FrameError, MAX_HISTORY_LIMIT, Request, ServerMessage, parse_frame};
+use crate::store::{HistoryFrom, Store, StoreError};
 
 /// The most rooms one connection may be in (also keeps `$connect` within one transaction).
 pub const MAX_ROOMS_PER_CONNECTION: usize = 50;
@@ -26,7 +26,12 @@ pub struct HandlerDeps {
     pub clock: Arc<dyn Clock>,
     pub connection_ttl_seconds: i64,
     pub history_ttl_seconds: i64,
+    /// How long an idempotency key stands for the message it wrote.
+    pub idempotency_window_seconds: i64,
 }
+
+/// The default idempotency window: five minutes.
+pub const DEFAULT_IDEMPOTENCY_WINDOW_SECONDS: i64 = 300;
 
 fn respond(status: i64, body: Option<String>) -> ApiGatewayProxyResponse {
     let mut response = ApiGatewayProxyResponse::default();
@@ -211,6 +216,38 @@ impl From<StoreError> for Failure {
     }
 }
 
+/// At most `limit` of `found` (oldest first; one more than `limit` means there is more) whose
+/// frame fits API Gateway's 128 KB, keeping those nearest the cursor: the oldest when paging
+/// forward, the newest otherwise. `next` is the cursor for the page after: the last message
+/// kept in the direction of travel, when anything was left out.
+fn fit_in_a_frame(room: &str, found: Vec<Message>, limit: usize, forward: bool) -> (Vec<ChatMessage>, Option<String>) {
+    let total = found.len();
+    let mut order: Vec<Message> = found;
+    if !forward {
+        order.reverse(); // nearest the cursor first: the newest
+    }
+    // The frame around the messages, with the longest `next` a page can carry.
+    let envelope = ServerMessage::History { room: room.to_string(), messages: Vec::new(), next: Some("x".repeat(48)) }
+        .to_json()
+        .len();
+    let mut used = envelope;
+    let mut kept: Vec<ChatMessage> = Vec::new();
+    for message in order.into_iter().take(limit) {
+        let chat = ChatMessage::from(&message);
+        let size = serde_json::to_string(&chat).map_or(usize::MAX, |s| s.len()) + 1;
+        if used + size > crate::protocol::MAX_OUTGOING_BYTES && !kept.is_empty() {
+            break;
+        }
+        used += size;
+        kept.push(chat);
+    }
+    let next = (kept.len() < total).then(|| kept.last().map(|m| m.id.clone())).flatten();
+    if !forward {
+        kept.reverse();
+    }
+    (kept, next)
+}
+
 fn room_name(room: &str) -> Result<Name, Failure> {
     Name::parse("room", room).map_err(|e| Failure::Client(FrameError::new(ErrorCode::InvalidRequest, e)))
 }
@@ -231,7 +268,7 @@ async fn act(
 ) -> Result<ServerMessage, Failure> {
     let store = &deps.store;
     Ok(match request {
-        Request::SendMessage { room, message } => {
+        Request::SendMessage { room, message, idempotency_key } => {
             let room = room_name(&room)?;
             member_of(conn, room.as_str())?;
             let message = Message::new(conn, room.as_str(), message, now, deps.history_ttl_seconds);
@@ -239,17 +276,26 @@ async fn act(
             // not with a 413 from every recipient after it was acknowledged. (It then also fits
             // a tenant plugin's input, which counts the same fields unescaped.)
             let outgoing = ServerMessage::Message(crate::protocol::ChatMessage::from(&message)).to_json().len();
-            if outgoing > crate::protocol::MAX_OUTGOING_BYTES {
+            if outgoing > crate::protocol::MAX_MESSAGE_FRAME_BYTES {
                 return Err(Failure::Client(FrameError::new(
                     ErrorCode::MessageTooLarge,
                     format!(
                         "the message would reach its recipients as {outgoing} bytes; the limit is {}",
-                        crate::protocol::MAX_OUTGOING_BYTES
+                        crate::protocol::MAX_MESSAGE_FRAME_BYTES
                     ),
                 )));
             }
-            store.put_message(&message).await?;
-            ServerMessage::ack("sendMessage", &message.room, Some(message.id))
+            let id = match idempotency_key {
+                Some(key) => {
+                    let record = IdempotencyRecord::new(&message, &key, now, deps.idempotency_window_seconds);
+                    store.put_message_once(&message, &record, now).await?
+                }
+                None => {
+                    store.put_message(&message).await?;
+                    message.id.clone()
+                }
+            };
+            ServerMessage::ack("sendMessage", &message.room, Some(id))
         }
         Request::Join { room } => {
             let room = room_name(&room)?;
@@ -290,11 +336,34 @@ async fn act(
             rooms: conn.rooms.iter().cloned().collect(),
             connected_at: format_ts(&conn.connected_at),
         },
-        Request::History { room, limit, before } => {
+        Request::History { room, limit, from } => {
             let room = room_name(&room)?;
             member_of(conn, room.as_str())?;
-            let messages = store.history(&conn.tenant, room.as_str(), limit, before.as_deref(), now).await?;
-            ServerMessage::History { room: room.to_string(), messages: messages.iter().map(Into::into).collect() }
+            let forward = matches!(from, HistoryFrom::After(_));
+            // One more than asked says whether there is more.
+            let found = store.history(&conn.tenant, room.as_str(), &from, limit + 1, now).await?;
+            let (messages, next) = fit_in_a_frame(room.as_str(), found, limit, forward);
+            ServerMessage::History { room: room.to_string(), messages, next }
+        }
+        Request::Recover { room, since } => {
+            let room = room_name(&room)?;
+            member_of(conn, room.as_str())?;
+            let sk = crate::model::message_sk_of_id(&since).unwrap_or_default();
+            if store.message(&conn.tenant, room.as_str(), &sk, now).await?.is_none() {
+                ServerMessage::Recover {
+                    room: room.to_string(),
+                    recovered: false,
+                    messages: Vec::new(),
+                    next: None,
+                    reason: Some("that message is no longer in history: reload the room".into()),
+                }
+            } else {
+                let found = store
+                    .history(&conn.tenant, room.as_str(), &HistoryFrom::After(sk), MAX_HISTORY_LIMIT + 1, now)
+                    .await?;
+                let (messages, next) = fit_in_a_frame(room.as_str(), found, MAX_HISTORY_LIMIT, true);
+                ServerMessage::Recover { room: room.to_string(), recovered: true, messages, next, reason: None }
+            }
         }
         Request::Who { room, limit, after } => {
             let room = room_name(&room)?;

@@ -46,6 +46,7 @@ pub async fn run_handler(route: Route) -> Result<(), Error> {
         clock: Arc::new(SystemClock),
         connection_ttl_seconds: config.connection_ttl_seconds,
         history_ttl_seconds: config.history_ttl_seconds,
+        idempotency_window_seconds: config.idempotency_window_seconds,
     };
     let deps = &deps;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {

@@ -319,25 +319,65 @@ pub struct Message {
 
 impl Message {
     pub fn new(sender: &Connection, room: &str, body: String, now: DateTime<Utc>, ttl_seconds: i64) -> Message {
-        // Time-ordered and monotonic within a process: two messages in the same millisecond keep
-        // their order in the sort key, so history never swaps them.
-        let id = uuid::Uuid::now_v7().to_string();
+        Message::from(&sender.tenant, room, &sender.user_id, &sender.connection_id, body, now, ttl_seconds)
+    }
+
+    /// A message from a backend (`publish`): no connection sent it (`senderConnectionId` is
+    /// empty), so it reaches every member of the room.
+    pub fn published(tenant: &str, room: &str, user_id: &str, body: String, now: DateTime<Utc>, ttl: i64) -> Message {
+        Message::from(tenant, room, user_id, "", body, now, ttl)
+    }
+
+    fn from(
+        tenant: &str,
+        room: &str,
+        user_id: &str,
+        sender_connection_id: &str,
+        body: String,
+        now: DateTime<Utc>,
+        ttl_seconds: i64,
+    ) -> Message {
+        let id = message_id_at(now);
         Message {
-            pk: room_pk(&sender.tenant, room),
+            pk: room_pk(tenant, room),
             sk: message_sk(&now, &id),
             record_type: "message".into(),
-            gsi1pk: user_gsi1pk(&sender.tenant, &sender.user_id),
+            gsi1pk: user_gsi1pk(tenant, user_id),
             gsi1sk: format!("MSG#{}", format_ts(&now)),
             id,
-            tenant: sender.tenant.clone(),
+            tenant: tenant.to_string(),
             room: room.to_string(),
-            user_id: sender.user_id.clone(),
-            sender_connection_id: sender.connection_id.clone(),
+            user_id: user_id.to_string(),
+            sender_connection_id: sender_connection_id.to_string(),
             body,
             timestamp: now,
             ttl: expiry(now, ttl_seconds),
         }
     }
+}
+
+/// A message id: a UUID v7 whose millisecond is the message's own time (its sort key's), with a
+/// counter that keeps this process's messages of one millisecond in order. So an id alone gives
+/// the message's sort key ([`message_sk_of_id`]): a client's last-seen id is a history cursor.
+pub fn message_id_at(at: DateTime<Utc>) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let ms = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+    let counter = u128::from(COUNTER.fetch_add(1, Ordering::Relaxed) & ((1 << 42) - 1));
+    let ts = uuid::Timestamp::from_unix_time(ms / 1000, ((ms % 1000) * 1_000_000) as u32, counter, 42);
+    uuid::Uuid::new_v7(ts).to_string()
+}
+
+/// The sort key of the message with this id, if the id is a UUID v7 (ids of messages written
+/// before ids carried their message's time give a key that finds nothing).
+pub fn message_sk_of_id(id: &str) -> Option<String> {
+    let uuid = uuid::Uuid::parse_str(id).ok()?;
+    if uuid.get_version_num() != 7 {
+        return None;
+    }
+    let (secs, nanos) = uuid.get_timestamp()?.to_unix();
+    let at = Utc.timestamp_opt(i64::try_from(secs).ok()?, nanos).single()?;
+    Some(message_sk(&at, &uuid.hyphenated().to_string()))
 }
 
 /// Where "now" comes from. Handlers, the processor and the local gateway's socket timers take
@@ -422,6 +462,20 @@ mod tests {
         assert!(Name::parse("room", "").is_err());
         assert!(Name::parse("room", &"x".repeat(65)).is_err());
         assert!(Name::parse("room", "caf\u{e9}").is_err());
+    }
+
+    #[test]
+    fn a_message_id_gives_its_sort_key_and_ids_of_one_millisecond_keep_their_order() {
+        let at = Utc.timestamp_millis_opt(1_700_000_000_123).unwrap();
+        let ids: Vec<String> = (0..50).map(|_| message_id_at(at)).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted, "one millisecond, in order");
+        for id in &ids {
+            assert_eq!(message_sk_of_id(id), Some(message_sk(&at, id)));
+        }
+        assert_eq!(message_sk_of_id("not-a-uuid"), None);
+        assert_eq!(message_sk_of_id(&uuid::Uuid::new_v4().to_string()), None);
     }
 
     #[test]
@@ -758,6 +812,59 @@ impl TenantSettings {
             record_type: "settings".into(),
             tenant: tenant.to_string(),
             presence_announce_max_users: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idempotent sends: `IDEM#{tenant}#{key}` remembers, until its TTL, which message a key wrote.
+
+pub const IDEMPOTENCY_SK: &str = "IDEM";
+
+pub fn idempotency_pk(tenant: &str, key: &str) -> String {
+    format!("IDEM#{tenant}#{key}")
+}
+
+/// An idempotency key: 1–128 of `A-Z a-z 0-9 _ - . :` (never the key separator `#`).
+pub fn parse_idempotency_key(key: &str) -> Result<String, String> {
+    if key.is_empty() || key.len() > 128 {
+        return Err(format!("idempotency_key must be 1 to 128 characters, got {}", key.len()));
+    }
+    if let Some(bad) = key.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))) {
+        return Err(format!("idempotency_key contains {bad:?}; allowed are letters, digits and _ - . :"));
+    }
+    Ok(key.to_string())
+}
+
+/// Which message a key wrote, until `ttl` (the idempotency window). It holds the message itself,
+/// so a repeat can finish a first send that claimed the key and died before writing it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdempotencyRecord {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub tenant: String,
+    pub key: String,
+    pub message_id: String,
+    pub room: String,
+    pub ttl: i64,
+    pub message: Message,
+}
+
+impl IdempotencyRecord {
+    pub fn new(message: &Message, key: &str, now: DateTime<Utc>, window_seconds: i64) -> IdempotencyRecord {
+        IdempotencyRecord {
+            pk: idempotency_pk(&message.tenant, key),
+            sk: IDEMPOTENCY_SK.into(),
+            record_type: "idempotency".into(),
+            tenant: message.tenant.clone(),
+            key: key.to_string(),
+            message_id: message.id.clone(),
+            room: message.room.clone(),
+            ttl: expiry(now, window_seconds),
+            message: message.clone(),
         }
     }
 }

@@ -12,6 +12,10 @@ pub const MAX_FRAME_BYTES: usize = 128 * 1024;
 /// The largest frame `@connections` delivers (API Gateway's WebSocket message limit). A message
 /// is accepted only if the frame every recipient gets — with its id, sender and time — fits.
 pub const MAX_OUTGOING_BYTES: usize = 128 * 1024;
+
+/// The largest `message` frame a `sendMessage` may make: a little under [`MAX_OUTGOING_BYTES`],
+/// so that any one message also fits a `history` or `recover` page with its envelope.
+pub const MAX_MESSAGE_FRAME_BYTES: usize = MAX_OUTGOING_BYTES - 512;
 pub const DEFAULT_HISTORY_LIMIT: usize = 50;
 pub const MAX_HISTORY_LIMIT: usize = 100;
 
@@ -21,6 +25,9 @@ pub enum Request {
     SendMessage {
         room: String,
         message: String,
+        /// A repeat with the same key (in the tenant, within the window) writes nothing new and
+        /// is answered with the first message's id.
+        idempotency_key: Option<String>,
     },
     Join {
         room: String,
@@ -30,10 +37,17 @@ pub enum Request {
     },
     Ping,
     Info,
+    /// A page of history: the newest messages, or those before or after a cursor.
     History {
         room: String,
         limit: usize,
-        before: Option<String>,
+        from: crate::store::HistoryFrom,
+    },
+    /// The messages after `since` (the id of the last message the client saw), for a client
+    /// that reconnected.
+    Recover {
+        room: String,
+        since: String,
     },
     /// Who is in a room now: a page of users, after the user id `after`.
     Who {
@@ -94,7 +108,23 @@ pub fn parse_frame(body: &str) -> Result<Request, FrameError> {
     };
     let room = || -> Result<String, FrameError> { string_field(&fields, action, "room") };
     Ok(match action {
-        "sendMessage" => Request::SendMessage { room: room()?, message: string_field(&fields, action, "message")? },
+        "sendMessage" => Request::SendMessage {
+            room: room()?,
+            message: string_field(&fields, action, "message")?,
+            idempotency_key: match fields.get("idempotency_key") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(key)) => Some(
+                    crate::model::parse_idempotency_key(key)
+                        .map_err(|e| FrameError::new(ErrorCode::InvalidRequest, format!("sendMessage: {e}")))?,
+                ),
+                Some(_) => {
+                    return Err(FrameError::new(
+                        ErrorCode::InvalidRequest,
+                        "sendMessage: `idempotency_key` must be a string",
+                    ));
+                }
+            },
+        },
         "join" => Request::Join { room: room()? },
         "leave" => Request::Leave { room: room()? },
         "ping" => Request::Ping,
@@ -138,29 +168,66 @@ pub fn parse_frame(body: &str) -> Result<Request, FrameError> {
                     }
                 },
             };
-            let before = match fields.get("before") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => {
-                    crate::model::parse_ts(s)
-                        .map_err(|e| FrameError::new(ErrorCode::InvalidRequest, format!("history: `before`: {e}")))?;
-                    Some(s.clone())
-                }
+            let cursor = |name: &str| match fields.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => parse_cursor(s, name == "before")
+                    .map(Some)
+                    .map_err(|e| FrameError::new(ErrorCode::InvalidRequest, format!("history: `{name}`: {e}"))),
                 Some(_) => {
-                    return Err(FrameError::new(
-                        ErrorCode::InvalidRequest,
-                        "history: `before` must be a timestamp string",
-                    ));
+                    Err(FrameError::new(ErrorCode::InvalidRequest, format!("history: `{name}` must be a string")))
                 }
             };
-            Request::History { room: room()?, limit, before }
+            let from = match (cursor("before")?, cursor("after")?) {
+                (Some(_), Some(_)) => {
+                    return Err(FrameError::new(
+                        ErrorCode::InvalidRequest,
+                        "history: give `before` or `after`, not both",
+                    ));
+                }
+                (Some(before), None) => crate::store::HistoryFrom::Before(before),
+                (None, Some(after)) => crate::store::HistoryFrom::After(after),
+                (None, None) => crate::store::HistoryFrom::Latest,
+            };
+            Request::History { room: room()?, limit, from }
+        }
+        "recover" => {
+            let since = string_field(&fields, action, "since")?;
+            if crate::model::message_sk_of_id(&since).is_none() {
+                return Err(FrameError::new(
+                    ErrorCode::InvalidRequest,
+                    "recover: `since` must be the id of a message (a UUID v7)",
+                ));
+            }
+            Request::Recover { room: room()?, since }
         }
         other => {
             return Err(FrameError::new(
                 ErrorCode::UnknownAction,
-                format!("unknown action {other:?}; known: sendMessage, join, leave, ping, info, history, who"),
+                format!("unknown action {other:?}; known: sendMessage, join, leave, ping, info, history, recover, who"),
             ));
         }
     })
+}
+
+/// A history cursor as a sort-key bound: a message id (a UUID v7, whose time gives its key), a
+/// message's sort key (`MSG#…`), or a point in time in RFC 3339 with any offset (normalised to
+/// UTC; `before` a time excludes its millisecond, so does `after`).
+pub fn parse_cursor(value: &str, before: bool) -> Result<String, String> {
+    if let Some(sk) = crate::model::message_sk_of_id(value) {
+        return Ok(sk);
+    }
+    if let Some(rest) = value.strip_prefix("MSG#") {
+        let (ts, id) = rest.split_once('#').ok_or("a message key is MSG#{timestamp}#{id}")?;
+        crate::model::parse_ts(ts)?;
+        if id.is_empty() || id.contains('#') {
+            return Err("a message key is MSG#{timestamp}#{id}".into());
+        }
+        return Ok(value.to_string());
+    }
+    let at = crate::model::parse_ts(value)
+        .map_err(|_| format!("{value:?} is neither a message id, a message key nor an RFC 3339 time"))?;
+    let ts = crate::model::format_ts(&at);
+    Ok(if before { format!("MSG#{ts}") } else { format!("MSG#{ts}$") })
 }
 
 fn string_field(fields: &serde_json::Map<String, Value>, action: &str, name: &str) -> Result<String, FrameError> {
@@ -260,6 +327,23 @@ pub enum ServerMessage {
     History {
         room: String,
         messages: Vec<ChatMessage>,
+        /// More in the same direction: pass as `before` (or `after`, when paging forward).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
+    },
+    /// The answer to `recover`, and the processor's word after a reconnect's recovery (`?since=`):
+    /// `recovered: false` when the messages since the client's last one cannot all be given (its
+    /// message has expired from history, or too many were missed): the client reloads instead of
+    /// trusting a gap.
+    Recover {
+        room: String,
+        recovered: bool,
+        messages: Vec<ChatMessage>,
+        /// More: ask `recover` again with this as `since`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// Confirms `sendMessage` (with the message's id, which a later `rejected` refers to),
     /// `join` and `leave`. Presence and the message itself arrive through the stream.
@@ -318,6 +402,7 @@ impl From<FrameError> for ServerMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::HistoryFrom;
 
     fn code(body: &str) -> ErrorCode {
         parse_frame(body).unwrap_err().code
@@ -327,7 +412,7 @@ mod tests {
     fn parses_every_action_and_the_older_type_field() {
         assert_eq!(
             parse_frame(r#"{"action":"sendMessage","room":"general","message":"hi"}"#).unwrap(),
-            Request::SendMessage { room: "general".into(), message: "hi".into() }
+            Request::SendMessage { room: "general".into(), message: "hi".into(), idempotency_key: None }
         );
         assert_eq!(parse_frame(r#"{"type":"ping"}"#).unwrap(), Request::Ping);
         assert_eq!(parse_frame(r#"{"action":"info"}"#).unwrap(), Request::Info);
@@ -335,12 +420,40 @@ mod tests {
         assert_eq!(parse_frame(r#"{"action":"leave","room":"a"}"#).unwrap(), Request::Leave { room: "a".into() });
         assert_eq!(
             parse_frame(r#"{"action":"history","room":"a"}"#).unwrap(),
-            Request::History { room: "a".into(), limit: DEFAULT_HISTORY_LIMIT, before: None }
+            Request::History { room: "a".into(), limit: DEFAULT_HISTORY_LIMIT, from: HistoryFrom::Latest }
         );
         assert_eq!(
             parse_frame(r#"{"action":"history","room":"a","limit":3,"before":"2024-01-15T10:30:00.000Z"}"#).unwrap(),
-            Request::History { room: "a".into(), limit: 3, before: Some("2024-01-15T10:30:00.000Z".into()) }
+            Request::History {
+                room: "a".into(),
+                limit: 3,
+                from: HistoryFrom::Before("MSG#2024-01-15T10:30:00.000Z".into())
+            }
         );
+        // Any offset is normalised to the keys' UTC; `after` a time skips that millisecond.
+        assert_eq!(
+            parse_frame(r#"{"action":"history","room":"a","after":"2024-01-15T12:30:00.000+02:00"}"#).unwrap(),
+            Request::History {
+                room: "a".into(),
+                limit: DEFAULT_HISTORY_LIMIT,
+                from: HistoryFrom::After("MSG#2024-01-15T10:30:00.000Z$".into())
+            }
+        );
+        let at = chrono::DateTime::parse_from_rfc3339("2024-01-15T10:30:00.123Z").unwrap().with_timezone(&chrono::Utc);
+        let id = crate::model::message_id_at(at);
+        let sk = crate::model::message_sk(&at, &id);
+        let frame = format!(r#"{{"action":"history","room":"a","before":"{id}"}}"#);
+        assert_eq!(
+            parse_frame(&frame).unwrap(),
+            Request::History { room: "a".into(), limit: DEFAULT_HISTORY_LIMIT, from: HistoryFrom::Before(sk.clone()) }
+        );
+        let frame = format!(r#"{{"action":"history","room":"a","after":"{sk}"}}"#);
+        assert_eq!(
+            parse_frame(&frame).unwrap(),
+            Request::History { room: "a".into(), limit: DEFAULT_HISTORY_LIMIT, from: HistoryFrom::After(sk) }
+        );
+        let frame = format!(r#"{{"action":"recover","room":"a","since":"{id}"}}"#);
+        assert_eq!(parse_frame(&frame).unwrap(), Request::Recover { room: "a".into(), since: id });
     }
 
     #[test]
@@ -354,6 +467,20 @@ mod tests {
         assert_eq!(code(r#"{"action":"sendMessage","room":"a","message":{"x":1}}"#), ErrorCode::InvalidRequest);
         assert_eq!(code(r#"{"action":"history","room":"a","limit":0}"#), ErrorCode::InvalidRequest);
         assert_eq!(code(r#"{"action":"history","room":"a","before":"yesterday"}"#), ErrorCode::InvalidRequest);
+        assert_eq!(code(r#"{"action":"history","room":"a","before":"MSG#nope"}"#), ErrorCode::InvalidRequest);
+        assert_eq!(
+            code(r#"{"action":"history","room":"a","before":"2024-01-15T10:30:00Z","after":"2024-01-15T10:30:00Z"}"#),
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(code(r#"{"action":"recover","room":"a","since":"yesterday"}"#), ErrorCode::InvalidRequest);
+        assert_eq!(
+            code(r#"{"action":"sendMessage","room":"a","message":"x","idempotency_key":"a#b"}"#),
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            code(r#"{"action":"sendMessage","room":"a","message":"x","idempotency_key":7}"#),
+            ErrorCode::InvalidRequest
+        );
         let big = format!(r#"{{"action":"sendMessage","room":"a","message":"{}"}}"#, "x".repeat(MAX_FRAME_BYTES));
         assert_eq!(code(&big), ErrorCode::MessageTooLarge);
     }

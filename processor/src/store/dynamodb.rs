@@ -21,11 +21,11 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Result, Store, StoreError, decode_or_skip, history_upper_bound};
+use super::{HistoryFrom, MESSAGES_FROM, MESSAGES_TO, Result, Store, StoreError, decode_or_skip};
 use crate::metrics::Metrics;
 use crate::model::{
-    self, Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus, Presence,
-    RoomPresence, TenantSettings, format_ts, is_expired,
+    self, Connection, IdempotencyRecord, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta,
+    PluginStatus, Presence, RoomPresence, TenantSettings, format_ts, is_expired,
 };
 use crate::presence::{Plan, PresenceOutcome, PresenceUpdate, WhoPage};
 
@@ -777,34 +777,106 @@ impl Store for DynamoStore {
         &self,
         tenant: &str,
         room: &str,
+        from: &HistoryFrom,
         limit: usize,
-        before: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Message>> {
-        let mut newest_first = Vec::new();
+        // BETWEEN is inclusive: the cursor's own key is dropped below.
+        let (lo, hi, cursor, newest_first) = match from {
+            HistoryFrom::Latest => (MESSAGES_FROM, MESSAGES_TO, None, true),
+            HistoryFrom::Before(sk) => (MESSAGES_FROM, sk.as_str(), Some(sk.as_str()), true),
+            HistoryFrom::After(sk) => (sk.as_str(), MESSAGES_TO, Some(sk.as_str()), false),
+        };
+        if lo >= hi {
+            return Ok(Vec::new());
+        }
+        let mut page = Vec::new();
         let spec = QuerySpec {
             key_condition: "pk = :pk AND sk BETWEEN :lo AND :hi",
-            values: vec![
-                (":pk", s(&model::room_pk(tenant, room))),
-                (":lo", s("MSG#")),
-                (":hi", s(&history_upper_bound(before))),
-            ],
-            newest_first: true,
-            // Items that do not decode or have expired are rare: one more than asked is enough.
-            page_size: i32::try_from(limit.saturating_add(1)).ok(),
+            values: vec![(":pk", s(&model::room_pk(tenant, room))), (":lo", s(lo)), (":hi", s(hi))],
+            newest_first,
+            // Items that do not decode or have expired are rare; the cursor's own item is one more.
+            page_size: i32::try_from(limit.saturating_add(2)).ok(),
             ..QuerySpec::default()
         };
         self.query_all(spec, |item| {
-            if let Some(m) = self.decode::<Message>(item)
+            let is_cursor = matches!((cursor, item.get("sk")), (Some(c), Some(AttributeValue::S(sk))) if sk == c);
+            if !is_cursor
+                && let Some(m) = self.decode::<Message>(item)
                 && !is_expired(m.ttl, now)
             {
-                newest_first.push(m);
+                page.push(m);
             }
-            Ok(newest_first.len() < limit)
+            Ok(page.len() < limit)
         })
         .await?;
-        newest_first.reverse();
-        Ok(newest_first)
+        if newest_first {
+            page.reverse();
+        }
+        Ok(page)
+    }
+
+    async fn put_message_once(
+        &self,
+        message: &Message,
+        record: &IdempotencyRecord,
+        now: DateTime<Utc>,
+    ) -> Result<String> {
+        let claim = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(record)?))
+            .condition_expression("attribute_not_exists(pk) OR #ttl <= :now")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":now", AttributeValue::N(now.timestamp().to_string()))
+            .send()
+            .await;
+        let claimed = match claim {
+            Ok(_) => {
+                self.put_message(message).await?;
+                return Ok(message.id.clone());
+            }
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
+                self.get_typed::<IdempotencyRecord>(
+                    "get_item (idempotency key)",
+                    key(record.pk.clone(), record.sk.clone()),
+                )
+                .await?
+            }
+            Err(err) => return Err(unavailable("put_item (idempotency key)", err)),
+        };
+        let Some(claimed) = claimed else {
+            // Claimed, then gone (its TTL, or a record that does not decode): write ours.
+            return Err(StoreError::Unavailable(format!(
+                "idempotency key {} could not be read; try again",
+                record.key
+            )));
+        };
+        let original = &claimed.message;
+        if self.message(&original.tenant, &original.room, &original.sk, now).await?.is_none() {
+            // The first send claimed the key and died before its message: finish it.
+            let put = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(encode(original)?))
+                .condition_expression("attribute_not_exists(pk)")
+                .send()
+                .await;
+            if let Err(err) = put
+                && !err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception())
+            {
+                return Err(unavailable("put_item (idempotent message)", err));
+            }
+        }
+        Ok(claimed.message_id)
+    }
+
+    async fn message(&self, tenant: &str, room: &str, sk: &str, now: DateTime<Utc>) -> Result<Option<Message>> {
+        let message: Option<Message> =
+            self.get_typed("get_item (message)", key(model::room_pk(tenant, room), sk.to_string())).await?;
+        Ok(message.filter(|m| !is_expired(m.ttl, now)))
     }
 }
 

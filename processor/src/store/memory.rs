@@ -18,11 +18,11 @@ use serde::de::DeserializeOwned;
 use serde_dynamo::{AttributeValue, Item};
 use tokio::sync::mpsc;
 
-use super::{Result, Store, StoreError, decode_or_skip, history_upper_bound};
+use super::{HistoryFrom, MESSAGES_FROM, MESSAGES_TO, Result, Store, StoreError, decode_or_skip};
 use crate::metrics::Metrics;
 use crate::model::{
-    self, Clock, Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus,
-    Presence, RoomPresence, TenantSettings, is_expired,
+    self, Clock, Connection, IdempotencyRecord, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta,
+    PluginStatus, Presence, RoomPresence, TenantSettings, is_expired,
 };
 use crate::presence::{Plan, PresenceOutcome, PresenceUpdate, WhoPage};
 
@@ -555,26 +555,69 @@ impl Store for MemoryStore {
         &self,
         tenant: &str,
         room: &str,
+        from: &HistoryFrom,
         limit: usize,
-        before: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Message>> {
+        use std::ops::Bound::{Excluded, Included};
         let table = self.lock();
         let pk = model::room_pk(tenant, room);
-        let from = (pk.clone(), "MSG#".to_string());
-        let to = (pk, history_upper_bound(before));
-        let mut newest_first = Vec::new();
-        for item in table.items.range(from..to).rev().map(|(_, item)| item) {
+        let key = |sk: &str| (pk.clone(), sk.to_string());
+        let (lo, hi) = match from {
+            HistoryFrom::Latest => (Included(key(MESSAGES_FROM)), Excluded(key(MESSAGES_TO))),
+            HistoryFrom::Before(sk) => (Included(key(MESSAGES_FROM)), Excluded(key(sk))),
+            HistoryFrom::After(sk) => (Excluded(key(sk)), Excluded(key(MESSAGES_TO))),
+        };
+        if matches!((&lo, &hi), (Included(a) | Excluded(a), Excluded(b)) if a >= b) {
+            return Ok(Vec::new());
+        }
+        let range = table.items.range((lo, hi)).map(|(_, item)| item);
+        let items: Box<dyn Iterator<Item = &Item>> =
+            if matches!(from, HistoryFrom::After(_)) { Box::new(range) } else { Box::new(range.rev()) };
+        let mut page = Vec::new();
+        for item in items {
             if let Some(m) = self.decode::<Message>(item)
                 && !is_expired(m.ttl, now)
             {
-                newest_first.push(m);
-                if newest_first.len() == limit {
+                page.push(m);
+                if page.len() == limit {
                     break;
                 }
             }
         }
-        newest_first.reverse();
-        Ok(newest_first)
+        if !matches!(from, HistoryFrom::After(_)) {
+            page.reverse();
+        }
+        Ok(page)
+    }
+
+    async fn put_message_once(
+        &self,
+        message: &Message,
+        record: &IdempotencyRecord,
+        now: DateTime<Utc>,
+    ) -> Result<String> {
+        let mut table = self.lock();
+        let key = (record.pk.clone(), record.sk.clone());
+        if let Some(earlier) = self.get::<IdempotencyRecord>(&table, &key)
+            && !is_expired(earlier.ttl, now)
+        {
+            let original = (earlier.message.pk.clone(), earlier.message.sk.clone());
+            if !table.items.contains_key(&original) {
+                let item = encode(&earlier.message)?;
+                self.put_item(&mut table, item);
+            }
+            return Ok(earlier.message_id);
+        }
+        let (record_item, message_item) = (encode(record)?, encode(message)?);
+        self.put_item(&mut table, record_item);
+        self.put_item(&mut table, message_item);
+        Ok(message.id.clone())
+    }
+
+    async fn message(&self, tenant: &str, room: &str, sk: &str, now: DateTime<Utc>) -> Result<Option<Message>> {
+        let table = self.lock();
+        let message: Option<Message> = self.get(&table, &(model::room_pk(tenant, room), sk.to_string()));
+        Ok(message.filter(|m| !is_expired(m.ttl, now)))
     }
 }

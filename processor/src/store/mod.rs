@@ -26,8 +26,8 @@ use serde_dynamo::{AttributeValue, Item};
 
 use crate::metrics::Metrics;
 use crate::model::{
-    Connection, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta, PluginStatus, RoomPresence,
-    TenantSettings,
+    Connection, IdempotencyRecord, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta,
+    PluginStatus, RoomPresence, TenantSettings,
 };
 use crate::presence::{PresenceOutcome, PresenceUpdate, WhoPage};
 
@@ -91,6 +91,21 @@ pub trait Store: Send + Sync + 'static {
     async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()>;
 
     async fn put_message(&self, message: &Message) -> Result<()>;
+
+    /// Writes `message` unless `record`'s key already stands for one within its window. The key is
+    /// claimed with one conditional put of `record` (an expired claim counts as absent), then the
+    /// message is written. A repeat answers the claimed message's id, and writes that message if
+    /// the first send died between its two writes. No transaction: a repeat is the common case,
+    /// and a cancelled transaction still costs its writes.
+    async fn put_message_once(
+        &self,
+        message: &Message,
+        record: &IdempotencyRecord,
+        now: DateTime<Utc>,
+    ) -> Result<String>;
+
+    /// One message by its sort key, if it is there and live.
+    async fn message(&self, tenant: &str, room: &str, sk: &str, now: DateTime<Utc>) -> Result<Option<Message>>;
 
     /// A user's live connections in a tenant, through the `gsi1` index (eventually consistent,
     /// as any GSI read). One that does not decode is left out (logged and counted).
@@ -161,14 +176,15 @@ pub trait Store: Send + Sync + 'static {
 
     async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()>;
 
-    /// Up to `limit` live messages of the room older than `before` (a timestamp), oldest first;
-    /// one that does not decode is left out (logged and counted) and does not count to `limit`.
+    /// Up to `limit` live messages of the room on the side of `from` it names, oldest first in
+    /// the answer either way; one that does not decode is left out (logged and counted) and does
+    /// not count to `limit`.
     async fn history(
         &self,
         tenant: &str,
         room: &str,
+        from: &HistoryFrom,
         limit: usize,
-        before: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Message>>;
 }
@@ -203,13 +219,21 @@ pub async fn room_counts(
     futures::stream::iter(reads).buffered(8).collect::<Vec<_>>().await.into_iter().collect()
 }
 
-/// The key prefix of a room's messages older than `before` (exclusive), for range queries.
-pub(crate) fn history_upper_bound(before: Option<&str>) -> String {
-    match before {
-        Some(ts) => format!("MSG#{ts}"),
-        None => "MSG$".to_string(), // '$' sorts right after '#': every MSG# key is below it
-    }
+/// Where a page of history starts. Bounds are message sort keys (`MSG#{timestamp}#{id}`, or a
+/// bare `MSG#{timestamp}` / `MSG#{timestamp}$` for a point in time), always exclusive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HistoryFrom {
+    /// The newest messages.
+    Latest,
+    /// The newest messages below this key.
+    Before(String),
+    /// The oldest messages above this key.
+    After(String),
 }
+
+/// Every message key is within `MSG#` .. `MSG$` ('$' sorts right after '#').
+pub(crate) const MESSAGES_FROM: &str = "MSG#";
+pub(crate) const MESSAGES_TO: &str = "MSG$";
 
 /// Decodes an item read from the table. One that does not decode is logged with its key and the
 /// serde error, counted in `metrics.corrupt_items`, and `None`: the caller goes on without it.

@@ -157,6 +157,10 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
             tenant,
             kind: if sk == crate::model::ROOM_PRESENCE_SK { "room-presence" } else { "presence" },
         })
+    } else if let Some(rest) = pk.strip_prefix("IDEM#")
+        && sk == crate::model::IDEMPOTENCY_SK
+    {
+        Ok(Record::State { tenant: rest.split('#').next().unwrap_or_default().to_string(), kind: "idempotency" })
     } else if let Some(tenant) = pk.strip_prefix("TENANT#") {
         if sk == crate::model::SETTINGS_SK {
             Ok(Record::State { tenant: tenant.to_string(), kind: "settings" })
