@@ -377,6 +377,8 @@ fn presence_update(user: &str, connection: &str, op: PresenceOp, seq: Option<u64
         event_id: format!("ev-{user}-{connection}-{op:?}"),
         seq: seq.map(|n| roomcast::model::sequence_key(&n.to_string())),
         at: now(),
+        now: now(),
+        announce_max_users: 100,
     }
 }
 
@@ -454,6 +456,19 @@ async fn presence_redelivery_and_who_pages_and_settings(table: Table) {
     let before = table.metrics.snapshot().corrupt_items;
     assert_eq!(store.who("acme", "general", 10, None).await.unwrap().users.len(), 5);
     assert_eq!(table.metrics.snapshot().corrupt_items, before + 1);
+
+    // Nor does one stop the user's presence from changing: it is replaced, and counted.
+    table
+        .put_raw(
+            serde_dynamo::to_item(
+                serde_json::json!({"pk":"ROOM#acme#general","sk":"USER#zed","type":"presence","ver":"x"}),
+            )
+            .unwrap(),
+        )
+        .await;
+    let zed = store.apply_presence(&presence_update("zed", "zed-1", PresenceOp::Add, Some(30))).await.unwrap();
+    assert_eq!(zed.transition, Some(PresenceEvent::Joined));
+    assert!(store.presence("acme", "general", "zed").await.unwrap().is_some());
 
     assert_eq!(store.tenant_settings("acme").await.unwrap(), None);
     let settings = TenantSettings { presence_announce_max_users: Some(7), ..TenantSettings::new("acme") };

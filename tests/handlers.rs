@@ -93,7 +93,7 @@ async fn every_bad_frame_gets_an_error_answer_and_writes_nothing() {
 #[tokio::test]
 async fn a_message_that_would_not_fit_its_recipients_frame_is_refused_when_sent() {
     let stack = Stack::memory().await;
-    let user = "u".repeat(256);
+    let user = "u".repeat(roomcast::auth::MAX_USER_ID_BYTES);
     stack.connect("c1", "acme", &user, "general").await;
     let before = item_count(&stack);
     let frame_of = |body: String| json!({"action":"sendMessage","room":"general","message":body}).to_string();

@@ -23,6 +23,7 @@ roomcast_tests::on_both_stores!(
     gone_connections_deleted_by_the_processor_and_by_the_sweeper,
     a_large_room_stops_announcing_but_counts_and_who_stay_exact,
     the_join_ack_and_the_welcome_carry_the_room_as_it_is,
+    memberships_from_before_presence_state_seed_the_room,
 );
 
 /// The presence events `observer` was told about `user`, each id once (as a client dedupes).
@@ -247,8 +248,31 @@ async fn a_large_room_stops_announcing_but_counts_and_who_stay_exact(kind: &str)
     stack.pump().await;
     let left: Vec<_> =
         (0..5).filter(|i| events(&stack, "watcher", &format!("u{i}")).contains(&"left".into())).collect();
-    assert_eq!(left.len(), 1, "only the leave that started from a room of five is announced: {left:?}");
+    assert_eq!(left, [0, 1, 2, 3], "a left is announced exactly when its joined was: no roster keeps a ghost");
     assert_eq!(who_is_the_live_set(&stack, "watcher", "general", 3).await.len(), 4);
+}
+
+/// A room whose memberships were written before presence was state (or by an older processor
+/// during a rolling deploy): its first record seeds presence from them, announcing nothing, so
+/// a second tab of a user already there is no `joined`, and her last tab closing is her `left`.
+async fn memberships_from_before_presence_state_seed_the_room(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.connect("bob-old", "acme", "bob", "general").await;
+    stack.connect("ann-old", "acme", "ann", "general").await;
+    // Their records went by before presence was state: nothing applied them.
+    stack.table.stream.drain().await;
+    stack.clock.advance(Age::minutes(2));
+    stack.connect("ann-new", "acme", "ann", "general").await;
+    stack.pump().await;
+    assert!(events(&stack, "bob-old", "ann").is_empty(), "Ann was already here");
+    assert_eq!(who_is_the_live_set(&stack, "bob-old", "general", 10).await, [("ann".into(), 2), ("bob".into(), 1)]);
+    stack.disconnect("ann-old").await;
+    stack.pump().await;
+    assert!(events(&stack, "bob-old", "ann").is_empty(), "her new tab keeps her here");
+    stack.disconnect("ann-new").await;
+    stack.pump().await;
+    assert_eq!(events(&stack, "bob-old", "ann"), ["left"]);
+    assert_eq!(who_is_the_live_set(&stack, "bob-old", "general", 10).await, [("bob".into(), 1)]);
 }
 
 async fn the_join_ack_and_the_welcome_carry_the_room_as_it_is(kind: &str) {

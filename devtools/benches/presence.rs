@@ -83,6 +83,8 @@ async fn room(max: u64, endpoint: &str) -> Room {
             event_id: format!("setup-{i}"),
             seq: None,
             at: clock.now(),
+            now: clock.now(),
+            announce_max_users: 1_000_000,
         };
         store.apply_presence(&update).await.unwrap();
     }

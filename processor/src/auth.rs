@@ -50,6 +50,9 @@ impl Denied {
     }
 }
 
+/// The longest user id (`sub`) a token may carry, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 128;
+
 /// Checks `token` against `secret` at `now` (epoch seconds).
 pub fn verify(token: &str, secret: &[u8], now: i64) -> Result<Claims, Denied> {
     let token = token.trim();
@@ -81,7 +84,11 @@ pub fn verify(token: &str, secret: &[u8], now: i64) -> Result<Claims, Denied> {
     let text = |name: &'static str| claims.get(name).and_then(|v| v.as_str()).filter(|s| !s.is_empty());
     let tenant = text("tenant").ok_or(Denied::Claim("tenant"))?;
     Name::parse("tenant", tenant).map_err(|_| Denied::Claim("tenant"))?;
-    let sub = text("sub").ok_or(Denied::Claim("sub"))?;
+    // A user id is part of keys (`USER#{sub}` for presence) and of every frame: bounded, and
+    // without the key separator or control characters.
+    let sub = text("sub")
+        .filter(|s| s.len() <= MAX_USER_ID_BYTES && !s.chars().any(|c| c == '#' || c.is_control()))
+        .ok_or(Denied::Claim("sub"))?;
     let exp = claims.get("exp").and_then(|v| v.as_i64()).ok_or(Denied::Claim("exp"))?;
     let nbf = claims.get("nbf").and_then(|v| v.as_i64());
     if exp <= now {
@@ -117,6 +124,17 @@ mod tests {
     use super::*;
 
     const SECRET: &[u8] = b"test-secret";
+
+    #[test]
+    fn a_user_id_that_is_too_long_or_has_a_separator_is_refused() {
+        let exp = 4_000_000_000;
+        for sub in ["x".repeat(MAX_USER_ID_BYTES + 1), "a#b".to_string(), "a\nb".to_string()] {
+            let token = mint(&Claims { tenant: "acme".into(), sub, exp, nbf: None }, SECRET);
+            assert_eq!(verify(&token, SECRET, 0), Err(Denied::Claim("sub")));
+        }
+        let token = mint(&Claims { tenant: "acme".into(), sub: "x".repeat(MAX_USER_ID_BYTES), exp, nbf: None }, SECRET);
+        assert!(verify(&token, SECRET, 0).is_ok());
+    }
 
     fn claims(exp: i64) -> Claims {
         Claims { tenant: "acme".into(), sub: "ann".into(), exp, nbf: None }

@@ -83,8 +83,14 @@ pub fn identity(request: &ApiGatewayWebsocketProxyRequest) -> Result<Identity, (
     let user_id = text("userId")
         .or_else(|| text("principalId"))
         .ok_or((403, "the authorizer context has neither userId nor principalId".to_string()))?;
-    if user_id.len() > 256 {
-        return Err((403, "the user id is longer than 256 characters".into()));
+    if user_id.len() > crate::auth::MAX_USER_ID_BYTES || user_id.chars().any(|c| c == '#' || c.is_control()) {
+        return Err((
+            403,
+            format!(
+                "the user id must be at most {} bytes, without '#' or control characters",
+                crate::auth::MAX_USER_ID_BYTES
+            ),
+        ));
     }
     Ok(Identity { tenant, user_id })
 }

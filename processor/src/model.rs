@@ -725,6 +725,13 @@ pub struct Presence {
     /// When the user became present (the joining record's time).
     #[serde(with = "ts_format")]
     pub since: DateTime<Utc>,
+    /// The sequence number (as [`sequence_key`]) of the last record applied to this user here:
+    /// records at or below it are redeliveries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<String>,
+    /// Whether this user's `joined` was announced; their `left` is announced exactly when it was.
+    #[serde(default)]
+    pub announced: bool,
     /// Bumped on every write: the adapters' optimistic lock.
     pub ver: u64,
 }
@@ -740,6 +747,8 @@ impl Presence {
             user_id: user_id.to_string(),
             connections: BTreeSet::new(),
             since,
+            seq: None,
+            announced: false,
             ver: 0,
         }
     }
@@ -764,6 +773,12 @@ pub struct RoomPresence {
     /// The event id of the record at the watermark: the id of the presence frame it announced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event: Option<String>,
+    /// Whether the record at the watermark announced its transition (a redelivery repeats it).
+    #[serde(default)]
+    pub last_announced: bool,
+    /// Set while the room is empty: DynamoDB's TTL deletes the count of a room no one uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<i64>,
     /// Bumped on every write: the adapters' optimistic lock.
     pub ver: u64,
 }
@@ -779,6 +794,8 @@ impl RoomPresence {
             users: 0,
             seq: None,
             last_event: None,
+            last_announced: false,
+            ttl: None,
             ver: 0,
         }
     }

@@ -42,6 +42,10 @@ pub const ANSWER_MARGIN: Duration = Duration::from_millis(1000);
 /// reads and a delivery attempt. A record not started is reported for redelivery.
 pub const START_RESERVE: Duration = Duration::from_millis(1000);
 
+/// A membership this much older than the first record of a room without presence state was
+/// written before presence was state (see `Processor::seed_presence`).
+pub const LEGACY_MEMBERSHIP_AGE_SECONDS: i64 = 60;
+
 /// A plugin's extra rooms read at once, per record.
 pub const EXTRA_ROOMS_AT_ONCE: usize = 4;
 
@@ -193,6 +197,52 @@ impl Processor {
         &self.metrics
     }
 
+    /// A room with memberships but no presence state yet (written before presence was state, or
+    /// by a processor of an older version during a rolling deploy) starts from its live
+    /// memberships, announcing nothing. Only memberships a minute older than the record being
+    /// handled are taken: in a room that is simply new, the memberships written just after this
+    /// one are later records of the same batch, and must be announced when their turn comes.
+    /// The connection of a REMOVE is put in the seed (its INSERT was never applied).
+    async fn seed_presence(
+        &self,
+        m: &crate::model::Membership,
+        op: PresenceOp,
+        max: u64,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StoreError> {
+        let reference = if op == PresenceOp::Add { m.joined_at } else { now };
+        let mut members: Vec<(String, String, chrono::DateTime<chrono::Utc>)> = self
+            .room_members(&m.tenant, &m.room)
+            .await?
+            .into_iter()
+            .filter(|member| member.connection_id != m.connection_id)
+            .filter(|member| member.joined_at < reference - chrono::Duration::seconds(LEGACY_MEMBERSHIP_AGE_SECONDS))
+            .map(|member| (member.user_id, member.connection_id, member.joined_at))
+            .collect();
+        if op == PresenceOp::Remove {
+            members.push((m.user_id.clone(), m.connection_id.clone(), m.joined_at));
+        }
+        if !members.is_empty() {
+            tracing::info!(tenant = %m.tenant, room = %m.room, connections = members.len(), "seeding presence from the room's memberships");
+        }
+        for (user_id, connection_id, at) in members {
+            let seed = PresenceUpdate {
+                tenant: m.tenant.clone(),
+                room: m.room.clone(),
+                event_id: format!("seed-{connection_id}"),
+                user_id,
+                connection_id,
+                op: PresenceOp::Add,
+                seq: None,
+                at,
+                now,
+                announce_max_users: max,
+            };
+            self.presence_state().apply_presence(&seed).await?;
+        }
+        Ok(())
+    }
+
     /// Where presence state lives: the table, or a dry run's scratch copy.
     fn presence_state(&self) -> &Arc<dyn Store> {
         match self.mode {
@@ -214,6 +264,15 @@ impl Processor {
             Change::Removed { old: Record::Membership(m), .. } => (m, PresenceOp::Remove),
             _ => return Ok(None),
         };
+        let max = match lookups.settings(&m.tenant).get_or_try_init(|| self.store.tenant_settings(&m.tenant)).await? {
+            Some(settings) => settings.presence_announce_max_users.unwrap_or(self.announce_max_users),
+            None => self.announce_max_users,
+        };
+        let state = self.presence_state();
+        let now = self.clock.now();
+        if lookups.first_time_in_batch(&m.tenant, &m.room) && state.room_presence(&m.tenant, &m.room).await?.is_none() {
+            self.seed_presence(m, op, max, now).await?;
+        }
         let update = PresenceUpdate {
             tenant: m.tenant.clone(),
             room: m.room.clone(),
@@ -223,19 +282,12 @@ impl Processor {
             event_id: record.event_id.clone(),
             seq: record.change.sequence_number.as_deref().map(crate::model::sequence_key),
             at: m.joined_at,
+            now,
+            announce_max_users: max,
         };
-        let outcome = self.presence_state().apply_presence(&update).await?;
-        let mut announce = false;
+        let outcome = state.apply_presence(&update).await?;
+        let announce = outcome.transition.is_some() && outcome.announce;
         if let Some(event) = outcome.transition {
-            let max =
-                match lookups.settings(&m.tenant).get_or_try_init(|| self.store.tenant_settings(&m.tenant)).await? {
-                    Some(settings) => settings.presence_announce_max_users.unwrap_or(self.announce_max_users),
-                    None => self.announce_max_users,
-                };
-            let users = outcome.users.unwrap_or_default();
-            // The room's size with the user in it: after a join, before a leave.
-            let counted = if event == crate::protocol::PresenceEvent::Joined { users } else { users + 1 };
-            announce = crate::presence::announces(counted, max);
             if !outcome.redelivered {
                 let counter = match event {
                     crate::protocol::PresenceEvent::Joined => &self.metrics.presence_joined,

@@ -22,6 +22,8 @@
 //! it announces again, with the same frame id (the record's event id). Records between
 //! transitions only add to or take from a non-empty set, which redelivery repeats harmlessly.
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, Utc};
 
 use crate::model::{Presence, RoomPresence};
@@ -49,8 +51,12 @@ pub struct PresenceUpdate {
     /// The stream record's sequence number as [`crate::model::sequence_key`]; `None` (records
     /// made by hand) applies without the redelivery check.
     pub seq: Option<String>,
-    /// The record's time.
+    /// The membership's join time (a new presence's `since`).
     pub at: DateTime<Utc>,
+    /// Now, for the TTL of a room whose last user left.
+    pub now: DateTime<Utc>,
+    /// The tenant's limit: rooms with more users announce no `joined`.
+    pub announce_max_users: u64,
 }
 
 /// What a membership record did to presence.
@@ -64,6 +70,10 @@ pub struct PresenceOutcome {
     pub users: Option<u64>,
     /// The user's connections in the room after the record.
     pub connections: usize,
+    /// Whether the transition is announced: a `joined` when the room, with the user in it, was
+    /// within its tenant's limit; a `left` when its `joined` was announced (so no roster keeps a
+    /// user whose `left` was never told).
+    pub announce: bool,
 }
 
 /// The writes one update needs, planned from the items as read.
@@ -83,10 +93,18 @@ pub enum Plan {
     },
 }
 
+/// How long a room's count outlives its last user (DynamoDB's TTL then deletes it): longer than
+/// a record can wait in the stream, so a redelivery still finds the watermark.
+pub const EMPTY_ROOM_TTL_SECONDS: i64 = 2 * 86_400;
+
 /// Plans `update` against the user's item and the room's item as read.
 pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&RoomPresence>) -> Plan {
     let connections = current.map_or(0, |p| p.connections.len());
-    if let (Some(seq), Some(watermark)) = (&update.seq, room.and_then(|r| r.seq.as_ref()))
+    // Applied already: at or below the room's watermark (its last transition) or the user's own
+    // (their last change between transitions).
+    let watermark =
+        [room.and_then(|r| r.seq.as_ref()), current.and_then(|p| p.seq.as_ref())].into_iter().flatten().max();
+    if let (Some(seq), Some(watermark)) = (&update.seq, watermark)
         && seq <= watermark
     {
         let again = room.and_then(|r| r.last_event.as_deref()) == Some(update.event_id.as_str());
@@ -95,78 +113,85 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
             redelivered: true,
             users: room.map(|r| r.users),
             connections,
+            announce: again && room.is_some_and(|r| r.last_announced),
         });
     }
     let unchanged = Plan::Done(PresenceOutcome { connections, ..PresenceOutcome::default() });
-    let transition = |delta: i64, event: PresenceEvent| {
+    let transition = |delta: i64, announce: bool| {
         let mut next = room.cloned().unwrap_or_else(|| RoomPresence::new(&update.tenant, &update.room));
         next.users = next.users.saturating_add_signed(delta);
         if update.seq.is_some() {
             next.seq = update.seq.clone();
         }
         next.last_event = Some(update.event_id.clone());
+        next.last_announced = announce;
+        next.ttl = (next.users == 0).then(|| crate::model::expiry(update.now, EMPTY_ROOM_TTL_SECONDS));
         next.ver += 1;
-        (next.users, next, event)
+        next
+    };
+    // Between transitions the user's own item carries the record's sequence number.
+    let changed = |p: &Presence, connections: BTreeSet<String>| {
+        let mut next = p.clone();
+        next.connections = connections;
+        if update.seq.is_some() {
+            next.seq = update.seq.clone();
+        }
+        next.ver += 1;
+        let outcome = PresenceOutcome { connections: next.connections.len(), ..PresenceOutcome::default() };
+        Plan::Write { presence: Some(next), presence_ver: Some(p.ver), room: None, outcome }
     };
     match (update.op, current) {
         (PresenceOp::Add, Some(p)) if p.connections.contains(&update.connection_id) => unchanged,
         (PresenceOp::Add, Some(p)) => {
-            let mut next = p.clone();
-            next.connections.insert(update.connection_id.clone());
-            next.ver += 1;
-            let connections = next.connections.len();
-            Plan::Write {
-                presence: Some(next),
-                presence_ver: Some(p.ver),
-                room: None,
-                outcome: PresenceOutcome { connections, ..PresenceOutcome::default() },
-            }
+            let mut connections = p.connections.clone();
+            connections.insert(update.connection_id.clone());
+            changed(p, connections)
         }
         (PresenceOp::Add, None) => {
+            let users = room.map_or(0, |r| r.users) + 1;
+            // Announced when the room, with the user in it, is within its tenant's limit; the
+            // `left` will be announced exactly when this `joined` was.
+            let announce = announces(users, update.announce_max_users);
             let mut next = Presence::new(&update.tenant, &update.room, &update.user_id, update.at);
             next.connections.insert(update.connection_id.clone());
+            next.seq = update.seq.clone();
+            next.announced = announce;
             next.ver = 1;
-            let (users, room, event) = transition(1, PresenceEvent::Joined);
             Plan::Write {
                 presence: Some(next),
                 presence_ver: None,
-                room: Some(room),
+                room: Some(transition(1, announce)),
                 outcome: PresenceOutcome {
-                    transition: Some(event),
+                    transition: Some(PresenceEvent::Joined),
                     redelivered: false,
                     users: Some(users),
                     connections: 1,
+                    announce,
                 },
             }
         }
         (PresenceOp::Remove, Some(p)) if p.connections.contains(&update.connection_id) => {
             if p.connections.len() == 1 {
-                let (users, room, event) = transition(-1, PresenceEvent::Left);
+                let room = transition(-1, p.announced);
                 Plan::Write {
                     presence: None,
                     presence_ver: Some(p.ver),
-                    room: Some(room),
                     outcome: PresenceOutcome {
-                        transition: Some(event),
+                        transition: Some(PresenceEvent::Left),
                         redelivered: false,
-                        users: Some(users),
+                        users: Some(room.users),
                         connections: 0,
+                        announce: p.announced,
                     },
+                    room: Some(room),
                 }
             } else {
-                let mut next = p.clone();
-                next.connections.remove(&update.connection_id);
-                next.ver += 1;
-                let connections = next.connections.len();
-                Plan::Write {
-                    presence: Some(next),
-                    presence_ver: Some(p.ver),
-                    room: None,
-                    outcome: PresenceOutcome { connections, ..PresenceOutcome::default() },
-                }
+                let mut connections = p.connections.clone();
+                connections.remove(&update.connection_id);
+                changed(p, connections)
             }
         }
-        // Not in the set: already taken out, or the membership predates presence state.
+        // Not in the set: already taken out.
         (PresenceOp::Remove, _) => unchanged,
     }
 }
@@ -217,22 +242,30 @@ mod tests {
             event_id: format!("e{seq}"),
             seq: Some(crate::model::sequence_key(&seq.to_string())),
             at: Utc.timestamp_millis_opt(1_700_000_000_000).unwrap(),
+            now: Utc.timestamp_millis_opt(1_700_000_000_000).unwrap(),
+            announce_max_users: 100,
         }
     }
 
-    /// Applies plans in a tiny model of the table.
+    /// Applies plans in a tiny model of the table: one room, its users' items, Ann's at hand.
     #[derive(Default)]
     struct Model {
+        users: std::collections::BTreeMap<String, Presence>,
         user: Option<Presence>,
         room: Option<RoomPresence>,
     }
 
     impl Model {
         fn apply(&mut self, u: &PresenceUpdate) -> PresenceOutcome {
-            match plan(u, self.user.as_ref(), self.room.as_ref()) {
+            let current = self.users.get(&u.user_id).cloned();
+            match plan(u, current.as_ref(), self.room.as_ref()) {
                 Plan::Done(outcome) => outcome,
                 Plan::Write { presence, room, outcome, .. } => {
-                    self.user = presence;
+                    match presence {
+                        Some(p) => self.users.insert(u.user_id.clone(), p),
+                        None => self.users.remove(&u.user_id),
+                    };
+                    self.user = self.users.get("ann").cloned();
                     if room.is_some() {
                         self.room = room;
                     }
@@ -279,6 +312,50 @@ mod tests {
         }
         assert_eq!(m.user.as_ref().unwrap().connections.iter().collect::<Vec<_>>(), ["c1"]);
         assert_eq!(m.room.as_ref().unwrap().users, 1);
+    }
+
+    #[test]
+    fn a_tab_that_leaves_and_rejoins_between_transitions_redelivers_harmlessly() {
+        // Ann's two tabs are in; then, with no transition of the room after, tab 1 leaves and
+        // rejoins and tab 2 leaves. Replayed, that stretch must not empty her set.
+        let mut m = Model::default();
+        m.apply(&update(PresenceOp::Add, "a1", 1));
+        m.apply(&update(PresenceOp::Add, "a2", 2));
+        let stretch = [
+            update(PresenceOp::Remove, "a1", 3),
+            update(PresenceOp::Add, "a1", 4),
+            update(PresenceOp::Remove, "a2", 5),
+        ];
+        for r in &stretch {
+            assert_eq!(m.apply(r).transition, None);
+        }
+        for from in 0..stretch.len() {
+            for r in &stretch[from..] {
+                let outcome = m.apply(r);
+                assert_eq!((outcome.transition, outcome.redelivered), (None, true), "{r:?}");
+            }
+        }
+        assert_eq!(m.user.as_ref().unwrap().connections.iter().collect::<Vec<_>>(), ["a1"]);
+    }
+
+    #[test]
+    fn left_is_announced_exactly_when_its_joined_was() {
+        let mut m = Model::default();
+        let big = |op, conn: &str, seq, max| PresenceUpdate {
+            user_id: conn.to_string(),
+            announce_max_users: max,
+            ..update(op, conn, seq)
+        };
+        // Two users in a room whose limit is 1: the first is announced, the second is not.
+        assert!(m.apply(&big(PresenceOp::Add, "u1", 1, 1)).announce);
+        assert!(!m.apply(&big(PresenceOp::Add, "u2", 2, 1)).announce);
+        // The second leaves while the room is small again: still not announced, no ghost.
+        let left = m.apply(&big(PresenceOp::Remove, "u2", 3, 1));
+        assert_eq!((left.transition, left.announce), (Some(PresenceEvent::Left), false));
+        let left = m.apply(&big(PresenceOp::Remove, "u1", 4, 1));
+        assert_eq!((left.transition, left.announce), (Some(PresenceEvent::Left), true));
+        // The empty room's count expires after its last user, later than any redelivery.
+        assert!(m.room.as_ref().unwrap().ttl.is_some());
     }
 
     #[test]

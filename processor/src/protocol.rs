@@ -145,7 +145,7 @@ pub fn parse_frame(body: &str) -> Result<Request, FrameError> {
             };
             let after = match fields.get("after") {
                 None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::String(s)) if s.len() <= crate::auth::MAX_USER_ID_BYTES => Some(s.clone()),
                 Some(_) => {
                     return Err(FrameError::new(
                         ErrorCode::InvalidRequest,
@@ -280,8 +280,8 @@ pub enum ServerMessage {
         /// The tenant plugin's greeting, when it has one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         greeting: Option<String>,
-        /// Users present in each of `rooms` as the welcome was sent (this connection's own
-        /// membership may not be counted yet: its `joined` follows).
+        /// Users present in each of `rooms` as the welcome was sent, this connection's user counted
+        /// (whether or not its own membership has been applied yet).
         #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
         counts: std::collections::BTreeMap<String, u64>,
     },

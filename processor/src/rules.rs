@@ -121,6 +121,7 @@ pub trait TenantRules: Send + Sync {
 pub struct Lookups {
     looked_up: PerTenant<()>,
     settings: PerTenant<Option<crate::model::TenantSettings>>,
+    rooms: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
 }
 
 /// One look-up per tenant, shared by the records of a batch.
@@ -131,6 +132,11 @@ impl Lookups {
     /// it, the others (of other rooms, running at the same time) wait for it.
     pub fn look_up(&self, tenant: &str) -> Arc<tokio::sync::OnceCell<()>> {
         self.looked_up.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_default().clone()
+    }
+
+    /// True the first time a batch asks about a room (its presence state is checked once).
+    pub fn first_time_in_batch(&self, tenant: &str, room: &str) -> bool {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner()).insert((tenant.to_string(), room.to_string()))
     }
 
     /// The batch's one read of `tenant`'s settings, shared the same way.

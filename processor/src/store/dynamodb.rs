@@ -139,20 +139,36 @@ impl DynamoStore {
         Ok(out.item.and_then(|item| self.decode(item)))
     }
 
+    /// One item by key, strongly consistent: decoded, and whether an item is there at all (one
+    /// that does not decode is logged and counted, and reads as `(None, true)`).
+    async fn get_guarded<T: DeserializeOwned>(&self, what: &str, key: DynamoItem) -> Result<(Option<T>, bool)> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .set_key(Some(key))
+            .send()
+            .await
+            .map_err(|e| unavailable(what, e))?;
+        Ok(match out.item {
+            Some(item) => (self.decode(item), true),
+            None => (None, false),
+        })
+    }
+
     /// The write of a presence item: a put or a delete, on the condition that the item still has
-    /// the version that was read (or, for a new one, does not exist).
-    fn presence_write(&self, key: DynamoItem, next: Option<&Presence>, ver: Option<u64>) -> Result<TransactWriteItem> {
-        let (condition, value) = match ver {
-            Some(ver) => ("ver = :ver", Some(AttributeValue::N(ver.to_string()))),
-            None => ("attribute_not_exists(pk)", None),
-        };
+    /// the version that was read (or, for a new one, does not exist; for one that did not decode,
+    /// none: it is replaced).
+    fn presence_write(&self, key: DynamoItem, next: Option<&Presence>, guard: Guard) -> Result<TransactWriteItem> {
+        let (condition, value) = guard.condition();
         Ok(match next {
             Some(p) => TransactWriteItem::builder()
                 .put(
                     Put::builder()
                         .table_name(&self.table)
                         .set_item(Some(encode(p)?))
-                        .condition_expression(condition)
+                        .set_condition_expression(condition.map(str::to_string))
                         .set_expression_attribute_values(value.map(|v| HashMap::from([(":ver".to_string(), v)])))
                         .build()
                         .map_err(build_error)?,
@@ -163,7 +179,7 @@ impl DynamoStore {
                     Delete::builder()
                         .table_name(&self.table)
                         .set_key(Some(key))
-                        .condition_expression(condition)
+                        .set_condition_expression(condition.map(str::to_string))
                         .set_expression_attribute_values(value.map(|v| HashMap::from([(":ver".to_string(), v)])))
                         .build()
                         .map_err(build_error)?,
@@ -276,6 +292,35 @@ impl DynamoStore {
                 Some(next) if !next.is_empty() => start = Some(next),
                 _ => return Ok(()),
             }
+        }
+    }
+}
+
+/// What a presence write expects of the item it replaces.
+#[derive(Clone, Copy, Debug)]
+enum Guard {
+    /// The version that was read.
+    Version(u64),
+    /// No item.
+    Absent,
+    /// An item that did not decode (counted): replaced whatever it holds.
+    Undecodable,
+}
+
+impl Guard {
+    fn of(ver: Option<u64>, there: bool) -> Guard {
+        match (ver, there) {
+            (Some(ver), _) => Guard::Version(ver),
+            (None, false) => Guard::Absent,
+            (None, true) => Guard::Undecodable,
+        }
+    }
+
+    fn condition(self) -> (Option<&'static str>, Option<AttributeValue>) {
+        match self {
+            Guard::Version(ver) => (Some("ver = :ver"), Some(AttributeValue::N(ver.to_string()))),
+            Guard::Absent => (Some("attribute_not_exists(pk)"), None),
+            Guard::Undecodable => (None, None),
         }
     }
 }
@@ -676,26 +721,24 @@ impl Store for DynamoStore {
         let user_key = key(pk.clone(), model::presence_sk(&update.user_id));
         let room_key = key(pk, model::ROOM_PRESENCE_SK.into());
         for _ in 0..PRESENCE_ATTEMPTS {
-            let (current, room) = tokio::try_join!(
-                self.get_typed::<Presence>("get_item (presence)", user_key.clone()),
-                self.get_typed::<RoomPresence>("get_item (room presence)", room_key.clone()),
+            let ((current, user_there), (room, room_there)) = tokio::try_join!(
+                self.get_guarded::<Presence>("get_item (presence)", user_key.clone()),
+                self.get_guarded::<RoomPresence>("get_item (room presence)", room_key.clone()),
             )?;
             let (presence, presence_ver, next_room, outcome) =
                 match crate::presence::plan(update, current.as_ref(), room.as_ref()) {
                     Plan::Done(outcome) => return Ok(outcome),
                     Plan::Write { presence, presence_ver, room, outcome } => (presence, presence_ver, room, outcome),
                 };
-            let mut writes = vec![self.presence_write(user_key.clone(), presence.as_ref(), presence_ver)?];
+            let user_guard = Guard::of(presence_ver, user_there);
+            let mut writes = vec![self.presence_write(user_key.clone(), presence.as_ref(), user_guard)?];
             if let Some(next) = &next_room {
-                // The room's item as read: its version, or absent.
-                let (condition, value) = match &room {
-                    Some(read) => ("ver = :ver", Some(AttributeValue::N(read.ver.to_string()))),
-                    None => ("attribute_not_exists(pk)", None),
-                };
+                // The room's item as read: its version, absent, or one that did not decode.
+                let (condition, value) = Guard::of(room.as_ref().map(|r| r.ver), room_there).condition();
                 let put = Put::builder()
                     .table_name(&self.table)
                     .set_item(Some(encode(next)?))
-                    .condition_expression(condition)
+                    .set_condition_expression(condition.map(str::to_string))
                     .set_expression_attribute_values(value.map(|v| HashMap::from([(":ver".to_string(), v)])))
                     .build()
                     .map_err(build_error)?;
