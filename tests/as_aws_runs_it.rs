@@ -22,6 +22,7 @@ const FUNCTIONS: &[&str] = &[
     "ProcessorFunction",
     "SweeperFunction",
     "AdminFunction",
+    "PublishFunction",
 ];
 const SECRET: &str = "as-aws-runs-it-secret";
 const API_ID: &str = "local0001";
@@ -216,7 +217,7 @@ impl Aws {
 fn token(tenant: &str, user: &str) -> String {
     let exp = chrono::Utc::now().timestamp() + 3600;
     roomcast::auth::mint(
-        &roomcast::auth::Claims { tenant: tenant.into(), sub: user.into(), exp, nbf: None },
+        &roomcast::auth::Claims { tenant: tenant.into(), sub: user.into(), exp, nbf: None, scope: None },
         SECRET.as_bytes(),
     )
 }
@@ -281,6 +282,75 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
             "{id} not in {history}"
         );
     }
+
+    // A backend publishes: through the function URL (IAM-authorized: the operator, any tenant),
+    // through the HTTP API with a tenant's publish token (its tenant only), and by direct invoke.
+    let http = |authorizer: Value, authorization: &str, body: Value| {
+        json!({
+            "version": "2.0", "routeKey": "POST /publish", "rawPath": "/publish",
+            "headers": {"content-type": "application/json", "authorization": authorization},
+            "requestContext": {"http": {"method": "POST", "path": "/publish"}, "authorizer": authorizer},
+            "body": body.to_string(), "isBase64Encoded": false,
+        })
+    };
+    let iam = json!({"iam": {"accessKey": "AKIAOPERATOR", "accountId": "123456789012", "userArn": "arn:aws:iam::123456789012:user/ops"}});
+    let shipped = json!({"tenant": "acme", "room": "lobby", "message": "order shipped", "idempotency_key": "order-7"});
+    let first = aws.invoke("PublishFunction", http(iam.clone(), "", shipped.clone())).await;
+    assert_eq!(first["statusCode"], 200, "{first}");
+    let first_id =
+        serde_json::from_str::<Value>(first["body"].as_str().unwrap()).unwrap()["id"].as_str().unwrap().to_string();
+    let again = aws.invoke("PublishFunction", http(iam, "", shipped)).await;
+    assert!(again["body"].as_str().unwrap().contains(&first_id), "the same key answers the first id: {again}");
+    ids.push(first_id);
+    let publisher = |tenant: &str| {
+        let exp = chrono::Utc::now().timestamp() + 600;
+        let claims = roomcast::auth::Claims {
+            tenant: tenant.into(),
+            sub: "shop".into(),
+            exp,
+            nbf: None,
+            scope: Some("publish".into()),
+        };
+        format!("Bearer {}", roomcast::auth::mint(&claims, SECRET.as_bytes()))
+    };
+    let theirs = json!({"tenant": "acme", "room": "lobby", "message": "from globex"});
+    let refused = aws.invoke("PublishFunction", http(Value::Null, &publisher("globex"), theirs)).await;
+    assert_eq!(refused["statusCode"], 403, "{refused}");
+    let refused = aws
+        .invoke(
+            "PublishFunction",
+            http(Value::Null, &token("acme", "alice"), json!({"tenant": "acme", "room": "lobby", "message": "x"})),
+        )
+        .await;
+    assert_eq!(refused["statusCode"], 403, "a connect token cannot publish: {refused}");
+    let ours = aws
+        .invoke(
+            "PublishFunction",
+            http(
+                Value::Null,
+                &publisher("acme"),
+                json!({"tenant": "acme", "room": "lobby", "message": "from the shop"}),
+            ),
+        )
+        .await;
+    assert_eq!(ours["statusCode"], 200, "{ours}");
+    ids.push(
+        serde_json::from_str::<Value>(ours["body"].as_str().unwrap()).unwrap()["id"].as_str().unwrap().to_string(),
+    );
+    let direct = aws.invoke("PublishFunction", json!({"tenant": "acme", "room": "lobby", "message": "direct"})).await;
+    ids.push(direct["id"].as_str().expect("a direct invoke answers the id").to_string());
+    aws.pump().await;
+    let published: Vec<String> = aws
+        .recorder
+        .received_action("c-bob", "message")
+        .iter()
+        .filter(|m| m["user_id"] == "backend")
+        .filter_map(|m| m["message"].as_str().map(str::to_string))
+        .collect();
+    for text in ["order shipped", "from the shop", "direct"] {
+        assert!(published.iter().any(|p| p == text), "{text} did not reach bob: {published:?}");
+    }
+    assert!(!published.iter().any(|p| p == "from globex"));
 
     aws.disconnect("c-bob").await;
     aws.pump().await;

@@ -150,9 +150,12 @@ async fn bad_tokens_are_refused_at_the_upgrade(kind: &str) {
     use roomcast::auth::{Claims, mint};
     let stack = ws::dev(kind, |_| {}).await;
     let now = chrono::Utc::now().timestamp();
-    let expired = mint(&Claims { tenant: "acme".into(), sub: "ann".into(), exp: now - 10, nbf: None }, ws::SECRET);
-    let wrongly_signed =
-        mint(&Claims { tenant: "acme".into(), sub: "ann".into(), exp: now + 600, nbf: None }, b"not-the-secret");
+    let expired =
+        mint(&Claims { tenant: "acme".into(), sub: "ann".into(), exp: now - 10, nbf: None, scope: None }, ws::SECRET);
+    let wrongly_signed = mint(
+        &Claims { tenant: "acme".into(), sub: "ann".into(), exp: now + 600, nbf: None, scope: None },
+        b"not-the-secret",
+    );
     let claimless = {
         use base64::Engine;
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);

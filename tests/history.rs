@@ -178,3 +178,107 @@ async fn bad_history_and_recover_requests_are_refused_and_write_nothing(kind: &s
     }
     assert_eq!(stack.pump().await, 0, "nothing was written");
 }
+
+/// Publishing and recovery through `roomcast dev` with real WebSocket clients.
+mod over_websockets {
+    use roomcast_tests::ws::{self, connect};
+    use serde_json::{Value, json};
+
+    roomcast_tests::on_both_stores!(multi_thread:
+        a_backend_publish_reaches_its_room_only_and_a_repeat_delivers_once,
+        a_client_that_missed_thirty_messages_recovers_them_in_order_then_gets_live_ones,
+    );
+
+    fn publisher(tenant: &str) -> String {
+        let exp = chrono::Utc::now().timestamp() + 600;
+        let claims = roomcast::auth::Claims {
+            tenant: tenant.into(),
+            sub: "shop".into(),
+            exp,
+            nbf: None,
+            scope: Some("publish".into()),
+        };
+        roomcast::auth::mint(&claims, ws::SECRET)
+    }
+
+    async fn publish(stack: &roomcast::dev::DevStack, token: &str, body: Value) -> anyhow::Result<Value> {
+        let url = format!("http://{}", stack.addr);
+        roomcast::dev::api::request_as(
+            &url,
+            axum::http::Method::POST,
+            "/publish",
+            body.to_string().into_bytes(),
+            Some(token),
+        )
+        .await
+    }
+
+    async fn a_backend_publish_reaches_its_room_only_and_a_repeat_delivers_once(kind: &str) {
+        let stack = ws::dev(kind, |_| {}).await;
+        let mut ann = connect(&stack, "acme", "ann", "general").await;
+        ann.expect_action("welcome").await;
+        let mut eve = connect(&stack, "globex", "eve", "general").await;
+        eve.expect_action("welcome").await;
+
+        let body = json!({"tenant":"acme","room":"general","message":"order shipped","idempotency_key":"o-9"});
+        let first = publish(&stack, &publisher("acme"), body.clone()).await.unwrap();
+        let again = publish(&stack, &publisher("acme"), body).await.unwrap();
+        assert_eq!(first["id"], again["id"]);
+        let got = ann.expect("the published message", |f| f["message"] == "order shipped").await;
+        assert_eq!((got["id"].clone(), got["user_id"].clone()), (first["id"].clone(), json!("backend")));
+
+        // Another tenant's token: refused, nothing written; a connect token: refused.
+        let refused =
+            publish(&stack, &publisher("globex"), json!({"tenant":"acme","room":"general","message":"x"})).await;
+        assert!(refused.unwrap_err().to_string().contains("tenant globex only"));
+        let refused =
+            publish(&stack, &ws::token("acme", "ann"), json!({"tenant":"acme","room":"general","message":"x"})).await;
+        assert!(refused.unwrap_err().to_string().contains("publish"));
+        let bad = publish(&stack, &publisher("acme"), json!({"tenant":"acme","room":"a#b","message":"x"})).await;
+        assert!(bad.unwrap_err().to_string().contains("room"));
+
+        // A marker: no second copy of the message came before it, and Eve got nothing.
+        publish(&stack, &publisher("acme"), json!({"tenant":"acme","room":"general","message":"marker"}))
+            .await
+            .unwrap();
+        ann.expect_before("the marker", |f| f["message"] == "marker", |f| f["message"] == "order shipped").await;
+        publish(&stack, &publisher("globex"), json!({"tenant":"globex","room":"general","message":"eve's marker"}))
+            .await
+            .unwrap();
+        eve.expect_before("her marker", |f| f["message"] == "eve's marker", |f| f["action"] == "message").await;
+        stack.shutdown().await;
+    }
+
+    async fn a_client_that_missed_thirty_messages_recovers_them_in_order_then_gets_live_ones(kind: &str) {
+        let stack = ws::dev(kind, |_| {}).await;
+        let mut ann = connect(&stack, "acme", "ann", "general").await;
+        ann.expect_action("welcome").await;
+        let mut bob = connect(&stack, "acme", "bob", "general").await;
+        bob.expect_action("welcome").await;
+        let last_seen = ann.ask(json!({"action":"sendMessage","room":"general","message":"before"}), "ack").await;
+        bob.expect("before", |f| f["message"] == "before").await;
+        bob.close().await;
+
+        let mut missed = Vec::new();
+        for i in 0..30 {
+            let ack =
+                ann.ask(json!({"action":"sendMessage","room":"general","message":format!("missed {i}")}), "ack").await;
+            missed.push(ack["id"].as_str().unwrap().to_string());
+        }
+        let mut bob = connect(&stack, "acme", "bob", "general").await;
+        bob.expect_action("welcome").await;
+        let recovered = bob.ask(json!({"action":"recover","room":"general","since":last_seen["id"]}), "recover").await;
+        assert_eq!(recovered["recovered"], true, "{recovered}");
+        let ids: Vec<&str> =
+            recovered["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, missed, "all thirty, in order");
+        let live = ann.ask(json!({"action":"sendMessage","room":"general","message":"live"}), "ack").await;
+        assert_eq!(bob.expect("the live message", |f| f["message"] == "live").await["id"], live["id"]);
+
+        // A `since` older than history: told so.
+        let old = roomcast::model::message_id_at(chrono::Utc::now() - chrono::Duration::days(30));
+        let lost = bob.ask(json!({"action":"recover","room":"general","since":old}), "recover").await;
+        assert_eq!(lost["recovered"], false);
+        stack.shutdown().await;
+    }
+}

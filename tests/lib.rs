@@ -1040,7 +1040,7 @@ pub mod ws {
 
     pub fn token(tenant: &str, user: &str) -> String {
         let exp = chrono::Utc::now().timestamp() + 3600;
-        mint(&Claims { tenant: tenant.into(), sub: user.into(), exp, nbf: None }, SECRET)
+        mint(&Claims { tenant: tenant.into(), sub: user.into(), exp, nbf: None, scope: None }, SECRET)
     }
 
     type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

@@ -220,8 +220,13 @@ async fn open_crowd(server: &Server, options: &Options, tenant: &str) -> anyhow:
     let opened = futures::stream::iter(0..options.connections)
         .map(|i| {
             let room = i / options.room_size.max(1);
-            let claims =
-                crate::auth::Claims { tenant: tenant.to_string(), sub: format!("member-{room}"), exp, nbf: None };
+            let claims = crate::auth::Claims {
+                tenant: tenant.to_string(),
+                sub: format!("member-{room}"),
+                exp,
+                nbf: None,
+                scope: None,
+            };
             let url = format!("{base}?token={}&rooms=room-{room}", crate::auth::mint(&claims, &options.secret));
             async move {
                 tokio_tungstenite::connect_async(url)
@@ -405,7 +410,8 @@ async fn hostile_traffic(
     const ABUSE: &[&str] =
         &["loop", "sleep", "grow", "route-wide", "route-aliased", "sleep-forever", "giant", "recurse"];
     let exp = chrono::Utc::now().timestamp() + 6 * 3600;
-    let claims = crate::auth::Claims { tenant: "bench-hostile".into(), sub: "mallory".into(), exp, nbf: None };
+    let claims =
+        crate::auth::Claims { tenant: "bench-hostile".into(), sub: "mallory".into(), exp, nbf: None, scope: None };
     // Its traffic spreads over eight rooms: one room's records run one after another.
     let rooms: Vec<String> = (0..8).map(|i| format!("h{i}")).collect();
     let url =

@@ -52,6 +52,28 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Publish a message into a room as a backend does: into a running `roomcast dev` (its
+    /// `POST /publish`, with a token minted from --jwt-secret) or straight into a table. A deployed
+    /// stack's endpoints take any HTTP client (README, "Publishing from a backend").
+    Publish {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        room: String,
+        /// The message.
+        message: String,
+        /// Who it is from (default: backend).
+        #[arg(long)]
+        user_id: Option<String>,
+        /// A repeat with the same key within the window sends nothing new and answers the first id.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// The HS256 secret the dev stack checks tokens against.
+        #[arg(long, env = "ROOMCAST_JWT_SECRET", default_value = "roomcast-dev-secret", hide_env_values = true)]
+        jwt_secret: String,
+        #[command(flatten)]
+        target: PluginTargetArgs,
+    },
     /// A tenant's settings.
     Tenant {
         #[command(subcommand)]
@@ -333,6 +355,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("the processor activates it; `roomcast plugin list --tenant {tenant}` shows the outcome");
             Ok(())
         }
+        Command::Publish { tenant, room, message, user_id, idempotency_key, jwt_secret, target } => {
+            let body = serde_json::json!({
+                "tenant": tenant, "room": room, "message": message,
+                "user_id": user_id, "idempotency_key": idempotency_key,
+            });
+            let id = match &target.dev {
+                Some(url) => {
+                    let exp = chrono::Utc::now().timestamp() + 300;
+                    let claims = crate::auth::Claims {
+                        tenant: tenant.clone(),
+                        sub: "roomcast-cli".into(),
+                        exp,
+                        nbf: None,
+                        scope: Some("publish".into()),
+                    };
+                    let token = crate::auth::mint(&claims, jwt_secret.as_bytes());
+                    let answer = crate::dev::api::request_as(
+                        url,
+                        http::Method::POST,
+                        "/publish",
+                        serde_json::to_vec(&body)?,
+                        Some(&token),
+                    )
+                    .await?;
+                    answer["id"].as_str().unwrap_or_default().to_string()
+                }
+                None => {
+                    let deps = crate::publish::PublishDeps {
+                        store: Arc::new(table_store(&target.table).await),
+                        clock: Arc::new(crate::model::SystemClock),
+                        history_ttl_seconds: std::env::var("HISTORY_TTL_SECONDS")
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(7 * 86_400),
+                        idempotency_window_seconds: crate::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
+                    };
+                    crate::publish::publish(&deps, &crate::publish::Caller::Operator, &serde_json::to_vec(&body)?)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?
+                }
+            };
+            println!("published {id} into {tenant}/{room}");
+            Ok(())
+        }
         Command::Tenant { command: TenantCommand::Show { tenant, target } } => {
             let settings = target.target().await.settings(&tenant).await?;
             println!("{}", serde_json::to_string_pretty(&settings)?);
@@ -381,7 +447,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let exp = chrono::Utc::now().timestamp() + ttl;
             println!(
                 "{}",
-                crate::auth::mint(&crate::auth::Claims { tenant, sub: user, exp, nbf: None }, secret.as_bytes())
+                crate::auth::mint(
+                    &crate::auth::Claims { tenant, sub: user, exp, nbf: None, scope: None },
+                    secret.as_bytes()
+                )
             );
             Ok(())
         }
@@ -483,6 +552,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         sub: "alice".into(),
         exp: chrono::Utc::now().timestamp() + 12 * 3600,
         nbf: None,
+        scope: None,
     };
     let token = crate::auth::mint(&claims, auth.secret());
     println!("Roomcast dev stack ({store_name})");

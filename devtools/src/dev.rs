@@ -187,7 +187,14 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
     // Plugins uploaded to the table are activated as in AWS; --plugins adds files at start.
     let host = Arc::new(crate::plugins::PluginHost::new()?);
     let registry = Arc::new(crate::plugins::registry::Registry::new(host.clone(), metrics.clone()));
-    let api_routes = api::routes(store.clone(), host, metrics.clone());
+    let publish = crate::publish::PublishDeps {
+        store: store.clone(),
+        clock: clock.clone(),
+        history_ttl_seconds: options.history_ttl_seconds,
+        idempotency_window_seconds: crate::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
+    };
+    let api_routes = api::routes(store.clone(), host, metrics.clone())
+        .merge(api::publish_route(publish, options.auth.secret().to_vec()));
     let plugin_tenants = match &options.plugins {
         Some(dir) => load_plugins(dir, &registry)?,
         None => Vec::new(),

@@ -224,6 +224,24 @@ async fn plugin_upload_into_a_running_dev_stack_with_the_embedded_store() {
     assert_eq!(stored.presence_announce_max_users, Some(7));
     let (ok, out) = roomcast(args("tenant set bad#name --presence-announce-max-users 7")).await;
     assert!(!ok && out.contains("contains '#'"), "{out}");
+
+    // A backend's message through the stack's publish endpoint, as a tenant's backend sends it.
+    let (ok, out) = roomcast(args("publish --tenant acme --room general --idempotency-key k-1 order-shipped")).await;
+    assert!(ok && out.starts_with("published "), "{out}");
+    let id = out.split_whitespace().nth(1).unwrap().to_string();
+    let (ok, again) = roomcast(args("publish --tenant acme --room general --idempotency-key k-1 order-shipped")).await;
+    assert!(ok && again.contains(&id), "the same key answers the first id: {again}");
+    let history = stack
+        .store
+        .history("acme", "general", &roomcast::store::HistoryFrom::Latest, 10, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        history.iter().map(|m| (m.id.as_str(), m.body.as_str())).collect::<Vec<_>>(),
+        [(id.as_str(), "order-shipped")]
+    );
+    let (ok, out) = roomcast(args("publish --tenant acme --room a#b x")).await;
+    assert!(!ok && out.contains("room"), "{out}");
     stack.shutdown().await;
 
     // A dev stack that is not there is a clear error.

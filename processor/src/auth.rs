@@ -20,6 +20,9 @@ pub struct Claims {
     pub exp: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<i64>,
+    /// Space-separated scopes: `publish` lets a tenant's backend publish into its tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -97,7 +100,8 @@ pub fn verify(token: &str, secret: &[u8], now: i64) -> Result<Claims, Denied> {
     if nbf.is_some_and(|nbf| nbf > now) {
         return Err(Denied::NotYetValid);
     }
-    Ok(Claims { tenant: tenant.to_string(), sub: sub.to_string(), exp, nbf })
+    let scope = claims.get("scope").and_then(|v| v.as_str()).map(str::to_string);
+    Ok(Claims { tenant: tenant.to_string(), sub: sub.to_string(), exp, nbf, scope })
 }
 
 /// Signs claims as an HS256 JWT (dev tokens, tests).
@@ -129,15 +133,18 @@ mod tests {
     fn a_user_id_that_is_too_long_or_has_a_separator_is_refused() {
         let exp = 4_000_000_000;
         for sub in ["x".repeat(MAX_USER_ID_BYTES + 1), "a#b".to_string(), "a\nb".to_string()] {
-            let token = mint(&Claims { tenant: "acme".into(), sub, exp, nbf: None }, SECRET);
+            let token = mint(&Claims { tenant: "acme".into(), sub, exp, nbf: None, scope: None }, SECRET);
             assert_eq!(verify(&token, SECRET, 0), Err(Denied::Claim("sub")));
         }
-        let token = mint(&Claims { tenant: "acme".into(), sub: "x".repeat(MAX_USER_ID_BYTES), exp, nbf: None }, SECRET);
+        let token = mint(
+            &Claims { tenant: "acme".into(), sub: "x".repeat(MAX_USER_ID_BYTES), exp, nbf: None, scope: None },
+            SECRET,
+        );
         assert!(verify(&token, SECRET, 0).is_ok());
     }
 
     fn claims(exp: i64) -> Claims {
-        Claims { tenant: "acme".into(), sub: "ann".into(), exp, nbf: None }
+        Claims { tenant: "acme".into(), sub: "ann".into(), exp, nbf: None, scope: None }
     }
 
     fn sign_raw(payload: &str, secret: &[u8]) -> String {

@@ -1,5 +1,5 @@
 //! The Lambda entry points of this crate: each binary in `src/bin` is `main` → [`run_handler`],
-//! [`run_authorizer`], [`run_admin`] or [`run_sweeper`] (the processor's is in the plugin host
+//! [`run_authorizer`], [`run_publish`], [`run_admin`] or [`run_sweeper`] (the processor's is in the plugin host
 //! crate, which uses [`store_from`] and [`deadline_instant`] from here). Clients are built once
 //! per container; a bad configuration fails the init with every problem named.
 
@@ -71,6 +71,38 @@ pub fn deadline_instant(deadline_ms: u64) -> std::time::Instant {
 /// parameter named by `ROOMCAST_JWT_SECRET_PARAMETER` (decrypted), or `ROOMCAST_JWT_SECRET`.
 pub async fn run_authorizer() -> Result<(), Error> {
     init_tracing();
+    let secret = jwt_secret().await?;
+    let secret = &secret;
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<aws_lambda_events::apigw::ApiGatewayCustomAuthorizerRequestTypeRequest>| async move {
+            handlers::authorize(&event.payload, secret, chrono::Utc::now().timestamp()).map_err(Error::from)
+        },
+    ))
+    .await
+}
+
+/// Serves `publish` (function URL, HTTP API route, or direct invoke).
+pub async fn run_publish() -> Result<(), Error> {
+    init_tracing();
+    let config = Config::from_env()?;
+    let secret = jwt_secret().await?;
+    let (_, store) = store_from(&config, Arc::default()).await;
+    let deps = crate::publish::PublishDeps {
+        store,
+        clock: Arc::new(SystemClock),
+        history_ttl_seconds: config.history_ttl_seconds,
+        idempotency_window_seconds: config.idempotency_window_seconds,
+    };
+    let (deps, secret) = (&deps, &secret);
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
+        crate::publish::handle(deps, &event.payload, secret).await.map_err(Error::from)
+    }))
+    .await
+}
+
+/// The HS256 secret of `$connect` tokens (and tenants' publish tokens): the SSM parameter named
+/// by `ROOMCAST_JWT_SECRET_PARAMETER`, or `ROOMCAST_JWT_SECRET` itself.
+async fn jwt_secret() -> Result<Vec<u8>, Error> {
     let secret = match (std::env::var("ROOMCAST_JWT_SECRET_PARAMETER"), std::env::var("ROOMCAST_JWT_SECRET")) {
         (Ok(name), _) if !name.is_empty() => {
             let sdk = config::load_aws().await;
@@ -88,14 +120,7 @@ pub async fn run_authorizer() -> Result<(), Error> {
         (_, Ok(secret)) if !secret.is_empty() => secret,
         _ => return Err("set ROOMCAST_JWT_SECRET_PARAMETER (an SSM parameter name) or ROOMCAST_JWT_SECRET".into()),
     };
-    let secret = secret.into_bytes();
-    let secret = &secret;
-    lambda_runtime::run(service_fn(
-        move |event: LambdaEvent<aws_lambda_events::apigw::ApiGatewayCustomAuthorizerRequestTypeRequest>| async move {
-            handlers::authorize(&event.payload, secret, chrono::Utc::now().timestamp()).map_err(Error::from)
-        },
-    ))
-    .await
+    Ok(secret.into_bytes())
 }
 
 async fn admin_from(config: &Config) -> crate::admin::Admin {

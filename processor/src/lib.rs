@@ -27,7 +27,7 @@
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries within the batch's window; 410 / 429 / 413 rules, slow consumers |
 //! | the processor | [`pipeline`] | the path above for one record and for a batch, within the Lambda deadline |
 //!
-//! Around it: [`protocol`] (client frames), [`admin`] (operator operations and the sweeper),
+//! Around it: [`protocol`] (client frames), [`publish`] (a backend's message into a room), [`admin`] (operator operations and the sweeper),
 //! [`auth`] (the `$connect` authorizer's rule), [`config`] (the environment), [`metrics`]
 //! (counts), [`lambda`] (the Lambda entry points of this crate).
 
@@ -42,6 +42,7 @@ pub mod model;
 pub mod pipeline;
 pub mod presence;
 pub mod protocol;
+pub mod publish;
 pub mod react;
 pub mod rules;
 pub mod store;

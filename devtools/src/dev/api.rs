@@ -12,6 +12,7 @@
 //! | `GET /_dev/plugins/{tenant}` | `{"active": version or null, "versions": [PluginMeta…]}` |
 //! | `POST /_dev/plugins/{tenant}?policy=open&fuel=…&memory_mib=…&deadline_ms=…` (body: the component) | checks and uploads it; answers its `PluginMeta` |
 //! | `PUT /_dev/plugins/{tenant}/active` (body `{"version": v or null}`) | activates a version, or disables the plugin |
+//! | `POST /publish` (a token with the `publish` scope; body `{tenant, room, message, user_id?, idempotency_key?}`) | the `publish` Lambda's HTTP API: `{"id"}`, or `{"error"}` with its status |
 //! | `GET /_dev/tenants/{tenant}/settings` | the tenant's settings (`roomcast tenant show`) |
 //! | `PUT /_dev/tenants/{tenant}/settings` (body: the settings' fields) | writes them (`roomcast tenant set`) |
 //!
@@ -138,6 +139,38 @@ async fn activate(State(api): State<Api>, Path(tenant): Path<String>, body: axum
     }
 }
 
+/// `POST /publish`, as the `publish` Lambda answers it behind its HTTP API route.
+pub fn publish_route(deps: crate::publish::PublishDeps, secret: Vec<u8>) -> axum::Router {
+    let state = std::sync::Arc::new((deps, secret));
+    axum::Router::new()
+        .route(
+            "/publish",
+            axum::routing::post(
+                |State(state): State<std::sync::Arc<(crate::publish::PublishDeps, Vec<u8>)>>,
+                 headers: axum::http::HeaderMap,
+                 body: axum::body::Bytes| async move {
+                    let (deps, secret) = &*state;
+                    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                    let event = json!({
+                        "requestContext": {},
+                        "headers": {"authorization": authorization},
+                        "body": String::from_utf8_lossy(&body),
+                    });
+                    let answer = match crate::publish::handle(deps, &event, secret).await {
+                        Ok(answer) => answer,
+                        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                    };
+                    let status = answer["statusCode"].as_u64().and_then(|s| StatusCode::from_u16(s as u16).ok());
+                    let body: serde_json::Value =
+                        serde_json::from_str(answer["body"].as_str().unwrap_or("{}")).unwrap_or_default();
+                    (status.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), axum::Json(body)).into_response()
+                },
+            ),
+        )
+        .layer(DefaultBodyLimit::max(1 << 20))
+        .with_state(state)
+}
+
 async fn settings(State(api): State<Api>, Path(tenant): Path<String>) -> Response {
     match api.store.tenant_settings(&tenant).await {
         Ok(settings) => {
@@ -174,13 +207,25 @@ async fn set_settings(State(api): State<Api>, Path(tenant): Path<String>, body: 
 /// The client side: one request to a running dev stack's API; its `{"error"}` answers become
 /// errors.
 pub async fn request(base: &str, method: http::Method, path: &str, body: Vec<u8>) -> anyhow::Result<serde_json::Value> {
+    request_as(base, method, path, body, None).await
+}
+
+/// [`request`] with an `Authorization: Bearer` token.
+pub async fn request_as(
+    base: &str,
+    method: http::Method,
+    path: &str,
+    body: Vec<u8>,
+    bearer: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
     let uri = format!("{}{path}", base.trim_end_matches('/'));
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
-    let request = http::Request::builder()
-        .method(method)
-        .uri(&uri)
-        .header("content-type", "application/octet-stream")
-        .body(Full::new(bytes::Bytes::from(body)))?;
+    let mut request =
+        http::Request::builder().method(method).uri(&uri).header("content-type", "application/octet-stream");
+    if let Some(token) = bearer {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = request.body(Full::new(bytes::Bytes::from(body)))?;
     let response = tokio::time::timeout(Duration::from_secs(60), client.request(request))
         .await
         .map_err(|_| anyhow::anyhow!("{uri}: no answer within 60 s"))?

@@ -176,8 +176,13 @@ async fn dev_token(State(gw): State<Arc<Gateway>>, Query(q): Query<HashMap<Strin
     if let Err(e) = crate::model::Name::parse("tenant", tenant) {
         return (StatusCode::BAD_REQUEST, e).into_response();
     }
-    let claims =
-        auth::Claims { tenant: tenant.into(), sub: user.into(), exp: gw.now().timestamp() + 12 * 3600, nbf: None };
+    let claims = auth::Claims {
+        tenant: tenant.into(),
+        sub: user.into(),
+        exp: gw.now().timestamp() + 12 * 3600,
+        nbf: None,
+        scope: None,
+    };
     let websocket = format!("/{}", gw.settings.stage);
     axum::Json(json!({ "token": auth::mint(&claims, gw.settings.auth.secret()), "websocket": websocket }))
         .into_response()

@@ -1,0 +1,258 @@
+//! Publishing from a backend: "order shipped" into a room, without a WebSocket.
+//!
+//! A publish writes the same message record a client's `sendMessage` writes (sender connection
+//! empty), so the processor delivers it like any other message, tenant plugins included. The
+//! `publish` Lambda serves it three ways (README, "Publishing from a backend"):
+//!
+//! * its function URL, `AuthType: AWS_IAM`: the operator's backends, SigV4-signed, any tenant;
+//! * an HTTP API route without an authorizer: a tenant's backend, with an HS256 token (the
+//!   `$connect` secret) whose `scope` includes `publish`, into its own tenant only;
+//! * a direct invoke (`lambda:InvokeFunction`) with the body as the event: the operator.
+//!
+//! `roomcast dev` serves the same HTTP API on `POST /publish` (tokens only).
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::model::{Clock, IdempotencyRecord, Message, Name, parse_idempotency_key};
+use crate::protocol::{ChatMessage, MAX_MESSAGE_FRAME_BYTES, ServerMessage};
+use crate::store::Store;
+
+/// The user a published message is from when the request names none.
+pub const DEFAULT_PUBLISHER: &str = "backend";
+
+/// What a backend sends.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    pub tenant: String,
+    pub room: String,
+    pub message: String,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// Who is publishing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// IAM-authorized (the function URL) or a direct invoke: any tenant.
+    Operator,
+    /// A tenant's backend, by its token: that tenant only.
+    Tenant(String),
+}
+
+/// A refusal, as an HTTP status and a reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct PublishError {
+    pub status: u16,
+    pub message: String,
+}
+
+fn refuse(status: u16, message: impl Into<String>) -> PublishError {
+    PublishError { status, message: message.into() }
+}
+
+/// What a publish needs.
+#[derive(Clone)]
+pub struct PublishDeps {
+    pub store: std::sync::Arc<dyn Store>,
+    pub clock: std::sync::Arc<dyn Clock>,
+    pub history_ttl_seconds: i64,
+    pub idempotency_window_seconds: i64,
+}
+
+/// Validates and writes one publish; answers the message's id (the first one's, for a repeated
+/// idempotency key). Nothing is written for a refusal.
+pub async fn publish(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<String, PublishError> {
+    let request: PublishRequest = serde_json::from_slice(body).map_err(|e| {
+        refuse(400, format!("the body must be JSON {{tenant, room, message, user_id?, idempotency_key?}}: {e}"))
+    })?;
+    let tenant = Name::parse("tenant", &request.tenant).map_err(|e| refuse(400, e))?;
+    if let Caller::Tenant(allowed) = caller
+        && *allowed != request.tenant
+    {
+        return Err(refuse(403, format!("this token publishes into tenant {allowed} only")));
+    }
+    let room = Name::parse("room", &request.room).map_err(|e| refuse(400, e))?;
+    let user_id = request.user_id.as_deref().unwrap_or(DEFAULT_PUBLISHER);
+    if user_id.is_empty()
+        || user_id.len() > crate::auth::MAX_USER_ID_BYTES
+        || user_id.chars().any(|c| c == '#' || c.is_control())
+    {
+        return Err(refuse(
+            400,
+            format!("user_id must be 1 to {} bytes, without '#' or control characters", crate::auth::MAX_USER_ID_BYTES),
+        ));
+    }
+    let key = request.idempotency_key.as_deref().map(parse_idempotency_key).transpose().map_err(|e| refuse(400, e))?;
+    let now = deps.clock.now();
+    let message =
+        Message::published(tenant.as_str(), room.as_str(), user_id, request.message, now, deps.history_ttl_seconds);
+    let size = ServerMessage::Message(ChatMessage::from(&message)).to_json().len();
+    if size > MAX_MESSAGE_FRAME_BYTES {
+        return Err(refuse(
+            413,
+            format!("the message would reach its recipients as {size} bytes; the limit is {MAX_MESSAGE_FRAME_BYTES}"),
+        ));
+    }
+    let written = match key {
+        Some(key) => {
+            let record = IdempotencyRecord::new(&message, &key, now, deps.idempotency_window_seconds);
+            deps.store.put_message_once(&message, &record, now).await
+        }
+        None => deps.store.put_message(&message).await.map(|()| message.id.clone()),
+    };
+    written.map_err(|e| refuse(503, e.to_string()))
+}
+
+/// Who an HTTP request (API Gateway HTTP API or function URL, payload 2.0) is from: IAM when
+/// AWS authorized it, else a bearer token with the `publish` scope, checked against `secret`.
+pub fn caller_of(event: &Value, secret: &[u8], now: i64) -> Result<Caller, PublishError> {
+    if event.pointer("/requestContext/authorizer/iam").is_some_and(|iam| !iam.is_null()) {
+        return Ok(Caller::Operator);
+    }
+    let headers = event.get("headers").and_then(Value::as_object);
+    let token = headers
+        .and_then(|h| h.iter().find(|(name, _)| name.eq_ignore_ascii_case("authorization")))
+        .and_then(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    let claims =
+        crate::auth::verify(token, secret, now).map_err(|denied| refuse(denied.status(), denied.to_string()))?;
+    if !claims.scope.as_deref().is_some_and(|scope| scope.split_whitespace().any(|s| s == "publish")) {
+        return Err(refuse(403, "this token has no `publish` scope"));
+    }
+    Ok(Caller::Tenant(claims.tenant))
+}
+
+/// One request as the `publish` Lambda receives it: an HTTP event (function URL or HTTP API) is
+/// answered with an HTTP response; a direct invoke's event is the body itself, answered with
+/// `{"id"}` or an error.
+pub async fn handle(deps: &PublishDeps, event: &Value, secret: &[u8]) -> Result<Value, String> {
+    if event.get("requestContext").is_none() {
+        let id = publish(deps, &Caller::Operator, event.to_string().as_bytes()).await.map_err(|e| e.to_string())?;
+        return Ok(json!({ "id": id }));
+    }
+    let now = deps.clock.now().timestamp();
+    let answer = match caller_of(event, secret, now) {
+        Ok(caller) => {
+            let body = event.get("body").and_then(Value::as_str).unwrap_or_default();
+            let body = if event.get("isBase64Encoded").and_then(Value::as_bool) == Some(true) {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.decode(body).unwrap_or_default()
+            } else {
+                body.as_bytes().to_vec()
+            };
+            publish(deps, &caller, &body).await
+        }
+        Err(e) => Err(e),
+    };
+    let (status, body) = match answer {
+        Ok(id) => (200, json!({ "id": id })),
+        Err(e) => (e.status, json!({ "error": e.message })),
+    };
+    if status >= 500 {
+        tracing::error!(status, error = %body["error"], "publish failed");
+    } else if status >= 400 {
+        tracing::info!(status, error = %body["error"], "publish refused");
+    }
+    Ok(json!({
+        "statusCode": status,
+        "headers": {"content-type": "application/json"},
+        "body": body.to_string(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Claims, mint};
+    use crate::model::ManualClock;
+    use crate::store::memory::MemoryStore;
+    use std::sync::Arc;
+
+    const SECRET: &[u8] = b"publish-secret";
+
+    fn deps() -> (PublishDeps, Arc<MemoryStore>) {
+        let clock = ManualClock::starting_now();
+        let store = MemoryStore::new(clock.clone());
+        let deps =
+            PublishDeps { store: store.clone(), clock, history_ttl_seconds: 3600, idempotency_window_seconds: 300 };
+        (deps, store)
+    }
+
+    fn token(tenant: &str, scope: Option<&str>) -> String {
+        let claims = Claims {
+            tenant: tenant.into(),
+            sub: "b".into(),
+            exp: i64::MAX / 2,
+            nbf: None,
+            scope: scope.map(Into::into),
+        };
+        format!("Bearer {}", mint(&claims, SECRET))
+    }
+
+    #[test]
+    fn the_caller_is_iam_or_a_token_with_the_publish_scope() {
+        let iam = json!({"requestContext": {"authorizer": {"iam": {"accessKey": "AKIA", "userArn": "arn:x"}}}});
+        assert_eq!(caller_of(&iam, SECRET, 0), Ok(Caller::Operator));
+        let with = |auth: String| json!({"requestContext": {}, "headers": {"Authorization": auth}});
+        assert_eq!(caller_of(&with(token("acme", Some("read publish"))), SECRET, 0), Ok(Caller::Tenant("acme".into())));
+        assert_eq!(caller_of(&with(token("acme", None)), SECRET, 0).unwrap_err().status, 403, "a connect token");
+        assert_eq!(caller_of(&with(token("acme", Some("publisher"))), SECRET, 0).unwrap_err().status, 403);
+        assert_eq!(caller_of(&json!({"requestContext": {}, "headers": {}}), SECRET, 0).unwrap_err().status, 401);
+        let forged = format!(
+            "Bearer {}",
+            mint(
+                &Claims {
+                    tenant: "acme".into(),
+                    sub: "b".into(),
+                    exp: i64::MAX / 2,
+                    nbf: None,
+                    scope: Some("publish".into())
+                },
+                b"other"
+            )
+        );
+        assert_eq!(caller_of(&with(forged), SECRET, 0).unwrap_err().status, 403);
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_a_clear_status_and_write_nothing() {
+        let (deps, store) = deps();
+        let tenant = Caller::Tenant("acme".into());
+        for (body, status, says) in [
+            ("not json".to_string(), 400, "must be JSON"),
+            (json!({"tenant":"acme","room":"general"}).to_string(), 400, "message"),
+            (json!({"tenant":"acme","room":"general","message":"x","colour":"red"}).to_string(), 400, "colour"),
+            (json!({"tenant":"globex","room":"general","message":"x"}).to_string(), 403, "tenant acme only"),
+            (json!({"tenant":"acme","room":"a#b","message":"x"}).to_string(), 400, "room"),
+            (
+                json!({"tenant":"acme","room":"general","message":"x","idempotency_key":"a b"}).to_string(),
+                400,
+                "idempotency_key",
+            ),
+            (json!({"tenant":"acme","room":"general","message":"x","user_id":"a#b"}).to_string(), 400, "user_id"),
+            (
+                json!({"tenant":"acme","room":"general","message":"x".repeat(MAX_MESSAGE_FRAME_BYTES)}).to_string(),
+                413,
+                "limit",
+            ),
+        ] {
+            let refused = publish(&deps, &tenant, body.as_bytes()).await.unwrap_err();
+            assert_eq!(refused.status, status, "{body:.80}: {refused}");
+            assert!(refused.message.contains(says), "{refused}");
+        }
+        assert_eq!(store.item_count(), 0, "nothing written");
+
+        let body =
+            json!({"tenant":"acme","room":"general","message":"order shipped","idempotency_key":"o-1"}).to_string();
+        let id = publish(&deps, &tenant, body.as_bytes()).await.unwrap();
+        assert_eq!(publish(&deps, &Caller::Operator, body.as_bytes()).await.unwrap(), id, "the same key, the same id");
+        let sk = crate::model::message_sk_of_id(&id).unwrap();
+        let message = deps.store.message("acme", "general", &sk, deps.clock.now()).await.unwrap().unwrap();
+        assert_eq!((message.user_id.as_str(), message.sender_connection_id.as_str()), (DEFAULT_PUBLISHER, ""));
+    }
+}
