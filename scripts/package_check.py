@@ -235,6 +235,23 @@ def sweeper_table_unreachable(result):
     return "a function error, table unavailable"
 
 
+def publish_event():
+    """A function URL request, IAM-authorized (the operator's backend)."""
+    return {"version": "2.0", "rawPath": "/", "headers": {"content-type": "application/json"},
+            "requestContext": {"http": {"method": "POST", "path": "/"},
+                               "authorizer": {"iam": {"accessKey": "AKIAOPERATOR", "accountId": "123456789012"}}},
+            "body": json.dumps({"tenant": "acme", "room": "general", "message": "order shipped"}),
+            "isBase64Encoded": False}
+
+
+def publish_table_unavailable(result):
+    answer = response(result)
+    body = json.loads(answer.get("body") or "{}") if isinstance(answer, dict) else {}
+    if answer.get("statusCode") != 503 or "table unavailable" not in str(body.get("error", "")):
+        raise Wrong(f"expected statusCode 503, table unavailable; it {result.describe()}")
+    return "statusCode 503, table unavailable"
+
+
 # Binary (BuildProperties.Binary) → (what it is given, how its answer is judged).
 CHECKS = {
     "authorizer": (authorizer_event, allow_policy),
@@ -244,6 +261,7 @@ CHECKS = {
     "processor": (lambda: {"Records": []}, empty_batch),
     "sweeper": (scheduled_event, sweeper_table_unreachable),
     "admin": (lambda: {"action": "get_all_connections", "limit": 1}, admin_table_unreachable),
+    "publish": (publish_event, publish_table_unavailable),
 }
 
 

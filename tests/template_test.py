@@ -89,7 +89,7 @@ class Template(unittest.TestCase):
         self.assertEqual(runtime, "provided.al2023")
         functions = self.of_type("AWS::Serverless::Function")
         self.assertEqual(set(functions), {"AuthorizerFunction", "ConnectFunction", "DisconnectFunction", "MessageFunction",
-                                          "ProcessorFunction", "SweeperFunction", "AdminFunction"})
+                                          "ProcessorFunction", "SweeperFunction", "AdminFunction", "PublishFunction"})
         for name, f in functions.items():
             self.assertEqual(f["Metadata"]["BuildMethod"], "rust-cargolambda", name)
             self.assertNotIn("Runtime", f["Properties"], f"{name} must not override the runtime")
