@@ -12,6 +12,7 @@ roomcast_tests::on_both_stores!(
     a_repeated_idempotency_key_delivers_once_and_answers_the_first_id,
     recover_gives_what_was_missed_in_order_or_says_it_cannot,
     bad_history_and_recover_requests_are_refused_and_write_nothing,
+    history_and_recover_give_what_members_got,
 );
 
 fn ids(page: &Value) -> Vec<String> {
@@ -145,6 +146,29 @@ async fn recover_gives_what_was_missed_in_order_or_says_it_cannot(kind: &str) {
     assert_eq!(answer["recovered"], false, "{answer}");
     assert!(ids(&answer).is_empty());
     assert!(answer["reason"].as_str().unwrap().contains("reload"));
+}
+
+/// A message the tenant's plugin rejected is never listed by `history` or given by `recover`, and
+/// one it rewrote is given as rewritten: what the room's members got.
+async fn history_and_recover_give_what_members_got(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.install_plugin("acme", "roomcast-plugin-moderation", roomcast::plugins::registry::Policy::FailOpen);
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.pump().await;
+    let first = stack.send("ann", json!({"action":"sendMessage","room":"general","message":"hello"})).await;
+    for text in ["buy spam now", "   deploy at five   ", "bye"] {
+        stack.clock.advance(Age::milliseconds(1));
+        stack.send("ann", json!({"action":"sendMessage","room":"general","message":text})).await;
+    }
+    stack.pump().await;
+    assert_eq!(stack.recorder.received_action("ann", "rejected").len(), 1);
+    let texts = |page: &Value| -> Vec<String> {
+        page["messages"].as_array().unwrap().iter().map(|m| m["message"].as_str().unwrap().to_string()).collect()
+    };
+    let history = stack.send("ann", json!({"action":"history","room":"general"})).await;
+    assert_eq!(texts(&history), ["hello", "deploy at five", "bye"]);
+    let recovered = stack.send("ann", json!({"action":"recover","room":"general","since":first["id"]})).await;
+    assert_eq!(texts(&recovered), ["deploy at five", "bye"]);
 }
 
 async fn bad_history_and_recover_requests_are_refused_and_write_nothing(kind: &str) {

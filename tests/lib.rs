@@ -813,6 +813,15 @@ impl Store for UnavailableRoom {
     ) -> roomcast::store::Result<String> {
         self.inner.put_message_once(m, record, now).await
     }
+    async fn mark_message(
+        &self,
+        tenant: &str,
+        room: &str,
+        sk: &str,
+        verdict: &roomcast::react::Verdict,
+    ) -> roomcast::store::Result<()> {
+        self.inner.mark_message(tenant, room, sk, verdict).await
+    }
     async fn message(
         &self,
         tenant: &str,

@@ -1060,7 +1060,11 @@ async fn every_message_runs_on_an_instance_of_its_own(kind: &str) {
     for text in ["fine", "trap", "fine again"] {
         stack.send("lou", json!({"action":"sendMessage","room":"general","message":text})).await;
     }
-    assert_eq!(stack.pump().await, 8);
+    assert_eq!(
+        stack.pump().await,
+        10,
+        "eight messages, and the verdicts recorded on the rejected and the rewritten one"
+    );
     let counts = stack.processor.counts().since(&before);
     assert_eq!(counts.plugin_instances, 8, "one instance per message: {counts:?}");
     assert_eq!(counts.plugin_faults, 1);

@@ -105,8 +105,11 @@ async fn a_recorded_session_replays_to_the_effects_the_live_run_performed() {
     assert_eq!(spam["plugin_calls"][0]["hook"], "validate");
     assert!(spam["plugin_calls"][0]["outcome"].as_str().unwrap().starts_with("Verdict::Reject("), "{spam}");
     assert!(spam["plugin_calls"][0]["fuel"].as_u64().unwrap() > 0);
-    assert_eq!(spam["effects"].as_array().unwrap().len(), 1);
-    assert_eq!(spam["effects"][0]["to"], json!(["bob"]));
+    // Two effects: the verdict recorded on the message (history never lists it), and the
+    // `rejected` to its sender.
+    assert_eq!(spam["effects"].as_array().unwrap().len(), 2, "{spam}");
+    assert!(spam["effects"][0]["mark_message"]["verdict"]["rejected"].is_string(), "{spam}");
+    assert_eq!(spam["effects"][1]["to"], json!(["bob"]));
     // Nothing was sent or written by the replay.
     assert_eq!(stack.recorder.calls().len(), live.len());
 }

@@ -267,6 +267,9 @@ impl Deliverer {
                 Effect::RemoveMembership { tenant, room, connection_id, reason } => {
                     self.inner.store.remove_membership(tenant, room, connection_id, *reason).await?;
                 }
+                Effect::MarkMessage { tenant, room, sk, verdict } => {
+                    self.inner.store.mark_message(tenant, room, sk, verdict).await?;
+                }
             }
         }
         outcomes.sort();

@@ -315,6 +315,12 @@ pub struct Message {
     #[serde(with = "ts_format")]
     pub timestamp: DateTime<Utc>,
     pub ttl: i64,
+    /// Set by the processor when the tenant's rules rejected it: history never lists it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
+    /// Set by the processor when the tenant's rules rewrote it: what members got, and history gives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_body: Option<String>,
 }
 
 impl Message {
@@ -352,6 +358,8 @@ impl Message {
             body,
             timestamp: now,
             ttl: expiry(now, ttl_seconds),
+            rejected: None,
+            delivered_body: None,
         }
     }
 }

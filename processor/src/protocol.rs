@@ -261,7 +261,8 @@ impl From<&crate::model::Message> for ChatMessage {
             id: m.id.clone(),
             room: m.room.clone(),
             user_id: m.user_id.clone(),
-            message: m.body.clone(),
+            // What members got: the tenant's rewrite, once the processor has recorded it.
+            message: m.delivered_body.clone().unwrap_or_else(|| m.body.clone()),
             timestamp: crate::model::format_ts(&m.timestamp),
         }
     }

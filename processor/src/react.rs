@@ -112,6 +112,16 @@ pub enum Effect {
     Send { payload: ServerMessage, recipients: Vec<Recipient> },
     /// Delete a membership, saying why (its REMOVE record then yields presence `left`).
     RemoveMembership { tenant: String, room: String, connection_id: String, reason: LeftReason },
+    /// Record on a message what its tenant's rules decided, so that `history` and `recover` give
+    /// what members got: a rejected message is never listed, a rewritten one as rewritten.
+    MarkMessage { tenant: String, room: String, sk: String, verdict: Verdict },
+}
+
+/// What a tenant's rules made of a message, as history keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Rejected(String),
+    Rewritten(String),
 }
 
 /// The room whose live members [`react`] needs to see for this change, if any: a message's, or
@@ -156,26 +166,34 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
         Change::Inserted(Record::Message(m)) => {
             let (decision, route) =
                 decisions.message.clone().unwrap_or((Decision::Deliver { rewritten: None }, Route::default()));
+            let mark = |verdict| Effect::MarkMessage {
+                tenant: m.tenant.clone(),
+                room: m.room.clone(),
+                sk: m.sk.clone(),
+                verdict,
+            };
             match decision {
-                Decision::Reject { reason } => members
-                    .iter()
-                    .find(|member| member.connection_id == m.sender_connection_id)
-                    .map(|sender| Effect::Send {
-                        payload: ServerMessage::Rejected { id: m.id.clone(), reason },
-                        recipients: vec![Recipient::from(sender)],
-                    })
-                    .into_iter()
+                Decision::Reject { reason } => std::iter::once(mark(Verdict::Rejected(reason.clone())))
+                    .chain(members.iter().find(|member| member.connection_id == m.sender_connection_id).map(|sender| {
+                        Effect::Send {
+                            payload: ServerMessage::Rejected { id: m.id.clone(), reason },
+                            recipients: vec![Recipient::from(sender)],
+                        }
+                    }))
                     .collect(),
                 Decision::Deliver { rewritten } => {
                     let mut chat = ChatMessage::from(m);
+                    let mut effects = Vec::new();
                     if let Some(text) = rewritten {
-                        chat.message = text;
+                        chat.message = text.clone();
+                        effects.push(mark(Verdict::Rewritten(text)));
                     }
                     let chosen = members
                         .iter()
                         .filter(|member| route.only_users.as_ref().is_none_or(|users| users.contains(&member.user_id)))
                         .filter(|member| route.echo_to_sender || member.connection_id != m.sender_connection_id);
-                    send_to_room(ServerMessage::Message(chat), chosen)
+                    effects.extend(send_to_room(ServerMessage::Message(chat), chosen));
+                    effects
                 }
             }
         }

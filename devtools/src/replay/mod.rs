@@ -406,6 +406,12 @@ fn describe_effect(effect: &Effect) -> Value {
             let payload: Value = serde_json::from_str(&payload.to_json()).unwrap_or(Value::Null);
             json!({ "send": payload, "to": to })
         }
+        Effect::MarkMessage { tenant, room, sk, verdict } => json!({
+            "mark_message": {"tenant": tenant, "room": room, "sk": sk, "verdict": match verdict {
+                crate::react::Verdict::Rejected(reason) => json!({"rejected": reason}),
+                crate::react::Verdict::Rewritten(text) => json!({"rewritten": text}),
+            }}
+        }),
         Effect::RemoveMembership { tenant, room, connection_id, reason } => json!({
             "remove_membership": {"tenant": tenant, "room": room, "connection_id": connection_id, "reason": reason.as_str()}
         }),

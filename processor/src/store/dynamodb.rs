@@ -847,6 +847,7 @@ impl Store for DynamoStore {
             if !is_cursor
                 && let Some(m) = self.decode::<Message>(item)
                 && !is_expired(m.ttl, now)
+                && m.rejected.is_none()
             {
                 page.push(m);
             }
@@ -914,6 +915,14 @@ impl Store for DynamoStore {
             }
         }
         Ok(claimed.message_id)
+    }
+
+    async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::react::Verdict) -> Result<()> {
+        let (name, value) = match verdict {
+            crate::react::Verdict::Rejected(reason) => ("rejected", reason),
+            crate::react::Verdict::Rewritten(text) => ("deliveredBody", text),
+        };
+        self.mark(key(model::room_pk(tenant, room), sk.to_string()), name, value).await
     }
 
     async fn message(&self, tenant: &str, room: &str, sk: &str, now: DateTime<Utc>) -> Result<Option<Message>> {

@@ -578,6 +578,7 @@ impl Store for MemoryStore {
         for item in items {
             if let Some(m) = self.decode::<Message>(item)
                 && !is_expired(m.ttl, now)
+                && m.rejected.is_none()
             {
                 page.push(m);
                 if page.len() == limit {
@@ -613,6 +614,20 @@ impl Store for MemoryStore {
         self.put_item(&mut table, record_item);
         self.put_item(&mut table, message_item);
         Ok(message.id.clone())
+    }
+
+    async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::react::Verdict) -> Result<()> {
+        let mut table = self.lock();
+        let (name, value) = match verdict {
+            crate::react::Verdict::Rejected(reason) => ("rejected", reason),
+            crate::react::Verdict::Rewritten(text) => ("deliveredBody", text),
+        };
+        self.update(
+            &mut table,
+            &(model::room_pk(tenant, room), sk.to_string()),
+            &[(name, Some(AttributeValue::S(value.clone())))],
+        );
+        Ok(())
     }
 
     async fn message(&self, tenant: &str, room: &str, sk: &str, now: DateTime<Utc>) -> Result<Option<Message>> {

@@ -104,7 +104,11 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<String>;
 
-    /// One message by its sort key, if it is there and live.
+    /// Records what the tenant's rules decided about a message (`rejected` or `deliveredBody`);
+    /// a message that is gone is not an error.
+    async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::react::Verdict) -> Result<()>;
+
+    /// One message by its sort key, if it is there and live (rejected ones included).
     async fn message(&self, tenant: &str, room: &str, sk: &str, now: DateTime<Utc>) -> Result<Option<Message>>;
 
     /// A user's live connections in a tenant, through the `gsi1` index (eventually consistent,
