@@ -469,6 +469,13 @@ pub fn connect_request(connection_id: &str, tenant: &str, user: &str, rooms: &st
     serde_json::from_value(v).unwrap()
 }
 
+/// Query string parameters as API Gateway passes them.
+pub fn query(pairs: &[(&str, &str)]) -> aws_lambda_events::query_map::QueryMap {
+    let map: std::collections::HashMap<String, Vec<String>> =
+        pairs.iter().map(|(k, v)| (k.to_string(), vec![v.to_string()])).collect();
+    map.into()
+}
+
 /// The AWS example WebSocket request, as a message frame from `connection_id`.
 pub fn message_request(connection_id: &str, body: &str) -> ApiGatewayWebsocketProxyRequest {
     let mut v: Value = serde_json::from_str(CONNECT_FIXTURE).unwrap();

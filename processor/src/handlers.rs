@@ -127,8 +127,23 @@ pub async fn connect(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDe
     if rooms.len() > MAX_ROOMS_PER_CONNECTION {
         return respond(400, Some(format!("at most {MAX_ROOMS_PER_CONNECTION} rooms per connection")));
     }
+    // `since=room:id,…`: per room, the last message the client saw before it reconnected; the
+    // processor sends what came after, right after the welcome.
+    let mut recover = std::collections::BTreeMap::new();
+    for pair in query.first("since").unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((room, id)) = pair.split_once(':') else {
+            return respond(400, Some(format!("since: {pair:?} is not room:message-id")));
+        };
+        if !rooms.contains(room) {
+            return respond(400, Some(format!("since: room {room:?} is not among this connection's rooms")));
+        }
+        if crate::model::message_sk_of_id(id).is_none() {
+            return respond(400, Some(format!("since: {id:?} is not a message id")));
+        }
+        recover.insert(room.to_string(), id.to_string());
+    }
     let now = deps.clock.now();
-    let conn = Connection::new(NewConnection {
+    let mut conn = Connection::new(NewConnection {
         connection_id,
         tenant: &who.tenant,
         user_id: &who.user_id,
@@ -139,6 +154,7 @@ pub async fn connect(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDe
         now,
         ttl_seconds: deps.connection_ttl_seconds,
     });
+    conn.recover = recover;
     let memberships: Vec<_> = conn.rooms.iter().map(|room| conn.membership(room, JoinReason::Connect, now)).collect();
     match deps.store.put_connection(&conn, &memberships).await {
         Ok(()) => {

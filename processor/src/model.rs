@@ -140,6 +140,10 @@ pub struct Connection {
     /// Set just before the processor deletes a stale connection, so the REMOVE record says why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub close_reason: Option<String>,
+    /// `?since=` at connect: per room, the id of the last message the client saw. The processor
+    /// sends what came after, right after the welcome.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub recover: std::collections::BTreeMap<String, String>,
 }
 
 pub struct NewConnection<'a> {
@@ -174,6 +178,7 @@ impl Connection {
             endpoint: n.endpoint,
             ttl: expiry(n.now, n.ttl_seconds),
             close_reason: None,
+            recover: std::collections::BTreeMap::new(),
         }
     }
 

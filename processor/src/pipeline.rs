@@ -14,6 +14,7 @@ use crate::deliver::{Deliverer, Outcome, Window};
 use crate::metrics::{Counts, Metrics};
 use crate::model::Clock;
 use crate::presence::{PresenceOp, PresenceUpdate};
+use crate::protocol::ChatMessage;
 use crate::react::{self, Decisions, Effect, PresenceDecision};
 use crate::rules::{CallRecord, Lookups, MessageInput, Mode, PluginAction, TenantRules, WelcomeInput};
 use crate::store::{Rooms, Store, StoreError};
@@ -45,6 +46,10 @@ pub const START_RESERVE: Duration = Duration::from_millis(1000);
 /// A membership this much older than the first record of a room without presence state was
 /// written before presence was state (see `Processor::seed_presence`).
 pub const LEGACY_MEMBERSHIP_AGE_SECONDS: i64 = 60;
+
+/// The most messages a reconnect's `?since=` recovers per room; beyond, the client is told to
+/// reload (`recover` with `recovered: false`), as Centrifugo does.
+pub const MAX_RECOVERED: usize = 100;
 
 /// A plugin's extra rooms read at once, per record.
 pub const EXTRA_ROOMS_AT_ONCE: usize = 4;
@@ -243,6 +248,29 @@ impl Processor {
         Ok(())
     }
 
+    /// The messages after `since` in a room, for a connection that reconnected with `?since=`:
+    /// at most [`MAX_RECOVERED`], or why they cannot all be given.
+    async fn recover(
+        &self,
+        tenant: &str,
+        room: &str,
+        since: &str,
+    ) -> Result<Result<Vec<ChatMessage>, String>, StoreError> {
+        let now = self.clock.now();
+        let Some(sk) = crate::model::message_sk_of_id(since) else {
+            return Ok(Err("that is not a message id".into()));
+        };
+        if self.store.message(tenant, room, &sk, now).await?.is_none() {
+            return Ok(Err("that message is no longer in history: reload the room".into()));
+        }
+        let from = crate::store::HistoryFrom::After(sk);
+        let missed = self.store.history(tenant, room, &from, MAX_RECOVERED + 1, now).await?;
+        if missed.len() > MAX_RECOVERED {
+            return Ok(Err(format!("more than {MAX_RECOVERED} messages were missed: reload the room")));
+        }
+        Ok(Ok(missed.iter().map(ChatMessage::from).collect()))
+    }
+
     /// Where presence state lives: the table, or a dry run's scratch copy.
     fn presence_state(&self) -> &Arc<dyn Store> {
         match self.mode {
@@ -375,6 +403,9 @@ impl Processor {
                 let state = self.presence_state();
                 let counts = crate::store::room_counts(state.as_ref(), &c.tenant, &c.user_id, &rooms).await?;
                 decisions.counts = counts.into_iter().collect();
+                for (room, since) in &c.recover {
+                    decisions.recovery.push((room.clone(), self.recover(&c.tenant, room, since).await?));
+                }
             }
             let mut members = match react::room_needed(&change, &decisions) {
                 Some((tenant, room)) => self.room_members(tenant, room).await?,

@@ -104,6 +104,9 @@ pub struct Decisions {
     pub presence: Option<PresenceDecision>,
     /// For a welcome: users present in each of the connection's rooms.
     pub counts: std::collections::BTreeMap<String, u64>,
+    /// For a welcome after `?since=`: per room, the messages the client missed (oldest first), or
+    /// why they cannot all be given.
+    pub recovery: Vec<(String, Result<Vec<ChatMessage>, String>)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -148,7 +151,7 @@ fn announced(decisions: &Decisions) -> Option<&PresenceDecision> {
 /// Required when [`room_needed`] is `Some`.
 pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> Vec<Effect> {
     match change {
-        Change::Inserted(Record::Connection(c)) => vec![Effect::Send {
+        Change::Inserted(Record::Connection(c)) => std::iter::once(Effect::Send {
             payload: ServerMessage::Welcome {
                 connection_id: c.connection_id.clone(),
                 tenant: c.tenant.clone(),
@@ -162,7 +165,9 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                 endpoint: c.endpoint.clone(),
                 connected_at: c.connected_at,
             }],
-        }],
+        })
+        .chain(recovery_effects(c, &decisions.recovery))
+        .collect(),
         Change::Inserted(Record::Message(m)) => {
             let (decision, route) =
                 decisions.message.clone().unwrap_or((Decision::Deliver { rewritten: None }, Route::default()));
@@ -242,6 +247,40 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
         | Change::Removed { .. }
         | Change::Unknown { .. } => Vec::new(),
     }
+}
+
+/// After a welcome: each room's missed messages to the connection, in order, then a `recover`
+/// frame saying whether that was all of them.
+fn recovery_effects(
+    c: &crate::model::Connection,
+    recovery: &[(String, Result<Vec<ChatMessage>, String>)],
+) -> Vec<Effect> {
+    let me = || {
+        vec![Recipient {
+            connection_id: c.connection_id.clone(),
+            endpoint: c.endpoint.clone(),
+            connected_at: c.connected_at,
+        }]
+    };
+    let mut effects = Vec::new();
+    for (room, outcome) in recovery {
+        let (recovered, reason) = match outcome {
+            Ok(messages) => {
+                effects.extend(
+                    messages
+                        .iter()
+                        .map(|m| Effect::Send { payload: ServerMessage::Message(m.clone()), recipients: me() }),
+                );
+                (true, None)
+            }
+            Err(reason) => (false, Some(reason.clone())),
+        };
+        effects.push(Effect::Send {
+            payload: ServerMessage::Recover { room: room.clone(), recovered, messages: Vec::new(), next: None, reason },
+            recipients: me(),
+        });
+    }
+    effects
 }
 
 fn presence(m: &Membership, p: &PresenceDecision, event: PresenceEvent, reason: &str) -> ServerMessage {
