@@ -14,6 +14,7 @@ roomcast_tests::on_both_stores!(
     bad_history_and_recover_requests_are_refused_and_write_nothing,
     history_and_recover_give_what_members_got,
     a_reconnect_with_since_gets_what_it_missed_after_its_welcome,
+    a_signal_reaches_the_others_and_is_never_history,
 );
 
 fn ids(page: &Value) -> Vec<String> {
@@ -214,6 +215,44 @@ async fn a_reconnect_with_since_gets_what_it_missed_after_its_welcome(kind: &str
         request.query_string_parameters = roomcast_tests::query(&[("rooms", "general"), ("since", since)]);
         assert_eq!(handlers::connect(&request, &stack.deps).await.status_code, 400, "{since}");
     }
+}
+
+/// `signal {room, data}`: typing indicators and the like reach the room's other members, are
+/// never listed by `history`, and their record expires within a minute.
+async fn a_signal_reaches_the_others_and_is_never_history(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    stack.connect("cid", "acme", "cid", "elsewhere").await;
+    stack.pump().await;
+    stack.recorder.clear();
+    let ack = stack.send("ann", json!({"action":"signal","room":"general","data":{"typing":true}})).await;
+    assert_eq!((ack["action"].as_str(), ack["request"].as_str()), (Some("ack"), Some("signal")), "{ack}");
+    stack.pump().await;
+    let got = stack.recorder.received_action("bob", "signal");
+    assert_eq!(
+        got,
+        [json!({"action":"signal","id":ack["id"],"room":"general","user_id":"ann","data":{"typing":true}})]
+    );
+    assert!(stack.recorder.received("ann").is_empty(), "not echoed to its sender");
+    assert!(stack.recorder.received("cid").is_empty(), "not another room");
+    let history = stack.send("bob", json!({"action":"history","room":"general"})).await;
+    assert!(ids(&history).is_empty(), "{history}");
+    // Its record expires within a minute.
+    let signal = stack
+        .captured
+        .iter()
+        .find_map(|r| match roomcast::stream::Change::from_record(r) {
+            roomcast::stream::Change::Inserted(roomcast::stream::Record::Signal(s)) => Some(s),
+            _ => None,
+        })
+        .expect("the signal's record");
+    assert!(signal.ttl - signal.timestamp.timestamp() <= 60, "{signal:?}");
+    // Bad signals: too much data, a room not joined; nothing written.
+    let big = json!({"action":"signal","room":"general","data":"x".repeat(roomcast::protocol::MAX_SIGNAL_BYTES)});
+    assert_eq!(stack.send("ann", big).await["code"], "message_too_large");
+    assert_eq!(stack.send("ann", json!({"action":"signal","room":"secret","data":1})).await["code"], "not_member");
+    assert_eq!(stack.pump().await, 0, "nothing written");
 }
 
 /// A message the tenant's plugin rejected is never listed by `history` or given by `recover`, and

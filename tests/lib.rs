@@ -708,6 +708,9 @@ impl Store for UnavailableRoom {
     async fn put_message(&self, m: &roomcast::model::Message) -> roomcast::store::Result<()> {
         self.inner.put_message(m).await
     }
+    async fn put_signal(&self, s: &roomcast::model::Signal) -> roomcast::store::Result<()> {
+        self.inner.put_signal(s).await
+    }
     async fn apply_presence(
         &self,
         update: &roomcast::presence::PresenceUpdate,

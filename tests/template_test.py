@@ -127,10 +127,10 @@ class Template(unittest.TestCase):
         self.assertEqual(api["ProtocolType"], "WEBSOCKET")
         self.assertEqual(api["RouteSelectionExpression"], "$request.body.action")
         routes = {r["Properties"]["RouteKey"]: name for name, r in self.of_type("AWS::ApiGatewayV2::Route").items()}
-        for key in ["$connect", "$disconnect", "$default", "sendMessage", "join", "leave", "ping", "info", "history", "who"]:
+        for key in ["$connect", "$disconnect", "$default", "sendMessage", "join", "leave", "ping", "info", "history", "who", "recover", "signal"]:
             self.assertIn(key, routes)
         responses = {r["Properties"]["RouteId"]["Ref"] for r in self.of_type("AWS::ApiGatewayV2::RouteResponse").values()}
-        for key in ["$default", "sendMessage", "join", "leave", "ping", "info", "history", "who"]:
+        for key in ["$default", "sendMessage", "join", "leave", "ping", "info", "history", "who", "recover", "signal"]:
             self.assertIn(routes[key], responses, f"{key} needs a route response so answers reach clients")
             self.assertEqual(self.resources[routes[key]]["Properties"]["RouteResponseSelectionExpression"], "$default")
         self.assertEqual(len(self.of_type("AWS::ApiGatewayV2::Stage")), 1)

@@ -387,6 +387,13 @@ async fn act(
                 ServerMessage::Recover { room: room.to_string(), recovered: true, messages, next, reason: None }
             }
         }
+        Request::Signal { room, data } => {
+            let room = room_name(&room)?;
+            member_of(conn, room.as_str())?;
+            let signal = crate::model::Signal::new(conn, room.as_str(), data.to_string(), now);
+            store.put_signal(&signal).await?;
+            ServerMessage::ack("signal", room.as_str(), Some(signal.id))
+        }
         Request::Who { room, limit, after } => {
             let room = room_name(&room)?;
             member_of(conn, room.as_str())?;

@@ -5,6 +5,7 @@
 //! | connection | `CONN#{connectionId}`   | `META`                      |
 //! | membership | `ROOM#{tenant}#{room}`  | `CONN#{connectionId}`       |
 //! | message    | `ROOM#{tenant}#{room}`  | `MSG#{timestamp}#{id}`      |
+//! | signal     | `ROOM#{tenant}#{room}`  | `SIG#{id}`                  |
 //! | presence   | `ROOM#{tenant}#{room}`  | `USER#{userId}`             |
 //! | room count | `ROOM#{tenant}#{room}`  | `PRESENCE`                  |
 //! | settings   | `TENANT#{tenant}`       | `SETTINGS`                  |
@@ -365,6 +366,49 @@ impl Message {
             ttl: expiry(now, ttl_seconds),
             rejected: None,
             delivered_body: None,
+        }
+    }
+}
+
+/// An ephemeral event (typing, a cursor): delivered to the room like a message, never listed
+/// by history, gone within a minute (its TTL).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Signal {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub id: String,
+    pub tenant: String,
+    pub room: String,
+    pub user_id: String,
+    pub sender_connection_id: String,
+    /// The client's `data`, as JSON text.
+    pub data: String,
+    #[serde(with = "ts_format")]
+    pub timestamp: DateTime<Utc>,
+    pub ttl: i64,
+}
+
+/// How long a signal's record lives: it is delivered from its INSERT, never read again.
+pub const SIGNAL_TTL_SECONDS: i64 = 60;
+
+impl Signal {
+    pub fn new(sender: &Connection, room: &str, data: String, now: DateTime<Utc>) -> Signal {
+        let id = message_id_at(now);
+        Signal {
+            pk: room_pk(&sender.tenant, room),
+            sk: format!("SIG#{id}"),
+            record_type: "signal".into(),
+            id,
+            tenant: sender.tenant.clone(),
+            room: room.to_string(),
+            user_id: sender.user_id.clone(),
+            sender_connection_id: sender.connection_id.clone(),
+            data,
+            timestamp: now,
+            ttl: expiry(now, SIGNAL_TTL_SECONDS),
         }
     }
 }

@@ -17,6 +17,8 @@ pub const MAX_OUTGOING_BYTES: usize = 128 * 1024;
 /// so that any one message also fits a `history` or `recover` page with its envelope.
 pub const MAX_MESSAGE_FRAME_BYTES: usize = MAX_OUTGOING_BYTES - 512;
 pub const DEFAULT_HISTORY_LIMIT: usize = 50;
+/// The largest `data` of a `signal`, as JSON.
+pub const MAX_SIGNAL_BYTES: usize = 4096;
 pub const MAX_HISTORY_LIMIT: usize = 100;
 
 /// What a client asked for.
@@ -48,6 +50,11 @@ pub enum Request {
     Recover {
         room: String,
         since: String,
+    },
+    /// An ephemeral event (typing, a cursor) for the room's other members: never in history.
+    Signal {
+        room: String,
+        data: Value,
     },
     /// Who is in a room now: a page of users, after the user id `after`.
     Who {
@@ -129,6 +136,17 @@ pub fn parse_frame(body: &str) -> Result<Request, FrameError> {
         "leave" => Request::Leave { room: room()? },
         "ping" => Request::Ping,
         "info" => Request::Info,
+        "signal" => {
+            let data = fields.get("data").cloned().unwrap_or(Value::Null);
+            let size = data.to_string().len();
+            if size > MAX_SIGNAL_BYTES {
+                return Err(FrameError::new(
+                    ErrorCode::MessageTooLarge,
+                    format!("signal: `data` is {size} bytes as JSON; the limit is {MAX_SIGNAL_BYTES}"),
+                ));
+            }
+            Request::Signal { room: room()?, data }
+        }
         "who" => {
             let max = crate::presence::MAX_WHO_PAGE;
             let limit = match fields.get("limit") {
@@ -203,7 +221,9 @@ pub fn parse_frame(body: &str) -> Result<Request, FrameError> {
         other => {
             return Err(FrameError::new(
                 ErrorCode::UnknownAction,
-                format!("unknown action {other:?}; known: sendMessage, join, leave, ping, info, history, recover, who"),
+                format!(
+                    "unknown action {other:?}; known: sendMessage, join, leave, ping, info, history, recover, signal, who"
+                ),
             ));
         }
     })
@@ -298,6 +318,13 @@ pub enum ServerMessage {
         reason: String,
         /// The room's users after this event.
         users: u64,
+    },
+    /// An ephemeral event from another member of the room.
+    Signal {
+        id: String,
+        room: String,
+        user_id: String,
+        data: Value,
     },
     /// The answer to `who`: a page of the users present, each once with their connection count.
     Who {

@@ -132,6 +132,7 @@ pub enum Verdict {
 pub fn room_needed<'a>(change: &'a Change, decisions: &Decisions) -> Option<(&'a str, &'a str)> {
     match change {
         Change::Inserted(Record::Message(m)) => Some((&m.tenant, &m.room)),
+        Change::Inserted(Record::Signal(s)) => Some((&s.tenant, &s.room)),
         Change::Inserted(Record::Membership(m)) | Change::Removed { old: Record::Membership(m), .. }
             if announced(decisions).is_some() =>
         {
@@ -201,6 +202,13 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                     effects
                 }
             }
+        }
+        // A signal reaches the room's other members; it is never kept for history.
+        Change::Inserted(Record::Signal(s)) => {
+            let data = serde_json::from_str(&s.data).unwrap_or(serde_json::Value::Null);
+            let payload =
+                ServerMessage::Signal { id: s.id.clone(), room: s.room.clone(), user_id: s.user_id.clone(), data };
+            send_to_room(payload, members.iter().filter(|member| member.connection_id != s.sender_connection_id))
         }
         Change::Inserted(Record::Membership(joined)) => match announced(decisions) {
             Some(p) if p.event == Some(PresenceEvent::Joined) => {

@@ -39,7 +39,7 @@ use crate::protocol::MAX_FRAME_BYTES;
 pub use management::{Fault, Faults};
 
 /// Routes the deployed API declares; any other action goes to `$default`.
-pub const ROUTES: &[&str] = &["sendMessage", "join", "leave", "ping", "info", "history", "who"];
+pub const ROUTES: &[&str] = &["sendMessage", "join", "leave", "ping", "info", "history", "who", "recover", "signal"];
 
 /// How callers prove who they are at `$connect`.
 #[derive(Clone, Debug)]

@@ -387,6 +387,10 @@ pub fn describe_change(event: &str, change: &Change) -> Value {
         Record::PluginChunk { tenant } => json!({ "record": "plugin-chunk", "tenant": tenant }),
         Record::PluginActive(a) => json!({ "record": "plugin-active", "tenant": a.tenant, "version": a.version }),
         Record::State { tenant, kind } => json!({ "record": kind, "tenant": tenant }),
+        Record::Signal(signal) => json!({
+            "record": "signal", "tenant": signal.tenant, "room": signal.room, "id": signal.id,
+            "user_id": signal.user_id, "connection_id": signal.sender_connection_id, "data": signal.data,
+        }),
     };
     if let Value::Object(map) = &mut value {
         map.retain(|_, v| !v.is_null());

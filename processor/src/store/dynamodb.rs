@@ -511,6 +511,17 @@ impl Store for DynamoStore {
         Ok(())
     }
 
+    async fn put_signal(&self, signal: &crate::model::Signal) -> Result<()> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(signal)?))
+            .send()
+            .await
+            .map_err(|e| unavailable("put_item (signal)", e))?;
+        Ok(())
+    }
+
     async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>> {
         let mut found = Vec::new();
         let spec = QuerySpec {

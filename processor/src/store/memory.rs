@@ -359,6 +359,13 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn put_signal(&self, signal: &crate::model::Signal) -> Result<()> {
+        let item = encode(signal)?;
+        let mut table = self.lock();
+        self.put_item(&mut table, item);
+        Ok(())
+    }
+
     async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>> {
         let table = self.lock();
         let gsi1pk = model::user_gsi1pk(tenant, user_id);

@@ -92,6 +92,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn put_message(&self, message: &Message) -> Result<()>;
 
+    /// Writes an ephemeral signal (its INSERT is delivered; its TTL removes it).
+    async fn put_signal(&self, signal: &crate::model::Signal) -> Result<()>;
+
     /// Writes `message` unless `record`'s key already stands for one within its window. The key is
     /// claimed with one conditional put of `record` (an expired claim counts as absent), then the
     /// message is written. A repeat answers the claimed message's id, and writes that message if

@@ -32,6 +32,8 @@ pub enum Record {
     },
     /// Which version a tenant runs.
     PluginActive(PluginActive),
+    /// An ephemeral event for a room's members.
+    Signal(crate::model::Signal),
     /// State the processor keeps for itself (a user's presence in a room, a room's count) or a
     /// tenant's settings: nothing to react to. Not decoded.
     State {
@@ -51,6 +53,7 @@ impl Record {
             Record::PluginChunk { tenant } => (Some(tenant), None),
             Record::PluginActive(a) => (Some(&a.tenant), None),
             Record::State { tenant, .. } => (Some(tenant), None),
+            Record::Signal(s) => (Some(&s.tenant), Some(&s.room)),
         }
     }
 }
@@ -149,6 +152,8 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
         typed(image, pk, sk, which).map(Record::Membership)
     } else if pk.starts_with("ROOM#") && sk.starts_with("MSG#") {
         typed(image, pk, sk, which).map(Record::Message)
+    } else if pk.starts_with("ROOM#") && sk.starts_with("SIG#") {
+        typed(image, pk, sk, which).map(Record::Signal)
     } else if let Some(room) = pk.strip_prefix("ROOM#")
         && (sk.starts_with("USER#") || sk == crate::model::ROOM_PRESENCE_SK)
     {
