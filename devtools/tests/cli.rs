@@ -242,6 +242,38 @@ async fn plugin_upload_into_a_running_dev_stack_with_the_embedded_store() {
     );
     let (ok, out) = roomcast(args("publish --tenant acme --room a#b x")).await;
     assert!(!ok && out.contains("room"), "{out}");
+
+    // As to a deployed stack's tenant endpoint: HTTP(S), with a tenant's publish token.
+    let claims = roomcast::auth::Claims {
+        tenant: "acme".into(),
+        sub: "shop".into(),
+        exp: chrono::Utc::now().timestamp() + 600,
+        nbf: None,
+        scope: Some("publish".into()),
+    };
+    let token = roomcast::auth::mint(&claims, b"roomcast-dev-secret");
+    let endpoint = format!("{url}/publish");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .args([
+                "publish",
+                "--tenant",
+                "acme",
+                "--room",
+                "general",
+                "via-endpoint",
+                "--endpoint",
+                &endpoint,
+                "--token",
+                &token,
+            ])
+            .output()
+            .expect("run roomcast")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.starts_with("published "), "{text}");
     stack.shutdown().await;
 
     // A dev stack that is not there is a clear error.
@@ -402,4 +434,40 @@ fn poll_activates_uploaded_plugins_from_the_stream() {
     let _ = poll.kill();
     let _ = poll.wait();
     assert!(listed.starts_with('*') && listed.contains("active"), "poll activated the upload: {listed}");
+}
+
+/// `roomcast publish --endpoint` without a token signs the request with SigV4 for the function
+/// URL (service `lambda`), with the environment's AWS credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_to_a_function_url_is_sigv4_signed() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None::<axum::http::HeaderMap>));
+    let record = seen.clone();
+    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+        let record = record.clone();
+        async move {
+            *record.lock().unwrap() = Some(headers);
+            axum::Json(serde_json::json!({"id": "the-id"}))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .args(["publish", "--tenant", "acme", "--room", "general", "hi", "--endpoint", &format!("http://{addr}/")])
+            .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("AWS_REGION", "eu-west-1")
+            .output()
+            .expect("run roomcast")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("published the-id"), "{text}");
+    let headers = seen.lock().unwrap().clone().expect("the request");
+    let authorization = headers["authorization"].to_str().unwrap();
+    assert!(authorization.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/"), "{authorization}");
+    assert!(authorization.contains("/eu-west-1/lambda/aws4_request"), "{authorization}");
+    assert!(headers.contains_key("x-amz-date"));
 }
