@@ -97,6 +97,9 @@ enum Command {
         /// Lifetime, seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: i64,
+        /// Scopes, space-separated: `publish` makes a tenant backend's publish token.
+        #[arg(long)]
+        scope: Option<String>,
     },
     /// Run an admin operation against any table: the admin Lambda's event, as JSON, e.g.
     /// '{"action":"get_user_connections","tenant":"acme","userId":"ann"}'.
@@ -452,13 +455,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("the plugin test did not complete: {e}"))??;
             if clean { Ok(()) } else { anyhow::bail!("the plugin faulted") }
         }
-        Command::Token { tenant, user, secret, ttl } => {
+        Command::Token { tenant, user, secret, ttl, scope } => {
             crate::model::Name::parse("tenant", &tenant).map_err(|e| anyhow::anyhow!(e))?;
             let exp = chrono::Utc::now().timestamp() + ttl;
             println!(
                 "{}",
                 crate::auth::mint(
-                    &crate::auth::Claims { tenant, sub: user, exp, nbf: None, scope: None },
+                    &crate::auth::Claims { tenant, sub: user, exp, nbf: None, scope },
                     secret.as_bytes()
                 )
             );
