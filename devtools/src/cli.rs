@@ -460,10 +460,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let exp = chrono::Utc::now().timestamp() + ttl;
             println!(
                 "{}",
-                crate::auth::mint(
-                    &crate::auth::Claims { tenant, sub: user, exp, nbf: None, scope },
-                    secret.as_bytes()
-                )
+                crate::auth::mint(&crate::auth::Claims { tenant, sub: user, exp, nbf: None, scope }, secret.as_bytes())
             );
             Ok(())
         }
