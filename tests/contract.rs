@@ -219,20 +219,25 @@ async fn an_idempotency_key_writes_once_within_its_window(mut table: Table) {
     drain(&mut table).await;
     let first = Message::new(&c, "general", "once".into(), t, 60);
     let record = roomcast::model::IdempotencyRecord::new(&first, "order-42", t, 300);
-    assert_eq!(table.store.put_message_once(&first, &record, t).await.unwrap(), first.id);
+    assert_eq!(table.store.put_message_once(&first, &record, t).await.unwrap().id, first.id);
     // A repeat within the window: nothing written, the first id answered.
     let again = Message::new(&c, "general", "once".into(), t + Duration::seconds(10), 60);
     let repeat = roomcast::model::IdempotencyRecord::new(&again, "order-42", t + Duration::seconds(10), 300);
-    assert_eq!(table.store.put_message_once(&again, &repeat, t + Duration::seconds(10)).await.unwrap(), first.id);
+    assert_eq!(table.store.put_message_once(&again, &repeat, t + Duration::seconds(10)).await.unwrap().id, first.id);
+    // Another user's same key is another key: it cannot claim or learn Ann's.
+    let bob = connection("c3", "acme", "bob", &["general"], t);
+    let bobs = Message::new(&bob, "general", "mine".into(), t, 60);
+    let record = roomcast::model::IdempotencyRecord::new(&bobs, "order-42", t, 300);
+    assert_eq!(table.store.put_message_once(&bobs, &record, t).await.unwrap().id, bobs.id);
     // The same key in another tenant is another key.
     let theirs = Message::new(&connection("c2", "globex", "bob", &["general"], t), "general", "x".into(), t, 60);
     let record = roomcast::model::IdempotencyRecord::new(&theirs, "order-42", t, 300);
-    assert_eq!(table.store.put_message_once(&theirs, &record, t).await.unwrap(), theirs.id);
+    assert_eq!(table.store.put_message_once(&theirs, &record, t).await.unwrap().id, theirs.id);
     // After the window the key writes again.
     let later_at = t + Duration::seconds(301);
     let later = Message::new(&c, "general", "once more".into(), later_at, 60);
     let record = roomcast::model::IdempotencyRecord::new(&later, "order-42", later_at, 300);
-    assert_eq!(table.store.put_message_once(&later, &record, later_at).await.unwrap(), later.id);
+    assert_eq!(table.store.put_message_once(&later, &record, later_at).await.unwrap().id, later.id);
     let messages: Vec<_> = changes(&mut table)
         .await
         .into_iter()
@@ -241,7 +246,7 @@ async fn an_idempotency_key_writes_once_within_its_window(mut table: Table) {
             _ => None,
         })
         .collect();
-    assert_eq!(messages, ["once", "x", "once more"], "the repeat wrote no message");
+    assert_eq!(messages, ["once", "mine", "x", "once more"], "the repeat wrote no message");
 }
 
 async fn the_stream_carries_every_write_in_order_with_both_images(mut table: Table) {

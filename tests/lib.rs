@@ -820,7 +820,7 @@ impl Store for UnavailableRoom {
         m: &roomcast::model::Message,
         record: &roomcast::model::IdempotencyRecord,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> roomcast::store::Result<String> {
+    ) -> roomcast::store::Result<roomcast::model::Message> {
         self.inner.put_message_once(m, record, now).await
     }
     async fn mark_message(

@@ -615,7 +615,15 @@ async fn publish_to_endpoint(endpoint: &str, token: Option<&str>, body: Vec<u8>)
                 .ok_or_else(|| anyhow::anyhow!("no AWS credentials to sign the request with (or pass --token)"))?
                 .provide_credentials()
                 .await?;
-            let region = sdk.region().map(|r| r.to_string()).unwrap_or_else(|| "us-east-1".into());
+            // A function URL names its region (`{id}.lambda-url.{region}.on.aws`); else the SDK's.
+            let host = uri.host().unwrap_or_default();
+            let region = host
+                .split('.')
+                .skip_while(|part| *part != "lambda-url")
+                .nth(1)
+                .map(str::to_string)
+                .or_else(|| sdk.region().map(|r| r.to_string()))
+                .unwrap_or_else(|| "us-east-1".into());
             let identity = aws_smithy_runtime_api::client::identity::Identity::from(credentials);
             let params = aws_sigv4::sign::v4::SigningParams::builder()
                 .identity(&identity)

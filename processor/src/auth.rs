@@ -41,6 +41,8 @@ pub enum Denied {
     NotYetValid,
     #[error("token has no valid {0} claim")]
     Claim(&'static str),
+    #[error("a publish token cannot open a connection")]
+    PublishToken,
 }
 
 impl Denied {
@@ -104,6 +106,16 @@ pub fn verify(token: &str, secret: &[u8], now: i64) -> Result<Claims, Denied> {
     Ok(Claims { tenant: tenant.to_string(), sub: sub.to_string(), exp, nbf, scope })
 }
 
+/// The `$connect` rule: [`verify`], and a backend's publish-scoped token is not a user's (it
+/// cannot be revoked apart from the secret, so it must not open connections too).
+pub fn verify_connect(token: &str, secret: &[u8], now: i64) -> Result<Claims, Denied> {
+    let claims = verify(token, secret, now)?;
+    if claims.scope.as_deref().is_some_and(|scope| scope.split_whitespace().any(|s| s == "publish")) {
+        return Err(Denied::PublishToken);
+    }
+    Ok(claims)
+}
+
 /// Signs claims as an HS256 JWT (dev tokens, tests).
 pub fn mint(claims: &Claims, secret: &[u8]) -> String {
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
@@ -141,6 +153,22 @@ mod tests {
             SECRET,
         );
         assert!(verify(&token, SECRET, 0).is_ok());
+    }
+
+    #[test]
+    fn a_publish_token_cannot_open_a_connection() {
+        let publish = Claims {
+            tenant: "acme".into(),
+            sub: "shop".into(),
+            exp: 4_000_000_000,
+            nbf: None,
+            scope: Some("publish".into()),
+        };
+        let token = mint(&publish, SECRET);
+        assert!(verify(&token, SECRET, 0).is_ok());
+        assert_eq!(verify_connect(&token, SECRET, 0), Err(Denied::PublishToken));
+        let user = mint(&Claims { scope: None, ..publish }, SECRET);
+        assert!(verify_connect(&user, SECRET, 0).is_ok());
     }
 
     fn claims(exp: i64) -> Claims {

@@ -240,8 +240,9 @@ impl From<StoreError> for Failure {
 
 /// At most `limit` of `found` (oldest first; one more than `limit` means there is more) whose
 /// frame fits API Gateway's 128 KB, keeping those nearest the cursor: the oldest when paging
-/// forward, the newest otherwise. `next` is the cursor for the page after: the last message
-/// kept in the direction of travel, when anything was left out.
+/// forward, the newest otherwise. `next` is the cursor for the page after: the sort key of the
+/// last message kept in the direction of travel, when anything was left out (a key, not an id:
+/// ids of messages written before ids carried their time do not give their key).
 fn fit_in_a_frame(room: &str, found: Vec<Message>, limit: usize, forward: bool) -> (Vec<ChatMessage>, Option<String>) {
     let total = found.len();
     let mut order: Vec<Message> = found;
@@ -249,11 +250,19 @@ fn fit_in_a_frame(room: &str, found: Vec<Message>, limit: usize, forward: bool) 
         order.reverse(); // nearest the cursor first: the newest
     }
     // The frame around the messages, with the longest `next` a page can carry.
-    let envelope = ServerMessage::History { room: room.to_string(), messages: Vec::new(), next: Some("x".repeat(48)) }
-        .to_json()
-        .len();
+    // (`recover`'s frame is the larger of the two.)
+    let envelope = ServerMessage::Recover {
+        room: room.to_string(),
+        recovered: true,
+        messages: Vec::new(),
+        next: Some("x".repeat(96)),
+        reason: None,
+    }
+    .to_json()
+    .len();
     let mut used = envelope;
     let mut kept: Vec<ChatMessage> = Vec::new();
+    let mut last_key = None;
     for message in order.into_iter().take(limit) {
         let chat = ChatMessage::from(&message);
         let size = serde_json::to_string(&chat).map_or(usize::MAX, |s| s.len()) + 1;
@@ -262,8 +271,9 @@ fn fit_in_a_frame(room: &str, found: Vec<Message>, limit: usize, forward: bool) 
         }
         used += size;
         kept.push(chat);
+        last_key = Some(message.sk);
     }
-    let next = (kept.len() < total).then(|| kept.last().map(|m| m.id.clone())).flatten();
+    let next = if kept.len() < total { last_key } else { None };
     if !forward {
         kept.reverse();
     }
@@ -310,7 +320,16 @@ async fn act(
             let id = match idempotency_key {
                 Some(key) => {
                     let record = IdempotencyRecord::new(&message, &key, now, deps.idempotency_window_seconds);
-                    store.put_message_once(&message, &record, now).await?
+                    let standing = store.put_message_once(&message, &record, now).await?;
+                    if (standing.room.as_str(), standing.body.as_str())
+                        != (message.room.as_str(), message.body.as_str())
+                    {
+                        return Err(Failure::Client(FrameError::new(
+                            ErrorCode::InvalidRequest,
+                            format!("idempotency_key {key:?} was used for another message within the window"),
+                        )));
+                    }
+                    standing.id
                 }
                 None => {
                     store.put_message(&message).await?;
@@ -371,7 +390,17 @@ async fn act(
             let room = room_name(&room)?;
             member_of(conn, room.as_str())?;
             let sk = crate::model::message_sk_of_id(&since).unwrap_or_default();
-            if store.message(&conn.tenant, room.as_str(), &sk, now).await?.is_none() {
+            if let Some(seen) = store.message(&conn.tenant, room.as_str(), &sk, now).await? {
+                let from = crate::store::recovery_start(&seen);
+                let found: Vec<Message> = store
+                    .history(&conn.tenant, room.as_str(), &from, MAX_HISTORY_LIMIT + 2, now)
+                    .await?
+                    .into_iter()
+                    .filter(|m| m.id != seen.id)
+                    .collect();
+                let (messages, next) = fit_in_a_frame(room.as_str(), found, MAX_HISTORY_LIMIT, true);
+                ServerMessage::Recover { room: room.to_string(), recovered: true, messages, next, reason: None }
+            } else {
                 ServerMessage::Recover {
                     room: room.to_string(),
                     recovered: false,
@@ -379,12 +408,6 @@ async fn act(
                     next: None,
                     reason: Some("that message is no longer in history: reload the room".into()),
                 }
-            } else {
-                let found = store
-                    .history(&conn.tenant, room.as_str(), &HistoryFrom::After(sk), MAX_HISTORY_LIMIT + 1, now)
-                    .await?;
-                let (messages, next) = fit_in_a_frame(room.as_str(), found, MAX_HISTORY_LIMIT, true);
-                ServerMessage::Recover { room: room.to_string(), recovered: true, messages, next, reason: None }
             }
         }
         Request::Signal { room, data } => {
@@ -433,7 +456,7 @@ pub fn authorize(
             },
         })
     };
-    match crate::auth::verify(&token, secret, now) {
+    match crate::auth::verify_connect(&token, secret, now) {
         Ok(claims) => {
             tracing::info!(tenant = %claims.tenant, user_id = %claims.sub, "allowed");
             let mut allow = policy(&claims.sub, "Allow");

@@ -891,12 +891,19 @@ impl TenantSettings {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Idempotent sends: `IDEM#{tenant}#{key}` remembers, until its TTL, which message a key wrote.
+// Idempotent sends: `IDEM#{tenant}#{scope}#{key}` remembers, until its TTL, which message a key
+// wrote. The scope is the sender (`u:{userId}`, user ids never hold `#`) or `publish` for
+// backends, so one user can never claim, or learn, another's key.
 
 pub const IDEMPOTENCY_SK: &str = "IDEM";
 
-pub fn idempotency_pk(tenant: &str, key: &str) -> String {
-    format!("IDEM#{tenant}#{key}")
+pub fn idempotency_pk(tenant: &str, scope: &str, key: &str) -> String {
+    format!("IDEM#{tenant}#{scope}#{key}")
+}
+
+/// Whose keys a message's key is among: its sender's, or the backends'.
+pub fn idempotency_scope(message: &Message) -> String {
+    if message.sender_connection_id.is_empty() { "publish".to_string() } else { format!("u:{}", message.user_id) }
 }
 
 /// An idempotency key: 1–128 of `A-Z a-z 0-9 _ - . :` (never the key separator `#`).
@@ -930,7 +937,7 @@ pub struct IdempotencyRecord {
 impl IdempotencyRecord {
     pub fn new(message: &Message, key: &str, now: DateTime<Utc>, window_seconds: i64) -> IdempotencyRecord {
         IdempotencyRecord {
-            pk: idempotency_pk(&message.tenant, key),
+            pk: idempotency_pk(&message.tenant, &idempotency_scope(message), key),
             sk: IDEMPOTENCY_SK.into(),
             record_type: "idempotency".into(),
             tenant: message.tenant.clone(),

@@ -51,6 +51,9 @@ pub const LEGACY_MEMBERSHIP_AGE_SECONDS: i64 = 60;
 /// reload (`recover` with `recovered: false`), as Centrifugo does.
 pub const MAX_RECOVERED: usize = 100;
 
+/// The most messages one reconnect's `?since=` recovers across all its rooms.
+pub const MAX_RECOVERED_AT_CONNECT: usize = 200;
+
 /// A plugin's extra rooms read at once, per record.
 pub const EXTRA_ROOMS_AT_ONCE: usize = 4;
 
@@ -248,25 +251,41 @@ impl Processor {
         Ok(())
     }
 
-    /// The messages after `since` in a room, for a connection that reconnected with `?since=`:
-    /// at most [`MAX_RECOVERED`], or why they cannot all be given.
+    /// The messages after `since` in a room (from a margin before it: a client keeps one copy
+    /// per id), for a connection that reconnected with `?since=`: at most `budget` of them, or
+    /// why they cannot all be given.
     async fn recover(
         &self,
         tenant: &str,
         room: &str,
         since: &str,
+        budget: usize,
     ) -> Result<Result<Vec<ChatMessage>, String>, StoreError> {
         let now = self.clock.now();
         let Some(sk) = crate::model::message_sk_of_id(since) else {
             return Ok(Err("that is not a message id".into()));
         };
-        if self.store.message(tenant, room, &sk, now).await?.is_none() {
+        let Some(seen) = self.store.message(tenant, room, &sk, now).await? else {
             return Ok(Err("that message is no longer in history: reload the room".into()));
+        };
+        if budget == 0 {
+            return Ok(Err(format!(
+                "more than {MAX_RECOVERED_AT_CONNECT} messages to recover at connect: ask `recover` for this room"
+            )));
         }
-        let from = crate::store::HistoryFrom::After(sk);
-        let missed = self.store.history(tenant, room, &from, MAX_RECOVERED + 1, now).await?;
-        if missed.len() > MAX_RECOVERED {
-            return Ok(Err(format!("more than {MAX_RECOVERED} messages were missed: reload the room")));
+        let from = crate::store::recovery_start(&seen);
+        let missed: Vec<_> = self
+            .store
+            .history(tenant, room, &from, budget.min(MAX_RECOVERED) + 2, now)
+            .await?
+            .into_iter()
+            .filter(|m| m.id != seen.id)
+            .collect();
+        if missed.len() > budget.min(MAX_RECOVERED) {
+            return Ok(Err(format!(
+                "more than {} messages were missed: reload the room, or ask `recover`",
+                budget.min(MAX_RECOVERED)
+            )));
         }
         Ok(Ok(missed.iter().map(ChatMessage::from).collect()))
     }
@@ -403,8 +422,15 @@ impl Processor {
                 let state = self.presence_state();
                 let counts = crate::store::room_counts(state.as_ref(), &c.tenant, &c.user_id, &rooms).await?;
                 decisions.counts = counts.into_iter().collect();
+                // One budget for the whole connect: a reconnect into many busy rooms must not post
+                // thousands of frames from one record (the rest is one `recover` away).
+                let mut budget = MAX_RECOVERED_AT_CONNECT;
                 for (room, since) in &c.recover {
-                    decisions.recovery.push((room.clone(), self.recover(&c.tenant, room, since).await?));
+                    let recovered = self.recover(&c.tenant, room, since, budget).await?;
+                    if let Ok(messages) = &recovered {
+                        budget = budget.saturating_sub(messages.len());
+                    }
+                    decisions.recovery.push((room.clone(), recovered));
                 }
             }
             let mut members = match react::room_needed(&change, &decisions) {

@@ -238,11 +238,12 @@ pub fn parse_cursor(value: &str, before: bool) -> Result<String, String> {
     }
     if let Some(rest) = value.strip_prefix("MSG#") {
         let (ts, id) = rest.split_once('#').ok_or("a message key is MSG#{timestamp}#{id}")?;
-        crate::model::parse_ts(ts)?;
+        let at = crate::model::parse_ts(ts)?;
         if id.is_empty() || id.contains('#') {
             return Err("a message key is MSG#{timestamp}#{id}".into());
         }
-        return Ok(value.to_string());
+        // Rebuilt, so that a time with another offset or precision compares as the keys do.
+        return Ok(crate::model::message_sk(&at, id));
     }
     let at = crate::model::parse_ts(value)
         .map_err(|_| format!("{value:?} is neither a message id, a message key nor an RFC 3339 time"))?;

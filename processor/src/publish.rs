@@ -98,14 +98,25 @@ pub async fn publish(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result
             format!("the message would reach its recipients as {size} bytes; the limit is {MAX_MESSAGE_FRAME_BYTES}"),
         ));
     }
-    let written = match key {
+    match key {
         Some(key) => {
             let record = IdempotencyRecord::new(&message, &key, now, deps.idempotency_window_seconds);
-            deps.store.put_message_once(&message, &record, now).await
+            let standing =
+                deps.store.put_message_once(&message, &record, now).await.map_err(|e| refuse(503, e.to_string()))?;
+            if (standing.room.as_str(), standing.body.as_str(), standing.user_id.as_str())
+                != (message.room.as_str(), message.body.as_str(), message.user_id.as_str())
+            {
+                return Err(refuse(
+                    409,
+                    format!("idempotency_key {key:?} was used for another message within the window"),
+                ));
+            }
+            Ok(standing.id)
         }
-        None => deps.store.put_message(&message).await.map(|()| message.id.clone()),
-    };
-    written.map_err(|e| refuse(503, e.to_string()))
+        None => {
+            deps.store.put_message(&message).await.map(|()| message.id.clone()).map_err(|e| refuse(503, e.to_string()))
+        }
+    }
 }
 
 /// Who an HTTP request (API Gateway HTTP API or function URL, payload 2.0) is from: IAM when

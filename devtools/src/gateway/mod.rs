@@ -215,7 +215,7 @@ fn authorize(
             ("principalId".to_string(), json!(user)),
         ]));
     }
-    auth::verify(&token, gw.settings.auth.secret(), gw.now().timestamp())
+    auth::verify_connect(&token, gw.settings.auth.secret(), gw.now().timestamp())
         .map(|claims| auth::context(&claims))
         .map_err(|denied| (denied.status(), denied.to_string()))
 }

@@ -125,6 +125,23 @@ impl DynamoStore {
         }
     }
 
+    /// Writes a message unless it is there already (a first send and its repeat may both try).
+    async fn put_if_absent(&self, message: &Message) -> Result<()> {
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(message)?))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(()),
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
+            Err(err) => Err(unavailable("put_item (idempotent message)", err)),
+        }
+    }
+
     /// One item by key, strongly consistent, decoded (`None` when absent or it does not decode).
     async fn get_typed<T: DeserializeOwned>(&self, what: &str, key: DynamoItem) -> Result<Option<T>> {
         let out = self
@@ -876,7 +893,7 @@ impl Store for DynamoStore {
         message: &Message,
         record: &IdempotencyRecord,
         now: DateTime<Utc>,
-    ) -> Result<String> {
+    ) -> Result<Message> {
         let claim = self
             .client
             .put_item()
@@ -889,8 +906,9 @@ impl Store for DynamoStore {
             .await;
         let claimed = match claim {
             Ok(_) => {
-                self.put_message(message).await?;
-                return Ok(message.id.clone());
+                // Only if a repeat has not written it already (and the processor marked it).
+                self.put_if_absent(message).await?;
+                return Ok(message.clone());
             }
             Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
                 self.get_typed::<IdempotencyRecord>(
@@ -911,21 +929,9 @@ impl Store for DynamoStore {
         let original = &claimed.message;
         if self.message(&original.tenant, &original.room, &original.sk, now).await?.is_none() {
             // The first send claimed the key and died before its message: finish it.
-            let put = self
-                .client
-                .put_item()
-                .table_name(&self.table)
-                .set_item(Some(encode(original)?))
-                .condition_expression("attribute_not_exists(pk)")
-                .send()
-                .await;
-            if let Err(err) = put
-                && !err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception())
-            {
-                return Err(unavailable("put_item (idempotent message)", err));
-            }
+            self.put_if_absent(original).await?;
         }
-        Ok(claimed.message_id)
+        Ok(claimed.message)
     }
 
     async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::react::Verdict) -> Result<()> {

@@ -604,7 +604,7 @@ impl Store for MemoryStore {
         message: &Message,
         record: &IdempotencyRecord,
         now: DateTime<Utc>,
-    ) -> Result<String> {
+    ) -> Result<Message> {
         let mut table = self.lock();
         let key = (record.pk.clone(), record.sk.clone());
         if let Some(earlier) = self.get::<IdempotencyRecord>(&table, &key)
@@ -615,12 +615,12 @@ impl Store for MemoryStore {
                 let item = encode(&earlier.message)?;
                 self.put_item(&mut table, item);
             }
-            return Ok(earlier.message_id);
+            return Ok(earlier.message);
         }
         let (record_item, message_item) = (encode(record)?, encode(message)?);
         self.put_item(&mut table, record_item);
         self.put_item(&mut table, message_item);
-        Ok(message.id.clone())
+        Ok(message.clone())
     }
 
     async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::react::Verdict) -> Result<()> {

@@ -97,15 +97,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes `message` unless `record`'s key already stands for one within its window. The key is
     /// claimed with one conditional put of `record` (an expired claim counts as absent), then the
-    /// message is written. A repeat answers the claimed message's id, and writes that message if
-    /// the first send died between its two writes. No transaction: a repeat is the common case,
-    /// and a cancelled transaction still costs its writes.
+    /// message is written. A repeat answers the claimed message (whose room and body the caller
+    /// compares: a key reused for another message is the caller's error), and writes it if the
+    /// first send died between its two writes. No transaction: a repeat is the common case, and a
+    /// cancelled transaction still costs its writes.
     async fn put_message_once(
         &self,
         message: &Message,
         record: &IdempotencyRecord,
         now: DateTime<Utc>,
-    ) -> Result<String>;
+    ) -> Result<Message>;
 
     /// Records what the tenant's rules decided about a message (`rejected` or `deliveredBody`);
     /// a message that is gone is not an error.
@@ -237,6 +238,16 @@ pub enum HistoryFrom {
     /// The oldest messages above this key.
     After(String),
 }
+
+/// Where a recovery after `since` starts: a margin before it, because a message's key is its
+/// handler's time, and a slow write can land just behind a message a client has already seen.
+/// The client keeps one copy per id.
+pub fn recovery_start(since: &Message) -> HistoryFrom {
+    let margin = since.timestamp - chrono::Duration::seconds(RECOVERY_MARGIN_SECONDS);
+    HistoryFrom::After(format!("MSG#{}", crate::model::format_ts(&margin)))
+}
+
+pub const RECOVERY_MARGIN_SECONDS: i64 = 5;
 
 /// Every message key is within `MSG#` .. `MSG$` ('$' sorts right after '#').
 pub(crate) const MESSAGES_FROM: &str = "MSG#";
