@@ -10,15 +10,7 @@ roomcast_tests::on_both_stores!(two_hundred_users_joining_at_once_are_each_annou
 
 /// The presence events `observer` was told about `user`, each id once (as a client dedupes).
 fn events(stack: &Stack, observer: &str, user: &str) -> Vec<String> {
-    let mut seen = std::collections::HashSet::new();
-    stack
-        .recorder
-        .received_action(observer, "presence")
-        .into_iter()
-        .filter(|f| f["user_id"] == user)
-        .filter(|f| seen.insert(f["id"].as_str().expect("every presence frame has an id").to_string()))
-        .map(|f| f["event"].as_str().unwrap().to_string())
-        .collect()
+    stack.presence_events(observer, user)
 }
 
 async fn two_hundred_users_joining_at_once_are_each_announced_once(kind: &str) {

@@ -957,6 +957,18 @@ impl Stack {
         }
     }
 
+    /// The presence events `observer` was told about `user`, each id once (as a client dedupes).
+    pub fn presence_events(&self, observer: &str, user: &str) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        self.recorder
+            .received_action(observer, "presence")
+            .into_iter()
+            .filter(|f| f["user_id"] == user)
+            .filter(|f| seen.insert(f["id"].as_str().expect("every presence frame has an id").to_string()))
+            .map(|f| f["event"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// The live set of a room as its membership records say: (user, connections) by user id.
     pub async fn live_set(&self, tenant: &str, room: &str) -> Vec<(String, u64)> {
         let members = self.table.store.room_members(tenant, room, self.clock_now()).await.unwrap();

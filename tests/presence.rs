@@ -4,7 +4,6 @@
 //! exactly one `joined` and one `left` per user and room (frames are told apart by their id, as
 //! clients do), and `who` equal to the room's live memberships afterwards.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
@@ -28,15 +27,7 @@ roomcast_tests::on_both_stores!(
 
 /// The presence events `observer` was told about `user`, each id once (as a client dedupes).
 fn events(stack: &Stack, observer: &str, user: &str) -> Vec<String> {
-    let mut seen = HashSet::new();
-    stack
-        .recorder
-        .received_action(observer, "presence")
-        .into_iter()
-        .filter(|f| f["user_id"] == user)
-        .filter(|f| seen.insert(f["id"].as_str().expect("every presence frame has an id").to_string()))
-        .map(|f| f["event"].as_str().unwrap().to_string())
-        .collect()
+    stack.presence_events(observer, user)
 }
 
 /// `who` (paged by `page`) equals the room's live memberships, and its total their count.
