@@ -302,17 +302,7 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     let again = aws.invoke("PublishFunction", http(iam, "", shipped)).await;
     assert!(again["body"].as_str().unwrap().contains(&first_id), "the same key answers the first id: {again}");
     ids.push(first_id);
-    let publisher = |tenant: &str| {
-        let exp = chrono::Utc::now().timestamp() + 600;
-        let claims = roomcast::auth::Claims {
-            tenant: tenant.into(),
-            sub: "shop".into(),
-            exp,
-            nbf: None,
-            scope: Some("publish".into()),
-        };
-        format!("Bearer {}", roomcast::auth::mint(&claims, SECRET.as_bytes()))
-    };
+    let publisher = |tenant: &str| format!("Bearer {}", roomcast_tests::publish_token(tenant, SECRET.as_bytes()));
     let theirs = json!({"tenant": "acme", "room": "lobby", "message": "from globex"});
     let refused = aws.invoke("PublishFunction", http(Value::Null, &publisher("globex"), theirs)).await;
     assert_eq!(refused["statusCode"], 403, "{refused}");

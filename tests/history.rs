@@ -340,15 +340,7 @@ mod over_websockets {
     );
 
     fn publisher(tenant: &str) -> String {
-        let exp = chrono::Utc::now().timestamp() + 600;
-        let claims = roomcast::auth::Claims {
-            tenant: tenant.into(),
-            sub: "shop".into(),
-            exp,
-            nbf: None,
-            scope: Some("publish".into()),
-        };
-        roomcast::auth::mint(&claims, ws::SECRET)
+        roomcast_tests::publish_token(tenant, ws::SECRET)
     }
 
     async fn publish(stack: &roomcast::dev::DevStack, token: &str, body: Value) -> anyhow::Result<Value> {

@@ -1202,6 +1202,19 @@ pub mod ws {
 }
 
 /// Signs `header.payload` with HS256, for hand-made tokens.
+/// A tenant backend's publish token (scope `publish`), valid ten minutes.
+pub fn publish_token(tenant: &str, secret: &[u8]) -> String {
+    let exp = chrono::Utc::now().timestamp() + 600;
+    let claims = roomcast::auth::Claims {
+        tenant: tenant.into(),
+        sub: "shop".into(),
+        exp,
+        nbf: None,
+        scope: Some("publish".into()),
+    };
+    roomcast::auth::mint(&claims, secret)
+}
+
 pub fn sign_hs256(signed: &str, secret: &[u8]) -> String {
     use base64::Engine;
     use hmac::{KeyInit, Mac};

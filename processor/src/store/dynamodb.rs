@@ -118,11 +118,7 @@ impl DynamoStore {
             .expression_attribute_values(":v", s(value))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
-            Err(err) => Err(unavailable("update_item", err)),
-        }
+        written("update_item", result).map(|_| ())
     }
 
     /// Writes a message unless it is there already (a first send and its repeat may both try).
@@ -135,25 +131,12 @@ impl DynamoStore {
             .condition_expression("attribute_not_exists(pk)")
             .send()
             .await;
-        match put {
-            Ok(_) => Ok(()),
-            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
-            Err(err) => Err(unavailable("put_item (idempotent message)", err)),
-        }
+        written("put_item (idempotent message)", put).map(|_| ())
     }
 
     /// One item by key, strongly consistent, decoded (`None` when absent or it does not decode).
     async fn get_typed<T: DeserializeOwned>(&self, what: &str, key: DynamoItem) -> Result<Option<T>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .consistent_read(true)
-            .set_key(Some(key))
-            .send()
-            .await
-            .map_err(|e| unavailable(what, e))?;
-        Ok(out.item.and_then(|item| self.decode(item)))
+        Ok(self.get_guarded(what, key).await?.0)
     }
 
     /// One item by key, strongly consistent: decoded, and whether an item is there at all (one
@@ -205,70 +188,53 @@ impl DynamoStore {
         })
     }
 
-    /// Carries out a plan's writes. `Ok(false)`: a condition failed (someone else wrote first).
+    /// Carries out a plan's writes: one conditional put or delete, or a transaction of them.
+    /// `Ok(false)`: a condition failed (someone else wrote first).
     async fn write_plan(&self, writes: Vec<TransactWriteItem>) -> Result<bool> {
-        let single = writes.len() == 1;
-        let result = if single {
-            let write = writes.into_iter().next().expect("one write");
-            match (write.put, write.delete) {
-                (Some(put), _) => self
-                    .client
-                    .put_item()
-                    .table_name(put.table_name)
-                    .set_item(Some(put.item))
-                    .set_condition_expression(put.condition_expression)
-                    .set_expression_attribute_values(put.expression_attribute_values)
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| {
-                        if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) {
-                            None
-                        } else {
-                            Some(unavailable("put_item (presence)", e))
-                        }
-                    }),
-                (None, Some(delete)) => self
-                    .client
-                    .delete_item()
-                    .table_name(delete.table_name)
-                    .set_key(Some(delete.key))
-                    .set_condition_expression(delete.condition_expression)
-                    .set_expression_attribute_values(delete.expression_attribute_values)
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| {
-                        if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) {
-                            None
-                        } else {
-                            Some(unavailable("delete_item (presence)", e))
-                        }
-                    }),
-                (None, None) => Ok(()),
-            }
-        } else {
-            match self.client.transact_write_items().set_transact_items(Some(writes)).send().await {
-                Ok(_) => Ok(()),
-                Err(err) => {
-                    if let SdkError::ServiceError(service) = &err
-                        && let TransactWriteItemsError::TransactionCanceledException(cancel) = service.err()
-                        && cancel
-                            .cancellation_reasons()
-                            .iter()
-                            .any(|r| matches!(r.code(), Some("ConditionalCheckFailed" | "TransactionConflict")))
-                    {
-                        Err(None)
-                    } else {
-                        Err(Some(unavailable("transact_write_items (presence)", err)))
-                    }
+        if let [write] = writes.as_slice() {
+            return match (&write.put, &write.delete) {
+                (Some(put), _) => {
+                    let sent = self
+                        .client
+                        .put_item()
+                        .table_name(&put.table_name)
+                        .set_item(Some(put.item.clone()))
+                        .set_condition_expression(put.condition_expression.clone())
+                        .set_expression_attribute_values(put.expression_attribute_values.clone())
+                        .send()
+                        .await;
+                    written("put_item (presence)", sent)
+                }
+                (None, Some(delete)) => {
+                    let sent = self
+                        .client
+                        .delete_item()
+                        .table_name(&delete.table_name)
+                        .set_key(Some(delete.key.clone()))
+                        .set_condition_expression(delete.condition_expression.clone())
+                        .set_expression_attribute_values(delete.expression_attribute_values.clone())
+                        .send()
+                        .await;
+                    written("delete_item (presence)", sent)
+                }
+                (None, None) => Ok(true),
+            };
+        }
+        match self.client.transact_write_items().set_transact_items(Some(writes)).send().await {
+            Ok(_) => Ok(true),
+            Err(err) => {
+                if let SdkError::ServiceError(service) = &err
+                    && let TransactWriteItemsError::TransactionCanceledException(cancel) = service.err()
+                    && cancel
+                        .cancellation_reasons()
+                        .iter()
+                        .any(|r| matches!(r.code(), Some("ConditionalCheckFailed" | "TransactionConflict")))
+                {
+                    Ok(false)
+                } else {
+                    Err(unavailable("transact_write_items (presence)", err))
                 }
             }
-        };
-        match result {
-            Ok(()) => Ok(true),
-            Err(None) => Ok(false),
-            Err(Some(e)) => Err(e),
         }
     }
 
@@ -381,6 +347,22 @@ where
     R: std::fmt::Debug,
 {
     StoreError::Unavailable(format!("{operation}: {}", DisplayErrorContext(&err)))
+}
+
+/// A conditional write's outcome: `Ok(true)` written, `Ok(false)` its condition did not hold;
+/// any other error is the platform's.
+fn written<T, E, R>(what: &str, result: std::result::Result<T, SdkError<E, R>>) -> Result<bool>
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(err) if err.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException") => {
+            Ok(false)
+        }
+        Err(err) => Err(unavailable(what, err)),
+    }
 }
 
 fn build_error(e: aws_sdk_dynamodb::error::BuildError) -> StoreError {
@@ -904,23 +886,15 @@ impl Store for DynamoStore {
             .expression_attribute_values(":now", AttributeValue::N(now.timestamp().to_string()))
             .send()
             .await;
-        let claimed = match claim {
-            Ok(_) => {
-                // Only if a repeat has not written it already (and the processor marked it).
-                self.put_if_absent(message).await?;
-                return Ok(message.clone());
-            }
-            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
-                self.get_typed::<IdempotencyRecord>(
-                    "get_item (idempotency key)",
-                    key(record.pk.clone(), record.sk.clone()),
-                )
-                .await?
-            }
-            Err(err) => return Err(unavailable("put_item (idempotency key)", err)),
-        };
+        if written("put_item (idempotency key)", claim)? {
+            // Only if a repeat has not written it already (and the processor marked it).
+            self.put_if_absent(message).await?;
+            return Ok(message.clone());
+        }
+        let claimed: Option<IdempotencyRecord> =
+            self.get_typed("get_item (idempotency key)", key(record.pk.clone(), record.sk.clone())).await?;
         let Some(claimed) = claimed else {
-            // Claimed, then gone (its TTL, or a record that does not decode): write ours.
+            // Claimed, then gone (its TTL, or a record that does not decode): the caller retries.
             return Err(StoreError::Unavailable(format!(
                 "idempotency key {} could not be read; try again",
                 record.key
