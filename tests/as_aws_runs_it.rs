@@ -217,7 +217,7 @@ impl Aws {
 fn token(tenant: &str, user: &str) -> String {
     let exp = chrono::Utc::now().timestamp() + 3600;
     roomcast::auth::mint(
-        &roomcast::auth::Claims { tenant: tenant.into(), sub: user.into(), exp, nbf: None, scope: None },
+        &roomcast::auth::Claims { tenant: tenant.into(), sub: user.into(), exp, nbf: None, scope: None, rooms: None },
         SECRET.as_bytes(),
     )
 }
@@ -274,6 +274,66 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     aws.pump().await;
     let rejected = aws.recorder.received_action("c-alice", "rejected");
     assert!(rejected.iter().any(|r| r["id"] == spam["id"]), "the plugin did not reject: {rejected:?}");
+
+    // Room authorization (plugins 0.2): tenant `gate` runs the rooms-acl example with its list
+    // in the tenant's configuration. `$connect` reads the ACTIVE pointer (GetItem under its
+    // policy); the processor decides each join and settles it under its own.
+    let acl = roomcast_tests::component("roomcast-plugin-rooms-acl");
+    let values = [("room.vip".to_string(), "ann".to_string())].into_iter().collect();
+    let config = roomcast::model::PluginConfig::new("gate", values, chrono::Utc::now()).unwrap();
+    aws.admin.put_plugin_config(&config).await.expect("configure the tenant");
+    roomcast::plugins::upload(
+        &aws.admin,
+        &host,
+        "gate",
+        &acl,
+        roomcast::model::FailurePolicy::Closed,
+        Default::default(),
+        chrono::Utc::now(),
+    )
+    .await
+    .expect("upload rooms-acl");
+    aws.pump().await;
+    aws.connect("c-ann", &token("gate", "ann"), "lobby").await;
+    aws.connect("c-eve", &token("gate", "eve"), "lobby,vip").await;
+    aws.pump().await;
+    // Every room of the connect waits for the rules: the welcome names none, then each is
+    // acknowledged or denied.
+    assert_eq!(aws.recorder.received_action("c-eve", "welcome")[0]["rooms"], json!([]));
+    assert!(aws.recorder.received_action("c-eve", "join_denied").iter().any(|d| d["room"] == "vip"));
+    assert!(aws.recorder.received_action("c-eve", "ack").iter().any(|a| a["room"] == "lobby"));
+    let pending = aws.send("c-ann", json!({"action": "join", "room": "vip"})).await;
+    assert_eq!(pending["pending"], true, "{pending}");
+    aws.pump().await;
+    assert!(aws.recorder.received_action("c-ann", "ack").iter().any(|a| a["room"] == "vip" && a["users"] == 1));
+    aws.send("c-ann", json!({"action": "sendMessage", "room": "vip", "message": "members only"})).await;
+    aws.pump().await;
+    assert!(aws.recorder.received_action("c-ann", "message").iter().any(|m| m["room"] == "vip"));
+    let eve_vip: Vec<Value> = aws
+        .recorder
+        .received("c-eve")
+        .into_iter()
+        .filter(|f| f["room"] == "vip" && f["action"] != "join_denied")
+        .collect();
+    assert!(eve_vip.is_empty(), "the denied member got {eve_vip:?}");
+    // A token's `rooms` claim, through the real authorizer: no plugin needed.
+    let exp = chrono::Utc::now().timestamp() + 3600;
+    let limited = roomcast::auth::mint(
+        &roomcast::auth::Claims {
+            tenant: "acme".into(),
+            sub: "sue".into(),
+            exp,
+            nbf: None,
+            scope: None,
+            rooms: Some(vec!["lobby".into()]),
+        },
+        SECRET.as_bytes(),
+    );
+    aws.connect("c-sue", &limited, "lobby,side").await;
+    aws.pump().await;
+    assert_eq!(aws.recorder.received_action("c-sue", "welcome")[0]["rooms"], json!(["lobby"]));
+    assert!(aws.recorder.received_action("c-sue", "join_denied").iter().any(|d| d["room"] == "side"));
+    assert_eq!(aws.send("c-sue", json!({"action": "join", "room": "side"})).await["action"], "join_denied");
 
     let history = aws.send("c-bob", json!({"action": "history", "room": "lobby"})).await;
     for id in &ids {
@@ -409,8 +469,33 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
         assert_eq!(line["_aws"]["CloudWatchMetrics"][0]["Namespace"], "Roomcast", "{line}");
         assert_eq!(line["FunctionName"], "ProcessorFunction", "{line}");
     }
-    let delivered: u64 = emf.iter().map(|l| l["delivered"].as_u64().unwrap()).sum();
+    // Per-tenant plugin lines (`Tenant` dimension) come besides the batch's counts.
+    let (tenants, batches): (Vec<&Value>, Vec<&Value>) = emf.iter().partition(|l| l.get("Tenant").is_some());
+    for line in &tenants {
+        assert_eq!(line["_aws"]["CloudWatchMetrics"][0]["Dimensions"], serde_json::json!([["FunctionName", "Tenant"]]));
+        assert!(line["PluginCalls"].is_u64() && line["PluginVersion"].is_string(), "{line}");
+    }
+    let delivered: u64 = batches.iter().map(|l| l["delivered"].as_u64().unwrap()).sum();
     assert!(delivered > 0, "the metrics count the deliveries: {emf:?}");
+
+    assert!(!tenants.is_empty(), "no per-tenant plugin metrics: {emf:?}");
+    // The plugins' log lines, as JSON lines tagged with tenant, version, hook and sequence number.
+    let plugin_log: Vec<Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["target"] == "roomcast::plugin_log")
+        .collect();
+    let rejected_line = plugin_log
+        .iter()
+        .find(|l| l["fields"]["message"].as_str().is_some_and(|m| m.contains("rejected")))
+        .unwrap_or_else(|| panic!("no plugin log line in the processor's output:\n{logs}"));
+    let fields = &rejected_line["fields"];
+    assert_eq!(
+        (fields["tenant"].as_str(), fields["hook"].as_str()),
+        (Some("acme"), Some("on-message")),
+        "{rejected_line}"
+    );
+    assert!(fields["version"].as_str().is_some_and(|v| v.len() == 16) && fields["seq"].is_string(), "{rejected_line}");
 
     // Least privilege: every action template.yaml grants was needed by this session.
     let unused = aws.gate.unused_grants();

@@ -150,10 +150,12 @@ async fn bad_tokens_are_refused_at_the_upgrade(kind: &str) {
     use roomcast::auth::{Claims, mint};
     let stack = ws::dev(kind, |_| {}).await;
     let now = chrono::Utc::now().timestamp();
-    let expired =
-        mint(&Claims { tenant: "acme".into(), sub: "ann".into(), exp: now - 10, nbf: None, scope: None }, ws::SECRET);
+    let expired = mint(
+        &Claims { tenant: "acme".into(), sub: "ann".into(), exp: now - 10, nbf: None, scope: None, rooms: None },
+        ws::SECRET,
+    );
     let wrongly_signed = mint(
-        &Claims { tenant: "acme".into(), sub: "ann".into(), exp: now + 600, nbf: None, scope: None },
+        &Claims { tenant: "acme".into(), sub: "ann".into(), exp: now + 600, nbf: None, scope: None, rooms: None },
         b"not-the-secret",
     );
     let claimless = {
@@ -493,7 +495,7 @@ async fn hostile_plugins_in_roomcast_dev_fault_within_their_limits(kind: &str) {
         let host = roomcast::plugins::PluginHost::new().unwrap();
         let limits = roomcast::plugins::Limits::default();
         let plugin = host.compile(&roomcast_tests::component("roomcast-hostile-plugin"), &limits).unwrap();
-        host.message(&plugin, &limits, &alone, at as u64).validate.0
+        host.message(&plugin, &limits, &alone, at as u64).outcome.0.map(|(verdict, _)| verdict)
     })
     .await
     .unwrap();

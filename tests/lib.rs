@@ -747,6 +747,18 @@ impl Store for UnavailableRoom {
     async fn put_tenant_settings(&self, settings: &roomcast::model::TenantSettings) -> roomcast::store::Result<()> {
         self.inner.put_tenant_settings(settings).await
     }
+    async fn plugin_config(&self, tenant: &str) -> roomcast::store::Result<Option<roomcast::model::PluginConfig>> {
+        self.inner.plugin_config(tenant).await
+    }
+    async fn put_plugin_config(&self, config: &roomcast::model::PluginConfig) -> roomcast::store::Result<()> {
+        self.inner.put_plugin_config(config).await
+    }
+    async fn settle_join(&self, id: &str, tenant: &str, room: &str, allowed: bool) -> roomcast::store::Result<()> {
+        self.inner.settle_join(id, tenant, room, allowed).await
+    }
+    async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> roomcast::store::Result<()> {
+        self.inner.set_authorizes_joins(tenant, version, authorizes).await
+    }
     async fn user_connections(
         &self,
         tenant: &str,
@@ -1071,7 +1083,7 @@ pub mod ws {
 
     pub fn token(tenant: &str, user: &str) -> String {
         let exp = chrono::Utc::now().timestamp() + 3600;
-        mint(&Claims { tenant: tenant.into(), sub: user.into(), exp, nbf: None, scope: None }, SECRET)
+        mint(&Claims { tenant: tenant.into(), sub: user.into(), exp, nbf: None, scope: None, rooms: None }, SECRET)
     }
 
     type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -1211,6 +1223,7 @@ pub fn publish_token(tenant: &str, secret: &[u8]) -> String {
         exp,
         nbf: None,
         scope: Some("publish".into()),
+        rooms: None,
     };
     roomcast::auth::mint(&claims, secret)
 }

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use roomcast::plugins::{Fault, Limits, Message, PluginHost, Rejected, Verdict, WelcomeInfo, WithPlugins};
+use roomcast::plugins::{
+    Fault, Hooks, JoinDecision, JoinRequest, Limits, Message, PluginHost, Rejected, Verdict, WelcomeInfo, WithPlugins,
+};
 use roomcast_tests::{component, memories_component};
 
 fn message(body: &str) -> Message {
@@ -58,7 +60,7 @@ fn the_routing_and_welcome_plugins_decide_recipients_and_greetings() {
         rooms: vec!["general".into()],
     };
     assert_eq!(
-        host.welcome(&welcome, &limits, &info, RECORD_TIME).0,
+        host.welcome(&welcome, &limits, &info, RECORD_TIME, Default::default()).0,
         Ok(Some("Welcome to acme, ann! You are in #general.".into()))
     );
 }
@@ -104,12 +106,8 @@ fn every_export_and_instantiation_end_in_a_specific_fault() {
     let limits = Limits::default();
     let hostile = host.compile(&component("roomcast-hostile-plugin"), &limits).unwrap();
 
-    // route, after a validate that accepts (one instance per message, as the processor runs it).
-    let route = |body: &str| {
-        let calls = host.message(&hostile, &limits, &message(body), RECORD_TIME);
-        assert_eq!(calls.validate.0, Ok(Verdict::Accept), "{body}");
-        calls.route.expect("route runs after an accept").0.unwrap_err()
-    };
+    // The routing half of `on-message` (one instance per message, as the processor runs it).
+    let route = |body: &str| host.message(&hostile, &limits, &message(body), RECORD_TIME).outcome.0.unwrap_err();
     assert_eq!(route("route-loop"), Fault::OutOfFuel(limits.fuel));
     assert_eq!(route("route-grow"), Fault::Memory(limits.memory_bytes));
     assert!(matches!(route("route-trap"), Fault::Trap(_)));
@@ -128,7 +126,7 @@ fn every_export_and_instantiation_end_in_a_specific_fault() {
             user_id: user.into(),
             rooms: vec!["general".into()],
         };
-        host.greet(&hostile, &limits, &info, RECORD_TIME).0
+        host.greet(&hostile, &limits, &info, RECORD_TIME, Default::default()).0
     };
     assert_eq!(welcome("loop"), Err(Fault::OutOfFuel(limits.fuel)));
     assert_eq!(welcome("grow"), Err(Fault::Memory(limits.memory_bytes)));
@@ -136,11 +134,35 @@ fn every_export_and_instantiation_end_in_a_specific_fault() {
     assert!(matches!(welcome("giant"), Err(Fault::OutputTooLargeToCopy { .. } | Fault::OutputTooLarge { .. })));
     assert_eq!(welcome("ann"), Ok(None));
 
+    // authorize-join, by the room: every fault a message hook meets, and a deny reason bounded
+    // like a reject's. A plugin that never answers is stopped, and the caller applies the policy.
+    let join = |room: &str| {
+        let request = JoinRequest {
+            connection_id: "c1".into(),
+            tenant: "acme".into(),
+            user_id: "ann".into(),
+            room: room.into(),
+            claims: vec![("plan".into(), "pro".into())],
+        };
+        host.join(&hostile, &limits, &request, RECORD_TIME, Default::default()).0
+    };
+    assert_eq!(host.hooks(&hostile, &limits), Hooks::all());
+    assert_eq!(join("loop"), Err(Fault::OutOfFuel(limits.fuel)));
+    assert_eq!(join("grow"), Err(Fault::Memory(limits.memory_bytes)));
+    assert!(matches!(join("trap"), Err(Fault::Trap(_))));
+    assert!(matches!(join("giant"), Err(Fault::OutputTooLargeToCopy { .. } | Fault::OutputTooLarge { .. })));
+    assert!(
+        matches!(join("sleep-forever"), Err(Fault::Deadline(_) | Fault::OutOfFuel(_))),
+        "{:?}",
+        join("sleep-forever")
+    );
+    assert_eq!(join("deny-vip"), Ok(JoinDecision::Deny("ann may not join deny-vip".into())));
+    assert_eq!(join("general"), Ok(JoinDecision::Allow));
+
     // Instantiation runs guest code too (a start function): it is bounded like a call.
     let spinner = host.compile(&roomcast_tests::looping_at_start_component(), &limits).unwrap();
     let calls = host.message(&spinner, &limits, &message("hello"), RECORD_TIME);
-    assert_eq!(calls.validate.0, Err(Fault::OutOfFuel(limits.fuel)));
-    assert!(calls.route.is_none());
+    assert_eq!(calls.outcome.0, Err(Fault::OutOfFuel(limits.fuel)));
 
     // Capability probes: no environment, no arguments, no files.
     let probe = |body: &str| host.validate(&hostile, &limits, &message(body), RECORD_TIME).0;
@@ -226,13 +248,13 @@ fn every_memory_of_a_plugin_counts_against_one_budget() {
     let limits = Limits::default();
     let one = host.compile(&memories_component(1, 192), &limits).unwrap();
     let calls = host.message(&one, &limits, &message("hello"), RECORD_TIME);
-    assert_eq!(calls.validate.0, Ok(Verdict::Accept));
-    assert!(calls.route.is_some_and(|(route, _)| route.is_ok_and(|r| r.extra_rooms.is_empty())));
+    let (verdict, route) = calls.outcome.0.unwrap();
+    assert_eq!(verdict, Verdict::Accept);
+    assert!(route.extra_rooms.is_empty());
 
     let eight = host.compile(&memories_component(8, 192), &limits).unwrap();
     let calls = host.message(&eight, &limits, &message("hello"), RECORD_TIME);
-    assert_eq!(calls.validate.0, Err(Fault::Memory(limits.memory_bytes)));
-    assert!(calls.route.is_none());
+    assert_eq!(calls.outcome.0.map(|(v, _)| v), Err(Fault::Memory(limits.memory_bytes)));
 
     // `roomcast plugin test` says the same, as the processor would.
     let file = std::env::temp_dir().join(format!("roomcast-memories-{}.wasm", std::process::id()));
@@ -247,7 +269,7 @@ fn every_memory_of_a_plugin_counts_against_one_budget() {
     let _ = std::fs::remove_file(&file);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
-    assert!(stdout.contains("validate  FAULT exceeded its memory limit of 16777216 bytes"), "{stdout}");
+    assert!(stdout.contains("validate+route FAULT exceeded its memory limit of 16777216 bytes"), "{stdout}");
 
     // Nor 64-bit memories (memory64 is off: sizes a budget could not count).
     let wide = wat::parse_str("(component (core module (memory i64 1)))").unwrap();
@@ -331,7 +353,7 @@ fn one_instance_serves_many_calls_each_with_its_own_fuel_clock_and_log() {
     let (second, _) = instance.validate(&message("random"), RECORD_TIME);
     assert!(matches!(first, Ok(Verdict::Rewrite(_))), "{first:?}");
     assert_ne!(first, second);
-    let fresh = host.message(&hostile, &limits, &message("random"), RECORD_TIME).validate.0;
+    let fresh = host.message(&hostile, &limits, &message("random"), RECORD_TIME).outcome.0.map(|(v, _)| v);
     assert_eq!(fresh, first, "a fresh instance decides as the first call did");
 
     // A loop still stops at one call's budget, not the instance's.
@@ -1096,7 +1118,7 @@ async fn every_message_runs_on_an_instance_of_its_own(kind: &str) {
                 ..message("random")
             };
             let calls = host.message(&hostile, &Limits::default(), &alone, at);
-            assert_eq!(calls.validate.0, Ok(Verdict::Rewrite(m["message"].as_str().unwrap().into())));
+            assert_eq!(calls.outcome.0.map(|(v, _)| v), Ok(Verdict::Rewrite(m["message"].as_str().unwrap().into())));
         }
     })
     .await
@@ -1305,7 +1327,8 @@ async fn plugin_instances_share_the_processs_memory_budget() {
     let asks = (0..8).map(|i| {
         let message = Message { id: format!("m{i}"), tenant: "lax".into(), ..message("grow") };
         let registry = &registry;
-        async move { registry.decide_message(&message, RECORD_TIME).await.unwrap() }
+        let at = roomcast::rules::RecordAt { time_ms: RECORD_TIME, sequence: format!("{i}") };
+        async move { registry.decide_message(&message, &at).await.unwrap() }
     });
     for (decision, _, calls) in futures::future::join_all(asks).await {
         assert_eq!(decision, roomcast::react::Decision::Deliver { rewritten: None }, "fail-open");

@@ -102,7 +102,7 @@ async fn a_recorded_session_replays_to_the_effects_the_live_run_performed() {
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .find(|e| e["change"]["body"] == "buy spam now")
         .unwrap();
-    assert_eq!(spam["plugin_calls"][0]["hook"], "validate");
+    assert_eq!(spam["plugin_calls"][0]["hook"], "on-message");
     assert!(spam["plugin_calls"][0]["outcome"].as_str().unwrap().starts_with("Verdict::Reject("), "{spam}");
     assert!(spam["plugin_calls"][0]["fuel"].as_u64().unwrap() > 0);
     // Two effects: the verdict recorded on the message (history never lists it), and the
@@ -129,7 +129,10 @@ async fn the_event_form_and_the_json_lines_form_print_the_same_and_runs_are_iden
     }
     let (text, _) = run(&lines(&records), &from_stream(moderation())).await;
     assert!(text.contains("INSERT message acme/general by bob (bob): \"buy spam now\""), "{text}");
-    assert!(text.contains("validate Verdict::Reject(\"the word \\\"spam\\\" is not allowed here\")  fuel "), "{text}");
+    assert!(
+        text.contains("on-message Verdict::Reject(\"the word \\\"spam\\\" is not allowed here\")  fuel "),
+        "{text}"
+    );
     assert!(text.contains("log info: rejected"), "{text}");
     assert!(text.contains("send     {\"action\":\"rejected\""), "{text}");
     assert!(text.contains("remove   membership acme/general of bob (disconnect)"), "{text}");

@@ -1,11 +1,14 @@
 //! Plugin costs, as ratios measured in one run (`cargo bench -p roomcast --bench plugins`):
 //!
-//! * `hook/*` — one `validate` call on a realistic message: the moderation component through
-//!   the host against the same rule compiled natively. `wasm_validate_warm` is a call on an
-//!   instance that is already there (fresh fuel, deadline and log per call); `wasm_route_warm` is the boundary alone (the same message in, a constant out);
-//!   `wasm_validate_fresh` adds a new Store and instance from the cached `InstancePre`;
-//!   `wasm_message` is what the processor does for each message: a fresh instance, `validate`
-//!   and `route` on it, and the host's checks (`PluginHost::message`).
+//! * `hook/*` — one message's decision on a realistic message: the moderation component
+//!   (`roomcast:plugin@0.2.0`, one `on-message` call returning verdict and routing) through the
+//!   host against the same plugin compiled natively (`native_on_message`: the SDK's trait, with
+//!   its configuration read, as the component does). `wasm_on_message_warm` is a call on an
+//!   instance that is already there (fresh fuel, deadline and log per call);
+//!   `wasm_legacy_warm` is the same decision by a 0.1.0 component: `validate` then `route`, two
+//!   crossings; `wasm_on_message_fresh` adds a new Store and instance from the cached
+//!   `InstancePre`; `wasm_message` is what the processor does for each message: a fresh
+//!   instance, the call, and the host's checks (`PluginHost::message`).
 //! * `activation/*` — compiling the component (cold activation) against loading it from the
 //!   host's precompiled-artifact directory (warm cache), and instantiating from `InstancePre`.
 //!
@@ -19,10 +22,14 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use roomcast::plugins::{Limits, Message, PluginHost};
 
 fn component() -> Vec<u8> {
+    built("roomcast_plugin_moderation")
+}
+
+fn built(file: &str) -> Vec<u8> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("wasm32-wasip2/release/roomcast_plugin_moderation.wasm");
+    let path = target.join(format!("wasm32-wasip2/release/{file}.wasm"));
     std::fs::read(&path)
         .unwrap_or_else(|e| panic!("{}: {e}; build the component first (scripts/test does)", path.display()))
 }
@@ -43,19 +50,30 @@ fn hook(c: &mut Criterion) {
     let limits = Limits::default();
     let plugin = host.compile(&component(), &limits).unwrap();
     let message = message();
+    let legacy = host.compile(&built("roomcast_legacy_plugin"), &limits).unwrap();
+    let native = roomcast_plugin_sdk::Message {
+        id: message.id.clone(),
+        tenant: message.tenant.clone(),
+        room: message.room.clone(),
+        user_id: message.user_id.clone(),
+        body: message.body.clone(),
+        timestamp: message.timestamp.clone(),
+    };
     let mut group = c.benchmark_group("hook");
-    group.bench_function("native_moderate", |b| {
-        b.iter(|| roomcast_plugin_moderation::moderate(black_box(&message.body)))
+    group.bench_function("native_on_message", |b| {
+        b.iter(|| {
+            <roomcast_plugin_moderation::Moderation as roomcast_plugin_sdk::Plugin>::on_message(black_box(&native))
+        })
     });
     let mut instance = host.instantiate(&plugin, &limits).0.unwrap();
-    group.bench_function("wasm_validate_warm", |b| b.iter(|| instance.validate(black_box(&message), 0).0.unwrap()));
-    // The boundary alone: route crosses it with the same message and returns a constant.
-    group.bench_function("wasm_route_warm", |b| b.iter(|| instance.route(black_box(&message), 0).0.unwrap()));
-    group.bench_function("wasm_validate_fresh", |b| {
+    group.bench_function("wasm_on_message_warm", |b| b.iter(|| instance.on_message(black_box(&message), 0).0.unwrap()));
+    let mut old = host.instantiate(&legacy, &limits).0.unwrap();
+    group.bench_function("wasm_legacy_warm", |b| b.iter(|| old.on_message(black_box(&message), 0).0.unwrap()));
+    group.bench_function("wasm_on_message_fresh", |b| {
         b.iter(|| host.validate(&plugin, &limits, black_box(&message), 0).0.unwrap())
     });
     group.bench_function("wasm_message", |b| {
-        b.iter(|| host.message(&plugin, &limits, black_box(&message), 0).validate.0.unwrap())
+        b.iter(|| host.message(&plugin, &limits, black_box(&message), 0).outcome.0.unwrap())
     });
     group.finish();
 }

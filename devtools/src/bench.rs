@@ -226,6 +226,7 @@ async fn open_crowd(server: &Server, options: &Options, tenant: &str) -> anyhow:
                 exp,
                 nbf: None,
                 scope: None,
+                rooms: None,
             };
             let url = format!("{base}?token={}&rooms=room-{room}", crate::auth::mint(&claims, &options.secret));
             async move {
@@ -410,8 +411,14 @@ async fn hostile_traffic(
     const ABUSE: &[&str] =
         &["loop", "sleep", "grow", "route-wide", "route-aliased", "sleep-forever", "giant", "recurse"];
     let exp = chrono::Utc::now().timestamp() + 6 * 3600;
-    let claims =
-        crate::auth::Claims { tenant: "bench-hostile".into(), sub: "mallory".into(), exp, nbf: None, scope: None };
+    let claims = crate::auth::Claims {
+        tenant: "bench-hostile".into(),
+        sub: "mallory".into(),
+        exp,
+        nbf: None,
+        scope: None,
+        rooms: None,
+    };
     // Its traffic spreads over eight rooms: one room's records run one after another.
     let rooms: Vec<String> = (0..8).map(|i| format!("h{i}")).collect();
     let url =

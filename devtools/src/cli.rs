@@ -25,6 +25,7 @@ use crate::stream::poller::{StartAt, StreamPoller};
 mod bench;
 mod plugins;
 mod replay;
+mod scaffold;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -100,6 +101,10 @@ enum Command {
         /// Scopes, space-separated: `publish` makes a tenant backend's publish token.
         #[arg(long)]
         scope: Option<String>,
+        /// The rooms the token may join, comma-separated names or prefixes ending in `*`
+        /// (`support-*,team-42`): the `rooms` claim. Without it, any room of the tenant.
+        #[arg(long, value_delimiter = ',')]
+        rooms: Option<Vec<String>>,
     },
     /// Run an admin operation against any table: the admin Lambda's event, as JSON, e.g.
     /// '{"action":"get_user_connections","tenant":"acme","userId":"ann"}'.
@@ -223,13 +228,17 @@ enum PluginCommand {
         #[command(flatten)]
         target: PluginTargetArgs,
     },
-    /// Run a component's hooks on an event, under the same limits as the processor, and print
-    /// each verdict with the fuel, time and log. EVENT.json is {"message": {...}} (validate, then
-    /// route) or {"welcome": {...}}, with an optional "time" in epoch milliseconds.
+    /// Run a component's hook on an event, under the same limits as the processor, and print
+    /// its answer with the fuel, time and log. EVENT.json is {"message": {...}} (on-message),
+    /// {"join": {..., "claims": {...}}} (authorize-join) or {"welcome": {...}}, with an optional
+    /// "time" in epoch milliseconds.
     Test {
         file: std::path::PathBuf,
         #[arg(long, value_name = "EVENT.json")]
         event: std::path::PathBuf,
+        /// The tenant's configuration, as the plugin reads it: a JSON object of strings.
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
         /// Fuel per call.
         #[arg(long, default_value_t = 10_000_000)]
         fuel: u64,
@@ -239,6 +248,54 @@ enum PluginCommand {
         /// Memory cap, MiB.
         #[arg(long, default_value_t = 16)]
         memory_mib: usize,
+    },
+    /// A tenant's plugin configuration: key/value pairs its plugin reads (`host.config`), up to
+    /// 16 KB. A change reaches every processor from its next batch on; no re-upload.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Write a ready plugin crate in NAME/: the SDK, a plugin with a unit test, and how to build,
+    /// test and upload it.
+    New {
+        name: String,
+        /// Where the crate's directory goes (default: here).
+        #[arg(long, default_value = ".")]
+        dir: std::path::PathBuf,
+        /// Where the roomcast-plugin-sdk crate is, as a path dependency (default: its version on
+        /// crates.io).
+        #[arg(long)]
+        sdk_path: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Set KEY=VALUE pairs (other keys are kept).
+    Set {
+        #[arg(long)]
+        tenant: String,
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+        #[command(flatten)]
+        target: PluginTargetArgs,
+    },
+    /// Print the configuration, or one key's value.
+    Get {
+        #[arg(long)]
+        tenant: String,
+        key: Option<String>,
+        #[command(flatten)]
+        target: PluginTargetArgs,
+    },
+    /// Remove keys.
+    Unset {
+        #[arg(long)]
+        tenant: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+        #[command(flatten)]
+        target: PluginTargetArgs,
     },
 }
 
@@ -382,6 +439,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         exp,
                         nbf: None,
                         scope: Some("publish".into()),
+                        rooms: None,
                     };
                     let token = crate::auth::mint(&claims, jwt_secret.as_bytes());
                     let answer = crate::dev::api::request_as(
@@ -441,7 +499,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{tenant} runs without a plugin");
             Ok(())
         }
-        Command::Plugin { command: PluginCommand::Test { file, event, fuel, deadline_ms, memory_mib } } => {
+        Command::Plugin { command: PluginCommand::Config { command } } => match command {
+            ConfigCommand::Set { tenant, pairs, target } => {
+                let target = target.target().await;
+                let mut values = target.config(&tenant).await?;
+                values.extend(plugins::parse_pairs(&pairs)?);
+                println!("{}", serde_json::to_string_pretty(&target.set_config(&tenant, values).await?)?);
+                Ok(())
+            }
+            ConfigCommand::Get { tenant, key, target } => {
+                let values = target.target().await.config(&tenant).await?;
+                match key {
+                    Some(key) => match values.get(&key) {
+                        Some(value) => println!("{value}"),
+                        None => anyhow::bail!("{tenant} has no configuration key {key:?}"),
+                    },
+                    None => println!("{}", serde_json::to_string_pretty(&values)?),
+                }
+                Ok(())
+            }
+            ConfigCommand::Unset { tenant, keys, target } => {
+                let target = target.target().await;
+                let mut values = target.config(&tenant).await?;
+                for key in &keys {
+                    values.remove(key);
+                }
+                println!("{}", serde_json::to_string_pretty(&target.set_config(&tenant, values).await?)?);
+                Ok(())
+            }
+        },
+        Command::Plugin { command: PluginCommand::New { name, dir, sdk_path } } => {
+            let written = crate::cli::scaffold::new_plugin(&name, &dir, sdk_path.as_deref())?;
+            println!("wrote {}", written.display());
+            Ok(())
+        }
+        Command::Plugin { command: PluginCommand::Test { file, event, config, fuel, deadline_ms, memory_mib } } => {
+            let config = config.as_deref().map(plugins::read_config).transpose()?.unwrap_or_default();
             let limits = crate::plugins::Limits {
                 fuel,
                 deadline: Duration::from_millis(deadline_ms),
@@ -450,17 +543,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             // The plugin host blocks its caller's thread while guest code runs: not this
             // runtime's worker.
-            let clean = tokio::task::spawn_blocking(move || plugins::test(&file, &event, &limits))
+            let clean = tokio::task::spawn_blocking(move || plugins::test(&file, &event, &limits, config))
                 .await
                 .map_err(|e| anyhow::anyhow!("the plugin test did not complete: {e}"))??;
             if clean { Ok(()) } else { anyhow::bail!("the plugin faulted") }
         }
-        Command::Token { tenant, user, secret, ttl, scope } => {
+        Command::Token { tenant, user, secret, ttl, scope, rooms } => {
             crate::model::Name::parse("tenant", &tenant).map_err(|e| anyhow::anyhow!(e))?;
             let exp = chrono::Utc::now().timestamp() + ttl;
             println!(
                 "{}",
-                crate::auth::mint(&crate::auth::Claims { tenant, sub: user, exp, nbf: None, scope }, secret.as_bytes())
+                crate::auth::mint(
+                    &crate::auth::Claims { tenant, sub: user, exp, nbf: None, scope, rooms },
+                    secret.as_bytes()
+                )
             );
             Ok(())
         }
@@ -563,6 +659,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         exp: chrono::Utc::now().timestamp() + 12 * 3600,
         nbf: None,
         scope: None,
+        rooms: None,
     };
     let token = crate::auth::mint(&claims, auth.secret());
     println!("Roomcast dev stack ({store_name})");

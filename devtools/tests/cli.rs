@@ -38,7 +38,7 @@ fn plugin_test_with(component: &str, event: &std::path::Path) -> (bool, String, 
 fn plugin_test_prints_the_verdict_fuel_time_and_log() {
     let (ok, stdout, stderr) = plugin_test("roomcast_plugin_moderation", "plugins/events/spam.json");
     assert!(ok, "{stderr}");
-    assert!(stdout.contains(r#"validate  Verdict::Reject("the word \"spam\" is not allowed here")"#), "{stdout}");
+    assert!(stdout.contains(r#"on-message     Verdict::Reject("the word \"spam\" is not allowed here")"#), "{stdout}");
     assert!(stdout.contains("fuel ") && stdout.contains(" ms"), "{stdout}");
     assert!(stdout.contains("log  info: rejected"), "{stdout}");
     assert!(!stdout.contains("route"), "a rejected message is not routed: {stdout}");
@@ -82,29 +82,29 @@ fn plugin_test_survives_every_capability_probe_and_applies_the_processors_checks
         stdout
     };
     for (body, expected) in [
-        ("print", "validate  FAULT trapped"),
-        ("trap", "validate  FAULT trapped"),
+        ("print", "on-message     FAULT trapped"),
+        ("trap", "on-message     FAULT trapped"),
         // Sleeps are virtual: the clocks stand at the record's time and move only by a sleep.
-        ("sleep", "validate  Verdict::Accept"),
+        ("sleep", "on-message     Verdict::Accept"),
         ("sleep-clock", r#"Rewrite("2500 2500")"#),
-        ("sleep-forever", "validate  FAULT "),
+        ("sleep-forever", "on-message     FAULT "),
         ("stdin", r#"Rewrite("stdin: Ok(0)")"#),
         ("socket", r#"Rewrite("socket: Err("#),
         // Routing is bounded by entries, rooms and users, as in the processor.
-        ("route-wide", "route     FAULT routed to 9 extra rooms; the limit is 8"),
-        ("route-aliased", "route     FAULT returned an output"),
+        ("route-wide", "on-message     FAULT routed to 9 extra rooms; the limit is 8"),
+        ("route-aliased", "on-message     FAULT returned an output"),
         ("route-to-bob", r#"only_users: Some(["bob"])"#),
         // A rewrite past what the recipients' frame can carry.
-        ("giant", "validate  FAULT returned an output"),
+        ("giant", "on-message     FAULT returned an output"),
     ] {
         let stdout = probe(body);
         assert!(stdout.contains(expected), "{body}: expected {expected:?} in:\n{stdout}");
     }
     // Too large for the plugin: refused before any guest code runs.
     let stdout = probe(&"x".repeat(200 << 10));
-    assert!(stdout.contains("validate  FAULT was given an input of"), "{stdout}");
+    assert!(stdout.contains("on-message     FAULT was given an input of"), "{stdout}");
     // Random numbers come from the record: two runs print the same decision.
-    let decision = |out: String| out.lines().find(|l| l.starts_with("validate")).map(str::to_string);
+    let decision = |out: String| out.lines().find(|l| l.starts_with("on-message")).map(str::to_string);
     let first = decision(probe("random"));
     assert!(first.as_deref().is_some_and(|l| l.contains("Rewrite(")), "{first:?}");
     assert_eq!(decision(probe("random")), first);
@@ -250,6 +250,7 @@ async fn plugin_upload_into_a_running_dev_stack_with_the_embedded_store() {
         exp: chrono::Utc::now().timestamp() + 600,
         nbf: None,
         scope: Some("publish".into()),
+        rooms: None,
     };
     let token = roomcast::auth::mint(&claims, b"roomcast-dev-secret");
     let endpoint = format!("{url}/publish");

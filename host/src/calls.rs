@@ -6,53 +6,64 @@
 //! **One fresh instance per message.** Nothing a plugin keeps in its instance — a random seed
 //! drawn once (Rust's `HashMap` keys), a counter, a cache — carries from one message to the next,
 //! so a message's decision depends only on the record and the plugin: a replay of one record,
-//! alone or in another batch, decides as the live run did. A message's `validate` and `route`
-//! share its instance.
+//! alone or in another batch, decides as the live run did. A 0.1.0 plugin's `validate` and
+//! `route` share the message's instance.
 
-use super::{CallReport, Fault, Limits, Message, Plugin, PluginHost, Routing, Verdict, WelcomeInfo};
+use super::{
+    CallReport, ConfigValues, Fault, JoinDecision, JoinRequest, Limits, Message, MessageOutcome, Plugin, PluginHost,
+    Routing, Verdict, WelcomeInfo,
+};
 use crate::react::Route;
 
-/// What the plugin's hooks did with one message, checked and narrowed.
+/// What the plugin did with one message, checked and narrowed: its verdict and route from one
+/// `on-message` call (a 0.1.0 plugin's `validate` and `route`, together), or the fault.
+/// `InputTooLarge` means it was not called.
 #[derive(Debug)]
 pub struct MessageCalls {
-    /// `validate`: its verdict, or why there is none (`InputTooLarge` means it was not called).
-    pub validate: (Result<Verdict, Fault>, CallReport),
-    /// `route`, when `validate` accepted or rewrote: the narrowed route, or the fault.
-    pub route: Option<(Result<Route, Fault>, CallReport)>,
+    pub outcome: (Result<(Verdict, Route), Fault>, CallReport),
 }
 
 impl PluginHost {
-    /// One message through its plugin on a fresh instance: the input check, `validate`, the
-    /// rewrite's frame check, and — unless the message was rejected or the plugin faulted —
-    /// `route`, narrowed. Instantiation's cost is in `validate`'s report.
+    /// One message through its plugin on a fresh instance: the input check, the call, the
+    /// rewrite's frame check, the reason's bound, and the routing narrowed to the tenant's
+    /// limits. Instantiation's cost is in the report.
     pub fn message(&self, plugin: &Plugin, limits: &Limits, message: &Message, record_time_ms: u64) -> MessageCalls {
+        self.message_with(plugin, limits, message, record_time_ms, ConfigValues::default())
+    }
+
+    /// [`PluginHost::message`] with the tenant's configuration.
+    pub fn message_with(
+        &self,
+        plugin: &Plugin,
+        limits: &Limits,
+        message: &Message,
+        record_time_ms: u64,
+        config: ConfigValues,
+    ) -> MessageCalls {
         if let Err(too_large) = super::instance::check_input(message, limits) {
-            return MessageCalls { validate: (Err(too_large), CallReport::default()), route: None };
+            return MessageCalls { outcome: (Err(too_large), CallReport::default()) };
         }
-        let (instance, setup) = self.instantiate(plugin, limits);
+        let (instance, setup) = self.instantiate_with(plugin, limits, config);
         let mut instance = match instance {
             Ok(instance) => instance,
-            Err(fault) => return MessageCalls { validate: (Err(fault), setup), route: None },
+            Err(fault) => return MessageCalls { outcome: (Err(fault), setup) },
         };
-        let (mut verdict, report) = instance.validate(message, record_time_ms);
-        if let Ok(Verdict::Rewrite(text)) = &verdict {
-            let size = outgoing_size(message, text);
-            if size > crate::protocol::MAX_OUTGOING_BYTES {
-                verdict = Err(Fault::FrameTooLarge { size, limit: crate::protocol::MAX_OUTGOING_BYTES });
-            }
-        }
-        if let Ok(Verdict::Reject(reason)) = verdict {
-            verdict = Ok(Verdict::Reject(bounded_reason(reason)));
-        }
-        let validate = (verdict, report.after(setup));
-        let route = match &validate.0 {
-            Ok(Verdict::Accept | Verdict::Rewrite(_)) => {
-                let (routing, report) = instance.route(message, record_time_ms);
-                Some((routing.and_then(|r| narrow(r, &message.room, limits)), report))
-            }
-            _ => None,
-        };
-        MessageCalls { validate, route }
+        let (outcome, report) = instance.on_message(message, record_time_ms);
+        let outcome = outcome.and_then(|MessageOutcome { verdict, routing }| {
+            let verdict = match verdict {
+                Verdict::Rewrite(text) => {
+                    let size = outgoing_size(message, &text);
+                    if size > crate::protocol::MAX_OUTGOING_BYTES {
+                        return Err(Fault::FrameTooLarge { size, limit: crate::protocol::MAX_OUTGOING_BYTES });
+                    }
+                    Verdict::Rewrite(text)
+                }
+                Verdict::Reject(reason) => return Ok((Verdict::Reject(bounded_reason(reason)), Route::default())),
+                Verdict::Accept => Verdict::Accept,
+            };
+            Ok((verdict, narrow(routing, &message.room, limits)?))
+        });
+        MessageCalls { outcome: (outcome, report.after(setup)) }
     }
 
     /// A welcome's greeting on a fresh instance; one that would not fit the welcome frame is a
@@ -63,8 +74,9 @@ impl PluginHost {
         limits: &Limits,
         info: &WelcomeInfo,
         record_time_ms: u64,
+        config: ConfigValues,
     ) -> (Result<Option<String>, Fault>, CallReport) {
-        let (mut greeting, report) = self.welcome(plugin, limits, info, record_time_ms);
+        let (mut greeting, report) = self.welcome(plugin, limits, info, record_time_ms, config);
         if let Ok(Some(text)) = &greeting {
             let welcome = crate::protocol::ServerMessage::Welcome {
                 connection_id: info.connection_id.clone(),
@@ -81,6 +93,25 @@ impl PluginHost {
             }
         }
         (greeting, report)
+    }
+}
+
+impl PluginHost {
+    /// A join's decision on a fresh instance, with the deny reason bounded like a reject's.
+    pub fn join(
+        &self,
+        plugin: &Plugin,
+        limits: &Limits,
+        request: &JoinRequest,
+        record_time_ms: u64,
+        config: ConfigValues,
+    ) -> (Result<JoinDecision, Fault>, CallReport) {
+        let (decision, report) = self.authorize_join(plugin, limits, request, record_time_ms, config);
+        let decision = decision.map(|d| match d {
+            JoinDecision::Deny(reason) => JoinDecision::Deny(bounded_reason(reason)),
+            allow => allow,
+        });
+        (decision, report)
     }
 }
 

@@ -1,5 +1,6 @@
 //! One instantiated plugin: a `Store` with its limits and the component's instance, made for
-//! one message (its `validate` and `route`) or one welcome, then dropped. Each call gets its own
+//! one message (its `on-message`, or a 0.1.0 plugin's `validate` and `route`), one join or one
+//! welcome, then dropped. Each call gets its own
 //! fuel, epoch deadline, record time and bounded log; after a fault the instance is not entered
 //! again.
 
@@ -14,10 +15,13 @@ use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::roomcast::plugin::host::Level;
 use super::{
-    CallReport, EPOCH_TICK, Fault, Limits, Message, Plugin, Routing, TenantPlugin, Verdict, WelcomeInfo, root_cause,
+    CallReport, EPOCH_TICK, Fault, Hooks, JoinDecision, JoinRequest, Limits, Message, MessageOutcome, Plugin, Pre,
+    Routing, Verdict, WelcomeInfo, root_cause, v01, v02,
 };
+
+/// A tenant's configuration as a call sees it (`roomcast plugin config set`).
+pub type ConfigValues = Arc<std::collections::BTreeMap<String, String>>;
 
 /// The store's state.
 pub struct State {
@@ -32,6 +36,8 @@ pub struct State {
     /// The states of wasi:random's two generators, seeded from the record at each call.
     random: Arc<AtomicU64>,
     insecure: Arc<AtomicU64>,
+    /// The tenant's configuration, as `host.config` reads it.
+    config: ConfigValues,
 }
 
 impl WasiView for State {
@@ -40,15 +46,43 @@ impl WasiView for State {
     }
 }
 
-impl super::roomcast::plugin::host::Host for State {
-    fn log(&mut self, level: Level, message: String) {
+fn level_name(level: v02::roomcast::plugin::host::Level) -> &'static str {
+    use v02::roomcast::plugin::host::Level;
+    match level {
+        Level::Debug => "debug",
+        Level::Info => "info",
+        Level::Warn => "warn",
+        Level::Error => "error",
+    }
+}
+
+impl v02::roomcast::plugin::host::Host for State {
+    fn log(&mut self, level: v02::roomcast::plugin::host::Level, message: String) {
+        self.log.push(format!("{}: {message}", level_name(level)));
+    }
+
+    fn record_time(&mut self) -> u64 {
+        self.time.load(Ordering::Relaxed)
+    }
+
+    fn config(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).cloned()
+    }
+}
+
+impl v02::roomcast::plugin::types::Host for State {}
+
+impl v01::roomcast::plugin::host::Host for State {
+    fn log(&mut self, level: v01::roomcast::plugin::host::Level, message: String) {
+        use v01::roomcast::plugin::host::Level as Old;
+        use v02::roomcast::plugin::host::Level;
         let level = match level {
-            Level::Debug => "debug",
-            Level::Info => "info",
-            Level::Warn => "warn",
-            Level::Error => "error",
+            Old::Debug => Level::Debug,
+            Old::Info => Level::Info,
+            Old::Warn => Level::Warn,
+            Old::Error => Level::Error,
         };
-        self.log.push(format!("{level}: {message}"));
+        self.log.push(format!("{}: {message}", level_name(level)));
     }
 
     fn record_time(&mut self) -> u64 {
@@ -56,7 +90,50 @@ impl super::roomcast::plugin::host::Host for State {
     }
 }
 
-impl super::roomcast::plugin::types::Host for State {}
+impl v01::roomcast::plugin::types::Host for State {}
+
+/// A 0.1.0 component's values, to and from the current world's (the same fields).
+mod old {
+    use super::{Message, Routing, Verdict, WelcomeInfo, v01};
+    use v01::roomcast::plugin::types as t;
+
+    pub(super) fn message(m: &Message) -> t::Message {
+        t::Message {
+            id: m.id.clone(),
+            tenant: m.tenant.clone(),
+            room: m.room.clone(),
+            user_id: m.user_id.clone(),
+            body: m.body.clone(),
+            timestamp: m.timestamp.clone(),
+        }
+    }
+
+    pub(super) fn verdict(v: t::Verdict) -> Verdict {
+        match v {
+            t::Verdict::Accept => Verdict::Accept,
+            t::Verdict::Rewrite(text) => Verdict::Rewrite(text),
+            t::Verdict::Reject(why) => Verdict::Reject(why),
+        }
+    }
+
+    pub(super) fn routing(r: t::Routing) -> Routing {
+        Routing { extra_rooms: r.extra_rooms, only_users: r.only_users, echo_to_sender: r.echo_to_sender }
+    }
+
+    pub(super) fn welcome(w: &WelcomeInfo) -> t::WelcomeInfo {
+        t::WelcomeInfo {
+            connection_id: w.connection_id.clone(),
+            tenant: w.tenant.clone(),
+            user_id: w.user_id.clone(),
+            rooms: w.rooms.clone(),
+        }
+    }
+}
+
+/// The routing every recipient of the room gets: what a plugin that says nothing means.
+pub fn plain_routing() -> Routing {
+    Routing { extra_rooms: Vec::new(), only_users: None, echo_to_sender: true }
+}
 
 /// A log that keeps lines until a byte budget is spent, then says how many it dropped.
 #[derive(Debug)]
@@ -275,15 +352,26 @@ pub(super) fn monotonic_now(store: &wasmtime::StoreContextMut<'_, State>) -> u64
 /// An instantiated plugin with its store.
 pub struct Instance {
     store: Store<State>,
-    bindings: TenantPlugin,
+    bindings: Bindings,
     stdio: StdioSink,
     limits: Limits,
     /// Calls made on this instance so far.
     pub calls: u32,
 }
 
+/// The instantiated component, of either world.
+enum Bindings {
+    V02(v02::TenantPlugin),
+    V01(v01::TenantPlugin),
+}
+
 impl Instance {
-    pub(super) fn new(engine: &Engine, plugin: &Plugin, limits: &Limits) -> (Result<Instance, Fault>, CallReport) {
+    pub(super) fn new(
+        engine: &Engine,
+        plugin: &Plugin,
+        limits: &Limits,
+        config: ConfigValues,
+    ) -> (Result<Instance, Fault>, CallReport) {
         let started = Instant::now();
         let stdio = StdioSink::new(limits.log_bytes);
         let (time, slept) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -312,6 +400,7 @@ impl Instance {
             slept,
             random,
             insecure,
+            config,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limits);
@@ -321,7 +410,10 @@ impl Instance {
         store.set_hostcall_fuel(2 * limits.io_bytes);
         store.set_max_component_handles(1000);
         arm(&mut store, limits);
-        let bindings = bounded(limits, plugin.pre.instantiate_async(&mut store));
+        let bindings = match &plugin.pre {
+            Pre::V02(pre) => bounded(limits, pre.instantiate_async(&mut store)).map(Bindings::V02),
+            Pre::V01(pre) => bounded(limits, pre.instantiate_async(&mut store)).map(Bindings::V01),
+        };
         let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
         match bindings {
             Ok(bindings) => {
@@ -342,7 +434,7 @@ impl Instance {
         &mut self,
         record_time_ms: u64,
         record_key: &str,
-        run: impl AsyncFnOnce(&TenantPlugin, &mut Store<State>) -> wasmtime::Result<R>,
+        run: impl AsyncFnOnce(&Bindings, &mut Store<State>) -> wasmtime::Result<R>,
     ) -> (Result<R, Fault>, CallReport) {
         let started = Instant::now();
         self.calls += 1;
@@ -362,42 +454,130 @@ impl Instance {
         (result, CallReport { fuel_used, elapsed: started.elapsed(), log: log.finish(&self.stdio) })
     }
 
-    pub fn validate(&mut self, message: &Message, record_time_ms: u64) -> (Result<Verdict, Fault>, CallReport) {
+    /// The world of the instantiated component.
+    pub fn world(&self) -> &'static str {
+        match self.bindings {
+            Bindings::V02(_) => "0.2.0",
+            Bindings::V01(_) => "0.1.0",
+        }
+    }
+
+    /// A message's verdict and routing: one `on-message` call, or a 0.1.0 plugin's `validate`
+    /// and (unless it rejected) `route`, whose costs and logs are added together. Outputs are
+    /// bounded here; a rewrite's frame is the caller's check (`PluginHost::message`).
+    pub fn on_message(
+        &mut self,
+        message: &Message,
+        record_time_ms: u64,
+    ) -> (Result<MessageOutcome, Fault>, CallReport) {
         if let Err(fault) = check_input(message, &self.limits) {
             return (Err(fault), CallReport::default());
         }
         let limits = self.limits.clone();
-        let (result, report) =
-            self.call(record_time_ms, &message.id, async |p, store| p.call_validate(store, message).await);
-        let result = result.and_then(|verdict| {
+        let (result, report) = match &self.bindings {
+            Bindings::V02(_) => self.call(record_time_ms, &message.id, async |b, store| match b {
+                Bindings::V02(p) => p.call_on_message(store, message).await,
+                Bindings::V01(_) => unreachable!("the bindings do not change"),
+            }),
+            Bindings::V01(_) => {
+                let input = old::message(message);
+                let (verdict, report) = self.call(record_time_ms, &message.id, async |b, store| match b {
+                    Bindings::V01(p) => p.call_validate(store, &input).await.map(old::verdict),
+                    Bindings::V02(_) => unreachable!("the bindings do not change"),
+                });
+                match verdict {
+                    Ok(verdict @ Verdict::Reject(_)) => {
+                        (Ok(MessageOutcome { verdict, routing: plain_routing() }), report)
+                    }
+                    Ok(verdict) => {
+                        let (routing, routed) = self.call(record_time_ms, &message.id, async |b, store| match b {
+                            Bindings::V01(p) => p.call_route(store, &input).await.map(old::routing),
+                            Bindings::V02(_) => unreachable!("the bindings do not change"),
+                        });
+                        (routing.map(|routing| MessageOutcome { verdict, routing }), routed.after(report))
+                    }
+                    Err(fault) => (Err(fault), report),
+                }
+            }
+        };
+        let result = result.and_then(|outcome| {
             // A rewrite is bounded by the frame its recipients get, which the caller checks
             // (`PluginHost::message`): how far it grows depends on the sender's message.
-            let size = match &verdict {
+            let reason = match &outcome.verdict {
                 Verdict::Accept | Verdict::Rewrite(_) => 0,
                 Verdict::Reject(text) => text.len(),
             };
-            within(size, &limits).map(|()| verdict)
+            // Every routing entry counts, not only its bytes: thousands of empty names are not free.
+            let routing = &outcome.routing;
+            let entries = routing.extra_rooms.iter().chain(routing.only_users.iter().flatten());
+            let size = reason + entries.map(|e| e.len() + ROUTE_ENTRY_BYTES).sum::<usize>();
+            within(size, &limits).map(|()| outcome)
         });
         (result, report)
     }
 
+    /// The verdict of [`Instance::on_message`] (tests, `roomcast plugin test`).
+    pub fn validate(&mut self, message: &Message, record_time_ms: u64) -> (Result<Verdict, Fault>, CallReport) {
+        let (outcome, report) = self.on_message(message, record_time_ms);
+        (outcome.map(|o| o.verdict), report)
+    }
+
+    /// The routing of [`Instance::on_message`] (tests, `roomcast plugin test`).
     pub fn route(&mut self, message: &Message, record_time_ms: u64) -> (Result<Routing, Fault>, CallReport) {
+        let (outcome, report) = self.on_message(message, record_time_ms);
+        (outcome.map(|o| o.routing), report)
+    }
+
+    /// Whether a connection may join a room. A 0.1.0 plugin has no such hook: allowed.
+    pub fn authorize_join(
+        &mut self,
+        request: &JoinRequest,
+        record_time_ms: u64,
+    ) -> (Result<JoinDecision, Fault>, CallReport) {
+        let size = request.claims.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + request.room.len()
+            + request.user_id.len()
+            + request.connection_id.len();
+        if size > self.limits.io_bytes {
+            return (Err(Fault::InputTooLarge { size, limit: self.limits.io_bytes }), CallReport::default());
+        }
+        if let Bindings::V01(_) = self.bindings {
+            return (Ok(JoinDecision::Allow), CallReport::default());
+        }
         let limits = self.limits.clone();
-        let (result, report) =
-            self.call(record_time_ms, &message.id, async |p, store| p.call_route(store, message).await);
-        let result = result.and_then(|routing| {
-            // Every entry counts, not only its bytes: thousands of empty names are not free.
-            let entries = routing.extra_rooms.iter().chain(routing.only_users.iter().flatten());
-            let size = entries.map(|e| e.len() + ROUTE_ENTRY_BYTES).sum::<usize>();
-            within(size, &limits).map(|()| routing)
+        let key = format!("{}#{}", request.connection_id, request.room);
+        let (result, report) = self.call(record_time_ms, &key, async |b, store| match b {
+            Bindings::V02(p) => p.call_authorize_join(store, request).await,
+            Bindings::V01(_) => unreachable!("the bindings do not change"),
+        });
+        let result = result.and_then(|decision| {
+            let size = match &decision {
+                JoinDecision::Allow => 0,
+                JoinDecision::Deny(why) => why.len(),
+            };
+            within(size, &limits).map(|()| decision)
         });
         (result, report)
+    }
+
+    /// The optional hooks the plugin implements (a 0.1.0 plugin: `welcome`).
+    pub fn hooks(&mut self) -> (Result<Hooks, Fault>, CallReport) {
+        if let Bindings::V01(_) = self.bindings {
+            return (Ok(Hooks::WELCOME), CallReport::default());
+        }
+        self.call(0, "hooks", async |b, store| match b {
+            Bindings::V02(p) => p.call_hooks(store).await,
+            Bindings::V01(_) => unreachable!("the bindings do not change"),
+        })
     }
 
     pub fn welcome(&mut self, info: &WelcomeInfo, record_time_ms: u64) -> (Result<Option<String>, Fault>, CallReport) {
         let limits = self.limits.clone();
-        let (result, report) =
-            self.call(record_time_ms, &info.connection_id, async |p, store| p.call_welcome(store, info).await);
+        let old_info = old::welcome(info);
+        let (result, report) = self.call(record_time_ms, &info.connection_id, async |b, store| match b {
+            Bindings::V02(p) => p.call_welcome(store, info).await,
+            Bindings::V01(p) => p.call_welcome(store, &old_info).await,
+        });
         let result =
             result.and_then(|greeting| within(greeting.as_ref().map_or(0, String::len), &limits).map(|()| greeting));
         (result, report)

@@ -27,19 +27,39 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
-wasmtime::component::bindgen!({
-    world: "tenant-plugin",
-    path: "../wit",
-    additional_derives: [PartialEq, Eq],
-    // Guest code runs as a future, so that a call parked in a host call (a sleep, a poll, a read)
-    // can be abandoned at its deadline: epoch interruption only stops wasm code.
-    exports: { default: async },
-});
+/// The current world, `roomcast:plugin@0.2.0` (`wit/roomcast-plugin.wit`): the host's own types
+/// are this world's.
+pub mod v02 {
+    wasmtime::component::bindgen!({
+        world: "tenant-plugin",
+        path: "../wit/roomcast-plugin.wit",
+        additional_derives: [PartialEq, Eq],
+        // Guest code runs as a future, so that a call parked in a host call (a sleep, a poll, a
+        // read) can be abandoned at its deadline: epoch interruption only stops wasm code.
+        exports: { default: async },
+    });
+}
+
+/// The first world, `roomcast:plugin@0.1.0` (`wit/0.1.0/`): its components still load and
+/// behave as they did — `validate` then `route` on one instance, and `welcome` for every
+/// connection. Its values are converted to and from the current world's at the boundary.
+pub mod v01 {
+    wasmtime::component::bindgen!({
+        world: "tenant-plugin",
+        path: "../wit/0.1.0/roomcast-plugin.wit",
+        additional_derives: [PartialEq, Eq],
+        exports: { default: async },
+    });
+}
+
+pub use self::v02::roomcast::plugin::types::{
+    Hooks, JoinDecision, JoinRequest, Message, MessageOutcome, Routing, Verdict, WelcomeInfo,
+};
 
 pub use self::calls::MessageCalls;
-pub use self::instance::Instance;
+pub use self::instance::{ConfigValues, Instance, plain_routing};
 pub use self::lifecycle::{PluginRules, WithPlugins, upload};
-pub use self::roomcast::plugin::host::Level;
+pub use self::v02::roomcast::plugin::host::Level;
 pub use crate::model::LimitOverrides;
 pub use crate::rules::{CEILING, CallRecord, CallReport, Limits};
 
@@ -70,7 +90,7 @@ pub enum Rejected {
     NotAComponent(String),
     #[error("the component imports something plugins may not use: {0}")]
     ForbiddenImport(String),
-    #[error("the component does not implement roomcast:plugin/tenant-plugin@0.1.0: {0}")]
+    #[error("the component does not implement roomcast:plugin/tenant-plugin@0.2.0 (nor @0.1.0): {0}")]
     WrongWorld(String),
 }
 
@@ -110,6 +130,22 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// A short name of the kind, for metrics (`PluginFaults_<kind>`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::OutOfFuel(_) => "out_of_fuel",
+            Fault::Deadline(_) => "deadline",
+            Fault::Memory(_) => "memory",
+            Fault::Trap(_) => "trap",
+            Fault::OutputTooLarge { .. } | Fault::OutputTooLargeToCopy { .. } => "output_too_large",
+            Fault::InputTooLarge { .. } => "input_too_large",
+            Fault::FrameTooLarge { .. } => "frame_too_large",
+            Fault::RoutedTooWide { .. } => "routed_too_wide",
+            Fault::BreakerOpen => "breaker_open",
+            Fault::Host(_) => "host",
+        }
+    }
+
     /// Whether the plugin was called and failed: not the breaker speaking for it, not the host,
     /// not the caller's size checks.
     pub fn is_the_plugins(&self) -> bool {
@@ -125,14 +161,36 @@ impl Fault {
 /// A compiled, checked plugin: ready to instantiate.
 #[derive(Clone)]
 pub struct Plugin {
-    pre: TenantPluginPre<State>,
+    pre: Pre,
+    /// The optional hooks it implements: asked once (`hooks`), the first time they matter.
+    hooks: Arc<std::sync::OnceLock<Hooks>>,
     pub sha256: String,
     pub size: usize,
     /// Loaded from this host's precompiled-artifact directory instead of compiled.
     pub from_artifact: bool,
 }
 
+/// A component ready to instantiate, of either world.
+#[derive(Clone)]
+pub(crate) enum Pre {
+    V02(v02::TenantPluginPre<State>),
+    V01(v01::TenantPluginPre<State>),
+}
+
 impl Plugin {
+    /// The world the component implements: `0.2.0` or `0.1.0`.
+    pub fn world(&self) -> &'static str {
+        match self.pre {
+            Pre::V02(_) => "0.2.0",
+            Pre::V01(_) => "0.1.0",
+        }
+    }
+
+    /// The optional hooks, if they have been asked already ([`PluginHost::hooks`] asks).
+    pub fn known_hooks(&self) -> Option<Hooks> {
+        self.hooks.get().copied()
+    }
+
     /// Content-addressed: the first 16 hex digits of the component's sha256.
     pub fn version(&self) -> &str {
         &self.sha256[..16.min(self.sha256.len())]
@@ -192,7 +250,10 @@ impl PluginHost {
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         linker.allow_shadowing(false);
-        TenantPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)
+        // Both worlds' imports: a 0.1.0 component links to the first, a 0.2.0 one to the second.
+        v02::TenantPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        v01::TenantPlugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
 
         // The epoch deadline's clock: one tick per EPOCH_TICK, on a thread of its own.
@@ -249,12 +310,23 @@ impl PluginHost {
             }
         };
         let pre = self.linker.instantiate_pre(&component).map_err(|e| Rejected::ForbiddenImport(root_cause(&e)))?;
-        let pre = TenantPluginPre::new(pre).map_err(|e| Rejected::WrongWorld(root_cause(&e)))?;
+        let hooks = Arc::new(std::sync::OnceLock::new());
+        let pre = match v02::TenantPluginPre::new(pre.clone()) {
+            Ok(pre) => Pre::V02(pre),
+            Err(current) => match v01::TenantPluginPre::new(pre) {
+                Ok(pre) => {
+                    // 0.1.0 has no optional hooks: `welcome` is called for every connection.
+                    let _ = hooks.set(Hooks::WELCOME);
+                    Pre::V01(pre)
+                }
+                Err(_) => return Err(Rejected::WrongWorld(root_cause(&current))),
+            },
+        };
         if !from_artifact {
             // Only a component that passed every check is worth keeping.
             self.save_artifact(&sha256, &component);
         }
-        Ok(Plugin { pre, sha256, size: bytes.len(), from_artifact })
+        Ok(Plugin { pre, hooks, sha256, size: bytes.len(), from_artifact })
     }
 
     fn artifact_path(&self, sha256: &str) -> Option<PathBuf> {
@@ -294,9 +366,19 @@ impl PluginHost {
     }
 
     /// A ready instance of `plugin`: a store with the memory cap, and the component instantiated
-    /// in it. Instantiation runs guest code, so it can fault like a call.
+    /// in it, with no configuration. Instantiation runs guest code, so it can fault like a call.
     pub fn instantiate(&self, plugin: &Plugin, limits: &Limits) -> (Result<Instance, Fault>, CallReport) {
-        Instance::new(&self.engine, plugin, limits)
+        Instance::new(&self.engine, plugin, limits, ConfigValues::default())
+    }
+
+    /// A ready instance that reads `config` through `host.config`.
+    pub fn instantiate_with(
+        &self,
+        plugin: &Plugin,
+        limits: &Limits,
+        config: ConfigValues,
+    ) -> (Result<Instance, Fault>, CallReport) {
+        Instance::new(&self.engine, plugin, limits, config)
     }
 
     /// One call on a fresh instance (`roomcast plugin test`, tests, benchmarks): instantiation's
@@ -305,9 +387,10 @@ impl PluginHost {
         &self,
         plugin: &Plugin,
         limits: &Limits,
+        config: ConfigValues,
         call: impl FnOnce(&mut Instance) -> (Result<R, Fault>, CallReport),
     ) -> (Result<R, Fault>, CallReport) {
-        let (instance, setup) = self.instantiate(plugin, limits);
+        let (instance, setup) = self.instantiate_with(plugin, limits, config);
         match instance {
             Ok(mut instance) => {
                 let (result, report) = call(&mut instance);
@@ -317,6 +400,7 @@ impl PluginHost {
         }
     }
 
+    /// The verdict for a message on a fresh instance, unconfigured (tests).
     pub fn validate(
         &self,
         plugin: &Plugin,
@@ -327,9 +411,10 @@ impl PluginHost {
         if let Err(fault) = instance::check_input(message, limits) {
             return (Err(fault), CallReport::default());
         }
-        self.once(plugin, limits, |i| i.validate(message, record_time_ms))
+        self.once(plugin, limits, ConfigValues::default(), |i| i.validate(message, record_time_ms))
     }
 
+    /// The routing for a message on a fresh instance, unconfigured (tests).
     pub fn route(
         &self,
         plugin: &Plugin,
@@ -337,7 +422,7 @@ impl PluginHost {
         message: &Message,
         record_time_ms: u64,
     ) -> (Result<Routing, Fault>, CallReport) {
-        self.once(plugin, limits, |i| i.route(message, record_time_ms))
+        self.once(plugin, limits, ConfigValues::default(), |i| i.route(message, record_time_ms))
     }
 
     pub fn welcome(
@@ -346,8 +431,36 @@ impl PluginHost {
         limits: &Limits,
         info: &WelcomeInfo,
         record_time_ms: u64,
+        config: ConfigValues,
     ) -> (Result<Option<String>, Fault>, CallReport) {
-        self.once(plugin, limits, |i| i.welcome(info, record_time_ms))
+        self.once(plugin, limits, config, |i| i.welcome(info, record_time_ms))
+    }
+
+    /// Whether a connection may join a room, on a fresh instance.
+    pub fn authorize_join(
+        &self,
+        plugin: &Plugin,
+        limits: &Limits,
+        request: &JoinRequest,
+        record_time_ms: u64,
+        config: ConfigValues,
+    ) -> (Result<JoinDecision, Fault>, CallReport) {
+        self.once(plugin, limits, config, |i| i.authorize_join(request, record_time_ms))
+    }
+
+    /// The optional hooks `plugin` implements, asked on a fresh instance the first time and
+    /// kept. A plugin whose `hooks` faults is taken to implement every hook: its joins then
+    /// meet its failure policy, never a free pass. Call it from a blocking thread.
+    pub fn hooks(&self, plugin: &Plugin, limits: &Limits) -> Hooks {
+        if let Some(hooks) = plugin.known_hooks() {
+            return hooks;
+        }
+        let (hooks, _) = self.once(plugin, limits, ConfigValues::default(), |i| i.hooks());
+        let hooks = hooks.unwrap_or_else(|fault| {
+            tracing::warn!(version = plugin.version(), %fault, "the plugin's hooks export faulted; every hook will be called");
+            Hooks::all()
+        });
+        *plugin.hooks.get_or_init(|| hooks)
     }
 }
 

@@ -19,12 +19,14 @@ use std::sync::Arc;
 
 use crate::model::{FailurePolicy, PluginActive, PluginMeta, PluginStatus};
 use crate::react::{Decision, Route};
-use crate::rules::{CallRecord, MessageInput, Mode, PluginAction, TenantRules, WelcomeInput};
+use crate::rules::{
+    CallRecord, JoinInput, JoinVerdict, MessageInput, Mode, PluginAction, RecordAt, TenantRules, WelcomeInput,
+};
 use crate::store::{Store, StoreError};
 use crate::stream::{Change, Record};
 
 use super::registry::{Policy, Registry};
-use super::{LimitOverrides, Limits, Message, PluginHost, WelcomeInfo};
+use super::{JoinRequest, LimitOverrides, Limits, Message, PluginHost, WelcomeInfo};
 
 /// The tenants' plugins as the processor's [`TenantRules`]: this container's registry, kept in
 /// step with the table.
@@ -71,6 +73,7 @@ impl PluginRules {
                         // This container has loaded what the new pointer names.
                         let revision = self.store.active_plugin(&meta.tenant).await?.and_then(|a| a.revision);
                         registry.set_revision(&meta.tenant, revision);
+                        self.record_hooks(&meta.tenant, &meta.version, None).await?;
                         tracing::info!(%tenant, %version, "plugin activated");
                         Ok(vec![PluginAction::Activated { tenant, version }])
                     }
@@ -180,6 +183,9 @@ impl PluginRules {
         self.ensure_version(tenant, &active.version, mode).await?;
         if registry.installed_version(tenant).as_deref() == Some(active.version.as_str()) {
             registry.set_revision(tenant, active.revision.clone());
+            if mode == Mode::Execute {
+                self.record_hooks(tenant, &active.version, active.authorizes_joins).await?;
+            }
         } else {
             registry.remove(tenant);
             registry.set_unloadable(tenant, wanted);
@@ -188,6 +194,16 @@ impl PluginRules {
                 version = %active.version,
                 "the ACTIVE plugin version cannot be loaded; the tenant runs no plugin until its pointer changes (tried again in 10 minutes)"
             );
+        }
+        Ok(())
+    }
+
+    /// Tells `$connect` (through the `ACTIVE` pointer) whether the version decides joins, when
+    /// the pointer does not say so already.
+    async fn record_hooks(&self, tenant: &str, version: &str, recorded: Option<bool>) -> Result<(), StoreError> {
+        let authorizes = self.registry.hooks(tenant).await.is_some_and(|h| h.contains(super::Hooks::AUTHORIZE_JOIN));
+        if recorded != Some(authorizes) {
+            self.store.set_authorizes_joins(tenant, version, authorizes).await?;
         }
         Ok(())
     }
@@ -219,13 +235,18 @@ impl TenantRules for PluginRules {
     }
 
     async fn refresh(&self, tenant: &str, mode: Mode) -> Result<(), StoreError> {
-        self.follow_pointer(tenant, mode).await
+        // The pointer and the configuration, read at the same time: one round trip per tenant
+        // per batch, as before configuration existed.
+        let (followed, config) = tokio::join!(self.follow_pointer(tenant, mode), self.store.plugin_config(tenant));
+        followed?;
+        self.registry.set_config(tenant, config?.map(|c| c.values).unwrap_or_default());
+        Ok(())
     }
 
     async fn decide_message(
         &self,
         message: &MessageInput,
-        record_time_ms: u64,
+        at: &RecordAt,
     ) -> Option<(Decision, Route, Vec<CallRecord>)> {
         let message = Message {
             id: message.id.clone(),
@@ -235,17 +256,36 @@ impl TenantRules for PluginRules {
             body: message.body.clone(),
             timestamp: message.timestamp.clone(),
         };
-        self.registry.decide_message(&message, record_time_ms).await
+        self.registry.decide_message(&message, at).await
     }
 
-    async fn greeting(&self, info: &WelcomeInput, record_time_ms: u64) -> Option<(Option<String>, CallRecord)> {
+    async fn greeting(&self, info: &WelcomeInput, at: &RecordAt) -> Option<(Option<String>, CallRecord)> {
         let info = WelcomeInfo {
             connection_id: info.connection_id.clone(),
             tenant: info.tenant.clone(),
             user_id: info.user_id.clone(),
             rooms: info.rooms.clone(),
         };
-        self.registry.greeting(&info, record_time_ms).await
+        self.registry.greeting(&info, at).await
+    }
+
+    async fn authorizes_joins(&self, tenant: &str) -> bool {
+        self.registry.hooks(tenant).await.is_some_and(|h| h.contains(super::Hooks::AUTHORIZE_JOIN))
+    }
+
+    async fn authorize_join(&self, join: &JoinInput, at: &RecordAt) -> Option<(JoinVerdict, CallRecord)> {
+        let request = JoinRequest {
+            connection_id: join.connection_id.clone(),
+            tenant: join.tenant.clone(),
+            user_id: join.user_id.clone(),
+            room: join.room.clone(),
+            claims: join.claims.clone(),
+        };
+        self.registry.authorize_join(&request, at).await
+    }
+
+    fn take_stats(&self) -> Vec<crate::metrics::PluginStats> {
+        self.registry.take_stats()
     }
 }
 

@@ -1,5 +1,6 @@
 //! Which plugin each tenant runs, with its limits, failure policy and circuit breaker, and the
-//! calls the processor makes: [`Registry::decide_message`] and [`Registry::greeting`].
+//! calls the processor makes: [`Registry::decide_message`], [`Registry::authorize_join`] and
+//! [`Registry::greeting`], each with the tenant's configuration ([`Registry::set_config`]).
 //!
 //! * Bounded, with moka: at most [`Registry::with_capacity`] tenants' compiled plugins are kept
 //!   (least recently used evicted first, any idle for [`INSTALLED_IDLE`] released) and reloaded
@@ -22,9 +23,13 @@ use std::time::{Duration, Instant};
 
 use crate::store::StoreError;
 
-use super::{CallRecord, CallReport, Fault, Limits, Message, MessageCalls, Plugin, PluginHost, Verdict, WelcomeInfo};
-use crate::metrics::Metrics;
+use super::{
+    CallRecord, CallReport, ConfigValues, Fault, Hooks, JoinDecision, JoinRequest, Limits, Message, Plugin, PluginHost,
+    Verdict, WelcomeInfo,
+};
+use crate::metrics::{Metrics, PluginStats};
 use crate::react::{Decision, Route};
+use crate::rules::{JoinVerdict, RecordAt};
 
 pub const BREAKER_THRESHOLD: u32 = 5;
 pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
@@ -84,6 +89,10 @@ pub struct Registry {
     memory_mib: usize,
     memory_peak_mib: std::sync::atomic::AtomicUsize,
     metrics: Arc<Metrics>,
+    /// Per tenant, its configuration (and whether it was pinned from a file).
+    configs: RwLock<HashMap<String, (ConfigValues, bool)>>,
+    /// Per tenant, its calls' costs since the last batch's metrics.
+    stats: Mutex<HashMap<String, Samples>>,
 }
 
 /// The plugin memory budget of a process, unless configured (`ROOMCAST_PLUGIN_MEMORY_BUDGET_MIB`).
@@ -181,6 +190,8 @@ impl Registry {
             memory_mib: DEFAULT_MEMORY_BUDGET_MIB,
             memory_peak_mib: std::sync::atomic::AtomicUsize::new(0),
             metrics,
+            configs: RwLock::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
         }
     }
 
@@ -389,13 +400,26 @@ impl Registry {
         Some((result, installed.policy))
     }
 
-    /// Counts and logs a hook's outcome.
-    fn observe<T>(&self, tenant: &str, hook: &'static str, result: &Result<T, Fault>, report: &CallReport) {
+    /// Counts a call's outcome for the batch's per-tenant metrics, and emits its log: one JSON
+    /// log line per plugin log line (in the Lambda; `roomcast dev` prints them), tagged with the
+    /// tenant, the plugin version, the hook and the record's sequence number.
+    fn observe<T>(
+        &self,
+        tenant: &str,
+        hook: &'static str,
+        at: &RecordAt,
+        result: &Result<T, Fault>,
+        report: &CallReport,
+    ) {
+        let version = self.installed_version(tenant).unwrap_or_default();
         if let Err(fault) = result
             && fault.is_the_plugins()
         {
             Metrics::add(&self.metrics.plugin_faults, 1);
-            tracing::warn!(tenant, hook, %fault, "plugin fault");
+            tracing::warn!(tenant, version, hook, seq = %at.sequence, %fault, "plugin fault");
+        }
+        for line in &report.log {
+            tracing::info!(target: "roomcast::plugin_log", tenant, version, hook, seq = %at.sequence, "{line}");
         }
         tracing::debug!(
             tenant,
@@ -404,6 +428,33 @@ impl Registry {
             elapsed_us = report.elapsed.as_micros() as u64,
             "plugin call"
         );
+        // The breaker's skips and the caller's size checks are not calls.
+        if let Err(fault) = result
+            && !fault.was_called()
+        {
+            return;
+        }
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let samples = stats.entry(tenant.to_string()).or_default();
+        samples.version = version;
+        if samples.fuel.len() < MAX_SAMPLES {
+            samples.fuel.push(report.fuel_used);
+            samples.micros.push(report.elapsed.as_micros() as u64);
+        }
+        if let Err(fault) = result {
+            *samples.faults.entry(fault.kind().to_string()).or_default() += 1;
+        }
+    }
+
+    /// Per tenant, what its plugin's calls cost since the last time this was asked.
+    pub fn take_stats(&self) -> Vec<PluginStats> {
+        let taken = std::mem::take(&mut *self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut stats: Vec<PluginStats> = taken
+            .into_iter()
+            .map(|(tenant, s)| PluginStats::from_samples(&tenant, &s.version, s.fuel, s.micros, s.faults))
+            .collect();
+        stats.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        stats
     }
 
     /// The breaker counts messages (and welcomes), not calls: one whose hooks faulted counts
@@ -430,102 +481,165 @@ impl Registry {
         }
     }
 
-    /// Validation then routing for one message, on a fresh instance
-    /// ([`PluginHost::message`]); `None` when the tenant has no plugin.
+    /// Settles the breaker after a call the plugin may have been blamed for.
+    fn settle<T>(&self, tenant: &str, result: &Result<T, Fault>) {
+        if !result.as_ref().is_err_and(|fault| !fault.was_called()) {
+            self.settle_breaker(tenant, result.as_ref().is_err_and(Fault::is_the_plugins));
+        }
+    }
+
+    /// The tenant's configuration as its plugin reads it.
+    pub fn config(&self, tenant: &str) -> ConfigValues {
+        self.configs.read().unwrap_or_else(|p| p.into_inner()).get(tenant).map(|(c, _)| c.clone()).unwrap_or_default()
+    }
+
+    /// The tenant's configuration, as the table has it now. Ignored for a tenant whose
+    /// configuration was pinned ([`Registry::pin_config`]).
+    pub fn set_config(&self, tenant: &str, values: std::collections::BTreeMap<String, String>) {
+        let mut configs = self.configs.write().unwrap_or_else(|p| p.into_inner());
+        if configs.get(tenant).is_some_and(|(_, pinned)| *pinned) {
+            return;
+        }
+        if values.is_empty() {
+            configs.remove(tenant);
+        } else if configs.get(tenant).is_none_or(|(c, _)| **c != values) {
+            configs.insert(tenant.to_string(), (Arc::new(values), false));
+        }
+    }
+
+    /// The tenant's configuration from a file (replay's and `plugin test`'s `--config`): the
+    /// table's is never read over it.
+    pub fn pin_config(&self, tenant: &str, values: std::collections::BTreeMap<String, String>) {
+        self.configs.write().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), (Arc::new(values), true));
+    }
+
+    /// The optional hooks of the tenant's plugin (asked of it once, on a blocking thread);
+    /// `None` when the tenant has no plugin.
+    pub async fn hooks(&self, tenant: &str) -> Option<Hooks> {
+        let installed = self.get(tenant)?;
+        if let Some(hooks) = installed.plugin.known_hooks() {
+            return Some(hooks);
+        }
+        let host = self.host.clone();
+        let asked = tokio::task::spawn_blocking(move || host.hooks(&installed.plugin, &installed.limits)).await;
+        // A host failure around the call: every hook is called, so joins meet the policy.
+        Some(asked.unwrap_or(Hooks::all()))
+    }
+
+    /// The verdict and route for one message from one `on-message` call on a fresh instance
+    /// ([`PluginHost::message_with`]); `None` when the tenant has no plugin.
     ///
-    /// Failure policy, for every hook: fail-closed rejects the message; fail-open delivers it by
-    /// the default rules — to its room, as if there were no plugin, never to anyone outside it.
-    /// After a `validate` fault `route` is not asked, so a faulting plugin costs one call per
-    /// message.
-    pub async fn decide_message(
-        &self,
-        message: &Message,
-        record_time_ms: u64,
-    ) -> Option<(Decision, Route, Vec<CallRecord>)> {
+    /// Failure policy: fail-closed rejects the message; fail-open delivers it by the default
+    /// rules — to its room, as if there were no plugin, never to anyone outside it.
+    pub async fn decide_message(&self, message: &Message, at: &RecordAt) -> Option<(Decision, Route, Vec<CallRecord>)> {
         let tenant = message.tenant.clone();
         let input = message.clone();
+        let (config, time) = (self.config(&tenant), at.time_ms);
+        let world = self.get(&tenant).map(|i| i.plugin.world())?;
+        let hook = if world == "0.1.0" { "validate+route" } else { "on-message" };
         let (ran, policy) = self
-            .run(&tenant, "validate", move |host, plugin, limits| host.message(plugin, limits, &input, record_time_ms))
+            .run(&tenant, hook, move |host, plugin, limits| host.message_with(plugin, limits, &input, time, config))
             .await?;
-        let calls = match ran {
-            Ok(calls) => calls,
-            Err(fault) => MessageCalls { validate: (Err(fault), CallReport::default()), route: None },
+        let (outcome, report) = match ran {
+            Ok(calls) => calls.outcome,
+            Err(fault) => (Err(fault), CallReport::default()),
         };
-        let on_fault = |fault: &Fault| match (policy, fault) {
-            // The caller's check, not the plugin's: never delivered unchecked, whatever the
-            // policy, since the plugin could not see it (only a record written around the
-            // handlers can be this large).
-            (_, Fault::InputTooLarge { .. }) => Decision::Reject {
-                reason: super::calls::bounded_reason(format!(
-                    "the message is too large for the room's rules ({fault})"
-                )),
-            },
-            (Policy::FailOpen, _) => Decision::Deliver { rewritten: None },
-            (Policy::FailClosed, _) => Decision::Reject {
-                reason: super::calls::bounded_reason(format!("the room's rules could not be checked ({fault})")),
-            },
-        };
-        let (verdict, report) = calls.validate;
-        self.observe(&tenant, "validate", &verdict, &report);
-        let mut faulted = verdict.as_ref().is_err_and(Fault::is_the_plugins);
-        // A message no hook saw (too large for it, the host failing around it) tells the
-        // breaker nothing: it neither counts nor closes it.
-        let called = !verdict.as_ref().is_err_and(|fault| !fault.was_called());
-        let mut records = vec![CallRecord {
-            hook: "validate",
-            outcome: match &verdict {
+        self.observe(&tenant, hook, at, &outcome, &report);
+        let record = CallRecord {
+            hook,
+            outcome: match &outcome {
                 Err(fault @ Fault::InputTooLarge { .. }) => format!("not called: {fault}"),
-                other => describe(other),
+                // The verdict, and the routing when it is not the room's default.
+                Ok((verdict, route)) if *route == Route::default() => format!("{verdict:?}"),
+                Ok((verdict, route)) => format!("{verdict:?} {route:?}"),
+                Err(fault) => format!("fault: {fault}"),
             },
             report,
-        }];
-        let mut decision = match verdict {
-            Ok(Verdict::Accept) => Decision::Deliver { rewritten: None },
-            Ok(Verdict::Rewrite(text)) => Decision::Deliver { rewritten: Some(text) },
-            Ok(Verdict::Reject(reason)) => Decision::Reject { reason },
-            Err(ref fault) => on_fault(fault),
         };
-        let mut route = Route::default();
-        if let Some((routed, report)) = calls.route {
-            self.observe(&tenant, "route", &routed, &report);
-            faulted |= routed.as_ref().is_err_and(Fault::is_the_plugins);
-            records.push(CallRecord { hook: "route", outcome: describe(&routed), report });
-            match routed {
-                Ok(narrowed) => route = narrowed,
-                // Fail-open: the room only, as if there were no plugin; fail-closed: rejected.
-                Err(fault) => {
-                    if let reject @ Decision::Reject { .. } = on_fault(&fault) {
-                        decision = reject;
-                    }
-                }
+        self.settle(&tenant, &outcome);
+        let (decision, route) = match outcome {
+            Ok((Verdict::Accept, route)) => (Decision::Deliver { rewritten: None }, route),
+            Ok((Verdict::Rewrite(text), route)) => (Decision::Deliver { rewritten: Some(text) }, route),
+            Ok((Verdict::Reject(reason), _)) => (Decision::Reject { reason }, Route::default()),
+            Err(ref fault) => {
+                (on_fault(policy, fault, "the message is too large for the room's rules"), Route::default())
             }
-        }
+        };
         if let Decision::Reject { .. } = decision {
             Metrics::add(&self.metrics.rejected, 1);
         }
-        if called {
-            self.settle_breaker(&tenant, faulted);
-        }
-        Some((decision, route, records))
+        Some((decision, route, vec![record]))
     }
 
-    /// The tenant plugin's greeting for a welcome, if any. A fault or a greeting too large for
-    /// the welcome frame means no greeting; the welcome itself always goes out.
-    pub async fn greeting(&self, info: &WelcomeInfo, record_time_ms: u64) -> Option<(Option<String>, CallRecord)> {
-        let input = info.clone();
-        let (ran, _) = self
-            .run(&info.tenant, "welcome", move |host, plugin, limits| {
-                host.greet(plugin, limits, &input, record_time_ms)
-            })
+    /// The tenant's decision on a join from one `authorize-join` call; `None` when the tenant
+    /// has no plugin or its plugin does not authorize joins. A fault applies the failure policy:
+    /// fail-open allows, fail-closed denies.
+    pub async fn authorize_join(&self, request: &JoinRequest, at: &RecordAt) -> Option<(JoinVerdict, CallRecord)> {
+        let tenant = request.tenant.clone();
+        if !self.hooks(&tenant).await?.contains(Hooks::AUTHORIZE_JOIN) {
+            return None;
+        }
+        let input = request.clone();
+        let (config, time) = (self.config(&tenant), at.time_ms);
+        let (ran, policy) = self
+            .run(&tenant, "authorize-join", move |host, plugin, limits| host.join(plugin, limits, &input, time, config))
             .await?;
         let (result, report) = ran.unwrap_or_else(|fault| (Err(fault), CallReport::default()));
-        self.observe(&info.tenant, "welcome", &result, &report);
-        if !result.as_ref().is_err_and(|fault| !fault.was_called()) {
-            self.settle_breaker(&info.tenant, result.as_ref().is_err_and(Fault::is_the_plugins));
+        self.observe(&tenant, "authorize-join", at, &result, &report);
+        let verdict = match &result {
+            Ok(JoinDecision::Allow) => JoinVerdict::Allow,
+            Ok(JoinDecision::Deny(reason)) => JoinVerdict::Deny(reason.clone()),
+            Err(fault) => match on_fault(policy, fault, "the join request is too large for the room's rules") {
+                Decision::Deliver { .. } => JoinVerdict::Allow,
+                Decision::Reject { reason } => JoinVerdict::Deny(reason),
+            },
+        };
+        self.settle(&tenant, &result);
+        Some((verdict, CallRecord { hook: "authorize-join", outcome: describe(&result), report }))
+    }
+
+    /// The tenant plugin's greeting for a welcome, if it greets. A fault or a greeting too
+    /// large for the welcome frame means no greeting; the welcome itself always goes out.
+    pub async fn greeting(&self, info: &WelcomeInfo, at: &RecordAt) -> Option<(Option<String>, CallRecord)> {
+        if !self.hooks(&info.tenant).await?.contains(Hooks::WELCOME) {
+            return None;
         }
+        let input = info.clone();
+        let (config, time) = (self.config(&info.tenant), at.time_ms);
+        let (ran, _) = self
+            .run(&info.tenant, "welcome", move |host, plugin, limits| host.greet(plugin, limits, &input, time, config))
+            .await?;
+        let (result, report) = ran.unwrap_or_else(|fault| (Err(fault), CallReport::default()));
+        self.observe(&info.tenant, "welcome", at, &result, &report);
+        self.settle(&info.tenant, &result);
         let record = CallRecord { hook: "welcome", outcome: describe(&result), report };
         Some((result.unwrap_or(None), record))
     }
+}
+
+/// What a fault means for the tenant's policy. A message (or join) too large for the plugin is
+/// never let through unchecked, whatever the policy, since the plugin could not see it.
+fn on_fault(policy: Policy, fault: &Fault, too_large: &str) -> Decision {
+    match (policy, fault) {
+        (_, Fault::InputTooLarge { .. }) => {
+            Decision::Reject { reason: super::calls::bounded_reason(format!("{too_large} ({fault})")) }
+        }
+        (Policy::FailOpen, _) => Decision::Deliver { rewritten: None },
+        (Policy::FailClosed, _) => Decision::Reject {
+            reason: super::calls::bounded_reason(format!("the room's rules could not be checked ({fault})")),
+        },
+    }
+}
+
+/// Per call samples kept per tenant between two batches' metrics.
+const MAX_SAMPLES: usize = 10_000;
+
+#[derive(Default)]
+struct Samples {
+    version: String,
+    fuel: Vec<u64>,
+    micros: Vec<u64>,
+    faults: std::collections::BTreeMap<String, u64>,
 }
 
 fn describe<T: std::fmt::Debug>(result: &Result<T, Fault>) -> String {

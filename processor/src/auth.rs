@@ -23,7 +23,23 @@ pub struct Claims {
     /// Space-separated scopes: `publish` lets a tenant's backend publish into its tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// The rooms this token may join, as names or prefixes ending in `*` (`["support-*",
+    /// "team-42"]`), as Centrifugo's `channels` claim. Absent: any room of the tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<Vec<String>>,
 }
+
+/// Whether the `rooms` claim's `patterns` allow `room`: a name equal to it, or a prefix ending
+/// in `*` that it starts with.
+pub fn room_allowed(patterns: &[String], room: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => room.starts_with(prefix),
+        None => p == room,
+    })
+}
+
+/// The most patterns a `rooms` claim may hold (it travels in the authorizer's context).
+pub const MAX_ROOM_PATTERNS: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
@@ -103,7 +119,17 @@ pub fn verify(token: &str, secret: &[u8], now: i64) -> Result<Claims, Denied> {
         return Err(Denied::NotYetValid);
     }
     let scope = claims.get("scope").and_then(|v| v.as_str()).map(str::to_string);
-    Ok(Claims { tenant: tenant.to_string(), sub: sub.to_string(), exp, nbf, scope })
+    let rooms = match claims.get("rooms") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Array(list)) if list.len() <= MAX_ROOM_PATTERNS => Some(
+            list.iter()
+                .map(|v| v.as_str().filter(|p| !p.is_empty() && p.len() <= 128).map(str::to_string))
+                .collect::<Option<Vec<String>>>()
+                .ok_or(Denied::Claim("rooms"))?,
+        ),
+        Some(_) => return Err(Denied::Claim("rooms")),
+    };
+    Ok(Claims { tenant: tenant.to_string(), sub: sub.to_string(), exp, nbf, scope, rooms })
 }
 
 /// The `$connect` rule: [`verify`], and a backend's publish-scoped token is not a user's (it
@@ -127,12 +153,18 @@ pub fn mint(claims: &Claims, secret: &[u8]) -> String {
 }
 
 /// The context an allowed caller gets: flat, as API Gateway passes it to `$connect`.
+/// A `rooms` claim travels as its JSON text (context values are strings, numbers or booleans).
 pub fn context(claims: &Claims) -> std::collections::HashMap<String, serde_json::Value> {
-    std::collections::HashMap::from([
+    let mut context = std::collections::HashMap::from([
         ("tenant".to_string(), serde_json::Value::String(claims.tenant.clone())),
         ("userId".to_string(), serde_json::Value::String(claims.sub.clone())),
         ("principalId".to_string(), serde_json::Value::String(claims.sub.clone())),
-    ])
+    ]);
+    if let Some(rooms) = &claims.rooms {
+        let text = serde_json::to_string(rooms).unwrap_or_default();
+        context.insert("rooms".to_string(), serde_json::Value::String(text));
+    }
+    context
 }
 
 #[cfg(test)]
@@ -145,14 +177,41 @@ mod tests {
     fn a_user_id_that_is_too_long_or_has_a_separator_is_refused() {
         let exp = 4_000_000_000;
         for sub in ["x".repeat(MAX_USER_ID_BYTES + 1), "a#b".to_string(), "a\nb".to_string()] {
-            let token = mint(&Claims { tenant: "acme".into(), sub, exp, nbf: None, scope: None }, SECRET);
+            let token = mint(&Claims { tenant: "acme".into(), sub, exp, nbf: None, scope: None, rooms: None }, SECRET);
             assert_eq!(verify(&token, SECRET, 0), Err(Denied::Claim("sub")));
         }
         let token = mint(
-            &Claims { tenant: "acme".into(), sub: "x".repeat(MAX_USER_ID_BYTES), exp, nbf: None, scope: None },
+            &Claims {
+                tenant: "acme".into(),
+                sub: "x".repeat(MAX_USER_ID_BYTES),
+                exp,
+                nbf: None,
+                scope: None,
+                rooms: None,
+            },
             SECRET,
         );
         assert!(verify(&token, SECRET, 0).is_ok());
+    }
+
+    #[test]
+    fn a_rooms_claim_limits_rooms_by_name_and_prefix_and_travels_in_the_context() {
+        let patterns = vec!["support-*".to_string(), "team-42".to_string()];
+        assert!(room_allowed(&patterns, "support-1") && room_allowed(&patterns, "team-42"));
+        assert!(!room_allowed(&patterns, "team-420") && !room_allowed(&patterns, "general"));
+        let limited = Claims { rooms: Some(patterns.clone()), ..claims(4_000_000_000) };
+        let verified = verify(&mint(&limited, SECRET), SECRET, 0).unwrap();
+        assert_eq!(verified.rooms.as_deref(), Some(&patterns[..]));
+        assert_eq!(context(&verified)["rooms"], serde_json::json!(r#"["support-*","team-42"]"#));
+        // Not a list of names: refused, not read as "any room".
+        let mut raw = serde_json::to_value(claims(4_000_000_000)).unwrap();
+        raw["rooms"] = serde_json::json!("support-*");
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let signed = format!("{header}.{}", URL_SAFE_NO_PAD.encode(raw.to_string()));
+        let mut mac = Hmac::<Sha256>::new_from_slice(SECRET).unwrap();
+        mac.update(signed.as_bytes());
+        let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
+        assert_eq!(verify(&token, SECRET, 0), Err(Denied::Claim("rooms")));
     }
 
     #[test]
@@ -163,6 +222,7 @@ mod tests {
             exp: 4_000_000_000,
             nbf: None,
             scope: Some("publish".into()),
+            rooms: None,
         };
         let token = mint(&publish, SECRET);
         assert!(verify(&token, SECRET, 0).is_ok());
@@ -172,7 +232,7 @@ mod tests {
     }
 
     fn claims(exp: i64) -> Claims {
-        Claims { tenant: "acme".into(), sub: "ann".into(), exp, nbf: None, scope: None }
+        Claims { tenant: "acme".into(), sub: "ann".into(), exp, nbf: None, scope: None, rooms: None }
     }
 
     fn sign_raw(payload: &str, secret: &[u8]) -> String {

@@ -63,7 +63,35 @@ fn internal(err: &StoreError) -> ApiGatewayProxyResponse {
 pub struct Identity {
     pub tenant: Name,
     pub user_id: String,
+    /// The authorizer context's other string values (the token's claims it passed on), for the
+    /// tenant's `authorize-join` hook; `rooms`, when present, limits the rooms it may join.
+    pub claims: std::collections::BTreeMap<String, String>,
 }
+
+impl Identity {
+    /// The `rooms` claim's patterns, if the token had one.
+    pub fn room_patterns(&self) -> Result<Option<Vec<String>>, String> {
+        room_patterns(&self.claims)
+    }
+}
+
+/// The `rooms` claim's patterns among `claims`, if there is one.
+fn room_patterns(claims: &std::collections::BTreeMap<String, String>) -> Result<Option<Vec<String>>, String> {
+    match claims.get("rooms") {
+        None => Ok(None),
+        Some(text) => serde_json::from_str::<Vec<String>>(text)
+            .map(Some)
+            .map_err(|e| format!("the authorizer's rooms claim is not a list of room names: {e}")),
+    }
+}
+
+/// Why a `rooms` claim refuses a room.
+fn not_in_claim(room: &str) -> String {
+    format!("this token may not join room {room:?} (its rooms claim does not name it)")
+}
+
+/// Claims passed on to plugins: at most this many bytes, names and values together.
+const MAX_CLAIMS_BYTES: usize = 4096;
 
 /// 401 without any authorizer context; 403 when it lacks a valid tenant or user.
 pub fn identity(request: &ApiGatewayWebsocketProxyRequest) -> Result<Identity, (i64, String)> {
@@ -92,7 +120,25 @@ pub fn identity(request: &ApiGatewayWebsocketProxyRequest) -> Result<Identity, (
             ),
         ));
     }
-    Ok(Identity { tenant, user_id })
+    let mut claims = std::collections::BTreeMap::new();
+    let mut size = 0;
+    for (name, value) in context {
+        if matches!(name.as_str(), "tenant" | "userId" | "principalId" | "integrationLatency") {
+            continue;
+        }
+        let value = match value {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            _ => continue,
+        };
+        size += name.len() + value.len();
+        if size > MAX_CLAIMS_BYTES {
+            return Err((403, format!("the authorizer context's claims are over {MAX_CLAIMS_BYTES} bytes")));
+        }
+        claims.insert(name.clone(), value);
+    }
+    Ok(Identity { tenant, user_id, claims })
 }
 
 fn connection_id(request: &ApiGatewayWebsocketProxyRequest) -> Option<&str> {
@@ -142,6 +188,29 @@ pub async fn connect(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDe
         }
         recover.insert(room.to_string(), id.to_string());
     }
+    // The token's `rooms` claim: a room it does not name is not joined; the processor tells the
+    // client (`join_denied`) right after the welcome.
+    let patterns = match who.room_patterns() {
+        Ok(patterns) => patterns,
+        Err(why) => return respond(403, Some(why)),
+    };
+    let mut denied = std::collections::BTreeMap::new();
+    if let Some(patterns) = &patterns {
+        rooms.retain(|room| {
+            let allowed = crate::auth::room_allowed(patterns, room);
+            if !allowed {
+                denied.insert(room.clone(), not_in_claim(room));
+            }
+            allowed
+        });
+        recover.retain(|room, _| rooms.contains(room));
+    }
+    // Whether the tenant's plugin decides joins: one read of its `ACTIVE` pointer per connect
+    // (never per join or message). Then this connection's joins wait for the processor.
+    let authorize_joins = match deps.store.active_plugin(who.tenant.as_str()).await {
+        Ok(active) => active.and_then(|a| a.authorizes_joins).unwrap_or(false),
+        Err(err) => return internal(&err),
+    };
     let now = deps.clock.now();
     let mut conn = Connection::new(NewConnection {
         connection_id,
@@ -155,6 +224,12 @@ pub async fn connect(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDe
         ttl_seconds: deps.connection_ttl_seconds,
     });
     conn.recover = recover;
+    conn.claims = who.claims.clone();
+    conn.denied = denied;
+    conn.authorize_joins = authorize_joins;
+    if authorize_joins {
+        conn.pending_rooms = conn.rooms.clone();
+    }
     let memberships: Vec<_> = conn.rooms.iter().map(|room| conn.membership(room, JoinReason::Connect, now)).collect();
     match deps.store.put_connection(&conn, &memberships).await {
         Ok(()) => {
@@ -285,7 +360,12 @@ fn room_name(room: &str) -> Result<Name, Failure> {
 }
 
 fn member_of(conn: &Connection, room: &str) -> Result<(), Failure> {
-    if conn.rooms.contains(room) {
+    if conn.pending_rooms.contains(room) {
+        Err(Failure::Client(FrameError::new(
+            ErrorCode::NotMember,
+            format!("your join of room {room:?} is waiting for the room's rules"),
+        )))
+    } else if conn.rooms.contains(room) {
         Ok(())
     } else {
         Err(Failure::Client(FrameError::new(ErrorCode::NotMember, format!("you have not joined room {room:?}"))))
@@ -340,6 +420,22 @@ async fn act(
         }
         Request::Join { room } => {
             let room = room_name(&room)?;
+            // `$connect` refused a connection whose claim does not parse, so this one does.
+            if let Some(patterns) = room_patterns(&conn.claims).ok().flatten()
+                && !crate::auth::room_allowed(&patterns, room.as_str())
+            {
+                return Ok(ServerMessage::JoinDenied { room: room.to_string(), reason: not_in_claim(room.as_str()) });
+            }
+            if conn.pending_rooms.contains(room.as_str()) {
+                return Ok(ServerMessage::Ack {
+                    request: "join".into(),
+                    room: room.to_string(),
+                    id: None,
+                    users: None,
+                    members: None,
+                    pending: Some(true),
+                });
+            }
             if !conn.rooms.contains(room.as_str()) {
                 if conn.rooms.len() >= MAX_ROOMS_PER_CONNECTION {
                     return Err(Failure::Client(FrameError::new(
@@ -347,7 +443,20 @@ async fn act(
                         format!("at most {MAX_ROOMS_PER_CONNECTION} rooms per connection"),
                     )));
                 }
-                store.join(&conn.membership(room.as_str(), JoinReason::Join, now)).await?;
+                let membership = conn.membership(room.as_str(), JoinReason::Join, now);
+                store.join(&membership).await?;
+                if membership.pending == Some(true) {
+                    // The processor asks the tenant's rules; its answer is the real `ack` (with
+                    // the room's users) or `join_denied`.
+                    return Ok(ServerMessage::Ack {
+                        request: "join".into(),
+                        room: room.to_string(),
+                        id: None,
+                        users: None,
+                        members: None,
+                        pending: Some(true),
+                    });
+                }
             }
             // A snapshot of who is here, so the client's roster starts whole; the `joined` and
             // `left` events that follow keep it current.
@@ -358,11 +467,15 @@ async fn act(
                 id: None,
                 users: Some(page.total),
                 members: Some(crate::protocol::present_users(&page.users)),
+                pending: None,
             }
         }
         Request::Leave { room } => {
             let room = room_name(&room)?;
-            member_of(conn, room.as_str())?;
+            // A join still waiting for the room's rules can be left too.
+            if !conn.rooms.contains(room.as_str()) {
+                member_of(conn, room.as_str())?;
+            }
             store.leave(&conn.connection_id, &conn.tenant, room.as_str()).await?;
             ServerMessage::ack("leave", room.as_str(), None)
         }
@@ -374,7 +487,7 @@ async fn act(
             connection_id: conn.connection_id.clone(),
             tenant: conn.tenant.clone(),
             user_id: conn.user_id.clone(),
-            rooms: conn.rooms.iter().cloned().collect(),
+            rooms: conn.rooms.iter().filter(|r| conn.in_room(r)).cloned().collect(),
             connected_at: format_ts(&conn.connected_at),
         },
         Request::History { room, limit, from } => {
@@ -432,7 +545,8 @@ async fn act(
 }
 
 /// The `$connect` REQUEST authorizer: the same rule as the local gateway ([`crate::auth`]).
-/// Allowed → an `Allow` policy for the route with the flat context (`tenant`, `userId`);
+/// Allowed → an `Allow` policy for the route with the flat context (`tenant`, `userId`, and a
+/// `rooms` claim as its JSON text);
 /// a bad token → a `Deny` policy (API Gateway answers 403); no token at all →
 /// `Err("Unauthorized")`, which API Gateway answers with 401. The token is never logged.
 pub fn authorize(
@@ -460,7 +574,11 @@ pub fn authorize(
         Ok(claims) => {
             tracing::info!(tenant = %claims.tenant, user_id = %claims.sub, "allowed");
             let mut allow = policy(&claims.sub, "Allow");
-            allow["context"] = serde_json::json!({ "tenant": claims.tenant, "userId": claims.sub });
+            // The same context as the local gateway's (`rooms` included); API Gateway adds
+            // `principalId` itself.
+            let mut context = crate::auth::context(&claims);
+            context.remove("principalId");
+            allow["context"] = serde_json::json!(context);
             Ok(allow)
         }
         Err(crate::auth::Denied::Missing) => {

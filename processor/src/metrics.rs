@@ -76,6 +76,9 @@ counters! {
     corrupt_items,
     /// Messages a tenant's plugin rejected.
     rejected,
+    /// Joins a tenant's rules allowed, and denied (`join_denied`).
+    joins_allowed,
+    joins_denied,
     /// Plugin faults (trap, fuel, deadline, memory, bad output).
     plugin_faults,
     /// Plugin instances created: one per message, one per welcome.
@@ -112,6 +115,8 @@ impl Counts {
             young_dropped = self.young_dropped,
             corrupt_items = self.corrupt_items,
             rejected = self.rejected,
+            joins_allowed = self.joins_allowed,
+            joins_denied = self.joins_denied,
             plugin_faults = self.plugin_faults,
             plugin_instances = self.plugin_instances,
             plugin_breaker_skips = self.plugin_breaker_skips,
@@ -155,9 +160,109 @@ impl Counts {
     }
 }
 
+/// What one tenant's plugin calls cost over a batch: for the batch's log line and, in the
+/// Lambda, as embedded metrics with the dimensions `FunctionName` and `Tenant`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PluginStats {
+    pub tenant: String,
+    pub version: String,
+    pub calls: u64,
+    /// Faults by kind (`out_of_fuel`, `deadline`, `memory`, `trap`, …).
+    pub faults: std::collections::BTreeMap<String, u64>,
+    pub fuel_p50: u64,
+    pub fuel_p99: u64,
+    pub micros_p50: u64,
+    pub micros_p99: u64,
+}
+
+impl PluginStats {
+    /// From one batch's samples of fuel and time, one per call.
+    pub fn from_samples(
+        tenant: &str,
+        version: &str,
+        mut fuel: Vec<u64>,
+        mut micros: Vec<u64>,
+        faults: std::collections::BTreeMap<String, u64>,
+    ) -> PluginStats {
+        fuel.sort_unstable();
+        micros.sort_unstable();
+        let at = |sorted: &[u64], q: f64| -> u64 {
+            if sorted.is_empty() {
+                return 0;
+            }
+            sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
+        };
+        PluginStats {
+            tenant: tenant.to_string(),
+            version: version.to_string(),
+            calls: fuel.len() as u64,
+            faults,
+            fuel_p50: at(&fuel, 0.50),
+            fuel_p99: at(&fuel, 0.99),
+            micros_p50: at(&micros, 0.50),
+            micros_p99: at(&micros, 0.99),
+        }
+    }
+
+    /// All faults, whatever their kind.
+    pub fn fault_count(&self) -> u64 {
+        self.faults.values().sum()
+    }
+
+    /// One embedded-metric-format line: `PluginCalls`, `PluginFaults` (and one
+    /// `PluginFaults_<kind>` per kind seen), fuel and microseconds at p50 and p99, per
+    /// `FunctionName` and `Tenant`. The plugin version is a property (searchable, not a dimension).
+    pub fn emf(&self, emf: &Emf, timestamp_ms: i64) -> String {
+        let mut values: Vec<(String, u64, &str)> = vec![
+            ("PluginCalls".into(), self.calls, "Count"),
+            ("PluginFaults".into(), self.fault_count(), "Count"),
+            ("PluginFuelP50".into(), self.fuel_p50, "None"),
+            ("PluginFuelP99".into(), self.fuel_p99, "None"),
+            ("PluginTimeP50".into(), self.micros_p50, "Microseconds"),
+            ("PluginTimeP99".into(), self.micros_p99, "Microseconds"),
+        ];
+        for (kind, n) in &self.faults {
+            values.push((format!("PluginFaults_{kind}"), *n, "Count"));
+        }
+        let metrics: Vec<serde_json::Value> =
+            values.iter().map(|(name, _, unit)| serde_json::json!({"Name": name, "Unit": unit})).collect();
+        let mut line = serde_json::json!({
+            "_aws": {
+                "Timestamp": timestamp_ms,
+                "CloudWatchMetrics": [{
+                    "Namespace": emf.namespace,
+                    "Dimensions": [["FunctionName", "Tenant"]],
+                    "Metrics": metrics,
+                }],
+            },
+            "FunctionName": emf.function,
+            "Tenant": self.tenant,
+            "PluginVersion": self.version,
+        });
+        for (name, value, _) in values {
+            line[name] = serde_json::json!(value);
+        }
+        line.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plugin_stats_give_percentiles_and_one_emf_line_per_tenant() {
+        let faults = [("deadline".to_string(), 1)].into_iter().collect();
+        let stats = PluginStats::from_samples("acme", "abc", (1..=100).collect(), vec![5; 100], faults);
+        assert_eq!((stats.calls, stats.fuel_p50, stats.fuel_p99, stats.micros_p99), (100, 50, 99, 5));
+        let emf = Emf { namespace: "Roomcast".into(), function: "f".into() };
+        let line: serde_json::Value = serde_json::from_str(&stats.emf(&emf, 1)).unwrap();
+        assert_eq!(line["_aws"]["CloudWatchMetrics"][0]["Dimensions"], serde_json::json!([["FunctionName", "Tenant"]]));
+        assert_eq!((line["Tenant"].as_str(), line["PluginFaults"].as_u64()), (Some("acme"), Some(1)));
+        assert_eq!(line["PluginFaults_deadline"].as_u64(), Some(1));
+        assert_eq!(line["PluginFuelP99"].as_u64(), Some(99));
+        assert_eq!(PluginStats::from_samples("t", "v", vec![], vec![], Default::default()).fuel_p99, 0);
+    }
 
     #[test]
     fn counts_become_one_embedded_metric_format_line() {

@@ -77,6 +77,8 @@ pub fn presence_sk(user_id: &str) -> String {
 
 pub const ROOM_PRESENCE_SK: &str = "PRESENCE";
 pub const SETTINGS_SK: &str = "SETTINGS";
+/// A tenant's plugin configuration (`roomcast plugin config set`).
+pub const PLUGIN_CONFIG_SK: &str = "CONFIG";
 
 pub fn user_gsi1pk(tenant: &str, user_id: &str) -> String {
     format!("TENANT#{tenant}#USER#{user_id}")
@@ -145,6 +147,22 @@ pub struct Connection {
     /// sends what came after, right after the welcome.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub recover: std::collections::BTreeMap<String, String>,
+    /// The token's claims the `$connect` authorizer passed on (a tenant's `authorize-join` hook
+    /// sees them).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub claims: std::collections::BTreeMap<String, String>,
+    /// The tenant's plugin decided joins when this connection opened: its joins wait for the
+    /// processor's decision (`pendingRooms`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub authorize_joins: bool,
+    /// Rooms joined (in `rooms`) whose join waits for the tenant's rules: nothing of them may be
+    /// read or sent until the processor allows it.
+    #[serde(default, with = "serde_dynamo::string_set", skip_serializing_if = "BTreeSet::is_empty")]
+    pub pending_rooms: BTreeSet<String>,
+    /// Rooms asked for at `$connect` that the token's `rooms` claim does not allow, with why:
+    /// the processor sends `join_denied` for each after the welcome.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub denied: std::collections::BTreeMap<String, String>,
 }
 
 pub struct NewConnection<'a> {
@@ -180,6 +198,10 @@ impl Connection {
             ttl: expiry(n.now, n.ttl_seconds),
             close_reason: None,
             recover: std::collections::BTreeMap::new(),
+            claims: std::collections::BTreeMap::new(),
+            authorize_joins: false,
+            pending_rooms: BTreeSet::new(),
+            denied: std::collections::BTreeMap::new(),
         }
     }
 
@@ -201,7 +223,13 @@ impl Connection {
             ttl: self.ttl,
             left_reason: None,
             joined_ns: Some(join_order()),
+            pending: self.authorize_joins.then_some(true),
         }
+    }
+
+    /// Whether the connection may use `room` now: joined, and not waiting for the tenant's rules.
+    pub fn in_room(&self, room: &str) -> bool {
+        self.rooms.contains(room) && !self.pending_rooms.contains(room)
     }
 }
 
@@ -236,6 +264,8 @@ pub enum LeftReason {
     Expired,
     /// API Gateway answered 410 Gone: the connection had silently died.
     Gone,
+    /// The tenant's rules denied the join.
+    Denied,
 }
 
 impl LeftReason {
@@ -245,11 +275,12 @@ impl LeftReason {
             LeftReason::Disconnect => "disconnect",
             LeftReason::Expired => "expired",
             LeftReason::Gone => "gone",
+            LeftReason::Denied => "denied",
         }
     }
 
     pub fn parse(value: &str) -> Option<LeftReason> {
-        [LeftReason::Leave, LeftReason::Disconnect, LeftReason::Expired, LeftReason::Gone]
+        [LeftReason::Leave, LeftReason::Disconnect, LeftReason::Expired, LeftReason::Gone, LeftReason::Denied]
             .into_iter()
             .find(|r| r.as_str() == value)
     }
@@ -277,6 +308,11 @@ pub struct Membership {
     /// Set just before the processor deletes the membership, so the REMOVE record says why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub left_reason: Option<String>,
+    /// The join waits for the tenant's `authorize-join`: the member gets nothing of the room,
+    /// and is not present, until the processor allows it (removing this) — or denies it
+    /// (deleting the membership).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<bool>,
     /// When the join happened in nanoseconds since the epoch, strictly increasing within a
     /// process. Presence no longer ranks joins by time ([`crate::presence`] keeps it as state);
     /// kept so that records stay readable by processors of either version during a deploy.
@@ -714,6 +750,10 @@ pub struct PluginActive {
     /// reloads when it changed. Absent on pointers written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// Whether the version it names decides joins (`authorize-join`), as the processor found
+    /// when it loaded it: `$connect` reads it to know whether joins must wait for a decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorizes_joins: Option<bool>,
 }
 
 impl PluginActive {
@@ -725,6 +765,7 @@ impl PluginActive {
             tenant: tenant.to_string(),
             version: version.to_string(),
             revision: Some(uuid::Uuid::now_v7().to_string()),
+            authorizes_joins: None,
         }
     }
 }
@@ -887,6 +928,61 @@ impl TenantSettings {
             tenant: tenant.to_string(),
             presence_announce_max_users: None,
         }
+    }
+}
+
+/// A tenant's configuration for its plugin: key/value pairs the plugin reads through
+/// `host.config` (`roomcast plugin config set --tenant T KEY=VALUE`). One item per tenant, at
+/// most [`PluginConfig::MAX_BYTES`]; every processor reads it with the tenant's `ACTIVE` pointer,
+/// once per batch, so a change takes effect everywhere from the next batch on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginConfig {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub tenant: String,
+    #[serde(default)]
+    pub values: std::collections::BTreeMap<String, String>,
+    #[serde(with = "ts_format")]
+    pub updated_at: DateTime<Utc>,
+}
+
+impl PluginConfig {
+    /// Keys and values together, in bytes.
+    pub const MAX_BYTES: usize = 16 << 10;
+    /// The longest key.
+    pub const MAX_KEY_BYTES: usize = 128;
+
+    pub fn new(
+        tenant: &str,
+        values: std::collections::BTreeMap<String, String>,
+        now: DateTime<Utc>,
+    ) -> Result<PluginConfig, String> {
+        for key in values.keys() {
+            let fine = !key.is_empty()
+                && key.len() <= Self::MAX_KEY_BYTES
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if !fine {
+                return Err(format!(
+                    "configuration key {key:?}: 1 to {} characters of A-Z, a-z, 0-9, '_', '-' and '.'",
+                    Self::MAX_KEY_BYTES
+                ));
+            }
+        }
+        let size: usize = values.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > Self::MAX_BYTES {
+            return Err(format!("the configuration would be {size} bytes; a tenant's is at most {}", Self::MAX_BYTES));
+        }
+        Ok(PluginConfig {
+            pk: tenant_pk(tenant),
+            sk: PLUGIN_CONFIG_SK.into(),
+            record_type: "plugin-config".into(),
+            tenant: tenant.to_string(),
+            values,
+            updated_at: now,
+        })
     }
 }
 

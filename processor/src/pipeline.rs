@@ -15,8 +15,11 @@ use crate::metrics::{Counts, Metrics};
 use crate::model::Clock;
 use crate::presence::{PresenceOp, PresenceUpdate};
 use crate::protocol::ChatMessage;
+use crate::react::JoinOutcome;
 use crate::react::{self, Decisions, Effect, PresenceDecision};
-use crate::rules::{CallRecord, Lookups, MessageInput, Mode, PluginAction, TenantRules, WelcomeInput};
+use crate::rules::{
+    CallRecord, JoinInput, JoinVerdict, Lookups, MessageInput, Mode, PluginAction, RecordAt, TenantRules, WelcomeInput,
+};
 use crate::store::{Rooms, Store, StoreError};
 use crate::stream::Change;
 use crate::stream::Record;
@@ -139,10 +142,12 @@ impl Processor {
 
     async fn room_members(&self, tenant: &str, room: &str) -> Result<Vec<crate::model::Membership>, StoreError> {
         let now = self.clock.now();
-        match &self.rooms {
-            Some(rooms) => rooms.room_members(tenant, room, now).await,
-            None => self.store.room_members(tenant, room, now).await,
-        }
+        let members = match &self.rooms {
+            Some(rooms) => rooms.room_members(tenant, room, now).await?,
+            None => self.store.room_members(tenant, room, now).await?,
+        };
+        // A join waiting for the tenant's rules gets nothing of the room.
+        Ok(members.into_iter().filter(|m| m.pending != Some(true)).collect())
     }
 
     /// Many processor containers run at once, and a plugin change reaches only the one that
@@ -156,7 +161,12 @@ impl Processor {
     }
 
     /// Asks the tenant's plugin, if any, about this change.
-    async fn decide(&self, change: &Change, lookups: &Lookups) -> Result<(Decisions, Vec<CallRecord>), StoreError> {
+    async fn decide(
+        &self,
+        change: &Change,
+        sequence: &str,
+        lookups: &Lookups,
+    ) -> Result<(Decisions, Vec<CallRecord>), StoreError> {
         let mut decisions = Decisions::default();
         let mut calls = Vec::new();
         let Some(rules) = self.rules.as_deref() else { return Ok((decisions, calls)) };
@@ -177,8 +187,8 @@ impl Processor {
                     timestamp: crate::model::format_ts(&m.timestamp),
                 };
                 // The record's own time, never the clock: replay decides the same.
-                let at = m.timestamp.timestamp_millis().max(0) as u64;
-                if let Some((decision, route, made)) = rules.decide_message(&message, at).await {
+                let at = RecordAt { time_ms: m.timestamp.timestamp_millis().max(0) as u64, sequence: sequence.into() };
+                if let Some((decision, route, made)) = rules.decide_message(&message, &at).await {
                     decisions.message = Some((decision, route));
                     calls = made;
                 }
@@ -190,8 +200,9 @@ impl Processor {
                     user_id: c.user_id.clone(),
                     rooms: c.rooms.iter().cloned().collect(),
                 };
-                let at = c.connected_at.timestamp_millis().max(0) as u64;
-                if let Some((greeting, call)) = rules.greeting(&info, at).await {
+                let at =
+                    RecordAt { time_ms: c.connected_at.timestamp_millis().max(0) as u64, sequence: sequence.into() };
+                if let Some((greeting, call)) = rules.greeting(&info, &at).await {
                     decisions.greeting = greeting;
                     calls.push(call);
                 }
@@ -199,6 +210,64 @@ impl Processor {
             _ => {}
         }
         Ok((decisions, calls))
+    }
+
+    /// A join that waits for the tenant's rules (or, from a connection opened before its plugin
+    /// decided joins, one that did not wait): asks `authorize-join` and settles the membership —
+    /// allowed, it loses `pending` (its MODIFY makes the user present and acknowledges the join);
+    /// denied, it is deleted and the joiner gets `join_denied`. A dry run writes nothing.
+    async fn authorize(
+        &self,
+        change: &Change,
+        sequence: &str,
+        lookups: &Lookups,
+    ) -> Result<(Option<JoinOutcome>, Vec<CallRecord>), StoreError> {
+        let (m, waited) = match (change.pending_join(), change) {
+            (Some(m), _) => (m, true),
+            (None, Change::Inserted(Record::Membership(m))) => (m, false),
+            _ => return Ok((None, Vec::new())),
+        };
+        let Some(rules) = self.rules.as_deref() else {
+            // No rules here at all (a processor without plugins): nothing decides; allow.
+            if waited && self.mode == Mode::Execute {
+                self.store.settle_join(&m.connection_id, &m.tenant, &m.room, true).await?;
+            }
+            return Ok((None, Vec::new()));
+        };
+        self.ensure_loaded(rules, &m.tenant, lookups).await?;
+        if !waited && !rules.authorizes_joins(&m.tenant).await {
+            return Ok((None, Vec::new()));
+        }
+        let now = self.clock.now();
+        let Some(conn) = self.store.get_connection(&m.connection_id, now).await? else {
+            // Gone already: its memberships are being removed; nothing to decide.
+            return Ok((None, Vec::new()));
+        };
+        let join = JoinInput {
+            connection_id: m.connection_id.clone(),
+            tenant: m.tenant.clone(),
+            user_id: m.user_id.clone(),
+            room: m.room.clone(),
+            claims: conn.claims.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
+        let at = RecordAt { time_ms: m.joined_at.timestamp_millis().max(0) as u64, sequence: sequence.into() };
+        let (verdict, calls) = match rules.authorize_join(&join, &at).await {
+            Some((verdict, call)) => (verdict, vec![call]),
+            None => (JoinVerdict::Allow, Vec::new()),
+        };
+        let allowed = verdict == JoinVerdict::Allow;
+        Metrics::add(if allowed { &self.metrics.joins_allowed } else { &self.metrics.joins_denied }, 1);
+        tracing::info!(user = %m.user_id, allowed, waited, "join decided");
+        if self.mode == Mode::Execute && (waited || !allowed) {
+            self.store.settle_join(&m.connection_id, &m.tenant, &m.room, allowed).await?;
+        }
+        Ok((
+            match verdict {
+                JoinVerdict::Allow => None,
+                JoinVerdict::Deny(reason) => Some(JoinOutcome::Denied(reason)),
+            },
+            calls,
+        ))
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -306,9 +375,9 @@ impl Processor {
         record: &EventRecord,
         lookups: &Lookups,
     ) -> Result<Option<PresenceDecision>, StoreError> {
-        let (m, op) = match change {
-            Change::Inserted(Record::Membership(m)) => (m, PresenceOp::Add),
-            Change::Removed { old: Record::Membership(m), .. } => (m, PresenceOp::Remove),
+        let (m, op) = match (change.joined(), change.left()) {
+            (Some(m), _) => (m, PresenceOp::Add),
+            (_, Some(m)) => (m, PresenceOp::Remove),
             _ => return Ok(None),
         };
         let max = match lookups.settings(&m.tenant).get_or_try_init(|| self.store.tenant_settings(&m.tenant)).await? {
@@ -415,8 +484,28 @@ impl Processor {
             {
                 plugin_actions = rules.on_plugin_record(&change, self.mode).await?;
             }
-            let (mut decisions, plugin_calls) = self.decide(&change, lookups).await?;
-            decisions.presence = self.presence(&change, record, lookups).await?;
+            let sequence = record.change.sequence_number.as_deref().unwrap_or("");
+            let (mut decisions, mut plugin_calls) = self.decide(&change, sequence, lookups).await?;
+            let (join, join_calls) = self.authorize(&change, sequence, lookups).await?;
+            plugin_calls.extend(join_calls);
+            decisions.join = join;
+            if decisions.join.is_none() {
+                decisions.presence = self.presence(&change, record, lookups).await?;
+            }
+            if let (Change::Modified { .. }, Some(m)) = (&change, change.joined()) {
+                // A join the tenant's rules allowed: its `ack`, with the room's users, now that
+                // the joiner is among them.
+                let page =
+                    self.presence_state().who(&m.tenant, &m.room, crate::presence::JOIN_ACK_MEMBERS, None).await?;
+                decisions.join = Some(JoinOutcome::Allowed(crate::protocol::ServerMessage::Ack {
+                    request: "join".into(),
+                    room: m.room.clone(),
+                    id: None,
+                    users: Some(page.total),
+                    members: Some(crate::protocol::present_users(&page.users)),
+                    pending: None,
+                }));
+            }
             if let Change::Inserted(Record::Connection(c)) = &change {
                 let rooms: Vec<String> = c.rooms.iter().cloned().collect();
                 let state = self.presence_state();
@@ -502,9 +591,28 @@ impl Processor {
         }
         let counts = self.metrics.snapshot().since(&before);
         counts.emit("roomcast.batch");
+        let plugins = self.rules.as_deref().map(|rules| rules.take_stats()).unwrap_or_default();
+        for stats in &plugins {
+            tracing::info!(
+                tenant = %stats.tenant,
+                version = %stats.version,
+                calls = stats.calls,
+                faults = stats.fault_count(),
+                fault_kinds = %serde_json::to_string(&stats.faults).unwrap_or_default(),
+                fuel_p50 = stats.fuel_p50,
+                fuel_p99 = stats.fuel_p99,
+                micros_p50 = stats.micros_p50,
+                micros_p99 = stats.micros_p99,
+                "roomcast.plugin"
+            );
+        }
         if let Some(emf) = &self.emf {
             // Its own line on stdout, outside the JSON log's envelope: CloudWatch reads it as is.
-            println!("{}", counts.emf(emf, chrono::Utc::now().timestamp_millis()));
+            let now = chrono::Utc::now().timestamp_millis();
+            println!("{}", counts.emf(emf, now));
+            for stats in &plugins {
+                println!("{}", stats.emf(emf, now));
+            }
         }
         outcome
     }

@@ -389,6 +389,17 @@ pub enum ServerMessage {
         /// `who` pages through the rest).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         members: Option<Vec<PresentUser>>,
+        /// For `join` in a tenant whose rules decide joins: the join waits for them. The same
+        /// `ack`, without `pending` and with the room's users, follows when they allow it, or
+        /// `join_denied` when they do not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pending: Option<bool>,
+    },
+    /// A join the tenant's rules (or the token's `rooms` claim) refused: nothing of the room
+    /// reaches this connection.
+    JoinDenied {
+        room: String,
+        reason: String,
     },
 }
 
@@ -402,7 +413,7 @@ pub struct PresentUser {
 impl ServerMessage {
     /// An `ack` with no presence snapshot.
     pub fn ack(request: &str, room: &str, id: Option<String>) -> ServerMessage {
-        ServerMessage::Ack { request: request.into(), room: room.into(), id, users: None, members: None }
+        ServerMessage::Ack { request: request.into(), room: room.into(), id, users: None, members: None, pending: None }
     }
 }
 

@@ -201,6 +201,7 @@ mod tests {
             exp: i64::MAX / 2,
             nbf: None,
             scope: scope.map(Into::into),
+            rooms: None,
         };
         format!("Bearer {}", mint(&claims, SECRET))
     }
@@ -222,7 +223,8 @@ mod tests {
                     sub: "b".into(),
                     exp: i64::MAX / 2,
                     nbf: None,
-                    scope: Some("publish".into())
+                    scope: Some("publish".into()),
+                    rooms: None,
                 },
                 b"other"
             )

@@ -107,6 +107,17 @@ pub struct Decisions {
     /// For a welcome after `?since=`: per room, the messages the client missed (oldest first), or
     /// why they cannot all be given.
     pub recovery: Vec<(String, Result<Vec<ChatMessage>, String>)>,
+    /// A join the tenant's rules decided: denied (the reason), or allowed (the `ack` the joiner
+    /// gets once present).
+    pub join: Option<JoinOutcome>,
+}
+
+/// What became of a join that waited for the tenant's rules.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JoinOutcome {
+    Denied(String),
+    /// The join `ack` with the room's users, for the joiner.
+    Allowed(ServerMessage),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -133,12 +144,10 @@ pub fn room_needed<'a>(change: &'a Change, decisions: &Decisions) -> Option<(&'a
     match change {
         Change::Inserted(Record::Message(m)) => Some((&m.tenant, &m.room)),
         Change::Inserted(Record::Signal(s)) => Some((&s.tenant, &s.room)),
-        Change::Inserted(Record::Membership(m)) | Change::Removed { old: Record::Membership(m), .. }
-            if announced(decisions).is_some() =>
-        {
-            Some((&m.tenant, &m.room))
-        }
-        _ => None,
+        _ => match change.joined().or(change.left()) {
+            Some(m) if announced(decisions).is_some() => Some((&m.tenant, &m.room)),
+            _ => None,
+        },
     }
 }
 
@@ -157,7 +166,8 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                 connection_id: c.connection_id.clone(),
                 tenant: c.tenant.clone(),
                 user_id: c.user_id.clone(),
-                rooms: c.rooms.iter().cloned().collect(),
+                // Rooms waiting for the tenant's rules follow with their own `ack` or `join_denied`.
+                rooms: c.rooms.iter().filter(|r| c.in_room(r)).cloned().collect(),
                 greeting: decisions.greeting.clone(),
                 counts: decisions.counts.clone(),
             },
@@ -168,6 +178,15 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
             }],
         })
         .chain(recovery_effects(c, &decisions.recovery))
+        // Rooms the token's `rooms` claim refused at `$connect`.
+        .chain(c.denied.iter().map(|(room, reason)| Effect::Send {
+            payload: ServerMessage::JoinDenied { room: room.clone(), reason: reason.clone() },
+            recipients: vec![Recipient {
+                connection_id: c.connection_id.clone(),
+                endpoint: c.endpoint.clone(),
+                connected_at: c.connected_at,
+            }],
+        }))
         .collect(),
         Change::Inserted(Record::Message(m)) => {
             let (decision, route) =
@@ -210,16 +229,38 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                 ServerMessage::Signal { id: s.id.clone(), room: s.room.clone(), user_id: s.user_id.clone(), data };
             send_to_room(payload, members.iter().filter(|member| member.connection_id != s.sender_connection_id))
         }
-        Change::Inserted(Record::Membership(joined)) => match announced(decisions) {
-            Some(p) if p.event == Some(PresenceEvent::Joined) => {
+        Change::Inserted(Record::Membership(pending)) if pending.pending == Some(true) => match &decisions.join {
+            Some(JoinOutcome::Denied(reason)) => vec![Effect::Send {
+                payload: ServerMessage::JoinDenied { room: pending.room.clone(), reason: reason.clone() },
+                recipients: vec![Recipient::from(pending)],
+            }],
+            // Allowed: its MODIFY makes it present and acknowledges it.
+            _ => Vec::new(),
+        },
+        Change::Inserted(Record::Membership(_)) | Change::Modified { new: Record::Membership(_), .. } => {
+            let Some(joined) = change.joined() else { return Vec::new() };
+            let mut effects = match &decisions.join {
+                Some(JoinOutcome::Denied(reason)) => {
+                    return vec![Effect::Send {
+                        payload: ServerMessage::JoinDenied { room: joined.room.clone(), reason: reason.clone() },
+                        recipients: vec![Recipient::from(joined)],
+                    }];
+                }
+                Some(JoinOutcome::Allowed(ack)) => {
+                    vec![Effect::Send { payload: ack.clone(), recipients: vec![Recipient::from(joined)] }]
+                }
+                None => Vec::new(),
+            };
+            if let Some(p) = announced(decisions).filter(|p| p.event == Some(PresenceEvent::Joined)) {
                 let reason = match joined.join_reason {
                     JoinReason::Connect => "connect",
                     JoinReason::Join => "join",
                 };
-                send_to_room(presence(joined, p, PresenceEvent::Joined, reason), members)
+                effects.extend(send_to_room(presence(joined, p, PresenceEvent::Joined, reason), members));
             }
-            _ => Vec::new(),
-        },
+            effects
+        }
+        Change::Removed { old: Record::Membership(m), .. } if m.pending == Some(true) => Vec::new(),
         Change::Removed { old: Record::Membership(left), cause } => match announced(decisions) {
             Some(p) if p.event == Some(PresenceEvent::Left) => {
                 let reason = match (cause, left.left_reason.as_deref().and_then(LeftReason::parse)) {

@@ -42,6 +42,37 @@ pub struct MessageInput {
     pub timestamp: String,
 }
 
+/// A connection asking to join a room, as a tenant's rules see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinInput {
+    pub connection_id: String,
+    pub tenant: String,
+    pub user_id: String,
+    pub room: String,
+    /// The token's claims the `$connect` authorizer passed on, as name and value.
+    pub claims: Vec<(String, String)>,
+}
+
+/// A tenant's answer to a join.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JoinVerdict {
+    Allow,
+    /// The client gets `join_denied` with this reason.
+    Deny(String),
+}
+
+/// The stream record a call is made for: its own time (never the clock: replay decides the
+/// same) and its sequence number (plugin log lines carry it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordAt {
+    pub time_ms: u64,
+    pub sequence: String,
+}
+
+/// A tenant's configuration for its plugin (`roomcast plugin config set`): what `host.config`
+/// reads.
+pub type ConfigValues = Arc<std::collections::BTreeMap<String, String>>;
+
 /// A new connection, as a tenant's rules see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WelcomeInput {
@@ -104,15 +135,25 @@ pub trait TenantRules: Send + Sync {
     async fn refresh(&self, tenant: &str, mode: Mode) -> Result<(), StoreError>;
 
     /// The tenant's decision and route for a message; `None` when the tenant has no rules.
-    /// `record_time_ms` is the record's own time, never the clock: replay decides the same.
-    async fn decide_message(
-        &self,
-        message: &MessageInput,
-        record_time_ms: u64,
-    ) -> Option<(Decision, Route, Vec<CallRecord>)>;
+    async fn decide_message(&self, message: &MessageInput, at: &RecordAt)
+    -> Option<(Decision, Route, Vec<CallRecord>)>;
 
-    /// The tenant's greeting for a welcome; `None` when the tenant has no rules.
-    async fn greeting(&self, info: &WelcomeInput, record_time_ms: u64) -> Option<(Option<String>, CallRecord)>;
+    /// The tenant's greeting for a welcome; `None` when the tenant has no rules, or its rules
+    /// do not greet.
+    async fn greeting(&self, info: &WelcomeInput, at: &RecordAt) -> Option<(Option<String>, CallRecord)>;
+
+    /// Whether the tenant's rules decide who joins its rooms. Known once the tenant's rules are
+    /// loaded ([`TenantRules::refresh`]); a tenant without such rules pays nothing per join.
+    async fn authorizes_joins(&self, tenant: &str) -> bool;
+
+    /// The tenant's decision on a join; `None` when its rules do not decide joins (allowed).
+    async fn authorize_join(&self, join: &JoinInput, at: &RecordAt) -> Option<(JoinVerdict, CallRecord)>;
+
+    /// Per tenant, what its rules' calls cost since the last time this was asked (the batch's
+    /// metrics).
+    fn take_stats(&self) -> Vec<crate::metrics::PluginStats> {
+        Vec::new()
+    }
 }
 
 /// What a batch has looked up: per tenant, its one read of the `ACTIVE` pointer and of its
@@ -168,6 +209,7 @@ impl CallReport {
 /// One hook call as it happened, for logs and replay.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CallRecord {
+    /// `on-message`, `authorize-join`, `welcome`; a 0.1.0 plugin's message is `validate+route`.
     pub hook: &'static str,
     pub outcome: String,
     pub report: CallReport,

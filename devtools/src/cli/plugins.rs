@@ -4,7 +4,7 @@
 
 use crate::dev::api::request;
 use crate::model::{FailurePolicy, PluginMeta};
-use crate::plugins::{CallReport, LimitOverrides, Message, PluginHost, WelcomeInfo};
+use crate::plugins::{CallReport, JoinRequest, LimitOverrides, Message, PluginHost, WelcomeInfo};
 use crate::store::Store;
 use crate::store::dynamodb::DynamoStore;
 
@@ -96,6 +96,41 @@ impl Target {
         }
     }
 
+    /// The tenant's plugin configuration.
+    pub async fn config(&self, tenant: &str) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        crate::model::Name::parse("tenant", tenant).map_err(anyhow::Error::msg)?;
+        match self {
+            Target::Table(store) => Ok(store.plugin_config(tenant).await?.map(|c| c.values).unwrap_or_default()),
+            Target::Dev(url) => {
+                let answer =
+                    request(url, http::Method::GET, &format!("/_dev/tenants/{tenant}/config"), Vec::new()).await?;
+                Ok(serde_json::from_value(answer)?)
+            }
+        }
+    }
+
+    /// Replaces the tenant's plugin configuration (checked against its bounds first); every
+    /// processor reads it from its next batch on.
+    pub async fn set_config(
+        &self,
+        tenant: &str,
+        values: std::collections::BTreeMap<String, String>,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        crate::model::Name::parse("tenant", tenant).map_err(anyhow::Error::msg)?;
+        let config = crate::model::PluginConfig::new(tenant, values, chrono::Utc::now()).map_err(anyhow::Error::msg)?;
+        match self {
+            Target::Table(store) => {
+                store.put_plugin_config(&config).await?;
+                Ok(config.values)
+            }
+            Target::Dev(url) => {
+                let path = format!("/_dev/tenants/{tenant}/config");
+                let answer = request(url, http::Method::PUT, &path, serde_json::to_vec(&config.values)?).await?;
+                Ok(serde_json::from_value(answer)?)
+            }
+        }
+    }
+
     /// Points the tenant at `version`, or at no plugin.
     pub async fn set_active(&self, tenant: &str, version: Option<&str>) -> anyhow::Result<()> {
         match self {
@@ -133,25 +168,62 @@ pub fn print_list(active: Option<&str>, versions: &[PluginMeta]) {
     }
 }
 
+/// Reads a configuration file for `plugin test` and `replay`: a JSON object of strings, within
+/// the bounds a tenant's configuration has in the table.
+pub fn read_config(path: &std::path::Path) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let text = std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let values: std::collections::BTreeMap<String, String> = serde_json::from_slice(&text)
+        .map_err(|e| anyhow::anyhow!("{} must be a JSON object of strings: {e}", path.display()))?;
+    crate::model::PluginConfig::new("file", values.clone(), chrono::Utc::now())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(values)
+}
+
+/// `KEY=VALUE` arguments as a map.
+pub fn parse_pairs(pairs: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("{pair:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
 /// `roomcast plugin test`: true when every hook ran without a fault.
-pub fn test(file: &std::path::Path, event: &std::path::Path, limits: &crate::plugins::Limits) -> anyhow::Result<bool> {
+pub fn test(
+    file: &std::path::Path,
+    event: &std::path::Path,
+    limits: &crate::plugins::Limits,
+    config: std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<bool> {
     let bytes = crate::plugins::read_component(file)?;
     let event: serde_json::Value =
         serde_json::from_slice(&std::fs::read(event).map_err(|e| anyhow::anyhow!("reading {}: {e}", event.display()))?)
             .map_err(|e| anyhow::anyhow!("{} is not JSON: {e}", event.display()))?;
     let host = PluginHost::new()?;
     let plugin = host.compile(&bytes, limits).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    println!("plugin   {}  sha256 {}  {} bytes", file.display(), plugin.sha256, plugin.size);
+    let hooks = host.hooks(&plugin, limits);
+    println!(
+        "plugin   {}  sha256 {}  {} bytes  world {}  hooks {hooks:?}",
+        file.display(),
+        plugin.sha256,
+        plugin.size,
+        plugin.world()
+    );
+    let config = std::sync::Arc::new(config);
     let time = event["time"].as_u64().unwrap_or(0);
     let text = |v: &serde_json::Value, key: &str| v[key].as_str().unwrap_or_default().to_string();
     let show = |hook: &str, outcome: String, report: &CallReport| {
-        println!("{hook:<9} {outcome}");
-        println!("          fuel {}  time {:.3} ms", report.fuel_used, report.elapsed.as_secs_f64() * 1000.0);
+        println!("{hook:<14} {outcome}");
+        println!("               fuel {}  time {:.3} ms", report.fuel_used, report.elapsed.as_secs_f64() * 1000.0);
         for line in &report.log {
-            println!("          log  {line}");
+            println!("               log  {line}");
         }
     };
-    let mut clean = true;
+    let describe = |r: Result<String, crate::plugins::Fault>| r.unwrap_or_else(|f| format!("FAULT {f}"));
+    let clean;
     if let Some(m) = event.get("message") {
         let message = Message {
             id: text(m, "id"),
@@ -163,14 +235,34 @@ pub fn test(file: &std::path::Path, event: &std::path::Path, limits: &crate::plu
         };
         // As the processor runs it: one fresh instance, the input and frame checks, routing
         // narrowed to the tenant's limits.
-        let calls = host.message(&plugin, limits, &message, time);
-        let (verdict, report) = calls.validate;
-        clean &= verdict.is_ok();
-        show("validate", verdict.map_or_else(|f| format!("FAULT {f}"), |v| format!("{v:?}")), &report);
-        if let Some((route, report)) = calls.route {
-            clean &= route.is_ok();
-            show("route", route.map_or_else(|f| format!("FAULT {f}"), |r| format!("{r:?}")), &report);
+        let (outcome, report) = host.message_with(&plugin, limits, &message, time, config).outcome;
+        clean = outcome.is_ok();
+        let hook = if plugin.world() == "0.1.0" { "validate+route" } else { "on-message" };
+        let plain = crate::react::Route::default();
+        let described = outcome.map(|(v, r)| if r == plain { format!("{v:?}") } else { format!("{v:?} {r:?}") });
+        show(hook, describe(described), &report);
+    } else if let Some(j) = event.get("join") {
+        let request = JoinRequest {
+            connection_id: text(j, "connection_id"),
+            tenant: text(j, "tenant"),
+            user_id: text(j, "user_id"),
+            room: text(j, "room"),
+            claims: j["claims"]
+                .as_object()
+                .map(|c| {
+                    c.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        if !hooks.contains(crate::plugins::Hooks::AUTHORIZE_JOIN) {
+            println!("authorize-join not implemented (the plugin's hooks do not name it): every join is allowed");
+            return Ok(true);
         }
+        let (decision, report) = host.join(&plugin, limits, &request, time, config);
+        clean = decision.is_ok();
+        show("authorize-join", describe(decision.map(|d| format!("{d:?}"))), &report);
     } else if let Some(w) = event.get("welcome") {
         let info = WelcomeInfo {
             connection_id: text(w, "connection_id"),
@@ -181,11 +273,11 @@ pub fn test(file: &std::path::Path, event: &std::path::Path, limits: &crate::plu
                 .map(|r| r.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
                 .unwrap_or_default(),
         };
-        let (greeting, report) = host.greet(&plugin, limits, &info, time);
-        clean &= greeting.is_ok();
-        show("welcome", greeting.map_or_else(|f| format!("FAULT {f}"), |g| format!("{g:?}")), &report);
+        let (greeting, report) = host.greet(&plugin, limits, &info, time, config);
+        clean = greeting.is_ok();
+        show("welcome", describe(greeting.map(|g| format!("{g:?}"))), &report);
     } else {
-        anyhow::bail!("the event needs a \"message\" or a \"welcome\" object");
+        anyhow::bail!("the event needs a \"message\", a \"join\" or a \"welcome\" object");
     }
     Ok(clean)
 }

@@ -15,6 +15,8 @@
 //! | `POST /publish` (a token with the `publish` scope; body `{tenant, room, message, user_id?, idempotency_key?}`) | the `publish` Lambda's HTTP API: `{"id"}`, or `{"error"}` with its status |
 //! | `GET /_dev/tenants/{tenant}/settings` | the tenant's settings (`roomcast tenant show`) |
 //! | `PUT /_dev/tenants/{tenant}/settings` (body: the settings' fields) | writes them (`roomcast tenant set`) |
+//! | `GET /_dev/tenants/{tenant}/config` | the tenant's plugin configuration (`roomcast plugin config get`) |
+//! | `PUT /_dev/tenants/{tenant}/config` (body: `{"KEY": "VALUE", …}`) | replaces it (`roomcast plugin config set/unset`) |
 //!
 //! Errors answer `{"error": "…"}` with 400 (a bad component or request), 404 (no such version)
 //! or 503 (the store failed). The server listens on loopback only, like the rest of the stack.
@@ -50,6 +52,7 @@ pub fn routes(store: Arc<dyn Store>, host: Arc<PluginHost>, metrics: Arc<Metrics
         .route("/_dev/plugins/{tenant}", get(list).post(upload))
         .route("/_dev/plugins/{tenant}/active", put(activate))
         .route("/_dev/tenants/{tenant}/settings", get(settings).put(set_settings))
+        .route("/_dev/tenants/{tenant}/config", get(plugin_config).put(set_plugin_config))
         // The host refuses components over its limit with a clear reason; let them reach it.
         .layer(DefaultBodyLimit::max(8 << 20))
         .with_state(Api { store, host, metrics })
@@ -200,6 +203,31 @@ async fn set_settings(State(api): State<Api>, Path(tenant): Path<String>, body: 
     };
     match api.store.put_tenant_settings(&settings).await {
         Ok(()) => axum::Json(settings).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn plugin_config(State(api): State<Api>, Path(tenant): Path<String>) -> Response {
+    match api.store.plugin_config(&tenant).await {
+        Ok(config) => axum::Json(config.map(|c| c.values).unwrap_or_default()).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn set_plugin_config(State(api): State<Api>, Path(tenant): Path<String>, body: axum::body::Bytes) -> Response {
+    let values: std::collections::BTreeMap<String, String> = match serde_json::from_slice(&body) {
+        Ok(values) => values,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body must be an object of strings: {e}")),
+    };
+    if let Err(e) = crate::model::Name::parse("tenant", &tenant) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    let config = match crate::model::PluginConfig::new(&tenant, values, chrono::Utc::now()) {
+        Ok(config) => config,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match api.store.put_plugin_config(&config).await {
+        Ok(()) => axum::Json(config.values).into_response(),
         Err(e) => unavailable(e),
     }
 }

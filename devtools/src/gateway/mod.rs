@@ -182,6 +182,7 @@ async fn dev_token(State(gw): State<Arc<Gateway>>, Query(q): Query<HashMap<Strin
         exp: gw.now().timestamp() + 12 * 3600,
         nbf: None,
         scope: None,
+        rooms: None,
     };
     let websocket = format!("/{}", gw.settings.stage);
     axum::Json(json!({ "token": auth::mint(&claims, gw.settings.auth.secret()), "websocket": websocket }))

@@ -13,8 +13,13 @@ pub enum Verdict {
 }
 
 pub fn moderate(body: &str) -> Verdict {
+    moderate_with(body, BANNED)
+}
+
+/// [`moderate`] with another list of banned words (lower case).
+pub fn moderate_with(body: &str, banned: &[&str]) -> Verdict {
     let lower = body.to_lowercase();
-    if let Some(word) = lower.split(|c: char| !c.is_alphanumeric()).find(|w| BANNED.contains(w)) {
+    if let Some(word) = lower.split(|c: char| !c.is_alphanumeric()).find(|w| banned.contains(w)) {
         return Verdict::Reject(format!("the word {word:?} is not allowed here"));
     }
     let trimmed = body.trim();
@@ -30,38 +35,30 @@ pub fn moderate(body: &str) -> Verdict {
     Verdict::Accept
 }
 
-#[cfg(target_arch = "wasm32")]
-#[allow(clippy::too_many_arguments, reason = "in the code wit-bindgen generates")]
-mod component {
-    wit_bindgen::generate!({ world: "tenant-plugin", path: "../../wit" });
+/// The plugin: [`moderate`] with the banned words from the tenant's configuration (`banned`,
+/// comma-separated: `roomcast plugin config set --tenant T banned=spam,scam`), or [`BANNED`].
+pub struct Moderation;
 
-    use roomcast::plugin::host::{Level, log};
-
-    struct Moderation;
-
-    impl Guest for Moderation {
-        fn validate(message: Message) -> Verdict {
-            match super::moderate(&message.body) {
-                super::Verdict::Accept => Verdict::Accept,
-                super::Verdict::Rewrite(text) => Verdict::Rewrite(text),
-                super::Verdict::Reject(why) => {
-                    log(Level::Info, &format!("rejected {}: {why}", message.id));
-                    Verdict::Reject(why)
-                }
+impl roomcast_plugin_sdk::Plugin for Moderation {
+    fn on_message(message: &roomcast_plugin_sdk::Message) -> roomcast_plugin_sdk::Outcome {
+        use roomcast_plugin_sdk::{Level, Outcome, config, log};
+        let configured = config("banned");
+        let banned: Vec<&str> = match &configured {
+            Some(words) => words.split(',').map(str::trim).filter(|w| !w.is_empty()).collect(),
+            None => BANNED.to_vec(),
+        };
+        match moderate_with(&message.body, &banned) {
+            Verdict::Accept => Outcome::accept(),
+            Verdict::Rewrite(text) => Outcome::rewrite(text),
+            Verdict::Reject(why) => {
+                log(Level::Info, &format!("rejected {}: {why}", message.id));
+                Outcome::reject(why)
             }
         }
-
-        fn route(_: Message) -> Routing {
-            Routing { extra_rooms: Vec::new(), only_users: None, echo_to_sender: true }
-        }
-
-        fn welcome(_: WelcomeInfo) -> Option<String> {
-            None
-        }
     }
-
-    export!(Moderation);
 }
+
+roomcast_plugin_sdk::export!(Moderation);
 
 #[cfg(test)]
 mod tests {
@@ -71,6 +68,21 @@ mod tests {
     fn banned_words_are_rejected_whole_words_any_case() {
         assert!(matches!(moderate("buy SPAM now"), Verdict::Reject(r) if r.contains("spam")));
         assert_eq!(moderate("spammer is a fine word"), Verdict::Accept);
+    }
+
+    #[test]
+    fn the_banned_words_come_from_the_tenants_configuration() {
+        use roomcast_plugin_sdk::{Message, Outcome, Plugin, testing};
+        testing::set_config([("banned", "durian, natto")]);
+        let reject = Moderation::on_message(&Message::new("general", "ann", "I love natto"));
+        assert!(matches!(reject.verdict, roomcast_plugin_sdk::Verdict::Reject(ref why) if why.contains("natto")));
+        assert_eq!(Moderation::on_message(&Message::new("general", "ann", "spam")), Outcome::accept());
+        assert_eq!(testing::take_log().len(), 1);
+        testing::set_config([]);
+        assert!(matches!(
+            Moderation::on_message(&Message::new("g", "ann", "spam")).verdict,
+            roomcast_plugin_sdk::Verdict::Reject(_)
+        ));
     }
 
     #[test]

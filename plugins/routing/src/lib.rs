@@ -29,30 +29,21 @@ pub fn route(room: &str, sender: &str, body: &str) -> Routing {
     routing
 }
 
-#[cfg(target_arch = "wasm32")]
-#[allow(clippy::too_many_arguments, reason = "in the code wit-bindgen generates")]
-mod component {
-    wit_bindgen::generate!({ world: "tenant-plugin", path: "../../wit" });
+/// The plugin: [`route`] for every message, accepted as it is.
+pub struct RoutingPlugin;
 
-    struct RoutingPlugin;
-
-    impl Guest for RoutingPlugin {
-        fn validate(_: Message) -> Verdict {
-            Verdict::Accept
-        }
-
-        fn route(message: Message) -> Routing {
-            let r = super::route(&message.room, &message.user_id, &message.body);
-            Routing { extra_rooms: r.extra_rooms, only_users: r.only_users, echo_to_sender: r.echo_to_sender }
-        }
-
-        fn welcome(_: WelcomeInfo) -> Option<String> {
-            None
-        }
+impl roomcast_plugin_sdk::Plugin for RoutingPlugin {
+    fn on_message(message: &roomcast_plugin_sdk::Message) -> roomcast_plugin_sdk::Outcome {
+        let r = route(&message.room, &message.user_id, &message.body);
+        roomcast_plugin_sdk::Outcome::accept().routed(roomcast_plugin_sdk::Routing {
+            extra_rooms: r.extra_rooms,
+            only_users: r.only_users,
+            echo_to_sender: r.echo_to_sender,
+        })
     }
-
-    export!(RoutingPlugin);
 }
+
+roomcast_plugin_sdk::export!(RoutingPlugin);
 
 #[cfg(test)]
 mod tests {

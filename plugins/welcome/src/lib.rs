@@ -9,29 +9,18 @@ pub fn greeting(tenant: &str, user: &str, rooms: &[String]) -> String {
     format!("Welcome to {tenant}, {user}! You are in {rooms}.")
 }
 
-#[cfg(target_arch = "wasm32")]
-#[allow(clippy::too_many_arguments, reason = "in the code wit-bindgen generates")]
-mod component {
-    wit_bindgen::generate!({ world: "tenant-plugin", path: "../../wit" });
+/// The plugin: [`greeting`] for every welcome; messages pass as they are.
+pub struct Welcome;
 
-    struct Welcome;
+impl roomcast_plugin_sdk::Plugin for Welcome {
+    const WELCOMES: bool = true;
 
-    impl Guest for Welcome {
-        fn validate(_: Message) -> Verdict {
-            Verdict::Accept
-        }
-
-        fn route(_: Message) -> Routing {
-            Routing { extra_rooms: Vec::new(), only_users: None, echo_to_sender: true }
-        }
-
-        fn welcome(info: WelcomeInfo) -> Option<String> {
-            Some(super::greeting(&info.tenant, &info.user_id, &info.rooms))
-        }
+    fn welcome(info: &roomcast_plugin_sdk::WelcomeInfo) -> Option<String> {
+        Some(greeting(&info.tenant, &info.user_id, &info.rooms))
     }
-
-    export!(Welcome);
 }
+
+roomcast_plugin_sdk::export!(Welcome);
 
 #[cfg(test)]
 mod tests {

@@ -414,16 +414,71 @@ impl Store for DynamoStore {
     }
 
     async fn join(&self, membership: &Membership) -> Result<()> {
+        let add = if membership.pending == Some(true) { "ADD rooms :r, pendingRooms :r" } else { "ADD rooms :r" };
         let add_room = Update::builder()
             .table_name(&self.table)
             .set_key(Some(connection_key(&membership.connection_id)))
-            .update_expression("ADD rooms :r")
+            .update_expression(add)
             .condition_expression("attribute_exists(pk)")
             .expression_attribute_values(":r", string_set(&membership.room))
             .build()
             .map_err(build_error)?;
         let items = vec![self.put(encode(membership)?)?, TransactWriteItem::builder().update(add_room).build()];
         self.transact("join", &membership.connection_id, items).await
+    }
+
+    async fn settle_join(&self, connection_id: &str, tenant: &str, room: &str, allowed: bool) -> Result<()> {
+        let connection = if allowed { "DELETE pendingRooms :r" } else { "DELETE pendingRooms :r, rooms :r" };
+        if !allowed {
+            // The REMOVE record says why; then no member is left to receive anything.
+            self.mark(membership_key(tenant, room, connection_id), "leftReason", LeftReason::Denied.as_str()).await?;
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(membership_key(tenant, room, connection_id)))
+                .send()
+                .await
+                .map_err(|e| unavailable("delete_item (denied join)", e))?;
+        }
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(connection_key(connection_id)))
+            .update_expression(connection)
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":r", string_set(room))
+            .send()
+            .await;
+        written("update_item (settle join)", result)?;
+        if allowed {
+            let result = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(membership_key(tenant, room, connection_id)))
+                .update_expression("REMOVE pending")
+                .condition_expression("attribute_exists(pk)")
+                .send()
+                .await;
+            written("update_item (allow join)", result)?;
+        }
+        Ok(())
+    }
+
+    async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> Result<()> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.into())))
+            .update_expression("SET authorizesJoins = :a")
+            .condition_expression("version = :v")
+            .expression_attribute_values(":a", AttributeValue::Bool(authorizes))
+            .expression_attribute_values(":v", s(version))
+            .send()
+            .await;
+        written("update_item (active plugin joins)", result).map(|_| ())
     }
 
     async fn leave(&self, connection_id: &str, tenant: &str, room: &str) -> Result<()> {
@@ -435,7 +490,7 @@ impl Store for DynamoStore {
         let drop_room = Update::builder()
             .table_name(&self.table)
             .set_key(Some(connection_key(connection_id)))
-            .update_expression("DELETE rooms :r")
+            .update_expression("DELETE rooms :r, pendingRooms :r")
             .condition_expression("attribute_exists(pk)")
             .expression_attribute_values(":r", string_set(room))
             .build()
@@ -823,6 +878,31 @@ impl Store for DynamoStore {
             .send()
             .await
             .map_err(|e| unavailable("put_item (tenant settings)", e))?;
+        Ok(())
+    }
+
+    async fn plugin_config(&self, tenant: &str) -> Result<Option<model::PluginConfig>> {
+        self.get_typed("get_item (plugin config)", key(model::tenant_pk(tenant), model::PLUGIN_CONFIG_SK.into())).await
+    }
+
+    async fn put_plugin_config(&self, config: &model::PluginConfig) -> Result<()> {
+        if config.values.is_empty() {
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(key(config.pk.clone(), config.sk.clone())))
+                .send()
+                .await
+                .map_err(|e| unavailable("delete_item (plugin config)", e))?;
+            return Ok(());
+        }
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(config)?))
+            .send()
+            .await
+            .map_err(|e| unavailable("put_item (plugin config)", e))?;
         Ok(())
     }
 

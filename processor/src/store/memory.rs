@@ -290,9 +290,46 @@ impl Store for MemoryStore {
         };
         let member_item = encode(membership)?;
         self.put_item(&mut table, member_item);
-        if conn.rooms.insert(membership.room.clone()) {
+        let pending = membership.pending == Some(true) && conn.pending_rooms.insert(membership.room.clone());
+        if conn.rooms.insert(membership.room.clone()) || pending {
             let item = encode(&conn)?;
             self.put_item(&mut table, item);
+        }
+        Ok(())
+    }
+
+    async fn settle_join(&self, connection_id: &str, tenant: &str, room: &str, allowed: bool) -> Result<()> {
+        let mut table = self.lock();
+        let key = membership_key(tenant, room, connection_id);
+        if !allowed
+            && self
+                .update(
+                    &mut table,
+                    &key,
+                    &[("leftReason", Some(AttributeValue::S(LeftReason::Denied.as_str().into())))],
+                )
+                .is_some()
+        {
+            self.delete_item(&mut table, &key, Actor::Client);
+        }
+        if let Some(mut conn) = self.get::<Connection>(&table, &connection_key(connection_id)) {
+            let changed = conn.pending_rooms.remove(room) | (!allowed && conn.rooms.remove(room));
+            if changed {
+                let item = encode(&conn)?;
+                self.put_item(&mut table, item);
+            }
+        }
+        if allowed {
+            self.update(&mut table, &key, &[("pending", None)]);
+        }
+        Ok(())
+    }
+
+    async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> Result<()> {
+        let mut table = self.lock();
+        let key = (model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string());
+        if self.get::<PluginActive>(&table, &key).is_some_and(|a| a.version == version) {
+            self.update(&mut table, &key, &[("authorizesJoins", Some(AttributeValue::Bool(authorizes)))]);
         }
         Ok(())
     }
@@ -304,7 +341,7 @@ impl Store for MemoryStore {
             return Err(StoreError::NoConnection(connection_id.into()));
         };
         self.delete_item(&mut table, &membership_key(tenant, room, connection_id), Actor::Client);
-        if conn.rooms.remove(room) {
+        if conn.rooms.remove(room) | conn.pending_rooms.remove(room) {
             let item = encode(&conn)?;
             self.put_item(&mut table, item);
         }
@@ -555,6 +592,22 @@ impl Store for MemoryStore {
         let item = encode(settings)?;
         let mut table = self.lock();
         self.put_item(&mut table, item);
+        Ok(())
+    }
+
+    async fn plugin_config(&self, tenant: &str) -> Result<Option<model::PluginConfig>> {
+        let table = self.lock();
+        Ok(self.get(&table, &(model::tenant_pk(tenant), model::PLUGIN_CONFIG_SK.to_string())))
+    }
+
+    async fn put_plugin_config(&self, config: &model::PluginConfig) -> Result<()> {
+        let mut table = self.lock();
+        if config.values.is_empty() {
+            self.delete_item(&mut table, &(config.pk.clone(), config.sk.clone()), Actor::Client);
+        } else {
+            let item = encode(config)?;
+            self.put_item(&mut table, item);
+        }
         Ok(())
     }
 

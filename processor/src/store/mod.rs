@@ -79,6 +79,17 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the membership and the room from the connection's `rooms`, atomically.
     async fn leave(&self, connection_id: &str, tenant: &str, room: &str) -> Result<()>;
 
+    /// The processor's decision on a pending join ([`Membership::pending`]). Allowed: the room
+    /// leaves the connection's `pendingRooms`, then the membership loses `pending` (its MODIFY
+    /// record makes the user present). Denied: the membership is deleted (`leftReason` denied)
+    /// and the room leaves the connection. Idempotent; a membership or connection already gone
+    /// is no error.
+    async fn settle_join(&self, connection_id: &str, tenant: &str, room: &str, allowed: bool) -> Result<()>;
+
+    /// Records on the `ACTIVE` pointer whether the version it names decides joins (only if it
+    /// still names `version`).
+    async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> Result<()>;
+
     /// Refreshes `lastSeenAt` and the TTL of the connection and of its memberships.
     async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()>;
 
@@ -183,6 +194,13 @@ pub trait Store: Send + Sync + 'static {
     async fn tenant_settings(&self, tenant: &str) -> Result<Option<TenantSettings>>;
 
     async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()>;
+
+    /// The tenant's plugin configuration, if any (strongly consistent: read with the `ACTIVE`
+    /// pointer).
+    async fn plugin_config(&self, tenant: &str) -> Result<Option<crate::model::PluginConfig>>;
+
+    /// Replaces the tenant's plugin configuration; an empty one deletes the item.
+    async fn put_plugin_config(&self, config: &crate::model::PluginConfig) -> Result<()>;
 
     /// Up to `limit` live messages of the room on the side of `from` it names, oldest first in
     /// the answer either way; one that does not decode is left out (logged and counted) and does

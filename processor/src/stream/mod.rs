@@ -114,6 +114,37 @@ impl Change {
         }
     }
 
+    /// The membership this change makes present: an INSERT that does not wait for the tenant's
+    /// rules, or the MODIFY by which the processor allowed one that did.
+    pub fn joined(&self) -> Option<&crate::model::Membership> {
+        match self {
+            Change::Inserted(Record::Membership(m)) if m.pending != Some(true) => Some(m),
+            Change::Modified { old: Record::Membership(old), new: Record::Membership(new) }
+                if old.pending == Some(true) && new.pending != Some(true) =>
+            {
+                Some(new)
+            }
+            _ => None,
+        }
+    }
+
+    /// The membership this change takes out of its room's presence: a REMOVE of one that was
+    /// present (a denied join never was).
+    pub fn left(&self) -> Option<&crate::model::Membership> {
+        match self {
+            Change::Removed { old: Record::Membership(m), .. } if m.pending != Some(true) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// A membership written waiting for the tenant's rules.
+    pub fn pending_join(&self) -> Option<&crate::model::Membership> {
+        match self {
+            Change::Inserted(Record::Membership(m)) if m.pending == Some(true) => Some(m),
+            _ => None,
+        }
+    }
+
     /// A plugin version's metadata or a tenant's `ACTIVE` pointer: the tenant rules' business.
     pub fn is_plugin_record(&self) -> bool {
         match self {
@@ -169,6 +200,8 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
     } else if let Some(tenant) = pk.strip_prefix("TENANT#") {
         if sk == crate::model::SETTINGS_SK {
             Ok(Record::State { tenant: tenant.to_string(), kind: "settings" })
+        } else if sk == crate::model::PLUGIN_CONFIG_SK {
+            Ok(Record::State { tenant: tenant.to_string(), kind: "plugin-config" })
         } else if sk == crate::model::PLUGIN_ACTIVE_SK {
             typed(image, pk, sk, which).map(Record::PluginActive)
         } else if sk.starts_with("PLUGIN#") && sk.ends_with("#META") {

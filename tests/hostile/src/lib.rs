@@ -1,4 +1,5 @@
-//! A hostile tenant plugin. `validate` misbehaves as the message body asks:
+//! A hostile tenant plugin of `roomcast:plugin@0.2.0`. `on-message` misbehaves as the message
+//! body asks (what 0.1.0 called `validate`):
 //!
 //! | body        | what it does |
 //! |-------------|--------------|
@@ -21,9 +22,13 @@
 //! | `env`       | rewrites the message to the environment variables and arguments it sees (none) |
 //! | `files`     | rewrites the message to what opening `/etc/passwd` and listing `/` gave (refused) |
 //!
-//! `route` misbehaves the same way: `route-aliased` names one room 18,000 times, `route-wide`
+//! Its routing misbehaves the same way: `route-aliased` names one room 18,000 times, `route-wide`
 //! names 20 rooms, `route-trap` panics, `route-loop` spins, `route-grow` allocates without end,
 //! `route-to-bob` narrows the message to the user `bob`.
+//!
+//! `authorize-join` misbehaves as the room asks: `loop`, `trap`, `grow`, `sleep-forever` as
+//! above, `giant` denies with a 1 MiB reason, `deny-…` denies, anything else is allowed.
+//! `hooks` claims every hook.
 //!
 //! `welcome` misbehaves as the user id asks: `loop`, `trap`, `grow` as above, `giant` greets
 //! with 1 MiB; anyone else gets no greeting.
@@ -33,9 +38,10 @@
 #[cfg(target_arch = "wasm32")]
 #[allow(clippy::too_many_arguments, reason = "in the code wit-bindgen generates")]
 mod component {
-    wit_bindgen::generate!({ world: "tenant-plugin", path: "../../wit" });
+    wit_bindgen::generate!({ world: "tenant-plugin", path: "../../wit/roomcast-plugin.wit" });
 
     use roomcast::plugin::host::{Level, log};
+    use roomcast::plugin::types::{Routing, Verdict};
 
     struct Hostile;
 
@@ -65,86 +71,30 @@ mod component {
     }
 
     impl Guest for Hostile {
-        fn validate(message: Message) -> Verdict {
-            match message.body.as_str() {
+        fn hooks() -> Hooks {
+            Hooks::all()
+        }
+
+        fn on_message(message: Message) -> MessageOutcome {
+            if message.body.starts_with("route-") {
+                return MessageOutcome { verdict: Verdict::Accept, routing: route(message) };
+            }
+            MessageOutcome { verdict: validate(message), routing: plain() }
+        }
+
+        fn authorize_join(request: JoinRequest) -> JoinDecision {
+            match request.room.as_str() {
                 "loop" => spin(),
+                "trap" => panic!("the hostile plugin's authorize-join panics on purpose"),
                 "grow" => hoard(),
-                "recurse" => Verdict::Rewrite(recurse(0).to_string()),
-                "trap" => panic!("the hostile plugin panics on purpose"),
-                "giant" => Verdict::Rewrite("x".repeat(1 << 20)),
-                "flood" => {
-                    for i in 0..10_000 {
-                        log(Level::Info, &format!("line {i}"));
-                    }
-                    println!("to stdout as well");
-                    Verdict::Accept
-                }
-                "sleep" => {
-                    std::thread::sleep(std::time::Duration::from_secs(10));
-                    Verdict::Accept
-                }
                 "sleep-forever" => loop {
                     std::thread::sleep(std::time::Duration::from_secs(3600));
                 },
-                "sleep-clock" => {
-                    let (started, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
-                    std::thread::sleep(std::time::Duration::from_millis(2500));
-                    let walled = wall.elapsed().map(|d| d.as_millis()).unwrap_or_default();
-                    Verdict::Rewrite(format!("{} {walled}", started.elapsed().as_millis()))
+                "giant" => JoinDecision::Deny("x".repeat(1 << 20)),
+                room if room.starts_with("deny-") => {
+                    JoinDecision::Deny(format!("{} may not join {room}", request.user_id))
                 }
-                "stdin" => {
-                    use std::io::Read;
-                    let mut input = String::new();
-                    let read = std::io::stdin().read_to_string(&mut input);
-                    Verdict::Rewrite(format!("stdin: {read:?}"))
-                }
-                "socket" => {
-                    let connected = std::net::TcpStream::connect("127.0.0.1:9").map(|_| ());
-                    Verdict::Rewrite(format!("socket: {connected:?}"))
-                }
-                "print" => {
-                    println!("to stdout");
-                    eprintln!("to stderr");
-                    panic!("the hostile plugin panics after printing");
-                }
-                "random" => {
-                    use std::hash::BuildHasher;
-                    let map: std::collections::HashMap<u32, u32> = (0..16).map(|i| (i, i)).collect();
-                    let order: Vec<&u32> = map.keys().collect();
-                    let hashed = std::collections::hash_map::RandomState::new().hash_one(7u64);
-                    let drawn = getrandom::u64().unwrap_or_default();
-                    Verdict::Rewrite(format!("{order:?} {hashed} {drawn}"))
-                }
-                padded if padded.starts_with("pad:") => Verdict::Rewrite(format!("{padded}{}", "x".repeat(2048))),
-                "env" => {
-                    let vars: Vec<(String, String)> = std::env::vars().collect();
-                    let args: Vec<String> = std::env::args().collect();
-                    Verdict::Rewrite(format!("env: {vars:?} args: {args:?}"))
-                }
-                "files" => {
-                    let passwd = std::fs::read_to_string("/etc/passwd").map(|t| t.len());
-                    let root = std::fs::read_dir("/").map(|d| d.count());
-                    Verdict::Rewrite(format!("passwd: {:?} root: {:?}", passwd.is_ok(), root.is_ok()))
-                }
-                "clock" => {
-                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                    Verdict::Rewrite(now.as_millis().to_string())
-                }
-                _ => Verdict::Accept,
-            }
-        }
-
-        fn route(message: Message) -> Routing {
-            let plain = Routing { extra_rooms: Vec::new(), only_users: None, echo_to_sender: true };
-            match message.body.as_str() {
-                // 18,000 names of one short room: within 128 KB counting bytes alone.
-                "route-aliased" => Routing { extra_rooms: vec!["general".to_string(); 18_000], ..plain },
-                "route-wide" => Routing { extra_rooms: (0..20).map(|i| format!("room{i}")).collect(), ..plain },
-                "route-trap" => panic!("the hostile plugin's route panics on purpose"),
-                "route-to-bob" => Routing { only_users: Some(vec!["bob".into()]), ..plain },
-                "route-loop" => spin(),
-                "route-grow" => hoard(),
-                _ => plain,
+                _ => JoinDecision::Allow,
             }
         }
 
@@ -156,6 +106,93 @@ mod component {
                 "giant" => Some("x".repeat(1 << 20)),
                 _ => None,
             }
+        }
+    }
+
+    fn plain() -> Routing {
+        Routing { extra_rooms: Vec::new(), only_users: None, echo_to_sender: true }
+    }
+
+    fn validate(message: Message) -> Verdict {
+        match message.body.as_str() {
+            "loop" => spin(),
+            "grow" => hoard(),
+            "recurse" => Verdict::Rewrite(recurse(0).to_string()),
+            "trap" => panic!("the hostile plugin panics on purpose"),
+            "giant" => Verdict::Rewrite("x".repeat(1 << 20)),
+            "flood" => {
+                for i in 0..10_000 {
+                    log(Level::Info, &format!("line {i}"));
+                }
+                println!("to stdout as well");
+                Verdict::Accept
+            }
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(10));
+                Verdict::Accept
+            }
+            "sleep-forever" => loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            },
+            "sleep-clock" => {
+                let (started, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+                std::thread::sleep(std::time::Duration::from_millis(2500));
+                let walled = wall.elapsed().map(|d| d.as_millis()).unwrap_or_default();
+                Verdict::Rewrite(format!("{} {walled}", started.elapsed().as_millis()))
+            }
+            "stdin" => {
+                use std::io::Read;
+                let mut input = String::new();
+                let read = std::io::stdin().read_to_string(&mut input);
+                Verdict::Rewrite(format!("stdin: {read:?}"))
+            }
+            "socket" => {
+                let connected = std::net::TcpStream::connect("127.0.0.1:9").map(|_| ());
+                Verdict::Rewrite(format!("socket: {connected:?}"))
+            }
+            "print" => {
+                println!("to stdout");
+                eprintln!("to stderr");
+                panic!("the hostile plugin panics after printing");
+            }
+            "random" => {
+                use std::hash::BuildHasher;
+                let map: std::collections::HashMap<u32, u32> = (0..16).map(|i| (i, i)).collect();
+                let order: Vec<&u32> = map.keys().collect();
+                let hashed = std::collections::hash_map::RandomState::new().hash_one(7u64);
+                let drawn = getrandom::u64().unwrap_or_default();
+                Verdict::Rewrite(format!("{order:?} {hashed} {drawn}"))
+            }
+            padded if padded.starts_with("pad:") => Verdict::Rewrite(format!("{padded}{}", "x".repeat(2048))),
+            "env" => {
+                let vars: Vec<(String, String)> = std::env::vars().collect();
+                let args: Vec<String> = std::env::args().collect();
+                Verdict::Rewrite(format!("env: {vars:?} args: {args:?}"))
+            }
+            "files" => {
+                let passwd = std::fs::read_to_string("/etc/passwd").map(|t| t.len());
+                let root = std::fs::read_dir("/").map(|d| d.count());
+                Verdict::Rewrite(format!("passwd: {:?} root: {:?}", passwd.is_ok(), root.is_ok()))
+            }
+            "clock" => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                Verdict::Rewrite(now.as_millis().to_string())
+            }
+            _ => Verdict::Accept,
+        }
+    }
+
+    fn route(message: Message) -> Routing {
+        let plain = plain();
+        match message.body.as_str() {
+            // 18,000 names of one short room: within 128 KB counting bytes alone.
+            "route-aliased" => Routing { extra_rooms: vec!["general".to_string(); 18_000], ..plain },
+            "route-wide" => Routing { extra_rooms: (0..20).map(|i| format!("room{i}")).collect(), ..plain },
+            "route-trap" => panic!("the hostile plugin's route panics on purpose"),
+            "route-to-bob" => Routing { only_users: Some(vec!["bob".into()]), ..plain },
+            "route-loop" => spin(),
+            "route-grow" => hoard(),
+            _ => plain,
         }
     }
 
