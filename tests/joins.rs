@@ -16,6 +16,7 @@ roomcast_tests::on_both_stores!(
     the_tokens_rooms_claim_limits_rooms_without_a_plugin,
     a_plugin_that_never_answers_a_join_meets_the_tenants_policy,
     a_component_of_the_first_world_still_works,
+    recovery_waits_for_the_rules_and_a_denied_room_recovers_nothing,
 );
 
 /// `config` as the tenant's plugin configuration, written as `roomcast plugin config set` does.
@@ -269,4 +270,40 @@ async fn a_component_of_the_first_world_still_works(kind: &str) {
     stack.send("cat", json!({"action":"join","room":"vip"})).await;
     stack.pump().await;
     assert!(stack.recorder.received_action("cat", "join_denied").is_empty());
+}
+
+async fn recovery_waits_for_the_rules_and_a_denied_room_recovers_nothing(kind: &str) {
+    let mut stack = acl_stack(kind).await;
+    stack.connect("ann", "acme", "ann", "vip").await;
+    stack.pump().await;
+    let mut ids = Vec::new();
+    for text in ["one", "two"] {
+        let ack = stack.send("ann", json!({"action":"sendMessage","room":"vip","message":text})).await;
+        ids.push(ack["id"].as_str().unwrap().to_string());
+    }
+    stack.pump().await;
+    let since = format!("vip:{}", ids[0]);
+    let reconnect = |id: &str, user: &str| {
+        let mut request = roomcast_tests::connect_request(id, "acme", user, "vip");
+        request.query_string_parameters = roomcast_tests::query(&[("rooms", "vip"), ("since", &since)]);
+        request
+    };
+    for (id, user) in [("eve", "eve"), ("ann2", "ann")] {
+        assert_eq!(roomcast::handlers::connect(&reconnect(id, user), &stack.deps).await.status_code, 200);
+    }
+    stack.pump().await;
+    // Denied: the room's history never reaches the connection, whatever `since` asked for.
+    let eve: Vec<Value> = stack.recorder.received("eve").into_iter().filter(|f| f["room"] == "vip").collect();
+    assert_eq!(eve.len(), 1, "{eve:?}");
+    assert_eq!(eve[0]["action"], "join_denied");
+    // Allowed: the ack, then what was missed, then the `recover` frame.
+    let ann2: Vec<(String, String)> = stack
+        .recorder
+        .received("ann2")
+        .into_iter()
+        .filter(|f| f["room"] == "vip")
+        .map(|f| (f["action"].as_str().unwrap().to_string(), f["message"].as_str().unwrap_or("").to_string()))
+        .collect();
+    let want = [("ack", ""), ("message", "two"), ("recover", "")].map(|(a, m)| (a.to_string(), m.to_string()));
+    assert_eq!(ann2, want.to_vec());
 }

@@ -497,6 +497,13 @@ impl Processor {
                 // the joiner is among them.
                 let page =
                     self.presence_state().who(&m.tenant, &m.room, crate::presence::JOIN_ACK_MEMBERS, None).await?;
+                if m.join_reason == crate::model::JoinReason::Connect
+                    && let Some(conn) = self.store.get_connection(&m.connection_id, self.clock.now()).await?
+                    && let Some(since) = conn.recover.get(&m.room)
+                {
+                    let recovered = self.recover(&m.tenant, &m.room, since, MAX_RECOVERED).await?;
+                    decisions.recovery.push((m.room.clone(), recovered));
+                }
                 decisions.join = Some(JoinOutcome::Allowed(crate::protocol::ServerMessage::Ack {
                     request: "join".into(),
                     room: m.room.clone(),
@@ -514,7 +521,8 @@ impl Processor {
                 // One budget for the whole connect: a reconnect into many busy rooms must not post
                 // thousands of frames from one record (the rest is one `recover` away).
                 let mut budget = MAX_RECOVERED_AT_CONNECT;
-                for (room, since) in &c.recover {
+                // A room waiting for the tenant's rules recovers once they allow it (below).
+                for (room, since) in c.recover.iter().filter(|(room, _)| !c.pending_rooms.contains(*room)) {
                     let recovered = self.recover(&c.tenant, room, since, budget).await?;
                     if let Ok(messages) = &recovered {
                         budget = budget.saturating_sub(messages.len());

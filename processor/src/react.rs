@@ -246,8 +246,13 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                         recipients: vec![Recipient::from(joined)],
                     }];
                 }
+                // The ack, then what the connection missed in the room if it reconnected with
+                // `?since=` (held back until the rules allowed the room).
                 Some(JoinOutcome::Allowed(ack)) => {
-                    vec![Effect::Send { payload: ack.clone(), recipients: vec![Recipient::from(joined)] }]
+                    let mut effects =
+                        vec![Effect::Send { payload: ack.clone(), recipients: vec![Recipient::from(joined)] }];
+                    effects.extend(recovery_to(Recipient::from(joined), &decisions.recovery));
+                    effects
                 }
                 None => Vec::new(),
             };
@@ -304,13 +309,17 @@ fn recovery_effects(
     c: &crate::model::Connection,
     recovery: &[(String, Result<Vec<ChatMessage>, String>)],
 ) -> Vec<Effect> {
-    let me = || {
-        vec![Recipient {
-            connection_id: c.connection_id.clone(),
-            endpoint: c.endpoint.clone(),
-            connected_at: c.connected_at,
-        }]
+    let me = Recipient {
+        connection_id: c.connection_id.clone(),
+        endpoint: c.endpoint.clone(),
+        connected_at: c.connected_at,
     };
+    recovery_to(me, recovery)
+}
+
+/// The missed messages of each room, then its `recover` frame, to one connection.
+fn recovery_to(recipient: Recipient, recovery: &[(String, Result<Vec<ChatMessage>, String>)]) -> Vec<Effect> {
+    let me = || vec![recipient.clone()];
     let mut effects = Vec::new();
     for (room, outcome) in recovery {
         let (recovered, reason) = match outcome {

@@ -396,12 +396,12 @@ macro_rules! export {
                         request,
                     )))
                 }
-        fn welcome(info: t::WelcomeInfo) -> Option<String> {
+                fn welcome(info: t::WelcomeInfo) -> Option<String> {
                     <$plugin as $crate::Plugin>::welcome(&$crate::adapt::welcome(info))
                 }
             }
 
-            $crate::bindings::__export_bindings!(Exported with_types_in $crate::bindings);
+    $crate::bindings::__export_bindings!(Exported with_types_in $crate::bindings);
         };
     };
 }
