@@ -425,3 +425,47 @@ async fn a_replay_prints_what_the_plugin_lifecycle_would_do_and_does_nothing() {
     assert_eq!(still.status, PluginStatus::Uploaded, "the dry run activated it");
     assert_eq!(pending.table.store.active_plugin("acme").await.unwrap(), None);
 }
+
+/// A configuration change takes effect live without a re-upload, and a replay given the same
+/// configuration (`--config TENANT=FILE`) decides as the live run did, byte for byte; without it,
+/// the plugin's defaults decide.
+#[tokio::test]
+async fn a_replay_with_the_tenants_configuration_decides_as_the_live_run_did() {
+    let mut stack = Stack::memory().await;
+    let banned: std::collections::BTreeMap<String, String> = [("banned".to_string(), "durian".to_string())].into();
+    let config = roomcast::model::PluginConfig::new("acme", banned.clone(), stack.clock_now()).unwrap();
+    stack.table.store.put_plugin_config(&config).await.unwrap();
+    stack.install_plugin("acme", "roomcast-plugin-moderation", Policy::FailOpen);
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    stack.pump().await;
+    for text in ["durian for lunch", "buy spam now"] {
+        stack.send("ann", json!({"action":"sendMessage","room":"general","message":text})).await;
+    }
+    stack.pump().await;
+    let rejected = stack.recorder.received_action("ann", "rejected");
+    assert_eq!(rejected.len(), 1, "live: only the configured word is banned: {rejected:?}");
+    let records = stack.captured.clone();
+
+    let configured = Options { json: true, configs: vec![("acme".into(), banned)], ..from_stream(moderation()) };
+    let (first, _) = run(&lines(&records), &configured).await;
+    let (second, _) = run(&lines(&records), &configured).await;
+    assert_eq!(first, second, "byte-identical");
+    // The plugin's decisions, as sent: what the live run sent.
+    let decided = |sends: Vec<(String, Value)>| -> Vec<(String, Value)> {
+        sends.into_iter().filter(|(_, b)| b["action"] == "message" || b["action"] == "rejected").collect()
+    };
+    let mut live: Vec<(String, Value)> =
+        stack.recorder.calls().into_iter().filter(|c| c.status == 200).map(|c| (c.connection_id, c.body)).collect();
+    live.sort_by(|a, b| (&a.0, a.1.to_string()).cmp(&(&b.0, b.1.to_string())));
+    assert_eq!(decided(sends_in(&first)), decided(live), "the replay decides as the live run did");
+
+    // Without the configuration, the plugin's built-in list decides: the other message is refused.
+    let (defaults, _) = run(&lines(&records), &Options { json: true, ..from_stream(moderation()) }).await;
+    let refused: Vec<String> = sends_in(&defaults)
+        .into_iter()
+        .filter(|(_, b)| b["action"] == "rejected")
+        .map(|(_, b)| b["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(refused, vec!["the word \"spam\" is not allowed here".to_string()]);
+}

@@ -82,6 +82,10 @@ pub struct ReplayArgs {
     /// Replay a tenant with this component instead of its active plugin (repeatable).
     #[arg(long = "plugin", value_name = "TENANT=FILE.wasm")]
     plugins: Vec<String>,
+    /// A tenant's plugin configuration for this replay (a JSON object of strings), in place of
+    /// what the table holds now (repeatable): the same files replay byte for byte the same.
+    #[arg(long = "config", value_name = "TENANT=FILE.json")]
+    configs: Vec<String>,
     /// Replay twice, with a tenant's old and new component, and print only the records whose
     /// decisions differ.
     #[arg(long, value_name = "TENANT=OLD.wasm,NEW.wasm")]
@@ -122,6 +126,12 @@ pub async fn replay_main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             spec.split_once('=').ok_or_else(|| anyhow::anyhow!("--plugin {spec:?}: expected TENANT=FILE.wasm"))?;
         plugins.push((tenant.to_string(), crate::plugins::read_component(file.as_ref())?));
     }
+    let mut configs = Vec::new();
+    for spec in &args.configs {
+        let (tenant, file) =
+            spec.split_once('=').ok_or_else(|| anyhow::anyhow!("--config {spec:?}: expected TENANT=FILE.json"))?;
+        configs.push((tenant.to_string(), crate::cli::plugins::read_config(file.as_ref())?));
+    }
     let compare = match &args.compare {
         Some(spec) => {
             let parsed = spec.split_once('=').and_then(|(tenant, files)| {
@@ -152,6 +162,7 @@ pub async fn replay_main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         table,
         streams: needs_aws.then(|| config::streams_client(&sdk, args.dynamodb_endpoint.as_deref())),
         plugins,
+        configs,
         compare,
         execute,
     };

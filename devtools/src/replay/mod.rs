@@ -52,6 +52,9 @@ pub struct Options {
     pub streams: Option<aws_sdk_dynamodbstreams::Client>,
     /// Tenants' plugins for this replay: (tenant, component bytes), in place of their active ones.
     pub plugins: Vec<(String, Vec<u8>)>,
+    /// Tenants' plugin configurations for this replay, in place of what the table holds now: a
+    /// replay with the same files decides byte for byte the same.
+    pub configs: Vec<(String, std::collections::BTreeMap<String, String>)>,
     /// Replays twice, with this tenant's old and new component, and prints only the records whose
     /// decisions differ.
     pub compare: Option<Compare>,
@@ -262,6 +265,9 @@ async fn run(items: &[Item], options: &Options, plugins: &[(String, Vec<u8>)]) -
         let plugin = registry.host().compile(bytes, &limits).map_err(|e| anyhow::anyhow!("{tenant}'s plugin: {e}"))?;
         registry.install(tenant, plugin, limits, Policy::FailOpen, true);
     }
+    for (tenant, values) in &options.configs {
+        registry.pin_config(tenant, values.clone());
+    }
     let view = Arc::new(StreamRooms::default());
     let mode = if options.execute.is_some() { Mode::Execute } else { Mode::DryRun };
     let mut processor = Processor::new(store, deliverer, clock, metrics, 1).with_plugins(registry).with_mode(mode);
@@ -462,7 +468,7 @@ fn write_decisions(out: &mut dyn Write, entry: &Entry, indent: &str) -> std::io:
     let mut lead = || if std::mem::take(&mut first) { indent.to_string() } else { blank.clone() };
     for call in &entry.plugin_calls {
         let timing = call.elapsed_us.map(|us| format!("  {us} µs")).unwrap_or_default();
-        writeln!(out, "{}{:<9}{}  fuel {}{timing}", lead(), call.hook, call.outcome, call.fuel)?;
+        writeln!(out, "{}{:<9} {}  fuel {}{timing}", lead(), call.hook, call.outcome, call.fuel)?;
         for line in &call.log {
             writeln!(out, "{blank}         log {line}")?;
         }
