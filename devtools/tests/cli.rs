@@ -472,3 +472,54 @@ async fn publish_to_a_function_url_is_sigv4_signed() {
     assert!(authorization.contains("/eu-west-1/lambda/aws4_request"), "{authorization}");
     assert!(headers.contains_key("x-amz-date"));
 }
+
+/// `roomcast plugin new` writes a crate that tests natively, builds to a component the host
+/// accepts, and reads its configuration (`plugin test --config`).
+#[test]
+fn plugin_new_writes_a_crate_that_tests_builds_and_runs() {
+    let dir = std::env::temp_dir().join(format!("roomcast-new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let sdk = root().join("plugins/sdk");
+    let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        .args(["plugin", "new", "word-filter", "--dir"])
+        .arg(&dir)
+        .arg("--sdk-path")
+        .arg(&sdk)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let crate_dir = dir.join("word-filter");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    // Offline: everything it needs is what this workspace already fetched.
+    let cargo = |args: &[&str], target_dir: PathBuf| {
+        let out = Command::new(env!("CARGO"))
+            .args(args)
+            .arg("--offline")
+            .current_dir(&crate_dir)
+            .env("CARGO_TARGET_DIR", target_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cargo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tested = cargo(&["test"], target.join("scaffold"));
+    assert!(tested.contains("configured_words_are_rejected ... ok"), "{tested}");
+    cargo(&["build", "--release", "--target", "wasm32-wasip2"], target.clone());
+    let component = target.join("wasm32-wasip2/release/word_filter.wasm");
+    let config = dir.join("config.json");
+    std::fs::write(&config, r#"{"banned": "hello"}"#).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        .args(["plugin", "test"])
+        .arg(&component)
+        .arg("--event")
+        .arg(crate_dir.join("events/message.json"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("world 0.2.0") && stdout.contains("on-message     Verdict::Reject"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&component);
+}
