@@ -8,7 +8,10 @@
 //!   `wasm_legacy_warm` is the same decision by a 0.1.0 component: `validate` then `route`, two
 //!   crossings; `wasm_on_message_fresh` adds a new Store and instance from the cached
 //!   `InstancePre`; `wasm_message` is what the processor does for each message: a fresh
-//!   instance, the call, and the host's checks (`PluginHost::message`).
+//!   instance, the call, and the host's checks (`PluginHost::message`). Where a warm call's
+//!   time goes: `wasm_call_fixed` (a call with no input and a constant result: fuel, epoch
+//!   deadline, record time, log, the async call) and `wasm_boundary_warm` (that plus the
+//!   message in and an outcome out, with no rule: the welcome example's default `on-message`).
 //! * `activation/*` — compiling the component (cold activation) against loading it from the
 //!   host's precompiled-artifact directory (warm cache), and instantiating from `InstancePre`.
 //!
@@ -67,6 +70,13 @@ fn hook(c: &mut Criterion) {
     });
     let mut instance = host.instantiate(&plugin, &limits).0.unwrap();
     group.bench_function("wasm_on_message_warm", |b| b.iter(|| instance.on_message(black_box(&message), 0).0.unwrap()));
+    // Where the time goes: a call with no input and a constant result (`hooks`): the fixed cost
+    // of any call; the welcome example's `on-message` (the SDK's default: accept, no rule):
+    // that plus the message's strings in and an outcome out.
+    group.bench_function("wasm_call_fixed", |b| b.iter(|| instance.hooks().0.unwrap()));
+    let welcome = host.compile(&built("roomcast_plugin_welcome"), &limits).unwrap();
+    let mut empty = host.instantiate(&welcome, &limits).0.unwrap();
+    group.bench_function("wasm_boundary_warm", |b| b.iter(|| empty.on_message(black_box(&message), 0).0.unwrap()));
     let mut old = host.instantiate(&legacy, &limits).0.unwrap();
     group.bench_function("wasm_legacy_warm", |b| b.iter(|| old.on_message(black_box(&message), 0).0.unwrap()));
     group.bench_function("wasm_on_message_fresh", |b| {

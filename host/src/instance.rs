@@ -667,8 +667,23 @@ impl Stopped {
 ///
 /// Never call this on an async runtime's worker: from a thread of its own (`spawn_blocking`).
 fn bounded<R>(limits: &Limits, call: impl std::future::Future<Output = wasmtime::Result<R>>) -> Result<R, Stopped> {
-    let grace = limits.deadline + EPOCH_TICK * 2;
-    match super::runtime().block_on(async { tokio::time::timeout(grace, call).await }) {
+    let started = Instant::now();
+    let mut call = std::pin::pin!(call);
+    // Host calls may use the plugin runtime's reactor and timers.
+    let _context = super::runtime().enter();
+    // Nearly every call finishes in its first poll: guest code runs on its fiber until it
+    // returns, and the epoch deadline stops it if it does not. Only a host call that really
+    // waits leaves it pending; then the runtime drives it, under the deadline's timeout. (The
+    // first poll's waker is a no-op: a pending future registers the runtime's on the next.)
+    let mut first = std::task::Context::from_waker(std::task::Waker::noop());
+    let outcome = match call.as_mut().poll(&mut first) {
+        Poll::Ready(outcome) => Ok(outcome),
+        Poll::Pending => {
+            let grace = (limits.deadline + EPOCH_TICK * 2).saturating_sub(started.elapsed());
+            super::runtime().block_on(async { tokio::time::timeout(grace, call).await })
+        }
+    };
+    match outcome {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(Stopped::Error(e)),
         Err(_) => Err(Stopped::Deadline),
