@@ -21,7 +21,7 @@
 //! | write path | [`handlers`] | `$connect`, `$disconnect`, messages → records; route responses |
 //! | table | [`store`] | one trait, a DynamoDB adapter and an embedded one with a stream |
 //! | record → change | [`stream`] | decode stream records into typed [`stream::Change`]s; the batch runner; the Streams poller |
-//! | tenant rules | [`rules`] | the interface the pipeline asks before reacting (the plugin host implements it) |
+//! | tenant rules | [`rules`] | the interface the pipeline asks before reacting: a message's verdict and route, who may join a room, a greeting (the plugin host implements it) |
 //! | presence | [`presence`] | who is in a room, as state: exactly one `joined`/`left` per user and room |
 //! | change → effects | [`react`] | pure: welcome, room fan-out, presence, cascades |
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries within the batch's window; 410 / 429 / 413 rules, slow consumers |
