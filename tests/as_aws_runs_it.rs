@@ -217,7 +217,15 @@ impl Aws {
 fn token(tenant: &str, user: &str) -> String {
     let exp = chrono::Utc::now().timestamp() + 3600;
     roomcast::auth::mint(
-        &roomcast::auth::Claims { tenant: tenant.into(), sub: user.into(), exp, nbf: None, scope: None, rooms: None },
+        &roomcast::auth::Claims {
+            tenant: tenant.into(),
+            sub: user.into(),
+            exp,
+            nbf: None,
+            scope: None,
+            rooms: None,
+            extra: Default::default(),
+        },
         SECRET.as_bytes(),
     )
 }
@@ -326,6 +334,7 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
             nbf: None,
             scope: None,
             rooms: Some(vec!["lobby".into()]),
+            extra: Default::default(),
         },
         SECRET.as_bytes(),
     );
@@ -423,6 +432,7 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     // removes one on its schedule, the admin operation the other.
     let two_hours_ago = roomcast::model::ManualClock::at(chrono::Utc::now() - chrono::Duration::hours(2));
     let old = roomcast::handlers::HandlerDeps {
+        joins: Default::default(),
         store: std::sync::Arc::new(aws.admin.clone()),
         clock: two_hours_ago,
         connection_ttl_seconds: 3 * 3600,

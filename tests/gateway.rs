@@ -151,11 +151,27 @@ async fn bad_tokens_are_refused_at_the_upgrade(kind: &str) {
     let stack = ws::dev(kind, |_| {}).await;
     let now = chrono::Utc::now().timestamp();
     let expired = mint(
-        &Claims { tenant: "acme".into(), sub: "ann".into(), exp: now - 10, nbf: None, scope: None, rooms: None },
+        &Claims {
+            tenant: "acme".into(),
+            sub: "ann".into(),
+            exp: now - 10,
+            nbf: None,
+            scope: None,
+            rooms: None,
+            extra: Default::default(),
+        },
         ws::SECRET,
     );
     let wrongly_signed = mint(
-        &Claims { tenant: "acme".into(), sub: "ann".into(), exp: now + 600, nbf: None, scope: None, rooms: None },
+        &Claims {
+            tenant: "acme".into(),
+            sub: "ann".into(),
+            exp: now + 600,
+            nbf: None,
+            scope: None,
+            rooms: None,
+            extra: Default::default(),
+        },
         b"not-the-secret",
     );
     let claimless = {

@@ -17,6 +17,9 @@ roomcast_tests::on_both_stores!(
     a_plugin_that_never_answers_a_join_meets_the_tenants_policy,
     a_component_of_the_first_world_still_works,
     recovery_waits_for_the_rules_and_a_denied_room_recovers_nothing,
+    a_connection_opened_before_the_plugin_cannot_slip_a_message_into_a_room_it_is_denied,
+    a_redelivered_join_is_decided_once,
+    a_hostile_plugins_pending_joins_meet_its_policy,
 );
 
 /// `config` as the tenant's plugin configuration, written as `roomcast plugin config set` does.
@@ -106,6 +109,7 @@ async fn rooms_asked_for_at_connect_wait_for_the_rules_too(kind: &str) {
     // Every room waits for the rules: the welcome names none; each is acknowledged or denied.
     let welcome = &stack.recorder.received_action("eve", "welcome")[0];
     assert_eq!(welcome["rooms"], json!([]), "{welcome}");
+    assert!(welcome.get("counts").is_none(), "no room's size before the rules allow it: {welcome}");
     assert_eq!(stack.recorder.received_action("eve", "join_denied")[0]["room"], "vip");
     assert_eq!(rooms_of(&stack.recorder.received_action("eve", "ack"), "lobby").len(), 1);
     let vip_acks = rooms_of(&stack.recorder.received_action("ann", "ack"), "vip");
@@ -306,4 +310,78 @@ async fn recovery_waits_for_the_rules_and_a_denied_room_recovers_nothing(kind: &
         .collect();
     let want = [("ack", ""), ("message", "two"), ("recover", "")].map(|(a, m)| (a.to_string(), m.to_string()));
     assert_eq!(ann2, want.to_vec());
+}
+
+async fn a_connection_opened_before_the_plugin_cannot_slip_a_message_into_a_room_it_is_denied(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    configure(&stack, "acme", &[("room.vip", "ann")]).await;
+    stack.connect("ann", "acme", "ann", "vip").await;
+    stack.connect("eve", "acme", "eve", "lobby").await;
+    stack.pump().await;
+    stack
+        .upload_plugin(
+            "acme",
+            &component("roomcast-plugin-rooms-acl"),
+            FailurePolicy::Closed,
+            LimitOverrides::default(),
+        )
+        .await;
+    stack.pump().await;
+    // Eve's connection (and this handler's few-second view of the tenant) predate the plugin:
+    // her join is answered at once, and she sends straight away.
+    let answer = stack.send("eve", json!({"action":"join","room":"vip"})).await;
+    assert_eq!(answer["action"], "ack", "{answer}");
+    let sent = stack.send("eve", json!({"action":"sendMessage","room":"vip","message":"sneaking in"})).await;
+    assert_eq!(sent["action"], "ack", "{sent}");
+    stack.send("eve", json!({"action":"signal","room":"vip","data":{"typing":true}})).await;
+    stack.pump().await;
+    assert_eq!(stack.recorder.received_action("eve", "join_denied")[0]["room"], "vip");
+    let ann_saw: Vec<Value> =
+        stack.recorder.received("ann").into_iter().filter(|f| f["user_id"] == "eve" && f["room"] == "vip").collect();
+    assert!(ann_saw.is_empty(), "the denied sender reached the room: {ann_saw:?}");
+    // Her next join waits for the rules: the connection is marked now.
+    let again = stack.send("eve", json!({"action":"join","room":"vip"})).await;
+    assert_eq!(again["pending"], true, "{again}");
+}
+
+async fn a_redelivered_join_is_decided_once(kind: &str) {
+    let mut stack = acl_stack(kind).await;
+    configure(&stack, "acme", &[("room.vip", "eve")]).await;
+    stack.connect("eve", "acme", "eve", "lobby").await;
+    stack.pump().await;
+    stack.send("eve", json!({"action":"join","room":"vip"})).await;
+    let batch = stack.pump_once().await;
+    stack.pump().await;
+    assert_eq!(rooms_of(&stack.recorder.received_action("eve", "ack"), "vip").len(), 1);
+    // The rules change, then the same batch comes again (Lambda redelivers): the join was
+    // decided already, and stays as decided.
+    configure(&stack, "acme", &[("room.vip", "ann")]).await;
+    stack.deliver(&batch).await;
+    stack.pump().await;
+    assert!(stack.recorder.received_action("eve", "join_denied").is_empty(), "{:?}", stack.recorder.received("eve"));
+    assert_eq!(stack.live_set("acme", "vip").await, vec![("eve".to_string(), 1)]);
+    assert_eq!(stack.processor.counts().joins_denied, 0);
+}
+
+async fn a_hostile_plugins_pending_joins_meet_its_policy(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack
+        .upload_plugin("evil", &component("roomcast-hostile-plugin"), FailurePolicy::Closed, LimitOverrides::default())
+        .await;
+    stack.pump().await;
+    assert_eq!(stack.table.store.active_plugin("evil").await.unwrap().unwrap().authorizes_joins, Some(true));
+    stack.connect("e1", "evil", "e1", "loop,trap,grow,recurse,general").await;
+    stack.connect("a1", "acme", "a1", "general").await;
+    stack.pump().await;
+    let denied: std::collections::BTreeSet<String> = stack
+        .recorder
+        .received_action("e1", "join_denied")
+        .iter()
+        .map(|d| d["room"].as_str().unwrap().to_string())
+        .collect();
+    let want: std::collections::BTreeSet<String> = ["grow", "loop", "recurse", "trap"].map(String::from).into();
+    assert_eq!(denied, want);
+    assert_eq!(rooms_of(&stack.recorder.received_action("e1", "ack"), "general").len(), 1, "allowed");
+    assert_eq!(stack.recorder.received_action("a1", "welcome").len(), 1, "the next tenant is untouched");
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
 }

@@ -593,6 +593,7 @@ impl Stack {
         let processor =
             Processor::new(processor_store, deliverer, clock.clone(), metrics, 8).with_plugins(plugins.clone());
         let deps = HandlerDeps {
+            joins: Default::default(),
             store: table.store.clone(),
             clock: clock.clone(),
             connection_ttl_seconds: 600,
@@ -753,8 +754,8 @@ impl Store for UnavailableRoom {
     async fn put_plugin_config(&self, config: &roomcast::model::PluginConfig) -> roomcast::store::Result<()> {
         self.inner.put_plugin_config(config).await
     }
-    async fn settle_join(&self, id: &str, tenant: &str, room: &str, allowed: bool) -> roomcast::store::Result<()> {
-        self.inner.settle_join(id, tenant, room, allowed).await
+    async fn settle_join(&self, m: &roomcast::model::Membership, allowed: bool) -> roomcast::store::Result<bool> {
+        self.inner.settle_join(m, allowed).await
     }
     async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> roomcast::store::Result<()> {
         self.inner.set_authorizes_joins(tenant, version, authorizes).await
@@ -1083,7 +1084,18 @@ pub mod ws {
 
     pub fn token(tenant: &str, user: &str) -> String {
         let exp = chrono::Utc::now().timestamp() + 3600;
-        mint(&Claims { tenant: tenant.into(), sub: user.into(), exp, nbf: None, scope: None, rooms: None }, SECRET)
+        mint(
+            &Claims {
+                tenant: tenant.into(),
+                sub: user.into(),
+                exp,
+                nbf: None,
+                scope: None,
+                rooms: None,
+                extra: Default::default(),
+            },
+            SECRET,
+        )
     }
 
     type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -1224,6 +1236,7 @@ pub fn publish_token(tenant: &str, secret: &[u8]) -> String {
         nbf: None,
         scope: Some("publish".into()),
         rooms: None,
+        extra: Default::default(),
     };
     roomcast::auth::mint(&claims, secret)
 }

@@ -27,7 +27,18 @@ fn authorizer_event(query: Value) -> ApiGatewayCustomAuthorizerRequestTypeReques
 }
 
 fn token(tenant: &str, sub: &str, exp: i64, secret: &[u8]) -> String {
-    mint(&Claims { tenant: tenant.into(), sub: sub.into(), exp, nbf: None, scope: None, rooms: None }, secret)
+    mint(
+        &Claims {
+            tenant: tenant.into(),
+            sub: sub.into(),
+            exp,
+            nbf: None,
+            scope: None,
+            rooms: None,
+            extra: Default::default(),
+        },
+        secret,
+    )
 }
 
 #[test]

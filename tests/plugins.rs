@@ -150,6 +150,18 @@ fn every_export_and_instantiation_end_in_a_specific_fault() {
     assert_eq!(join("loop"), Err(Fault::OutOfFuel(limits.fuel)));
     assert_eq!(join("grow"), Err(Fault::Memory(limits.memory_bytes)));
     assert!(matches!(join("trap"), Err(Fault::Trap(_))));
+    assert!(matches!(join("recurse"), Err(Fault::Trap(_))), "{:?}", join("recurse"));
+    let request = |room: &str| JoinRequest {
+        connection_id: "c1".into(),
+        tenant: "acme".into(),
+        user_id: "ann".into(),
+        room: room.into(),
+        claims: Vec::new(),
+    };
+    let (flooded, report) = host.join(&hostile, &limits, &request("flood"), RECORD_TIME, Default::default());
+    assert_eq!(flooded, Ok(JoinDecision::Allow));
+    assert!(report.log.iter().map(String::len).sum::<usize>() <= limits.log_bytes + 100, "the log stays bounded");
+    assert!(report.log.last().is_some_and(|l| l.contains("dropped")), "{:?}", report.log.last());
     assert!(matches!(join("giant"), Err(Fault::OutputTooLargeToCopy { .. } | Fault::OutputTooLarge { .. })));
     assert!(
         matches!(join("sleep-forever"), Err(Fault::Deadline(_) | Fault::OutOfFuel(_))),

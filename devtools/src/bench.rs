@@ -227,6 +227,7 @@ async fn open_crowd(server: &Server, options: &Options, tenant: &str) -> anyhow:
                 nbf: None,
                 scope: None,
                 rooms: None,
+                extra: Default::default(),
             };
             let url = format!("{base}?token={}&rooms=room-{room}", crate::auth::mint(&claims, &options.secret));
             async move {
@@ -418,6 +419,7 @@ async fn hostile_traffic(
         nbf: None,
         scope: None,
         rooms: None,
+        extra: Default::default(),
     };
     // Its traffic spreads over eight rooms: one room's records run one after another.
     let rooms: Vec<String> = (0..8).map(|i| format!("h{i}")).collect();

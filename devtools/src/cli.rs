@@ -440,6 +440,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         nbf: None,
                         scope: Some("publish".into()),
                         rooms: None,
+                        extra: Default::default(),
                     };
                     let token = crate::auth::mint(&claims, jwt_secret.as_bytes());
                     let answer = crate::dev::api::request_as(
@@ -554,7 +555,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "{}",
                 crate::auth::mint(
-                    &crate::auth::Claims { tenant, sub: user, exp, nbf: None, scope, rooms },
+                    &crate::auth::Claims { tenant, sub: user, exp, nbf: None, scope, rooms, extra: Default::default() },
                     secret.as_bytes()
                 )
             );
@@ -660,6 +661,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         nbf: None,
         scope: None,
         rooms: None,
+        extra: Default::default(),
     };
     let token = crate::auth::mint(&claims, auth.secret());
     println!("Roomcast dev stack ({store_name})");

@@ -205,6 +205,7 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
             .with_announce_max_users(options.presence_announce_max_users),
     );
     let deps = HandlerDeps {
+        joins: Default::default(),
         store: store.clone(),
         clock: clock.clone(),
         connection_ttl_seconds: options.connection_ttl_seconds,

@@ -251,6 +251,7 @@ async fn plugin_upload_into_a_running_dev_stack_with_the_embedded_store() {
         nbf: None,
         scope: Some("publish".into()),
         rooms: None,
+        extra: Default::default(),
     };
     let token = roomcast::auth::mint(&claims, b"roomcast-dev-secret");
     let endpoint = format!("{url}/publish");

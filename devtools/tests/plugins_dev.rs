@@ -101,6 +101,7 @@ fn token(tenant: &str, user: &str, rooms: Option<Vec<&str>>) -> String {
         nbf: None,
         scope: None,
         rooms: rooms.map(|r| r.into_iter().map(str::to_string).collect()),
+        extra: Default::default(),
     };
     roomcast::auth::mint(&claims, b"roomcast-dev-secret")
 }

@@ -27,7 +27,34 @@ pub struct Claims {
     /// "team-42"]`), as Centrifugo's `channels` claim. Absent: any room of the tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rooms: Option<Vec<String>>,
+    /// The token's other claims whose values are strings, numbers or booleans (a `role`, a
+    /// `plan`), passed on to the tenant's `authorize-join` through the authorizer's context:
+    /// at most [`MAX_EXTRA_CLAIMS_BYTES`], names and values together.
+    #[serde(flatten)]
+    pub extra: std::collections::BTreeMap<String, serde_json::Value>,
 }
+
+/// Claims the authorizer reads itself, or that mean nothing to a plugin.
+const RESERVED: &[&str] = &[
+    "tenant",
+    "sub",
+    "exp",
+    "nbf",
+    "iat",
+    "scope",
+    "rooms",
+    "iss",
+    "aud",
+    "jti",
+    "userId",
+    "principalId",
+    "integrationLatency",
+];
+
+/// The other claims passed on, names and values together.
+pub const MAX_EXTRA_CLAIMS_BYTES: usize = 1024;
+/// The `rooms` claim as JSON text, at most (it travels in the context too).
+pub const MAX_ROOMS_CLAIM_BYTES: usize = 2048;
 
 /// Whether the `rooms` claim's `patterns` allow `room`: a name equal to it, or a prefix ending
 /// in `*` that it starts with.
@@ -129,7 +156,23 @@ pub fn verify(token: &str, secret: &[u8], now: i64) -> Result<Claims, Denied> {
         ),
         Some(_) => return Err(Denied::Claim("rooms")),
     };
-    Ok(Claims { tenant: tenant.to_string(), sub: sub.to_string(), exp, nbf, scope, rooms })
+    if rooms.as_ref().is_some_and(|r| serde_json::to_string(r).map_or(usize::MAX, |t| t.len()) > MAX_ROOMS_CLAIM_BYTES)
+    {
+        return Err(Denied::Claim("rooms"));
+    }
+    let mut extra = std::collections::BTreeMap::new();
+    let mut size = 0;
+    for (name, value) in claims.as_object().into_iter().flatten() {
+        if RESERVED.contains(&name.as_str()) || !(value.is_string() || value.is_number() || value.is_boolean()) {
+            continue;
+        }
+        size += name.len() + value.to_string().len();
+        if size > MAX_EXTRA_CLAIMS_BYTES {
+            return Err(Denied::Claim("size of the other claims"));
+        }
+        extra.insert(name.clone(), value.clone());
+    }
+    Ok(Claims { tenant: tenant.to_string(), sub: sub.to_string(), exp, nbf, scope, rooms, extra })
 }
 
 /// The `$connect` rule: [`verify`], and a backend's publish-scoped token is not a user's (it
@@ -164,6 +207,9 @@ pub fn context(claims: &Claims) -> std::collections::HashMap<String, serde_json:
         let text = serde_json::to_string(rooms).unwrap_or_default();
         context.insert("rooms".to_string(), serde_json::Value::String(text));
     }
+    for (name, value) in &claims.extra {
+        context.entry(name.clone()).or_insert_with(|| value.clone());
+    }
     context
 }
 
@@ -177,7 +223,18 @@ mod tests {
     fn a_user_id_that_is_too_long_or_has_a_separator_is_refused() {
         let exp = 4_000_000_000;
         for sub in ["x".repeat(MAX_USER_ID_BYTES + 1), "a#b".to_string(), "a\nb".to_string()] {
-            let token = mint(&Claims { tenant: "acme".into(), sub, exp, nbf: None, scope: None, rooms: None }, SECRET);
+            let token = mint(
+                &Claims {
+                    tenant: "acme".into(),
+                    sub,
+                    exp,
+                    nbf: None,
+                    scope: None,
+                    rooms: None,
+                    extra: Default::default(),
+                },
+                SECRET,
+            );
             assert_eq!(verify(&token, SECRET, 0), Err(Denied::Claim("sub")));
         }
         let token = mint(
@@ -188,6 +245,7 @@ mod tests {
                 nbf: None,
                 scope: None,
                 rooms: None,
+                extra: Default::default(),
             },
             SECRET,
         );
@@ -212,6 +270,18 @@ mod tests {
         mac.update(signed.as_bytes());
         let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
         assert_eq!(verify(&token, SECRET, 0), Err(Denied::Claim("rooms")));
+
+        // Other plain claims travel too (a plugin may read a `role`); objects do not.
+        let mut raw = serde_json::to_value(claims(4_000_000_000)).unwrap();
+        raw["role"] = serde_json::json!("admin");
+        raw["nested"] = serde_json::json!({"a": 1});
+        let signed = format!("{header}.{}", URL_SAFE_NO_PAD.encode(raw.to_string()));
+        let mut mac = Hmac::<Sha256>::new_from_slice(SECRET).unwrap();
+        mac.update(signed.as_bytes());
+        let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
+        let verified = verify(&token, SECRET, 0).unwrap();
+        assert_eq!(context(&verified)["role"], "admin");
+        assert!(!context(&verified).contains_key("nested"));
     }
 
     #[test]
@@ -223,6 +293,7 @@ mod tests {
             nbf: None,
             scope: Some("publish".into()),
             rooms: None,
+            extra: Default::default(),
         };
         let token = mint(&publish, SECRET);
         assert!(verify(&token, SECRET, 0).is_ok());
@@ -232,7 +303,15 @@ mod tests {
     }
 
     fn claims(exp: i64) -> Claims {
-        Claims { tenant: "acme".into(), sub: "ann".into(), exp, nbf: None, scope: None, rooms: None }
+        Claims {
+            tenant: "acme".into(),
+            sub: "ann".into(),
+            exp,
+            nbf: None,
+            scope: None,
+            rooms: None,
+            extra: Default::default(),
+        }
     }
 
     fn sign_raw(payload: &str, secret: &[u8]) -> String {

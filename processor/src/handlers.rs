@@ -28,6 +28,35 @@ pub struct HandlerDeps {
     pub history_ttl_seconds: i64,
     /// How long an idempotency key stands for the message it wrote.
     pub idempotency_window_seconds: i64,
+    /// Whether each tenant's plugin decides joins, as its `ACTIVE` pointer said a moment ago.
+    pub joins: JoinRules,
+}
+
+/// Per tenant, whether its plugin decides joins (the `ACTIVE` pointer's `authorizesJoins`),
+/// read at most every [`JoinRules::FRESH`] per container: `$connect` and a `join` from a
+/// connection opened before the plugin decided joins ask it.
+#[derive(Clone, Default)]
+pub struct JoinRules(Arc<std::sync::Mutex<std::collections::HashMap<String, (bool, std::time::Instant)>>>);
+
+impl JoinRules {
+    /// How long a read stands. A plugin activated meanwhile is caught by the processor, which
+    /// asks it about every join it sees.
+    pub const FRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+    async fn decided(&self, store: &dyn Store, tenant: &str) -> Result<bool, crate::store::StoreError> {
+        if let Some((decided, at)) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(tenant)
+            && at.elapsed() < Self::FRESH
+        {
+            return Ok(*decided);
+        }
+        let decided = store.active_plugin(tenant).await?.and_then(|a| a.authorizes_joins).unwrap_or(false);
+        let mut cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(tenant.to_string(), (decided, std::time::Instant::now()));
+        Ok(decided)
+    }
 }
 
 /// The default idempotency window: five minutes.
@@ -207,8 +236,8 @@ pub async fn connect(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDe
     }
     // Whether the tenant's plugin decides joins: one read of its `ACTIVE` pointer per connect
     // (never per join or message). Then this connection's joins wait for the processor.
-    let authorize_joins = match deps.store.active_plugin(who.tenant.as_str()).await {
-        Ok(active) => active.and_then(|a| a.authorizes_joins).unwrap_or(false),
+    let authorize_joins = match deps.joins.decided(deps.store.as_ref(), who.tenant.as_str()).await {
+        Ok(decided) => decided,
         Err(err) => return internal(&err),
     };
     let now = deps.clock.now();
@@ -442,6 +471,11 @@ async fn act(
                         ErrorCode::InvalidRequest,
                         format!("at most {MAX_ROOMS_PER_CONNECTION} rooms per connection"),
                     )));
+                }
+                // A connection opened before its tenant's plugin decided joins learns it here.
+                let mut conn = conn.clone();
+                if !conn.authorize_joins && deps.joins.decided(store.as_ref(), &conn.tenant).await? {
+                    conn.authorize_joins = true;
                 }
                 let membership = conn.membership(room.as_str(), JoinReason::Join, now);
                 store.join(&membership).await?;

@@ -42,6 +42,7 @@ pub async fn run_handler(route: Route) -> Result<(), Error> {
     // The handlers emit no counts: an item that does not decode is told by its log line.
     let (_, store) = store_from(&config, Arc::default()).await;
     let deps = HandlerDeps {
+        joins: Default::default(),
         store,
         clock: Arc::new(SystemClock),
         connection_ttl_seconds: config.connection_ttl_seconds,

@@ -224,6 +224,7 @@ impl Connection {
             left_reason: None,
             joined_ns: Some(join_order()),
             pending: self.authorize_joins.then_some(true),
+            claims: if self.authorize_joins { self.claims.clone() } else { Default::default() },
         }
     }
 
@@ -313,6 +314,10 @@ pub struct Membership {
     /// (deleting the membership).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<bool>,
+    /// A pending join's copy of its connection's claims: what `authorize-join` is asked with, in
+    /// the stream record itself (a replay decides from the record alone).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub claims: std::collections::BTreeMap<String, String>,
     /// When the join happened in nanoseconds since the epoch, strictly increasing within a
     /// process. Presence no longer ranks joins by time ([`crate::presence`] keeps it as state);
     /// kept so that records stay readable by processors of either version during a deploy.

@@ -230,7 +230,7 @@ impl Processor {
         let Some(rules) = self.rules.as_deref() else {
             // No rules here at all (a processor without plugins): nothing decides; allow.
             if waited && self.mode == Mode::Execute {
-                self.store.settle_join(&m.connection_id, &m.tenant, &m.room, true).await?;
+                self.store.settle_join(m, true).await?;
             }
             return Ok((None, Vec::new()));
         };
@@ -238,17 +238,23 @@ impl Processor {
         if !waited && !rules.authorizes_joins(&m.tenant).await {
             return Ok((None, Vec::new()));
         }
-        let now = self.clock.now();
-        let Some(conn) = self.store.get_connection(&m.connection_id, now).await? else {
-            // Gone already: its memberships are being removed; nothing to decide.
-            return Ok((None, Vec::new()));
+        // A pending membership carries its connection's claims; one that did not wait (its
+        // connection opened before the plugin decided joins) reads them from the connection.
+        let claims = if waited {
+            m.claims.clone()
+        } else {
+            match self.store.get_connection(&m.connection_id, self.clock.now()).await? {
+                Some(conn) => conn.claims,
+                // Gone already: its memberships are being removed; nothing to decide.
+                None => return Ok((None, Vec::new())),
+            }
         };
         let join = JoinInput {
             connection_id: m.connection_id.clone(),
             tenant: m.tenant.clone(),
             user_id: m.user_id.clone(),
             room: m.room.clone(),
-            claims: conn.claims.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            claims: claims.into_iter().collect(),
         };
         let at = RecordAt { time_ms: m.joined_at.timestamp_millis().max(0) as u64, sequence: sequence.into() };
         let (verdict, calls) = match rules.authorize_join(&join, &at).await {
@@ -256,11 +262,14 @@ impl Processor {
             None => (JoinVerdict::Allow, Vec::new()),
         };
         let allowed = verdict == JoinVerdict::Allow;
+        // Applied only to the membership it was made for: a redelivered or stale record's
+        // decision changes nothing and tells the client nothing.
+        if self.mode == Mode::Execute && !self.store.settle_join(m, allowed).await? {
+            tracing::info!(user = %m.user_id, "join already decided (a redelivered or stale record)");
+            return Ok((None, calls));
+        }
         Metrics::add(if allowed { &self.metrics.joins_allowed } else { &self.metrics.joins_denied }, 1);
         tracing::info!(user = %m.user_id, allowed, waited, "join decided");
-        if self.mode == Mode::Execute && (waited || !allowed) {
-            self.store.settle_join(&m.connection_id, &m.tenant, &m.room, allowed).await?;
-        }
         Ok((
             match verdict {
                 JoinVerdict::Allow => None,
@@ -268,6 +277,37 @@ impl Processor {
             },
             calls,
         ))
+    }
+
+    /// In a tenant whose rules decide joins, a message or signal is delivered only if its
+    /// sender is a member of the room as the processor reads it — allowed, not pending: one sent
+    /// right after a join that is then denied (from a connection that did not wait) reaches no
+    /// one. Backends' publishes have no sender connection and are not concerned.
+    async fn drop_from_non_members(
+        &self,
+        change: &Change,
+        members: &[crate::model::Membership],
+        decisions: &mut Decisions,
+    ) {
+        let (tenant, room, sender) = match change {
+            Change::Inserted(Record::Message(m)) => (&m.tenant, &m.room, &m.sender_connection_id),
+            Change::Inserted(Record::Signal(s)) => (&s.tenant, &s.room, &s.sender_connection_id),
+            _ => return,
+        };
+        let Some(rules) = self.rules.as_deref() else { return };
+        if sender.is_empty() || members.iter().any(|m| &m.connection_id == sender && m.room == *room) {
+            return;
+        }
+        if !rules.authorizes_joins(tenant).await {
+            return;
+        }
+        tracing::info!(sender = %sender, "dropped: the sender is not a member of the room");
+        Metrics::add(&self.metrics.rejected, 1);
+        decisions.message = Some((
+            crate::react::Decision::Reject { reason: format!("you are not a member of room {room:?}") },
+            crate::react::Route::default(),
+        ));
+        decisions.dropped = true;
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -501,7 +541,9 @@ impl Processor {
                     && let Some(conn) = self.store.get_connection(&m.connection_id, self.clock.now()).await?
                     && let Some(since) = conn.recover.get(&m.room)
                 {
-                    let recovered = self.recover(&m.tenant, &m.room, since, MAX_RECOVERED).await?;
+                    // The connect's budget, shared by the rooms it recovers.
+                    let share = (MAX_RECOVERED_AT_CONNECT / conn.recover.len().max(1)).max(1);
+                    let recovered = self.recover(&m.tenant, &m.room, since, share).await?;
                     decisions.recovery.push((m.room.clone(), recovered));
                 }
                 decisions.join = Some(JoinOutcome::Allowed(crate::protocol::ServerMessage::Ack {
@@ -514,7 +556,8 @@ impl Processor {
                 }));
             }
             if let Change::Inserted(Record::Connection(c)) = &change {
-                let rooms: Vec<String> = c.rooms.iter().cloned().collect();
+                // Counts only for rooms the connection is in: a pending room's size is not its yet.
+                let rooms: Vec<String> = c.rooms.iter().filter(|r| c.in_room(r)).cloned().collect();
                 let state = self.presence_state();
                 let counts = crate::store::room_counts(state.as_ref(), &c.tenant, &c.user_id, &rooms).await?;
                 decisions.counts = counts.into_iter().collect();
@@ -544,6 +587,7 @@ impl Processor {
                     members.extend(read?);
                 }
             }
+            self.drop_from_non_members(&change, &members, &mut decisions).await;
             let effects = react::react(&change, &members, &decisions);
             let outcomes = self.deliverer.apply(&effects, window).await?;
             tracing::debug!(

@@ -202,6 +202,7 @@ mod tests {
             nbf: None,
             scope: scope.map(Into::into),
             rooms: None,
+            extra: Default::default(),
         };
         format!("Bearer {}", mint(&claims, SECRET))
     }
@@ -225,6 +226,7 @@ mod tests {
                     nbf: None,
                     scope: Some("publish".into()),
                     rooms: None,
+                    extra: Default::default(),
                 },
                 b"other"
             )

@@ -110,6 +110,9 @@ pub struct Decisions {
     /// A join the tenant's rules decided: denied (the reason), or allowed (the `ack` the joiner
     /// gets once present).
     pub join: Option<JoinOutcome>,
+    /// The record's sender is not a member of the room (a tenant whose rules decide joins):
+    /// nothing is delivered.
+    pub dropped: bool,
 }
 
 /// What became of a join that waited for the tenant's rules.
@@ -223,6 +226,7 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
             }
         }
         // A signal reaches the room's other members; it is never kept for history.
+        Change::Inserted(Record::Signal(_)) if decisions.dropped => Vec::new(),
         Change::Inserted(Record::Signal(s)) => {
             let data = serde_json::from_str(&s.data).unwrap_or(serde_json::Value::Null);
             let payload =

@@ -15,6 +15,10 @@ pub fn new_plugin(name: &str, dir: &Path, sdk_path: Option<&Path>) -> anyhow::Re
     if root.exists() {
         anyhow::bail!("{} exists already", root.display());
     }
+    // Without --sdk-path: the SDK of the checkout this `roomcast` was built from, when it is
+    // still there (the SDK is not on crates.io yet), else its crates.io version.
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk");
+    let sdk_path = sdk_path.or_else(|| built_from.join("Cargo.toml").exists().then_some(built_from.as_path()));
     let sdk = match sdk_path {
         Some(path) => {
             let path = std::fs::canonicalize(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -34,6 +38,7 @@ pub fn new_plugin(name: &str, dir: &Path, sdk_path: Option<&Path>) -> anyhow::Re
         ("src/lib.rs", LIB.replace("{Type}", &type_name)),
         ("README.md", README.replace("{name}", name).replace("{crate}", &name.replace('-', "_"))),
         ("events/message.json", EVENT.to_string()),
+        ("config.json", "{\"banned\": \"spam\"}\n".to_string()),
     ];
     for (file, text) in files {
         let path = root.join(file);
@@ -114,7 +119,7 @@ A Roomcast tenant plugin.
 
     cargo test                                            # the plugin's logic, natively
     cargo build --release --target wasm32-wasip2          # the component
-    roomcast plugin test target/wasm32-wasip2/release/{crate}.wasm --event events/message.json
+    roomcast plugin test target/wasm32-wasip2/release/{crate}.wasm --event events/message.json --config config.json
     roomcast plugin upload --tenant T target/wasm32-wasip2/release/{crate}.wasm --dev http://127.0.0.1:8080
     roomcast plugin config set --tenant T banned=spam --dev http://127.0.0.1:8080
 "#;
@@ -133,7 +138,9 @@ mod tests {
         let root = super::new_plugin("word-filter", &dir, None).unwrap();
         let lib = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
         assert!(lib.contains("pub struct WordFilter;") && lib.contains("export!(WordFilter)"));
-        assert!(std::fs::read_to_string(root.join("Cargo.toml")).unwrap().contains("roomcast-plugin-sdk = \"0.2\""));
+        // From a checkout: the SDK next to it, by path.
+        assert!(std::fs::read_to_string(root.join("Cargo.toml")).unwrap().contains("plugins/sdk"));
+        assert!(root.join("config.json").exists());
         assert!(super::new_plugin("word-filter", &dir, None).is_err(), "overwrote a crate");
         assert!(super::new_plugin("Bad Name", &dir, None).is_err());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -183,6 +183,7 @@ async fn dev_token(State(gw): State<Arc<Gateway>>, Query(q): Query<HashMap<Strin
         nbf: None,
         scope: None,
         rooms: None,
+        extra: Default::default(),
     };
     let websocket = format!("/{}", gw.settings.stage);
     axum::Json(json!({ "token": auth::mint(&claims, gw.settings.auth.secret()), "websocket": websocket }))

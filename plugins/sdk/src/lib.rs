@@ -298,7 +298,9 @@ mod imp {
 pub mod bindings {
     wit_bindgen::generate!({
         world: "tenant-plugin",
-        path: "../../wit/roomcast-plugin.wit",
+        // The crate's own copy of `wit/roomcast-plugin.wit` (a test keeps them equal), so the
+        // crate builds wherever it is copied or published.
+        path: "wit/roomcast-plugin.wit",
         pub_export_macro: true,
         export_macro_name: "__export_bindings",
         default_bindings_module: "roomcast_plugin_sdk::bindings",
@@ -419,6 +421,15 @@ mod tests {
         assert_eq!(Quiet::authorize_join(&JoinRequest::new("general", "ann")), Join::Allow);
         assert_eq!(Quiet::welcome(&WelcomeInfo::default()), None);
         const { assert!(!Quiet::AUTHORIZES_JOINS && !Quiet::WELCOMES) };
+    }
+
+    #[test]
+    fn the_crates_world_is_the_repositorys() {
+        assert_eq!(
+            include_str!("../wit/roomcast-plugin.wit"),
+            include_str!("../../../wit/roomcast-plugin.wit"),
+            "copy wit/roomcast-plugin.wit to plugins/sdk/wit/"
+        );
     }
 
     #[test]

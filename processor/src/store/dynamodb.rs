@@ -414,56 +414,101 @@ impl Store for DynamoStore {
     }
 
     async fn join(&self, membership: &Membership) -> Result<()> {
-        let add = if membership.pending == Some(true) { "ADD rooms :r, pendingRooms :r" } else { "ADD rooms :r" };
-        let add_room = Update::builder()
+        // A pending join also marks the connection as one whose joins wait (it may have opened
+        // before its tenant's plugin decided joins).
+        let pending = membership.pending == Some(true);
+        let add = if pending { "ADD rooms :r, pendingRooms :r SET authorizeJoins = :t" } else { "ADD rooms :r" };
+        let mut add_room = Update::builder()
             .table_name(&self.table)
             .set_key(Some(connection_key(&membership.connection_id)))
             .update_expression(add)
             .condition_expression("attribute_exists(pk)")
-            .expression_attribute_values(":r", string_set(&membership.room))
-            .build()
-            .map_err(build_error)?;
+            .expression_attribute_values(":r", string_set(&membership.room));
+        if pending {
+            add_room = add_room.expression_attribute_values(":t", AttributeValue::Bool(true));
+        }
+        let add_room = add_room.build().map_err(build_error)?;
         let items = vec![self.put(encode(membership)?)?, TransactWriteItem::builder().update(add_room).build()];
         self.transact("join", &membership.connection_id, items).await
     }
 
-    async fn settle_join(&self, connection_id: &str, tenant: &str, room: &str, allowed: bool) -> Result<()> {
-        let connection = if allowed { "DELETE pendingRooms :r" } else { "DELETE pendingRooms :r, rooms :r" };
-        if !allowed {
-            // The REMOVE record says why; then no member is left to receive anything.
-            self.mark(membership_key(tenant, room, connection_id), "leftReason", LeftReason::Denied.as_str()).await?;
-            self.client
-                .delete_item()
-                .table_name(&self.table)
-                .set_key(Some(membership_key(tenant, room, connection_id)))
-                .send()
-                .await
-                .map_err(|e| unavailable("delete_item (denied join)", e))?;
+    async fn settle_join(&self, m: &Membership, allowed: bool) -> Result<bool> {
+        let key = membership_key(&m.tenant, &m.room, &m.connection_id);
+        // The decision is this membership's: the same join (`joinedNs`), in the state it was
+        // decided in.
+        let mut condition = if m.pending == Some(true) {
+            "attribute_exists(pk) AND pending = :t".to_string()
+        } else {
+            "attribute_exists(pk) AND attribute_not_exists(pending)".to_string()
+        };
+        if m.joined_ns.is_some() {
+            condition.push_str(" AND joinedNs = :ns");
         }
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(connection_key(connection_id)))
-            .update_expression(connection)
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_values(":r", string_set(room))
-            .send()
-            .await;
-        written("update_item (settle join)", result)?;
-        if allowed {
-            let result = self
+        let values = |mut update: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder| {
+            if m.pending == Some(true) {
+                update = update.expression_attribute_values(":t", AttributeValue::Bool(true));
+            }
+            if let Some(ns) = m.joined_ns {
+                update = update.expression_attribute_values(":ns", AttributeValue::N(ns.to_string()));
+            }
+            update
+        };
+        if allowed && m.pending != Some(true) {
+            // Allowed and never pending: nothing to change.
+            return Ok(true);
+        }
+        let applied = if allowed {
+            let update = self
                 .client
                 .update_item()
                 .table_name(&self.table)
-                .set_key(Some(membership_key(tenant, room, connection_id)))
-                .update_expression("REMOVE pending")
-                .condition_expression("attribute_exists(pk)")
-                .send()
-                .await;
-            written("update_item (allow join)", result)?;
+                .set_key(Some(key.clone()))
+                .update_expression("REMOVE pending");
+            written("update_item (allow join)", values(update).condition_expression(&condition).send().await)?
+        } else {
+            let mark = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(key.clone()))
+                .update_expression("SET leftReason = :reason")
+                .expression_attribute_values(":reason", s(LeftReason::Denied.as_str()))
+                .condition_expression(&condition);
+            let marked = written("update_item (deny join)", values(mark).send().await)?;
+            if marked {
+                self.client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .set_key(Some(key))
+                    .send()
+                    .await
+                    .map_err(|e| unavailable("delete_item (denied join)", e))?;
+            }
+            marked
+        };
+        if !applied {
+            return Ok(false);
         }
-        Ok(())
+        // A denial of a join that did not wait also marks its connection: its next joins wait.
+        let connection = match (allowed, m.pending == Some(true)) {
+            (true, _) => "DELETE pendingRooms :r",
+            (false, true) => "DELETE pendingRooms :r, rooms :r",
+            (false, false) => "DELETE pendingRooms :r, rooms :r SET authorizeJoins = :t",
+        };
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(connection_key(&m.connection_id)))
+            .update_expression(connection)
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":r", string_set(&m.room));
+        if connection.contains(":t") {
+            update = update.expression_attribute_values(":t", AttributeValue::Bool(true));
+        }
+        let result = update.send().await;
+        written("update_item (settle join)", result)?;
+        Ok(true)
     }
 
     async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> Result<()> {

@@ -291,6 +291,9 @@ impl Store for MemoryStore {
         let member_item = encode(membership)?;
         self.put_item(&mut table, member_item);
         let pending = membership.pending == Some(true) && conn.pending_rooms.insert(membership.room.clone());
+        if pending {
+            conn.authorize_joins = true;
+        }
         if conn.rooms.insert(membership.room.clone()) || pending {
             let item = encode(&conn)?;
             self.put_item(&mut table, item);
@@ -298,31 +301,42 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn settle_join(&self, connection_id: &str, tenant: &str, room: &str, allowed: bool) -> Result<()> {
+    async fn settle_join(&self, m: &Membership, allowed: bool) -> Result<bool> {
         let mut table = self.lock();
-        let key = membership_key(tenant, room, connection_id);
-        if !allowed
-            && self
-                .update(
-                    &mut table,
-                    &key,
-                    &[("leftReason", Some(AttributeValue::S(LeftReason::Denied.as_str().into())))],
-                )
-                .is_some()
-        {
+        let key = membership_key(&m.tenant, &m.room, &m.connection_id);
+        // The decision is this membership's: the same join, in the state it was decided in.
+        let current: Option<Membership> = self.get(&table, &key);
+        let same =
+            current.is_some_and(|c| c.pending == m.pending && (m.joined_ns.is_none() || c.joined_ns == m.joined_ns));
+        if !same {
+            return Ok(false);
+        }
+        if allowed {
+            if m.pending != Some(true) {
+                return Ok(true);
+            }
+            self.update(&mut table, &key, &[("pending", None)]);
+        } else {
+            self.update(
+                &mut table,
+                &key,
+                &[("leftReason", Some(AttributeValue::S(LeftReason::Denied.as_str().into())))],
+            );
             self.delete_item(&mut table, &key, Actor::Client);
         }
-        if let Some(mut conn) = self.get::<Connection>(&table, &connection_key(connection_id)) {
-            let changed = conn.pending_rooms.remove(room) | (!allowed && conn.rooms.remove(room));
+        if let Some(mut conn) = self.get::<Connection>(&table, &connection_key(&m.connection_id)) {
+            let mut changed = conn.pending_rooms.remove(&m.room) | (!allowed && conn.rooms.remove(&m.room));
+            // A denial of a join that did not wait also marks its connection: its next joins wait.
+            if !allowed && m.pending != Some(true) && !conn.authorize_joins {
+                conn.authorize_joins = true;
+                changed = true;
+            }
             if changed {
                 let item = encode(&conn)?;
                 self.put_item(&mut table, item);
             }
         }
-        if allowed {
-            self.update(&mut table, &key, &[("pending", None)]);
-        }
-        Ok(())
+        Ok(true)
     }
 
     async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> Result<()> {

@@ -79,12 +79,13 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the membership and the room from the connection's `rooms`, atomically.
     async fn leave(&self, connection_id: &str, tenant: &str, room: &str) -> Result<()>;
 
-    /// The processor's decision on a pending join ([`Membership::pending`]). Allowed: the room
-    /// leaves the connection's `pendingRooms`, then the membership loses `pending` (its MODIFY
-    /// record makes the user present). Denied: the membership is deleted (`leftReason` denied)
-    /// and the room leaves the connection. Idempotent; a membership or connection already gone
-    /// is no error.
-    async fn settle_join(&self, connection_id: &str, tenant: &str, room: &str, allowed: bool) -> Result<()>;
+    /// The processor's decision on a join, applied only to the very membership it was made for
+    /// (the same `joinedNs`, still pending — or, for a connection that did not wait, still not
+    /// pending): a redelivered or stale decision changes nothing and returns false. Allowed: the
+    /// membership loses `pending` (its MODIFY record makes the user present), then the room
+    /// leaves the connection's `pendingRooms`. Denied: the membership is deleted (`leftReason`
+    /// denied) and the room leaves the connection.
+    async fn settle_join(&self, membership: &Membership, allowed: bool) -> Result<bool>;
 
     /// Records on the `ACTIVE` pointer whether the version it names decides joins (only if it
     /// still names `version`).

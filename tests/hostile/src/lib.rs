@@ -26,8 +26,9 @@
 //! names 20 rooms, `route-trap` panics, `route-loop` spins, `route-grow` allocates without end,
 //! `route-to-bob` narrows the message to the user `bob`.
 //!
-//! `authorize-join` misbehaves as the room asks: `loop`, `trap`, `grow`, `sleep-forever` as
-//! above, `giant` denies with a 1 MiB reason, `deny-…` denies, anything else is allowed.
+//! `authorize-join` misbehaves as the room asks: `loop`, `trap`, `grow`, `recurse`, `flood`,
+//! `sleep-forever` as above, `giant` denies with a 1 MiB reason, `deny-…` denies, anything else
+//! is allowed.
 //! `hooks` claims every hook.
 //!
 //! `welcome` misbehaves as the user id asks: `loop`, `trap`, `grow` as above, `giant` greets
@@ -87,6 +88,13 @@ mod component {
                 "loop" => spin(),
                 "trap" => panic!("the hostile plugin's authorize-join panics on purpose"),
                 "grow" => hoard(),
+                "recurse" => JoinDecision::Deny(recurse(0).to_string()),
+                "flood" => {
+                    for i in 0..10_000 {
+                        log(Level::Info, &format!("line {i}"));
+                    }
+                    JoinDecision::Allow
+                }
                 "sleep-forever" => loop {
                     std::thread::sleep(std::time::Duration::from_secs(3600));
                 },
