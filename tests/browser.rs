@@ -1,6 +1,8 @@
 //! The browser page, driven in headless Chromium (Debian's `chromium`; `scripts/test` installs
 //! it when missing) over the DevTools protocol: two pages in one room exchange messages and see
-//! each other's presence; a page that connects later starts its roster from the snapshot. `ROOMCAST_UPDATE_SCREENSHOT=1` also writes `docs/dev-page.png`.
+//! each other's presence; a page that connects later starts its roster from the snapshot; a page
+//! that goes offline and comes back has every message (the page is written on
+//! `@roomcast/client`). `ROOMCAST_UPDATE_SCREENSHOT=1` also writes `docs/dev-page.png`.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -268,5 +270,76 @@ async fn the_page_shows_a_redelivered_message_once() {
         browser.wait_for(&ann, &format!("{text} shown once"), &format!("{} === 1", count(text))).await;
     }
     browser.wait_for(&ann, "the repeats dropped", "Number(document.body.dataset.repeatsDropped || 0) >= 2").await;
+    stack.shutdown().await;
+}
+
+/// The page is written on `@roomcast/client`: a page whose connection drops while its network
+/// is down reconnects when the network comes back and has every message — those sent meanwhile
+/// recovered with `since`, in order, then the live ones — each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_goes_offline_and_comes_back_has_every_message() {
+    let stack = roomcast::dev::start(roomcast::dev::DevOptions { port: 0, ..Default::default() }).await.unwrap();
+    let mut browser = Browser::launch().await;
+    let page = |user: &str| format!("{}?tenant=acme&user={user}&rooms=general&room=general", stack.page_url());
+    let ann = browser.open(&page("ann")).await;
+    browser.click(&ann, "connect").await;
+    browser.wait_for(&ann, "ann's welcome", &log_has("welcome", "connected as ann")).await;
+    let bob = browser.open(&page("bob")).await;
+    browser.click(&bob, "connect").await;
+    browser.wait_for(&bob, "bob's welcome", &log_has("welcome", "connected as bob")).await;
+
+    browser.type_into(&bob, "text", "before").await;
+    browser.click(&bob, "send").await;
+    browser.wait_for(&ann, "before", &log_has("message", "bob: before")).await;
+
+    // Ann's network goes down, and her connection is dropped (as API Gateway drops an idle or
+    // two-hour-old one): her page cannot reconnect until the network is back.
+    browser.call(Some(&ann), "Network.enable", json!({})).await;
+    let offline = json!({"offline": true, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1});
+    browser.call(Some(&ann), "Network.emulateNetworkConditions", offline).await;
+    let id = browser.eval(&ann, "document.body.dataset.connectionId").await;
+    let id = id.as_str().expect("the page shows its connection id").to_string();
+    let deleted = browser
+        .eval(
+            &bob,
+            &format!(
+                "fetch('/local/@connections/' + encodeURIComponent({}), {{method: 'DELETE'}}).then(r => r.status)",
+                json!(id)
+            ),
+        )
+        .await;
+    assert!(deleted == json!(204) || deleted == json!(200), "{deleted}");
+    browser
+        .wait_for(
+            &ann,
+            "ann's page to notice",
+            "document.getElementById('status').textContent.startsWith('reconnecting')",
+        )
+        .await;
+    for text in ["while-1", "while-2", "while-3"] {
+        browser.type_into(&bob, "text", text).await;
+        browser.click(&bob, "send").await;
+        browser.wait_for(&bob, text, &log_has("message", &format!("bob: {text}"))).await;
+    }
+    let online = json!({"offline": false, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1});
+    browser.call(Some(&ann), "Network.emulateNetworkConditions", online).await;
+    browser.wait_for(&ann, "the recovery", &log_has("recover", "#general: every missed message")).await;
+    browser.type_into(&bob, "text", "after").await;
+    browser.click(&bob, "send").await;
+    browser.wait_for(&ann, "the live message after", &log_has("message", "bob: after")).await;
+
+    let entries = browser
+        .eval(
+            &ann,
+            "[...document.querySelectorAll('#log li[data-action=\"message\"], #log li[data-action=\"recover\"]')].map(li => li.textContent)",
+        )
+        .await;
+    let entries: Vec<String> = entries.as_array().unwrap().iter().map(|e| e.as_str().unwrap().to_string()).collect();
+    let order: Vec<&str> = entries
+        .iter()
+        .map(|e| if e.starts_with("recover") { "recover" } else { e.rsplit(": ").next().unwrap() })
+        .collect();
+    // The missed ones came through the recovery (before its entry), the last one live after it.
+    assert_eq!(order, ["before", "while-1", "while-2", "while-3", "recover", "after"], "{entries:?}");
     stack.shutdown().await;
 }

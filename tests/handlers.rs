@@ -171,3 +171,21 @@ async fn the_aws_example_stream_event_and_malformed_records_are_skipped_not_fata
     assert!(not_a_stream_event.contains("Records"), "{not_a_stream_event}");
     assert_eq!(stack.pump().await, 0);
 }
+
+/// A frame's `ref` comes back on its own answer — an ack, an error, a refusal — so a client with
+/// several requests in flight matches each; a `ref` too long, or not a string, is ignored.
+#[tokio::test]
+async fn every_answer_carries_its_frames_ref() {
+    let stack = Stack::memory().await;
+    stack.connect("c1", "acme", "ann", "general").await;
+    let ack = stack.send("c1", json!({"action":"sendMessage","room":"general","message":"hi","ref":"r1"})).await;
+    assert_eq!((ack["action"].as_str(), ack["ref"].as_str()), (Some("ack"), Some("r1")), "{ack}");
+    let refused = stack.send("c1", json!({"action":"history","room":"other","ref":"r2"})).await;
+    assert_eq!((refused["code"].as_str(), refused["ref"].as_str()), (Some("not_member"), Some("r2")), "{refused}");
+    let unknown = stack.send("c1", json!({"action":"dance","ref":"r3"})).await;
+    assert_eq!((unknown["code"].as_str(), unknown["ref"].as_str()), (Some("unknown_action"), Some("r3")), "{unknown}");
+    let long = stack.send("c1", json!({"action":"ping","ref":"x".repeat(65)})).await;
+    assert_eq!((long["action"].as_str(), long.get("ref")), (Some("pong"), None), "{long}");
+    let number = stack.send("c1", json!({"action":"ping","ref":7})).await;
+    assert_eq!(number.get("ref"), None, "{number}");
+}

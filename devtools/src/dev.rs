@@ -161,25 +161,26 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
     }
     // The processor's counts, also of items of the table that do not decode.
     let metrics = Arc::new(Metrics::default());
-    let (store, memory, source): (Arc<dyn Store>, Option<Arc<MemoryStore>>, Source) = match &options.dynamodb_endpoint {
-        None => {
-            let memory = MemoryStore::with_metrics(clock.clone(), metrics.clone());
-            let rx = memory.subscribe();
-            (memory.clone(), Some(memory), Source::Memory(rx))
-        }
-        Some(endpoint) => {
-            let client = config::dynamodb_client(&sdk, Some(endpoint));
-            let info = create_table(&client, &options.table).await?;
-            let streams = config::streams_client(&sdk, Some(endpoint));
-            // A table made just now is read from its start; an existing one from now on (old
-            // connection records would only earn 410s).
-            let start = if info.created { StartAt::TrimHorizon } else { StartAt::Latest };
-            let mut poller = StreamPoller::new(streams, info.stream_arn, start);
-            poller.prime().await?;
-            let store = DynamoStore::new(client, &options.table).with_metrics(metrics.clone());
-            (Arc::new(store), None, Source::Dynamo(poller))
-        }
-    };
+    let (store, memory, source): (Arc<dyn Store>, Option<Arc<MemoryStore>>, Source) =
+        match &options.dynamodb_endpoint.clone().filter(|e| !e.is_empty()) {
+            None => {
+                let memory = MemoryStore::with_metrics(clock.clone(), metrics.clone());
+                let rx = memory.subscribe();
+                (memory.clone(), Some(memory), Source::Memory(rx))
+            }
+            Some(endpoint) => {
+                let client = config::dynamodb_client(&sdk, Some(endpoint));
+                let info = create_table(&client, &options.table).await?;
+                let streams = config::streams_client(&sdk, Some(endpoint));
+                // A table made just now is read from its start; an existing one from now on (old
+                // connection records would only earn 410s).
+                let start = if info.created { StartAt::TrimHorizon } else { StartAt::Latest };
+                let mut poller = StreamPoller::new(streams, info.stream_arn, start);
+                poller.prime().await?;
+                let store = DynamoStore::new(client, &options.table).with_metrics(metrics.clone());
+                (Arc::new(store), None, Source::Dynamo(poller))
+            }
+        };
 
     let delivery =
         DeliverySettings { endpoint_override: Some(format!("http://{addr}/{stage}")), ..options.delivery.clone() };

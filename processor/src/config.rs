@@ -222,7 +222,8 @@ pub async fn load_aws() -> aws_config::SdkConfig {
 
 pub fn dynamodb_client(sdk: &aws_config::SdkConfig, endpoint: Option<&str>) -> aws_sdk_dynamodb::Client {
     let mut builder = aws_sdk_dynamodb::config::Builder::from(sdk);
-    if let Some(url) = endpoint {
+    // An empty endpoint (`DYNAMODB_ENDPOINT_URL=`) means none, not an invalid URL.
+    if let Some(url) = endpoint.filter(|url| !url.is_empty()) {
         builder = builder.endpoint_url(url);
     }
     aws_sdk_dynamodb::Client::from_conf(builder.build())
@@ -230,7 +231,7 @@ pub fn dynamodb_client(sdk: &aws_config::SdkConfig, endpoint: Option<&str>) -> a
 
 pub fn streams_client(sdk: &aws_config::SdkConfig, endpoint: Option<&str>) -> aws_sdk_dynamodbstreams::Client {
     let mut builder = aws_sdk_dynamodbstreams::config::Builder::from(sdk);
-    if let Some(url) = endpoint {
+    if let Some(url) = endpoint.filter(|url| !url.is_empty()) {
         builder = builder.endpoint_url(url);
     }
     aws_sdk_dynamodbstreams::Client::from_conf(builder.build())

@@ -291,8 +291,22 @@ pub async fn disconnect(request: &ApiGatewayWebsocketProxyRequest, deps: &Handle
     }
 }
 
-/// `$default` and the named routes: one client frame.
+/// `$default` and the named routes: one client frame. A frame's `ref` (a client's request id)
+/// comes back on its answer, so a client with several requests in flight matches each answer
+/// to its request.
 pub async fn message(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDeps) -> ApiGatewayProxyResponse {
+    let reference = request.body.as_deref().and_then(crate::protocol::frame_ref);
+    let mut response = answer_frame(request, deps).await;
+    if let (Some(reference), Some(Body::Text(text))) = (reference, &response.body)
+        && let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_str::<serde_json::Value>(text)
+    {
+        fields.insert("ref".into(), serde_json::Value::String(reference));
+        response.body = Some(Body::Text(serde_json::Value::Object(fields).to_string()));
+    }
+    response
+}
+
+async fn answer_frame(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDeps) -> ApiGatewayProxyResponse {
     let Some(connection_id) = connection_id(request) else {
         return respond(400, Some("the request has no connectionId".into()));
     };

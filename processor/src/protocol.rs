@@ -21,6 +21,26 @@ pub const DEFAULT_HISTORY_LIMIT: usize = 50;
 pub const MAX_SIGNAL_BYTES: usize = 4096;
 pub const MAX_HISTORY_LIMIT: usize = 100;
 
+/// The longest `ref` a frame may carry (a client's request id, echoed on the answer).
+pub const MAX_REF_BYTES: usize = 64;
+
+/// A frame's `ref`, if it has one that is a string of at most [`MAX_REF_BYTES`]: the handler
+/// puts it on the frame's answer. (A longer one, or one of another type, is ignored.)
+pub fn frame_ref(body: &str) -> Option<String> {
+    if body.len() > MAX_FRAME_BYTES {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Ref {
+        #[serde(rename = "ref")]
+        reference: Option<Value>,
+    }
+    match serde_json::from_str::<Ref>(body).ok()?.reference? {
+        Value::String(r) if !r.is_empty() && r.len() <= MAX_REF_BYTES => Some(r),
+        _ => None,
+    }
+}
+
 /// What a client asked for.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Request {

@@ -11,7 +11,8 @@
 //!   runs `$disconnect` with the close code and reason.
 //! * `/{stage}/@connections/{id}` is the management API ([`management`]): POST, GET, DELETE,
 //!   with API Gateway's status codes and `x-amzn-ErrorType`s, and injectable faults.
-//! * `/` is the browser page; `/_dev/token` mints dev tokens for it.
+//! * `/` is the browser page, written on `@roomcast/client` (served at `/client.js`);
+//!   `/_dev/token` mints dev tokens for it.
 
 pub mod management;
 
@@ -142,6 +143,7 @@ impl Gateway {
         axum::Router::new()
             .route("/", get(page))
             .route("/_dev/token", get(dev_token))
+            .route("/client.js", get(client_js))
             .route(&stage, get(upgrade))
             .route(&format!("{stage}/@connections/{{id}}"), management::routes())
             .with_state(self.clone())
@@ -167,6 +169,13 @@ impl Gateway {
 
 async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
+}
+
+/// `@roomcast/client` as built (`clients/js/dist/index.js`, kept in the repository so that this
+/// crate builds without Node; `scripts/test` rebuilds it and fails if it drifted from its source).
+async fn client_js() -> Response {
+    ([("content-type", "text/javascript; charset=utf-8")], include_str!("../../../clients/js/dist/index.js"))
+        .into_response()
 }
 
 /// A token for the page and for trying things out: `roomcast dev` signs it with its secret.

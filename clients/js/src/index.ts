@@ -1,0 +1,781 @@
+/**
+ * @roomcast/client — a Roomcast client for browsers and Node.
+ *
+ * It keeps what API Gateway makes hard out of the application: the connection closes after two
+ * hours and after ten idle minutes, so the client keeps it alive (`ping`), reconnects with
+ * exponential backoff and jitter, asks for a fresh token each time, rejoins its rooms and
+ * recovers what it missed with `since` — in order, before anything live, each message once —
+ * and says so (`recovered: false`) when that is no longer possible. Requests return promises
+ * matched to their own answers; presence is kept as a roster per room.
+ *
+ * ```ts
+ * import { connect } from "@roomcast/client";
+ * const client = connect({ url: "wss://…/prod", token: async () => fetchToken(), rooms: ["general"] });
+ * client.on("message", (m) => console.log(m.room, m.user_id, m.message));
+ * await client.ready();
+ * await client.send("general", "hello");
+ * ```
+ *
+ * No runtime dependency in browsers. Node 22+ has a global `WebSocket`; on Node 20 pass one:
+ * `connect({ …, WebSocket: (await import("ws")).WebSocket })`.
+ */
+
+/** A chat message, as every member of its room receives it. */
+export interface ChatMessage {
+  /** Unique and time-ordered (UUIDv7). */
+  id: string;
+  room: string;
+  user_id: string;
+  message: string;
+  /** RFC 3339, UTC, milliseconds. */
+  timestamp: string;
+}
+
+/** A user present in a room, with how many connections they have in it. */
+export interface PresentUser {
+  user_id: string;
+  connections: number;
+}
+
+/** A change of a room's presence. */
+export interface PresenceEvent {
+  room: string;
+  user_id: string;
+  event: "joined" | "left";
+  /** Why: `connect`, `join`, `leave`, `disconnect`, `expired`, `gone`, `denied`. */
+  reason: string;
+  /** Users present in the room after it. */
+  users: number;
+}
+
+/** What became of a reconnect's recovery in one room. */
+export interface Recovery {
+  room: string;
+  /** False: messages may be missing — reload the room (its `history`). */
+  recovered: boolean;
+  reason?: string;
+}
+
+export type State = "connecting" | "open" | "reconnecting" | "closed";
+
+/** A token, or a function that gives one: called again before every reconnect. */
+export type TokenSource = string | (() => string | Promise<string>);
+
+/** The WebSocket constructor: the browser's, Node 22's, or `ws`'s. */
+export interface WebSocketLike {
+  readonly readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((event: unknown) => void) | null;
+  onmessage: ((event: { data: unknown }) => void) | null;
+  onclose: ((event: { code: number; reason: string }) => void) | null;
+  onerror: ((event: unknown) => void) | null;
+}
+export type WebSocketConstructor = new (url: string) => WebSocketLike;
+
+export interface ConnectOptions {
+  /** The WebSocket URL (`wss://{api}.execute-api.{region}.amazonaws.com/{stage}`). */
+  url: string;
+  token: TokenSource;
+  /** Rooms to join at connect (and rejoin after every reconnect). */
+  rooms?: string[];
+  /** Default: `globalThis.WebSocket`. */
+  WebSocket?: WebSocketConstructor;
+  /** A `ping` this often while open; below API Gateway's 10-minute idle limit. Default 5 min. */
+  pingIntervalMs?: number;
+  /** The first reconnect's delay; doubled each time, with jitter, up to `maxBackoffMs`. */
+  initialBackoffMs?: number;
+  maxBackoffMs?: number;
+  /** How long a request waits for its answer. Default 10 s. */
+  requestTimeoutMs?: number;
+  /** Sends kept while reconnecting; one more is refused with `QueueFullError`. Default 100. */
+  maxQueuedSends?: number;
+  /** Message ids remembered per room to drop repeats. Default 1000. */
+  dedupeWindow?: number;
+}
+
+/** Every error this client gives. `code` is the server's (`not_member`, …) or the client's. */
+export class RoomcastError extends Error {
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = "RoomcastError";
+  }
+}
+
+/** The server refused a message after accepting it (a tenant's rules). */
+export class RejectedError extends RoomcastError {
+  constructor(
+    readonly id: string,
+    readonly reason: string,
+  ) {
+    super("rejected", reason);
+    this.name = "RejectedError";
+  }
+}
+
+/** A join the tenant's rules, or the token's `rooms` claim, refused. */
+export class JoinDeniedError extends RoomcastError {
+  constructor(
+    readonly room: string,
+    readonly reason: string,
+  ) {
+    super("join_denied", reason);
+    this.name = "JoinDeniedError";
+  }
+}
+
+/** The connection was refused at its upgrade (401/403: a bad or expired token). Not retried. */
+export class AuthError extends RoomcastError {
+  constructor(message: string) {
+    super("unauthorized", message);
+    this.name = "AuthError";
+  }
+}
+
+/** Too many sends are waiting for the connection to come back. */
+export class QueueFullError extends RoomcastError {
+  constructor(limit: number) {
+    super("queue_full", `${limit} sends are already waiting for the connection to come back`);
+    this.name = "QueueFullError";
+  }
+}
+
+/** The server's welcome: who this connection is, and the rooms it is in now. */
+export interface Welcome {
+  connection_id: string;
+  tenant: string;
+  user_id: string;
+  /** Rooms joined (a room waiting for the tenant's rules follows with its own ack). */
+  rooms: string[];
+  greeting?: string;
+  /** Users present per room as the welcome was sent. */
+  counts?: Record<string, number>;
+}
+
+export interface Events {
+  state: (state: State) => void;
+  /** Every (re)connect's welcome. */
+  welcome: (welcome: Welcome) => void;
+  message: (message: ChatMessage) => void;
+  presence: (event: PresenceEvent) => void;
+  /** A room's roster changed (a snapshot arrived, or a presence event): `roster(room)` has it. */
+  roster: (room: string) => void;
+  /** After a reconnect, per room: whether every missed message was delivered. */
+  recovered: (recovery: Recovery) => void;
+  /** A sent message the tenant's rules refused after the ack. */
+  rejected: (error: RejectedError) => void;
+  join_denied: (error: JoinDeniedError) => void;
+  signal: (signal: { id: string; room: string; user_id: string; data: unknown }) => void;
+  /** Connection-level trouble (the client goes on, unless it is an `AuthError`). */
+  error: (error: RoomcastError) => void;
+}
+
+/** A join's answer: the room's users as it was acknowledged. */
+export interface JoinAck {
+  room: string;
+  users: number;
+  members: PresentUser[];
+}
+
+export interface HistoryPage {
+  room: string;
+  messages: ChatMessage[];
+  /** More: pass it as `before` (backward) or `after` (forward). */
+  next?: string;
+}
+
+interface Pending {
+  resolve: (value: Record<string, unknown>) => void;
+  reject: (error: RoomcastError) => void;
+  timer: ReturnType<typeof setTimeout>;
+  frame: Record<string, unknown>;
+}
+
+interface RoomState {
+  /** The last message delivered, for `since`. */
+  lastId?: string;
+  seen: Set<string>;
+  seenOrder: string[];
+  roster: Map<string, number>;
+  /** Users present, as the server last counted them (it may list only the first few). */
+  count?: number;
+  /** Messages held while the room recovers, then delivered in order. */
+  held?: ChatMessage[];
+  joined: boolean;
+}
+
+const OPEN = 1;
+
+/** Opens a client; it connects at once and keeps the connection until `close()`. */
+export function connect(options: ConnectOptions): RoomcastClient {
+  return new RoomcastClient(options);
+}
+
+export class RoomcastClient {
+  #options: Required<Omit<ConnectOptions, "WebSocket" | "rooms">> & { rooms: string[] };
+  #WebSocket: WebSocketConstructor;
+  #socket?: WebSocketLike;
+  #state: State = "connecting";
+  #listeners = new Map<keyof Events, Set<(...args: never[]) => void>>();
+  #pending = new Map<string, Pending>();
+  #queue: { frame: Record<string, unknown>; resolve: (v: Record<string, unknown>) => void; reject: (e: RoomcastError) => void }[] = [];
+  #rooms = new Map<string, RoomState>();
+  #joinWaiters = new Map<string, { resolve: (a: JoinAck) => void; reject: (e: RoomcastError) => void }[]>();
+  #nextRef = 0;
+  #attempt = 0;
+  #pingTimer?: ReturnType<typeof setInterval>;
+  #retryTimer?: ReturnType<typeof setTimeout>;
+  #readyWaiters: { resolve: () => void; reject: (e: RoomcastError) => void }[] = [];
+  #stopped = false;
+  #connectionId?: string;
+  #userId?: string;
+  #duplicates = 0;
+
+  constructor(options: ConnectOptions) {
+    const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    if (!WebSocketImpl) {
+      throw new RoomcastError(
+        "no_websocket",
+        "no WebSocket implementation: pass one (connect({ …, WebSocket })), e.g. the `ws` package's on Node 20",
+      );
+    }
+    this.#WebSocket = WebSocketImpl;
+    this.#options = {
+      url: options.url,
+      token: options.token,
+      rooms: [...(options.rooms ?? [])],
+      pingIntervalMs: options.pingIntervalMs ?? 5 * 60_000,
+      initialBackoffMs: options.initialBackoffMs ?? 500,
+      maxBackoffMs: options.maxBackoffMs ?? 30_000,
+      requestTimeoutMs: options.requestTimeoutMs ?? 10_000,
+      maxQueuedSends: options.maxQueuedSends ?? 100,
+      dedupeWindow: options.dedupeWindow ?? 1000,
+    };
+    for (const room of this.#options.rooms) {
+      this.#room(room).joined = true;
+    }
+    void this.#open();
+  }
+
+  /** `connecting`, `open`, `reconnecting` or `closed`. */
+  get state(): State {
+    return this.#state;
+  }
+
+  /** This connection's id (API Gateway's), once open. */
+  get connectionId(): string | undefined {
+    return this.#connectionId;
+  }
+
+  /** The user the token identified, once open. */
+  get userId(): string | undefined {
+    return this.#userId;
+  }
+
+  /** Subscribes to an event; returns the function that unsubscribes. */
+  on<E extends keyof Events>(event: E, listener: Events[E]): () => void {
+    let set = this.#listeners.get(event);
+    if (!set) {
+      set = new Set();
+      this.#listeners.set(event, set);
+    }
+    set.add(listener as (...args: never[]) => void);
+    return () => set.delete(listener as (...args: never[]) => void);
+  }
+
+  /** Resolves when the connection is open (now, or after the next reconnect). */
+  ready(): Promise<void> {
+    if (this.#state === "open") return Promise.resolve();
+    if (this.#state === "closed") return Promise.reject(new RoomcastError("closed", "the client is closed"));
+    return new Promise((resolve, reject) => this.#readyWaiters.push({ resolve, reject }));
+  }
+
+  /** Repeats dropped so far: messages and presence events seen before (a redelivered batch, a
+   * recovery's overlap). */
+  get duplicatesDropped(): number {
+    return this.#duplicates;
+  }
+
+  /** Users present in a room, as the server last counted them (the roster may hold only the
+   * first page of a large room). */
+  count(room: string): number {
+    const state = this.#rooms.get(room);
+    if (!state) return 0;
+    return Math.max(state.count ?? 0, state.roster.size);
+  }
+
+  /** The rooms this client is in (joined, and not waiting for a decision). */
+  get rooms(): string[] {
+    return [...this.#rooms.entries()].filter(([, s]) => s.joined).map(([room]) => room).sort();
+  }
+
+  /** The users present in a room, as this client knows them (from the join and presence). */
+  roster(room: string): PresentUser[] {
+    const state = this.#rooms.get(room);
+    if (!state) return [];
+    return [...state.roster.entries()]
+      .map(([user_id, connections]) => ({ user_id, connections }))
+      .sort((a, b) => a.user_id.localeCompare(b.user_id));
+  }
+
+  /** Joins a room: resolves with its users, or rejects with `JoinDeniedError`. */
+  async join(room: string): Promise<JoinAck> {
+    const state = this.#room(room);
+    state.joined = true;
+    const waited = new Promise<JoinAck>((resolve, reject) => {
+      const list = this.#joinWaiters.get(room) ?? [];
+      list.push({ resolve, reject });
+      this.#joinWaiters.set(room, list);
+    });
+    // When the request itself fails, that failure is what this call rejects with.
+    waited.catch(() => undefined);
+    // The answer may be the ack itself, or `pending` and later the ack or `join_denied`
+    // from the server once the tenant's rules decided.
+    const answer = await this.#request({ action: "join", room }).catch((error: RoomcastError) => {
+      this.#settleJoin(room, error);
+      throw error;
+    });
+    if (answer.action === "ack" && !answer.pending) this.#onJoinAck(answer);
+    return waited;
+  }
+
+  /** Leaves a room; its roster is dropped. */
+  async leave(room: string): Promise<void> {
+    const state = this.#rooms.get(room);
+    if (state) state.joined = false;
+    await this.#request({ action: "leave", room });
+    this.#rooms.delete(room);
+  }
+
+  /**
+   * Sends a message; resolves with its id once written. While reconnecting, it waits in a
+   * bounded queue. An idempotency key (made up when not given) makes a resend after a
+   * reconnect write the message once.
+   */
+  async send(room: string, message: string, options: { idempotencyKey?: string } = {}): Promise<{ id: string }> {
+    const key = options.idempotencyKey ?? randomKey();
+    const answer = await this.#request({ action: "sendMessage", room, message, idempotency_key: key }, true);
+    return { id: String(answer.id) };
+  }
+
+  /** A page of history: the newest, or before / after a cursor (a message id or a page's `next`). */
+  async history(room: string, options: { limit?: number; before?: string; after?: string } = {}): Promise<HistoryPage> {
+    const frame: Record<string, unknown> = { action: "history", room };
+    if (options.limit !== undefined) frame.limit = options.limit;
+    if (options.before !== undefined) frame.before = options.before;
+    if (options.after !== undefined) frame.after = options.after;
+    const answer = await this.#request(frame);
+    return {
+      room,
+      messages: (answer.messages as ChatMessage[]) ?? [],
+      ...(answer.next ? { next: String(answer.next) } : {}),
+    };
+  }
+
+  /** Who is in a room now, from the server (every page); the roster is refreshed with it. */
+  async who(room: string): Promise<PresentUser[]> {
+    const users: PresentUser[] = [];
+    let after: string | undefined;
+    for (;;) {
+      const answer = await this.#request({ action: "who", room, ...(after ? { after } : {}) });
+      users.push(...((answer.users as PresentUser[]) ?? []));
+      if (!answer.next) break;
+      after = String(answer.next);
+    }
+    const state = this.#rooms.get(room);
+    if (state) {
+      state.roster = new Map(users.map((u) => [u.user_id, u.connections]));
+      state.count = users.length;
+      this.#emit("roster", room);
+    }
+    return users;
+  }
+
+  /** An ephemeral event (typing, a cursor) for the room's other members. */
+  async signal(room: string, data: unknown): Promise<void> {
+    await this.#request({ action: "signal", room, data });
+  }
+
+  /** Stops: no reconnect; waiting requests and sends reject. */
+  close(): void {
+    this.#stopped = true;
+    clearTimeout(this.#retryTimer);
+    this.#stopPing();
+    const socket = this.#socket;
+    this.#socket = undefined;
+    if (socket) {
+      socket.onclose = null;
+      socket.onmessage = null;
+      socket.onerror = null;
+      try {
+        socket.close(1000, "client closed");
+      } catch {
+        // already closing
+      }
+    }
+    this.#fail(new RoomcastError("closed", "the client was closed"));
+    this.#setState("closed");
+  }
+
+  // --- the connection -----------------------------------------------------------------------
+
+  async #open(): Promise<void> {
+    let token: string;
+    try {
+      const source = this.#options.token;
+      token = typeof source === "function" ? await source() : source;
+    } catch (error) {
+      this.#emit("error", new RoomcastError("token", `the token function failed: ${describe(error)}`));
+      this.#scheduleReconnect();
+      return;
+    }
+    if (this.#stopped) return;
+    const query = new URLSearchParams({ token });
+    const rooms = [...this.#rooms.entries()].filter(([, s]) => s.joined).map(([room]) => room);
+    if (rooms.length) query.set("rooms", rooms.join(","));
+    const since = [...this.#rooms.entries()]
+      .filter(([, s]) => s.joined && s.lastId)
+      .map(([room, s]) => `${room}:${s.lastId}`);
+    if (since.length) query.set("since", since.join(","));
+    // Rooms recovering hold their live messages until their `recover` frame.
+    for (const state of this.#rooms.values()) {
+      if (state.joined && state.lastId) state.held = [];
+      else delete state.held;
+
+    }
+    const separator = this.#options.url.includes("?") ? "&" : "?";
+    let socket: WebSocketLike;
+    try {
+      socket = new this.#WebSocket(`${this.#options.url}${separator}${query}`);
+    } catch (error) {
+      this.#emit("error", new RoomcastError("connect", describe(error)));
+      this.#scheduleReconnect();
+      return;
+    }
+    this.#socket = socket;
+    let opened = false;
+    let refusal: string | undefined;
+    socket.onopen = () => {
+      opened = true;
+    };
+    socket.onerror = (event: unknown) => {
+      // `ws` says why an upgrade failed ("Unexpected server response: 401"); browsers do not.
+      const text = describe((event as { error?: unknown })?.error ?? (event as { message?: unknown })?.message ?? "");
+      if (/\b(401|403)\b/.test(text)) refusal = text;
+    };
+    socket.onmessage = (event) => this.#onFrame(String(event.data));
+    socket.onclose = (event) => {
+      if (this.#socket !== socket) return;
+      this.#socket = undefined;
+      this.#stopPing();
+      if (!opened && refusal) {
+        // A refused token is final: retrying would only be refused again.
+        const error = new AuthError(`the connection was refused: ${refusal}`);
+        this.#stopped = true;
+        this.#emit("error", error);
+        this.#fail(error);
+        this.#setState("closed");
+        return;
+      }
+      this.#rejectInFlight(event.code);
+      if (this.#stopped) return;
+      this.#scheduleReconnect();
+    };
+  }
+
+  #scheduleReconnect(): void {
+    if (this.#stopped) return;
+    this.#setState(this.#connectionId ? "reconnecting" : "connecting");
+    const base = Math.min(this.#options.maxBackoffMs, this.#options.initialBackoffMs * 2 ** this.#attempt);
+    this.#attempt += 1;
+    // Full jitter: many clients dropped together do not come back together.
+    const delay = Math.round(base / 2 + Math.random() * (base / 2));
+    this.#retryTimer = setTimeout(() => void this.#open(), delay);
+  }
+
+  #setState(state: State): void {
+    if (this.#state === state) return;
+    this.#state = state;
+    this.#emit("state", state);
+    if (state === "open") {
+      for (const waiter of this.#readyWaiters.splice(0)) waiter.resolve();
+    }
+  }
+
+  #startPing(): void {
+    this.#stopPing();
+    this.#pingTimer = setInterval(() => {
+      this.#request({ action: "ping" }).catch(() => undefined);
+    }, this.#options.pingIntervalMs);
+    (this.#pingTimer as { unref?: () => void }).unref?.();
+  }
+
+  #stopPing(): void {
+    clearInterval(this.#pingTimer);
+    this.#pingTimer = undefined;
+  }
+
+  // --- requests -----------------------------------------------------------------------------
+
+  #request(frame: Record<string, unknown>, queueable = false): Promise<Record<string, unknown>> {
+    if (this.#stopped) return Promise.reject(new RoomcastError("closed", "the client is closed"));
+    return new Promise((resolve, reject) => {
+      if (this.#socket?.readyState === OPEN && this.#state === "open") {
+        this.#transmit(frame, resolve, reject);
+      } else if (queueable) {
+        if (this.#queue.length >= this.#options.maxQueuedSends) {
+          reject(new QueueFullError(this.#options.maxQueuedSends));
+          return;
+        }
+        this.#queue.push({ frame, resolve, reject });
+      } else {
+        reject(new RoomcastError("not_connected", `not connected (${this.#state}): ${String(frame.action)} needs an open connection`));
+      }
+    });
+  }
+
+  #transmit(
+    frame: Record<string, unknown>,
+    resolve: (v: Record<string, unknown>) => void,
+    reject: (e: RoomcastError) => void,
+  ): void {
+    const ref = `r${++this.#nextRef}`;
+    const timer = setTimeout(() => {
+      this.#pending.delete(ref);
+      reject(new RoomcastError("timeout", `no answer to ${String(frame.action)} within ${this.#options.requestTimeoutMs} ms`));
+    }, this.#options.requestTimeoutMs);
+    this.#pending.set(ref, { resolve, reject, timer, frame });
+    this.#socket!.send(JSON.stringify({ ...frame, ref }));
+  }
+
+  /** The socket closed: sends in flight go back to the queue (their idempotency key makes the
+   * resend safe); other requests fail. */
+  #rejectInFlight(code: number): void {
+    for (const [ref, pending] of this.#pending) {
+      clearTimeout(pending.timer);
+      this.#pending.delete(ref);
+      if (pending.frame.action === "sendMessage" && this.#queue.length < this.#options.maxQueuedSends) {
+        this.#queue.unshift({ frame: pending.frame, resolve: pending.resolve, reject: pending.reject });
+      } else {
+        pending.reject(new RoomcastError("disconnected", `the connection closed (${code}) before the answer`));
+      }
+    }
+  }
+
+  #fail(error: RoomcastError): void {
+    for (const pending of this.#pending.values()) {
+      clearTimeout(pending.timer);
+      pending.reject(error);
+    }
+    this.#pending.clear();
+    for (const queued of this.#queue.splice(0)) queued.reject(error);
+    for (const waiter of this.#readyWaiters.splice(0)) waiter.reject(error);
+    for (const [room] of this.#joinWaiters) this.#settleJoin(room, error);
+  }
+
+  // --- frames -------------------------------------------------------------------------------
+
+  #onFrame(text: string): void {
+    let frame: Record<string, unknown>;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      this.#emit("error", new RoomcastError("bad_frame", `a frame that is not JSON: ${text.slice(0, 80)}`));
+      return;
+    }
+    const ref = typeof frame.ref === "string" ? frame.ref : undefined;
+    if (ref && this.#pending.has(ref)) {
+      const pending = this.#pending.get(ref)!;
+      this.#pending.delete(ref);
+      clearTimeout(pending.timer);
+      if (frame.action === "error") {
+        pending.reject(new RoomcastError(String(frame.code), String(frame.message)));
+      } else if (frame.action === "join_denied") {
+        const denied = new JoinDeniedError(String(frame.room), String(frame.reason));
+        pending.reject(denied);
+        this.#onJoinDenied(denied);
+      } else {
+        pending.resolve(frame);
+      }
+      return;
+    }
+    switch (frame.action) {
+      case "welcome":
+        this.#onWelcome(frame);
+        break;
+      case "message":
+        this.#onMessage(frame as unknown as ChatMessage);
+        break;
+      case "recover":
+        this.#onRecover(frame);
+        break;
+      case "presence":
+        this.#onPresence(frame);
+        break;
+      case "ack":
+        // A join the tenant's rules allowed, after a `pending` answer or at connect.
+        if (frame.request === "join" && !frame.pending) this.#onJoinAck(frame);
+        break;
+      case "join_denied":
+        this.#onJoinDenied(new JoinDeniedError(String(frame.room), String(frame.reason)));
+        break;
+      case "rejected":
+        this.#emit("rejected", new RejectedError(String(frame.id), String(frame.reason)));
+        break;
+      case "signal":
+        this.#emit("signal", frame as never);
+        break;
+      case "error":
+        this.#emit("error", new RoomcastError(String(frame.code), String(frame.message)));
+        break;
+      default:
+        break;
+    }
+  }
+
+  #onWelcome(frame: Record<string, unknown>): void {
+    this.#connectionId = String(frame.connection_id);
+    this.#userId = String(frame.user_id);
+    this.#attempt = 0;
+    for (const room of (frame.rooms as string[]) ?? []) this.#room(room).joined = true;
+    this.#setState("open");
+    this.#emit("welcome", frame as unknown as Welcome);
+    this.#startPing();
+    // Rosters start from the server's view of each room the welcome names.
+    for (const room of (frame.rooms as string[]) ?? []) {
+      this.who(room).catch((error) => this.#emit("error", error));
+    }
+    for (const queued of this.#queue.splice(0)) {
+      this.#transmit(queued.frame, queued.resolve, queued.reject);
+    }
+  }
+
+  #onJoinAck(frame: Record<string, unknown>): void {
+    const room = String(frame.room);
+    const state = this.#room(room);
+    const members = (frame.members as PresentUser[]) ?? [];
+    state.joined = true;
+    state.roster = new Map(members.map((m) => [m.user_id, m.connections]));
+    state.count = Number(frame.users ?? members.length);
+    this.#emit("roster", room);
+    const ack: JoinAck = { room, users: Number(frame.users ?? members.length), members };
+    for (const waiter of this.#joinWaiters.get(room) ?? []) waiter.resolve(ack);
+    this.#joinWaiters.delete(room);
+  }
+
+  #onJoinDenied(error: JoinDeniedError): void {
+    const state = this.#rooms.get(error.room);
+    if (state) state.joined = false;
+    this.#rooms.delete(error.room);
+    this.#emit("join_denied", error);
+    this.#settleJoin(error.room, error);
+  }
+
+  #settleJoin(room: string, error: RoomcastError): void {
+    for (const waiter of this.#joinWaiters.get(room) ?? []) waiter.reject(error);
+    this.#joinWaiters.delete(room);
+  }
+
+  #onMessage(message: ChatMessage): void {
+    const state = this.#room(message.room);
+    if (state.held) {
+      state.held.push(message);
+      return;
+    }
+    this.#deliver(state, message);
+  }
+
+  #deliver(state: RoomState, message: ChatMessage): void {
+    if (state.seen.has(message.id)) {
+      this.#duplicates += 1;
+      return;
+    }
+    state.seen.add(message.id);
+    state.seenOrder.push(message.id);
+    while (state.seenOrder.length > this.#options.dedupeWindow) {
+      state.seen.delete(state.seenOrder.shift()!);
+    }
+    if (!state.lastId || compareMessages(message, { id: state.lastId, timestamp: "" }) > 0) {
+      state.lastId = message.id;
+    }
+    this.#emit("message", message);
+  }
+
+  #onRecover(frame: Record<string, unknown>): void {
+    const room = String(frame.room);
+    const state = this.#room(room);
+    const recovered = Boolean(frame.recovered);
+    const held = state.held ?? [];
+    delete state.held;
+    // What was missed, then what arrived live meanwhile: in order, each once.
+    const messages = [...((frame.messages as ChatMessage[]) ?? []), ...held].sort(compareMessages);
+    for (const message of messages) this.#deliver(state, message);
+    this.#emit("recovered", { room, recovered, ...(frame.reason ? { reason: String(frame.reason) } : {}) });
+  }
+
+  #onPresence(frame: Record<string, unknown>): void {
+    const event = frame as unknown as PresenceEvent & { id?: string };
+    const state = this.#room(event.room);
+    if (event.id) {
+      if (state.seen.has(`p:${event.id}`)) {
+        this.#duplicates += 1;
+        return;
+      }
+      state.seen.add(`p:${event.id}`);
+      state.seenOrder.push(`p:${event.id}`);
+    }
+    if (event.event === "joined") state.roster.set(event.user_id, Math.max(1, state.roster.get(event.user_id) ?? 0));
+    else state.roster.delete(event.user_id);
+    if (typeof event.users === "number") state.count = event.users;
+    this.#emit("roster", event.room);
+    this.#emit("presence", {
+      room: event.room,
+      user_id: event.user_id,
+      event: event.event,
+      reason: event.reason,
+      users: event.users,
+    });
+  }
+
+  #room(room: string): RoomState {
+    let state = this.#rooms.get(room);
+    if (!state) {
+      state = { seen: new Set(), seenOrder: [], roster: new Map(), joined: false };
+      this.#rooms.set(room, state);
+    }
+    return state;
+  }
+
+  #emit<E extends keyof Events>(event: E, ...args: Parameters<Events[E]>): void {
+    for (const listener of this.#listeners.get(event) ?? []) {
+      try {
+        (listener as unknown as (...a: Parameters<Events[E]>) => void)(...args);
+      } catch (error) {
+        // A listener's failure is the application's; it never stops the client.
+        queueMicrotask(() => {
+          throw error;
+        });
+      }
+    }
+  }
+}
+
+/** Time order: by timestamp, then id (ids are UUIDv7: time-ordered). */
+function compareMessages(a: Pick<ChatMessage, "id" | "timestamp">, b: Pick<ChatMessage, "id" | "timestamp">): number {
+  if (a.timestamp && b.timestamp && a.timestamp !== b.timestamp) return a.timestamp < b.timestamp ? -1 : 1;
+  return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
+}
+
+function randomKey(): string {
+  const crypto = (globalThis as { crypto?: { randomUUID?: () => string } }).crypto;
+  if (crypto?.randomUUID) return crypto.randomUUID();
+  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}-${Math.random().toString(36).slice(2)}`;
+}
+
+function describe(error: unknown): string {
+  if (error instanceof Error) return error.message;
+  return String(error);
+}

@@ -1,0 +1,235 @@
+// The client against a real `roomcast dev` (the binary `scripts/test` builds; ROOMCAST_BIN
+// overrides it), with `ws` as the WebSocket (Node 20), through Node's test runner.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import path from "node:path";
+import { WebSocket } from "ws";
+import { connect, AuthError, QueueFullError, JoinDeniedError, RoomcastError } from "../dist/index.js";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const binary = process.env.ROOMCAST_BIN ?? path.join(here, "../../../target/debug/roomcast");
+const SECRET = "roomcast-dev-secret";
+
+let dev;
+let base;
+let wsUrl;
+
+before(async () => {
+  // The embedded store: no DynamoDB endpoint from the environment.
+  const env = { ...process.env, RUST_LOG: "warn" };
+  delete env.DYNAMODB_ENDPOINT_URL;
+  dev = spawn(binary, ["dev", "--port", "0"], {
+    env,
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const lines = createInterface({ input: dev.stdout });
+  await new Promise((resolve, reject) => {
+    dev.once("exit", (code) => reject(new Error(`roomcast dev exited (${code})`)));
+    lines.on("line", (line) => {
+      const words = line.trim().split(/\s+/);
+      if (words[0] === "websocket") wsUrl = words[1].split("?")[0];
+      if (words[0] === "@connections") base = words[1].split("/local")[0];
+      if (wsUrl && base) resolve();
+    });
+  });
+});
+
+after(() => dev?.kill());
+
+function token(tenant, user, extra = {}) {
+  const encode = (v) => Buffer.from(JSON.stringify(v)).toString("base64url");
+  const exp = Math.floor(Date.now() / 1000) + 600;
+  const signed = `${encode({ alg: "HS256", typ: "JWT" })}.${encode({ tenant, sub: user, exp, ...extra })}`;
+  return `${signed}.${createHmac("sha256", SECRET).update(signed).digest("base64url")}`;
+}
+
+function client(tenant, user, rooms, options = {}) {
+  return connect({
+    url: wsUrl,
+    token: () => token(tenant, user),
+    rooms,
+    WebSocket,
+    initialBackoffMs: 100,
+    maxBackoffMs: 400,
+    ...options,
+  });
+}
+
+/** Resolves once `check()` holds (polling), or fails after `ms`. */
+async function until(what, check, ms = 10_000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > end) assert.fail(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+/** Closes a connection as API Gateway would (its idle or 2-hour limit): the dev stack's
+ * `@connections` DELETE. */
+async function forceClose(connectionId) {
+  const response = await fetch(`${base}/local/@connections/${connectionId}`, { method: "DELETE" });
+  assert.ok(response.status === 204 || response.status === 200, `DELETE answered ${response.status}`);
+}
+
+test("a forced close and reconnect recovers every message sent meanwhile, in order, once", async () => {
+  const room = `recover-${Date.now()}`;
+  const ann = client("acme", "ann", [room]);
+  const bob = client("acme", "bob", [room]);
+  const got = [];
+  const recoveries = [];
+  const states = [];
+  ann.on("message", (m) => got.push(m.message));
+  ann.on("recovered", (r) => recoveries.push(r));
+  ann.on("state", (s) => states.push(s));
+  await Promise.all([ann.ready(), bob.ready()]);
+  const sent = [];
+  for (let i = 1; i <= 3; i++) {
+    await bob.send(room, `m${i}`);
+    sent.push(`m${i}`);
+  }
+  await until("the live messages", () => got.length === 3);
+
+  const first = ann.connectionId;
+  await forceClose(first);
+  await until("the client to notice", () => ann.state !== "open");
+  for (let i = 4; i <= 8; i++) {
+    await bob.send(room, `m${i}`);
+    sent.push(`m${i}`);
+  }
+  await until("the reconnect", () => ann.state === "open" && ann.connectionId !== first);
+  await until("the recovery", () => recoveries.length === 1);
+  assert.deepEqual(recoveries[0], { room, recovered: true });
+  for (let i = 9; i <= 10; i++) {
+    await bob.send(room, `m${i}`);
+    sent.push(`m${i}`);
+  }
+  await until("every message", () => got.length >= sent.length);
+  // A later marker: anything duplicated would have arrived before it.
+  await bob.send(room, "marker");
+  await until("the marker", () => got.includes("marker"));
+  assert.deepEqual(got, [...sent, "marker"]);
+  assert.ok(states.includes("reconnecting"), states.join(","));
+  ann.close();
+  bob.close();
+});
+
+test("the roster after two users join and one leaves", async () => {
+  const room = `roster-${Date.now()}`;
+  const watcher = client("acme", "wendy", [room]);
+  await watcher.ready();
+  await until("the watcher's own presence", () => watcher.roster(room).some((u) => u.user_id === "wendy"));
+  const u1 = client("acme", "uma", []);
+  const u2 = client("acme", "ulf", []);
+  await Promise.all([u1.ready(), u2.ready()]);
+  const joined = await u1.join(room);
+  assert.equal(joined.room, room);
+  await u2.join(room);
+  await until("both joined", () => watcher.roster(room).length === 3);
+  await u2.leave(room);
+  const roster = await until("the leave", () => {
+    const r = watcher.roster(room).map((u) => u.user_id);
+    return r.length === 2 && r;
+  });
+  assert.deepEqual(roster, ["uma", "wendy"]);
+  assert.deepEqual((await watcher.who(room)).map((u) => u.user_id).sort(), ["uma", "wendy"]);
+  for (const c of [watcher, u1, u2]) c.close();
+});
+
+test("requests in flight together each resolve to their own answer", async () => {
+  const room = `flight-${Date.now()}`;
+  const ann = client("acme", "ann", [room]);
+  await ann.ready();
+  const first = await ann.send(room, "first");
+  const [a, b, c, page, who, side] = await Promise.all([
+    ann.send(room, "a"),
+    ann.send(room, "b"),
+    ann.send(room, "c"),
+    ann.history(room, { limit: 1 }),
+    ann.who(room),
+    ann.join(`${room}-side`),
+  ]);
+  assert.equal(new Set([a.id, b.id, c.id, first.id]).size, 4);
+  assert.equal(page.room, room);
+  assert.equal(page.messages.length, 1);
+  assert.ok(page.next, "there are older messages");
+  assert.deepEqual(who.map((u) => u.user_id), ["ann"]);
+  assert.equal(side.room, `${room}-side`);
+  // Backward and forward pages meet.
+  const older = await ann.history(room, { before: page.next, limit: 10 });
+  assert.deepEqual(older.messages.map((m) => m.message).slice(0, 1), ["first"]);
+  const forward = await ann.history(room, { after: first.id, limit: 10 });
+  assert.equal(forward.messages.length, 3);
+  // The same idempotency key writes once.
+  const once = await ann.send(room, "once", { idempotencyKey: "k-1" });
+  const again = await ann.send(room, "once", { idempotencyKey: "k-1" });
+  assert.equal(once.id, again.id);
+  // An error answer is its own request's, typed.
+  await assert.rejects(ann.history("not a room!"), (e) => e instanceof RoomcastError && e.code === "invalid_request");
+  ann.close();
+});
+
+test("a refused token is an error, not a reconnect loop", async () => {
+  let asked = 0;
+  const states = [];
+  const errors = [];
+  const refused = connect({
+    url: wsUrl,
+    token: () => {
+      asked += 1;
+      return "not-a-token";
+    },
+    WebSocket,
+    initialBackoffMs: 50,
+  });
+  refused.on("state", (s) => states.push(s));
+  refused.on("error", (e) => errors.push(e));
+  await assert.rejects(refused.ready(), (e) => e instanceof AuthError);
+  assert.equal(refused.state, "closed");
+  // Well past several backoffs: still one attempt.
+  await new Promise((r) => setTimeout(r, 500));
+  assert.equal(asked, 1);
+  assert.deepEqual(states, ["closed"]);
+  assert.ok(errors[0] instanceof AuthError);
+});
+
+test("sends wait in a bounded queue while reconnecting", async () => {
+  const room = `queue-${Date.now()}`;
+  const ann = client("acme", "ann", [room], { maxQueuedSends: 2, initialBackoffMs: 300, maxBackoffMs: 300 });
+  const got = [];
+  ann.on("message", (m) => got.push(m.message));
+  await ann.ready();
+  await forceClose(ann.connectionId);
+  await until("the client to notice", () => ann.state !== "open");
+  const queued = [ann.send(room, "q1"), ann.send(room, "q2")];
+  await assert.rejects(ann.send(room, "q3"), (e) => e instanceof QueueFullError);
+  const ids = await Promise.all(queued);
+  assert.equal(ids.length, 2);
+  await until("the queued messages", () => got.length === 2);
+  assert.deepEqual(got, ["q1", "q2"]);
+  ann.close();
+  await assert.rejects(ann.send(room, "after"), (e) => e instanceof RoomcastError && e.code === "closed");
+});
+
+test("a join the token's rooms claim refuses rejects with JoinDeniedError", async () => {
+  const sue = connect({
+    url: wsUrl,
+    token: () => token("beta", "sue", { rooms: ["support-*"] }),
+    rooms: ["support-1"],
+    WebSocket,
+  });
+  await sue.ready();
+  const denied = [];
+  sue.on("join_denied", (e) => denied.push(e.room));
+  await assert.rejects(sue.join("general"), (e) => e instanceof JoinDeniedError && e.room === "general");
+  const ok = await sue.join("support-2");
+  assert.equal(ok.room, "support-2");
+  assert.deepEqual(denied, ["general"]);
+  sue.close();
+});
