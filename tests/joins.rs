@@ -20,6 +20,7 @@ roomcast_tests::on_both_stores!(
     a_connection_opened_before_the_plugin_cannot_slip_a_message_into_a_room_it_is_denied,
     a_redelivered_join_is_decided_once,
     a_hostile_plugins_pending_joins_meet_its_policy,
+    a_message_sent_just_before_its_sender_leaves_is_still_delivered,
 );
 
 /// `config` as the tenant's plugin configuration, written as `roomcast plugin config set` does.
@@ -384,4 +385,24 @@ async fn a_hostile_plugins_pending_joins_meet_its_policy(kind: &str) {
     assert_eq!(rooms_of(&stack.recorder.received_action("e1", "ack"), "general").len(), 1, "allowed");
     assert_eq!(stack.recorder.received_action("a1", "welcome").len(), 1, "the next tenant is untouched");
     assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+}
+
+async fn a_message_sent_just_before_its_sender_leaves_is_still_delivered(kind: &str) {
+    let mut stack = acl_stack(kind).await;
+    configure(&stack, "acme", &[("room.vip", "ann,bob")]).await;
+    stack.connect("ann", "acme", "ann", "vip").await;
+    stack.connect("bob", "acme", "bob", "vip").await;
+    stack.pump().await;
+    // Bob says goodbye and leaves before the processor sees either: his message was a member's.
+    let sent = stack.send("bob", json!({"action":"sendMessage","room":"vip","message":"bye all"})).await;
+    assert_eq!(sent["action"], "ack", "{sent}");
+    stack.send("bob", json!({"action":"leave","room":"vip"})).await;
+    stack.pump().await;
+    let got: Vec<String> = stack
+        .recorder
+        .received_action("ann", "message")
+        .iter()
+        .map(|m| m["message"].as_str().unwrap().into())
+        .collect();
+    assert_eq!(got, vec!["bye all".to_string()]);
 }

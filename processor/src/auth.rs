@@ -188,7 +188,10 @@ pub fn verify_connect(token: &str, secret: &[u8], now: i64) -> Result<Claims, De
 /// Signs claims as an HS256 JWT (dev tokens, tests).
 pub fn mint(claims: &Claims, secret: &[u8]) -> String {
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap_or_default());
+    // Other claims never stand in for the ones the authorizer reads.
+    let mut claims = claims.clone();
+    claims.extra.retain(|name, _| !RESERVED.contains(&name.as_str()));
+    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap_or_default());
     let signed = format!("{header}.{payload}");
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
     mac.update(signed.as_bytes());

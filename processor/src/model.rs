@@ -159,6 +159,10 @@ pub struct Connection {
     /// read or sent until the processor allows it.
     #[serde(default, with = "serde_dynamo::string_set", skip_serializing_if = "BTreeSet::is_empty")]
     pub pending_rooms: BTreeSet<String>,
+    /// Rooms the tenant's rules denied this connection: a message or signal it sent to one of
+    /// them before the decision reaches no one.
+    #[serde(default, with = "serde_dynamo::string_set", skip_serializing_if = "BTreeSet::is_empty")]
+    pub denied_rooms: BTreeSet<String>,
     /// Rooms asked for at `$connect` that the token's `rooms` claim does not allow, with why:
     /// the processor sends `join_denied` for each after the welcome.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -201,6 +205,7 @@ impl Connection {
             claims: std::collections::BTreeMap::new(),
             authorize_joins: false,
             pending_rooms: BTreeSet::new(),
+            denied_rooms: BTreeSet::new(),
             denied: std::collections::BTreeMap::new(),
         }
     }

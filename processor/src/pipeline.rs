@@ -279,35 +279,41 @@ impl Processor {
         ))
     }
 
-    /// In a tenant whose rules decide joins, a message or signal is delivered only if its
-    /// sender is a member of the room as the processor reads it — allowed, not pending: one sent
-    /// right after a join that is then denied (from a connection that did not wait) reaches no
-    /// one. Backends' publishes have no sender connection and are not concerned.
+    /// In a tenant whose rules decide joins, a message or signal whose sender is not an allowed
+    /// member when the processor handles it is delivered only if the sender did not just have
+    /// its join denied (or pending): one sent right after a join that is then denied (from a
+    /// connection that did not wait) reaches no one, while one sent just before its sender left
+    /// is delivered as ever. Backends' publishes have no sender connection.
     async fn drop_from_non_members(
         &self,
         change: &Change,
         members: &[crate::model::Membership],
         decisions: &mut Decisions,
-    ) {
+    ) -> Result<(), StoreError> {
         let (tenant, room, sender) = match change {
             Change::Inserted(Record::Message(m)) => (&m.tenant, &m.room, &m.sender_connection_id),
             Change::Inserted(Record::Signal(s)) => (&s.tenant, &s.room, &s.sender_connection_id),
-            _ => return,
+            _ => return Ok(()),
         };
-        let Some(rules) = self.rules.as_deref() else { return };
+        let Some(rules) = self.rules.as_deref() else { return Ok(()) };
         if sender.is_empty() || members.iter().any(|m| &m.connection_id == sender && m.room == *room) {
-            return;
+            return Ok(());
         }
         if !rules.authorizes_joins(tenant).await {
-            return;
+            return Ok(());
         }
-        tracing::info!(sender = %sender, "dropped: the sender is not a member of the room");
+        let Some(conn) = self.store.get_connection(sender, self.clock.now()).await? else { return Ok(()) };
+        if !(conn.denied_rooms.contains(room) || conn.pending_rooms.contains(room)) {
+            return Ok(());
+        }
+        tracing::info!(sender = %sender, "dropped: the sender's join of the room was denied or is pending");
         Metrics::add(&self.metrics.rejected, 1);
         decisions.message = Some((
             crate::react::Decision::Reject { reason: format!("you are not a member of room {room:?}") },
             crate::react::Route::default(),
         ));
         decisions.dropped = true;
+        Ok(())
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -587,7 +593,7 @@ impl Processor {
                     members.extend(read?);
                 }
             }
-            self.drop_from_non_members(&change, &members, &mut decisions).await;
+            self.drop_from_non_members(&change, &members, &mut decisions).await?;
             let effects = react::react(&change, &members, &decisions);
             let outcomes = self.deliverer.apply(&effects, window).await?;
             tracing::debug!(

@@ -434,9 +434,14 @@ impl Store for DynamoStore {
 
     async fn settle_join(&self, m: &Membership, allowed: bool) -> Result<bool> {
         let key = membership_key(&m.tenant, &m.room, &m.connection_id);
+        let pending = m.pending == Some(true);
+        if allowed && !pending {
+            // Allowed and never pending: nothing to change.
+            return Ok(true);
+        }
         // The decision is this membership's: the same join (`joinedNs`), in the state it was
         // decided in.
-        let mut condition = if m.pending == Some(true) {
+        let mut condition = if pending {
             "attribute_exists(pk) AND pending = :t".to_string()
         } else {
             "attribute_exists(pk) AND attribute_not_exists(pending)".to_string()
@@ -444,8 +449,8 @@ impl Store for DynamoStore {
         if m.joined_ns.is_some() {
             condition.push_str(" AND joinedNs = :ns");
         }
-        let values = |mut update: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder| {
-            if m.pending == Some(true) {
+        let same_join = |mut update: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder| {
+            if pending {
                 update = update.expression_attribute_values(":t", AttributeValue::Bool(true));
             }
             if let Some(ns) = m.joined_ns {
@@ -453,61 +458,74 @@ impl Store for DynamoStore {
             }
             update
         };
-        if allowed && m.pending != Some(true) {
-            // Allowed and never pending: nothing to change.
-            return Ok(true);
-        }
-        let applied = if allowed {
+        // The connection's side, idempotent: written after the membership when allowing (so
+        // that a retry can repair it), before its deletion when denying.
+        let connection = match (allowed, pending) {
+            (true, _) => "DELETE pendingRooms :r, deniedRooms :r",
+            (false, true) => "DELETE pendingRooms :r, rooms :r ADD deniedRooms :r",
+            // A denial of a join that did not wait also marks its connection: its next joins wait.
+            (false, false) => "DELETE pendingRooms :r, rooms :r ADD deniedRooms :r SET authorizeJoins = :yes",
+        };
+        let update_connection = || async {
+            let mut update = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(connection_key(&m.connection_id)))
+                .update_expression(connection)
+                .condition_expression("attribute_exists(pk)")
+                .expression_attribute_values(":r", string_set(&m.room));
+            if connection.contains(":yes") {
+                update = update.expression_attribute_values(":yes", AttributeValue::Bool(true));
+            }
+            written("update_item (settle join)", update.send().await)
+        };
+        if allowed {
             let update = self
                 .client
                 .update_item()
                 .table_name(&self.table)
                 .set_key(Some(key.clone()))
                 .update_expression("REMOVE pending");
-            written("update_item (allow join)", values(update).condition_expression(&condition).send().await)?
-        } else {
-            let mark = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .set_key(Some(key.clone()))
-                .update_expression("SET leftReason = :reason")
-                .expression_attribute_values(":reason", s(LeftReason::Denied.as_str()))
-                .condition_expression(&condition);
-            let marked = written("update_item (deny join)", values(mark).send().await)?;
-            if marked {
-                self.client
-                    .delete_item()
-                    .table_name(&self.table)
-                    .set_key(Some(key))
-                    .send()
-                    .await
-                    .map_err(|e| unavailable("delete_item (denied join)", e))?;
+            let applied =
+                written("update_item (allow join)", same_join(update).condition_expression(&condition).send().await)?;
+            if !applied {
+                // Already allowed (a retry after the connection's write failed)? Then finish it.
+                let now: Option<Membership> = self.get_typed("get_item (membership)", key).await?;
+                if now.is_some_and(|n| n.pending.is_none() && n.joined_ns == m.joined_ns) {
+                    update_connection().await?;
+                }
+                return Ok(false);
             }
-            marked
-        };
-        if !applied {
-            return Ok(false);
+            update_connection().await?;
+            return Ok(true);
         }
-        // A denial of a join that did not wait also marks its connection: its next joins wait.
-        let connection = match (allowed, m.pending == Some(true)) {
-            (true, _) => "DELETE pendingRooms :r",
-            (false, true) => "DELETE pendingRooms :r, rooms :r",
-            (false, false) => "DELETE pendingRooms :r, rooms :r SET authorizeJoins = :t",
-        };
-        let mut update = self
+        let mark = self
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(connection_key(&m.connection_id)))
-            .update_expression(connection)
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_values(":r", string_set(&m.room));
-        if connection.contains(":t") {
-            update = update.expression_attribute_values(":t", AttributeValue::Bool(true));
+            .set_key(Some(key.clone()))
+            .update_expression("SET leftReason = :reason")
+            .expression_attribute_values(":reason", s(LeftReason::Denied.as_str()))
+            .condition_expression(&condition);
+        if !written("update_item (deny join)", same_join(mark).send().await)? {
+            return Ok(false);
         }
-        let result = update.send().await;
-        written("update_item (settle join)", result)?;
+        update_connection().await?;
+        // Only the join that was denied: a leave and a new join in between keep theirs.
+        let mut delete = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key))
+            .condition_expression("leftReason = :reason")
+            .expression_attribute_values(":reason", s(LeftReason::Denied.as_str()));
+        if let Some(ns) = m.joined_ns {
+            delete = delete
+                .condition_expression("leftReason = :reason AND joinedNs = :ns")
+                .expression_attribute_values(":ns", AttributeValue::N(ns.to_string()));
+        }
+        written("delete_item (denied join)", delete.send().await)?;
         Ok(true)
     }
 

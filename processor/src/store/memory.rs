@@ -302,9 +302,9 @@ impl Store for MemoryStore {
     }
 
     async fn settle_join(&self, m: &Membership, allowed: bool) -> Result<bool> {
+        // Under the lock, one atomic step (the DynamoDB adapter's order makes it retryable).
         let mut table = self.lock();
         let key = membership_key(&m.tenant, &m.room, &m.connection_id);
-        // The decision is this membership's: the same join, in the state it was decided in.
         let current: Option<Membership> = self.get(&table, &key);
         let same =
             current.is_some_and(|c| c.pending == m.pending && (m.joined_ns.is_none() || c.joined_ns == m.joined_ns));
@@ -325,16 +325,17 @@ impl Store for MemoryStore {
             self.delete_item(&mut table, &key, Actor::Client);
         }
         if let Some(mut conn) = self.get::<Connection>(&table, &connection_key(&m.connection_id)) {
-            let mut changed = conn.pending_rooms.remove(&m.room) | (!allowed && conn.rooms.remove(&m.room));
-            // A denial of a join that did not wait also marks its connection: its next joins wait.
-            if !allowed && m.pending != Some(true) && !conn.authorize_joins {
+            conn.pending_rooms.remove(&m.room);
+            if allowed {
+                conn.denied_rooms.remove(&m.room);
+            } else {
+                conn.rooms.remove(&m.room);
+                conn.denied_rooms.insert(m.room.clone());
+                // A denial of a join that did not wait also marks its connection.
                 conn.authorize_joins = true;
-                changed = true;
             }
-            if changed {
-                let item = encode(&conn)?;
-                self.put_item(&mut table, item);
-            }
+            let item = encode(&conn)?;
+            self.put_item(&mut table, item);
         }
         Ok(true)
     }
