@@ -189,3 +189,15 @@ async fn every_answer_carries_its_frames_ref() {
     let number = stack.send("c1", json!({"action":"ping","ref":7})).await;
     assert_eq!(number.get("ref"), None, "{number}");
 }
+
+/// Room names may hold `:`; `since=room:id` splits at the last one (ids never hold it).
+#[tokio::test]
+async fn since_names_a_room_with_a_colon() {
+    let stack = Stack::memory().await;
+    let id = roomcast::model::message_id_at(chrono::Utc::now());
+    let mut request = connect_request("c1", "acme", "ann", "team:42");
+    request.query_string_parameters =
+        roomcast_tests::query(&[("rooms", "team:42"), ("since", &format!("team:42:{id}"))]);
+    let response = handlers::connect(&request, &stack.deps).await;
+    assert_eq!(response.status_code, 200, "{:?}", response.body);
+}

@@ -487,7 +487,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Plugin { command: PluginCommand::List { tenant, target } } => {
             let (active, versions) = target.target().await.list(&tenant).await?;
-            plugins::print_list(active.as_deref(), &versions);
+            plugins::print_list(active.as_ref().map(|(v, joins)| (v.as_str(), *joins)), &versions);
             Ok(())
         }
         Command::Plugin { command: PluginCommand::Activate { tenant, version, target } } => {

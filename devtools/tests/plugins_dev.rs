@@ -162,12 +162,13 @@ async fn rooms_acl_decides_joins_from_configuration_through_a_running_dev_stack(
     let mut listed = String::new();
     for _ in 0..100 {
         listed = dev.roomcast(&["plugin", "list", "--tenant", "acme"]).await.1;
-        if listed.starts_with('*') && listed.contains("active") {
+        // Active, and known to decide joins (what `$connect` reads to make joins wait).
+        if listed.starts_with('*') && listed.contains("decides joins") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(listed.starts_with('*'), "activated: {listed}");
+    assert!(listed.starts_with('*') && listed.contains("decides joins"), "activated: {listed}");
 
     let mut ann = dev.connect(&token("acme", "ann", None), "lobby").await;
     let mut eve = dev.connect(&token("acme", "eve", None), "lobby").await;

@@ -206,7 +206,7 @@ pub async fn connect(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDe
     // processor sends what came after, right after the welcome.
     let mut recover = std::collections::BTreeMap::new();
     for pair in query.first("since").unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let Some((room, id)) = pair.split_once(':') else {
+        let Some((room, id)) = pair.rsplit_once(':') else {
             return respond(400, Some(format!("since: {pair:?} is not room:message-id")));
         };
         if !rooms.contains(room) {

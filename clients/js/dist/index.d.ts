@@ -87,6 +87,14 @@ export interface ConnectOptions {
     requestTimeoutMs?: number;
     /** Sends kept while reconnecting; one more is refused with `QueueFullError`. Default 100. */
     maxQueuedSends?: number;
+    /**
+     * Attempts in a row that never open before the client gives up (state `closed`, an
+     * `unreachable` error). A refused token is recognised at once where the runtime says so
+     * (`ws`: 401/403); browsers do not tell, so repeated refusals end here. Attempts made while
+     * the browser says it is offline do not count. Default 8 (about a minute); `Infinity` never
+     * gives up.
+     */
+    maxFailedAttempts?: number;
     /** Message ids remembered per room to drop repeats. Default 1000. */
     dedupeWindow?: number;
 }

@@ -88,6 +88,9 @@ export class RoomcastClient {
     #connectionId;
     #userId;
     #duplicates = 0;
+    #reconnecting = false;
+    #failedAttempts = 0;
+    #recoverTimer;
     constructor(options) {
         const WebSocketImpl = options.WebSocket ?? globalThis.WebSocket;
         if (!WebSocketImpl) {
@@ -104,6 +107,7 @@ export class RoomcastClient {
             requestTimeoutMs: options.requestTimeoutMs ?? 10_000,
             maxQueuedSends: options.maxQueuedSends ?? 100,
             dedupeWindow: options.dedupeWindow ?? 1000,
+            maxFailedAttempts: options.maxFailedAttempts ?? 8,
         };
         for (const room of this.#options.rooms) {
             this.#room(room).joined = true;
@@ -169,6 +173,7 @@ export class RoomcastClient {
     /** Joins a room: resolves with its users, or rejects with `JoinDeniedError`. */
     async join(room) {
         const state = this.#room(room);
+        const wasJoined = state.joined;
         state.joined = true;
         const waited = new Promise((resolve, reject) => {
             const list = this.#joinWaiters.get(room) ?? [];
@@ -180,9 +185,19 @@ export class RoomcastClient {
         // The answer may be the ack itself, or `pending` and later the ack or `join_denied`
         // from the server once the tenant's rules decided.
         const answer = await this.#request({ action: "join", room }).catch((error) => {
+            // Refused: the room is not rejoined on the next reconnect.
+            if (!wasJoined && this.#rooms.get(room) === state)
+                state.joined = false;
             this.#settleJoin(room, error);
             throw error;
         });
+        if (answer.pending) {
+            // The tenant's rules decide: the server's ack or `join_denied` follows, or nothing does.
+            const timer = setTimeout(() => {
+                this.#settleJoin(room, new RoomcastError("timeout", `no decision on joining ${room} within ${this.#options.requestTimeoutMs} ms`));
+            }, this.#options.requestTimeoutMs);
+            void waited.finally(() => clearTimeout(timer)).catch(() => undefined);
+        }
         if (answer.action === "ack" && !answer.pending)
             this.#onJoinAck(answer);
         return waited;
@@ -248,13 +263,15 @@ export class RoomcastClient {
     close() {
         this.#stopped = true;
         clearTimeout(this.#retryTimer);
+        clearTimeout(this.#recoverTimer);
         this.#stopPing();
         const socket = this.#socket;
         this.#socket = undefined;
         if (socket) {
             socket.onclose = null;
             socket.onmessage = null;
-            socket.onerror = null;
+            // `ws` emits an error for a socket closed before it opened: keep a listener for it.
+            socket.onerror = () => undefined;
             try {
                 socket.close(1000, "client closed");
             }
@@ -289,6 +306,7 @@ export class RoomcastClient {
         if (since.length)
             query.set("since", since.join(","));
         // Rooms recovering hold their live messages until their `recover` frame.
+        this.#reconnecting = Boolean(this.#connectionId);
         for (const state of this.#rooms.values()) {
             if (state.joined && state.lastId)
                 state.held = [];
@@ -335,6 +353,17 @@ export class RoomcastClient {
             this.#rejectInFlight(event.code);
             if (this.#stopped)
                 return;
+            const offline = globalThis.navigator?.onLine === false;
+            if (!opened && !offline)
+                this.#failedAttempts += 1;
+            if (this.#failedAttempts >= this.#options.maxFailedAttempts) {
+                const error = new RoomcastError("unreachable", `${this.#failedAttempts} connection attempts in a row never opened (a refused token, or the server unreachable)`);
+                this.#stopped = true;
+                this.#emit("error", error);
+                this.#fail(error);
+                this.#setState("closed");
+                return;
+            }
             this.#scheduleReconnect();
         };
     }
@@ -361,7 +390,11 @@ export class RoomcastClient {
     #startPing() {
         this.#stopPing();
         this.#pingTimer = setInterval(() => {
-            this.#request({ action: "ping" }).catch(() => undefined);
+            this.#request({ action: "ping" }).catch((error) => {
+                // No answer: the connection is dead though it looks open (a sleep, a network change).
+                if (error.code === "timeout")
+                    this.#socket?.close(4000, "ping timeout");
+            });
         }, this.#options.pingIntervalMs);
         this.#pingTimer.unref?.();
     }
@@ -401,16 +434,19 @@ export class RoomcastClient {
     /** The socket closed: sends in flight go back to the queue (their idempotency key makes the
      * resend safe); other requests fail. */
     #rejectInFlight(code) {
+        const requeued = [];
         for (const [ref, pending] of this.#pending) {
             clearTimeout(pending.timer);
             this.#pending.delete(ref);
-            if (pending.frame.action === "sendMessage" && this.#queue.length < this.#options.maxQueuedSends) {
-                this.#queue.unshift({ frame: pending.frame, resolve: pending.resolve, reject: pending.reject });
+            if (pending.frame.action === "sendMessage" && this.#queue.length + requeued.length < this.#options.maxQueuedSends) {
+                requeued.push({ frame: pending.frame, resolve: pending.resolve, reject: pending.reject });
             }
             else {
                 pending.reject(new RoomcastError("disconnected", `the connection closed (${code}) before the answer`));
             }
         }
+        // In the order they were sent, before anything queued since.
+        this.#queue.unshift(...requeued);
     }
     #fail(error) {
         for (const pending of this.#pending.values()) {
@@ -491,6 +527,7 @@ export class RoomcastClient {
         this.#connectionId = String(frame.connection_id);
         this.#userId = String(frame.user_id);
         this.#attempt = 0;
+        this.#failedAttempts = 0;
         for (const room of frame.rooms ?? [])
             this.#room(room).joined = true;
         this.#setState("open");
@@ -500,9 +537,42 @@ export class RoomcastClient {
         for (const room of frame.rooms ?? []) {
             this.who(room).catch((error) => this.#emit("error", error));
         }
+        // Sends to a room still waiting for the tenant's rules wait for its ack.
+        const welcomed = new Set(frame.rooms ?? []);
+        const waiting = this.#queue.filter((q) => this.#rooms.get(String(q.frame.room))?.joined && !welcomed.has(String(q.frame.room)));
         for (const queued of this.#queue.splice(0)) {
-            this.#transmit(queued.frame, queued.resolve, queued.reject);
+            if (waiting.includes(queued))
+                this.#queue.push(queued);
+            else
+                this.#transmit(queued.frame, queued.resolve, queued.reject);
         }
+        if (this.#reconnecting) {
+            for (const [room, state] of this.#rooms) {
+                // Nothing seen there before the drop: what came meanwhile cannot be asked for.
+                if (state.joined && !state.lastId && welcomed.has(room)) {
+                    this.#emit("recovered", { room, recovered: false, reason: "no message was seen in this room before the connection dropped: reload it" });
+                }
+            }
+        }
+        // A recovery whose `recover` frame never comes (a room denied, a frame lost) lets its
+        // held messages go after a while, and says so.
+        clearTimeout(this.#recoverTimer);
+        this.#recoverTimer = setTimeout(() => {
+            for (const [room, state] of this.#rooms) {
+                if (state.held && welcomed.has(room))
+                    this.#onRecover({ room, recovered: false, reason: "no recovery answer came" });
+            }
+        }, this.#options.requestTimeoutMs);
+        this.#recoverTimer.unref?.();
+    }
+    /** Sends that waited for a room's decision: its ack came. */
+    #flushRoom(room) {
+        if (this.#state !== "open")
+            return;
+        const ready = this.#queue.filter((q) => String(q.frame.room) === room);
+        this.#queue = this.#queue.filter((q) => String(q.frame.room) !== room);
+        for (const queued of ready)
+            this.#transmit(queued.frame, queued.resolve, queued.reject);
     }
     #onJoinAck(frame) {
         const room = String(frame.room);
@@ -516,6 +586,7 @@ export class RoomcastClient {
         for (const waiter of this.#joinWaiters.get(room) ?? [])
             waiter.resolve(ack);
         this.#joinWaiters.delete(room);
+        this.#flushRoom(room);
     }
     #onJoinDenied(error) {
         const state = this.#rooms.get(error.room);
@@ -524,6 +595,10 @@ export class RoomcastClient {
         this.#rooms.delete(error.room);
         this.#emit("join_denied", error);
         this.#settleJoin(error.room, error);
+        const refused = this.#queue.filter((q) => String(q.frame.room) === error.room);
+        this.#queue = this.#queue.filter((q) => String(q.frame.room) !== error.room);
+        for (const queued of refused)
+            queued.reject(error);
     }
     #settleJoin(room, error) {
         for (const waiter of this.#joinWaiters.get(room) ?? [])
@@ -531,7 +606,10 @@ export class RoomcastClient {
         this.#joinWaiters.delete(room);
     }
     #onMessage(message) {
-        const state = this.#room(message.room);
+        // A room this client left (or never joined): nothing of it is delivered.
+        const state = this.#rooms.get(message.room);
+        if (!state)
+            return;
         if (state.held) {
             state.held.push(message);
             return;
@@ -567,7 +645,9 @@ export class RoomcastClient {
     }
     #onPresence(frame) {
         const event = frame;
-        const state = this.#room(event.room);
+        const state = this.#rooms.get(event.room);
+        if (!state)
+            return;
         if (event.id) {
             if (state.seen.has(`p:${event.id}`)) {
                 this.#duplicates += 1;

@@ -90,6 +90,14 @@ export interface ConnectOptions {
   requestTimeoutMs?: number;
   /** Sends kept while reconnecting; one more is refused with `QueueFullError`. Default 100. */
   maxQueuedSends?: number;
+  /**
+   * Attempts in a row that never open before the client gives up (state `closed`, an
+   * `unreachable` error). A refused token is recognised at once where the runtime says so
+   * (`ws`: 401/403); browsers do not tell, so repeated refusals end here. Attempts made while
+   * the browser says it is offline do not count. Default 8 (about a minute); `Infinity` never
+   * gives up.
+   */
+  maxFailedAttempts?: number;
   /** Message ids remembered per room to drop repeats. Default 1000. */
   dedupeWindow?: number;
 }
@@ -194,6 +202,12 @@ interface Pending {
   frame: Record<string, unknown>;
 }
 
+interface Queued {
+  frame: Record<string, unknown>;
+  resolve: (v: Record<string, unknown>) => void;
+  reject: (e: RoomcastError) => void;
+}
+
 interface RoomState {
   /** The last message delivered, for `since`. */
   lastId?: string;
@@ -221,7 +235,7 @@ export class RoomcastClient {
   #state: State = "connecting";
   #listeners = new Map<keyof Events, Set<(...args: never[]) => void>>();
   #pending = new Map<string, Pending>();
-  #queue: { frame: Record<string, unknown>; resolve: (v: Record<string, unknown>) => void; reject: (e: RoomcastError) => void }[] = [];
+  #queue: Queued[] = [];
   #rooms = new Map<string, RoomState>();
   #joinWaiters = new Map<string, { resolve: (a: JoinAck) => void; reject: (e: RoomcastError) => void }[]>();
   #nextRef = 0;
@@ -233,6 +247,9 @@ export class RoomcastClient {
   #connectionId?: string;
   #userId?: string;
   #duplicates = 0;
+  #reconnecting = false;
+  #failedAttempts = 0;
+  #recoverTimer?: ReturnType<typeof setTimeout>;
 
   constructor(options: ConnectOptions) {
     const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
@@ -253,6 +270,7 @@ export class RoomcastClient {
       requestTimeoutMs: options.requestTimeoutMs ?? 10_000,
       maxQueuedSends: options.maxQueuedSends ?? 100,
       dedupeWindow: options.dedupeWindow ?? 1000,
+      maxFailedAttempts: options.maxFailedAttempts ?? 8,
     };
     for (const room of this.#options.rooms) {
       this.#room(room).joined = true;
@@ -324,6 +342,7 @@ export class RoomcastClient {
   /** Joins a room: resolves with its users, or rejects with `JoinDeniedError`. */
   async join(room: string): Promise<JoinAck> {
     const state = this.#room(room);
+    const wasJoined = state.joined;
     state.joined = true;
     const waited = new Promise<JoinAck>((resolve, reject) => {
       const list = this.#joinWaiters.get(room) ?? [];
@@ -335,9 +354,18 @@ export class RoomcastClient {
     // The answer may be the ack itself, or `pending` and later the ack or `join_denied`
     // from the server once the tenant's rules decided.
     const answer = await this.#request({ action: "join", room }).catch((error: RoomcastError) => {
+      // Refused: the room is not rejoined on the next reconnect.
+      if (!wasJoined && this.#rooms.get(room) === state) state.joined = false;
       this.#settleJoin(room, error);
       throw error;
     });
+    if (answer.pending) {
+      // The tenant's rules decide: the server's ack or `join_denied` follows, or nothing does.
+      const timer = setTimeout(() => {
+        this.#settleJoin(room, new RoomcastError("timeout", `no decision on joining ${room} within ${this.#options.requestTimeoutMs} ms`));
+      }, this.#options.requestTimeoutMs);
+      void waited.finally(() => clearTimeout(timer)).catch(() => undefined);
+    }
     if (answer.action === "ack" && !answer.pending) this.#onJoinAck(answer);
     return waited;
   }
@@ -403,13 +431,15 @@ export class RoomcastClient {
   close(): void {
     this.#stopped = true;
     clearTimeout(this.#retryTimer);
+    clearTimeout(this.#recoverTimer);
     this.#stopPing();
     const socket = this.#socket;
     this.#socket = undefined;
     if (socket) {
       socket.onclose = null;
       socket.onmessage = null;
-      socket.onerror = null;
+      // `ws` emits an error for a socket closed before it opened: keep a listener for it.
+      socket.onerror = () => undefined;
       try {
         socket.close(1000, "client closed");
       } catch {
@@ -441,6 +471,7 @@ export class RoomcastClient {
       .map(([room, s]) => `${room}:${s.lastId}`);
     if (since.length) query.set("since", since.join(","));
     // Rooms recovering hold their live messages until their `recover` frame.
+    this.#reconnecting = Boolean(this.#connectionId);
     for (const state of this.#rooms.values()) {
       if (state.joined && state.lastId) state.held = [];
       else delete state.held;
@@ -482,6 +513,19 @@ export class RoomcastClient {
       }
       this.#rejectInFlight(event.code);
       if (this.#stopped) return;
+      const offline = (globalThis as { navigator?: { onLine?: boolean } }).navigator?.onLine === false;
+      if (!opened && !offline) this.#failedAttempts += 1;
+      if (this.#failedAttempts >= this.#options.maxFailedAttempts) {
+        const error = new RoomcastError(
+          "unreachable",
+          `${this.#failedAttempts} connection attempts in a row never opened (a refused token, or the server unreachable)`,
+        );
+        this.#stopped = true;
+        this.#emit("error", error);
+        this.#fail(error);
+        this.#setState("closed");
+        return;
+      }
       this.#scheduleReconnect();
     };
   }
@@ -508,7 +552,10 @@ export class RoomcastClient {
   #startPing(): void {
     this.#stopPing();
     this.#pingTimer = setInterval(() => {
-      this.#request({ action: "ping" }).catch(() => undefined);
+      this.#request({ action: "ping" }).catch((error: RoomcastError) => {
+        // No answer: the connection is dead though it looks open (a sleep, a network change).
+        if (error.code === "timeout") this.#socket?.close(4000, "ping timeout");
+      });
     }, this.#options.pingIntervalMs);
     (this.#pingTimer as { unref?: () => void }).unref?.();
   }
@@ -554,15 +601,18 @@ export class RoomcastClient {
   /** The socket closed: sends in flight go back to the queue (their idempotency key makes the
    * resend safe); other requests fail. */
   #rejectInFlight(code: number): void {
+    const requeued: Queued[] = [];
     for (const [ref, pending] of this.#pending) {
       clearTimeout(pending.timer);
       this.#pending.delete(ref);
-      if (pending.frame.action === "sendMessage" && this.#queue.length < this.#options.maxQueuedSends) {
-        this.#queue.unshift({ frame: pending.frame, resolve: pending.resolve, reject: pending.reject });
+      if (pending.frame.action === "sendMessage" && this.#queue.length + requeued.length < this.#options.maxQueuedSends) {
+        requeued.push({ frame: pending.frame, resolve: pending.resolve, reject: pending.reject });
       } else {
         pending.reject(new RoomcastError("disconnected", `the connection closed (${code}) before the answer`));
       }
     }
+    // In the order they were sent, before anything queued since.
+    this.#queue.unshift(...requeued);
   }
 
   #fail(error: RoomcastError): void {
@@ -640,6 +690,7 @@ export class RoomcastClient {
     this.#connectionId = String(frame.connection_id);
     this.#userId = String(frame.user_id);
     this.#attempt = 0;
+    this.#failedAttempts = 0;
     for (const room of (frame.rooms as string[]) ?? []) this.#room(room).joined = true;
     this.#setState("open");
     this.#emit("welcome", frame as unknown as Welcome);
@@ -648,9 +699,38 @@ export class RoomcastClient {
     for (const room of (frame.rooms as string[]) ?? []) {
       this.who(room).catch((error) => this.#emit("error", error));
     }
+    // Sends to a room still waiting for the tenant's rules wait for its ack.
+    const welcomed = new Set((frame.rooms as string[]) ?? []);
+    const waiting = this.#queue.filter((q) => this.#rooms.get(String(q.frame.room))?.joined && !welcomed.has(String(q.frame.room)));
     for (const queued of this.#queue.splice(0)) {
-      this.#transmit(queued.frame, queued.resolve, queued.reject);
+      if (waiting.includes(queued)) this.#queue.push(queued);
+      else this.#transmit(queued.frame, queued.resolve, queued.reject);
     }
+    if (this.#reconnecting) {
+      for (const [room, state] of this.#rooms) {
+        // Nothing seen there before the drop: what came meanwhile cannot be asked for.
+        if (state.joined && !state.lastId && welcomed.has(room)) {
+          this.#emit("recovered", { room, recovered: false, reason: "no message was seen in this room before the connection dropped: reload it" });
+        }
+      }
+    }
+    // A recovery whose `recover` frame never comes (a room denied, a frame lost) lets its
+    // held messages go after a while, and says so.
+    clearTimeout(this.#recoverTimer);
+    this.#recoverTimer = setTimeout(() => {
+      for (const [room, state] of this.#rooms) {
+        if (state.held && welcomed.has(room)) this.#onRecover({ room, recovered: false, reason: "no recovery answer came" });
+      }
+    }, this.#options.requestTimeoutMs);
+    (this.#recoverTimer as { unref?: () => void }).unref?.();
+  }
+
+  /** Sends that waited for a room's decision: its ack came. */
+  #flushRoom(room: string): void {
+    if (this.#state !== "open") return;
+    const ready = this.#queue.filter((q) => String(q.frame.room) === room);
+    this.#queue = this.#queue.filter((q) => String(q.frame.room) !== room);
+    for (const queued of ready) this.#transmit(queued.frame, queued.resolve, queued.reject);
   }
 
   #onJoinAck(frame: Record<string, unknown>): void {
@@ -664,6 +744,7 @@ export class RoomcastClient {
     const ack: JoinAck = { room, users: Number(frame.users ?? members.length), members };
     for (const waiter of this.#joinWaiters.get(room) ?? []) waiter.resolve(ack);
     this.#joinWaiters.delete(room);
+    this.#flushRoom(room);
   }
 
   #onJoinDenied(error: JoinDeniedError): void {
@@ -672,6 +753,9 @@ export class RoomcastClient {
     this.#rooms.delete(error.room);
     this.#emit("join_denied", error);
     this.#settleJoin(error.room, error);
+    const refused = this.#queue.filter((q) => String(q.frame.room) === error.room);
+    this.#queue = this.#queue.filter((q) => String(q.frame.room) !== error.room);
+    for (const queued of refused) queued.reject(error);
   }
 
   #settleJoin(room: string, error: RoomcastError): void {
@@ -680,7 +764,9 @@ export class RoomcastClient {
   }
 
   #onMessage(message: ChatMessage): void {
-    const state = this.#room(message.room);
+    // A room this client left (or never joined): nothing of it is delivered.
+    const state = this.#rooms.get(message.room);
+    if (!state) return;
     if (state.held) {
       state.held.push(message);
       return;
@@ -718,7 +804,8 @@ export class RoomcastClient {
 
   #onPresence(frame: Record<string, unknown>): void {
     const event = frame as unknown as PresenceEvent & { id?: string };
-    const state = this.#room(event.room);
+    const state = this.#rooms.get(event.room);
+    if (!state) return;
     if (event.id) {
       if (state.seen.has(`p:${event.id}`)) {
         this.#duplicates += 1;

@@ -10,6 +10,8 @@ import { fileURLToPath } from "node:url";
 import path from "node:path";
 import { WebSocket } from "ws";
 import { connect, AuthError, QueueFullError, JoinDeniedError, RoomcastError } from "../dist/index.js";
+import { execFile } from "node:child_process";
+import { promisify } from "node:util";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const binary = process.env.ROOMCAST_BIN ?? path.join(here, "../../../target/debug/roomcast");
@@ -23,6 +25,7 @@ before(async () => {
   // The embedded store: no DynamoDB endpoint from the environment.
   const env = { ...process.env, RUST_LOG: "warn" };
   delete env.DYNAMODB_ENDPOINT_URL;
+  delete env.ROOMCAST_JWT_SECRET; // the tokens below are signed with the dev default
   dev = spawn(binary, ["dev", "--port", "0"], {
     env,
     stdio: ["ignore", "pipe", "inherit"],
@@ -80,7 +83,22 @@ async function forceClose(connectionId) {
 
 test("a forced close and reconnect recovers every message sent meanwhile, in order, once", async () => {
   const room = `recover-${Date.now()}`;
-  const ann = client("acme", "ann", [room]);
+  // Ann's reconnect waits until Bob has sent: what he sent meanwhile can only come by recovery.
+  let sentMeanwhile;
+  const meanwhile = new Promise((resolve) => (sentMeanwhile = resolve));
+  let connects = 0;
+  const ann = connect({
+    url: wsUrl,
+    token: async () => {
+      connects += 1;
+      if (connects > 1) await meanwhile;
+      return token("acme", "ann");
+    },
+    rooms: [room],
+    WebSocket,
+    initialBackoffMs: 50,
+    maxBackoffMs: 100,
+  });
   const bob = client("acme", "bob", [room]);
   const got = [];
   const recoveries = [];
@@ -103,9 +121,14 @@ test("a forced close and reconnect recovers every message sent meanwhile, in ord
     await bob.send(room, `m${i}`);
     sent.push(`m${i}`);
   }
+  const before = got.length;
+  sentMeanwhile();
   await until("the reconnect", () => ann.state === "open" && ann.connectionId !== first);
   await until("the recovery", () => recoveries.length === 1);
   assert.deepEqual(recoveries[0], { room, recovered: true });
+  // Everything sent meanwhile had arrived by the time the recovery was reported.
+  assert.equal(before, 3);
+  assert.deepEqual(got.slice(0, 8), sent.slice(0, 8));
   for (let i = 9; i <= 10; i++) {
     await bob.send(room, `m${i}`);
     sent.push(`m${i}`);
@@ -232,4 +255,68 @@ test("a join the token's rooms claim refuses rejects with JoinDeniedError", asyn
   assert.equal(ok.room, "support-2");
   assert.deepEqual(denied, ["general"]);
   sue.close();
+});
+
+const run = promisify(execFile);
+
+test("a join the tenant's rules decide: pending, then allowed or denied", async () => {
+  const target = process.env.CARGO_TARGET_DIR ?? path.join(here, "../../../target");
+  const acl = path.join(target, "wasm32-wasip2/release/roomcast_plugin_rooms_acl.wasm");
+  const env = { ...process.env };
+  delete env.DYNAMODB_ENDPOINT_URL;
+  const cli = (...args) => run(binary, [...args, "--dev", base], { env });
+  await cli("plugin", "config", "set", "--tenant", "gate", "room.vip=ann");
+  await cli("plugin", "upload", "--tenant", "gate", "--policy", "closed", acl);
+  // Active, and known to decide joins (what `$connect` reads to make joins wait).
+  await until("the plugin's activation", async () => (await cli("plugin", "list", "--tenant", "gate")).stdout.includes("decides joins"));
+  const ann = client("gate", "ann", ["lobby"]);
+  const eve = client("gate", "eve", ["lobby"]);
+  await Promise.all([ann.ready(), eve.ready()]);
+  const ack = await ann.join("vip");
+  assert.equal(ack.room, "vip");
+  assert.deepEqual(ack.members.map((m) => m.user_id), ["ann"]);
+  await assert.rejects(eve.join("vip"), (e) => e instanceof JoinDeniedError && /eve is not on the list/.test(e.reason));
+  assert.ok(!eve.rooms.includes("vip"));
+  ann.close();
+  eve.close();
+});
+
+test("answers arriving out of order resolve their own requests (a scripted socket)", async () => {
+  // A WebSocket whose server answers the requests it was sent in reverse order.
+  class Scripted {
+    static last;
+    readyState = 0;
+    onopen = null;
+    onmessage = null;
+    onclose = null;
+    onerror = null;
+    sent = [];
+    constructor() {
+      Scripted.last = this;
+      setTimeout(() => {
+        this.readyState = 1;
+        this.onopen?.({});
+        this.deliver({ action: "welcome", connection_id: "c1", tenant: "t", user_id: "ann", rooms: ["r"] });
+      }, 0);
+    }
+    deliver(frame) {
+      this.onmessage?.({ data: JSON.stringify(frame) });
+    }
+    send(text) {
+      this.sent.push(JSON.parse(text));
+    }
+    close() {}
+  }
+  const c = connect({ url: "ws://scripted", token: "t", rooms: ["r"], WebSocket: Scripted });
+  await c.ready();
+  const requests = [c.send("r", "a"), c.send("r", "b"), c.history("r"), c.send("r", "c")];
+  await until("the frames", () => Scripted.last.sent.filter((f) => f.action !== "who").length === 4);
+  const asked = Scripted.last.sent.filter((f) => f.action !== "who");
+  for (const frame of [...asked].reverse()) {
+    if (frame.action === "history") Scripted.last.deliver({ action: "history", room: "r", messages: [], ref: frame.ref });
+    else Scripted.last.deliver({ action: "ack", request: "sendMessage", room: "r", id: `id-${frame.message}`, ref: frame.ref });
+  }
+  const [a, b, h, cc] = await Promise.all(requests);
+  assert.deepEqual([a.id, b.id, h.messages, cc.id], ["id-a", "id-b", [], "id-c"]);
+  c.close();
 });

@@ -54,15 +54,19 @@ impl Target {
     }
 
     /// The active version and every uploaded one, oldest first.
-    pub async fn list(&self, tenant: &str) -> anyhow::Result<(Option<String>, Vec<PluginMeta>)> {
+    /// The active version (and whether the processor found that it decides joins) and every
+    /// uploaded version.
+    pub async fn list(&self, tenant: &str) -> anyhow::Result<(Option<(String, bool)>, Vec<PluginMeta>)> {
         match self {
             Target::Table(store) => {
-                let active = store.active_plugin(tenant).await?.map(|a| a.version);
+                let active = store.active_plugin(tenant).await?.map(|a| (a.version, a.authorizes_joins == Some(true)));
                 Ok((active, store.plugins(tenant).await?))
             }
             Target::Dev(url) => {
                 let answer = request(url, http::Method::GET, &format!("/_dev/plugins/{tenant}"), Vec::new()).await?;
-                let active = answer["active"].as_str().map(str::to_string);
+                let active = answer["active"]
+                    .as_str()
+                    .map(|v| (v.to_string(), answer["authorizesJoins"].as_bool() == Some(true)));
                 Ok((active, serde_json::from_value(answer["versions"].clone())?))
             }
         }
@@ -151,13 +155,15 @@ impl Target {
 }
 
 /// `roomcast plugin list`'s lines.
-pub fn print_list(active: Option<&str>, versions: &[PluginMeta]) {
+pub fn print_list(active: Option<(&str, bool)>, versions: &[PluginMeta]) {
     for meta in versions {
-        let marker = if active == Some(meta.version.as_str()) { "*" } else { " " };
+        let is_active = active.is_some_and(|(v, _)| v == meta.version);
+        let marker = if is_active { "*" } else { " " };
+        let joins = if is_active && active.is_some_and(|(_, joins)| joins) { "  decides joins" } else { "" };
         let status = serde_json::to_value(meta.status).ok();
         let limits = meta.limits.map(|l| format!("  limits {}", serde_json::to_string(&l).unwrap_or_default()));
         println!(
-            "{marker} {}  {:<8}  {:>8} bytes  uploaded {}{}{}",
+            "{marker} {}  {:<8}  {:>8} bytes  uploaded {}{}{}{joins}",
             meta.version,
             status.as_ref().and_then(|s| s.as_str()).unwrap_or("?"),
             meta.size,

@@ -9,7 +9,7 @@
 //! | request | does |
 //! |---|---|
 //! | `GET /_dev/metrics` | the processor's counts (records, delivered, plugin faults, …) as JSON |
-//! | `GET /_dev/plugins/{tenant}` | `{"active": version or null, "versions": [PluginMeta…]}` |
+//! | `GET /_dev/plugins/{tenant}` | `{"active": version or null, "authorizesJoins": bool or null, "versions": [PluginMeta…]}` |
 //! | `POST /_dev/plugins/{tenant}?policy=open&fuel=…&memory_mib=…&deadline_ms=…` (body: the component) | checks and uploads it; answers its `PluginMeta` |
 //! | `PUT /_dev/plugins/{tenant}/active` (body `{"version": v or null}`) | activates a version, or disables the plugin |
 //! | `POST /publish` (a token with the `publish` scope; body `{tenant, room, message, user_id?, idempotency_key?}`) | the `publish` Lambda's HTTP API: `{"id"}`, or `{"error"}` with its status |
@@ -71,12 +71,14 @@ fn unavailable(e: crate::store::StoreError) -> Response {
 }
 
 async fn list(State(api): State<Api>, Path(tenant): Path<String>) -> Response {
-    let active = match api.store.active_plugin(&tenant).await {
-        Ok(active) => active.map(|a| a.version),
+    let (active, joins) = match api.store.active_plugin(&tenant).await {
+        Ok(active) => (active.as_ref().map(|a| a.version.clone()), active.and_then(|a| a.authorizes_joins)),
         Err(e) => return unavailable(e),
     };
     match api.store.plugins(&tenant).await {
-        Ok(versions) => axum::Json(json!({ "active": active, "versions": versions })).into_response(),
+        Ok(versions) => {
+            axum::Json(json!({ "active": active, "authorizesJoins": joins, "versions": versions })).into_response()
+        }
         Err(e) => unavailable(e),
     }
 }
