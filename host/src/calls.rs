@@ -106,7 +106,7 @@ impl PluginHost {
         record_time_ms: u64,
         config: ConfigValues,
     ) -> (Result<JoinDecision, Fault>, CallReport) {
-        let (decision, report) = self.authorize_join(plugin, limits, request, record_time_ms, config);
+        let (decision, report) = self.once(plugin, limits, config, |i| i.authorize_join(request, record_time_ms));
         let decision = decision.map(|d| match d {
             JoinDecision::Deny(reason) => JoinDecision::Deny(bounded_reason(reason)),
             allow => allow,

@@ -436,18 +436,6 @@ impl PluginHost {
         self.once(plugin, limits, config, |i| i.welcome(info, record_time_ms))
     }
 
-    /// Whether a connection may join a room, on a fresh instance.
-    pub fn authorize_join(
-        &self,
-        plugin: &Plugin,
-        limits: &Limits,
-        request: &JoinRequest,
-        record_time_ms: u64,
-        config: ConfigValues,
-    ) -> (Result<JoinDecision, Fault>, CallReport) {
-        self.once(plugin, limits, config, |i| i.authorize_join(request, record_time_ms))
-    }
-
     /// The optional hooks `plugin` implements, asked on a fresh instance the first time and
     /// kept. A plugin whose `hooks` faults is taken to implement every hook: its joins then
     /// meet its failure policy, never a free pass. Call it from a blocking thread.

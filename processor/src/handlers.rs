@@ -470,14 +470,7 @@ async fn act(
                 return Ok(ServerMessage::JoinDenied { room: room.to_string(), reason: not_in_claim(room.as_str()) });
             }
             if conn.pending_rooms.contains(room.as_str()) {
-                return Ok(ServerMessage::Ack {
-                    request: "join".into(),
-                    room: room.to_string(),
-                    id: None,
-                    users: None,
-                    members: None,
-                    pending: Some(true),
-                });
+                return Ok(ServerMessage::pending_join(room.as_str()));
             }
             if !conn.rooms.contains(room.as_str()) {
                 if conn.rooms.len() >= MAX_ROOMS_PER_CONNECTION {
@@ -496,14 +489,7 @@ async fn act(
                 if membership.pending == Some(true) {
                     // The processor asks the tenant's rules; its answer is the real `ack` (with
                     // the room's users) or `join_denied`.
-                    return Ok(ServerMessage::Ack {
-                        request: "join".into(),
-                        room: room.to_string(),
-                        id: None,
-                        users: None,
-                        members: None,
-                        pending: Some(true),
-                    });
+                    return Ok(ServerMessage::pending_join(room.as_str()));
                 }
             }
             // A snapshot of who is here, so the client's roster starts whole; the `joined` and

@@ -431,6 +431,19 @@ pub struct PresentUser {
 }
 
 impl ServerMessage {
+    /// A `join`'s first answer when the tenant's rules decide: the real `ack` or `join_denied`
+    /// follows from the processor.
+    pub fn pending_join(room: &str) -> ServerMessage {
+        ServerMessage::Ack {
+            request: "join".into(),
+            room: room.into(),
+            id: None,
+            users: None,
+            members: None,
+            pending: Some(true),
+        }
+    }
+
     /// An `ack` with no presence snapshot.
     pub fn ack(request: &str, room: &str, id: Option<String>) -> ServerMessage {
         ServerMessage::Ack { request: request.into(), room: room.into(), id, users: None, members: None, pending: None }
