@@ -255,6 +255,15 @@ mod tests {
         assert!(verify(&token, SECRET, 0).is_ok());
     }
 
+    /// A token of any payload, signed: what `mint` cannot make (claims of the wrong type).
+    fn signed_raw(payload: &serde_json::Value) -> String {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let signed = format!("{header}.{}", URL_SAFE_NO_PAD.encode(payload.to_string()));
+        let mut mac = Hmac::<Sha256>::new_from_slice(SECRET).unwrap();
+        mac.update(signed.as_bytes());
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+    }
+
     #[test]
     fn a_rooms_claim_limits_rooms_by_name_and_prefix_and_travels_in_the_context() {
         let patterns = vec!["support-*".to_string(), "team-42".to_string()];
@@ -267,22 +276,13 @@ mod tests {
         // Not a list of names: refused, not read as "any room".
         let mut raw = serde_json::to_value(claims(4_000_000_000)).unwrap();
         raw["rooms"] = serde_json::json!("support-*");
-        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-        let signed = format!("{header}.{}", URL_SAFE_NO_PAD.encode(raw.to_string()));
-        let mut mac = Hmac::<Sha256>::new_from_slice(SECRET).unwrap();
-        mac.update(signed.as_bytes());
-        let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
-        assert_eq!(verify(&token, SECRET, 0), Err(Denied::Claim("rooms")));
+        assert_eq!(verify(&signed_raw(&raw), SECRET, 0), Err(Denied::Claim("rooms")));
 
         // Other plain claims travel too (a plugin may read a `role`); objects do not.
         let mut raw = serde_json::to_value(claims(4_000_000_000)).unwrap();
         raw["role"] = serde_json::json!("admin");
         raw["nested"] = serde_json::json!({"a": 1});
-        let signed = format!("{header}.{}", URL_SAFE_NO_PAD.encode(raw.to_string()));
-        let mut mac = Hmac::<Sha256>::new_from_slice(SECRET).unwrap();
-        mac.update(signed.as_bytes());
-        let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
-        let verified = verify(&token, SECRET, 0).unwrap();
+        let verified = verify(&signed_raw(&raw), SECRET, 0).unwrap();
         assert_eq!(context(&verified)["role"], "admin");
         assert!(!context(&verified).contains_key("nested"));
     }

@@ -13,7 +13,9 @@ use aws_lambda_events::encodings::Body;
 use serde_json::Value;
 
 use crate::model::{Clock, Connection, IdempotencyRecord, JoinReason, Message, Name, NewConnection, expiry, format_ts};
-use crate::protocol::{ChatMessage, ErrorCode, FrameError, MAX_HISTORY_LIMIT, Request, ServerMessage, parse_frame};
+use crate::protocol::{
+    ChatMessage, ErrorCode, FrameError, MAX_HISTORY_LIMIT, Request, ServerMessage, parse_frame_with_ref,
+};
 use crate::store::{HistoryFrom, Store, StoreError};
 
 /// The most rooms one connection may be in (also keeps `$connect` within one transaction).
@@ -69,22 +71,16 @@ fn respond(status: i64, body: Option<String>) -> ApiGatewayProxyResponse {
     response
 }
 
-fn answer(message: ServerMessage) -> ApiGatewayProxyResponse {
-    respond(200, Some(message.to_json()))
+fn internal(err: &StoreError) -> ApiGatewayProxyResponse {
+    let (status, message) = unavailable(err);
+    respond(status, Some(message.to_json()))
 }
 
-fn internal(err: &StoreError) -> ApiGatewayProxyResponse {
+/// The table was unavailable: a 500 and an `internal` error.
+fn unavailable(err: &StoreError) -> (i64, ServerMessage) {
     tracing::error!(error = %err, "table unavailable");
-    respond(
-        500,
-        Some(
-            ServerMessage::Error {
-                code: ErrorCode::Internal,
-                message: "the service is unavailable; nothing was written".into(),
-            }
-            .to_json(),
-        ),
-    )
+    let message = "the service is unavailable; nothing was written".into();
+    (500, ServerMessage::Error { code: ErrorCode::Internal, message })
 }
 
 /// The caller's identity, from the `$connect` authorizer's context (never from the client).
@@ -295,48 +291,55 @@ pub async fn disconnect(request: &ApiGatewayWebsocketProxyRequest, deps: &Handle
 /// comes back on its answer, so a client with several requests in flight matches each answer
 /// to its request.
 pub async fn message(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDeps) -> ApiGatewayProxyResponse {
-    let reference = request.body.as_deref().and_then(crate::protocol::frame_ref);
-    let mut response = answer_frame(request, deps).await;
-    if let (Some(reference), Some(Body::Text(text))) = (reference, &response.body)
-        && let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_str::<serde_json::Value>(text)
-    {
-        fields.insert("ref".into(), serde_json::Value::String(reference));
-        response.body = Some(Body::Text(serde_json::Value::Object(fields).to_string()));
-    }
-    response
-}
-
-async fn answer_frame(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDeps) -> ApiGatewayProxyResponse {
     let Some(connection_id) = connection_id(request) else {
         return respond(400, Some("the request has no connectionId".into()));
     };
-    let parsed = match (&request.body, request.is_base64_encoded) {
-        (_, true) => Err(FrameError::new(ErrorCode::InvalidJson, "binary frames are not supported; send JSON text")),
-        (None, _) => Err(FrameError::new(ErrorCode::InvalidJson, "empty frame")),
-        (Some(body), false) => parse_frame(body),
+    let (parsed, reference) = match (&request.body, request.is_base64_encoded) {
+        (_, true) => {
+            (Err(FrameError::new(ErrorCode::InvalidJson, "binary frames are not supported; send JSON text")), None)
+        }
+        (None, _) => (Err(FrameError::new(ErrorCode::InvalidJson, "empty frame")), None),
+        (Some(body), false) => parse_frame_with_ref(body),
     };
+    let (status, message) = answer_frame(connection_id, parsed, deps).await;
+    let body = match (reference, serde_json::to_value(&message)) {
+        (Some(reference), Ok(Value::Object(mut fields))) => {
+            fields.insert("ref".into(), Value::String(reference));
+            Value::Object(fields).to_string()
+        }
+        _ => message.to_json(),
+    };
+    respond(status, Some(body))
+}
+
+/// The answer to one parsed frame, and its HTTP status (500: the table was unavailable).
+async fn answer_frame(
+    connection_id: &str,
+    parsed: Result<Request, FrameError>,
+    deps: &HandlerDeps,
+) -> (i64, ServerMessage) {
     let request = match parsed {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(connection_id, code = ?e.code, reason = %e.message, "bad frame");
-            return answer(e.into());
+            return (200, e.into());
         }
     };
     let now = deps.clock.now();
     let conn = match deps.store.get_connection(connection_id, now).await {
         Ok(Some(conn)) => conn,
         Ok(None) => {
-            return answer(FrameError::new(ErrorCode::NotConnected, "this connection has no record; reconnect").into());
+            return (200, FrameError::new(ErrorCode::NotConnected, "this connection has no record; reconnect").into());
         }
-        Err(err) => return internal(&err),
+        Err(err) => return unavailable(&err),
     };
     match act(request, &conn, deps, now).await {
-        Ok(message) => answer(message),
+        Ok(message) => (200, message),
         Err(Failure::Client(e)) => {
             tracing::info!(connection_id, code = ?e.code, reason = %e.message, "request refused");
-            answer(e.into())
+            (200, e.into())
         }
-        Err(Failure::Platform(err)) => internal(&err),
+        Err(Failure::Platform(err)) => unavailable(&err),
     }
 }
 

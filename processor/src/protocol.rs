@@ -24,23 +24,6 @@ pub const MAX_HISTORY_LIMIT: usize = 100;
 /// The longest `ref` a frame may carry (a client's request id, echoed on the answer).
 pub const MAX_REF_BYTES: usize = 64;
 
-/// A frame's `ref`, if it has one that is a string of at most [`MAX_REF_BYTES`]: the handler
-/// puts it on the frame's answer. (A longer one, or one of another type, is ignored.)
-pub fn frame_ref(body: &str) -> Option<String> {
-    if body.len() > MAX_FRAME_BYTES {
-        return None;
-    }
-    #[derive(serde::Deserialize)]
-    struct Ref {
-        #[serde(rename = "ref")]
-        reference: Option<Value>,
-    }
-    match serde_json::from_str::<Ref>(body).ok()?.reference? {
-        Value::String(r) if !r.is_empty() && r.len() <= MAX_REF_BYTES => Some(r),
-        _ => None,
-    }
-}
-
 /// What a client asked for.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Request {
@@ -117,27 +100,45 @@ impl FrameError {
 
 /// Parses one text frame. The older `{"type": "ping"}` form is accepted as well as `action`.
 pub fn parse_frame(body: &str) -> Result<Request, FrameError> {
+    parse_frame_with_ref(body).0
+}
+
+/// [`parse_frame`], and the frame's `ref` if it has one that is a string of at most
+/// [`MAX_REF_BYTES`] (a client's request id, which the handler puts on the frame's answer; a
+/// longer one, or one of another type, is ignored). The frame is parsed once.
+pub fn parse_frame_with_ref(body: &str) -> (Result<Request, FrameError>, Option<String>) {
     if body.len() > MAX_FRAME_BYTES {
-        return Err(FrameError::new(
+        let error = FrameError::new(
             ErrorCode::MessageTooLarge,
             format!("frame is {} bytes; the limit is {MAX_FRAME_BYTES}", body.len()),
-        ));
+        );
+        return (Err(error), None);
     }
-    let value: Value = serde_json::from_str(body)
-        .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("frame is not JSON: {e}")))?;
-    let Value::Object(fields) = value else {
-        return Err(FrameError::new(ErrorCode::InvalidJson, "frame must be a JSON object"));
+    let value: Value = match serde_json::from_str(body) {
+        Ok(value) => value,
+        Err(e) => return (Err(FrameError::new(ErrorCode::InvalidJson, format!("frame is not JSON: {e}"))), None),
     };
+    let Value::Object(fields) = value else {
+        return (Err(FrameError::new(ErrorCode::InvalidJson, "frame must be a JSON object")), None);
+    };
+    let reference = match fields.get("ref") {
+        Some(Value::String(r)) if !r.is_empty() && r.len() <= MAX_REF_BYTES => Some(r.clone()),
+        _ => None,
+    };
+    (parse_fields(&fields), reference)
+}
+
+fn parse_fields(fields: &serde_json::Map<String, Value>) -> Result<Request, FrameError> {
     let action = match fields.get("action").or_else(|| fields.get("type")) {
         Some(Value::String(a)) => a.as_str(),
         Some(_) => return Err(FrameError::new(ErrorCode::UnknownAction, "`action` must be a string")),
         None => return Err(FrameError::new(ErrorCode::UnknownAction, "frame has no `action`")),
     };
-    let room = || -> Result<String, FrameError> { string_field(&fields, action, "room") };
+    let room = || -> Result<String, FrameError> { string_field(fields, action, "room") };
     Ok(match action {
         "sendMessage" => Request::SendMessage {
             room: room()?,
-            message: string_field(&fields, action, "message")?,
+            message: string_field(fields, action, "message")?,
             idempotency_key: match fields.get("idempotency_key") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(key)) => Some(
@@ -229,7 +230,7 @@ pub fn parse_frame(body: &str) -> Result<Request, FrameError> {
             Request::History { room: room()?, limit, from }
         }
         "recover" => {
-            let since = string_field(&fields, action, "since")?;
+            let since = string_field(fields, action, "since")?;
             if crate::model::message_sk_of_id(&since).is_none() {
                 return Err(FrameError::new(
                     ErrorCode::InvalidRequest,
