@@ -77,7 +77,8 @@ async function until(what, check, ms = 10_000) {
 /** Closes a connection as API Gateway would (its idle or 2-hour limit): the dev stack's
  * `@connections` DELETE. */
 async function forceClose(connectionId) {
-  const response = await fetch(`${base}/local/@connections/${connectionId}`, { method: "DELETE" });
+  // Connection ids are base64: a `/` in one must not split the path.
+  const response = await fetch(`${base}/local/@connections/${encodeURIComponent(connectionId)}`, { method: "DELETE" });
   assert.ok(response.status === 204 || response.status === 200, `DELETE answered ${response.status}`);
 }
 
