@@ -175,6 +175,7 @@ export class RoomcastClient {
         const state = this.#room(room);
         const wasJoined = state.joined;
         state.joined = true;
+        this.#startSnapshot(room);
         const waited = new Promise((resolve, reject) => {
             const list = this.#joinWaiters.get(room) ?? [];
             list.push({ resolve, reject });
@@ -240,6 +241,7 @@ export class RoomcastClient {
     async who(room) {
         const users = [];
         let after;
+        this.#startSnapshot(room);
         for (;;) {
             const answer = await this.#request({ action: "who", room, ...(after ? { after } : {}) });
             users.push(...(answer.users ?? []));
@@ -249,8 +251,7 @@ export class RoomcastClient {
         }
         const state = this.#rooms.get(room);
         if (state) {
-            state.roster = new Map(users.map((u) => [u.user_id, u.connections]));
-            state.count = users.length;
+            this.#applySnapshot(state, users, users.length);
             this.#emit("roster", room);
         }
         return users;
@@ -579,8 +580,7 @@ export class RoomcastClient {
         const state = this.#room(room);
         const members = frame.members ?? [];
         state.joined = true;
-        state.roster = new Map(members.map((m) => [m.user_id, m.connections]));
-        state.count = Number(frame.users ?? members.length);
+        this.#applySnapshot(state, members, Number(frame.users ?? members.length));
         this.#emit("roster", room);
         const ack = { room, users: Number(frame.users ?? members.length), members };
         for (const waiter of this.#joinWaiters.get(room) ?? [])
@@ -656,12 +656,8 @@ export class RoomcastClient {
             state.seen.add(`p:${event.id}`);
             state.seenOrder.push(`p:${event.id}`);
         }
-        if (event.event === "joined")
-            state.roster.set(event.user_id, Math.max(1, state.roster.get(event.user_id) ?? 0));
-        else
-            state.roster.delete(event.user_id);
-        if (typeof event.users === "number")
-            state.count = event.users;
+        state.sinceSnapshot?.push(event);
+        applyPresence(state, event);
         this.#emit("roster", event.room);
         this.#emit("presence", {
             room: event.room,
@@ -670,6 +666,17 @@ export class RoomcastClient {
             reason: event.reason,
             users: event.users,
         });
+    }
+    #startSnapshot(room) {
+        this.#room(room).sinceSnapshot ??= [];
+    }
+    /** A snapshot of a room's users, with the events that arrived while it was on its way. */
+    #applySnapshot(state, users, count) {
+        state.roster = new Map(users.map((u) => [u.user_id, u.connections]));
+        state.count = count;
+        for (const event of state.sinceSnapshot ?? [])
+            applyPresence(state, event);
+        delete state.sinceSnapshot;
     }
     #room(room) {
         let state = this.#rooms.get(room);
@@ -692,6 +699,14 @@ export class RoomcastClient {
             }
         }
     }
+}
+function applyPresence(state, event) {
+    if (event.event === "joined")
+        state.roster.set(event.user_id, Math.max(1, state.roster.get(event.user_id) ?? 0));
+    else
+        state.roster.delete(event.user_id);
+    if (typeof event.users === "number")
+        state.count = event.users;
 }
 /** Time order: by timestamp, then id (ids are UUIDv7: time-ordered). */
 function compareMessages(a, b) {

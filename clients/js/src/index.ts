@@ -216,6 +216,9 @@ interface RoomState {
   roster: Map<string, number>;
   /** Users present, as the server last counted them (it may list only the first few). */
   count?: number;
+  /** Presence events that arrived while a snapshot (`who`, a join's ack) was on its way: applied
+   * again on top of it, so a snapshot taken before them does not undo them. */
+  sinceSnapshot?: PresenceEvent[];
   /** Messages held while the room recovers, then delivered in order. */
   held?: ChatMessage[];
   joined: boolean;
@@ -344,6 +347,7 @@ export class RoomcastClient {
     const state = this.#room(room);
     const wasJoined = state.joined;
     state.joined = true;
+    this.#startSnapshot(room);
     const waited = new Promise<JoinAck>((resolve, reject) => {
       const list = this.#joinWaiters.get(room) ?? [];
       list.push({ resolve, reject });
@@ -407,6 +411,7 @@ export class RoomcastClient {
   async who(room: string): Promise<PresentUser[]> {
     const users: PresentUser[] = [];
     let after: string | undefined;
+    this.#startSnapshot(room);
     for (;;) {
       const answer = await this.#request({ action: "who", room, ...(after ? { after } : {}) });
       users.push(...((answer.users as PresentUser[]) ?? []));
@@ -415,8 +420,7 @@ export class RoomcastClient {
     }
     const state = this.#rooms.get(room);
     if (state) {
-      state.roster = new Map(users.map((u) => [u.user_id, u.connections]));
-      state.count = users.length;
+      this.#applySnapshot(state, users, users.length);
       this.#emit("roster", room);
     }
     return users;
@@ -738,8 +742,7 @@ export class RoomcastClient {
     const state = this.#room(room);
     const members = (frame.members as PresentUser[]) ?? [];
     state.joined = true;
-    state.roster = new Map(members.map((m) => [m.user_id, m.connections]));
-    state.count = Number(frame.users ?? members.length);
+    this.#applySnapshot(state, members, Number(frame.users ?? members.length));
     this.#emit("roster", room);
     const ack: JoinAck = { room, users: Number(frame.users ?? members.length), members };
     for (const waiter of this.#joinWaiters.get(room) ?? []) waiter.resolve(ack);
@@ -814,9 +817,8 @@ export class RoomcastClient {
       state.seen.add(`p:${event.id}`);
       state.seenOrder.push(`p:${event.id}`);
     }
-    if (event.event === "joined") state.roster.set(event.user_id, Math.max(1, state.roster.get(event.user_id) ?? 0));
-    else state.roster.delete(event.user_id);
-    if (typeof event.users === "number") state.count = event.users;
+    state.sinceSnapshot?.push(event);
+    applyPresence(state, event);
     this.#emit("roster", event.room);
     this.#emit("presence", {
       room: event.room,
@@ -825,6 +827,18 @@ export class RoomcastClient {
       reason: event.reason,
       users: event.users,
     });
+  }
+
+  #startSnapshot(room: string): void {
+    this.#room(room).sinceSnapshot ??= [];
+  }
+
+  /** A snapshot of a room's users, with the events that arrived while it was on its way. */
+  #applySnapshot(state: RoomState, users: PresentUser[], count: number): void {
+    state.roster = new Map(users.map((u) => [u.user_id, u.connections]));
+    state.count = count;
+    for (const event of state.sinceSnapshot ?? []) applyPresence(state, event);
+    delete state.sinceSnapshot;
   }
 
   #room(room: string): RoomState {
@@ -848,6 +862,12 @@ export class RoomcastClient {
       }
     }
   }
+}
+
+function applyPresence(state: RoomState, event: PresenceEvent): void {
+  if (event.event === "joined") state.roster.set(event.user_id, Math.max(1, state.roster.get(event.user_id) ?? 0));
+  else state.roster.delete(event.user_id);
+  if (typeof event.users === "number") state.count = event.users;
 }
 
 /** Time order: by timestamp, then id (ids are UUIDv7: time-ordered). */

@@ -260,6 +260,33 @@ test("a join the token's rooms claim refuses rejects with JoinDeniedError", asyn
 
 const run = promisify(execFile);
 
+/** A WebSocket whose "server" is the test: it welcomes at once, then the test answers. */
+class Scripted {
+  static last;
+  readyState = 0;
+  onopen = null;
+  onmessage = null;
+  onclose = null;
+  onerror = null;
+  sent = [];
+  constructor() {
+    Scripted.last = this;
+    setTimeout(() => {
+      this.readyState = 1;
+      this.onopen?.({});
+      this.deliver({ action: "welcome", connection_id: "c1", tenant: "t", user_id: "ann", rooms: ["r"] });
+    }, 0);
+  }
+  deliver(frame) {
+    this.onmessage?.({ data: JSON.stringify(frame) });
+  }
+  send(text) {
+    this.sent.push(JSON.parse(text));
+  }
+  close() {}
+}
+
+
 test("a join the tenant's rules decide: pending, then allowed or denied", async () => {
   const target = process.env.CARGO_TARGET_DIR ?? path.join(here, "../../../target");
   const acl = path.join(target, "wasm32-wasip2/release/roomcast_plugin_rooms_acl.wasm");
@@ -283,31 +310,6 @@ test("a join the tenant's rules decide: pending, then allowed or denied", async 
 });
 
 test("answers arriving out of order resolve their own requests (a scripted socket)", async () => {
-  // A WebSocket whose server answers the requests it was sent in reverse order.
-  class Scripted {
-    static last;
-    readyState = 0;
-    onopen = null;
-    onmessage = null;
-    onclose = null;
-    onerror = null;
-    sent = [];
-    constructor() {
-      Scripted.last = this;
-      setTimeout(() => {
-        this.readyState = 1;
-        this.onopen?.({});
-        this.deliver({ action: "welcome", connection_id: "c1", tenant: "t", user_id: "ann", rooms: ["r"] });
-      }, 0);
-    }
-    deliver(frame) {
-      this.onmessage?.({ data: JSON.stringify(frame) });
-    }
-    send(text) {
-      this.sent.push(JSON.parse(text));
-    }
-    close() {}
-  }
   const c = connect({ url: "ws://scripted", token: "t", rooms: ["r"], WebSocket: Scripted });
   await c.ready();
   const requests = [c.send("r", "a"), c.send("r", "b"), c.history("r"), c.send("r", "c")];
@@ -319,5 +321,19 @@ test("answers arriving out of order resolve their own requests (a scripted socke
   }
   const [a, b, h, cc] = await Promise.all(requests);
   assert.deepEqual([a.id, b.id, h.messages, cc.id], ["id-a", "id-b", [], "id-c"]);
+  c.close();
+});
+
+test("a roster snapshot that left before a presence event does not undo it (a scripted socket)", async () => {
+  const c = connect({ url: "ws://scripted", token: "t", rooms: ["r"], WebSocket: Scripted });
+  await c.ready();
+  await until("the welcome's who", () => Scripted.last.sent.some((f) => f.action === "who"));
+  const who = Scripted.last.sent.find((f) => f.action === "who");
+  // Uma joins while the snapshot is on its way; the snapshot does not know her yet.
+  Scripted.last.deliver({ action: "presence", id: "p1", room: "r", user_id: "uma", event: "joined", reason: "join", users: 2 });
+  Scripted.last.deliver({ action: "who", room: "r", users: [{ user_id: "ann", connections: 1 }], total: 1, ref: who.ref });
+  await until("the snapshot", () => c.roster("r").some((u) => u.user_id === "ann"));
+  assert.deepEqual(c.roster("r").map((u) => u.user_id), ["ann", "uma"]);
+  assert.equal(c.count("r"), 2);
   c.close();
 });
