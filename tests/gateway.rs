@@ -326,6 +326,44 @@ async fn the_management_api_answers_like_api_gateway() {
     stack.shutdown().await;
 }
 
+/// `roomcast dev --management-latency 30ms --management-quota …`: every `@connections` call is
+/// answered after the latency, and past the account's quota with `429 LimitExceededException`,
+/// as the real SDK client sees it; the frames admitted arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_api_answers_after_its_latency_and_within_the_account_quota() {
+    use aws_sdk_apigatewaymanagement::primitives::Blob;
+    use roomcast::gateway::account::AccountSettings;
+    let latency = Duration::from_millis(30);
+    let account = AccountSettings { latency, jitter: Duration::from_millis(10), quota: Some(10_000.0), burst: 5_000.0 };
+    let stack = ws::dev("memory", |o| o.limits.account = account).await;
+    let mut ann = connect(&stack, "acme", "ann", "").await;
+    let ann_id = ann.expect_action("welcome").await["connection_id"].as_str().unwrap().to_string();
+    // Three calls' worth of quota left, refilled at one a second.
+    stack.gateway.account().set_quota(Some(1.0), 3.0);
+    let config = aws_sdk_apigatewaymanagement::config::Builder::from(&roomcast_tests::sdk_config().await)
+        .endpoint_url(format!("http://{}/local", stack.addr))
+        .retry_config(aws_sdk_apigatewaymanagement::config::retry::RetryConfig::disabled())
+        .build();
+    let client = aws_sdk_apigatewaymanagement::Client::from_conf(config);
+    let mut answers = Vec::new();
+    for i in 0..5 {
+        let started = std::time::Instant::now();
+        let frame = Blob::new(json!({"action": "numbered", "n": i}).to_string());
+        let answer = client.post_to_connection().connection_id(&ann_id).data(frame).send().await;
+        assert!(started.elapsed() >= latency, "call {i} answered in {:?}", started.elapsed());
+        answers.push(answer.map_err(|e| e.into_service_error()));
+    }
+    assert!(answers[..3].iter().all(Result::is_ok), "{answers:?}");
+    for answer in &answers[3..] {
+        assert!(answer.as_ref().unwrap_err().is_limit_exceeded_exception(), "{answer:?}");
+    }
+    for i in 0..3 {
+        assert_eq!(ann.expect_action("numbered").await["n"], i);
+    }
+    assert_eq!(stack.gateway.account().throttled(), 2);
+    stack.shutdown().await;
+}
+
 /// A client that does not read fills its send buffer; then `@connections` answers 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_send_buffer_answers_429() {

@@ -6,7 +6,8 @@
 //!   to get it.
 //! * [`Recorder`] — a local HTTP server speaking the `@connections` management API to the
 //!   processor's real `aws-sdk-apigatewaymanagement` client; it records every call and answers
-//!   with scripted faults (410, 429, 413, 500).
+//!   with scripted faults (410, 429, 413, 500), and — [`Recorder::start_as_aws`] — after API
+//!   Gateway's latency and within an account's quota (`roomcast::gateway::account`).
 //! * [`Stack`] — handlers, processor and a store (embedded or DynamoDB) wired as deployed, with
 //!   [`Stack::pump`] feeding the table's real stream to the processor as Lambda events.
 
@@ -24,6 +25,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use roomcast::deliver::{Deliverer, DeliverySettings};
+use roomcast::gateway::account::{Account, AccountSettings};
 use roomcast::handlers::{self, HandlerDeps};
 use roomcast::metrics::Metrics;
 use roomcast::model::{Clock, ManualClock};
@@ -287,26 +289,46 @@ impl RecorderState {
     }
 }
 
+/// What the recorder's handlers share: the record, and the account its calls pass through.
+struct RecorderShared {
+    state: Mutex<RecorderState>,
+    account: Account,
+}
+
+type Shared = State<Arc<RecorderShared>>;
+
 /// A local `@connections` endpoint that records calls and answers as scripted.
 #[derive(Clone)]
 pub struct Recorder {
     pub endpoint: String,
-    state: Arc<Mutex<RecorderState>>,
+    shared: Arc<RecorderShared>,
 }
 
 impl Recorder {
     pub async fn start() -> Recorder {
-        Self::serve(RecorderState::default(), "test").await
+        Self::serve(RecorderState::default(), "test", AccountSettings::default()).await
+    }
+
+    /// A recorder that answers as API Gateway does from a Lambda in its region: after
+    /// `account.latency` (plus jitter), and `429 LimitExceededException` past the account's quota.
+    pub async fn start_as_aws(account: AccountSettings) -> Recorder {
+        Self::serve(RecorderState::default(), "test", account).await
+    }
+
+    /// The account the calls pass through: answered, throttled, most in flight at once.
+    pub fn account(&self) -> &Account {
+        &self.shared.account
     }
 
     /// A recorder that lets through only the calls the caller's policy allows
     /// (`execute-api:ManageConnections` on `{api_id}/{stage}/{METHOD}/@connections/{id}`).
     pub async fn start_gated(gate: aws::Gate, api_id: &str, stage: &str) -> Recorder {
-        Self::serve(RecorderState { gate: Some((gate, api_id.to_string())), ..RecorderState::default() }, stage).await
+        let state = RecorderState { gate: Some((gate, api_id.to_string())), ..RecorderState::default() };
+        Self::serve(state, stage, AccountSettings::default()).await
     }
 
-    async fn serve(state: RecorderState, stage: &str) -> Recorder {
-        let state = Arc::new(Mutex::new(state));
+    async fn serve(state: RecorderState, stage: &str, account: AccountSettings) -> Recorder {
+        let state = Arc::new(RecorderShared { state: Mutex::new(state), account: Account::new(account) });
         let app = axum::Router::new()
             .route(
                 "/{stage}/@connections/{id}",
@@ -316,22 +338,22 @@ impl Recorder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind recorder");
         let addr = listener.local_addr().expect("recorder address");
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Recorder { endpoint: format!("http://{addr}/{stage}"), state }
+        Recorder { endpoint: format!("http://{addr}/{stage}"), shared: state }
     }
 
     /// The connections closed with `DeleteConnection`, in order.
     pub fn deleted(&self) -> Vec<String> {
-        self.state.lock().unwrap().deleted.clone()
+        self.shared.state.lock().unwrap().deleted.clone()
     }
 
     /// The next calls to `connection_id` answer these statuses, in order.
     pub fn script(&self, connection_id: &str, statuses: &[u16]) {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.shared.state.lock().unwrap();
         state.script.entry(connection_id.to_string()).or_default().extend(statuses);
     }
 
     pub fn calls(&self) -> Vec<Call> {
-        self.state.lock().unwrap().calls.clone()
+        self.shared.state.lock().unwrap().calls.clone()
     }
 
     /// Bodies accepted (200) for one connection, in arrival order.
@@ -363,17 +385,24 @@ impl Recorder {
 
     /// `GetConnection` answers 410 for `connection_id` from now on.
     pub fn mark_gone(&self, connection_id: &str) {
-        self.state.lock().unwrap().gone.insert(connection_id.to_string());
+        self.shared.state.lock().unwrap().gone.insert(connection_id.to_string());
     }
 
     /// The connections `GetConnection` was asked about, in order.
     pub fn probed(&self) -> Vec<String> {
-        self.state.lock().unwrap().probed.clone()
+        self.shared.state.lock().unwrap().probed.clone()
     }
 
     pub fn clear(&self) {
-        self.state.lock().unwrap().calls.clear();
+        self.shared.state.lock().unwrap().calls.clear();
     }
+}
+
+/// API Gateway's answer past the account's quota.
+fn throttled() -> axum::response::Response {
+    let mut response = (StatusCode::TOO_MANY_REQUESTS, json!({"message": "Rate exceeded"}).to_string()).into_response();
+    response.headers_mut().insert("x-amzn-ErrorType", "LimitExceededException".parse().unwrap());
+    response
 }
 
 fn forbidden() -> axum::response::Response {
@@ -383,11 +412,16 @@ fn forbidden() -> axum::response::Response {
 }
 
 async fn delete_connection(
-    State(state): State<Arc<Mutex<RecorderState>>>,
+    State(shared): Shared,
     Path((stage, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> axum::response::Response {
-    let mut state = state.lock().unwrap();
+    let (_call, admitted) = shared.account.admit();
+    shared.account.delay().await;
+    if admitted.is_err() {
+        return throttled();
+    }
+    let mut state = shared.state.lock().unwrap();
     if !state.allowed(&headers, "DELETE", &stage, &id) {
         return forbidden();
     }
@@ -396,11 +430,16 @@ async fn delete_connection(
 }
 
 async fn get_connection(
-    State(state): State<Arc<Mutex<RecorderState>>>,
+    State(shared): Shared,
     Path((stage, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> axum::response::Response {
-    let mut state = state.lock().unwrap();
+    let (_call, admitted) = shared.account.admit();
+    shared.account.delay().await;
+    if admitted.is_err() {
+        return throttled();
+    }
+    let mut state = shared.state.lock().unwrap();
     if !state.allowed(&headers, "GET", &stage, &id) {
         return forbidden();
     }
@@ -416,14 +455,22 @@ async fn get_connection(
 }
 
 async fn post_to_connection(
-    State(state): State<Arc<Mutex<RecorderState>>>,
+    State(shared): Shared,
     Path((stage, id)): Path<(String, String)>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> impl IntoResponse {
     let signed =
         headers.get("authorization").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256"));
-    let mut state = state.lock().unwrap();
+    let (_call, admitted) = shared.account.admit();
+    shared.account.delay().await;
+    let mut state = shared.state.lock().unwrap();
+    if admitted.is_err() {
+        // Past the account's quota: answered, recorded as throttled, never delivered.
+        let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        state.calls.push(Call { stage, connection_id: id, body, status: 429 });
+        return throttled();
+    }
     let signed = signed && state.allowed(&headers, "POST", &stage, &id);
     let status = if signed { state.script.get_mut(&id).and_then(|q| q.pop_front()).unwrap_or(200) } else { 403 };
     let body = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
@@ -522,6 +569,9 @@ pub struct Stack {
     pub captured: Vec<aws_lambda_events::dynamodb::EventRecord>,
 }
 
+/// All attempts for one recipient, in the tests' stacks on loopback (the deployment's is 20 s).
+const TEST_DEADLINE: Duration = Duration::from_secs(5);
+
 impl Stack {
     pub async fn memory() -> Stack {
         let clock = ManualClock::starting_now();
@@ -552,8 +602,24 @@ impl Stack {
         delivery: DeliverySettings,
     ) -> Stack {
         let host = Arc::new(roomcast::plugins::PluginHost::new().expect("the plugin host"));
-        Self::assemble(processor_store, table, clock, delivery, host, roomcast::plugins::registry::DEFAULT_CAPACITY)
-            .await
+        let capacity = roomcast::plugins::registry::DEFAULT_CAPACITY;
+        let delivery = DeliverySettings { deadline: TEST_DEADLINE, ..delivery };
+        Self::assemble(processor_store, table, clock, delivery, host, capacity, AccountSettings::default()).await
+    }
+
+    /// A stack whose `@connections` answers as API Gateway does from a Lambda in its region:
+    /// after the account's latency, and 429 past its quota ([`Recorder::start_as_aws`]).
+    pub async fn as_aws(kind: &str, account: AccountSettings) -> Stack {
+        let clock = ManualClock::starting_now();
+        let table = match kind {
+            "memory" => Table::memory(clock.clone()).await,
+            "dynamodb" => Table::dynamodb().await,
+            other => panic!("unknown store kind {other}"),
+        };
+        let host = Arc::new(roomcast::plugins::PluginHost::new().expect("the plugin host"));
+        let capacity = roomcast::plugins::registry::DEFAULT_CAPACITY;
+        // The deployment's own deadline per recipient: a throttled account takes seconds.
+        Self::assemble(table.store.clone(), table, clock, DeliverySettings::default(), host, capacity, account).await
     }
 
     /// A stack whose processor keeps at most `capacity` tenants' compiled plugins.
@@ -565,7 +631,9 @@ impl Stack {
             other => panic!("unknown store kind {other}"),
         };
         let host = Arc::new(roomcast::plugins::PluginHost::new().expect("the plugin host"));
-        Self::assemble(table.store.clone(), table, clock, DeliverySettings::default(), host, capacity).await
+        let (account, delivery) =
+            (AccountSettings::default(), DeliverySettings { deadline: TEST_DEADLINE, ..Default::default() });
+        Self::assemble(table.store.clone(), table, clock, delivery, host, capacity, account).await
     }
 
     async fn assemble(
@@ -575,14 +643,14 @@ impl Stack {
         delivery: DeliverySettings,
         host: Arc<roomcast::plugins::PluginHost>,
         capacity: usize,
+        account: AccountSettings,
     ) -> Stack {
         capture_logs();
-        let recorder = Recorder::start().await;
+        let recorder = Recorder::start_as_aws(account).await;
         // The table's: the processor's counts include the items its reads could not decode.
         let metrics = table.metrics.clone();
         let delivery = DeliverySettings {
             endpoint_override: Some(recorder.endpoint.clone()),
-            deadline: Duration::from_secs(5),
             initial_backoff: Duration::from_millis(10),
             ..delivery
         };

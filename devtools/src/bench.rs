@@ -304,7 +304,7 @@ async fn raw_rate(server: &Server, connection_ids: &[String], posts: usize) -> a
         .to_string(),
     );
     // The limit is the best the path does: the deliverer's own concurrency, and more.
-    let deliverer = crate::deliver::DeliverySettings::default().concurrency;
+    let deliverer = crate::deliver::DeliverySettings::default().initial_concurrency;
     let mut best: f64 = 0.0;
     for concurrency in [deliverer, deliverer * 4] {
         let started = Instant::now();

@@ -175,6 +175,21 @@ struct DevArgs {
     /// Load DIR/<tenant>.wasm as each tenant's plugin at start.
     #[arg(long, value_name = "DIR")]
     plugins: Option<std::path::PathBuf>,
+    /// Answer every `@connections` call after this long (e.g. 20ms, what API Gateway takes from
+    /// a Lambda in its region), plus up to a quarter of it as jitter; also turns on the
+    /// account's quota (--management-quota). Default: loopback, no latency.
+    #[arg(long, value_name = "DURATION", value_parser = crate::gateway::account::parse_duration)]
+    management_latency: Option<Duration>,
+    /// The jitter added to --management-latency, at most (default: a quarter of it).
+    #[arg(long, value_name = "DURATION", value_parser = crate::gateway::account::parse_duration)]
+    management_jitter: Option<Duration>,
+    /// The account's `@connections` quota, calls a second, past which calls answer
+    /// `429 LimitExceededException` (default 10000 with --management-latency, else none; 0: none).
+    #[arg(long, value_name = "CALLS_PER_SECOND")]
+    management_quota: Option<f64>,
+    /// The quota's burst, calls (API Gateway's default: 5000).
+    #[arg(long, default_value_t = crate::gateway::account::DEFAULT_BURST)]
+    management_burst: f64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -633,6 +648,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
     use crate::gateway::{AuthMode, Limits};
+    let account = account_settings(&args);
     let secret = args.jwt_secret.into_bytes();
     let auth = if args.insecure_dev_auth { AuthMode::InsecureDev { secret } } else { AuthMode::Jwt { secret } };
     let options = crate::dev::DevOptions {
@@ -644,6 +660,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         limits: Limits {
             idle_timeout: Duration::from_secs(args.idle_timeout),
             max_connection: Duration::from_secs(args.max_connection),
+            account,
             ..Limits::default()
         },
         connection_ttl_seconds: args.connection_ttl,
@@ -668,6 +685,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("  page       {}", stack.page_url());
     println!("  websocket  {}?token=<jwt>&rooms=general", stack.ws_url());
     println!("  @connections  http://{}/local/@connections/{{id}}", stack.addr);
+    if account != crate::gateway::account::AccountSettings::default() {
+        let quota = account.quota.map_or("no quota".to_string(), |q| format!("quota {q}/s, burst {}", account.burst));
+        println!("  @connections answers after {:?} (+ up to {:?}), {quota}", account.latency, account.jitter);
+    }
     if !stack.plugin_tenants.is_empty() {
         println!("  plugins    {}", stack.plugin_tenants.join(", "));
     }
@@ -688,6 +709,24 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     stack.shutdown().await;
     metrics.snapshot().emit("roomcast.totals");
     Ok(())
+}
+
+/// `@connections` as `roomcast dev`'s flags describe it: loopback unless a latency or a quota is given.
+fn account_settings(args: &DevArgs) -> crate::gateway::account::AccountSettings {
+    use crate::gateway::account::{AccountSettings, DEFAULT_QUOTA};
+    let latency = args.management_latency.unwrap_or_default();
+    let quota = match (args.management_quota, args.management_latency) {
+        (Some(q), _) if q > 0.0 => Some(q),
+        (Some(_), _) => None,
+        (None, Some(_)) => Some(DEFAULT_QUOTA),
+        (None, None) => None,
+    };
+    AccountSettings {
+        latency,
+        jitter: args.management_jitter.unwrap_or(latency / 4),
+        quota,
+        burst: args.management_burst,
+    }
 }
 
 /// POSTs a publish to a deployed endpoint over HTTPS: with a tenant's bearer token, or signed

@@ -21,7 +21,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "300",
         "a repeated idempotency_key within this long answers the first message's id",
     ),
-    ("ROOMCAST_DELIVERY_CONCURRENCY", "32", "recipients served at once per record"),
+    (
+        "ROOMCAST_DELIVERY_CONCURRENCY",
+        "512",
+        "the most @connections calls in flight per container; the limit adapts below it (429s cut it)",
+    ),
     ("ROOMCAST_DELIVERY_TIMEOUT_MS", "3000", "one PostToConnection attempt"),
     ("ROOMCAST_DELIVERY_DEADLINE_MS", "20000", "all retries for one recipient"),
     ("ROOMCAST_YOUNG_CONNECTION_MS", "5000", "a 410 for a connection this young is retried"),
@@ -162,7 +166,7 @@ impl Config {
             86_400,
         ) as i64;
         let delivery = DeliverySettings {
-            concurrency: number("ROOMCAST_DELIVERY_CONCURRENCY", 32, 1, 1024) as usize,
+            concurrency: number("ROOMCAST_DELIVERY_CONCURRENCY", 512, 1, 1024) as usize,
             call_timeout: Duration::from_millis(number("ROOMCAST_DELIVERY_TIMEOUT_MS", 3000, 10, 60_000)),
             deadline: Duration::from_millis(number("ROOMCAST_DELIVERY_DEADLINE_MS", 20_000, 10, 900_000)),
             young_connection: Duration::from_millis(number("ROOMCAST_YOUNG_CONNECTION_MS", 5000, 0, 60_000)),
@@ -252,7 +256,7 @@ mod tests {
         let c = config(&[("TABLE_NAME", "roomcast")]).unwrap();
         assert_eq!(c.table_name, "roomcast");
         assert_eq!(c.connection_ttl_seconds, 3600);
-        assert_eq!(c.delivery.concurrency, 32);
+        assert_eq!(c.delivery.concurrency, 512);
         assert_eq!(c.dynamodb_endpoint, None);
         assert_eq!(c.plugin_limits, crate::rules::Limits::default());
         assert_eq!((c.plugin_cache_tenants, c.plugin_artifact_dir), (256, None));

@@ -49,6 +49,9 @@ counters! {
     gone,
     /// 429 answers (each retried within the deadline).
     throttled,
+    /// 429 answers while the account was throttling (429s for several connections at once):
+    /// the deployment is at API Gateway's quota; retried, never held against the client.
+    account_throttled,
     /// Recipients that kept answering 429 past the slow-consumer budget: given up for that record
     /// and, by default, closed.
     slow_consumers,
@@ -107,6 +110,7 @@ impl Counts {
             delivered = self.delivered,
             gone = self.gone,
             throttled = self.throttled,
+            account_throttled = self.account_throttled,
             slow_consumers = self.slow_consumers,
             retried = self.retried,
             failed = self.failed,

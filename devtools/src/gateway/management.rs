@@ -7,7 +7,9 @@
 //! | GET    | 200 `{connectedAt, lastActiveAt, identity: {sourceIp, userAgent}}`; 410 |
 //! | DELETE | 204, and the connection closes (then `$disconnect`); 410 |
 //!
-//! [`Faults`] make chosen calls answer 410, 429, 500 or stall, for tests.
+//! Every call first passes the account ([`super::account`]): its latency, and its quota, past
+//! which it answers `429 LimitExceededException` ("Rate exceeded"). [`Faults`] make chosen calls
+//! answer 410, 429, 500 or stall, for tests.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -93,7 +95,21 @@ fn status_fault(status: u16) -> Response {
     error(status, error_type, "injected fault")
 }
 
+/// The account's latency and quota, before any call is answered.
+async fn through_account(gw: &Gateway) -> Result<super::account::Call<'_>, Response> {
+    let (call, admitted) = gw.account.admit();
+    gw.account.delay().await;
+    match admitted {
+        Ok(()) => Ok(call),
+        Err(_) => Err(error(429, "LimitExceededException", "Rate exceeded")),
+    }
+}
+
 async fn post_to_connection(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, body: Bytes) -> Response {
+    let _call = match through_account(&gw).await {
+        Ok(call) => call,
+        Err(throttled) => return throttled,
+    };
     match gw.faults().take(&id) {
         Some(Fault::Status(status)) => return status_fault(status),
         Some(Fault::Stall(how_long)) => {
@@ -125,6 +141,10 @@ async fn post_to_connection(State(gw): State<Arc<Gateway>>, Path(id): Path<Strin
 }
 
 async fn get_connection(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+    let _call = match through_account(&gw).await {
+        Ok(call) => call,
+        Err(throttled) => return throttled,
+    };
     match gw.lock().get(&id) {
         Some(live) if live.open => axum::Json(describe(live)).into_response(),
         _ => gone(&id),
@@ -132,6 +152,10 @@ async fn get_connection(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) 
 }
 
 async fn delete_connection(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+    let _call = match through_account(&gw).await {
+        Ok(call) => call,
+        Err(throttled) => return throttled,
+    };
     let connections = gw.lock();
     match connections.get(&id) {
         Some(live) if live.open => {

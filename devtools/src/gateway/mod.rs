@@ -14,6 +14,7 @@
 //! * `/` is the browser page, written on `@roomcast/client` (served at `/client.js`);
 //!   `/_dev/token` mints dev tokens for it.
 
+pub mod account;
 pub mod management;
 
 use std::collections::HashMap;
@@ -67,6 +68,8 @@ pub struct Limits {
     pub max_connection: Duration,
     /// Messages queued for one client before `@connections` answers 429.
     pub send_buffer: usize,
+    /// `@connections` latency and the account's quota ([`account`]); none by default.
+    pub account: account::AccountSettings,
 }
 
 impl Default for Limits {
@@ -76,6 +79,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(600),
             max_connection: Duration::from_secs(7200),
             send_buffer: 256,
+            account: account::AccountSettings::default(),
         }
     }
 }
@@ -117,16 +121,29 @@ pub struct Gateway {
     deps: HandlerDeps,
     connections: Mutex<HashMap<String, Live>>,
     faults: Faults,
+    account: account::Account,
 }
 
 impl Gateway {
     pub fn new(settings: GatewaySettings, deps: HandlerDeps) -> Arc<Gateway> {
-        Arc::new(Gateway { settings, deps, connections: Mutex::new(HashMap::new()), faults: Faults::default() })
+        let account = account::Account::new(settings.limits.account);
+        Arc::new(Gateway {
+            settings,
+            deps,
+            connections: Mutex::new(HashMap::new()),
+            faults: Faults::default(),
+            account,
+        })
     }
 
     /// Faults to inject into `@connections` calls.
     pub fn faults(&self) -> &Faults {
         &self.faults
+    }
+
+    /// `@connections` as the account sees it: calls answered, throttled, most in flight.
+    pub fn account(&self) -> &account::Account {
+        &self.account
     }
 
     /// Open connections.

@@ -1,6 +1,10 @@
 //! Effects → the world: `PostToConnection` through the real `aws-sdk-apigatewaymanagement`
 //! client, and record deletions through the [`Store`].
 //!
+//! How many calls are in flight is one adaptive limit per process ([`limit`]), shared by every
+//! record and room: it grows while calls succeed and latency holds, and is cut on 429, so one
+//! container reaches the account's quota without flooding it.
+//!
 //! Per recipient:
 //! * 410 Gone → the connection is stale: delete its record (which in turn yields presence
 //!   `left`), unless it is younger than [`DeliverySettings::young_connection`] (its `$connect`
@@ -10,7 +14,10 @@
 //! * 429 → back off and retry; a connection still answering 429 after
 //!   [`DeliverySettings::slow_consumer`] is a slow consumer: given up for this record and for
 //!   the rest of the batch, counted (`slow_consumers`) and, unless configured otherwise, closed
-//!   (`DELETE @connections/{id}`), so one client never stalls its room.
+//!   (`DELETE @connections/{id}`), so one client never stalls its room. While the account is
+//!   throttling (429s for several connections at once, [`limit::AdaptiveLimit::account_throttled`])
+//!   a 429 is the account's, not the client's: it is retried and never counts toward that budget
+//!   (`account_throttled`).
 //! * 5xx and timeouts → back off and retry until [`DeliverySettings::deadline`].
 //! * 413 and other 4xx → give up on that recipient and log.
 //!
@@ -37,10 +44,17 @@ use crate::model::{Clock, LeftReason};
 use crate::react::{Effect, Recipient};
 use crate::store::{Store, StoreError};
 
+pub mod limit;
+
+use limit::{AdaptiveLimit, Finished};
+
 #[derive(Clone, Debug)]
 pub struct DeliverySettings {
-    /// Recipients served at once, per record.
+    /// The most `@connections` calls in flight at once, per process: the ceiling of the
+    /// adaptive limit ([`limit`]).
     pub concurrency: usize,
+    /// Where the adaptive limit starts.
+    pub initial_concurrency: usize,
     /// One `PostToConnection` attempt.
     pub call_timeout: Duration,
     /// All attempts for one recipient.
@@ -60,7 +74,8 @@ pub struct DeliverySettings {
 impl Default for DeliverySettings {
     fn default() -> Self {
         DeliverySettings {
-            concurrency: 32,
+            concurrency: 512,
+            initial_concurrency: 32,
             call_timeout: Duration::from_secs(3),
             deadline: Duration::from_secs(20),
             young_connection: Duration::from_secs(5),
@@ -209,6 +224,7 @@ struct Inner {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
+    limit: AdaptiveLimit,
 }
 
 impl Deliverer {
@@ -219,7 +235,8 @@ impl Deliverer {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Deliverer {
-        let inner = Inner { sdk, clients: Mutex::new(HashMap::new()), settings, store, clock, metrics };
+        let limit = AdaptiveLimit::new(settings.initial_concurrency, settings.concurrency);
+        let inner = Inner { sdk, clients: Mutex::new(HashMap::new()), settings, store, clock, metrics, limit };
         Deliverer { inner: Arc::new(inner), dry_run: false }
     }
 
@@ -254,10 +271,8 @@ impl Deliverer {
                             async move { Ok::<_, StoreError>((r, self.send(r, body, window).await?)) }
                         })
                         .collect();
-                    let results: Vec<Result<(&Recipient, Sent), StoreError>> = futures::stream::iter(sends)
-                        .buffer_unordered(self.inner.settings.concurrency.max(1))
-                        .collect()
-                        .await;
+                    let results: Vec<Result<(&Recipient, Sent), StoreError>> =
+                        futures::stream::iter(sends).buffer_unordered(self.inner.limit.max()).collect().await;
                     let mut sent = Vec::with_capacity(results.len());
                     for result in results {
                         sent.push(result?);
@@ -329,6 +344,11 @@ impl Deliverer {
         outcomes
     }
 
+    /// The adaptive limit on calls in flight (for metrics and tests).
+    pub fn limit(&self) -> &AdaptiveLimit {
+        &self.inner.limit
+    }
+
     /// Asks API Gateway whether a connection is still open (`GetConnection`): the sweeper's
     /// confirmation before it deletes a record.
     pub async fn probe(&self, connection_id: &str, endpoint: &str) -> Probe {
@@ -373,12 +393,25 @@ impl Inner {
         let mut backoff = self.settings.initial_backoff;
         let mut throttled_since: Option<Instant> = None;
         loop {
-            let left = limit.saturating_duration_since(Instant::now());
-            let call = client.post_to_connection().connection_id(&to.connection_id).data(body.clone()).send();
-            let attempt = match tokio::time::timeout(left.min(self.settings.call_timeout), call).await {
-                Ok(Ok(_)) => Attempt::Ok,
-                Ok(Err(err)) => classify(err),
-                Err(_) => Attempt::Retry(format!("no response within {:?}", left.min(self.settings.call_timeout))),
+            let attempt = match tokio::time::timeout_at(limit.into(), self.limit.acquire()).await {
+                Err(_) => Attempt::Retry("no room for another call in flight before the deadline".into()),
+                Ok(slot) => {
+                    let left = limit.saturating_duration_since(Instant::now());
+                    let call = client.post_to_connection().connection_id(&to.connection_id).data(body.clone()).send();
+                    let attempt = match tokio::time::timeout(left.min(self.settings.call_timeout), call).await {
+                        Ok(Ok(_)) => Attempt::Ok,
+                        Ok(Err(err)) => classify(err),
+                        Err(_) => {
+                            Attempt::Retry(format!("no response within {:?}", left.min(self.settings.call_timeout)))
+                        }
+                    };
+                    slot.finish(match &attempt {
+                        Attempt::Retry(why) if why.starts_with("429") => Finished::Throttled(&to.connection_id),
+                        Attempt::Retry(why) if why.starts_with("no response") => Finished::NoAnswer,
+                        _ => Finished::Answered,
+                    });
+                    attempt
+                }
             };
             let why_retry = match attempt {
                 Attempt::Ok => {
@@ -409,9 +442,15 @@ impl Inner {
             };
             if why_retry.starts_with("429") {
                 Metrics::add(&self.metrics.throttled, 1);
-                let since = *throttled_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= self.settings.slow_consumer {
-                    return Ok(Sent::Slow);
+                if self.limit.account_throttled() {
+                    // The account's quota, not this client: retried, never held against it.
+                    Metrics::add(&self.metrics.account_throttled, 1);
+                    throttled_since = None;
+                } else {
+                    let since = *throttled_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.settings.slow_consumer {
+                        return Ok(Sent::Slow);
+                    }
                 }
             } else {
                 throttled_since = None;

@@ -1,0 +1,107 @@
+//! Fan-out as AWS runs it: `@connections` answering after tens of milliseconds, and an account
+//! quota past which API Gateway answers `429 LimitExceededException` — imposed by the tests'
+//! recorder (`Stack::as_aws`, `roomcast::gateway::account`) in front of the real SDK client.
+//!
+//! What these show is behaviour, not speed (speeds are in `roomcast bench`): the deliverer keeps
+//! more calls in flight when calls are slow, and a throttled account is waited out — every member
+//! served once, nobody closed as a slow consumer.
+
+use std::time::Duration;
+
+use roomcast::gateway::account::AccountSettings;
+use roomcast::model::TenantSettings;
+use roomcast_tests::Stack;
+use serde_json::json;
+
+/// A room of `size` members of tenant `acme` (`m000`, `m001`, …), each its own user; presence
+/// is not announced, so that the only fan-out is the message's.
+async fn room_of(stack: &mut Stack, size: usize) -> Vec<String> {
+    let settings = TenantSettings { presence_announce_max_users: Some(0), ..TenantSettings::new("acme") };
+    stack.table.store.put_tenant_settings(&settings).await.unwrap();
+    let members: Vec<String> = (0..size).map(|i| format!("m{i:03}")).collect();
+    for member in &members {
+        assert_eq!(stack.connect(member, "acme", member, "big").await.status_code, 200);
+    }
+    stack.pump().await;
+    for member in &members {
+        assert_eq!(stack.recorder.received_action(member, "welcome").len(), 1, "{member} was not welcomed once");
+    }
+    members
+}
+
+/// Every member got the message exactly once.
+fn each_got_it_once(stack: &Stack, members: &[String], text: &str) {
+    for member in members {
+        let got: Vec<_> =
+            stack.recorder.received_action(member, "message").into_iter().filter(|m| m["message"] == text).collect();
+        assert_eq!(got.len(), 1, "{member} got {text:?} {} times", got.len());
+    }
+}
+
+/// At 20 ms a call, 32 calls in flight serve 1,600 recipients a second: the deliverer grows its
+/// limit (slow start) instead, and keeps many more in flight for a big room's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_grow_when_each_call_is_slow() {
+    let latency = AccountSettings {
+        latency: Duration::from_millis(20),
+        jitter: Duration::from_millis(5),
+        quota: None,
+        burst: 1.0,
+    };
+    let mut stack = Stack::as_aws("memory", latency).await;
+    let members = room_of(&mut stack, 600).await;
+    let before = stack.recorder.account().peak_in_flight();
+    let sent = stack.send("m000", json!({"action": "sendMessage", "room": "big", "message": "hello all"})).await;
+    assert_eq!(sent["action"], "ack", "{sent}");
+    stack.pump().await;
+    each_got_it_once(&stack, &members, "hello all");
+    let peak = stack.recorder.account().peak_in_flight();
+    assert!(peak > 64, "at most {peak} calls in flight (before the message: {before}); a fixed 32 would never pass 32");
+    assert!(peak <= roomcast::deliver::DeliverySettings::default().concurrency, "{peak} in flight, past the ceiling");
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+}
+
+/// The account's quota is hit: API Gateway answers 429 to many connections at once. That is the
+/// account, not slow clients: every member is still served, once, and nobody is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_account_serves_every_member_and_closes_no_one() {
+    let loopback = AccountSettings {
+        latency: Duration::from_millis(2),
+        jitter: Duration::from_millis(1),
+        quota: None,
+        burst: 1.0,
+    };
+    let mut stack = Stack::as_aws("memory", loopback).await;
+    let members = room_of(&mut stack, 300).await;
+    // From now on, 100 calls a second: the message's 300 deliveries take three seconds, longer
+    // than a client may answer 429 before it is judged slow (2 s).
+    stack.recorder.account().set_quota(Some(100.0), 10.0);
+    let sent = stack.send("m000", json!({"action": "sendMessage", "room": "big", "message": "under the quota"})).await;
+    assert_eq!(sent["action"], "ack", "{sent}");
+    stack.pump().await;
+    each_got_it_once(&stack, &members, "under the quota");
+    assert!(stack.recorder.account().throttled() > 0, "the quota never bit: the test shows nothing");
+    assert_eq!(stack.recorder.deleted(), Vec::<String>::new(), "healthy clients were closed as slow consumers");
+    let counts = stack.processor.counts();
+    assert_eq!(counts.slow_consumers, 0);
+    assert!(counts.account_throttled > 0, "{counts:?}");
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+}
+
+/// One client whose buffer is full, in a room whose other members are served: still a slow
+/// consumer, closed, while the account is not throttling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_full_client_is_still_a_slow_consumer() {
+    let loopback =
+        AccountSettings { latency: Duration::from_millis(2), jitter: Duration::ZERO, quota: None, burst: 1.0 };
+    let mut stack = Stack::as_aws("memory", loopback).await;
+    let members = room_of(&mut stack, 50).await;
+    stack.recorder.script("m007", &[429; 400]);
+    let sent = stack.send("m000", json!({"action": "sendMessage", "room": "big", "message": "one is full"})).await;
+    assert_eq!(sent["action"], "ack", "{sent}");
+    stack.pump().await;
+    let others: Vec<String> = members.iter().filter(|m| *m != "m007").cloned().collect();
+    each_got_it_once(&stack, &others, "one is full");
+    assert_eq!(stack.recorder.deleted(), ["m007"], "the full client is closed");
+    assert_eq!(stack.processor.counts().slow_consumers, 1);
+}
