@@ -338,8 +338,8 @@ async fn the_management_api_answers_after_its_latency_and_within_the_account_quo
     let stack = ws::dev("memory", |o| o.limits.account = account).await;
     let mut ann = connect(&stack, "acme", "ann", "").await;
     let ann_id = ann.expect_action("welcome").await["connection_id"].as_str().unwrap().to_string();
-    // Three calls' worth of quota left, refilled at one a second.
-    stack.gateway.account().set_quota(Some(1.0), 3.0);
+    // Three calls' worth of quota left, refilled at one every 20 seconds.
+    stack.gateway.account().set_quota(Some(0.05), 3.0);
     let config = aws_sdk_apigatewaymanagement::config::Builder::from(&roomcast_tests::sdk_config().await)
         .endpoint_url(format!("http://{}/local", stack.addr))
         .retry_config(aws_sdk_apigatewaymanagement::config::retry::RetryConfig::disabled())

@@ -166,7 +166,7 @@ impl Config {
             86_400,
         ) as i64;
         let delivery = DeliverySettings {
-            concurrency: number("ROOMCAST_DELIVERY_CONCURRENCY", 512, 1, 1024) as usize,
+            concurrency: number("ROOMCAST_DELIVERY_CONCURRENCY", 512, 1, 600) as usize,
             call_timeout: Duration::from_millis(number("ROOMCAST_DELIVERY_TIMEOUT_MS", 3000, 10, 60_000)),
             deadline: Duration::from_millis(number("ROOMCAST_DELIVERY_DEADLINE_MS", 20_000, 10, 900_000)),
             young_connection: Duration::from_millis(number("ROOMCAST_YOUNG_CONNECTION_MS", 5000, 0, 60_000)),

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    scenario: Option<Scenario>,
     /// A running `roomcast dev` (e.g. http://127.0.0.1:8080); by default the bench starts one.
     #[arg(long)]
     url: Option<String>,
@@ -48,7 +50,68 @@ pub struct BenchArgs {
     json: bool,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Scenario {
+    /// One processor's fan-out at AWS's latency and quota: rooms of the given sizes, against an
+    /// `@connections` that answers after --latency and admits --quota calls a second.
+    Fanout(FanoutArgs),
+    /// The fan-out bench's `@connections` endpoint (started by `bench fanout`).
+    #[command(hide = true)]
+    Endpoint(EndpointArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct FanoutArgs {
+    /// Room sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    room_sizes: Vec<usize>,
+    /// Messages into each room, in one stream batch.
+    #[arg(long, default_value_t = 10)]
+    messages: usize,
+    /// Each `@connections` call's latency (API Gateway from a Lambda in its region: tens of ms).
+    #[arg(long, default_value = "20ms", value_parser = crate::gateway::account::parse_duration)]
+    latency: Duration,
+    /// The most jitter added to a call (default: a quarter of --latency).
+    #[arg(long, value_parser = crate::gateway::account::parse_duration)]
+    jitter: Option<Duration>,
+    /// The account's quota, calls a second (API Gateway's default: 10000).
+    #[arg(long, default_value_t = crate::gateway::account::DEFAULT_QUOTA)]
+    quota: f64,
+    /// The deliverer's ceiling on calls in flight (ROOMCAST_DELIVERY_CONCURRENCY).
+    #[arg(long, default_value_t = crate::deliver::DeliverySettings::default().concurrency)]
+    concurrency: usize,
+    /// The report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct EndpointArgs {
+    #[arg(long)]
+    port: u16,
+    #[arg(long, value_parser = crate::gateway::account::parse_duration)]
+    latency: Duration,
+    #[arg(long, value_parser = crate::gateway::account::parse_duration)]
+    jitter: Duration,
+    /// 0: no quota.
+    #[arg(long)]
+    quota: f64,
+}
+
 pub async fn bench_main(args: BenchArgs) -> anyhow::Result<()> {
+    match args.scenario {
+        Some(Scenario::Fanout(fanout)) => return fanout_main(fanout).await,
+        Some(Scenario::Endpoint(e)) => {
+            let account = crate::gateway::account::AccountSettings {
+                latency: e.latency,
+                jitter: e.jitter,
+                quota: (e.quota > 0.0).then_some(e.quota),
+                burst: e.quota.max(1.0),
+            };
+            return crate::bench::fanout::serve_endpoint(e.port, account).await;
+        }
+        None => {}
+    }
     let options = crate::bench::Options {
         url: args.url,
         binary: std::env::current_exe()?,
@@ -66,6 +129,30 @@ pub async fn bench_main(args: BenchArgs) -> anyhow::Result<()> {
         patience: Duration::from_secs(30),
     };
     let report = crate::bench::run(&options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+async fn fanout_main(args: FanoutArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.quota > 0.0, "--quota must be above 0: it is the limit the figures are measured against");
+    anyhow::ensure!(args.room_sizes.iter().all(|&n| n > 0), "--room-sizes must all be above 0");
+    let options = crate::bench::fanout::FanoutOptions {
+        binary: std::env::current_exe()?,
+        room_sizes: args.room_sizes,
+        messages: args.messages.max(1),
+        account: crate::gateway::account::AccountSettings {
+            latency: args.latency,
+            jitter: args.jitter.unwrap_or(args.latency / 4),
+            quota: Some(args.quota),
+            burst: args.quota,
+        },
+        concurrency: args.concurrency.clamp(1, 600),
+    };
+    let report = crate::bench::fanout::run(&options).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

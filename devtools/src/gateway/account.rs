@@ -120,6 +120,15 @@ impl Account {
         *self.bucket.lock().unwrap_or_else(|p| p.into_inner()) = (burst, Instant::now());
     }
 
+    /// Starts counting afresh, with an empty bucket: from now on the account admits its quota
+    /// a second and no burst (the bench's physical limit is then the quota itself).
+    pub fn reset(&self) {
+        *self.bucket.lock().unwrap_or_else(|p| p.into_inner()) = (0.0, Instant::now());
+        self.answered.store(0, Ordering::Relaxed);
+        self.throttled.store(0, Ordering::Relaxed);
+        self.peak_in_flight.store(self.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
     /// Waits one call's latency.
     pub async fn delay(&self) {
         let AccountSettings { latency, jitter, .. } = self.settings();

@@ -387,13 +387,33 @@ impl Inner {
     ) -> Result<Sent, StoreError> {
         let endpoint = self.settings.endpoint_override.as_deref().unwrap_or(&to.endpoint);
         let client = self.client(endpoint);
+        // The recipient's own clocks start with its first call, not while it waits for room
+        // behind a big room's other recipients; that wait is bounded by the batch's window only.
+        let first = match finish_by {
+            None => Some(self.limit.acquire(0).await),
+            Some(at) => tokio::time::timeout_at(at.into(), self.limit.acquire(0)).await.ok(),
+        };
+        let Some(first) = first else {
+            let why = "the invocation's time ran out before a call could be made".to_string();
+            tracing::warn!(connection_id = %to.connection_id, reason = %why, "recipient unfinished");
+            return Ok(Sent::Done(Outcome::Unfinished(why)));
+        };
+        let mut slot = Some(first);
         let started = Instant::now();
         let own_deadline = started + self.settings.deadline;
         let limit = finish_by.map_or(own_deadline, |f| f.min(own_deadline));
         let mut backoff = self.settings.initial_backoff;
+        // 429s in a row, and since when they count against the client (not while the account
+        // is throttling).
+        let mut streak = 0u32;
         let mut throttled_since: Option<Instant> = None;
+        let mut counted = 0u32;
         loop {
-            let attempt = match tokio::time::timeout_at(limit.into(), self.limit.acquire()).await {
+            let slot = match slot.take() {
+                Some(slot) => Ok(slot),
+                None => tokio::time::timeout_at(limit.into(), self.limit.acquire(streak)).await,
+            };
+            let attempt = match slot {
                 Err(_) => Attempt::Retry("no room for another call in flight before the deadline".into()),
                 Ok(slot) => {
                     let left = limit.saturating_duration_since(Instant::now());
@@ -406,9 +426,9 @@ impl Inner {
                         }
                     };
                     slot.finish(match &attempt {
-                        Attempt::Retry(why) if why.starts_with("429") => Finished::Throttled(&to.connection_id),
-                        Attempt::Retry(why) if why.starts_with("no response") => Finished::NoAnswer,
-                        _ => Finished::Answered,
+                        Attempt::Retry(why) if why.starts_with("429") => Finished::Throttled,
+                        Attempt::Retry(_) => Finished::NoAnswer,
+                        Attempt::Ok | Attempt::Gone | Attempt::GiveUp(_) => Finished::Answered,
                     });
                     attempt
                 }
@@ -442,18 +462,25 @@ impl Inner {
             };
             if why_retry.starts_with("429") {
                 Metrics::add(&self.metrics.throttled, 1);
+                streak += 1;
                 if self.limit.account_throttled() {
                     // The account's quota, not this client: retried, never held against it.
                     Metrics::add(&self.metrics.account_throttled, 1);
                     throttled_since = None;
+                    counted = 0;
                 } else {
                     let since = *throttled_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= self.settings.slow_consumer {
+                    counted += 1;
+                    // Slow: 429s for the whole budget, and on enough attempts that a slot's wait
+                    // between them cannot make two 429s look like two seconds of them.
+                    if since.elapsed() >= self.settings.slow_consumer && counted >= limit::STREAK {
                         return Ok(Sent::Slow);
                     }
                 }
             } else {
+                streak = 0;
                 throttled_since = None;
+                counted = 0;
             }
             if Instant::now() + backoff > limit {
                 let why = format!("deadline of {:?} passed; last: {why_retry}", self.settings.deadline);

@@ -27,6 +27,8 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 
 use crate::dev::api::request;
 
+pub mod fanout;
+
 #[derive(Clone, Debug)]
 pub struct Options {
     /// A running `roomcast dev` (`http://127.0.0.1:8080`); `None` starts one.
@@ -173,7 +175,7 @@ impl Server {
 }
 
 /// CPU seconds (user + system) of a process, from `/proc/PID/stat`.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start at ") ".
     let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();

@@ -1,0 +1,302 @@
+//! `roomcast bench fanout`: one processor's fan-out as AWS runs it, against the physical limit.
+//!
+//! * **The endpoint** is a child process (`roomcast bench endpoint`, hidden): `@connections` that
+//!   answers every call after the latency (with jitter) and enforces the account's quota with a
+//!   token bucket ([`crate::gateway::account`]), starting empty, so that over the run the most the
+//!   account can admit is the quota itself. It counts each connection's deliveries, so the bench
+//!   checks that every member was served exactly once per message.
+//! * **The processor** runs in this process, as in a warm Lambda container: the real
+//!   `Processor` and `Deliverer` (the real SDK client, the adaptive limit) over the embedded
+//!   store, whose room of N members is seeded directly. Each room size gets a fresh processor.
+//! * **Per room size:** M message records in one batch, as the stream delivers them. Deliveries
+//!   a second are every accepted call over the batch's wall time; the ratio is to the quota; CPU
+//!   is this process's user + system time over the batch, per delivery.
+//!
+//! Nothing here opens a WebSocket: the client side of fan-out is API Gateway's work, not ours.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::gateway::account::{Account, AccountSettings};
+
+#[derive(Clone, Debug)]
+pub struct FanoutOptions {
+    pub binary: std::path::PathBuf,
+    pub room_sizes: Vec<usize>,
+    pub messages: usize,
+    pub account: AccountSettings,
+    /// The deliverer's ceiling on calls in flight (`ROOMCAST_DELIVERY_CONCURRENCY`).
+    pub concurrency: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FanoutReport {
+    pub cores: usize,
+    pub latency_ms: f64,
+    pub jitter_ms: f64,
+    /// The account's quota, calls a second: the physical limit.
+    pub quota: f64,
+    pub concurrency_ceiling: usize,
+    pub rooms: Vec<RoomRun>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RoomRun {
+    pub room_size: usize,
+    pub messages: usize,
+    pub expected: u64,
+    /// Calls the endpoint accepted.
+    pub deliveries: u64,
+    pub seconds: f64,
+    pub deliveries_per_second: f64,
+    /// Deliveries a second over the quota.
+    pub fraction_of_quota: f64,
+    /// This process's CPU time over the batch, per delivery.
+    pub cpu_us_per_delivery: f64,
+    /// Calls answered 429 for the quota.
+    pub throttled: u64,
+    pub peak_in_flight: usize,
+    /// Every member served exactly `messages` times.
+    pub served_once_each: bool,
+    pub batch_failed: bool,
+}
+
+pub async fn run(options: &FanoutOptions) -> anyhow::Result<FanoutReport> {
+    let endpoint = Endpoint::start(&options.binary, options.account).await?;
+    let mut rooms = Vec::new();
+    for &size in &options.room_sizes {
+        rooms.push(run_room(&endpoint, options, size).await?);
+    }
+    Ok(FanoutReport {
+        cores: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+        latency_ms: options.account.latency.as_secs_f64() * 1000.0,
+        jitter_ms: options.account.jitter.as_secs_f64() * 1000.0,
+        quota: options.account.quota.unwrap_or(f64::INFINITY),
+        concurrency_ceiling: options.concurrency,
+        rooms,
+    })
+}
+
+async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> anyhow::Result<RoomRun> {
+    use crate::model::{Clock, JoinReason, Message, Name, NewConnection, SystemClock};
+    use crate::store::Store;
+
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let store = crate::store::memory::MemoryStore::with_metrics(clock.clone(), metrics.clone());
+    let mut stream = store.subscribe();
+    let tenant = Name::parse("tenant", "bench").map_err(anyhow::Error::msg)?;
+    let room = format!("room-{size}");
+    let mut sender = None;
+    for i in 0..size {
+        let id = format!("c{size}-{i:06}");
+        let connection = crate::model::Connection::new(NewConnection {
+            connection_id: &id,
+            tenant: &tenant,
+            user_id: &format!("u{i}"),
+            connection_type: None,
+            deployment_id: None,
+            rooms: BTreeSet::from([room.clone()]),
+            endpoint: endpoint.url.clone(),
+            now: clock.now(),
+            ttl_seconds: 3600,
+        });
+        let membership = connection.membership(&room, JoinReason::Connect, clock.now());
+        store.put_connection(&connection, &[membership]).await?;
+        sender.get_or_insert(connection);
+    }
+    // The seeding's own records (welcomes, presence) are not what this measures.
+    while stream.try_recv().is_ok() {}
+    let sender = sender.ok_or_else(|| anyhow::anyhow!("a room needs at least one member"))?;
+    for seq in 0..options.messages {
+        let message = Message::new(&sender, &room, format!("bench {seq}"), clock.now(), 3600);
+        store.put_message(&message).await?;
+    }
+    let mut raw = Vec::new();
+    while let Ok(record) = stream.try_recv() {
+        raw.push(serde_json::to_value(&record)?);
+    }
+
+    let settings = crate::deliver::DeliverySettings {
+        endpoint_override: Some(endpoint.url.clone()),
+        concurrency: options.concurrency,
+        ..Default::default()
+    };
+    let deliverer =
+        crate::deliver::Deliverer::new(sdk_config(), settings, store.clone(), clock.clone(), metrics.clone());
+    let processor = crate::pipeline::Processor::new(store.clone(), deliverer, clock, metrics, 8);
+
+    endpoint.reset().await?;
+    let cpu_before = super::cpu_seconds(std::process::id());
+    let started = Instant::now();
+    let outcome = processor.process_batch(&raw).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = super::cpu_seconds(std::process::id()).zip(cpu_before).map(|(after, before)| after - before);
+    let counts = endpoint.counts().await?;
+    let expected = (size * options.messages) as u64;
+    let deliveries_per_second = counts.answered as f64 / seconds;
+    Ok(RoomRun {
+        room_size: size,
+        messages: options.messages,
+        expected,
+        deliveries: counts.answered,
+        seconds,
+        deliveries_per_second,
+        fraction_of_quota: deliveries_per_second / options.account.quota.unwrap_or(f64::INFINITY),
+        cpu_us_per_delivery: cpu.map_or(f64::NAN, |c| c * 1e6 / counts.answered.max(1) as f64),
+        throttled: counts.throttled,
+        peak_in_flight: counts.peak_in_flight,
+        served_once_each: counts.connections == size
+            && counts.least == options.messages as u64
+            && counts.most == options.messages as u64,
+        batch_failed: outcome.failure.is_some(),
+    })
+}
+
+fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(
+            aws_credential_types::Credentials::new("bench", "bench", None, None, "bench"),
+        ))
+        .build()
+}
+
+impl FanoutReport {
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "@connections: {:.0} ms + up to {:.0} ms jitter a call, quota {:.0}/s (the bucket starts empty); \
+             calls in flight adapt up to {}; {} cores\n\n",
+            self.latency_ms, self.jitter_ms, self.quota, self.concurrency_ceiling, self.cores
+        );
+        out.push_str("| room | messages | deliveries | seconds | deliveries/s | × quota | CPU µs/delivery | 429s | peak in flight | each served once |\n");
+        out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        for r in &self.rooms {
+            out.push_str(&format!(
+                "| {} | {} | {}/{} | {:.2} | {:.0} | {:.2} | {:.1} | {} | {} | {} |\n",
+                r.room_size,
+                r.messages,
+                r.deliveries,
+                r.expected,
+                r.seconds,
+                r.deliveries_per_second,
+                r.fraction_of_quota,
+                r.cpu_us_per_delivery,
+                r.throttled,
+                r.peak_in_flight,
+                if r.served_once_each && !r.batch_failed { "yes" } else { "NO" },
+            ));
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the endpoint: a child process, so that this process's CPU time is the processor's alone
+
+/// What the endpoint counted since its last reset.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct EndpointCounts {
+    pub answered: u64,
+    pub throttled: u64,
+    pub peak_in_flight: usize,
+    /// Distinct connections served, and the fewest and most deliveries one of them got.
+    pub connections: usize,
+    pub least: u64,
+    pub most: u64,
+}
+
+struct Endpoint {
+    url: String,
+    base: String,
+    _child: tokio::process::Child,
+}
+
+impl Endpoint {
+    async fn start(binary: &std::path::Path, account: AccountSettings) -> anyhow::Result<Endpoint> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut command = tokio::process::Command::new(binary);
+        command.args(["bench", "endpoint", "--port", &port.to_string()]);
+        command.args(["--latency", &format!("{}ms", account.latency.as_secs_f64() * 1000.0)]);
+        command.args(["--jitter", &format!("{}ms", account.jitter.as_secs_f64() * 1000.0)]);
+        command.args(["--quota", &account.quota.unwrap_or(0.0).to_string()]);
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {} bench endpoint: {e}", binary.display()))?;
+        let base = format!("http://127.0.0.1:{port}");
+        let endpoint = Endpoint { url: format!("{base}/bench"), base, _child: child };
+        let started = Instant::now();
+        while endpoint.counts().await.is_err() {
+            if started.elapsed() > Duration::from_secs(30) {
+                anyhow::bail!("the bench endpoint did not answer on port {port} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(endpoint)
+    }
+
+    async fn counts(&self) -> anyhow::Result<EndpointCounts> {
+        let value = crate::dev::api::request(&self.base, http::Method::GET, "/_counts", Vec::new()).await?;
+        Ok(serde_json::from_value(value)?)
+    }
+
+    async fn reset(&self) -> anyhow::Result<()> {
+        crate::dev::api::request(&self.base, http::Method::POST, "/_reset", Vec::new()).await?;
+        Ok(())
+    }
+}
+
+struct Served {
+    account: Account,
+    per_connection: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// `roomcast bench endpoint`: serves `@connections` POSTs through the account until killed.
+pub async fn serve_endpoint(port: u16, account: AccountSettings) -> anyhow::Result<()> {
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    let served = Arc::new(Served { account: Account::new(account), per_connection: Default::default() });
+    async fn post(State(s): State<Arc<Served>>, Path(id): Path<String>) -> axum::response::Response {
+        let (_call, admitted) = s.account.admit();
+        s.account.delay().await;
+        if admitted.is_err() {
+            let mut response = (StatusCode::TOO_MANY_REQUESTS, r#"{"message":"Rate exceeded"}"#).into_response();
+            response.headers_mut().insert("x-amzn-ErrorType", http::HeaderValue::from_static("LimitExceededException"));
+            return response;
+        }
+        *s.per_connection.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default() += 1;
+        StatusCode::OK.into_response()
+    }
+    async fn counts(State(s): State<Arc<Served>>) -> axum::Json<EndpointCounts> {
+        let per = s.per_connection.lock().unwrap_or_else(|p| p.into_inner());
+        axum::Json(EndpointCounts {
+            answered: per.values().sum(),
+            throttled: s.account.throttled(),
+            peak_in_flight: s.account.peak_in_flight(),
+            connections: per.len(),
+            least: per.values().copied().min().unwrap_or(0),
+            most: per.values().copied().max().unwrap_or(0),
+        })
+    }
+    async fn reset(State(s): State<Arc<Served>>) -> axum::Json<serde_json::Value> {
+        s.per_connection.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        s.account.reset();
+        axum::Json(serde_json::json!({}))
+    }
+    let app = axum::Router::new()
+        .route("/bench/@connections/{id}", axum::routing::post(post))
+        .route("/_counts", axum::routing::get(counts))
+        .route("/_reset", axum::routing::post(reset))
+        .with_state(served);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
