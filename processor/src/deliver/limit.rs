@@ -10,9 +10,9 @@
 //! * **Slow start.** From `initial`, the limit grows by one for every call that succeeds while
 //!   the window is in use and latency holds: it doubles every round trip, up to `max`.
 //! * **Throttled.** A 429 on a *fresh* call (below) while at least [`CUT_SHARE`] of the last
-//!   second's fresh calls were throttled cuts it to 0.7× of what was really in use (never below
-//!   1) and ends slow start; calls already in flight when it was cut do not cut it again. From
-//!   then on it grows by one per round trip (1/limit per success).
+//!   second's fresh calls were throttled cuts it to 0.7× of what was really in use, never below
+//!   one, and ends slow start; calls already in flight when it was cut do not cut it again.
+//!   From then on it grows by one per round trip (1/limit per success).
 //! * **Latency does not hold.** A call that took more than twice the best recent latency plus
 //!   10 ms does not grow the limit: the endpoint, or this process, is saturated. 5xx answers
 //!   and timeouts neither grow nor cut it.
