@@ -40,6 +40,7 @@ contract!(
     presence_changes_atomically_under_concurrent_writers,
     presence_redelivery_and_who_pages_and_settings,
     an_idempotency_key_writes_once_within_its_window,
+    fan_out_progress_round_trips_and_its_records_are_state,
 );
 
 fn now() -> DateTime<Utc> {
@@ -479,6 +480,36 @@ async fn presence_redelivery_and_who_pages_and_settings(table: Table) {
     let settings = TenantSettings { presence_announce_max_users: Some(7), ..TenantSettings::new("acme") };
     store.put_tenant_settings(&settings).await.unwrap();
     assert_eq!(store.tenant_settings("acme").await.unwrap(), Some(settings));
+}
+
+/// A big fan-out's progress: read back as written (the pending list included), replaced by the
+/// next write, and its stream records are state the processor does not react to.
+async fn fan_out_progress_round_trips_and_its_records_are_state(mut table: Table) {
+    use roomcast::model::FanoutProgress;
+    drain(&mut table).await;
+    assert_eq!(table.store.fanout_progress("ev-1#0").await.unwrap(), None);
+    let cut = FanoutProgress::new("ev-1#0", "c0500".into(), vec!["c0017".into(), "c0499".into()], false, now());
+    table.store.put_fanout_progress(&cut).await.unwrap();
+    let read = table.store.fanout_progress("ev-1#0").await.unwrap().expect("written");
+    assert_eq!(read, cut);
+    assert!(read.settled("c0001") && read.settled("c0500"));
+    assert!(!read.settled("c0017") && !read.settled("c0501"), "pending, and not started");
+    let done = FanoutProgress::new("ev-1#0", "c1199".into(), Vec::new(), true, now());
+    table.store.put_fanout_progress(&done).await.unwrap();
+    assert!(table.store.fanout_progress("ev-1#0").await.unwrap().expect("written").settled("c9999"));
+    assert_eq!(table.store.fanout_progress("ev-2#0").await.unwrap(), None, "per record and frame");
+    let changes = changes(&mut table).await;
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    for change in changes {
+        assert!(
+            matches!(
+                change,
+                Change::Inserted(Record::State { kind: "fanout", .. })
+                    | Change::Modified { new: Record::State { kind: "fanout", .. }, .. }
+            ),
+            "{change:?}"
+        );
+    }
 }
 
 async fn drain(table: &mut Table) -> Vec<EventRecord> {

@@ -130,3 +130,45 @@ async fn a_few_full_clients_are_each_closed_and_do_not_pass_for_the_account() {
     assert_eq!(stack.processor.counts().slow_consumers, 5);
     assert!(stack.failures.is_empty(), "{:?}", stack.failures);
 }
+
+/// A message to 1,200 members that the invocation's deadline cuts off part-way is reported for
+/// redelivery; the redelivered record serves only the members not yet served, and a record
+/// redelivered once its fan-out was done (a later record of the batch failed) serves nobody again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_cut_off_by_the_deadline_resumes_where_it_stopped() {
+    let fast = AccountSettings { latency: Duration::from_millis(5), jitter: Duration::ZERO, quota: None, burst: 1.0 };
+    let mut stack = Stack::as_aws("memory", fast).await;
+    let members = room_of(&mut stack, 1200).await;
+    // 400 calls a second: the message's 1,200 deliveries take three seconds.
+    stack.recorder.account().set_quota(Some(400.0), 20.0);
+    let sent = stack.send("m000", json!({"action": "sendMessage", "room": "big", "message": "cut off"})).await;
+    assert_eq!(sent["action"], "ack", "{sent}");
+    let records = stack.table.stream.drain().await;
+    assert_eq!(records.len(), 1, "the message record");
+    let event = json!({ "Records": records });
+    // The invocation must answer within 2.8 s: its work ends 1 s before, its sends 0.3 s before that.
+    let deadline = std::time::Instant::now() + Duration::from_millis(2800);
+    let first = stack.processor.handle_event_until(&event, Some(deadline)).await.unwrap();
+    assert_eq!(first.batch_item_failures.len(), 1, "the cut-off record is reported for redelivery");
+    let served_first: usize = members
+        .iter()
+        .filter(|m| stack.recorder.received_action(m, "message").iter().any(|f| f["message"] == "cut off"))
+        .count();
+    assert!(
+        served_first > 0 && served_first < members.len(),
+        "{served_first} of {} served before the cut",
+        members.len()
+    );
+
+    let second = stack.processor.handle_event(&event).await.unwrap();
+    assert!(second.batch_item_failures.is_empty(), "{second:?}");
+    each_got_it_once(&stack, &members, "cut off");
+    let skipped = stack.processor.counts().resumed_skips;
+    assert!(skipped >= served_first as u64, "{skipped} skipped, {served_first} were served");
+
+    // Redelivered once more after it was done: nobody is served twice.
+    let third = stack.processor.handle_event(&event).await.unwrap();
+    assert!(third.batch_item_failures.is_empty(), "{third:?}");
+    each_got_it_once(&stack, &members, "cut off");
+    assert_eq!(stack.processor.counts().resumed_skips, skipped + members.len() as u64);
+}

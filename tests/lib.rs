@@ -816,6 +816,12 @@ impl Store for UnavailableRoom {
     async fn put_tenant_settings(&self, settings: &roomcast::model::TenantSettings) -> roomcast::store::Result<()> {
         self.inner.put_tenant_settings(settings).await
     }
+    async fn fanout_progress(&self, key: &str) -> roomcast::store::Result<Option<roomcast::model::FanoutProgress>> {
+        self.inner.fanout_progress(key).await
+    }
+    async fn put_fanout_progress(&self, progress: &roomcast::model::FanoutProgress) -> roomcast::store::Result<()> {
+        self.inner.put_fanout_progress(progress).await
+    }
     async fn plugin_config(&self, tenant: &str) -> roomcast::store::Result<Option<roomcast::model::PluginConfig>> {
         self.inner.plugin_config(tenant).await
     }

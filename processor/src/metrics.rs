@@ -59,6 +59,8 @@ counters! {
     retried,
     /// Recipients given up on: 413, other 4xx, or retries past the deadline.
     failed,
+    /// Recipients a redelivered big fan-out skipped: served before it was cut off.
+    resumed_skips,
     /// Batches that reported a record in `batchItemFailures` because the table was unavailable.
     platform_failures,
     /// Batches that reported a record because the invocation's time ran out before it was done

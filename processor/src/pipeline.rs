@@ -595,7 +595,7 @@ impl Processor {
             }
             self.drop_from_non_members(&change, &members, &mut decisions).await?;
             let effects = react::react(&change, &members, &decisions);
-            let outcomes = self.deliverer.apply(&effects, window).await?;
+            let outcomes = self.deliverer.apply(&effects, window, Some(&record.event_id)).await?;
             tracing::debug!(
                 effects = effects.len(),
                 recipients = outcomes.len(),

@@ -28,6 +28,7 @@
 //! Only a store failure and an unfinished record are errors here.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -102,6 +103,13 @@ pub enum Outcome {
     /// Still being retried when the batch's time ran out: the record is redelivered.
     Unfinished(String),
 }
+
+/// A frame for this many recipients keeps its progress in the table ([`Deliverer::apply`]).
+pub const RESUMABLE_RECIPIENTS: usize = 1000;
+/// How often a big fan-out's progress is written while it runs.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// A big fan-out's sends end this long before the batch's window, to write its progress.
+pub const PROGRESS_RESERVE: Duration = Duration::from_millis(300);
 
 /// How long a batch, its own work done, still waits for young connections' retries.
 pub const YOUNG_GRACE: Duration = Duration::from_secs(1);
@@ -249,7 +257,18 @@ impl Deliverer {
     /// Performs the effects of one record, in order, within the batch's `window`. Sends to many
     /// recipients run concurrently. A recipient still being retried when the window closes
     /// makes the record unfinished: [`StoreError::OutOfTime`].
-    pub async fn apply(&self, effects: &[Effect], window: &Window) -> Result<Vec<(String, Outcome)>, StoreError> {
+    ///
+    /// `resume` names the record (its stream event id): a frame for at least
+    /// [`RESUMABLE_RECIPIENTS`] is then sent in connection-id order with its progress kept in the
+    /// table ([`crate::model::FanoutProgress`]), written every [`PROGRESS_EVERY`], when the
+    /// window closes and when it is done; a redelivered record skips the recipients already
+    /// served, so a cut-off fan-out resumes where it stopped and a finished one is not repeated.
+    pub async fn apply(
+        &self,
+        effects: &[Effect],
+        window: &Window,
+        resume: Option<&str>,
+    ) -> Result<Vec<(String, Outcome)>, StoreError> {
         let mut outcomes = Vec::new();
         if self.dry_run {
             for effect in effects {
@@ -260,24 +279,33 @@ impl Deliverer {
             outcomes.sort();
             return Ok(outcomes);
         }
-        for effect in effects {
+        for (index, effect) in effects.iter().enumerate() {
             match effect {
                 Effect::Send { payload, recipients } => {
-                    let body = Blob::new(payload.to_json());
-                    let sends: Vec<_> = recipients
-                        .iter()
-                        .map(|r| {
-                            let body = body.clone();
-                            async move { Ok::<_, StoreError>((r, self.send(r, body, window).await?)) }
-                        })
-                        .collect();
-                    let results: Vec<Result<(&Recipient, Sent), StoreError>> =
-                        futures::stream::iter(sends).buffer_unordered(self.inner.limit.max()).collect().await;
-                    let mut sent = Vec::with_capacity(results.len());
-                    for result in results {
-                        sent.push(result?);
+                    let key =
+                        resume.filter(|_| recipients.len() >= RESUMABLE_RECIPIENTS).map(|r| format!("{r}#{index}"));
+                    match key {
+                        Some(key) => outcomes.extend(self.send_resumable(&key, payload, recipients, window).await?),
+                        None => {
+                            let body = Blob::new(payload.to_json());
+                            let sends: Vec<_> = recipients
+                                .iter()
+                                .map(|r| {
+                                    let body = body.clone();
+                                    async move {
+                                        Ok::<_, StoreError>((r, self.send(r, body, window, window.finish_by).await?))
+                                    }
+                                })
+                                .collect();
+                            let results: Vec<Result<(&Recipient, Sent), StoreError>> =
+                                futures::stream::iter(sends).buffer_unordered(self.inner.limit.max()).collect().await;
+                            let mut sent = Vec::with_capacity(results.len());
+                            for result in results {
+                                sent.push(result?);
+                            }
+                            outcomes.extend(self.judge_slow(sent, window).await);
+                        }
                     }
-                    outcomes.extend(self.judge_slow(sent, window).await);
                 }
                 Effect::RemoveMembership { tenant, room, connection_id, reason } => {
                     self.inner.store.remove_membership(tenant, room, connection_id, *reason).await?;
@@ -297,9 +325,89 @@ impl Deliverer {
         Ok(outcomes)
     }
 
-    /// One recipient, within the batch's window. A connection that already has retries set
-    /// aside in this window queues behind them, so that it receives its frames in order.
-    async fn send(&self, to: &Recipient, body: Blob, window: &Window) -> Result<Sent, StoreError> {
+    /// One frame to many, in connection-id order, with its progress kept in the table (see
+    /// [`Deliverer::apply`]). Its sends end [`PROGRESS_RESERVE`] before the window does, so that
+    /// the progress is written before the invocation's time is up.
+    async fn send_resumable(
+        &self,
+        key: &str,
+        payload: &crate::protocol::ServerMessage,
+        recipients: &[Recipient],
+        window: &Window,
+    ) -> Result<Vec<(String, Outcome)>, StoreError> {
+        let store = &self.inner.store;
+        let earlier = store.fanout_progress(key).await?;
+        let mut order: Vec<&Recipient> = recipients.iter().collect();
+        order.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
+        if let Some(earlier) = &earlier {
+            let before = order.len();
+            order.retain(|r| !earlier.settled(&r.connection_id));
+            Metrics::add(&self.inner.metrics.resumed_skips, (before - order.len()) as u64);
+            tracing::info!(key, skipped = before - order.len(), left = order.len(), "fan-out resumes where it stopped");
+        }
+        let finish_by = window.finish_by.map(|at| at.checked_sub(PROGRESS_RESERVE).unwrap_or(at));
+        let body = Blob::new(payload.to_json());
+        // Which recipients were started (a prefix of `order`) and which are settled.
+        let started = AtomicUsize::new(0);
+        let mut settled = vec![false; order.len()];
+        let progress = |settled: &[bool], complete: bool| {
+            let started = started.load(Ordering::Relaxed);
+            let through = match started.checked_sub(1) {
+                Some(last) => order[last].connection_id.clone(),
+                None => earlier.as_ref().map(|e| e.through.clone()).unwrap_or_default(),
+            };
+            let mut pending: Vec<String> =
+                (0..started).filter(|&i| !settled[i]).map(|i| order[i].connection_id.clone()).collect();
+            // Still pending from before and not reached this time: pending they stay.
+            if let Some(earlier) = &earlier {
+                pending.extend(earlier.pending.iter().filter(|p| p.as_str() > through.as_str()).cloned());
+            }
+            crate::model::FanoutProgress::new(key, through, pending, complete, self.inner.clock.now())
+        };
+        let started = &started;
+        let sends: Vec<_> = order
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let body = body.clone();
+                async move {
+                    // Polled first as `buffer_unordered` takes it in: started, in order.
+                    started.fetch_max(i + 1, Ordering::Relaxed);
+                    Ok::<_, StoreError>((i, *r, self.send(r, body, window, finish_by).await?))
+                }
+            })
+            .collect();
+        let mut running = futures::stream::iter(sends).buffer_unordered(self.inner.limit.max());
+        let mut sent = Vec::with_capacity(order.len());
+        let mut written = Instant::now();
+        while let Some(result) = running.next().await {
+            let (i, to, outcome) = result?;
+            settled[i] = !matches!(outcome, Sent::Done(Outcome::Unfinished(_)));
+            sent.push((to, outcome));
+            if written.elapsed() >= PROGRESS_EVERY {
+                store.put_fanout_progress(&progress(&settled, false)).await?;
+                written = Instant::now();
+            }
+        }
+        drop(running);
+        let outcomes = self.judge_slow(sent, window).await;
+        let unfinished: HashSet<&str> =
+            outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Unfinished(_))).map(|(id, _)| id.as_str()).collect();
+        let settled: Vec<bool> = order.iter().map(|r| !unfinished.contains(r.connection_id.as_str())).collect();
+        store.put_fanout_progress(&progress(&settled, unfinished.is_empty())).await?;
+        Ok(outcomes)
+    }
+
+    /// One recipient, by `finish_by` (the batch's window, or earlier). A connection that already
+    /// has retries set aside in this window queues behind them, so that it receives its frames in
+    /// order.
+    async fn send(
+        &self,
+        to: &Recipient,
+        body: Blob,
+        window: &Window,
+        finish_by: Option<Instant>,
+    ) -> Result<Sent, StoreError> {
         if window.is_slow(&to.connection_id) {
             Metrics::add(&self.inner.metrics.failed, 1);
             return Ok(Sent::Done(Outcome::Failed("slow consumer: skipped for the rest of the batch".into())));
@@ -308,7 +416,7 @@ impl Deliverer {
             Ok(()) => return Ok(Sent::Done(Outcome::Deferred)),
             Err(body) => body,
         };
-        match self.inner.clone().send(to, body.clone(), window.finish_by, true).await? {
+        match self.inner.clone().send(to, body.clone(), finish_by, true).await? {
             Sent::Young => {
                 window.set_aside(self.inner.clone(), to.clone(), body);
                 Ok(Sent::Done(Outcome::Deferred))

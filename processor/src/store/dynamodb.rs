@@ -944,6 +944,25 @@ impl Store for DynamoStore {
         Ok(())
     }
 
+    async fn fanout_progress(&self, key: &str) -> Result<Option<model::FanoutProgress>> {
+        self.get_typed(
+            "get_item (fan-out progress)",
+            self::key(model::fanout_pk(key), model::FANOUT_PROGRESS_SK.into()),
+        )
+        .await
+    }
+
+    async fn put_fanout_progress(&self, progress: &model::FanoutProgress) -> Result<()> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(progress)?))
+            .send()
+            .await
+            .map_err(|e| unavailable("put_item (fan-out progress)", e))?;
+        Ok(())
+    }
+
     async fn plugin_config(&self, tenant: &str) -> Result<Option<model::PluginConfig>> {
         self.get_typed("get_item (plugin config)", key(model::tenant_pk(tenant), model::PLUGIN_CONFIG_SK.into())).await
     }

@@ -610,6 +610,18 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn fanout_progress(&self, key: &str) -> Result<Option<model::FanoutProgress>> {
+        let table = self.lock();
+        Ok(self.get(&table, &(model::fanout_pk(key), model::FANOUT_PROGRESS_SK.to_string())))
+    }
+
+    async fn put_fanout_progress(&self, progress: &model::FanoutProgress) -> Result<()> {
+        let item = encode(progress)?;
+        let mut table = self.lock();
+        self.put_item(&mut table, item);
+        Ok(())
+    }
+
     async fn plugin_config(&self, tenant: &str) -> Result<Option<model::PluginConfig>> {
         let table = self.lock();
         Ok(self.get(&table, &(model::tenant_pk(tenant), model::PLUGIN_CONFIG_SK.to_string())))

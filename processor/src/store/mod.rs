@@ -196,6 +196,11 @@ pub trait Store: Send + Sync + 'static {
 
     async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()>;
 
+    /// How far a big fan-out got ([`crate::model::FanoutProgress`]), strongly consistent.
+    async fn fanout_progress(&self, key: &str) -> Result<Option<crate::model::FanoutProgress>>;
+
+    async fn put_fanout_progress(&self, progress: &crate::model::FanoutProgress) -> Result<()>;
+
     /// The tenant's plugin configuration, if any (strongly consistent: read with the `ACTIVE`
     /// pointer).
     async fn plugin_config(&self, tenant: &str) -> Result<Option<crate::model::PluginConfig>>;

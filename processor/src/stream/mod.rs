@@ -193,6 +193,8 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
             tenant,
             kind: if sk == crate::model::ROOM_PRESENCE_SK { "room-presence" } else { "presence" },
         })
+    } else if pk.starts_with("FANOUT#") && sk == crate::model::FANOUT_PROGRESS_SK {
+        Ok(Record::State { tenant: String::new(), kind: "fanout" })
     } else if let Some(rest) = pk.strip_prefix("IDEM#")
         && sk == crate::model::IDEMPOTENCY_SK
     {
