@@ -142,12 +142,18 @@ pub static TABLES: AtomicUsize = AtomicUsize::new(0);
 
 /// A new table on moto, made by `roomcast`'s own `create_table`.
 pub async fn moto_table() -> (DynamoStore, String) {
+    let (store, arn, _) = moto_table_named().await;
+    (store, arn)
+}
+
+/// [`moto_table`], and the table's name.
+pub async fn moto_table_named() -> (DynamoStore, String, String) {
     let sdk = sdk_config().await;
     let endpoint = moto_endpoint();
     let client = roomcast::config::dynamodb_client(&sdk, Some(&endpoint));
     let name = format!("roomcast-{}-{}", std::process::id(), TABLES.fetch_add(1, Ordering::Relaxed));
     let info = create_table(&client, &name).await.expect("create table on moto");
-    (DynamoStore::new(client, name), info.stream_arn)
+    (DynamoStore::new(client, name.clone()), info.stream_arn, name)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -216,6 +222,14 @@ impl Table {
     pub async fn dynamodb() -> Table {
         let (store, arn) = moto_table().await;
         Table::on_moto(store, &arn).await
+    }
+
+    /// A table on moto whose every call goes through `partitions` (one partition's latency and
+    /// throughput, `roomcast::partitions`); its stream is read from moto directly.
+    pub async fn dynamodb_behind(partitions: &roomcast::partitions::Partitions) -> Table {
+        let (_, arn, name) = moto_table_named().await;
+        let client = roomcast::config::dynamodb_client(&sdk_config().await, Some(&partitions.endpoint));
+        Table::on_moto(DynamoStore::new(client, name), &arn).await
     }
 
     /// A table made by [`moto_table`], its stream read from the start.

@@ -19,4 +19,5 @@ pub mod bench;
 pub mod cli;
 pub mod dev;
 pub mod gateway;
+pub mod partitions;
 pub mod replay;

@@ -61,6 +61,9 @@ counters! {
     failed,
     /// Recipients a redelivered big fan-out skipped: served before it was cut off.
     resumed_skips,
+    /// Big fan-outs' progress reads or writes that failed or took too long (the fan-out went on;
+    /// a redelivery may serve some members again).
+    progress_failures,
     /// Batches that reported a record in `batchItemFailures` because the table was unavailable.
     platform_failures,
     /// Batches that reported a record because the invocation's time ran out before it was done

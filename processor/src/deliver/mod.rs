@@ -28,7 +28,6 @@
 //! Only a store failure and an unfinished record are errors here.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -108,8 +107,11 @@ pub enum Outcome {
 pub const RESUMABLE_RECIPIENTS: usize = 1000;
 /// How often a big fan-out's progress is written while it runs.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-/// A big fan-out's sends end this long before the batch's window, to write its progress.
-pub const PROGRESS_RESERVE: Duration = Duration::from_millis(300);
+/// A big fan-out starts no call this long before the batch's window ends…
+pub const PROGRESS_RESERVE: Duration = Duration::from_millis(400);
+/// …and its calls in flight end this long before it, which is also how long a progress read or
+/// write may take.
+pub const PROGRESS_WRITE: Duration = Duration::from_millis(150);
 
 /// How long a batch, its own work done, still waits for young connections' retries.
 pub const YOUNG_GRACE: Duration = Duration::from_secs(1);
@@ -161,7 +163,7 @@ impl Window {
         let finish_by = self.finish_by;
         self.deferred.lock().unwrap_or_else(|p| p.into_inner()).spawn(async move {
             while let Some(body) = frames.recv().await {
-                match inner.clone().send(&to, body, finish_by, false).await {
+                match inner.clone().send(&to, body, finish_by, finish_by, false).await {
                     Ok(Sent::Done(Outcome::Delivered)) => continue,
                     Ok(_) => {
                         tracing::debug!(connection_id = %to.connection_id, "young connection's retries ended undelivered");
@@ -199,6 +201,47 @@ impl Window {
         deferred.abort_all();
         dropped
     }
+}
+
+/// The most connection ids a progress item lists as pending (~150 KB, well under DynamoDB's
+/// 400 KB item limit); past it, `through` is lowered, which serves more again and skips nobody.
+pub const MAX_PENDING: usize = 5000;
+
+/// What a resumable fan-out has settled, for its progress item: `through` is the highest
+/// connection id settled in this attempt or any before; `pending` are this attempt's recipients
+/// at or below it not settled (in flight when it was written, or cut off). Recipients of this
+/// attempt are exactly those an earlier attempt had not settled.
+fn progress(
+    key: &str,
+    order: &[&Recipient],
+    settled: &[bool],
+    earlier: Option<&crate::model::FanoutProgress>,
+    complete: bool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> crate::model::FanoutProgress {
+    let highest = settled.iter().rposition(|s| *s).map(|i| order[i].connection_id.as_str());
+    let before = earlier.map(|e| e.through.as_str());
+    let mut through = highest.max(before).unwrap_or_default().to_string();
+    let mut pending: Vec<String> = order
+        .iter()
+        .zip(settled)
+        .filter(|(r, done)| !**done && r.connection_id.as_str() <= through.as_str())
+        .map(|(r, _)| r.connection_id.clone())
+        .collect();
+    if pending.len() > MAX_PENDING {
+        // Everything from the first pending id not kept counts as not started.
+        let first_dropped = pending[MAX_PENDING].clone();
+        pending.truncate(MAX_PENDING);
+        through = order
+            .iter()
+            .map(|r| r.connection_id.as_str())
+            .take_while(|id| *id < first_dropped.as_str())
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        pending.retain(|p| p.as_str() <= through.as_str());
+    }
+    crate::model::FanoutProgress::new(key, through, pending, complete, now)
 }
 
 /// What `GetConnection` said of a connection.
@@ -279,11 +322,17 @@ impl Deliverer {
             outcomes.sort();
             return Ok(outcomes);
         }
-        for (index, effect) in effects.iter().enumerate() {
+        // Large frames of the record, counted: the key of each one's progress. (Effects before
+        // them can differ between attempts — a plugin's rewrite marks the message first — large
+        // frames cannot.)
+        let mut large = 0;
+        for effect in effects {
             match effect {
                 Effect::Send { payload, recipients } => {
-                    let key =
-                        resume.filter(|_| recipients.len() >= RESUMABLE_RECIPIENTS).map(|r| format!("{r}#{index}"));
+                    let key = resume.filter(|_| recipients.len() >= RESUMABLE_RECIPIENTS).map(|r| {
+                        large += 1;
+                        format!("{r}#{}", large - 1)
+                    });
                     match key {
                         Some(key) => outcomes.extend(self.send_resumable(&key, payload, recipients, window).await?),
                         None => {
@@ -293,7 +342,10 @@ impl Deliverer {
                                 .map(|r| {
                                     let body = body.clone();
                                     async move {
-                                        Ok::<_, StoreError>((r, self.send(r, body, window, window.finish_by).await?))
+                                        Ok::<_, StoreError>((
+                                            r,
+                                            self.send(r, body, window, window.finish_by, window.finish_by).await?,
+                                        ))
                                     }
                                 })
                                 .collect();
@@ -303,7 +355,7 @@ impl Deliverer {
                             for result in results {
                                 sent.push(result?);
                             }
-                            outcomes.extend(self.judge_slow(sent, window).await);
+                            outcomes.extend(self.judge_slow(sent, window, window.finish_by).await);
                         }
                     }
                 }
@@ -326,8 +378,11 @@ impl Deliverer {
     }
 
     /// One frame to many, in connection-id order, with its progress kept in the table (see
-    /// [`Deliverer::apply`]). Its sends end [`PROGRESS_RESERVE`] before the window does, so that
-    /// the progress is written before the invocation's time is up.
+    /// [`Deliverer::apply`]). No call starts later than [`PROGRESS_RESERVE`] before the window
+    /// ends, and calls in flight end [`PROGRESS_WRITE`] before it, so that what was served is
+    /// known and written before the invocation's time is up. Progress is a saving, never a
+    /// condition: a read or write that fails is logged and counted (`progress_failures`), and
+    /// the fan-out goes on.
     async fn send_resumable(
         &self,
         key: &str,
@@ -335,8 +390,7 @@ impl Deliverer {
         recipients: &[Recipient],
         window: &Window,
     ) -> Result<Vec<(String, Outcome)>, StoreError> {
-        let store = &self.inner.store;
-        let earlier = store.fanout_progress(key).await?;
+        let earlier = self.progress_read(key).await;
         let mut order: Vec<&Recipient> = recipients.iter().collect();
         order.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
         if let Some(earlier) = &earlier {
@@ -345,67 +399,83 @@ impl Deliverer {
             Metrics::add(&self.inner.metrics.resumed_skips, (before - order.len()) as u64);
             tracing::info!(key, skipped = before - order.len(), left = order.len(), "fan-out resumes where it stopped");
         }
-        let finish_by = window.finish_by.map(|at| at.checked_sub(PROGRESS_RESERVE).unwrap_or(at));
+        let cut = |margin: Duration| window.finish_by.map(|at| at.checked_sub(margin).unwrap_or(at));
+        let (start_by, finish_by) = (cut(PROGRESS_RESERVE), cut(PROGRESS_WRITE));
         let body = Blob::new(payload.to_json());
-        // Which recipients were started (a prefix of `order`) and which are settled.
-        let started = AtomicUsize::new(0);
-        let mut settled = vec![false; order.len()];
-        let progress = |settled: &[bool], complete: bool| {
-            let started = started.load(Ordering::Relaxed);
-            let through = match started.checked_sub(1) {
-                Some(last) => order[last].connection_id.clone(),
-                None => earlier.as_ref().map(|e| e.through.clone()).unwrap_or_default(),
-            };
-            let mut pending: Vec<String> =
-                (0..started).filter(|&i| !settled[i]).map(|i| order[i].connection_id.clone()).collect();
-            // Still pending from before and not reached this time: pending they stay.
-            if let Some(earlier) = &earlier {
-                pending.extend(earlier.pending.iter().filter(|p| p.as_str() > through.as_str()).cloned());
-            }
-            crate::model::FanoutProgress::new(key, through, pending, complete, self.inner.clock.now())
-        };
-        let started = &started;
         let sends: Vec<_> = order
             .iter()
             .enumerate()
             .map(|(i, r)| {
                 let body = body.clone();
-                async move {
-                    // Polled first as `buffer_unordered` takes it in: started, in order.
-                    started.fetch_max(i + 1, Ordering::Relaxed);
-                    Ok::<_, StoreError>((i, *r, self.send(r, body, window, finish_by).await?))
-                }
+                async move { Ok::<_, StoreError>((i, *r, self.send(r, body, window, start_by, finish_by).await?)) }
             })
             .collect();
         let mut running = futures::stream::iter(sends).buffer_unordered(self.inner.limit.max());
+        // Settled in this attempt: served, gone, given up on or set aside. A slow consumer is not,
+        // until judged below.
+        let mut settled = vec![false; order.len()];
         let mut sent = Vec::with_capacity(order.len());
         let mut written = Instant::now();
         while let Some(result) = running.next().await {
             let (i, to, outcome) = result?;
-            settled[i] = !matches!(outcome, Sent::Done(Outcome::Unfinished(_)));
+            settled[i] = matches!(&outcome, Sent::Done(o) if !matches!(o, Outcome::Unfinished(_)));
             sent.push((to, outcome));
             if written.elapsed() >= PROGRESS_EVERY {
-                store.put_fanout_progress(&progress(&settled, false)).await?;
+                self.progress_write(&progress(key, &order, &settled, earlier.as_ref(), false, self.inner.clock.now()))
+                    .await;
                 written = Instant::now();
             }
         }
         drop(running);
-        let outcomes = self.judge_slow(sent, window).await;
+        let outcomes = self.judge_slow(sent, window, finish_by).await;
         let unfinished: HashSet<&str> =
             outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Unfinished(_))).map(|(id, _)| id.as_str()).collect();
         let settled: Vec<bool> = order.iter().map(|r| !unfinished.contains(r.connection_id.as_str())).collect();
-        store.put_fanout_progress(&progress(&settled, unfinished.is_empty())).await?;
+        let now = self.inner.clock.now();
+        self.progress_write(&progress(key, &order, &settled, earlier.as_ref(), unfinished.is_empty(), now)).await;
         Ok(outcomes)
     }
 
-    /// One recipient, by `finish_by` (the batch's window, or earlier). A connection that already
-    /// has retries set aside in this window queues behind them, so that it receives its frames in
-    /// order.
+    async fn progress_read(&self, key: &str) -> Option<crate::model::FanoutProgress> {
+        let read = tokio::time::timeout(PROGRESS_WRITE, self.inner.store.fanout_progress(key)).await;
+        match read {
+            Ok(Ok(progress)) => progress,
+            Ok(Err(err)) => {
+                tracing::warn!(key, error = %err, "fan-out progress unreadable: serving every member");
+                Metrics::add(&self.inner.metrics.progress_failures, 1);
+                None
+            }
+            Err(_) => {
+                tracing::warn!(key, "fan-out progress not read in time: serving every member");
+                Metrics::add(&self.inner.metrics.progress_failures, 1);
+                None
+            }
+        }
+    }
+
+    async fn progress_write(&self, progress: &crate::model::FanoutProgress) {
+        match tokio::time::timeout(PROGRESS_WRITE, self.inner.store.put_fanout_progress(progress)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(key = %progress.pk, error = %err, "fan-out progress not written");
+                Metrics::add(&self.inner.metrics.progress_failures, 1);
+            }
+            Err(_) => {
+                tracing::warn!(key = %progress.pk, "fan-out progress not written in time");
+                Metrics::add(&self.inner.metrics.progress_failures, 1);
+            }
+        }
+    }
+
+    /// One recipient: no call starts after `start_by`, none runs past `finish_by` (both the
+    /// batch's window, or earlier). A connection that already has retries set aside in this window
+    /// queues behind them, so that it receives its frames in order.
     async fn send(
         &self,
         to: &Recipient,
         body: Blob,
         window: &Window,
+        start_by: Option<Instant>,
         finish_by: Option<Instant>,
     ) -> Result<Sent, StoreError> {
         if window.is_slow(&to.connection_id) {
@@ -416,7 +486,7 @@ impl Deliverer {
             Ok(()) => return Ok(Sent::Done(Outcome::Deferred)),
             Err(body) => body,
         };
-        match self.inner.clone().send(to, body.clone(), finish_by, true).await? {
+        match self.inner.clone().send(to, body.clone(), start_by, finish_by, true).await? {
             Sent::Young => {
                 window.set_aside(self.inner.clone(), to.clone(), body);
                 Ok(Sent::Done(Outcome::Deferred))
@@ -430,7 +500,12 @@ impl Deliverer {
     /// slow consumers, closed unless configured otherwise and skipped for the rest of the batch.
     /// If every recipient of a frame sent to several kept answering 429, API Gateway itself is
     /// throttling: nobody is closed, and the record is left unfinished, for Lambda to retry.
-    async fn judge_slow(&self, sent: Vec<(&Recipient, Sent)>, window: &Window) -> Vec<(String, Outcome)> {
+    async fn judge_slow(
+        &self,
+        sent: Vec<(&Recipient, Sent)>,
+        window: &Window,
+        finish_by: Option<Instant>,
+    ) -> Vec<(String, Outcome)> {
         let served = sent.iter().any(|(_, s)| matches!(s, Sent::Done(Outcome::Delivered)));
         let slow = sent.iter().filter(|(_, s)| matches!(s, Sent::Slow)).count();
         let everyone_throttled = !served && slow == sent.len() && sent.len() > 1;
@@ -444,7 +519,7 @@ impl Deliverer {
                 ),
                 Sent::Slow => {
                     window.slow.lock().unwrap_or_else(|p| p.into_inner()).insert(to.connection_id.clone());
-                    self.inner.slow_consumer(to, window.finish_by).await
+                    self.inner.slow_consumer(to, finish_by).await
                 }
             };
             outcomes.push((to.connection_id.clone(), outcome));
@@ -484,12 +559,14 @@ enum Sent {
 
 impl Inner {
     /// Delivers to one recipient, retrying by the rules of the module docs, until its own
-    /// deadline or `finish_by`, whichever comes first. With `set_aside_young`, a young
-    /// connection's 410 returns [`Sent::Young`] at once instead of being retried here.
+    /// deadline or the batch's: no attempt starts after `start_by`, and none runs past
+    /// `finish_by`. With `set_aside_young`, a young connection's 410 returns [`Sent::Young`] at
+    /// once instead of being retried here.
     async fn send(
         self: Arc<Self>,
         to: &Recipient,
         body: Blob,
+        start_by: Option<Instant>,
         finish_by: Option<Instant>,
         set_aside_young: bool,
     ) -> Result<Sent, StoreError> {
@@ -497,7 +574,7 @@ impl Inner {
         let client = self.client(endpoint);
         // The recipient's own clocks start with its first call, not while it waits for room
         // behind a big room's other recipients; that wait is bounded by the batch's window only.
-        let first = match finish_by {
+        let first = match start_by {
             None => Some(self.limit.acquire(0).await),
             Some(at) => tokio::time::timeout_at(at.into(), self.limit.acquire(0)).await.ok(),
         };
@@ -510,6 +587,7 @@ impl Inner {
         let started = Instant::now();
         let own_deadline = started + self.settings.deadline;
         let limit = finish_by.map_or(own_deadline, |f| f.min(own_deadline));
+        let start_limit = start_by.map_or(own_deadline, |s| s.min(own_deadline)).min(limit);
         let mut backoff = self.settings.initial_backoff;
         // 429s in a row, and since when they count against the client (not while the account
         // is throttling).
@@ -519,7 +597,7 @@ impl Inner {
         loop {
             let slot = match slot.take() {
                 Some(slot) => Ok(slot),
-                None => tokio::time::timeout_at(limit.into(), self.limit.acquire(streak)).await,
+                None => tokio::time::timeout_at(start_limit.into(), self.limit.acquire(streak)).await,
             };
             let attempt = match slot {
                 Err(_) => Attempt::Retry("no room for another call in flight before the deadline".into()),
@@ -590,9 +668,9 @@ impl Inner {
                 throttled_since = None;
                 counted = 0;
             }
-            if Instant::now() + backoff > limit {
+            if Instant::now() + backoff > start_limit {
                 let why = format!("deadline of {:?} passed; last: {why_retry}", self.settings.deadline);
-                if limit < own_deadline {
+                if start_limit < own_deadline {
                     let why = format!("the invocation's time ran out; last: {why_retry}");
                     tracing::warn!(connection_id = %to.connection_id, reason = %why, "recipient unfinished");
                     return Ok(Sent::Done(Outcome::Unfinished(why)));
@@ -681,4 +759,63 @@ fn jitter(d: Duration) -> Duration {
 
 mod aws_smithy_runtime_api_http {
     pub use aws_sdk_apigatewaymanagement::config::http::HttpResponse as Response;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipients(ids: &[&str]) -> Vec<Recipient> {
+        let at = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+        ids.iter()
+            .map(|id| Recipient { connection_id: id.to_string(), endpoint: String::new(), connected_at: at })
+            .collect()
+    }
+
+    fn now() -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::<chrono::Utc>::UNIX_EPOCH
+    }
+
+    #[test]
+    fn progress_is_the_highest_settled_and_the_unsettled_below_it() {
+        let all = recipients(&["a", "b", "c", "d", "e", "f"]);
+        let order: Vec<&Recipient> = all.iter().collect();
+        // a, b, d settled; c in flight; e and f not started (or cut off after the last write).
+        let p = progress("k", &order, &[true, true, false, true, false, false], None, false, now());
+        assert_eq!((p.through.as_str(), p.pending.clone()), ("d", vec!["c".to_string()]));
+        let served: Vec<&str> = ["a", "b", "c", "d", "e", "f"].into_iter().filter(|id| p.settled(id)).collect();
+        assert_eq!(served, ["a", "b", "d"], "a resume serves c, e and f, nobody else");
+    }
+
+    #[test]
+    fn a_resume_never_moves_progress_back() {
+        let all = recipients(&["a", "b", "c", "d", "e", "f"]);
+        let first: Vec<&Recipient> = all.iter().collect();
+        let earlier = progress("k", &first, &[true, false, true, true, false, false], None, false, now());
+        assert_eq!((earlier.through.as_str(), earlier.pending.clone()), ("d", vec!["b".to_string()]));
+        // The resume's recipients are those not settled: b, e, f. Only b is done when it writes.
+        let second: Vec<&Recipient> = all.iter().filter(|r| !earlier.settled(&r.connection_id)).collect();
+        let ids: Vec<&str> = second.iter().map(|r| r.connection_id.as_str()).collect();
+        assert_eq!(ids, ["b", "e", "f"]);
+        let p = progress("k", &second, &[true, false, false], Some(&earlier), false, now());
+        assert_eq!(p.through, "d", "not back to b: c and d were served");
+        assert!(p.pending.is_empty());
+        assert!(["a", "b", "c", "d"].iter().all(|id| p.settled(id)) && !p.settled("e") && !p.settled("f"));
+        let done = progress("k", &second, &[true, true, true], Some(&earlier), true, now());
+        assert!(done.complete && done.settled("zzz"));
+    }
+
+    #[test]
+    fn a_pending_list_past_its_cap_lowers_through_and_skips_nobody() {
+        let ids: Vec<String> = (0..MAX_PENDING + 10).map(|i| format!("c{i:06}")).collect();
+        let all = recipients(&ids.iter().map(String::as_str).collect::<Vec<_>>());
+        let order: Vec<&Recipient> = all.iter().collect();
+        // Only the last one settled: every other is pending below it.
+        let mut settled = vec![false; order.len()];
+        *settled.last_mut().unwrap() = true;
+        let p = progress("k", &order, &settled, None, false, now());
+        assert!(p.pending.len() <= MAX_PENDING);
+        let skipped: Vec<&String> = ids.iter().filter(|id| p.settled(id)).collect();
+        assert!(skipped.is_empty(), "{} unsettled recipients would be skipped", skipped.len());
+    }
 }

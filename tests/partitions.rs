@@ -1,0 +1,96 @@
+//! DynamoDB as one partition allows it: moto behind `roomcast::partitions`, which charges every
+//! call's read and write units to its partition key and answers
+//! `ProvisionedThroughputExceededException` once a key's budget is spent. A hot room shows up as
+//! it would in AWS — throttled, then served by the SDK's retries — while other rooms are not.
+//! The budgets here are small (30 read units a second) so that moto, which takes seconds to
+//! read 10,000 items, can exceed them; the defaults are DynamoDB's 3,000 and 1,000.
+
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
+use roomcast::model::{Clock, JoinReason, SystemClock};
+use roomcast::partitions::{PartitionLimits, Partitions};
+use roomcast_tests::Table;
+
+/// `size` memberships of tenant acme's `room`, written to moto directly (not charged).
+async fn seed_room(table: &Table, room: &str, size: usize) {
+    let now = SystemClock.now();
+    let requests: Vec<WriteRequest> = (0..size)
+        .map(|i| {
+            let connection =
+                roomcast_tests::test_connection(&format!("{room}-{i:05}"), "acme", &format!("u{i}"), &[room], now);
+            let membership = connection.membership(room, JoinReason::Connect, now);
+            let item: serde_dynamo::Item = serde_dynamo::to_item(&membership).unwrap();
+            WriteRequest::builder()
+                .put_request(PutRequest::builder().set_item(Some(item.into())).build().unwrap())
+                .build()
+        })
+        .collect();
+    let sdk = roomcast_tests::sdk_config().await;
+    let moto = roomcast::config::dynamodb_client(&sdk, Some(&roomcast_tests::moto_endpoint()));
+    let name = table.dynamo.as_ref().unwrap().table().to_string();
+    for chunk in requests.chunks(25) {
+        moto.batch_write_item().request_items(&name, chunk.to_vec()).send().await.expect("batch write to moto");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_room_is_throttled_and_served_while_a_quiet_room_is_not_throttled() {
+    let moto = roomcast_tests::moto_endpoint();
+    // 30 read units a second: one read of 1,000 memberships (~65 units) puts the key in debt
+    // for two seconds.
+    let limits = PartitionLimits { latency: Duration::from_millis(2), read_units: 30.0, write_units: 1000.0 };
+    let partitions = Partitions::start(&moto, limits).await.unwrap();
+    let table = Table::dynamodb_behind(&partitions).await;
+    seed_room(&table, "hot", 1000).await;
+    seed_room(&table, "quiet", 10).await;
+    partitions.reset();
+
+    let mut served = 0;
+    let mut refused = Vec::new();
+    while served < 3 {
+        match table.store.room_members("acme", "hot", SystemClock.now()).await {
+            Ok(members) => {
+                assert_eq!(members.len(), 1000);
+                served += 1;
+            }
+            // The SDK's own retries ran out: what the processor reports for Lambda to retry.
+            Err(err) => refused.push(err.to_string()),
+        }
+        let quiet = table.store.room_members("acme", "quiet", SystemClock.now()).await.unwrap();
+        assert_eq!(quiet.len(), 10);
+        assert!(refused.len() < 10, "the hot room was never served again: {refused:?}");
+    }
+    let hot = partitions.stats("ROOM#acme#hot");
+    let quiet = partitions.stats("ROOM#acme#quiet");
+    assert!(hot.throttled > 0, "1,000 memberships read three times within 30 units a second: {hot:?}");
+    for err in &refused {
+        assert!(err.contains("ProvisionedThroughputExceeded"), "{err}");
+    }
+    assert_eq!(quiet.throttled, 0, "another room's key has its own budget: {quiet:?}");
+    // What each read of the hot room cost, as DynamoDB counts it: its items' bytes / 4 KB.
+    assert_eq!(hot.items_read, 3000);
+    let per_read = hot.read_units / 3.0;
+    let expected = hot.bytes_read as f64 / 3.0 / 4096.0;
+    assert!((per_read - expected).abs() <= 1.0, "{per_read} units a read for {expected:.1} × 4 KB: {hot:?}");
+    assert!(per_read > 50.0, "1,000 memberships are more than 200 KB: {hot:?}");
+}
+
+/// The layer passes everything else through: the table is made, written and its stream read as
+/// without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_the_layer_are_charged_to_their_keys() {
+    let moto = roomcast_tests::moto_endpoint();
+    let partitions = Partitions::start(&moto, PartitionLimits::default()).await.unwrap();
+    let mut table = Table::dynamodb_behind(&partitions).await;
+    let now = SystemClock.now();
+    let connection = roomcast_tests::test_connection("c1", "acme", "ann", &["lobby"], now);
+    let membership = connection.membership("lobby", JoinReason::Connect, now);
+    table.store.put_connection(&connection, &[membership]).await.unwrap();
+    let records = table.stream.drain().await;
+    assert_eq!(records.len(), 2, "the connection and its membership reach the stream");
+    let room = partitions.stats("ROOM#acme#lobby");
+    let conn = partitions.stats("CONN#c1");
+    assert_eq!((room.write_units, conn.write_units), (2.0, 2.0), "one unit each, doubled in a transaction");
+    assert_eq!(room.throttled + conn.throttled, 0);
+}
