@@ -51,7 +51,7 @@ impl Default for PartitionLimits {
 }
 
 /// What one partition key saw.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct KeyStats {
     pub read_units: f64,
     pub write_units: f64,

@@ -30,6 +30,9 @@ pub struct FanoutOptions {
     pub account: AccountSettings,
     /// The deliverer's ceiling on calls in flight (`ROOMCAST_DELIVERY_CONCURRENCY`).
     pub concurrency: usize,
+    /// A DynamoDB API (moto) for the processor's reads, behind one partition's limits
+    /// ([`crate::partitions`], run in the endpoint's process); the embedded store otherwise.
+    pub dynamodb_endpoint: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -62,10 +65,24 @@ pub struct RoomRun {
     /// Every member served exactly `messages` times.
     pub served_once_each: bool,
     pub batch_failed: bool,
+    /// With `--dynamodb-endpoint`: what reading the room cost, per message.
+    pub reads: Option<Reads>,
+}
+
+/// What one message's fan-out read from the room's partition key.
+#[derive(Clone, Debug, Serialize)]
+pub struct Reads {
+    pub items_per_message: f64,
+    pub kib_per_message: f64,
+    pub read_units_per_message: f64,
+    /// The room key's read units a second over the batch, over one partition's 3,000.
+    pub fraction_of_partition: f64,
+    /// Reads of the room's key answered ProvisionedThroughputExceededException.
+    pub throttled: u64,
 }
 
 pub async fn run(options: &FanoutOptions) -> anyhow::Result<FanoutReport> {
-    let endpoint = Endpoint::start(&options.binary, options.account).await?;
+    let endpoint = Endpoint::start(&options.binary, options.account, options.dynamodb_endpoint.as_deref()).await?;
     let mut rooms = Vec::new();
     for &size in &options.room_sizes {
         rooms.push(run_room(&endpoint, options, size).await?);
@@ -110,6 +127,14 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
     }
     // The seeding's own records (welcomes, presence) are not what this measures.
     while stream.try_recv().is_ok() {}
+    // With DynamoDB, the processor reads the room there (through the partition layer); the
+    // embedded store only makes the stream records.
+    let dynamo = match (&options.dynamodb_endpoint, &endpoint.layer) {
+        (Some(moto), Some(layer)) => {
+            Some(seed_dynamodb(moto, layer, &store, &tenant, &room, size, metrics.clone()).await?)
+        }
+        _ => None,
+    };
     let sender = sender.ok_or_else(|| anyhow::anyhow!("a room needs at least one member"))?;
     for seq in 0..options.messages {
         let message = Message::new(&sender, &room, format!("bench {seq}"), clock.now(), 3600);
@@ -125,9 +150,13 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
         concurrency: options.concurrency,
         ..Default::default()
     };
+    let processor_store: Arc<dyn Store> = match &dynamo {
+        Some(dynamo) => dynamo.clone(),
+        None => store.clone(),
+    };
     let deliverer =
-        crate::deliver::Deliverer::new(sdk_config(), settings, store.clone(), clock.clone(), metrics.clone());
-    let processor = crate::pipeline::Processor::new(store.clone(), deliverer, clock, metrics, 8);
+        crate::deliver::Deliverer::new(sdk_config(), settings, processor_store.clone(), clock.clone(), metrics.clone());
+    let processor = crate::pipeline::Processor::new(processor_store, deliverer, clock, metrics, 8);
 
     endpoint.reset().await?;
     let cpu_before = super::cpu_seconds(std::process::id());
@@ -137,6 +166,21 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
     let cpu = super::cpu_seconds(std::process::id()).zip(cpu_before).map(|(after, before)| after - before);
     let counts = endpoint.counts().await?;
     let expected = (size * options.messages) as u64;
+    let reads = match dynamo {
+        Some(_) => {
+            let key = crate::model::room_pk(tenant.as_str(), &room);
+            let stats = endpoint.partition(&key).await?;
+            let per = |x: f64| x / options.messages as f64;
+            Some(Reads {
+                items_per_message: per(stats.items_read as f64),
+                kib_per_message: per(stats.bytes_read as f64 / 1024.0),
+                read_units_per_message: per(stats.read_units),
+                fraction_of_partition: stats.read_units / seconds / crate::partitions::READ_UNITS_PER_SECOND,
+                throttled: stats.throttled,
+            })
+        }
+        None => None,
+    };
     let deliveries_per_second = counts.answered as f64 / seconds;
     Ok(RoomRun {
         room_size: size,
@@ -153,7 +197,41 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
             && counts.least == options.messages as u64
             && counts.most == options.messages as u64,
         batch_failed: outcome.failure.is_some(),
+        reads,
     })
+}
+
+/// A table on `moto` holding the room's memberships (written to moto directly, not charged),
+/// and a store that reads it through the partition layer.
+async fn seed_dynamodb(
+    moto: &str,
+    layer: &str,
+    seeded: &crate::store::memory::MemoryStore,
+    tenant: &crate::model::Name,
+    room: &str,
+    size: usize,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<Arc<dyn crate::store::Store>> {
+    use crate::store::Store;
+    use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
+    let sdk = sdk_config();
+    let direct = crate::config::dynamodb_client(&sdk, Some(moto));
+    let table = format!("bench-fanout-{}-{size}", std::process::id());
+    crate::store::dynamodb::create_table(&direct, &table).await?;
+    let members = seeded.room_members(tenant.as_str(), room, chrono::Utc::now()).await?;
+    anyhow::ensure!(members.len() == size, "seeded {} members of {size}", members.len());
+    for chunk in members.chunks(25) {
+        let mut requests = Vec::with_capacity(chunk.len());
+        for membership in chunk {
+            let item: serde_dynamo::Item = serde_dynamo::to_item(membership)?;
+            requests.push(
+                WriteRequest::builder().put_request(PutRequest::builder().set_item(Some(item.into())).build()?).build(),
+            );
+        }
+        direct.batch_write_item().request_items(&table, requests).send().await?;
+    }
+    let through_layer = crate::config::dynamodb_client(&sdk, Some(layer));
+    Ok(Arc::new(crate::store::dynamodb::DynamoStore::new(through_layer, table).with_metrics(metrics)))
 }
 
 fn sdk_config() -> aws_config::SdkConfig {
@@ -175,6 +253,7 @@ impl FanoutReport {
         );
         out.push_str("| room | messages | deliveries | seconds | deliveries/s | × quota | CPU µs/delivery | 429s | peak in flight | each served once |\n");
         out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        let reads: Vec<&RoomRun> = self.rooms.iter().filter(|r| r.reads.is_some()).collect();
         for r in &self.rooms {
             out.push_str(&format!(
                 "| {} | {} | {}/{} | {:.2} | {:.0} | {:.2} | {:.1} | {} | {} | {} |\n",
@@ -190,6 +269,25 @@ impl FanoutReport {
                 r.peak_in_flight,
                 if r.served_once_each && !r.batch_failed { "yes" } else { "NO" },
             ));
+        }
+        if !reads.is_empty() {
+            out.push_str(
+                "\nReading the room (DynamoDB behind one partition's limits; CPU above includes no layer work):\n\n",
+            );
+            out.push_str("| room | items read / message | KiB / message | read units / message | × one partition's 3,000 units/s | throttled reads |\n");
+            out.push_str("|---:|---:|---:|---:|---:|---:|\n");
+            for r in reads {
+                let x = r.reads.as_ref().expect("filtered");
+                out.push_str(&format!(
+                    "| {} | {:.0} | {:.0} | {:.1} | {:.2} | {} |\n",
+                    r.room_size,
+                    x.items_per_message,
+                    x.kib_per_message,
+                    x.read_units_per_message,
+                    x.fraction_of_partition,
+                    x.throttled
+                ));
+            }
         }
         out
     }
@@ -213,24 +311,33 @@ pub struct EndpointCounts {
 struct Endpoint {
     url: String,
     base: String,
+    /// The partition layer in the endpoint's process, with `--dynamodb-upstream`.
+    layer: Option<String>,
     _child: tokio::process::Child,
 }
 
 impl Endpoint {
-    async fn start(binary: &std::path::Path, account: AccountSettings) -> anyhow::Result<Endpoint> {
+    async fn start(
+        binary: &std::path::Path,
+        account: AccountSettings,
+        dynamodb: Option<&str>,
+    ) -> anyhow::Result<Endpoint> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut command = tokio::process::Command::new(binary);
         command.args(["bench", "endpoint", "--port", &port.to_string()]);
         command.args(["--latency", &format!("{}ms", account.latency.as_secs_f64() * 1000.0)]);
         command.args(["--jitter", &format!("{}ms", account.jitter.as_secs_f64() * 1000.0)]);
         command.args(["--quota", &account.quota.unwrap_or(0.0).to_string()]);
+        if let Some(upstream) = dynamodb {
+            command.args(["--dynamodb-upstream", upstream]);
+        }
         let child = command
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {} bench endpoint: {e}", binary.display()))?;
         let base = format!("http://127.0.0.1:{port}");
-        let endpoint = Endpoint { url: format!("{base}/bench"), base, _child: child };
+        let mut endpoint = Endpoint { url: format!("{base}/bench"), base, layer: None, _child: child };
         let started = Instant::now();
         while endpoint.counts().await.is_err() {
             if started.elapsed() > Duration::from_secs(30) {
@@ -238,7 +345,17 @@ impl Endpoint {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        if dynamodb.is_some() {
+            let layer = crate::dev::api::request(&endpoint.base, http::Method::GET, "/_layer", Vec::new()).await?;
+            endpoint.layer = layer["endpoint"].as_str().map(str::to_string);
+        }
         Ok(endpoint)
+    }
+
+    async fn partition(&self, key: &str) -> anyhow::Result<crate::partitions::KeyStats> {
+        let path = format!("/_partitions?key={}", key.replace('#', "%23"));
+        let value = crate::dev::api::request(&self.base, http::Method::GET, &path, Vec::new()).await?;
+        Ok(serde_json::from_value(value)?)
     }
 
     async fn counts(&self) -> anyhow::Result<EndpointCounts> {
@@ -255,15 +372,25 @@ impl Endpoint {
 struct Served {
     account: Account,
     per_connection: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    partitions: Option<crate::partitions::Partitions>,
 }
 
-/// `roomcast bench endpoint`: serves `@connections` POSTs through the account until killed.
-pub async fn serve_endpoint(port: u16, account: AccountSettings) -> anyhow::Result<()> {
+/// `roomcast bench endpoint`: serves `@connections` POSTs through the account until killed,
+/// and, with `dynamodb_upstream`, the partition layer in front of it.
+pub async fn serve_endpoint(
+    port: u16,
+    account: AccountSettings,
+    dynamodb_upstream: Option<String>,
+) -> anyhow::Result<()> {
     use axum::extract::{Path, State};
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
 
-    let served = Arc::new(Served { account: Account::new(account), per_connection: Default::default() });
+    let partitions = match dynamodb_upstream {
+        Some(upstream) => Some(crate::partitions::Partitions::start(&upstream, Default::default()).await?),
+        None => None,
+    };
+    let served = Arc::new(Served { account: Account::new(account), per_connection: Default::default(), partitions });
     async fn post(State(s): State<Arc<Served>>, Path(id): Path<String>) -> axum::response::Response {
         let (_call, admitted) = s.account.admit();
         s.account.delay().await;
@@ -289,9 +416,24 @@ pub async fn serve_endpoint(port: u16, account: AccountSettings) -> anyhow::Resu
     async fn reset(State(s): State<Arc<Served>>) -> axum::Json<serde_json::Value> {
         s.per_connection.lock().unwrap_or_else(|p| p.into_inner()).clear();
         s.account.reset();
+        if let Some(partitions) = &s.partitions {
+            partitions.reset();
+        }
         axum::Json(serde_json::json!({}))
     }
+    async fn layer(State(s): State<Arc<Served>>) -> axum::Json<serde_json::Value> {
+        axum::Json(serde_json::json!({ "endpoint": s.partitions.as_ref().map(|p| p.endpoint.clone()) }))
+    }
+    async fn partition(
+        State(s): State<Arc<Served>>,
+        axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+    ) -> axum::Json<crate::partitions::KeyStats> {
+        let key = q.get("key").map(String::as_str).unwrap_or("");
+        axum::Json(s.partitions.as_ref().map(|p| p.stats(key)).unwrap_or_default())
+    }
     let app = axum::Router::new()
+        .route("/_layer", axum::routing::get(layer))
+        .route("/_partitions", axum::routing::get(partition))
         .route("/bench/@connections/{id}", axum::routing::post(post))
         .route("/_counts", axum::routing::get(counts))
         .route("/_reset", axum::routing::post(reset))

@@ -80,6 +80,10 @@ struct FanoutArgs {
     /// The deliverer's ceiling on calls in flight (ROOMCAST_DELIVERY_CONCURRENCY).
     #[arg(long, default_value_t = crate::deliver::DeliverySettings::default().concurrency)]
     concurrency: usize,
+    /// Read the room from this DynamoDB API (moto) through a layer imposing one partition's
+    /// latency and throughput, and report what each message read.
+    #[arg(long)]
+    dynamodb_endpoint: Option<String>,
     /// The report as JSON.
     #[arg(long)]
     json: bool,
@@ -96,6 +100,8 @@ struct EndpointArgs {
     /// 0: no quota.
     #[arg(long)]
     quota: f64,
+    #[arg(long)]
+    dynamodb_upstream: Option<String>,
 }
 
 pub async fn bench_main(args: BenchArgs) -> anyhow::Result<()> {
@@ -108,7 +114,7 @@ pub async fn bench_main(args: BenchArgs) -> anyhow::Result<()> {
                 quota: (e.quota > 0.0).then_some(e.quota),
                 burst: e.quota.max(1.0),
             };
-            return crate::bench::fanout::serve_endpoint(e.port, account).await;
+            return crate::bench::fanout::serve_endpoint(e.port, account, e.dynamodb_upstream).await;
         }
         None => {}
     }
@@ -151,6 +157,7 @@ async fn fanout_main(args: FanoutArgs) -> anyhow::Result<()> {
             burst: args.quota,
         },
         concurrency: args.concurrency.clamp(1, 600),
+        dynamodb_endpoint: args.dynamodb_endpoint,
     };
     let report = crate::bench::fanout::run(&options).await?;
     if args.json {
