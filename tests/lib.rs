@@ -219,6 +219,15 @@ impl Table {
         }
     }
 
+    /// The embedded store on `clock` (`"memory"`), or a new table on moto (`"dynamodb"`).
+    pub async fn on(kind: &str, clock: &Arc<ManualClock>) -> Table {
+        match kind {
+            "memory" => Table::memory(clock.clone()).await,
+            "dynamodb" => Table::dynamodb().await,
+            other => panic!("unknown store kind {other}"),
+        }
+    }
+
     pub async fn dynamodb() -> Table {
         let (store, arn) = moto_table().await;
         Table::on_moto(store, &arn).await
@@ -625,11 +634,7 @@ impl Stack {
     /// after the account's latency, and 429 past its quota ([`Recorder::start_as_aws`]).
     pub async fn as_aws(kind: &str, account: AccountSettings) -> Stack {
         let clock = ManualClock::starting_now();
-        let table = match kind {
-            "memory" => Table::memory(clock.clone()).await,
-            "dynamodb" => Table::dynamodb().await,
-            other => panic!("unknown store kind {other}"),
-        };
+        let table = Table::on(kind, &clock).await;
         let host = Arc::new(roomcast::plugins::PluginHost::new().expect("the plugin host"));
         let capacity = roomcast::plugins::registry::DEFAULT_CAPACITY;
         // The deployment's own deadline per recipient: a throttled account takes seconds.
@@ -639,11 +644,7 @@ impl Stack {
     /// A stack whose processor keeps at most `capacity` tenants' compiled plugins.
     pub async fn with_plugin_capacity(kind: &str, capacity: usize) -> Stack {
         let clock = ManualClock::starting_now();
-        let table = match kind {
-            "memory" => Table::memory(clock.clone()).await,
-            "dynamodb" => Table::dynamodb().await,
-            other => panic!("unknown store kind {other}"),
-        };
+        let table = Table::on(kind, &clock).await;
         let host = Arc::new(roomcast::plugins::PluginHost::new().expect("the plugin host"));
         let (account, delivery) =
             (AccountSettings::default(), DeliverySettings { deadline: TEST_DEADLINE, ..Default::default() });

@@ -1210,66 +1210,12 @@ async fn the_compiled_plugin_cache_is_bounded_and_evicted_tenants_reload(kind: &
 // ---------------------------------------------------------------------------------------------
 // What a cold load reads, on moto through a tap that counts what DynamoDB read.
 
-/// Items and bytes DynamoDB read for the calls that went through a [`ReadTap`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Read {
-    items: u64,
-    bytes: u64,
-}
-
-/// A proxy in front of moto that counts, per response, the items DynamoDB read — a query's
-/// `ScannedCount` (a filter does not make a read cheaper) or a `GetItem`'s item — and the
-/// bytes of those responses.
-struct ReadTap {
-    endpoint: String,
-    read: std::sync::Arc<std::sync::Mutex<Read>>,
-}
-
-impl ReadTap {
-    async fn start(upstream: String) -> ReadTap {
-        use axum::body::Body;
-        let read = std::sync::Arc::new(std::sync::Mutex::new(Read::default()));
-        let counted = read.clone();
-        let client = reqwest_like_client();
-        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-            let (upstream, counted, client) = (upstream.clone(), counted.clone(), client.clone());
-            async move {
-                let (parts, body) = request.into_parts();
-                let body = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
-                let mut forward = axum::http::Request::builder()
-                    .method(parts.method.clone())
-                    .uri(format!("{upstream}{}", parts.uri.path_and_query().map_or("/", |p| p.as_str())));
-                for (name, value) in &parts.headers {
-                    forward = forward.header(name, value);
-                }
-                let answer = client.request(forward.body(http_body_util::Full::new(body)).unwrap()).await.unwrap();
-                let (parts, body) = answer.into_parts();
-                let body = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
-                if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) {
-                    let items = json["ScannedCount"].as_u64().unwrap_or(u64::from(json.get("Item").is_some()));
-                    let mut read = counted.lock().unwrap();
-                    read.items += items;
-                    read.bytes += if items > 0 { body.len() as u64 } else { 0 };
-                }
-                axum::http::Response::from_parts(parts, Body::from(body))
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        ReadTap { endpoint, read }
-    }
-
-    fn take(&self) -> Read {
-        std::mem::take(&mut *self.read.lock().unwrap())
-    }
-}
-
-fn reqwest_like_client() -> hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Full<bytes::Bytes>,
-> {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+/// Items and bytes DynamoDB read, as `roomcast::partitions` counts them, over every key since
+/// the last call; the count starts afresh.
+fn take(tap: &roomcast::partitions::Partitions) -> (u64, u64) {
+    let read = tap.all().values().fold((0, 0), |(items, bytes), k| (items + k.items_read, bytes + k.bytes_read));
+    tap.reset();
+    read
 }
 
 /// A cold container loading a tenant's active plugin reads the `ACTIVE` pointer, that version's
@@ -1280,7 +1226,13 @@ async fn a_cold_load_reads_only_the_active_version_by_key() {
     use roomcast::rules::{Mode, TenantRules};
     let (store, _) = roomcast_tests::moto_table().await;
     let table = store.table_name().to_string();
-    let tap = ReadTap::start(roomcast_tests::moto_endpoint()).await;
+    // What DynamoDB read, counted by the partition layer (with budgets no test reaches).
+    let unbounded = roomcast::partitions::PartitionLimits {
+        latency: std::time::Duration::ZERO,
+        read_units: 1e12,
+        write_units: 1e12,
+    };
+    let tap = roomcast::partitions::Partitions::start(&roomcast_tests::moto_endpoint(), unbounded).await.unwrap();
     let sdk = roomcast_tests::sdk_config().await;
     let tapped: std::sync::Arc<dyn roomcast::store::Store> =
         std::sync::Arc::new(roomcast::store::dynamodb::DynamoStore::new(
@@ -1310,20 +1262,20 @@ async fn a_cold_load_reads_only_the_active_version_by_key() {
     tapped.set_plugin_status("acme", &active.version, PluginStatus::Active, None).await.unwrap();
     let others: u64 =
         tapped.plugins("acme").await.unwrap().iter().map(|m| m.size as u64).sum::<u64>() - active.size as u64;
-    tap.take();
+    take(&tap);
 
     let registry = std::sync::Arc::new(roomcast::plugins::registry::Registry::new(host, Default::default()));
     let rules = roomcast::plugins::PluginRules::new(registry.clone(), tapped.clone());
     rules.refresh("acme", Mode::Execute).await.unwrap();
     assert_eq!(registry.installed_version("acme"), Some(active.version.clone()));
-    let read = tap.take();
+    let (items, bytes) = take(&tap);
     println!(
-        "cold load of a {} byte version beside {others} bytes of other versions: {} items, {} bytes read",
-        active.size, read.items, read.bytes
+        "cold load of a {} byte version beside {others} bytes of other versions: {items} items, {bytes} bytes read",
+        active.size
     );
     // The pointer, the metadata, and the version's chunks.
-    assert_eq!(read.items, 2 + active.chunks as u64, "{read:?}");
-    assert!(read.bytes < active.size as u64 * 2 + 10_000, "{read:?}: the other versions' bytes were read too");
+    assert_eq!(items, 2 + active.chunks as u64, "{items} items, {bytes} bytes");
+    assert!(bytes < active.size as u64 * 2 + 10_000, "{bytes} bytes: the other versions' bytes were read too");
 }
 
 /// All plugin instances of a process share one memory budget: eight messages at once whose

@@ -10,7 +10,8 @@
 //!
 //! Units are counted from the items, as DynamoDB counts them: an item's size is its attribute
 //! names and values in bytes ([`item_size`]); a strongly consistent read costs one unit per 4 KB
-//! (an eventually consistent one half), summed over a page's items before rounding; a write
+//! (an eventually consistent one half), summed over a page's items before rounding (a query's
+//! scanned items, which a filter does not make cheaper); a write
 //! costs one unit per KB of the item written (`PutItem`; `UpdateItem` and `DeleteItem` are
 //! counted as one unit, the layer not knowing the stored item's size), twice inside a
 //! transaction. A call's units are taken from its key's budget once it is answered, so a budget
@@ -299,8 +300,15 @@ fn costs(operation: &str, request: &Value, answer: &Value) -> Costs {
         }
         "Query" => {
             let items = answer.get("Items").and_then(Value::as_array).cloned().unwrap_or_default();
-            let bytes: u64 = items.iter().map(item_size).sum();
-            out.extend(query_key(request).map(|k| (k, read_units(bytes), 0.0, bytes, items.len() as u64)));
+            let returned: u64 = items.iter().map(item_size).sum();
+            // A filter makes no read cheaper: DynamoDB charges the items it scanned. Their size
+            // is taken to be the returned items' average.
+            let scanned = answer.get("ScannedCount").and_then(Value::as_u64).unwrap_or(items.len() as u64);
+            let bytes = match items.len() as u64 {
+                0 => 0,
+                n => returned * scanned.max(n) / n,
+            };
+            out.extend(query_key(request).map(|k| (k, read_units(bytes), 0.0, bytes, scanned.max(items.len() as u64))));
         }
         "PutItem" => {
             let item = request.get("Item").cloned().unwrap_or(Value::Null);
