@@ -172,3 +172,28 @@ async fn a_fan_out_cut_off_by_the_deadline_resumes_where_it_stopped() {
     each_got_it_once(&stack, &members, "cut off");
     assert_eq!(stack.processor.counts().resumed_skips, skipped + members.len() as u64);
 }
+
+/// Frames for one recipient — each connection's `welcome` — meeting the account's throttling:
+/// nobody answering 429 because the account is over its quota is closed as a slow consumer;
+/// every connection is welcomed, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcomes_under_a_throttled_account_close_no_one() {
+    let throttled =
+        AccountSettings { latency: Duration::from_millis(2), jitter: Duration::ZERO, quota: Some(10.0), burst: 2.0 };
+    let mut stack = Stack::as_aws("memory", throttled).await;
+    let settings = TenantSettings { presence_announce_max_users: Some(0), ..TenantSettings::new("acme") };
+    stack.table.store.put_tenant_settings(&settings).await.unwrap();
+    let ids: Vec<String> = (0..40).map(|i| format!("w{i:02}")).collect();
+    for id in &ids {
+        assert_eq!(stack.connect(id, "acme", id, "lobby").await.status_code, 200);
+    }
+    // 40 welcomes at 10 a second: four seconds of 429s, longer than the slow-consumer budget.
+    stack.pump().await;
+    for id in &ids {
+        assert_eq!(stack.recorder.received_action(id, "welcome").len(), 1, "{id} was not welcomed once");
+    }
+    assert!(stack.recorder.account().throttled() > 0, "the quota never bit: the test shows nothing");
+    assert_eq!(stack.recorder.deleted(), Vec::<String>::new(), "a connection was closed for the account's quota");
+    assert_eq!(stack.processor.counts().slow_consumers, 0);
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+}
