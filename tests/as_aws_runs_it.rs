@@ -579,6 +579,9 @@ async fn a_slow_consumer_never_stalls_its_room_or_passes_the_deadline() {
         assert!(to_bob.iter().any(|m| m["id"] == id.as_str()), "bob never got {id}: {to_bob:?}");
     }
     assert!(aws.recorder.deleted().contains(&"c-slow".to_string()), "the slow consumer was not closed");
+    // Before judging it, the processor asked GetConnection whether the 429s were the account's,
+    // under its policy (`assert_allowed` above fails a call the template does not allow).
+    assert!(aws.recorder.probed().contains(&"c-slow".to_string()), "GetConnection was not asked");
     let logs = aws.lambdas["ProcessorFunction"].logs();
     assert!(logs.contains("\"slow_consumers\":1"), "slow_consumers not counted:\n{logs}");
 }

@@ -107,8 +107,8 @@ async fn one_full_client_is_still_a_slow_consumer() {
 }
 
 /// Five clients whose buffers stay full, in a room of 50: five connections answering 429 at once
-/// is not the account throttling. All five are closed as slow consumers, the others are served,
-/// and the limit on calls in flight is not ground down by their retries.
+/// are not taken for the account throttling for long (their repeated 429s are not fresh calls,
+/// and `GetConnection` answers them): all five are closed as slow consumers, the others served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_full_clients_are_each_closed_and_do_not_pass_for_the_account() {
     let loopback =
@@ -146,7 +146,8 @@ async fn a_fan_out_cut_off_by_the_deadline_resumes_where_it_stopped() {
     let records = stack.table.stream.drain().await;
     assert_eq!(records.len(), 1, "the message record");
     let event = json!({ "Records": records });
-    // The invocation must answer within 2.8 s: its work ends 1 s before, its sends 0.3 s before that.
+    // The invocation must answer within 2.8 s: its work ends 1 s before; a big fan-out starts no
+    // call in its last 0.4 s.
     let deadline = std::time::Instant::now() + Duration::from_millis(2800);
     let first = stack.processor.handle_event_until(&event, Some(deadline)).await.unwrap();
     assert_eq!(first.batch_item_failures.len(), 1, "the cut-off record is reported for redelivery");

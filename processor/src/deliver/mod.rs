@@ -109,8 +109,8 @@ pub const RESUMABLE_RECIPIENTS: usize = 1000;
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// A big fan-out starts no call this long before the batch's window ends…
 pub const PROGRESS_RESERVE: Duration = Duration::from_millis(400);
-/// …and its calls in flight end this long before it, which is also how long a progress read or
-/// write may take.
+/// …its calls in flight end twice this long before it, and a progress read or write takes at
+/// most this long.
 pub const PROGRESS_WRITE: Duration = Duration::from_millis(150);
 
 /// How long a batch, its own work done, still waits for young connections' retries.
@@ -203,6 +203,27 @@ impl Window {
     }
 }
 
+/// Whether an outcome needs no further attempt: served, gone, or given up on. A young
+/// connection's set-aside frame (`Deferred`) and an unfinished one do: a redelivery tries them.
+fn counts_as_settled(outcome: &Outcome) -> bool {
+    !matches!(outcome, Outcome::Unfinished(_) | Outcome::Deferred)
+}
+
+/// Writes a big fan-out's progress by `by`; a failure is logged and counted, never an error.
+async fn progress_write(inner: &Inner, progress: &crate::model::FanoutProgress, by: Instant) {
+    match tokio::time::timeout_at(by.into(), inner.store.put_fanout_progress(progress)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(key = %progress.pk, error = %err, "fan-out progress not written");
+            Metrics::add(&inner.metrics.progress_failures, 1);
+        }
+        Err(_) => {
+            tracing::warn!(key = %progress.pk, "fan-out progress not written in time");
+            Metrics::add(&inner.metrics.progress_failures, 1);
+        }
+    }
+}
+
 /// The most connection ids a progress item lists as pending (~150 KB, well under DynamoDB's
 /// 400 KB item limit); past it, `through` is lowered, which serves more again and skips nobody.
 pub const MAX_PENDING: usize = 5000;
@@ -276,6 +297,9 @@ struct Inner {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     limit: AdaptiveLimit,
+    /// Connections whose last calls answered 429, and how many in a row: kept across records,
+    /// so a slow client stops counting as a fresh call after its first few, whatever the message.
+    streaks: Mutex<HashMap<String, u32>>,
 }
 
 impl Deliverer {
@@ -287,7 +311,16 @@ impl Deliverer {
         metrics: Arc<Metrics>,
     ) -> Deliverer {
         let limit = AdaptiveLimit::new(settings.initial_concurrency, settings.concurrency);
-        let inner = Inner { sdk, clients: Mutex::new(HashMap::new()), settings, store, clock, metrics, limit };
+        let inner = Inner {
+            sdk,
+            clients: Mutex::new(HashMap::new()),
+            settings,
+            store,
+            clock,
+            metrics,
+            limit,
+            streaks: Mutex::new(HashMap::new()),
+        };
         Deliverer { inner: Arc::new(inner), dry_run: false }
     }
 
@@ -355,7 +388,7 @@ impl Deliverer {
                             for result in results {
                                 sent.push(result?);
                             }
-                            outcomes.extend(self.judge_slow(sent, window, window.finish_by).await);
+                            outcomes.extend(self.judge_slow(sent, window, window.finish_by, false).await);
                         }
                     }
                 }
@@ -378,8 +411,9 @@ impl Deliverer {
     }
 
     /// One frame to many, in connection-id order, with its progress kept in the table (see
-    /// [`Deliverer::apply`]). No call starts later than [`PROGRESS_RESERVE`] before the window
-    /// ends, and calls in flight end [`PROGRESS_WRITE`] before it, so that what was served is
+    /// [`Deliverer::apply`]). No call starts later than [`PROGRESS_RESERVE`] (400 ms) before the
+    /// window ends, and calls in flight end 2 × [`PROGRESS_WRITE`] (300 ms) before it, so that
+    /// what was served is
     /// known and written before the invocation's time is up. Progress is a saving, never a
     /// condition: a read or write that fails is logged and counted (`progress_failures`), and
     /// the fan-out goes on.
@@ -395,12 +429,19 @@ impl Deliverer {
         order.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
         if let Some(earlier) = &earlier {
             let before = order.len();
-            order.retain(|r| !earlier.settled(&r.connection_id));
+            let pending: HashSet<&str> = earlier.pending.iter().map(String::as_str).collect();
+            order.retain(|r| {
+                let id = r.connection_id.as_str();
+                !(earlier.complete || (id <= earlier.through.as_str() && !pending.contains(id)))
+            });
             Metrics::add(&self.inner.metrics.resumed_skips, (before - order.len()) as u64);
             tracing::info!(key, skipped = before - order.len(), left = order.len(), "fan-out resumes where it stopped");
         }
         let cut = |margin: Duration| window.finish_by.map(|at| at.checked_sub(margin).unwrap_or(at));
-        let (start_by, finish_by) = (cut(PROGRESS_RESERVE), cut(PROGRESS_WRITE));
+        // No call starts in the last PROGRESS_RESERVE; calls, then slow consumers' closing, end
+        // by 2 × PROGRESS_WRITE before the window; the last write has the PROGRESS_WRITE before it.
+        let (start_by, finish_by, write_by) =
+            (cut(PROGRESS_RESERVE), cut(PROGRESS_WRITE * 2), cut(Duration::from_millis(10)));
         let body = Blob::new(payload.to_json());
         let sends: Vec<_> = order
             .iter()
@@ -416,23 +457,34 @@ impl Deliverer {
         let mut settled = vec![false; order.len()];
         let mut sent = Vec::with_capacity(order.len());
         let mut written = Instant::now();
+        // The periodic write runs beside the sends (awaiting it here would stop them polling).
+        let mut writing: Option<tokio::task::JoinHandle<()>> = None;
         while let Some(result) = running.next().await {
             let (i, to, outcome) = result?;
-            settled[i] = matches!(&outcome, Sent::Done(o) if !matches!(o, Outcome::Unfinished(_)));
+            settled[i] = matches!(&outcome, Sent::Done(o) if counts_as_settled(o));
             sent.push((to, outcome));
-            if written.elapsed() >= PROGRESS_EVERY {
-                self.progress_write(&progress(key, &order, &settled, earlier.as_ref(), false, self.inner.clock.now()))
-                    .await;
+            if written.elapsed() >= PROGRESS_EVERY && writing.as_ref().is_none_or(|w| w.is_finished()) {
+                let snapshot = progress(key, &order, &settled, earlier.as_ref(), false, self.inner.clock.now());
+                let inner = self.inner.clone();
+                let by = Instant::now() + PROGRESS_WRITE;
+                writing = Some(tokio::spawn(async move { progress_write(&inner, &snapshot, by).await }));
                 written = Instant::now();
             }
         }
         drop(running);
-        let outcomes = self.judge_slow(sent, window, finish_by).await;
-        let unfinished: HashSet<&str> =
-            outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Unfinished(_))).map(|(id, _)| id.as_str()).collect();
-        let settled: Vec<bool> = order.iter().map(|r| !unfinished.contains(r.connection_id.as_str())).collect();
-        let now = self.inner.clock.now();
-        self.progress_write(&progress(key, &order, &settled, earlier.as_ref(), unfinished.is_empty(), now)).await;
+        // An earlier attempt settled some: the frame has been served, so recipients still
+        // answering 429 now are not all of it.
+        let outcomes = self.judge_slow(sent, window, finish_by, earlier.is_some()).await;
+        let unsettled: HashSet<&str> =
+            outcomes.iter().filter(|(_, o)| !counts_as_settled(o)).map(|(id, _)| id.as_str()).collect();
+        let settled: Vec<bool> = order.iter().map(|r| !unsettled.contains(r.connection_id.as_str())).collect();
+        if let Some(writing) = writing {
+            // The last write must not be overtaken by an older one.
+            let _ = tokio::time::timeout(PROGRESS_WRITE, writing).await;
+        }
+        let last = progress(key, &order, &settled, earlier.as_ref(), unsettled.is_empty(), self.inner.clock.now());
+        let by = write_by.unwrap_or_else(|| Instant::now() + PROGRESS_WRITE);
+        progress_write(&self.inner, &last, by).await;
         Ok(outcomes)
     }
 
@@ -449,20 +501,6 @@ impl Deliverer {
                 tracing::warn!(key, "fan-out progress not read in time: serving every member");
                 Metrics::add(&self.inner.metrics.progress_failures, 1);
                 None
-            }
-        }
-    }
-
-    async fn progress_write(&self, progress: &crate::model::FanoutProgress) {
-        match tokio::time::timeout(PROGRESS_WRITE, self.inner.store.put_fanout_progress(progress)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => {
-                tracing::warn!(key = %progress.pk, error = %err, "fan-out progress not written");
-                Metrics::add(&self.inner.metrics.progress_failures, 1);
-            }
-            Err(_) => {
-                tracing::warn!(key = %progress.pk, "fan-out progress not written in time");
-                Metrics::add(&self.inner.metrics.progress_failures, 1);
             }
         }
     }
@@ -505,8 +543,9 @@ impl Deliverer {
         sent: Vec<(&Recipient, Sent)>,
         window: &Window,
         finish_by: Option<Instant>,
+        served_before: bool,
     ) -> Vec<(String, Outcome)> {
-        let served = sent.iter().any(|(_, s)| matches!(s, Sent::Done(Outcome::Delivered)));
+        let served = served_before || sent.iter().any(|(_, s)| matches!(s, Sent::Done(Outcome::Delivered)));
         let slow = sent.iter().filter(|(_, s)| matches!(s, Sent::Slow)).count();
         let everyone_throttled = !served && slow == sent.len() && sent.len() > 1;
         let mut outcomes = Vec::with_capacity(sent.len());
@@ -591,16 +630,22 @@ impl Inner {
         let mut backoff = self.settings.initial_backoff;
         // 429s in a row, and since when they count against the client (not while the account
         // is throttling).
-        let mut streak = 0u32;
         let mut throttled_since: Option<Instant> = None;
         let mut counted = 0u32;
         loop {
             let slot = match slot.take() {
                 Some(slot) => Ok(slot),
-                None => tokio::time::timeout_at(start_limit.into(), self.limit.acquire(streak)).await,
+                None => {
+                    tokio::time::timeout_at(start_limit.into(), self.limit.acquire(self.streak(&to.connection_id)))
+                        .await
+                }
             };
             let attempt = match slot {
                 Err(_) => Attempt::Retry("no room for another call in flight before the deadline".into()),
+                Ok(slot) if Instant::now() >= start_limit => {
+                    drop(slot);
+                    Attempt::Retry("no time left to start another call".into())
+                }
                 Ok(slot) => {
                     let left = limit.saturating_duration_since(Instant::now());
                     let call = client.post_to_connection().connection_id(&to.connection_id).data(body.clone()).send();
@@ -648,7 +693,7 @@ impl Inner {
             };
             if why_retry.starts_with("429") {
                 Metrics::add(&self.metrics.throttled, 1);
-                streak += 1;
+                self.note_429(&to.connection_id);
                 if self.limit.account_throttled() {
                     // The account's quota, not this client: retried, never held against it.
                     Metrics::add(&self.metrics.account_throttled, 1);
@@ -660,11 +705,19 @@ impl Inner {
                     // Slow: 429s for the whole budget, and on enough attempts that a slot's wait
                     // between them cannot make two 429s look like two seconds of them.
                     if since.elapsed() >= self.settings.slow_consumer && counted >= limit::STREAK {
-                        return Ok(Sent::Slow);
+                        // One more question before blaming the client: a `GetConnection` that
+                        // answers 429 too says the account is throttled (its buffer is not).
+                        if self.account_says_throttled(to, limit).await {
+                            Metrics::add(&self.metrics.account_throttled, 1);
+                            throttled_since = None;
+                            counted = 0;
+                        } else {
+                            return Ok(Sent::Slow);
+                        }
                     }
                 }
             } else {
-                streak = 0;
+                self.clear_streak(&to.connection_id);
                 throttled_since = None;
                 counted = 0;
             }
@@ -683,6 +736,47 @@ impl Inner {
             Metrics::add(&self.metrics.retried, 1);
             tokio::time::sleep(jitter(backoff)).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// How many 429s in a row the connection has answered, across records.
+    fn streak(&self, connection_id: &str) -> u32 {
+        self.streaks.lock().unwrap_or_else(|p| p.into_inner()).get(connection_id).copied().unwrap_or(0)
+    }
+
+    fn note_429(&self, connection_id: &str) {
+        let mut streaks = self.streaks.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: a process never remembers more than this many throttled connections.
+        if streaks.len() >= 100_000 && !streaks.contains_key(connection_id) {
+            streaks.clear();
+        }
+        *streaks.entry(connection_id.to_string()).or_default() += 1;
+    }
+
+    fn clear_streak(&self, connection_id: &str) {
+        let mut streaks = self.streaks.lock().unwrap_or_else(|p| p.into_inner());
+        if !streaks.is_empty() {
+            streaks.remove(connection_id);
+        }
+    }
+
+    /// Asks `GetConnection` about a connection whose sends keep answering 429: a 429 to that too
+    /// is the account's quota (a client's full buffer throttles only what is sent to it). Any
+    /// other answer leaves the blame with the client.
+    async fn account_says_throttled(&self, to: &Recipient, by: Instant) -> bool {
+        let endpoint = self.settings.endpoint_override.as_deref().unwrap_or(&to.endpoint);
+        let left = by.saturating_duration_since(Instant::now()).min(self.settings.call_timeout);
+        let asked = self.client(endpoint).get_connection().connection_id(&to.connection_id).send();
+        match tokio::time::timeout(left, asked).await {
+            Ok(Err(err)) => {
+                let status = err.raw_response().map(|r| r.status().as_u16());
+                let throttled = status == Some(429);
+                if throttled {
+                    tracing::info!(connection_id = %to.connection_id, "GetConnection answers 429 too: the account is throttled, not the client");
+                }
+                throttled
+            }
+            _ => false,
         }
     }
 
