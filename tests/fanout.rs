@@ -198,3 +198,34 @@ async fn welcomes_under_a_throttled_account_close_no_one() {
     assert_eq!(stack.processor.counts().slow_consumers, 0);
     assert!(stack.failures.is_empty(), "{:?}", stack.failures);
 }
+
+/// A big fan-out cut off while only its slow clients were left: on redelivery those two are all
+/// that remains, and the frame was served to everyone else before, so they are judged slow
+/// consumers and closed — the record does not fail again and again until the dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_fan_out_left_with_only_slow_clients_closes_them_and_finishes() {
+    let fast = AccountSettings { latency: Duration::from_millis(2), jitter: Duration::ZERO, quota: None, burst: 1.0 };
+    let mut stack = Stack::as_aws("memory", fast).await;
+    let members = room_of(&mut stack, 1100).await;
+    let slow = ["m1098", "m1099"];
+    for id in slow {
+        stack.recorder.script(id, &[429; 10_000]);
+    }
+    let sent = stack.send("m000", json!({"action": "sendMessage", "room": "big", "message": "two are full"})).await;
+    assert_eq!(sent["action"], "ack", "{sent}");
+    let event = json!({ "Records": stack.table.stream.drain().await });
+    // 2.8 s to answer: the others are served at once, the two full clients are still within
+    // their 2-second budget when the fan-out's calls must stop (1.4 s).
+    let deadline = std::time::Instant::now() + Duration::from_millis(2800);
+    let first = stack.processor.handle_event_until(&event, Some(deadline)).await.unwrap();
+    assert_eq!(first.batch_item_failures.len(), 1, "cut off with the two full clients unfinished");
+    assert!(stack.recorder.deleted().is_empty(), "nobody judged yet: {:?}", stack.recorder.deleted());
+
+    let second = stack.processor.handle_event(&event).await.unwrap();
+    assert!(second.batch_item_failures.is_empty(), "the redelivery failed again: {second:?}");
+    let mut closed = stack.recorder.deleted();
+    closed.sort();
+    assert_eq!(closed, slow, "the two full clients are closed as slow consumers");
+    let others: Vec<String> = members.iter().filter(|m| !slow.contains(&m.as_str())).cloned().collect();
+    each_got_it_once(&stack, &others, "two are full");
+}
