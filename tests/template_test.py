@@ -189,7 +189,8 @@ class Template(unittest.TestCase):
         own = {name: a["Properties"] for name, a in self.of_type("AWS::CloudWatch::Alarm").items()
                if a["Properties"]["Namespace"] == "Roomcast"}
         self.assertEqual({p["MetricName"] for p in own.values()},
-                         {"failed", "gone", "slow_consumers", "plugin_faults", "corrupt_items"})
+                         {"failed", "gone", "slow_consumers", "plugin_faults", "corrupt_items",
+                          "account_throttled", "progress_failures"})
         for name, p in own.items():
             self.assertIn(p["MetricName"], counters, f"{name}: the processor emits no such counter")
             self.assertEqual(p["Dimensions"], [{"Name": "FunctionName", "Value": {"Ref": "ProcessorFunction"}}], name)

@@ -119,6 +119,8 @@ impl Counts {
             slow_consumers = self.slow_consumers,
             retried = self.retried,
             failed = self.failed,
+            resumed_skips = self.resumed_skips,
+            progress_failures = self.progress_failures,
             platform_failures = self.platform_failures,
             out_of_time = self.out_of_time,
             young_dropped = self.young_dropped,
