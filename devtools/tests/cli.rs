@@ -395,6 +395,46 @@ fn bench_drives_the_local_stack_and_reports_every_figure() {
     assert!(report["memory"]["rss_after_mib"].as_f64().unwrap() > 1.0, "{report}");
 }
 
+/// `roomcast bench fanout` at a small scale, on the embedded store and on moto behind the
+/// partition layer: its `@connections` child answers every member, each message once, and the
+/// report carries every figure. No speed is asserted.
+#[test]
+fn bench_fanout_serves_each_member_once_and_reports_the_reads() {
+    let endpoint = std::env::var("ROOMCAST_TEST_DYNAMODB_ENDPOINT")
+        .expect("ROOMCAST_TEST_DYNAMODB_ENDPOINT: run scripts/test, which starts moto and sets it");
+    for with_table in [false, true] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_roomcast"));
+        command.args(["bench", "fanout", "--room-sizes", "40,1100", "--messages", "2", "--latency", "2ms"]);
+        command.args(["--quota", "20000", "--json"]);
+        if with_table {
+            command.args(["--dynamodb-endpoint", &endpoint]);
+        }
+        let out = command
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .output()
+            .expect("run roomcast bench fanout");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+        let rooms = report["rooms"].as_array().unwrap();
+        assert_eq!(rooms.len(), 2, "{report}");
+        for (room, size) in rooms.iter().zip([40u64, 1100]) {
+            assert_eq!(room["room_size"].as_u64(), Some(size), "{room}");
+            assert_eq!(room["deliveries"].as_u64(), Some(2 * size), "{room}");
+            assert_eq!(room["served_once_each"], true, "{room}");
+            assert_eq!(room["batch_failed"], false, "{room}");
+            assert!(room["cpu_us_per_delivery"].as_f64().unwrap() > 0.0, "{room}");
+            match with_table {
+                false => assert!(room["reads"].is_null(), "{room}"),
+                // Every member read for each message: the read grows with the room (point 3).
+                true => assert_eq!(room["reads"]["items_per_message"].as_f64(), Some(size as f64), "{room}"),
+            }
+        }
+    }
+}
+
 /// `roomcast poll` runs the same processor as the Lambda, tenant plugins included: an upload to
 /// the table is activated from the stream it polls.
 #[test]
