@@ -29,6 +29,12 @@ async fn room_of(stack: &mut Stack, size: usize) -> Vec<String> {
     members
 }
 
+/// `m000` sends `text` into the big room; the handler acknowledges it.
+async fn say(stack: &Stack, text: &str) {
+    let sent = stack.send("m000", json!({"action": "sendMessage", "room": "big", "message": text})).await;
+    assert_eq!(sent["action"], "ack", "{sent}");
+}
+
 /// Every member got the message exactly once.
 fn each_got_it_once(stack: &Stack, members: &[String], text: &str) {
     for member in members {
@@ -51,8 +57,7 @@ async fn calls_in_flight_grow_when_each_call_is_slow() {
     let mut stack = Stack::as_aws("memory", latency).await;
     let members = room_of(&mut stack, 600).await;
     let before = stack.recorder.account().peak_in_flight();
-    let sent = stack.send("m000", json!({"action": "sendMessage", "room": "big", "message": "hello all"})).await;
-    assert_eq!(sent["action"], "ack", "{sent}");
+    say(&stack, "hello all").await;
     stack.pump().await;
     each_got_it_once(&stack, &members, "hello all");
     let peak = stack.recorder.account().peak_in_flight();
@@ -76,8 +81,7 @@ async fn a_throttled_account_serves_every_member_and_closes_no_one() {
     // From now on, 100 calls a second: the message's 300 deliveries take three seconds, longer
     // than a client may answer 429 before it is judged slow (2 s).
     stack.recorder.account().set_quota(Some(100.0), 10.0);
-    let sent = stack.send("m000", json!({"action": "sendMessage", "room": "big", "message": "under the quota"})).await;
-    assert_eq!(sent["action"], "ack", "{sent}");
+    say(&stack, "under the quota").await;
     stack.pump().await;
     each_got_it_once(&stack, &members, "under the quota");
     assert!(stack.recorder.account().throttled() > 0, "the quota never bit: the test shows nothing");
@@ -97,8 +101,7 @@ async fn one_full_client_is_still_a_slow_consumer() {
     let mut stack = Stack::as_aws("memory", loopback).await;
     let members = room_of(&mut stack, 50).await;
     stack.recorder.script("m007", &[429; 400]);
-    let sent = stack.send("m000", json!({"action": "sendMessage", "room": "big", "message": "one is full"})).await;
-    assert_eq!(sent["action"], "ack", "{sent}");
+    say(&stack, "one is full").await;
     stack.pump().await;
     let others: Vec<String> = members.iter().filter(|m| *m != "m007").cloned().collect();
     each_got_it_once(&stack, &others, "one is full");
@@ -119,8 +122,7 @@ async fn a_few_full_clients_are_each_closed_and_do_not_pass_for_the_account() {
     for id in full {
         stack.recorder.script(id, &[429; 400]);
     }
-    let sent = stack.send("m000", json!({"action": "sendMessage", "room": "big", "message": "five are full"})).await;
-    assert_eq!(sent["action"], "ack", "{sent}");
+    say(&stack, "five are full").await;
     stack.pump().await;
     let others: Vec<String> = members.iter().filter(|m| !full.contains(&m.as_str())).cloned().collect();
     each_got_it_once(&stack, &others, "five are full");
@@ -141,8 +143,7 @@ async fn a_fan_out_cut_off_by_the_deadline_resumes_where_it_stopped() {
     let members = room_of(&mut stack, 1200).await;
     // 400 calls a second: the message's 1,200 deliveries take three seconds.
     stack.recorder.account().set_quota(Some(400.0), 20.0);
-    let sent = stack.send("m000", json!({"action": "sendMessage", "room": "big", "message": "cut off"})).await;
-    assert_eq!(sent["action"], "ack", "{sent}");
+    say(&stack, "cut off").await;
     let records = stack.table.stream.drain().await;
     assert_eq!(records.len(), 1, "the message record");
     let event = json!({ "Records": records });
@@ -211,8 +212,7 @@ async fn a_resumed_fan_out_left_with_only_slow_clients_closes_them_and_finishes(
     for id in slow {
         stack.recorder.script(id, &[429; 10_000]);
     }
-    let sent = stack.send("m000", json!({"action": "sendMessage", "room": "big", "message": "two are full"})).await;
-    assert_eq!(sent["action"], "ack", "{sent}");
+    say(&stack, "two are full").await;
     let event = json!({ "Records": stack.table.stream.drain().await });
     // 2.8 s to answer: the others are served at once, the two full clients are still within
     // their 2-second budget when the fan-out's calls must stop (1.4 s).

@@ -186,14 +186,19 @@ impl Admin {
                     continue;
                 }
                 report.checked += 1;
-                match self.deliverer.probe(&conn.connection_id, &conn.endpoint).await {
+                let probe = self.deliverer.probe(&conn.connection_id, &conn.endpoint).await;
+                match &probe {
                     Probe::Gone => {
                         let reason = if expired { LeftReason::Expired } else { LeftReason::Gone };
                         self.store.delete_connection(&conn.connection_id, Some(reason)).await?;
                         report.cleaned += 1;
                     }
                     Probe::Open => report.still_open += 1,
-                    Probe::Unknown(why) => {
+                    Probe::Throttled | Probe::Unknown(_) => {
+                        let why = match &probe {
+                            Probe::Unknown(why) => why.as_str(),
+                            _ => "429: the account is over its quota",
+                        };
                         tracing::warn!(connection_id = %conn.connection_id, reason = %why, "cannot tell whether the connection is open");
                         report.unknown += 1;
                     }

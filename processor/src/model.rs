@@ -1105,6 +1105,12 @@ impl FanoutProgress {
 
     /// Whether `connection_id` was already served or settled.
     pub fn settled(&self, connection_id: &str) -> bool {
-        self.complete || (connection_id <= self.through.as_str() && !self.pending.iter().any(|p| p == connection_id))
+        self.settled_lookup()(connection_id)
+    }
+
+    /// [`FanoutProgress::settled`] for many connections: the pending ids looked up in a set.
+    pub fn settled_lookup(&self) -> impl Fn(&str) -> bool + '_ {
+        let pending: std::collections::HashSet<&str> = self.pending.iter().map(String::as_str).collect();
+        move |id| self.complete || (id <= self.through.as_str() && !pending.contains(id))
     }
 }

@@ -38,12 +38,6 @@ impl Default for AccountSettings {
 }
 
 impl AccountSettings {
-    /// What a Lambda in API Gateway's region sees: `latency` a call (with a quarter of it as
-    /// jitter) and the default quota.
-    pub fn aws_like(latency: Duration) -> AccountSettings {
-        AccountSettings { latency, jitter: latency / 4, quota: Some(DEFAULT_QUOTA), burst: DEFAULT_BURST }
-    }
-
     pub fn with_quota(self, quota: f64, burst: f64) -> AccountSettings {
         AccountSettings { quota: Some(quota), burst, ..self }
     }

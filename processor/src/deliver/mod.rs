@@ -211,17 +211,26 @@ fn counts_as_settled(outcome: &Outcome) -> bool {
 
 /// Writes a big fan-out's progress by `by`; a failure is logged and counted, never an error.
 async fn progress_write(inner: &Inner, progress: &crate::model::FanoutProgress, by: Instant) {
-    match tokio::time::timeout_at(by.into(), inner.store.put_fanout_progress(progress)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => {
-            tracing::warn!(key = %progress.pk, error = %err, "fan-out progress not written");
-            Metrics::add(&inner.metrics.progress_failures, 1);
-        }
-        Err(_) => {
-            tracing::warn!(key = %progress.pk, "fan-out progress not written in time");
-            Metrics::add(&inner.metrics.progress_failures, 1);
-        }
-    }
+    progress_io(inner, &progress.pk, "written", by, inner.store.put_fanout_progress(progress)).await;
+}
+
+/// A progress read or write, by `by`: progress is a saving, never a condition, so a failure or a
+/// time-out is logged and counted (`progress_failures`), and gives `None`.
+async fn progress_io<T>(
+    inner: &Inner,
+    key: &str,
+    what: &str,
+    by: Instant,
+    io: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Option<T> {
+    let why = match tokio::time::timeout_at(by.into(), io).await {
+        Ok(Ok(done)) => return Some(done),
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => "no answer in time".to_string(),
+    };
+    tracing::warn!(key, error = %why, "fan-out progress not {what}");
+    Metrics::add(&inner.metrics.progress_failures, 1);
+    None
 }
 
 /// The most connection ids a progress item lists as pending (~150 KB, well under DynamoDB's
@@ -270,7 +279,9 @@ fn progress(
 pub enum Probe {
     Open,
     Gone,
-    /// No clear answer (throttled, unreachable): leave the record alone this time.
+    /// 429: the account is over its quota (a client's full buffer does not throttle this).
+    Throttled,
+    /// No clear answer (an error, unreachable): leave the record alone this time.
     Unknown(String),
 }
 
@@ -429,11 +440,8 @@ impl Deliverer {
         order.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
         if let Some(earlier) = &earlier {
             let before = order.len();
-            let pending: HashSet<&str> = earlier.pending.iter().map(String::as_str).collect();
-            order.retain(|r| {
-                let id = r.connection_id.as_str();
-                !(earlier.complete || (id <= earlier.through.as_str() && !pending.contains(id)))
-            });
+            let settled = earlier.settled_lookup();
+            order.retain(|r| !settled(&r.connection_id));
             Metrics::add(&self.inner.metrics.resumed_skips, (before - order.len()) as u64);
             tracing::info!(key, skipped = before - order.len(), left = order.len(), "fan-out resumes where it stopped");
         }
@@ -489,20 +497,10 @@ impl Deliverer {
     }
 
     async fn progress_read(&self, key: &str) -> Option<crate::model::FanoutProgress> {
-        let read = tokio::time::timeout(PROGRESS_WRITE, self.inner.store.fanout_progress(key)).await;
-        match read {
-            Ok(Ok(progress)) => progress,
-            Ok(Err(err)) => {
-                tracing::warn!(key, error = %err, "fan-out progress unreadable: serving every member");
-                Metrics::add(&self.inner.metrics.progress_failures, 1);
-                None
-            }
-            Err(_) => {
-                tracing::warn!(key, "fan-out progress not read in time: serving every member");
-                Metrics::add(&self.inner.metrics.progress_failures, 1);
-                None
-            }
-        }
+        let by = Instant::now() + PROGRESS_WRITE;
+        progress_io(&self.inner, key, "read; serving every member", by, self.inner.store.fanout_progress(key))
+            .await
+            .flatten()
     }
 
     /// One recipient: no call starts after `start_by`, none runs past `finish_by` (both the
@@ -566,23 +564,10 @@ impl Deliverer {
         outcomes
     }
 
-    /// The adaptive limit on calls in flight (for metrics and tests).
-    pub fn limit(&self) -> &AdaptiveLimit {
-        &self.inner.limit
-    }
-
     /// Asks API Gateway whether a connection is still open (`GetConnection`): the sweeper's
     /// confirmation before it deletes a record.
     pub async fn probe(&self, connection_id: &str, endpoint: &str) -> Probe {
-        let endpoint = self.inner.settings.endpoint_override.as_deref().unwrap_or(endpoint);
-        match self.inner.client(endpoint).get_connection().connection_id(connection_id).send().await {
-            Ok(_) => Probe::Open,
-            Err(err) => {
-                let gone = err.as_service_error().is_some_and(|e| e.is_gone_exception())
-                    || err.raw_response().is_some_and(|r| r.status().as_u16() == 410);
-                if gone { Probe::Gone } else { Probe::Unknown(DisplayErrorContext(&err).to_string()) }
-            }
-        }
+        self.inner.probe(connection_id, endpoint, self.inner.settings.call_timeout).await
     }
 }
 
@@ -760,24 +745,32 @@ impl Inner {
         }
     }
 
+    /// `GetConnection`, answered within `within`.
+    async fn probe(&self, connection_id: &str, endpoint: &str, within: Duration) -> Probe {
+        let endpoint = self.settings.endpoint_override.as_deref().unwrap_or(endpoint);
+        let asked = self.client(endpoint).get_connection().connection_id(connection_id).send();
+        match tokio::time::timeout(within, asked).await {
+            Ok(Ok(_)) => Probe::Open,
+            Ok(Err(err)) => match err.raw_response().map(|r| r.status().as_u16()) {
+                _ if err.as_service_error().is_some_and(|e| e.is_gone_exception()) => Probe::Gone,
+                Some(410) => Probe::Gone,
+                Some(429) => Probe::Throttled,
+                _ => Probe::Unknown(DisplayErrorContext(&err).to_string()),
+            },
+            Err(_) => Probe::Unknown(format!("no answer within {within:?}")),
+        }
+    }
+
     /// Asks `GetConnection` about a connection whose sends keep answering 429: a 429 to that too
     /// is the account's quota (a client's full buffer throttles only what is sent to it). Any
     /// other answer leaves the blame with the client.
     async fn account_says_throttled(&self, to: &Recipient, by: Instant) -> bool {
-        let endpoint = self.settings.endpoint_override.as_deref().unwrap_or(&to.endpoint);
-        let left = by.saturating_duration_since(Instant::now()).min(self.settings.call_timeout);
-        let asked = self.client(endpoint).get_connection().connection_id(&to.connection_id).send();
-        match tokio::time::timeout(left, asked).await {
-            Ok(Err(err)) => {
-                let status = err.raw_response().map(|r| r.status().as_u16());
-                let throttled = status == Some(429);
-                if throttled {
-                    tracing::info!(connection_id = %to.connection_id, "GetConnection answers 429 too: the account is throttled, not the client");
-                }
-                throttled
-            }
-            _ => false,
+        let within = by.saturating_duration_since(Instant::now()).min(self.settings.call_timeout);
+        let throttled = self.probe(&to.connection_id, &to.endpoint, within).await == Probe::Throttled;
+        if throttled {
+            tracing::info!(connection_id = %to.connection_id, "GetConnection answers 429 too: the account is throttled, not the client");
         }
+        throttled
     }
 
     /// Gives up on a slow consumer, and closes it unless configured not to (the `DELETE` bounded
