@@ -139,7 +139,9 @@ pub async fn run_admin() -> Result<(), Error> {
     let admin = admin_from(&config).await;
     let admin = &admin;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
-        Ok::<_, Error>(admin.handle(&event.payload).await)
+        // Boxed: the admin future holds the whole replay pipeline, and its layout nests deeper
+        // than the compiler's default query depth when built as a test target.
+        Ok::<_, Error>(Box::pin(admin.handle(&event.payload)).await)
     }))
     .await
 }
