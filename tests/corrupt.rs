@@ -206,6 +206,8 @@ async fn a_room_is_served_past_a_membership_this_processor_cannot_read(kind: &st
     let members = stack.table.store.room_members("acme", "general", stack.clock_now()).await.unwrap();
     let cid = members.iter().find(|m| m.connection_id == "cid1").expect("cid's membership");
     stack.table.put_raw(rewritten(cid, &[("device", s("tablet")), ("joinReason", s("teleported"))])).await;
+    // Which, like every membership write, moves the room's roster version on.
+    stack.table.store.bump_roster("acme", "general").await.unwrap();
 
     stack.send("ann1", json!({"action":"sendMessage","room":"general","message":"hello"})).await;
     stack.pump().await;

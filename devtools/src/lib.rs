@@ -10,7 +10,7 @@
 
 pub use roomcast_core::{
     admin, auth, config, deliver, handlers, lambda, metrics, model, pipeline, presence, protocol, publish, react,
-    rules, store, stream,
+    roster, rules, store, stream,
 };
 /// The tenant plugin host (`roomcast-plugin-host`).
 pub use roomcast_plugin_host as plugins;

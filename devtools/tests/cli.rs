@@ -402,12 +402,15 @@ fn bench_drives_the_local_stack_and_reports_every_figure() {
 fn bench_fanout_serves_each_member_once_and_reports_the_reads() {
     let endpoint = std::env::var("ROOMCAST_TEST_DYNAMODB_ENDPOINT")
         .expect("ROOMCAST_TEST_DYNAMODB_ENDPOINT: run scripts/test, which starts moto and sets it");
-    for with_table in [false, true] {
+    for (with_table, roster) in [(false, true), (true, true), (true, false)] {
         let mut command = Command::new(env!("CARGO_BIN_EXE_roomcast"));
         command.args(["bench", "fanout", "--room-sizes", "40,1100", "--messages", "2", "--latency", "2ms"]);
         command.args(["--quota", "20000", "--json"]);
         if with_table {
             command.args(["--dynamodb-endpoint", &endpoint]);
+        }
+        if !roster {
+            command.arg("--no-roster");
         }
         let out = command
             .env("AWS_ACCESS_KEY_ID", "test")
@@ -426,10 +429,19 @@ fn bench_fanout_serves_each_member_once_and_reports_the_reads() {
             assert_eq!(room["served_once_each"], true, "{room}");
             assert_eq!(room["batch_failed"], false, "{room}");
             assert!(room["cpu_us_per_delivery"].as_f64().unwrap() > 0.0, "{room}");
-            match with_table {
-                false => assert!(room["reads"].is_null(), "{room}"),
-                // Every member read for each message: the read grows with the room (point 3).
-                true => assert_eq!(room["reads"]["items_per_message"].as_f64(), Some(size as f64), "{room}"),
+            let reads = &room["reads"];
+            match (with_table, roster) {
+                (false, _) => assert!(reads.is_null(), "{room}"),
+                // The first message reads the room and its version, the second the version alone.
+                (true, true) => {
+                    assert_eq!((reads["full_reads"].as_u64(), reads["kept"].as_u64()), (Some(1), Some(1)), "{room}");
+                    assert_eq!(reads["items_per_message"].as_f64(), Some((size + 2) as f64 / 2.0), "{room}");
+                }
+                // Without rosters every member is read for each message: the read grows with the room.
+                (true, false) => {
+                    assert_eq!((reads["full_reads"].as_u64(), reads["kept"].as_u64()), (Some(2), Some(0)), "{room}");
+                    assert_eq!(reads["items_per_message"].as_f64(), Some(size as f64), "{room}");
+                }
             }
         }
     }

@@ -23,6 +23,7 @@
 //! | record → change | [`stream`] | decode stream records into typed [`stream::Change`]s; the batch runner; the Streams poller |
 //! | tenant rules | [`rules`] | the interface the pipeline asks before reacting: a message's verdict and route, who may join a room, a greeting (the plugin host implements it) |
 //! | presence | [`presence`] | who is in a room, as state: exactly one `joined`/`left` per user and room |
+//! | who is in a room | [`roster`] | each container's copy of a room's members, trusted while the room's roster version stands |
 //! | change → effects | [`react`] | pure: welcome, room fan-out, presence, cascades |
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries within the batch's window; 410 / 429 / 413 rules, slow consumers |
 //! | the processor | [`pipeline`] | the path above for one record and for a batch, within the Lambda deadline |
@@ -44,6 +45,7 @@ pub mod presence;
 pub mod protocol;
 pub mod publish;
 pub mod react;
+pub mod roster;
 pub mod rules;
 pub mod store;
 pub mod stream;

@@ -64,6 +64,13 @@ counters! {
     /// Big fan-outs' progress reads or writes that failed or took too long (the fan-out went on;
     /// a redelivery may serve some members again).
     progress_failures,
+    /// Rooms' members served from the container's roster, the room's version unchanged (one
+    /// small read instead of the room's memberships; see `roster`).
+    roster_kept,
+    /// Rooms' members read from the table: the version moved, the copy aged, a kept TTL ran
+    /// out, the room has no version yet, or it is a plugin's extra room (never kept). Near
+    /// `roster_kept + roster_reads`: rooms churn.
+    roster_reads,
     /// Batches that reported a record in `batchItemFailures` because the table was unavailable.
     platform_failures,
     /// Batches that reported a record because the invocation's time ran out before it was done
@@ -121,6 +128,8 @@ impl Counts {
             failed = self.failed,
             resumed_skips = self.resumed_skips,
             progress_failures = self.progress_failures,
+            roster_kept = self.roster_kept,
+            roster_reads = self.roster_reads,
             platform_failures = self.platform_failures,
             out_of_time = self.out_of_time,
             young_dropped = self.young_dropped,

@@ -8,6 +8,7 @@
 //! | signal     | `ROOM#{tenant}#{room}`  | `SIG#{id}`                  |
 //! | presence   | `ROOM#{tenant}#{room}`  | `USER#{userId}`             |
 //! | room count | `ROOM#{tenant}#{room}`  | `PRESENCE`                  |
+//! | roster     | `ROSTER#{tenant}#{room}`| `VERSION`                   |
 //! | settings   | `TENANT#{tenant}`       | `SETTINGS`                  |
 //!
 //! The processor alone writes presence and room counts ([`crate::presence`]); handlers read them
@@ -62,6 +63,17 @@ pub fn connection_pk(connection_id: &str) -> String {
 pub fn room_pk(tenant: &str, room: &str) -> String {
     format!("ROOM#{tenant}#{room}")
 }
+
+/// The roster version: one small item per room, its `v` bumped by every write that adds, removes
+/// or changes a membership of the room (not by a TTL refresh). A processor container that read the
+/// room's members at version `v` may serve them again while `v` stands (see
+/// `roomcast_core::roster`). On its own partition key, so that a join storm's bumps do not share
+/// the room partition's write units with the memberships themselves.
+pub fn roster_pk(tenant: &str, room: &str) -> String {
+    format!("ROSTER#{tenant}#{room}")
+}
+
+pub const ROSTER_VERSION_SK: &str = "VERSION";
 
 pub fn membership_sk(connection_id: &str) -> String {
     format!("CONN#{connection_id}")

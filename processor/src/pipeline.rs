@@ -78,6 +78,9 @@ pub struct Processor {
     /// A dry run's presence state: its own, in memory, so that it writes nothing to the table and
     /// decides the same on every run.
     scratch: Arc<dyn Store>,
+    /// The rooms' members this container keeps, checked against each room's roster version.
+    /// `None`: every record reads its room (`without_rosters`).
+    rosters: Option<crate::roster::Rosters>,
 }
 
 impl Processor {
@@ -99,6 +102,7 @@ impl Processor {
             emf: None,
             announce_max_users: crate::presence::DEFAULT_ANNOUNCE_MAX_USERS,
             scratch: crate::store::memory::MemoryStore::scratch(clock.clone()),
+            rosters: Some(crate::roster::Rosters::default()),
             clock,
         }
     }
@@ -134,17 +138,47 @@ impl Processor {
         &self.store
     }
 
+    /// Keeps rooms' members in `rosters` (the default keeps up to `roster::MAX_MEMBERS`).
+    pub fn with_rosters(mut self, rosters: crate::roster::Rosters) -> Processor {
+        self.rosters = Some(rosters);
+        self
+    }
+
+    /// Reads the room for every record that needs its members, as before containers kept rosters
+    /// (the benchmark's `--no-roster`).
+    pub fn without_rosters(mut self) -> Processor {
+        self.rosters = None;
+        self
+    }
+
     /// Reads rooms' members from `rooms` instead of the store (replay's `--membership-from-stream`).
     pub fn with_rooms(mut self, rooms: Arc<dyn Rooms>) -> Processor {
         self.rooms = Some(rooms);
         self
     }
 
-    async fn room_members(&self, tenant: &str, room: &str) -> Result<Vec<crate::model::Membership>, StoreError> {
+    /// The room's live members, not waiting for the tenant's rules: from this container's roster
+    /// when `kept` and its version stands ([`crate::roster`]), else read.
+    async fn room_members(
+        &self,
+        tenant: &str,
+        room: &str,
+        kept: bool,
+    ) -> Result<Vec<crate::model::Membership>, StoreError> {
         let now = self.clock.now();
         let members = match &self.rooms {
             Some(rooms) => rooms.room_members(tenant, room, now).await?,
-            None => self.store.room_members(tenant, room, now).await?,
+            None => match self.rosters.as_ref().filter(|_| kept) {
+                None => {
+                    Metrics::add(&self.metrics.roster_reads, 1);
+                    self.store.room_members(tenant, room, now).await?
+                }
+                // Kept without joins waiting for the tenant's rules.
+                Some(rosters) => {
+                    let (members, _) = rosters.members(self.store.as_ref(), tenant, room, now, &self.metrics).await?;
+                    return Ok(members.as_ref().clone());
+                }
+            },
         };
         // A join waiting for the tenant's rules gets nothing of the room.
         Ok(members.into_iter().filter(|m| m.pending != Some(true)).collect())
@@ -335,7 +369,7 @@ impl Processor {
     ) -> Result<(), StoreError> {
         let reference = if op == PresenceOp::Add { m.joined_at } else { now };
         let mut members: Vec<(String, String, chrono::DateTime<chrono::Utc>)> = self
-            .room_members(&m.tenant, &m.room)
+            .room_members(&m.tenant, &m.room, true)
             .await?
             .into_iter()
             .filter(|member| member.connection_id != m.connection_id)
@@ -580,14 +614,18 @@ impl Processor {
                 }
             }
             let mut members = match react::room_needed(&change, &decisions) {
-                Some((tenant, room)) => self.room_members(tenant, room).await?,
+                Some((tenant, room)) => self.room_members(tenant, room, true).await?,
                 None => Vec::new(),
             };
             if let (Some((_, route)), Some((tenant, _))) = (&decisions.message, react::room_needed(&change, &decisions))
             {
                 // The plugin's extra rooms: already without repeats and within the tenant's
                 // limit (the plugin host's `calls::narrow`); read a few at a time, not one after another.
-                let reads: Vec<_> = route.extra_rooms.iter().map(|extra| self.room_members(tenant, extra)).collect();
+                // Read, not kept: another room's records are ordered on their own key, so its
+                // version may not yet have moved for a join or leave acknowledged before this
+                // message was written.
+                let reads: Vec<_> =
+                    route.extra_rooms.iter().map(|extra| self.room_members(tenant, extra, false)).collect();
                 let extra: Vec<_> = futures::stream::iter(reads).buffered(EXTRA_ROOMS_AT_ONCE).collect().await;
                 for read in extra {
                     members.extend(read?);

@@ -33,6 +33,9 @@ pub struct FanoutOptions {
     /// A DynamoDB API (moto) for the processor's reads, behind one partition's limits
     /// ([`crate::partitions`], run in the endpoint's process); the embedded store otherwise.
     pub dynamodb_endpoint: Option<String>,
+    /// Whether the processor keeps rooms' rosters (`--no-roster`: it reads the room for every
+    /// message, the figure before rosters).
+    pub roster: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -43,6 +46,7 @@ pub struct FanoutReport {
     /// The account's quota, calls a second: the physical limit.
     pub quota: f64,
     pub concurrency_ceiling: usize,
+    pub roster: bool,
     pub rooms: Vec<RoomRun>,
 }
 
@@ -69,15 +73,19 @@ pub struct RoomRun {
     pub reads: Option<Reads>,
 }
 
-/// What one message's fan-out read from the room's partition key.
+/// What one message's fan-out read from the room's partition key and its roster version's.
 #[derive(Clone, Debug, Serialize)]
 pub struct Reads {
+    /// Times the processor read the room's memberships in full over the batch, and times it
+    /// served them from its roster (the version unchanged).
+    pub full_reads: u64,
+    pub kept: u64,
     pub items_per_message: f64,
     pub kib_per_message: f64,
     pub read_units_per_message: f64,
     /// The room key's read units a second over the batch, over one partition's 3,000.
     pub fraction_of_partition: f64,
-    /// Reads of the room's key answered ProvisionedThroughputExceededException.
+    /// Reads of the room's keys answered ProvisionedThroughputExceededException.
     pub throttled: u64,
 }
 
@@ -93,6 +101,7 @@ pub async fn run(options: &FanoutOptions) -> anyhow::Result<FanoutReport> {
         jitter_ms: options.account.jitter.as_secs_f64() * 1000.0,
         quota: options.account.quota.unwrap_or(f64::INFINITY),
         concurrency_ceiling: options.concurrency,
+        roster: options.roster,
         rooms,
     })
 }
@@ -156,7 +165,11 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
     };
     let deliverer =
         crate::deliver::Deliverer::new(sdk_config(), settings, processor_store.clone(), clock.clone(), metrics.clone());
-    let processor = crate::pipeline::Processor::new(processor_store, deliverer, clock, metrics, 8);
+    let mut processor = crate::pipeline::Processor::new(processor_store, deliverer, clock, metrics.clone(), 8);
+    if !options.roster {
+        processor = processor.without_rosters();
+    }
+    let before = metrics.snapshot();
 
     endpoint.reset().await?;
     let cpu_before = super::cpu_seconds(std::process::id());
@@ -166,17 +179,22 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
     let cpu = super::cpu_seconds(std::process::id()).zip(cpu_before).map(|(after, before)| after - before);
     let counts = endpoint.counts().await?;
     let expected = (size * options.messages) as u64;
+    let ran = metrics.snapshot().since(&before);
     let reads = match dynamo {
         Some(_) => {
-            let key = crate::model::room_pk(tenant.as_str(), &room);
-            let stats = endpoint.partition(&key).await?;
+            let stats = endpoint.partition(&crate::model::room_pk(tenant.as_str(), &room)).await?;
+            let version = endpoint.partition(&crate::model::roster_pk(tenant.as_str(), &room)).await?;
             let per = |x: f64| x / options.messages as f64;
             Some(Reads {
-                items_per_message: per(stats.items_read as f64),
-                kib_per_message: per(stats.bytes_read as f64 / 1024.0),
-                read_units_per_message: per(stats.read_units),
-                fraction_of_partition: stats.read_units / seconds / crate::partitions::READ_UNITS_PER_SECOND,
-                throttled: stats.throttled,
+                full_reads: ran.roster_reads,
+                kept: ran.roster_kept,
+                items_per_message: per((stats.items_read + version.items_read) as f64),
+                kib_per_message: per((stats.bytes_read + version.bytes_read) as f64 / 1024.0),
+                read_units_per_message: per(stats.read_units + version.read_units),
+                fraction_of_partition: stats.read_units.max(version.read_units)
+                    / seconds
+                    / crate::partitions::READ_UNITS_PER_SECOND,
+                throttled: stats.throttled + version.throttled,
             })
         }
         None => None,
@@ -230,6 +248,15 @@ async fn seed_dynamodb(
         }
         direct.batch_write_item().request_items(&table, requests).send().await?;
     }
+    // The roster version the processor would have left, handling the members' joins.
+    direct
+        .put_item()
+        .table_name(&table)
+        .item("pk", aws_sdk_dynamodb::types::AttributeValue::S(crate::model::roster_pk(tenant.as_str(), room)))
+        .item("sk", aws_sdk_dynamodb::types::AttributeValue::S(crate::model::ROSTER_VERSION_SK.into()))
+        .item("v", aws_sdk_dynamodb::types::AttributeValue::N(size.to_string()))
+        .send()
+        .await?;
     let through_layer = crate::config::dynamodb_client(&sdk, Some(layer));
     Ok(Arc::new(crate::store::dynamodb::DynamoStore::new(through_layer, table).with_metrics(metrics)))
 }
@@ -248,8 +275,13 @@ impl FanoutReport {
     pub fn table(&self) -> String {
         let mut out = format!(
             "@connections: {:.0} ms + up to {:.0} ms jitter a call, quota {:.0}/s (the bucket starts empty); \
-             calls in flight adapt up to {}; {} cores\n\n",
-            self.latency_ms, self.jitter_ms, self.quota, self.concurrency_ceiling, self.cores
+             calls in flight adapt up to {}; {} cores; rosters {}\n\n",
+            self.latency_ms,
+            self.jitter_ms,
+            self.quota,
+            self.concurrency_ceiling,
+            self.cores,
+            if self.roster { "kept" } else { "off (--no-roster: the room read for every message)" }
         );
         out.push_str("| room | messages | deliveries | seconds | deliveries/s | × quota | CPU µs/delivery | 429s | peak in flight | each served once |\n");
         out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
@@ -274,13 +306,15 @@ impl FanoutReport {
             out.push_str(
                 "\nReading the room (DynamoDB behind one partition's limits; CPU above includes no layer work):\n\n",
             );
-            out.push_str("| room | items read / message | KiB / message | read units / message | × one partition's 3,000 units/s | throttled reads |\n");
-            out.push_str("|---:|---:|---:|---:|---:|---:|\n");
+            out.push_str("| room | room read in full / kept | items read / message | KiB / message | read units / message | × one partition's 3,000 units/s | throttled reads |\n");
+            out.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
             for r in reads {
                 let x = r.reads.as_ref().expect("filtered");
                 out.push_str(&format!(
-                    "| {} | {:.0} | {:.0} | {:.1} | {:.2} | {} |\n",
+                    "| {} | {} / {} | {:.1} | {:.1} | {:.1} | {:.2} | {} |\n",
                     r.room_size,
+                    x.full_reads,
+                    x.kept,
                     x.items_per_message,
                     x.kib_per_message,
                     x.read_units_per_message,

@@ -84,6 +84,10 @@ struct FanoutArgs {
     /// latency and throughput, and report what each message read.
     #[arg(long)]
     dynamodb_endpoint: Option<String>,
+    /// Read the whole room for every message, as before the processor kept rosters: the
+    /// figure to compare the roster's against.
+    #[arg(long)]
+    no_roster: bool,
     /// The report as JSON.
     #[arg(long)]
     json: bool,
@@ -158,6 +162,7 @@ async fn fanout_main(args: FanoutArgs) -> anyhow::Result<()> {
         },
         concurrency: args.concurrency.clamp(1, 600),
         dynamodb_endpoint: args.dynamodb_endpoint,
+        roster: !args.no_roster,
     };
     let report = crate::bench::fanout::run(&options).await?;
     if args.json {

@@ -85,6 +85,29 @@ impl DynamoStore {
         &self.table
     }
 
+    /// Bumps the room's roster version, right after a write that added, removed or changed one
+    /// of its memberships, and before that write is acknowledged to anyone. Never inside the
+    /// write's transaction: in a join storm, transactions on the one version item would cancel
+    /// each other (`TransactionConflict`), while plain updates of it simply queue. After, not
+    /// before: until the write is acknowledged, a message may or may not reach the member, with
+    /// or without a cache. Retries bump again (a join or leave already done, a redelivered
+    /// settlement), so a bump lost to an error is repaired by the retry; one lost to a crash with
+    /// no retry is bounded by `roster::MAX_AGE`.
+    async fn bump_now(&self, tenant: &str, room: &str) -> Result<()> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(roster_key(tenant, room)))
+            .update_expression("ADD v :one SET #type = :type")
+            .expression_attribute_names("#type", "type")
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .expression_attribute_values(":type", s("roster"))
+            .send()
+            .await
+            .map_err(|e| unavailable("update_item (roster version)", e))?;
+        Ok(())
+    }
+
     fn put(&self, item: DynamoItem) -> Result<TransactWriteItem> {
         let put = Put::builder().table_name(&self.table).set_item(Some(item)).build().map_err(build_error)?;
         Ok(TransactWriteItem::builder().put(put).build())
@@ -333,6 +356,10 @@ fn connection_key(id: &str) -> DynamoItem {
     key(model::connection_pk(id), model::CONNECTION_SK.into())
 }
 
+fn roster_key(tenant: &str, room: &str) -> DynamoItem {
+    key(model::roster_pk(tenant, room), model::ROSTER_VERSION_SK.into())
+}
+
 fn membership_key(tenant: &str, room: &str, connection_id: &str) -> DynamoItem {
     key(model::room_pk(tenant, room), model::membership_sk(connection_id))
 }
@@ -380,7 +407,9 @@ impl Store for DynamoStore {
         for m in memberships {
             items.push(self.put(encode(m)?)?);
         }
-        self.transact("put_connection", &conn.connection_id, items).await
+        self.transact("put_connection", &conn.connection_id, items).await?;
+        let bumps = memberships.iter().map(|m| self.bump_now(&m.tenant, &m.room));
+        futures::future::try_join_all(bumps).await.map(|_| ())
     }
 
     async fn get_connection(&self, connection_id: &str, now: DateTime<Utc>) -> Result<Option<Connection>> {
@@ -429,7 +458,8 @@ impl Store for DynamoStore {
         }
         let add_room = add_room.build().map_err(build_error)?;
         let items = vec![self.put(encode(membership)?)?, TransactWriteItem::builder().update(add_room).build()];
-        self.transact("join", &membership.connection_id, items).await
+        self.transact("join", &membership.connection_id, items).await?;
+        self.bump_now(&membership.tenant, &membership.room).await
     }
 
     async fn settle_join(&self, m: &Membership, allowed: bool) -> Result<bool> {
@@ -493,10 +523,16 @@ impl Store for DynamoStore {
                 // Already allowed (a retry after the connection's write failed)? Then finish it.
                 let now: Option<Membership> = self.get_typed("get_item (membership)", key).await?;
                 if now.is_some_and(|n| n.pending.is_none() && n.joined_ns == m.joined_ns) {
+                    // The bump too may not have happened: it is idempotent enough (one more
+                    // version only makes containers read the room again).
+                    self.bump_now(&m.tenant, &m.room).await?;
                     update_connection().await?;
                 }
                 return Ok(false);
             }
+            // The member is served from the next message on: the version moves before the join
+            // is acknowledged.
+            self.bump_now(&m.tenant, &m.room).await?;
             update_connection().await?;
             return Ok(true);
         }
@@ -509,6 +545,10 @@ impl Store for DynamoStore {
             .expression_attribute_values(":reason", s(LeftReason::Denied.as_str()))
             .condition_expression(&condition);
         if !written("update_item (deny join)", same_join(mark).send().await)? {
+            if !pending {
+                // A redelivery after the deletion: its bump may be the one that was lost.
+                self.bump_now(&m.tenant, &m.room).await?;
+            }
             return Ok(false);
         }
         update_connection().await?;
@@ -526,6 +566,7 @@ impl Store for DynamoStore {
                 .expression_attribute_values(":ns", AttributeValue::N(ns.to_string()));
         }
         written("delete_item (denied join)", delete.send().await)?;
+        self.bump_now(&m.tenant, &m.room).await?;
         Ok(true)
     }
 
@@ -562,7 +603,8 @@ impl Store for DynamoStore {
             TransactWriteItem::builder().delete(delete).build(),
             TransactWriteItem::builder().update(drop_room).build(),
         ];
-        self.transact("leave", connection_id, items).await
+        self.transact("leave", connection_id, items).await?;
+        self.bump_now(tenant, room).await
     }
 
     async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()> {
@@ -614,7 +656,28 @@ impl Store for DynamoStore {
             .send()
             .await
             .map_err(|e| unavailable("delete_item", e))?;
-        Ok(())
+        self.bump_now(tenant, room).await
+    }
+
+    async fn bump_roster(&self, tenant: &str, room: &str) -> Result<()> {
+        self.bump_now(tenant, room).await
+    }
+
+    async fn roster_version(&self, tenant: &str, room: &str) -> Result<Option<u64>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .set_key(Some(roster_key(tenant, room)))
+            .projection_expression("v")
+            .send()
+            .await
+            .map_err(|e| unavailable("get_item (roster version)", e))?;
+        Ok(out.item.and_then(|item| match item.get("v") {
+            Some(AttributeValue::N(n)) => n.parse().ok(),
+            _ => None,
+        }))
     }
 
     async fn put_message(&self, message: &Message) -> Result<()> {

@@ -37,6 +37,10 @@ struct Table {
     subscriber: Option<mpsc::UnboundedSender<EventRecord>>,
     /// Records written before anyone subscribed, as a stream keeps them (24 h in DynamoDB).
     backlog: Vec<EventRecord>,
+    /// Each room's roster version, by room pk, moved on by every membership write but a TTL
+    /// refresh (`Store::bump_roster`): kept out of the item map, so that bumps make no stream
+    /// records here (on DynamoDB they make records the processor skips as state).
+    rosters: std::collections::HashMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -73,6 +77,7 @@ impl MemoryStore {
                 next_sequence: 1,
                 subscriber: None,
                 backlog: Vec::new(),
+                rosters: Default::default(),
             }),
             clock,
             table_name: "roomcast".into(),
@@ -225,6 +230,12 @@ impl MemoryStore {
     }
 }
 
+/// Moves the room's roster version on, under the same lock as the membership write it follows
+/// (the DynamoDB adapter's bump is a write of its own, after).
+fn bump(table: &mut Table, tenant: &str, room: &str) {
+    *table.rosters.entry(model::room_pk(tenant, room)).or_default() += 1;
+}
+
 fn encode<T: Serialize>(value: &T) -> Result<Item> {
     serde_dynamo::to_item(value).map_err(|e| StoreError::Unavailable(format!("cannot encode record: {e}")))
 }
@@ -264,6 +275,9 @@ impl Store for MemoryStore {
         for item in items {
             self.put_item(&mut table, item);
         }
+        for m in memberships {
+            bump(&mut table, &m.tenant, &m.room);
+        }
         Ok(())
     }
 
@@ -290,6 +304,7 @@ impl Store for MemoryStore {
         };
         let member_item = encode(membership)?;
         self.put_item(&mut table, member_item);
+        bump(&mut table, &membership.tenant, &membership.room);
         let pending = membership.pending == Some(true) && conn.pending_rooms.insert(membership.room.clone());
         if pending {
             conn.authorize_joins = true;
@@ -324,6 +339,7 @@ impl Store for MemoryStore {
             );
             self.delete_item(&mut table, &key, Actor::Client);
         }
+        bump(&mut table, &m.tenant, &m.room);
         if let Some(mut conn) = self.get::<Connection>(&table, &connection_key(&m.connection_id)) {
             conn.pending_rooms.remove(&m.room);
             if allowed {
@@ -356,6 +372,7 @@ impl Store for MemoryStore {
             return Err(StoreError::NoConnection(connection_id.into()));
         };
         self.delete_item(&mut table, &membership_key(tenant, room, connection_id), Actor::Client);
+        bump(&mut table, tenant, room);
         if conn.rooms.remove(room) | conn.pending_rooms.remove(room) {
             let item = encode(&conn)?;
             self.put_item(&mut table, item);
@@ -395,12 +412,22 @@ impl Store for MemoryStore {
         Ok(members)
     }
 
+    async fn bump_roster(&self, tenant: &str, room: &str) -> Result<()> {
+        bump(&mut self.lock(), tenant, room);
+        Ok(())
+    }
+
+    async fn roster_version(&self, tenant: &str, room: &str) -> Result<Option<u64>> {
+        Ok(self.lock().rosters.get(&model::room_pk(tenant, room)).copied())
+    }
+
     async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()> {
         let mut table = self.lock();
         let key = membership_key(tenant, room, connection_id);
         if self.update(&mut table, &key, &[("leftReason", Some(AttributeValue::S(reason.as_str().into())))]).is_some() {
             self.delete_item(&mut table, &key, Actor::Client);
         }
+        bump(&mut table, tenant, room);
         Ok(())
     }
 

@@ -98,6 +98,17 @@ pub trait Store: Send + Sync + 'static {
     /// left out (logged and counted), and the rest of the room is served.
     async fn room_members(&self, tenant: &str, room: &str, now: DateTime<Utc>) -> Result<Vec<Membership>>;
 
+    /// Moves the room's roster version ([`crate::model::roster_pk`]) on. Every write of a
+    /// membership here (connect, join, leave, settling a join, removing a membership) does it
+    /// itself after the write and before answering; the handlers call it for a retried join or
+    /// leave that finds its write already done (its first bump may have been lost). One plain
+    /// update (`ADD v 1`), never in a transaction.
+    async fn bump_roster(&self, tenant: &str, room: &str) -> Result<()>;
+
+    /// The room's roster version, read strongly consistent. `None`: the room has none yet (no
+    /// membership written since versions exist), and its members must be read.
+    async fn roster_version(&self, tenant: &str, room: &str) -> Result<Option<u64>>;
+
     /// Marks the membership with `leftReason` and deletes it (the processor's cascade when a
     /// connection goes), whether or not it decodes. Idempotent.
     async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()>;

@@ -193,6 +193,10 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
             tenant,
             kind: if sk == crate::model::ROOM_PRESENCE_SK { "room-presence" } else { "presence" },
         })
+    } else if let Some(room) = pk.strip_prefix("ROSTER#")
+        && sk == crate::model::ROSTER_VERSION_SK
+    {
+        Ok(Record::State { tenant: room.split('#').next().unwrap_or_default().to_string(), kind: "roster" })
     } else if pk.starts_with("FANOUT#") && sk == crate::model::FANOUT_PROGRESS_SK {
         Ok(Record::State { tenant: String::new(), kind: "fanout" })
     } else if let Some(rest) = pk.strip_prefix("IDEM#")
