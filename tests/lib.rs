@@ -737,6 +737,28 @@ impl Stack {
         (processor, metrics)
     }
 
+    /// From now on the processor hands frames for `recipients` or more to a fan-out stage in
+    /// this process (`roomcast::deliver::stage::LocalStage`), whose workers have a deliverer of
+    /// their own, as the `fanout` function's containers do. The processor keeps the table's
+    /// counts and loses its plugins.
+    pub async fn hand_off_at(&mut self, recipients: usize) -> Arc<roomcast::deliver::stage::LocalStage> {
+        let delivery = DeliverySettings {
+            endpoint_override: Some(self.recorder.endpoint.clone()),
+            initial_backoff: Duration::from_millis(10),
+            ..Default::default()
+        };
+        let store = self.table.store.clone();
+        let metrics = self.table.metrics.clone();
+        let worker =
+            Deliverer::new(sdk_config().await, delivery.clone(), store.clone(), self.clock.clone(), metrics.clone());
+        let stage = roomcast::deliver::stage::LocalStage::new(worker);
+        let deliverer =
+            Deliverer::new(sdk_config().await, delivery, store.clone(), self.clock.clone(), metrics.clone());
+        let hand_off = roomcast::deliver::stage::HandOff { stage: stage.clone(), recipients };
+        self.processor = Processor::new(store, deliverer, self.clock.clone(), metrics, 8).with_hand_off(hand_off);
+        stage
+    }
+
     /// [`Stack::pump`], the records going to `processor` (one of [`Stack::another_container`]).
     pub async fn pump_into(&mut self, processor: &Processor) -> usize {
         let mut total = 0;

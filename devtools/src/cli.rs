@@ -163,6 +163,11 @@ struct DevArgs {
     /// timeout: a client sees each message twice with the same id and must show it once.
     #[arg(long)]
     redeliver: bool,
+    /// A frame for this many recipients or more leaves the stream batch for the fan-out stage
+    /// (worker tasks here, an SQS queue and the `fanout` function in AWS), so that a big room
+    /// holds up no other; 0 serves every frame in its batch.
+    #[arg(long, default_value_t = crate::deliver::stage::HANDOFF_RECIPIENTS)]
+    handoff_recipients: usize,
     /// Connection and membership TTL, seconds.
     #[arg(long, env = "CONNECTION_TTL_SECONDS", default_value_t = 3600)]
     connection_ttl: i64,
@@ -666,6 +671,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         connection_ttl_seconds: args.connection_ttl,
         plugins: args.plugins,
         redeliver: args.redeliver,
+        handoff_recipients: args.handoff_recipients,
         ..crate::dev::DevOptions::default()
     };
     let store_name =

@@ -54,6 +54,9 @@ pub struct DevOptions {
     pub clock: Arc<dyn Clock>,
     /// Rooms with more users announce no `joined`/`left` (`roomcast tenant set` overrides it per tenant).
     pub presence_announce_max_users: u64,
+    /// Frames for this many recipients or more go to the in-process fan-out stage
+    /// (`deliver::stage::LocalStage`); 0: none does.
+    pub handoff_recipients: usize,
 }
 
 impl Default for DevOptions {
@@ -73,6 +76,7 @@ impl Default for DevOptions {
             redeliver: false,
             clock: Arc::new(SystemClock),
             presence_announce_max_users: crate::presence::DEFAULT_ANNOUNCE_MAX_USERS,
+            handoff_recipients: crate::deliver::stage::HANDOFF_RECIPIENTS,
         }
     }
 }
@@ -184,6 +188,9 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
 
     let delivery =
         DeliverySettings { endpoint_override: Some(format!("http://{addr}/{stage}")), ..options.delivery.clone() };
+    // The fan-out stage's workers: a deliverer of their own, as the `fanout` function's
+    // containers have in AWS.
+    let worker = Deliverer::new(sdk.clone(), delivery.clone(), store.clone(), clock.clone(), metrics.clone());
     let deliverer = Deliverer::new(sdk, delivery, store.clone(), clock.clone(), metrics.clone());
     // Plugins uploaded to the table are activated as in AWS; --plugins adds files at start.
     let host = Arc::new(crate::plugins::PluginHost::new()?);
@@ -200,11 +207,15 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         Some(dir) => load_plugins(dir, &registry)?,
         None => Vec::new(),
     };
-    let processor = Arc::new(
-        Processor::new(store.clone(), deliverer, clock.clone(), metrics.clone(), 8)
-            .with_plugins(registry)
-            .with_announce_max_users(options.presence_announce_max_users),
-    );
+    let mut processor = Processor::new(store.clone(), deliverer, clock.clone(), metrics.clone(), 8)
+        .with_plugins(registry)
+        .with_announce_max_users(options.presence_announce_max_users);
+    if options.handoff_recipients > 0 {
+        let stage = crate::deliver::stage::LocalStage::new(worker);
+        processor =
+            processor.with_hand_off(crate::deliver::stage::HandOff { stage, recipients: options.handoff_recipients });
+    }
+    let processor = Arc::new(processor);
     let deps = HandlerDeps {
         joins: Default::default(),
         store: store.clone(),

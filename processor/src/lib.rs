@@ -25,7 +25,7 @@
 //! | presence | [`presence`] | who is in a room, as state: exactly one `joined`/`left` per user and room |
 //! | who is in a room | [`roster`] | each container's copy of a room's members, trusted while the room's roster version stands |
 //! | change → effects | [`react`] | pure: welcome, room fan-out, presence, cascades |
-//! | effects → delivery | [`deliver`] | `PostToConnection` with retries within the batch's window; 410 / 429 / 413 rules, slow consumers |
+//! | effects → delivery | [`deliver`] | `PostToConnection` with retries within the batch's window; 410 / 429 / 413 rules, slow consumers; big rooms' frames to the fan-out stage ([`deliver::stage`]) |
 //! | the processor | [`pipeline`] | the path above for one record and for a batch, within the Lambda deadline |
 //!
 //! Around it: [`protocol`] (client frames), [`publish`] (a backend's message into a room), [`admin`] (operator operations and the sweeper),

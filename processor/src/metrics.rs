@@ -64,6 +64,8 @@ counters! {
     /// Big fan-outs' progress reads or writes that failed or took too long (the fan-out went on;
     /// a redelivery may serve some members again).
     progress_failures,
+    /// Recipients of big frames handed to the fan-out stage (served by its workers).
+    handed_off,
     /// Rooms' members served from the container's roster, the room's version unchanged (one
     /// small read instead of the room's memberships; see `roster`).
     roster_kept,
@@ -128,6 +130,7 @@ impl Counts {
             failed = self.failed,
             resumed_skips = self.resumed_skips,
             progress_failures = self.progress_failures,
+            handed_off = self.handed_off,
             roster_kept = self.roster_kept,
             roster_reads = self.roster_reads,
             platform_failures = self.platform_failures,

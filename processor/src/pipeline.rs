@@ -81,6 +81,8 @@ pub struct Processor {
     /// The rooms' members this container keeps, checked against each room's roster version.
     /// `None`: every record reads its room (`without_rosters`).
     rosters: Option<crate::roster::Rosters>,
+    /// Where big frames go instead of being served in the batch (`with_hand_off`).
+    hand_off: Option<crate::deliver::stage::HandOff>,
 }
 
 impl Processor {
@@ -103,6 +105,7 @@ impl Processor {
             announce_max_users: crate::presence::DEFAULT_ANNOUNCE_MAX_USERS,
             scratch: crate::store::memory::MemoryStore::scratch(clock.clone()),
             rosters: Some(crate::roster::Rosters::default()),
+            hand_off: None,
             clock,
         }
     }
@@ -142,6 +145,50 @@ impl Processor {
     pub fn with_rosters(mut self, rosters: crate::roster::Rosters) -> Processor {
         self.rosters = Some(rosters);
         self
+    }
+
+    /// Hands frames for at least `hand_off.recipients` recipients to a fan-out stage
+    /// ([`crate::deliver::stage`]): the record is done once they are queued.
+    pub fn with_hand_off(mut self, hand_off: crate::deliver::stage::HandOff) -> Processor {
+        self.hand_off = Some(hand_off);
+        self
+    }
+
+    /// Performs a record's effects in order: big frames handed to the fan-out stage, if there
+    /// is one, the rest here.
+    async fn perform(
+        &self,
+        effects: &[Effect],
+        window: &Window,
+        event_id: &str,
+        room: Option<(&str, &str)>,
+    ) -> Result<Vec<(String, crate::deliver::Outcome)>, StoreError> {
+        let stage = self.hand_off.as_ref().filter(|_| self.mode == Mode::Execute).zip(room);
+        let Some((hand_off, (tenant, room))) = stage else {
+            return self.deliverer.apply(effects, window, Some(event_id)).await;
+        };
+        let mut outcomes = Vec::new();
+        let mut start = 0;
+        // Each stretch of effects between two hand-offs keeps its big frames' progress under a
+        // key of its own (the first stretch under the record's, as without a stage).
+        let key = |start: usize| if start == 0 { event_id.to_string() } else { format!("{event_id}@{start}") };
+        for (i, effect) in effects.iter().enumerate() {
+            let Effect::Send { payload, recipients } = effect else { continue };
+            if recipients.len() < hand_off.recipients {
+                continue;
+            }
+            outcomes.extend(self.deliverer.apply(&effects[start..i], window, Some(&key(start))).await?);
+            let jobs = crate::deliver::stage::jobs(tenant, room, &format!("{event_id}#{i}"), payload, recipients);
+            let count = jobs.len();
+            hand_off.stage.hand_off(jobs).await?;
+            Metrics::add(&self.metrics.handed_off, recipients.len() as u64);
+            tracing::info!(recipients = recipients.len(), jobs = count, "fan-out handed to the stage");
+            outcomes.extend(recipients.iter().map(|r| (r.connection_id.clone(), crate::deliver::Outcome::Queued)));
+            start = i + 1;
+        }
+        outcomes.extend(self.deliverer.apply(&effects[start..], window, Some(&key(start))).await?);
+        outcomes.sort();
+        Ok(outcomes)
     }
 
     /// Reads the room for every record that needs its members, as before containers kept rosters
@@ -633,7 +680,7 @@ impl Processor {
             }
             self.drop_from_non_members(&change, &members, &mut decisions).await?;
             let effects = react::react(&change, &members, &decisions);
-            let outcomes = self.deliverer.apply(&effects, window, Some(&record.event_id)).await?;
+            let outcomes = self.perform(&effects, window, &record.event_id, change.tenant_room_pair()).await?;
             tracing::debug!(
                 effects = effects.len(),
                 recipients = outcomes.len(),

@@ -45,6 +45,7 @@ use crate::react::{Effect, Recipient};
 use crate::store::{Store, StoreError};
 
 pub mod limit;
+pub mod stage;
 
 use limit::{AdaptiveLimit, Finished};
 
@@ -101,6 +102,8 @@ pub enum Outcome {
     Deferred,
     /// Still being retried when the batch's time ran out: the record is redelivered.
     Unfinished(String),
+    /// Handed to the fan-out stage ([`stage`]): a worker serves it, after the batch.
+    Queued,
 }
 
 /// A frame for this many recipients keeps its progress in the table ([`Deliverer::apply`]).
@@ -293,6 +296,7 @@ enum Attempt {
     GiveUp(String),
 }
 
+#[derive(Clone)]
 pub struct Deliverer {
     inner: Arc<Inner>,
     /// Sends nothing and deletes nothing: every recipient's outcome is [`Outcome::NotSent`].

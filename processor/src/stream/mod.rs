@@ -114,6 +114,14 @@ impl Change {
         }
     }
 
+    /// The tenant and room of a record that has both.
+    pub fn tenant_room_pair(&self) -> Option<(&str, &str)> {
+        match self.tenant_room() {
+            (Some(tenant), Some(room)) => Some((tenant, room)),
+            _ => None,
+        }
+    }
+
     /// The membership this change makes present: an INSERT that does not wait for the tenant's
     /// rules, or the MODIFY by which the processor allowed one that did.
     pub fn joined(&self) -> Option<&crate::model::Membership> {
