@@ -737,25 +737,39 @@ impl Stack {
         (processor, metrics)
     }
 
-    /// From now on the processor hands frames for `recipients` or more to a fan-out stage in
-    /// this process (`roomcast::deliver::stage::LocalStage`), whose workers have a deliverer of
-    /// their own, as the `fanout` function's containers do. The processor keeps the table's
-    /// counts and loses its plugins.
-    pub async fn hand_off_at(&mut self, recipients: usize) -> Arc<roomcast::deliver::stage::LocalStage> {
+    /// A deliverer of its own over the table and this stack's `@connections`, with the table's
+    /// counts: what a fan-out stage's worker (the `fanout` function's container) delivers with.
+    pub async fn worker_deliverer(&self) -> Deliverer {
         let delivery = DeliverySettings {
             endpoint_override: Some(self.recorder.endpoint.clone()),
             initial_backoff: Duration::from_millis(10),
             ..Default::default()
         };
+        Deliverer::new(
+            sdk_config().await,
+            delivery,
+            self.table.store.clone(),
+            self.clock.clone(),
+            self.table.metrics.clone(),
+        )
+    }
+
+    /// From now on the processor hands frames for `recipients` or more to `stage`. The processor
+    /// keeps the table's counts and loses its plugins.
+    pub async fn hand_off_to(&mut self, stage: Arc<dyn roomcast::deliver::stage::Stage>, recipients: usize) {
+        let deliverer = self.worker_deliverer().await;
         let store = self.table.store.clone();
-        let metrics = self.table.metrics.clone();
-        let worker =
-            Deliverer::new(sdk_config().await, delivery.clone(), store.clone(), self.clock.clone(), metrics.clone());
-        let stage = roomcast::deliver::stage::LocalStage::new(worker);
-        let deliverer =
-            Deliverer::new(sdk_config().await, delivery, store.clone(), self.clock.clone(), metrics.clone());
-        let hand_off = roomcast::deliver::stage::HandOff { stage: stage.clone(), recipients };
-        self.processor = Processor::new(store, deliverer, self.clock.clone(), metrics, 8).with_hand_off(hand_off);
+        let hand_off = roomcast::deliver::stage::HandOff { stage, recipients };
+        self.processor =
+            Processor::new(store, deliverer, self.clock.clone(), self.table.metrics.clone(), 8).with_hand_off(hand_off);
+    }
+
+    /// [`Stack::hand_off_to`] a fan-out stage in this process
+    /// (`roomcast::deliver::stage::LocalStage`), whose workers have a deliverer of their own, as
+    /// the `fanout` function's containers do.
+    pub async fn hand_off_at(&mut self, recipients: usize) -> Arc<roomcast::deliver::stage::LocalStage> {
+        let stage = roomcast::deliver::stage::LocalStage::new(self.worker_deliverer().await);
+        self.hand_off_to(stage.clone(), recipients).await;
         stage
     }
 

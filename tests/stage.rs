@@ -129,3 +129,113 @@ async fn a_redelivered_record_queues_nothing_twice() {
     // stage dropped them as repeats.
     assert_eq!(stack.processor.counts().handed_off, 3 * 600);
 }
+
+/// The stage as AWS runs it: jobs on an SQS FIFO queue (moto's), worked by the `fanout`
+/// function's handler (`deliver::stage::sqs::handle_jobs`) on events built as Lambda's SQS event
+/// source builds them. Every member gets the message once, also when its stream record is
+/// redelivered after the hand-off (the queue drops the repeated jobs); a message that is not a job
+/// is reported, with every message after it in the batch, for the queue to deliver again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_go_through_an_sqs_fifo_queue_to_the_fanout_handler() {
+    use roomcast::deliver::stage::sqs::SqsStage;
+    let sqs = aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::config::Builder::from(&roomcast_tests::sdk_config().await)
+            .endpoint_url(roomcast_tests::moto_endpoint())
+            .build(),
+    );
+    let name = format!(
+        "fanout-{}-{}.fifo",
+        std::process::id(),
+        roomcast_tests::TABLES.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let queue = sqs
+        .create_queue()
+        .queue_name(&name)
+        .attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+
+    let mut stack = Stack::as_aws("memory", AccountSettings::default()).await;
+    let members = room(&mut stack, "big", "b", 600).await;
+    let worker = stack.worker_deliverer().await;
+    stack.hand_off_to(std::sync::Arc::new(SqsStage::new(sqs.clone(), &queue)), 500).await;
+    say(&stack, &members[0], "big", "through the queue").await;
+    let records = stack.table.stream.drain().await;
+    let event = json!({ "Records": records });
+    for _ in 0..2 {
+        let response = stack.processor.handle_event(&event).await.unwrap();
+        assert!(response.batch_item_failures.is_empty());
+    }
+    let (jobs, reported) = work(&sqs, &queue, &name, &worker).await;
+    assert!(reported.is_empty(), "{reported:?}");
+    assert!(jobs >= 2, "{jobs} jobs: 600 members in lanes of up to 500");
+    let inboxes = inboxes(&stack);
+    for member in &members {
+        assert_eq!(inboxes.get(member).map(Vec::as_slice), Some(&["through the queue".to_string()][..]), "{member}");
+    }
+
+    // Not a job: reported for the queue to deliver again (and, past its receive count, to its
+    // dead-letter queue).
+    sqs.send_message()
+        .queue_url(&queue)
+        .message_body("{\"not\": \"a job\"}")
+        .message_group_id("poison")
+        .message_deduplication_id("poison-1")
+        .send()
+        .await
+        .unwrap();
+    let (jobs, reported) = work(&sqs, &queue, &name, &worker).await;
+    assert_eq!((jobs, reported), (0, vec!["{\"not\": \"a job\"}".to_string()]));
+}
+
+/// Plays Lambda's SQS event source until the queue is empty: receives up to ten messages, gives
+/// them to the `fanout` handler as an SQS event, and deletes them (this test plays each once).
+/// The jobs worked, and the bodies of the messages the handler reported.
+async fn work(
+    sqs: &aws_sdk_sqs::Client,
+    queue: &str,
+    name: &str,
+    worker: &roomcast::deliver::Deliverer,
+) -> (usize, Vec<String>) {
+    let (mut jobs, mut reported) = (0, Vec::new());
+    loop {
+        let out = sqs
+            .receive_message()
+            .queue_url(queue)
+            .max_number_of_messages(10)
+            .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+            .send()
+            .await
+            .unwrap();
+        let messages = out.messages.unwrap_or_default();
+        if messages.is_empty() {
+            return (jobs, reported);
+        }
+        let records: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| {
+                json!({
+                    "messageId": m.message_id, "receiptHandle": m.receipt_handle, "body": m.body,
+                    "md5OfBody": m.md5_of_body, "attributes": {}, "messageAttributes": {},
+                    "eventSource": "aws:sqs", "eventSourceARN": format!("arn:aws:sqs:us-east-1:123456789012:{name}"),
+                    "awsRegion": "us-east-1",
+                })
+            })
+            .collect();
+        let event: aws_lambda_events::sqs::SqsEvent = serde_json::from_value(json!({ "Records": records })).unwrap();
+        let response = roomcast::deliver::stage::sqs::handle_jobs(worker, &event, None).await;
+        let failed: Vec<String> = response.batch_item_failures.iter().map(|f| f.item_identifier.clone()).collect();
+        for m in &messages {
+            if failed.contains(m.message_id.as_ref().unwrap()) {
+                reported.push(m.body.clone().unwrap());
+            } else {
+                jobs += 1;
+            }
+            let handle = m.receipt_handle.clone().unwrap();
+            sqs.delete_message().queue_url(queue).receipt_handle(handle).send().await.unwrap();
+        }
+    }
+}

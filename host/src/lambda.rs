@@ -20,16 +20,20 @@ pub async fn run_processor() -> Result<(), Error> {
     let metrics = Arc::new(Metrics::default());
     let (sdk, store) = store_from(&config, metrics.clone()).await;
     let clock = Arc::new(SystemClock);
+    let hand_off = roomcast_core::lambda::hand_off_from(&config, &sdk);
     let deliverer = Deliverer::new(sdk, config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
     let registry = Arc::new(crate::registry::Registry::from_config(&config, metrics.clone())?);
     let emf = roomcast_core::metrics::Emf {
         namespace: config.metrics_namespace.clone(),
         function: std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "processor".into()),
     };
-    let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once)
+    let mut processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once)
         .with_plugins(registry)
         .with_announce_max_users(config.presence_announce_max_users)
         .with_emf(emf);
+    if let Some(hand_off) = hand_off {
+        processor = processor.with_hand_off(hand_off);
+    }
     let processor = &processor;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
         let deadline = deadline_instant(event.context.deadline);

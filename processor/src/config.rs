@@ -33,6 +33,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("ROOMCAST_CLOSE_SLOW_CONSUMERS", "true", "close slow consumers (DELETE @connections); false only skips them"),
     ("ROOMCAST_PARTITIONS_AT_ONCE", "8", "rooms processed concurrently within a batch"),
     (
+        "ROOMCAST_FANOUT_QUEUE_URL",
+        "(none: every frame is served in its batch)",
+        "the fan-out stage's SQS FIFO queue, worked by the fanout function",
+    ),
+    (
+        "ROOMCAST_HANDOFF_RECIPIENTS",
+        "2000",
+        "with a fan-out queue, frames for this many recipients or more leave the batch for it",
+    ),
+    (
         "ROOMCAST_PRESENCE_ANNOUNCE_MAX_USERS",
         "100",
         "rooms with more users announce no joined/left (a tenant's setting overrides it)",
@@ -87,6 +97,10 @@ pub struct Config {
     pub plugin_memory_budget_mib: usize,
     /// Rooms with more users announce no `joined`/`left`, unless the tenant's settings say otherwise.
     pub presence_announce_max_users: u64,
+    /// The fan-out stage's SQS FIFO queue, if any ([`crate::deliver::stage::sqs`]).
+    pub fanout_queue_url: Option<String>,
+    /// Frames for this many recipients or more go to the fan-out stage.
+    pub handoff_recipients: usize,
 }
 
 /// Every problem found, one per line.
@@ -136,6 +150,7 @@ impl Config {
         };
         let dynamodb_endpoint = url("DYNAMODB_ENDPOINT_URL");
         let endpoint_override = url("ROOMCAST_MANAGEMENT_ENDPOINT");
+        let fanout_queue_url = url("ROOMCAST_FANOUT_QUEUE_URL");
 
         let close_slow_consumers = match get("ROOMCAST_CLOSE_SLOW_CONSUMERS").as_deref().map(str::trim) {
             None | Some("true") => true,
@@ -176,6 +191,9 @@ impl Config {
             ..DeliverySettings::default()
         };
         let partitions_at_once = number("ROOMCAST_PARTITIONS_AT_ONCE", 8, 1, 256) as usize;
+        let handoff_recipients =
+            number("ROOMCAST_HANDOFF_RECIPIENTS", crate::deliver::stage::HANDOFF_RECIPIENTS as u64, 1, 10_000_000)
+                as usize;
         let idle_limit = Duration::from_secs(number("ROOMCAST_IDLE_LIMIT_SECONDS", 600, 1, 86_400));
         let presence_announce_max_users =
             number("ROOMCAST_PRESENCE_ANNOUNCE_MAX_USERS", crate::presence::DEFAULT_ANNOUNCE_MAX_USERS, 0, 1_000_000);
@@ -210,6 +228,8 @@ impl Config {
                 metrics_namespace,
                 plugin_memory_budget_mib,
                 presence_announce_max_users,
+                fanout_queue_url,
+                handoff_recipients,
             })
         } else {
             Err(ConfigError(problems))
@@ -260,6 +280,15 @@ mod tests {
         assert_eq!(c.dynamodb_endpoint, None);
         assert_eq!(c.plugin_limits, crate::rules::Limits::default());
         assert_eq!((c.plugin_cache_tenants, c.plugin_artifact_dir), (256, None));
+        assert_eq!((c.fanout_queue_url, c.handoff_recipients), (None, 2000));
+        let staged = config(&[
+            ("TABLE_NAME", "t"),
+            ("ROOMCAST_FANOUT_QUEUE_URL", "https://sqs.eu-west-1.amazonaws.com/1/roomcast-fanout.fifo"),
+            ("ROOMCAST_HANDOFF_RECIPIENTS", "5000"),
+        ])
+        .unwrap();
+        assert_eq!(staged.handoff_recipients, 5000);
+        assert!(config(&[("TABLE_NAME", "t"), ("ROOMCAST_FANOUT_QUEUE_URL", "roomcast-fanout")]).is_err());
         let tuned =
             config(&[("TABLE_NAME", "t"), ("ROOMCAST_PLUGIN_FUEL", "5000"), ("ROOMCAST_PLUGIN_MEMORY_MIB", "32")])
                 .unwrap();

@@ -1,5 +1,5 @@
 //! The Lambda entry points of this crate: each binary in `src/bin` is `main` → [`run_handler`],
-//! [`run_authorizer`], [`run_publish`], [`run_admin`] or [`run_sweeper`] (the processor's is in the plugin host
+//! [`run_authorizer`], [`run_publish`], [`run_admin`], [`run_sweeper`] or [`run_fanout`] (the processor's is in the plugin host
 //! crate, which uses [`store_from`] and [`deadline_instant`] from here). Clients are built once
 //! per container; a bad configuration fails the init with every problem named.
 
@@ -155,6 +155,44 @@ pub async fn run_sweeper() -> Result<(), Error> {
     lambda_runtime::run(service_fn(move |_: LambdaEvent<serde_json::Value>| async move {
         let report = admin.sweep(admin.idle_limit).await.map_err(|e| Error::from(e.to_string()))?;
         Ok::<_, Error>(serde_json::to_value(report)?)
+    }))
+    .await
+}
+
+/// The processor's fan-out stage on SQS, when `ROOMCAST_FANOUT_QUEUE_URL` names its queue (the
+/// SQS endpoint is the SDK's: `AWS_ENDPOINT_URL_SQS` or `AWS_ENDPOINT_URL` point it elsewhere).
+pub fn hand_off_from(config: &Config, sdk: &aws_config::SdkConfig) -> Option<crate::deliver::stage::HandOff> {
+    let url = config.fanout_queue_url.as_ref()?;
+    let stage = crate::deliver::stage::sqs::SqsStage::new(aws_sdk_sqs::Client::new(sdk), url);
+    Some(crate::deliver::stage::HandOff { stage: Arc::new(stage), recipients: config.handoff_recipients })
+}
+
+/// Serves the fan-out stage's worker: batches of big rooms' jobs from the SQS FIFO queue
+/// ([`crate::deliver::stage::sqs::handle_jobs`]), each invocation done a second before its
+/// deadline. Prints its counts as the processor does (`roomcast.fanout`, and CloudWatch's
+/// embedded metric format).
+pub async fn run_fanout() -> Result<(), Error> {
+    init_tracing();
+    let config = Config::from_env()?;
+    let metrics = Arc::new(Metrics::default());
+    let (sdk, store) = store_from(&config, metrics.clone()).await;
+    let deliverer = Deliverer::new(sdk, config.delivery.clone(), store, Arc::new(SystemClock), metrics.clone());
+    let emf = crate::metrics::Emf {
+        namespace: config.metrics_namespace.clone(),
+        function: std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "fanout".into()),
+    };
+    let (deliverer, metrics, emf) = (&deliverer, &metrics, &emf);
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<aws_lambda_events::sqs::SqsEvent>| async move {
+        let before = metrics.snapshot();
+        let deadline = deadline_instant(event.context.deadline);
+        let finish_by = deadline.checked_sub(std::time::Duration::from_secs(1)).unwrap_or(deadline);
+        // Boxed: the delivery future nests deeper than the compiler's default query depth.
+        let response =
+            Box::pin(crate::deliver::stage::sqs::handle_jobs(deliverer, &event.payload, Some(finish_by))).await;
+        let counts = metrics.snapshot().since(&before);
+        counts.emit("roomcast.fanout");
+        println!("{}", counts.emf(emf, chrono::Utc::now().timestamp_millis()));
+        Ok::<_, Error>(response)
     }))
     .await
 }

@@ -34,6 +34,8 @@ use crate::protocol::ServerMessage;
 use crate::react::{Effect, Recipient};
 use crate::store::StoreError;
 
+pub mod sqs;
+
 /// A frame for this many recipients or more leaves the batch, when a stage is configured
 /// (`ROOMCAST_HANDOFF_RECIPIENTS`). At 20 ms a call and the account's 10,000 calls a second,
 /// 2,000 members take about 0.2 s to serve in the batch itself: below that, queueing costs more

@@ -1,0 +1,165 @@
+//! The fan-out stage on Amazon SQS: a FIFO queue whose message groups are the jobs' groups
+//! (`{tenant}#{room}#{lane}`), worked by the `fanout` function ([`crate::lambda::run_fanout`],
+//! [`handle_jobs`]). FIFO keeps each group's jobs in the order queued and hands a group to one
+//! worker at a time; different groups — other lanes, rooms and tenants — run in parallel, as many
+//! as Lambda scales the function to. A job's id is its deduplication id: within SQS's five
+//! minutes, a stream record redelivered after its hand-off queues nothing twice.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::error::DisplayErrorContext;
+use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+use tracing::Instrument;
+
+use super::{Job, Stage};
+use crate::deliver::{Deliverer, Outcome, Window};
+use crate::store::StoreError;
+
+/// One `SendMessageBatch`: at most ten entries and 256 KiB of bodies.
+const BATCH_ENTRIES: usize = 10;
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// A message group id or deduplication id is at most 128 characters.
+const ID_MAX: usize = 128;
+
+pub struct SqsStage {
+    client: Client,
+    queue_url: String,
+}
+
+impl SqsStage {
+    pub fn new(client: Client, queue_url: impl Into<String>) -> SqsStage {
+        SqsStage { client, queue_url: queue_url.into() }
+    }
+
+    /// Sends one batch, in order. A batch SQS takes only in part is an error: the record is
+    /// retried, and the entries already queued are dropped as repeats.
+    async fn send(&self, batch: &[(&Job, String)]) -> Result<(), StoreError> {
+        let entries = batch
+            .iter()
+            .enumerate()
+            .map(|(i, (job, body))| {
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(body)
+                    .message_group_id(fit(&job.group))
+                    .message_deduplication_id(fit(&job.id))
+                    .build()
+                    .map_err(|e| StoreError::Unavailable(format!("sqs entry: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let out =
+            self.client
+                .send_message_batch()
+                .queue_url(&self.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("sqs send_message_batch: {}", DisplayErrorContext(&e))))?;
+        if let Some(failed) = out.failed.first() {
+            return Err(StoreError::Unavailable(format!(
+                "sqs send_message_batch: {} of {} entries refused, first {}: {}",
+                out.failed.len(),
+                batch.len(),
+                failed.code,
+                failed.message.as_deref().unwrap_or("")
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An id SQS accepts: as it is when short enough, else its FNV-1a digest beside its tail (the
+/// lane and part), which keeps it distinct and stable.
+fn fit(id: &str) -> String {
+    if id.len() <= ID_MAX {
+        return id.to_string();
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let tail: String = id.chars().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+    format!("{hash:016x}~{tail}")
+}
+
+#[async_trait::async_trait]
+impl Stage for SqsStage {
+    async fn hand_off(&self, jobs: Vec<Job>) -> Result<(), StoreError> {
+        let mut batch: Vec<(&Job, String)> = Vec::new();
+        let mut bytes = 0;
+        for job in &jobs {
+            let body = serde_json::to_string(job).map_err(|e| StoreError::Unavailable(format!("a job: {e}")))?;
+            if batch.len() == BATCH_ENTRIES || (bytes + body.len() > BATCH_BYTES && !batch.is_empty()) {
+                self.send(&batch).await?;
+                batch.clear();
+                bytes = 0;
+            }
+            bytes += body.len();
+            batch.push((job, body));
+        }
+        if !batch.is_empty() {
+            self.send(&batch).await?;
+        }
+        Ok(())
+    }
+}
+
+/// One invocation of the `fanout` function: each SQS message is a [`Job`], delivered by the
+/// processor's own rules within the invocation's window. A job that does not decode, or whose
+/// recipients were still being retried when the window closed, is reported in
+/// `batchItemFailures` — and so is every message after it, since a FIFO batch's later messages
+/// may belong to the same group and must not overtake it. SQS then makes them visible again; a
+/// job that keeps failing goes to the dead-letter queue after the queue's `maxReceiveCount`.
+pub async fn handle_jobs(deliverer: &Deliverer, event: &SqsEvent, finish_by: Option<Instant>) -> SqsBatchResponse {
+    let window = finish_by.map_or_else(Window::unbounded, Window::until);
+    let mut failures: Vec<String> = Vec::new();
+    let mut seen = HashSet::new();
+    for record in &event.records {
+        let id = record.message_id.clone().unwrap_or_default();
+        if !failures.is_empty() {
+            failures.push(id);
+            continue;
+        }
+        let job: Job = match record.body.as_deref().map(serde_json::from_str) {
+            Some(Ok(job)) => job,
+            other => {
+                let error = match other {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "no body".to_string(),
+                };
+                tracing::error!(message_id = %id, %error, "a fan-out job that does not decode: left for the dead-letter queue");
+                failures.push(id);
+                continue;
+            }
+        };
+        if !seen.insert(job.id.clone()) {
+            continue;
+        }
+        let span = tracing::info_span!("job", job = %job.id, tenant = %job.tenant, room = %job.room);
+        match job.deliver(deliverer, &window).instrument(span).await {
+            Ok(outcomes) => {
+                let delivered = outcomes.iter().filter(|(_, o)| *o == Outcome::Delivered).count();
+                tracing::debug!(recipients = outcomes.len(), delivered, "job delivered");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "job unfinished: SQS delivers it again");
+                failures.push(id);
+            }
+        }
+    }
+    let mut response = SqsBatchResponse::default();
+    response.batch_item_failures = failures
+        .into_iter()
+        .map(|id| {
+            let mut failure = BatchItemFailure::default();
+            failure.item_identifier = id;
+            failure
+        })
+        .collect();
+    response
+}
