@@ -80,6 +80,9 @@ def resolve(value, template, what):
         resource = template["Resources"].get(name, {})
         if resource.get("Type") == "AWS::DynamoDB::Table":
             return TABLE
+        if resource.get("Type") == "AWS::SQS::Queue":
+            # A queue URL on a closed loopback port: nothing here hands off a frame.
+            return f"http://127.0.0.1:1/123456789012/{name}.fifo"
         if name == "AWS::Region":
             return lambda_runtime_api.REGION
     raise ValueError(f"{what}: cannot give {json.dumps(value, default=str)} a test value; teach package_check.resolve")
@@ -259,6 +262,7 @@ CHECKS = {
     "disconnect": (disconnect_event, table_unreachable_route_response),
     "message": (lambda: websocket_event("$default", '{"action":"ping"}'), table_unreachable_route_response),
     "processor": (lambda: {"Records": []}, empty_batch),
+    "fanout": (lambda: {"Records": []}, empty_batch),
     "sweeper": (scheduled_event, sweeper_table_unreachable),
     "admin": (lambda: {"action": "get_all_connections", "limit": 1}, admin_table_unreachable),
     "publish": (publish_event, publish_table_unavailable),

@@ -89,7 +89,8 @@ class Template(unittest.TestCase):
         self.assertEqual(runtime, "provided.al2023")
         functions = self.of_type("AWS::Serverless::Function")
         self.assertEqual(set(functions), {"AuthorizerFunction", "ConnectFunction", "DisconnectFunction", "MessageFunction",
-                                          "ProcessorFunction", "SweeperFunction", "AdminFunction", "PublishFunction"})
+                                          "ProcessorFunction", "SweeperFunction", "AdminFunction", "PublishFunction",
+                                          "FanoutFunction"})
         for name, f in functions.items():
             self.assertEqual(f["Metadata"]["BuildMethod"], "rust-cargolambda", name)
             self.assertNotIn("Runtime", f["Properties"], f"{name} must not override the runtime")
@@ -158,7 +159,7 @@ class Template(unittest.TestCase):
                         self.assertIsNotNone(resource, f"{name}: ManageConnections needs a scoped resource")
                         self.assertIn("${WebSocketApi}/${StageName}/", resource, name)
                         self.assertIn("/@connections/", resource, name)
-        self.assertEqual(found, 3, "the processor, the sweeper and admin manage connections")
+        self.assertEqual(found, 4, "the processor, the fan-out stage's worker, the sweeper and admin manage connections")
 
     def test_table_actions_are_on_the_table_and_its_index_only(self):
         allowed = [{"Fn::GetAtt": ["Table", "Arn"]}, {"Fn::GetAtt": ["Table", "StreamArn"]},
@@ -172,6 +173,25 @@ class Template(unittest.TestCase):
                     resources = s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]]
                     for r in resources:
                         self.assertIn(r, allowed, name)
+
+    def test_the_fan_out_stage_is_a_fifo_queue_the_processor_sends_to_and_its_worker_reads(self):
+        queue = self.resources["FanoutQueue"]["Properties"]
+        self.assertIs(queue["FifoQueue"], True)
+        self.assertIs(queue["ContentBasedDeduplication"], False, "job ids are the deduplication ids")
+        dlq = queue["RedrivePolicy"]["deadLetterTargetArn"]
+        self.assertEqual(dlq, {"Fn::GetAtt": ["FanoutDeadLetterQueue", "Arn"]})
+        self.assertIs(self.resources["FanoutDeadLetterQueue"]["Properties"]["FifoQueue"], True)
+        worker = self.resources["FanoutFunction"]["Properties"]
+        self.assertGreaterEqual(queue["VisibilityTimeout"], 6 * worker["Timeout"])
+        (event,) = worker["Events"].values()
+        self.assertEqual(event["Type"], "SQS")
+        self.assertEqual(event["Properties"]["Queue"], {"Fn::GetAtt": ["FanoutQueue", "Arn"]})
+        self.assertIn("ReportBatchItemFailures", event["Properties"]["FunctionResponseTypes"])
+        self.assertLessEqual(event["Properties"]["BatchSize"], 10, "a FIFO event source takes at most 10")
+        env = self.resources["ProcessorFunction"]["Properties"]["Environment"]["Variables"]
+        self.assertEqual(env["ROOMCAST_FANOUT_QUEUE_URL"], {"Ref": "FanoutQueue"})
+        sends = [s for s in self.statements("ProcessorFunction") if s["Action"] == "sqs:SendMessage"]
+        self.assertEqual([s["Resource"] for s in sends], [{"Fn::GetAtt": ["FanoutQueue", "Arn"]}])
 
     def test_the_sweeper_runs_on_a_schedule(self):
         events = self.resources["SweeperFunction"]["Properties"]["Events"].values()
