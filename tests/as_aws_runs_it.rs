@@ -3,7 +3,8 @@
 //! (`roomcast_tests::aws`), the table on moto, `@connections` on a recorder that checks
 //! `execute-api:ManageConnections` the same way, and the stream fed to the processor as Lambda's
 //! event source mapping feeds it — with the processor's own role, every batch delivered twice,
-//! and a failed record retried from where the processor said.
+//! and a failed record retried from where the processor said. Big rooms' jobs go through a FIFO
+//! queue on moto's SQS to the `fanout` binary, fed as Lambda's SQS event source feeds it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,6 +24,7 @@ const FUNCTIONS: &[&str] = &[
     "SweeperFunction",
     "AdminFunction",
     "PublishFunction",
+    "FanoutFunction",
 ];
 const SECRET: &str = "as-aws-runs-it-secret";
 const API_ID: &str = "local0001";
@@ -39,6 +41,10 @@ struct Aws {
     redeliver: bool,
     /// Every `batchItemFailures` the processor answered.
     failures: Vec<Value>,
+    /// The fan-out stage's queue, and the SQS client its event source reads it with (the
+    /// fanout function's role).
+    fanout_queue: String,
+    fanout_sqs: aws_sdk_sqs::Client,
 }
 
 impl Aws {
@@ -46,15 +52,29 @@ impl Aws {
         roomcast_tests::capture_logs();
         let (admin, stream_arn) = moto_table().await;
         let parameter = format!("/roomcast/jwt-{}-{}", std::process::id(), admin.table());
+        // The stack's fan-out queue, as CloudFormation makes it (FIFO).
+        let sdk = roomcast_tests::sdk_config().await;
+        let sqs = aws_sdk_sqs::Client::from_conf(
+            aws_sdk_sqs::config::Builder::from(&sdk).endpoint_url(moto_endpoint()).build(),
+        );
+        let fanout_queue = sqs
+            .create_queue()
+            .queue_name(format!("fanout-{}.fifo", admin.table()))
+            .attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
+            .send()
+            .await
+            .expect("create the fan-out queue on moto")
+            .queue_url
+            .expect("a queue URL");
         let deployment = Deployment {
             table: admin.table().to_string(),
             stream_arn,
             api_id: API_ID.into(),
             stage: STAGE.into(),
             parameters: BTreeMap::from([("JwtSecretParameter".to_string(), parameter.clone())]),
+            fanout_queue: fanout_queue.clone(),
         };
         // The operator creates the secret before deploying (the template's parameter says so).
-        let sdk = roomcast_tests::sdk_config().await;
         let ssm = aws_sdk_ssm::Client::from_conf(
             aws_sdk_ssm::config::Builder::from(&sdk).endpoint_url(moto_endpoint()).build(),
         );
@@ -100,7 +120,85 @@ impl Aws {
             Some(&gate.endpoint),
         );
         let poller = StreamPoller::new(streams, &deployment.stream_arn, StartAt::TrimHorizon);
-        Aws { gate, recorder, admin, lambdas, poller, redeliver, failures: Vec::new() }
+        // The SQS event source reads the queue with the fanout function's own role.
+        let fanout = &lambdas["FanoutFunction"].function;
+        let fanout_sqs = aws_sdk_sqs::Client::from_conf(
+            aws_sdk_sqs::config::Builder::from(
+                &aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .region(aws_config::Region::new(roomcast_tests::aws::REGION))
+                    .credentials_provider(aws_credential_types::Credentials::new(
+                        fanout.access_key(),
+                        "local-secret",
+                        None,
+                        None,
+                        "event-source-mapping",
+                    ))
+                    .load()
+                    .await,
+            )
+            .endpoint_url(&gate.endpoint)
+            .build(),
+        );
+        Aws { gate, recorder, admin, lambdas, poller, redeliver, failures: Vec::new(), fanout_queue, fanout_sqs }
+    }
+
+    /// Lambda's SQS event source for the fanout function, until the queue is empty: up to ten
+    /// messages an invocation (twice when redelivering, as SQS may), deleted once the function
+    /// answered without reporting them. The jobs worked.
+    async fn pump_fanout(&mut self) -> usize {
+        let mut jobs = 0;
+        loop {
+            let out = self
+                .fanout_sqs
+                .receive_message()
+                .queue_url(&self.fanout_queue)
+                .max_number_of_messages(10)
+                .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+                .send()
+                .await
+                .expect("the event source receives from the fan-out queue");
+            self.assert_allowed();
+            let messages = out.messages.unwrap_or_default();
+            if messages.is_empty() {
+                return jobs;
+            }
+            let arn = roomcast_tests::aws::queue_arn(&self.fanout_queue);
+            let records: Vec<Value> = messages
+                .iter()
+                .map(|m| {
+                    json!({
+                        "messageId": m.message_id, "receiptHandle": m.receipt_handle, "body": m.body,
+                        "md5OfBody": m.md5_of_body, "attributes": {}, "messageAttributes": {},
+                        "eventSource": "aws:sqs", "eventSourceARN": arn, "awsRegion": roomcast_tests::aws::REGION,
+                    })
+                })
+                .collect();
+            let times = if self.redeliver { 2 } else { 1 };
+            for _ in 0..times {
+                let answer = self.invoke("FanoutFunction", json!({ "Records": records })).await;
+                assert_eq!(answer["batchItemFailures"], json!([]), "the fanout function reported jobs: {answer}");
+            }
+            let entries: Vec<aws_sdk_sqs::types::DeleteMessageBatchRequestEntry> = messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(m.receipt_handle.clone().unwrap())
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            self.fanout_sqs
+                .delete_message_batch()
+                .queue_url(&self.fanout_queue)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .expect("the event source deletes the worked jobs");
+            self.assert_allowed();
+            jobs += messages.len();
+        }
     }
 
     fn assert_allowed(&self) {
@@ -235,7 +333,10 @@ fn token(tenant: &str, user: &str) -> String {
 /// nothing but its template policy, and every stream batch delivered twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_function_runs_under_its_template_policy_with_every_batch_delivered_twice() {
-    let mut aws = Aws::start(Template::load(), true, &[]).await;
+    // Rooms of four or more hand their frames to the fan-out stage (lobby never has four); a
+    // 410 deletes at once (no connection here is a client still opening).
+    let staged = [("ROOMCAST_HANDOFF_RECIPIENTS", "4"), ("ROOMCAST_YOUNG_CONNECTION_MS", "0")];
+    let mut aws = Aws::start(Template::load(), true, &staged).await;
 
     // The authorizer reads its secret from SSM with its own policy, and refuses a bad token.
     let denied = aws.authorize("not-a-token").await;
@@ -506,6 +607,28 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
         "{rejected_line}"
     );
     assert!(fields["version"].as_str().is_some_and(|v| v.len() == 16) && fields["seq"].is_string(), "{rejected_line}");
+
+    // A big room: the processor queues its frames (sqs:SendMessage under its policy), the
+    // fanout function delivers them under its own, and deletes a member API Gateway says is gone.
+    for i in 0..5 {
+        aws.connect(&format!("c-crowd-{i}"), &token("acme", &format!("crowd{i}")), "crowd").await;
+    }
+    aws.pump().await;
+    aws.pump_fanout().await;
+    aws.recorder.script("c-crowd-4", &[410]);
+    let said =
+        aws.send("c-crowd-0", json!({"action": "sendMessage", "room": "crowd", "message": "to the crowd"})).await;
+    assert_eq!(said["action"], "ack", "{said}");
+    aws.pump().await;
+    assert!(aws.pump_fanout().await > 0, "the message to the crowd was not handed to the fan-out stage");
+    for i in 0..4 {
+        let got = aws.recorder.received_action(&format!("c-crowd-{i}"), "message");
+        assert!(got.iter().any(|m| m["message"] == "to the crowd"), "c-crowd-{i} got {got:?}");
+    }
+    aws.pump().await;
+    aws.pump_fanout().await;
+    let gone = aws.admin.get_connection("c-crowd-4", chrono::Utc::now()).await.unwrap();
+    assert!(gone.is_none(), "the fanout function did not delete the member API Gateway said was gone");
 
     // Least privilege: every action template.yaml grants was needed by this session.
     let unused = aws.gate.unused_grants();

@@ -46,12 +46,24 @@ pub struct Deployment {
     pub stage: String,
     /// Parameters given a value other than the template's default.
     pub parameters: BTreeMap<String, String>,
+    /// The fan-out stage's FIFO queue (`FanoutQueue`), its URL on moto.
+    pub fanout_queue: String,
 }
 
 impl Deployment {
     pub fn table_arn(&self) -> String {
         format!("arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{}", self.table)
     }
+
+    pub fn fanout_queue_arn(&self) -> String {
+        queue_arn(&self.fanout_queue)
+    }
+}
+
+/// An SQS queue's ARN from its URL (`…/{account}/{name}`).
+pub fn queue_arn(url: &str) -> String {
+    let name = url.rsplit('/').next().unwrap_or_default();
+    format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}")
 }
 
 /// One `AWS::Serverless::Function` of the template.
@@ -197,10 +209,22 @@ impl Template {
 
     /// What SAM adds to a function's generated role for its event sources: for a DynamoDB
     /// stream, the managed policy `AWSLambdaDynamoDBExecutionRole` (its stream actions, on `*`);
-    /// for an `OnFailure` destination of `Type: SQS`, `sqs:SendMessage` on that queue.
+    /// for an `OnFailure` destination of `Type: SQS`, `sqs:SendMessage` on that queue; for an SQS
+    /// queue, `AWSLambdaSQSQueueExecutionRole` (receive, delete, attributes, on `*`).
     fn sam_added(&self, props: &Yaml, at: &Deployment) -> Vec<Statement> {
         let mut added = Vec::new();
         for (_, event) in props["Events"].as_mapping().into_iter().flatten() {
+            if event["Type"].as_str() == Some("SQS") {
+                added.push(Statement {
+                    allow: true,
+                    actions: ["ReceiveMessage", "DeleteMessage", "GetQueueAttributes"]
+                        .map(|a| format!("sqs:{a}"))
+                        .to_vec(),
+                    resources: vec!["*".into()],
+                    origin: "SAM (AWSLambdaSQSQueueExecutionRole)",
+                });
+                continue;
+            }
             if event["Type"].as_str() != Some("DynamoDB") {
                 continue;
             }
@@ -246,6 +270,8 @@ impl Template {
             "StageName" => at.stage.clone(),
             "StreamDeadLetterQueue" => format!("http://localhost/{ACCOUNT}/roomcast-dlq"),
             "StreamDeadLetterQueue.Arn" => format!("arn:aws:sqs:{REGION}:{ACCOUNT}:roomcast-dlq"),
+            "FanoutQueue" => at.fanout_queue.clone(),
+            "FanoutQueue.Arn" => at.fanout_queue_arn(),
             other => {
                 if let Some(value) = at.parameters.get(other) {
                     return value.clone();
@@ -502,6 +528,20 @@ fn needs(state: &GateState, target: &str, body: &Value) -> Result<Vec<(String, S
             let name = str_of(body, "Name");
             let name = name.strip_prefix('/').unwrap_or(&name);
             vec![(format!("ssm:{operation}"), format!("arn:aws:ssm:{REGION}:{ACCOUNT}:parameter/{name}"))]
+        }
+        "AmazonSQS" => {
+            // Batch operations are judged as their single action (IAM has no *Batch actions).
+            let action = match operation {
+                "SendMessageBatch" => "SendMessage",
+                "DeleteMessageBatch" => "DeleteMessage",
+                "ChangeMessageVisibilityBatch" => "ChangeMessageVisibility",
+                other => other,
+            };
+            let queue = match body["QueueUrl"].as_str() {
+                Some(url) => queue_arn(url),
+                None => format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{}", str_of(body, "QueueName")),
+            };
+            vec![(format!("sqs:{action}"), queue)]
         }
         other => return Err(format!("the gate does not know the service of X-Amz-Target {other}")),
     })

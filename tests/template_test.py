@@ -190,6 +190,10 @@ class Template(unittest.TestCase):
         self.assertLessEqual(event["Properties"]["BatchSize"], 10, "a FIFO event source takes at most 10")
         env = self.resources["ProcessorFunction"]["Properties"]["Environment"]["Variables"]
         self.assertEqual(env["ROOMCAST_FANOUT_QUEUE_URL"], {"Ref": "FanoutQueue"})
+        # Said, not defaulted: the stream keeps one batch per shard (order per room), the fan-out
+        # leaves the batch instead.
+        stream = self.resources["ProcessorFunction"]["Properties"]["Events"]["TableStream"]["Properties"]
+        self.assertEqual(stream["ParallelizationFactor"], 1)
         sends = [s for s in self.statements("ProcessorFunction") if s["Action"] == "sqs:SendMessage"]
         self.assertEqual([s["Resource"] for s in sends], [{"Fn::GetAtt": ["FanoutQueue", "Arn"]}])
 
