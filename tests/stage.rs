@@ -239,3 +239,43 @@ async fn work(
         }
     }
 }
+
+/// The `fanout` handler starts no job in the last seconds of its invocation: it reports it, and
+/// every job after it, untouched, so that their retry serves nobody twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fanout_handler_starts_no_job_it_may_not_finish() {
+    use roomcast::deliver::stage::sqs::{JOB_RESERVE, handle_jobs};
+    let mut stack = Stack::as_aws("memory", AccountSettings::default()).await;
+    let members = room(&mut stack, "big", "b", 40).await;
+    let worker = stack.worker_deliverer().await;
+    let recipients: Vec<roomcast::react::Recipient> = stack
+        .table
+        .store
+        .room_members("acme", "big", stack.clock_now())
+        .await
+        .unwrap()
+        .iter()
+        .map(roomcast::react::Recipient::from)
+        .collect();
+    let payload: roomcast::protocol::ServerMessage = serde_json::from_value(
+        json!({"action": "signal", "id": "s1", "room": "big", "user_id": "b0000", "data": "late"}),
+    )
+    .unwrap();
+    let jobs = roomcast::deliver::stage::jobs("acme", "big", "ev#0", &payload, &recipients);
+    let records: Vec<serde_json::Value> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, job)| json!({"messageId": format!("m{i}"), "body": serde_json::to_string(job).unwrap(), "eventSource": "aws:sqs"}))
+        .collect();
+    let event: aws_lambda_events::sqs::SqsEvent = serde_json::from_value(json!({ "Records": records })).unwrap();
+    let soon = std::time::Instant::now() + JOB_RESERVE / 2;
+    let response = handle_jobs(&worker, &event, Some(soon)).await;
+    assert_eq!(response.batch_item_failures.len(), jobs.len(), "every job reported");
+    // With time, the same batch serves everyone once.
+    let response = handle_jobs(&worker, &event, Some(std::time::Instant::now() + JOB_RESERVE * 4)).await;
+    assert!(response.batch_item_failures.is_empty());
+    for member in &members {
+        let got = stack.recorder.received_action(member, "signal");
+        assert_eq!(got.len(), 1, "{member}: {got:?}");
+    }
+}
