@@ -8,9 +8,12 @@
 //! * **The processor** runs in this process, as in a warm Lambda container: the real
 //!   `Processor` and `Deliverer` (the real SDK client, the adaptive limit) over the embedded
 //!   store, whose room of N members is seeded directly. Each room size gets a fresh processor.
-//! * **Per room size:** M message records in one batch, as the stream delivers them. Deliveries
-//!   a second are every accepted call over the batch's wall time; the ratio is to the quota; CPU
-//!   is this process's user + system time over the batch, per delivery.
+//! * **Per room size:** M message records in one batch, as the stream delivers them, then, in the
+//!   shard's next batch, M messages to a room of [`SMALL_ROOM`]. Deliveries a second are every
+//!   accepted call until the big room's fan-out is done, over that time; the ratio is to the
+//!   quota; CPU is this process's user + system time over it, per delivery. The small room's
+//!   time is when its batch was done, from the start: without the fan-out stage it waits for the
+//!   whole big fan-out; with it (`--handoff-recipients`, on by default), only for the hand-off.
 //!
 //! Nothing here opens a WebSocket: the client side of fan-out is API Gateway's work, not ours.
 
@@ -36,7 +39,12 @@ pub struct FanoutOptions {
     /// Whether the processor keeps rooms' rosters (`--no-roster`: it reads the room for every
     /// message, the figure before rosters).
     pub roster: bool,
+    /// Frames for this many recipients or more go to an in-process fan-out stage; 0: none.
+    pub handoff_recipients: usize,
 }
+
+/// The room whose next batch waits behind the big one.
+pub const SMALL_ROOM: usize = 10;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct FanoutReport {
@@ -47,6 +55,7 @@ pub struct FanoutReport {
     pub quota: f64,
     pub concurrency_ceiling: usize,
     pub roster: bool,
+    pub handoff_recipients: usize,
     pub rooms: Vec<RoomRun>,
 }
 
@@ -66,7 +75,12 @@ pub struct RoomRun {
     /// Calls answered 429 for the quota.
     pub throttled: u64,
     pub peak_in_flight: usize,
-    /// Every member served exactly `messages` times.
+    /// Seconds from the big batch's start until the next batch, `messages` to a room of
+    /// [`SMALL_ROOM`], was done: how long the big room held up its shard.
+    pub small_room_served_s: f64,
+    /// Whether the big room's frames went to the fan-out stage.
+    pub staged: bool,
+    /// Every member (of both rooms) served exactly `messages` times.
     pub served_once_each: bool,
     pub batch_failed: bool,
     /// With `--dynamodb-endpoint`: what reading the room cost, per message.
@@ -102,6 +116,7 @@ pub async fn run(options: &FanoutOptions) -> anyhow::Result<FanoutReport> {
         quota: options.account.quota.unwrap_or(f64::INFINITY),
         concurrency_ceiling: options.concurrency,
         roster: options.roster,
+        handoff_recipients: options.handoff_recipients,
         rooms,
     })
 }
@@ -145,13 +160,53 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
         _ => None,
     };
     let sender = sender.ok_or_else(|| anyhow::anyhow!("a room needs at least one member"))?;
-    for seq in 0..options.messages {
-        let message = Message::new(&sender, &room, format!("bench {seq}"), clock.now(), 3600);
-        store.put_message(&message).await?;
+    // The room of ten, on the same shard: its members and their records (not measured).
+    let small = format!("small-{size}");
+    let mut small_sender = None;
+    for i in 0..SMALL_ROOM {
+        let id = format!("s{size}-{i:03}");
+        let connection = crate::model::Connection::new(NewConnection {
+            connection_id: &id,
+            tenant: &tenant,
+            user_id: &format!("s{i}"),
+            connection_type: None,
+            deployment_id: None,
+            rooms: BTreeSet::from([small.clone()]),
+            endpoint: endpoint.url.clone(),
+            now: clock.now(),
+            ttl_seconds: 3600,
+        });
+        let membership = connection.membership(&small, JoinReason::Connect, clock.now());
+        store.put_connection(&connection, &[membership]).await?;
+        if let Some(dynamo) = &dynamo {
+            dynamo
+                .put_connection(&connection, &[connection.membership(&small, JoinReason::Connect, clock.now())])
+                .await?;
+        }
+        small_sender.get_or_insert(connection);
     }
+    while stream.try_recv().is_ok() {}
+    let small_sender = small_sender.ok_or_else(|| anyhow::anyhow!("the small room has no member"))?;
+    let batch = |room: &str, from: &crate::model::Connection| {
+        let (room, from) = (room.to_string(), from.clone());
+        let (store, clock) = (store.clone(), clock.clone());
+        async move {
+            for seq in 0..options.messages {
+                let message = Message::new(&from, &room, format!("bench {seq}"), clock.now(), 3600);
+                store.put_message(&message).await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    batch(&room, &sender).await?;
     let mut raw = Vec::new();
     while let Ok(record) = stream.try_recv() {
         raw.push(serde_json::to_value(&record)?);
+    }
+    batch(&small, &small_sender).await?;
+    let mut small_raw = Vec::new();
+    while let Ok(record) = stream.try_recv() {
+        small_raw.push(serde_json::to_value(&record)?);
     }
 
     let settings = crate::deliver::DeliverySettings {
@@ -163,11 +218,26 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
         Some(dynamo) => dynamo.clone(),
         None => store.clone(),
     };
+    let worker = crate::deliver::Deliverer::new(
+        sdk_config(),
+        settings.clone(),
+        processor_store.clone(),
+        clock.clone(),
+        metrics.clone(),
+    );
     let deliverer =
         crate::deliver::Deliverer::new(sdk_config(), settings, processor_store.clone(), clock.clone(), metrics.clone());
     let mut processor = crate::pipeline::Processor::new(processor_store, deliverer, clock, metrics.clone(), 8);
     if !options.roster {
         processor = processor.without_rosters();
+    }
+    let staged = options.handoff_recipients > 0 && size >= options.handoff_recipients;
+    let stage = crate::deliver::stage::LocalStage::new(worker);
+    if options.handoff_recipients > 0 {
+        processor = processor.with_hand_off(crate::deliver::stage::HandOff {
+            stage: stage.clone(),
+            recipients: options.handoff_recipients,
+        });
     }
     let before = metrics.snapshot();
 
@@ -175,10 +245,14 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
     let cpu_before = super::cpu_seconds(std::process::id());
     let started = Instant::now();
     let outcome = processor.process_batch(&raw).await;
+    // The shard's next batch, given once the big one has answered.
+    let small_outcome = processor.process_batch(&small_raw).await;
+    let small_room_served_s = started.elapsed().as_secs_f64();
+    stage.idle().await;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = super::cpu_seconds(std::process::id()).zip(cpu_before).map(|(after, before)| after - before);
     let counts = endpoint.counts().await?;
-    let expected = (size * options.messages) as u64;
+    let expected = ((size + SMALL_ROOM) * options.messages) as u64;
     let ran = metrics.snapshot().since(&before);
     let reads = match dynamo {
         Some(_) => {
@@ -211,10 +285,12 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
         cpu_us_per_delivery: cpu.map_or(f64::NAN, |c| c * 1e6 / counts.answered.max(1) as f64),
         throttled: counts.throttled,
         peak_in_flight: counts.peak_in_flight,
-        served_once_each: counts.connections == size
+        small_room_served_s,
+        staged,
+        served_once_each: counts.connections == size + SMALL_ROOM
             && counts.least == options.messages as u64
             && counts.most == options.messages as u64,
-        batch_failed: outcome.failure.is_some(),
+        batch_failed: outcome.failure.is_some() || small_outcome.failure.is_some(),
         reads,
     })
 }
@@ -275,22 +351,30 @@ impl FanoutReport {
     pub fn table(&self) -> String {
         let mut out = format!(
             "@connections: {:.0} ms + up to {:.0} ms jitter a call, quota {:.0}/s (the bucket starts empty); \
-             calls in flight adapt up to {}; {} cores; rosters {}\n\n",
+             calls in flight adapt up to {}; {} cores; rosters {}; fan-out stage {}\n\n",
             self.latency_ms,
             self.jitter_ms,
             self.quota,
             self.concurrency_ceiling,
             self.cores,
-            if self.roster { "kept" } else { "off (--no-roster: the room read for every message)" }
+            if self.roster { "kept" } else { "off (--no-roster: the room read for every message)" },
+            if self.handoff_recipients > 0 {
+                format!("from {} recipients", self.handoff_recipients)
+            } else {
+                "off (every frame served in its batch)".to_string()
+            }
         );
-        out.push_str("| room | messages | deliveries | seconds | deliveries/s | × quota | CPU µs/delivery | 429s | peak in flight | each served once |\n");
-        out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        out.push_str(&format!(
+            "| room | messages | staged | deliveries | seconds | deliveries/s | × quota | CPU µs/delivery | 429s | peak in flight | next batch (room of {SMALL_ROOM}) done after | each served once |\n"
+        ));
+        out.push_str("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         let reads: Vec<&RoomRun> = self.rooms.iter().filter(|r| r.reads.is_some()).collect();
         for r in &self.rooms {
             out.push_str(&format!(
-                "| {} | {} | {}/{} | {:.2} | {:.0} | {:.2} | {:.1} | {} | {} | {} |\n",
+                "| {} | {} | {} | {}/{} | {:.2} | {:.0} | {:.2} | {:.1} | {} | {} | {:.2} s | {} |\n",
                 r.room_size,
                 r.messages,
+                if r.staged { "yes" } else { "no" },
                 r.deliveries,
                 r.expected,
                 r.seconds,
@@ -299,6 +383,7 @@ impl FanoutReport {
                 r.cpu_us_per_delivery,
                 r.throttled,
                 r.peak_in_flight,
+                r.small_room_served_s,
                 if r.served_once_each && !r.batch_failed { "yes" } else { "NO" },
             ));
         }

@@ -88,6 +88,11 @@ struct FanoutArgs {
     /// figure to compare the roster's against.
     #[arg(long)]
     no_roster: bool,
+    /// Frames for this many recipients or more go to a fan-out stage in this process (a worker
+    /// with a deliverer of its own, as the fanout function's container); 0: none does, every
+    /// frame is served in its batch, as before the stage.
+    #[arg(long, default_value_t = crate::deliver::stage::HANDOFF_RECIPIENTS)]
+    handoff_recipients: usize,
     /// The report as JSON.
     #[arg(long)]
     json: bool,
@@ -163,6 +168,7 @@ async fn fanout_main(args: FanoutArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency.clamp(1, 600),
         dynamodb_endpoint: args.dynamodb_endpoint,
         roster: !args.no_roster,
+        handoff_recipients: args.handoff_recipients,
     };
     let report = crate::bench::fanout::run(&options).await?;
     if args.json {
