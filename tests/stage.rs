@@ -134,7 +134,7 @@ async fn a_redelivered_record_queues_nothing_twice() {
 /// function's handler (`deliver::stage::sqs::handle_jobs`) on events built as Lambda's SQS event
 /// source builds them. Every member gets the message once, also when its stream record is
 /// redelivered after the hand-off (the queue drops the repeated jobs); a message that is not a job
-/// is reported, with every message after it in the batch, for the queue to deliver again.
+/// is logged, counted and dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_go_through_an_sqs_fifo_queue_to_the_fanout_handler() {
     use roomcast::deliver::stage::sqs::SqsStage;
@@ -169,7 +169,7 @@ async fn jobs_go_through_an_sqs_fifo_queue_to_the_fanout_handler() {
         let response = stack.processor.handle_event(&event).await.unwrap();
         assert!(response.batch_item_failures.is_empty());
     }
-    let (jobs, reported) = work(&sqs, &queue, &name, &worker).await;
+    let (jobs, reported) = work(&sqs, &queue, &name, &worker, &stack.table.metrics).await;
     assert!(reported.is_empty(), "{reported:?}");
     assert!(jobs >= 2, "{jobs} jobs: 600 members in lanes of up to 500");
     let inboxes = inboxes(&stack);
@@ -177,8 +177,8 @@ async fn jobs_go_through_an_sqs_fifo_queue_to_the_fanout_handler() {
         assert_eq!(inboxes.get(member).map(Vec::as_slice), Some(&["through the queue".to_string()][..]), "{member}");
     }
 
-    // Not a job: reported for the queue to deliver again (and, past its receive count, to its
-    // dead-letter queue).
+    // Not a job: it can never succeed, so it is logged, counted and dropped, not retried into the
+    // dead-letter queue at the expense of its group.
     sqs.send_message()
         .queue_url(&queue)
         .message_body("{\"not\": \"a job\"}")
@@ -187,8 +187,11 @@ async fn jobs_go_through_an_sqs_fifo_queue_to_the_fanout_handler() {
         .send()
         .await
         .unwrap();
-    let (jobs, reported) = work(&sqs, &queue, &name, &worker).await;
-    assert_eq!((jobs, reported), (0, vec!["{\"not\": \"a job\"}".to_string()]));
+    let (jobs, reported) = work(&sqs, &queue, &name, &worker, &stack.table.metrics).await;
+    assert!(reported.is_empty(), "a message that can never be a job is not retried: {reported:?}");
+    assert_eq!(jobs, 1);
+    let counts = stack.table.metrics.snapshot();
+    assert_eq!(counts.fanout_jobs_dropped, 1, "{counts:?}");
 }
 
 /// Plays Lambda's SQS event source until the queue is empty: receives up to ten messages, gives
@@ -199,6 +202,7 @@ async fn work(
     queue: &str,
     name: &str,
     worker: &roomcast::deliver::Deliverer,
+    metrics: &roomcast::metrics::Metrics,
 ) -> (usize, Vec<String>) {
     let (mut jobs, mut reported) = (0, Vec::new());
     loop {
@@ -226,7 +230,7 @@ async fn work(
             })
             .collect();
         let event: aws_lambda_events::sqs::SqsEvent = serde_json::from_value(json!({ "Records": records })).unwrap();
-        let response = roomcast::deliver::stage::sqs::handle_jobs(worker, &event, None).await;
+        let response = roomcast::deliver::stage::sqs::handle_jobs(worker, metrics, &event, None).await;
         let failed: Vec<String> = response.batch_item_failures.iter().map(|f| f.item_identifier.clone()).collect();
         for m in &messages {
             if failed.contains(m.message_id.as_ref().unwrap()) {
@@ -269,13 +273,40 @@ async fn the_fanout_handler_starts_no_job_it_may_not_finish() {
         .collect();
     let event: aws_lambda_events::sqs::SqsEvent = serde_json::from_value(json!({ "Records": records })).unwrap();
     let soon = std::time::Instant::now() + JOB_RESERVE / 2;
-    let response = handle_jobs(&worker, &event, Some(soon)).await;
+    let metrics = stack.table.metrics.clone();
+    let response = handle_jobs(&worker, &metrics, &event, Some(soon)).await;
     assert_eq!(response.batch_item_failures.len(), jobs.len(), "every job reported");
     // With time, the same batch serves everyone once.
-    let response = handle_jobs(&worker, &event, Some(std::time::Instant::now() + JOB_RESERVE * 4)).await;
+    let response = handle_jobs(&worker, &metrics, &event, Some(std::time::Instant::now() + JOB_RESERVE * 4)).await;
     assert!(response.batch_item_failures.is_empty());
     for member in &members {
         let got = stack.recorder.received_action(member, "signal");
         assert_eq!(got.len(), 1, "{member}: {got:?}");
+    }
+}
+
+/// The room decides, not the frame: a signal into a room of 600 goes to its 599 other members,
+/// fewer than the threshold of 600, and still goes through the stage, behind the message sent
+/// before it, so that each member gets the two in the order they were sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_frame_of_a_big_room_goes_through_its_lanes_in_order() {
+    let mut stack = Stack::as_aws("memory", AWS_LIKE).await;
+    let members = room(&mut stack, "big", "b", 600).await;
+    let stage = stack.hand_off_at(600).await;
+    say(&stack, &members[0], "big", "first").await;
+    let sent = stack.send(&members[0], json!({"action": "signal", "room": "big", "data": "second"})).await;
+    assert_eq!(sent["action"], "ack", "{sent}");
+    stack.pump().await;
+    stage.idle().await;
+    assert_eq!(stack.processor.counts().handed_off, 600 + 599);
+    for member in &members[1..] {
+        let frames: Vec<String> = stack
+            .recorder
+            .received(member)
+            .into_iter()
+            .filter(|f| f["action"] == "message" || f["action"] == "signal")
+            .map(|f| f["action"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(frames, ["message", "signal"], "{member}");
     }
 }

@@ -212,12 +212,18 @@ class Template(unittest.TestCase):
         counters = set(re.findall(r"^    ([a-z_]+),$", (TEMPLATE.parent / "processor/src/metrics.rs").read_text(), re.M))
         own = {name: a["Properties"] for name, a in self.of_type("AWS::CloudWatch::Alarm").items()
                if a["Properties"]["Namespace"] == "Roomcast"}
-        self.assertEqual({p["MetricName"] for p in own.values()},
-                         {"failed", "gone", "slow_consumers", "plugin_faults", "corrupt_items",
-                          "account_throttled", "progress_failures"})
+        by_function = {}
         for name, p in own.items():
             self.assertIn(p["MetricName"], counters, f"{name}: the processor emits no such counter")
-            self.assertEqual(p["Dimensions"], [{"Name": "FunctionName", "Value": {"Ref": "ProcessorFunction"}}], name)
+            (dimension,) = p["Dimensions"]
+            self.assertEqual(dimension["Name"], "FunctionName", name)
+            by_function.setdefault(dimension["Value"]["Ref"], set()).add(p["MetricName"])
+        self.assertEqual(by_function, {
+            "ProcessorFunction": {"failed", "gone", "slow_consumers", "plugin_faults", "corrupt_items",
+                                  "account_throttled", "progress_failures"},
+            # The fan-out stage's worker prints the same counts: where big rooms' deliveries fail.
+            "FanoutFunction": {"failed", "fanout_jobs_dropped"},
+        })
         for output in ["WebSocketUrl", "TableName", "StreamDeadLetterQueueUrl"]:
             self.assertIn(output, self.t["Outputs"])
 

@@ -494,10 +494,6 @@ async fn act(
                     // the room's users) or `join_denied`.
                     return Ok(ServerMessage::pending_join(room.as_str()));
                 }
-            } else {
-                // Already in: most likely a retry of a join whose write was done but whose
-                // roster bump failed. Bump again, so every container serves this member now.
-                store.bump_roster(&conn.tenant, room.as_str()).await?;
             }
             // A snapshot of who is here, so the client's roster starts whole; the `joined` and
             // `left` events that follow keep it current.

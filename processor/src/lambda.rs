@@ -188,7 +188,8 @@ pub async fn run_fanout() -> Result<(), Error> {
         let finish_by = deadline.checked_sub(std::time::Duration::from_secs(1)).unwrap_or(deadline);
         // Boxed: the delivery future nests deeper than the compiler's default query depth.
         let response =
-            Box::pin(crate::deliver::stage::sqs::handle_jobs(deliverer, &event.payload, Some(finish_by))).await;
+            Box::pin(crate::deliver::stage::sqs::handle_jobs(deliverer, metrics, &event.payload, Some(finish_by)))
+                .await;
         let counts = metrics.snapshot().since(&before);
         counts.emit("roomcast.fanout");
         println!("{}", counts.emf(emf, chrono::Utc::now().timestamp_millis()));

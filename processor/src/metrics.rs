@@ -66,6 +66,12 @@ counters! {
     progress_failures,
     /// Recipients of big frames handed to the fan-out stage (served by its workers).
     handed_off,
+    /// The fan-out stage's worker: jobs it worked; jobs it left for the queue to deliver again
+    /// (unfinished, too late in the invocation, or behind such a job of their group); messages
+    /// that were not jobs, logged and dropped (a writer this worker does not understand).
+    fanout_jobs,
+    fanout_jobs_reported,
+    fanout_jobs_dropped,
     /// Rooms' members served from the container's roster, the room's version unchanged (one
     /// small read instead of the room's memberships; see `roster`).
     roster_kept,
@@ -131,6 +137,9 @@ impl Counts {
             resumed_skips = self.resumed_skips,
             progress_failures = self.progress_failures,
             handed_off = self.handed_off,
+            fanout_jobs = self.fanout_jobs,
+            fanout_jobs_reported = self.fanout_jobs_reported,
+            fanout_jobs_dropped = self.fanout_jobs_dropped,
             roster_kept = self.roster_kept,
             roster_reads = self.roster_reads,
             platform_failures = self.platform_failures,

@@ -155,30 +155,40 @@ impl Processor {
     }
 
     /// Performs a record's effects in order: big frames handed to the fan-out stage, if there
-    /// is one, the rest here.
+    /// is one, the rest here. The decision is the room's where it can be: every frame of a
+    /// message or signal to a room of `hand_off.recipients` members or more is staged, however
+    /// few it goes to (a plugin's narrowed route, a follow-up frame), so that a member of a big
+    /// room gets all its frames through the same lane, in order. Other records' frames are
+    /// staged when they are that big themselves.
     async fn perform(
         &self,
         effects: &[Effect],
         window: &Window,
         event_id: &str,
         room: Option<(&str, &str)>,
+        room_size: Option<usize>,
     ) -> Result<Vec<(String, crate::deliver::Outcome)>, StoreError> {
         let stage = self.hand_off.as_ref().filter(|_| self.mode == Mode::Execute).zip(room);
         let Some((hand_off, (tenant, room))) = stage else {
             return self.deliverer.apply(effects, window, Some(event_id)).await;
         };
+        let big_room = room_size.is_some_and(|n| n >= hand_off.recipients);
         let mut outcomes = Vec::new();
         let mut start = 0;
+        // Staged frames are numbered among themselves: effects before them (a plugin's mark)
+        // may differ between attempts, and the jobs' ids must not.
+        let mut staged = 0;
         // Each stretch of effects between two hand-offs keeps its big frames' progress under a
         // key of its own (the first stretch under the record's, as without a stage).
         let key = |start: usize| if start == 0 { event_id.to_string() } else { format!("{event_id}@{start}") };
         for (i, effect) in effects.iter().enumerate() {
             let Effect::Send { payload, recipients } = effect else { continue };
-            if recipients.len() < hand_off.recipients {
+            if recipients.is_empty() || (!big_room && recipients.len() < hand_off.recipients) {
                 continue;
             }
             outcomes.extend(self.deliverer.apply(&effects[start..i], window, Some(&key(start))).await?);
-            let jobs = crate::deliver::stage::jobs(tenant, room, &format!("{event_id}#{i}"), payload, recipients);
+            let jobs = crate::deliver::stage::jobs(tenant, room, &format!("{event_id}#{staged}"), payload, recipients);
+            staged += 1;
             let count = jobs.len();
             hand_off.stage.hand_off(jobs).await?;
             Metrics::add(&self.metrics.handed_off, recipients.len() as u64);
@@ -660,8 +670,16 @@ impl Processor {
                     decisions.recovery.push((room.clone(), recovered));
                 }
             }
+            // A membership record reads its room afresh: its writer's bump of the roster version
+            // may not have landed yet, and its announcement goes to the room as it is now.
+            let membership = matches!(
+                change,
+                Change::Inserted(Record::Membership(_))
+                    | Change::Modified { new: Record::Membership(_), .. }
+                    | Change::Removed { old: Record::Membership(_), .. }
+            );
             let mut members = match react::room_needed(&change, &decisions) {
-                Some((tenant, room)) => self.room_members(tenant, room, true).await?,
+                Some((tenant, room)) => self.room_members(tenant, room, !membership).await?,
                 None => Vec::new(),
             };
             if let (Some((_, route)), Some((tenant, _))) = (&decisions.message, react::room_needed(&change, &decisions))
@@ -680,7 +698,11 @@ impl Processor {
             }
             self.drop_from_non_members(&change, &members, &mut decisions).await?;
             let effects = react::react(&change, &members, &decisions);
-            let outcomes = self.perform(&effects, window, &record.event_id, change.tenant_room_pair()).await?;
+            // A message's or signal's room decides for all its frames (see `perform`).
+            let room_size =
+                matches!(change, Change::Inserted(Record::Message(_) | Record::Signal(_))).then_some(members.len());
+            let outcomes =
+                self.perform(&effects, window, &record.event_id, change.tenant_room_pair(), room_size).await?;
             tracing::debug!(
                 effects = effects.len(),
                 recipients = outcomes.len(),

@@ -22,9 +22,10 @@
 //! members: a change landing between the two is in the members read, and has moved the version
 //! past the one they are kept under, so the next record reads again. A member whose join was
 //! acknowledged is served from the next message on; one whose leave was, never again — in every
-//! container, since each reads the version itself. A retried join finding its write done bumps
-//! again (its first bump may be the one that failed); so do the processor's redelivered
-//! settlements and removals.
+//! container, since each reads the version itself. The processor's redelivered settlements and
+//! removals bump again. A bump lost between a handler's write and its answer (an error or a crash
+//! there) is bounded by [`MAX_AGE`]: a client's repeated `join` or `leave` bumps nothing, so that
+//! no client can make every container read a big room again at will.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

@@ -90,9 +90,8 @@ impl DynamoStore {
     /// write's transaction: in a join storm, transactions on the one version item would cancel
     /// each other (`TransactionConflict`), while plain updates of it simply queue. After, not
     /// before: until the write is acknowledged, a message may or may not reach the member, with
-    /// or without a cache. Retries bump again (a join or leave already done, a redelivered
-    /// settlement), so a bump lost to an error is repaired by the retry; one lost to a crash with
-    /// no retry is bounded by `roster::MAX_AGE`.
+    /// or without a cache. The processor's redelivered settlements and removals bump again; a
+    /// bump lost between a handler's write and its answer is bounded by `roster::MAX_AGE`.
     async fn bump_now(&self, tenant: &str, room: &str) -> Result<()> {
         self.client
             .update_item()

@@ -100,9 +100,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Moves the room's roster version ([`crate::model::roster_pk`]) on. Every write of a
     /// membership here (connect, join, leave, settling a join, removing a membership) does it
-    /// itself after the write and before answering; the handlers call it for a retried join or
-    /// leave that finds its write already done (its first bump may have been lost). One plain
-    /// update (`ADD v 1`), never in a transaction.
+    /// itself after the write and before answering; a redelivered settlement does it again. One
+    /// plain update (`ADD v 1`), never in a transaction.
     async fn bump_roster(&self, tenant: &str, room: &str) -> Result<()>;
 
     /// The room's roster version, read strongly consistent. `None`: the room has none yet (no

@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use super::{Job, Stage};
 use crate::deliver::{Deliverer, Outcome, Window};
+use crate::metrics::Metrics;
 use crate::store::StoreError;
 
 /// No job starts with less than this left before the invocation must answer: it is reported
@@ -115,22 +116,28 @@ impl Stage for SqsStage {
 }
 
 /// One invocation of the `fanout` function: each SQS message is a [`Job`], delivered by the
-/// processor's own rules within the invocation's window; none starts in its last [`JOB_RESERVE`]. A job that does not decode, or whose
-/// recipients were still being retried when the window closed, is reported in
-/// `batchItemFailures` — and so is every message after it, since a FIFO batch's later messages
-/// may belong to the same group and must not overtake it. SQS then makes them visible again; a
-/// job that keeps failing goes to the dead-letter queue after the queue's `maxReceiveCount`.
-pub async fn handle_jobs(deliverer: &Deliverer, event: &SqsEvent, finish_by: Option<Instant>) -> SqsBatchResponse {
+/// processor's own rules within the invocation's window; none starts in its last [`JOB_RESERVE`].
+///
+/// A job left unfinished (its recipients still being retried when the window closed) is reported
+/// in `batchItemFailures`, and so is every later message of its group, which must not overtake
+/// it; other groups go on. Once the window is too short to start a job, the rest of the batch is
+/// reported untouched. SQS delivers reported messages again after the queue's visibility timeout,
+/// and a job that fails `maxReceiveCount` times goes to the dead-letter queue. A message that is
+/// not a job can never succeed: it is logged with its id and dropped (`fanout_jobs_dropped`,
+/// alarmed), not retried into the dead-letter queue at the expense of its group.
+pub async fn handle_jobs(
+    deliverer: &Deliverer,
+    metrics: &Metrics,
+    event: &SqsEvent,
+    finish_by: Option<Instant>,
+) -> SqsBatchResponse {
     let window = finish_by.map_or_else(Window::unbounded, Window::until);
     let mut failures: Vec<String> = Vec::new();
+    let mut failed_groups: HashSet<String> = HashSet::new();
     let mut seen = HashSet::new();
+    let mut late = false;
     for record in &event.records {
         let id = record.message_id.clone().unwrap_or_default();
-        let late = finish_by.is_some_and(|at| at.saturating_duration_since(Instant::now()) < JOB_RESERVE);
-        if !failures.is_empty() || late {
-            failures.push(id);
-            continue;
-        }
         let job: Job = match record.body.as_deref().map(serde_json::from_str) {
             Some(Ok(job)) => job,
             other => {
@@ -138,22 +145,39 @@ pub async fn handle_jobs(deliverer: &Deliverer, event: &SqsEvent, finish_by: Opt
                     Some(Err(e)) => e.to_string(),
                     _ => "no body".to_string(),
                 };
-                tracing::error!(message_id = %id, %error, "a fan-out job that does not decode: left for the dead-letter queue");
-                failures.push(id);
+                Metrics::add(&metrics.fanout_jobs_dropped, 1);
+                tracing::error!(message_id = %id, %error, "a message on the fan-out queue is not a job: dropped");
                 continue;
             }
         };
+        late = late || finish_by.is_some_and(|at| at.saturating_duration_since(Instant::now()) < JOB_RESERVE);
+        if late || failed_groups.contains(&job.group) {
+            Metrics::add(&metrics.fanout_jobs_reported, 1);
+            failures.push(id);
+            continue;
+        }
         if !seen.insert(job.id.clone()) {
             continue;
         }
         let span = tracing::info_span!("job", job = %job.id, tenant = %job.tenant, room = %job.room);
-        match job.deliver(deliverer, &window).instrument(span).await {
+        let delivery = job.deliver(deliverer, &window).instrument(span);
+        // Every step of a job ends with the window, the table's calls after a 410 included.
+        let outcome = match finish_by {
+            Some(at) => tokio::time::timeout_at(at.into(), delivery)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::OutOfTime("the job was still running at the deadline".into()))),
+            None => delivery.await,
+        };
+        Metrics::add(&metrics.fanout_jobs, 1);
+        match outcome {
             Ok(outcomes) => {
                 let delivered = outcomes.iter().filter(|(_, o)| *o == Outcome::Delivered).count();
-                tracing::debug!(recipients = outcomes.len(), delivered, "job delivered");
+                tracing::debug!(job = %job.id, recipients = outcomes.len(), delivered, "job delivered");
             }
             Err(e) => {
-                tracing::warn!(error = %e, "job unfinished: SQS delivers it again");
+                tracing::warn!(job = %job.id, tenant = %job.tenant, room = %job.room, error = %e, "job unfinished: SQS delivers it again");
+                Metrics::add(&metrics.fanout_jobs_reported, 1);
+                failed_groups.insert(job.group.clone());
                 failures.push(id);
             }
         }
