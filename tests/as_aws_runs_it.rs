@@ -105,39 +105,12 @@ impl Aws {
 
         // The event source mapping reads the stream with the function's own role.
         let processor = &lambdas["ProcessorFunction"].function;
-        let streams = roomcast::config::streams_client(
-            &aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .region(aws_config::Region::new(roomcast_tests::aws::REGION))
-                .credentials_provider(aws_credential_types::Credentials::new(
-                    processor.access_key(),
-                    "local-secret",
-                    None,
-                    None,
-                    "event-source-mapping",
-                ))
-                .load()
-                .await,
-            Some(&gate.endpoint),
-        );
+        let streams = roomcast::config::streams_client(&role(processor).await, Some(&gate.endpoint));
         let poller = StreamPoller::new(streams, &deployment.stream_arn, StartAt::TrimHorizon);
         // The SQS event source reads the queue with the fanout function's own role.
         let fanout = &lambdas["FanoutFunction"].function;
         let fanout_sqs = aws_sdk_sqs::Client::from_conf(
-            aws_sdk_sqs::config::Builder::from(
-                &aws_config::defaults(aws_config::BehaviorVersion::latest())
-                    .region(aws_config::Region::new(roomcast_tests::aws::REGION))
-                    .credentials_provider(aws_credential_types::Credentials::new(
-                        fanout.access_key(),
-                        "local-secret",
-                        None,
-                        None,
-                        "event-source-mapping",
-                    ))
-                    .load()
-                    .await,
-            )
-            .endpoint_url(&gate.endpoint)
-            .build(),
+            aws_sdk_sqs::config::Builder::from(&role(fanout).await).endpoint_url(&gate.endpoint).build(),
         );
         Aws { gate, recorder, admin, lambdas, poller, redeliver, failures: Vec::new(), fanout_queue, fanout_sqs }
     }
@@ -310,6 +283,21 @@ impl Aws {
             }
         }
     }
+}
+
+/// The SDK configuration of an event source mapping acting with `function`'s role.
+async fn role(function: &roomcast_tests::aws::Function) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(roomcast_tests::aws::REGION))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            function.access_key(),
+            "local-secret",
+            None,
+            None,
+            "event-source-mapping",
+        ))
+        .load()
+        .await
 }
 
 fn token(tenant: &str, user: &str) -> String {

@@ -701,20 +701,31 @@ impl Stack {
     /// Feeds everything in the table's stream to the processor as Lambda events (JSON, as Lambda
     /// delivers them), until the stream is quiet: cascades write records that are processed too.
     pub async fn pump(&mut self) -> usize {
-        let mut total = 0;
-        loop {
-            let records = self.table.stream.drain().await;
-            if records.is_empty() {
-                return total;
-            }
-            total += records.len();
-            let event = json!({ "Records": records });
-            self.captured.extend(records);
-            let response = self.processor.handle_event(&event).await.expect("a stream event");
-            let response = serde_json::to_value(response).unwrap();
-            if !response["batchItemFailures"].as_array().is_some_and(|a| a.is_empty()) {
-                self.failures.push(response);
-            }
+        let Stack { table, processor, captured, failures, .. } = self;
+        pump_records(table, processor, captured, failures).await
+    }
+}
+
+/// Feeds the table's stream to `processor` until it is quiet (see [`Stack::pump`]).
+async fn pump_records(
+    table: &mut Table,
+    processor: &Processor,
+    captured: &mut Vec<EventRecord>,
+    failures: &mut Vec<Value>,
+) -> usize {
+    let mut total = 0;
+    loop {
+        let records = table.stream.drain().await;
+        if records.is_empty() {
+            return total;
+        }
+        total += records.len();
+        let event = json!({ "Records": records });
+        captured.extend(records);
+        let response = processor.handle_event(&event).await.expect("a stream event");
+        let response = serde_json::to_value(response).unwrap();
+        if !response["batchItemFailures"].as_array().is_some_and(|a| a.is_empty()) {
+            failures.push(response);
         }
     }
 }
@@ -724,12 +735,7 @@ impl Stack {
     /// delivery limits and counts, as a second Lambda container of the function has.
     pub async fn another_container(&self) -> (Processor, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::default());
-        let delivery = DeliverySettings {
-            endpoint_override: Some(self.recorder.endpoint.clone()),
-            initial_backoff: Duration::from_millis(10),
-            deadline: TEST_DEADLINE,
-            ..Default::default()
-        };
+        let delivery = DeliverySettings { deadline: TEST_DEADLINE, ..self.delivery() };
         let store = self.table.store.clone();
         let deliverer =
             Deliverer::new(sdk_config().await, delivery, store.clone(), self.clock.clone(), metrics.clone());
@@ -737,17 +743,21 @@ impl Stack {
         (processor, metrics)
     }
 
-    /// A deliverer of its own over the table and this stack's `@connections`, with the table's
-    /// counts: what a fan-out stage's worker (the `fanout` function's container) delivers with.
-    pub async fn worker_deliverer(&self) -> Deliverer {
-        let delivery = DeliverySettings {
+    /// The deployment's delivery settings, against this stack's `@connections`, with short backoffs.
+    fn delivery(&self) -> DeliverySettings {
+        DeliverySettings {
             endpoint_override: Some(self.recorder.endpoint.clone()),
             initial_backoff: Duration::from_millis(10),
             ..Default::default()
-        };
+        }
+    }
+
+    /// A deliverer of its own over the table and this stack's `@connections`, with the table's
+    /// counts: what a fan-out stage's worker (the `fanout` function's container) delivers with.
+    pub async fn worker_deliverer(&self) -> Deliverer {
         Deliverer::new(
             sdk_config().await,
-            delivery,
+            self.delivery(),
             self.table.store.clone(),
             self.clock.clone(),
             self.table.metrics.clone(),
@@ -775,20 +785,7 @@ impl Stack {
 
     /// [`Stack::pump`], the records going to `processor` (one of [`Stack::another_container`]).
     pub async fn pump_into(&mut self, processor: &Processor) -> usize {
-        let mut total = 0;
-        loop {
-            let records = self.table.stream.drain().await;
-            if records.is_empty() {
-                return total;
-            }
-            total += records.len();
-            self.captured.extend(records.iter().cloned());
-            let response = processor.handle_event(&json!({ "Records": records })).await.expect("a stream event");
-            let response = serde_json::to_value(response).unwrap();
-            if !response["batchItemFailures"].as_array().is_some_and(|a| a.is_empty()) {
-                self.failures.push(response);
-            }
-        }
+        pump_records(&mut self.table, processor, &mut self.captured, &mut self.failures).await
     }
 }
 

@@ -122,7 +122,7 @@ pub async fn run(options: &FanoutOptions) -> anyhow::Result<FanoutReport> {
 }
 
 async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> anyhow::Result<RoomRun> {
-    use crate::model::{Clock, JoinReason, Message, Name, NewConnection, SystemClock};
+    use crate::model::{Clock, Message, Name, SystemClock};
     use crate::store::Store;
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -131,24 +131,7 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
     let mut stream = store.subscribe();
     let tenant = Name::parse("tenant", "bench").map_err(anyhow::Error::msg)?;
     let room = format!("room-{size}");
-    let mut sender = None;
-    for i in 0..size {
-        let id = format!("c{size}-{i:06}");
-        let connection = crate::model::Connection::new(NewConnection {
-            connection_id: &id,
-            tenant: &tenant,
-            user_id: &format!("u{i}"),
-            connection_type: None,
-            deployment_id: None,
-            rooms: BTreeSet::from([room.clone()]),
-            endpoint: endpoint.url.clone(),
-            now: clock.now(),
-            ttl_seconds: 3600,
-        });
-        let membership = connection.membership(&room, JoinReason::Connect, clock.now());
-        store.put_connection(&connection, &[membership]).await?;
-        sender.get_or_insert(connection);
-    }
+    let sender = seed_room(&store, None, &tenant, &room, &format!("c{size}"), size, &endpoint.url).await?;
     // The seeding's own records (welcomes, presence) are not what this measures.
     while stream.try_recv().is_ok() {}
     // With DynamoDB, the processor reads the room there (through the partition layer); the
@@ -159,34 +142,11 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
         }
         _ => None,
     };
-    let sender = sender.ok_or_else(|| anyhow::anyhow!("a room needs at least one member"))?;
     // The room of ten, on the same shard: its members and their records (not measured).
     let small = format!("small-{size}");
-    let mut small_sender = None;
-    for i in 0..SMALL_ROOM {
-        let id = format!("s{size}-{i:03}");
-        let connection = crate::model::Connection::new(NewConnection {
-            connection_id: &id,
-            tenant: &tenant,
-            user_id: &format!("s{i}"),
-            connection_type: None,
-            deployment_id: None,
-            rooms: BTreeSet::from([small.clone()]),
-            endpoint: endpoint.url.clone(),
-            now: clock.now(),
-            ttl_seconds: 3600,
-        });
-        let membership = connection.membership(&small, JoinReason::Connect, clock.now());
-        store.put_connection(&connection, &[membership]).await?;
-        if let Some(dynamo) = &dynamo {
-            dynamo
-                .put_connection(&connection, &[connection.membership(&small, JoinReason::Connect, clock.now())])
-                .await?;
-        }
-        small_sender.get_or_insert(connection);
-    }
+    let small_sender =
+        seed_room(&store, dynamo.as_deref(), &tenant, &small, &format!("s{size}"), SMALL_ROOM, &endpoint.url).await?;
     while stream.try_recv().is_ok() {}
-    let small_sender = small_sender.ok_or_else(|| anyhow::anyhow!("the small room has no member"))?;
     let batch = |room: &str, from: &crate::model::Connection| {
         let (room, from) = (room.to_string(), from.clone());
         let (store, clock) = (store.clone(), clock.clone());
@@ -294,6 +254,43 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
         batch_failed: outcome.failure.is_some() || small_outcome.failure.is_some(),
         reads,
     })
+}
+
+/// `size` connections of `tenant` in `room` (ids `{prefix}-{i:06}`), each its own user, written to
+/// `store` and, if given, `also`; the first of them, to send from.
+async fn seed_room(
+    store: &crate::store::memory::MemoryStore,
+    also: Option<&dyn crate::store::Store>,
+    tenant: &crate::model::Name,
+    room: &str,
+    prefix: &str,
+    size: usize,
+    endpoint: &str,
+) -> anyhow::Result<crate::model::Connection> {
+    use crate::model::{JoinReason, NewConnection};
+    use crate::store::Store;
+    let now = chrono::Utc::now();
+    let mut first = None;
+    for i in 0..size {
+        let connection = crate::model::Connection::new(NewConnection {
+            connection_id: &format!("{prefix}-{i:06}"),
+            tenant,
+            user_id: &format!("{prefix}u{i}"),
+            connection_type: None,
+            deployment_id: None,
+            rooms: BTreeSet::from([room.to_string()]),
+            endpoint: endpoint.to_string(),
+            now,
+            ttl_seconds: 3600,
+        });
+        let membership = [connection.membership(room, JoinReason::Connect, now)];
+        store.put_connection(&connection, &membership).await?;
+        if let Some(also) = also {
+            also.put_connection(&connection, &membership).await?;
+        }
+        first.get_or_insert(connection);
+    }
+    first.ok_or_else(|| anyhow::anyhow!("a room needs at least one member"))
 }
 
 /// A table on `moto` holding the room's memberships (written to moto directly, not charged),
