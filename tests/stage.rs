@@ -310,3 +310,46 @@ async fn every_frame_of_a_big_room_goes_through_its_lanes_in_order() {
         assert_eq!(frames, ["message", "signal"], "{member}");
     }
 }
+
+/// A room of 100,000 (the members written to the table directly: their welcomes are not what
+/// this shows). Two messages through the fan-out stage reach every member exactly once each, in
+/// the order they were sent, through the room's 32 lanes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_of_100_000_gets_every_message_once_and_in_order() {
+    use roomcast::model::{Connection, JoinReason, Name, NewConnection};
+    let mut stack = Stack::as_aws("memory", AccountSettings::default()).await;
+    let settings = TenantSettings { presence_announce_max_users: Some(0), ..TenantSettings::new("acme") };
+    stack.table.store.put_tenant_settings(&settings).await.unwrap();
+    let (now, tenant) = (stack.clock_now(), Name::parse("tenant", "acme").unwrap());
+    for i in 0..100_000 {
+        let id = format!("h{i:06}");
+        let connection = Connection::new(NewConnection {
+            connection_id: &id,
+            tenant: &tenant,
+            user_id: &id,
+            connection_type: None,
+            deployment_id: None,
+            rooms: std::collections::BTreeSet::from(["huge".to_string()]),
+            endpoint: stack.recorder.endpoint.clone(),
+            now,
+            ttl_seconds: 7200,
+        });
+        let membership = connection.membership("huge", JoinReason::Connect, now);
+        stack.table.store.put_connection(&connection, &[membership]).await.unwrap();
+    }
+    stack.table.stream.drain().await;
+    let stage = stack.hand_off_at(roomcast::deliver::stage::HANDOFF_RECIPIENTS).await;
+    for text in ["one", "two"] {
+        say(&stack, "h000000", "huge", text).await;
+    }
+    stack.pump().await;
+    stage.idle().await;
+    let inboxes = inboxes(&stack);
+    assert_eq!(inboxes.len(), 100_000, "members served");
+    for (member, got) in &inboxes {
+        assert_eq!(got, &["one", "two"], "{member}: each message once, in order");
+    }
+    let counts = stack.processor.counts();
+    assert_eq!((counts.handed_off, counts.failed), (200_000, 0), "{counts:?}");
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+}
