@@ -42,8 +42,13 @@ pub mod sqs;
 /// than it saves.
 pub const HANDOFF_RECIPIENTS: usize = 2_000;
 
-/// Recipients per job: ~150 bytes each, so a job with a frame of 128 KB stays under SQS's 256 KB.
+/// Recipients per job at most: ~150 bytes each, so a job with a frame of 128 KB stays under SQS's
+/// 256 KB.
 pub const JOB_RECIPIENTS: usize = 500;
+
+/// A job's size at most, as queued: SQS takes a message of 256 KiB. Recipients with long
+/// endpoints (a custom domain and stage) make smaller jobs, never a message SQS refuses.
+pub const JOB_BYTES: usize = 240 * 1024;
 
 /// Lanes per room: how many workers can serve one room at once.
 pub const LANES: u64 = 32;
@@ -110,16 +115,33 @@ pub fn lane(connection_id: &str) -> u64 {
     hash % LANES
 }
 
-/// One frame's jobs: its recipients by lane, at most [`JOB_RECIPIENTS`] a job, lanes in order.
-/// `frame` names the frame within its stream record (`{eventId}#{index}`).
+/// One frame's jobs: its recipients by lane, at most [`JOB_RECIPIENTS`] and [`JOB_BYTES`] a job,
+/// lanes in order. `frame` names the frame within its stream record (`{eventId}#{index}`). The
+/// same frame and recipients always make the same jobs (their ids deduplicate).
 pub fn jobs(tenant: &str, room: &str, frame: &str, payload: &ServerMessage, recipients: &[Recipient]) -> Vec<Job> {
     let mut lanes: Vec<Vec<&Recipient>> = vec![Vec::new(); LANES as usize];
     for r in recipients {
         lanes[lane(&r.connection_id) as usize].push(r);
     }
+    // What a job costs besides its recipients (the frame, twice escaped at worst, and the
+    // envelope), and what each recipient adds (its id, endpoint, time and JSON).
+    let fixed = serde_json::to_vec(payload).map_or(JOB_BYTES / 2, |b| b.len() * 2) + 1024;
+    let size = |r: &Recipient| r.connection_id.len() + r.endpoint.len() + 96;
     let mut jobs = Vec::new();
     for (index, members) in lanes.iter().enumerate() {
-        for (part, chunk) in members.chunks(JOB_RECIPIENTS).enumerate() {
+        let mut chunks: Vec<&[&Recipient]> = Vec::new();
+        let (mut start, mut bytes) = (0, fixed);
+        for (i, r) in members.iter().enumerate() {
+            if i > start && (i - start == JOB_RECIPIENTS || bytes + size(r) > JOB_BYTES) {
+                chunks.push(&members[start..i]);
+                (start, bytes) = (i, fixed);
+            }
+            bytes += size(r);
+        }
+        if start < members.len() {
+            chunks.push(&members[start..]);
+        }
+        for (part, chunk) in chunks.into_iter().enumerate() {
             jobs.push(Job {
                 group: format!("{tenant}#{room}#{index}"),
                 id: format!("{frame}#{index}#{part}"),
@@ -282,6 +304,30 @@ mod tests {
         assert_eq!(groups(&jobs), groups(&again));
         // The hash is fixed: a release that changed it would reorder a room's frames mid-deploy.
         assert_eq!(lane("a"), 0xaf63_dc4c_8601_ec8c % LANES, "FNV-1a");
+    }
+
+    #[test]
+    fn recipients_with_long_endpoints_make_smaller_jobs_never_one_sqs_refuses() {
+        let long = format!("https://{}.example.com/{}", "realtime-".repeat(20), "production-stage".repeat(10));
+        let recipients: Vec<Recipient> = (0..5_000)
+            .map(|i| Recipient {
+                connection_id: format!("L0Xw8cZnIAMCJ{i:05}="),
+                endpoint: long.clone(),
+                connected_at: Utc::now(),
+            })
+            .collect();
+        let body = "x".repeat(crate::protocol::MAX_MESSAGE_FRAME_BYTES - 1024);
+        let payload =
+            ServerMessage::Signal { id: "s".into(), room: "lobby".into(), user_id: "u".into(), data: body.into() };
+        let jobs = jobs("acme", "lobby", "ev#0", &payload, &recipients);
+        assert_eq!(jobs.iter().map(|j| j.recipients.len()).sum::<usize>(), 5_000, "every recipient once");
+        for job in &jobs {
+            let size = serde_json::to_vec(job).unwrap().len();
+            assert!(size <= JOB_BYTES, "a job of {size} bytes ({} recipients)", job.recipients.len());
+        }
+        assert!(jobs.len() > LANES as usize, "long endpoints split lanes into more jobs: {}", jobs.len());
+        let again = super::jobs("acme", "lobby", "ev#0", &payload, &recipients);
+        assert_eq!(jobs, again, "the same frame makes the same jobs");
     }
 
     #[test]
