@@ -353,3 +353,29 @@ async fn a_room_of_100_000_gets_every_message_once_and_in_order() {
     assert_eq!((counts.handed_off, counts.failed), (200_000, 0), "{counts:?}");
     assert!(stack.failures.is_empty(), "{:?}", stack.failures);
 }
+
+/// A big room that shrinks below the threshold goes on staging its messages for a while: its
+/// next message must not overtake one still queued. Here the room of 600 (threshold 600) loses a
+/// member; its next message still goes through the lanes, behind the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_that_shrinks_below_the_threshold_keeps_its_order() {
+    let mut stack = Stack::as_aws("memory", AWS_LIKE).await;
+    let members = room(&mut stack, "big", "b", 600).await;
+    let stage = stack.hand_off_at(600).await;
+    say(&stack, &members[0], "big", "first").await;
+    stack.pump().await;
+    let left = stack.send(&members[599], json!({"action": "leave", "room": "big"})).await;
+    assert_eq!(left["action"], "ack", "{left}");
+    say(&stack, &members[0], "big", "second").await;
+    stack.pump().await;
+    stage.idle().await;
+    assert_eq!(stack.processor.counts().handed_off, 600 + 599, "the second message was not staged");
+    let inboxes = inboxes(&stack);
+    for member in &members[..599] {
+        assert_eq!(
+            inboxes.get(member).map(Vec::as_slice),
+            Some(&["first".to_string(), "second".to_string()][..]),
+            "{member}"
+        );
+    }
+}

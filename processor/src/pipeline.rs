@@ -1,6 +1,7 @@
 //! The processor: one stream record through decode → decide (tenant rules, presence) → react →
 //! deliver, and whole batches through the batch runner. The same `Processor` serves the Lambda, the stream poller and `roomcast dev`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,7 +84,18 @@ pub struct Processor {
     rosters: Option<crate::roster::Rosters>,
     /// Where big frames go instead of being served in the batch (`with_hand_off`).
     hand_off: Option<crate::deliver::stage::HandOff>,
+    /// Rooms whose messages this container staged, and when last: a room that shrinks below the
+    /// threshold keeps staging for [`STAGED_ROOM_MEMORY`], so that its next message does not
+    /// overtake one still queued.
+    staged_rooms: std::sync::Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a room whose messages were staged goes on staging them, whatever its size: as long
+/// as a queued job can live (five receives of the fan-out queue's 360 s visibility).
+pub const STAGED_ROOM_MEMORY: Duration = Duration::from_secs(30 * 60);
+
+/// The most rooms a container remembers as staged; past it, the oldest are forgotten.
+const STAGED_ROOMS_MAX: usize = 100_000;
 
 impl Processor {
     pub fn new(
@@ -106,6 +118,7 @@ impl Processor {
             scratch: crate::store::memory::MemoryStore::scratch(clock.clone()),
             rosters: Some(crate::roster::Rosters::default()),
             hand_off: None,
+            staged_rooms: Default::default(),
             clock,
         }
     }
@@ -172,7 +185,8 @@ impl Processor {
         let Some((hand_off, (tenant, room))) = stage else {
             return self.deliverer.apply(effects, window, Some(event_id)).await;
         };
-        let big_room = room_size.is_some_and(|n| n >= hand_off.recipients);
+        // A big room now, or one this container staged lately (it may have shrunk since).
+        let big_room = room_size.is_some() && self.staged_lately(tenant, room, hand_off.recipients, room_size);
         let mut outcomes = Vec::new();
         let mut start = 0;
         // Staged frames are numbered among themselves: effects before them (a plugin's mark)
@@ -199,6 +213,34 @@ impl Processor {
         outcomes.extend(self.deliverer.apply(&effects[start..], window, Some(&key(start))).await?);
         outcomes.sort();
         Ok(outcomes)
+    }
+
+    /// Whether this container staged the room's messages within [`STAGED_ROOM_MEMORY`], and, if
+    /// the room is big now (`room_size` at the threshold or more), remembers that it is staging.
+    fn staged_lately(&self, tenant: &str, room: &str, threshold: usize, room_size: Option<usize>) -> bool {
+        let key = crate::model::room_pk(tenant, room);
+        let mut staged = self.staged_rooms.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if room_size.is_some_and(|n| n >= threshold) {
+            if staged.len() >= STAGED_ROOMS_MAX && !staged.contains_key(&key) {
+                staged.retain(|_, at| now.duration_since(*at) < STAGED_ROOM_MEMORY);
+                if staged.len() >= STAGED_ROOMS_MAX
+                    && let Some(oldest) = staged.iter().min_by_key(|(_, at)| **at).map(|(k, _)| k.clone())
+                {
+                    staged.remove(&oldest);
+                }
+            }
+            staged.insert(key, now);
+            return true;
+        }
+        match staged.get(&key) {
+            Some(at) if now.duration_since(*at) < STAGED_ROOM_MEMORY => true,
+            Some(_) => {
+                staged.remove(&key);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Reads the room for every record that needs its members, as before containers kept rosters
