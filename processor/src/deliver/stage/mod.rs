@@ -107,12 +107,17 @@ impl Job {
 /// The lane of a room a connection is served in: FNV-1a of its id, the same in every process
 /// and release (std's hasher is seeded per process).
 pub fn lane(connection_id: &str) -> u64 {
+    fnv1a(connection_id) % LANES
+}
+
+/// 64-bit FNV-1a: a hash fixed across processes and releases.
+pub(crate) fn fnv1a(text: &str) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in connection_id.bytes() {
+    for byte in text.bytes() {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    hash % LANES
+    hash
 }
 
 /// One frame's jobs: its recipients by lane, at most [`JOB_RECIPIENTS`] and [`JOB_BYTES`] a job,

@@ -84,11 +84,7 @@ fn fit(id: &str) -> String {
     if id.len() <= ID_MAX {
         return id.to_string();
     }
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in id.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let hash = super::fnv1a(id);
     let tail: String = id.chars().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
     format!("{hash:016x}~{tail}")
 }
