@@ -292,6 +292,96 @@ async fn the_join_ack_and_the_welcome_carry_the_room_as_it_is(kind: &str) {
 /// The same guarantees through `roomcast dev`, with real WebSocket clients: the gateway
 /// emulator, the stream poller (the embedded store's, or moto's through the Streams API) and the
 /// processor posting through the emulator's `@connections`.
+/// A join storm: 150 users join one room (some from a second tab, some leaving from a tab
+/// again) while a member talks, and the processor gets it all as one batch, as Lambda hands a
+/// shard's backlog over. On DynamoDB behind the partition layer, which counts every call per
+/// partition key: presence is applied in runs — one read of the room, one of up to 99 users and
+/// one transaction each (`presence::plan_run`) — instead of two reads and a write per record,
+/// so the room's key takes far fewer calls than there are joins. Announced while the room is
+/// within its limit, counted beyond it; the message reaches everyone who joined before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_storm_is_applied_in_runs_and_counts_every_user() {
+    use roomcast::partitions::{PartitionLimits, Partitions};
+    let limits = PartitionLimits { latency: std::time::Duration::ZERO, ..PartitionLimits::default() };
+    let partitions = Partitions::start(&roomcast_tests::moto_endpoint(), limits).await.unwrap();
+    let table = Table::dynamodb_behind(&partitions).await;
+    let mut stack = Stack::build(table, ManualClock::starting_now(), DeliverySettings::default()).await;
+    let settings = TenantSettings { presence_announce_max_users: Some(20), ..TenantSettings::new("acme") };
+    stack.table.store.put_tenant_settings(&settings).await.unwrap();
+    stack.connect("ann", "acme", "ann", "lobby").await;
+    const USERS: usize = 150;
+    let tab = |i: usize, second: bool| if second { format!("u{i:03}-tab2") } else { format!("u{i:03}") };
+    for i in 0..USERS {
+        assert_eq!(stack.connect(&tab(i, false), "acme", &tab(i, false)[..4], "").await.status_code, 200);
+        if i % 10 == 0 {
+            assert_eq!(stack.connect(&tab(i, true), "acme", &tab(i, false)[..4], "").await.status_code, 200);
+        }
+    }
+    stack.pump().await;
+
+    let join = json!({"action": "join", "room": "lobby"});
+    for i in 0..USERS {
+        assert_eq!(stack.send(&tab(i, false), join.clone()).await["action"], "ack");
+        if i % 10 == 0 {
+            assert_eq!(stack.send(&tab(i, true), join.clone()).await["action"], "ack");
+        }
+        if i % 20 == 5 {
+            let leave = json!({"action": "leave", "room": "lobby"});
+            assert_eq!(stack.send(&tab(i - 5, false), leave).await["action"], "ack");
+        }
+        if i == USERS / 2 {
+            let sent =
+                stack.send("ann", json!({"action": "sendMessage", "room": "lobby", "message": "mid-storm"})).await;
+            assert_eq!(sent["action"], "ack", "{sent}");
+        }
+    }
+    partitions.reset();
+    stack.pump().await;
+
+    // Every user is present once, whatever tabs they joined and left with.
+    let live = stack.live_set("acme", "lobby").await;
+    assert_eq!(live.len(), USERS + 1);
+    let mut who = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = stack.table.store.who("acme", "lobby", 100, after.as_deref()).await.unwrap();
+        assert_eq!(page.total, USERS as u64 + 1, "the room's count");
+        who.extend(page.users.iter().map(|(u, n)| (u.clone(), *n as u64)));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(who, live, "presence is the room's live memberships");
+    // One `joined` per user while the room announces (Ann and 19 more), none beyond; a tab
+    // leaving while the user's other tab stays is no `left`.
+    for i in 0..USERS {
+        let user = &tab(i, false)[..4];
+        let expected: Vec<String> = if i < 19 { vec!["joined".into()] } else { vec![] };
+        assert_eq!(stack.presence_events("ann", user), expected, "{user}");
+    }
+    let counts = stack.processor.counts();
+    assert_eq!(counts.presence_joined, USERS as u64 + 1, "Ann and every user");
+    assert_eq!(counts.presence_unannounced, (USERS - 19) as u64);
+    // The message reached every tab in the room when it was sent.
+    for i in 0..=USERS / 2 {
+        for second in [false, true] {
+            let left_before = !second && i % 20 == 0 && i + 5 <= USERS / 2;
+            if (second && i % 10 != 0) || left_before {
+                continue;
+            }
+            let got = stack.recorder.received_action(&tab(i, second), "message");
+            assert!(got.iter().any(|m| m["message"] == "mid-storm"), "{} missed the message", tab(i, second));
+        }
+    }
+    assert!(counts.presence_ahead > USERS as u64 / 2, "records applied in runs: {counts:?}");
+    // Record by record, the room's key takes two reads and a write per membership record (over
+    // 450 calls here); in runs, the 19 announced joins cost their own (and a read of the room
+    // for their frames), the rest a few calls per 99 records.
+    let room = partitions.stats("ROOM#acme#lobby");
+    assert!(room.calls < USERS as u64, "{room:?}");
+}
+
 mod over_websockets {
     use std::time::Duration;
 

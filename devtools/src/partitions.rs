@@ -168,10 +168,17 @@ async fn forward(
     };
     if parts.status.is_success() && !operation.is_empty() {
         let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        // A call is one call to each key it touches, however many of the key's items it names
+        // (a transaction or a batch of one room's items).
+        let mut touched: Vec<String> = Vec::new();
         for (key, read, write, bytes_read, items) in costs(&operation, &request, &answer) {
             layer.charge(&key, read, write);
+            let first = !touched.contains(&key);
+            if first {
+                touched.push(key.clone());
+            }
             layer.count(&key, |s| {
-                s.calls += 1;
+                s.calls += u64::from(first);
                 s.read_units += read;
                 s.write_units += write;
                 s.bytes_read += bytes_read;

@@ -95,6 +95,9 @@ counters! {
     presence_unannounced,
     /// Membership records at or below their room's presence watermark: redelivered, no change.
     presence_redelivered,
+    /// Membership records applied together with an earlier record of their room, in its run's
+    /// one write (`presence::plan_run`): a join storm shows here.
+    presence_ahead,
     /// Items read from the table that did not decode, skipped; the key is logged.
     corrupt_items,
     /// Messages a tenant's plugin rejected.

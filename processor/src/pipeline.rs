@@ -14,7 +14,7 @@ use tracing::field::Empty;
 use crate::deliver::{Deliverer, Outcome, Window};
 use crate::metrics::{Counts, Metrics};
 use crate::model::Clock;
-use crate::presence::{PresenceOp, PresenceUpdate};
+use crate::presence::{PresenceOp, PresenceRuns, PresenceUpdate, RunRecord};
 use crate::protocol::ChatMessage;
 use crate::react::JoinOutcome;
 use crate::react::{self, Decisions, Effect, PresenceDecision};
@@ -568,19 +568,51 @@ impl Processor {
         if lookups.first_time_in_batch(&m.tenant, &m.room) && state.room_presence(&m.tenant, &m.room).await?.is_none() {
             self.seed_presence(m, op, max, now).await?;
         }
-        let update = PresenceUpdate {
+        let update_of = |m: &crate::model::Membership, op, event_id: &str, seq: Option<String>| PresenceUpdate {
             tenant: m.tenant.clone(),
             room: m.room.clone(),
             user_id: m.user_id.clone(),
             connection_id: m.connection_id.clone(),
             op,
-            event_id: record.event_id.clone(),
-            seq: record.change.sequence_number.as_deref().map(crate::model::sequence_key),
+            event_id: event_id.to_string(),
+            seq,
             at: m.joined_at,
             now,
             announce_max_users: max,
         };
-        let outcome = state.apply_presence(&update).await?;
+        let runs = lookups.presence_runs();
+        let outcome = match runs.take(&record.event_id) {
+            // Applied with an earlier record of the room, in its run.
+            Some(outcome) => outcome,
+            None => {
+                let seq = record.change.sequence_number.as_deref().map(crate::model::sequence_key);
+                let mut updates = vec![update_of(m, op, &record.event_id, seq)];
+                let later = runs.after(&m.tenant, &m.room, &record.event_id);
+                if !later.is_empty() {
+                    // A later join that is an INSERT waits on the tenant's rules when they decide
+                    // joins: the run ends before it.
+                    let inserts_decided = match self.rules.as_deref() {
+                        None => false,
+                        Some(rules) => {
+                            self.ensure_loaded(rules, &m.tenant, lookups).await?;
+                            rules.authorizes_joins(&m.tenant).await
+                        }
+                    };
+                    for r in later.iter().take_while(|r| !(r.inserted && inserts_decided)) {
+                        updates.push(update_of(&r.membership, r.op, &r.event_id, r.seq.clone()));
+                    }
+                }
+                let mut outcomes = state.apply_presence_run(&updates).await?.into_iter();
+                let first = outcomes
+                    .next()
+                    .ok_or_else(|| StoreError::Unavailable(format!("presence of {} applied no record", m.room)))?;
+                for (update, outcome) in updates[1..].iter().zip(outcomes) {
+                    Metrics::add(&self.metrics.presence_ahead, 1);
+                    runs.keep(&update.event_id, outcome);
+                }
+                first
+            }
+        };
         let announce = outcome.transition.is_some() && outcome.announce;
         if let Some(event) = outcome.transition {
             if !outcome.redelivered {
@@ -769,7 +801,7 @@ impl Processor {
     pub async fn process_batch_until(&self, raw: &[serde_json::Value], finish_by: Option<Instant>) -> BatchOutcome {
         let before = self.metrics.snapshot();
         // One look-up of each tenant's ACTIVE pointer for the whole batch.
-        let lookups = Lookups::default();
+        let lookups = Lookups::with_presence_runs(presence_runs_of(raw));
         let window = finish_by.map_or_else(Window::unbounded, Window::until);
         let start_by = finish_by.map(|at| at.checked_sub(START_RESERVE).unwrap_or(at));
         let outcome = run_batch(raw, self.partitions_at_once, start_by, |_, record| {
@@ -852,6 +884,30 @@ impl Processor {
 /// fires, as Lambda's event source mapping would: a batch whose record failed for a platform
 /// reason is re-read from that record after a pause; with `redeliver`, every batch is
 /// processed twice, as the event source may.
+/// The batch's membership records that change presence, per room ([`PresenceRuns`]): decoded
+/// ahead only when the batch holds two or more memberships (a join storm), so that a batch of
+/// messages pays nothing for it.
+fn presence_runs_of(raw: &[serde_json::Value]) -> PresenceRuns {
+    let membership = |value: &serde_json::Value| {
+        let key = |name: &str| value.pointer(&format!("/dynamodb/Keys/{name}/S")).and_then(serde_json::Value::as_str);
+        key("pk").is_some_and(|pk| pk.starts_with("ROOM#")) && key("sk").is_some_and(|sk| sk.starts_with("CONN#"))
+    };
+    if raw.iter().filter(|value| membership(value)).nth(1).is_none() {
+        return PresenceRuns::default();
+    }
+    PresenceRuns::of(raw.iter().enumerate().filter(|(_, value)| membership(value)).filter_map(|(position, value)| {
+        let record = crate::stream::decode_record(position, value).ok()?;
+        let change = Change::from_record(&record);
+        let (m, op, inserted) = match (change.joined(), change.left()) {
+            (Some(m), _) => (m.clone(), PresenceOp::Add, matches!(change, Change::Inserted(_))),
+            (_, Some(m)) => (m.clone(), PresenceOp::Remove, false),
+            _ => return None,
+        };
+        let seq = record.change.sequence_number.as_deref().map(crate::model::sequence_key);
+        Some(RunRecord { event_id: record.event_id.clone(), seq, membership: m, op, inserted })
+    }))
+}
+
 pub async fn run_from_stream(
     processor: &Processor,
     poller: &mut crate::stream::poller::StreamPoller,

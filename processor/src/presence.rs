@@ -196,6 +196,130 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
     }
 }
 
+/// The most users one run changes: DynamoDB takes at most 100 writes in one transaction, and the
+/// room's item is one of them.
+pub const RUN_USERS: usize = 99;
+
+/// A run of one room's membership records, folded in stream order against the items as read
+/// ([`plan_run`]): what DynamoDB writes in one transaction instead of a read and a write per
+/// record. A join storm (API Gateway admits 500 new connections a second) is applied ~99 records
+/// a round trip, at two write units per user.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunPlan {
+    /// One outcome per record applied: a prefix of the run, never empty when the run is not.
+    pub outcomes: Vec<PresenceOutcome>,
+    /// Each user the run changed, in order of first change: their item after it (`None`: delete).
+    pub users: Vec<(String, Option<Presence>)>,
+    /// The room's item after the run, when a transition changed it.
+    pub room: Option<RoomPresence>,
+}
+
+/// Folds `updates` (one room's, in stream order) with [`plan`], one after another, against the
+/// users' items as read (`users`, by user id; a user not in it has no item) and the room's.
+///
+/// The run stops after the first record whose transition is announced (or re-announced, when
+/// redelivered): the room's watermark names one record, the last transition, so a batch cut off
+/// after that record's writes and before its frames repeats exactly that record's frames when it
+/// is redelivered — as when each record is applied on its own. It also stops before a record
+/// that would change more than `max_users` users.
+pub fn plan_run(
+    updates: &[PresenceUpdate],
+    users: &std::collections::HashMap<String, Presence>,
+    room: Option<&RoomPresence>,
+    max_users: usize,
+) -> RunPlan {
+    let mut run = RunPlan { room: room.cloned(), ..RunPlan::default() };
+    let mut room_changed = false;
+    let mut state: std::collections::HashMap<&str, Option<Presence>> = std::collections::HashMap::new();
+    for update in updates {
+        let user = update.user_id.as_str();
+        let touched = run.users.iter().any(|(u, _)| u == user);
+        if !touched && run.users.len() >= max_users.max(1) && !run.outcomes.is_empty() {
+            break;
+        }
+        let current = match state.get(user) {
+            Some(after) => after.as_ref(),
+            None => users.get(user),
+        };
+        let outcome = match plan(update, current, run.room.as_ref()) {
+            Plan::Done(outcome) => outcome,
+            Plan::Write { presence, room, outcome, .. } => {
+                state.insert(user, presence.clone());
+                match run.users.iter_mut().find(|(u, _)| u == user) {
+                    Some((_, after)) => *after = presence,
+                    None => run.users.push((user.to_string(), presence)),
+                }
+                if room.is_some() {
+                    run.room = room;
+                    room_changed = true;
+                }
+                outcome
+            }
+        };
+        let announced = outcome.transition.is_some() && outcome.announce;
+        run.outcomes.push(outcome);
+        if announced {
+            break;
+        }
+    }
+    if !room_changed {
+        run.room = None;
+    }
+    run
+}
+
+/// A batch's membership records that change presence, per room in stream order, so that one
+/// record's write can apply the room's next ones too ([`crate::store::Store::apply_presence_run`]).
+/// Their outcomes wait here, by event id, until each record's turn comes.
+#[derive(Debug, Default)]
+pub struct PresenceRuns {
+    rooms: std::collections::HashMap<(String, String), Vec<RunRecord>>,
+    ahead: std::sync::Mutex<std::collections::HashMap<String, PresenceOutcome>>,
+}
+
+/// One membership record of a run.
+#[derive(Clone, Debug)]
+pub struct RunRecord {
+    pub event_id: String,
+    /// As [`crate::model::sequence_key`].
+    pub seq: Option<String>,
+    pub membership: crate::model::Membership,
+    pub op: PresenceOp,
+    /// A membership INSERT: its presence waits on the tenant's rules when they decide joins.
+    pub inserted: bool,
+}
+
+impl PresenceRuns {
+    /// The runs of a batch's records, given in stream order: only rooms with two or more.
+    pub fn of(records: impl IntoIterator<Item = RunRecord>) -> PresenceRuns {
+        let mut rooms: std::collections::HashMap<(String, String), Vec<RunRecord>> = Default::default();
+        for r in records {
+            rooms.entry((r.membership.tenant.clone(), r.membership.room.clone())).or_default().push(r);
+        }
+        rooms.retain(|_, records| records.len() > 1);
+        PresenceRuns { rooms, ahead: Default::default() }
+    }
+
+    /// The room's records after `event_id`, in stream order (none when it is not among them).
+    pub fn after(&self, tenant: &str, room: &str, event_id: &str) -> &[RunRecord] {
+        let Some(records) = self.rooms.get(&(tenant.to_string(), room.to_string())) else { return &[] };
+        match records.iter().position(|r| r.event_id == event_id) {
+            Some(at) => &records[at + 1..],
+            None => &[],
+        }
+    }
+
+    /// Keeps the outcome of a record applied ahead of its turn.
+    pub fn keep(&self, event_id: &str, outcome: PresenceOutcome) {
+        self.ahead.lock().unwrap_or_else(|p| p.into_inner()).insert(event_id.to_string(), outcome);
+    }
+
+    /// The outcome of a record applied ahead of its turn, once.
+    pub fn take(&self, event_id: &str) -> Option<PresenceOutcome> {
+        self.ahead.lock().unwrap_or_else(|p| p.into_inner()).remove(event_id)
+    }
+}
+
 fn event_of(op: PresenceOp) -> PresenceEvent {
     match op {
         PresenceOp::Add => PresenceEvent::Joined,
@@ -363,5 +487,98 @@ mod tests {
         let mut m = Model::default();
         assert_eq!(m.apply(&update(PresenceOp::Remove, "c9", 1)), PresenceOutcome::default());
         assert!(m.user.is_none() && m.room.is_none());
+    }
+
+    impl Model {
+        /// Applies a run as one write would: every user's item and the room's at once.
+        fn apply_run(&mut self, updates: &[PresenceUpdate], max_users: usize) -> Vec<PresenceOutcome> {
+            let users: std::collections::HashMap<String, Presence> =
+                self.users.iter().map(|(u, p)| (u.clone(), p.clone())).collect();
+            let run = plan_run(updates, &users, self.room.as_ref(), max_users);
+            for (user, after) in run.users {
+                match after {
+                    Some(p) => self.users.insert(user, p),
+                    None => self.users.remove(&user),
+                };
+            }
+            if run.room.is_some() {
+                self.room = run.room;
+            }
+            run.outcomes
+        }
+    }
+
+    /// A seeded stream of one room's membership records: users with one or more tabs joining
+    /// and leaving.
+    fn storm(seed: u64, records: usize) -> Vec<PresenceUpdate> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut open: Vec<(String, String)> = Vec::new();
+        let max = rng.u64(0..6);
+        (1..=records as u64)
+            .map(|seq| {
+                let (op, user, conn) = if open.is_empty() || rng.u8(0..3) > 0 {
+                    let user = format!("u{}", rng.u8(0..8));
+                    let conn = format!("{user}-c{seq}");
+                    open.push((user.clone(), conn.clone()));
+                    (PresenceOp::Add, user, conn)
+                } else {
+                    let (user, conn) = open.swap_remove(rng.usize(0..open.len()));
+                    (PresenceOp::Remove, user, conn)
+                };
+                PresenceUpdate { user_id: user, announce_max_users: max, ..update(op, &conn, seq) }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_run_applied_at_once_is_the_records_applied_one_by_one() {
+        for seed in 0..300 {
+            let records = storm(seed, 40);
+            let mut one_by_one = Model::default();
+            let expected: Vec<_> = records.iter().map(|r| one_by_one.apply(r)).collect();
+            let max_users = 1 + seed as usize % 4;
+            let mut runs = Model::default();
+            let mut outcomes = Vec::new();
+            while outcomes.len() < records.len() {
+                let run = runs.apply_run(&records[outcomes.len()..], max_users);
+                assert!(!run.is_empty(), "seed {seed}: a run applies at least its first record");
+                // It ends at its first announced transition, and at its limit of users.
+                let announced = run.iter().position(|o| o.transition.is_some() && o.announce);
+                assert!(announced.is_none_or(|at| at == run.len() - 1), "seed {seed}: {run:?}");
+                let changed: std::collections::BTreeSet<_> =
+                    records[outcomes.len()..][..run.len()].iter().map(|r| &r.user_id).collect();
+                assert!(changed.len() <= max_users, "seed {seed}");
+                outcomes.extend(run);
+            }
+            assert_eq!(outcomes, expected, "seed {seed}");
+            assert_eq!(runs.users, one_by_one.users, "seed {seed}");
+            assert_eq!(runs.room, one_by_one.room, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_run_cut_off_anywhere_and_redelivered_repeats_only_its_last_announcement() {
+        for seed in 0..200 {
+            let records = storm(seed, 30);
+            // A batch applies its first run, then stops after any of its records (the frames
+            // of the records after the cut were never sent) and is redelivered from there.
+            let mut m = Model::default();
+            let run = m.apply_run(&records, 99);
+            let last = run.last().unwrap();
+            let owed = (last.transition.is_some() && last.announce).then(|| records[run.len() - 1].event_id.clone());
+            for cut in 0..run.len() {
+                let mut again = Model { users: m.users.clone(), user: None, room: m.room.clone() };
+                let redelivered = again.apply_run(&records[cut..run.len()], 99);
+                assert!(redelivered.iter().all(|o| o.redelivered), "seed {seed}");
+                let announced: Vec<_> = records[cut..run.len()]
+                    .iter()
+                    .zip(&redelivered)
+                    .filter(|(_, o)| o.transition.is_some() && o.announce)
+                    .map(|(r, _)| r.event_id.clone())
+                    .collect();
+                assert_eq!(announced, owed.iter().cloned().collect::<Vec<_>>(), "seed {seed}, cut {cut}");
+                assert_eq!((again.users, again.room), (m.users.clone(), m.room.clone()), "seed {seed}");
+            }
+        }
     }
 }

@@ -163,6 +163,8 @@ pub struct Lookups {
     looked_up: PerTenant<()>,
     settings: PerTenant<Option<crate::model::TenantSettings>>,
     rooms: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
+    /// The batch's membership records per room, for presence runs.
+    presence_runs: Arc<crate::presence::PresenceRuns>,
 }
 
 /// One look-up per tenant, shared by the records of a batch.
@@ -173,6 +175,16 @@ impl Lookups {
     /// it, the others (of other rooms, running at the same time) wait for it.
     pub fn look_up(&self, tenant: &str) -> Arc<tokio::sync::OnceCell<()>> {
         self.looked_up.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_default().clone()
+    }
+
+    /// Lookups for a batch whose membership records are `runs`.
+    pub fn with_presence_runs(runs: crate::presence::PresenceRuns) -> Lookups {
+        Lookups { presence_runs: Arc::new(runs), ..Lookups::default() }
+    }
+
+    /// The batch's membership records per room ([`crate::presence::PresenceRuns`]).
+    pub fn presence_runs(&self) -> &crate::presence::PresenceRuns {
+        &self.presence_runs
     }
 
     /// True the first time a batch asks about a room (its presence state is checked once).

@@ -4,7 +4,7 @@
 //! a membership and the connection's `rooms` set) never disagree. Reads are strongly consistent
 //! and filter `ttl <= now` on our side: DynamoDB's TTL deletes lazily.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +14,8 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, Delete, GlobalSecondaryIndex, KeySchemaElement, KeyType,
-    Projection, ProjectionType, Put, ReturnValue, ScalarAttributeType, StreamSpecification, StreamViewType,
-    TableStatus, TimeToLiveSpecification, TransactWriteItem, Update,
+    KeysAndAttributes, Projection, ProjectionType, Put, ReturnValue, ScalarAttributeType, StreamSpecification,
+    StreamViewType, TableStatus, TimeToLiveSpecification, TransactWriteItem, Update,
 };
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -258,6 +258,51 @@ impl DynamoStore {
                 }
             }
         }
+    }
+
+    /// The presence items of `users` in the room `pk`, strongly consistent, in one `BatchGetItem`
+    /// (at most 100 users): the items that decode by user id, and every user who has an item.
+    async fn presences(&self, pk: &str, users: &[&str]) -> Result<(HashMap<String, Presence>, HashSet<String>)> {
+        let by_sk: HashMap<String, &str> = users.iter().map(|u| (model::presence_sk(u), *u)).collect();
+        let mut keys: Vec<DynamoItem> = by_sk.keys().map(|sk| key(pk.to_string(), sk.clone())).collect();
+        let (mut found, mut there) = (HashMap::new(), HashSet::new());
+        let mut attempts = 0u32;
+        while !keys.is_empty() {
+            let request = KeysAndAttributes::builder()
+                .set_keys(Some(std::mem::take(&mut keys)))
+                .consistent_read(true)
+                .build()
+                .map_err(build_error)?;
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(&self.table, request)
+                .send()
+                .await
+                .map_err(|e| unavailable("batch_get_item (presence)", e))?;
+            for item in out.responses.unwrap_or_default().remove(&self.table).unwrap_or_default() {
+                let Some(user) = item.get("sk").and_then(|sk| sk.as_s().ok()).and_then(|sk| by_sk.get(sk)) else {
+                    continue;
+                };
+                there.insert(user.to_string());
+                if let Some(p) = self.decode::<Presence>(item) {
+                    found.insert(user.to_string(), p);
+                }
+            }
+            // Keys DynamoDB did not get to (the partition's throughput): asked again, backing off.
+            if let Some(rest) = out.unprocessed_keys.and_then(|mut m| m.remove(&self.table)) {
+                keys = rest.keys;
+                attempts += 1;
+                if attempts > 8 {
+                    return Err(StoreError::Unavailable(format!(
+                        "batch_get_item (presence): {} keys still unprocessed after {attempts} attempts",
+                        keys.len()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(10 << attempts.min(6))).await;
+            }
+        }
+        Ok((found, there))
     }
 
     /// The record, or `None` (logged and counted) when the item does not decode.
@@ -943,6 +988,59 @@ impl Store for DynamoStore {
         Err(StoreError::Unavailable(format!(
             "presence of {} in {} kept changing under {PRESENCE_ATTEMPTS} attempts",
             update.user_id, update.room
+        )))
+    }
+
+    async fn apply_presence_run(&self, updates: &[PresenceUpdate]) -> Result<Vec<PresenceOutcome>> {
+        let Some(first) = updates.first() else { return Ok(Vec::new()) };
+        // One room's records; a run of one is the record on its own.
+        let same = updates.iter().take_while(|u| u.tenant == first.tenant && u.room == first.room).count();
+        let updates = &updates[..same];
+        if updates.len() == 1 {
+            return Ok(vec![self.apply_presence(first).await?]);
+        }
+        let pk = model::room_pk(&first.tenant, &first.room);
+        let mut wanted: Vec<&str> = Vec::new();
+        for u in updates {
+            if !wanted.contains(&u.user_id.as_str()) {
+                if wanted.len() == crate::presence::RUN_USERS {
+                    break;
+                }
+                wanted.push(&u.user_id);
+            }
+        }
+        let room_key = key(pk.clone(), model::ROOM_PRESENCE_SK.into());
+        for _ in 0..PRESENCE_ATTEMPTS {
+            let ((room, room_there), (users, there)) = tokio::try_join!(
+                self.get_guarded::<RoomPresence>("get_item (room presence)", room_key.clone()),
+                self.presences(&pk, &wanted),
+            )?;
+            let run = crate::presence::plan_run(updates, &users, room.as_ref(), crate::presence::RUN_USERS);
+            let mut writes = Vec::with_capacity(run.users.len() + 1);
+            for (user, after) in &run.users {
+                let guard = Guard::of(users.get(user).map(|p| p.ver), there.contains(user));
+                writes.push(self.presence_write(key(pk.clone(), model::presence_sk(user)), after.as_ref(), guard)?);
+            }
+            if let Some(next) = &run.room {
+                let (condition, value) = Guard::of(room.as_ref().map(|r| r.ver), room_there).condition();
+                let put = Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(encode(next)?))
+                    .set_condition_expression(condition.map(str::to_string))
+                    .set_expression_attribute_values(value.map(|v| HashMap::from([(":ver".to_string(), v)])))
+                    .build()
+                    .map_err(build_error)?;
+                writes.push(TransactWriteItem::builder().put(put).build());
+            }
+            if writes.is_empty() || self.write_plan(writes).await? {
+                return Ok(run.outcomes);
+            }
+            tracing::debug!(room = %first.room, records = updates.len(), "presence run lost a race; planning again");
+            tokio::time::sleep(Duration::from_millis(2 + (uuid::Uuid::new_v4().as_u128() % 8) as u64)).await;
+        }
+        Err(StoreError::Unavailable(format!(
+            "presence of {} kept changing under {PRESENCE_ATTEMPTS} attempts",
+            first.room
         )))
     }
 

@@ -188,6 +188,23 @@ pub trait Store: Send + Sync + 'static {
     /// [`crate::presence`]): the processor's, never a handler's.
     async fn apply_presence(&self, update: &PresenceUpdate) -> Result<PresenceOutcome>;
 
+    /// Applies a run of one room's membership records, in stream order, as
+    /// [`crate::presence::plan_run`] folds them: the outcomes of a prefix of `updates` (at least
+    /// the first record), ending after the first announced transition. DynamoDB writes a run in
+    /// one transaction; by default each record is applied on its own.
+    async fn apply_presence_run(&self, updates: &[PresenceUpdate]) -> Result<Vec<PresenceOutcome>> {
+        let mut outcomes = Vec::new();
+        for update in updates {
+            let outcome = self.apply_presence(update).await?;
+            let announced = outcome.transition.is_some() && outcome.announce;
+            outcomes.push(outcome);
+            if announced {
+                break;
+            }
+        }
+        Ok(outcomes)
+    }
+
     /// Up to `limit` present users of a room in id order, after the user id `after`, each with
     /// their connection count, and the room's count. One query and one read; a presence item
     /// that does not decode is left out (logged and counted).
