@@ -88,6 +88,9 @@ pub struct Processor {
     /// threshold keeps staging for [`STAGED_ROOM_MEMORY`], so that its next message does not
     /// overtake one still queued.
     staged_rooms: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Whether a batch's membership records of one room are applied to presence in runs
+    /// (`without_presence_runs`: one at a time, the figure before runs).
+    presence_runs: bool,
 }
 
 /// How long a room whose messages were staged goes on staging them, whatever its size: as long
@@ -119,8 +122,16 @@ impl Processor {
             rosters: Some(crate::roster::Rosters::default()),
             hand_off: None,
             staged_rooms: Default::default(),
+            presence_runs: true,
             clock,
         }
+    }
+
+    /// Applies each membership record to presence on its own: two reads and a write each, as
+    /// before runs (`roomcast bench joins --one-by-one`).
+    pub fn without_presence_runs(mut self) -> Processor {
+        self.presence_runs = false;
+        self
     }
 
     /// Rooms with more users than `max` announce no `joined`/`left` (a tenant's settings override it).
@@ -546,6 +557,14 @@ impl Processor {
         }
     }
 
+    /// The tenant's announce limit: rooms with more users announce no `joined`/`left`.
+    async fn announce_max_users(&self, tenant: &str, lookups: &Lookups) -> Result<u64, StoreError> {
+        Ok(match lookups.settings(tenant).get_or_try_init(|| self.store.tenant_settings(tenant)).await? {
+            Some(settings) => settings.presence_announce_max_users.unwrap_or(self.announce_max_users),
+            None => self.announce_max_users,
+        })
+    }
+
     /// Applies a membership record to its room's presence ([`crate::presence`]) and decides
     /// whether the room announces the transition.
     async fn presence(
@@ -559,10 +578,7 @@ impl Processor {
             (_, Some(m)) => (m, PresenceOp::Remove),
             _ => return Ok(None),
         };
-        let max = match lookups.settings(&m.tenant).get_or_try_init(|| self.store.tenant_settings(&m.tenant)).await? {
-            Some(settings) => settings.presence_announce_max_users.unwrap_or(self.announce_max_users),
-            None => self.announce_max_users,
-        };
+        let max = self.announce_max_users(&m.tenant, lookups).await?;
         let state = self.presence_state();
         let now = self.clock.now();
         if lookups.first_time_in_batch(&m.tenant, &m.room) && state.room_presence(&m.tenant, &m.room).await?.is_none() {
@@ -752,6 +768,15 @@ impl Processor {
                     | Change::Modified { new: Record::Membership(_), .. }
                     | Change::Removed { old: Record::Membership(_), .. }
             );
+            if let (Some(p), Some((tenant, room))) = (decisions.presence.as_mut(), change.tenant_room_pair())
+                && p.announce
+                && p.event == Some(crate::protocol::PresenceEvent::Joined)
+                && lookups.past_limit(tenant, room)
+            {
+                // Found past its limit earlier in the batch (below): not read again.
+                p.announce = false;
+                Metrics::add(&self.metrics.presence_unannounced, 1);
+            }
             let mut members = match react::room_needed(&change, &decisions) {
                 Some((tenant, room)) => self.room_members(tenant, room, !membership).await?,
                 None => Vec::new(),
@@ -768,6 +793,21 @@ impl Processor {
                 let extra: Vec<_> = futures::stream::iter(reads).buffered(EXTRA_ROOMS_AT_ONCE).collect().await;
                 for read in extra {
                     members.extend(read?);
+                }
+            }
+            if let (Some(p), Some((tenant, room))) = (decisions.presence.as_mut(), change.tenant_room_pair())
+                && p.announce
+                && p.event == Some(crate::protocol::PresenceEvent::Joined)
+            {
+                // A `joined` goes to the room as it is now. In a join storm the room's memberships
+                // run ahead of presence: a room already past its limit announces no `joined` (its
+                // members would get one per join, the limit times the room), while a `left` is
+                // always told when its `joined` may have been.
+                let users: std::collections::HashSet<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
+                if users.len() as u64 > self.announce_max_users(tenant, lookups).await? {
+                    lookups.mark_past_limit(tenant, room);
+                    p.announce = false;
+                    Metrics::add(&self.metrics.presence_unannounced, 1);
                 }
             }
             self.drop_from_non_members(&change, &members, &mut decisions).await?;
@@ -801,7 +841,10 @@ impl Processor {
     pub async fn process_batch_until(&self, raw: &[serde_json::Value], finish_by: Option<Instant>) -> BatchOutcome {
         let before = self.metrics.snapshot();
         // One look-up of each tenant's ACTIVE pointer for the whole batch.
-        let lookups = Lookups::with_presence_runs(presence_runs_of(raw));
+        let lookups = match self.presence_runs {
+            true => Lookups::with_presence_runs(presence_runs_of(raw)),
+            false => Lookups::default(),
+        };
         let window = finish_by.map_or_else(Window::unbounded, Window::until);
         let start_by = finish_by.map(|at| at.checked_sub(START_RESERVE).unwrap_or(at));
         let outcome = run_batch(raw, self.partitions_at_once, start_by, |_, record| {

@@ -165,6 +165,10 @@ pub struct Lookups {
     rooms: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
     /// The batch's membership records per room, for presence runs.
     presence_runs: Arc<crate::presence::PresenceRuns>,
+    /// Rooms the batch found past their announce limit (a join storm's memberships ahead of
+    /// presence): their later `joined` records of the batch announce nothing without reading
+    /// the room again.
+    past_limit: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
 }
 
 /// One look-up per tenant, shared by the records of a batch.
@@ -180,6 +184,16 @@ impl Lookups {
     /// Lookups for a batch whose membership records are `runs`.
     pub fn with_presence_runs(runs: crate::presence::PresenceRuns) -> Lookups {
         Lookups { presence_runs: Arc::new(runs), ..Lookups::default() }
+    }
+
+    /// Marks a room the batch found past its announce limit.
+    pub fn mark_past_limit(&self, tenant: &str, room: &str) {
+        self.past_limit.lock().unwrap_or_else(|p| p.into_inner()).insert((tenant.to_string(), room.to_string()));
+    }
+
+    /// Whether the batch found the room past its announce limit.
+    pub fn past_limit(&self, tenant: &str, room: &str) -> bool {
+        self.past_limit.lock().unwrap_or_else(|p| p.into_inner()).contains(&(tenant.to_string(), room.to_string()))
     }
 
     /// The batch's membership records per room ([`crate::presence::PresenceRuns`]).

@@ -335,7 +335,7 @@ async fn seed_dynamodb(
     Ok(Arc::new(crate::store::dynamodb::DynamoStore::new(through_layer, table).with_metrics(metrics)))
 }
 
-fn sdk_config() -> aws_config::SdkConfig {
+pub(crate) fn sdk_config() -> aws_config::SdkConfig {
     aws_config::SdkConfig::builder()
         .behavior_version(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new("us-east-1"))
@@ -425,16 +425,16 @@ pub struct EndpointCounts {
     pub most: u64,
 }
 
-struct Endpoint {
-    url: String,
+pub(crate) struct Endpoint {
+    pub(crate) url: String,
     base: String,
     /// The partition layer in the endpoint's process, with `--dynamodb-upstream`.
-    layer: Option<String>,
+    pub(crate) layer: Option<String>,
     _child: tokio::process::Child,
 }
 
 impl Endpoint {
-    async fn start(
+    pub(crate) async fn start(
         binary: &std::path::Path,
         account: AccountSettings,
         dynamodb: Option<&str>,
@@ -469,18 +469,18 @@ impl Endpoint {
         Ok(endpoint)
     }
 
-    async fn partition(&self, key: &str) -> anyhow::Result<crate::partitions::KeyStats> {
+    pub(crate) async fn partition(&self, key: &str) -> anyhow::Result<crate::partitions::KeyStats> {
         let path = format!("/_partitions?key={}", key.replace('#', "%23"));
         let value = crate::dev::api::request(&self.base, http::Method::GET, &path, Vec::new()).await?;
         Ok(serde_json::from_value(value)?)
     }
 
-    async fn counts(&self) -> anyhow::Result<EndpointCounts> {
+    pub(crate) async fn counts(&self) -> anyhow::Result<EndpointCounts> {
         let value = crate::dev::api::request(&self.base, http::Method::GET, "/_counts", Vec::new()).await?;
         Ok(serde_json::from_value(value)?)
     }
 
-    async fn reset(&self) -> anyhow::Result<()> {
+    pub(crate) async fn reset(&self) -> anyhow::Result<()> {
         crate::dev::api::request(&self.base, http::Method::POST, "/_reset", Vec::new()).await?;
         Ok(())
     }

@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 use crate::dev::api::request;
 
 pub mod fanout;
+pub mod joins;
 
 #[derive(Clone, Debug)]
 pub struct Options {

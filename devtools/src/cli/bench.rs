@@ -55,6 +55,10 @@ enum Scenario {
     /// One processor's fan-out at AWS's latency and quota: rooms of the given sizes, against an
     /// `@connections` that answers after --latency and admits --quota calls a second.
     Fanout(FanoutArgs),
+    /// A join storm into one room (API Gateway's 500 new connections a second), against one
+    /// DynamoDB partition's 1,000 write units a second: how long presence takes to apply it,
+    /// and how long a message sent during it waits.
+    Joins(JoinsArgs),
     /// The fan-out bench's `@connections` endpoint (started by `bench fanout`).
     #[command(hide = true)]
     Endpoint(EndpointArgs),
@@ -99,6 +103,44 @@ struct FanoutArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct JoinsArgs {
+    /// A DynamoDB API (moto; start it with tests/moto_server.py) for the table, which the bench
+    /// reaches through a layer imposing one partition's latency and throughput.
+    #[arg(long)]
+    dynamodb_endpoint: String,
+    /// Connections that join the room.
+    #[arg(long, default_value_t = 5000)]
+    joins: usize,
+    /// Joins a second (API Gateway admits 500 new connections a second).
+    #[arg(long, default_value_t = 500.0)]
+    rate: f64,
+    /// The room announces `joined` up to this many users (the tenant's setting).
+    #[arg(long, default_value_t = crate::presence::DEFAULT_ANNOUNCE_MAX_USERS)]
+    announce_max_users: u64,
+    /// A member who was in the room before sends a message this often during the storm.
+    #[arg(long, default_value = "1s", value_parser = crate::gateway::account::parse_duration)]
+    message_every: Duration,
+    /// Records per stream batch (the template's BatchSize).
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// How long a batch waits to fill (the template's MaximumBatchingWindowInSeconds).
+    #[arg(long, default_value = "1s", value_parser = crate::gateway::account::parse_duration)]
+    batch_window: Duration,
+    /// Each `@connections` call's latency.
+    #[arg(long, default_value = "20ms", value_parser = crate::gateway::account::parse_duration)]
+    latency: Duration,
+    /// The account's quota, calls a second.
+    #[arg(long, default_value_t = crate::gateway::account::DEFAULT_QUOTA)]
+    quota: f64,
+    /// Apply presence one membership record at a time, as before runs: the figure to compare.
+    #[arg(long)]
+    one_by_one: bool,
+    /// The report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
 struct EndpointArgs {
     #[arg(long)]
     port: u16,
@@ -116,6 +158,7 @@ struct EndpointArgs {
 pub async fn bench_main(args: BenchArgs) -> anyhow::Result<()> {
     match args.scenario {
         Some(Scenario::Fanout(fanout)) => return fanout_main(fanout).await,
+        Some(Scenario::Joins(joins)) => return joins_main(joins).await,
         Some(Scenario::Endpoint(e)) => {
             let account = crate::gateway::account::AccountSettings {
                 latency: e.latency,
@@ -171,6 +214,35 @@ async fn fanout_main(args: FanoutArgs) -> anyhow::Result<()> {
         handoff_recipients: args.handoff_recipients,
     };
     let report = crate::bench::fanout::run(&options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+async fn joins_main(args: JoinsArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.joins > 0 && args.rate > 0.0, "--joins and --rate must be above 0");
+    anyhow::ensure!(args.quota > 0.0, "--quota must be above 0");
+    let options = crate::bench::joins::JoinsOptions {
+        binary: std::env::current_exe()?,
+        joins: args.joins,
+        rate: args.rate,
+        announce_max_users: args.announce_max_users,
+        account: crate::gateway::account::AccountSettings {
+            latency: args.latency,
+            jitter: args.latency / 4,
+            quota: Some(args.quota),
+            burst: args.quota,
+        },
+        dynamodb_endpoint: args.dynamodb_endpoint,
+        batch_size: args.batch_size.clamp(1, 10_000),
+        batch_window: args.batch_window,
+        message_every: args.message_every.max(Duration::from_millis(10)),
+        one_by_one: args.one_by_one,
+    };
+    let report = crate::bench::joins::run(&options).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
