@@ -289,12 +289,9 @@ async fn the_join_ack_and_the_welcome_carry_the_room_as_it_is(kind: &str) {
     assert_eq!(denied["code"], "not_member");
 }
 
-/// The same guarantees through `roomcast dev`, with real WebSocket clients: the gateway
-/// emulator, the stream poller (the embedded store's, or moto's through the Streams API) and the
-/// processor posting through the emulator's `@connections`.
 /// A join storm: 150 users join one room (some from a second tab, some leaving from a tab
-/// again) while a member talks, and the processor gets it all as one batch, as Lambda hands a
-/// shard's backlog over. On DynamoDB behind the partition layer, which counts every call per
+/// again) while a member talks, and the processor gets it all as one batch (larger than
+/// Lambda's 100 records, to hold runs of 99 users). On DynamoDB behind the partition layer, which counts every call per
 /// partition key: presence is applied in runs — one read of the room, one of up to 99 users and
 /// one transaction each (`presence::plan_run`) — instead of two reads and a write per record,
 /// so the room's key takes far fewer calls than there are joins. A room past its announce limit
@@ -381,8 +378,18 @@ async fn a_join_storm_is_applied_in_runs_and_counts_every_user() {
     // it past its limit.
     let room = partitions.stats("ROOM#acme#lobby");
     assert!(room.calls < USERS as u64, "{room:?}");
+
+    // One of the first users, whose `joined` the room was too big to tell, leaves: no `left`
+    // either (a client never hears of someone leaving whom it never heard join).
+    assert_eq!(stack.send("u001", json!({"action": "leave", "room": "lobby"})).await["action"], "ack");
+    stack.pump().await;
+    assert_eq!(stack.presence_events("ann", "u001"), Vec::<String>::new());
+    assert_eq!(stack.table.store.room_presence("acme", "lobby").await.unwrap().unwrap().users, USERS as u64);
 }
 
+/// The same guarantees through `roomcast dev`, with real WebSocket clients: the gateway
+/// emulator, the stream poller (the embedded store's, or moto's through the Streams API) and the
+/// processor posting through the emulator's `@connections`.
 mod over_websockets {
     use std::time::Duration;
 

@@ -557,6 +557,14 @@ impl Processor {
         }
     }
 
+    /// A `joined` not told after all (the room past its limit): nor will its `left` be.
+    async fn unannounce(&self, p: &mut PresenceDecision, m: &crate::model::Membership) -> Result<(), StoreError> {
+        self.presence_state().unannounce(&m.tenant, &m.room, &m.user_id).await?;
+        p.announce = false;
+        Metrics::add(&self.metrics.presence_unannounced, 1);
+        Ok(())
+    }
+
     /// The tenant's announce limit: rooms with more users announce no `joined`/`left`.
     async fn announce_max_users(&self, tenant: &str, lookups: &Lookups) -> Result<u64, StoreError> {
         Ok(match lookups.settings(tenant).get_or_try_init(|| self.store.tenant_settings(tenant)).await? {
@@ -768,14 +776,13 @@ impl Processor {
                     | Change::Modified { new: Record::Membership(_), .. }
                     | Change::Removed { old: Record::Membership(_), .. }
             );
-            if let (Some(p), Some((tenant, room))) = (decisions.presence.as_mut(), change.tenant_room_pair())
+            if let (Some(p), Some(m)) = (decisions.presence.as_mut(), change.joined())
                 && p.announce
                 && p.event == Some(crate::protocol::PresenceEvent::Joined)
-                && lookups.past_limit(tenant, room)
+                && lookups.past_limit(&m.tenant, &m.room)
             {
                 // Found past its limit earlier in the batch (below): not read again.
-                p.announce = false;
-                Metrics::add(&self.metrics.presence_unannounced, 1);
+                self.unannounce(p, m).await?;
             }
             let mut members = match react::room_needed(&change, &decisions) {
                 Some((tenant, room)) => self.room_members(tenant, room, !membership).await?,
@@ -795,19 +802,18 @@ impl Processor {
                     members.extend(read?);
                 }
             }
-            if let (Some(p), Some((tenant, room))) = (decisions.presence.as_mut(), change.tenant_room_pair())
+            if let (Some(p), Some(m)) = (decisions.presence.as_mut(), change.joined())
                 && p.announce
                 && p.event == Some(crate::protocol::PresenceEvent::Joined)
             {
                 // A `joined` goes to the room as it is now. In a join storm the room's memberships
                 // run ahead of presence: a room already past its limit announces no `joined` (its
-                // members would get one per join, the limit times the room), while a `left` is
-                // always told when its `joined` may have been.
+                // members would get one per join, the limit times the room), and the user's
+                // `left` will not be told either.
                 let users: std::collections::HashSet<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
-                if users.len() as u64 > self.announce_max_users(tenant, lookups).await? {
-                    lookups.mark_past_limit(tenant, room);
-                    p.announce = false;
-                    Metrics::add(&self.metrics.presence_unannounced, 1);
+                if users.len() as u64 > self.announce_max_users(&m.tenant, lookups).await? {
+                    lookups.mark_past_limit(&m.tenant, &m.room);
+                    self.unannounce(p, m).await?;
                 }
             }
             self.drop_from_non_members(&change, &members, &mut decisions).await?;
@@ -923,10 +929,6 @@ impl Processor {
     }
 }
 
-/// Feeds the processor from a table's stream through the DynamoDB Streams API until `shutdown`
-/// fires, as Lambda's event source mapping would: a batch whose record failed for a platform
-/// reason is re-read from that record after a pause; with `redeliver`, every batch is
-/// processed twice, as the event source may.
 /// The batch's membership records that change presence, per room ([`PresenceRuns`]): decoded
 /// ahead only when the batch holds two or more memberships (a join storm), so that a batch of
 /// messages pays nothing for it.
@@ -951,6 +953,10 @@ fn presence_runs_of(raw: &[serde_json::Value]) -> PresenceRuns {
     }))
 }
 
+/// Feeds the processor from a table's stream through the DynamoDB Streams API until `shutdown`
+/// fires, as Lambda's event source mapping would: a batch whose record failed for a platform
+/// reason is re-read from that record after a pause; with `redeliver`, every batch is
+/// processed twice, as the event source may.
 pub async fn run_from_stream(
     processor: &Processor,
     poller: &mut crate::stream::poller::StreamPoller,

@@ -200,6 +200,25 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
 /// room's item is one of them.
 pub const RUN_USERS: usize = 99;
 
+/// The most connections the users a run changes may hold: their items, written in one
+/// transaction, stay well within DynamoDB's 4 MB (a connection id is ~20 bytes; at most 128).
+pub const RUN_CONNECTIONS: usize = 8_000;
+
+/// The users whose items a run of `updates` reads: the first `max_users` (at least one), in
+/// order of first appearance. [`plan_run`] ends before anyone else's record.
+pub fn run_users(updates: &[PresenceUpdate], max_users: usize) -> Vec<&str> {
+    let mut users: Vec<&str> = Vec::new();
+    for u in updates {
+        if !users.contains(&u.user_id.as_str()) {
+            if users.len() >= max_users.max(1) {
+                break;
+            }
+            users.push(&u.user_id);
+        }
+    }
+    users
+}
+
 /// A run of one room's membership records, folded in stream order against the items as read
 /// ([`plan_run`]): what DynamoDB writes in one transaction instead of a read and a write per
 /// record. A join storm (API Gateway admits 500 new connections a second) is applied ~99 records
@@ -220,8 +239,10 @@ pub struct RunPlan {
 /// The run stops after the first record whose transition is announced (or re-announced, when
 /// redelivered): the room's watermark names one record, the last transition, so a batch cut off
 /// after that record's writes and before its frames repeats exactly that record's frames when it
-/// is redelivered — as when each record is applied on its own. It also stops before a record
-/// that would change more than `max_users` users.
+/// is redelivered — as when each record is applied on its own. It also stops before the first
+/// record of a user who is not among the first `max_users` users of `updates` (those are the
+/// users whose items were read: [`run_users`]), and once the users changed hold more than
+/// [`RUN_CONNECTIONS`] connections (a transaction's 4 MB).
 pub fn plan_run(
     updates: &[PresenceUpdate],
     users: &std::collections::HashMap<String, Presence>,
@@ -231,10 +252,11 @@ pub fn plan_run(
     let mut run = RunPlan { room: room.cloned(), ..RunPlan::default() };
     let mut room_changed = false;
     let mut state: std::collections::HashMap<&str, Option<Presence>> = std::collections::HashMap::new();
+    let read = run_users(updates, max_users);
     for update in updates {
         let user = update.user_id.as_str();
-        let touched = run.users.iter().any(|(u, _)| u == user);
-        if !touched && run.users.len() >= max_users.max(1) && !run.outcomes.is_empty() {
+        let connections: usize = run.users.iter().filter_map(|(_, p)| p.as_ref()).map(|p| p.connections.len()).sum();
+        if !run.outcomes.is_empty() && (!read.contains(&user) || connections > RUN_CONNECTIONS) {
             break;
         }
         let current = match state.get(user) {
@@ -554,6 +576,30 @@ mod tests {
             assert_eq!(runs.users, one_by_one.users, "seed {seed}");
             assert_eq!(runs.room, one_by_one.room, "seed {seed}");
         }
+    }
+
+    #[test]
+    fn a_run_never_reaches_a_user_whose_item_was_not_read() {
+        // Ann is present; records that change nothing (removes of connections never added)
+        // come first from 3 other users, then Ann's second tab. With room for 2 users, the run
+        // must stop before Ann's record: her item was not read.
+        let mut m = Model::default();
+        m.apply(&PresenceUpdate { user_id: "ann".into(), ..update(PresenceOp::Add, "a1", 1) });
+        let noop = |user: &str, seq| PresenceUpdate { user_id: user.into(), ..update(PresenceOp::Remove, "x", seq) };
+        let records = [noop("u1", 2), noop("u2", 3), noop("u3", 4), {
+            PresenceUpdate { user_id: "ann".into(), ..update(PresenceOp::Add, "a2", 5) }
+        }];
+        assert_eq!(run_users(&records, 2), ["u1", "u2"]);
+        // Only the users read are given, as the DynamoDB adapter gives them.
+        let read: std::collections::HashMap<String, Presence> = m
+            .users
+            .iter()
+            .filter(|(u, _)| ["u1", "u2"].contains(&u.as_str()))
+            .map(|(u, p)| (u.clone(), p.clone()))
+            .collect();
+        let run = plan_run(&records, &read, m.room.as_ref(), 2);
+        assert_eq!(run.outcomes.len(), 2, "{run:?}");
+        assert!(run.users.is_empty());
     }
 
     #[test]

@@ -247,10 +247,17 @@ impl DynamoStore {
             Err(err) => {
                 if let SdkError::ServiceError(service) = &err
                     && let TransactWriteItemsError::TransactionCanceledException(cancel) = service.err()
-                    && cancel
-                        .cancellation_reasons()
-                        .iter()
-                        .any(|r| matches!(r.code(), Some("ConditionalCheckFailed" | "TransactionConflict")))
+                    && cancel.cancellation_reasons().iter().any(|r| {
+                        matches!(
+                            r.code(),
+                            Some(
+                                "ConditionalCheckFailed"
+                                    | "TransactionConflict"
+                                    | "ThrottlingError"
+                                    | "ProvisionedThroughputExceeded"
+                            )
+                        )
+                    })
                 {
                     Ok(false)
                 } else {
@@ -991,6 +998,26 @@ impl Store for DynamoStore {
         )))
     }
 
+    async fn unannounce(&self, tenant: &str, room: &str, user_id: &str) -> Result<()> {
+        // The version moves too: a run planned from the item as it was must plan again.
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(model::room_pk(tenant, room), model::presence_sk(user_id))))
+            .update_expression("SET announced = :no, ver = ver + :one")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":no", AttributeValue::Bool(false))
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => Ok(()),
+            Err(e) => Err(unavailable("update_item (presence announced)", e)),
+        }
+    }
+
     async fn apply_presence_run(&self, updates: &[PresenceUpdate]) -> Result<Vec<PresenceOutcome>> {
         let Some(first) = updates.first() else { return Ok(Vec::new()) };
         // One room's records; a run of one is the record on its own.
@@ -1000,22 +1027,20 @@ impl Store for DynamoStore {
             return Ok(vec![self.apply_presence(first).await?]);
         }
         let pk = model::room_pk(&first.tenant, &first.room);
-        let mut wanted: Vec<&str> = Vec::new();
-        for u in updates {
-            if !wanted.contains(&u.user_id.as_str()) {
-                if wanted.len() == crate::presence::RUN_USERS {
-                    break;
-                }
-                wanted.push(&u.user_id);
-            }
-        }
         let room_key = key(pk.clone(), model::ROOM_PRESENCE_SK.into());
-        for _ in 0..PRESENCE_ATTEMPTS {
-            let ((room, room_there), (users, there)) = tokio::try_join!(
-                self.get_guarded::<RoomPresence>("get_item (room presence)", room_key.clone()),
-                self.presences(&pk, &wanted),
-            )?;
-            let run = crate::presence::plan_run(updates, &users, room.as_ref(), crate::presence::RUN_USERS);
+        for attempt in 0..PRESENCE_ATTEMPTS {
+            let (room, room_there) =
+                self.get_guarded::<RoomPresence>("get_item (room presence)", room_key.clone()).await?;
+            // A room that announces ends its run at its first transition: its later users are
+            // not worth reading. One past its limit reads up to 99.
+            let announcing = crate::presence::announces(
+                room.as_ref().map_or(0, |r| r.users).saturating_add(1),
+                first.announce_max_users,
+            );
+            let max_users = if announcing { 1 } else { crate::presence::RUN_USERS };
+            let wanted = crate::presence::run_users(updates, max_users);
+            let (users, there) = self.presences(&pk, &wanted).await?;
+            let run = crate::presence::plan_run(updates, &users, room.as_ref(), max_users);
             let mut writes = Vec::with_capacity(run.users.len() + 1);
             for (user, after) in &run.users {
                 let guard = Guard::of(users.get(user).map(|p| p.ver), there.contains(user));
@@ -1035,8 +1060,11 @@ impl Store for DynamoStore {
             if writes.is_empty() || self.write_plan(writes).await? {
                 return Ok(run.outcomes);
             }
-            tracing::debug!(room = %first.room, records = updates.len(), "presence run lost a race; planning again");
-            tokio::time::sleep(Duration::from_millis(2 + (uuid::Uuid::new_v4().as_u128() % 8) as u64)).await;
+            tracing::debug!(room = %first.room, records = updates.len(), "presence run lost a race or was throttled; planning again");
+            // Backing off: a run is cancelled by a race (planned again at once) or by the room's
+            // partition being out of write units (which takes its time to refill).
+            let backoff = (2u64 << attempt.min(9)).min(1000);
+            tokio::time::sleep(Duration::from_millis(backoff + (uuid::Uuid::new_v4().as_u128() % 8) as u64)).await;
         }
         Err(StoreError::Unavailable(format!(
             "presence of {} kept changing under {PRESENCE_ATTEMPTS} attempts",

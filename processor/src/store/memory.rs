@@ -565,6 +565,18 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn unannounce(&self, tenant: &str, room: &str, user_id: &str) -> Result<()> {
+        let mut table = self.lock();
+        let key = (model::room_pk(tenant, room), model::presence_sk(user_id));
+        if let Some(mut p) = self.get::<Presence>(&table, &key) {
+            p.announced = false;
+            p.ver += 1;
+            let item = encode(&p)?;
+            self.put_item(&mut table, item);
+        }
+        Ok(())
+    }
+
     async fn apply_presence(&self, update: &PresenceUpdate) -> Result<PresenceOutcome> {
         // Under the lock: the read, the plan and its writes are one atomic step.
         let mut table = self.lock();

@@ -188,6 +188,11 @@ pub trait Store: Send + Sync + 'static {
     /// [`crate::presence`]): the processor's, never a handler's.
     async fn apply_presence(&self, update: &PresenceUpdate) -> Result<PresenceOutcome>;
 
+    /// Records that a present user's `joined` was not told after all (the room was past its
+    /// limit when the record was handled), so that their `left` is not told either. Nothing when
+    /// the user is not present.
+    async fn unannounce(&self, tenant: &str, room: &str, user_id: &str) -> Result<()>;
+
     /// Applies a run of one room's membership records, in stream order, as
     /// [`crate::presence::plan_run`] folds them: the outcomes of a prefix of `updates` (at least
     /// the first record), ending after the first announced transition. DynamoDB writes a run in
