@@ -9,6 +9,11 @@ Here the copy to roll back to shares the items the transaction does not name (it
 them) and deep-copies only those it names, once per table and call. moto's answers, its
 rollbacks and the stream records a transaction leaves are unchanged.
 
+It also answers DynamoDB's requests one at a time (moto's server runs each request on a thread
+of its own, and its tables are plain Python dicts: a write during another request's walk of the
+same table fails that request with "dictionary changed size during iteration", a 500). Python
+runs one thread at a time anyway, so little is lost.
+
 Run as `.venv/bin/python tests/moto_server.py -H 127.0.0.1 -p PORT` (moto_server's arguments).
 """
 
@@ -20,6 +25,7 @@ from collections import defaultdict
 import moto.dynamodb.models as dynamodb_models
 from moto.dynamodb.models.dynamo_type import DynamoType
 from moto.dynamodb.models.table import Table
+from moto.dynamodb.responses import DynamoHandler
 from moto.server import main
 
 _local = threading.local()
@@ -101,6 +107,17 @@ def _transact_write_items(self, transact_items):
 
 dynamodb_models.copy = _CopyInTransactions()
 dynamodb_models.DynamoDBBackend.transact_write_items = _transact_write_items
+
+_one_at_a_time = threading.Lock()
+_call_action = DynamoHandler.call_action
+
+
+def _call_action_alone(self):
+    with _one_at_a_time:
+        return _call_action(self)
+
+
+DynamoHandler.call_action = _call_action_alone
 
 if __name__ == "__main__":
     sys.exit(main())

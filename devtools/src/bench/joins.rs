@@ -12,10 +12,12 @@
 //!   before talks every `--message-every`.
 //! * **The processor** runs in this process, fed as Lambda feeds it from one shard: a batch of
 //!   up to `--batch-size` records, or what arrived within `--batch-window`, one batch at a time.
-//!   Its `@connections` is the fan-out bench's endpoint (latency, quota).
+//!   Its `@connections` is the fan-out bench's endpoint (latency, quota); a message to 2,000
+//!   members or more goes to the fan-out stage (in this process), as deployed.
 //! * **Reported**: when every join was applied to presence (after the storm's last write), the
 //!   room's count against the joins, `joined` announced against the room's limit, each
-//!   message's wait from its write until its batch was done, and the room key's write units
+//!   message's wait from its write until its batch was done (delivered, or handed to the stage,
+//!   which serves it at the quota's pace), and the room key's write units
 //!   per join and per second over one partition's 1,000. `--one-by-one` applies presence one
 //!   record at a time (two reads and a write each), as before runs.
 
@@ -109,8 +111,16 @@ pub async fn run(options: &JoinsOptions) -> anyhow::Result<JoinsReport> {
 
     let delivery =
         crate::deliver::DeliverySettings { endpoint_override: Some(endpoint.url.clone()), ..Default::default() };
+    let worker =
+        crate::deliver::Deliverer::new(sdk.clone(), delivery.clone(), dynamo.clone(), clock.clone(), metrics.clone());
     let deliverer = crate::deliver::Deliverer::new(sdk, delivery, dynamo.clone(), clock.clone(), metrics.clone());
-    let mut processor = crate::pipeline::Processor::new(dynamo.clone(), deliverer, clock.clone(), metrics.clone(), 8);
+    // As deployed: a message to a room of 2,000 or more leaves the batch for the fan-out stage.
+    let stage = crate::deliver::stage::LocalStage::new(worker);
+    let mut processor = crate::pipeline::Processor::new(dynamo.clone(), deliverer, clock.clone(), metrics.clone(), 8)
+        .with_hand_off(crate::deliver::stage::HandOff {
+            stage: stage.clone(),
+            recipients: crate::deliver::stage::HANDOFF_RECIPIENTS,
+        });
     if options.one_by_one {
         processor = processor.without_presence_runs();
     }
@@ -204,6 +214,7 @@ pub async fn run(options: &JoinsOptions) -> anyhow::Result<JoinsReport> {
         }
     }
     let (storm, messages) = writer.await??;
+    stage.idle().await;
     let ran = metrics.snapshot().since(&before);
     let room = endpoint.partition(&crate::model::room_pk(TENANT, ROOM)).await?;
     let users = dynamo.room_presence(TENANT, ROOM).await?.map_or(0, |r| r.users);
