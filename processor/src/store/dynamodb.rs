@@ -179,6 +179,20 @@ impl DynamoStore {
         })
     }
 
+    /// The write of a room's presence item, on the condition that it is still as read: its
+    /// version, absent, or one that did not decode.
+    fn room_presence_write(&self, next: &RoomPresence, guard: Guard) -> Result<TransactWriteItem> {
+        let (condition, value) = guard.condition();
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(encode(next)?))
+            .set_condition_expression(condition.map(str::to_string))
+            .set_expression_attribute_values(value.map(|v| HashMap::from([(":ver".to_string(), v)])))
+            .build()
+            .map_err(build_error)?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
     /// The write of a presence item: a put or a delete, on the condition that the item still has
     /// the version that was read (or, for a new one, does not exist; for one that did not decode,
     /// none: it is replaced).
@@ -975,16 +989,7 @@ impl Store for DynamoStore {
             let user_guard = Guard::of(presence_ver, user_there);
             let mut writes = vec![self.presence_write(user_key.clone(), presence.as_ref(), user_guard)?];
             if let Some(next) = &next_room {
-                // The room's item as read: its version, absent, or one that did not decode.
-                let (condition, value) = Guard::of(room.as_ref().map(|r| r.ver), room_there).condition();
-                let put = Put::builder()
-                    .table_name(&self.table)
-                    .set_item(Some(encode(next)?))
-                    .set_condition_expression(condition.map(str::to_string))
-                    .set_expression_attribute_values(value.map(|v| HashMap::from([(":ver".to_string(), v)])))
-                    .build()
-                    .map_err(build_error)?;
-                writes.push(TransactWriteItem::builder().put(put).build());
+                writes.push(self.room_presence_write(next, Guard::of(room.as_ref().map(|r| r.ver), room_there))?);
             }
             if self.write_plan(writes).await? {
                 return Ok(outcome);
@@ -1047,15 +1052,7 @@ impl Store for DynamoStore {
                 writes.push(self.presence_write(key(pk.clone(), model::presence_sk(user)), after.as_ref(), guard)?);
             }
             if let Some(next) = &run.room {
-                let (condition, value) = Guard::of(room.as_ref().map(|r| r.ver), room_there).condition();
-                let put = Put::builder()
-                    .table_name(&self.table)
-                    .set_item(Some(encode(next)?))
-                    .set_condition_expression(condition.map(str::to_string))
-                    .set_expression_attribute_values(value.map(|v| HashMap::from([(":ver".to_string(), v)])))
-                    .build()
-                    .map_err(build_error)?;
-                writes.push(TransactWriteItem::builder().put(put).build());
+                writes.push(self.room_presence_write(next, Guard::of(room.as_ref().map(|r| r.ver), room_there))?);
             }
             if writes.is_empty() || self.write_plan(writes).await? {
                 return Ok(run.outcomes);
