@@ -475,7 +475,7 @@ async fn presence_redelivery_and_who_pages_and_settings(table: Table) {
     // A presence item that does not decode is left out, and counted.
     table
         .put_raw(
-            serde_dynamo::to_item(serde_json::json!({"pk":"ROOM#acme#general","sk":"USER#bad","type":"presence"}))
+            serde_dynamo::to_item(serde_json::json!({"pk":"PRESENCE#acme#general","sk":"USER#bad","type":"presence"}))
                 .unwrap(),
         )
         .await;
@@ -487,7 +487,7 @@ async fn presence_redelivery_and_who_pages_and_settings(table: Table) {
     table
         .put_raw(
             serde_dynamo::to_item(
-                serde_json::json!({"pk":"ROOM#acme#general","sk":"USER#zed","type":"presence","ver":"x"}),
+                serde_json::json!({"pk":"PRESENCE#acme#general","sk":"USER#zed","type":"presence","ver":"x"}),
             )
             .unwrap(),
         )

@@ -879,6 +879,9 @@ impl Store for UnavailableRoom {
     async fn put_signal(&self, s: &roomcast::model::Signal) -> roomcast::store::Result<()> {
         self.inner.put_signal(s).await
     }
+    async fn migrate_presence(&self, tenant: &str, room: &str) -> roomcast::store::Result<bool> {
+        self.inner.migrate_presence(tenant, room).await
+    }
     async fn unannounce(&self, tenant: &str, room: &str, user_id: &str) -> roomcast::store::Result<()> {
         self.inner.unannounce(tenant, room, user_id).await
     }

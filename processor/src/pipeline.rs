@@ -589,7 +589,10 @@ impl Processor {
         let max = self.announce_max_users(&m.tenant, lookups).await?;
         let state = self.presence_state();
         let now = self.clock.now();
-        if lookups.first_time_in_batch(&m.tenant, &m.room) && state.room_presence(&m.tenant, &m.room).await?.is_none() {
+        if lookups.first_time_in_batch(&m.tenant, &m.room)
+            && state.room_presence(&m.tenant, &m.room).await?.is_none()
+            && !state.migrate_presence(&m.tenant, &m.room).await?
+        {
             self.seed_presence(m, op, max, now).await?;
         }
         let update_of = |m: &crate::model::Membership, op, event_id: &str, seq: Option<String>| PresenceUpdate {

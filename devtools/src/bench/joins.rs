@@ -17,7 +17,8 @@
 //! * **Reported**: when every join was applied to presence (after the storm's last write), the
 //!   room's count against the joins, `joined` announced against the room's limit, each
 //!   message's wait from its write until its batch was done (delivered, or handed to the stage,
-//!   which serves it at the quota's pace), and the room key's write units
+//!   which serves it at the quota's pace), and the room's keys' write units (its own, the
+//!   memberships'; `PRESENCE#…`, presence's)
 //!   per join and per second over one partition's 1,000. `--one-by-one` applies presence one
 //!   record at a time (two reads and a write each), as before runs.
 
@@ -75,11 +76,12 @@ pub struct JoinsReport {
     pub messages: usize,
     pub message_wait_p50_s: f64,
     pub message_wait_max_s: f64,
-    /// The room key's write units: every join's membership (the handler's) and presence (the
-    /// processor's).
+    /// The room key's write units: every join's membership (the handler's).
     pub room_write_units: f64,
     pub write_units_per_join: f64,
-    /// The room key's write units a second over `applied_s`, over one partition's 1,000.
+    /// The room's presence key's (`PRESENCE#…`): the users' presence items and the count.
+    pub presence_write_units_per_join: f64,
+    /// The busier key's write units a second over `applied_s`, over one partition's 1,000.
     pub fraction_of_partition: f64,
     pub room_throttled: u64,
 }
@@ -217,6 +219,7 @@ pub async fn run(options: &JoinsOptions) -> anyhow::Result<JoinsReport> {
     stage.idle().await;
     let ran = metrics.snapshot().since(&before);
     let room = endpoint.partition(&crate::model::room_pk(TENANT, ROOM)).await?;
+    let presence = endpoint.partition(&crate::model::presence_pk(TENANT, ROOM)).await?;
     let users = dynamo.room_presence(TENANT, ROOM).await?.map_or(0, |r| r.users);
     waits.sort_by(f64::total_cmp);
     let applied_s = last_join_applied.duration_since(started).as_secs_f64();
@@ -241,10 +244,11 @@ pub async fn run(options: &JoinsOptions) -> anyhow::Result<JoinsReport> {
         message_wait_max_s: waits.last().copied().unwrap_or(f64::NAN),
         room_write_units: room.write_units,
         write_units_per_join: room.write_units / options.joins.max(1) as f64,
-        fraction_of_partition: room.write_units
+        presence_write_units_per_join: presence.write_units / options.joins.max(1) as f64,
+        fraction_of_partition: room.write_units.max(presence.write_units)
             / applied_s.max(f64::EPSILON)
             / crate::partitions::WRITE_UNITS_PER_SECOND,
-        room_throttled: room.throttled,
+        room_throttled: room.throttled + presence.throttled,
     })
 }
 
@@ -281,10 +285,10 @@ impl JoinsReport {
             self.storm_s,
             if self.one_by_one { "one record at a time (--one-by-one)" } else { "in runs" },
         );
-        out.push_str("| applied after | lag after the storm | batches | users / expected | joined / announced (limit) | applied in runs | messages | message wait p50 / max | room write units / join | × one partition's 1,000 WCU/s | throttled |\n");
+        out.push_str("| applied after | lag after the storm | batches | users / expected | joined / announced (limit) | applied in runs | messages | message wait p50 / max | write units / join: room key, presence key | × one partition's 1,000 WCU/s (the busier key) | throttled |\n");
         out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         out.push_str(&format!(
-            "| {:.2} s | {:.2} s | {} | {} / {} | {} / {} ({}) | {} | {} | {:.2} / {:.2} s | {:.2} | {:.2} | {} |\n",
+            "| {:.2} s | {:.2} s | {} | {} / {} | {} / {} ({}) | {} | {} | {:.2} / {:.2} s | {:.2}, {:.2} | {:.2} | {} |\n",
             self.applied_s,
             self.lag_s,
             self.batches,
@@ -298,6 +302,7 @@ impl JoinsReport {
             self.message_wait_p50_s,
             self.message_wait_max_s,
             self.write_units_per_join,
+            self.presence_write_units_per_join,
             self.fraction_of_partition,
             self.room_throttled,
         ));

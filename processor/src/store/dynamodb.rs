@@ -973,7 +973,7 @@ impl Store for DynamoStore {
     }
 
     async fn apply_presence(&self, update: &PresenceUpdate) -> Result<PresenceOutcome> {
-        let pk = model::room_pk(&update.tenant, &update.room);
+        let pk = model::presence_pk(&update.tenant, &update.room);
         let user_key = key(pk.clone(), model::presence_sk(&update.user_id));
         let room_key = key(pk, model::ROOM_PRESENCE_SK.into());
         for _ in 0..PRESENCE_ATTEMPTS {
@@ -1003,13 +1003,61 @@ impl Store for DynamoStore {
         )))
     }
 
+    async fn migrate_presence(&self, tenant: &str, room: &str) -> Result<bool> {
+        let old = model::room_pk(tenant, room);
+        let count = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .set_key(Some(key(old.clone(), model::ROOM_PRESENCE_SK.into())))
+            .send()
+            .await
+            .map_err(|e| unavailable("get_item (room presence, old key)", e))?
+            .item;
+        let Some(count) = count else { return Ok(false) };
+        let mut items = Vec::new();
+        let spec = QuerySpec {
+            key_condition: "pk = :pk AND begins_with(sk, :user)",
+            values: vec![(":pk", s(&old)), (":user", s("USER#"))],
+            ..QuerySpec::default()
+        };
+        self.query_all(spec, |item| {
+            items.push(item);
+            Ok(true)
+        })
+        .await?;
+        // The users first, the count last: a copy cut off is made again on the next batch (the
+        // count still missing), and what was copied already is not copied over.
+        let new = s(&model::presence_pk(tenant, room));
+        let copied = items.len();
+        for mut item in items.into_iter().chain(std::iter::once(count)) {
+            item.insert("pk".into(), new.clone());
+            let sent = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(pk)")
+                .send()
+                .await;
+            match sent {
+                Ok(_) => {}
+                Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {}
+                Err(e) => return Err(unavailable("put_item (presence, migrated)", e)),
+            }
+        }
+        tracing::info!(tenant, room, users = copied, "presence copied from the room's key to its own");
+        Ok(true)
+    }
+
     async fn unannounce(&self, tenant: &str, room: &str, user_id: &str) -> Result<()> {
         // The version moves too: a run planned from the item as it was must plan again.
         let sent = self
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(key(model::room_pk(tenant, room), model::presence_sk(user_id))))
+            .set_key(Some(key(model::presence_pk(tenant, room), model::presence_sk(user_id))))
             .update_expression("SET announced = :no, ver = ver + :one")
             .condition_expression("attribute_exists(pk)")
             .expression_attribute_values(":no", AttributeValue::Bool(false))
@@ -1031,7 +1079,7 @@ impl Store for DynamoStore {
         if updates.len() == 1 {
             return Ok(vec![self.apply_presence(first).await?]);
         }
-        let pk = model::room_pk(&first.tenant, &first.room);
+        let pk = model::presence_pk(&first.tenant, &first.room);
         let room_key = key(pk.clone(), model::ROOM_PRESENCE_SK.into());
         for attempt in 0..PRESENCE_ATTEMPTS {
             let (room, room_there) =
@@ -1070,7 +1118,7 @@ impl Store for DynamoStore {
     }
 
     async fn who(&self, tenant: &str, room: &str, limit: usize, after: Option<&str>) -> Result<WhoPage> {
-        let pk = model::room_pk(tenant, room);
+        let pk = model::presence_pk(tenant, room);
         let mut page = WhoPage::default();
         let mut start: Option<DynamoItem> = after.map(|user| key(pk.clone(), model::presence_sk(user)));
         // One more than asked tells whether there is a next page.
@@ -1106,12 +1154,15 @@ impl Store for DynamoStore {
     }
 
     async fn presence(&self, tenant: &str, room: &str, user_id: &str) -> Result<Option<Presence>> {
-        self.get_typed("get_item (presence)", key(model::room_pk(tenant, room), model::presence_sk(user_id))).await
+        self.get_typed("get_item (presence)", key(model::presence_pk(tenant, room), model::presence_sk(user_id))).await
     }
 
     async fn room_presence(&self, tenant: &str, room: &str) -> Result<Option<RoomPresence>> {
-        self.get_typed("get_item (room presence)", key(model::room_pk(tenant, room), model::ROOM_PRESENCE_SK.into()))
-            .await
+        self.get_typed(
+            "get_item (room presence)",
+            key(model::presence_pk(tenant, room), model::ROOM_PRESENCE_SK.into()),
+        )
+        .await
     }
 
     async fn tenant_settings(&self, tenant: &str) -> Result<Option<TenantSettings>> {

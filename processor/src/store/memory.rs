@@ -567,7 +567,7 @@ impl Store for MemoryStore {
 
     async fn unannounce(&self, tenant: &str, room: &str, user_id: &str) -> Result<()> {
         let mut table = self.lock();
-        let key = (model::room_pk(tenant, room), model::presence_sk(user_id));
+        let key = (model::presence_pk(tenant, room), model::presence_sk(user_id));
         if let Some(mut p) = self.get::<Presence>(&table, &key) {
             p.announced = false;
             p.ver += 1;
@@ -580,7 +580,7 @@ impl Store for MemoryStore {
     async fn apply_presence(&self, update: &PresenceUpdate) -> Result<PresenceOutcome> {
         // Under the lock: the read, the plan and its writes are one atomic step.
         let mut table = self.lock();
-        let user_key = (model::room_pk(&update.tenant, &update.room), model::presence_sk(&update.user_id));
+        let user_key = (model::presence_pk(&update.tenant, &update.room), model::presence_sk(&update.user_id));
         let room_key = (user_key.0.clone(), model::ROOM_PRESENCE_SK.to_string());
         let current: Option<Presence> = self.get(&table, &user_key);
         let room: Option<RoomPresence> = self.get(&table, &room_key);
@@ -607,7 +607,7 @@ impl Store for MemoryStore {
 
     async fn who(&self, tenant: &str, room: &str, limit: usize, after: Option<&str>) -> Result<WhoPage> {
         let table = self.lock();
-        let pk = model::room_pk(tenant, room);
+        let pk = model::presence_pk(tenant, room);
         let from = match after {
             Some(user) => std::ops::Bound::Excluded((pk.clone(), model::presence_sk(user))),
             None => std::ops::Bound::Included((pk.clone(), "USER#".to_string())),
@@ -629,12 +629,12 @@ impl Store for MemoryStore {
 
     async fn presence(&self, tenant: &str, room: &str, user_id: &str) -> Result<Option<Presence>> {
         let table = self.lock();
-        Ok(self.get(&table, &(model::room_pk(tenant, room), model::presence_sk(user_id))))
+        Ok(self.get(&table, &(model::presence_pk(tenant, room), model::presence_sk(user_id))))
     }
 
     async fn room_presence(&self, tenant: &str, room: &str) -> Result<Option<RoomPresence>> {
         let table = self.lock();
-        Ok(self.get(&table, &(model::room_pk(tenant, room), model::ROOM_PRESENCE_SK.to_string())))
+        Ok(self.get(&table, &(model::presence_pk(tenant, room), model::ROOM_PRESENCE_SK.to_string())))
     }
 
     async fn tenant_settings(&self, tenant: &str) -> Result<Option<TenantSettings>> {

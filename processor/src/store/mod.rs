@@ -188,6 +188,14 @@ pub trait Store: Send + Sync + 'static {
     /// [`crate::presence`]): the processor's, never a handler's.
     async fn apply_presence(&self, update: &PresenceUpdate) -> Result<PresenceOutcome>;
 
+    /// Copies a room's presence written before it had a key of its own (under the room's key)
+    /// to `PRESENCE#{tenant}#{room}`; true when there was such a room count to copy. The
+    /// processor asks once per batch for a room with no count. Stores that never held presence
+    /// under the room's key have nothing to copy.
+    async fn migrate_presence(&self, _tenant: &str, _room: &str) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Records that a present user's `joined` was not told after all (the room was past its
     /// limit when the record was handled), so that their `left` is not told either. Nothing when
     /// the user is not present.

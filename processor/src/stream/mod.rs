@@ -193,9 +193,11 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
         typed(image, pk, sk, which).map(Record::Message)
     } else if pk.starts_with("ROOM#") && sk.starts_with("SIG#") {
         typed(image, pk, sk, which).map(Record::Signal)
-    } else if let Some(room) = pk.strip_prefix("ROOM#")
+    } else if let Some(room) = pk.strip_prefix("PRESENCE#").or_else(|| pk.strip_prefix("ROOM#"))
         && (sk.starts_with("USER#") || sk == crate::model::ROOM_PRESENCE_SK)
     {
+        // Presence lives under `PRESENCE#`; items under the room's key are from before (their
+        // TTL deletions still come by).
         let tenant = room.split('#').next().unwrap_or_default().to_string();
         Ok(Record::State {
             tenant,
