@@ -450,9 +450,17 @@ async fn presence_redelivery_and_who_pages_and_settings(table: Table) {
     // The last record again: the same transition, announced again, nothing written.
     let again = store.apply_presence(&add("dan", 14)).await.unwrap();
     assert_eq!((again.transition, again.users, again.redelivered), (Some(PresenceEvent::Joined), Some(5), true));
-    // An earlier one again: nothing at all.
-    let old = store.apply_presence(&add("ann", 11)).await.unwrap();
+    // A record that made no transition (Ann's second tab), again: nothing at all.
+    let tab = presence_update("ann", "ann-2", PresenceOp::Add, Some(20));
+    assert_eq!(store.apply_presence(&tab).await.unwrap().transition, None);
+    let old = store.apply_presence(&tab).await.unwrap();
     assert_eq!((old.transition, old.redelivered), (None, true));
+    // A leave handled after later joins (it came from another shard): applied, by its own
+    // connection's mark, not lost as a repeat.
+    let cid_left = store.apply_presence(&presence_update("cid", "cid-1", PresenceOp::Remove, Some(12))).await.unwrap();
+    assert_eq!((cid_left.transition, cid_left.redelivered), (Some(PresenceEvent::Left), false));
+    let cid_back = store.apply_presence(&presence_update("cid", "cid-2", PresenceOp::Add, Some(21))).await.unwrap();
+    assert_eq!(cid_back.transition, Some(PresenceEvent::Joined));
     assert_eq!(store.room_presence("acme", "general").await.unwrap().unwrap().users, 5);
 
     // Pages in user order, each user once; the total on every page.

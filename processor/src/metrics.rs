@@ -93,7 +93,7 @@ counters! {
     presence_left,
     /// Transitions not announced because the room has more users than its tenant's limit.
     presence_unannounced,
-    /// Membership records at or below their room's presence watermark: redelivered, no change.
+    /// Membership records at or below their connection's presence mark: redelivered, no change.
     presence_redelivered,
     /// Membership records applied together with an earlier record of their room, in its run's
     /// one write (`presence::plan_run`): a join storm shows here.

@@ -836,8 +836,15 @@ pub const TTL_PRINCIPAL: &str = "dynamodb.amazonaws.com";
 // that user's live connections there, and one per room holding its count of users. Only the
 // processor writes them, one membership record at a time ([`crate::presence`]).
 
-/// One user's presence in one room: the set of their connections in it. Exists while the set is
-/// not empty; the membership REMOVE that empties it deletes it.
+/// One user's presence in one room: the set of their connections in it, and for each connection
+/// the stream sequence number of the last membership record applied for it.
+///
+/// DynamoDB Streams orders records per item only: the records of one membership (one connection
+/// in one room) arrive in order, those of two memberships in any order, on two shards at once.
+/// So a record is a redelivery exactly when its sequence number is at or below its own
+/// connection's mark, whatever other connections' records did meanwhile. When the set empties the
+/// item stays, with the marks of the connections that left, as a tombstone until its `ttl`: a
+/// redelivered INSERT of a connection that left is recognised as old and adds nothing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Presence {
@@ -848,19 +855,32 @@ pub struct Presence {
     pub tenant: String,
     pub room: String,
     pub user_id: String,
-    /// A DynamoDB string set, never empty here.
-    #[serde(with = "serde_dynamo::string_set")]
+    /// The user's live connections here: a DynamoDB string set, absent when empty (a tombstone:
+    /// the user is not present).
+    #[serde(with = "serde_dynamo::string_set", default, skip_serializing_if = "BTreeSet::is_empty")]
     pub connections: BTreeSet<String>,
+    /// Per connection, live or gone, the sequence number (as [`sequence_key`]) of the last
+    /// membership record applied for it. A gone connection's mark is kept a while
+    /// ([`crate::presence::MAX_GONE_MARKS`]), so that its redelivered INSERT adds nothing.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub marks: std::collections::BTreeMap<String, String>,
     /// When the user became present (the joining record's time).
     #[serde(with = "ts_format")]
     pub since: DateTime<Utc>,
-    /// The sequence number (as [`sequence_key`]) of the last record applied to this user here:
-    /// records at or below it are redeliveries.
+    /// Written by processors before marks per connection: the last record applied to this user.
+    /// Read only (an item without marks), never written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<String>,
+    /// The event id of the record that made this user's last transition (`joined` or `left`): a
+    /// redelivery of that record announces it again, with the same frame id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<String>,
     /// Whether this user's `joined` was announced; their `left` is announced exactly when it was.
     #[serde(default)]
     pub announced: bool,
+    /// Set while the user is not present (a tombstone): DynamoDB's TTL deletes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<i64>,
     /// Bumped on every write: the adapters' optimistic lock.
     pub ver: u64,
 }
@@ -875,17 +895,24 @@ impl Presence {
             room: room.to_string(),
             user_id: user_id.to_string(),
             connections: BTreeSet::new(),
+            marks: Default::default(),
             since,
             seq: None,
+            last_event: None,
             announced: false,
+            ttl: None,
             ver: 0,
         }
     }
+
+    /// Whether the user is present (a tombstone is not).
+    pub fn present(&self) -> bool {
+        !self.connections.is_empty()
+    }
 }
 
-/// A room's count of present users, and the room's presence watermark: the stream sequence
-/// number of the last membership record that changed who is present, and that record's event
-/// id. A record at or below the watermark is a redelivery.
+/// A room's count of present users. (Processors before per-connection marks also kept a
+/// watermark here, `seq` and `lastEvent`: read, never written.)
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RoomPresence {

@@ -30,7 +30,7 @@ pub struct PresenceDecision {
     pub users: Option<u64>,
     /// The user's connections in the room after the record.
     pub connections: usize,
-    /// A redelivered record (at or below the room's watermark).
+    /// A redelivered record (at or below its connection's presence mark).
     pub redelivered: bool,
     /// Whether the room announces it (false: more users than the tenant's limit).
     pub announce: bool,

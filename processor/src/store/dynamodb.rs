@@ -1138,6 +1138,10 @@ impl Store for DynamoStore {
                 .map_err(|e| unavailable("query (who)", e))?;
             for item in out.items.unwrap_or_default() {
                 let Some(p) = self.decode::<Presence>(item) else { continue };
+                // A tombstone (the user left; their connections' marks kept a while) is not a user here.
+                if !p.present() {
+                    continue;
+                }
                 if page.users.len() == limit {
                     page.next = page.users.last().map(|(user, _)| user.clone());
                     break 'pages;

@@ -616,6 +616,10 @@ impl Store for MemoryStore {
         let mut page = WhoPage::default();
         for (_, item) in table.items.range((from, to)) {
             let Some(p) = self.decode::<Presence>(item) else { continue };
+            // A tombstone (the user left; their connections' marks kept a while) is not a user here.
+            if !p.present() {
+                continue;
+            }
             if page.users.len() == limit {
                 page.next = page.users.last().map(|(user, _)| user.clone());
                 break;

@@ -223,11 +223,12 @@ pub trait Store: Send + Sync + 'static {
     /// that does not decode is left out (logged and counted).
     async fn who(&self, tenant: &str, room: &str, limit: usize, after: Option<&str>) -> Result<WhoPage>;
 
-    /// One user's presence in a room; `None` when they are not present (or the item does not
-    /// decode: logged and counted).
+    /// One user's presence item in a room; `None` when there is none (or it does not decode:
+    /// logged and counted). A tombstone ([`crate::model::Presence::present`] false) is a user who
+    /// left.
     async fn presence(&self, tenant: &str, room: &str, user_id: &str) -> Result<Option<crate::model::Presence>>;
 
-    /// The room's count and watermark; `None` when no one has been present yet (or the item does
+    /// The room's count of present users; `None` when no one has been present yet (or the item does
     /// not decode: logged and counted).
     async fn room_presence(&self, tenant: &str, room: &str) -> Result<Option<RoomPresence>>;
 
@@ -285,7 +286,8 @@ pub async fn room_counts(
             let (count, mine) =
                 tokio::try_join!(store.room_presence(tenant, room), store.presence(tenant, room, user_id))?;
             let users = count.map_or(0, |r| r.users);
-            Ok::<_, StoreError>((room.clone(), if mine.is_some() { users } else { users + 1 }))
+            let counted = mine.is_some_and(|p| p.present());
+            Ok::<_, StoreError>((room.clone(), if counted { users } else { users + 1 }))
         })
         .collect();
     futures::stream::iter(reads).buffered(8).collect::<Vec<_>>().await.into_iter().collect()
