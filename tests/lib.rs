@@ -298,6 +298,8 @@ struct RecorderState {
     script: HashMap<String, VecDeque<u16>>,
     /// Connections `GetConnection` answers 410 for.
     gone: std::collections::HashSet<String>,
+    /// Connections whose client closed: every call answers 410, as API Gateway does.
+    closed: std::collections::HashSet<String>,
     /// Connections `GetConnection` was asked about.
     probed: Vec<String>,
     /// Connections closed with `DeleteConnection`, in order.
@@ -415,6 +417,11 @@ impl Recorder {
         self.shared.state.lock().unwrap().gone.insert(connection_id.to_string());
     }
 
+    /// The client of `connection_id` closed it: from now on every call to it answers 410.
+    pub fn close(&self, connection_id: &str) {
+        self.shared.state.lock().unwrap().closed.insert(connection_id.to_string());
+    }
+
     /// The connections `GetConnection` was asked about, in order.
     pub fn probed(&self) -> Vec<String> {
         self.shared.state.lock().unwrap().probed.clone()
@@ -471,7 +478,7 @@ async fn get_connection(
         return forbidden();
     }
     state.probed.push(id.clone());
-    if state.gone.contains(&id) {
+    if state.gone.contains(&id) || state.closed.contains(&id) {
         let mut response = (StatusCode::GONE, json!({"message": null}).to_string()).into_response();
         response.headers_mut().insert("x-amzn-ErrorType", "GoneException".parse().unwrap());
         response
@@ -499,7 +506,12 @@ async fn post_to_connection(
         return throttled();
     }
     let signed = signed && state.allowed(&headers, "POST", &stage, &id);
-    let status = if signed { state.script.get_mut(&id).and_then(|q| q.pop_front()).unwrap_or(200) } else { 403 };
+    let status = match state.script.get_mut(&id).and_then(|q| q.pop_front()) {
+        _ if !signed => 403,
+        Some(scripted) => scripted,
+        None if state.closed.contains(&id) => 410,
+        None => 200,
+    };
     let body = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
     state.calls.push(Call { stage, connection_id: id, body, status });
     let error_type = match status {
@@ -785,6 +797,43 @@ impl Stack {
         let stage = roomcast::deliver::stage::LocalStage::new(self.worker_deliverer().await);
         self.hand_off_to(stage.clone(), recipients).await;
         stage
+    }
+
+    /// [`Stack::pump`] as AWS delivers the stream ([`roomcast::stream::shards::PerItemOrder`]):
+    /// order per item only, shards' batches at the same time, some delivered twice. Shard 0 goes
+    /// to this stack's processor, the others to `others` (one processor a shard, as each shard has
+    /// an invocation of its own). Until the stream is quiet; the number of records.
+    pub async fn pump_per_item(
+        &mut self,
+        order: &mut roomcast::stream::shards::PerItemOrder,
+        others: &[&Processor],
+    ) -> usize {
+        let mut total = 0;
+        loop {
+            let records = self.table.stream.drain().await;
+            if records.is_empty() {
+                return total;
+            }
+            total += records.len();
+            self.captured.extend(records.iter().cloned());
+            let failures = Mutex::new(Vec::new());
+            let processor = &self.processor;
+            order
+                .deliver(records, |d| {
+                    let processor = if d.shard == 0 { processor } else { others[(d.shard - 1) % others.len()] };
+                    let failures = &failures;
+                    async move {
+                        let response =
+                            processor.handle_event(&json!({ "Records": d.records })).await.expect("a stream event");
+                        let response = serde_json::to_value(response).unwrap();
+                        if !response["batchItemFailures"].as_array().is_some_and(|a| a.is_empty()) {
+                            failures.lock().unwrap().push(response);
+                        }
+                    }
+                })
+                .await;
+            self.failures.extend(failures.into_inner().unwrap());
+        }
     }
 
     /// [`Stack::pump`], the records going to `processor` (one of [`Stack::another_container`]).
@@ -1149,16 +1198,22 @@ impl Stack {
         }
     }
 
-    /// The presence events `observer` was told about `user`, each id once (as a client dedupes).
+    /// The presence events `observer` was told about `user`, each id once (as a client dedupes),
+    /// in the order of their `version` (frames from two shards may arrive the other way round; a
+    /// client keeps the highest version).
     pub fn presence_events(&self, observer: &str, user: &str) -> Vec<String> {
         let mut seen = std::collections::HashSet::new();
-        self.recorder
+        let mut frames: Vec<Value> = self
+            .recorder
             .received_action(observer, "presence")
             .into_iter()
             .filter(|f| f["user_id"] == user)
             .filter(|f| seen.insert(f["id"].as_str().expect("every presence frame has an id").to_string()))
-            .map(|f| f["event"].as_str().unwrap().to_string())
-            .collect()
+            .collect();
+        frames.sort_by_key(|f| f["version"].as_u64().expect("every presence frame has a version"));
+        let versions: std::collections::HashSet<u64> = frames.iter().filter_map(|f| f["version"].as_u64()).collect();
+        assert_eq!(versions.len(), frames.len(), "two frames of {user} with one version: {frames:?}");
+        frames.into_iter().map(|f| f["event"].as_str().unwrap().to_string()).collect()
     }
 
     /// The live set of a room as its membership records say: (user, connections) by user id.

@@ -6,8 +6,11 @@ hundred times a call. On a table of 10,000 items one copy takes most of a second
 transaction that DynamoDB answers in milliseconds takes seconds, more the more the table holds.
 
 Here the copy to roll back to shares the items the transaction does not name (it cannot change
-them) and deep-copies only those it names, once per table and call. moto's answers, its
-rollbacks and the stream records a transaction leaves are unchanged.
+them) and deep-copies only those it names, once per table and call. moto's answers and its
+rollbacks are unchanged. One fix to what it does: a rolled-back transaction keeps the table's
+stream shard (cut back to before the transaction) instead of restoring a copy of it, which left
+every shard iterator already handed out reading a shard no later write reached (the stream went
+quiet for good after the first cancelled transaction, e.g. two processors racing on presence).
 
 It also answers DynamoDB's requests one at a time (moto's server runs each request on a thread
 of its own, and its tables are plain Python dicts: a write during another request's walk of the
@@ -69,10 +72,12 @@ def _rollback_copy(table):
             if item is not None:
                 snapshot.items[hash_key] = copy.deepcopy(item)
     if table.stream_shard is not None:
-        shard = copy.copy(table.stream_shard)
-        shard.items = list(table.stream_shard.items)
-        shard.table = snapshot
-        snapshot.stream_shard = shard
+        # The same shard object, cut back to its length now if the transaction is rolled back:
+        # the shard iterators the Streams API handed out point at this object, and a copy (what
+        # moto's deep copy restores) would leave every reader after a rollback on a shard no
+        # write reaches again: the stream would look empty from then on.
+        snapshot.stream_shard = table.stream_shard
+        _local.shards.append((table.stream_shard, len(table.stream_shard.items), snapshot))
     return snapshot
 
 
@@ -98,11 +103,18 @@ _transact = dynamodb_models.DynamoDBBackend.transact_write_items
 
 
 def _transact_write_items(self, transact_items):
-    _local.copies, _local.transact_items = {}, transact_items
+    _local.copies, _local.transact_items, _local.shards = {}, transact_items, []
     try:
         return _transact(self, transact_items)
+    except Exception:
+        for shard, length, snapshot in _local.shards:
+            if self.tables.get(snapshot.name) is snapshot:
+                # Rolled back: the records the cancelled writes left go, as in DynamoDB.
+                del shard.items[length:]
+                shard.table = snapshot
+        raise
     finally:
-        _local.copies, _local.transact_items = None, None
+        _local.copies, _local.transact_items, _local.shards = None, None, None
 
 
 dynamodb_models.copy = _CopyInTransactions()

@@ -878,6 +878,13 @@ pub struct Presence {
     /// Whether this user's `joined` was announced; their `left` is announced exactly when it was.
     #[serde(default)]
     pub announced: bool,
+    /// The version of this user's last transition here, the `version` of its presence frame: the
+    /// processor's clock in milliseconds, or one more than the last when that is not later (so
+    /// it only grows while the item lives, and a tombstone that expired two days ago was far
+    /// below any new one). Two processors handling two shards send frames at the same time, so a
+    /// client may get a `left` after the `joined` that followed it; it keeps the higher version.
+    #[serde(default)]
+    pub version: u64,
     /// Set while the user is not present (a tombstone): DynamoDB's TTL deletes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<i64>,
@@ -900,6 +907,7 @@ impl Presence {
             seq: None,
             last_event: None,
             announced: false,
+            version: 0,
             ttl: None,
             ver: 0,
         }

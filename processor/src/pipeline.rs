@@ -663,6 +663,7 @@ impl Processor {
             connections: outcome.connections,
             redelivered: outcome.redelivered,
             announce,
+            version: outcome.version,
         };
         tracing::debug!(user = %m.user_id, presence = %decision, "presence");
         Ok(Some(decision))

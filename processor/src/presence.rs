@@ -78,6 +78,9 @@ pub struct PresenceOutcome {
     pub users: Option<u64>,
     /// The user's connections in the room after the record.
     pub connections: usize,
+    /// With a transition: its version ([`crate::model::Presence::version`]), the presence frame's
+    /// `version`: a client keeps the highest per user.
+    pub version: u64,
     /// Whether the transition is announced: a `joined` when the room, with the user in it, was
     /// within its tenant's limit; a `left` when its `joined` was announced (so no roster keeps a
     /// user whose `left` was never told).
@@ -137,6 +140,7 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
             users: room.map(|r| r.users),
             connections,
             announce: again && current.is_some_and(|p| p.announced),
+            version: if again { current.map_or(0, |p| p.version) } else { 0 },
         });
     }
     let unchanged = Plan::Done(PresenceOutcome { connections, ..PresenceOutcome::default() });
@@ -208,12 +212,14 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
             next.announced = announce;
             next.last_event = Some(update.event_id.clone());
             next.ttl = None;
+            next.version = next_version(next.version, update.now);
             let outcome = PresenceOutcome {
                 transition: Some(PresenceEvent::Joined),
                 redelivered: false,
                 users: Some(users),
                 connections: 1,
                 announce,
+                version: next.version,
             };
             write(next, Some(room_after(1)), outcome)
         }
@@ -222,6 +228,8 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
             let announce = next.announced;
             next.last_event = Some(update.event_id.clone());
             next.ttl = Some(crate::model::expiry(update.now, EMPTY_ROOM_TTL_SECONDS));
+            next.version = next_version(next.version, update.now);
+            let version = next.version;
             let room = room_after(-1);
             // Nothing to remember (records made by hand carry no sequence number): no tombstone.
             let next = if next.marks.is_empty() { None } else { Some(next) };
@@ -231,6 +239,7 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
                 users: Some(room.users),
                 connections: 0,
                 announce,
+                version,
             };
             Plan::Write { presence: next, presence_ver: current.map(|p| p.ver), room: Some(room), outcome }
         }
@@ -253,6 +262,11 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
             }
         },
     }
+}
+
+/// A transition's version: the clock in milliseconds, unless that is not past the last one.
+fn next_version(last: u64, now: DateTime<Utc>) -> u64 {
+    u64::try_from(now.timestamp_millis()).unwrap_or_default().max(last + 1)
 }
 
 /// Drops the oldest marks of gone connections beyond [`MAX_GONE_MARKS`].

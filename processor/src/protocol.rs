@@ -340,6 +340,11 @@ pub enum ServerMessage {
         reason: String,
         /// The room's users after this event.
         users: u64,
+        /// Grows with each `joined` and `left` of this user in this room: frames of one user may
+        /// arrive out of order (two shards are handled at once), so a client keeps the highest
+        /// version per user and room and drops a lower one. 0 from processors before versions.
+        #[serde(default)]
+        version: u64,
     },
     /// An ephemeral event from another member of the room.
     Signal {
@@ -568,10 +573,11 @@ mod tests {
             event: PresenceEvent::Left,
             reason: "expired".into(),
             users: 3,
+            version: 2,
         };
         assert_eq!(
             serde_json::to_value(&m).unwrap(),
-            serde_json::json!({"action":"presence","id":"e1","room":"r","user_id":"u","event":"left","reason":"expired","users":3})
+            serde_json::json!({"action":"presence","id":"e1","room":"r","user_id":"u","event":"left","reason":"expired","users":3,"version":2})
         );
         assert_eq!(
             parse_frame(r#"{"action":"who","room":"a","limit":2,"after":"bob"}"#).unwrap(),

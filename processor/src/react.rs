@@ -34,6 +34,8 @@ pub struct PresenceDecision {
     pub redelivered: bool,
     /// Whether the room announces it (false: more users than the tenant's limit).
     pub announce: bool,
+    /// The frame's `version`: grows with each transition of the user in the room.
+    pub version: u64,
 }
 
 impl std::fmt::Display for PresenceDecision {
@@ -353,6 +355,7 @@ fn presence(m: &Membership, p: &PresenceDecision, event: PresenceEvent, reason: 
         event,
         reason: reason.into(),
         users: p.users.unwrap_or_default(),
+        version: p.version,
     }
 }
 
@@ -441,6 +444,7 @@ mod tests {
                 connections: 1,
                 redelivered: false,
                 announce,
+                version: 1,
             }),
             ..Decisions::default()
         }

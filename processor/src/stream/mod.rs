@@ -6,10 +6,12 @@
 //!   [`Change::Unknown`] for anything we do not recognise (never a panic).
 //! * [`batch`] — the batch runner: ordering per partition key, the earliest platform failure.
 //! * [`poller`] — reads a real table's stream through the DynamoDB Streams API.
+//! * [`shards`] — the stream as AWS delivers it: per-item order only, shards and batches at once.
 
 pub mod batch;
 pub mod log;
 pub mod poller;
+pub mod shards;
 
 use aws_lambda_events::dynamodb::EventRecord;
 use serde::de::DeserializeOwned;
