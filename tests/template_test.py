@@ -136,6 +136,25 @@ class Template(unittest.TestCase):
             self.assertEqual(self.resources[routes[key]]["Properties"]["RouteResponseSelectionExpression"], "$default")
         self.assertEqual(len(self.of_type("AWS::ApiGatewayV2::Stage")), 1)
 
+    def test_route_and_authorizer_changes_reach_the_stage_on_the_next_deploy(self):
+        # A Deployment resource is created once and never replaced, so a later route or
+        # authorizer change would stay undeployed; the stage deploys every change itself.
+        deployments = [n for n, r in self.resources.items() if r["Type"] == "AWS::ApiGatewayV2::Deployment"]
+        self.assertEqual(deployments, [])
+        stage = self.resources["Stage"]
+        self.assertIs(stage["Properties"].get("AutoDeploy"), True)
+        self.assertNotIn("DeploymentId", stage["Properties"])
+        routes = {n for n, r in self.resources.items() if r["Type"] == "AWS::ApiGatewayV2::Route"}
+        self.assertTrue(routes <= set(stage.get("DependsOn", [])), "the stage is made after every route")
+
+    def test_deliveries_go_to_the_apis_own_endpoint_not_the_clients_domain(self):
+        # Behind a custom domain the request's domainName/stage is not the management API.
+        env = self.t["Globals"]["Function"]["Environment"]["Variables"]
+        endpoint = sub_text(env.get("ROOMCAST_MANAGEMENT_ENDPOINT"))
+        self.assertIsNotNone(endpoint, "the management endpoint comes from configuration")
+        self.assertIn("${WebSocketApi}.execute-api.${AWS::Region}", endpoint)
+        self.assertTrue(endpoint.endswith("/${StageName}"), endpoint)
+
     def test_connect_is_behind_the_request_authorizer(self):
         connect = self.resources["ConnectRoute"]["Properties"]
         self.assertEqual(connect["AuthorizationType"], "CUSTOM")
