@@ -192,6 +192,25 @@ async fn bad_tokens_are_refused_at_the_upgrade(kind: &str) {
         assert_eq!(try_connect(&stack, &query).await.err(), Some(status), "{what}");
     }
     assert_eq!(stack.gateway.connection_count(), 0);
+    // A good token in a header: API Gateway never reads it (its authorizer's identity source is
+    // the query string), so neither does the local gateway.
+    let good = ws::token("acme", "ann");
+    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "{}?rooms=general",
+        stack.ws_url()
+    ))
+    .unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {good}").parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 401);
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).to_string();
+            assert!(body.contains("?token="), "the refusal says where the token goes: {body:?}");
+        }
+        other => panic!("a header token must be refused: {:?}", other.map(|_| "connected")),
+    }
+    let in_the_query = try_connect(&stack, &format!("token={good}&rooms=general")).await;
+    assert!(in_the_query.is_ok(), "the same token in the query string is accepted");
     stack.shutdown().await;
 }
 

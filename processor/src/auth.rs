@@ -1,6 +1,8 @@
 //! The `$connect` authorizer's rule, shared by the deployed REQUEST authorizer and the local
 //! gateway: an HS256 JWT with `tenant` and `sub` claims and an `exp`, from the `token` query
-//! parameter or the `Authorization` header. Allowed callers get a flat context
+//! parameter only — the authorizer's identity source in `template.yaml`, so API Gateway answers
+//! 401 without one, and browsers cannot set headers on a WebSocket anyway. A token in an
+//! `Authorization` header is refused by the local gateway too, with that reason. Allowed callers get a flat context
 //! (`tenant`, `userId`); everything else is denied. The token itself is never logged.
 
 use base64::Engine;
@@ -70,7 +72,7 @@ pub const MAX_ROOM_PATTERNS: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
-    #[error("no token: pass ?token=… or an Authorization header")]
+    #[error("no token: pass ?token=… (API Gateway reads the token from the query string only, not from a header)")]
     Missing,
     #[error("malformed token: {0}")]
     Malformed(String),

@@ -227,11 +227,17 @@ fn authorize(
     query: &HashMap<String, String>,
     headers: &HeaderMap,
 ) -> Result<HashMap<String, Value>, (u16, String)> {
-    let token = query
-        .get("token")
-        .cloned()
-        .or_else(|| headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string))
-        .unwrap_or_default();
+    // As API Gateway: the authorizer's identity source is `route.request.querystring.token`, so
+    // a token in a header never reaches it there; refused here too, saying where it goes.
+    if !query.contains_key("token") && headers.contains_key("authorization") {
+        return Err((
+            401,
+            "a token in the Authorization header is not read: pass it as ?token=… (API Gateway's authorizer \
+             takes it from the query string only)"
+                .to_string(),
+        ));
+    }
+    let token = query.get("token").cloned().unwrap_or_default();
     if let AuthMode::InsecureDev { .. } = gw.settings.auth
         && token.is_empty()
         && let (Some(tenant), Some(user)) = (query.get("tenant"), query.get("user_id"))
