@@ -23,6 +23,7 @@ roomcast_tests::on_both_stores!(
     a_young_connections_retries_hold_up_no_other_record,
     a_slow_consumer_is_closed_when_the_others_are_served,
     a_slow_consumer_is_only_skipped_when_closing_is_off,
+    a_lone_frame_throttled_past_the_budget_never_closes_its_connection,
     when_every_recipient_is_throttled_nobody_is_closed_and_the_record_is_retried,
     throttling_and_server_errors_are_retried_and_413_is_not,
     a_platform_failure_reports_exactly_its_sequence_number,
@@ -283,6 +284,23 @@ async fn a_slow_consumer_is_only_skipped_when_closing_is_off(kind: &str) {
     assert_eq!(stack.recorder.received_action("bob", "message").len(), 1);
     assert!(stack.recorder.deleted().is_empty(), "ROOMCAST_CLOSE_SLOW_CONSUMERS=false closes nobody");
     assert_eq!(stack.processor.counts().slow_consumers, 1);
+}
+
+/// A welcome is a frame for one recipient: a 429 past the budget there is what a throttled
+/// account looks like (a lone call cannot compare itself with others). The connection is not
+/// closed — healthy clients closed under throttling would reconnect into the storm.
+async fn a_lone_frame_throttled_past_the_budget_never_closes_its_connection(kind: &str) {
+    let mut stack = stack_with_slow_budget(kind, true).await;
+    stack.connect("ann", "acme", "ann", "lobby").await;
+    stack.recorder.script("ann", &[429; 10_000]);
+    stack.pump().await;
+    assert!(stack.recorder.deleted().is_empty(), "a lone frame's 429s close nobody");
+    let counts = stack.processor.counts();
+    // Her welcome, and her own `joined` (she is alone in the room): each a frame for one.
+    assert_eq!((counts.lone_throttled, counts.slow_consumers), (2, 0), "{counts:?}");
+    let now = stack.clock_now();
+    assert!(stack.table.store.get_connection("ann", now).await.unwrap().is_some(), "the connection is kept");
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
 }
 
 async fn when_every_recipient_is_throttled_nobody_is_closed_and_the_record_is_retried(kind: &str) {

@@ -55,6 +55,9 @@ counters! {
     /// Recipients that kept answering 429 past the slow-consumer budget: given up for that record
     /// and, by default, closed.
     slow_consumers,
+    /// Frames for one recipient still answered 429 past the budget: given up on, never closed
+    /// (a lone 429 cannot tell a full client from a throttled account).
+    lone_throttled,
     /// Retries after 429, 5xx, timeouts and young connections' 410.
     retried,
     /// Recipients given up on: 413, other 4xx, or retries past the deadline.
@@ -135,6 +138,7 @@ impl Counts {
             throttled = self.throttled,
             account_throttled = self.account_throttled,
             slow_consumers = self.slow_consumers,
+            lone_throttled = self.lone_throttled,
             retried = self.retried,
             failed = self.failed,
             resumed_skips = self.resumed_skips,

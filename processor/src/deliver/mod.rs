@@ -540,6 +540,10 @@ impl Deliverer {
     /// slow consumers, closed unless configured otherwise and skipped for the rest of the batch.
     /// If every recipient of a frame sent to several kept answering 429, API Gateway itself is
     /// throttling: nobody is closed, and the record is left unfinished, for Lambda to retry.
+    /// A frame for one recipient (a welcome, a join's ack, a recovery, `join_denied`) cannot tell
+    /// the two apart, and account-level throttling is what a lone 429 past the budget most often
+    /// is: its recipient is given up on for this record (`lone_throttled`), never closed — closing
+    /// healthy clients of a throttled account would make them reconnect into the storm.
     async fn judge_slow(
         &self,
         sent: Vec<(&Recipient, Sent)>,
@@ -550,6 +554,7 @@ impl Deliverer {
         let served = served_before || sent.iter().any(|(_, s)| matches!(s, Sent::Done(Outcome::Delivered)));
         let slow = sent.iter().filter(|(_, s)| matches!(s, Sent::Slow)).count();
         let everyone_throttled = !served && slow == sent.len() && sent.len() > 1;
+        let lone = !served && sent.len() == 1;
         let mut outcomes = Vec::with_capacity(sent.len());
         for (to, s) in sent {
             let outcome = match s {
@@ -558,6 +563,12 @@ impl Deliverer {
                 Sent::Slow if everyone_throttled => Outcome::Unfinished(
                     "every recipient answered 429 past the budget: API Gateway is throttling".into(),
                 ),
+                Sent::Slow if lone => {
+                    Metrics::add(&self.inner.metrics.lone_throttled, 1);
+                    tracing::warn!(connection_id = %to.connection_id,
+                        "a frame for this connection alone answered 429 past the budget: given up on, not closed");
+                    Outcome::Failed("429 past the budget for a lone frame: given up on, not closed".into())
+                }
                 Sent::Slow => {
                     window.slow.lock().unwrap_or_else(|p| p.into_inner()).insert(to.connection_id.clone());
                     self.inner.slow_consumer(to, finish_by).await
