@@ -404,6 +404,7 @@ fn presence_update(user: &str, connection: &str, op: PresenceOp, seq: Option<u64
         seq: seq.map(|n| roomcast::model::sequence_key(&n.to_string())),
         at: now(),
         now: now(),
+        time: now(),
         announce_max_users: 100,
     }
 }

@@ -400,13 +400,16 @@ impl Recorder {
     }
 
     /// Presence frames one connection accepted, each checked to carry an `id` (the stream
-    /// record's event id, for deduplication) and shown without it, so tests compare the rest.
+    /// record's event id, for deduplication) and a `version` (for order), and shown without them,
+    /// so tests compare the rest.
     pub fn presence(&self, connection_id: &str) -> Vec<Value> {
         self.received_action(connection_id, "presence")
             .into_iter()
             .map(|mut frame| {
                 let id = frame.as_object_mut().and_then(|f| f.remove("id"));
                 assert!(id.as_ref().and_then(Value::as_str).is_some_and(|id| !id.is_empty()), "no id: {frame}");
+                let version = frame.as_object_mut().and_then(|f| f.remove("version"));
+                assert!(version.as_ref().and_then(Value::as_u64).is_some_and(|v| v > 0), "no version: {frame}");
                 frame
             })
             .collect()
@@ -836,6 +839,22 @@ impl Stack {
         }
     }
 
+    /// The operators' side over this stack's table and `@connections`: the sweeper's `sweep`.
+    pub async fn admin(&self) -> roomcast::admin::Admin {
+        roomcast::admin::Admin {
+            store: self.table.store.clone(),
+            deliverer: Arc::new(Deliverer::new(
+                sdk_config().await,
+                self.delivery(),
+                self.table.store.clone(),
+                self.clock.clone(),
+                Arc::new(Metrics::default()),
+            )),
+            clock: self.clock.clone(),
+            idle_limit: Duration::from_secs(600),
+        }
+    }
+
     /// [`Stack::pump`], the records going to `processor` (one of [`Stack::another_container`]).
     pub async fn pump_into(&mut self, processor: &Processor) -> usize {
         pump_records(&mut self.table, processor, &mut self.captured, &mut self.failures).await
@@ -1002,6 +1021,16 @@ impl Store for UnavailableRoom {
         after: Option<&str>,
     ) -> roomcast::store::Result<Vec<roomcast::model::Connection>> {
         self.inner.scan_connections(limit, after).await
+    }
+    async fn scan_presence(
+        &self,
+        limit: usize,
+        after: Option<(String, String)>,
+    ) -> roomcast::store::Result<Vec<roomcast::model::Presence>> {
+        self.inner.scan_presence(limit, after).await
+    }
+    async fn put_presence_suspects(&self, p: &roomcast::model::Presence) -> roomcast::store::Result<bool> {
+        self.inner.put_presence_suspects(p).await
     }
     async fn set_status(&self, id: &str, status: &str) -> roomcast::store::Result<Option<roomcast::model::Connection>> {
         self.inner.set_status(id, status).await

@@ -11,11 +11,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use aws_lambda_events::dynamodb::EventRecord;
 use roomcast::stream::shards::PerItemOrder;
 use roomcast_tests::Stack;
 use serde_json::json;
 
-roomcast_tests::on_both_stores!(multi_thread: presence_and_messages_hold_under_per_item_order);
+roomcast_tests::on_both_stores!(multi_thread:
+    presence_and_messages_hold_under_per_item_order,
+    a_remove_redriven_from_the_dead_letter_queue_repairs_presence,
+    a_remove_lost_for_good_is_taken_out_by_the_sweeper_within_the_bound,
+);
 
 /// Seeds per store: moto answers a few hundred requests a second, the embedded store thousands.
 /// `ROOMCAST_ORDER_SEED=N` runs that seed alone (to follow a failure with `RUST_LOG`).
@@ -137,5 +142,123 @@ async fn one_seed(kind: &str, seed: u64) {
         }
         let present = live.iter().any(|(u, _)| u == user);
         assert_eq!(events.len() % 2 == 1, present, "seed {seed}: {user}: {events:?}");
+    }
+}
+
+/// A room with a watcher, Ann and Bob; Ann leaves, and the stream loses her membership's
+/// REMOVE (it went to the dead-letter queue): the rest of her records, and later ones, are
+/// handled. Returns the lost record.
+async fn ann_leaves_and_her_remove_is_lost(stack: &mut Stack) -> EventRecord {
+    stack.connect("watch", "acme", "watcher", "r").await;
+    stack.connect("ann1", "acme", "ann", "r").await;
+    stack.connect("bob1", "acme", "bob", "r").await;
+    stack.pump().await;
+    assert_eq!(stack.send("ann1", json!({"action":"leave","room":"r"})).await["action"], "ack");
+    let records = stack.table.stream.drain().await;
+    let is_lost = |r: &EventRecord| {
+        r.event_name == "REMOVE" && r.change.keys.get("sk").is_some_and(|sk| format!("{sk:?}").contains("CONN#ann1"))
+    };
+    let lost = records.iter().find(|r| is_lost(r)).cloned().expect("Ann's membership REMOVE");
+    let rest: Vec<EventRecord> = records.into_iter().filter(|r| !is_lost(r)).collect();
+    stack.deliver(&rest).await;
+    // Later records: Bob's second tab, a message.
+    stack.connect("bob2", "acme", "bob", "r").await;
+    stack.send("bob1", json!({"action":"sendMessage","room":"r","message":"later"})).await;
+    stack.pump().await;
+    let (who, _) = stack.who("watch", "r", 10).await;
+    assert!(who.iter().any(|(u, _)| u == "ann"), "the lost REMOVE leaves Ann in who: {who:?}");
+    lost
+}
+
+/// `roomcast replay --execute` re-drives a record from the dead-letter queue with its original
+/// sequence number, after later records of the room were applied: presence is repaired, and the
+/// watcher is told Ann left.
+async fn a_remove_redriven_from_the_dead_letter_queue_repairs_presence(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    let lost = ann_leaves_and_her_remove_is_lost(&mut stack).await;
+    stack.deliver(std::slice::from_ref(&lost)).await;
+    stack.pump().await;
+    let (who, total) = stack.who("watch", "r", 10).await;
+    assert_eq!(who, stack.live_set("acme", "r").await);
+    assert_eq!((who, total), (vec![("bob".to_string(), 2), ("watcher".to_string(), 1)], 2));
+    assert_eq!(stack.presence_events("watch", "ann"), ["joined", "left"]);
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+}
+
+/// A REMOVE never re-driven: the sweeper notes Ann's connection as suspect, and takes it out
+/// once it has been suspect for the grace (docs/ARCHITECTURE.md: presence outlives a lost
+/// membership by at most the grace plus one sweep). The lost record, re-driven after the
+/// repair, changes nothing.
+async fn a_remove_lost_for_good_is_taken_out_by_the_sweeper_within_the_bound(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    let lost = ann_leaves_and_her_remove_is_lost(&mut stack).await;
+    let admin = stack.admin().await;
+    let first = admin.sweep(std::time::Duration::from_secs(3600)).await.unwrap();
+    assert_eq!((first.presence_suspected, first.presence_repaired), (1, 0), "{first:?}");
+    // The clients keep their connections (and memberships) fresh meanwhile, as clients do.
+    stack.clock.advance(chrono::Duration::seconds(roomcast::presence::RECONCILE_GRACE_SECONDS - 1));
+    keep_fresh(&stack).await;
+    let early = admin.sweep(std::time::Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(early.presence_repaired, 0, "not before the grace: {early:?}");
+    stack.clock.advance(chrono::Duration::seconds(1));
+    keep_fresh(&stack).await;
+    let second = admin.sweep(std::time::Duration::from_secs(3600)).await.unwrap();
+    assert_eq!((second.presence_suspected, second.presence_repaired), (1, 1), "{second:?}");
+    let (who, total) = stack.who("watch", "r", 10).await;
+    assert_eq!(who, stack.live_set("acme", "r").await);
+    assert_eq!(total, 2);
+    // Nothing left to repair.
+    let third = admin.sweep(std::time::Duration::from_secs(3600)).await.unwrap();
+    assert_eq!((third.presence_suspected, third.presence_repaired), (0, 0), "{third:?}");
+
+    // The lost record turns up after all: no change, nothing announced. (The marker: a message
+    // sent after it reaches the watcher.)
+    let told = stack.recorder.presence("watch").len();
+    stack.deliver(std::slice::from_ref(&lost)).await;
+    stack.send("bob1", json!({"action":"sendMessage","room":"r","message":"marker"})).await;
+    stack.pump().await;
+    assert!(stack.recorder.received_action("watch", "message").iter().any(|m| m["message"] == "marker"));
+    assert_eq!(stack.recorder.presence("watch").len(), told, "the repaired REMOVE announced nothing");
+    assert_eq!(stack.who("watch", "r", 10).await, (who, 2));
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+}
+
+/// Pings from every open connection of [`ann_leaves_and_her_remove_is_lost`]: their connections
+/// and memberships stay within their TTL while the clock moves on.
+async fn keep_fresh(stack: &Stack) {
+    for id in ["watch", "ann1", "bob1", "bob2"] {
+        assert_eq!(stack.send(id, json!({"action":"ping"})).await["action"], "pong");
+    }
+}
+
+/// `roomcast dev --per-item-order SEED`: the local stack delivers its stream as AWS may, and a
+/// room of real WebSocket clients still settles on the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roomcast_dev_with_per_item_order_settles_presence_over_websockets() {
+    use roomcast_tests::ws;
+    for seed in 0..3 {
+        let stack = ws::dev("memory", |o| o.per_item_order = Some(seed)).await;
+        let mut watch = ws::connect(&stack, "acme", "watcher", "r").await;
+        let mut tabs = Vec::new();
+        for (user, n) in [("ann", 2), ("bob", 1), ("cid", 2)] {
+            for _ in 0..n {
+                tabs.push((user, ws::connect(&stack, "acme", user, "r").await));
+            }
+        }
+        // Ann closes both tabs, Cid one of two; Bob leaves by frame.
+        let mut kept = Vec::new();
+        for (i, (user, mut tab)) in tabs.into_iter().enumerate() {
+            match (user, i) {
+                ("ann", _) | ("cid", 3) => tab.close().await,
+                ("bob", _) => {
+                    tab.send(json!({"action":"leave","room":"r"})).await;
+                    kept.push(tab);
+                }
+                _ => kept.push(tab),
+            }
+        }
+        ws::who_settles_on(&stack, &mut watch, "r", &[("cid", 1), ("watcher", 1)]).await;
+        drop(kept);
+        stack.shutdown().await;
     }
 }

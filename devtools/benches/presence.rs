@@ -84,6 +84,7 @@ async fn room(max: u64, endpoint: &str) -> Room {
             seq: None,
             at: clock.now(),
             now: clock.now(),
+            time: clock.now(),
             announce_max_users: 1_000_000,
         };
         store.apply_presence(&update).await.unwrap();

@@ -163,6 +163,11 @@ struct DevArgs {
     /// timeout: a client sees each message twice with the same id and must show it once.
     #[arg(long)]
     redeliver: bool,
+    /// Deliver the stream as AWS may, with interleavings this seed picks: order kept per item
+    /// only (a room's records on two shards, their batches at once, one batch in four twice), as
+    /// after a partition split or with ParallelizationFactor above 1. The embedded store only.
+    #[arg(long, value_name = "SEED", conflicts_with = "dynamodb_endpoint")]
+    per_item_order: Option<u64>,
     /// A frame for this many recipients or more leaves the stream batch for the fan-out stage
     /// (worker tasks here, an SQS queue and the `fanout` function in AWS), so that a big room
     /// holds up no other; 0 serves every frame in its batch.
@@ -671,6 +676,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         connection_ttl_seconds: args.connection_ttl,
         plugins: args.plugins,
         redeliver: args.redeliver,
+        per_item_order: args.per_item_order,
         handoff_recipients: args.handoff_recipients,
         ..crate::dev::DevOptions::default()
     };

@@ -48,6 +48,10 @@ pub struct DevOptions {
     /// Deliver every stream batch twice, as Lambda's event source may: clients see repeats
     /// and can show that they drop them.
     pub redeliver: bool,
+    /// Deliver the stream as AWS may (`roomcast::stream::shards::PerItemOrder` with this seed):
+    /// order kept per item only, a room's records on two shards whose batches run at once, one
+    /// batch in four twice. The embedded store's stream only.
+    pub per_item_order: Option<u64>,
     /// The records' clock: connection ages, message times, TTLs. The system clock unless a
     /// test gives a `ManualClock` to age connections without waiting. (The gateway's socket
     /// timers — idle timeout, maximum duration — keep the wall clock.)
@@ -74,6 +78,7 @@ impl Default for DevOptions {
             delivery: DeliverySettings::default(),
             plugins: None,
             redeliver: false,
+            per_item_order: None,
             clock: Arc::new(SystemClock),
             presence_announce_max_users: crate::presence::DEFAULT_ANNOUNCE_MAX_USERS,
             handoff_recipients: crate::deliver::stage::HANDOFF_RECIPIENTS,
@@ -240,11 +245,13 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
 
     match source {
         Source::Memory(rx) => {
+            let order = options.per_item_order.map(crate::stream::shards::PerItemOrder::new);
             tasks.push(tokio::spawn(feed_from_memory(
                 processor.clone(),
                 rx,
                 log.clone(),
                 options.redeliver,
+                order,
                 stopped.clone(),
             )));
             let memory = memory.clone().expect("the embedded store");
@@ -287,6 +294,7 @@ async fn feed_from_memory(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<aws_lambda_events::dynamodb::EventRecord>,
     log: Option<Arc<StreamLog>>,
     redeliver: bool,
+    mut order: Option<crate::stream::shards::PerItemOrder>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -303,6 +311,19 @@ async fn feed_from_memory(
         }
         if let Some(log) = &log {
             log.append(&batch);
+        }
+        if let Some(order) = order.as_mut() {
+            let processor = &processor;
+            order
+                .deliver(batch, |d| async move {
+                    let raw: Vec<serde_json::Value> =
+                        d.records.iter().filter_map(|r| serde_json::to_value(r).ok()).collect();
+                    if let Some((_, sequence)) = processor.process_batch(&raw).await.failure {
+                        tracing::error!(%sequence, shard = d.shard, "a batch failed against the embedded store");
+                    }
+                })
+                .await;
+            continue;
         }
         let raw: Vec<serde_json::Value> = batch.iter().filter_map(|r| serde_json::to_value(r).ok()).collect();
         let mut outcome = processor.process_batch(&raw).await;

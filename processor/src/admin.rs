@@ -91,6 +91,10 @@ pub struct SweepReport {
     pub still_open: usize,
     /// No clear answer: kept for the next sweep.
     pub unknown: usize,
+    /// Present connections found without a live membership (a REMOVE lost, or on its way).
+    pub presence_suspected: usize,
+    /// Of those, suspect for longer than the grace: taken out of presence.
+    pub presence_repaired: usize,
 }
 
 pub struct Admin {
@@ -209,13 +213,75 @@ impl Admin {
             }
             after = page.last().map(|c| c.connection_id.clone());
         }
+        self.reconcile_presence(&mut report).await?;
         tracing::info!(
             checked = report.checked,
             cleaned = report.cleaned,
             still_open = report.still_open,
             unknown = report.unknown,
+            presence_suspected = report.presence_suspected,
+            presence_repaired = report.presence_repaired,
             "roomcast.sweep"
         );
         Ok(report)
+    }
+
+    /// Presence never outlives the memberships behind it for long, whatever the stream lost: a
+    /// present connection with no live membership in its room is noted as suspect on its user's
+    /// item, and one still suspect [`crate::presence::RECONCILE_GRACE_SECONDS`] later (a REMOVE on
+    /// its way has long been applied by then) is taken out with a record of its own, whose
+    /// sequence number is above any: the lost record, re-driven later, changes nothing. The
+    /// repair is not announced (the sweeper sends no frames): `who`, the count and the next
+    /// snapshot are right, and the user's `left` is counted (`presence_left`) but not told.
+    async fn reconcile_presence(&self, report: &mut SweepReport) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        let mut rooms: std::collections::HashMap<(String, String), Vec<crate::model::Membership>> = Default::default();
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let page = self.store.scan_presence(DEFAULT_PAGE, after.clone()).await?;
+            for p in &page {
+                let room = (p.tenant.clone(), p.room.clone());
+                if !rooms.contains_key(&room) {
+                    let members = self.store.room_members(&p.tenant, &p.room, now).await?;
+                    rooms.insert(room.clone(), members);
+                }
+                let members: std::collections::HashSet<String> =
+                    rooms[&room].iter().filter(|m| m.user_id == p.user_id).map(|m| m.connection_id.clone()).collect();
+                let (suspects, repair) = crate::presence::reconcile(p, &members, now);
+                report.presence_suspected += suspects.len();
+                if suspects != p.suspects {
+                    let mut next = p.clone();
+                    next.suspects = suspects;
+                    next.ver += 1;
+                    if !self.store.put_presence_suspects(&next).await? {
+                        continue; // changed meanwhile: the next sweep looks again
+                    }
+                }
+                for connection_id in repair {
+                    tracing::warn!(tenant = %p.tenant, room = %p.room, user = %p.user_id, %connection_id,
+                        "presence outlived its membership: taken out (its REMOVE was lost)");
+                    let update = crate::presence::PresenceUpdate {
+                        tenant: p.tenant.clone(),
+                        room: p.room.clone(),
+                        user_id: p.user_id.clone(),
+                        event_id: format!("repair-{connection_id}"),
+                        connection_id,
+                        op: crate::presence::PresenceOp::Remove,
+                        seq: Some(crate::presence::REPAIR_SEQ.to_string()),
+                        at: now,
+                        now,
+                        time: now,
+                        announce_max_users: 0,
+                    };
+                    self.store.apply_presence(&update).await?;
+                    report.presence_repaired += 1;
+                }
+            }
+            if page.len() < DEFAULT_PAGE {
+                break;
+            }
+            after = page.last().map(|p| (p.pk.clone(), p.sk.clone()));
+        }
+        Ok(())
     }
 }

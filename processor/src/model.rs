@@ -879,12 +879,17 @@ pub struct Presence {
     #[serde(default)]
     pub announced: bool,
     /// The version of this user's last transition here, the `version` of its presence frame: the
-    /// processor's clock in milliseconds, or one more than the last when that is not later (so
+    /// record's time in milliseconds, or one more than the last when that is not later (so
     /// it only grows while the item lives, and a tombstone that expired two days ago was far
     /// below any new one). Two processors handling two shards send frames at the same time, so a
     /// client may get a `left` after the `joined` that followed it; it keeps the higher version.
     #[serde(default)]
     pub version: u64,
+    /// Live connections the sweeper found without a live membership in the room, with when it
+    /// first did (epoch seconds): its REMOVE was lost, or is still on its way. One still suspect
+    /// [`crate::presence::RECONCILE_GRACE_SECONDS`] later is taken out ([`crate::admin`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub suspects: std::collections::BTreeMap<String, i64>,
     /// Set while the user is not present (a tombstone): DynamoDB's TTL deletes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<i64>,
@@ -908,6 +913,7 @@ impl Presence {
             last_event: None,
             announced: false,
             version: 0,
+            suspects: Default::default(),
             ttl: None,
             ver: 0,
         }

@@ -503,6 +503,7 @@ impl Processor {
                 seq: None,
                 at,
                 now,
+                time: now,
                 announce_max_users: max,
             };
             self.presence_state().apply_presence(&seed).await?;
@@ -595,7 +596,7 @@ impl Processor {
         {
             self.seed_presence(m, op, max, now).await?;
         }
-        let update_of = |m: &crate::model::Membership, op, event_id: &str, seq: Option<String>| PresenceUpdate {
+        let update_of = |m: &crate::model::Membership, op, event_id: &str, seq: Option<String>, time| PresenceUpdate {
             tenant: m.tenant.clone(),
             room: m.room.clone(),
             user_id: m.user_id.clone(),
@@ -605,6 +606,7 @@ impl Processor {
             seq,
             at: m.joined_at,
             now,
+            time,
             announce_max_users: max,
         };
         let runs = lookups.presence_runs();
@@ -613,7 +615,8 @@ impl Processor {
             Some(outcome) => outcome,
             None => {
                 let seq = record.change.sequence_number.as_deref().map(crate::model::sequence_key);
-                let mut updates = vec![update_of(m, op, &record.event_id, seq)];
+                let time = record_time(record).unwrap_or(now);
+                let mut updates = vec![update_of(m, op, &record.event_id, seq, time)];
                 let later = runs.after(&m.tenant, &m.room, &record.event_id);
                 if !later.is_empty() {
                     // A later join that is an INSERT waits on the tenant's rules when they decide
@@ -626,7 +629,7 @@ impl Processor {
                         }
                     };
                     for r in later.iter().take_while(|r| !(r.inserted && inserts_decided)) {
-                        updates.push(update_of(&r.membership, r.op, &r.event_id, r.seq.clone()));
+                        updates.push(update_of(&r.membership, r.op, &r.event_id, r.seq.clone(), r.time));
                     }
                 }
                 let mut outcomes = state.apply_presence_run(&updates).await?.into_iter();
@@ -933,6 +936,12 @@ impl Processor {
     }
 }
 
+/// A stream record's `ApproximateCreationDateTime`; `None` for one made by hand without it.
+fn record_time(record: &EventRecord) -> Option<chrono::DateTime<chrono::Utc>> {
+    let t = record.change.approximate_creation_date_time;
+    (t.timestamp() > 0).then_some(t)
+}
+
 /// The batch's membership records that change presence, per room ([`PresenceRuns`]): decoded
 /// ahead only when the batch holds two or more memberships (a join storm), so that a batch of
 /// messages pays nothing for it.
@@ -953,7 +962,8 @@ fn presence_runs_of(raw: &[serde_json::Value]) -> PresenceRuns {
             _ => return None,
         };
         let seq = record.change.sequence_number.as_deref().map(crate::model::sequence_key);
-        Some(RunRecord { event_id: record.event_id.clone(), seq, membership: m, op, inserted })
+        let time = record_time(&record).unwrap_or_else(chrono::Utc::now);
+        Some(RunRecord { event_id: record.event_id.clone(), time, seq, membership: m, op, inserted })
     }))
 }
 

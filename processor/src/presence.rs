@@ -63,6 +63,9 @@ pub struct PresenceUpdate {
     pub at: DateTime<Utc>,
     /// Now, for the TTL of a room whose last user left.
     pub now: DateTime<Utc>,
+    /// The record's time (its `ApproximateCreationDateTime`; the clock's for a record without
+    /// one): a transition's version, so that a replay of the same records gives the same ones.
+    pub time: DateTime<Utc>,
     /// The tenant's limit: rooms with more users announce no `joined`.
     pub announce_max_users: u64,
 }
@@ -179,6 +182,8 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
             }
         }
         prune_gone_marks(&mut next);
+        // A record of the connection came: it is not lost.
+        next.suspects.remove(&update.connection_id);
         next.ver += 1;
         next
     };
@@ -212,7 +217,7 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
             next.announced = announce;
             next.last_event = Some(update.event_id.clone());
             next.ttl = None;
-            next.version = next_version(next.version, update.now);
+            next.version = next_version(next.version, update.time);
             let outcome = PresenceOutcome {
                 transition: Some(PresenceEvent::Joined),
                 redelivered: false,
@@ -228,7 +233,7 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
             let announce = next.announced;
             next.last_event = Some(update.event_id.clone());
             next.ttl = Some(crate::model::expiry(update.now, EMPTY_ROOM_TTL_SECONDS));
-            next.version = next_version(next.version, update.now);
+            next.version = next_version(next.version, update.time);
             let version = next.version;
             let room = room_after(-1);
             // Nothing to remember (records made by hand carry no sequence number): no tombstone.
@@ -264,7 +269,38 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
     }
 }
 
-/// A transition's version: the clock in milliseconds, unless that is not past the last one.
+/// How long a live connection of a presence item may go without a live membership before the
+/// sweeper takes it out: longer than a record waits in a healthy stream, so a REMOVE on its way
+/// is applied (and announced) first. With the sweep every 5 minutes (`template.yaml`), presence
+/// outlives a membership whose REMOVE was lost by at most 15 minutes.
+pub const RECONCILE_GRACE_SECONDS: i64 = 600;
+
+/// The sequence number a repair carries: above any record's, so that the lost record, re-driven
+/// later, and any older record of the membership change nothing.
+pub const REPAIR_SEQ: &str = "9999999999999999999999999999999999999999";
+
+/// What the sweeper does with one user's presence, given the connections the room's live
+/// memberships hold for that user: the suspects to keep (a live connection without a
+/// membership, with when it was first found so) and the connections to take out (suspect for
+/// [`RECONCILE_GRACE_SECONDS`]).
+pub fn reconcile(
+    p: &Presence,
+    members: &std::collections::HashSet<String>,
+    now: DateTime<Utc>,
+) -> (std::collections::BTreeMap<String, i64>, Vec<String>) {
+    let now = now.timestamp();
+    let suspects: std::collections::BTreeMap<String, i64> = p
+        .connections
+        .iter()
+        .filter(|c| !members.contains(*c))
+        .map(|c| (c.clone(), p.suspects.get(c).copied().unwrap_or(now)))
+        .collect();
+    let repair =
+        suspects.iter().filter(|(_, since)| now - **since >= RECONCILE_GRACE_SECONDS).map(|(c, _)| c.clone()).collect();
+    (suspects, repair)
+}
+
+/// A transition's version: the record's time in milliseconds, unless that is not past the last one.
 fn next_version(last: u64, now: DateTime<Utc>) -> u64 {
     u64::try_from(now.timestamp_millis()).unwrap_or_default().max(last + 1)
 }
@@ -389,6 +425,8 @@ pub struct PresenceRuns {
 #[derive(Clone, Debug)]
 pub struct RunRecord {
     pub event_id: String,
+    /// The record's time ([`PresenceUpdate::time`]).
+    pub time: DateTime<Utc>,
     /// As [`crate::model::sequence_key`].
     pub seq: Option<String>,
     pub membership: crate::model::Membership,
@@ -475,6 +513,7 @@ mod tests {
             seq: Some(crate::model::sequence_key(&seq.to_string())),
             at: Utc.timestamp_millis_opt(1_700_000_000_000).unwrap(),
             now: Utc.timestamp_millis_opt(1_700_000_000_000).unwrap(),
+            time: Utc.timestamp_millis_opt(1_700_000_000_000).unwrap(),
             announce_max_users: 100,
         }
     }

@@ -459,7 +459,7 @@ mod tests {
         assert_eq!(
             out,
             vec![(
-                serde_json::json!({"action":"presence","id":"ev-1","room":"general","user_id":"ann","event":"joined","reason":"join","users":2}),
+                serde_json::json!({"action":"presence","id":"ev-1","room":"general","user_id":"ann","event":"joined","reason":"join","users":2,"version":1}),
                 vec!["c1".to_string(), "c9".to_string()]
             )]
         );

@@ -43,6 +43,9 @@ export interface PresenceEvent {
     reason: string;
     /** Users present in the room after it. */
     users: number;
+    /** Grows with each `joined` and `left` of this user in this room. Two shards' frames may
+     * arrive in either order; the client applies only a version higher than the user's last. */
+    version?: number;
 }
 /** What became of a reconnect's recovery in one room. */
 export interface Recovery {
@@ -186,6 +189,9 @@ export declare class RoomcastClient {
     /** Repeats dropped so far: messages and presence events seen before (a redelivered batch, a
      * recovery's overlap). */
     get duplicatesDropped(): number;
+    /** Presence events dropped as older than one already applied for the same user (frames from
+     * two shards that arrived the other way round). */
+    get stalePresenceDropped(): number;
     /** Users present in a room, as the server last counted them (the roster may hold only the
      * first page of a large room). */
     count(room: string): number;

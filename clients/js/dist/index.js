@@ -88,6 +88,7 @@ export class RoomcastClient {
     #connectionId;
     #userId;
     #duplicates = 0;
+    #stale = 0;
     #reconnecting = false;
     #failedAttempts = 0;
     #recoverTimer;
@@ -148,6 +149,11 @@ export class RoomcastClient {
      * recovery's overlap). */
     get duplicatesDropped() {
         return this.#duplicates;
+    }
+    /** Presence events dropped as older than one already applied for the same user (frames from
+     * two shards that arrived the other way round). */
+    get stalePresenceDropped() {
+        return this.#stale;
     }
     /** Users present in a room, as the server last counted them (the roster may hold only the
      * first page of a large room). */
@@ -656,6 +662,14 @@ export class RoomcastClient {
             state.seen.add(`p:${event.id}`);
             state.seenOrder.push(`p:${event.id}`);
         }
+        if (typeof event.version === "number" && event.version > 0) {
+            // The user's later transition was applied already (it came from another shard first).
+            if ((state.versions.get(event.user_id) ?? 0) >= event.version) {
+                this.#stale += 1;
+                return;
+            }
+            state.versions.set(event.user_id, event.version);
+        }
         state.sinceSnapshot?.push(event);
         applyPresence(state, event);
         this.#emit("roster", event.room);
@@ -665,6 +679,7 @@ export class RoomcastClient {
             event: event.event,
             reason: event.reason,
             users: event.users,
+            ...(typeof event.version === "number" ? { version: event.version } : {}),
         });
     }
     #startSnapshot(room) {
@@ -681,7 +696,7 @@ export class RoomcastClient {
     #room(room) {
         let state = this.#rooms.get(room);
         if (!state) {
-            state = { seen: new Set(), seenOrder: [], roster: new Map(), joined: false };
+            state = { seen: new Set(), seenOrder: [], roster: new Map(), versions: new Map(), joined: false };
             this.#rooms.set(room, state);
         }
         return state;

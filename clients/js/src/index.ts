@@ -46,6 +46,9 @@ export interface PresenceEvent {
   reason: string;
   /** Users present in the room after it. */
   users: number;
+  /** Grows with each `joined` and `left` of this user in this room. Two shards' frames may
+   * arrive in either order; the client applies only a version higher than the user's last. */
+  version?: number;
 }
 
 /** What became of a reconnect's recovery in one room. */
@@ -219,6 +222,8 @@ interface RoomState {
   /** Presence events that arrived while a snapshot (`who`, a join's ack) was on its way: applied
    * again on top of it, so a snapshot taken before them does not undo them. */
   sinceSnapshot?: PresenceEvent[];
+  /** Per user, the highest presence `version` applied: a lower one arriving later is stale. */
+  versions: Map<string, number>;
   /** Messages held while the room recovers, then delivered in order. */
   held?: ChatMessage[];
   joined: boolean;
@@ -250,6 +255,7 @@ export class RoomcastClient {
   #connectionId?: string;
   #userId?: string;
   #duplicates = 0;
+  #stale = 0;
   #reconnecting = false;
   #failedAttempts = 0;
   #recoverTimer?: ReturnType<typeof setTimeout>;
@@ -318,6 +324,12 @@ export class RoomcastClient {
    * recovery's overlap). */
   get duplicatesDropped(): number {
     return this.#duplicates;
+  }
+
+  /** Presence events dropped as older than one already applied for the same user (frames from
+   * two shards that arrived the other way round). */
+  get stalePresenceDropped(): number {
+    return this.#stale;
   }
 
   /** Users present in a room, as the server last counted them (the roster may hold only the
@@ -817,6 +829,14 @@ export class RoomcastClient {
       state.seen.add(`p:${event.id}`);
       state.seenOrder.push(`p:${event.id}`);
     }
+    if (typeof event.version === "number" && event.version > 0) {
+      // The user's later transition was applied already (it came from another shard first).
+      if ((state.versions.get(event.user_id) ?? 0) >= event.version) {
+        this.#stale += 1;
+        return;
+      }
+      state.versions.set(event.user_id, event.version);
+    }
     state.sinceSnapshot?.push(event);
     applyPresence(state, event);
     this.#emit("roster", event.room);
@@ -826,6 +846,7 @@ export class RoomcastClient {
       event: event.event,
       reason: event.reason,
       users: event.users,
+      ...(typeof event.version === "number" ? { version: event.version } : {}),
     });
   }
 
@@ -844,7 +865,7 @@ export class RoomcastClient {
   #room(room: string): RoomState {
     let state = this.#rooms.get(room);
     if (!state) {
-      state = { seen: new Set(), seenOrder: [], roster: new Map(), joined: false };
+      state = { seen: new Set(), seenOrder: [], roster: new Map(), versions: new Map(), joined: false };
       this.#rooms.set(room, state);
     }
     return state;

@@ -337,3 +337,19 @@ test("a roster snapshot that left before a presence event does not undo it (a sc
   assert.equal(c.count("r"), 2);
   c.close();
 });
+
+test("a presence event older than one applied is dropped: two shards' frames out of order (a scripted socket)", async () => {
+  const c = connect({ url: "ws://scripted", token: "t", rooms: ["r"], WebSocket: Scripted });
+  await c.ready();
+  const told = [];
+  c.on("presence", (e) => told.push(`${e.event}@${e.version}`));
+  const frame = (id, event, version, users) => ({ action: "presence", id, room: "r", user_id: "uma", event, reason: "join", users, version });
+  // Uma joined (1), left (2) and joined again (3); the left arrives last.
+  Scripted.last.deliver(frame("p1", "joined", 1, 1));
+  Scripted.last.deliver(frame("p3", "joined", 3, 1));
+  Scripted.last.deliver(frame("p2", "left", 2, 0));
+  await until("three frames handled", () => c.stalePresenceDropped === 1);
+  assert.deepEqual(told, ["joined@1", "joined@3"]);
+  assert.deepEqual(c.roster("r").map((u) => u.user_id), ["uma"], "the late left does not undo the later join");
+  c.close();
+});

@@ -816,6 +816,40 @@ impl Store for DynamoStore {
         }
     }
 
+    async fn scan_presence(&self, limit: usize, after: Option<(String, String)>) -> Result<Vec<Presence>> {
+        let mut page_out = Vec::new();
+        let mut start = after.map(|(pk, sk)| key(pk, sk));
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .filter_expression("#t = :presence AND attribute_exists(connections)")
+                .expression_attribute_names("#t", "type")
+                .expression_attribute_values(":presence", s("presence"))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| unavailable("scan (presence)", e))?;
+            for item in page.items.unwrap_or_default() {
+                page_out.extend(self.decode::<Presence>(item));
+                if page_out.len() == limit {
+                    return Ok(page_out);
+                }
+            }
+            match page.last_evaluated_key {
+                Some(next) if !next.is_empty() => start = Some(next),
+                _ => return Ok(page_out),
+            }
+        }
+    }
+
+    async fn put_presence_suspects(&self, p: &Presence) -> Result<bool> {
+        let write = self.presence_write(key(p.pk.clone(), p.sk.clone()), Some(p), Guard::Version(p.ver - 1))?;
+        self.write_plan(vec![write]).await
+    }
+
     async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>> {
         let result = self
             .client

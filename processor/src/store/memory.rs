@@ -479,6 +479,35 @@ impl Store for MemoryStore {
         Ok(page)
     }
 
+    async fn scan_presence(&self, limit: usize, after: Option<(String, String)>) -> Result<Vec<Presence>> {
+        let table = self.lock();
+        let from = match after {
+            Some(key) => std::ops::Bound::Excluded(key),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut page = Vec::new();
+        for (key, item) in table.items.range((from, std::ops::Bound::Unbounded)) {
+            if page.len() == limit {
+                break;
+            }
+            if key.0.starts_with("PRESENCE#") && key.1.starts_with("USER#") {
+                page.extend(self.decode::<Presence>(item).filter(|p| p.present()));
+            }
+        }
+        Ok(page)
+    }
+
+    async fn put_presence_suspects(&self, p: &Presence) -> Result<bool> {
+        let mut table = self.lock();
+        let current: Option<Presence> = self.get(&table, &(p.pk.clone(), p.sk.clone()));
+        if current.is_none_or(|c| c.ver + 1 != p.ver) {
+            return Ok(false);
+        }
+        let item = encode(p)?;
+        self.put_item(&mut table, item);
+        Ok(true)
+    }
+
     async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>> {
         let mut table = self.lock();
         let set = [("status", Some(AttributeValue::S(status.to_string())))];

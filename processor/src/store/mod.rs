@@ -147,6 +147,16 @@ pub trait Store: Send + Sync + 'static {
     /// the page is filled from the records after it.
     async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>>;
 
+    /// One page of present users' presence items (tombstones left out), every room's, after the
+    /// item key `after` (`pk`, `sk`); fewer than `limit` means the end. For the sweeper's
+    /// reconciliation; an item that does not decode is passed over (logged and counted).
+    async fn scan_presence(&self, limit: usize, after: Option<(String, String)>)
+    -> Result<Vec<crate::model::Presence>>;
+
+    /// Writes the sweeper's suspects onto a presence item (`p`, its `ver` one more than the
+    /// one read), if the item is still as read. `Ok(false)`: it changed meanwhile.
+    async fn put_presence_suspects(&self, p: &crate::model::Presence) -> Result<bool>;
+
     /// Sets `status` on a connection; `None` when there is no such connection, or when its record
     /// does not decode (logged and counted; the status is set all the same).
     async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>>;
