@@ -296,8 +296,9 @@ async fn a_lone_frame_throttled_past_the_budget_never_closes_its_connection(kind
     stack.pump().await;
     assert!(stack.recorder.deleted().is_empty(), "a lone frame's 429s close nobody");
     let counts = stack.processor.counts();
-    // Her welcome, and her own `joined` (she is alone in the room): each a frame for one.
-    assert_eq!((counts.lone_throttled, counts.slow_consumers), (2, 0), "{counts:?}");
+    // Her welcome, and her own `joined` (she is alone in the room): each a frame for one; the
+    // second is skipped without a try if the first was judged before it started.
+    assert!((1..=2).contains(&counts.lone_throttled) && counts.slow_consumers == 0, "{counts:?}");
     let now = stack.clock_now();
     assert!(stack.table.store.get_connection("ann", now).await.unwrap().is_some(), "the connection is kept");
     assert!(stack.failures.is_empty(), "{:?}", stack.failures);

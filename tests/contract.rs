@@ -464,6 +464,12 @@ async fn presence_redelivery_and_who_pages_and_settings(table: Table) {
     assert_eq!(cid_back.transition, Some(PresenceEvent::Joined));
     assert_eq!(store.room_presence("acme", "general").await.unwrap().unwrap().users, 5);
 
+    // Users who left keep a tombstone (their marks): `who` passes over them.
+    for user in ["bea", "cal", "fay"] {
+        store.apply_presence(&presence_update(user, &format!("{user}-1"), PresenceOp::Add, Some(40))).await.unwrap();
+        store.apply_presence(&presence_update(user, &format!("{user}-1"), PresenceOp::Remove, Some(41))).await.unwrap();
+        assert!(store.presence("acme", "general", user).await.unwrap().is_some_and(|p| !p.present()));
+    }
     // Pages in user order, each user once; the total on every page.
     let mut seen = Vec::new();
     let mut after: Option<String> = None;
@@ -484,8 +490,10 @@ async fn presence_redelivery_and_who_pages_and_settings(table: Table) {
     // A presence item that does not decode is left out, and counted.
     table
         .put_raw(
-            serde_dynamo::to_item(serde_json::json!({"pk":"PRESENCE#acme#general","sk":"USER#bad","type":"presence"}))
-                .unwrap(),
+            serde_dynamo::to_item(
+                serde_json::json!({"pk":"PRESENCE#acme#general","sk":"USER#bad","type":"presence","connections":["x"]}),
+            )
+            .unwrap(),
         )
         .await;
     let before = table.metrics.snapshot().corrupt_items;

@@ -19,6 +19,7 @@ roomcast_tests::on_both_stores!(
     recovery_waits_for_the_rules_and_a_denied_room_recovers_nothing,
     a_connection_opened_before_the_plugin_cannot_slip_a_message_into_a_room_it_is_denied,
     a_redelivered_join_is_decided_once,
+    two_concurrent_joins_of_one_room_settle_to_one_answer,
     a_hostile_plugins_pending_joins_meet_its_policy,
     a_message_sent_just_before_its_sender_leaves_is_still_delivered,
 );
@@ -405,4 +406,40 @@ async fn a_message_sent_just_before_its_sender_leaves_is_still_delivered(kind: &
         .map(|m| m["message"].as_str().unwrap().into())
         .collect();
     assert_eq!(got, vec!["bye all".to_string()]);
+}
+
+/// API Gateway runs one connection's frames concurrently: two `join`s of one room both read the
+/// connection before either writes (as the handler does), then both write. Only the first
+/// membership is written (the second is told so), so the one INSERT is decided, once: one `ack`
+/// (or one `join_denied`), and the membership does not stay pending.
+async fn two_concurrent_joins_of_one_room_settle_to_one_answer(kind: &str) {
+    use roomcast::model::JoinReason;
+    let mut stack = acl_stack(kind).await;
+    stack.connect("ann", "acme", "ann", "lobby").await;
+    stack.connect("eve", "acme", "eve", "lobby").await;
+    stack.pump().await;
+    let now = stack.clock_now();
+    for who in ["ann", "eve"] {
+        let conn = stack.table.store.get_connection(who, now).await.unwrap().expect("connected");
+        // Both frames' handlers read this same connection, without the room.
+        let first = conn.membership("vip", JoinReason::Join, now);
+        let second = conn.membership("vip", JoinReason::Join, now);
+        assert_eq!((first.pending, second.pending), (Some(true), Some(true)), "the rules decide joins");
+        assert_ne!(first.joined_ns, second.joined_ns, "two joins, told apart");
+        assert!(stack.table.store.join(&first).await.unwrap(), "the first join is written");
+        assert!(!stack.table.store.join(&second).await.unwrap(), "the second finds it and writes nothing");
+    }
+    stack.pump().await;
+    let acks = rooms_of(&stack.recorder.received_action("ann", "ack"), "vip");
+    assert_eq!(acks.len(), 1, "one answer: {acks:?}");
+    assert_eq!(acks[0].get("pending"), None, "{}", acks[0]);
+    assert_eq!(rooms_of(&stack.recorder.received_action("eve", "join_denied"), "vip").len(), 1);
+    // Settled: the member's next `join` is answered at once, and a message reaches her.
+    let again = stack.send("ann", json!({"action":"join","room":"vip"})).await;
+    assert_eq!((again["action"].as_str(), again.get("pending")), (Some("ack"), None), "{again}");
+    let sent = stack.send("ann", json!({"action":"sendMessage","room":"vip","message":"settled"})).await;
+    assert_eq!(sent["action"], "ack", "{sent}");
+    stack.pump().await;
+    assert_eq!(rooms_of(&stack.recorder.received_action("ann", "message"), "vip").len(), 1);
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
 }

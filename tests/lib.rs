@@ -852,6 +852,7 @@ impl Stack {
             )),
             clock: self.clock.clone(),
             idle_limit: Duration::from_secs(600),
+            presence_grace: Duration::from_secs(roomcast::presence::RECONCILE_GRACE_SECONDS as u64),
         }
     }
 
@@ -895,7 +896,7 @@ impl Store for UnavailableRoom {
     ) -> roomcast::store::Result<Option<roomcast::model::Connection>> {
         self.inner.delete_connection(id, r).await
     }
-    async fn join(&self, m: &roomcast::model::Membership) -> roomcast::store::Result<()> {
+    async fn join(&self, m: &roomcast::model::Membership) -> roomcast::store::Result<bool> {
         self.inner.join(m).await
     }
     async fn leave(&self, id: &str, tenant: &str, room: &str) -> roomcast::store::Result<()> {

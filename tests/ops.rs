@@ -98,6 +98,7 @@ async fn admin_for(stack: &Stack) -> Admin {
         deliverer: Arc::new(deliverer),
         clock: stack.clock.clone(),
         idle_limit: Duration::from_secs(600),
+        presence_grace: Duration::from_secs(roomcast::presence::RECONCILE_GRACE_SECONDS as u64),
     }
 }
 

@@ -603,6 +603,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 deliverer: Arc::new(deliverer),
                 clock,
                 idle_limit: Duration::from_secs(600),
+                presence_grace: Duration::from_secs(crate::presence::RECONCILE_GRACE_SECONDS as u64),
             };
             let answer = admin.handle(&event).await;
             println!("{}", serde_json::to_string_pretty(&answer)?);

@@ -103,6 +103,9 @@ pub struct Admin {
     pub clock: Arc<dyn Clock>,
     /// Connections silent this long are checked (API Gateway's idle timeout: 10 minutes).
     pub idle_limit: Duration,
+    /// How long a present connection may go without a live membership before the sweep takes
+    /// it out ([`crate::presence::RECONCILE_GRACE_SECONDS`] unless configured).
+    pub presence_grace: Duration,
 }
 
 fn answer(status: u16, body: Value) -> Value {
@@ -171,7 +174,14 @@ impl Admin {
             AdminRequest::CleanupStaleConnections { idle_seconds } => {
                 let idle = idle_seconds.map_or(self.idle_limit, Duration::from_secs);
                 let report = self.sweep(idle).await?;
-                answer(200, json!({ "message": "Stale connections cleaned up", "cleanedCount": report.cleaned }))
+                answer(
+                    200,
+                    json!({
+                        "message": "Stale connections cleaned up",
+                        "cleanedCount": report.cleaned,
+                        "presenceRepaired": report.presence_repaired,
+                    }),
+                )
             }
         })
     }
@@ -228,11 +238,12 @@ impl Admin {
 
     /// Presence never outlives the memberships behind it for long, whatever the stream lost: a
     /// present connection with no live membership in its room is noted as suspect on its user's
-    /// item, and one still suspect [`crate::presence::RECONCILE_GRACE_SECONDS`] later (a REMOVE on
-    /// its way has long been applied by then) is taken out with a record of its own, whose
-    /// sequence number is above any: the lost record, re-driven later, changes nothing. The
-    /// repair is not announced (the sweeper sends no frames): `who`, the count and the next
-    /// snapshot are right, and the user's `left` is counted (`presence_left`) but not told.
+    /// item, and one still suspect [`Admin::presence_grace`] later (longer than the stream keeps
+    /// retrying a record: a REMOVE on its way has been applied, or gone to the dead-letter
+    /// queue, by then) is taken out with an update of its own, one above the connection's mark:
+    /// the lost REMOVE, re-driven later, changes nothing, and the connection's next join (a newer
+    /// record) counts again. The repair is not announced (the sweeper sends no frames): `who`,
+    /// the count and the next snapshot are right; `presence_repaired` counts it.
     async fn reconcile_presence(&self, report: &mut SweepReport) -> Result<(), StoreError> {
         let now = self.clock.now();
         let mut rooms: std::collections::HashMap<(String, String), Vec<crate::model::Membership>> = Default::default();
@@ -247,7 +258,8 @@ impl Admin {
                 }
                 let members: std::collections::HashSet<String> =
                     rooms[&room].iter().filter(|m| m.user_id == p.user_id).map(|m| m.connection_id.clone()).collect();
-                let (suspects, repair) = crate::presence::reconcile(p, &members, now);
+                let grace = i64::try_from(self.presence_grace.as_secs()).unwrap_or(i64::MAX);
+                let (suspects, repair) = crate::presence::reconcile(p, &members, now, grace);
                 report.presence_suspected += suspects.len();
                 if suspects != p.suspects {
                     let mut next = p.clone();
@@ -265,9 +277,9 @@ impl Admin {
                         room: p.room.clone(),
                         user_id: p.user_id.clone(),
                         event_id: format!("repair-{connection_id}"),
-                        connection_id,
+                        connection_id: connection_id.clone(),
                         op: crate::presence::PresenceOp::Remove,
-                        seq: Some(crate::presence::REPAIR_SEQ.to_string()),
+                        seq: Some(crate::presence::repair_seq(p.marks.get(&connection_id))),
                         at: now,
                         now,
                         time: now,

@@ -85,6 +85,8 @@ pub struct Config {
     pub delivery: DeliverySettings,
     pub partitions_at_once: usize,
     pub idle_limit: Duration,
+    /// The sweeper's grace before it takes a present connection without a membership out.
+    pub presence_repair_grace: Duration,
     /// The limits tenant plugins run with, unless their upload overrides them.
     pub plugin_limits: crate::rules::Limits,
     /// How many tenants' compiled plugins are kept.
@@ -195,6 +197,12 @@ impl Config {
             number("ROOMCAST_HANDOFF_RECIPIENTS", crate::deliver::stage::HANDOFF_RECIPIENTS as u64, 1, 10_000_000)
                 as usize;
         let idle_limit = Duration::from_secs(number("ROOMCAST_IDLE_LIMIT_SECONDS", 600, 1, 86_400));
+        let presence_repair_grace = Duration::from_secs(number(
+            "ROOMCAST_PRESENCE_REPAIR_GRACE_SECONDS",
+            crate::presence::RECONCILE_GRACE_SECONDS as u64,
+            0,
+            7 * 86_400,
+        ));
         let presence_announce_max_users =
             number("ROOMCAST_PRESENCE_ANNOUNCE_MAX_USERS", crate::presence::DEFAULT_ANNOUNCE_MAX_USERS, 0, 1_000_000);
         let plugin_limits = crate::rules::Limits {
@@ -222,6 +230,7 @@ impl Config {
                 delivery,
                 partitions_at_once,
                 idle_limit,
+                presence_repair_grace,
                 plugin_limits,
                 plugin_cache_tenants,
                 plugin_artifact_dir,

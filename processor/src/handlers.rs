@@ -488,7 +488,11 @@ async fn act(
                     conn.authorize_joins = true;
                 }
                 let membership = conn.membership(room.as_str(), JoinReason::Join, now);
-                store.join(&membership).await?;
+                // `false`: another frame's join of this room was written first (frames of one
+                // connection run concurrently); its answer stands for this one too.
+                if !store.join(&membership).await? {
+                    tracing::debug!(connection_id = %conn.connection_id, room = %room, "a concurrent join of this room was written first");
+                }
                 if membership.pending == Some(true) {
                     // The processor asks the tenant's rules; its answer is the real `ack` (with
                     // the room's users) or `join_denied`.

@@ -129,7 +129,13 @@ async fn admin_from(config: &Config) -> crate::admin::Admin {
     let (sdk, store) = store_from(config, metrics.clone()).await;
     let clock = Arc::new(SystemClock);
     let deliverer = Deliverer::new(sdk, config.delivery.clone(), store.clone(), clock.clone(), metrics);
-    crate::admin::Admin { store, deliverer: Arc::new(deliverer), clock, idle_limit: config.idle_limit }
+    crate::admin::Admin {
+        store,
+        deliverer: Arc::new(deliverer),
+        clock,
+        idle_limit: config.idle_limit,
+        presence_grace: config.presence_repair_grace,
+    }
 }
 
 /// Serves the admin operations (direct invoke).

@@ -270,23 +270,40 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
 }
 
 /// How long a live connection of a presence item may go without a live membership before the
-/// sweeper takes it out: longer than a record waits in a healthy stream, so a REMOVE on its way
-/// is applied (and announced) first. With the sweep every 5 minutes (`template.yaml`), presence
-/// outlives a membership whose REMOVE was lost by at most 15 minutes.
-pub const RECONCILE_GRACE_SECONDS: i64 = 600;
+/// sweeper takes it out (`ROOMCAST_PRESENCE_REPAIR_GRACE_SECONDS`): longer than the stream keeps
+/// retrying a record (`MaximumRecordAgeInSeconds: 3600` in `template.yaml`), so a REMOVE that is
+/// late, not lost, is applied (and announced) first. With the sweep every 5 minutes, presence
+/// outlives a membership whose REMOVE was lost by at most 80 minutes.
+pub const RECONCILE_GRACE_SECONDS: i64 = 4_500;
 
-/// The sequence number a repair carries: above any record's, so that the lost record, re-driven
-/// later, and any older record of the membership change nothing.
-pub const REPAIR_SEQ: &str = "9999999999999999999999999999999999999999";
+/// The sequence number a repair carries: one above the connection's mark (the INSERT that made
+/// it present). Its lost REMOVE has a sequence number at least that high, so, re-driven later,
+/// it changes nothing; the connection's next INSERT (a later record) is above it and counts.
+pub fn repair_seq(mark: Option<&String>) -> String {
+    let mut digits: Vec<u8> = crate::model::sequence_key(mark.map_or("0", String::as_str)).into_bytes();
+    for d in digits.iter_mut().rev() {
+        if *d == b'9' {
+            *d = b'0';
+        } else {
+            *d += 1;
+            return String::from_utf8(digits).unwrap_or_default();
+        }
+    }
+    // All nines: one more digit (wider than any key, so above it).
+    let mut wider = vec![b'1'];
+    wider.extend(digits);
+    String::from_utf8(wider).unwrap_or_default()
+}
 
 /// What the sweeper does with one user's presence, given the connections the room's live
 /// memberships hold for that user: the suspects to keep (a live connection without a
 /// membership, with when it was first found so) and the connections to take out (suspect for
-/// [`RECONCILE_GRACE_SECONDS`]).
+/// `grace_seconds`).
 pub fn reconcile(
     p: &Presence,
     members: &std::collections::HashSet<String>,
     now: DateTime<Utc>,
+    grace_seconds: i64,
 ) -> (std::collections::BTreeMap<String, i64>, Vec<String>) {
     let now = now.timestamp();
     let suspects: std::collections::BTreeMap<String, i64> = p
@@ -295,8 +312,7 @@ pub fn reconcile(
         .filter(|c| !members.contains(*c))
         .map(|c| (c.clone(), p.suspects.get(c).copied().unwrap_or(now)))
         .collect();
-    let repair =
-        suspects.iter().filter(|(_, since)| now - **since >= RECONCILE_GRACE_SECONDS).map(|(c, _)| c.clone()).collect();
+    let repair = suspects.iter().filter(|(_, since)| now - **since >= grace_seconds).map(|(c, _)| c.clone()).collect();
     (suspects, repair)
 }
 
@@ -655,6 +671,24 @@ mod tests {
         assert_eq!((left.transition, left.redelivered), (Some(PresenceEvent::Left), false));
         assert_eq!(m.room.as_ref().unwrap().users, 1);
         assert!(!m.users["y"].present() && m.users["x"].present());
+    }
+
+    #[test]
+    fn a_repair_is_one_above_the_mark_so_the_lost_remove_is_old_and_a_rejoin_counts() {
+        let mark = crate::model::sequence_key("1299");
+        assert_eq!(repair_seq(Some(&mark)), crate::model::sequence_key("1300"));
+        assert_eq!(repair_seq(None), crate::model::sequence_key("1"));
+        let mut m = Model::default();
+        m.apply(&update(PresenceOp::Add, "c1", 1299));
+        let repair = PresenceUpdate {
+            seq: Some(repair_seq(m.user.as_ref().unwrap().marks.get("c1"))),
+            ..update(PresenceOp::Remove, "c1", 0)
+        };
+        assert_eq!(m.apply(&repair).transition, Some(PresenceEvent::Left));
+        // The lost REMOVE (1300) turns up: nothing; the connection joins again (1400): present.
+        let late = m.apply(&update(PresenceOp::Remove, "c1", 1300));
+        assert_eq!((late.transition, late.redelivered), (None, true));
+        assert_eq!(m.apply(&update(PresenceOp::Add, "c1", 1400)).transition, Some(PresenceEvent::Joined));
     }
 
     #[test]

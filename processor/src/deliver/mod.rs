@@ -540,10 +540,11 @@ impl Deliverer {
     /// slow consumers, closed unless configured otherwise and skipped for the rest of the batch.
     /// If every recipient of a frame sent to several kept answering 429, API Gateway itself is
     /// throttling: nobody is closed, and the record is left unfinished, for Lambda to retry.
-    /// A frame for one recipient (a welcome, a join's ack, a recovery, `join_denied`) cannot tell
-    /// the two apart, and account-level throttling is what a lone 429 past the budget most often
-    /// is: its recipient is given up on for this record (`lone_throttled`), never closed — closing
-    /// healthy clients of a throttled account would make them reconnect into the storm.
+    /// A frame for one recipient (a welcome, a join's ack, a recovery, `join_denied`, a message
+    /// in a room of one) cannot tell the two apart, and account-level throttling is what a lone
+    /// 429 past the budget most often is: its recipient is given up on for this record and
+    /// skipped for the rest of the batch (`lone_throttled`), never closed — closing healthy
+    /// clients of a throttled account would make them reconnect into the storm.
     async fn judge_slow(
         &self,
         sent: Vec<(&Recipient, Sent)>,
@@ -564,6 +565,8 @@ impl Deliverer {
                     "every recipient answered 429 past the budget: API Gateway is throttling".into(),
                 ),
                 Sent::Slow if lone => {
+                    // Skipped for the rest of the batch (its next frames cost nothing), not closed.
+                    window.slow.lock().unwrap_or_else(|p| p.into_inner()).insert(to.connection_id.clone());
                     Metrics::add(&self.inner.metrics.lone_throttled, 1);
                     tracing::warn!(connection_id = %to.connection_id,
                         "a frame for this connection alone answered 429 past the budget: given up on, not closed");

@@ -507,7 +507,7 @@ impl Store for DynamoStore {
         Ok(out.attributes.filter(|a| !a.is_empty()).and_then(|item| self.decode(item)))
     }
 
-    async fn join(&self, membership: &Membership) -> Result<()> {
+    async fn join(&self, membership: &Membership) -> Result<bool> {
         // A pending join also marks the connection as one whose joins wait (it may have opened
         // before its tenant's plugin decided joins).
         let pending = membership.pending == Some(true);
@@ -522,9 +522,38 @@ impl Store for DynamoStore {
             add_room = add_room.expression_attribute_values(":t", AttributeValue::Bool(true));
         }
         let add_room = add_room.build().map_err(build_error)?;
-        let items = vec![self.put(encode(membership)?)?, TransactWriteItem::builder().update(add_room).build()];
-        self.transact("join", &membership.connection_id, items).await?;
-        self.bump_now(&membership.tenant, &membership.room).await
+        // Not over a live membership of the same room (another frame's join, written first).
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(encode(membership)?))
+            .condition_expression("attribute_not_exists(pk) OR #ttl < :now")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":now", AttributeValue::N(membership.joined_at.timestamp().to_string()))
+            .build()
+            .map_err(build_error)?;
+        let items =
+            vec![TransactWriteItem::builder().put(put).build(), TransactWriteItem::builder().update(add_room).build()];
+        match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+            Ok(_) => {}
+            Err(err) => {
+                if let SdkError::ServiceError(service) = &err
+                    && let TransactWriteItemsError::TransactionCanceledException(cancel) = service.err()
+                {
+                    let failed = |i: usize| {
+                        cancel.cancellation_reasons().get(i).and_then(|r| r.code()) == Some("ConditionalCheckFailed")
+                    };
+                    if failed(1) {
+                        return Err(StoreError::NoConnection(membership.connection_id.clone()));
+                    }
+                    if failed(0) {
+                        return Ok(false);
+                    }
+                }
+                return Err(unavailable("join", err));
+            }
+        }
+        self.bump_now(&membership.tenant, &membership.room).await?;
+        Ok(true)
     }
 
     async fn settle_join(&self, m: &Membership, allowed: bool) -> Result<bool> {
@@ -1163,9 +1192,12 @@ impl Store for DynamoStore {
                 .table_name(&self.table)
                 .consistent_read(true)
                 .key_condition_expression("pk = :pk AND begins_with(sk, :user)")
+                // Tombstones (users who left in the last two days) are read and passed over
+                // here rather than returned; `Limit` counts them, so it is twice the page.
+                .filter_expression("attribute_exists(connections)")
                 .expression_attribute_values(":pk", s(&pk))
                 .expression_attribute_values(":user", s("USER#"))
-                .set_limit(i32::try_from(limit.saturating_add(1)).ok())
+                .set_limit(i32::try_from(limit.saturating_add(1).saturating_mul(2)).ok())
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await

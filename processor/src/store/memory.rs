@@ -296,12 +296,17 @@ impl Store for MemoryStore {
         Ok(self.delete_item(&mut table, &key, Actor::Client).and_then(|old| self.decode(&old)))
     }
 
-    async fn join(&self, membership: &Membership) -> Result<()> {
+    async fn join(&self, membership: &Membership) -> Result<bool> {
         let mut table = self.lock();
         let key = connection_key(&membership.connection_id);
         let Some(mut conn) = self.get::<Connection>(&table, &key) else {
             return Err(StoreError::NoConnection(membership.connection_id.clone()));
         };
+        let member_key = membership_key(&membership.tenant, &membership.room, &membership.connection_id);
+        let existing: Option<Membership> = self.get(&table, &member_key);
+        if existing.is_some_and(|m| !is_expired(m.ttl, membership.joined_at)) {
+            return Ok(false);
+        }
         let member_item = encode(membership)?;
         self.put_item(&mut table, member_item);
         bump(&mut table, &membership.tenant, &membership.room);
@@ -313,7 +318,7 @@ impl Store for MemoryStore {
             let item = encode(&conn)?;
             self.put_item(&mut table, item);
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn settle_join(&self, m: &Membership, allowed: bool) -> Result<bool> {

@@ -71,10 +71,15 @@ pub trait Store: Send + Sync + 'static {
     /// deleted all the same and answered as `None` (logged and counted).
     async fn delete_connection(&self, connection_id: &str, reason: Option<LeftReason>) -> Result<Option<Connection>>;
 
-    /// Adds the membership and the room to the connection's `rooms`, atomically.
+    /// Adds the membership and the room to the connection's `rooms`, atomically, unless the
+    /// connection already has a live membership of that room: then nothing is written and the
+    /// answer is `false`. API Gateway runs one connection's frames concurrently, so two `join`s
+    /// of one room may both find the room missing from the connection they read; only the first
+    /// writes, so its INSERT is the one the tenant's rules decide (a second write, a MODIFY with
+    /// another `joinedNs`, made the first decision fail and nothing ask again: pending for good).
     /// [`StoreError::NoConnection`] when the connection is gone (in the embedded store, also when
     /// its record does not decode).
-    async fn join(&self, membership: &Membership) -> Result<()>;
+    async fn join(&self, membership: &Membership) -> Result<bool>;
 
     /// Removes the membership and the room from the connection's `rooms`, atomically.
     async fn leave(&self, connection_id: &str, tenant: &str, room: &str) -> Result<()>;
