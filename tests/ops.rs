@@ -177,7 +177,7 @@ async fn cleanup_deletes_only_confirmed_stale_connections_and_presence_follows(k
     let answer = admin.handle(&json!({"action": "cleanup_stale_connections", "idleSeconds": 300})).await;
     assert_eq!(
         answer,
-        json!({"statusCode": 200, "body": {"message": "Stale connections cleaned up", "cleanedCount": 1}})
+        json!({"statusCode": 200, "body": {"message": "Stale connections cleaned up", "cleanedCount": 1, "presenceRepaired": 0}})
     );
     let mut probed = stack.recorder.probed();
     probed.sort();

@@ -6,7 +6,7 @@
 //! | `get_user_connections`      | `tenant`, `userId`              | `{connections, count}` |
 //! | `get_all_connections`       | `limit?`, `nextToken?`          | `{connections, count, nextToken?}` |
 //! | `update_connection_status`  | `connectionId`, `status`        | `{connection}`; 404 when unknown |
-//! | `cleanup_stale_connections` | `idleSeconds?`                  | `{message, cleanedCount}` |
+//! | `cleanup_stale_connections` | `idleSeconds?`                  | `{message, cleanedCount, presenceRepaired}` |
 //!
 //! Every answer is `{statusCode, body}`; an invalid event gets 400 with the reason.
 //!
