@@ -154,18 +154,21 @@ async fn history_is_ordered_limited_and_paged(table: Table) {
 
     let bodies = |ms: Vec<Message>| ms.into_iter().map(|m| m.body).collect::<Vec<_>>();
     assert_eq!(
-        bodies(table.store.history("acme", "general", &HistoryFrom::Latest, 10, t).await.unwrap()),
+        bodies(table.store.history("acme", "general", &HistoryFrom::Latest, 10, t, None).await.unwrap()),
         ["m0", "m1", "m2", "m3", "m4"]
     );
-    assert_eq!(bodies(table.store.history("acme", "general", &HistoryFrom::Latest, 2, t).await.unwrap()), ["m3", "m4"]);
+    assert_eq!(
+        bodies(table.store.history("acme", "general", &HistoryFrom::Latest, 2, t, None).await.unwrap()),
+        ["m3", "m4"]
+    );
     let before = sent[3].sk.clone();
     assert_eq!(
-        bodies(table.store.history("acme", "general", &HistoryFrom::Before(before), 2, t).await.unwrap()),
+        bodies(table.store.history("acme", "general", &HistoryFrom::Before(before), 2, t, None).await.unwrap()),
         ["m1", "m2"]
     );
     let after = sent[1].sk.clone();
     assert_eq!(
-        bodies(table.store.history("acme", "general", &HistoryFrom::After(after), 2, t).await.unwrap()),
+        bodies(table.store.history("acme", "general", &HistoryFrom::After(after), 2, t, None).await.unwrap()),
         ["m2", "m3"]
     );
     // One message by its key; and by its id, which gives the key.
@@ -176,7 +179,7 @@ async fn history_is_ordered_limited_and_paged(table: Table) {
     assert!(
         table
             .store
-            .history("acme", "general", &HistoryFrom::Latest, 10, t + Duration::seconds(61))
+            .history("acme", "general", &HistoryFrom::Latest, 10, t + Duration::seconds(61), None)
             .await
             .unwrap()
             .is_empty(),
@@ -188,15 +191,15 @@ async fn history_is_ordered_limited_and_paged(table: Table) {
     for i in 0..20 {
         table.store.put_message(&Message::new(&c, "burst", format!("b{i:02}"), burst_at, 60)).await.unwrap();
     }
-    let burst = bodies(table.store.history("acme", "burst", &HistoryFrom::Latest, 50, t).await.unwrap());
+    let burst = bodies(table.store.history("acme", "burst", &HistoryFrom::Latest, 50, t, None).await.unwrap());
     assert_eq!(burst, (0..20).map(|i| format!("b{i:02}")).collect::<Vec<_>>());
     // Paged three at a time across the burst's one millisecond, forward and backward: nothing
     // skipped or repeated.
-    let all = table.store.history("acme", "burst", &HistoryFrom::Latest, 50, t).await.unwrap();
+    let all = table.store.history("acme", "burst", &HistoryFrom::Latest, 50, t, None).await.unwrap();
     let mut forward = Vec::new();
     let mut from = HistoryFrom::After("MSG#".into());
     loop {
-        let page = table.store.history("acme", "burst", &from, 3, t).await.unwrap();
+        let page = table.store.history("acme", "burst", &from, 3, t, None).await.unwrap();
         let Some(last) = page.last() else { break };
         from = HistoryFrom::After(last.sk.clone());
         forward.extend(page.into_iter().map(|m| m.body));
@@ -205,7 +208,7 @@ async fn history_is_ordered_limited_and_paged(table: Table) {
     let mut backward = Vec::new();
     let mut from = HistoryFrom::Latest;
     loop {
-        let page = table.store.history("acme", "burst", &from, 3, t).await.unwrap();
+        let page = table.store.history("acme", "burst", &from, 3, t, None).await.unwrap();
         let Some(first) = page.first() else { break };
         from = HistoryFrom::Before(first.sk.clone());
         backward.splice(0..0, page.into_iter().map(|m| m.body));

@@ -153,7 +153,7 @@ async fn an_item_of_the_wrong_type_is_skipped_by_every_read(table: Table) {
     let before = counted(&table);
     let bodies: Vec<String> = table
         .store
-        .history("acme", "general", &roomcast::store::HistoryFrom::Latest, 2, t)
+        .history("acme", "general", &roomcast::store::HistoryFrom::Latest, 2, t, None)
         .await
         .unwrap()
         .into_iter()

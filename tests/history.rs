@@ -13,6 +13,7 @@ roomcast_tests::on_both_stores!(
     recover_gives_what_was_missed_in_order_or_says_it_cannot,
     bad_history_and_recover_requests_are_refused_and_write_nothing,
     history_and_recover_give_what_members_got,
+    a_direct_message_is_history_only_for_those_it_was_sent_to,
     a_reconnect_with_since_gets_what_it_missed_after_its_welcome,
     a_signal_reaches_the_others_and_is_never_history,
 );
@@ -295,6 +296,57 @@ async fn history_and_recover_give_what_members_got(kind: &str) {
     assert_eq!(texts(&history), ["hello", "deploy at five", "bye"]);
     let recovered = stack.send("ann", json!({"action":"recover","room":"general","since":first["id"]})).await;
     assert_eq!(texts(&recovered), ["deploy at five", "bye"], "hello was the one named; the spam is never given");
+}
+
+/// The routing plugin sends `@bob …` to Bob (and back to its sender) only: `history`, `recover`
+/// and a reconnect's recovery give it to them and to no other member, as it was delivered.
+async fn a_direct_message_is_history_only_for_those_it_was_sent_to(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.install_plugin("acme", "roomcast-plugin-routing", roomcast::plugins::registry::Policy::FailOpen);
+    for user in ["ann", "bob", "eve"] {
+        stack.connect(user, "acme", user, "general").await;
+    }
+    stack.pump().await;
+    let first = stack.send("ann", json!({"action":"sendMessage","room":"general","message":"hello all"})).await;
+    stack.clock.advance(Age::milliseconds(1));
+    stack.send("ann", json!({"action":"sendMessage","room":"general","message":"@bob lunch?"})).await;
+    stack.clock.advance(Age::milliseconds(1));
+    stack.send("ann", json!({"action":"sendMessage","room":"general","message":"bye all"})).await;
+    stack.pump().await;
+    let delivered = |user: &str| -> Vec<String> {
+        stack
+            .recorder
+            .received_action(user, "message")
+            .iter()
+            .map(|m| m["message"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(delivered("eve"), ["hello all", "bye all"], "the plugin routed it");
+    let texts = |page: &Value| -> Vec<String> {
+        page["messages"].as_array().unwrap().iter().map(|m| m["message"].as_str().unwrap().to_string()).collect()
+    };
+    for (user, want) in [
+        ("ann", vec!["hello all", "@bob lunch?", "bye all"]),
+        ("bob", vec!["hello all", "@bob lunch?", "bye all"]),
+        ("eve", vec!["hello all", "bye all"]),
+    ] {
+        let history = stack.send(user, json!({"action":"history","room":"general"})).await;
+        assert_eq!(texts(&history), want, "{user}'s history");
+        assert_eq!(texts(&history), delivered(user), "{user}'s history is what {user} was sent");
+        let recovered = stack.send(user, json!({"action":"recover","room":"general","since":first["id"]})).await;
+        assert_eq!(texts(&recovered), want[1..].to_vec(), "{user}'s recovery");
+    }
+    // A reconnect with `?since=` recovers, after its welcome, only what Eve would have been sent.
+    let mut request = roomcast_tests::connect_request("eve2", "acme", "eve", "general");
+    let since = format!("general:{}", first["id"].as_str().unwrap());
+    request.query_string_parameters = roomcast_tests::query(&[("rooms", "general"), ("since", &since)]);
+    assert_eq!(roomcast::handlers::connect(&request, &stack.deps).await.status_code, 200);
+    stack.pump().await;
+    let got = stack.recorder.received("eve2");
+    assert!(got.iter().any(|f| f["action"] == "recover" && f["recovered"] == true), "{got:?}");
+    let recovered: Vec<String> =
+        got.iter().filter(|f| f["action"] == "message").map(|m| m["message"].as_str().unwrap().to_string()).collect();
+    assert_eq!(recovered, ["bye all"], "the direct message is not recovered for Eve");
 }
 
 async fn bad_history_and_recover_requests_are_refused_and_write_nothing(kind: &str) {

@@ -1083,8 +1083,9 @@ impl Store for UnavailableRoom {
         from: &roomcast::store::HistoryFrom,
         limit: usize,
         now: chrono::DateTime<chrono::Utc>,
+        viewer: Option<&str>,
     ) -> roomcast::store::Result<Vec<roomcast::model::Message>> {
-        self.inner.history(tenant, room, from, limit, now).await
+        self.inner.history(tenant, room, from, limit, now, viewer).await
     }
     async fn put_message_once(
         &self,

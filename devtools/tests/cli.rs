@@ -233,7 +233,7 @@ async fn plugin_upload_into_a_running_dev_stack_with_the_embedded_store() {
     assert!(ok && again.contains(&id), "the same key answers the first id: {again}");
     let history = stack
         .store
-        .history("acme", "general", &roomcast::store::HistoryFrom::Latest, 10, chrono::Utc::now())
+        .history("acme", "general", &roomcast::store::HistoryFrom::Latest, 10, chrono::Utc::now(), None)
         .await
         .unwrap();
     assert_eq!(

@@ -536,7 +536,7 @@ async fn act(
             member_of(conn, room.as_str())?;
             let forward = matches!(from, HistoryFrom::After(_));
             // One more than asked says whether there is more.
-            let found = store.history(&conn.tenant, room.as_str(), &from, limit + 1, now).await?;
+            let found = store.history(&conn.tenant, room.as_str(), &from, limit + 1, now, Some(&conn.user_id)).await?;
             let (messages, next) = fit_in_a_frame(room.as_str(), found, limit, forward);
             ServerMessage::History { room: room.to_string(), messages, next }
         }
@@ -547,7 +547,7 @@ async fn act(
             if let Some(seen) = store.message(&conn.tenant, room.as_str(), &sk, now).await? {
                 let from = crate::store::recovery_start(&seen);
                 let found: Vec<Message> = store
-                    .history(&conn.tenant, room.as_str(), &from, MAX_HISTORY_LIMIT + 2, now)
+                    .history(&conn.tenant, room.as_str(), &from, MAX_HISTORY_LIMIT + 2, now, Some(&conn.user_id))
                     .await?
                     .into_iter()
                     .filter(|m| m.id != seen.id)

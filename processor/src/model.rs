@@ -394,6 +394,10 @@ pub struct Message {
     /// Set by the processor when the tenant's rules rewrote it: what members got, and history gives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered_body: Option<String>,
+    /// The users a tenant's rules sent it to, when they chose some (a direct message; the
+    /// sender sees it too): `history` and `recover` give it to them only, as it was delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only_users: Option<Vec<String>>,
 }
 
 impl Message {
@@ -433,6 +437,16 @@ impl Message {
             ttl: expiry(now, ttl_seconds),
             rejected: None,
             delivered_body: None,
+            only_users: None,
+        }
+    }
+
+    /// Whether `history` and `recover` give this message to `viewer` (`None`: anyone): a direct
+    /// message only to the users it was sent to, and to its sender.
+    pub fn visible_to(&self, viewer: Option<&str>) -> bool {
+        match (viewer, &self.only_users) {
+            (None, _) | (_, None) => true,
+            (Some(user), Some(users)) => user == self.user_id || users.iter().any(|u| u == user),
         }
     }
 }

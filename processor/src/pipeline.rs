@@ -520,6 +520,7 @@ impl Processor {
         room: &str,
         since: &str,
         budget: usize,
+        viewer: &str,
     ) -> Result<Result<Vec<ChatMessage>, String>, StoreError> {
         let now = self.clock.now();
         let Some(sk) = crate::model::message_sk_of_id(since) else {
@@ -536,7 +537,7 @@ impl Processor {
         let from = crate::store::recovery_start(&seen);
         let missed: Vec<_> = self
             .store
-            .history(tenant, room, &from, budget.min(MAX_RECOVERED) + 2, now)
+            .history(tenant, room, &from, budget.min(MAX_RECOVERED) + 2, now, Some(viewer))
             .await?
             .into_iter()
             .filter(|m| m.id != seen.id)
@@ -745,7 +746,7 @@ impl Processor {
                 {
                     // The connect's budget, shared by the rooms it recovers.
                     let share = (MAX_RECOVERED_AT_CONNECT / conn.recover.len().max(1)).max(1);
-                    let recovered = self.recover(&m.tenant, &m.room, since, share).await?;
+                    let recovered = self.recover(&m.tenant, &m.room, since, share, &m.user_id).await?;
                     decisions.recovery.push((m.room.clone(), recovered));
                 }
                 decisions.join = Some(JoinOutcome::Allowed(crate::protocol::ServerMessage::Ack {
@@ -768,7 +769,7 @@ impl Processor {
                 let mut budget = MAX_RECOVERED_AT_CONNECT;
                 // A room waiting for the tenant's rules recovers once they allow it (below).
                 for (room, since) in c.recover.iter().filter(|(room, _)| !c.pending_rooms.contains(*room)) {
-                    let recovered = self.recover(&c.tenant, room, since, budget).await?;
+                    let recovered = self.recover(&c.tenant, room, since, budget, &c.user_id).await?;
                     if let Ok(messages) = &recovered {
                         budget = budget.saturating_sub(messages.len());
                     }

@@ -316,9 +316,11 @@ pub fn reconcile(
     (suspects, repair)
 }
 
-/// A transition's version: the record's time in milliseconds, unless that is not past the last one.
+/// A transition's version: the record's time (to the second) in milliseconds, unless that is not past the last one.
 fn next_version(last: u64, now: DateTime<Utc>) -> u64 {
-    u64::try_from(now.timestamp_millis()).unwrap_or_default().max(last + 1)
+    // Whole seconds: DynamoDB Streams gives `ApproximateCreationDateTime` to the second (a record
+    // captured with more, and the same record fetched from the stream again, agree).
+    u64::try_from(now.timestamp().saturating_mul(1000)).unwrap_or_default().max(last + 1)
 }
 
 /// Drops the oldest marks of gone connections beyond [`MAX_GONE_MARKS`].

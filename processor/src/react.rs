@@ -141,6 +141,8 @@ pub enum Effect {
 pub enum Verdict {
     Rejected(String),
     Rewritten(String),
+    /// Sent only to these users (a direct message): history gives it to them and the sender only.
+    Audience(Vec<String>),
 }
 
 /// The room whose live members [`react`] needs to see for this change, if any: a message's, or
@@ -217,6 +219,9 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                     if let Some(text) = rewritten {
                         chat.message = text.clone();
                         effects.push(mark(Verdict::Rewritten(text)));
+                    }
+                    if let Some(users) = &route.only_users {
+                        effects.push(mark(Verdict::Audience(users.clone())));
                     }
                     let chosen = members
                         .iter()

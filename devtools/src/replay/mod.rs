@@ -420,6 +420,7 @@ fn describe_effect(effect: &Effect) -> Value {
             "mark_message": {"tenant": tenant, "room": room, "sk": sk, "verdict": match verdict {
                 crate::react::Verdict::Rejected(reason) => json!({"rejected": reason}),
                 crate::react::Verdict::Rewritten(text) => json!({"rewritten": text}),
+                crate::react::Verdict::Audience(users) => json!({"only_users": users}),
             }}
         }),
         Effect::RemoveMembership { tenant, room, connection_id, reason } => json!({

@@ -1301,6 +1301,7 @@ impl Store for DynamoStore {
         from: &HistoryFrom,
         limit: usize,
         now: DateTime<Utc>,
+        viewer: Option<&str>,
     ) -> Result<Vec<Message>> {
         // BETWEEN is inclusive: the cursor's own key is dropped below.
         let (lo, hi, cursor, newest_first) = match from {
@@ -1326,6 +1327,7 @@ impl Store for DynamoStore {
                 && let Some(m) = self.decode::<Message>(item)
                 && !is_expired(m.ttl, now)
                 && m.rejected.is_none()
+                && m.visible_to(viewer)
             {
                 page.push(m);
             }
@@ -1380,6 +1382,20 @@ impl Store for DynamoStore {
         let (name, value) = match verdict {
             crate::react::Verdict::Rejected(reason) => ("rejected", reason),
             crate::react::Verdict::Rewritten(text) => ("deliveredBody", text),
+            crate::react::Verdict::Audience(users) => {
+                let list = users.iter().map(|u| AttributeValue::S(u.clone())).collect();
+                let result = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .set_key(Some(key(model::room_pk(tenant, room), sk.to_string())))
+                    .update_expression("SET onlyUsers = :u")
+                    .condition_expression("attribute_exists(pk)")
+                    .expression_attribute_values(":u", AttributeValue::L(list))
+                    .send()
+                    .await;
+                return written("update_item (message audience)", result).map(|_| ());
+            }
         };
         self.mark(key(model::room_pk(tenant, room), sk.to_string()), name, value).await
     }

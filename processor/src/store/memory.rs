@@ -722,6 +722,7 @@ impl Store for MemoryStore {
         from: &HistoryFrom,
         limit: usize,
         now: DateTime<Utc>,
+        viewer: Option<&str>,
     ) -> Result<Vec<Message>> {
         use std::ops::Bound::{Excluded, Included};
         let table = self.lock();
@@ -743,6 +744,7 @@ impl Store for MemoryStore {
             if let Some(m) = self.decode::<Message>(item)
                 && !is_expired(m.ttl, now)
                 && m.rejected.is_none()
+                && m.visible_to(viewer)
             {
                 page.push(m);
                 if page.len() == limit {
@@ -785,6 +787,15 @@ impl Store for MemoryStore {
         let (name, value) = match verdict {
             crate::react::Verdict::Rejected(reason) => ("rejected", reason),
             crate::react::Verdict::Rewritten(text) => ("deliveredBody", text),
+            crate::react::Verdict::Audience(users) => {
+                let list = users.iter().map(|u| AttributeValue::S(u.clone())).collect();
+                self.update(
+                    &mut table,
+                    &(model::room_pk(tenant, room), sk.to_string()),
+                    &[("onlyUsers", Some(AttributeValue::L(list)))],
+                );
+                return Ok(());
+            }
         };
         self.update(
             &mut table,

@@ -266,7 +266,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` live messages of the room on the side of `from` it names, oldest first in
     /// the answer either way; one that does not decode is left out (logged and counted) and does
-    /// not count to `limit`.
+    /// not count to `limit`. With a `viewer`, only the messages that user was sent
+    /// ([`Message::visible_to`]: a direct message to others is left out, and not counted).
     async fn history(
         &self,
         tenant: &str,
@@ -274,6 +275,7 @@ pub trait Store: Send + Sync + 'static {
         from: &HistoryFrom,
         limit: usize,
         now: DateTime<Utc>,
+        viewer: Option<&str>,
     ) -> Result<Vec<Message>>;
 }
 
