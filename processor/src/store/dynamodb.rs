@@ -127,6 +127,43 @@ impl DynamoStore {
         }
     }
 
+    /// Up to `limit` items of one `type` (`filter` names it `:type`), strongly consistent, after
+    /// the item key `start`; one that does not decode is passed over (logged and counted).
+    async fn scan_typed<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        filter: &str,
+        record_type: &str,
+        limit: usize,
+        mut start: Option<DynamoItem>,
+    ) -> Result<Vec<T>> {
+        let mut page_out = Vec::new();
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .filter_expression(filter)
+                .expression_attribute_names("#t", "type")
+                .expression_attribute_values(":type", s(record_type))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| unavailable(what, e))?;
+            for item in page.items.unwrap_or_default() {
+                page_out.extend(self.decode::<T>(item));
+                if page_out.len() == limit {
+                    return Ok(page_out);
+                }
+            }
+            match page.last_evaluated_key {
+                Some(next) if !next.is_empty() => start = Some(next),
+                _ => return Ok(page_out),
+            }
+        }
+    }
+
     /// Sets one attribute on an item if it exists; a missing item is not an error.
     async fn mark(&self, key: DynamoItem, attribute: &str, value: &str) -> Result<()> {
         let result = self
@@ -817,61 +854,12 @@ impl Store for DynamoStore {
     }
 
     async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>> {
-        let mut page_out = Vec::new();
-        let mut start = after.map(connection_key);
-        loop {
-            let page = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .filter_expression("#t = :connection")
-                .expression_attribute_names("#t", "type")
-                .expression_attribute_values(":connection", s("connection"))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| unavailable("scan", e))?;
-            for item in page.items.unwrap_or_default() {
-                page_out.extend(self.decode(item));
-                if page_out.len() == limit {
-                    return Ok(page_out);
-                }
-            }
-            match page.last_evaluated_key {
-                Some(next) if !next.is_empty() => start = Some(next),
-                _ => return Ok(page_out),
-            }
-        }
+        self.scan_typed("scan", "#t = :type", "connection", limit, after.map(connection_key)).await
     }
 
     async fn scan_presence(&self, limit: usize, after: Option<(String, String)>) -> Result<Vec<Presence>> {
-        let mut page_out = Vec::new();
-        let mut start = after.map(|(pk, sk)| key(pk, sk));
-        loop {
-            let page = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .filter_expression("#t = :presence AND attribute_exists(connections)")
-                .expression_attribute_names("#t", "type")
-                .expression_attribute_values(":presence", s("presence"))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| unavailable("scan (presence)", e))?;
-            for item in page.items.unwrap_or_default() {
-                page_out.extend(self.decode::<Presence>(item));
-                if page_out.len() == limit {
-                    return Ok(page_out);
-                }
-            }
-            match page.last_evaluated_key {
-                Some(next) if !next.is_empty() => start = Some(next),
-                _ => return Ok(page_out),
-            }
-        }
+        let filter = "#t = :type AND attribute_exists(connections)";
+        self.scan_typed("scan (presence)", filter, "presence", limit, after.map(|(pk, sk)| key(pk, sk))).await
     }
 
     async fn put_presence_suspects(&self, p: &Presence) -> Result<bool> {
