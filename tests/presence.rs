@@ -282,8 +282,14 @@ async fn the_join_ack_and_the_welcome_carry_the_room_as_it_is(kind: &str) {
     stack.pump().await;
     let ack = stack.send("dan1", json!({"action":"join","room":"general"})).await;
     assert_eq!(ack["users"], 3, "{ack}");
+    // Each with the version of their `joined`, which a client holds later frames against.
+    let mut members = ack["members"].clone();
+    for m in members.as_array_mut().unwrap() {
+        let version = m.as_object_mut().unwrap().remove("version");
+        assert!(version.and_then(|v| v.as_u64()).is_some_and(|v| v > 0), "{ack}");
+    }
     assert_eq!(
-        ack["members"],
+        members,
         json!([{"user_id":"ann","connections":1},{"user_id":"bob","connections":1},{"user_id":"cid","connections":1}])
     );
     let denied = stack.send("dan1", json!({"action":"who","room":"secret"})).await;

@@ -507,7 +507,7 @@ async fn act(
                 room: room.to_string(),
                 id: None,
                 users: Some(page.total),
-                members: Some(crate::protocol::present_users(&page.users)),
+                members: Some(crate::protocol::present_users(&page)),
                 pending: None,
             }
         }
@@ -577,7 +577,7 @@ async fn act(
             let page = store.who(&conn.tenant, room.as_str(), limit, after.as_deref()).await?;
             ServerMessage::Who {
                 room: room.to_string(),
-                users: crate::protocol::present_users(&page.users),
+                users: crate::protocol::present_users(&page),
                 total: page.total,
                 next: page.next,
             }

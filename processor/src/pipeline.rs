@@ -754,7 +754,7 @@ impl Processor {
                     room: m.room.clone(),
                     id: None,
                     users: Some(page.total),
-                    members: Some(crate::protocol::present_users(&page.users)),
+                    members: Some(crate::protocol::present_users(&page)),
                     pending: None,
                 }));
             }

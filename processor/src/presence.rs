@@ -495,6 +495,9 @@ fn event_of(op: PresenceOp) -> PresenceEvent {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WhoPage {
     pub users: Vec<(String, usize)>,
+    /// Per user of `users`, in the same order: the version of their last transition (the
+    /// `version` their presence frames carry), so a client drops a frame older than the page.
+    pub versions: Vec<u64>,
     /// Users in the room (the room's count).
     pub total: u64,
     /// Pass as `after` for the next page; `None` at the end.

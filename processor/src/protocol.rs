@@ -434,6 +434,14 @@ pub enum ServerMessage {
 pub struct PresentUser {
     pub user_id: String,
     pub connections: usize,
+    /// The version of the user's last `joined` (what this snapshot shows): a client drops a
+    /// presence frame of this user with a lower version that arrives after it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ServerMessage {
@@ -457,10 +465,15 @@ impl ServerMessage {
 }
 
 /// The users of a [`crate::presence::WhoPage`] as the protocol lists them.
-pub fn present_users(users: &[(String, usize)]) -> Vec<PresentUser> {
-    users
+pub fn present_users(page: &crate::presence::WhoPage) -> Vec<PresentUser> {
+    page.users
         .iter()
-        .map(|(user_id, connections)| PresentUser { user_id: user_id.clone(), connections: *connections })
+        .enumerate()
+        .map(|(i, (user_id, connections))| PresentUser {
+            user_id: user_id.clone(),
+            connections: *connections,
+            version: page.versions.get(i).copied().unwrap_or_default(),
+        })
         .collect()
 }
 

@@ -33,6 +33,9 @@ export interface ChatMessage {
 export interface PresentUser {
     user_id: string;
     connections: number;
+    /** The version of the user's last `joined`: a presence frame of theirs with a lower one,
+     * arriving later (from another shard), is older than this snapshot and dropped. */
+    version?: number;
 }
 /** A change of a room's presence. */
 export interface PresenceEvent {

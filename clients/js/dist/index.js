@@ -689,8 +689,20 @@ export class RoomcastClient {
     #applySnapshot(state, users, count) {
         state.roster = new Map(users.map((u) => [u.user_id, u.connections]));
         state.count = count;
-        for (const event of state.sinceSnapshot ?? [])
+        const shown = new Map();
+        for (const u of users) {
+            if (typeof u.version !== "number" || u.version <= 0)
+                continue;
+            shown.set(u.user_id, u.version);
+            if ((state.versions.get(u.user_id) ?? 0) < u.version)
+                state.versions.set(u.user_id, u.version);
+        }
+        // Events that arrived while the snapshot was on its way, unless the snapshot is newer.
+        for (const event of state.sinceSnapshot ?? []) {
+            if (typeof event.version === "number" && event.version <= (shown.get(event.user_id) ?? 0))
+                continue;
             applyPresence(state, event);
+        }
         delete state.sinceSnapshot;
     }
     #room(room) {

@@ -35,6 +35,9 @@ export interface ChatMessage {
 export interface PresentUser {
   user_id: string;
   connections: number;
+  /** The version of the user's last `joined`: a presence frame of theirs with a lower one,
+   * arriving later (from another shard), is older than this snapshot and dropped. */
+  version?: number;
 }
 
 /** A change of a room's presence. */
@@ -858,7 +861,17 @@ export class RoomcastClient {
   #applySnapshot(state: RoomState, users: PresentUser[], count: number): void {
     state.roster = new Map(users.map((u) => [u.user_id, u.connections]));
     state.count = count;
-    for (const event of state.sinceSnapshot ?? []) applyPresence(state, event);
+    const shown = new Map<string, number>();
+    for (const u of users) {
+      if (typeof u.version !== "number" || u.version <= 0) continue;
+      shown.set(u.user_id, u.version);
+      if ((state.versions.get(u.user_id) ?? 0) < u.version) state.versions.set(u.user_id, u.version);
+    }
+    // Events that arrived while the snapshot was on its way, unless the snapshot is newer.
+    for (const event of state.sinceSnapshot ?? []) {
+      if (typeof event.version === "number" && event.version <= (shown.get(event.user_id) ?? 0)) continue;
+      applyPresence(state, event);
+    }
     delete state.sinceSnapshot;
   }
 

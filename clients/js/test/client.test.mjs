@@ -353,3 +353,18 @@ test("a presence event older than one applied is dropped: two shards' frames out
   assert.deepEqual(c.roster("r").map((u) => u.user_id), ["uma"], "the late left does not undo the later join");
   c.close();
 });
+
+test("a presence event older than a roster snapshot is dropped (a scripted socket)", async () => {
+  const c = connect({ url: "ws://scripted", token: "t", rooms: ["r"], WebSocket: Scripted });
+  await c.ready();
+  await until("the welcome's who", () => Scripted.last.sent.some((f) => f.action === "who"));
+  const who = Scripted.last.sent.find((f) => f.action === "who");
+  // The snapshot shows Uma present since her `joined` of version 5.
+  Scripted.last.deliver({ action: "who", room: "r", users: [{ user_id: "uma", connections: 1, version: 5 }], total: 1, ref: who.ref });
+  await until("the snapshot", () => c.roster("r").some((u) => u.user_id === "uma"));
+  // A `left` of version 4, from the other shard, arrives late: older than the snapshot.
+  Scripted.last.deliver({ action: "presence", id: "p4", room: "r", user_id: "uma", event: "left", reason: "leave", users: 0, version: 4 });
+  await until("the late frame handled", () => c.stalePresenceDropped === 1);
+  assert.deepEqual(c.roster("r").map((u) => u.user_id), ["uma"], "the older left does not undo the newer snapshot");
+  c.close();
+});

@@ -1200,6 +1200,7 @@ impl Store for DynamoStore {
                     page.next = page.users.last().map(|(user, _)| user.clone());
                     break 'pages;
                 }
+                page.versions.push(p.version);
                 page.users.push((p.user_id, p.connections.len()));
             }
             match out.last_evaluated_key {

@@ -658,6 +658,7 @@ impl Store for MemoryStore {
                 page.next = page.users.last().map(|(user, _)| user.clone());
                 break;
             }
+            page.versions.push(p.version);
             page.users.push((p.user_id, p.connections.len()));
         }
         page.total =
