@@ -165,7 +165,7 @@ impl DynamoStore {
     }
 
     /// Sets one attribute on an item if it exists; a missing item is not an error.
-    async fn mark(&self, key: DynamoItem, attribute: &str, value: &str) -> Result<()> {
+    async fn mark(&self, key: DynamoItem, attribute: &str, value: AttributeValue) -> Result<()> {
         let result = self
             .client
             .update_item()
@@ -174,7 +174,7 @@ impl DynamoStore {
             .update_expression("SET #a = :v")
             .condition_expression("attribute_exists(pk)")
             .expression_attribute_names("#a", attribute)
-            .expression_attribute_values(":v", s(value))
+            .expression_attribute_values(":v", value)
             .send()
             .await;
         written("update_item", result).map(|_| ())
@@ -530,7 +530,7 @@ impl Store for DynamoStore {
 
     async fn delete_connection(&self, connection_id: &str, reason: Option<LeftReason>) -> Result<Option<Connection>> {
         if let Some(reason) = reason {
-            self.mark(connection_key(connection_id), "closeReason", reason.as_str()).await?;
+            self.mark(connection_key(connection_id), "closeReason", s(reason.as_str())).await?;
         }
         let out = self
             .client
@@ -779,7 +779,7 @@ impl Store for DynamoStore {
     }
 
     async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()> {
-        self.mark(membership_key(tenant, room, connection_id), "leftReason", reason.as_str()).await?;
+        self.mark(membership_key(tenant, room, connection_id), "leftReason", s(reason.as_str())).await?;
         self.client
             .delete_item()
             .table_name(&self.table)
@@ -1369,21 +1369,10 @@ impl Store for DynamoStore {
 
     async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::react::Verdict) -> Result<()> {
         let (name, value) = match verdict {
-            crate::react::Verdict::Rejected(reason) => ("rejected", reason),
-            crate::react::Verdict::Rewritten(text) => ("deliveredBody", text),
+            crate::react::Verdict::Rejected(reason) => ("rejected", s(reason)),
+            crate::react::Verdict::Rewritten(text) => ("deliveredBody", s(text)),
             crate::react::Verdict::Audience(users) => {
-                let list = users.iter().map(|u| AttributeValue::S(u.clone())).collect();
-                let result = self
-                    .client
-                    .update_item()
-                    .table_name(&self.table)
-                    .set_key(Some(key(model::room_pk(tenant, room), sk.to_string())))
-                    .update_expression("SET onlyUsers = :u")
-                    .condition_expression("attribute_exists(pk)")
-                    .expression_attribute_values(":u", AttributeValue::L(list))
-                    .send()
-                    .await;
-                return written("update_item (message audience)", result).map(|_| ());
+                ("onlyUsers", AttributeValue::L(users.iter().map(|u| s(u)).collect()))
             }
         };
         self.mark(key(model::room_pk(tenant, room), sk.to_string()), name, value).await

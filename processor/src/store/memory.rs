@@ -786,23 +786,13 @@ impl Store for MemoryStore {
     async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::react::Verdict) -> Result<()> {
         let mut table = self.lock();
         let (name, value) = match verdict {
-            crate::react::Verdict::Rejected(reason) => ("rejected", reason),
-            crate::react::Verdict::Rewritten(text) => ("deliveredBody", text),
+            crate::react::Verdict::Rejected(reason) => ("rejected", AttributeValue::S(reason.clone())),
+            crate::react::Verdict::Rewritten(text) => ("deliveredBody", AttributeValue::S(text.clone())),
             crate::react::Verdict::Audience(users) => {
-                let list = users.iter().map(|u| AttributeValue::S(u.clone())).collect();
-                self.update(
-                    &mut table,
-                    &(model::room_pk(tenant, room), sk.to_string()),
-                    &[("onlyUsers", Some(AttributeValue::L(list)))],
-                );
-                return Ok(());
+                ("onlyUsers", AttributeValue::L(users.iter().map(|u| AttributeValue::S(u.clone())).collect()))
             }
         };
-        self.update(
-            &mut table,
-            &(model::room_pk(tenant, room), sk.to_string()),
-            &[(name, Some(AttributeValue::S(value.clone())))],
-        );
+        self.update(&mut table, &(model::room_pk(tenant, room), sk.to_string()), &[(name, Some(value))]);
         Ok(())
     }
 
