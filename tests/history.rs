@@ -14,6 +14,7 @@ roomcast_tests::on_both_stores!(
     bad_history_and_recover_requests_are_refused_and_write_nothing,
     history_and_recover_give_what_members_got,
     a_direct_message_is_history_only_for_those_it_was_sent_to,
+    a_message_routed_into_other_rooms_is_in_their_history_for_those_it_reached,
     a_reconnect_with_since_gets_what_it_missed_after_its_welcome,
     a_signal_reaches_the_others_and_is_never_history,
 );
@@ -347,6 +348,71 @@ async fn a_direct_message_is_history_only_for_those_it_was_sent_to(kind: &str) {
     let recovered: Vec<String> =
         got.iter().filter(|f| f["action"] == "message").map(|m| m["message"].as_str().unwrap().to_string()).collect();
     assert_eq!(recovered, ["bye all"], "the direct message is not recovered for Eve");
+}
+
+/// The routing plugin sends an announcement that names `#ops` to the members of ops too: ops's
+/// `history`, `recover` and a reconnect's `?since=` recovery give it to them, as they were sent
+/// it (its room the announcements'), and a direct one only to those it was for. A redelivered
+/// batch keeps one copy.
+async fn a_message_routed_into_other_rooms_is_in_their_history_for_those_it_reached(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.install_plugin("acme", "roomcast-plugin-routing", roomcast::plugins::registry::Policy::FailOpen);
+    stack.connect("ann", "acme", "ann", "announcements").await;
+    for user in ["bob", "eve"] {
+        stack.connect(user, "acme", user, "ops").await;
+    }
+    stack.pump().await;
+    let first = stack.send("bob", json!({"action":"sendMessage","room":"ops","message":"on call today"})).await;
+    stack.clock.advance(Age::milliseconds(1));
+    stack.send("ann", json!({"action":"sendMessage","room":"announcements","message":"release at five #ops"})).await;
+    stack.clock.advance(Age::milliseconds(1));
+    stack.send("ann", json!({"action":"sendMessage","room":"announcements","message":"@bob your review #ops"})).await;
+    stack.clock.advance(Age::milliseconds(1));
+    stack.send("ann", json!({"action":"sendMessage","room":"announcements","message":"not for ops"})).await;
+    let batch = stack.pump_once().await;
+    stack.pump().await;
+    let delivered = |user: &str| -> Vec<(String, String)> {
+        let frames = stack.recorder.received_action(user, "message");
+        frames.iter().map(|m| (m["room"].as_str().unwrap().into(), m["message"].as_str().unwrap().into())).collect()
+    };
+    let pairs = |page: &Value| -> Vec<(String, String)> {
+        let messages = page["messages"].as_array().unwrap();
+        messages.iter().map(|m| (m["room"].as_str().unwrap().into(), m["message"].as_str().unwrap().into())).collect()
+    };
+    let got = |room: &str, text: &str| (room.to_string(), text.to_string());
+    let bob = vec![
+        got("ops", "on call today"),
+        got("announcements", "release at five #ops"),
+        got("announcements", "@bob your review #ops"),
+    ];
+    let eve = vec![got("ops", "on call today"), got("announcements", "release at five #ops")];
+    for (user, want) in [("bob", &bob), ("eve", &eve)] {
+        assert_eq!(&delivered(user), want, "{user} was sent these");
+    }
+    // The batch again, as Lambda redelivers it: its copies are written again, not added.
+    stack.deliver(&batch).await;
+    stack.pump().await;
+    for (user, want) in [("bob", &bob), ("eve", &eve)] {
+        let history = stack.send(user, json!({"action":"history","room":"ops"})).await;
+        assert_eq!(&pairs(&history), want, "ops's history for {user} is what {user} was sent");
+        let recovered = stack.send(user, json!({"action":"recover","room":"ops","since":first["id"]})).await;
+        assert_eq!(pairs(&recovered), want[1..].to_vec(), "{user}'s recovery in ops");
+    }
+    let announcements = stack.send("ann", json!({"action":"history","room":"announcements"})).await;
+    assert_eq!(pairs(&announcements).len(), 3, "the announcements keep their own: {announcements}");
+    // A reconnect to ops with `?since=` recovers, after its welcome, what Eve was sent there.
+    let mut request = roomcast_tests::connect_request("eve2", "acme", "eve", "ops");
+    let since = format!("ops:{}", first["id"].as_str().unwrap());
+    request.query_string_parameters = roomcast_tests::query(&[("rooms", "ops"), ("since", &since)]);
+    assert_eq!(roomcast::handlers::connect(&request, &stack.deps).await.status_code, 200);
+    stack.pump().await;
+    let got_back: Vec<String> = stack
+        .recorder
+        .received_action("eve2", "message")
+        .iter()
+        .map(|m| m["message"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got_back, ["release at five #ops"], "recovered in ops after the welcome");
 }
 
 async fn bad_history_and_recover_requests_are_refused_and_write_nothing(kind: &str) {

@@ -377,10 +377,15 @@ pub struct Message {
     pub sk: String,
     #[serde(rename = "type")]
     pub record_type: String,
+    /// Empty on a [`Message::kept_in`] copy, which is not indexed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub gsi1pk: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub gsi1sk: String,
     pub id: String,
     pub tenant: String,
+    /// The room it was sent to (a copy kept in another room's history says the same, as its
+    /// members got it).
     pub room: String,
     pub user_id: String,
     pub sender_connection_id: String,
@@ -398,6 +403,11 @@ pub struct Message {
     /// sender sees it too): `history` and `recover` give it to them only, as it was delivered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub only_users: Option<Vec<String>>,
+    /// Set on the copy the processor keeps in a room the tenant's rules routed the message into
+    /// (`extra-rooms`): under that room's key, so its history and recovery give what its members
+    /// were sent. The stream's INSERT of a copy is nothing to react to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_in: Option<String>,
 }
 
 impl Message {
@@ -438,6 +448,21 @@ impl Message {
             rejected: None,
             delivered_body: None,
             only_users: None,
+            kept_in: None,
+        }
+    }
+
+    /// The copy of this message, as delivered, kept in `room`'s history (a room the tenant's rules
+    /// routed it into): the same sort key and id, the delivered body and audience, not indexed.
+    pub fn kept_copy(&self, room: &str, delivered_body: Option<String>, only_users: Option<Vec<String>>) -> Message {
+        Message {
+            pk: room_pk(&self.tenant, room),
+            gsi1pk: String::new(),
+            gsi1sk: String::new(),
+            delivered_body,
+            only_users,
+            kept_in: Some(room.to_string()),
+            ..self.clone()
         }
     }
 

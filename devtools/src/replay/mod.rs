@@ -426,6 +426,9 @@ fn describe_effect(effect: &Effect) -> Value {
         Effect::RemoveMembership { tenant, room, connection_id, reason } => json!({
             "remove_membership": {"tenant": tenant, "room": room, "connection_id": connection_id, "reason": reason.as_str()}
         }),
+        Effect::KeepCopy(copy) => json!({
+            "keep_copy": {"tenant": copy.tenant, "room": copy.kept_in, "sk": copy.sk, "from_room": copy.room}
+        }),
     }
 }
 

@@ -413,6 +413,8 @@ impl Deliverer {
                 Effect::MarkMessage { tenant, room, sk, verdict } => {
                     self.inner.store.mark_message(tenant, room, sk, verdict).await?;
                 }
+                // A repeat writes the same item again: no stream record, nothing changed.
+                Effect::KeepCopy(copy) => self.inner.store.put_message(copy).await?,
             }
         }
         outcomes.sort();

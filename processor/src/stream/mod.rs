@@ -191,6 +191,12 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
         typed(image, pk, sk, which).map(Record::Connection)
     } else if pk.starts_with("ROOM#") && sk.starts_with("CONN#") {
         typed(image, pk, sk, which).map(Record::Membership)
+    } else if pk.starts_with("ROOM#") && sk.starts_with("MSG#") && image.contains_key("keptIn") {
+        // A routed message's copy, kept for another room's history: delivered already.
+        Ok(Record::State {
+            tenant: pk["ROOM#".len()..].split('#').next().unwrap_or_default().to_string(),
+            kind: "kept-copy",
+        })
     } else if pk.starts_with("ROOM#") && sk.starts_with("MSG#") {
         typed(image, pk, sk, which).map(Record::Message)
     } else if pk.starts_with("ROOM#") && sk.starts_with("SIG#") {
