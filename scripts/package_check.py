@@ -274,6 +274,8 @@ CHECKS = {
     "sweeper": (scheduled_event, sweeper_table_unreachable),
     "admin": (lambda: {"action": "get_all_connections", "limit": 1}, admin_table_unreachable),
     "publish": (publish_event, publish_table_unavailable),
+    # The same code, deployed as the tenants' route.
+    "tenant_publish": (publish_event, publish_table_unavailable),
 }
 
 

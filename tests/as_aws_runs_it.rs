@@ -24,6 +24,7 @@ const FUNCTIONS: &[&str] = &[
     "SweeperFunction",
     "AdminFunction",
     "PublishFunction",
+    "TenantPublishFunction",
     "FanoutFunction",
 ];
 const SECRET: &str = "as-aws-runs-it-secret";
@@ -232,9 +233,13 @@ impl Aws {
             if batch.records.is_empty() {
                 return reported;
             }
+            let records = self.admitted(batch.records);
+            if records.is_empty() {
+                continue;
+            }
             let started = std::time::Instant::now();
             let lambda = &self.lambdas["ProcessorFunction"];
-            let answer = lambda.invoke_within(json!({ "Records": batch.records }), deadline).await;
+            let answer = lambda.invoke_within(json!({ "Records": records }), deadline).await;
             let Invoked::Response(response) = answer else {
                 panic!("the processor did not answer within its deadline: {answer:?}\n{}", lambda.logs())
             };
@@ -245,6 +250,15 @@ impl Aws {
                 self.poller.rewind(&batch.shard_id, first["itemIdentifier"].as_str().unwrap());
             }
         }
+    }
+
+    /// The records the processor's stream filter lets through (Lambda drops the rest).
+    fn admitted(
+        &self,
+        records: Vec<aws_lambda_events::dynamodb::EventRecord>,
+    ) -> Vec<aws_lambda_events::dynamodb::EventRecord> {
+        let function = &self.lambdas["ProcessorFunction"].function;
+        records.into_iter().filter(|r| function.admits(r)).collect()
     }
 
     /// Feeds the stream to the processor until it is quiet, as the event source mapping does:
@@ -259,7 +273,11 @@ impl Aws {
             if batch.records.is_empty() {
                 return invocations;
             }
-            let event = json!({ "Records": batch.records });
+            let records = self.admitted(batch.records);
+            if records.is_empty() {
+                continue;
+            }
+            let event = json!({ "Records": records });
             let times = if self.redeliver { 2 } else { 1 };
             let mut failed = None;
             for _ in 0..times {
@@ -354,6 +372,30 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     assert_eq!(aws.send("c-bob", json!({"action": "ping"})).await["action"], "pong");
     assert_eq!(aws.send("c-bob", json!({"action": "info"})).await["action"], "info");
     aws.pump().await;
+
+    // Rate limits, counted in the table under the message function's policy: tenant `flood`
+    // allows 2 messages a second per connection, so a flood is refused, then deleted, and the
+    // processor closes its socket (DELETE @connections under its policy).
+    let mut settings = roomcast::model::TenantSettings::new("flood");
+    settings.rate_limits.insert("messages_per_connection".into(), 2);
+    aws.admin.put_tenant_settings(&settings).await.expect("the tenant's limits");
+    aws.connect("c-flood", &token("flood", "mallory"), "lobby").await;
+    let mut refused = 0;
+    for i in 0..200 {
+        let answer = aws
+            .send("c-flood", json!({"action": "sendMessage", "room": "lobby", "message": format!("flood {i}")}))
+            .await;
+        if answer["code"] == "rate_limited" {
+            refused += 1;
+            assert!(answer["retry_after_ms"].as_u64().is_some_and(|ms| ms <= 1000), "{answer}");
+            if answer["message"].as_str().unwrap().contains("being closed") {
+                break;
+            }
+        }
+    }
+    assert!(refused > 0, "the flood was never refused");
+    aws.pump().await;
+    assert!(aws.recorder.deleted().contains(&"c-flood".to_string()), "closed: {:?}", aws.recorder.deleted());
 
     // An operator uploads a plugin (with the operator's credentials); the processor activates
     // it from the stream and runs it on the next message, all under its own policy.
@@ -468,26 +510,23 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     ids.push(first_id);
     let publisher = |tenant: &str| format!("Bearer {}", roomcast_tests::publish_token(tenant, SECRET.as_bytes()));
     let theirs = json!({"tenant": "acme", "room": "lobby", "message": "from globex"});
-    let refused = aws.invoke("PublishFunction", http(Value::Null, &publisher("globex"), theirs)).await;
+    // Tenants' backends publish through a function of their own (its own concurrency and the
+    // route's throttle): the same binary, the token's tenant only.
+    let refused = aws.invoke("TenantPublishFunction", http(Value::Null, &publisher("globex"), theirs)).await;
     assert_eq!(refused["statusCode"], 403, "{refused}");
     let refused = aws
         .invoke(
-            "PublishFunction",
+            "TenantPublishFunction",
             http(Value::Null, &token("acme", "alice"), json!({"tenant": "acme", "room": "lobby", "message": "x"})),
         )
         .await;
     assert_eq!(refused["statusCode"], 403, "a connect token cannot publish: {refused}");
-    let ours = aws
-        .invoke(
-            "PublishFunction",
-            http(
-                Value::Null,
-                &publisher("acme"),
-                json!({"tenant": "acme", "room": "lobby", "message": "from the shop"}),
-            ),
-        )
-        .await;
+    let from_the_shop =
+        json!({"tenant": "acme", "room": "lobby", "message": "from the shop", "idempotency_key": "shop-1"});
+    let ours = aws.invoke("TenantPublishFunction", http(Value::Null, &publisher("acme"), from_the_shop.clone())).await;
     assert_eq!(ours["statusCode"], 200, "{ours}");
+    let again = aws.invoke("TenantPublishFunction", http(Value::Null, &publisher("acme"), from_the_shop)).await;
+    assert_eq!(again["body"], ours["body"], "a repeated key answers the first id");
     ids.push(
         serde_json::from_str::<Value>(ours["body"].as_str().unwrap()).unwrap()["id"].as_str().unwrap().to_string(),
     );
@@ -535,6 +574,7 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     let two_hours_ago = roomcast::model::ManualClock::at(chrono::Utc::now() - chrono::Duration::hours(2));
     let old = roomcast::handlers::HandlerDeps {
         joins: Default::default(),
+        limits: Default::default(),
         store: std::sync::Arc::new(aws.admin.clone()),
         clock: two_hours_ago,
         connection_ttl_seconds: 3 * 3600,

@@ -78,6 +78,9 @@ pub struct Function {
     pub timeout: u64,
     pub memory: u64,
     pub policy: Vec<Statement>,
+    /// Its DynamoDB stream event's `FilterCriteria`, as the `pk` prefixes its patterns admit
+    /// (empty: every record). Lambda drops other records without invoking it; so does the harness.
+    pub stream_filter: Vec<String>,
 }
 
 /// One IAM policy statement, resolved.
@@ -91,6 +94,15 @@ pub struct Statement {
 }
 
 impl Function {
+    /// Whether its stream event's filter lets `record` through to it.
+    pub fn admits(&self, record: &aws_lambda_events::dynamodb::EventRecord) -> bool {
+        let pk = match record.change.keys.get("pk") {
+            Some(serde_dynamo::AttributeValue::S(pk)) => pk.as_str(),
+            _ => "",
+        };
+        self.stream_filter.is_empty() || self.stream_filter.iter().any(|prefix| pk.starts_with(prefix.as_str()))
+    }
+
     /// Whether this function's policy allows `action` on `resource` (an explicit deny wins).
     pub fn allows(&self, action: &str, resource: &str) -> bool {
         let matching = |s: &&Statement| {
@@ -202,9 +214,34 @@ impl Template {
             }
             policy.extend(self.sam_added(props, at));
             let (timeout, memory) = (number("Timeout"), number("MemorySize"));
-            functions.push(Function { logical_id: id, binary, environment, timeout, memory, policy });
+            let stream_filter = Self::stream_filter(&id, props);
+            functions.push(Function { logical_id: id, binary, environment, timeout, memory, policy, stream_filter });
         }
         functions
+    }
+
+    /// The `pk` prefixes a DynamoDB event's `FilterCriteria` admits: patterns of the form
+    /// `{"dynamodb": {"Keys": {"pk": {"S": [{"prefix": …}, …]}}}}`, the one form the harness reads.
+    fn stream_filter(id: &str, props: &Yaml) -> Vec<String> {
+        let mut prefixes = Vec::new();
+        for event in props["Events"].as_mapping().into_iter().flat_map(|m| m.values()) {
+            if event["Type"].as_str() != Some("DynamoDB") {
+                continue;
+            }
+            for filter in event["Properties"]["FilterCriteria"]["Filters"].as_sequence().into_iter().flatten() {
+                let text = filter["Pattern"].as_str().unwrap_or_else(|| panic!("{id}: a filter without a Pattern"));
+                let pattern: serde_json::Value = serde_json::from_str(text)
+                    .unwrap_or_else(|e| panic!("{id}: a filter Pattern that is not JSON: {e}"));
+                let values = pattern["dynamodb"]["Keys"]["pk"]["S"].as_array().unwrap_or_else(|| {
+                    panic!("{id}: a filter the harness cannot read ({text}); only pk prefixes are supported")
+                });
+                for value in values {
+                    let prefix = value["prefix"].as_str().unwrap_or_else(|| panic!("{id}: not a prefix: {value}"));
+                    prefixes.push(prefix.to_string());
+                }
+            }
+        }
+        prefixes
     }
 
     /// What SAM adds to a function's generated role for its event sources: for a DynamoDB

@@ -696,6 +696,9 @@ impl Stack {
             Processor::new(processor_store, deliverer, clock.clone(), metrics, 8).with_plugins(plugins.clone());
         let deps = HandlerDeps {
             joins: Default::default(),
+            // Off, but in the tests of limits (tests/limits.rs): other tests send faster than a
+            // client may, on a clock that does not move.
+            limits: roomcast::limits::Limiter::new(roomcast::limits::RateLimits::unlimited()),
             store: table.store.clone(),
             clock: clock.clone(),
             connection_ttl_seconds: 600,
@@ -925,6 +928,9 @@ impl Store for UnavailableRoom {
     }
     async fn bump_roster(&self, tenant: &str, room: &str) -> roomcast::store::Result<()> {
         self.inner.bump_roster(tenant, room).await
+    }
+    async fn count_in_window(&self, key: &str, window: i64) -> roomcast::store::Result<u64> {
+        self.inner.count_in_window(key, window).await
     }
     async fn roster_version(&self, tenant: &str, room: &str) -> roomcast::store::Result<Option<u64>> {
         // Never kept: every read of the room asks `room_members`, which fails as set.
@@ -1279,6 +1285,8 @@ pub mod ws {
         let mut options = DevOptions {
             port: 0,
             auth: roomcast::gateway::AuthMode::Jwt { secret: SECRET.to_vec() },
+            // Off, but where a test sets them: other tests send faster than a client may.
+            rate_limits: roomcast::limits::RateLimits::unlimited(),
             ..DevOptions::default()
         };
         options.delivery.initial_backoff = Duration::from_millis(20);

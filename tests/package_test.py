@@ -73,7 +73,7 @@ while True:
         post(f"{base}/response", {"batchItemFailures": []} if event == {"Records": []} else {})
     elif BINARY == "admin":
         post(f"{base}/response", {"statusCode": 500, "body": {"message": "table unavailable: Scan: refused"}})
-    elif BINARY == "publish":
+    elif BINARY in ("publish", "tenant_publish"):
         post(f"{base}/response", {"statusCode": 503, "body": json.dumps({"error": "table unavailable: put_item: refused"})})
     elif BINARY == "sweeper":
         post(f"{base}/error", {"errorType": "&str", "errorMessage": "table unavailable: Scan: refused"})
@@ -168,7 +168,7 @@ class PackageCheck(unittest.TestCase):
         self.assertIn("no bootstrap at", text)
         self.assertIn("then exited with status 0", text)
         self.assertIn("DisconnectFunction: not in", text)
-        self.assertEqual(text.count("  ok: "), 3, text)  # MessageFunction, PublishFunction, FanoutFunction
+        self.assertEqual(text.count("  ok: "), 4, text)  # Message, Publish, TenantPublish, Fanout
 
     def test_the_token_is_one_the_authorizer_accepts(self):
         # roomcast::auth's own test vector: mint(claims(2000), b"test-secret") signs the same bytes.

@@ -90,7 +90,7 @@ class Template(unittest.TestCase):
         functions = self.of_type("AWS::Serverless::Function")
         self.assertEqual(set(functions), {"AuthorizerFunction", "ConnectFunction", "DisconnectFunction", "MessageFunction",
                                           "ProcessorFunction", "SweeperFunction", "AdminFunction", "PublishFunction",
-                                          "FanoutFunction"})
+                                          "TenantPublishFunction", "FanoutFunction"})
         for name, f in functions.items():
             self.assertEqual(f["Metadata"]["BuildMethod"], "rust-cargolambda", name)
             self.assertNotIn("Runtime", f["Properties"], f"{name} must not override the runtime")
@@ -219,6 +219,46 @@ class Template(unittest.TestCase):
     def test_the_sweeper_runs_on_a_schedule(self):
         events = self.resources["SweeperFunction"]["Properties"]["Events"].values()
         self.assertTrue(any(e["Type"] == "Schedule" for e in events))
+
+    def test_the_processor_is_invoked_only_for_the_records_it_acts_on(self):
+        import json
+        processor = self.resources["ProcessorFunction"]["Properties"]
+        (source,) = [e["Properties"] for e in processor["Events"].values() if e["Type"] == "DynamoDB"]
+        prefixes = set()
+        for f in source["FilterCriteria"]["Filters"]:
+            pattern = json.loads(f["Pattern"])
+            prefixes |= {p["prefix"] for p in pattern["dynamodb"]["Keys"]["pk"]["S"]}
+        # What processor/src/stream/mod.rs decodes into a record it reacts to (not `State`).
+        decoder = (TEMPLATE.parent / "processor/src/stream/mod.rs").read_text()
+        acted = set(re.findall(r'pk\.starts_with\("([A-Z]+#)"\)[^\n]*\n\s*typed', decoder))
+        acted |= {"TENANT#"} if "typed(image, pk, sk, which).map(Record::PluginActive)" in decoder else set()
+        self.assertTrue(acted, "the decoder's record kinds were found")
+        self.assertEqual(prefixes, acted)
+        self.assertNotIn("LIMIT#", prefixes, "rate-limit counters never invoke the processor")
+
+    def test_a_flood_of_clients_cannot_take_the_processors_concurrency(self):
+        props = lambda name: self.resources[name]["Properties"]
+        conditions = self.t["Conditions"]
+        for name, parameter in [("MessageFunction", "MessageConcurrency"), ("ConnectFunction", "ConnectConcurrency"),
+                                ("AuthorizerFunction", "ConnectConcurrency"),
+                                ("DisconnectFunction", "ConnectConcurrency"),
+                                ("ProcessorFunction", "ProcessorConcurrency")]:
+            condition, value, otherwise = props(name)["ReservedConcurrentExecutions"]["Fn::If"]
+            self.assertEqual(value, {"Ref": parameter}, name)
+            self.assertEqual(otherwise, {"Ref": "AWS::NoValue"}, name)
+            self.assertIn(condition, conditions, name)
+            self.assertGreater(self.t["Parameters"][parameter]["Default"], 0, f"{parameter} reserves by default")
+        # The anonymous tenant route has its own function, concurrency and throttle.
+        self.assertNotIn("Events", props("PublishFunction"), "the operator's publish has no public route")
+        self.assertEqual(props("PublishFunction")["ReservedConcurrentExecutions"], {"Ref": "PublishConcurrency"})
+        tenant = props("TenantPublishFunction")
+        self.assertEqual(tenant["ReservedConcurrentExecutions"], {"Ref": "TenantPublishConcurrency"})
+        (route,) = [e["Properties"] for e in tenant["Events"].values() if e["Type"] == "HttpApi"]
+        self.assertEqual(route["Path"], "/publish")
+        self.assertEqual(route["RouteSettings"]["ThrottlingRateLimit"], {"Ref": "TenantPublishRate"})
+        self.assertIn("ThrottlingBurstLimit", route["RouteSettings"])
+        self.assertEqual(self.resources["TenantPublishFunction"]["Metadata"]["BuildProperties"]["Binary"],
+                         "tenant_publish")
 
     def test_alarms_and_outputs(self):
         alarms = {(a["Properties"]["Namespace"], a["Properties"]["MetricName"])

@@ -173,6 +173,12 @@ struct DevArgs {
     /// holds up no other; 0 serves every frame in its batch.
     #[arg(long, default_value_t = crate::deliver::stage::HANDOFF_RECIPIENTS)]
     handoff_recipients: usize,
+    /// A rate limit for every tenant whose settings do not set it, as NAME=N a second (0: none);
+    /// repeatable. Names: messages_per_connection (10), messages_per_user (20),
+    /// messages_per_tenant (1000), joins_per_connection (5), joins_per_user (10),
+    /// joins_per_tenant (200), connects_per_user (5), connects_per_tenant (200).
+    #[arg(long = "limit", value_name = "NAME=N", value_parser = crate::limits::parse_setting)]
+    limits: Vec<(String, u32)>,
     /// Connection and membership TTL, seconds.
     #[arg(long, env = "CONNECTION_TTL_SECONDS", default_value_t = 3600)]
     connection_ttl: i64,
@@ -340,6 +346,12 @@ enum TenantCommand {
         /// (default: ROOMCAST_PRESENCE_ANNOUNCE_MAX_USERS, 100).
         #[arg(long)]
         presence_announce_max_users: Option<u64>,
+        /// A rate limit of the tenant's own, as NAME=N a second (0: none); repeatable. Names:
+        /// messages_per_connection, messages_per_user, messages_per_tenant, joins_per_connection,
+        /// joins_per_user, joins_per_tenant, connects_per_user, connects_per_tenant. Unset ones
+        /// take the deployment's (ROOMCAST_LIMIT_{NAME}). Handlers read it within 5 s.
+        #[arg(long = "limit", value_name = "NAME=N", value_parser = crate::limits::parse_setting)]
+        limits: Vec<(String, u32)>,
         #[command(flatten)]
         target: PluginTargetArgs,
     },
@@ -501,9 +513,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&settings)?);
             Ok(())
         }
-        Command::Tenant { command: TenantCommand::Set { tenant, presence_announce_max_users, target } } => {
+        Command::Tenant { command: TenantCommand::Set { tenant, presence_announce_max_users, limits, target } } => {
             let settings = crate::model::TenantSettings {
                 presence_announce_max_users,
+                rate_limits: limits.into_iter().collect(),
                 ..crate::model::TenantSettings::new(&tenant)
             };
             target.target().await.set_settings(&settings).await?;
@@ -679,6 +692,13 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         redeliver: args.redeliver,
         per_item_order: args.per_item_order,
         handoff_recipients: args.handoff_recipients,
+        rate_limits: {
+            let mut limits = crate::limits::RateLimits::default();
+            for (name, value) in &args.limits {
+                limits.set(name, *value).map_err(anyhow::Error::msg)?;
+            }
+            limits
+        },
         ..crate::dev::DevOptions::default()
     };
     let store_name =

@@ -61,6 +61,8 @@ pub struct DevOptions {
     /// Frames for this many recipients or more go to the in-process fan-out stage
     /// (`deliver::stage::LocalStage`); 0: none does.
     pub handoff_recipients: usize,
+    /// The rate limits tenants get unless their settings say otherwise (`--limit NAME=N`).
+    pub rate_limits: crate::limits::RateLimits,
 }
 
 impl Default for DevOptions {
@@ -82,6 +84,7 @@ impl Default for DevOptions {
             clock: Arc::new(SystemClock),
             presence_announce_max_users: crate::presence::DEFAULT_ANNOUNCE_MAX_USERS,
             handoff_recipients: crate::deliver::stage::HANDOFF_RECIPIENTS,
+            rate_limits: crate::limits::RateLimits::default(),
         }
     }
 }
@@ -223,6 +226,7 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
     let processor = Arc::new(processor);
     let deps = HandlerDeps {
         joins: Default::default(),
+        limits: crate::limits::Limiter::new(options.rate_limits),
         store: store.clone(),
         clock: clock.clone(),
         connection_ttl_seconds: options.connection_ttl_seconds,

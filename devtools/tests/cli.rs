@@ -224,6 +224,15 @@ async fn plugin_upload_into_a_running_dev_stack_with_the_embedded_store() {
     assert_eq!(stored.presence_announce_max_users, Some(7));
     let (ok, out) = roomcast(args("tenant set bad#name --presence-announce-max-users 7")).await;
     assert!(!ok && out.contains("contains '#'"), "{out}");
+    // Its own rate limits, by name; an unknown name is refused with the list.
+    let (ok, out) =
+        roomcast(args("tenant set acme --limit messages-per-connection=3 --limit joins_per_tenant=0")).await;
+    assert!(ok && out.contains(r#""messages_per_connection": 3"#), "{out}");
+    let stored = stack.store.tenant_settings("acme").await.unwrap().expect("written");
+    assert_eq!(stored.rate_limits.get("messages_per_connection"), Some(&3));
+    assert_eq!(stored.rate_limits.get("joins_per_tenant"), Some(&0));
+    let (ok, out) = roomcast(args("tenant set acme --limit messages_per_room=3")).await;
+    assert!(!ok && out.contains("no limit is called") && out.contains("messages_per_user"), "{out}");
 
     // A backend's message through the stack's publish endpoint, as a tenant's backend sends it.
     let (ok, out) = roomcast(args("publish --tenant acme --room general --idempotency-key k-1 order-shipped")).await;

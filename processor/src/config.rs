@@ -103,6 +103,8 @@ pub struct Config {
     pub fanout_queue_url: Option<String>,
     /// Frames for this many recipients or more go to the fan-out stage.
     pub handoff_recipients: usize,
+    /// The rate limits tenants get unless their settings say otherwise (`ROOMCAST_LIMIT_{NAME}`).
+    pub rate_limits: crate::limits::RateLimits,
 }
 
 /// Every problem found, one per line.
@@ -220,6 +222,14 @@ impl Config {
             number("ROOMCAST_PLUGIN_MEMORY_BUDGET_MIB", function_mib.map_or(1024, |m| (m / 2).max(1)), 1, 65_536)
                 as usize;
 
+        let mut rate_limits = crate::limits::RateLimits::default();
+        for name in crate::limits::NAMES {
+            let variable = format!("ROOMCAST_LIMIT_{}", name.to_uppercase());
+            let default = u64::from(crate::limits::RateLimits::default().of_name(name));
+            let value = number(&variable, default, 0, 1_000_000) as u32;
+            let _ = rate_limits.set(name, value);
+        }
+
         if problems.is_empty() {
             Ok(Config {
                 table_name,
@@ -239,6 +249,7 @@ impl Config {
                 presence_announce_max_users,
                 fanout_queue_url,
                 handoff_recipients,
+                rate_limits,
             })
         } else {
             Err(ConfigError(problems))

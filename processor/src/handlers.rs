@@ -32,6 +32,8 @@ pub struct HandlerDeps {
     pub idempotency_window_seconds: i64,
     /// Whether each tenant's plugin decides joins, as its `ACTIVE` pointer said a moment ago.
     pub joins: JoinRules,
+    /// Rate limits per connection, user and tenant ([`crate::limits`]).
+    pub limits: crate::limits::Limiter,
 }
 
 /// Per tenant, whether its plugin decides joins (the `ACTIVE` pointer's `authorizesJoins`),
@@ -80,7 +82,7 @@ fn internal(err: &StoreError) -> ApiGatewayProxyResponse {
 fn unavailable(err: &StoreError) -> (i64, ServerMessage) {
     tracing::error!(error = %err, "table unavailable");
     let message = "the service is unavailable; nothing was written".into();
-    (500, ServerMessage::Error { code: ErrorCode::Internal, message })
+    (500, ServerMessage::Error { code: ErrorCode::Internal, message, retry_after_ms: None })
 }
 
 /// The caller's identity, from the `$connect` authorizer's context (never from the client).
@@ -230,13 +232,29 @@ pub async fn connect(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDe
         });
         recover.retain(|room, _| rooms.contains(room));
     }
+    let now = deps.clock.now();
+    let op = crate::limits::Operation::Connect;
+    match deps.limits.check(deps.store.as_ref(), op, who.tenant.as_str(), &who.user_id, None, now).await {
+        Ok(None) => {}
+        Ok(Some(limited)) => {
+            tracing::warn!(
+                connection_id,
+                tenant = %who.tenant,
+                user_id = %who.user_id,
+                scope = limited.scope.as_str(),
+                limit = limited.limit,
+                "rate_limited"
+            );
+            return respond(429, Some(FrameError::rate_limited(&limited).message));
+        }
+        Err(err) => return internal(&err),
+    }
     // Whether the tenant's plugin decides joins: one read of its `ACTIVE` pointer per connect
     // (never per join or message). Then this connection's joins wait for the processor.
     let authorize_joins = match deps.joins.decided(deps.store.as_ref(), who.tenant.as_str()).await {
         Ok(decided) => decided,
         Err(err) => return internal(&err),
     };
-    let now = deps.clock.now();
     let mut conn = Connection::new(NewConnection {
         connection_id,
         tenant: &who.tenant,
@@ -333,6 +351,14 @@ async fn answer_frame(
         }
         Err(err) => return unavailable(&err),
     };
+    if let Some(operation) = request.limited_as() {
+        let (tenant, user) = (conn.tenant.as_str(), conn.user_id.as_str());
+        match deps.limits.check(deps.store.as_ref(), operation, tenant, user, Some(connection_id), now).await {
+            Ok(None) => {}
+            Ok(Some(limited)) => return (200, refuse(&limited, &conn, deps).await.into()),
+            Err(err) => return unavailable(&err),
+        }
+    }
     match act(request, &conn, deps, now).await {
         Ok(message) => (200, message),
         Err(Failure::Client(e)) => {
@@ -341,6 +367,30 @@ async fn answer_frame(
         }
         Err(Failure::Platform(err)) => unavailable(&err),
     }
+}
+
+/// Over a rate limit: the `rate_limited` answer; a connection that kept going after it was
+/// told is also deleted (`closeReason: rate_limited`), and the processor closes its socket.
+async fn refuse(limited: &crate::limits::Limited, conn: &Connection, deps: &HandlerDeps) -> FrameError {
+    let connection_id = conn.connection_id.as_str();
+    tracing::warn!(
+        connection_id,
+        tenant = %conn.tenant,
+        user_id = %conn.user_id,
+        operation = limited.operation.as_str(),
+        scope = limited.scope.as_str(),
+        limit = limited.limit,
+        close = limited.close,
+        "rate_limited"
+    );
+    let mut refused = FrameError::rate_limited(limited);
+    if limited.close {
+        match deps.store.delete_connection(connection_id, Some(crate::model::LeftReason::RateLimited)).await {
+            Ok(_) => refused.message = format!("{}; this connection is being closed", refused.message),
+            Err(err) => tracing::error!(connection_id, error = %err, "could not close a flooding connection"),
+        }
+    }
+    refused
 }
 
 enum Failure {

@@ -43,6 +43,7 @@ pub async fn run_handler(route: Route) -> Result<(), Error> {
     let (_, store) = store_from(&config, Arc::default()).await;
     let deps = HandlerDeps {
         joins: Default::default(),
+        limits: crate::limits::Limiter::new(config.rate_limits),
         store,
         clock: Arc::new(SystemClock),
         connection_ttl_seconds: config.connection_ttl_seconds,

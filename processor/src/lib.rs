@@ -19,6 +19,7 @@
 //! |------|--------|-----|
 //! | records | [`model`] | the single table's records and keys; validated names; the clock |
 //! | write path | [`handlers`] | `$connect`, `$disconnect`, messages → records; route responses |
+//! | rate limits | [`limits`] | per connection, user and tenant, counted in the table before a handler writes |
 //! | table | [`store`] | one trait, a DynamoDB adapter and an embedded one with a stream |
 //! | record → change | [`stream`] | decode stream records into typed [`stream::Change`]s; the batch runner; the Streams poller |
 //! | tenant rules | [`rules`] | the interface the pipeline asks before reacting: a message's verdict and route, who may join a room, a greeting (the plugin host implements it) |
@@ -38,6 +39,7 @@ pub mod config;
 pub mod deliver;
 pub mod handlers;
 pub mod lambda;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -58,6 +58,9 @@ counters! {
     /// Frames for one recipient still answered 429 past the budget: given up on, never closed
     /// (a lone 429 cannot tell a full client from a throttled account).
     lone_throttled,
+    /// Connections closed because they kept sending over their rate limit after being told
+    /// (the handlers refused each such frame with `rate_limited` and logged it).
+    rate_limited_closed,
     /// Retries after 429, 5xx, timeouts and young connections' 410.
     retried,
     /// Recipients given up on: 413, other 4xx, or retries past the deadline.
@@ -139,6 +142,7 @@ impl Counts {
             account_throttled = self.account_throttled,
             slow_consumers = self.slow_consumers,
             lone_throttled = self.lone_throttled,
+            rate_limited_closed = self.rate_limited_closed,
             retried = self.retried,
             failed = self.failed,
             resumed_skips = self.resumed_skips,

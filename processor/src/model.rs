@@ -75,6 +75,11 @@ pub fn roster_pk(tenant: &str, room: &str) -> String {
 
 pub const ROSTER_VERSION_SK: &str = "VERSION";
 
+/// A rate limit's counter (`roomcast_core::limits`): one item per key and one-second window.
+pub fn limit_pk(key: &str) -> String {
+    format!("LIMIT#{key}")
+}
+
 /// A room's presence: its users' items and its count. On a key of its own, so that a join storm's
 /// presence writes and the memberships themselves each have a partition key's write units (two
 /// a join on each; see docs/PERFORMANCE.md, "A join storm"). Presence written before it lived
@@ -293,6 +298,9 @@ pub enum LeftReason {
     Gone,
     /// The tenant's rules denied the join.
     Denied,
+    /// The connection kept going over its rate limit after it was told (`roomcast_core::limits`):
+    /// the processor closes it.
+    RateLimited,
 }
 
 impl LeftReason {
@@ -303,13 +311,21 @@ impl LeftReason {
             LeftReason::Expired => "expired",
             LeftReason::Gone => "gone",
             LeftReason::Denied => "denied",
+            LeftReason::RateLimited => "rate_limited",
         }
     }
 
     pub fn parse(value: &str) -> Option<LeftReason> {
-        [LeftReason::Leave, LeftReason::Disconnect, LeftReason::Expired, LeftReason::Gone, LeftReason::Denied]
-            .into_iter()
-            .find(|r| r.as_str() == value)
+        [
+            LeftReason::Leave,
+            LeftReason::Disconnect,
+            LeftReason::Expired,
+            LeftReason::Gone,
+            LeftReason::Denied,
+            LeftReason::RateLimited,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == value)
     }
 }
 
@@ -1028,6 +1044,10 @@ pub struct TenantSettings {
     /// Rooms with more users than this announce no `joined`/`left`; they offer counts and `who`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence_announce_max_users: Option<u64>,
+    /// Rate limits of its own over the deployment's, by name (`messages_per_connection`, …;
+    /// `roomcast_core::limits::NAMES`), 0 meaning none.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rate_limits: std::collections::BTreeMap<String, u32>,
 }
 
 impl TenantSettings {
@@ -1038,6 +1058,7 @@ impl TenantSettings {
             record_type: "settings".into(),
             tenant: tenant.to_string(),
             presence_announce_max_users: None,
+            rate_limits: Default::default(),
         }
     }
 }

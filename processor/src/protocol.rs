@@ -67,6 +67,19 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The rate limit this request counts against, if any (`roomcast_core::limits`).
+    pub fn limited_as(&self) -> Option<crate::limits::Operation> {
+        match self {
+            Request::SendMessage { .. } | Request::Signal { .. } => Some(crate::limits::Operation::Message),
+            Request::Join { .. } | Request::Leave { .. } => Some(crate::limits::Operation::Join),
+            Request::Ping | Request::Info | Request::History { .. } | Request::Recover { .. } | Request::Who { .. } => {
+                None
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -84,17 +97,31 @@ pub enum ErrorCode {
     NotConnected,
     /// Our fault: the table could not be reached. Nothing was written.
     Internal,
+    /// Over a rate limit: nothing was written; `retry_after_ms` says when to try again
+    /// (`roomcast_core::limits`).
+    RateLimited,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct FrameError {
     pub code: ErrorCode,
     pub message: String,
+    /// For `rate_limited`: when the client may try again.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl FrameError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        FrameError { code, message: message.into() }
+        FrameError { code, message: message.into(), retry_after_ms: None }
+    }
+
+    /// Over a rate limit.
+    pub fn rate_limited(limited: &crate::limits::Limited) -> Self {
+        FrameError {
+            code: ErrorCode::RateLimited,
+            message: limited.message(),
+            retry_after_ms: Some(limited.retry_after_ms),
+        }
     }
 }
 
@@ -370,6 +397,8 @@ pub enum ServerMessage {
     Error {
         code: ErrorCode,
         message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     Pong,
     Info {
@@ -487,7 +516,7 @@ impl ServerMessage {
 
 impl From<FrameError> for ServerMessage {
     fn from(e: FrameError) -> Self {
-        ServerMessage::Error { code: e.code, message: e.message }
+        ServerMessage::Error { code: e.code, message: e.message, retry_after_ms: e.retry_after_ms }
     }
 }
 

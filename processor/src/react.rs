@@ -137,6 +137,9 @@ pub enum Effect {
     /// Keep a copy of a message, as delivered, in the history of a room the tenant's rules routed
     /// it into ([`crate::model::Message::kept_in`]), before any of that room's members is sent it.
     KeepCopy(Box<crate::model::Message>),
+    /// Close the connection's socket (`DELETE @connections`): one that kept going over its rate
+    /// limit, after a frame saying why.
+    Close(Recipient),
 }
 
 /// What a tenant's rules made of a message, as history keeps it.
@@ -302,6 +305,20 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                 (Cause::Client, Some(reason)) => reason,
                 (Cause::Client, None) => LeftReason::Disconnect,
             };
+            let me = Recipient {
+                connection_id: c.connection_id.clone(),
+                endpoint: c.endpoint.clone(),
+                connected_at: c.connected_at,
+            };
+            // A connection deleted for flooding is still open: told, then closed.
+            let closing = (reason == LeftReason::RateLimited).then(|| {
+                let payload = ServerMessage::Error {
+                    code: crate::protocol::ErrorCode::RateLimited,
+                    message: "this connection kept sending over its rate limit and is closed".into(),
+                    retry_after_ms: None,
+                };
+                [Effect::Send { payload, recipients: vec![me.clone()] }, Effect::Close(me)]
+            });
             c.rooms
                 .iter()
                 .map(|room| Effect::RemoveMembership {
@@ -310,6 +327,7 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                     connection_id: c.connection_id.clone(),
                     reason,
                 })
+                .chain(closing.into_iter().flatten())
                 .collect()
         }
         // Plugin records are the pipeline's business (activation), not clients'.

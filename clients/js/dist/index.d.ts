@@ -42,7 +42,7 @@ export interface PresenceEvent {
     room: string;
     user_id: string;
     event: "joined" | "left";
-    /** Why: `connect`, `join`, `leave`, `disconnect`, `expired`, `gone`, `denied`. */
+    /** Why: `connect`, `join`, `leave`, `disconnect`, `expired`, `gone`, `denied`, `rate_limited`. */
     reason: string;
     /** Users present in the room after it. */
     users: number;
@@ -103,6 +103,13 @@ export interface ConnectOptions {
     maxFailedAttempts?: number;
     /** Message ids remembered per room to drop repeats. Default 1000. */
     dedupeWindow?: number;
+    /**
+     * A send, signal, join or leave answered `rate_limited` is sent again after the server's
+     * `retry_after_ms` (other such requests wait too), at most this many times before it rejects
+     * with `RateLimitedError`. Default 5. The server closes a connection that keeps sending over
+     * its limit after being told (three times the limit in one second).
+     */
+    maxRateLimitRetries?: number;
 }
 /** Every error this client gives. `code` is the server's (`not_member`, …) or the client's. */
 export declare class RoomcastError extends Error {
@@ -128,6 +135,14 @@ export declare class AuthError extends RoomcastError {
 /** Too many sends are waiting for the connection to come back. */
 export declare class QueueFullError extends RoomcastError {
     constructor(limit: number);
+}
+/** Over a rate limit, after `maxRateLimitRetries` waits of `retryAfterMs` each. */
+export declare class RateLimitedError extends RoomcastError {
+    /** When the server said to try again, in milliseconds. */
+    readonly retryAfterMs: number;
+    constructor(message: string, 
+    /** When the server said to try again, in milliseconds. */
+    retryAfterMs: number);
 }
 /** The server's welcome: who this connection is, and the rooms it is in now. */
 export interface Welcome {
@@ -228,4 +243,6 @@ export declare class RoomcastClient {
     signal(room: string, data: unknown): Promise<void>;
     /** Stops: no reconnect; waiting requests and sends reject. */
     close(): void;
+    /** Requests refused as rate limited and sent again (or given up on). */
+    get rateLimited(): number;
 }

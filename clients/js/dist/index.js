@@ -64,6 +64,19 @@ export class QueueFullError extends RoomcastError {
         this.name = "QueueFullError";
     }
 }
+/** Over a rate limit, after `maxRateLimitRetries` waits of `retryAfterMs` each. */
+export class RateLimitedError extends RoomcastError {
+    retryAfterMs;
+    constructor(message, 
+    /** When the server said to try again, in milliseconds. */
+    retryAfterMs) {
+        super("rate_limited", message);
+        this.retryAfterMs = retryAfterMs;
+        this.name = "RateLimitedError";
+    }
+}
+/** Requests the server rate-limits (messages and signals; joins and leaves). */
+const LIMITED = new Set(["sendMessage", "signal", "join", "leave"]);
 const OPEN = 1;
 /** Opens a client; it connects at once and keeps the connection until `close()`. */
 export function connect(options) {
@@ -92,6 +105,9 @@ export class RoomcastClient {
     #reconnecting = false;
     #failedAttempts = 0;
     #recoverTimer;
+    /** Until when (epoch ms) rate-limited requests wait: the server said so. */
+    #holdUntil = 0;
+    #rateLimited = 0;
     constructor(options) {
         const WebSocketImpl = options.WebSocket ?? globalThis.WebSocket;
         if (!WebSocketImpl) {
@@ -109,6 +125,7 @@ export class RoomcastClient {
             maxQueuedSends: options.maxQueuedSends ?? 100,
             dedupeWindow: options.dedupeWindow ?? 1000,
             maxFailedAttempts: options.maxFailedAttempts ?? 8,
+            maxRateLimitRetries: options.maxRateLimitRetries ?? 5,
         };
         for (const room of this.#options.rooms) {
             this.#room(room).joined = true;
@@ -429,14 +446,41 @@ export class RoomcastClient {
             }
         });
     }
-    #transmit(frame, resolve, reject) {
+    #transmit(frame, resolve, reject, limited = 0) {
+        const wait = LIMITED.has(String(frame.action)) ? this.#holdUntil - Date.now() : 0;
+        if (wait > 0) {
+            // The server said when: a request sent before then would only be refused again.
+            const later = setTimeout(() => this.#resend(frame, resolve, reject, limited), wait);
+            later.unref?.();
+            return;
+        }
         const ref = `r${++this.#nextRef}`;
         const timer = setTimeout(() => {
             this.#pending.delete(ref);
             reject(new RoomcastError("timeout", `no answer to ${String(frame.action)} within ${this.#options.requestTimeoutMs} ms`));
         }, this.#options.requestTimeoutMs);
-        this.#pending.set(ref, { resolve, reject, timer, frame });
+        this.#pending.set(ref, { resolve, reject, timer, frame, limited });
         this.#socket.send(JSON.stringify({ ...frame, ref }));
+    }
+    /** A request held or refused as rate limited, sent again: now if open, else queued (sends)
+     * or failed like any request made while not connected. */
+    #resend(frame, resolve, reject, limited) {
+        if (this.#stopped) {
+            reject(new RoomcastError("closed", "the client is closed"));
+        }
+        else if (this.#socket?.readyState === OPEN && this.#state === "open") {
+            this.#transmit(frame, resolve, reject, limited);
+        }
+        else if (frame.action === "sendMessage" && this.#queue.length < this.#options.maxQueuedSends) {
+            this.#queue.push({ frame, resolve, reject });
+        }
+        else {
+            reject(new RoomcastError("not_connected", `not connected (${this.#state}): ${String(frame.action)} needs an open connection`));
+        }
+    }
+    /** Requests refused as rate limited and sent again (or given up on). */
+    get rateLimited() {
+        return this.#rateLimited;
     }
     /** The socket closed: sends in flight go back to the queue (their idempotency key makes the
      * resend safe); other requests fail. */
@@ -483,7 +527,19 @@ export class RoomcastClient {
             const pending = this.#pending.get(ref);
             this.#pending.delete(ref);
             clearTimeout(pending.timer);
-            if (frame.action === "error") {
+            if (frame.action === "error" && frame.code === "rate_limited" && LIMITED.has(String(pending.frame.action))) {
+                this.#rateLimited++;
+                const after = typeof frame.retry_after_ms === "number" ? frame.retry_after_ms : 1000;
+                if (pending.limited >= this.#options.maxRateLimitRetries) {
+                    pending.reject(new RateLimitedError(String(frame.message), after));
+                }
+                else {
+                    // Every limited request waits with it; a little jitter spreads the retries.
+                    this.#holdUntil = Math.max(this.#holdUntil, Date.now() + after + Math.floor(Math.random() * 50));
+                    this.#transmit(pending.frame, pending.resolve, pending.reject, pending.limited + 1);
+                }
+            }
+            else if (frame.action === "error") {
                 pending.reject(new RoomcastError(String(frame.code), String(frame.message)));
             }
             else if (frame.action === "join_denied") {

@@ -45,7 +45,7 @@ export interface PresenceEvent {
   room: string;
   user_id: string;
   event: "joined" | "left";
-  /** Why: `connect`, `join`, `leave`, `disconnect`, `expired`, `gone`, `denied`. */
+  /** Why: `connect`, `join`, `leave`, `disconnect`, `expired`, `gone`, `denied`, `rate_limited`. */
   reason: string;
   /** Users present in the room after it. */
   users: number;
@@ -106,6 +106,13 @@ export interface ConnectOptions {
   maxFailedAttempts?: number;
   /** Message ids remembered per room to drop repeats. Default 1000. */
   dedupeWindow?: number;
+  /**
+   * A send, signal, join or leave answered `rate_limited` is sent again after the server's
+   * `retry_after_ms` (other such requests wait too), at most this many times before it rejects
+   * with `RateLimitedError`. Default 5. The server closes a connection that keeps sending over
+   * its limit after being told (three times the limit in one second).
+   */
+  maxRateLimitRetries?: number;
 }
 
 /** Every error this client gives. `code` is the server's (`not_member`, …) or the client's. */
@@ -157,6 +164,21 @@ export class QueueFullError extends RoomcastError {
   }
 }
 
+/** Over a rate limit, after `maxRateLimitRetries` waits of `retryAfterMs` each. */
+export class RateLimitedError extends RoomcastError {
+  constructor(
+    message: string,
+    /** When the server said to try again, in milliseconds. */
+    readonly retryAfterMs: number,
+  ) {
+    super("rate_limited", message);
+    this.name = "RateLimitedError";
+  }
+}
+
+/** Requests the server rate-limits (messages and signals; joins and leaves). */
+const LIMITED = new Set(["sendMessage", "signal", "join", "leave"]);
+
 /** The server's welcome: who this connection is, and the rooms it is in now. */
 export interface Welcome {
   connection_id: string;
@@ -206,6 +228,8 @@ interface Pending {
   reject: (error: RoomcastError) => void;
   timer: ReturnType<typeof setTimeout>;
   frame: Record<string, unknown>;
+  /** Times it was refused as rate limited. */
+  limited: number;
 }
 
 interface Queued {
@@ -262,6 +286,9 @@ export class RoomcastClient {
   #reconnecting = false;
   #failedAttempts = 0;
   #recoverTimer?: ReturnType<typeof setTimeout>;
+  /** Until when (epoch ms) rate-limited requests wait: the server said so. */
+  #holdUntil = 0;
+  #rateLimited = 0;
 
   constructor(options: ConnectOptions) {
     const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
@@ -283,6 +310,7 @@ export class RoomcastClient {
       maxQueuedSends: options.maxQueuedSends ?? 100,
       dedupeWindow: options.dedupeWindow ?? 1000,
       maxFailedAttempts: options.maxFailedAttempts ?? 8,
+      maxRateLimitRetries: options.maxRateLimitRetries ?? 5,
     };
     for (const room of this.#options.rooms) {
       this.#room(room).joined = true;
@@ -607,14 +635,46 @@ export class RoomcastClient {
     frame: Record<string, unknown>,
     resolve: (v: Record<string, unknown>) => void,
     reject: (e: RoomcastError) => void,
+    limited = 0,
   ): void {
+    const wait = LIMITED.has(String(frame.action)) ? this.#holdUntil - Date.now() : 0;
+    if (wait > 0) {
+      // The server said when: a request sent before then would only be refused again.
+      const later = setTimeout(() => this.#resend(frame, resolve, reject, limited), wait);
+      (later as { unref?: () => void }).unref?.();
+      return;
+    }
     const ref = `r${++this.#nextRef}`;
     const timer = setTimeout(() => {
       this.#pending.delete(ref);
       reject(new RoomcastError("timeout", `no answer to ${String(frame.action)} within ${this.#options.requestTimeoutMs} ms`));
     }, this.#options.requestTimeoutMs);
-    this.#pending.set(ref, { resolve, reject, timer, frame });
+    this.#pending.set(ref, { resolve, reject, timer, frame, limited });
     this.#socket!.send(JSON.stringify({ ...frame, ref }));
+  }
+
+  /** A request held or refused as rate limited, sent again: now if open, else queued (sends)
+   * or failed like any request made while not connected. */
+  #resend(
+    frame: Record<string, unknown>,
+    resolve: (v: Record<string, unknown>) => void,
+    reject: (e: RoomcastError) => void,
+    limited: number,
+  ): void {
+    if (this.#stopped) {
+      reject(new RoomcastError("closed", "the client is closed"));
+    } else if (this.#socket?.readyState === OPEN && this.#state === "open") {
+      this.#transmit(frame, resolve, reject, limited);
+    } else if (frame.action === "sendMessage" && this.#queue.length < this.#options.maxQueuedSends) {
+      this.#queue.push({ frame, resolve, reject });
+    } else {
+      reject(new RoomcastError("not_connected", `not connected (${this.#state}): ${String(frame.action)} needs an open connection`));
+    }
+  }
+
+  /** Requests refused as rate limited and sent again (or given up on). */
+  get rateLimited(): number {
+    return this.#rateLimited;
   }
 
   /** The socket closed: sends in flight go back to the queue (their idempotency key makes the
@@ -660,7 +720,17 @@ export class RoomcastClient {
       const pending = this.#pending.get(ref)!;
       this.#pending.delete(ref);
       clearTimeout(pending.timer);
-      if (frame.action === "error") {
+      if (frame.action === "error" && frame.code === "rate_limited" && LIMITED.has(String(pending.frame.action))) {
+        this.#rateLimited++;
+        const after = typeof frame.retry_after_ms === "number" ? frame.retry_after_ms : 1000;
+        if (pending.limited >= this.#options.maxRateLimitRetries) {
+          pending.reject(new RateLimitedError(String(frame.message), after));
+        } else {
+          // Every limited request waits with it; a little jitter spreads the retries.
+          this.#holdUntil = Math.max(this.#holdUntil, Date.now() + after + Math.floor(Math.random() * 50));
+          this.#transmit(pending.frame, pending.resolve, pending.reject, pending.limited + 1);
+        }
+      } else if (frame.action === "error") {
         pending.reject(new RoomcastError(String(frame.code), String(frame.message)));
       } else if (frame.action === "join_denied") {
         const denied = new JoinDeniedError(String(frame.room), String(frame.reason));

@@ -9,7 +9,7 @@ import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 import { WebSocket } from "ws";
-import { connect, AuthError, QueueFullError, JoinDeniedError, RoomcastError } from "../dist/index.js";
+import { connect, AuthError, QueueFullError, JoinDeniedError, RateLimitedError, RoomcastError } from "../dist/index.js";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 
@@ -366,5 +366,43 @@ test("a presence event older than a roster snapshot is dropped (a scripted socke
   Scripted.last.deliver({ action: "presence", id: "p4", room: "r", user_id: "uma", event: "left", reason: "leave", users: 0, version: 4 });
   await until("the late frame handled", () => c.stalePresenceDropped === 1);
   assert.deepEqual(c.roster("r").map((u) => u.user_id), ["uma"], "the older left does not undo the newer snapshot");
+  c.close();
+});
+
+test("a burst over the rate limit waits as the server says: every send resolves and arrives", async () => {
+  // The dev stack's default limit: 10 messages a second per connection; 25 at once are over it
+  // in any split across windows, and under the 30 that would close the connection.
+  const room = `burst-${Date.now()}`;
+  const burst = client("acme", "burst", [room]);
+  const reader = client("acme", "reader", [room]);
+  const got = [];
+  reader.on("message", (m) => got.push(m.message));
+  await Promise.all([burst.ready(), reader.ready()]);
+  const sent = Array.from({ length: 25 }, (_, i) => `b${i}`);
+  const answers = await Promise.all(sent.map((text) => burst.send(room, text)));
+  assert.equal(new Set(answers.map((a) => a.id)).size, 25, "each send has its own id");
+  assert.ok(burst.rateLimited > 0, "some were refused and sent again");
+  await until("every message", () => got.length >= 25);
+  assert.deepEqual([...got].sort(), [...sent].sort());
+  assert.equal(burst.state, "open", "a client that waits as told is not closed");
+  burst.close();
+  reader.close();
+});
+
+test("rate_limited past maxRateLimitRetries rejects with RateLimitedError (a scripted socket)", async () => {
+  const c = connect({ url: "ws://scripted", token: "t", rooms: ["r"], WebSocket: Scripted, maxRateLimitRetries: 1 });
+  await c.ready();
+  const sends = () => Scripted.last.sent.filter((f) => f.action === "sendMessage");
+  const sending = c.send("r", "hi");
+  const refuse = (frame) =>
+    Scripted.last.deliver({ action: "error", code: "rate_limited", message: "at most 10", retry_after_ms: 20, ref: frame.ref });
+  await until("the send", () => sends().length === 1);
+  refuse(sends()[0]);
+  // Sent again after the wait, with a new ref; refused again: given up.
+  await until("the send again", () => sends().length === 2);
+  assert.notEqual(sends()[1].ref, sends()[0].ref);
+  refuse(sends()[1]);
+  await assert.rejects(sending, (e) => e instanceof RateLimitedError && e.retryAfterMs === 20);
+  assert.equal(c.rateLimited, 2);
   c.close();
 });

@@ -124,6 +124,11 @@ impl Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut command = tokio::process::Command::new(&options.binary);
         command.args(["dev", "--port", &port.to_string(), "--idle-timeout", "86400", "--max-connection", "86400"]);
+        // The bench's senders go faster than a client may: no deployment-wide limit (a tenant's
+        // own settings still apply).
+        for name in crate::limits::NAMES {
+            command.args(["--limit", &format!("{name}=0")]);
+        }
         if let Some(endpoint) = &options.dynamodb_endpoint {
             command.args(["--dynamodb-endpoint", endpoint, "--table", &format!("bench-{}", std::process::id())]);
         }

@@ -94,6 +94,7 @@ impl Target {
                 let path = format!("/_dev/tenants/{}/settings", settings.tenant);
                 let body = serde_json::to_vec(&serde_json::json!({
                     "presenceAnnounceMaxUsers": settings.presence_announce_max_users,
+                    "rateLimits": settings.rate_limits,
                 }))?;
                 request(url, http::Method::PUT, &path, body).await.map(|_| ())
             }

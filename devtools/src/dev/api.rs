@@ -189,6 +189,8 @@ async fn settings(State(api): State<Api>, Path(tenant): Path<String>) -> Respons
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct SetSettings {
     presence_announce_max_users: Option<u64>,
+    #[serde(default)]
+    rate_limits: std::collections::BTreeMap<String, u32>,
 }
 
 async fn set_settings(State(api): State<Api>, Path(tenant): Path<String>, body: axum::body::Bytes) -> Response {
@@ -199,8 +201,14 @@ async fn set_settings(State(api): State<Api>, Path(tenant): Path<String>, body: 
     if let Err(e) = crate::model::Name::parse("tenant", &tenant) {
         return error(StatusCode::BAD_REQUEST, e);
     }
+    for (name, value) in &request.rate_limits {
+        if let Err(e) = crate::limits::RateLimits::default().set(name, *value) {
+            return error(StatusCode::BAD_REQUEST, e);
+        }
+    }
     let settings = crate::model::TenantSettings {
         presence_announce_max_users: request.presence_announce_max_users,
+        rate_limits: request.rate_limits,
         ..crate::model::TenantSettings::new(&tenant)
     };
     match api.store.put_tenant_settings(&settings).await {

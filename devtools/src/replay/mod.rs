@@ -426,6 +426,7 @@ fn describe_effect(effect: &Effect) -> Value {
         Effect::RemoveMembership { tenant, room, connection_id, reason } => json!({
             "remove_membership": {"tenant": tenant, "room": room, "connection_id": connection_id, "reason": reason.as_str()}
         }),
+        Effect::Close(to) => json!({ "close": to.connection_id }),
         Effect::KeepCopy(copy) => json!({
             "keep_copy": {"tenant": copy.tenant, "room": copy.kept_in, "sk": copy.sk, "from_room": copy.room}
         }),

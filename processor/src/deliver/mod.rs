@@ -415,6 +415,7 @@ impl Deliverer {
                 }
                 // A repeat writes the same item again: no stream record, nothing changed.
                 Effect::KeepCopy(copy) => self.inner.store.put_message(copy).await?,
+                Effect::Close(to) => self.inner.close(to).await,
             }
         }
         outcomes.sort();
@@ -818,6 +819,24 @@ impl Inner {
             }
         }
         Outcome::Failed(format!("slow consumer: 429 for {budget:?}; closed"))
+    }
+
+    /// Closes a connection the handlers found flooding (`DELETE @connections`); one already gone
+    /// is not an error, and a failure is logged (its record is gone: its next frame is refused).
+    async fn close(&self, to: &Recipient) {
+        let endpoint = self.settings.endpoint_override.as_deref().unwrap_or(&to.endpoint);
+        match self.client(endpoint).delete_connection().connection_id(&to.connection_id).send().await {
+            Ok(_) => {
+                Metrics::add(&self.metrics.rate_limited_closed, 1);
+                tracing::warn!(connection_id = %to.connection_id, "closed: it kept going over its rate limit");
+            }
+            Err(err) if err.raw_response().is_some_and(|r| r.status().as_u16() == 410) => {}
+            Err(err) => tracing::warn!(
+                connection_id = %to.connection_id,
+                error = %DisplayErrorContext(&err),
+                "closing a flooding connection failed"
+            ),
+        }
     }
 
     /// One client per endpoint (per API and stage), built once and reused.

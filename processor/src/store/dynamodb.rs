@@ -794,6 +794,29 @@ impl Store for DynamoStore {
         self.bump_now(tenant, room).await
     }
 
+    async fn count_in_window(&self, key: &str, window: i64) -> Result<u64> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(&model::limit_pk(key)))
+            .key("sk", s(&format!("W#{window}")))
+            .update_expression("ADD n :one SET #ttl = :ttl, #type = :type")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_names("#type", "type")
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .expression_attribute_values(":ttl", AttributeValue::N((window + 120).to_string()))
+            .expression_attribute_values(":type", s("limit"))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::UpdatedNew)
+            .send()
+            .await
+            .map_err(|e| unavailable("update_item (rate limit)", e))?;
+        Ok(match out.attributes.as_ref().and_then(|a| a.get("n")) {
+            Some(AttributeValue::N(n)) => n.parse().unwrap_or(u64::MAX),
+            _ => u64::MAX,
+        })
+    }
+
     async fn roster_version(&self, tenant: &str, room: &str) -> Result<Option<u64>> {
         let out = self
             .client

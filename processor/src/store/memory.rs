@@ -41,6 +41,9 @@ struct Table {
     /// refresh (`Store::bump_roster`): kept out of the item map, so that bumps make no stream
     /// records here (on DynamoDB they make records the processor skips as state).
     rosters: std::collections::HashMap<String, u64>,
+    /// Rate-limit counters by key and window (`Store::count_in_window`), likewise kept out of the
+    /// item map: only the current and the last window are kept.
+    counters: std::collections::HashMap<(String, i64), u64>,
 }
 
 #[derive(Debug)]
@@ -78,6 +81,7 @@ impl MemoryStore {
                 subscriber: None,
                 backlog: Vec::new(),
                 rosters: Default::default(),
+                counters: Default::default(),
             }),
             clock,
             table_name: "roomcast".into(),
@@ -420,6 +424,16 @@ impl Store for MemoryStore {
     async fn bump_roster(&self, tenant: &str, room: &str) -> Result<()> {
         bump(&mut self.lock(), tenant, room);
         Ok(())
+    }
+
+    async fn count_in_window(&self, key: &str, window: i64) -> Result<u64> {
+        let mut table = self.lock();
+        if table.counters.len() > 100_000 {
+            table.counters.retain(|(_, w), _| *w >= window - 1);
+        }
+        let count = table.counters.entry((key.to_string(), window)).or_default();
+        *count += 1;
+        Ok(*count)
     }
 
     async fn roster_version(&self, tenant: &str, room: &str) -> Result<Option<u64>> {

@@ -109,6 +109,11 @@ pub trait Store: Send + Sync + 'static {
     /// plain update (`ADD v 1`), never in a transaction.
     async fn bump_roster(&self, tenant: &str, room: &str) -> Result<()>;
 
+    /// Counts one more under a rate limit's `key` in `window` (a whole second since the epoch)
+    /// and answers the count, atomically across every caller ([`crate::limits`]). One
+    /// `UpdateItem ADD` on `LIMIT#{key}` / `W#{window}`, its TTL two minutes on.
+    async fn count_in_window(&self, key: &str, window: i64) -> Result<u64>;
+
     /// The room's roster version, read strongly consistent. `None`: the room has none yet (no
     /// membership written since versions exist), and its members must be read.
     async fn roster_version(&self, tenant: &str, room: &str) -> Result<Option<u64>>;
