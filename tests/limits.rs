@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 roomcast_tests::on_both_stores!(
     a_flooding_connection_is_refused_then_closed_and_another_tenant_is_served,
     a_user_and_a_tenant_are_held_to_their_limits_across_connections,
-    joins_and_connects_are_limited_too,
+    joins_reads_and_connects_are_limited_too,
+    a_tenants_backend_is_held_to_the_tenants_limit_and_the_operator_is_not,
 );
 
 /// The stack with the deployment's default limits, its clock at `ms` past a whole second.
@@ -116,17 +117,29 @@ async fn a_user_and_a_tenant_are_held_to_their_limits_across_connections(kind: &
     assert_eq!(stack.send("b1", say("bob again")).await["action"], "ack", "the next window");
 }
 
-/// Joins and leaves count per connection (5 a second by default); connects per user (5).
-async fn joins_and_connects_are_limited_too(kind: &str) {
+/// Joins count per connection (5 a second by default), and a connection over its limit can
+/// still leave; reads (`history`, `who`, `ping`, …) count too (10); connects per user (5).
+async fn joins_reads_and_connects_are_limited_too(kind: &str) {
     let stack = limited(kind, 0).await;
     stack.connect("a1", "acme", "ann", "general").await;
     let mut answers = Vec::new();
     for i in 0..6 {
-        let action = if i % 2 == 0 { "join" } else { "leave" };
-        answers.push(stack.send("a1", json!({"action": action, "room": "side"})).await);
+        answers.push(stack.send("a1", json!({"action": "join", "room": format!("side{i}")})).await);
     }
     assert!(answers[..5].iter().all(|a| a["action"] == "ack"), "{answers:?}");
     assert!(refused(&answers[5], "connection"), "{}", answers[5]);
+    assert_eq!(stack.send("a1", json!({"action": "leave", "room": "side0"})).await["action"], "ack", "leaving");
+    let reads: Vec<Value> = futures::future::join_all((0..11).map(|i| {
+        let frame = match i % 3 {
+            0 => json!({"action": "history", "room": "general"}),
+            1 => json!({"action": "who", "room": "general"}),
+            _ => json!({"action": "ping"}),
+        };
+        stack.send("a1", frame)
+    }))
+    .await;
+    assert_eq!(reads.iter().filter(|a| a["action"] != "error").count(), 10, "{reads:?}");
+    assert!(reads.iter().any(|a| refused(a, "connection")), "{reads:?}");
     let mut statuses = Vec::new();
     for i in 0..6 {
         statuses.push(stack.connect(&format!("d{i}"), "acme", "dan", "general").await.status_code);
@@ -176,4 +189,35 @@ async fn over_websockets_a_flood_is_closed_and_another_tenant_is_served() {
         cy.expect(want, |f| f["action"] == "message" && f["message"] == want.as_str()).await;
     }
     stack.shutdown().await;
+}
+
+/// A tenant's backend publishing with its token counts against the tenant's message limits (per
+/// publishing user and per tenant): over them, 429 with `retry_after_ms`; the operator's publishes
+/// (IAM) are not limited.
+async fn a_tenants_backend_is_held_to_the_tenants_limit_and_the_operator_is_not(kind: &str) {
+    use roomcast::publish::{Caller, PublishDeps, publish};
+    let stack = limited(kind, 500).await;
+    let mut settings = roomcast::model::TenantSettings::new("acme");
+    settings.rate_limits.insert("messages_per_user".into(), 3);
+    stack.table.store.put_tenant_settings(&settings).await.unwrap();
+    let deps = PublishDeps {
+        store: stack.table.store.clone(),
+        clock: stack.clock.clone(),
+        history_ttl_seconds: 3600,
+        idempotency_window_seconds: 300,
+        limits: Limiter::new(RateLimits::default()),
+    };
+    let body = |i: usize| serde_json::to_vec(&json!({"tenant": "acme", "room": "general", "message": format!("m{i}")}));
+    let tenant = Caller::Tenant("acme".into());
+    let mut answers = Vec::new();
+    for i in 0..4 {
+        answers.push(publish(&deps, &tenant, &body(i).unwrap()).await);
+    }
+    assert!(answers[..3].iter().all(Result::is_ok), "{answers:?}");
+    let refused = answers[3].as_ref().unwrap_err();
+    assert_eq!((refused.status, refused.retry_after_ms), (429, Some(500)), "{refused}");
+    assert!(refused.message.contains("per user"), "{refused}");
+    for i in 4..10 {
+        assert!(publish(&deps, &Caller::Operator, &body(i).unwrap()).await.is_ok(), "the operator's {i}");
+    }
 }

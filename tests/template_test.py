@@ -241,13 +241,19 @@ class Template(unittest.TestCase):
         conditions = self.t["Conditions"]
         for name, parameter in [("MessageFunction", "MessageConcurrency"), ("ConnectFunction", "ConnectConcurrency"),
                                 ("AuthorizerFunction", "ConnectConcurrency"),
-                                ("DisconnectFunction", "ConnectConcurrency"),
                                 ("ProcessorFunction", "ProcessorConcurrency")]:
             condition, value, otherwise = props(name)["ReservedConcurrentExecutions"]["Fn::If"]
             self.assertEqual(value, {"Ref": parameter}, name)
             self.assertEqual(otherwise, {"Ref": "AWS::NoValue"}, name)
             self.assertIn(condition, conditions, name)
             self.assertGreater(self.t["Parameters"][parameter]["Default"], 0, f"{parameter} reserves by default")
+        # Reservations leave most of a default account (1,000) unreserved, and never fewer than
+        # the 100 Lambda requires.
+        reserved = sum(self.t["Parameters"][p]["Default"] for p in ["MessageConcurrency", "ProcessorConcurrency",
+                                                                    "PublishConcurrency", "TenantPublishConcurrency"])
+        reserved += 2 * self.t["Parameters"]["ConnectConcurrency"]["Default"]
+        self.assertLessEqual(reserved, 500)
+        self.assertNotIn("ReservedConcurrentExecutions", props("DisconnectFunction"), "$disconnect is never retried")
         # The anonymous tenant route has its own function, concurrency and throttle.
         self.assertNotIn("Events", props("PublishFunction"), "the operator's publish has no public route")
         self.assertEqual(props("PublishFunction")["ReservedConcurrentExecutions"], {"Ref": "PublishConcurrency"})

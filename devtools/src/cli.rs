@@ -176,7 +176,8 @@ struct DevArgs {
     /// A rate limit for every tenant whose settings do not set it, as NAME=N a second (0: none);
     /// repeatable. Names: messages_per_connection (10), messages_per_user (20),
     /// messages_per_tenant (1000), joins_per_connection (5), joins_per_user (10),
-    /// joins_per_tenant (200), connects_per_user (5), connects_per_tenant (200).
+    /// joins_per_tenant (200), connects_per_user (5), connects_per_tenant (200),
+    /// reads_per_connection (10), reads_per_user (20), reads_per_tenant (0).
     #[arg(long = "limit", value_name = "NAME=N", value_parser = crate::limits::parse_setting)]
     limits: Vec<(String, u32)>,
     /// Connection and membership TTL, seconds.
@@ -338,8 +339,8 @@ enum TenantCommand {
         #[command(flatten)]
         target: PluginTargetArgs,
     },
-    /// Write the tenant's settings; the processor reads them from its next batch on. A setting
-    /// left out is unset.
+    /// Change the tenant's settings; the processor reads them from its next batch on, the
+    /// handlers within 5 s. A setting left out keeps its value.
     Set {
         tenant: String,
         /// Rooms with more users announce no joined/left and offer counts and `who` only
@@ -348,7 +349,8 @@ enum TenantCommand {
         presence_announce_max_users: Option<u64>,
         /// A rate limit of the tenant's own, as NAME=N a second (0: none); repeatable. Names:
         /// messages_per_connection, messages_per_user, messages_per_tenant, joins_per_connection,
-        /// joins_per_user, joins_per_tenant, connects_per_user, connects_per_tenant. Unset ones
+        /// joins_per_user, joins_per_tenant, connects_per_user, connects_per_tenant,
+        /// reads_per_connection, reads_per_user, reads_per_tenant. Unset ones
         /// take the deployment's (ROOMCAST_LIMIT_{NAME}). Handlers read it within 5 s.
         #[arg(long = "limit", value_name = "NAME=N", value_parser = crate::limits::parse_setting)]
         limits: Vec<(String, u32)>,
@@ -499,6 +501,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             .and_then(|v| v.parse().ok())
                             .unwrap_or(7 * 86_400),
                         idempotency_window_seconds: crate::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
+                        // The operator's publish: no tenant limit applies.
+                        limits: Default::default(),
                     };
                     crate::publish::publish(&deps, &crate::publish::Caller::Operator, &serde_json::to_vec(&body)?)
                         .await
@@ -514,12 +518,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Tenant { command: TenantCommand::Set { tenant, presence_announce_max_users, limits, target } } => {
-            let settings = crate::model::TenantSettings {
-                presence_announce_max_users,
-                rate_limits: limits.into_iter().collect(),
-                ..crate::model::TenantSettings::new(&tenant)
-            };
-            target.target().await.set_settings(&settings).await?;
+            // What is given changes; every other setting stays as it was.
+            crate::model::Name::parse("tenant", &tenant).map_err(anyhow::Error::msg)?;
+            let target = target.target().await;
+            let mut settings = target.settings(&tenant).await?;
+            if presence_announce_max_users.is_some() {
+                settings.presence_announce_max_users = presence_announce_max_users;
+            }
+            settings.rate_limits.extend(limits);
+            target.set_settings(&settings).await?;
             println!("{}", serde_json::to_string_pretty(&settings)?);
             Ok(())
         }

@@ -208,6 +208,7 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         clock: clock.clone(),
         history_ttl_seconds: options.history_ttl_seconds,
         idempotency_window_seconds: crate::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
+        limits: crate::limits::Limiter::new(options.rate_limits),
     };
     let api_routes = api::routes(store.clone(), host, metrics.clone())
         .merge(api::publish_route(publish, options.auth.secret().to_vec()));

@@ -94,6 +94,7 @@ pub async fn run_publish() -> Result<(), Error> {
         clock: Arc::new(SystemClock),
         history_ttl_seconds: config.history_ttl_seconds,
         idempotency_window_seconds: config.idempotency_window_seconds,
+        limits: crate::limits::Limiter::new(config.rate_limits),
     };
     let (deps, secret) = (&deps, &secret);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {

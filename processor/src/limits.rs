@@ -10,10 +10,12 @@
 //!   over `ceil(limit / 400)` keys, picked at random per check, so that no key takes more than
 //!   400 writes a second (a partition takes 1,000): within a few percent of the limit for any
 //!   real flow.
-//! * Refused: `rate_limited`, with `retry_after_ms` (the window's end). A connection whose count
-//!   in one window reaches [`CLOSE_AT`] × its limit — it kept sending after being told — is
-//!   closed: its record is deleted with `closeReason: rate_limited` and the processor closes the
-//!   socket after telling it why.
+//! * Refused: `rate_limited`, with `retry_after_ms` (the window's end); no record is written. A
+//!   container that found a key over its limit refuses that key's operations without writing
+//!   until the window ends. A connection whose count in one window reaches [`CLOSE_AT`] × its
+//!   limit (as one container counts it) — it kept sending after being told — is closed: its record
+//!   is deleted with `closeReason: rate_limited` and the processor closes the socket after telling
+//!   it why.
 //! * Limits come from the deployment's defaults (`ROOMCAST_LIMIT_*`) and each tenant's settings
 //!   (`roomcast tenant set --limit NAME=N`), read at most every [`Limiter::FRESH`] per container.
 //!   0 means no limit (and no write).
@@ -35,10 +37,13 @@ use crate::store::{Store, StoreError};
 pub enum Operation {
     /// `sendMessage` and `signal`.
     Message,
-    /// `join` and `leave`.
+    /// `join` (a `leave` is never limited: a connection over its limit can always leave).
     Join,
     /// `$connect`.
     Connect,
+    /// `history`, `recover`, `who`, `info` and `ping`: each a read of the table (and a `history`
+    /// page up to 128 KB of the room's partition).
+    Read,
 }
 
 impl Operation {
@@ -47,6 +52,7 @@ impl Operation {
             Operation::Message => "message",
             Operation::Join => "join",
             Operation::Connect => "connect",
+            Operation::Read => "read",
         }
     }
 }
@@ -81,6 +87,9 @@ pub struct RateLimits {
     pub joins_per_tenant: u32,
     pub connects_per_user: u32,
     pub connects_per_tenant: u32,
+    pub reads_per_connection: u32,
+    pub reads_per_user: u32,
+    pub reads_per_tenant: u32,
 }
 
 impl Default for RateLimits {
@@ -97,12 +106,16 @@ impl Default for RateLimits {
             joins_per_tenant: 200,
             connects_per_user: 5,
             connects_per_tenant: 200,
+            reads_per_connection: 10,
+            reads_per_user: 20,
+            // A tenant's reads spread over its rooms' partitions: no tenant-wide default.
+            reads_per_tenant: 0,
         }
     }
 }
 
 /// The names `roomcast tenant set --limit NAME=N` and `ROOMCAST_LIMIT_{NAME}` take.
-pub const NAMES: [&str; 8] = [
+pub const NAMES: [&str; 11] = [
     "messages_per_connection",
     "messages_per_user",
     "messages_per_tenant",
@@ -111,6 +124,9 @@ pub const NAMES: [&str; 8] = [
     "joins_per_tenant",
     "connects_per_user",
     "connects_per_tenant",
+    "reads_per_connection",
+    "reads_per_user",
+    "reads_per_tenant",
 ];
 
 impl RateLimits {
@@ -125,6 +141,9 @@ impl RateLimits {
             joins_per_tenant: 0,
             connects_per_user: 0,
             connects_per_tenant: 0,
+            reads_per_connection: 0,
+            reads_per_user: 0,
+            reads_per_tenant: 0,
         }
     }
 
@@ -140,6 +159,9 @@ impl RateLimits {
             (Operation::Connect, Scope::Connection) => 0,
             (Operation::Connect, Scope::User) => self.connects_per_user,
             (Operation::Connect, Scope::Tenant) => self.connects_per_tenant,
+            (Operation::Read, Scope::Connection) => self.reads_per_connection,
+            (Operation::Read, Scope::User) => self.reads_per_user,
+            (Operation::Read, Scope::Tenant) => self.reads_per_tenant,
         }
     }
 
@@ -158,6 +180,9 @@ impl RateLimits {
             "joins_per_tenant" => &mut self.joins_per_tenant,
             "connects_per_user" => &mut self.connects_per_user,
             "connects_per_tenant" => &mut self.connects_per_tenant,
+            "reads_per_connection" => &mut self.reads_per_connection,
+            "reads_per_user" => &mut self.reads_per_user,
+            "reads_per_tenant" => &mut self.reads_per_tenant,
             _ => return None,
         })
     }
@@ -231,6 +256,10 @@ impl Limited {
 pub struct Limiter {
     defaults: RateLimits,
     tenants: Arc<Mutex<HashMap<String, (RateLimits, Instant)>>>,
+    /// Keys this container found over their limit, with the window and the count it last saw:
+    /// until the window ends their operations are refused here, counted here, and written no
+    /// more — a flood costs the table about its limit in writes per container, not one per frame.
+    over: Arc<Mutex<HashMap<String, (i64, u64)>>>,
 }
 
 impl Default for Limiter {
@@ -244,7 +273,7 @@ impl Limiter {
     pub const FRESH: Duration = Duration::from_secs(5);
 
     pub fn new(defaults: RateLimits) -> Limiter {
-        Limiter { defaults, tenants: Arc::default() }
+        Limiter { defaults, tenants: Arc::default(), over: Arc::default() }
     }
 
     pub fn defaults(&self) -> RateLimits {
@@ -300,8 +329,28 @@ impl Limiter {
                     (format!("{tenant}#{op}#t#{}", fastrand::u32(0..keys)), limit.div_ceil(keys))
                 }
             };
-            let count = store.count_in_window(&key, window).await?;
+            let known = {
+                let mut over = self.over.lock().unwrap_or_else(|p| p.into_inner());
+                match over.get_mut(&key) {
+                    Some((seen, count)) if *seen == window => {
+                        *count += 1;
+                        Some(*count)
+                    }
+                    _ => None,
+                }
+            };
+            let count = match known {
+                Some(count) => count,
+                None => store.count_in_window(&key, window).await?,
+            };
             if count > u64::from(allowed) {
+                if known.is_none() {
+                    let mut over = self.over.lock().unwrap_or_else(|p| p.into_inner());
+                    if over.len() > 100_000 {
+                        over.retain(|_, (seen, _)| *seen >= window);
+                    }
+                    over.insert(key, (window, count));
+                }
                 let close = scope == Scope::Connection && count >= CLOSE_AT * u64::from(allowed);
                 return Ok(Some(Limited { operation, scope, limit, retry_after_ms, close }));
             }

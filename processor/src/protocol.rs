@@ -72,9 +72,11 @@ impl Request {
     pub fn limited_as(&self) -> Option<crate::limits::Operation> {
         match self {
             Request::SendMessage { .. } | Request::Signal { .. } => Some(crate::limits::Operation::Message),
-            Request::Join { .. } | Request::Leave { .. } => Some(crate::limits::Operation::Join),
+            Request::Join { .. } => Some(crate::limits::Operation::Join),
+            // A connection over its limit can always leave.
+            Request::Leave { .. } => None,
             Request::Ping | Request::Info | Request::History { .. } | Request::Recover { .. } | Request::Who { .. } => {
-                None
+                Some(crate::limits::Operation::Read)
             }
         }
     }

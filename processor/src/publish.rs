@@ -49,10 +49,12 @@ pub enum Caller {
 pub struct PublishError {
     pub status: u16,
     pub message: String,
+    /// With 429: when to try again.
+    pub retry_after_ms: Option<u64>,
 }
 
 fn refuse(status: u16, message: impl Into<String>) -> PublishError {
-    PublishError { status, message: message.into() }
+    PublishError { status, message: message.into(), retry_after_ms: None }
 }
 
 /// What a publish needs.
@@ -62,6 +64,9 @@ pub struct PublishDeps {
     pub clock: std::sync::Arc<dyn Clock>,
     pub history_ttl_seconds: i64,
     pub idempotency_window_seconds: i64,
+    /// A tenant's backend counts against its tenant's message limits (per publishing user and
+    /// per tenant; [`crate::limits`]); the operator's publishes do not.
+    pub limits: crate::limits::Limiter,
 }
 
 /// Validates and writes one publish; answers the message's id (the first one's, for a repeated
@@ -89,6 +94,21 @@ pub async fn publish(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result
     }
     let key = request.idempotency_key.as_deref().map(parse_idempotency_key).transpose().map_err(|e| refuse(400, e))?;
     let now = deps.clock.now();
+    if let Caller::Tenant(_) = caller {
+        let op = crate::limits::Operation::Message;
+        let limited = deps
+            .limits
+            .check(deps.store.as_ref(), op, tenant.as_str(), user_id, None, now)
+            .await
+            .map_err(|e| refuse(503, e.to_string()))?;
+        if let Some(limited) = limited {
+            return Err(PublishError {
+                status: 429,
+                message: limited.message(),
+                retry_after_ms: Some(limited.retry_after_ms),
+            });
+        }
+    }
     let message =
         Message::published(tenant.as_str(), room.as_str(), user_id, request.message, now, deps.history_ttl_seconds);
     let size = ServerMessage::Message(ChatMessage::from(&message)).to_json().len();
@@ -162,6 +182,9 @@ pub async fn handle(deps: &PublishDeps, event: &Value, secret: &[u8]) -> Result<
     };
     let (status, body) = match answer {
         Ok(id) => (200, json!({ "id": id })),
+        Err(PublishError { status, message, retry_after_ms: Some(ms) }) => {
+            (status, json!({ "error": message, "retry_after_ms": ms }))
+        }
         Err(e) => (e.status, json!({ "error": e.message })),
     };
     if status >= 500 {
@@ -189,8 +212,13 @@ mod tests {
     fn deps() -> (PublishDeps, Arc<MemoryStore>) {
         let clock = ManualClock::starting_now();
         let store = MemoryStore::new(clock.clone());
-        let deps =
-            PublishDeps { store: store.clone(), clock, history_ttl_seconds: 3600, idempotency_window_seconds: 300 };
+        let deps = PublishDeps {
+            store: store.clone(),
+            clock,
+            history_ttl_seconds: 3600,
+            idempotency_window_seconds: 300,
+            limits: Default::default(),
+        };
         (deps, store)
     }
 

@@ -134,9 +134,9 @@ pub enum Effect {
     /// Record on a message what its tenant's rules decided, so that `history` and `recover` give
     /// what members got: a rejected message is never listed, a rewritten one as rewritten.
     MarkMessage { tenant: String, room: String, sk: String, verdict: Verdict },
-    /// Keep a copy of a message, as delivered, in the history of a room the tenant's rules routed
-    /// it into ([`crate::model::Message::kept_in`]), before any of that room's members is sent it.
-    KeepCopy(Box<crate::model::Message>),
+    /// Keep copies of a message, as delivered, in the history of the rooms the tenant's rules
+    /// routed it into ([`crate::model::Message::kept_in`]), before any of their members is sent it.
+    KeepCopies(Vec<crate::model::Message>),
     /// Close the connection's socket (`DELETE @connections`): one that kept going over its rate
     /// limit, after a frame saying why.
     Close(Recipient),
@@ -231,9 +231,15 @@ pub fn react(change: &Change, members: &[Membership], decisions: &Decisions) -> 
                     }
                     // Kept before it is sent, so that whoever got it can recover after it there.
                     let delivered = (chat.message != m.body).then(|| chat.message.clone());
-                    effects.extend(route.extra_rooms.iter().map(|room| {
-                        Effect::KeepCopy(Box::new(m.kept_copy(room, delivered.clone(), route.only_users.clone())))
-                    }));
+                    if !route.extra_rooms.is_empty() {
+                        effects.push(Effect::KeepCopies(
+                            route
+                                .extra_rooms
+                                .iter()
+                                .map(|room| m.kept_copy(room, delivered.clone(), route.only_users.clone()))
+                                .collect(),
+                        ));
+                    }
                     let chosen = members
                         .iter()
                         .filter(|member| route.only_users.as_ref().is_none_or(|users| users.contains(&member.user_id)))

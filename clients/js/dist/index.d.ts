@@ -104,10 +104,10 @@ export interface ConnectOptions {
     /** Message ids remembered per room to drop repeats. Default 1000. */
     dedupeWindow?: number;
     /**
-     * A send, signal, join or leave answered `rate_limited` is sent again after the server's
-     * `retry_after_ms` (other such requests wait too), at most this many times before it rejects
-     * with `RateLimitedError`. Default 5. The server closes a connection that keeps sending over
-     * its limit after being told (three times the limit in one second).
+     * A request answered `rate_limited` is sent again after the server's `retry_after_ms` (other
+     * requests but `leave` wait too), at most this many times before it rejects with
+     * `RateLimitedError`. Default 5. At most 8 such requests are on the wire at once, so a burst
+     * never reaches what the server closes a connection for (three times its limit in a second).
      */
     maxRateLimitRetries?: number;
 }

@@ -107,10 +107,10 @@ export interface ConnectOptions {
   /** Message ids remembered per room to drop repeats. Default 1000. */
   dedupeWindow?: number;
   /**
-   * A send, signal, join or leave answered `rate_limited` is sent again after the server's
-   * `retry_after_ms` (other such requests wait too), at most this many times before it rejects
-   * with `RateLimitedError`. Default 5. The server closes a connection that keeps sending over
-   * its limit after being told (three times the limit in one second).
+   * A request answered `rate_limited` is sent again after the server's `retry_after_ms` (other
+   * requests but `leave` wait too), at most this many times before it rejects with
+   * `RateLimitedError`. Default 5. At most 8 such requests are on the wire at once, so a burst
+   * never reaches what the server closes a connection for (three times its limit in a second).
    */
   maxRateLimitRetries?: number;
 }
@@ -176,8 +176,14 @@ export class RateLimitedError extends RoomcastError {
   }
 }
 
-/** Requests the server rate-limits (messages and signals; joins and leaves). */
-const LIMITED = new Set(["sendMessage", "signal", "join", "leave"]);
+/** Requests the server does not rate-limit (a connection can always leave). */
+const UNLIMITED = new Set(["leave"]);
+const isLimited = (frame: Record<string, unknown>) => !UNLIMITED.has(String(frame.action));
+
+/** Rate-limited requests on the wire at once: a burst (a queue flushed after a reconnect,
+ * `Promise.all` of many sends) goes out as answers come back, so that it never reaches the
+ * three times its limit in a second at which the server closes a connection. */
+const MAX_LIMITED_IN_FLIGHT = 8;
 
 /** The server's welcome: who this connection is, and the rooms it is in now. */
 export interface Welcome {
@@ -229,6 +235,13 @@ interface Pending {
   timer: ReturnType<typeof setTimeout>;
   frame: Record<string, unknown>;
   /** Times it was refused as rate limited. */
+  limited: number;
+}
+
+interface Paced {
+  frame: Record<string, unknown>;
+  resolve: (v: Record<string, unknown>) => void;
+  reject: (e: RoomcastError) => void;
   limited: number;
 }
 
@@ -289,6 +302,10 @@ export class RoomcastClient {
   /** Until when (epoch ms) rate-limited requests wait: the server said so. */
   #holdUntil = 0;
   #rateLimited = 0;
+  /** Limited requests waiting for the hold to end or for room on the wire, in order. */
+  #paced: Paced[] = [];
+  #limitedInFlight = 0;
+  #pacer?: ReturnType<typeof setTimeout>;
 
   constructor(options: ConnectOptions) {
     const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
@@ -637,20 +654,68 @@ export class RoomcastClient {
     reject: (e: RoomcastError) => void,
     limited = 0,
   ): void {
-    const wait = LIMITED.has(String(frame.action)) ? this.#holdUntil - Date.now() : 0;
-    if (wait > 0) {
-      // The server said when: a request sent before then would only be refused again.
-      const later = setTimeout(() => this.#resend(frame, resolve, reject, limited), wait);
-      (later as { unref?: () => void }).unref?.();
-      return;
+    if (isLimited(frame)) {
+      // The server said when (a request sent before then would only be refused again), or the
+      // wire has its share of limited requests: wait, in order (a retry first).
+      if (this.#paced.length > 0 || Date.now() < this.#holdUntil || this.#limitedInFlight >= MAX_LIMITED_IN_FLIGHT) {
+        const waiting = { frame, resolve, reject, limited };
+        if (limited > 0) this.#paced.unshift(waiting);
+        else this.#paced.push(waiting);
+        this.#pace();
+        return;
+      }
+      this.#limitedInFlight++;
     }
     const ref = `r${++this.#nextRef}`;
     const timer = setTimeout(() => {
-      this.#pending.delete(ref);
+      this.#settled(ref);
       reject(new RoomcastError("timeout", `no answer to ${String(frame.action)} within ${this.#options.requestTimeoutMs} ms`));
     }, this.#options.requestTimeoutMs);
     this.#pending.set(ref, { resolve, reject, timer, frame, limited });
     this.#socket!.send(JSON.stringify({ ...frame, ref }));
+  }
+
+  /** A request no longer on the wire: its place goes to the next limited one waiting. */
+  #settled(ref: string): Pending | undefined {
+    const pending = this.#pending.get(ref);
+    if (!pending) return undefined;
+    this.#pending.delete(ref);
+    clearTimeout(pending.timer);
+    if (isLimited(pending.frame)) {
+      this.#limitedInFlight = Math.max(0, this.#limitedInFlight - 1);
+      this.#pace();
+    }
+    return pending;
+  }
+
+  /** Sends what waits, as far as the hold and the wire allow; wakes up when the hold ends. */
+  #pace(): void {
+    if (this.#pacer) return;
+    const wait = this.#holdUntil - Date.now();
+    if (wait > 0) {
+      this.#pacer = setTimeout(() => {
+        this.#pacer = undefined;
+        this.#pace();
+      }, wait);
+      (this.#pacer as { unref?: () => void }).unref?.();
+      return;
+    }
+    while (this.#paced.length > 0 && this.#limitedInFlight < MAX_LIMITED_IN_FLIGHT && Date.now() >= this.#holdUntil) {
+      const next = this.#paced.shift()!;
+      if (this.#socket?.readyState === OPEN && this.#state === "open") {
+        this.#limitedInFlight++;
+        const { frame, resolve, reject, limited } = next;
+        const ref = `r${++this.#nextRef}`;
+        const timer = setTimeout(() => {
+          this.#settled(ref);
+          reject(new RoomcastError("timeout", `no answer to ${String(frame.action)} within ${this.#options.requestTimeoutMs} ms`));
+        }, this.#options.requestTimeoutMs);
+        this.#pending.set(ref, { resolve, reject, timer, frame, limited });
+        this.#socket.send(JSON.stringify({ ...frame, ref }));
+      } else {
+        this.#resend(next.frame, next.resolve, next.reject, next.limited);
+      }
+    }
   }
 
   /** A request held or refused as rate limited, sent again: now if open, else queued (sends)
@@ -690,6 +755,15 @@ export class RoomcastClient {
         pending.reject(new RoomcastError("disconnected", `the connection closed (${code}) before the answer`));
       }
     }
+    // Limited requests still waiting to go: sends wait for the reconnect with the rest.
+    for (const waiting of this.#paced.splice(0)) {
+      if (waiting.frame.action === "sendMessage" && this.#queue.length + requeued.length < this.#options.maxQueuedSends) {
+        requeued.push({ frame: waiting.frame, resolve: waiting.resolve, reject: waiting.reject });
+      } else {
+        waiting.reject(new RoomcastError("disconnected", `the connection closed (${code}) before it was sent`));
+      }
+    }
+    this.#limitedInFlight = 0;
     // In the order they were sent, before anything queued since.
     this.#queue.unshift(...requeued);
   }
@@ -700,6 +774,10 @@ export class RoomcastClient {
       pending.reject(error);
     }
     this.#pending.clear();
+    this.#limitedInFlight = 0;
+    if (this.#pacer) clearTimeout(this.#pacer);
+    this.#pacer = undefined;
+    for (const waiting of this.#paced.splice(0)) waiting.reject(error);
     for (const queued of this.#queue.splice(0)) queued.reject(error);
     for (const waiter of this.#readyWaiters.splice(0)) waiter.reject(error);
     for (const [room] of this.#joinWaiters) this.#settleJoin(room, error);
@@ -717,17 +795,19 @@ export class RoomcastClient {
     }
     const ref = typeof frame.ref === "string" ? frame.ref : undefined;
     if (ref && this.#pending.has(ref)) {
-      const pending = this.#pending.get(ref)!;
-      this.#pending.delete(ref);
-      clearTimeout(pending.timer);
-      if (frame.action === "error" && frame.code === "rate_limited" && LIMITED.has(String(pending.frame.action))) {
+      if (frame.action === "error" && frame.code === "rate_limited") {
+        // Held before its place on the wire is given up, so nothing waiting goes out early.
+        const after = typeof frame.retry_after_ms === "number" ? frame.retry_after_ms : 1000;
+        this.#holdUntil = Math.max(this.#holdUntil, Date.now() + after + Math.floor(Math.random() * 50));
+      }
+      const pending = this.#settled(ref)!;
+      if (frame.action === "error" && frame.code === "rate_limited" && isLimited(pending.frame)) {
         this.#rateLimited++;
         const after = typeof frame.retry_after_ms === "number" ? frame.retry_after_ms : 1000;
         if (pending.limited >= this.#options.maxRateLimitRetries) {
           pending.reject(new RateLimitedError(String(frame.message), after));
         } else {
-          // Every limited request waits with it; a little jitter spreads the retries.
-          this.#holdUntil = Math.max(this.#holdUntil, Date.now() + after + Math.floor(Math.random() * 50));
+          // Every limited request waits with it (the hold above, with a little jitter).
           this.#transmit(pending.frame, pending.resolve, pending.reject, pending.limited + 1);
         }
       } else if (frame.action === "error") {

@@ -427,8 +427,8 @@ fn describe_effect(effect: &Effect) -> Value {
             "remove_membership": {"tenant": tenant, "room": room, "connection_id": connection_id, "reason": reason.as_str()}
         }),
         Effect::Close(to) => json!({ "close": to.connection_id }),
-        Effect::KeepCopy(copy) => json!({
-            "keep_copy": {"tenant": copy.tenant, "room": copy.kept_in, "sk": copy.sk, "from_room": copy.room}
+        Effect::KeepCopies(copies) => json!({
+            "keep_copies": copies.iter().map(|c| json!({"tenant": c.tenant, "room": c.kept_in, "sk": c.sk, "from_room": c.room})).collect::<Vec<_>>()
         }),
     }
 }

@@ -414,7 +414,14 @@ impl Deliverer {
                     self.inner.store.mark_message(tenant, room, sk, verdict).await?;
                 }
                 // A repeat writes the same item again: no stream record, nothing changed.
-                Effect::KeepCopy(copy) => self.inner.store.put_message(copy).await?,
+                Effect::KeepCopies(copies) => {
+                    // At most 64 (the tenant's extra-rooms ceiling), at once.
+                    let mut writes = Vec::with_capacity(copies.len());
+                    for copy in copies {
+                        writes.push(self.inner.store.put_message(copy));
+                    }
+                    futures::future::try_join_all(writes).await?;
+                }
                 Effect::Close(to) => self.inner.close(to).await,
             }
         }
