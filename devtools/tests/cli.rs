@@ -391,6 +391,12 @@ fn bench_drives_the_local_stack_and_reports_every_figure() {
     assert_eq!(names[..2], ["no plugin", "plugin"]);
     assert!(names[2].starts_with("plugin, beside a hostile tenant ("), "{names:?}");
     assert!(!names[2].contains("(0 hostile"), "the hostile tenant sent nothing: {names:?}");
+    // Beside a tenant flooding past its rate limits: refused, closed, and the measured tenant's
+    // every delivery still made (below).
+    assert!(names[3].starts_with("no plugin, beside a flooding tenant ("), "{names:?}");
+    let flood = &phases[3]["flood"];
+    assert!(flood["rate_limited"].as_u64().unwrap() > 0, "{flood}");
+    assert!(flood["taken"].as_u64().unwrap() < flood["sent"].as_u64().unwrap(), "{flood}");
     for phase in phases {
         assert!(phase["settled_rss_mib"].as_f64().unwrap() > 1.0, "{phase}");
         // 12 messages over 3 rooms of 10: every member (the sender included) receives each one.

@@ -51,6 +51,9 @@ pub struct Options {
     pub hostile: Option<Vec<u8>>,
     /// The hostile tenant's messages per second.
     pub hostile_rate: f64,
+    /// With `hostile`: the flooding tenant's frames per second (its own rate limits, the
+    /// defaults, hold it; the measured tenants have none).
+    pub flood_rate: f64,
     /// The started `roomcast dev` uses this DynamoDB API instead of the embedded store.
     pub dynamodb_endpoint: Option<String>,
     /// The secret `$connect` tokens are signed with (the dev stack's).
@@ -98,6 +101,22 @@ pub struct Phase {
     pub peak_rss_mib: Option<f64>,
     /// The server's resident set once the phase's traffic has stopped and the stack settled.
     pub settled_rss_mib: Option<f64>,
+    /// What a flooding tenant beside this phase did and was told.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flood: Option<Flood>,
+}
+
+/// A flooding tenant's traffic: frames sent, and what became of them.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Flood {
+    pub sent: u64,
+    /// Acknowledged: within its limits.
+    pub taken: u64,
+    pub rate_limited: u64,
+    /// Its connections the server closed for flooding.
+    pub closed: u64,
+    /// Its reconnects refused (`$connect` over its limit).
+    pub refused_connects: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -211,6 +230,16 @@ type Writer = futures::stream::SplitSink<
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     Frame,
 >;
+
+/// Whose traffic shares the stack with a phase's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Beside {
+    Nobody,
+    /// A tenant whose plugin misbehaves every way it can.
+    Hostile,
+    /// A tenant that sends far past its rate limits.
+    Flood,
+}
 
 /// Open connections of one phase: a writer per room (its first member) and the readers' events.
 struct Crowd {
@@ -407,6 +436,7 @@ async fn run_phase(
         cpu_us_per_record: cpu,
         peak_rss_mib: server.pid().and_then(|pid| status_mib(pid, "VmHWM:")),
         settled_rss_mib: None,
+        flood: None,
     })
 }
 
@@ -454,6 +484,79 @@ async fn hostile_traffic(
     Ok(sent)
 }
 
+/// A flooding tenant (`bench-flood`, the default rate limits as its own settings): one user
+/// sends messages at `flood_rate` until `stop` fires, reconnecting whenever it is closed.
+async fn flood_traffic(
+    server: &Server,
+    options: &Options,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Flood> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let defaults = crate::limits::RateLimits::default();
+    let limits: std::collections::BTreeMap<&str, u32> =
+        crate::limits::NAMES.iter().map(|name| (*name, defaults.of_name(name))).collect();
+    let settings = serde_json::to_vec(&serde_json::json!({ "rateLimits": limits }))?;
+    request(&server.base, http::Method::PUT, "/_dev/tenants/bench-flood/settings", settings).await?;
+    let claims = crate::auth::Claims {
+        tenant: "bench-flood".into(),
+        sub: "mallory".into(),
+        exp: chrono::Utc::now().timestamp() + 6 * 3600,
+        nbf: None,
+        scope: None,
+        rooms: None,
+        extra: Default::default(),
+    };
+    let url = format!("{}?token={}&rooms=f0", server.ws_url(), crate::auth::mint(&claims, &options.secret));
+    let interval = Duration::from_secs_f64(1.0 / options.flood_rate.max(0.001));
+    let (taken, limited) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut flood = Flood::default();
+    while !*stop.borrow() {
+        let Ok((ws, _)) = tokio_tungstenite::connect_async(url.as_str()).await else {
+            flood.refused_connects += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let (mut writer, mut reader) = ws.split();
+        let gone = Arc::new(AtomicBool::new(false));
+        let counts = (taken.clone(), limited.clone(), gone.clone());
+        let read = tokio::spawn(async move {
+            while let Some(Ok(frame)) = reader.next().await {
+                let Frame::Text(text) = frame else { continue };
+                let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                match (value["action"].as_str(), value["code"].as_str()) {
+                    (Some("ack"), _) => counts.0.fetch_add(1, Ordering::Relaxed),
+                    (_, Some("rate_limited")) => counts.1.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+            }
+            counts.2.store(true, Ordering::Relaxed);
+        });
+        while !*stop.borrow() && !gone.load(Ordering::Relaxed) {
+            let frame =
+                serde_json::json!({"action": "sendMessage", "room": "f0", "message": format!("flood {}", flood.sent)});
+            if writer.send(Frame::text(frame.to_string())).await.is_err() {
+                break;
+            }
+            flood.sent += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        if *stop.borrow() {
+            let _ = writer.close().await;
+            read.abort();
+        } else {
+            let _ = read.await;
+            flood.closed += 1;
+        }
+    }
+    flood.taken = taken.load(Ordering::Relaxed);
+    flood.rate_limited = limited.load(Ordering::Relaxed);
+    Ok(flood)
+}
+
 /// The resident set once the stack has settled after a phase (a few seconds for the allocator
 /// to return what the phase used).
 async fn settled_rss(server: &Server) -> anyhow::Result<Option<f64>> {
@@ -484,15 +587,18 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     let idle_rss_mib = server.pid().and_then(|pid| status_mib(pid, "VmRSS:"));
     let mut phases = Vec::new();
     let mut raw = f64::NAN;
-    let mut variants = vec![("no plugin", "bench-plain", None, false)];
+    let mut variants = vec![("no plugin", "bench-plain", None, Beside::Nobody)];
     if let Some(component) = &options.plugin {
-        variants.push(("plugin", "bench-plugin", Some(component), false));
+        variants.push(("plugin", "bench-plugin", Some(component), Beside::Nobody));
         if let Some(hostile) = &options.hostile {
             activate(&server, "bench-hostile", hostile).await?;
-            variants.push(("plugin, beside a hostile tenant", "bench-guarded", Some(component), true));
+            variants.push(("plugin, beside a hostile tenant", "bench-guarded", Some(component), Beside::Hostile));
         }
     }
-    for (name, tenant, plugin, beside_hostile) in variants {
+    if options.hostile.is_some() {
+        variants.push(("no plugin, beside a flooding tenant", "bench-calm", None, Beside::Flood));
+    }
+    for (name, tenant, plugin, beside) in variants {
         if let Some(component) = plugin {
             activate(&server, tenant, component).await?;
         }
@@ -501,28 +607,34 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
             raw = raw_rate(&server, &crowd.ids, options.raw_posts).await?;
         }
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let hostile = beside_hostile.then(|| {
-            let (server, options) = (&server, options);
-            async move { hostile_traffic(server, options, stopped).await }
-        });
-        let (phase, hostile_sent) = match hostile {
-            Some(traffic) => {
-                let phase = async {
-                    // Let the hostile traffic start before the measured messages do.
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    let phase = run_phase(&server, options, name, raw, &mut crowd).await;
-                    let _ = stop.send(true);
-                    phase
-                };
-                let (phase, sent) = tokio::join!(phase, traffic);
-                (phase?, Some(sent?))
+        let measured = async {
+            if beside != Beside::Nobody {
+                // Let the other tenant's traffic start before the measured messages do.
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            None => (run_phase(&server, options, name, raw, &mut crowd).await?, None),
+            let phase = run_phase(&server, options, name, raw, &mut crowd).await;
+            let _ = stop.send(true);
+            phase
         };
-        let mut phase = phase;
-        if let Some(sent) = hostile_sent {
-            phase.name = format!("{name} ({sent} hostile messages)");
-        }
+        let mut phase = match beside {
+            Beside::Nobody => measured.await?,
+            Beside::Hostile => {
+                let (phase, sent) = tokio::join!(measured, hostile_traffic(&server, options, stopped));
+                let mut phase = phase?;
+                phase.name = format!("{name} ({} hostile messages)", sent?);
+                phase
+            }
+            Beside::Flood => {
+                let (phase, flood) = tokio::join!(measured, flood_traffic(&server, options, stopped));
+                let (mut phase, flood) = (phase?, flood?);
+                phase.name = format!(
+                    "{name} ({} flood frames: {} taken, {} rate_limited, {} closed)",
+                    flood.sent, flood.taken, flood.rate_limited, flood.closed
+                );
+                phase.flood = Some(flood);
+                phase
+            }
+        };
         phase.settled_rss_mib = settled_rss(&server).await?;
         phases.push(phase);
         for reader in &crowd.readers {

@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// The hostile tenant's messages per second.
     #[arg(long, default_value_t = 20.0)]
     hostile_rate: f64,
+    /// With --hostile, a phase beside a flooding tenant too: its frames per second (held by its
+    /// rate limits, the defaults; the measured tenant has none).
+    #[arg(long, default_value_t = 500.0)]
+    flood_rate: f64,
     /// Run the started `roomcast dev` on this DynamoDB API (moto) instead of the embedded store,
     /// so that queries cost what they cost.
     #[arg(long)]
@@ -182,6 +186,7 @@ pub async fn bench_main(args: BenchArgs) -> anyhow::Result<()> {
         plugin_tenants: args.plugin_tenants,
         hostile: args.hostile.as_deref().map(crate::plugins::read_component).transpose()?,
         hostile_rate: args.hostile_rate,
+        flood_rate: args.flood_rate,
         dynamodb_endpoint: args.dynamodb_endpoint,
         secret: args.jwt_secret.into_bytes(),
         patience: Duration::from_secs(30),
