@@ -353,6 +353,25 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     // The authorizer reads its secret from SSM with its own policy, and refuses a bad token.
     let denied = aws.authorize("not-a-token").await;
     assert_eq!(denied["policyDocument"]["Statement"][0]["Effect"], "Deny", "{denied}");
+    // A tenant with an HS256 secret of its own: the authorizer reads it from the table (GetItem
+    // under its policy); its tokens are admitted, the deployment's secret no longer is.
+    let mut own = roomcast::identity::TenantIdentity::new("own");
+    own.hs256_secret = Some("own-tenant-secret-of-at-least-32-bytes".into());
+    aws.admin.put_tenant_identity(&own).await.expect("the tenant's identity");
+    let claims = |tenant: &str| roomcast::auth::Claims {
+        tenant: tenant.into(),
+        sub: "olga".into(),
+        exp: chrono::Utc::now().timestamp() + 600,
+        nbf: None,
+        scope: None,
+        rooms: None,
+        extra: Default::default(),
+    };
+    let allowed = aws.authorize(&roomcast::auth::mint(&claims("own"), b"own-tenant-secret-of-at-least-32-bytes")).await;
+    assert_eq!(allowed["policyDocument"]["Statement"][0]["Effect"], "Allow", "{allowed}");
+    assert_eq!(allowed["context"]["tenant"], "own", "{allowed}");
+    let shared = aws.authorize(&token("own", "olga")).await;
+    assert_eq!(shared["policyDocument"]["Statement"][0]["Effect"], "Deny", "{shared}");
 
     aws.connect("c-alice", &token("acme", "alice"), "lobby").await;
     aws.connect("c-bob", &token("acme", "bob"), "lobby").await;

@@ -929,6 +929,15 @@ impl Store for UnavailableRoom {
     async fn bump_roster(&self, tenant: &str, room: &str) -> roomcast::store::Result<()> {
         self.inner.bump_roster(tenant, room).await
     }
+    async fn tenant_identity(
+        &self,
+        tenant: &str,
+    ) -> roomcast::store::Result<Option<roomcast::identity::TenantIdentity>> {
+        self.inner.tenant_identity(tenant).await
+    }
+    async fn put_tenant_identity(&self, identity: &roomcast::identity::TenantIdentity) -> roomcast::store::Result<()> {
+        self.inner.put_tenant_identity(identity).await
+    }
     async fn count_in_window(&self, key: &str, window: i64) -> roomcast::store::Result<u64> {
         self.inner.count_in_window(key, window).await
     }

@@ -41,10 +41,14 @@ fn token(tenant: &str, sub: &str, exp: i64, secret: &[u8]) -> String {
     )
 }
 
-#[test]
-fn the_authorizer_allows_a_valid_token_with_a_flat_context() {
+fn shared() -> roomcast::identity::Verifier {
+    roomcast::identity::Verifier::new(SECRET.to_vec(), None)
+}
+
+#[tokio::test]
+async fn the_authorizer_allows_a_valid_token_with_a_flat_context() {
     let event = authorizer_event(json!({"token": token("acme", "ann", NOW + 60, SECRET)}));
-    let policy = authorize(&event, SECRET, NOW).unwrap();
+    let policy = authorize(&event, &shared(), NOW).await.unwrap();
     assert_eq!(policy["principalId"], "ann");
     assert_eq!(policy["context"], json!({"tenant": "acme", "userId": "ann"}));
     let statement = &policy["policyDocument"]["Statement"][0];
@@ -53,8 +57,8 @@ fn the_authorizer_allows_a_valid_token_with_a_flat_context() {
     assert_eq!(statement["Resource"], json!(["arn:aws:execute-api:eu-west-1:123456789012:abcdef123/test/$connect"]));
 }
 
-#[test]
-fn the_authorizer_denies_expired_wrongly_signed_claimless_and_malformed_tokens() {
+#[tokio::test]
+async fn the_authorizer_denies_expired_wrongly_signed_claimless_and_malformed_tokens() {
     use base64::Engine;
     let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
     let claimless =
@@ -71,17 +75,17 @@ fn the_authorizer_denies_expired_wrongly_signed_claimless_and_malformed_tokens()
         ("malformed", "definitely.not.ajwt".to_string()),
         ("two parts", "abc.def".to_string()),
     ] {
-        let policy = authorize(&authorizer_event(json!({"token": token})), SECRET, NOW).unwrap();
+        let policy = authorize(&authorizer_event(json!({"token": token})), &shared(), NOW).await.unwrap();
         assert_eq!(policy["policyDocument"]["Statement"][0]["Effect"], "Deny", "{what}");
         assert!(policy.get("context").is_none(), "{what}: a denied caller gets no context");
     }
     // No token at all: "Unauthorized", which API Gateway turns into 401.
-    assert_eq!(authorize(&authorizer_event(json!({})), SECRET, NOW), Err("Unauthorized"));
+    assert_eq!(authorize(&authorizer_event(json!({})), &shared(), NOW).await, Err("Unauthorized"));
     // The AWS example itself carries no token.
     let example: ApiGatewayCustomAuthorizerRequestTypeRequest =
         serde_json::from_str(include_str!("fixtures/example-apigw-v2-custom-authorizer-websocket-request.json"))
             .unwrap();
-    assert_eq!(authorize(&example, SECRET, NOW), Err("Unauthorized"));
+    assert_eq!(authorize(&example, &shared(), NOW).await, Err("Unauthorized"));
 }
 
 async fn admin_for(stack: &Stack) -> Admin {

@@ -357,6 +357,47 @@ enum TenantCommand {
         #[command(flatten)]
         target: PluginTargetArgs,
     },
+    /// Set how the tenant's $connect tokens are checked: its identity provider's JWKS (RS256 or
+    /// ES256, with --issuer and optionally --audience), or an HS256 secret of its own (read from
+    /// the environment variable --hs256-secret-env names). Its tokens then carry no `tenant`
+    /// claim if they like: clients connect with ?tenant=NAME. The deployment's shared secret no
+    /// longer admits anyone to it. --clear goes back to the shared secret. Authorizers read it
+    /// within 30 s. Prints the identity, secret left out.
+    Identity {
+        tenant: String,
+        #[arg(long, conflicts_with_all = ["hs256_secret_env", "clear"], requires = "issuer")]
+        jwks_url: Option<String>,
+        /// The `iss` its tokens carry (required with --jwks-url).
+        #[arg(long)]
+        issuer: Option<String>,
+        /// The `aud` its tokens must carry.
+        #[arg(long)]
+        audience: Option<String>,
+        #[arg(long, value_name = "VAR", conflicts_with = "clear")]
+        hs256_secret_env: Option<String>,
+        #[arg(long)]
+        clear: bool,
+        #[command(flatten)]
+        target: PluginTargetArgs,
+    },
+    /// Revoke tokens of a tenant with its own identity: one token by its id (`jti`, kept until
+    /// its expiry), every token of one user issued until now, or every token issued until now.
+    Revoke {
+        tenant: String,
+        /// A token id, with --until (its `exp`, epoch seconds).
+        #[arg(long, requires = "until")]
+        token_id: Option<String>,
+        #[arg(long)]
+        until: Option<i64>,
+        /// Every token of this user issued until now.
+        #[arg(long)]
+        user: Option<String>,
+        /// Every token of the tenant issued until now.
+        #[arg(long, conflicts_with_all = ["token_id", "user"])]
+        all: bool,
+        #[command(flatten)]
+        target: PluginTargetArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -528,6 +569,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             settings.rate_limits.extend(limits);
             target.set_settings(&settings).await?;
             println!("{}", serde_json::to_string_pretty(&settings)?);
+            Ok(())
+        }
+        Command::Tenant {
+            command: TenantCommand::Identity { tenant, jwks_url, issuer, audience, hs256_secret_env, clear, target },
+        } => {
+            let target = target.target().await;
+            let mut identity = target.identity(&tenant).await?;
+            if clear {
+                identity.hs256_secret = None;
+                identity.jwks_url = None;
+                identity.issuer = None;
+                identity.audience = None;
+            }
+            if let Some(url) = jwks_url {
+                identity.jwks_url = Some(url);
+                identity.hs256_secret = None;
+            }
+            if let Some(var) = hs256_secret_env {
+                let secret = std::env::var(&var).map_err(|_| anyhow::anyhow!("{var} is not set"))?;
+                identity.hs256_secret = Some(secret);
+                identity.jwks_url = None;
+            }
+            if issuer.is_some() {
+                identity.issuer = issuer;
+            }
+            if audience.is_some() {
+                identity.audience = audience;
+            }
+            target.set_identity(&identity).await?;
+            identity.hs256_secret = identity.hs256_secret.map(|_| "(set)".into());
+            println!("{}", serde_json::to_string_pretty(&identity)?);
+            Ok(())
+        }
+        Command::Tenant { command: TenantCommand::Revoke { tenant, token_id, until, user, all, target } } => {
+            anyhow::ensure!(
+                token_id.is_some() || user.is_some() || all,
+                "name what to revoke: --token-id, --user or --all"
+            );
+            let target = target.target().await;
+            let mut identity = target.identity(&tenant).await?;
+            anyhow::ensure!(
+                identity.hs256_secret.is_some() || identity.jwks_url.is_some(),
+                "{tenant} has no identity of its own: its tokens are the deployment's (rotate the shared secret, \
+                 or give it one with `roomcast tenant identity`)"
+            );
+            let now = chrono::Utc::now().timestamp();
+            if let (Some(id), Some(until)) = (&token_id, until) {
+                identity.revoke_id(id, until, now);
+            }
+            if let Some(user) = &user {
+                identity.users_revoked_before.insert(user.clone(), now);
+            }
+            if all {
+                identity.revoked_before = Some(now);
+            }
+            target.set_identity(&identity).await?;
+            println!("revoked; authorizers apply it within 30 s");
             Ok(())
         }
         Command::Plugin { command: PluginCommand::List { tenant, target } } => {

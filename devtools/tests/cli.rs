@@ -233,6 +233,19 @@ async fn plugin_upload_into_a_running_dev_stack_with_the_embedded_store() {
     assert_eq!(stored.rate_limits.get("joins_per_tenant"), Some(&0));
     let (ok, out) = roomcast(args("tenant set acme --limit messages_per_room=3")).await;
     assert!(!ok && out.contains("no limit is called") && out.contains("messages_per_user"), "{out}");
+    // Its own identity provider, then a revocation.
+    let (ok, out) = roomcast(args("tenant revoke acme --user ann")).await;
+    assert!(!ok && out.contains("no identity of its own"), "{out}");
+    let (ok, out) =
+        roomcast(args("tenant identity acme --jwks-url https://idp.example/jwks --issuer https://idp.example")).await;
+    assert!(ok && out.contains(r#""jwksUrl": "https://idp.example/jwks""#), "{out}");
+    let (ok, out) = roomcast(args("tenant identity acme --jwks-url ftp://x --issuer i")).await;
+    assert!(!ok && out.contains("not http"), "{out}");
+    let (ok, out) = roomcast(args("tenant revoke acme --user ann")).await;
+    assert!(ok, "{out}");
+    let stored = stack.store.tenant_identity("acme").await.unwrap().expect("written");
+    assert_eq!(stored.issuer.as_deref(), Some("https://idp.example"));
+    assert!(stored.users_revoked_before.contains_key("ann"), "{stored:?}");
 
     // A backend's message through the stack's publish endpoint, as a tenant's backend sends it.
     let (ok, out) = roomcast(args("publish --tenant acme --room general --idempotency-key k-1 order-shipped")).await;

@@ -88,6 +88,13 @@ pub enum Denied {
     Claim(&'static str),
     #[error("a publish token cannot open a connection")]
     PublishToken,
+    #[error("token revoked")]
+    Revoked,
+    #[error("no key {0:?} in the tenant's JWKS")]
+    UnknownKey(String),
+    /// The tenant's identity could not be read (the table, its JWKS): not the caller's fault.
+    #[error("identity unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl Denied {
@@ -95,6 +102,7 @@ impl Denied {
     pub fn status(&self) -> u16 {
         match self {
             Denied::Missing => 401,
+            Denied::Unavailable(_) => 503,
             _ => 403,
         }
     }
@@ -131,8 +139,14 @@ pub fn verify(token: &str, secret: &[u8], now: i64) -> Result<Claims, Denied> {
 
     let claims: serde_json::Value = serde_json::from_slice(&decode(payload, "payload")?)
         .map_err(|e| Denied::Malformed(format!("payload is not JSON: {e}")))?;
+    let tenant = claims.get("tenant").and_then(|v| v.as_str()).filter(|s| !s.is_empty());
+    claims_from(&claims, tenant.ok_or(Denied::Claim("tenant"))?, now)
+}
+
+/// The claims Roomcast reads from a verified token's payload, for `tenant` (its `tenant` claim,
+/// or — for an identity provider's token, which has none — the tenant whose key verified it).
+pub fn claims_from(claims: &serde_json::Value, tenant: &str, now: i64) -> Result<Claims, Denied> {
     let text = |name: &'static str| claims.get(name).and_then(|v| v.as_str()).filter(|s| !s.is_empty());
-    let tenant = text("tenant").ok_or(Denied::Claim("tenant"))?;
     Name::parse("tenant", tenant).map_err(|_| Denied::Claim("tenant"))?;
     // A user id is part of keys (`USER#{sub}` for presence) and of every frame: bounded, and
     // without the key separator or control characters.

@@ -639,10 +639,13 @@ async fn act(
 /// Allowed → an `Allow` policy for the route with the flat context (`tenant`, `userId`, and a
 /// `rooms` claim as its JSON text);
 /// a bad token → a `Deny` policy (API Gateway answers 403); no token at all →
-/// `Err("Unauthorized")`, which API Gateway answers with 401. The token is never logged.
-pub fn authorize(
+/// `Err("Unauthorized")`, which API Gateway answers with 401; a tenant's identity that cannot be
+/// read → an error (500). The token is never logged. Each tenant's own identity
+/// ([`crate::identity`]) is read through `verifier`; `?tenant=` names the tenant of an identity
+/// provider's token, which has no `tenant` claim.
+pub async fn authorize(
     request: &aws_lambda_events::apigw::ApiGatewayCustomAuthorizerRequestTypeRequest,
-    secret: &[u8],
+    verifier: &crate::identity::Verifier,
     now: i64,
 ) -> Result<Value, &'static str> {
     // The query string only: API Gateway calls the authorizer only when `token` is there (its
@@ -658,7 +661,8 @@ pub fn authorize(
             },
         })
     };
-    match crate::auth::verify_connect(&token, secret, now) {
+    let hint = request.query_string_parameters.first("tenant");
+    match verifier.verify_connect(&token, hint, now).await {
         Ok(claims) => {
             tracing::info!(tenant = %claims.tenant, user_id = %claims.sub, "allowed");
             let mut allow = policy(&claims.sub, "Allow");
@@ -672,6 +676,10 @@ pub fn authorize(
         Err(crate::auth::Denied::Missing) => {
             tracing::info!("no token: unauthorized");
             Err("Unauthorized")
+        }
+        Err(crate::auth::Denied::Unavailable(reason)) => {
+            tracing::error!(%reason, "a tenant's identity could not be read");
+            Err("the tenant's identity is unavailable")
         }
         Err(denied) => {
             tracing::info!(reason = %denied, "denied");

@@ -73,11 +73,15 @@ pub fn deadline_instant(deadline_ms: u64) -> std::time::Instant {
 /// parameter named by `ROOMCAST_JWT_SECRET_PARAMETER` (decrypted), or `ROOMCAST_JWT_SECRET`.
 pub async fn run_authorizer() -> Result<(), Error> {
     init_tracing();
+    let config = Config::from_env()?;
     let secret = jwt_secret().await?;
-    let secret = &secret;
+    // Tenants' own identities are read from the table (cached per container).
+    let (_, store) = store_from(&config, Arc::default()).await;
+    let verifier = crate::identity::Verifier::new(secret, Some(store));
+    let verifier = &verifier;
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<aws_lambda_events::apigw::ApiGatewayCustomAuthorizerRequestTypeRequest>| async move {
-            handlers::authorize(&event.payload, secret, chrono::Utc::now().timestamp()).map_err(Error::from)
+            handlers::authorize(&event.payload, verifier, chrono::Utc::now().timestamp()).await.map_err(Error::from)
         },
     ))
     .await

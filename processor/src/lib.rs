@@ -19,6 +19,7 @@
 //! |------|--------|-----|
 //! | records | [`model`] | the single table's records and keys; validated names; the clock |
 //! | write path | [`handlers`] | `$connect`, `$disconnect`, messages → records; route responses |
+//! | identity | [`identity`] | each tenant's tokens checked with its own key: an HS256 secret or its identity provider's JWKS |
 //! | rate limits | [`limits`] | per connection, user and tenant, counted in the table before a handler writes |
 //! | table | [`store`] | one trait, a DynamoDB adapter and an embedded one with a stream |
 //! | record → change | [`stream`] | decode stream records into typed [`stream::Change`]s; the batch runner; the Streams poller |
@@ -38,6 +39,7 @@ pub mod auth;
 pub mod config;
 pub mod deliver;
 pub mod handlers;
+pub mod identity;
 pub mod lambda;
 pub mod limits;
 pub mod metrics;

@@ -85,6 +85,33 @@ impl Target {
         }
     }
 
+    /// The tenant's own identity (a default, empty one when it has none).
+    pub async fn identity(&self, tenant: &str) -> anyhow::Result<crate::identity::TenantIdentity> {
+        crate::model::Name::parse("tenant", tenant).map_err(anyhow::Error::msg)?;
+        match self {
+            Target::Table(store) => {
+                Ok(store.tenant_identity(tenant).await?.unwrap_or_else(|| crate::identity::TenantIdentity::new(tenant)))
+            }
+            Target::Dev(url) => {
+                let path = format!("/_dev/tenants/{tenant}/identity");
+                Ok(serde_json::from_value(request(url, http::Method::GET, &path, Vec::new()).await?)?)
+            }
+        }
+    }
+
+    /// Writes the tenant's identity; authorizers read it within 30 s.
+    pub async fn set_identity(&self, identity: &crate::identity::TenantIdentity) -> anyhow::Result<()> {
+        crate::model::Name::parse("tenant", &identity.tenant).map_err(anyhow::Error::msg)?;
+        identity.check().map_err(anyhow::Error::msg)?;
+        match self {
+            Target::Table(store) => Ok(store.put_tenant_identity(identity).await?),
+            Target::Dev(url) => {
+                let path = format!("/_dev/tenants/{}/identity", identity.tenant);
+                request(url, http::Method::PUT, &path, serde_json::to_vec(identity)?).await.map(|_| ())
+            }
+        }
+    }
+
     /// Writes the tenant's settings; the processor reads them from its next batch on.
     pub async fn set_settings(&self, settings: &crate::model::TenantSettings) -> anyhow::Result<()> {
         crate::model::Name::parse("tenant", &settings.tenant).map_err(anyhow::Error::msg)?;

@@ -15,6 +15,8 @@
 //! | `POST /publish` (a token with the `publish` scope; body `{tenant, room, message, user_id?, idempotency_key?}`) | the `publish` Lambda's HTTP API: `{"id"}`, or `{"error"}` with its status |
 //! | `GET /_dev/tenants/{tenant}/settings` | the tenant's settings (`roomcast tenant show`) |
 //! | `PUT /_dev/tenants/{tenant}/settings` (body: the settings' fields) | writes them (`roomcast tenant set`) |
+//! | `GET /_dev/tenants/{tenant}/identity` | the tenant's own identity (`roomcast tenant identity`; the dev stack is local) |
+//! | `PUT /_dev/tenants/{tenant}/identity` (body: the identity) | writes it (`roomcast tenant identity`, `roomcast tenant revoke`) |
 //! | `GET /_dev/tenants/{tenant}/config` | the tenant's plugin configuration (`roomcast plugin config get`) |
 //! | `PUT /_dev/tenants/{tenant}/config` (body: `{"KEY": "VALUE", …}`) | replaces it (`roomcast plugin config set/unset`) |
 //!
@@ -52,6 +54,7 @@ pub fn routes(store: Arc<dyn Store>, host: Arc<PluginHost>, metrics: Arc<Metrics
         .route("/_dev/plugins/{tenant}", get(list).post(upload))
         .route("/_dev/plugins/{tenant}/active", put(activate))
         .route("/_dev/tenants/{tenant}/settings", get(settings).put(set_settings))
+        .route("/_dev/tenants/{tenant}/identity", get(identity).put(set_identity))
         .route("/_dev/tenants/{tenant}/config", get(plugin_config).put(set_plugin_config))
         // The host refuses components over its limit with a clear reason; let them reach it.
         .layer(DefaultBodyLimit::max(8 << 20))
@@ -174,6 +177,39 @@ pub fn publish_route(deps: crate::publish::PublishDeps, secret: Vec<u8>) -> axum
         )
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(state)
+}
+
+async fn identity(State(api): State<Api>, Path(tenant): Path<String>) -> Response {
+    match api.store.tenant_identity(&tenant).await {
+        Ok(identity) => {
+            axum::Json(identity.unwrap_or_else(|| crate::identity::TenantIdentity::new(&tenant))).into_response()
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn set_identity(State(api): State<Api>, Path(tenant): Path<String>, body: axum::body::Bytes) -> Response {
+    let identity: crate::identity::TenantIdentity = match serde_json::from_slice(&body) {
+        Ok(identity) => identity,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body must be the tenant's identity: {e}")),
+    };
+    if let Err(e) = crate::model::Name::parse("tenant", &tenant) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    let identity = crate::identity::TenantIdentity {
+        pk: crate::model::tenant_pk(&tenant),
+        sk: crate::identity::IDENTITY_SK.into(),
+        record_type: "identity".into(),
+        tenant: tenant.clone(),
+        ..identity
+    };
+    if let Err(e) = identity.check() {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    match api.store.put_tenant_identity(&identity).await {
+        Ok(()) => axum::Json(identity).into_response(),
+        Err(e) => unavailable(e),
+    }
 }
 
 async fn settings(State(api): State<Api>, Path(tenant): Path<String>) -> Response {

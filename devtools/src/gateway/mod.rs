@@ -122,12 +122,16 @@ pub struct Gateway {
     connections: Mutex<HashMap<String, Live>>,
     faults: Faults,
     account: account::Account,
+    /// The authorizer's rule, with tenants' own identities from the stack's table.
+    verifier: crate::identity::Verifier,
 }
 
 impl Gateway {
     pub fn new(settings: GatewaySettings, deps: HandlerDeps) -> Arc<Gateway> {
         let account = account::Account::new(settings.limits.account);
+        let verifier = crate::identity::Verifier::new(settings.auth.secret().to_vec(), Some(deps.store.clone()));
         Arc::new(Gateway {
+            verifier,
             settings,
             deps,
             connections: Mutex::new(HashMap::new()),
@@ -222,7 +226,7 @@ fn new_connection_id() -> String {
     base64::engine::general_purpose::STANDARD.encode(&bytes[..11])
 }
 
-fn authorize(
+async fn authorize(
     gw: &Gateway,
     query: &HashMap<String, String>,
     headers: &HeaderMap,
@@ -249,7 +253,9 @@ fn authorize(
             ("principalId".to_string(), json!(user)),
         ]));
     }
-    auth::verify_connect(&token, gw.settings.auth.secret(), gw.now().timestamp())
+    gw.verifier
+        .verify_connect(&token, query.get("tenant").map(String::as_str), gw.now().timestamp())
+        .await
         .map(|claims| auth::context(&claims))
         .map_err(|denied| (denied.status(), denied.to_string()))
 }
@@ -322,7 +328,7 @@ async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let authorizer = match authorize(&gw, &query, &headers) {
+    let authorizer = match authorize(&gw, &query, &headers).await {
         Ok(context) => context,
         Err((status, why)) => {
             tracing::info!(status, reason = %why, "upgrade refused by the authorizer");

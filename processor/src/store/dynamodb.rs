@@ -1251,6 +1251,22 @@ impl Store for DynamoStore {
         self.get_typed("get_item (tenant settings)", key(model::tenant_pk(tenant), model::SETTINGS_SK.into())).await
     }
 
+    async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::identity::TenantIdentity>> {
+        self.get_typed("get_item (tenant identity)", key(model::tenant_pk(tenant), crate::identity::IDENTITY_SK.into()))
+            .await
+    }
+
+    async fn put_tenant_identity(&self, identity: &crate::identity::TenantIdentity) -> Result<()> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(identity)?))
+            .send()
+            .await
+            .map_err(|e| unavailable("put_item (tenant identity)", e))?;
+        Ok(())
+    }
+
     async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()> {
         self.client
             .put_item()

@@ -695,6 +695,18 @@ impl Store for MemoryStore {
         Ok(self.get(&table, &(model::tenant_pk(tenant), model::SETTINGS_SK.to_string())))
     }
 
+    async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::identity::TenantIdentity>> {
+        let table = self.lock();
+        Ok(self.get(&table, &(model::tenant_pk(tenant), crate::identity::IDENTITY_SK.to_string())))
+    }
+
+    async fn put_tenant_identity(&self, identity: &crate::identity::TenantIdentity) -> Result<()> {
+        let item = encode(identity)?;
+        let mut table = self.lock();
+        self.put_item(&mut table, item);
+        Ok(())
+    }
+
     async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()> {
         let item = encode(settings)?;
         let mut table = self.lock();

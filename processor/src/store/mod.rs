@@ -255,6 +255,12 @@ pub trait Store: Send + Sync + 'static {
     /// A tenant's settings; `None` when unset (or the item does not decode: logged and counted).
     async fn tenant_settings(&self, tenant: &str) -> Result<Option<TenantSettings>>;
 
+    /// A tenant's own identity ([`crate::identity`]), strongly consistent; `None` when it has
+    /// none (or the item does not decode: logged and counted).
+    async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::identity::TenantIdentity>>;
+
+    async fn put_tenant_identity(&self, identity: &crate::identity::TenantIdentity) -> Result<()>;
+
     async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()>;
 
     /// How far a big fan-out got ([`crate::model::FanoutProgress`]), strongly consistent.
