@@ -1091,7 +1091,7 @@ impl Store for UnavailableRoom {
     async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> roomcast::store::Result<()> {
         self.inner.set_active_plugin(tenant, version).await
     }
-    async fn history(
+    async fn history_page(
         &self,
         tenant: &str,
         room: &str,
@@ -1099,8 +1099,9 @@ impl Store for UnavailableRoom {
         limit: usize,
         now: chrono::DateTime<chrono::Utc>,
         viewer: Option<&str>,
+        max_bytes: usize,
     ) -> roomcast::store::Result<Vec<roomcast::model::Message>> {
-        self.inner.history(tenant, room, from, limit, now, viewer).await
+        self.inner.history_page(tenant, room, from, limit, now, viewer, max_bytes).await
     }
     async fn put_message_once(
         &self,

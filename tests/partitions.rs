@@ -106,3 +106,38 @@ async fn writes_through_the_layer_are_charged_to_their_keys() {
     assert_eq!(version.write_units, 1.0, "the version's bump: a plain update, on its own key");
     assert_eq!(room.throttled + conn.throttled, 0);
 }
+
+/// A history page of big messages reads about the one frame it can return, not the 51 messages a
+/// page may hold: pages of 4, 8, 16, … items, stopped once their text passes a frame (128 KB).
+/// Read through the layer, which counts items and bytes as DynamoDB does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_page_reads_about_what_one_frame_returns() {
+    let moto = roomcast_tests::moto_endpoint();
+    let partitions = Partitions::start(&moto, PartitionLimits::default()).await.unwrap();
+    let table = Table::dynamodb_behind(&partitions).await;
+    let now = SystemClock.now();
+    for i in 0..60 {
+        let at = now + chrono::Duration::milliseconds(i);
+        let body = format!("{i:03} {}", "x".repeat(20_000));
+        table
+            .store
+            .put_message(&roomcast::model::Message::published("acme", "big", "ann", body, at, 3600))
+            .await
+            .unwrap();
+    }
+    let frame = roomcast::protocol::MAX_OUTGOING_BYTES;
+    let latest = roomcast::store::HistoryFrom::Latest;
+    partitions.reset();
+    let page = table.store.history_page("acme", "big", &latest, 51, now, None, frame).await.unwrap();
+    let paged = partitions.stats("ROOM#acme#big");
+    partitions.reset();
+    let whole = table.store.history("acme", "big", &latest, 51, now, None).await.unwrap();
+    let unbounded = partitions.stats("ROOM#acme#big");
+    eprintln!("a history page: {paged:?}; without the frame's budget: {unbounded:?}");
+    assert_eq!(page.len(), 7, "the newest 7 of 20 KB pass 128 KB: one more than fits says `next`");
+    assert_eq!(page.last().unwrap().body[..3].to_string(), "059", "the newest last");
+    assert_eq!(whole.len(), 51);
+    assert!(paged.items_read <= 12, "pages of 4 and 8: {paged:?}");
+    assert!(paged.bytes_read < 3 * frame as u64, "{paged:?}");
+    assert!(unbounded.items_read >= 51, "{unbounded:?}");
+}

@@ -586,7 +586,9 @@ async fn act(
             member_of(conn, room.as_str())?;
             let forward = matches!(from, HistoryFrom::After(_));
             // One more than asked says whether there is more.
-            let found = store.history(&conn.tenant, room.as_str(), &from, limit + 1, now, Some(&conn.user_id)).await?;
+            let (tenant, viewer, frame) =
+                (&conn.tenant, Some(conn.user_id.as_str()), crate::protocol::MAX_OUTGOING_BYTES);
+            let found = store.history_page(tenant, room.as_str(), &from, limit + 1, now, viewer, frame).await?;
             let (messages, next) = fit_in_a_frame(room.as_str(), found, limit, forward);
             ServerMessage::History { room: room.to_string(), messages, next }
         }
@@ -596,8 +598,9 @@ async fn act(
             let sk = crate::model::message_sk_of_id(&since).unwrap_or_default();
             if let Some(seen) = store.message(&conn.tenant, room.as_str(), &sk, now).await? {
                 let from = crate::store::recovery_start(&seen);
+                let (limit, frame) = (MAX_HISTORY_LIMIT + 2, crate::protocol::MAX_OUTGOING_BYTES);
                 let found: Vec<Message> = store
-                    .history(&conn.tenant, room.as_str(), &from, MAX_HISTORY_LIMIT + 2, now, Some(&conn.user_id))
+                    .history_page(&conn.tenant, room.as_str(), &from, limit, now, Some(&conn.user_id), frame)
                     .await?
                     .into_iter()
                     .filter(|m| m.id != seen.id)

@@ -393,7 +393,8 @@ pub struct Message {
     pub sk: String,
     #[serde(rename = "type")]
     pub record_type: String,
-    /// Empty on a [`Message::kept_in`] copy, which is not indexed.
+    /// Empty: messages are not indexed (nothing reads messages by user; an index entry was a second
+    /// write of every message). Messages written before still carry `TENANT#…#USER#…` here.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub gsi1pk: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -451,8 +452,8 @@ impl Message {
             pk: room_pk(tenant, room),
             sk: message_sk(&now, &id),
             record_type: "message".into(),
-            gsi1pk: user_gsi1pk(tenant, user_id),
-            gsi1sk: format!("MSG#{}", format_ts(&now)),
+            gsi1pk: String::new(),
+            gsi1sk: String::new(),
             id,
             tenant: tenant.to_string(),
             room: room.to_string(),
@@ -631,6 +632,19 @@ fn truncate_ms(t: DateTime<Utc>) -> DateTime<Utc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_writes_no_index_entry_and_one_written_with_one_still_reads() {
+        let now = Utc::now();
+        let message = Message::published("acme", "general", "ann", "hi".into(), now, 60);
+        let item: serde_dynamo::Item = serde_dynamo::to_item(&message).unwrap();
+        assert!(!item.contains_key("gsi1pk") && !item.contains_key("gsi1sk"), "{item:?}");
+        let mut old = item.clone();
+        old.insert("gsi1pk".into(), serde_dynamo::AttributeValue::S(user_gsi1pk("acme", "ann")));
+        old.insert("gsi1sk".into(), serde_dynamo::AttributeValue::S("MSG#x".into()));
+        let read: Message = serde_dynamo::from_item(old).unwrap();
+        assert_eq!(read.id, message.id);
+    }
 
     #[test]
     fn names_reject_key_separators_and_bad_lengths() {

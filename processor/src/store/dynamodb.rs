@@ -371,6 +371,10 @@ impl DynamoStore {
     /// Runs a query to the end, page by page, until `keep` says it has enough.
     async fn query_all(&self, spec: QuerySpec<'_>, mut keep: impl FnMut(DynamoItem) -> Result<bool>) -> Result<()> {
         let mut start: Option<DynamoItem> = None;
+        let mut size = match (spec.growing, spec.page_size) {
+            (true, Some(most)) => Some(most.min(4)),
+            (_, size) => size,
+        };
         loop {
             let mut query = self
                 .client
@@ -382,8 +386,11 @@ impl DynamoStore {
                 .key_condition_expression(spec.key_condition)
                 .set_filter_expression(spec.filter.map(str::to_string))
                 .scan_index_forward(!spec.newest_first)
-                .set_limit(spec.page_size)
+                .set_limit(size)
                 .set_exclusive_start_key(start.take());
+            if let (true, Some(now), Some(most)) = (spec.growing, size, spec.page_size) {
+                size = Some(now.saturating_mul(2).min(most));
+            }
             for (name, attribute) in &spec.names {
                 query = query.expression_attribute_names(*name, *attribute);
             }
@@ -444,6 +451,8 @@ struct QuerySpec<'a> {
     newest_first: bool,
     /// Items read per page (DynamoDB's `Limit`): without it, a page reads up to 1 MB.
     page_size: Option<i32>,
+    /// Pages of 4, 8, 16, … items up to `page_size`: a caller that may stop early reads little.
+    growing: bool,
 }
 
 fn s(value: &str) -> AttributeValue {
@@ -1322,7 +1331,7 @@ impl Store for DynamoStore {
         Ok(())
     }
 
-    async fn history(
+    async fn history_page(
         &self,
         tenant: &str,
         room: &str,
@@ -1330,7 +1339,9 @@ impl Store for DynamoStore {
         limit: usize,
         now: DateTime<Utc>,
         viewer: Option<&str>,
+        max_bytes: usize,
     ) -> Result<Vec<Message>> {
+        let mut bytes = 0usize;
         // BETWEEN is inclusive: the cursor's own key is dropped below.
         let (lo, hi, cursor, newest_first) = match from {
             HistoryFrom::Latest => (MESSAGES_FROM, MESSAGES_TO, None, true),
@@ -1347,6 +1358,7 @@ impl Store for DynamoStore {
             newest_first,
             // Items that do not decode or have expired are rare; the cursor's own item is one more.
             page_size: i32::try_from(limit.saturating_add(2)).ok(),
+            growing: max_bytes < usize::MAX,
             ..QuerySpec::default()
         };
         self.query_all(spec, |item| {
@@ -1357,9 +1369,10 @@ impl Store for DynamoStore {
                 && m.rejected.is_none()
                 && m.visible_to(viewer)
             {
+                bytes = bytes.saturating_add(m.delivered_body.as_ref().unwrap_or(&m.body).len());
                 page.push(m);
             }
-            Ok(page.len() < limit)
+            Ok(page.len() < limit && bytes <= max_bytes)
         })
         .await?;
         if newest_first {

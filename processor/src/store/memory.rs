@@ -742,7 +742,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn history(
+    async fn history_page(
         &self,
         tenant: &str,
         room: &str,
@@ -750,7 +750,9 @@ impl Store for MemoryStore {
         limit: usize,
         now: DateTime<Utc>,
         viewer: Option<&str>,
+        max_bytes: usize,
     ) -> Result<Vec<Message>> {
+        let mut bytes = 0usize;
         use std::ops::Bound::{Excluded, Included};
         let table = self.lock();
         let pk = model::room_pk(tenant, room);
@@ -773,8 +775,9 @@ impl Store for MemoryStore {
                 && m.rejected.is_none()
                 && m.visible_to(viewer)
             {
+                bytes = bytes.saturating_add(m.delivered_body.as_ref().unwrap_or(&m.body).len());
                 page.push(m);
-                if page.len() == limit {
+                if page.len() == limit || bytes > max_bytes {
                     break;
                 }
             }

@@ -287,6 +287,25 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         now: DateTime<Utc>,
         viewer: Option<&str>,
+    ) -> Result<Vec<Message>> {
+        self.history_page(tenant, room, from, limit, now, viewer, usize::MAX).await
+    }
+
+    /// [`Store::history`] that also stops once the messages' text (as delivered) passes
+    /// `max_bytes`: the message that passes it is the last one read and given, so a caller that
+    /// fits the answer in a frame of `max_bytes` always finds more than fits and says `next`.
+    /// DynamoDB reads in pages of 4, 8, 16, … items, so a page of big messages reads about what
+    /// one frame returns rather than `limit` of them.
+    #[allow(clippy::too_many_arguments, reason = "history's arguments and the byte budget")]
+    async fn history_page(
+        &self,
+        tenant: &str,
+        room: &str,
+        from: &HistoryFrom,
+        limit: usize,
+        now: DateTime<Utc>,
+        viewer: Option<&str>,
+        max_bytes: usize,
     ) -> Result<Vec<Message>>;
 }
 
