@@ -136,6 +136,17 @@ async fn an_identity_providers_rs256_and_es256_tokens_admit_their_tenants_users_
             .await,
         Denied::Expired
     );
+    // No `aud` at all (a Cognito access token): another tenant's app could have asked for it.
+    let no_aud = idp_token("rsa-a", json!({"iss": ISSUER, "sub": "ann", "exp": NOW + 600}));
+    assert_eq!(deny(no_aud, Some("acme")).await, Denied::Claim("aud"));
+    // Issued in the future: it could outlive a revocation made before it.
+    let mut later = standard("ann");
+    later["iat"] = json!(NOW + 3600);
+    assert_eq!(deny(idp_token("rsa-a", later), Some("acme")).await, Denied::Claim("iat"));
+    // A `tenant` claim and `?tenant=` that disagree.
+    let mut named = standard("ann");
+    named["tenant"] = json!("acme");
+    assert_eq!(deny(idp_token("rsa-a", named), Some("beta")).await, Denied::Claim("tenant"));
     // A kid the JWKS does not have (fetched again, still not there).
     let unknown = {
         let claims = standard("ann");
@@ -178,7 +189,8 @@ async fn an_identity_providers_rs256_and_es256_tokens_admit_their_tenants_users_
     // one to globex (which has no identity: the shared secret only).
     let mut elsewhere = standard("ann");
     elsewhere["tenant"] = json!("globex");
-    assert!(matches!(deny(idp_token("rsa-a", elsewhere), Some("acme")).await, Denied::Algorithm(_)));
+    assert_eq!(deny(idp_token("rsa-a", elsewhere.clone()), Some("acme")).await, Denied::Claim("tenant"));
+    assert_eq!(deny(idp_token("rsa-a", elsewhere), None).await, Denied::Algorithm("RS256".into()));
 }
 
 #[tokio::test]
@@ -254,9 +266,11 @@ async fn roomcast_dev_admits_an_identity_providers_token() {
     let mut acme = TenantIdentity::new("acme");
     acme.jwks_url = Some(idp.url.clone());
     acme.issuer = Some(ISSUER.into());
+    acme.audience = Some("roomcast".into());
     stack.store.put_tenant_identity(&acme).await.unwrap();
     let now = chrono::Utc::now().timestamp();
-    let token = idp_token("ec-1", json!({"iss": ISSUER, "sub": "ann", "exp": now + 600, "iat": now}));
+    let token =
+        idp_token("ec-1", json!({"iss": ISSUER, "aud": "roomcast", "sub": "ann", "exp": now + 600, "iat": now}));
     let mut client = ws::try_connect(&stack, &format!("token={token}&tenant=acme&rooms=general"))
         .await
         .unwrap_or_else(|status| panic!("refused with {status}"));
@@ -265,4 +279,39 @@ async fn roomcast_dev_admits_an_identity_providers_token() {
     let dev_token = ws::token("acme", "ann");
     assert_eq!(ws::try_connect(&stack, &format!("token={dev_token}&rooms=general")).await.err(), Some(403));
     stack.shutdown().await;
+}
+
+/// An identity provider that is down, or a flood of unknown `kid`s, costs one fetch per 30 s,
+/// not one per connect; with no keys ever fetched, connects fail as unavailable (never admitted).
+#[tokio::test]
+async fn a_provider_down_or_junk_kids_cost_one_fetch_per_interval() {
+    let (idp, store, _) = with_idp(&["rsa-a"]).await;
+    let verifier = Verifier::new(SHARED.to_vec(), Some(store.clone())); // 30 s between fetches
+    assert!(verifier.verify_connect(&idp_token("rsa-a", standard("ann")), Some("acme"), NOW).await.is_ok());
+    for i in 0..5 {
+        let junk = {
+            let key = EncodingKey::from_rsa_pem(&fixture("rsa-a.pem")).unwrap();
+            let header = Header { kid: Some(format!("junk-{i}")), ..Header::new(Algorithm::RS256) };
+            jsonwebtoken::encode(&header, &standard("ann"), &key).unwrap()
+        };
+        assert!(matches!(verifier.verify_connect(&junk, Some("acme"), NOW).await, Err(Denied::UnknownKey(_))));
+    }
+    assert_eq!(*idp.fetches.lock().unwrap(), 1, "junk kids within 30 s fetch nothing");
+    // A tenant whose provider answers nothing: unavailable, and tried once in the interval.
+    let mut down = TenantIdentity::new("down");
+    down.jwks_url = Some("http://127.0.0.1:9/jwks.json".into());
+    down.issuer = Some(ISSUER.into());
+    down.audience = Some("roomcast".into());
+    store.put_tenant_identity(&down).await.unwrap();
+    for _ in 0..3 {
+        let answer = verifier.verify_connect(&idp_token("rsa-a", standard("ann")), Some("down"), NOW).await;
+        assert!(matches!(answer, Err(Denied::Unavailable(_))), "{answer:?}");
+    }
+    // Settings that would let the keys be swapped on the way, or tell tenants apart by nothing.
+    let mut plain = down.clone();
+    plain.jwks_url = Some("http://idp.example.com/jwks.json".into());
+    assert!(plain.check().unwrap_err().contains("not https"));
+    let mut no_audience = down.clone();
+    no_audience.audience = None;
+    assert!(no_audience.check().unwrap_err().contains("audience"));
 }

@@ -365,12 +365,13 @@ enum TenantCommand {
     /// within 30 s. Prints the identity, secret left out.
     Identity {
         tenant: String,
-        #[arg(long, conflicts_with_all = ["hs256_secret_env", "clear"], requires = "issuer")]
+        #[arg(long, conflicts_with_all = ["hs256_secret_env", "clear"], requires_all = ["issuer", "audience"])]
         jwks_url: Option<String>,
         /// The `iss` its tokens carry (required with --jwks-url).
         #[arg(long)]
         issuer: Option<String>,
-        /// The `aud` its tokens must carry.
+        /// The `aud` its tokens must carry (required with --jwks-url: tenants sharing an identity
+        /// provider are told apart by it).
         #[arg(long)]
         audience: Option<String>,
         #[arg(long, value_name = "VAR", conflicts_with = "clear")]

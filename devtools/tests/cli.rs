@@ -236,11 +236,14 @@ async fn plugin_upload_into_a_running_dev_stack_with_the_embedded_store() {
     // Its own identity provider, then a revocation.
     let (ok, out) = roomcast(args("tenant revoke acme --user ann")).await;
     assert!(!ok && out.contains("no identity of its own"), "{out}");
-    let (ok, out) =
-        roomcast(args("tenant identity acme --jwks-url https://idp.example/jwks --issuer https://idp.example")).await;
+    let (ok, out) = roomcast(args(
+        "tenant identity acme --jwks-url https://idp.example/jwks --issuer https://idp.example --audience rc",
+    ))
+    .await;
     assert!(ok && out.contains(r#""jwksUrl": "https://idp.example/jwks""#), "{out}");
-    let (ok, out) = roomcast(args("tenant identity acme --jwks-url ftp://x --issuer i")).await;
-    assert!(!ok && out.contains("not http"), "{out}");
+    let (ok, out) =
+        roomcast(args("tenant identity acme --jwks-url http://idp.example/jwks --issuer i --audience a")).await;
+    assert!(!ok && out.contains("not https"), "{out}");
     let (ok, out) = roomcast(args("tenant revoke acme --user ann")).await;
     assert!(ok, "{out}");
     let stored = stack.store.tenant_identity("acme").await.unwrap().expect("written");

@@ -76,7 +76,7 @@ pub enum Denied {
     Missing,
     #[error("malformed token: {0}")]
     Malformed(String),
-    #[error("token algorithm {0:?} is not HS256")]
+    #[error("token algorithm {0:?} is not accepted for this tenant")]
     Algorithm(String),
     #[error("token signature does not verify")]
     Signature,

@@ -599,13 +599,17 @@ async fn act(
             if let Some(seen) = store.message(&conn.tenant, room.as_str(), &sk, now).await? {
                 let from = crate::store::recovery_start(&seen);
                 let (limit, frame) = (MAX_HISTORY_LIMIT + 2, crate::protocol::MAX_OUTGOING_BYTES);
-                let found: Vec<Message> = store
+                let read = store
                     .history_page(&conn.tenant, room.as_str(), &from, limit, now, Some(&conn.user_id), frame)
-                    .await?
-                    .into_iter()
-                    .filter(|m| m.id != seen.id)
-                    .collect();
+                    .await?;
+                // The read stopped on the frame's budget, which counted `seen` too: what is left
+                // may all fit, yet there may be more after it.
+                let stopped_on_budget =
+                    read.iter().map(|m| m.delivered_body.as_ref().unwrap_or(&m.body).len()).sum::<usize>() > frame;
+                let found: Vec<Message> = read.into_iter().filter(|m| m.id != seen.id).collect();
+                let last = found.last().map(|m| m.sk.clone());
                 let (messages, next) = fit_in_a_frame(room.as_str(), found, MAX_HISTORY_LIMIT, true);
+                let next = next.or(last.filter(|_| stopped_on_budget));
                 ServerMessage::Recover { room: room.to_string(), recovered: true, messages, next, reason: None }
             } else {
                 ServerMessage::Recover {

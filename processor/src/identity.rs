@@ -63,6 +63,20 @@ pub const IDENTITY_SK: &str = "IDENTITY";
 
 /// The most revoked token ids a tenant keeps (each until its token would have expired anyway).
 pub const MAX_REVOKED_IDS: usize = 1000;
+/// The most users whose tokens a tenant revokes by time (the item stays far under 400 KB).
+pub const MAX_REVOKED_USERS: usize = 2000;
+/// How far in the future a token's `iat` may be (clock skew): later, it could outlive a
+/// revocation made before it.
+pub const IAT_SKEW_SECONDS: i64 = 60;
+/// The most a JWKS response may hold.
+pub const MAX_JWKS_BYTES: usize = 64 * 1024;
+
+/// Plain http for a JWKS on this machine only (tests, a local stack).
+fn loopback_http(url: &str) -> bool {
+    ["http://127.0.0.1:", "http://127.0.0.1/", "http://localhost:", "http://localhost/", "http://[::1]:"]
+        .iter()
+        .any(|prefix| url.starts_with(prefix))
+}
 
 impl TenantIdentity {
     pub fn new(tenant: &str) -> TenantIdentity {
@@ -82,16 +96,26 @@ impl TenantIdentity {
             (Some(secret), None) if secret.len() < 32 => {
                 return Err("an HS256 secret must be at least 32 bytes".into());
             }
-            (None, Some(url)) if !(url.starts_with("https://") || url.starts_with("http://")) => {
-                return Err(format!("the JWKS URL {url:?} is not http(s)"));
+            (None, Some(url)) if !(url.starts_with("https://") || loopback_http(url)) => {
+                return Err(format!("the JWKS URL {url:?} is not https (plain http only on loopback, for tests)"));
             }
             (None, Some(_)) if self.issuer.is_none() => {
                 return Err("a JWKS needs the issuer its tokens carry (--issuer)".into());
+            }
+            // Tenants may share an identity provider (one user pool, an app client each): the
+            // audience is what tells their tokens apart.
+            (None, Some(_)) if self.audience.is_none() => {
+                return Err("a JWKS needs the audience its tokens carry for this tenant (--audience)".into());
             }
             _ => {}
         }
         if self.revoked_ids.len() > MAX_REVOKED_IDS {
             return Err(format!("at most {MAX_REVOKED_IDS} revoked token ids"));
+        }
+        if self.users_revoked_before.len() > MAX_REVOKED_USERS {
+            return Err(format!(
+                "at most {MAX_REVOKED_USERS} users with revoked tokens: revoke the tenant's tokens (--all) instead"
+            ));
         }
         Ok(())
     }
@@ -122,10 +146,16 @@ pub const IDENTITY_FRESH: Duration = Duration::from_secs(30);
 /// Each tenant's identity as this container last read it, and when.
 type Identities = Arc<Mutex<HashMap<String, (Option<TenantIdentity>, Instant)>>>;
 
+/// One JWKS URL: its keys as last fetched (if ever), and when it was last tried.
+#[derive(Default)]
 struct Fetched {
-    keys: jsonwebtoken::jwk::JwkSet,
-    at: Instant,
+    keys: Option<jsonwebtoken::jwk::JwkSet>,
+    tried: Option<Instant>,
+    fetched: Option<Instant>,
 }
+
+/// Per JWKS URL, its own lock: a slow or failing provider holds up its own tenants' connects only.
+type Jwks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<Fetched>>>>>;
 
 /// Checks `$connect` tokens: the deployment's shared secret, or each tenant's own identity.
 #[derive(Clone)]
@@ -133,7 +163,7 @@ pub struct Verifier {
     shared: Arc<Vec<u8>>,
     store: Option<Arc<dyn Store>>,
     identities: Identities,
-    jwks: Arc<tokio::sync::Mutex<HashMap<String, Fetched>>>,
+    jwks: Jwks,
     http: reqwest::Client,
     refetch: Duration,
 }
@@ -143,7 +173,12 @@ impl Verifier {
     pub fn new(shared: Vec<u8>, store: Option<Arc<dyn Store>>) -> Verifier {
         // The process's TLS provider: the one the AWS SDK links (aws-lc-rs); installed once.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap_or_default();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            // A JWKS is served where its URL says: a redirect could hand the keys to anyone.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("an HTTP client with the process's TLS provider");
         Verifier {
             shared: Arc::new(shared),
             store,
@@ -180,7 +215,13 @@ impl Verifier {
         }
         let (header, payload) = unverified(token)?;
         let named = payload.get("tenant").and_then(|t| t.as_str()).filter(|t| !t.is_empty());
-        let tenant = named.or(tenant_hint.filter(|t| !t.is_empty())).ok_or(Denied::Claim("tenant"))?;
+        let hint = tenant_hint.filter(|t| !t.is_empty());
+        if let (Some(named), Some(hint)) = (named, hint)
+            && named != hint
+        {
+            return Err(Denied::Claim("tenant"));
+        }
+        let tenant = named.or(hint).ok_or(Denied::Claim("tenant"))?;
         crate::model::Name::parse("tenant", tenant).map_err(|_| Denied::Claim("tenant"))?;
         let identity = self.identity(tenant).await?;
         let claims = match &identity {
@@ -199,10 +240,13 @@ impl Verifier {
                     }
                     (None, None) => crate::auth::verify(token, &self.shared, now)?,
                 };
-                if named.is_some_and(|t| t != tenant) || verified.tenant != tenant {
+                if verified.tenant != tenant {
                     return Err(Denied::Claim("tenant"));
                 }
                 let iat = payload.get("iat").and_then(|v| v.as_i64());
+                if iat.is_some_and(|iat| iat > now + IAT_SKEW_SECONDS) {
+                    return Err(Denied::Claim("iat"));
+                }
                 if id.revoked(&verified.sub, iat, payload.get("jti").and_then(|v| v.as_str())) {
                     return Err(Denied::Revoked);
                 }
@@ -263,7 +307,8 @@ impl Verifier {
         let mut validation = jsonwebtoken::Validation::new(algorithm);
         validation.leeway = 0;
         validation.validate_exp = false; // checked below against `now`, as for every token
-        validation.required_spec_claims = ["exp".to_string(), "sub".to_string(), "iss".to_string()].into();
+        validation.required_spec_claims =
+            ["exp".to_string(), "sub".to_string(), "iss".to_string(), "aud".to_string()].into();
         validation.set_issuer(&[id.issuer.as_deref().unwrap_or_default()]);
         match &id.audience {
             Some(audience) => validation.set_audience(&[audience]),
@@ -276,6 +321,7 @@ impl Verifier {
                 ErrorKind::InvalidAudience => Denied::Claim("aud"),
                 ErrorKind::MissingRequiredClaim(name) if name == "iss" => Denied::Claim("iss"),
                 ErrorKind::MissingRequiredClaim(name) if name == "sub" => Denied::Claim("sub"),
+                ErrorKind::MissingRequiredClaim(name) if name == "aud" => Denied::Claim("aud"),
                 ErrorKind::MissingRequiredClaim(_) => Denied::Claim("exp"),
                 ErrorKind::InvalidSignature => Denied::Signature,
                 _ => Denied::Malformed(e.to_string()),
@@ -291,32 +337,37 @@ impl Verifier {
     /// The key `kid` of the JWKS at `url`: cached, fetched when stale, and fetched again for an
     /// unknown `kid` (a rotation) at most every [`JWKS_REFETCH`].
     async fn key(&self, url: &str, kid: &str) -> Result<jsonwebtoken::jwk::Jwk, Denied> {
-        let mut cache = self.jwks.lock().await;
-        let find = |fetched: &Fetched| fetched.keys.find(kid).cloned();
-        if let Some(fetched) = cache.get(url)
-            && fetched.at.elapsed() < JWKS_FRESH
-        {
-            if let Some(key) = find(fetched) {
-                return Ok(key);
+        let slot = {
+            let mut all = self.jwks.lock().unwrap_or_else(|p| p.into_inner());
+            if all.len() > 10_000 {
+                all.clear();
             }
-            if fetched.at.elapsed() < self.refetch {
-                return Err(Denied::UnknownKey(kid.to_string()));
-            }
+            all.entry(url.to_string()).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        let find = |slot: &Fetched| slot.keys.as_ref().and_then(|keys| keys.find(kid).cloned());
+        let fresh = slot.fetched.is_some_and(|at| at.elapsed() < JWKS_FRESH);
+        if fresh && let Some(key) = find(&slot) {
+            return Ok(key);
         }
-        let fetched = self.fetch(url).await;
-        match fetched {
-            Ok(keys) => {
-                cache.insert(url.to_string(), Fetched { keys, at: Instant::now() });
-            }
-            // A provider that is down: keys fetched before still serve.
-            Err(error) => {
-                tracing::warn!(url, %error, "the tenant's JWKS could not be fetched");
-                if !cache.contains_key(url) {
-                    return Err(Denied::Unavailable(format!("the tenant's JWKS: {error}")));
+        // A fetch was tried lately (found nothing new, or failed): not again yet, whatever the
+        // kid — junk kids or a provider that is down cannot make every connect a fetch.
+        if slot.tried.is_none_or(|at| at.elapsed() >= self.refetch) {
+            slot.tried = Some(Instant::now());
+            match self.fetch(url).await {
+                Ok(keys) => {
+                    slot.keys = Some(keys);
+                    slot.fetched = Some(Instant::now());
                 }
+                // Keys fetched before still serve while the provider is down.
+                Err(error) => tracing::warn!(url, %error, "the tenant's JWKS could not be fetched"),
             }
         }
-        cache.get(url).and_then(find).ok_or_else(|| Denied::UnknownKey(kid.to_string()))
+        match (&slot.keys, find(&slot)) {
+            (_, Some(key)) => Ok(key),
+            (None, None) => Err(Denied::Unavailable("the tenant's JWKS could not be fetched".into())),
+            (Some(_), None) => Err(Denied::UnknownKey(kid.to_string())),
+        }
     }
 
     async fn fetch(&self, url: &str) -> Result<jsonwebtoken::jwk::JwkSet, String> {
@@ -324,7 +375,13 @@ impl Verifier {
         if !response.status().is_success() {
             return Err(format!("{url} answered {}", response.status()));
         }
+        if response.content_length().is_some_and(|n| n > MAX_JWKS_BYTES as u64) {
+            return Err(format!("{url} answered more than {MAX_JWKS_BYTES} bytes"));
+        }
         let body = response.bytes().await.map_err(|e| e.to_string())?;
+        if body.len() > MAX_JWKS_BYTES {
+            return Err(format!("{url} answered more than {MAX_JWKS_BYTES} bytes"));
+        }
         serde_json::from_slice(&body).map_err(|e| format!("{url} is not a JWKS: {e}"))
     }
 }
@@ -377,6 +434,8 @@ mod tests {
         id.hs256_secret = None;
         assert!(id.check().unwrap_err().contains("issuer"));
         id.issuer = Some("https://idp.example".into());
+        assert!(id.check().unwrap_err().contains("audience"));
+        id.audience = Some("roomcast".into());
         assert_eq!(id.check(), Ok(()));
 
         id.revoked_before = Some(100);

@@ -1261,8 +1261,12 @@ impl Store for DynamoStore {
     }
 
     async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::identity::TenantIdentity>> {
-        self.get_typed("get_item (tenant identity)", key(model::tenant_pk(tenant), crate::identity::IDENTITY_SK.into()))
-            .await
+        let key = key(model::tenant_pk(tenant), crate::identity::IDENTITY_SK.into());
+        match self.get_guarded("get_item (tenant identity)", key).await? {
+            // One that does not decode must not read as "none" (the shared secret would admit).
+            (None, true) => Err(StoreError::Unavailable(format!("{tenant}'s identity item does not decode"))),
+            (identity, _) => Ok(identity),
+        }
     }
 
     async fn put_tenant_identity(&self, identity: &crate::identity::TenantIdentity) -> Result<()> {

@@ -697,7 +697,13 @@ impl Store for MemoryStore {
 
     async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::identity::TenantIdentity>> {
         let table = self.lock();
-        Ok(self.get(&table, &(model::tenant_pk(tenant), crate::identity::IDENTITY_SK.to_string())))
+        let key = (model::tenant_pk(tenant), crate::identity::IDENTITY_SK.to_string());
+        let identity = self.get(&table, &key);
+        if identity.is_none() && table.items.contains_key(&key) {
+            // One that does not decode must not read as "none" (the shared secret would admit).
+            return Err(StoreError::Unavailable(format!("{tenant}'s identity item does not decode")));
+        }
+        Ok(identity)
     }
 
     async fn put_tenant_identity(&self, identity: &crate::identity::TenantIdentity) -> Result<()> {
