@@ -856,6 +856,7 @@ impl Stack {
             clock: self.clock.clone(),
             idle_limit: Duration::from_secs(600),
             presence_grace: Duration::from_secs(roomcast::presence::RECONCILE_GRACE_SECONDS as u64),
+            connection_ttl: Duration::from_secs(600),
         }
     }
 
@@ -937,6 +938,22 @@ impl Store for UnavailableRoom {
     }
     async fn put_tenant_identity(&self, identity: &roomcast::identity::TenantIdentity) -> roomcast::store::Result<()> {
         self.inner.put_tenant_identity(identity).await
+    }
+    async fn stale_connections(
+        &self,
+        shard: u32,
+        cutoff: chrono::DateTime<chrono::Utc>,
+    ) -> roomcast::store::Result<Vec<roomcast::model::Connection>> {
+        self.inner.stale_connections(shard, cutoff).await
+    }
+    async fn present_users(&self, shard: u32) -> roomcast::store::Result<Vec<roomcast::model::Presence>> {
+        self.inner.present_users(shard).await
+    }
+    async fn take_sweep_lease(&self, now: i64, until: i64) -> roomcast::store::Result<Option<u32>> {
+        self.inner.take_sweep_lease(now, until).await
+    }
+    async fn release_sweep_lease(&self, next_shard: u32) -> roomcast::store::Result<()> {
+        self.inner.release_sweep_lease(next_shard).await
     }
     async fn count_in_window(&self, key: &str, window: i64) -> roomcast::store::Result<u64> {
         self.inner.count_in_window(key, window).await

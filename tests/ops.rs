@@ -103,6 +103,7 @@ async fn admin_for(stack: &Stack) -> Admin {
         clock: stack.clock.clone(),
         idle_limit: Duration::from_secs(600),
         presence_grace: Duration::from_secs(roomcast::presence::RECONCILE_GRACE_SECONDS as u64),
+        connection_ttl: Duration::from_secs(600),
     }
 }
 

@@ -208,6 +208,7 @@ async fn gone_connections_deleted_by_the_processor_and_by_the_sweeper(kind: &str
         clock: stack.clock.clone(),
         idle_limit: std::time::Duration::from_secs(600),
         presence_grace: std::time::Duration::from_secs(roomcast::presence::RECONCILE_GRACE_SECONDS as u64),
+        connection_ttl: std::time::Duration::from_secs(600),
     };
     let report = admin.sweep(std::time::Duration::from_secs(3600)).await.unwrap();
     assert_eq!(report.cleaned, 1, "{report:?}");

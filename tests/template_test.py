@@ -180,9 +180,11 @@ class Template(unittest.TestCase):
                         self.assertIn("/@connections/", resource, name)
         self.assertEqual(found, 4, "the processor, the fan-out stage's worker, the sweeper and admin manage connections")
 
-    def test_table_actions_are_on_the_table_and_its_index_only(self):
+    def test_table_actions_are_on_the_table_and_its_indexes_only(self):
         allowed = [{"Fn::GetAtt": ["Table", "Arn"]}, {"Fn::GetAtt": ["Table", "StreamArn"]},
-                   {"Fn::Sub": "${Table.Arn}/index/gsi1"}]
+                   {"Fn::Sub": "${Table.Arn}/index/gsi1"}, {"Fn::Sub": "${Table.Arn}/index/sweep"}]
+        indexes = {g["IndexName"] for g in self.resources["Table"]["Properties"]["GlobalSecondaryIndexes"]}
+        self.assertEqual(indexes, {"gsi1", "sweep"})
         for name in self.of_type("AWS::Serverless::Function"):
             for s in self.statements(name):
                 actions = s["Action"] if isinstance(s["Action"], list) else [s["Action"]]

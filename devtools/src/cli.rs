@@ -723,6 +723,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 clock,
                 idle_limit: Duration::from_secs(600),
                 presence_grace: Duration::from_secs(crate::presence::RECONCILE_GRACE_SECONDS as u64),
+                connection_ttl: Duration::from_secs(
+                    std::env::var("CONNECTION_TTL_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3600),
+                ),
             };
             let answer = admin.handle(&event).await;
             println!("{}", serde_json::to_string_pretty(&answer)?);

@@ -95,7 +95,20 @@ pub struct SweepReport {
     pub presence_suspected: usize,
     /// Of those, suspect for longer than the grace: taken out of presence.
     pub presence_repaired: usize,
+    /// Another run held the lease: this one did nothing.
+    #[serde(default)]
+    pub skipped: bool,
+    /// Sweep shards this run went through (of [`crate::model::SWEEP_SHARDS`]); fewer when its
+    /// time ran short: the next run goes on from where it stopped.
+    #[serde(default)]
+    pub shards: u32,
 }
+
+/// A sweep stops this long before its invocation's deadline, and records where.
+pub const SWEEP_RESERVE: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long a run holds the lease at most (the sweeper's timeout, 300 s): a run that died
+/// without giving it back holds up the next ones no longer.
+pub const SWEEP_LEASE_SECONDS: i64 = 300;
 
 pub struct Admin {
     pub store: Arc<dyn Store>,
@@ -106,6 +119,9 @@ pub struct Admin {
     /// How long a present connection may go without a live membership before the sweep takes
     /// it out ([`crate::presence::RECONCILE_GRACE_SECONDS`] unless configured).
     pub presence_grace: Duration,
+    /// Connections' TTL (`CONNECTION_TTL_SECONDS`): one last seen longer ago has expired, so
+    /// the sweep asks the index for connections silent for the shorter of this and `idle`.
+    pub connection_ttl: Duration,
 }
 
 fn answer(status: u16, body: Value) -> Value {
@@ -186,19 +202,73 @@ impl Admin {
         })
     }
 
-    /// Finds stale connection records, confirms each with `GetConnection`, deletes the gone.
+    /// [`Admin::sweep_until`] with no deadline.
     pub async fn sweep(&self, idle: Duration) -> Result<SweepReport, StoreError> {
+        self.sweep_until(idle, None).await
+    }
+
+    /// Finds stale connection records, confirms each with `GetConnection`, deletes the gone.
+    ///
+    /// It reads only stale connections: the sparse `sweep` index holds connection items only,
+    /// by `lastSeenAt`, in [`crate::model::SWEEP_SHARDS`] keys, and each key is asked for those
+    /// last seen more than `idle` (or its TTL, if shorter: an expired one) ago. One run at a time: it takes the table's lease first
+    /// (another run holding it: `skipped`). It stops [`SWEEP_RESERVE`] before `finish_by`, and
+    /// the next run goes on from the shard it stopped at.
+    pub async fn sweep_until(
+        &self,
+        idle: Duration,
+        finish_by: Option<std::time::Instant>,
+    ) -> Result<SweepReport, StoreError> {
         let now = self.clock.now();
         let idle = chrono::Duration::from_std(idle).unwrap_or(chrono::Duration::MAX);
         let mut report = SweepReport::default();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store.scan_connections(DEFAULT_PAGE, after.as_deref()).await?;
-            for conn in &page {
+        let Some(start) = self.store.take_sweep_lease(now.timestamp(), now.timestamp() + SWEEP_LEASE_SECONDS).await?
+        else {
+            tracing::info!("another sweep holds the lease: skipped");
+            report.skipped = true;
+            return Ok(report);
+        };
+        let result = self.sweep_shards(start, now, idle, finish_by, &mut report).await;
+        let next = (start + report.shards) % crate::model::SWEEP_SHARDS;
+        self.store.release_sweep_lease(next).await?;
+        result?;
+        if report.shards == crate::model::SWEEP_SHARDS {
+            self.reconcile_presence(&mut report).await?;
+        }
+        tracing::info!(
+            checked = report.checked,
+            cleaned = report.cleaned,
+            still_open = report.still_open,
+            unknown = report.unknown,
+            presence_suspected = report.presence_suspected,
+            presence_repaired = report.presence_repaired,
+            shards = report.shards,
+            "roomcast.sweep"
+        );
+        Ok(report)
+    }
+
+    async fn sweep_shards(
+        &self,
+        start: u32,
+        now: chrono::DateTime<chrono::Utc>,
+        idle: chrono::Duration,
+        finish_by: Option<std::time::Instant>,
+        report: &mut SweepReport,
+    ) -> Result<(), StoreError> {
+        let ttl = chrono::Duration::from_std(self.connection_ttl).unwrap_or(chrono::Duration::MAX);
+        let cutoff = now.checked_sub_signed(idle.min(ttl)).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+        for i in 0..crate::model::SWEEP_SHARDS {
+            if finish_by.is_some_and(|at| at.saturating_duration_since(std::time::Instant::now()) < SWEEP_RESERVE) {
+                tracing::info!(
+                    next_shard = (start + i) % crate::model::SWEEP_SHARDS,
+                    "sweep out of time: the next run goes on"
+                );
+                return Ok(());
+            }
+            let shard = (start + i) % crate::model::SWEEP_SHARDS;
+            for conn in &self.store.stale_connections(shard, cutoff).await? {
                 let expired = is_expired(conn.ttl, now);
-                if !expired && now - conn.last_seen_at < idle {
-                    continue;
-                }
                 report.checked += 1;
                 let probe = self.deliverer.probe(&conn.connection_id, &conn.endpoint).await;
                 match &probe {
@@ -218,22 +288,9 @@ impl Admin {
                     }
                 }
             }
-            if page.len() < DEFAULT_PAGE {
-                break;
-            }
-            after = page.last().map(|c| c.connection_id.clone());
+            report.shards += 1;
         }
-        self.reconcile_presence(&mut report).await?;
-        tracing::info!(
-            checked = report.checked,
-            cleaned = report.cleaned,
-            still_open = report.still_open,
-            unknown = report.unknown,
-            presence_suspected = report.presence_suspected,
-            presence_repaired = report.presence_repaired,
-            "roomcast.sweep"
-        );
-        Ok(report)
+        Ok(())
     }
 
     /// Presence never outlives the memberships behind it for long, whatever the stream lost: a
@@ -247,9 +304,9 @@ impl Admin {
     async fn reconcile_presence(&self, report: &mut SweepReport) -> Result<(), StoreError> {
         let now = self.clock.now();
         let mut rooms: std::collections::HashMap<(String, String), Vec<crate::model::Membership>> = Default::default();
-        let mut after: Option<(String, String)> = None;
-        loop {
-            let page = self.store.scan_presence(DEFAULT_PAGE, after.clone()).await?;
+        // Present users only, through the sweep index: no Scan of the table.
+        for shard in 0..crate::model::SWEEP_SHARDS {
+            let page = self.store.present_users(shard).await?;
             for p in &page {
                 let room = (p.tenant.clone(), p.room.clone());
                 if !rooms.contains_key(&room) {
@@ -289,10 +346,8 @@ impl Admin {
                     report.presence_repaired += 1;
                 }
             }
-            if page.len() < DEFAULT_PAGE {
-                break;
-            }
-            after = page.last().map(|p| (p.pk.clone(), p.sk.clone()));
+            // One room's members are read once per shard, not kept for the whole sweep.
+            rooms.clear();
         }
         Ok(())
     }

@@ -141,6 +141,7 @@ async fn admin_from(config: &Config) -> crate::admin::Admin {
         clock,
         idle_limit: config.idle_limit,
         presence_grace: config.presence_repair_grace,
+        connection_ttl: std::time::Duration::from_secs(config.connection_ttl_seconds.max(0) as u64),
     }
 }
 
@@ -164,8 +165,10 @@ pub async fn run_sweeper() -> Result<(), Error> {
     let config = Config::from_env()?;
     let admin = admin_from(&config).await;
     let admin = &admin;
-    lambda_runtime::run(service_fn(move |_: LambdaEvent<serde_json::Value>| async move {
-        let report = admin.sweep(admin.idle_limit).await.map_err(|e| Error::from(e.to_string()))?;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
+        let finish_by = deadline_instant(event.context.deadline);
+        let report =
+            admin.sweep_until(admin.idle_limit, Some(finish_by)).await.map_err(|e| Error::from(e.to_string()))?;
         Ok::<_, Error>(serde_json::to_value(report)?)
     }))
     .await

@@ -75,6 +75,57 @@ pub fn roster_pk(tenant: &str, room: &str) -> String {
 
 pub const ROSTER_VERSION_SK: &str = "VERSION";
 
+/// The sweeper's index spreads connections over this many keys (each key's index partition then
+/// takes a sixteenth of the connects and pings).
+pub const SWEEP_SHARDS: u32 = 16;
+
+/// The `sweep` index key of a connection: `SWEEP#{shard}`, the shard a hash of its id.
+pub fn sweep_pk(connection_id: &str) -> String {
+    // FNV-1a: stable across processes and versions (the std hasher is not).
+    let hash =
+        connection_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    sweep_shard_pk((hash % u64::from(SWEEP_SHARDS)) as u32)
+}
+
+pub fn sweep_shard_pk(shard: u32) -> String {
+    format!("SWEEP#{shard:02}")
+}
+
+/// The `sweep` index key of a present user's presence item: `SWEEP#P{shard}`.
+pub fn sweep_presence_pk(pk: &str, sk: &str) -> String {
+    let hash = pk
+        .bytes()
+        .chain([b'/'])
+        .chain(sk.bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("SWEEP#P{:02}", hash % u64::from(SWEEP_SHARDS))
+}
+
+/// An item as the stores write it, with the `sweep` index's keys where the sweeper reads it: a
+/// presence item of a present user gets `sweepPk` (and its `since` as `lastSeenAt`, the index's
+/// sort key); a tombstone gets none, so the index holds present users only. (A connection's are
+/// its own fields.)
+pub fn with_sweep_keys(mut item: serde_dynamo::Item) -> serde_dynamo::Item {
+    use serde_dynamo::AttributeValue;
+    let text = |item: &serde_dynamo::Item, name: &str| match item.get(name) {
+        Some(AttributeValue::S(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let present = matches!(item.get("connections"), Some(AttributeValue::Ss(set)) if !set.is_empty());
+    if text(&item, "type").as_deref() == Some("presence") && present {
+        let (pk, sk) = (text(&item, "pk").unwrap_or_default(), text(&item, "sk").unwrap_or_default());
+        item.insert("sweepPk".into(), AttributeValue::S(sweep_presence_pk(&pk, &sk)));
+        if let Some(since) = text(&item, "since") {
+            item.insert("lastSeenAt".into(), AttributeValue::S(since));
+        }
+    }
+    item
+}
+
+/// The sweeper's lease and where its last run stopped.
+pub const SWEEPER_PK: &str = "SWEEPER";
+pub const SWEEPER_LEASE_SK: &str = "LEASE";
+
 /// A rate limit's counter (`roomcast_core::limits`): one item per key and one-second window.
 pub fn limit_pk(key: &str) -> String {
     format!("LIMIT#{key}")
@@ -169,6 +220,11 @@ pub struct Connection {
     /// Set just before the processor deletes a stale connection, so the REMOVE record says why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub close_reason: Option<String>,
+    /// The sweeper's index key ([`sweep_pk`]): with `lastSeenAt` as its sort key, the `sweep`
+    /// index holds connections only, so the sweeper reads the stale ones and nothing else.
+    /// (Connections written before it have none: their TTL takes them.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep_pk: Option<String>,
     /// `?since=` at connect: per room, the id of the last message the client saw. The processor
     /// sends what came after, right after the welcome.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -227,6 +283,7 @@ impl Connection {
             endpoint: n.endpoint,
             ttl: expiry(n.now, n.ttl_seconds),
             close_reason: None,
+            sweep_pk: Some(sweep_pk(n.connection_id)),
             recover: std::collections::BTreeMap::new(),
             claims: std::collections::BTreeMap::new(),
             authorize_joins: false,

@@ -35,6 +35,8 @@ use crate::presence::{Plan, PresenceOutcome, PresenceUpdate, WhoPage};
 const PRESENCE_ATTEMPTS: usize = 32;
 
 pub const GSI1: &str = "gsi1";
+/// The sweeper's sparse index: `sweepPk` / `lastSeenAt`, connections only.
+pub const SWEEP_INDEX: &str = "sweep";
 
 type DynamoItem = HashMap<String, AttributeValue>;
 
@@ -476,7 +478,9 @@ fn membership_key(tenant: &str, room: &str, connection_id: &str) -> DynamoItem {
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<DynamoItem> {
-    serde_dynamo::to_item(value).map_err(|e| StoreError::Unavailable(format!("cannot encode record: {e}")))
+    let item: serde_dynamo::Item =
+        serde_dynamo::to_item(value).map_err(|e| StoreError::Unavailable(format!("cannot encode record: {e}")))?;
+    Ok(model::with_sweep_keys(item).into())
 }
 
 fn unavailable<E, R>(operation: &str, err: SdkError<E, R>) -> StoreError
@@ -887,6 +891,85 @@ impl Store for DynamoStore {
 
     async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>> {
         self.scan_typed("scan", "#t = :type", "connection", limit, after.map(connection_key)).await
+    }
+
+    async fn stale_connections(&self, shard: u32, cutoff: DateTime<Utc>) -> Result<Vec<Connection>> {
+        let mut found = Vec::new();
+        let spec = QuerySpec {
+            index: Some(SWEEP_INDEX),
+            key_condition: "sweepPk = :s AND lastSeenAt < :cutoff",
+            values: vec![(":s", s(&model::sweep_shard_pk(shard))), (":cutoff", s(&model::format_ts(&cutoff)))],
+            page_size: Some(500),
+            ..QuerySpec::default()
+        };
+        self.query_all(spec, |item| {
+            if let Some(conn) = self.decode::<Connection>(item) {
+                found.push(conn);
+            }
+            Ok(true)
+        })
+        .await?;
+        Ok(found)
+    }
+
+    async fn present_users(&self, shard: u32) -> Result<Vec<Presence>> {
+        let mut found = Vec::new();
+        let spec = QuerySpec {
+            index: Some(SWEEP_INDEX),
+            key_condition: "sweepPk = :s",
+            values: vec![(":s", s(&format!("SWEEP#P{shard:02}")))],
+            page_size: Some(500),
+            ..QuerySpec::default()
+        };
+        self.query_all(spec, |item| {
+            if let Some(p) = self.decode::<Presence>(item).filter(|p| p.present()) {
+                found.push(p);
+            }
+            Ok(true)
+        })
+        .await?;
+        Ok(found)
+    }
+
+    async fn take_sweep_lease(&self, now: i64, until: i64) -> Result<Option<u32>> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(model::SWEEPER_PK.into(), model::SWEEPER_LEASE_SK.into())))
+            .update_expression("SET #until = :until, #type = :type")
+            .condition_expression("attribute_not_exists(pk) OR #until < :now")
+            .expression_attribute_names("#until", "until")
+            .expression_attribute_names("#type", "type")
+            .expression_attribute_values(":until", AttributeValue::N(until.to_string()))
+            .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
+            .expression_attribute_values(":type", s("sweeper"))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(out) => Ok(Some(match out.attributes.as_ref().and_then(|a| a.get("nextShard")) {
+                Some(AttributeValue::N(n)) => n.parse().unwrap_or(0) % model::SWEEP_SHARDS,
+                _ => 0,
+            })),
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
+            Err(err) => Err(unavailable("update_item (sweeper lease)", err)),
+        }
+    }
+
+    async fn release_sweep_lease(&self, next_shard: u32) -> Result<()> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(model::SWEEPER_PK.into(), model::SWEEPER_LEASE_SK.into())))
+            .update_expression("SET #until = :zero, nextShard = :next")
+            .expression_attribute_names("#until", "until")
+            .expression_attribute_values(":zero", AttributeValue::N("0".into()))
+            .expression_attribute_values(":next", AttributeValue::N(next_shard.to_string()))
+            .send()
+            .await
+            .map_err(|e| unavailable("update_item (sweeper lease)", e))?;
+        Ok(())
     }
 
     async fn scan_presence(&self, limit: usize, after: Option<(String, String)>) -> Result<Vec<Presence>> {
@@ -1460,7 +1543,14 @@ pub async fn create_table(client: &Client, table: &str) -> anyhow::Result<TableI
     let created = client
         .create_table()
         .table_name(table)
-        .set_attribute_definitions(Some(vec![attr("pk")?, attr("sk")?, attr("gsi1pk")?, attr("gsi1sk")?]))
+        .set_attribute_definitions(Some(vec![
+            attr("pk")?,
+            attr("sk")?,
+            attr("gsi1pk")?,
+            attr("gsi1sk")?,
+            attr("sweepPk")?,
+            attr("lastSeenAt")?,
+        ]))
         .key_schema(key_el("pk", KeyType::Hash)?)
         .key_schema(key_el("sk", KeyType::Range)?)
         .global_secondary_indexes(
@@ -1468,6 +1558,14 @@ pub async fn create_table(client: &Client, table: &str) -> anyhow::Result<TableI
                 .index_name(GSI1)
                 .key_schema(key_el("gsi1pk", KeyType::Hash)?)
                 .key_schema(key_el("gsi1sk", KeyType::Range)?)
+                .projection(Projection::builder().projection_type(ProjectionType::All).build())
+                .build()?,
+        )
+        .global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name(SWEEP_INDEX)
+                .key_schema(key_el("sweepPk", KeyType::Hash)?)
+                .key_schema(key_el("lastSeenAt", KeyType::Range)?)
                 .projection(Projection::builder().projection_type(ProjectionType::All).build())
                 .build()?,
         )

@@ -44,6 +44,8 @@ struct Table {
     /// Rate-limit counters by key and window (`Store::count_in_window`), likewise kept out of the
     /// item map: only the current and the last window are kept.
     counters: std::collections::HashMap<(String, i64), u64>,
+    /// The sweeper's lease: until when (epoch seconds), and the shard the next run starts at.
+    sweep_lease: (i64, u32),
 }
 
 #[derive(Debug)]
@@ -82,6 +84,7 @@ impl MemoryStore {
                 backlog: Vec::new(),
                 rosters: Default::default(),
                 counters: Default::default(),
+                sweep_lease: (0, 0),
             }),
             clock,
             table_name: "roomcast".into(),
@@ -241,7 +244,9 @@ fn bump(table: &mut Table, tenant: &str, room: &str) {
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Item> {
-    serde_dynamo::to_item(value).map_err(|e| StoreError::Unavailable(format!("cannot encode record: {e}")))
+    let item =
+        serde_dynamo::to_item(value).map_err(|e| StoreError::Unavailable(format!("cannot encode record: {e}")))?;
+    Ok(model::with_sweep_keys(item))
 }
 
 fn item_key(item: &Item) -> Key {
@@ -434,6 +439,46 @@ impl Store for MemoryStore {
         let count = table.counters.entry((key.to_string(), window)).or_default();
         *count += 1;
         Ok(*count)
+    }
+
+    async fn stale_connections(&self, shard: u32, cutoff: DateTime<Utc>) -> Result<Vec<Connection>> {
+        let table = self.lock();
+        let key = model::sweep_shard_pk(shard);
+        let mut found: Vec<Connection> = table
+            .items
+            .values()
+            .filter(|item| matches!(item.get("sweepPk"), Some(AttributeValue::S(k)) if *k == key))
+            .filter_map(|item| self.decode::<Connection>(item))
+            .filter(|c| c.last_seen_at < cutoff)
+            .collect();
+        found.sort_by_key(|c| c.last_seen_at);
+        Ok(found)
+    }
+
+    async fn present_users(&self, shard: u32) -> Result<Vec<Presence>> {
+        let table = self.lock();
+        let key = format!("SWEEP#P{shard:02}");
+        Ok(table
+            .items
+            .values()
+            .filter(|item| matches!(item.get("sweepPk"), Some(AttributeValue::S(k)) if *k == key))
+            .filter_map(|item| self.decode::<Presence>(item))
+            .filter(|p| p.present())
+            .collect())
+    }
+
+    async fn take_sweep_lease(&self, now: i64, until: i64) -> Result<Option<u32>> {
+        let mut table = self.lock();
+        if table.sweep_lease.0 >= now {
+            return Ok(None);
+        }
+        table.sweep_lease.0 = until;
+        Ok(Some(table.sweep_lease.1))
+    }
+
+    async fn release_sweep_lease(&self, next_shard: u32) -> Result<()> {
+        self.lock().sweep_lease = (0, next_shard % model::SWEEP_SHARDS);
+        Ok(())
     }
 
     async fn roster_version(&self, tenant: &str, room: &str) -> Result<Option<u64>> {

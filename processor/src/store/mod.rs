@@ -157,6 +157,22 @@ pub trait Store: Send + Sync + 'static {
     /// the page is filled from the records after it.
     async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>>;
 
+    /// The connections of one sweep shard last seen before `cutoff`, through the sparse `sweep`
+    /// index (connections only, by `lastSeenAt`): the stale ones, and nothing else is read.
+    async fn stale_connections(&self, shard: u32, cutoff: DateTime<Utc>) -> Result<Vec<Connection>>;
+
+    /// The present users' presence items of one sweep shard, through the `sweep` index (present
+    /// users only: no message, connection or tombstone is read). Items written before the index
+    /// are not there until their next write.
+    async fn present_users(&self, shard: u32) -> Result<Vec<crate::model::Presence>>;
+
+    /// Takes the sweeper's lease until `until` (epoch seconds) if no run holds it at `now`, and
+    /// answers the shard the last run stopped at; `None`: another run holds it.
+    async fn take_sweep_lease(&self, now: i64, until: i64) -> Result<Option<u32>>;
+
+    /// Gives the lease back, with the shard the next run starts at.
+    async fn release_sweep_lease(&self, next_shard: u32) -> Result<()>;
+
     /// One page of present users' presence items (tombstones left out), every room's, after the
     /// item key `after` (`pk`, `sk`); fewer than `limit` means the end. For the sweeper's
     /// reconciliation; an item that does not decode is passed over (logged and counted).

@@ -217,6 +217,8 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
         Ok(Record::State { tenant: room.split('#').next().unwrap_or_default().to_string(), kind: "roster" })
     } else if let Some(key) = pk.strip_prefix("LIMIT#") {
         Ok(Record::State { tenant: key.split('#').next().unwrap_or_default().to_string(), kind: "limit" })
+    } else if pk == crate::model::SWEEPER_PK {
+        Ok(Record::State { tenant: String::new(), kind: "sweeper" })
     } else if pk.starts_with("FANOUT#") && sk == crate::model::FANOUT_PROGRESS_SK {
         Ok(Record::State { tenant: String::new(), kind: "fanout" })
     } else if let Some(rest) = pk.strip_prefix("IDEM#")
