@@ -112,6 +112,7 @@ roomcast_tests::on_both_stores!(
     invalid_admin_events_get_400_with_the_reason,
     cleanup_deletes_only_confirmed_stale_connections_and_presence_follows,
     the_sweeper_expires_presence_although_ttl_has_not_deleted_the_record,
+    the_sweeper_asks_about_stale_connections_several_at_a_time,
 );
 
 async fn admin_operations_answer_with_the_connection_managers_shapes(kind: &str) {
@@ -167,6 +168,33 @@ async fn invalid_admin_events_get_400_with_the_reason(kind: &str) {
     }
 }
 
+/// `GetConnection` answers in tens of milliseconds from a Lambda: asked one at a time, the
+/// 10,000 connections a network blip leaves stale would take minutes. The sweep keeps up to
+/// `SWEEP_PROBES` in flight, and still cleans every gone one.
+async fn the_sweeper_asks_about_stale_connections_several_at_a_time(kind: &str) {
+    let account =
+        roomcast::gateway::account::AccountSettings { latency: Duration::from_millis(20), ..Default::default() };
+    let mut stack = Stack::as_aws(kind, account).await;
+    let users: Vec<String> = (0..48).map(|i| format!("u{i:02}")).collect();
+    for user in &users {
+        stack.connect(user, "acme", user, "general").await;
+    }
+    stack.pump().await;
+    stack.clock.advance(Age::seconds(3600));
+    for user in &users {
+        stack.recorder.mark_gone(user);
+    }
+    stack.recorder.account().reset();
+    let admin = admin_for(&stack).await;
+    let report = admin.sweep(Duration::from_secs(600)).await.unwrap();
+    assert_eq!((report.checked, report.cleaned, report.shards), (48, 48, 16), "{report:?}");
+    let peak = stack.recorder.account().peak_in_flight();
+    assert!(
+        (2..=roomcast::admin::SWEEP_PROBES).contains(&peak),
+        "probes in flight at once: {peak} (one at a time before; at most SWEEP_PROBES)"
+    );
+}
+
 async fn cleanup_deletes_only_confirmed_stale_connections_and_presence_follows(kind: &str) {
     let mut stack = Stack::on(kind).await;
     stack.connect("ann", "acme", "ann", "general").await; // silent, and gone at API Gateway
@@ -182,7 +210,8 @@ async fn cleanup_deletes_only_confirmed_stale_connections_and_presence_follows(k
     let answer = admin.handle(&json!({"action": "cleanup_stale_connections", "idleSeconds": 300})).await;
     assert_eq!(
         answer,
-        json!({"statusCode": 200, "body": {"message": "Stale connections cleaned up", "cleanedCount": 1, "presenceRepaired": 0}})
+        json!({"statusCode": 200, "body": {"message": "Stale connections cleaned up", "cleanedCount": 1, "presenceRepaired": 0,
+            "skipped": false, "shards": 16}})
     );
     let mut probed = stack.recorder.probed();
     probed.sort();

@@ -109,6 +109,8 @@ pub const SWEEP_RESERVE: std::time::Duration = std::time::Duration::from_secs(20
 /// How long a run holds the lease at most (the sweeper's timeout, 300 s): a run that died
 /// without giving it back holds up the next ones no longer.
 pub const SWEEP_LEASE_SECONDS: i64 = 300;
+/// Stale connections a sweep asks API Gateway about at once (`GetConnection` calls in flight).
+pub const SWEEP_PROBES: usize = 16;
 
 pub struct Admin {
     pub store: Arc<dyn Store>,
@@ -196,6 +198,8 @@ impl Admin {
                         "message": "Stale connections cleaned up",
                         "cleanedCount": report.cleaned,
                         "presenceRepaired": report.presence_repaired,
+                        "skipped": report.skipped,
+                        "shards": report.shards,
                     }),
                 )
             }
@@ -209,11 +213,12 @@ impl Admin {
 
     /// Finds stale connection records, confirms each with `GetConnection`, deletes the gone.
     ///
-    /// It reads only stale connections: the sparse `sweep` index holds connection items only,
-    /// by `lastSeenAt`, in [`crate::model::SWEEP_SHARDS`] keys, and each key is asked for those
-    /// last seen more than `idle` (or its TTL, if shorter: an expired one) ago. One run at a time: it takes the table's lease first
-    /// (another run holding it: `skipped`). It stops [`SWEEP_RESERVE`] before `finish_by`, and
-    /// the next run goes on from the shard it stopped at.
+    /// It reads only stale connections: the sparse `sweep` index holds connection items by
+    /// `lastSeenAt` in [`crate::model::SWEEP_SHARDS`] keys, and each key is asked for those last
+    /// seen more than `idle` (or its TTL, if shorter: an expired one) ago; then the same shard's
+    /// present users are reconciled with their memberships. One run at a time: it takes the
+    /// table's lease first (another run holding it: `skipped`). It stops [`SWEEP_RESERVE`] before
+    /// `finish_by`, and the next run goes on from the shard it stopped at.
     pub async fn sweep_until(
         &self,
         idle: Duration,
@@ -232,9 +237,6 @@ impl Admin {
         let next = (start + report.shards) % crate::model::SWEEP_SHARDS;
         self.store.release_sweep_lease(next).await?;
         result?;
-        if report.shards == crate::model::SWEEP_SHARDS {
-            self.reconcile_presence(&mut report).await?;
-        }
         tracing::info!(
             checked = report.checked,
             cleaned = report.cleaned,
@@ -267,30 +269,67 @@ impl Admin {
                 return Ok(());
             }
             let shard = (start + i) % crate::model::SWEEP_SHARDS;
-            for conn in &self.store.stale_connections(shard, cutoff).await? {
-                let expired = is_expired(conn.ttl, now);
-                report.checked += 1;
-                let probe = self.deliverer.probe(&conn.connection_id, &conn.endpoint).await;
-                match &probe {
-                    Probe::Gone => {
-                        let reason = if expired { LeftReason::Expired } else { LeftReason::Gone };
-                        self.store.delete_connection(&conn.connection_id, Some(reason)).await?;
-                        report.cleaned += 1;
-                    }
-                    Probe::Open => report.still_open += 1,
-                    Probe::Throttled | Probe::Unknown(_) => {
-                        let why = match &probe {
-                            Probe::Unknown(why) => why.as_str(),
-                            _ => "429: the account is over its quota",
-                        };
-                        tracing::warn!(connection_id = %conn.connection_id, reason = %why, "cannot tell whether the connection is open");
-                        report.unknown += 1;
-                    }
-                }
+            let stale = self.store.stale_connections(shard, cutoff).await?;
+            if !self.check_connections(stale, now, finish_by, report).await? {
+                tracing::info!(next_shard = shard, "sweep out of time within a shard: the next run does it again");
+                return Ok(());
             }
+            // The present users of the same shard: reconciliation resumes with the connections.
+            self.reconcile_presence(shard, report).await?;
             report.shards += 1;
         }
         Ok(())
+    }
+
+    /// Asks API Gateway about each stale connection, [`SWEEP_PROBES`] at a time (each answer
+    /// takes tens of milliseconds: one by one, 10,000 stale connections after a network blip
+    /// would take minutes), and deletes the gone. False when the run's time ran short before
+    /// all were asked: the shard is left for the next run, which asks again (a probe changes
+    /// nothing, and a deleted connection is no longer stale).
+    async fn check_connections(
+        &self,
+        stale: Vec<crate::model::Connection>,
+        now: chrono::DateTime<chrono::Utc>,
+        finish_by: Option<std::time::Instant>,
+        report: &mut SweepReport,
+    ) -> Result<bool, StoreError> {
+        use futures::StreamExt;
+        let out_of_time =
+            || finish_by.is_some_and(|at| at.saturating_duration_since(std::time::Instant::now()) < SWEEP_RESERVE);
+        let mut results = futures::stream::iter(stale)
+            .map(|conn| async move {
+                if out_of_time() {
+                    return Ok(None);
+                }
+                let probe = self.deliverer.probe(&conn.connection_id, &conn.endpoint).await;
+                if probe == Probe::Gone {
+                    let reason = if is_expired(conn.ttl, now) { LeftReason::Expired } else { LeftReason::Gone };
+                    self.store.delete_connection(&conn.connection_id, Some(reason)).await?;
+                }
+                Ok::<_, StoreError>(Some((conn.connection_id, probe)))
+            })
+            .buffer_unordered(SWEEP_PROBES);
+        let mut complete = true;
+        while let Some(result) = results.next().await {
+            let Some((connection_id, probe)) = result? else {
+                complete = false;
+                continue;
+            };
+            report.checked += 1;
+            match &probe {
+                Probe::Gone => report.cleaned += 1,
+                Probe::Open => report.still_open += 1,
+                Probe::Throttled | Probe::Unknown(_) => {
+                    let why = match &probe {
+                        Probe::Unknown(why) => why.as_str(),
+                        _ => "429: the account is over its quota",
+                    };
+                    tracing::warn!(%connection_id, reason = %why, "cannot tell whether the connection is open");
+                    report.unknown += 1;
+                }
+            }
+        }
+        Ok(complete)
     }
 
     /// Presence never outlives the memberships behind it for long, whatever the stream lost: a
@@ -301,53 +340,50 @@ impl Admin {
     /// the lost REMOVE, re-driven later, changes nothing, and the connection's next join (a newer
     /// record) counts again. The repair is not announced (the sweeper sends no frames): `who`,
     /// the count and the next snapshot are right; `presence_repaired` counts it.
-    async fn reconcile_presence(&self, report: &mut SweepReport) -> Result<(), StoreError> {
+    async fn reconcile_presence(&self, shard: u32, report: &mut SweepReport) -> Result<(), StoreError> {
         let now = self.clock.now();
+        // One room's members are read once per shard, not kept for the whole sweep.
         let mut rooms: std::collections::HashMap<(String, String), Vec<crate::model::Membership>> = Default::default();
         // Present users only, through the sweep index: no Scan of the table.
-        for shard in 0..crate::model::SWEEP_SHARDS {
-            let page = self.store.present_users(shard).await?;
-            for p in &page {
-                let room = (p.tenant.clone(), p.room.clone());
-                if !rooms.contains_key(&room) {
-                    let members = self.store.room_members(&p.tenant, &p.room, now).await?;
-                    rooms.insert(room.clone(), members);
-                }
-                let members: std::collections::HashSet<String> =
-                    rooms[&room].iter().filter(|m| m.user_id == p.user_id).map(|m| m.connection_id.clone()).collect();
-                let grace = i64::try_from(self.presence_grace.as_secs()).unwrap_or(i64::MAX);
-                let (suspects, repair) = crate::presence::reconcile(p, &members, now, grace);
-                report.presence_suspected += suspects.len();
-                if suspects != p.suspects {
-                    let mut next = p.clone();
-                    next.suspects = suspects;
-                    next.ver += 1;
-                    if !self.store.put_presence_suspects(&next).await? {
-                        continue; // changed meanwhile: the next sweep looks again
-                    }
-                }
-                for connection_id in repair {
-                    tracing::warn!(tenant = %p.tenant, room = %p.room, user = %p.user_id, %connection_id,
-                        "presence outlived its membership: taken out (its REMOVE was lost)");
-                    let update = crate::presence::PresenceUpdate {
-                        tenant: p.tenant.clone(),
-                        room: p.room.clone(),
-                        user_id: p.user_id.clone(),
-                        event_id: format!("repair-{connection_id}"),
-                        connection_id: connection_id.clone(),
-                        op: crate::presence::PresenceOp::Remove,
-                        seq: Some(crate::presence::repair_seq(p.marks.get(&connection_id))),
-                        at: now,
-                        now,
-                        time: now,
-                        announce_max_users: 0,
-                    };
-                    self.store.apply_presence(&update).await?;
-                    report.presence_repaired += 1;
+        let page = self.store.present_users(shard).await?;
+        for p in &page {
+            let room = (p.tenant.clone(), p.room.clone());
+            if !rooms.contains_key(&room) {
+                let members = self.store.room_members(&p.tenant, &p.room, now).await?;
+                rooms.insert(room.clone(), members);
+            }
+            let members: std::collections::HashSet<String> =
+                rooms[&room].iter().filter(|m| m.user_id == p.user_id).map(|m| m.connection_id.clone()).collect();
+            let grace = i64::try_from(self.presence_grace.as_secs()).unwrap_or(i64::MAX);
+            let (suspects, repair) = crate::presence::reconcile(p, &members, now, grace);
+            report.presence_suspected += suspects.len();
+            if suspects != p.suspects {
+                let mut next = p.clone();
+                next.suspects = suspects;
+                next.ver += 1;
+                if !self.store.put_presence_suspects(&next).await? {
+                    continue; // changed meanwhile: the next sweep looks again
                 }
             }
-            // One room's members are read once per shard, not kept for the whole sweep.
-            rooms.clear();
+            for connection_id in repair {
+                tracing::warn!(tenant = %p.tenant, room = %p.room, user = %p.user_id, %connection_id,
+                    "presence outlived its membership: taken out (its REMOVE was lost)");
+                let update = crate::presence::PresenceUpdate {
+                    tenant: p.tenant.clone(),
+                    room: p.room.clone(),
+                    user_id: p.user_id.clone(),
+                    event_id: format!("repair-{connection_id}"),
+                    connection_id: connection_id.clone(),
+                    op: crate::presence::PresenceOp::Remove,
+                    seq: Some(crate::presence::repair_seq(p.marks.get(&connection_id))),
+                    at: now,
+                    now,
+                    time: now,
+                    announce_max_users: 0,
+                };
+                self.store.apply_presence(&update).await?;
+                report.presence_repaired += 1;
+            }
         }
         Ok(())
     }

@@ -221,8 +221,9 @@ pub struct Connection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub close_reason: Option<String>,
     /// The sweeper's index key ([`sweep_pk`]): with `lastSeenAt` as its sort key, the `sweep`
-    /// index holds connections only, so the sweeper reads the stale ones and nothing else.
-    /// (Connections written before it have none: their TTL takes them.)
+    /// index holds connections (and present users' presence items, under keys of their own),
+    /// so the sweeper reads the stale ones and nothing else. A connection written before the
+    /// index gets it on its next ping; one that never pings again is left to its TTL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sweep_pk: Option<String>,
     /// `?since=` at connect: per room, the id of the last message the client saw. The processor

@@ -35,7 +35,8 @@ use crate::presence::{Plan, PresenceOutcome, PresenceUpdate, WhoPage};
 const PRESENCE_ATTEMPTS: usize = 32;
 
 pub const GSI1: &str = "gsi1";
-/// The sweeper's sparse index: `sweepPk` / `lastSeenAt`, connections only.
+/// The sweeper's sparse index: `sweepPk` / `lastSeenAt`: connections (`SWEEP#00`…) and present
+/// users' presence items (`SWEEP#P00`…), nothing else.
 pub const SWEEP_INDEX: &str = "sweep";
 
 type DynamoItem = HashMap<String, AttributeValue>;
@@ -761,11 +762,15 @@ impl Store for DynamoStore {
                 .expression_attribute_names("#ttl", "ttl")
                 .expression_attribute_values(":ttl", AttributeValue::N(ttl.to_string()));
             if set.contains(":seen") {
-                update = update.expression_attribute_values(":seen", s(&format_ts(&now)));
+                // sweepPk too: a connection written before the sweep index joins it on its next ping.
+                update = update
+                    .expression_attribute_values(":seen", s(&format_ts(&now)))
+                    .expression_attribute_values(":sp", s(&model::sweep_pk(&conn.connection_id)));
             }
             update.build().map_err(build_error).map(|u| TransactWriteItem::builder().update(u).build())
         };
-        let mut items = vec![refresh(connection_key(&conn.connection_id), "SET lastSeenAt = :seen, #ttl = :ttl")?];
+        let mut items =
+            vec![refresh(connection_key(&conn.connection_id), "SET lastSeenAt = :seen, #ttl = :ttl, sweepPk = :sp")?];
         for room in &conn.rooms {
             items.push(refresh(membership_key(&conn.tenant, room, &conn.connection_id), "SET #ttl = :ttl")?);
         }

@@ -401,6 +401,7 @@ impl Store for MemoryStore {
         };
         current.last_seen_at = now;
         current.ttl = ttl;
+        current.sweep_pk.get_or_insert_with(|| model::sweep_pk(&current.connection_id));
         let item = encode(&current)?;
         self.put_item(&mut table, item);
         for room in &current.rooms {
