@@ -16,7 +16,9 @@
 //! counted as one unit, the layer not knowing the stored item's size), twice inside a
 //! transaction. A call's units are taken from its key's budget once it is answered, so a budget
 //! can go into debt; the key's next calls wait out the debt as throttled calls. Index queries
-//! (`gsi1`) are counted under the index's key, prefixed `gsi1:`. The streams API passes through.
+//! are counted under the index's key, prefixed with its attribute (`gsi1pk:`, `sweepPk:`); a
+//! Scan, which no one key serves, under `scan:` and the table's name, and never throttled. The
+//! streams API passes through.
 //!
 //! It counts per key: units read and written, calls, throttled calls — what a test or the bench
 //! reads to say what a message costs.
@@ -317,6 +319,27 @@ fn costs(operation: &str, request: &Value, answer: &Value) -> Costs {
             };
             out.extend(query_key(request).map(|k| (k, read_units(bytes), 0.0, bytes, scanned.max(items.len() as u64))));
         }
+        "BatchGetItem" => {
+            // Each item is a read of its own, rounded up to 4 KB; consistency is per table.
+            for (table, asked) in request.get("RequestItems").and_then(Value::as_object).into_iter().flatten() {
+                let consistent = asked.get("ConsistentRead").and_then(Value::as_bool).unwrap_or(false);
+                let items = answer.pointer(&format!("/Responses/{table}")).and_then(Value::as_array);
+                for item in items.into_iter().flatten() {
+                    let bytes = item_size(item);
+                    let units = (bytes.max(1) as f64 / 4096.0).ceil();
+                    let units = if consistent { units } else { units / 2.0 };
+                    out.extend(string_attribute(item, "pk").map(|k| (k.to_string(), units, 0.0, bytes, 1)));
+                }
+            }
+        }
+        "Scan" => {
+            // No filter in what scans here: the items returned are the items read.
+            let items = answer.get("Items").and_then(Value::as_array).cloned().unwrap_or_default();
+            let bytes: u64 = items.iter().map(item_size).sum();
+            let table = request.get("TableName").and_then(Value::as_str).unwrap_or("");
+            let scanned = answer.get("ScannedCount").and_then(Value::as_u64).unwrap_or(items.len() as u64);
+            out.push((format!("scan:{table}"), read_units(bytes), 0.0, bytes, scanned.max(items.len() as u64)));
+        }
         "PutItem" => {
             let item = request.get("Item").cloned().unwrap_or(Value::Null);
             let key = string_attribute(&item, "pk").map(str::to_string);
@@ -411,5 +434,14 @@ mod tests {
             {"Update": {"Key": {"pk": {"S": "ROOM#t#r"}, "sk": {"S": "CONN#1"}}}}]});
         let paid = costs("TransactWriteItems", &transaction, &json!({}));
         assert_eq!(paid, vec![("CONN#1".into(), 0.0, 2.0, 0, 0), ("ROOM#t#r".into(), 0.0, 2.0, 0, 0)]);
+        // A batch's items each a read of its own (rounded up to 4 KB, half when eventually
+        // consistent); a Scan's under the table.
+        let item = json!({"pk": {"S": "ROOM#t#r"}, "sk": {"S": "CONN#1"}});
+        let batch = json!({"RequestItems": {"t": {"Keys": [item.clone(), item.clone()]}}});
+        let paid = costs("BatchGetItem", &batch, &json!({"Responses": {"t": [item.clone(), item.clone()]}}));
+        assert_eq!(paid, vec![("ROOM#t#r".into(), 0.5, 0.0, 18, 1), ("ROOM#t#r".into(), 0.5, 0.0, 18, 1)]);
+        let scan = json!({"TableName": "t"});
+        let paid = costs("Scan", &scan, &json!({"Items": [item.clone(), item], "ScannedCount": 2}));
+        assert_eq!(paid, vec![("scan:t".into(), 0.5, 0.0, 36, 2)]);
     }
 }

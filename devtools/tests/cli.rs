@@ -482,6 +482,42 @@ fn bench_fanout_serves_each_member_once_and_reports_the_reads() {
     }
 }
 
+/// `roomcast bench costs` at a small scale: the sweep reads the stale connections and the present
+/// users (with a point read of each one's membership), not the table; a history page of big
+/// messages reads about a frame, one of small ones no more than before. No speed is asserted.
+#[test]
+fn bench_costs_reads_what_is_served_not_the_table() {
+    let endpoint = std::env::var("ROOMCAST_TEST_DYNAMODB_ENDPOINT")
+        .expect("ROOMCAST_TEST_DYNAMODB_ENDPOINT: run scripts/test, which starts moto and sets it");
+    let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        .args(["bench", "costs", "--dynamodb-endpoint", &endpoint, "--messages", "3000", "--connections", "300"])
+        .args(["--stale", "7", "--room-size", "30", "--latency", "2ms", "--json"])
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .expect("run roomcast bench costs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    let items = |path: &str| {
+        report.pointer(path).and_then(serde_json::Value::as_u64).unwrap_or_else(|| panic!("{path}: {report}"))
+    };
+    // 3,000 messages, 60 big ones, and per connection its record, membership and presence.
+    assert_eq!(items("/table_items"), 3000 + 60 + 3 * 300, "{report}");
+    assert_eq!(items("/sweep_before/items"), items("/table_items"));
+    assert_eq!((items("/checked"), items("/cleaned"), items("/shards")), (7, 7, 16), "{report}");
+    assert_eq!(items("/sweep_stale/items"), 7, "the stale connections alone: {report}");
+    assert_eq!(items("/sweep_present/items"), 300, "every present user once: {report}");
+    assert_eq!(items("/sweep_other/items"), 300, "one membership per present connection, no room read: {report}");
+    assert!(items("/sweep_after/items") < items("/sweep_before/items") / 3, "{report}");
+    let history = report["history"].as_array().unwrap();
+    let (small, big) = (&history[0], &history[1]);
+    assert_eq!(small["returned"], 101, "{report}");
+    assert!(small["after"]["items"].as_u64() <= small["before"]["items"].as_u64(), "{report}");
+    assert_eq!(big["returned"], 7, "the newest 7 of 20 KB pass a frame: {report}");
+    assert!(big["after"]["items"].as_u64().unwrap() <= 12 && big["before"]["items"].as_u64() == Some(60), "{report}");
+}
+
 /// `roomcast poll` runs the same processor as the Lambda, tenant plugins included: an upload to
 /// the table is activated from the stream it polls.
 #[test]

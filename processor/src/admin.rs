@@ -342,18 +342,23 @@ impl Admin {
     /// the count and the next snapshot are right; `presence_repaired` counts it.
     async fn reconcile_presence(&self, shard: u32, report: &mut SweepReport) -> Result<(), StoreError> {
         let now = self.clock.now();
-        // One room's members are read once per shard, not kept for the whole sweep.
-        let mut rooms: std::collections::HashMap<(String, String), Vec<crate::model::Membership>> = Default::default();
-        // Present users only, through the sweep index: no Scan of the table.
+        // Present users only, through the sweep index: no Scan of the table; then a point read
+        // of each present connection's membership, never a whole room.
         let page = self.store.present_users(shard).await?;
+        let mut keys: Vec<(String, String, String)> = page
+            .iter()
+            .flat_map(|p| p.connections.iter().map(|c| (p.tenant.clone(), p.room.clone(), c.clone())))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let live = self.store.live_memberships(&keys, now).await?;
         for p in &page {
-            let room = (p.tenant.clone(), p.room.clone());
-            if !rooms.contains_key(&room) {
-                let members = self.store.room_members(&p.tenant, &p.room, now).await?;
-                rooms.insert(room.clone(), members);
-            }
-            let members: std::collections::HashSet<String> =
-                rooms[&room].iter().filter(|m| m.user_id == p.user_id).map(|m| m.connection_id.clone()).collect();
+            let members: std::collections::HashSet<String> = p
+                .connections
+                .iter()
+                .filter(|c| live.contains(&(p.tenant.clone(), p.room.clone(), (*c).clone())))
+                .cloned()
+                .collect();
             let grace = i64::try_from(self.presence_grace.as_secs()).unwrap_or(i64::MAX);
             let (suspects, repair) = crate::presence::reconcile(p, &members, now, grace);
             report.presence_suspected += suspects.len();

@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 
 use crate::dev::api::request;
 
+pub mod costs;
 pub mod fanout;
 pub mod joins;
 

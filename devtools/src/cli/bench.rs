@@ -63,6 +63,9 @@ enum Scenario {
     /// DynamoDB partition's 1,000 write units a second: how long presence takes to apply it,
     /// and how long a message sent during it waits.
     Joins(JoinsArgs),
+    /// What the sweeper and a history page read, before and after their indexes and budgets,
+    /// against a table holding far more than they serve (moto behind the partition layer).
+    Costs(CostsArgs),
     /// The fan-out bench's `@connections` endpoint (started by `bench fanout`).
     #[command(hide = true)]
     Endpoint(EndpointArgs),
@@ -145,6 +148,32 @@ struct JoinsArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct CostsArgs {
+    /// A DynamoDB API (moto; start it with tests/moto_server.py), reached through a layer that
+    /// counts every item and byte read.
+    #[arg(long)]
+    dynamodb_endpoint: String,
+    /// Messages in the table (about 200 bytes each, in rooms of 1,000).
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// Connections in the table, each with its membership and its user's presence.
+    #[arg(long, default_value_t = 20_000)]
+    connections: usize,
+    /// Of those, last seen an hour ago and gone at API Gateway.
+    #[arg(long, default_value_t = 200)]
+    stale: usize,
+    /// Members per room.
+    #[arg(long, default_value_t = 100)]
+    room_size: usize,
+    /// How long `GetConnection` takes to answer.
+    #[arg(long, default_value = "20ms", value_parser = crate::gateway::account::parse_duration)]
+    latency: Duration,
+    /// The report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
 struct EndpointArgs {
     #[arg(long)]
     port: u16,
@@ -163,6 +192,7 @@ pub async fn bench_main(args: BenchArgs) -> anyhow::Result<()> {
     match args.scenario {
         Some(Scenario::Fanout(fanout)) => return fanout_main(fanout).await,
         Some(Scenario::Joins(joins)) => return joins_main(joins).await,
+        Some(Scenario::Costs(costs)) => return costs_main(costs).await,
         Some(Scenario::Endpoint(e)) => {
             let account = crate::gateway::account::AccountSettings {
                 latency: e.latency,
@@ -248,6 +278,25 @@ async fn joins_main(args: JoinsArgs) -> anyhow::Result<()> {
         one_by_one: args.one_by_one,
     };
     let report = crate::bench::joins::run(&options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+async fn costs_main(args: CostsArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.stale <= args.connections, "--stale must be at most --connections");
+    let options = crate::bench::costs::CostsOptions {
+        dynamodb_endpoint: args.dynamodb_endpoint,
+        messages: args.messages,
+        connections: args.connections,
+        stale: args.stale,
+        room_size: args.room_size.max(1),
+        latency: args.latency,
+    };
+    let report = crate::bench::costs::run(&options).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -366,6 +366,54 @@ impl DynamoStore {
         Ok((found, there))
     }
 
+    /// One BatchGetItem's worth (at most 100) of [`Store::live_memberships`].
+    async fn live_of(
+        &self,
+        chunk: &[(String, String, String)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, String, String)>> {
+        let mut live = Vec::new();
+        let mut asked: Vec<DynamoItem> = chunk.iter().map(|(t, r, c)| membership_key(t, r, c)).collect();
+        let mut attempts = 0u32;
+        while !asked.is_empty() {
+            let request = KeysAndAttributes::builder()
+                .set_keys(Some(std::mem::take(&mut asked)))
+                .projection_expression("pk, sk, #ttl")
+                .expression_attribute_names("#ttl", "ttl")
+                .build()
+                .map_err(build_error)?;
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(&self.table, request)
+                .send()
+                .await
+                .map_err(|e| unavailable("batch_get_item (memberships)", e))?;
+            for item in out.responses.unwrap_or_default().remove(&self.table).unwrap_or_default() {
+                let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+                let ttl = item.get("ttl").and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok()).unwrap_or(i64::MAX);
+                let (pk, sk) = (text("pk"), text("sk"));
+                let found = chunk.iter().find(|(t, r, c)| model::room_pk(t, r) == pk && model::membership_sk(c) == sk);
+                if let Some(found) = found.filter(|_| !is_expired(ttl, now)) {
+                    live.push(found.clone());
+                }
+            }
+            // Keys DynamoDB did not get to (the partition's throughput): asked again, backing off.
+            if let Some(rest) = out.unprocessed_keys.and_then(|mut m| m.remove(&self.table)) {
+                asked = rest.keys;
+                attempts += 1;
+                if attempts > 8 {
+                    return Err(StoreError::Unavailable(format!(
+                        "batch_get_item (memberships): {} keys still unprocessed after {attempts} attempts",
+                        asked.len()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(10 << attempts.min(6))).await;
+            }
+        }
+        Ok(live)
+    }
+
     /// The record, or `None` (logged and counted) when the item does not decode.
     fn decode<T: DeserializeOwned>(&self, item: DynamoItem) -> Option<T> {
         decode_or_skip(item, &self.metrics)
@@ -378,6 +426,8 @@ impl DynamoStore {
             (true, Some(most)) => Some(most.min(4)),
             (_, size) => size,
         };
+        // Growing pages: 4, 8, 16, … and the last one only what is left of `page_size`.
+        let mut asked = 0i32;
         loop {
             let mut query = self
                 .client
@@ -392,7 +442,9 @@ impl DynamoStore {
                 .set_limit(size)
                 .set_exclusive_start_key(start.take());
             if let (true, Some(now), Some(most)) = (spec.growing, size, spec.page_size) {
-                size = Some(now.saturating_mul(2).min(most));
+                asked = asked.saturating_add(now);
+                let left = if asked < most { most - asked } else { most };
+                size = Some(now.saturating_mul(2).min(left));
             }
             for (name, attribute) in &spec.names {
                 query = query.expression_attribute_names(*name, *attribute);
@@ -915,6 +967,26 @@ impl Store for DynamoStore {
         })
         .await?;
         Ok(found)
+    }
+
+    async fn live_memberships(
+        &self,
+        keys: &[(String, String, String)],
+        now: DateTime<Utc>,
+    ) -> Result<HashSet<(String, String, String)>> {
+        use futures::StreamExt;
+        // BatchGetItem: 100 keys a call, eight calls at a time (a million present connections
+        // are 10,000 calls), eventually consistent (a membership written a moment ago and not
+        // yet seen makes its connection a suspect, repaired only a grace later if still so).
+        let chunks: Vec<Vec<(String, String, String)>> = keys.chunks(100).map(<[_]>::to_vec).collect();
+        let mut calls = futures::stream::iter(chunks)
+            .map(|chunk| async move { self.live_of(&chunk, now).await })
+            .buffer_unordered(8);
+        let mut live = HashSet::new();
+        while let Some(found) = calls.next().await {
+            live.extend(found?);
+        }
+        Ok(live)
     }
 
     async fn present_users(&self, shard: u32) -> Result<Vec<Presence>> {

@@ -456,6 +456,22 @@ impl Store for MemoryStore {
         Ok(found)
     }
 
+    async fn live_memberships(
+        &self,
+        keys: &[(String, String, String)],
+        now: DateTime<Utc>,
+    ) -> Result<std::collections::HashSet<(String, String, String)>> {
+        let table = self.lock();
+        Ok(keys
+            .iter()
+            .filter(|(tenant, room, connection_id)| {
+                self.get::<Membership>(&table, &membership_key(tenant, room, connection_id))
+                    .is_some_and(|m| !is_expired(m.ttl, now))
+            })
+            .cloned()
+            .collect())
+    }
+
     async fn present_users(&self, shard: u32) -> Result<Vec<Presence>> {
         let table = self.lock();
         let key = format!("SWEEP#P{shard:02}");

@@ -103,6 +103,29 @@ pub trait Store: Send + Sync + 'static {
     /// left out (logged and counted), and the rest of the room is served.
     async fn room_members(&self, tenant: &str, room: &str, now: DateTime<Utc>) -> Result<Vec<Membership>>;
 
+    /// Which of these memberships, named by `(tenant, room, connection id)`, are live: point
+    /// reads of the keys asked about, never a whole room (the sweep's reconciliation asks about
+    /// every present connection, and a room read per present user would read the room again and
+    /// again). Any number of keys; the adapter batches them.
+    async fn live_memberships(
+        &self,
+        keys: &[(String, String, String)],
+        now: DateTime<Utc>,
+    ) -> Result<std::collections::HashSet<(String, String, String)>> {
+        let mut live = std::collections::HashSet::new();
+        let mut rooms: std::collections::HashMap<(&str, &str), Vec<Membership>> = Default::default();
+        for (tenant, room, connection_id) in keys {
+            if !rooms.contains_key(&(tenant.as_str(), room.as_str())) {
+                let members = self.room_members(tenant, room, now).await?;
+                rooms.insert((tenant, room), members);
+            }
+            if rooms[&(tenant.as_str(), room.as_str())].iter().any(|m| &m.connection_id == connection_id) {
+                live.insert((tenant.clone(), room.clone(), connection_id.clone()));
+            }
+        }
+        Ok(live)
+    }
+
     /// Moves the room's roster version ([`crate::model::roster_pk`]) on. Every write of a
     /// membership here (connect, join, leave, settling a join, removing a membership) does it
     /// itself after the write and before answering; a redelivered settlement does it again. One
