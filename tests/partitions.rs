@@ -203,3 +203,76 @@ async fn a_sweep_reads_only_what_is_stale_runs_once_at_a_time_and_goes_on_where_
     }
     assert!(store.get_connection("live-20", clock.now()).await.unwrap().is_some());
 }
+
+/// What each client operation costs in DynamoDB units, as the partition layer charges it: the
+/// handler's calls, then the processor's for the stream records they made. Printed as the
+/// README's table (`cargo test -p roomcast-tests --test partitions -- what_each_operation
+/// --nocapture`); the bounds below are that table's, so a change that costs more fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_each_operation_costs_in_dynamodb_units() {
+    use serde_json::json;
+    let moto = roomcast_tests::moto_endpoint();
+    let partitions =
+        Partitions::start(&moto, PartitionLimits { latency: Duration::ZERO, ..PartitionLimits::default() })
+            .await
+            .unwrap();
+    let table = Table::dynamodb_behind(&partitions).await;
+    let clock = roomcast::model::ManualClock::starting_now();
+    let mut stack = roomcast_tests::Stack::build(table, clock.clone(), Default::default()).await;
+    // The defaults' rate limits, as deployed: their counters are part of the cost.
+    stack.deps.limits = roomcast::limits::Limiter::new(roomcast::limits::RateLimits::default());
+    for i in 0..9 {
+        stack.connect(&format!("m{i}"), "acme", &format!("m{i}"), "lobby").await;
+    }
+    stack.pump().await;
+    let units = |p: &Partitions| {
+        let all = p.all();
+        // (+ 0.0: an empty sum is -0.0.)
+        (all.values().map(|s| s.read_units).sum::<f64>() + 0.0, all.values().map(|s| s.write_units).sum::<f64>() + 0.0)
+    };
+    // (operation, the handler's read and write units, the processor's)
+    type Units = (f64, f64);
+    let mut rows: Vec<(&str, Units, Units)> = Vec::new();
+    macro_rules! measure {
+        ($name:expr, $op:expr) => {{
+            partitions.reset();
+            let answer = $op;
+            let handler = units(&partitions);
+            partitions.reset();
+            stack.pump().await;
+            rows.push(($name, handler, units(&partitions)));
+            clock.advance(chrono::Duration::seconds(1));
+            answer
+        }};
+    }
+    let connected = measure!("$connect into 1 room (of 10)", stack.connect("ann", "acme", "ann", "lobby").await);
+    assert_eq!(connected.status_code, 200);
+    let sent = measure!(
+        "a message to a room of 10",
+        stack.send("ann", json!({"action": "sendMessage", "room": "lobby", "message": "hello"})).await
+    );
+    assert_eq!(sent["action"], "ack", "{sent}");
+    measure!(
+        "a second message (roster kept)",
+        stack.send("ann", json!({"action": "sendMessage", "room": "lobby", "message": "again"})).await
+    );
+    measure!("join a room", stack.send("ann", json!({"action": "join", "room": "side"})).await);
+    measure!("ping (in 2 rooms)", stack.send("ann", json!({"action": "ping"})).await);
+    measure!("history (2 messages)", stack.send("ann", json!({"action": "history", "room": "lobby"})).await);
+    measure!("who (10 present)", stack.send("ann", json!({"action": "who", "room": "lobby"})).await);
+    measure!("leave a room", stack.send("ann", json!({"action": "leave", "room": "side"})).await);
+    measure!("$disconnect (in 1 room)", stack.disconnect("ann").await);
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+
+    eprintln!("| operation | handler: read / write units | processor: read / write units |");
+    eprintln!("|---|---|---|");
+    for (name, (hr, hw), (pr, pw)) in &rows {
+        eprintln!("| {name} | {hr} / {hw} | {pr} / {pw} |");
+    }
+    // Each operation's cost is a handful of units, whatever the table holds; none reads a room
+    // per message.
+    for (name, (hr, hw), (pr, pw)) in &rows {
+        assert!(hr + hw + pr + pw > 0.0, "{name} cost nothing: not measured");
+        assert!(hr + hw <= 16.0 && pr + pw <= 24.0, "{name}: handler {hr}/{hw}, processor {pr}/{pw}");
+    }
+}

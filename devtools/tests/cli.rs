@@ -483,7 +483,7 @@ fn bench_fanout_serves_each_member_once_and_reports_the_reads() {
 }
 
 /// `roomcast bench costs` at a small scale: the sweep reads the stale connections and the present
-/// users (with a point read of each one's membership), not the table; a history page of big
+/// users (and each of their rooms once), not the table; a history page of big
 /// messages reads about a frame, one of small ones no more than before. No speed is asserted.
 #[test]
 fn bench_costs_reads_what_is_served_not_the_table() {
@@ -508,7 +508,7 @@ fn bench_costs_reads_what_is_served_not_the_table() {
     assert_eq!((items("/checked"), items("/cleaned"), items("/shards")), (7, 7, 16), "{report}");
     assert_eq!(items("/sweep_stale/items"), 7, "the stale connections alone: {report}");
     assert_eq!(items("/sweep_present/items"), 300, "every present user once: {report}");
-    assert_eq!(items("/sweep_other/items"), 300, "one membership per present connection, no room read: {report}");
+    assert_eq!(items("/sweep_other/items"), 300, "each room's memberships once: {report}");
     assert!(items("/sweep_after/items") < items("/sweep_before/items") / 3, "{report}");
     let history = report["history"].as_array().unwrap();
     let (small, big) = (&history[0], &history[1]);

@@ -342,21 +342,32 @@ impl Admin {
     /// the count and the next snapshot are right; `presence_repaired` counts it.
     async fn reconcile_presence(&self, shard: u32, report: &mut SweepReport) -> Result<(), StoreError> {
         let now = self.clock.now();
-        // Present users only, through the sweep index: no Scan of the table; then a point read
-        // of each present connection's membership, never a whole room.
+        // Present users only, through the sweep index: no Scan of the table. The index keys
+        // them by room, so each room's memberships are read once, here.
         let page = self.store.present_users(shard).await?;
-        let mut keys: Vec<(String, String, String)> = page
-            .iter()
-            .flat_map(|p| p.connections.iter().map(|c| (p.tenant.clone(), p.room.clone(), c.clone())))
-            .collect();
-        keys.sort();
-        keys.dedup();
-        let live = self.store.live_memberships(&keys, now).await?;
+        // Many small rooms are many Queries: [`SWEEP_PROBES`] at a time.
+        let wanted: std::collections::BTreeSet<(&str, &str)> =
+            page.iter().map(|p| (p.tenant.as_str(), p.room.as_str())).collect();
+        use futures::StreamExt;
+        let mut reads = futures::stream::iter(wanted)
+            .map(|(tenant, room)| async move {
+                let members = self.store.room_members(tenant, room, now).await?;
+                let members: std::collections::HashSet<(String, String)> =
+                    members.into_iter().map(|m| (m.user_id, m.connection_id)).collect();
+                Ok::<_, StoreError>(((tenant, room), members))
+            })
+            .buffer_unordered(SWEEP_PROBES);
+        let mut rooms = std::collections::HashMap::new();
+        while let Some(read) = reads.next().await {
+            let (room, members) = read?;
+            rooms.insert(room, members);
+        }
+        drop(reads);
         for p in &page {
             let members: std::collections::HashSet<String> = p
                 .connections
                 .iter()
-                .filter(|c| live.contains(&(p.tenant.clone(), p.room.clone(), (*c).clone())))
+                .filter(|c| rooms[&(p.tenant.as_str(), p.room.as_str())].contains(&(p.user_id.clone(), (*c).clone())))
                 .cloned()
                 .collect();
             let grace = i64::try_from(self.presence_grace.as_secs()).unwrap_or(i64::MAX);

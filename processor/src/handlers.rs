@@ -245,7 +245,7 @@ pub async fn connect(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDe
                 limit = limited.limit,
                 "rate_limited"
             );
-            return respond(429, Some(FrameError::rate_limited(&limited).message));
+            return respond(429, Some(limited.frame_error().message));
         }
         Err(err) => return internal(&err),
     }
@@ -351,7 +351,7 @@ async fn answer_frame(
         }
         Err(err) => return unavailable(&err),
     };
-    if let Some(operation) = request.limited_as() {
+    if let Some(operation) = crate::limits::operation_of(&request) {
         let (tenant, user) = (conn.tenant.as_str(), conn.user_id.as_str());
         match deps.limits.check(deps.store.as_ref(), operation, tenant, user, Some(connection_id), now).await {
             Ok(None) => {}
@@ -383,7 +383,7 @@ async fn refuse(limited: &crate::limits::Limited, conn: &Connection, deps: &Hand
         close = limited.close,
         "rate_limited"
     );
-    let mut refused = FrameError::rate_limited(limited);
+    let mut refused = limited.frame_error();
     if limited.close {
         match deps.store.delete_connection(connection_id, Some(crate::model::LeftReason::RateLimited)).await {
             Ok(_) => refused.message = format!("{}; this connection is being closed", refused.message),

@@ -18,48 +18,16 @@
 //! The algorithm is the key's, never the token's: `alg: none`, and HS256 signed with a public
 //! key, are refused before any signature is checked.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::{Deserialize, Serialize};
 
 use crate::auth::{Claims, Denied};
+pub use crate::model::{IDENTITY_SK, TenantIdentity};
 use crate::store::Store;
-
-/// A tenant's identity settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TenantIdentity {
-    pub pk: String,
-    pub sk: String,
-    #[serde(rename = "type")]
-    pub record_type: String,
-    pub tenant: String,
-    /// An HS256 secret of the tenant's own.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hs256_secret: Option<String>,
-    /// The identity provider's JWKS (`https://…/.well-known/jwks.json`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jwks_url: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub issuer: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub audience: Option<String>,
-    /// Tokens issued (`iat`) at or before this (epoch seconds) are refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revoked_before: Option<i64>,
-    /// Per user: tokens issued at or before this are refused.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub users_revoked_before: BTreeMap<String, i64>,
-    /// Revoked token ids (`jti`), each kept until the expiry given with it.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub revoked_ids: BTreeMap<String, i64>,
-}
-
-pub const IDENTITY_SK: &str = "IDENTITY";
 
 /// The most revoked token ids a tenant keeps (each until its token would have expired anyway).
 pub const MAX_REVOKED_IDS: usize = 1000;

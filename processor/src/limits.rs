@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::{ErrorCode, FrameError, Request};
 use crate::store::{Store, StoreError};
 
 /// What is limited.
@@ -238,7 +239,25 @@ pub struct Limited {
     pub close: bool,
 }
 
+/// The rate limit a request counts against, if any.
+pub fn operation_of(request: &Request) -> Option<Operation> {
+    match request {
+        Request::SendMessage { .. } | Request::Signal { .. } => Some(Operation::Message),
+        Request::Join { .. } => Some(Operation::Join),
+        // A connection over its limit can always leave.
+        Request::Leave { .. } => None,
+        Request::Ping | Request::Info | Request::History { .. } | Request::Recover { .. } | Request::Who { .. } => {
+            Some(Operation::Read)
+        }
+    }
+}
+
 impl Limited {
+    /// The error frame that tells the client (`rate_limited`, with when to try again).
+    pub fn frame_error(&self) -> FrameError {
+        FrameError { code: ErrorCode::RateLimited, message: self.message(), retry_after_ms: Some(self.retry_after_ms) }
+    }
+
     pub fn message(&self) -> String {
         format!(
             "rate limited: at most {} {}s a second per {}; retry after {} ms",

@@ -91,13 +91,12 @@ pub fn sweep_shard_pk(shard: u32) -> String {
     format!("SWEEP#{shard:02}")
 }
 
-/// The `sweep` index key of a present user's presence item: `SWEEP#P{shard}`.
-pub fn sweep_presence_pk(pk: &str, sk: &str) -> String {
-    let hash = pk
-        .bytes()
-        .chain([b'/'])
-        .chain(sk.bytes())
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+/// The `sweep` index key of a present user's presence item: `SWEEP#P{shard}`, by room (the
+/// item's `pk`), so that a sweep finds all of a room's present users in one shard and reads the
+/// room's memberships once. (Items keyed by user before are found in their old shard until their
+/// next write.)
+pub fn sweep_presence_pk(pk: &str) -> String {
+    let hash = pk.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     format!("SWEEP#P{:02}", hash % u64::from(SWEEP_SHARDS))
 }
 
@@ -113,8 +112,8 @@ pub fn with_sweep_keys(mut item: serde_dynamo::Item) -> serde_dynamo::Item {
     };
     let present = matches!(item.get("connections"), Some(AttributeValue::Ss(set)) if !set.is_empty());
     if text(&item, "type").as_deref() == Some("presence") && present {
-        let (pk, sk) = (text(&item, "pk").unwrap_or_default(), text(&item, "sk").unwrap_or_default());
-        item.insert("sweepPk".into(), AttributeValue::S(sweep_presence_pk(&pk, &sk)));
+        let pk = text(&item, "pk").unwrap_or_default();
+        item.insert("sweepPk".into(), AttributeValue::S(sweep_presence_pk(&pk)));
         if let Some(since) = text(&item, "since") {
             item.insert("lastSeenAt".into(), AttributeValue::S(since));
         }
@@ -690,6 +689,29 @@ fn truncate_ms(t: DateTime<Utc>) -> DateTime<Utc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rooms_present_users_share_one_sweep_shard_and_tombstones_have_none() {
+        let now = Utc::now();
+        let keyed = |user: &str, present: bool| {
+            let mut p = Presence::new("acme", "lobby", user, now);
+            if present {
+                p.connections.insert(format!("c-{user}"));
+            }
+            let item = with_sweep_keys(serde_dynamo::to_item(&p).unwrap());
+            match item.get("sweepPk") {
+                Some(serde_dynamo::AttributeValue::S(key)) => Some(key.clone()),
+                _ => None,
+            }
+        };
+        let shards: BTreeSet<Option<String>> = (0..50).map(|i| keyed(&format!("u{i}"), true)).collect();
+        assert_eq!(shards.len(), 1, "one room, one shard: its memberships are read once a sweep");
+        assert!(shards.iter().all(|k| k.as_deref().is_some_and(|k| k.starts_with("SWEEP#P"))));
+        assert_eq!(keyed("gone", false), None, "a tombstone is not in the index");
+        let rooms: BTreeSet<String> =
+            (0..64).map(|i| sweep_presence_pk(&presence_pk("acme", &format!("r{i}")))).collect();
+        assert!(rooms.len() > 8, "rooms spread over the shards: {rooms:?}");
+    }
 
     #[test]
     fn a_message_writes_no_index_entry_and_one_written_with_one_still_reads() {
@@ -1308,3 +1330,44 @@ impl FanoutProgress {
         move |id| self.complete || (id <= self.through.as_str() && !pending.contains(id))
     }
 }
+
+/// What a tenant's rules made of a message, as history keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Rejected(String),
+    Rewritten(String),
+    /// Sent only to these users (a direct message): history gives it to them and the sender only.
+    Audience(Vec<String>),
+}
+
+/// A tenant's identity settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantIdentity {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub tenant: String,
+    /// An HS256 secret of the tenant's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs256_secret: Option<String>,
+    /// The identity provider's JWKS (`https://…/.well-known/jwks.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Tokens issued (`iat`) at or before this (epoch seconds) are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_before: Option<i64>,
+    /// Per user: tokens issued at or before this are refused.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub users_revoked_before: std::collections::BTreeMap<String, i64>,
+    /// Revoked token ids (`jti`), each kept until the expiry given with it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub revoked_ids: std::collections::BTreeMap<String, i64>,
+}
+
+pub const IDENTITY_SK: &str = "IDENTITY";

@@ -36,6 +36,7 @@ use chrono::{DateTime, Utc};
 
 use crate::model::{Presence, RoomPresence};
 use crate::protocol::PresenceEvent;
+pub use crate::protocol::{DEFAULT_WHO_PAGE, JOIN_ACK_MEMBERS, MAX_WHO_PAGE, WhoPage};
 
 /// What a membership record does to presence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -490,24 +491,6 @@ fn event_of(op: PresenceOp) -> PresenceEvent {
         PresenceOp::Remove => PresenceEvent::Left,
     }
 }
-
-/// One page of `who`: users in id order, each once with their connection count.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WhoPage {
-    pub users: Vec<(String, usize)>,
-    /// Per user of `users`, in the same order: the version of their last transition (the
-    /// `version` their presence frames carry), so a client drops a frame older than the page.
-    pub versions: Vec<u64>,
-    /// Users in the room (the room's count).
-    pub total: u64,
-    /// Pass as `after` for the next page; `None` at the end.
-    pub next: Option<String>,
-}
-
-/// The most users one `who` page lists, and how many a `join` ack carries.
-pub const MAX_WHO_PAGE: usize = 500;
-pub const DEFAULT_WHO_PAGE: usize = 100;
-pub const JOIN_ACK_MEMBERS: usize = 20;
 
 /// Rooms with more users than this announce no `joined`/`left` unless configured otherwise: a
 /// room of N users where everyone joins costs N² presence posts.

@@ -6,6 +6,36 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// Where a page of history starts. Bounds are message sort keys (`MSG#{timestamp}#{id}`, or a
+/// bare `MSG#{timestamp}` / `MSG#{timestamp}$` for a point in time), always exclusive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HistoryFrom {
+    /// The newest messages.
+    Latest,
+    /// The newest messages below this key.
+    Before(String),
+    /// The oldest messages above this key.
+    After(String),
+}
+
+/// One page of `who`: users in id order, each once with their connection count.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WhoPage {
+    pub users: Vec<(String, usize)>,
+    /// Per user of `users`, in the same order: the version of their last transition (the
+    /// `version` their presence frames carry), so a client drops a frame older than the page.
+    pub versions: Vec<u64>,
+    /// Users in the room (the room's count).
+    pub total: u64,
+    /// Pass as `after` for the next page; `None` at the end.
+    pub next: Option<String>,
+}
+
+/// The most users one `who` page lists, and how many a `join` ack carries.
+pub const MAX_WHO_PAGE: usize = 500;
+pub const DEFAULT_WHO_PAGE: usize = 100;
+pub const JOIN_ACK_MEMBERS: usize = 20;
+
 /// API Gateway's WebSocket frame limit, and so the largest message a client can send.
 pub const MAX_FRAME_BYTES: usize = 128 * 1024;
 
@@ -46,7 +76,7 @@ pub enum Request {
     History {
         room: String,
         limit: usize,
-        from: crate::store::HistoryFrom,
+        from: HistoryFrom,
     },
     /// The messages after `since` (the id of the last message the client saw), for a client
     /// that reconnected.
@@ -65,21 +95,6 @@ pub enum Request {
         limit: usize,
         after: Option<String>,
     },
-}
-
-impl Request {
-    /// The rate limit this request counts against, if any (`roomcast_core::limits`).
-    pub fn limited_as(&self) -> Option<crate::limits::Operation> {
-        match self {
-            Request::SendMessage { .. } | Request::Signal { .. } => Some(crate::limits::Operation::Message),
-            Request::Join { .. } => Some(crate::limits::Operation::Join),
-            // A connection over its limit can always leave.
-            Request::Leave { .. } => None,
-            Request::Ping | Request::Info | Request::History { .. } | Request::Recover { .. } | Request::Who { .. } => {
-                Some(crate::limits::Operation::Read)
-            }
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,15 +130,6 @@ pub struct FrameError {
 impl FrameError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         FrameError { code, message: message.into(), retry_after_ms: None }
-    }
-
-    /// Over a rate limit.
-    pub fn rate_limited(limited: &crate::limits::Limited) -> Self {
-        FrameError {
-            code: ErrorCode::RateLimited,
-            message: limited.message(),
-            retry_after_ms: Some(limited.retry_after_ms),
-        }
     }
 }
 
@@ -198,9 +204,9 @@ fn parse_fields(fields: &serde_json::Map<String, Value>) -> Result<Request, Fram
             Request::Signal { room: room()?, data }
         }
         "who" => {
-            let max = crate::presence::MAX_WHO_PAGE;
+            let max = MAX_WHO_PAGE;
             let limit = match fields.get("limit") {
-                None | Some(Value::Null) => crate::presence::DEFAULT_WHO_PAGE,
+                None | Some(Value::Null) => DEFAULT_WHO_PAGE,
                 Some(v) => match v.as_u64() {
                     Some(n) if (1..=max as u64).contains(&n) => n as usize,
                     _ => {
@@ -252,9 +258,9 @@ fn parse_fields(fields: &serde_json::Map<String, Value>) -> Result<Request, Fram
                         "history: give `before` or `after`, not both",
                     ));
                 }
-                (Some(before), None) => crate::store::HistoryFrom::Before(before),
-                (None, Some(after)) => crate::store::HistoryFrom::After(after),
-                (None, None) => crate::store::HistoryFrom::Latest,
+                (Some(before), None) => HistoryFrom::Before(before),
+                (None, Some(after)) => HistoryFrom::After(after),
+                (None, None) => HistoryFrom::Latest,
             };
             Request::History { room: room()?, limit, from }
         }
@@ -442,7 +448,7 @@ pub enum ServerMessage {
         /// counted once its `joined` is processed) …
         #[serde(default, skip_serializing_if = "Option::is_none")]
         users: Option<u64>,
-        /// … and the first of them, by user id (at most [`crate::presence::JOIN_ACK_MEMBERS`];
+        /// … and the first of them, by user id (at most [`JOIN_ACK_MEMBERS`];
         /// `who` pages through the rest).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         members: Option<Vec<PresentUser>>,
@@ -495,8 +501,8 @@ impl ServerMessage {
     }
 }
 
-/// The users of a [`crate::presence::WhoPage`] as the protocol lists them.
-pub fn present_users(page: &crate::presence::WhoPage) -> Vec<PresentUser> {
+/// The users of a [`WhoPage`] as the protocol lists them.
+pub fn present_users(page: &WhoPage) -> Vec<PresentUser> {
     page.users
         .iter()
         .enumerate()
@@ -525,7 +531,6 @@ impl From<FrameError> for ServerMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::HistoryFrom;
 
     fn code(body: &str) -> ErrorCode {
         parse_frame(body).unwrap_err().code

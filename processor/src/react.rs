@@ -15,6 +15,7 @@
 
 use chrono::{DateTime, Utc};
 
+pub use crate::model::Verdict;
 use crate::model::{JoinReason, LeftReason, Membership};
 use crate::protocol::{ChatMessage, PresenceEvent, ServerMessage};
 
@@ -140,15 +141,6 @@ pub enum Effect {
     /// Close the connection's socket (`DELETE @connections`): one that kept going over its rate
     /// limit, after a frame saying why.
     Close(Recipient),
-}
-
-/// What a tenant's rules made of a message, as history keeps it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Rejected(String),
-    Rewritten(String),
-    /// Sent only to these users (a direct message): history gives it to them and the sender only.
-    Audience(Vec<String>),
 }
 
 /// The room whose live members [`react`] needs to see for this change, if any: a message's, or

@@ -366,54 +366,6 @@ impl DynamoStore {
         Ok((found, there))
     }
 
-    /// One BatchGetItem's worth (at most 100) of [`Store::live_memberships`].
-    async fn live_of(
-        &self,
-        chunk: &[(String, String, String)],
-        now: DateTime<Utc>,
-    ) -> Result<Vec<(String, String, String)>> {
-        let mut live = Vec::new();
-        let mut asked: Vec<DynamoItem> = chunk.iter().map(|(t, r, c)| membership_key(t, r, c)).collect();
-        let mut attempts = 0u32;
-        while !asked.is_empty() {
-            let request = KeysAndAttributes::builder()
-                .set_keys(Some(std::mem::take(&mut asked)))
-                .projection_expression("pk, sk, #ttl")
-                .expression_attribute_names("#ttl", "ttl")
-                .build()
-                .map_err(build_error)?;
-            let out = self
-                .client
-                .batch_get_item()
-                .request_items(&self.table, request)
-                .send()
-                .await
-                .map_err(|e| unavailable("batch_get_item (memberships)", e))?;
-            for item in out.responses.unwrap_or_default().remove(&self.table).unwrap_or_default() {
-                let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
-                let ttl = item.get("ttl").and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok()).unwrap_or(i64::MAX);
-                let (pk, sk) = (text("pk"), text("sk"));
-                let found = chunk.iter().find(|(t, r, c)| model::room_pk(t, r) == pk && model::membership_sk(c) == sk);
-                if let Some(found) = found.filter(|_| !is_expired(ttl, now)) {
-                    live.push(found.clone());
-                }
-            }
-            // Keys DynamoDB did not get to (the partition's throughput): asked again, backing off.
-            if let Some(rest) = out.unprocessed_keys.and_then(|mut m| m.remove(&self.table)) {
-                asked = rest.keys;
-                attempts += 1;
-                if attempts > 8 {
-                    return Err(StoreError::Unavailable(format!(
-                        "batch_get_item (memberships): {} keys still unprocessed after {attempts} attempts",
-                        asked.len()
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(10 << attempts.min(6))).await;
-            }
-        }
-        Ok(live)
-    }
-
     /// The record, or `None` (logged and counted) when the item does not decode.
     fn decode<T: DeserializeOwned>(&self, item: DynamoItem) -> Option<T> {
         decode_or_skip(item, &self.metrics)
@@ -969,26 +921,6 @@ impl Store for DynamoStore {
         Ok(found)
     }
 
-    async fn live_memberships(
-        &self,
-        keys: &[(String, String, String)],
-        now: DateTime<Utc>,
-    ) -> Result<HashSet<(String, String, String)>> {
-        use futures::StreamExt;
-        // BatchGetItem: 100 keys a call, eight calls at a time (a million present connections
-        // are 10,000 calls), eventually consistent (a membership written a moment ago and not
-        // yet seen makes its connection a suspect, repaired only a grace later if still so).
-        let chunks: Vec<Vec<(String, String, String)>> = keys.chunks(100).map(<[_]>::to_vec).collect();
-        let mut calls = futures::stream::iter(chunks)
-            .map(|chunk| async move { self.live_of(&chunk, now).await })
-            .buffer_unordered(8);
-        let mut live = HashSet::new();
-        while let Some(found) = calls.next().await {
-            live.extend(found?);
-        }
-        Ok(live)
-    }
-
     async fn present_users(&self, shard: u32) -> Result<Vec<Presence>> {
         let mut found = Vec::new();
         let spec = QuerySpec {
@@ -1420,8 +1352,8 @@ impl Store for DynamoStore {
         self.get_typed("get_item (tenant settings)", key(model::tenant_pk(tenant), model::SETTINGS_SK.into())).await
     }
 
-    async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::identity::TenantIdentity>> {
-        let key = key(model::tenant_pk(tenant), crate::identity::IDENTITY_SK.into());
+    async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::model::TenantIdentity>> {
+        let key = key(model::tenant_pk(tenant), crate::model::IDENTITY_SK.into());
         match self.get_guarded("get_item (tenant identity)", key).await? {
             // One that does not decode must not read as "none" (the shared secret would admit).
             (None, true) => Err(StoreError::Unavailable(format!("{tenant}'s identity item does not decode"))),
@@ -1429,7 +1361,7 @@ impl Store for DynamoStore {
         }
     }
 
-    async fn put_tenant_identity(&self, identity: &crate::identity::TenantIdentity) -> Result<()> {
+    async fn put_tenant_identity(&self, identity: &crate::model::TenantIdentity) -> Result<()> {
         self.client
             .put_item()
             .table_name(&self.table)
@@ -1583,11 +1515,11 @@ impl Store for DynamoStore {
         Ok(claimed.message)
     }
 
-    async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::react::Verdict) -> Result<()> {
+    async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::model::Verdict) -> Result<()> {
         let (name, value) = match verdict {
-            crate::react::Verdict::Rejected(reason) => ("rejected", s(reason)),
-            crate::react::Verdict::Rewritten(text) => ("deliveredBody", s(text)),
-            crate::react::Verdict::Audience(users) => {
+            crate::model::Verdict::Rejected(reason) => ("rejected", s(reason)),
+            crate::model::Verdict::Rewritten(text) => ("deliveredBody", s(text)),
+            crate::model::Verdict::Audience(users) => {
                 ("onlyUsers", AttributeValue::L(users.iter().map(|u| s(u)).collect()))
             }
         };

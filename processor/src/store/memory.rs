@@ -456,22 +456,6 @@ impl Store for MemoryStore {
         Ok(found)
     }
 
-    async fn live_memberships(
-        &self,
-        keys: &[(String, String, String)],
-        now: DateTime<Utc>,
-    ) -> Result<std::collections::HashSet<(String, String, String)>> {
-        let table = self.lock();
-        Ok(keys
-            .iter()
-            .filter(|(tenant, room, connection_id)| {
-                self.get::<Membership>(&table, &membership_key(tenant, room, connection_id))
-                    .is_some_and(|m| !is_expired(m.ttl, now))
-            })
-            .cloned()
-            .collect())
-    }
-
     async fn present_users(&self, shard: u32) -> Result<Vec<Presence>> {
         let table = self.lock();
         let key = format!("SWEEP#P{shard:02}");
@@ -757,9 +741,9 @@ impl Store for MemoryStore {
         Ok(self.get(&table, &(model::tenant_pk(tenant), model::SETTINGS_SK.to_string())))
     }
 
-    async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::identity::TenantIdentity>> {
+    async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::model::TenantIdentity>> {
         let table = self.lock();
-        let key = (model::tenant_pk(tenant), crate::identity::IDENTITY_SK.to_string());
+        let key = (model::tenant_pk(tenant), crate::model::IDENTITY_SK.to_string());
         let identity = self.get(&table, &key);
         if identity.is_none() && table.items.contains_key(&key) {
             // One that does not decode must not read as "none" (the shared secret would admit).
@@ -768,7 +752,7 @@ impl Store for MemoryStore {
         Ok(identity)
     }
 
-    async fn put_tenant_identity(&self, identity: &crate::identity::TenantIdentity) -> Result<()> {
+    async fn put_tenant_identity(&self, identity: &crate::model::TenantIdentity) -> Result<()> {
         let item = encode(identity)?;
         let mut table = self.lock();
         self.put_item(&mut table, item);
@@ -880,12 +864,12 @@ impl Store for MemoryStore {
         Ok(message.clone())
     }
 
-    async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::react::Verdict) -> Result<()> {
+    async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::model::Verdict) -> Result<()> {
         let mut table = self.lock();
         let (name, value) = match verdict {
-            crate::react::Verdict::Rejected(reason) => ("rejected", AttributeValue::S(reason.clone())),
-            crate::react::Verdict::Rewritten(text) => ("deliveredBody", AttributeValue::S(text.clone())),
-            crate::react::Verdict::Audience(users) => {
+            crate::model::Verdict::Rejected(reason) => ("rejected", AttributeValue::S(reason.clone())),
+            crate::model::Verdict::Rewritten(text) => ("deliveredBody", AttributeValue::S(text.clone())),
+            crate::model::Verdict::Audience(users) => {
                 ("onlyUsers", AttributeValue::L(users.iter().map(|u| AttributeValue::S(u.clone())).collect()))
             }
         };

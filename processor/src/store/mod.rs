@@ -30,6 +30,7 @@ use crate::model::{
     PluginStatus, RoomPresence, TenantSettings,
 };
 use crate::presence::{PresenceOutcome, PresenceUpdate, WhoPage};
+pub use crate::protocol::HistoryFrom;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
@@ -103,29 +104,6 @@ pub trait Store: Send + Sync + 'static {
     /// left out (logged and counted), and the rest of the room is served.
     async fn room_members(&self, tenant: &str, room: &str, now: DateTime<Utc>) -> Result<Vec<Membership>>;
 
-    /// Which of these memberships, named by `(tenant, room, connection id)`, are live: point
-    /// reads of the keys asked about, never a whole room (the sweep's reconciliation asks about
-    /// every present connection, and a room read per present user would read the room again and
-    /// again). Any number of keys; the adapter batches them.
-    async fn live_memberships(
-        &self,
-        keys: &[(String, String, String)],
-        now: DateTime<Utc>,
-    ) -> Result<std::collections::HashSet<(String, String, String)>> {
-        let mut live = std::collections::HashSet::new();
-        let mut rooms: std::collections::HashMap<(&str, &str), Vec<Membership>> = Default::default();
-        for (tenant, room, connection_id) in keys {
-            if !rooms.contains_key(&(tenant.as_str(), room.as_str())) {
-                let members = self.room_members(tenant, room, now).await?;
-                rooms.insert((tenant, room), members);
-            }
-            if rooms[&(tenant.as_str(), room.as_str())].iter().any(|m| &m.connection_id == connection_id) {
-                live.insert((tenant.clone(), room.clone(), connection_id.clone()));
-            }
-        }
-        Ok(live)
-    }
-
     /// Moves the room's roster version ([`crate::model::roster_pk`]) on. Every write of a
     /// membership here (connect, join, leave, settling a join, removing a membership) does it
     /// itself after the write and before answering; a redelivered settlement does it again. One
@@ -165,7 +143,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records what the tenant's rules decided about a message (`rejected` or `deliveredBody`);
     /// a message that is gone is not an error.
-    async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::react::Verdict) -> Result<()>;
+    async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::model::Verdict) -> Result<()>;
 
     /// One message by its sort key, if it is there and live (rejected ones included).
     async fn message(&self, tenant: &str, room: &str, sk: &str, now: DateTime<Utc>) -> Result<Option<Message>>;
@@ -296,9 +274,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// A tenant's own identity ([`crate::identity`]), strongly consistent; `None` when it has
     /// none (or the item does not decode: logged and counted).
-    async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::identity::TenantIdentity>>;
+    async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::model::TenantIdentity>>;
 
-    async fn put_tenant_identity(&self, identity: &crate::identity::TenantIdentity) -> Result<()>;
+    async fn put_tenant_identity(&self, identity: &crate::model::TenantIdentity) -> Result<()>;
 
     async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()>;
 
@@ -377,18 +355,6 @@ pub async fn room_counts(
         })
         .collect();
     futures::stream::iter(reads).buffered(8).collect::<Vec<_>>().await.into_iter().collect()
-}
-
-/// Where a page of history starts. Bounds are message sort keys (`MSG#{timestamp}#{id}`, or a
-/// bare `MSG#{timestamp}` / `MSG#{timestamp}$` for a point in time), always exclusive.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HistoryFrom {
-    /// The newest messages.
-    Latest,
-    /// The newest messages below this key.
-    Before(String),
-    /// The oldest messages above this key.
-    After(String),
 }
 
 /// Where a recovery after `since` starts: a margin before it, because a message's key is its

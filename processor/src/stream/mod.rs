@@ -228,7 +228,7 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
     } else if let Some(tenant) = pk.strip_prefix("TENANT#") {
         if sk == crate::model::SETTINGS_SK {
             Ok(Record::State { tenant: tenant.to_string(), kind: "settings" })
-        } else if sk == crate::identity::IDENTITY_SK {
+        } else if sk == crate::model::IDENTITY_SK {
             Ok(Record::State { tenant: tenant.to_string(), kind: "identity" })
         } else if sk == crate::model::PLUGIN_CONFIG_SK {
             Ok(Record::State { tenant: tenant.to_string(), kind: "plugin-config" })
