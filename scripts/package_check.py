@@ -145,7 +145,7 @@ def fixture(name):
 
 
 def websocket_event(route, body=None):
-    """AWS's example WebSocket request (tests/fixtures), as tests/lib.rs shapes it."""
+    """AWS's example WebSocket request (tests/fixtures), as tests/support/requests.rs shapes it."""
     event = fixture("example-apigw-websocket-request.json")
     context = event["requestContext"]
     context.update(connectionId=CONNECTION, routeKey=route, stage="prod",

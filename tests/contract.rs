@@ -13,20 +13,7 @@ use roomcast::store::{HistoryFrom, StoreError};
 use roomcast::stream::{Cause, Change, Record};
 use roomcast_tests::Table;
 
-macro_rules! contract {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $( #[tokio::test] async fn $name() {
-                super::$name(roomcast_tests::Table::memory(roomcast::model::ManualClock::starting_now()).await).await
-            } )*
-        }
-        mod dynamodb {
-            $( #[tokio::test] async fn $name() { super::$name(roomcast_tests::Table::dynamodb().await).await } )*
-        }
-    };
-}
-
-contract!(
+roomcast_tests::on_both_stores!(tables:
     a_connection_round_trips_and_expires_on_read,
     delete_is_idempotent_and_marks_the_reason_in_the_remove_record,
     join_and_leave_keep_membership_and_rooms_in_step,

@@ -12,24 +12,11 @@ use roomcast_tests::{Stack, Table};
 use serde_dynamo::{AttributeValue, Item};
 use serde_json::json;
 
-macro_rules! on_tables {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $( #[tokio::test] async fn $name() {
-                super::$name(roomcast_tests::Table::memory(roomcast::model::ManualClock::starting_now()).await).await
-            } )*
-        }
-        mod dynamodb {
-            $( #[tokio::test] async fn $name() { super::$name(roomcast_tests::Table::dynamodb().await).await } )*
-        }
-    };
-}
-
 /// The store's own reads, as `store::memory::…` and `store::dynamodb::…`.
 mod store {
     use super::*;
 
-    on_tables!(
+    roomcast_tests::on_both_stores!(tables:
         a_membership_from_a_newer_handler_is_served_unless_it_holds_a_value_unknown_here,
         an_item_of_the_wrong_type_is_skipped_by_every_read,
     );

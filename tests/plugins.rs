@@ -1,4 +1,4 @@
-//! The plugin sandbox with real components built from `plugins/` and `tests/hostile/`
+//! The plugin sandbox with real components built from `plugins/` and `tests/guests/hostile/`
 //! (`scripts/test` builds them for wasm32-wasip2 first): the example rules work, and every
 //! hostile behaviour ends in a specific fault while the host goes on serving.
 

@@ -27,7 +27,7 @@ pub struct BenchArgs {
     /// PostToConnection calls that measure the raw @connections rate.
     #[arg(long, default_value_t = 20_000)]
     raw_posts: usize,
-    /// A hostile component (tests/hostile): adds a phase in which the plugin phase's traffic
+    /// A hostile component (tests/guests/hostile): adds a phase in which the plugin phase's traffic
     /// shares the stack with a tenant running it, whose users send loops, sleeps, memory bombs
     /// and routes to every room it can, at --hostile-rate.
     #[arg(long, value_name = "FILE.wasm", requires = "plugin")]

@@ -6,7 +6,7 @@
 #[cfg(target_arch = "wasm32")]
 #[allow(clippy::too_many_arguments, reason = "in the code wit-bindgen generates")]
 mod component {
-    wit_bindgen::generate!({ world: "tenant-plugin", path: "../../wit/0.1.0/roomcast-plugin.wit" });
+    wit_bindgen::generate!({ world: "tenant-plugin", path: "../../../wit/0.1.0/roomcast-plugin.wit" });
 
     use roomcast::plugin::host::{Level, log};
 

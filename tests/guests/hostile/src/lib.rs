@@ -39,7 +39,7 @@
 #[cfg(target_arch = "wasm32")]
 #[allow(clippy::too_many_arguments, reason = "in the code wit-bindgen generates")]
 mod component {
-    wit_bindgen::generate!({ world: "tenant-plugin", path: "../../wit/roomcast-plugin.wit" });
+    wit_bindgen::generate!({ world: "tenant-plugin", path: "../../../wit/roomcast-plugin.wit" });
 
     use roomcast::plugin::host::{Level, log};
     use roomcast::plugin::types::{Routing, Verdict};
