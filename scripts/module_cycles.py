@@ -20,7 +20,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def strip(text):
-    """The code without comments, string literals' contents and `#[cfg(test)]` modules."""
+    """The code without comments, string and char literals' contents and `#[cfg(test)]` modules."""
+    text = re.sub(r'\br(#*)".*?"\1', '""', text, flags=re.S)
+    text = re.sub(r"'(?:\\.|[^'\\\n])'", "' '", text)
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     text = re.sub(r'"(?:\\.|[^"\\])*"', '""', text)
     text = re.sub(r"//[^\n]*", "", text)
@@ -38,76 +40,103 @@ def strip(text):
     return "".join(out)
 
 
-def used_paths(code):
-    """Every path the code names from `crate::` or `super::`, as lists of segments."""
+def use_tree(text):
+    """The paths a `use` tree names: `crate::{a::{b, c}, d as e}` gives crate::a::b, crate::a::c, crate::d."""
+    text = re.sub(r"\s+as\s+\w+", "", text)
+    text = re.sub(r"\s+", "", text)
     paths = []
-    for m in re.finditer(r"\b(crate|super)::", code):
-        head = m.group(1)
-        rest = code[m.end() :]
-        if rest.startswith("{"):
-            depth, j, item, items = 0, 0, "", []
-            for j, c in enumerate(rest):
-                if c == "{":
-                    depth += 1
-                    if depth == 1:
-                        continue
-                elif c == "}":
-                    depth -= 1
-                    if depth == 0:
-                        items.append(item)
-                        break
-                if depth == 1 and c == ",":
-                    items.append(item)
-                    item = ""
-                else:
-                    item += c
-            for item in items:
-                segments = re.findall(r"\w+", item.split("{")[0].split(" as ")[0])
-                if segments:
-                    paths.append([head] + segments)
-        else:
-            segments = re.match(r"(\w+)(?:::(\w+))?", rest)
-            if segments:
-                paths.append([head] + [s for s in segments.groups() if s])
+
+    def walk(prefix, rest):
+        if "{" not in rest:
+            paths.append(prefix + [x for x in rest.split("::") if x and x != "*"])
+            return
+        head, body = rest.split("{", 1)
+        body = body[: body.rfind("}")]
+        base = prefix + [x for x in head.split("::") if x]
+        depth, item = 0, ""
+        for c in body + ",":
+            if c == "," and depth == 0:
+                if item:
+                    walk(base, item)
+                item = ""
+                continue
+            depth += {"{": 1, "}": -1}.get(c, 0)
+            item += c
+        if not body:
+            paths.append(base)
+
+    walk([], text)
     return paths
 
 
+def used_paths(code):
+    """Every path the code names from `crate::`, `super::` or `self::`, as lists of segments."""
+    paths = []
+    uses = list(re.finditer(r"\buse\s+([^;]+);", code))
+    for m in uses:
+        for path in use_tree(m.group(1)):
+            if path and path[0] in ("crate", "super", "self"):
+                paths.append(path)
+    rest = code
+    for m in reversed(uses):
+        rest = rest[: m.start()] + rest[m.end() :]
+    for m in re.finditer(r"\b((?:super::)+|crate::|self::)((?:\w+::)*\w+)", rest):
+        head = m.group(1)
+        prefix = ["super"] * head.count("super") if head.startswith("super") else [head[:-2]]
+        paths.append(prefix + m.group(2).split("::"))
+    return paths
+
+
+def module_of(rel):
+    """A file's module path: `store/dynamodb.rs` is store::dynamodb, `store/mod.rs` is store."""
+    parts = list(rel.parts)
+    parts[-1] = parts[-1].removesuffix(".rs")
+    if parts[-1] == "mod":
+        parts = parts[:-1]
+    return tuple(parts)
+
+
 def modules(src):
-    """{node: [files]} for a crate's src folder: top-level modules, and each folder's files."""
-    nodes = {}
+    """{module path: file} for a crate's src folder (the crate root and `bin/` left out)."""
+    found = {}
     for path in sorted(src.rglob("*.rs")):
         rel = path.relative_to(src)
         if rel.parts[0] in ("bin", "main.rs", "lib.rs"):
             continue
-        top = rel.parts[0].removesuffix(".rs")
-        nodes.setdefault(top, []).append(path)
-    return nodes
+        found[module_of(rel)] = path
+    return found
 
 
 def graph(src):
-    """{(node, node): {names}} between a crate's modules, and between the files of each folder."""
-    nodes = modules(src)
+    """{(node, node): {names}}: between a crate's top-level modules, and between the files of
+    one top-level module's folder (a parent and its own submodule are not a dependency)."""
+    known = modules(src)
     edges = {}
-    for top, files in nodes.items():
-        for path in files:
-            rel = path.relative_to(src)
-            inner = "/".join(rel.parts[1:]).removesuffix(".rs") if len(rel.parts) > 1 else None
-            here = f"{top}/{inner.removesuffix('/mod')}" if inner and inner != "mod" else top
-            for segments in used_paths(strip(path.read_text())):
-                if segments[0] == "crate":
-                    target = segments[1] if len(segments) > 1 else None
-                    if target in nodes and target != top:
-                        edges.setdefault((top, target), set()).add("::".join(segments[2:3]) or target)
-                    elif target == top and len(segments) > 2 and here != top:
-                        sub = f"{top}/{segments[2]}"
-                        if sub != here and any(f.stem == segments[2] or f.parent.name == segments[2] for f in files):
-                            edges.setdefault((here, sub), set()).add(segments[2])
-                elif segments[0] == "super" and here != top and len(segments) > 1:
-                    parent = here.rsplit("/", 1)[0] if rel.name != "mod.rs" else here.rsplit("/", 1)[0]
-                    sub = f"{parent}/{segments[1]}" if parent != top or True else None
-                    names = {f.stem for f in files} | {f.parent.name for f in files}
-                    if segments[1] in names and sub != here:
-                        edges.setdefault((here, sub), set()).add(segments[1])
+    for here, path in known.items():
+        for segments in used_paths(strip(path.read_text())):
+            if segments[0] == "crate":
+                target = list(segments[1:])
+            else:
+                base = list(here)
+                while segments and segments[0] == "super":
+                    base = base[:-1]
+                    segments = segments[1:]
+                if segments and segments[0] == "self":
+                    segments = segments[1:]
+                target = base + list(segments)
+            # The longest known module the path names.
+            module = None
+            for n in range(len(target), 0, -1):
+                if tuple(target[:n]) in known:
+                    module = tuple(target[:n])
+                    break
+            if module is None:
+                continue
+            name = target[len(module)] if len(target) > len(module) else module[-1]
+            if module[0] != here[0]:
+                edges.setdefault((here[0], module[0]), set()).add(name)
+            elif here[: len(module)] != module and module[: len(here)] != here:
+                edges.setdefault(("/".join(here), "/".join(module)), set()).add(name)
     return edges
 
 
@@ -172,18 +201,30 @@ def self_test():
         src = pathlib.Path(tmp) / "c" / "src"
         (src / "store").mkdir(parents=True)
         (src / "lib.rs").write_text("pub mod a; pub mod b; pub mod store;")
-        (src / "a.rs").write_text("use crate::{b::Thing, store};\n// use crate::c;\n")
-        (src / "b.rs").write_text('pub struct Thing; const S: &str = "crate::a";\n#[cfg(test)]\nmod tests { use crate::a; }\n')
-        (src / "store" / "mod.rs").write_text("pub mod x; pub mod y;")
+        (src / "a.rs").write_text("use crate::{b::Thing as Class, store};\n// use crate::c;\n")
+        (src / "b.rs").write_text(
+            'pub struct Thing; const S: &str = "crate::a"; const Q: char = \'"\';\n'
+            'const R: &str = r#"use crate::a;"#;\n#[cfg(test)]\nmod tests { use crate::a; }\n'
+        )
+        (src / "store" / "mod.rs").write_text("pub mod x; pub mod y; use self::x::X;")
         (src / "store" / "x.rs").write_text("use super::y::Y;")
         (src / "store" / "y.rs").write_text("pub struct Y; fn f() { crate::store::x::g(); }")
         edges = graph(src)
         assert ("a", "b") in edges and ("a", "store") in edges, edges
-        assert ("b", "a") not in edges, "a test module and a string are not dependencies"
+        assert ("b", "a") not in edges, "a test module, a string, a char and a raw string are not dependencies"
         assert cycles(edges) == [["store/x", "store/y"]], cycles(edges)
+        # Nested use trees, `super` in a top-level file (the crate), `super::super`.
         (src / "store" / "y.rs").write_text("pub struct Y;")
-        (src / "b.rs").write_text("pub struct Thing; use crate::a::*;")
+        (src / "b.rs").write_text("use super::a::*;")
         assert cycles(graph(src)) == [["a", "b"]], cycles(graph(src))
+        (src / "b.rs").write_text("pub struct Thing;")
+        (src / "store" / "y.rs").write_text("fn f() { super::super::a::go(); }")
+        assert ("store", "a") in graph(src), graph(src)
+        (src / "a.rs").write_text("use crate::{store::{x::X, y}};")
+        assert cycles(graph(src)) == [["a", "store"]], cycles(graph(src))
+        (src / "store" / "x.rs").write_text("use crate::store::{y::Y};")
+        (src / "store" / "y.rs").write_text("use crate::{store::{x}};")
+        assert ["store/x", "store/y"] in cycles(graph(src)), graph(src)
     print("module_cycles: self-test passed")
 
 

@@ -9,9 +9,7 @@ use aws_lambda_events::apigw::ApiGatewayCustomAuthorizerRequestTypeRequest;
 use chrono::Duration as Age;
 use roomcast::admin::Admin;
 use roomcast::auth::{Claims, mint};
-use roomcast::deliver::{Deliverer, DeliverySettings};
 use roomcast::handlers::authorize;
-use roomcast::metrics::Metrics;
 use roomcast_tests::{Stack, sign_hs256};
 use serde_json::{Value, json};
 
@@ -89,22 +87,7 @@ async fn the_authorizer_denies_expired_wrongly_signed_claimless_and_malformed_to
 }
 
 async fn admin_for(stack: &Stack) -> Admin {
-    let delivery = DeliverySettings { endpoint_override: Some(stack.recorder.endpoint.clone()), ..Default::default() };
-    let deliverer = Deliverer::new(
-        roomcast_tests::sdk_config().await,
-        delivery,
-        stack.table.store.clone(),
-        stack.clock.clone(),
-        Arc::new(Metrics::default()),
-    );
-    Admin {
-        store: stack.table.store.clone(),
-        deliverer: Arc::new(deliverer),
-        clock: stack.clock.clone(),
-        idle_limit: Duration::from_secs(600),
-        presence_grace: Duration::from_secs(roomcast::presence::RECONCILE_GRACE_SECONDS as u64),
-        connection_ttl: Duration::from_secs(600),
-    }
+    stack.admin().await
 }
 
 roomcast_tests::on_both_stores!(
@@ -113,6 +96,7 @@ roomcast_tests::on_both_stores!(
     cleanup_deletes_only_confirmed_stale_connections_and_presence_follows,
     the_sweeper_expires_presence_although_ttl_has_not_deleted_the_record,
     the_sweeper_asks_about_stale_connections_several_at_a_time,
+    a_failing_shard_holds_up_no_other_and_an_open_connection_is_asked_about_once,
 );
 
 async fn admin_operations_answer_with_the_connection_managers_shapes(kind: &str) {
@@ -195,6 +179,40 @@ async fn the_sweeper_asks_about_stale_connections_several_at_a_time(kind: &str) 
     );
 }
 
+/// A shard whose reads keep failing (here: one room's memberships, in the presence shard that
+/// holds the room) is logged, counted and passed over: every other shard is swept, and the run
+/// still gives the lease back with where the next one starts. A stale connection that API
+/// Gateway says is open is marked seen, so the next run does not ask about it again.
+async fn a_failing_shard_holds_up_no_other_and_an_open_connection_is_asked_about_once(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.connect("ann", "acme", "ann", "sick").await; // open at API Gateway
+    let gone: Vec<String> = (0..32).map(|i| format!("c{i:02}")).collect();
+    for id in &gone {
+        stack.connect(id, "acme", id, "lobby").await;
+    }
+    stack.pump().await;
+    stack.clock.advance(Age::seconds(3600));
+    for id in &gone {
+        stack.recorder.mark_gone(id);
+    }
+    let failing = roomcast_tests::UnavailableRoom {
+        inner: stack.table.store.clone(),
+        room: "sick".into(),
+        times: std::sync::atomic::AtomicUsize::new(1000),
+    };
+    let admin = Admin { store: Arc::new(failing), ..stack.admin().await };
+    let report = admin.sweep(Duration::from_secs(600)).await.unwrap();
+    assert_eq!((report.shards, report.failed_shards), (16, 1), "{report:?}");
+    assert_eq!((report.checked, report.cleaned, report.still_open), (33, 32, 1), "{report:?}");
+    // The run gave the lease back: the next takes it at once.
+    let now = roomcast::model::Clock::now(stack.clock.as_ref()).timestamp();
+    assert!(stack.table.store.take_sweep_lease(now, now + 10, "next").await.unwrap().is_some());
+    assert!(stack.table.store.sweep_progress("next", 0, true).await.unwrap());
+    // ann was marked seen: the next run has nothing to ask API Gateway.
+    let again = stack.admin().await.sweep(Duration::from_secs(600)).await.unwrap();
+    assert_eq!((again.checked, again.failed_shards), (0, 0), "{again:?}");
+}
+
 async fn cleanup_deletes_only_confirmed_stale_connections_and_presence_follows(kind: &str) {
     let mut stack = Stack::on(kind).await;
     stack.connect("ann", "acme", "ann", "general").await; // silent, and gone at API Gateway
@@ -211,7 +229,7 @@ async fn cleanup_deletes_only_confirmed_stale_connections_and_presence_follows(k
     assert_eq!(
         answer,
         json!({"statusCode": 200, "body": {"message": "Stale connections cleaned up", "cleanedCount": 1, "presenceRepaired": 0,
-            "skipped": false, "shards": 16}})
+            "skipped": false, "shards": 16, "failedShards": 0}})
     );
     let mut probed = stack.recorder.probed();
     probed.sort();

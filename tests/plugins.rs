@@ -837,21 +837,8 @@ async fn another_container(
     stack: &Stack,
 ) -> (roomcast::pipeline::Processor, std::sync::Arc<roomcast::plugins::registry::Registry>) {
     let metrics = std::sync::Arc::new(roomcast::metrics::Metrics::default());
-    let delivery = roomcast::deliver::DeliverySettings {
-        endpoint_override: Some(stack.recorder.endpoint.clone()),
-        ..Default::default()
-    };
-    let store = stack.table.store.clone();
-    let deliverer = roomcast::deliver::Deliverer::new(
-        roomcast_tests::sdk_config().await,
-        delivery,
-        store.clone(),
-        stack.clock.clone(),
-        metrics.clone(),
-    );
     let registry = std::sync::Arc::new(fresh_registry(&metrics));
-    let processor = roomcast::pipeline::Processor::new(store, deliverer, stack.clock.clone(), metrics, 8)
-        .with_plugins(registry.clone());
+    let processor = stack.assembly(metrics).await.processor().with_plugins(registry.clone());
     (processor, registry)
 }
 

@@ -196,20 +196,7 @@ async fn gone_connections_deleted_by_the_processor_and_by_the_sweeper(kind: &str
     assert_eq!(stack.send("cid1", json!({"action":"ping"})).await["action"], "pong");
     stack.clock.advance(Age::seconds(545));
     stack.recorder.mark_gone("ann2");
-    let admin = roomcast::admin::Admin {
-        store: stack.table.store.clone(),
-        deliverer: Arc::new(roomcast::deliver::Deliverer::new(
-            roomcast_tests::sdk_config().await,
-            DeliverySettings { endpoint_override: Some(stack.recorder.endpoint.clone()), ..Default::default() },
-            stack.table.store.clone(),
-            stack.clock.clone(),
-            Arc::new(roomcast::metrics::Metrics::default()),
-        )),
-        clock: stack.clock.clone(),
-        idle_limit: std::time::Duration::from_secs(600),
-        presence_grace: std::time::Duration::from_secs(roomcast::presence::RECONCILE_GRACE_SECONDS as u64),
-        connection_ttl: std::time::Duration::from_secs(600),
-    };
+    let admin = stack.admin().await;
     let report = admin.sweep(std::time::Duration::from_secs(3600)).await.unwrap();
     assert_eq!(report.cleaned, 1, "{report:?}");
     stack.pump().await;

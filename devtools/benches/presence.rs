@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use roomcast::deliver::{Deliverer, DeliverySettings};
+use roomcast::deliver::DeliverySettings;
 use roomcast::metrics::Metrics;
 use roomcast::model::{Clock, Connection, JoinReason, ManualClock, Name, NewConnection};
 use roomcast::pipeline::Processor;
@@ -93,8 +93,11 @@ async fn room(max: u64, endpoint: &str) -> Room {
     clock.advance(chrono::Duration::minutes(5));
     let metrics = Arc::new(Metrics::default());
     let delivery = DeliverySettings { endpoint_override: Some(endpoint.to_string()), ..DeliverySettings::default() };
-    let deliverer = Deliverer::new(sdk(), delivery, store.clone(), clock.clone(), metrics.clone());
-    let processor = Processor::new(store.clone(), deliverer, clock.clone(), metrics, 8).with_announce_max_users(max);
+    let processor = roomcast::assembly::Assembly {
+        announce_max_users: max,
+        ..roomcast::assembly::Assembly::new(sdk(), store.clone(), clock.clone(), metrics).with_delivery(delivery)
+    }
+    .processor();
     let mut room = Room { processor, store, clock, stream, next: ROOM_USERS };
     while room.stream.try_recv().is_ok() {}
     room

@@ -14,10 +14,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config};
-use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
 use crate::model::SystemClock;
-use crate::pipeline::{Processor, run_from_stream};
+use crate::pipeline::run_from_stream;
 use crate::plugins::WithPlugins;
 use crate::store::dynamodb::{DynamoStore, create_table, wait_until_active};
 use crate::stream::poller::{StartAt, StreamPoller};
@@ -711,12 +710,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let sdk = config::load_aws().await;
             let client = config::dynamodb_client(&sdk, table.dynamodb_endpoint.as_deref());
             let store = Arc::new(DynamoStore::new(client, &table.table));
-            let clock = Arc::new(SystemClock);
+            let clock: Arc<dyn crate::model::Clock> = Arc::new(SystemClock);
             let delivery = crate::deliver::DeliverySettings {
                 endpoint_override: management_endpoint,
                 ..crate::deliver::DeliverySettings::default()
             };
-            let deliverer = Deliverer::new(sdk, delivery, store.clone(), clock.clone(), Arc::new(Metrics::default()));
+            let deliverer =
+                crate::assembly::Assembly::new(sdk, store.clone(), clock.clone(), Arc::new(Metrics::default()))
+                    .with_delivery(delivery)
+                    .deliverer();
             let admin = crate::admin::Admin {
                 store,
                 deliverer: Arc::new(deliverer),
@@ -755,14 +757,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let stream_arn = wait_until_active(&client, &config.table_name).await?;
             let metrics = Arc::new(Metrics::default());
             let store = Arc::new(DynamoStore::new(client, &config.table_name).with_metrics(metrics.clone()));
-            let clock = Arc::new(SystemClock);
-            let deliverer =
-                Deliverer::new(sdk.clone(), config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
             // Tenant plugins as in the Lambda: the deployment's limits, cache bound and artifacts.
             let registry = Arc::new(crate::plugins::registry::Registry::from_config(&config, metrics.clone())?);
-            let processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once)
-                .with_plugins(registry)
-                .with_announce_max_users(config.presence_announce_max_users);
+            let processor =
+                crate::assembly::Assembly::from_config(&config, sdk.clone(), store, Arc::new(SystemClock), metrics)
+                    .processor()
+                    .with_plugins(registry);
             let streams = config::streams_client(&sdk, config.dynamodb_endpoint.as_deref());
             let start = if from_trim_horizon { StartAt::TrimHorizon } else { StartAt::Latest };
             let mut poller = StreamPoller::new(streams, stream_arn.clone(), start);

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config;
-use crate::deliver::{Deliverer, DeliverySettings};
+use crate::deliver::DeliverySettings;
 use crate::gateway::{AuthMode, Gateway, GatewaySettings, Limits};
 use crate::handlers::HandlerDeps;
 use crate::metrics::Metrics;
@@ -196,10 +196,10 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
 
     let delivery =
         DeliverySettings { endpoint_override: Some(format!("http://{addr}/{stage}")), ..options.delivery.clone() };
-    // The fan-out stage's workers: a deliverer of their own, as the `fanout` function's
-    // containers have in AWS.
-    let worker = Deliverer::new(sdk.clone(), delivery.clone(), store.clone(), clock.clone(), metrics.clone());
-    let deliverer = Deliverer::new(sdk, delivery, store.clone(), clock.clone(), metrics.clone());
+    let assembly = crate::assembly::Assembly {
+        announce_max_users: options.presence_announce_max_users,
+        ..crate::assembly::Assembly::new(sdk, store.clone(), clock.clone(), metrics.clone()).with_delivery(delivery)
+    };
     // Plugins uploaded to the table are activated as in AWS; --plugins adds files at start.
     let host = Arc::new(crate::plugins::PluginHost::new()?);
     let registry = Arc::new(crate::plugins::registry::Registry::new(host.clone(), metrics.clone()));
@@ -216,11 +216,11 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         Some(dir) => load_plugins(dir, &registry)?,
         None => Vec::new(),
     };
-    let mut processor = Processor::new(store.clone(), deliverer, clock.clone(), metrics.clone(), 8)
-        .with_plugins(registry)
-        .with_announce_max_users(options.presence_announce_max_users);
+    let mut processor = assembly.processor().with_plugins(registry);
     if options.handoff_recipients > 0 {
-        let stage = crate::deliver::stage::LocalStage::new(worker);
+        // The fan-out stage's workers: a deliverer of their own, as the `fanout` function's
+        // containers have in AWS.
+        let stage = crate::deliver::stage::LocalStage::new(assembly.deliverer());
         processor =
             processor.with_hand_off(crate::deliver::stage::HandOff { stage, recipients: options.handoff_recipients });
     }

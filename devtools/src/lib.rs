@@ -9,8 +9,8 @@
 //! `roomcast::pipeline`, `roomcast::plugins` — for the tools, the tests and the benchmarks.
 
 pub use roomcast_core::{
-    admin, auth, config, deliver, handlers, identity, lambda, limits, metrics, model, pipeline, presence, protocol,
-    publish, react, roster, rules, store, stream,
+    admin, assembly, auth, config, deliver, handlers, identity, lambda, limits, metrics, model, pipeline, presence,
+    protocol, publish, react, roster, rules, store, stream,
 };
 /// The tenant plugin host (`roomcast-plugin-host`).
 pub use roomcast_plugin_host as plugins;

@@ -333,11 +333,16 @@ fn costs(operation: &str, request: &Value, answer: &Value) -> Costs {
             }
         }
         "Scan" => {
-            // No filter in what scans here: the items returned are the items read.
+            // As a Query: a filter makes no read cheaper, the scanned items' size taken to be the
+            // returned items' average.
             let items = answer.get("Items").and_then(Value::as_array).cloned().unwrap_or_default();
-            let bytes: u64 = items.iter().map(item_size).sum();
+            let returned: u64 = items.iter().map(item_size).sum();
             let table = request.get("TableName").and_then(Value::as_str).unwrap_or("");
             let scanned = answer.get("ScannedCount").and_then(Value::as_u64).unwrap_or(items.len() as u64);
+            let bytes = match items.len() as u64 {
+                0 => 0,
+                n => returned * scanned.max(n) / n,
+            };
             out.push((format!("scan:{table}"), read_units(bytes), 0.0, bytes, scanned.max(items.len() as u64)));
         }
         "PutItem" => {

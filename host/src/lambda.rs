@@ -4,12 +4,11 @@
 use std::sync::Arc;
 
 use lambda_runtime::{Error, LambdaEvent, service_fn};
+use roomcast_core::assembly::Assembly;
 use roomcast_core::config::Config;
-use roomcast_core::deliver::Deliverer;
 use roomcast_core::lambda::{deadline_instant, init_tracing, store_from};
 use roomcast_core::metrics::Metrics;
 use roomcast_core::model::SystemClock;
-use roomcast_core::pipeline::Processor;
 
 use crate::WithPlugins;
 
@@ -21,16 +20,13 @@ pub async fn run_processor() -> Result<(), Error> {
     let (sdk, store) = store_from(&config, metrics.clone()).await;
     let clock = Arc::new(SystemClock);
     let hand_off = roomcast_core::lambda::hand_off_from(&config, &sdk);
-    let deliverer = Deliverer::new(sdk, config.delivery.clone(), store.clone(), clock.clone(), metrics.clone());
     let registry = Arc::new(crate::registry::Registry::from_config(&config, metrics.clone())?);
     let emf = roomcast_core::metrics::Emf {
         namespace: config.metrics_namespace.clone(),
         function: std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "processor".into()),
     };
-    let mut processor = Processor::new(store, deliverer, clock, metrics, config.partitions_at_once)
-        .with_plugins(registry)
-        .with_announce_max_users(config.presence_announce_max_users)
-        .with_emf(emf);
+    let mut processor =
+        Assembly::from_config(&config, sdk, store, clock, metrics).processor().with_plugins(registry).with_emf(emf);
     if let Some(hand_off) = hand_off {
         processor = processor.with_hand_off(hand_off);
     }

@@ -102,6 +102,13 @@ pub struct SweepReport {
     /// time ran short: the next run goes on from where it stopped.
     #[serde(default)]
     pub shards: u32,
+    /// Of those, shards that failed (logged) and were passed over.
+    #[serde(default)]
+    pub failed_shards: u32,
+    /// Shards whose presence reconciliation the run's time cut short (their users not reached
+    /// are reconciled on the next cycle).
+    #[serde(default)]
+    pub reconcile_cut_short: u32,
 }
 
 /// A sweep stops this long before its invocation's deadline, and records where.
@@ -191,7 +198,9 @@ impl Admin {
             }
             AdminRequest::CleanupStaleConnections { idle_seconds } => {
                 let idle = idle_seconds.map_or(self.idle_limit, Duration::from_secs);
-                let report = self.sweep(idle).await?;
+                // Within the admin function's 300 s, as the sweeper's own runs are.
+                let finish_by = std::time::Instant::now() + Duration::from_secs(SWEEP_LEASE_SECONDS as u64);
+                let report = self.sweep_until(idle, Some(finish_by)).await?;
                 answer(
                     200,
                     json!({
@@ -200,6 +209,7 @@ impl Admin {
                         "presenceRepaired": report.presence_repaired,
                         "skipped": report.skipped,
                         "shards": report.shards,
+                        "failedShards": report.failed_shards,
                     }),
                 )
             }
@@ -215,10 +225,16 @@ impl Admin {
     ///
     /// It reads only stale connections: the sparse `sweep` index holds connection items by
     /// `lastSeenAt` in [`crate::model::SWEEP_SHARDS`] keys, and each key is asked for those last
-    /// seen more than `idle` (or its TTL, if shorter: an expired one) ago; then the same shard's
-    /// present users are reconciled with their memberships. One run at a time: it takes the
-    /// table's lease first (another run holding it: `skipped`). It stops [`SWEEP_RESERVE`] before
-    /// `finish_by`, and the next run goes on from the shard it stopped at.
+    /// seen more than `idle` (or its TTL, if shorter: an expired one) ago; then the present users
+    /// of the presence key of the same number are reconciled with their rooms' memberships.
+    ///
+    /// One run at a time: it takes the table's lease first (another run holding it: `skipped`),
+    /// under a token of its own, and records after each shard where the next run starts, so a
+    /// run cut short by its timeout loses at most the shard it was in. It stops
+    /// [`SWEEP_RESERVE`] before `finish_by`. A shard that fails (throttling past the SDK's
+    /// retries, an item that cannot be written) is logged, counted in `failed_shards`, and
+    /// passed over: it holds up no other shard, and the next full cycle tries it again. A run
+    /// whose lease ran out and was taken by another stops where it is.
     pub async fn sweep_until(
         &self,
         idle: Duration,
@@ -227,16 +243,47 @@ impl Admin {
         let now = self.clock.now();
         let idle = chrono::Duration::from_std(idle).unwrap_or(chrono::Duration::MAX);
         let mut report = SweepReport::default();
-        let Some(start) = self.store.take_sweep_lease(now.timestamp(), now.timestamp() + SWEEP_LEASE_SECONDS).await?
-        else {
+        let owner = uuid::Uuid::now_v7().to_string();
+        let lease_until = now.timestamp() + SWEEP_LEASE_SECONDS;
+        let Some(start) = self.store.take_sweep_lease(now.timestamp(), lease_until, &owner).await? else {
             tracing::info!("another sweep holds the lease: skipped");
             report.skipped = true;
             return Ok(report);
         };
-        let result = self.sweep_shards(start, now, idle, finish_by, &mut report).await;
-        let next = (start + report.shards) % crate::model::SWEEP_SHARDS;
-        self.store.release_sweep_lease(next).await?;
-        result?;
+        let ttl = chrono::Duration::from_std(self.connection_ttl).unwrap_or(chrono::Duration::MAX);
+        let cutoff = now.checked_sub_signed(idle.min(ttl)).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+        let out_of_time =
+            || finish_by.is_some_and(|at| at.saturating_duration_since(std::time::Instant::now()) < SWEEP_RESERVE);
+        let mut next = start;
+        let mut held = true;
+        for i in 0..crate::model::SWEEP_SHARDS {
+            let shard = (start + i) % crate::model::SWEEP_SHARDS;
+            if out_of_time() {
+                tracing::info!(next_shard = shard, "sweep out of time: the next run goes on");
+                break;
+            }
+            match self.sweep_shard(shard, cutoff, now, finish_by, &mut report).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(next_shard = shard, "sweep out of time within a shard: the next run does it again");
+                    break;
+                }
+                Err(err) => {
+                    tracing::error!(shard, error = %err, "a sweep shard failed: passed over, tried again next cycle");
+                    report.failed_shards += 1;
+                }
+            }
+            report.shards += 1;
+            next = (shard + 1) % crate::model::SWEEP_SHARDS;
+            if i + 1 < crate::model::SWEEP_SHARDS && !self.store.sweep_progress(&owner, next, false).await? {
+                held = false;
+                tracing::warn!(next_shard = next, "the sweep's lease ran out and another run took it: stopped");
+                break;
+            }
+        }
+        if held && !self.store.sweep_progress(&owner, next, true).await? {
+            tracing::warn!("the sweep's lease ran out before the run gave it back");
+        }
         tracing::info!(
             checked = report.checked,
             cleaned = report.cleaned,
@@ -244,48 +291,37 @@ impl Admin {
             unknown = report.unknown,
             presence_suspected = report.presence_suspected,
             presence_repaired = report.presence_repaired,
+            reconcile_cut_short = report.reconcile_cut_short,
+            failed_shards = report.failed_shards,
             shards = report.shards,
             "roomcast.sweep"
         );
         Ok(report)
     }
 
-    async fn sweep_shards(
+    /// One shard: its stale connections, then its present users. False when the run's time ran
+    /// short before every stale connection was asked about.
+    async fn sweep_shard(
         &self,
-        start: u32,
+        shard: u32,
+        cutoff: chrono::DateTime<chrono::Utc>,
         now: chrono::DateTime<chrono::Utc>,
-        idle: chrono::Duration,
         finish_by: Option<std::time::Instant>,
         report: &mut SweepReport,
-    ) -> Result<(), StoreError> {
-        let ttl = chrono::Duration::from_std(self.connection_ttl).unwrap_or(chrono::Duration::MAX);
-        let cutoff = now.checked_sub_signed(idle.min(ttl)).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
-        for i in 0..crate::model::SWEEP_SHARDS {
-            if finish_by.is_some_and(|at| at.saturating_duration_since(std::time::Instant::now()) < SWEEP_RESERVE) {
-                tracing::info!(
-                    next_shard = (start + i) % crate::model::SWEEP_SHARDS,
-                    "sweep out of time: the next run goes on"
-                );
-                return Ok(());
-            }
-            let shard = (start + i) % crate::model::SWEEP_SHARDS;
-            let stale = self.store.stale_connections(shard, cutoff).await?;
-            if !self.check_connections(stale, now, finish_by, report).await? {
-                tracing::info!(next_shard = shard, "sweep out of time within a shard: the next run does it again");
-                return Ok(());
-            }
-            // The present users of the same shard: reconciliation resumes with the connections.
-            self.reconcile_presence(shard, report).await?;
-            report.shards += 1;
+    ) -> Result<bool, StoreError> {
+        let stale = self.store.stale_connections(shard, cutoff).await?;
+        if !self.check_connections(stale, now, finish_by, report).await? {
+            return Ok(false);
         }
-        Ok(())
+        self.reconcile_presence(shard, finish_by, report).await?;
+        Ok(true)
     }
 
     /// Asks API Gateway about each stale connection, [`SWEEP_PROBES`] at a time (each answer
     /// takes tens of milliseconds: one by one, 10,000 stale connections after a network blip
-    /// would take minutes), and deletes the gone. False when the run's time ran short before
-    /// all were asked: the shard is left for the next run, which asks again (a probe changes
-    /// nothing, and a deleted connection is no longer stale).
+    /// would take minutes), deletes the gone and marks the open as seen. False when the run's
+    /// time ran short before all were asked: the shard is left for the next run, which asks only
+    /// about those still stale (a deleted connection, or one marked seen, is not).
     async fn check_connections(
         &self,
         stale: Vec<crate::model::Connection>,
@@ -302,9 +338,14 @@ impl Admin {
                     return Ok(None);
                 }
                 let probe = self.deliverer.probe(&conn.connection_id, &conn.endpoint).await;
-                if probe == Probe::Gone {
-                    let reason = if is_expired(conn.ttl, now) { LeftReason::Expired } else { LeftReason::Gone };
-                    self.store.delete_connection(&conn.connection_id, Some(reason)).await?;
+                match probe {
+                    Probe::Gone => {
+                        let reason = if is_expired(conn.ttl, now) { LeftReason::Expired } else { LeftReason::Gone };
+                        self.store.delete_connection(&conn.connection_id, Some(reason)).await?;
+                    }
+                    // Open: seen now, so the next runs do not ask again until it is idle again.
+                    Probe::Open => self.store.mark_seen(&conn.connection_id, now).await?,
+                    Probe::Throttled | Probe::Unknown(_) => {}
                 }
                 Ok::<_, StoreError>(Some((conn.connection_id, probe)))
             })
@@ -340,8 +381,15 @@ impl Admin {
     /// the lost REMOVE, re-driven later, changes nothing, and the connection's next join (a newer
     /// record) counts again. The repair is not announced (the sweeper sends no frames): `who`,
     /// the count and the next snapshot are right; `presence_repaired` counts it.
-    async fn reconcile_presence(&self, shard: u32, report: &mut SweepReport) -> Result<(), StoreError> {
+    async fn reconcile_presence(
+        &self,
+        shard: u32,
+        finish_by: Option<std::time::Instant>,
+        report: &mut SweepReport,
+    ) -> Result<(), StoreError> {
         let now = self.clock.now();
+        let out_of_time =
+            || finish_by.is_some_and(|at| at.saturating_duration_since(std::time::Instant::now()) < SWEEP_RESERVE);
         // Present users only, through the sweep index: no Scan of the table. The index keys
         // them by room, so each room's memberships are read once, here.
         let page = self.store.present_users(shard).await?;
@@ -351,25 +399,31 @@ impl Admin {
         use futures::StreamExt;
         let mut reads = futures::stream::iter(wanted)
             .map(|(tenant, room)| async move {
+                if out_of_time() {
+                    return Ok(None);
+                }
                 let members = self.store.room_members(tenant, room, now).await?;
                 let members: std::collections::HashSet<(String, String)> =
                     members.into_iter().map(|m| (m.user_id, m.connection_id)).collect();
-                Ok::<_, StoreError>(((tenant, room), members))
+                Ok::<_, StoreError>(Some(((tenant, room), members)))
             })
             .buffer_unordered(SWEEP_PROBES);
         let mut rooms = std::collections::HashMap::new();
         while let Some(read) = reads.next().await {
-            let (room, members) = read?;
-            rooms.insert(room, members);
+            if let Some((room, members)) = read? {
+                rooms.insert(room, members);
+            }
         }
         drop(reads);
+        let mut cut_short = false;
         for p in &page {
-            let members: std::collections::HashSet<String> = p
-                .connections
-                .iter()
-                .filter(|c| rooms[&(p.tenant.as_str(), p.room.as_str())].contains(&(p.user_id.clone(), (*c).clone())))
-                .cloned()
-                .collect();
+            // A room not read (the time ran short): its users wait for the next cycle.
+            let Some(room) = rooms.get(&(p.tenant.as_str(), p.room.as_str())).filter(|_| !out_of_time()) else {
+                cut_short = true;
+                continue;
+            };
+            let members: std::collections::HashSet<String> =
+                p.connections.iter().filter(|c| room.contains(&(p.user_id.clone(), (*c).clone()))).cloned().collect();
             let grace = i64::try_from(self.presence_grace.as_secs()).unwrap_or(i64::MAX);
             let (suspects, repair) = crate::presence::reconcile(p, &members, now, grace);
             report.presence_suspected += suspects.len();
@@ -400,6 +454,10 @@ impl Admin {
                 self.store.apply_presence(&update).await?;
                 report.presence_repaired += 1;
             }
+        }
+        if cut_short {
+            tracing::warn!(shard, "the sweep's time ran short within a shard's presence: the rest next cycle");
+            report.reconcile_cut_short += 1;
         }
         Ok(())
     }

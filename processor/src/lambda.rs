@@ -8,8 +8,8 @@ use std::sync::Arc;
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 
+use crate::assembly::Assembly;
 use crate::config::{self, Config};
-use crate::deliver::Deliverer;
 use crate::handlers::{self, HandlerDeps};
 use crate::metrics::Metrics;
 use crate::model::SystemClock;
@@ -133,8 +133,8 @@ async fn jwt_secret() -> Result<Vec<u8>, Error> {
 async fn admin_from(config: &Config) -> crate::admin::Admin {
     let metrics = Arc::new(Metrics::default());
     let (sdk, store) = store_from(config, metrics.clone()).await;
-    let clock = Arc::new(SystemClock);
-    let deliverer = Deliverer::new(sdk, config.delivery.clone(), store.clone(), clock.clone(), metrics);
+    let clock: Arc<dyn crate::model::Clock> = Arc::new(SystemClock);
+    let deliverer = Assembly::from_config(config, sdk, store.clone(), clock.clone(), metrics).deliverer();
     crate::admin::Admin {
         store,
         deliverer: Arc::new(deliverer),
@@ -191,7 +191,7 @@ pub async fn run_fanout() -> Result<(), Error> {
     let config = Config::from_env()?;
     let metrics = Arc::new(Metrics::default());
     let (sdk, store) = store_from(&config, metrics.clone()).await;
-    let deliverer = Deliverer::new(sdk, config.delivery.clone(), store, Arc::new(SystemClock), metrics.clone());
+    let deliverer = Assembly::from_config(&config, sdk, store, Arc::new(SystemClock), metrics.clone()).deliverer();
     let emf = crate::metrics::Emf {
         namespace: config.metrics_namespace.clone(),
         function: std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "fanout".into()),

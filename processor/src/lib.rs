@@ -29,12 +29,14 @@
 //! | change → effects | [`react`] | pure: welcome, room fan-out, presence, cascades |
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries within the batch's window; 410 / 429 / 413 rules, slow consumers; big rooms' frames to the fan-out stage ([`deliver::stage`]) |
 //! | the processor | [`pipeline`] | the path above for one record and for a batch, within the Lambda deadline |
+//! | assembly | [`assembly`] | the one place a processor and its deliverers are built from configuration; a dry run set once |
 //!
 //! Around it: [`protocol`] (client frames), [`publish`] (a backend's message into a room), [`admin`] (operator operations and the sweeper),
 //! [`auth`] (the `$connect` authorizer's rule), [`config`] (the environment), [`metrics`]
 //! (counts), [`lambda`] (the Lambda entry points of this crate).
 
 pub mod admin;
+pub mod assembly;
 pub mod auth;
 pub mod config;
 pub mod deliver;

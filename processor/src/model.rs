@@ -209,6 +209,8 @@ pub struct Connection {
     pub rooms: BTreeSet<String>,
     #[serde(with = "ts_format")]
     pub connected_at: DateTime<Utc>,
+    /// Its last `ping` (or connect), or when the sweeper last found it open at API Gateway: the
+    /// `sweep` index's sort key.
     #[serde(with = "ts_format")]
     pub last_seen_at: DateTime<Utc>,
     pub status: String,

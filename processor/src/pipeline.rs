@@ -148,7 +148,8 @@ impl Processor {
     }
 
     /// Decides and reports only (`roomcast replay`): nothing is written, and plugin records are
-    /// shown, not activated. The deliverer should be a dry run too (`Deliverer::dry_run`).
+    /// shown, not activated. Set it through [`crate::assembly::Assembly::with_mode`], which makes
+    /// the deliverer a dry run too.
     pub fn with_mode(mut self, mode: Mode) -> Processor {
         self.mode = mode;
         self

@@ -82,11 +82,14 @@ impl Store for UnavailableRoom {
     async fn present_users(&self, shard: u32) -> roomcast::store::Result<Vec<roomcast::model::Presence>> {
         self.inner.present_users(shard).await
     }
-    async fn take_sweep_lease(&self, now: i64, until: i64) -> roomcast::store::Result<Option<u32>> {
-        self.inner.take_sweep_lease(now, until).await
+    async fn take_sweep_lease(&self, now: i64, until: i64, owner: &str) -> roomcast::store::Result<Option<u32>> {
+        self.inner.take_sweep_lease(now, until, owner).await
     }
-    async fn release_sweep_lease(&self, next_shard: u32) -> roomcast::store::Result<()> {
-        self.inner.release_sweep_lease(next_shard).await
+    async fn sweep_progress(&self, owner: &str, next_shard: u32, release: bool) -> roomcast::store::Result<bool> {
+        self.inner.sweep_progress(owner, next_shard, release).await
+    }
+    async fn mark_seen(&self, connection_id: &str, now: chrono::DateTime<chrono::Utc>) -> roomcast::store::Result<()> {
+        self.inner.mark_seen(connection_id, now).await
     }
     async fn count_in_window(&self, key: &str, window: i64) -> roomcast::store::Result<u64> {
         self.inner.count_in_window(key, window).await

@@ -24,6 +24,7 @@ use aws_lambda_events::dynamodb::EventRecord;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
+use roomcast::assembly::Assembly;
 use roomcast::deliver::{Deliverer, DeliverySettings};
 use roomcast::gateway::account::{Account, AccountSettings};
 use roomcast::handlers::{self, HandlerDeps};

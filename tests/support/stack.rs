@@ -95,12 +95,12 @@ impl Stack {
             initial_backoff: Duration::from_millis(10),
             ..delivery
         };
-        let deliverer =
-            Deliverer::new(sdk_config().await, delivery, processor_store.clone(), clock.clone(), metrics.clone());
         let plugins =
             Arc::new(roomcast::plugins::registry::Registry::new(host, metrics.clone()).with_capacity(capacity));
-        let processor =
-            Processor::new(processor_store, deliverer, clock.clone(), metrics, 8).with_plugins(plugins.clone());
+        let processor = Assembly::new(sdk_config().await, processor_store, clock.clone(), metrics)
+            .with_delivery(delivery)
+            .processor()
+            .with_plugins(plugins.clone());
         let deps = HandlerDeps {
             joins: Default::default(),
             // Off, but in the tests of limits (tests/limits.rs): other tests send faster than a
@@ -165,10 +165,7 @@ impl Stack {
     pub async fn another_container(&self) -> (Processor, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::default());
         let delivery = DeliverySettings { deadline: TEST_DEADLINE, ..self.delivery() };
-        let store = self.table.store.clone();
-        let deliverer =
-            Deliverer::new(sdk_config().await, delivery, store.clone(), self.clock.clone(), metrics.clone());
-        let processor = Processor::new(store, deliverer, self.clock.clone(), metrics.clone(), 8);
+        let processor = self.assembly(metrics.clone()).await.with_delivery(delivery).processor();
         (processor, metrics)
     }
 
@@ -181,26 +178,24 @@ impl Stack {
         }
     }
 
+    /// What this stack's processors and deliverers are built from: the table, its clock, this
+    /// stack's `@connections` with short backoffs, and `metrics`.
+    pub async fn assembly(&self, metrics: Arc<Metrics>) -> Assembly {
+        Assembly::new(sdk_config().await, self.table.store.clone(), self.clock.clone(), metrics)
+            .with_delivery(self.delivery())
+    }
+
     /// A deliverer of its own over the table and this stack's `@connections`, with the table's
     /// counts: what a fan-out stage's worker (the `fanout` function's container) delivers with.
     pub async fn worker_deliverer(&self) -> Deliverer {
-        Deliverer::new(
-            sdk_config().await,
-            self.delivery(),
-            self.table.store.clone(),
-            self.clock.clone(),
-            self.table.metrics.clone(),
-        )
+        self.assembly(self.table.metrics.clone()).await.deliverer()
     }
 
     /// From now on the processor hands frames for `recipients` or more to `stage`. The processor
     /// keeps the table's counts and loses its plugins.
     pub async fn hand_off_to(&mut self, stage: Arc<dyn roomcast::deliver::stage::Stage>, recipients: usize) {
-        let deliverer = self.worker_deliverer().await;
-        let store = self.table.store.clone();
         let hand_off = roomcast::deliver::stage::HandOff { stage, recipients };
-        self.processor =
-            Processor::new(store, deliverer, self.clock.clone(), self.table.metrics.clone(), 8).with_hand_off(hand_off);
+        self.processor = self.assembly(self.table.metrics.clone()).await.processor().with_hand_off(hand_off);
     }
 
     /// [`Stack::hand_off_to`] a fan-out stage in this process
@@ -253,13 +248,7 @@ impl Stack {
     pub async fn admin(&self) -> roomcast::admin::Admin {
         roomcast::admin::Admin {
             store: self.table.store.clone(),
-            deliverer: Arc::new(Deliverer::new(
-                sdk_config().await,
-                self.delivery(),
-                self.table.store.clone(),
-                self.clock.clone(),
-                Arc::new(Metrics::default()),
-            )),
+            deliverer: Arc::new(self.assembly(Arc::new(Metrics::default())).await.deliverer()),
             clock: self.clock.clone(),
             idle_limit: Duration::from_secs(600),
             presence_grace: Duration::from_secs(roomcast::presence::RECONCILE_GRACE_SECONDS as u64),

@@ -143,7 +143,8 @@ pub async fn run(options: &CostsOptions) -> anyhow::Result<CostsReport> {
     let delivery =
         crate::deliver::DeliverySettings { endpoint_override: Some(probes.url.clone()), ..Default::default() };
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    let deliverer = crate::deliver::Deliverer::new(sdk, delivery, store.clone(), clock.clone(), metrics);
+    let deliverer =
+        crate::assembly::Assembly::new(sdk, store.clone(), clock.clone(), metrics).with_delivery(delivery).deliverer();
     let admin = crate::admin::Admin {
         store: store.clone(),
         deliverer: Arc::new(deliverer),

@@ -178,16 +178,10 @@ async fn run_room(endpoint: &Endpoint, options: &FanoutOptions, size: usize) -> 
         Some(dynamo) => dynamo.clone(),
         None => store.clone(),
     };
-    let worker = crate::deliver::Deliverer::new(
-        sdk_config(),
-        settings.clone(),
-        processor_store.clone(),
-        clock.clone(),
-        metrics.clone(),
-    );
-    let deliverer =
-        crate::deliver::Deliverer::new(sdk_config(), settings, processor_store.clone(), clock.clone(), metrics.clone());
-    let mut processor = crate::pipeline::Processor::new(processor_store, deliverer, clock, metrics.clone(), 8);
+    let assembly =
+        crate::assembly::Assembly::new(sdk_config(), processor_store, clock, metrics.clone()).with_delivery(settings);
+    let worker = assembly.deliverer();
+    let mut processor = assembly.processor();
     if !options.roster {
         processor = processor.without_rosters();
     }

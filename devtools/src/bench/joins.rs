@@ -113,16 +113,14 @@ pub async fn run(options: &JoinsOptions) -> anyhow::Result<JoinsReport> {
 
     let delivery =
         crate::deliver::DeliverySettings { endpoint_override: Some(endpoint.url.clone()), ..Default::default() };
-    let worker =
-        crate::deliver::Deliverer::new(sdk.clone(), delivery.clone(), dynamo.clone(), clock.clone(), metrics.clone());
-    let deliverer = crate::deliver::Deliverer::new(sdk, delivery, dynamo.clone(), clock.clone(), metrics.clone());
+    let assembly =
+        crate::assembly::Assembly::new(sdk, dynamo.clone(), clock.clone(), metrics.clone()).with_delivery(delivery);
     // As deployed: a message to a room of 2,000 or more leaves the batch for the fan-out stage.
-    let stage = crate::deliver::stage::LocalStage::new(worker);
-    let mut processor = crate::pipeline::Processor::new(dynamo.clone(), deliverer, clock.clone(), metrics.clone(), 8)
-        .with_hand_off(crate::deliver::stage::HandOff {
-            stage: stage.clone(),
-            recipients: crate::deliver::stage::HANDOFF_RECIPIENTS,
-        });
+    let stage = crate::deliver::stage::LocalStage::new(assembly.deliverer());
+    let mut processor = assembly.processor().with_hand_off(crate::deliver::stage::HandOff {
+        stage: stage.clone(),
+        recipients: crate::deliver::stage::HANDOFF_RECIPIENTS,
+    });
     if options.one_by_one {
         processor = processor.without_presence_runs();
     }

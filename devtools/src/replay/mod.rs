@@ -21,10 +21,11 @@ use aws_lambda_events::dynamodb::EventRecord;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::deliver::{Deliverer, DeliverySettings};
+use crate::assembly::Assembly;
+use crate::deliver::DeliverySettings;
 use crate::metrics::Metrics;
 use crate::model::{Clock, ManualClock, SystemClock};
-use crate::pipeline::{Processor, RecordReport};
+use crate::pipeline::RecordReport;
 use crate::plugins::WithPlugins;
 use crate::plugins::registry::{Policy, Registry};
 use crate::plugins::{Limits, PluginHost};
@@ -237,26 +238,21 @@ async fn resolve(parsed: input::Parsed, options: &Options) -> anyhow::Result<Vec
 async fn run(items: &[Item], options: &Options, plugins: &[(String, Vec<u8>)]) -> anyhow::Result<Vec<Entry>> {
     let metrics = Arc::new(Metrics::default());
     let record_clock = ManualClock::at(chrono::DateTime::UNIX_EPOCH);
-    let (clock, deliverer, store): (Arc<dyn Clock>, Deliverer, Arc<dyn Store>) = match &options.execute {
+    // The dry run or the execution is set once, here: the processor and its deliverer follow it.
+    let assembly = match &options.execute {
         None => {
             let clock: Arc<dyn Clock> = record_clock.clone();
             // Without a table, an empty one: a dry run reads it (no active plugins) and never writes.
             let store = options.table.clone().unwrap_or_else(|| MemoryStore::new(clock.clone()) as Arc<dyn Store>);
-            (clock.clone(), Deliverer::dry_run(store.clone(), clock, metrics.clone()), store)
+            let no_aws = aws_config::SdkConfig::builder().build();
+            Assembly::new(no_aws, store, clock, metrics.clone()).with_mode(Mode::DryRun)
         }
         Some(execute) => {
             let Some(store) = options.table.clone() else {
                 anyhow::bail!("--execute needs the table (--table, --dynamodb-endpoint): effects delete records");
             };
-            let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-            let deliverer = Deliverer::new(
-                execute.sdk.clone(),
-                execute.delivery.clone(),
-                store.clone(),
-                clock.clone(),
-                metrics.clone(),
-            );
-            (clock, deliverer, store)
+            Assembly::new(execute.sdk.clone(), store, Arc::new(SystemClock), metrics.clone())
+                .with_delivery(execute.delivery.clone())
         }
     };
     let registry = Arc::new(Registry::new(Arc::new(PluginHost::new()?), metrics.clone()));
@@ -269,8 +265,7 @@ async fn run(items: &[Item], options: &Options, plugins: &[(String, Vec<u8>)]) -
         registry.pin_config(tenant, values.clone());
     }
     let view = Arc::new(StreamRooms::default());
-    let mode = if options.execute.is_some() { Mode::Execute } else { Mode::DryRun };
-    let mut processor = Processor::new(store, deliverer, clock, metrics, 1).with_plugins(registry).with_mode(mode);
+    let mut processor = Assembly { partitions_at_once: 1, ..assembly }.processor().with_plugins(registry);
     if options.membership_from_stream {
         processor = processor.with_rooms(view.clone());
     }

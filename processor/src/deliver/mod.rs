@@ -339,10 +339,10 @@ impl Deliverer {
         Deliverer { inner: Arc::new(inner), dry_run: false }
     }
 
-    /// A deliverer for replay's dry runs: it performs no effect at all.
-    pub fn dry_run(store: Arc<dyn Store>, clock: Arc<dyn Clock>, metrics: Arc<Metrics>) -> Deliverer {
-        let sdk = aws_config::SdkConfig::builder().build();
-        Deliverer { dry_run: true, ..Deliverer::new(sdk, DeliverySettings::default(), store, clock, metrics) }
+    /// With `dry_run`, it performs no effect at all: replay's dry runs ([`crate::assembly`]
+    /// sets it from the mode).
+    pub fn with_dry_run(self, dry_run: bool) -> Deliverer {
+        Deliverer { dry_run, ..self }
     }
 
     /// Performs the effects of one record, in order, within the batch's `window`. Sends to many

@@ -940,16 +940,18 @@ impl Store for DynamoStore {
         Ok(found)
     }
 
-    async fn take_sweep_lease(&self, now: i64, until: i64) -> Result<Option<u32>> {
+    async fn take_sweep_lease(&self, now: i64, until: i64, owner: &str) -> Result<Option<u32>> {
         let result = self
             .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key(model::SWEEPER_PK.into(), model::SWEEPER_LEASE_SK.into())))
-            .update_expression("SET #until = :until, #type = :type")
+            .update_expression("SET #until = :until, #type = :type, #owner = :owner")
             .condition_expression("attribute_not_exists(pk) OR #until < :now")
             .expression_attribute_names("#until", "until")
             .expression_attribute_names("#type", "type")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":owner", s(owner))
             .expression_attribute_values(":until", AttributeValue::N(until.to_string()))
             .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
             .expression_attribute_values(":type", s("sweeper"))
@@ -966,19 +968,46 @@ impl Store for DynamoStore {
         }
     }
 
-    async fn release_sweep_lease(&self, next_shard: u32) -> Result<()> {
-        self.client
+    async fn sweep_progress(&self, owner: &str, next_shard: u32, release: bool) -> Result<bool> {
+        let mut update = self
+            .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key(model::SWEEPER_PK.into(), model::SWEEPER_LEASE_SK.into())))
-            .update_expression("SET #until = :zero, nextShard = :next")
-            .expression_attribute_names("#until", "until")
-            .expression_attribute_values(":zero", AttributeValue::N("0".into()))
-            .expression_attribute_values(":next", AttributeValue::N(next_shard.to_string()))
+            .update_expression(if release { "SET #until = :zero, nextShard = :next" } else { "SET nextShard = :next" })
+            .condition_expression("#owner = :owner")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":owner", s(owner))
+            .expression_attribute_values(":next", AttributeValue::N(next_shard.to_string()));
+        if release {
+            update = update
+                .expression_attribute_names("#until", "until")
+                .expression_attribute_values(":zero", AttributeValue::N("0".into()));
+        }
+        match update.send().await {
+            Ok(_) => Ok(true),
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
+            Err(err) => Err(unavailable("update_item (sweeper lease)", err)),
+        }
+    }
+
+    async fn mark_seen(&self, connection_id: &str, now: DateTime<Utc>) -> Result<()> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(connection_key(connection_id)))
+            .update_expression("SET lastSeenAt = :seen")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":seen", s(&format_ts(&now)))
             .send()
-            .await
-            .map_err(|e| unavailable("update_item (sweeper lease)", e))?;
-        Ok(())
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // Deleted meanwhile ($disconnect): nothing to mark.
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
+            Err(err) => Err(unavailable("update_item (connection seen)", err)),
+        }
     }
 
     async fn scan_presence(&self, limit: usize, after: Option<(String, String)>) -> Result<Vec<Presence>> {

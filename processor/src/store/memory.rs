@@ -45,7 +45,8 @@ struct Table {
     /// item map: only the current and the last window are kept.
     counters: std::collections::HashMap<(String, i64), u64>,
     /// The sweeper's lease: until when (epoch seconds), and the shard the next run starts at.
-    sweep_lease: (i64, u32),
+    /// The sweeper's lease: until when, the shard the next run starts at, and its holder.
+    sweep_lease: (i64, u32, String),
 }
 
 #[derive(Debug)]
@@ -84,7 +85,7 @@ impl MemoryStore {
                 backlog: Vec::new(),
                 rosters: Default::default(),
                 counters: Default::default(),
-                sweep_lease: (0, 0),
+                sweep_lease: (0, 0, String::new()),
             }),
             clock,
             table_name: "roomcast".into(),
@@ -468,17 +469,32 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn take_sweep_lease(&self, now: i64, until: i64) -> Result<Option<u32>> {
+    async fn take_sweep_lease(&self, now: i64, until: i64, owner: &str) -> Result<Option<u32>> {
         let mut table = self.lock();
         if table.sweep_lease.0 >= now {
             return Ok(None);
         }
         table.sweep_lease.0 = until;
+        table.sweep_lease.2 = owner.to_string();
         Ok(Some(table.sweep_lease.1))
     }
 
-    async fn release_sweep_lease(&self, next_shard: u32) -> Result<()> {
-        self.lock().sweep_lease = (0, next_shard % model::SWEEP_SHARDS);
+    async fn sweep_progress(&self, owner: &str, next_shard: u32, release: bool) -> Result<bool> {
+        let mut table = self.lock();
+        if table.sweep_lease.2 != owner {
+            return Ok(false);
+        }
+        table.sweep_lease.1 = next_shard % model::SWEEP_SHARDS;
+        if release {
+            table.sweep_lease.0 = 0;
+        }
+        Ok(true)
+    }
+
+    async fn mark_seen(&self, connection_id: &str, now: DateTime<Utc>) -> Result<()> {
+        let mut table = self.lock();
+        let key = connection_key(connection_id);
+        self.update(&mut table, &key, &[("lastSeenAt", Some(AttributeValue::S(model::format_ts(&now))))]);
         Ok(())
     }
 

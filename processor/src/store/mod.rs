@@ -167,12 +167,18 @@ pub trait Store: Send + Sync + 'static {
     /// are not there until their next write.
     async fn present_users(&self, shard: u32) -> Result<Vec<crate::model::Presence>>;
 
-    /// Takes the sweeper's lease until `until` (epoch seconds) if no run holds it at `now`, and
-    /// answers the shard the last run stopped at; `None`: another run holds it.
-    async fn take_sweep_lease(&self, now: i64, until: i64) -> Result<Option<u32>>;
+    /// Takes the sweeper's lease for run `owner` until `until` (epoch seconds) if no run holds
+    /// it at `now`, and answers the shard the last run stopped at; `None`: another run holds it.
+    async fn take_sweep_lease(&self, now: i64, until: i64, owner: &str) -> Result<Option<u32>>;
 
-    /// Gives the lease back, with the shard the next run starts at.
-    async fn release_sweep_lease(&self, next_shard: u32) -> Result<()>;
+    /// Records that run `owner` has swept up to `next_shard` (the shard the next run starts at),
+    /// and with `release` gives the lease back. Only while `owner` holds it: false, and nothing
+    /// written, when the lease ran out and another run took it.
+    async fn sweep_progress(&self, owner: &str, next_shard: u32, release: bool) -> Result<bool>;
+
+    /// The sweeper found the connection open at API Gateway: it is seen now (`lastSeenAt`), so
+    /// the next runs do not ask about it again until it has been silent for the idle limit.
+    async fn mark_seen(&self, connection_id: &str, now: DateTime<Utc>) -> Result<()>;
 
     /// One page of present users' presence items (tombstones left out), every room's, after the
     /// item key `after` (`pk`, `sk`); fewer than `limit` means the end. For the sweeper's
