@@ -48,6 +48,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "rooms with more users announce no joined/left (a tenant's setting overrides it)",
     ),
     ("ROOMCAST_IDLE_LIMIT_SECONDS", "600", "the sweeper checks connections silent this long"),
+    (
+        "ROOMCAST_SWEEP_SALT",
+        "none",
+        "salts the sweep index's key of present users' presence, so no tenant can choose rooms that share one key; the template sets the stack's id",
+    ),
     ("ROOMCAST_PLUGIN_FUEL", "10000000", "fuel per plugin call"),
     ("ROOMCAST_PLUGIN_MEMORY_MIB", "16", "a plugin's memory cap"),
     ("ROOMCAST_PLUGIN_DEADLINE_MS", "100", "a plugin call's wall-clock deadline"),

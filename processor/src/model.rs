@@ -95,8 +95,20 @@ pub fn sweep_shard_pk(shard: u32) -> String {
 /// item's `pk`), so that a sweep finds all of a room's present users in one shard and reads the
 /// room's memberships once. (Items keyed by user before are found in their old shard until their
 /// next write.)
+///
+/// The room's name is a tenant's choice, so the hash is salted with the deployment's
+/// `ROOMCAST_SWEEP_SALT` (the template sets it to the stack's id): a tenant cannot choose room
+/// names that all land in one index key to make it hot or one shard's reconciliation long.
+/// Every function that writes presence reads the same salt; without it (local stacks, tests) the
+/// hash is unsalted.
 pub fn sweep_presence_pk(pk: &str) -> String {
-    let hash = pk.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    static SALT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let salt = SALT.get_or_init(|| std::env::var("ROOMCAST_SWEEP_SALT").unwrap_or_default());
+    let hash = salt
+        .bytes()
+        .chain([b'/'])
+        .chain(pk.bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     format!("SWEEP#P{:02}", hash % u64::from(SWEEP_SHARDS))
 }
 
