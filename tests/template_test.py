@@ -155,6 +155,15 @@ class Template(unittest.TestCase):
         self.assertIn("${WebSocketApi}.execute-api.${AWS::Region}", endpoint)
         self.assertTrue(endpoint.endswith("/${StageName}"), endpoint)
 
+    def test_every_function_salts_the_sweep_index_alike_with_the_stacks_id(self):
+        # Room names are a tenant's choice: unsalted, a tenant could make one index key hot.
+        env = self.t["Globals"]["Function"]["Environment"]["Variables"]
+        self.assertIn("ROOMCAST_SWEEP_SALT", env, "in Globals: every function that writes presence hashes alike")
+        self.assertIn("AWS::StackId", str(env["ROOMCAST_SWEEP_SALT"]))
+        for name, resource in self.resources.items():
+            variables = resource.get("Properties", {}).get("Environment", {}).get("Variables", {})
+            self.assertNotIn("ROOMCAST_SWEEP_SALT", variables, f"{name} must not salt differently")
+
     def test_connect_is_behind_the_request_authorizer(self):
         connect = self.resources["ConnectRoute"]["Properties"]
         self.assertEqual(connect["AuthorizationType"], "CUSTOM")
