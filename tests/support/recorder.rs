@@ -168,20 +168,36 @@ fn forbidden() -> axum::response::Response {
     response
 }
 
+/// What API Gateway does before a `GET` or `DELETE` reaches the connection: the account's
+/// latency and quota (429), then the caller's policy (403).
+async fn admitted<'a>(
+    shared: &'a RecorderShared,
+    headers: &HeaderMap,
+    method: &str,
+    stage: &str,
+    id: &str,
+) -> Result<std::sync::MutexGuard<'a, RecorderState>, axum::response::Response> {
+    let (_call, admitted) = shared.account.admit();
+    shared.account.delay().await;
+    if admitted.is_err() {
+        return Err(throttled());
+    }
+    let state = shared.state.lock().unwrap();
+    if !state.allowed(headers, method, stage, id) {
+        return Err(forbidden());
+    }
+    Ok(state)
+}
+
 async fn delete_connection(
     State(shared): Shared,
     Path((stage, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> axum::response::Response {
-    let (_call, admitted) = shared.account.admit();
-    shared.account.delay().await;
-    if admitted.is_err() {
-        return throttled();
-    }
-    let mut state = shared.state.lock().unwrap();
-    if !state.allowed(&headers, "DELETE", &stage, &id) {
-        return forbidden();
-    }
+    let mut state = match admitted(&shared, &headers, "DELETE", &stage, &id).await {
+        Ok(state) => state,
+        Err(refused) => return refused,
+    };
     state.deleted.push(id);
     StatusCode::NO_CONTENT.into_response()
 }
@@ -191,15 +207,10 @@ async fn get_connection(
     Path((stage, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> axum::response::Response {
-    let (_call, admitted) = shared.account.admit();
-    shared.account.delay().await;
-    if admitted.is_err() {
-        return throttled();
-    }
-    let mut state = shared.state.lock().unwrap();
-    if !state.allowed(&headers, "GET", &stage, &id) {
-        return forbidden();
-    }
+    let mut state = match admitted(&shared, &headers, "GET", &stage, &id).await {
+        Ok(state) => state,
+        Err(refused) => return refused,
+    };
     state.probed.push(id.clone());
     if state.gone.contains(&id) || state.closed.contains(&id) {
         let mut response = (StatusCode::GONE, json!({"message": null}).to_string()).into_response();

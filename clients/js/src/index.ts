@@ -666,6 +666,16 @@ export class RoomcastClient {
       }
       this.#limitedInFlight++;
     }
+    this.#onTheWire(frame, resolve, reject, limited);
+  }
+
+  /** Puts one request on the wire under a fresh `ref`, rejected if no answer comes in time. */
+  #onTheWire(
+    frame: Record<string, unknown>,
+    resolve: (v: Record<string, unknown>) => void,
+    reject: (e: RoomcastError) => void,
+    limited: number,
+  ): void {
     const ref = `r${++this.#nextRef}`;
     const timer = setTimeout(() => {
       this.#settled(ref);
@@ -704,14 +714,7 @@ export class RoomcastClient {
       const next = this.#paced.shift()!;
       if (this.#socket?.readyState === OPEN && this.#state === "open") {
         this.#limitedInFlight++;
-        const { frame, resolve, reject, limited } = next;
-        const ref = `r${++this.#nextRef}`;
-        const timer = setTimeout(() => {
-          this.#settled(ref);
-          reject(new RoomcastError("timeout", `no answer to ${String(frame.action)} within ${this.#options.requestTimeoutMs} ms`));
-        }, this.#options.requestTimeoutMs);
-        this.#pending.set(ref, { resolve, reject, timer, frame, limited });
-        this.#socket.send(JSON.stringify({ ...frame, ref }));
+        this.#onTheWire(next.frame, next.resolve, next.reject, next.limited);
       } else {
         this.#resend(next.frame, next.resolve, next.reject, next.limited);
       }
