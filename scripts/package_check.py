@@ -87,6 +87,8 @@ def resolve(value, template, what):
             return lambda_runtime_api.REGION
         if name == "AWS::URLSuffix":
             return "amazonaws.com"
+        if name == "AWS::StackId":
+            return f"arn:aws:cloudformation:{lambda_runtime_api.REGION}:123456789012:stack/roomcast/test-stack-id"
         if resource.get("Type") == "AWS::ApiGatewayV2::Api":
             return "testapi123"
     if isinstance(value, dict) and set(value) == {"Fn::Sub"} and isinstance(value["Fn::Sub"], str):

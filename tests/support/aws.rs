@@ -299,6 +299,7 @@ impl Template {
             "AWS::Region" => REGION.into(),
             "AWS::AccountId" => ACCOUNT.into(),
             "AWS::StackName" => "roomcast-local".into(),
+            "AWS::StackId" => format!("arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/roomcast-local/test-stack-id"),
             "AWS::URLSuffix" => "amazonaws.com".into(),
             "Table" => at.table.clone(),
             "Table.Arn" => at.table_arn(),
