@@ -1,0 +1,126 @@
+//! Every record's partition and sort keys, and the sweep index's keys.
+
+use super::*;
+
+pub const CONNECTION_SK: &str = "META";
+pub const STATUS_CONNECTED: &str = "CONNECTED";
+
+pub fn connection_pk(connection_id: &str) -> String {
+    format!("CONN#{connection_id}")
+}
+
+pub fn room_pk(tenant: &str, room: &str) -> String {
+    format!("ROOM#{tenant}#{room}")
+}
+
+/// The roster version: one small item per room, its `v` bumped by every write that adds, removes
+/// or changes a membership of the room (not by a TTL refresh). A processor container that read the
+/// room's members at version `v` may serve them again while `v` stands (see
+/// `roomcast_core::roster`). On its own partition key, so that a join storm's bumps do not share
+/// the room partition's write units with the memberships themselves.
+pub fn roster_pk(tenant: &str, room: &str) -> String {
+    format!("ROSTER#{tenant}#{room}")
+}
+
+pub const ROSTER_VERSION_SK: &str = "VERSION";
+
+/// The sweeper's index spreads connections over this many keys (each key's index partition then
+/// takes a sixteenth of the connects and pings).
+pub const SWEEP_SHARDS: u32 = 16;
+
+/// The `sweep` index key of a connection: `SWEEP#{shard}`, the shard a hash of its id.
+pub fn sweep_pk(connection_id: &str) -> String {
+    // FNV-1a: stable across processes and versions (the std hasher is not).
+    let hash =
+        connection_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    sweep_shard_pk((hash % u64::from(SWEEP_SHARDS)) as u32)
+}
+
+pub fn sweep_shard_pk(shard: u32) -> String {
+    format!("SWEEP#{shard:02}")
+}
+
+/// The `sweep` index key of a present user's presence item: `SWEEP#P{shard}`, by room (the
+/// item's `pk`), so that a sweep finds all of a room's present users in one shard and reads the
+/// room's memberships once. (Items keyed by user before are found in their old shard until their
+/// next write.)
+///
+/// The room's name is a tenant's choice, so the hash is salted with the deployment's
+/// `ROOMCAST_SWEEP_SALT` (the template sets it to the stack's id): a tenant cannot choose room
+/// names that all land in one index key to make it hot or one shard's reconciliation long.
+/// Every function that writes presence reads the same salt; without it (local stacks, tests) the
+/// hash is unsalted.
+pub fn sweep_presence_pk(pk: &str) -> String {
+    static SALT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let salt = SALT.get_or_init(|| std::env::var("ROOMCAST_SWEEP_SALT").unwrap_or_default());
+    let hash = salt
+        .bytes()
+        .chain([b'/'])
+        .chain(pk.bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("SWEEP#P{:02}", hash % u64::from(SWEEP_SHARDS))
+}
+
+/// An item as the stores write it, with the `sweep` index's keys where the sweeper reads it: a
+/// presence item of a present user gets `sweepPk` (and its `since` as `lastSeenAt`, the index's
+/// sort key); a tombstone gets none, so the index holds present users only. (A connection's are
+/// its own fields.)
+pub fn with_sweep_keys(mut item: serde_dynamo::Item) -> serde_dynamo::Item {
+    use serde_dynamo::AttributeValue;
+    let text = |item: &serde_dynamo::Item, name: &str| match item.get(name) {
+        Some(AttributeValue::S(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let present = matches!(item.get("connections"), Some(AttributeValue::Ss(set)) if !set.is_empty());
+    if text(&item, "type").as_deref() == Some("presence") && present {
+        let pk = text(&item, "pk").unwrap_or_default();
+        item.insert("sweepPk".into(), AttributeValue::S(sweep_presence_pk(&pk)));
+        if let Some(since) = text(&item, "since") {
+            item.insert("lastSeenAt".into(), AttributeValue::S(since));
+        }
+    }
+    item
+}
+
+/// The sweeper's lease and where its last run stopped.
+pub const SWEEPER_PK: &str = "SWEEPER";
+pub const SWEEPER_LEASE_SK: &str = "LEASE";
+
+/// A rate limit's counter (`roomcast_core::limits`): one item per key and one-second window.
+pub fn limit_pk(key: &str) -> String {
+    format!("LIMIT#{key}")
+}
+
+/// A room's presence: its users' items and its count. On a key of its own, so that a join storm's
+/// presence writes and the memberships themselves each have a partition key's write units (two
+/// a join on each; see docs/PERFORMANCE.md, "A join storm"). Presence written before it lived
+/// here (under the room's key) is copied over the first time the processor handles the room
+/// (`Store::migrate_presence`).
+pub fn presence_pk(tenant: &str, room: &str) -> String {
+    format!("PRESENCE#{tenant}#{room}")
+}
+
+pub fn membership_sk(connection_id: &str) -> String {
+    format!("CONN#{connection_id}")
+}
+
+pub fn message_sk(timestamp: &DateTime<Utc>, id: &str) -> String {
+    format!("MSG#{}#{id}", format_ts(timestamp))
+}
+
+pub fn presence_sk(user_id: &str) -> String {
+    format!("USER#{user_id}")
+}
+
+pub const ROOM_PRESENCE_SK: &str = "PRESENCE";
+pub const SETTINGS_SK: &str = "SETTINGS";
+/// A tenant's plugin configuration (`roomcast plugin config set`).
+pub const PLUGIN_CONFIG_SK: &str = "CONFIG";
+
+pub fn user_gsi1pk(tenant: &str, user_id: &str) -> String {
+    format!("TENANT#{tenant}#USER#{user_id}")
+}
+
+/// The principal DynamoDB's stream names in the `userIdentity` of a record that TTL removed
+/// (its `type` is `Service`). The embedded store writes the same.
+pub const TTL_PRINCIPAL: &str = "dynamodb.amazonaws.com";

@@ -1,0 +1,121 @@
+//! A tenant's settings, its plugin configuration and its own identity provider or secret.
+
+use super::*;
+
+/// A tenant's settings (`roomcast tenant set`); unset fields take the deployment's defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantSettings {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub tenant: String,
+    /// Rooms with more users than this announce no `joined`/`left`; they offer counts and `who`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_announce_max_users: Option<u64>,
+    /// Rate limits of its own over the deployment's, by name (`messages_per_connection`, …;
+    /// `roomcast_core::limits::NAMES`), 0 meaning none.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rate_limits: std::collections::BTreeMap<String, u32>,
+}
+
+impl TenantSettings {
+    pub fn new(tenant: &str) -> TenantSettings {
+        TenantSettings {
+            pk: tenant_pk(tenant),
+            sk: SETTINGS_SK.into(),
+            record_type: "settings".into(),
+            tenant: tenant.to_string(),
+            presence_announce_max_users: None,
+            rate_limits: Default::default(),
+        }
+    }
+}
+
+/// A tenant's configuration for its plugin: key/value pairs the plugin reads through
+/// `host.config` (`roomcast plugin config set --tenant T KEY=VALUE`). One item per tenant, at
+/// most [`PluginConfig::MAX_BYTES`]; every processor reads it with the tenant's `ACTIVE` pointer,
+/// once per batch, so a change takes effect everywhere from the next batch on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginConfig {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub tenant: String,
+    #[serde(default)]
+    pub values: std::collections::BTreeMap<String, String>,
+    #[serde(with = "ts_format")]
+    pub updated_at: DateTime<Utc>,
+}
+
+impl PluginConfig {
+    /// Keys and values together, in bytes.
+    pub const MAX_BYTES: usize = 16 << 10;
+    /// The longest key.
+    pub const MAX_KEY_BYTES: usize = 128;
+
+    pub fn new(
+        tenant: &str,
+        values: std::collections::BTreeMap<String, String>,
+        now: DateTime<Utc>,
+    ) -> Result<PluginConfig, String> {
+        for key in values.keys() {
+            let fine = !key.is_empty()
+                && key.len() <= Self::MAX_KEY_BYTES
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if !fine {
+                return Err(format!(
+                    "configuration key {key:?}: 1 to {} characters of A-Z, a-z, 0-9, '_', '-' and '.'",
+                    Self::MAX_KEY_BYTES
+                ));
+            }
+        }
+        let size: usize = values.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > Self::MAX_BYTES {
+            return Err(format!("the configuration would be {size} bytes; a tenant's is at most {}", Self::MAX_BYTES));
+        }
+        Ok(PluginConfig {
+            pk: tenant_pk(tenant),
+            sk: PLUGIN_CONFIG_SK.into(),
+            record_type: "plugin-config".into(),
+            tenant: tenant.to_string(),
+            values,
+            updated_at: now,
+        })
+    }
+}
+
+/// A tenant's identity settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantIdentity {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub tenant: String,
+    /// An HS256 secret of the tenant's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs256_secret: Option<String>,
+    /// The identity provider's JWKS (`https://…/.well-known/jwks.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Tokens issued (`iat`) at or before this (epoch seconds) are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_before: Option<i64>,
+    /// Per user: tokens issued at or before this are refused.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub users_revoked_before: std::collections::BTreeMap<String, i64>,
+    /// Revoked token ids (`jti`), each kept until the expiry given with it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub revoked_ids: std::collections::BTreeMap<String, i64>,
+}
+
+pub const IDENTITY_SK: &str = "IDENTITY";
