@@ -116,6 +116,11 @@ pub const SWEEP_RESERVE: std::time::Duration = std::time::Duration::from_secs(20
 /// How long a run holds the lease at most (the sweeper's timeout, 300 s): a run that died
 /// without giving it back holds up the next ones no longer.
 pub const SWEEP_LEASE_SECONDS: i64 = 300;
+/// Whether a run that must finish by `finish_by` has less than [`SWEEP_RESERVE`] left.
+fn out_of_time(finish_by: Option<std::time::Instant>) -> bool {
+    finish_by.is_some_and(|at| at.saturating_duration_since(std::time::Instant::now()) < SWEEP_RESERVE)
+}
+
 /// Stale connections a sweep asks API Gateway about at once (`GetConnection` calls in flight).
 pub const SWEEP_PROBES: usize = 16;
 
@@ -252,8 +257,7 @@ impl Admin {
         };
         let ttl = chrono::Duration::from_std(self.connection_ttl).unwrap_or(chrono::Duration::MAX);
         let cutoff = now.checked_sub_signed(idle.min(ttl)).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
-        let out_of_time =
-            || finish_by.is_some_and(|at| at.saturating_duration_since(std::time::Instant::now()) < SWEEP_RESERVE);
+        let out_of_time = || out_of_time(finish_by);
         let mut next = start;
         let mut held = true;
         for i in 0..crate::model::SWEEP_SHARDS {
@@ -330,8 +334,7 @@ impl Admin {
         report: &mut SweepReport,
     ) -> Result<bool, StoreError> {
         use futures::StreamExt;
-        let out_of_time =
-            || finish_by.is_some_and(|at| at.saturating_duration_since(std::time::Instant::now()) < SWEEP_RESERVE);
+        let out_of_time = || out_of_time(finish_by);
         let mut results = futures::stream::iter(stale)
             .map(|conn| async move {
                 if out_of_time() {
@@ -388,8 +391,7 @@ impl Admin {
         report: &mut SweepReport,
     ) -> Result<(), StoreError> {
         let now = self.clock.now();
-        let out_of_time =
-            || finish_by.is_some_and(|at| at.saturating_duration_since(std::time::Instant::now()) < SWEEP_RESERVE);
+        let out_of_time = || out_of_time(finish_by);
         // Present users only, through the sweep index: no Scan of the table. The index keys
         // them by room, so each room's memberships are read once, here.
         let page = self.store.present_users(shard).await?;

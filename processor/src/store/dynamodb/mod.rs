@@ -987,11 +987,7 @@ impl Store for DynamoStore {
                 .expression_attribute_names("#until", "until")
                 .expression_attribute_values(":zero", AttributeValue::N("0".into()));
         }
-        match update.send().await {
-            Ok(_) => Ok(true),
-            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
-            Err(err) => Err(unavailable("update_item (sweeper lease)", err)),
-        }
+        written("update_item (sweeper lease)", update.send().await)
     }
 
     async fn mark_seen(&self, connection_id: &str, now: DateTime<Utc>) -> Result<()> {
@@ -1005,12 +1001,8 @@ impl Store for DynamoStore {
             .expression_attribute_values(":seen", s(&format_ts(&now)))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            // Deleted meanwhile ($disconnect): nothing to mark.
-            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
-            Err(err) => Err(unavailable("update_item (connection seen)", err)),
-        }
+        // Deleted meanwhile ($disconnect): nothing to mark.
+        written("update_item (connection seen)", result).map(|_| ())
     }
 
     async fn scan_presence(&self, limit: usize, after: Option<(String, String)>) -> Result<Vec<Presence>> {
