@@ -26,9 +26,9 @@
 //! | tenant rules | [`rules`] | the interface the pipeline asks before reacting: a message's verdict and route, who may join a room, a greeting (the plugin host implements it) |
 //! | presence | [`presence`] | who is in a room, as state: exactly one `joined`/`left` per user and room |
 //! | who is in a room | [`roster`] | each container's copy of a room's members, trusted while the room's roster version stands |
-//! | change → effects | [`react`] | pure: welcome, room fan-out, presence, cascades |
+//! | effects | [`react`] | the reaction's vocabulary: `Effect`, `Recipient`, a room's fan-out, recovery and presence frames |
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries within the batch's window; 410 / 429 / 413 rules, slow consumers; big rooms' frames to the fan-out stage ([`deliver::stage`]) |
-//! | the processor | [`pipeline`] | the path above for one record and for a batch, within the Lambda deadline |
+//! | change → effects | [`pipeline`] | one match on the record's kind, a module per kind (`connection`, `membership`, `message`, `signal`, `plugin`) that gathers and reacts purely; `perform`; whole batches within the Lambda deadline |
 //! | assembly | [`assembly`] | the one place a processor and its deliverers are built from configuration; a dry run set once |
 //!
 //! Around it: [`protocol`] (client frames), [`publish`] (a backend's message into a room), [`admin`] (operator operations and the sweeper),

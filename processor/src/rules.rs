@@ -6,7 +6,7 @@
 //! * [`TenantRules`] — a message's decision and route, a welcome's greeting, and the plugin
 //!   records' bookkeeping (activation, following each tenant's `ACTIVE` pointer).
 //! * [`Limits`] — what one plugin call may use; [`CEILING`] caps any tenant's overrides
-//!   ([`LimitOverrides`](crate::model::LimitOverrides), kept on the version's record).
+//!   ([`LimitOverrides`], kept on the version's record).
 //! * [`CallReport`], [`CallRecord`] — what a call cost and said, for logs and replay.
 //! * [`Lookups`] — a batch's one look-up of each tenant's `ACTIVE` pointer.
 //! * [`Mode`] — execute, or dry run (replay): a dry run writes nothing.

@@ -11,7 +11,7 @@
 //!
 //! An item read from the table that does not decode (a field value this processor does not know,
 //! written by a newer handler during a rolling deployment or by a console edit; a wrong type; a
-//! missing field) is not a platform failure: [`decode_or_skip`] logs it with its key, counts it
+//! missing field) is not a platform failure: `decode_or_skip` logs it with its key, counts it
 //! (`corrupt_items`), and the read goes on without it. A list leaves it out; a single-item read
 //! answers as if it were absent (each method says what its caller sees). Unknown *fields* decode:
 //! no record denies them.
