@@ -6,10 +6,13 @@
 //! and a failed record retried from where the processor said. Big rooms' jobs go through a FIFO
 //! queue on moto's SQS to the `fanout` binary, fed as Lambda's SQS event source feeds it.
 
+use roomcast::store::ConnectionStore;
+use roomcast::store::MembershipStore;
+use roomcast::store::PluginStore;
+use roomcast::store::TenantStore;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use roomcast::store::Store;
 use roomcast::stream::poller::{StartAt, StreamPoller};
 use roomcast_tests::aws::{Deployment, Gate, Invoked, Lambda, Template};
 use roomcast_tests::{Recorder, connect_request, disconnect_request, message_request, moto_endpoint, moto_table};

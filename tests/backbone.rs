@@ -356,7 +356,7 @@ async fn a_platform_failure_reports_exactly_its_sequence_number(kind: &str) {
         room: "doomed".into(),
         times: AtomicUsize::new(usize::MAX),
     });
-    let mut stack = Stack::build_with_store(failing, table, clock, DeliverySettings::default()).await;
+    let mut stack = Stack::build_with_store(failing.table(), table, clock, DeliverySettings::default()).await;
     stack.connect("ann1", "acme", "ann", "general,doomed").await;
 
     let records = stack.table.stream.drain().await;
@@ -438,7 +438,7 @@ async fn the_stream_poller_feeds_the_processor_and_redrives_failed_batches() {
     let table = Table::on_moto(store, &arn).await;
     let failing =
         Arc::new(UnavailableRoom { inner: table.store.clone(), room: "general".into(), times: AtomicUsize::new(2) });
-    let stack = Stack::build_with_store(failing, table, clock, DeliverySettings::default()).await;
+    let stack = Stack::build_with_store(failing.table(), table, clock, DeliverySettings::default()).await;
     stack.connect("ann1", "acme", "ann", "general").await;
     stack.connect("bob1", "acme", "bob", "general").await;
 

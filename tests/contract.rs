@@ -1,6 +1,17 @@
 //! The store contract: one suite, run against the embedded store and against a real DynamoDB API
 //! (moto), including what each writes to its stream. An adapter that passes it can stand in for
-//! the other.
+//! the other. Per port of the table (`roomcast::store`):
+//!
+//! | port | its contract |
+//! |---|---|
+//! | `ConnectionStore` | `a_connection_round_trips…`, `delete_is_idempotent…`, `touch_refreshes…`, `connections_by_user…` |
+//! | `MembershipStore` | `join_and_leave…`, `join_or_touch_without_a_connection…`, `room_members_are_live…` |
+//! | `HistoryStore` | `history_is_ordered…`, `an_idempotency_key_writes_once…` |
+//! | `PresenceStore` | `presence_changes_atomically…`, `presence_redelivery_and_who_pages…` |
+//! | `PluginStore` | `a_large_plugin_is_chunked…` |
+//! | `TenantStore` | `a_tenants_settings_and_identity_round_trip…` |
+//! | `UpkeepStore` | `the_sweep_lease_has_one_owner…`, `fan_out_progress_round_trips…` |
+//! | the stream | `the_stream_carries_every_write…` (and each test's records where it checks them) |
 
 use std::collections::BTreeSet;
 
@@ -28,6 +39,8 @@ roomcast_tests::on_both_stores!(tables:
     presence_redelivery_and_who_pages_and_settings,
     an_idempotency_key_writes_once_within_its_window,
     fan_out_progress_round_trips_and_its_records_are_state,
+    a_tenants_settings_and_identity_round_trip_and_stay_apart,
+    the_sweep_lease_has_one_owner_at_a_time_and_counters_count_per_window,
 );
 
 fn now() -> DateTime<Utc> {
@@ -567,4 +580,45 @@ async fn the_embedded_store_expires_ttl_items_as_the_dynamodb_service() {
         assert!(matches!(Change::from_record(r), Change::Removed { cause: Cause::TtlExpired, .. }));
     }
     assert_eq!(memory.item_count(), 0);
+}
+
+async fn a_tenants_settings_and_identity_round_trip_and_stay_apart(table: Table) {
+    let store = &table.store;
+    assert_eq!(store.tenant_settings("acme").await.unwrap(), None);
+    assert_eq!(store.tenant_identity("acme").await.unwrap(), None);
+    let settings = TenantSettings { presence_announce_max_users: Some(7), ..TenantSettings::new("acme") };
+    store.put_tenant_settings(&settings).await.unwrap();
+    let identity = roomcast::identity::TenantIdentity {
+        hs256_secret: Some("a-secret-of-at-least-thirty-two-bytes".into()),
+        revoked_before: Some(1_700_000_000),
+        ..roomcast::identity::TenantIdentity::new("acme")
+    };
+    store.put_tenant_identity(&identity).await.unwrap();
+    assert_eq!(store.tenant_settings("acme").await.unwrap(), Some(settings));
+    assert_eq!(store.tenant_identity("acme").await.unwrap(), Some(identity));
+    // Another tenant's are its own.
+    assert_eq!(store.tenant_settings("globex").await.unwrap(), None);
+    assert_eq!(store.tenant_identity("globex").await.unwrap(), None);
+}
+
+async fn the_sweep_lease_has_one_owner_at_a_time_and_counters_count_per_window(table: Table) {
+    let store = &table.store;
+    // The first sweeper takes the lease and starts at shard 0; a second is refused while it holds.
+    assert_eq!(store.take_sweep_lease(100, 160, "first").await.unwrap(), Some(0));
+    assert_eq!(store.take_sweep_lease(120, 180, "second").await.unwrap(), None);
+    // Only the owner records progress.
+    assert!(!store.sweep_progress("second", 9, false).await.unwrap());
+    assert!(store.sweep_progress("first", 5, false).await.unwrap());
+    // Past its end, another takes it over and goes on from the shard recorded.
+    assert_eq!(store.take_sweep_lease(161, 220, "second").await.unwrap(), Some(5));
+    assert!(!store.sweep_progress("first", 6, true).await.unwrap(), "the first lost it");
+    // Released: taken at once, shards wrapping past the last.
+    assert!(store.sweep_progress("second", roomcast::model::SWEEP_SHARDS + 2, true).await.unwrap());
+    assert_eq!(store.take_sweep_lease(162, 222, "third").await.unwrap(), Some(2));
+
+    for expected in 1..=3 {
+        assert_eq!(store.count_in_window("conn#c1", 1_000).await.unwrap(), expected);
+    }
+    assert_eq!(store.count_in_window("conn#c1", 1_001).await.unwrap(), 1, "a new window starts at one");
+    assert_eq!(store.count_in_window("conn#c2", 1_000).await.unwrap(), 1, "keys count apart");
 }

@@ -200,7 +200,7 @@ async fn a_failing_shard_holds_up_no_other_and_an_open_connection_is_asked_about
         room: "sick".into(),
         times: std::sync::atomic::AtomicUsize::new(1000),
     };
-    let admin = Admin { store: Arc::new(failing), ..stack.admin().await };
+    let admin = Admin { store: Arc::new(failing).table(), ..stack.admin().await };
     let report = admin.sweep(Duration::from_secs(600)).await.unwrap();
     assert_eq!((report.shards, report.failed_shards), (16, 1), "{report:?}");
     assert_eq!((report.checked, report.cleaned, report.still_open), (33, 32, 1), "{report:?}");

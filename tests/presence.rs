@@ -136,7 +136,7 @@ async fn frames_lost_after_presence_was_written_are_sent_on_redelivery(kind: &st
     };
     let flaky =
         Arc::new(UnavailableRoom { inner: table.store.clone(), room: "general".into(), times: AtomicUsize::new(0) });
-    let mut stack = Stack::build_with_store(flaky.clone(), table, clock, DeliverySettings::default()).await;
+    let mut stack = Stack::build_with_store(flaky.table(), table, clock, DeliverySettings::default()).await;
     stack.connect("bob1", "acme", "bob", "general").await;
     stack.pump().await;
     stack.recorder.clear();

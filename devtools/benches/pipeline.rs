@@ -9,6 +9,8 @@
 //! Delivering is measured by `roomcast bench` (docs/PERFORMANCE.md): these must stay a small
 //! fraction of it.
 
+use roomcast::store::ConnectionStore;
+use roomcast::store::HistoryStore;
 use std::collections::BTreeSet;
 use std::hint::black_box;
 
@@ -16,7 +18,6 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use roomcast::model::{Clock, Connection, JoinReason, ManualClock, Membership, Message, Name, NewConnection};
 use roomcast::pipeline::{connection, membership, message};
 use roomcast::react::{Decision, Route};
-use roomcast::store::Store;
 use roomcast::store::memory::MemoryStore;
 use roomcast::stream::{Change, Record, decode_record};
 

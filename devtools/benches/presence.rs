@@ -8,6 +8,8 @@
 //!
 //! docs/PERFORMANCE.md reports the two as a ratio measured in one run.
 
+use roomcast::store::ConnectionStore;
+use roomcast::store::PresenceStore;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +20,6 @@ use roomcast::metrics::Metrics;
 use roomcast::model::{Clock, Connection, JoinReason, ManualClock, Name, NewConnection};
 use roomcast::pipeline::Processor;
 use roomcast::presence::{PresenceOp, PresenceUpdate};
-use roomcast::store::Store;
 use roomcast::store::memory::MemoryStore;
 use roomcast::stream::{Change, Record};
 

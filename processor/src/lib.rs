@@ -21,7 +21,7 @@
 //! | write path | [`handlers`] | `$connect`, `$disconnect`, messages → records; route responses |
 //! | identity | [`identity`] | each tenant's tokens checked with its own key: an HS256 secret or its identity provider's JWKS |
 //! | rate limits | [`limits`] | per connection, user and tenant, counted in the table before a handler writes |
-//! | table | [`store`] | one trait, a DynamoDB adapter and an embedded one with a stream |
+//! | table | [`store`] | small ports by concern (connections, memberships, history, presence, plugins, tenants, upkeep), each with a DynamoDB adapter and an embedded one with a stream |
 //! | record → change | [`stream`] | decode stream records into typed [`stream::Change`]s; the batch runner; the Streams poller |
 //! | tenant rules | [`rules`] | the interface the pipeline asks before reacting: a message's verdict and route, who may join a room, a greeting (the plugin host implements it) |
 //! | presence | [`presence`] | who is in a room, as state: exactly one `joined`/`left` per user and room |

@@ -432,7 +432,7 @@ pub fn plan_run(
 }
 
 /// A batch's membership records that change presence, per room in stream order, so that one
-/// record's write can apply the room's next ones too ([`crate::store::Store::apply_presence_run`]).
+/// record's write can apply the room's next ones too ([`crate::store::PresenceStore::apply_presence_run`]).
 /// Their outcomes wait here, by event id, until each record's turn comes.
 #[derive(Debug, Default)]
 pub struct PresenceRuns {

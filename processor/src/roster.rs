@@ -4,7 +4,7 @@
 //! Every write that adds, removes or changes a membership of a room (connect, join, leave, the
 //! processor settling a join or removing a membership) bumps the room's roster version,
 //! `ROSTER#{tenant}#{room}` / `VERSION` ([`crate::model::roster_pk`]), right after it and before
-//! it is acknowledged ([`Store::bump_roster`]). A container reads that version (strongly
+//! it is acknowledged ([`crate::store::MembershipStore::bump_roster`]). A container reads that version (strongly
 //! consistent, one read unit) for each record that needs the room's members, and serves the
 //! members it read last when the version has not moved. It reads the room in full when:
 //!
@@ -128,7 +128,7 @@ impl Rosters {
     }
 
     /// The live memberships of the room not waiting for the tenant's rules, ordered by
-    /// connection id, as [`Store::room_members`] would answer `now`; counted in `roster_kept` /
+    /// connection id, as [`crate::store::MembershipStore::room_members`] would answer `now`; counted in `roster_kept` /
     /// `roster_reads`.
     pub async fn members(
         &self,
@@ -205,6 +205,8 @@ impl Rosters {
 mod tests {
     use super::*;
     use crate::model::{Clock, Connection, JoinReason, LeftReason, ManualClock, Name, NewConnection};
+    use crate::store::ConnectionStore;
+    use crate::store::MembershipStore;
     use crate::store::memory::MemoryStore;
 
     async fn setup() -> (Arc<MemoryStore>, Arc<ManualClock>, Metrics) {

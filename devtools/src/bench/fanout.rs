@@ -17,6 +17,9 @@
 //!
 //! Nothing here opens a WebSocket: the client side of fan-out is API Gateway's work, not ours.
 
+use roomcast_core::store::ConnectionStore;
+use roomcast_core::store::HistoryStore;
+use roomcast_core::store::MembershipStore;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -262,7 +265,6 @@ async fn seed_room(
     endpoint: &str,
 ) -> anyhow::Result<crate::model::Connection> {
     use crate::model::{JoinReason, NewConnection};
-    use crate::store::Store;
     let now = chrono::Utc::now();
     let mut first = None;
     for i in 0..size {
@@ -298,7 +300,6 @@ async fn seed_dynamodb(
     size: usize,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<Arc<dyn crate::store::Store>> {
-    use crate::store::Store;
     use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
     let sdk = sdk_config();
     let direct = crate::config::dynamodb_client(&sdk, Some(moto));

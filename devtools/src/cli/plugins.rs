@@ -5,8 +5,9 @@
 use crate::dev::api::request;
 use crate::model::{FailurePolicy, PluginMeta};
 use crate::plugins::{CallReport, JoinRequest, LimitOverrides, Message, PluginHost, WelcomeInfo};
-use crate::store::Store;
 use crate::store::dynamodb::DynamoStore;
+use roomcast_core::store::PluginStore;
+use roomcast_core::store::TenantStore;
 
 /// Where a plugin command acts.
 pub enum Target {

@@ -124,3 +124,113 @@ pub fn user_gsi1pk(tenant: &str, user_id: &str) -> String {
 /// The principal DynamoDB's stream names in the `userIdentity` of a record that TTL removed
 /// (its `type` is `Service`). The embedded store writes the same.
 pub const TTL_PRINCIPAL: &str = "dynamodb.amazonaws.com";
+
+/// Every kind of item the table holds, told apart by its keys alone: the one list the stream
+/// decoder ([`crate::stream`]) and the stores' reads go by. A new record kind is added here
+/// first (its keys), then to the decoder's one match on it; forgetting the second is a compile
+/// error, not an item that streams in as unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ItemKind {
+    /// `CONN#{id}` / `META`.
+    Connection,
+    /// `ROOM#{tenant}#{room}` / `CONN#{id}`.
+    Membership,
+    /// `ROOM#…` / `MSG#…`: a message, or a routed message's copy kept for another room.
+    Message,
+    /// `ROOM#…` / `SIG#…`.
+    Signal,
+    /// `PRESENCE#{tenant}#{room}` / `USER#{user}` (and the same under `ROOM#`, from before).
+    Presence,
+    /// `PRESENCE#…` / `PRESENCE`: a room's count (and the same under `ROOM#`, from before).
+    RoomPresence,
+    /// `ROSTER#…` / `VERSION`.
+    Roster,
+    /// `LIMIT#{key}` / `W#{window}`.
+    Limit,
+    /// `SWEEPER` / `LEASE`.
+    Sweeper,
+    /// `FANOUT#{key}` / `PROGRESS`.
+    Fanout,
+    /// `IDEM#{tenant}#…` / `IDEM`.
+    Idempotency,
+    /// `TENANT#{tenant}` / `SETTINGS`.
+    Settings,
+    /// `TENANT#{tenant}` / `IDENTITY`.
+    Identity,
+    /// `TENANT#{tenant}` / `CONFIG`.
+    PluginConfig,
+    /// `TENANT#{tenant}` / `ACTIVE`.
+    PluginActive,
+    /// `TENANT#{tenant}` / `PLUGIN#{version}#META`.
+    PluginMeta,
+    /// `TENANT#{tenant}` / `PLUGIN#{version}#CHUNK#{n}` (or `CHUNK#…`, from before).
+    PluginChunk,
+}
+
+impl ItemKind {
+    /// The kind of the item with these keys; `None` for keys no record of ours has.
+    pub fn of(pk: &str, sk: &str) -> Option<ItemKind> {
+        use ItemKind::*;
+        let (prefix, _) = pk.split_once('#').unwrap_or((pk, ""));
+        Some(match (prefix, sk) {
+            ("CONN", CONNECTION_SK) => Connection,
+            ("ROOM", sk) if sk.starts_with("CONN#") => Membership,
+            ("ROOM", sk) if sk.starts_with("MSG#") => Message,
+            ("ROOM", sk) if sk.starts_with("SIG#") => Signal,
+            ("PRESENCE" | "ROOM", sk) if sk.starts_with("USER#") => Presence,
+            ("PRESENCE" | "ROOM", ROOM_PRESENCE_SK) => RoomPresence,
+            ("ROSTER", ROSTER_VERSION_SK) => Roster,
+            ("LIMIT", _) => Limit,
+            (SWEEPER_PK, _) => Sweeper,
+            ("FANOUT", FANOUT_PROGRESS_SK) => Fanout,
+            ("IDEM", IDEMPOTENCY_SK) => Idempotency,
+            ("TENANT", SETTINGS_SK) => Settings,
+            ("TENANT", IDENTITY_SK) => Identity,
+            ("TENANT", PLUGIN_CONFIG_SK) => PluginConfig,
+            ("TENANT", PLUGIN_ACTIVE_SK) => PluginActive,
+            ("TENANT", sk) if sk.starts_with("PLUGIN#") && sk.ends_with("#META") => PluginMeta,
+            ("TENANT", sk) if sk.starts_with("CHUNK#") || (sk.starts_with("PLUGIN#") && sk.contains("#CHUNK#")) => {
+                PluginChunk
+            }
+            _ => return None,
+        })
+    }
+
+    /// The tenant an item of this kind belongs to, from its `pk` (empty for the deployment's own).
+    pub fn tenant(self, pk: &str) -> &str {
+        let rest = pk.split_once('#').map_or("", |(_, rest)| rest);
+        match self {
+            ItemKind::Connection | ItemKind::Sweeper | ItemKind::Fanout => "",
+            ItemKind::Settings
+            | ItemKind::Identity
+            | ItemKind::PluginConfig
+            | ItemKind::PluginActive
+            | ItemKind::PluginMeta
+            | ItemKind::PluginChunk => rest,
+            _ => rest.split('#').next().unwrap_or_default(),
+        }
+    }
+
+    /// Its name in logs and replay.
+    pub fn name(self) -> &'static str {
+        match self {
+            ItemKind::Connection => "connection",
+            ItemKind::Membership => "membership",
+            ItemKind::Message => "message",
+            ItemKind::Signal => "signal",
+            ItemKind::Presence => "presence",
+            ItemKind::RoomPresence => "room-presence",
+            ItemKind::Roster => "roster",
+            ItemKind::Limit => "limit",
+            ItemKind::Sweeper => "sweeper",
+            ItemKind::Fanout => "fanout",
+            ItemKind::Idempotency => "idempotency",
+            ItemKind::Settings => "settings",
+            ItemKind::Identity => "identity",
+            ItemKind::PluginConfig => "plugin-config",
+            ItemKind::PluginActive => "plugin-active",
+            ItemKind::PluginMeta => "plugin",
+            ItemKind::PluginChunk => "plugin-chunk",
+        }
+    }
+}

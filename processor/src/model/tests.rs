@@ -96,3 +96,37 @@ fn connection_round_trips_through_a_dynamodb_item_with_rooms_as_a_string_set() {
     assert!(item.get("rooms").is_none(), "DynamoDB rejects empty sets");
     assert_eq!(serde_dynamo::from_item::<_, Connection>(item).unwrap(), lonely);
 }
+
+#[test]
+fn every_key_builder_makes_an_item_of_its_kind_with_its_tenant() {
+    let now = Utc::now();
+    let cases = [
+        (connection_pk("c1"), CONNECTION_SK.to_string(), ItemKind::Connection, ""),
+        (room_pk("acme", "lobby"), membership_sk("c1"), ItemKind::Membership, "acme"),
+        (room_pk("acme", "lobby"), message_sk(&now, "m1"), ItemKind::Message, "acme"),
+        (room_pk("acme", "lobby"), "SIG#s1".to_string(), ItemKind::Signal, "acme"),
+        (presence_pk("acme", "lobby"), presence_sk("ann"), ItemKind::Presence, "acme"),
+        (room_pk("acme", "lobby"), presence_sk("ann"), ItemKind::Presence, "acme"),
+        (presence_pk("acme", "lobby"), ROOM_PRESENCE_SK.to_string(), ItemKind::RoomPresence, "acme"),
+        (roster_pk("acme", "lobby"), ROSTER_VERSION_SK.to_string(), ItemKind::Roster, "acme"),
+        (limit_pk("acme#conn#c1"), "W#1700000000".to_string(), ItemKind::Limit, "acme"),
+        (SWEEPER_PK.to_string(), SWEEPER_LEASE_SK.to_string(), ItemKind::Sweeper, ""),
+        (fanout_pk("ev-1"), FANOUT_PROGRESS_SK.to_string(), ItemKind::Fanout, ""),
+        (idempotency_pk("acme", "publish", "k1"), IDEMPOTENCY_SK.to_string(), ItemKind::Idempotency, "acme"),
+        (tenant_pk("acme"), SETTINGS_SK.to_string(), ItemKind::Settings, "acme"),
+        (tenant_pk("acme"), IDENTITY_SK.to_string(), ItemKind::Identity, "acme"),
+        (tenant_pk("acme"), PLUGIN_CONFIG_SK.to_string(), ItemKind::PluginConfig, "acme"),
+        (tenant_pk("acme"), PLUGIN_ACTIVE_SK.to_string(), ItemKind::PluginActive, "acme"),
+        (tenant_pk("acme"), plugin_meta_sk("1.0.0"), ItemKind::PluginMeta, "acme"),
+        (tenant_pk("acme"), plugin_chunk_sk("1.0.0", 3), ItemKind::PluginChunk, "acme"),
+        (tenant_pk("acme"), legacy_plugin_chunk_sk("1.0.0", 3), ItemKind::PluginChunk, "acme"),
+    ];
+    for (pk, sk, kind, tenant) in cases {
+        assert_eq!(ItemKind::of(&pk, &sk), Some(kind), "{pk}/{sk}");
+        assert_eq!(kind.tenant(&pk), tenant, "{pk}/{sk}");
+    }
+    for (pk, sk) in [("CONN#c1", "OTHER"), ("ROOM#acme#lobby", "NOPE#1"), ("TENANT#acme", "PLUGIN#1.0.0"), ("X#1", "Y")]
+    {
+        assert_eq!(ItemKind::of(pk, sk), None, "{pk}/{sk}");
+    }
+}

@@ -18,11 +18,14 @@ use serde::de::DeserializeOwned;
 use serde_dynamo::{AttributeValue, Item};
 use tokio::sync::mpsc;
 
-use super::{HistoryFrom, MESSAGES_FROM, MESSAGES_TO, Result, Store, StoreError, decode_or_skip};
+use super::{
+    ConnectionStore, HistoryFrom, HistoryStore, MESSAGES_FROM, MESSAGES_TO, MembershipStore, PluginStore,
+    PresenceStore, Result, StoreError, TenantStore, UpkeepStore, decode_or_skip,
+};
 use crate::metrics::Metrics;
 use crate::model::{
-    self, Clock, Connection, IdempotencyRecord, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta,
-    PluginStatus, Presence, RoomPresence, TenantSettings, is_expired,
+    self, Clock, Connection, IdempotencyRecord, ItemKind, LeftReason, Membership, Message, PluginActive, PluginChunk,
+    PluginMeta, PluginStatus, Presence, RoomPresence, TenantSettings, is_expired,
 };
 use crate::presence::{Plan, PresenceOutcome, PresenceUpdate, WhoPage};
 
@@ -278,7 +281,7 @@ fn membership_key(tenant: &str, room: &str, connection_id: &str) -> Key {
 }
 
 #[async_trait]
-impl Store for MemoryStore {
+impl ConnectionStore for MemoryStore {
     async fn put_connection(&self, conn: &Connection, memberships: &[Membership]) -> Result<()> {
         let items = std::iter::once(encode(conn)).chain(memberships.iter().map(encode)).collect::<Result<Vec<_>>>()?;
         let mut table = self.lock();
@@ -306,6 +309,66 @@ impl Store for MemoryStore {
         Ok(self.delete_item(&mut table, &key, Actor::Client).and_then(|old| self.decode(&old)))
     }
 
+    async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()> {
+        let mut table = self.lock();
+        let Some(mut current) = self.get::<Connection>(&table, &connection_key(&conn.connection_id)) else {
+            return Err(StoreError::NoConnection(conn.connection_id.clone()));
+        };
+        current.last_seen_at = now;
+        current.ttl = ttl;
+        current.sweep_pk.get_or_insert_with(|| model::sweep_pk(&current.connection_id));
+        let item = encode(&current)?;
+        self.put_item(&mut table, item);
+        for room in &current.rooms {
+            let key = membership_key(&current.tenant, room, &current.connection_id);
+            self.update(&mut table, &key, &[("ttl", Some(AttributeValue::N(ttl.to_string())))]);
+        }
+        Ok(())
+    }
+
+    async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>> {
+        let table = self.lock();
+        let gsi1pk = model::user_gsi1pk(tenant, user_id);
+        let mut found = Vec::new();
+        for item in table.items.values() {
+            if matches!(item.get("gsi1pk"), Some(AttributeValue::S(k)) if *k == gsi1pk)
+                && matches!(item.get("type"), Some(AttributeValue::S(t)) if t == "connection")
+                && let Some(c) = self.decode::<Connection>(item)
+                && !is_expired(c.ttl, now)
+            {
+                found.push(c);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>> {
+        let table = self.lock();
+        let from = match after {
+            Some(id) => std::ops::Bound::Excluded(connection_key(id)),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut page = Vec::new();
+        for (key, item) in table.items.range((from, std::ops::Bound::Unbounded)) {
+            if page.len() == limit {
+                break;
+            }
+            if ItemKind::of(&key.0, &key.1) == Some(ItemKind::Connection) {
+                page.extend(self.decode(item));
+            }
+        }
+        Ok(page)
+    }
+
+    async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>> {
+        let mut table = self.lock();
+        let set = [("status", Some(AttributeValue::S(status.to_string())))];
+        Ok(self.update(&mut table, &connection_key(connection_id), &set).and_then(|item| self.decode(&item)))
+    }
+}
+
+#[async_trait]
+impl MembershipStore for MemoryStore {
     async fn join(&self, membership: &Membership) -> Result<bool> {
         let mut table = self.lock();
         let key = connection_key(&membership.connection_id);
@@ -371,15 +434,6 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
-    async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> Result<()> {
-        let mut table = self.lock();
-        let key = (model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string());
-        if self.get::<PluginActive>(&table, &key).is_some_and(|a| a.version == version) {
-            self.update(&mut table, &key, &[("authorizesJoins", Some(AttributeValue::Bool(authorizes)))]);
-        }
-        Ok(())
-    }
-
     async fn leave(&self, connection_id: &str, tenant: &str, room: &str) -> Result<()> {
         let mut table = self.lock();
         let key = connection_key(connection_id);
@@ -391,23 +445,6 @@ impl Store for MemoryStore {
         if conn.rooms.remove(room) | conn.pending_rooms.remove(room) {
             let item = encode(&conn)?;
             self.put_item(&mut table, item);
-        }
-        Ok(())
-    }
-
-    async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()> {
-        let mut table = self.lock();
-        let Some(mut current) = self.get::<Connection>(&table, &connection_key(&conn.connection_id)) else {
-            return Err(StoreError::NoConnection(conn.connection_id.clone()));
-        };
-        current.last_seen_at = now;
-        current.ttl = ttl;
-        current.sweep_pk.get_or_insert_with(|| model::sweep_pk(&current.connection_id));
-        let item = encode(&current)?;
-        self.put_item(&mut table, item);
-        for room in &current.rooms {
-            let key = membership_key(&current.tenant, room, &current.connection_id);
-            self.update(&mut table, &key, &[("ttl", Some(AttributeValue::N(ttl.to_string())))]);
         }
         Ok(())
     }
@@ -433,71 +470,6 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn count_in_window(&self, key: &str, window: i64) -> Result<u64> {
-        let mut table = self.lock();
-        if table.counters.len() > 100_000 {
-            table.counters.retain(|(_, w), _| *w >= window - 1);
-        }
-        let count = table.counters.entry((key.to_string(), window)).or_default();
-        *count += 1;
-        Ok(*count)
-    }
-
-    async fn stale_connections(&self, shard: u32, cutoff: DateTime<Utc>) -> Result<Vec<Connection>> {
-        let table = self.lock();
-        let key = model::sweep_shard_pk(shard);
-        let mut found: Vec<Connection> = table
-            .items
-            .values()
-            .filter(|item| matches!(item.get("sweepPk"), Some(AttributeValue::S(k)) if *k == key))
-            .filter_map(|item| self.decode::<Connection>(item))
-            .filter(|c| c.last_seen_at < cutoff)
-            .collect();
-        found.sort_by_key(|c| c.last_seen_at);
-        Ok(found)
-    }
-
-    async fn present_users(&self, shard: u32) -> Result<Vec<Presence>> {
-        let table = self.lock();
-        let key = format!("SWEEP#P{shard:02}");
-        Ok(table
-            .items
-            .values()
-            .filter(|item| matches!(item.get("sweepPk"), Some(AttributeValue::S(k)) if *k == key))
-            .filter_map(|item| self.decode::<Presence>(item))
-            .filter(|p| p.present())
-            .collect())
-    }
-
-    async fn take_sweep_lease(&self, now: i64, until: i64, owner: &str) -> Result<Option<u32>> {
-        let mut table = self.lock();
-        if table.sweep_lease.0 >= now {
-            return Ok(None);
-        }
-        table.sweep_lease.0 = until;
-        table.sweep_lease.2 = owner.to_string();
-        Ok(Some(table.sweep_lease.1))
-    }
-
-    async fn sweep_progress(&self, owner: &str, next_shard: u32, release: bool) -> Result<bool> {
-        let mut table = self.lock();
-        if table.sweep_lease.2 != owner {
-            return Ok(false);
-        }
-        table.sweep_lease.1 = next_shard % model::SWEEP_SHARDS;
-        if release {
-            table.sweep_lease.0 = 0;
-        }
-        Ok(true)
-    }
-
-    async fn mark_seen(&self, connection_id: &str, now: DateTime<Utc>) -> Result<()> {
-        let mut table = self.lock();
-        let key = connection_key(connection_id);
-        self.update(&mut table, &key, &[("lastSeenAt", Some(AttributeValue::S(model::format_ts(&now))))]);
-        Ok(())
-    }
-
     async fn roster_version(&self, tenant: &str, room: &str) -> Result<Option<u64>> {
         Ok(self.lock().rosters.get(&model::room_pk(tenant, room)).copied())
     }
@@ -511,7 +483,10 @@ impl Store for MemoryStore {
         bump(&mut table, tenant, room);
         Ok(())
     }
+}
 
+#[async_trait]
+impl HistoryStore for MemoryStore {
     async fn put_message(&self, message: &Message) -> Result<()> {
         let item = encode(message)?;
         let mut table = self.lock();
@@ -523,290 +498,6 @@ impl Store for MemoryStore {
         let item = encode(signal)?;
         let mut table = self.lock();
         self.put_item(&mut table, item);
-        Ok(())
-    }
-
-    async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>> {
-        let table = self.lock();
-        let gsi1pk = model::user_gsi1pk(tenant, user_id);
-        let mut found = Vec::new();
-        for item in table.items.values() {
-            if matches!(item.get("gsi1pk"), Some(AttributeValue::S(k)) if *k == gsi1pk)
-                && matches!(item.get("type"), Some(AttributeValue::S(t)) if t == "connection")
-                && let Some(c) = self.decode::<Connection>(item)
-                && !is_expired(c.ttl, now)
-            {
-                found.push(c);
-            }
-        }
-        Ok(found)
-    }
-
-    async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>> {
-        let table = self.lock();
-        let from = match after {
-            Some(id) => std::ops::Bound::Excluded(connection_key(id)),
-            None => std::ops::Bound::Unbounded,
-        };
-        let mut page = Vec::new();
-        for (key, item) in table.items.range((from, std::ops::Bound::Unbounded)) {
-            if page.len() == limit {
-                break;
-            }
-            if key.0.starts_with("CONN#") && key.1 == model::CONNECTION_SK {
-                page.extend(self.decode(item));
-            }
-        }
-        Ok(page)
-    }
-
-    async fn scan_presence(&self, limit: usize, after: Option<(String, String)>) -> Result<Vec<Presence>> {
-        let table = self.lock();
-        let from = match after {
-            Some(key) => std::ops::Bound::Excluded(key),
-            None => std::ops::Bound::Unbounded,
-        };
-        let mut page = Vec::new();
-        for (key, item) in table.items.range((from, std::ops::Bound::Unbounded)) {
-            if page.len() == limit {
-                break;
-            }
-            if key.0.starts_with("PRESENCE#") && key.1.starts_with("USER#") {
-                page.extend(self.decode::<Presence>(item).filter(|p| p.present()));
-            }
-        }
-        Ok(page)
-    }
-
-    async fn put_presence_suspects(&self, p: &Presence) -> Result<bool> {
-        let mut table = self.lock();
-        let current: Option<Presence> = self.get(&table, &(p.pk.clone(), p.sk.clone()));
-        if current.is_none_or(|c| c.ver + 1 != p.ver) {
-            return Ok(false);
-        }
-        let item = encode(p)?;
-        self.put_item(&mut table, item);
-        Ok(true)
-    }
-
-    async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>> {
-        let mut table = self.lock();
-        let set = [("status", Some(AttributeValue::S(status.to_string())))];
-        Ok(self.update(&mut table, &connection_key(connection_id), &set).and_then(|item| self.decode(&item)))
-    }
-
-    async fn put_plugin(&self, meta: &PluginMeta, chunks: &[PluginChunk]) -> Result<()> {
-        let items = chunks.iter().map(encode).chain(std::iter::once(encode(meta))).collect::<Result<Vec<_>>>()?;
-        let mut table = self.lock();
-        for item in items {
-            self.put_item(&mut table, item);
-        }
-        Ok(())
-    }
-
-    async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>> {
-        let table = self.lock();
-        let mut bytes = Vec::new();
-        let mut sk: fn(&str, usize) -> String = model::plugin_chunk_sk;
-        for index in 0..chunks {
-            if index == 0 && !table.items.contains_key(&(model::tenant_pk(tenant), sk(version, 0))) {
-                sk = model::legacy_plugin_chunk_sk;
-            }
-            let key = (model::tenant_pk(tenant), sk(version, index));
-            match self.get::<PluginChunk>(&table, &key) {
-                Some(chunk) => bytes.extend_from_slice(&chunk.data),
-                None => return Ok(None),
-            }
-        }
-        Ok(Some(bytes))
-    }
-
-    async fn plugin(&self, tenant: &str, version: &str) -> Result<Option<PluginMeta>> {
-        let table = self.lock();
-        Ok(self.get::<PluginMeta>(&table, &(model::tenant_pk(tenant), model::plugin_meta_sk(version))))
-    }
-
-    async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>> {
-        let table = self.lock();
-        let pk = model::tenant_pk(tenant);
-        let mut metas: Vec<PluginMeta> = Vec::new();
-        for (key, item) in table.items.range((pk.clone(), "PLUGIN#".to_string())..(pk, "PLUGIN$".to_string())) {
-            if key.1.ends_with("#META") {
-                metas.extend(self.decode(item));
-            }
-        }
-        metas.sort_by_key(|m| m.uploaded_at);
-        Ok(metas)
-    }
-
-    async fn set_plugin_status(
-        &self,
-        tenant: &str,
-        version: &str,
-        status: PluginStatus,
-        reason: Option<&str>,
-    ) -> Result<()> {
-        let mut table = self.lock();
-        let key = (model::tenant_pk(tenant), model::plugin_meta_sk(version));
-        let status = serde_dynamo::to_attribute_value(status)
-            .map_err(|e| StoreError::Unavailable(format!("cannot encode a plugin status: {e}")))?;
-        let reason = reason.map(|r| AttributeValue::S(r.to_string()));
-        self.update(&mut table, &key, &[("status", Some(status)), ("reason", reason)]);
-        Ok(())
-    }
-
-    async fn active_plugin(&self, tenant: &str) -> Result<Option<PluginActive>> {
-        let table = self.lock();
-        Ok(self.get(&table, &(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string())))
-    }
-
-    async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()> {
-        let mut table = self.lock();
-        let key = (model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string());
-        match version {
-            Some(version) => {
-                let item = encode(&PluginActive::new(tenant, version))?;
-                self.put_item(&mut table, item);
-            }
-            None => {
-                self.delete_item(&mut table, &key, Actor::Client);
-            }
-        }
-        Ok(())
-    }
-
-    async fn unannounce(&self, tenant: &str, room: &str, user_id: &str) -> Result<()> {
-        let mut table = self.lock();
-        let key = (model::presence_pk(tenant, room), model::presence_sk(user_id));
-        if let Some(mut p) = self.get::<Presence>(&table, &key) {
-            p.announced = false;
-            p.ver += 1;
-            let item = encode(&p)?;
-            self.put_item(&mut table, item);
-        }
-        Ok(())
-    }
-
-    async fn apply_presence(&self, update: &PresenceUpdate) -> Result<PresenceOutcome> {
-        // Under the lock: the read, the plan and its writes are one atomic step.
-        let mut table = self.lock();
-        let user_key = (model::presence_pk(&update.tenant, &update.room), model::presence_sk(&update.user_id));
-        let room_key = (user_key.0.clone(), model::ROOM_PRESENCE_SK.to_string());
-        let current: Option<Presence> = self.get(&table, &user_key);
-        let room: Option<RoomPresence> = self.get(&table, &room_key);
-        match crate::presence::plan(update, current.as_ref(), room.as_ref()) {
-            Plan::Done(outcome) => Ok(outcome),
-            Plan::Write { presence, room, outcome, .. } => {
-                match presence {
-                    Some(p) => {
-                        let item = encode(&p)?;
-                        self.put_item(&mut table, item);
-                    }
-                    None => {
-                        self.delete_item(&mut table, &user_key, Actor::Client);
-                    }
-                }
-                if let Some(room) = room {
-                    let item = encode(&room)?;
-                    self.put_item(&mut table, item);
-                }
-                Ok(outcome)
-            }
-        }
-    }
-
-    async fn who(&self, tenant: &str, room: &str, limit: usize, after: Option<&str>) -> Result<WhoPage> {
-        let table = self.lock();
-        let pk = model::presence_pk(tenant, room);
-        let from = match after {
-            Some(user) => std::ops::Bound::Excluded((pk.clone(), model::presence_sk(user))),
-            None => std::ops::Bound::Included((pk.clone(), "USER#".to_string())),
-        };
-        let to = std::ops::Bound::Excluded((pk.clone(), "USER$".to_string()));
-        let mut page = WhoPage::default();
-        for (_, item) in table.items.range((from, to)) {
-            let Some(p) = self.decode::<Presence>(item) else { continue };
-            // A tombstone (the user left; their connections' marks kept a while) is not a user here.
-            if !p.present() {
-                continue;
-            }
-            if page.users.len() == limit {
-                page.next = page.users.last().map(|(user, _)| user.clone());
-                break;
-            }
-            page.versions.push(p.version);
-            page.users.push((p.user_id, p.connections.len()));
-        }
-        page.total =
-            self.get::<RoomPresence>(&table, &(pk, model::ROOM_PRESENCE_SK.to_string())).map_or(0, |r| r.users);
-        Ok(page)
-    }
-
-    async fn presence(&self, tenant: &str, room: &str, user_id: &str) -> Result<Option<Presence>> {
-        let table = self.lock();
-        Ok(self.get(&table, &(model::presence_pk(tenant, room), model::presence_sk(user_id))))
-    }
-
-    async fn room_presence(&self, tenant: &str, room: &str) -> Result<Option<RoomPresence>> {
-        let table = self.lock();
-        Ok(self.get(&table, &(model::presence_pk(tenant, room), model::ROOM_PRESENCE_SK.to_string())))
-    }
-
-    async fn tenant_settings(&self, tenant: &str) -> Result<Option<TenantSettings>> {
-        let table = self.lock();
-        Ok(self.get(&table, &(model::tenant_pk(tenant), model::SETTINGS_SK.to_string())))
-    }
-
-    async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::model::TenantIdentity>> {
-        let table = self.lock();
-        let key = (model::tenant_pk(tenant), crate::model::IDENTITY_SK.to_string());
-        let identity = self.get(&table, &key);
-        if identity.is_none() && table.items.contains_key(&key) {
-            // One that does not decode must not read as "none" (the shared secret would admit).
-            return Err(StoreError::Unavailable(format!("{tenant}'s identity item does not decode")));
-        }
-        Ok(identity)
-    }
-
-    async fn put_tenant_identity(&self, identity: &crate::model::TenantIdentity) -> Result<()> {
-        let item = encode(identity)?;
-        let mut table = self.lock();
-        self.put_item(&mut table, item);
-        Ok(())
-    }
-
-    async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()> {
-        let item = encode(settings)?;
-        let mut table = self.lock();
-        self.put_item(&mut table, item);
-        Ok(())
-    }
-
-    async fn fanout_progress(&self, key: &str) -> Result<Option<model::FanoutProgress>> {
-        let table = self.lock();
-        Ok(self.get(&table, &(model::fanout_pk(key), model::FANOUT_PROGRESS_SK.to_string())))
-    }
-
-    async fn put_fanout_progress(&self, progress: &model::FanoutProgress) -> Result<()> {
-        let item = encode(progress)?;
-        let mut table = self.lock();
-        self.put_item(&mut table, item);
-        Ok(())
-    }
-
-    async fn plugin_config(&self, tenant: &str) -> Result<Option<model::PluginConfig>> {
-        let table = self.lock();
-        Ok(self.get(&table, &(model::tenant_pk(tenant), model::PLUGIN_CONFIG_SK.to_string())))
-    }
-
-    async fn put_plugin_config(&self, config: &model::PluginConfig) -> Result<()> {
-        let mut table = self.lock();
-        if config.values.is_empty() {
-            self.delete_item(&mut table, &(config.pk.clone(), config.sk.clone()), Actor::Client);
-        } else {
-            let item = encode(config)?;
-            self.put_item(&mut table, item);
-        }
         Ok(())
     }
 
@@ -897,5 +588,335 @@ impl Store for MemoryStore {
         let table = self.lock();
         let message: Option<Message> = self.get(&table, &(model::room_pk(tenant, room), sk.to_string()));
         Ok(message.filter(|m| !is_expired(m.ttl, now)))
+    }
+}
+
+#[async_trait]
+impl PresenceStore for MemoryStore {
+    async fn scan_presence(&self, limit: usize, after: Option<(String, String)>) -> Result<Vec<Presence>> {
+        let table = self.lock();
+        let from = match after {
+            Some(key) => std::ops::Bound::Excluded(key),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut page = Vec::new();
+        for (key, item) in table.items.range((from, std::ops::Bound::Unbounded)) {
+            if page.len() == limit {
+                break;
+            }
+            if key.0.starts_with("PRESENCE#") && ItemKind::of(&key.0, &key.1) == Some(ItemKind::Presence) {
+                page.extend(self.decode::<Presence>(item).filter(|p| p.present()));
+            }
+        }
+        Ok(page)
+    }
+
+    async fn put_presence_suspects(&self, p: &Presence) -> Result<bool> {
+        let mut table = self.lock();
+        let current: Option<Presence> = self.get(&table, &(p.pk.clone(), p.sk.clone()));
+        if current.is_none_or(|c| c.ver + 1 != p.ver) {
+            return Ok(false);
+        }
+        let item = encode(p)?;
+        self.put_item(&mut table, item);
+        Ok(true)
+    }
+
+    async fn unannounce(&self, tenant: &str, room: &str, user_id: &str) -> Result<()> {
+        let mut table = self.lock();
+        let key = (model::presence_pk(tenant, room), model::presence_sk(user_id));
+        if let Some(mut p) = self.get::<Presence>(&table, &key) {
+            p.announced = false;
+            p.ver += 1;
+            let item = encode(&p)?;
+            self.put_item(&mut table, item);
+        }
+        Ok(())
+    }
+
+    async fn apply_presence(&self, update: &PresenceUpdate) -> Result<PresenceOutcome> {
+        // Under the lock: the read, the plan and its writes are one atomic step.
+        let mut table = self.lock();
+        let user_key = (model::presence_pk(&update.tenant, &update.room), model::presence_sk(&update.user_id));
+        let room_key = (user_key.0.clone(), model::ROOM_PRESENCE_SK.to_string());
+        let current: Option<Presence> = self.get(&table, &user_key);
+        let room: Option<RoomPresence> = self.get(&table, &room_key);
+        match crate::presence::plan(update, current.as_ref(), room.as_ref()) {
+            Plan::Done(outcome) => Ok(outcome),
+            Plan::Write { presence, room, outcome, .. } => {
+                match presence {
+                    Some(p) => {
+                        let item = encode(&p)?;
+                        self.put_item(&mut table, item);
+                    }
+                    None => {
+                        self.delete_item(&mut table, &user_key, Actor::Client);
+                    }
+                }
+                if let Some(room) = room {
+                    let item = encode(&room)?;
+                    self.put_item(&mut table, item);
+                }
+                Ok(outcome)
+            }
+        }
+    }
+
+    async fn who(&self, tenant: &str, room: &str, limit: usize, after: Option<&str>) -> Result<WhoPage> {
+        let table = self.lock();
+        let pk = model::presence_pk(tenant, room);
+        let from = match after {
+            Some(user) => std::ops::Bound::Excluded((pk.clone(), model::presence_sk(user))),
+            None => std::ops::Bound::Included((pk.clone(), "USER#".to_string())),
+        };
+        let to = std::ops::Bound::Excluded((pk.clone(), "USER$".to_string()));
+        let mut page = WhoPage::default();
+        for (_, item) in table.items.range((from, to)) {
+            let Some(p) = self.decode::<Presence>(item) else { continue };
+            // A tombstone (the user left; their connections' marks kept a while) is not a user here.
+            if !p.present() {
+                continue;
+            }
+            if page.users.len() == limit {
+                page.next = page.users.last().map(|(user, _)| user.clone());
+                break;
+            }
+            page.versions.push(p.version);
+            page.users.push((p.user_id, p.connections.len()));
+        }
+        page.total =
+            self.get::<RoomPresence>(&table, &(pk, model::ROOM_PRESENCE_SK.to_string())).map_or(0, |r| r.users);
+        Ok(page)
+    }
+
+    async fn presence(&self, tenant: &str, room: &str, user_id: &str) -> Result<Option<Presence>> {
+        let table = self.lock();
+        Ok(self.get(&table, &(model::presence_pk(tenant, room), model::presence_sk(user_id))))
+    }
+
+    async fn room_presence(&self, tenant: &str, room: &str) -> Result<Option<RoomPresence>> {
+        let table = self.lock();
+        Ok(self.get(&table, &(model::presence_pk(tenant, room), model::ROOM_PRESENCE_SK.to_string())))
+    }
+}
+
+#[async_trait]
+impl PluginStore for MemoryStore {
+    async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> Result<()> {
+        let mut table = self.lock();
+        let key = (model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string());
+        if self.get::<PluginActive>(&table, &key).is_some_and(|a| a.version == version) {
+            self.update(&mut table, &key, &[("authorizesJoins", Some(AttributeValue::Bool(authorizes)))]);
+        }
+        Ok(())
+    }
+
+    async fn put_plugin(&self, meta: &PluginMeta, chunks: &[PluginChunk]) -> Result<()> {
+        let items = chunks.iter().map(encode).chain(std::iter::once(encode(meta))).collect::<Result<Vec<_>>>()?;
+        let mut table = self.lock();
+        for item in items {
+            self.put_item(&mut table, item);
+        }
+        Ok(())
+    }
+
+    async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>> {
+        let table = self.lock();
+        let mut bytes = Vec::new();
+        let mut sk: fn(&str, usize) -> String = model::plugin_chunk_sk;
+        for index in 0..chunks {
+            if index == 0 && !table.items.contains_key(&(model::tenant_pk(tenant), sk(version, 0))) {
+                sk = model::legacy_plugin_chunk_sk;
+            }
+            let key = (model::tenant_pk(tenant), sk(version, index));
+            match self.get::<PluginChunk>(&table, &key) {
+                Some(chunk) => bytes.extend_from_slice(&chunk.data),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(bytes))
+    }
+
+    async fn plugin(&self, tenant: &str, version: &str) -> Result<Option<PluginMeta>> {
+        let table = self.lock();
+        Ok(self.get::<PluginMeta>(&table, &(model::tenant_pk(tenant), model::plugin_meta_sk(version))))
+    }
+
+    async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>> {
+        let table = self.lock();
+        let pk = model::tenant_pk(tenant);
+        let mut metas: Vec<PluginMeta> = Vec::new();
+        for (key, item) in table.items.range((pk.clone(), "PLUGIN#".to_string())..(pk, "PLUGIN$".to_string())) {
+            if ItemKind::of(&key.0, &key.1) == Some(ItemKind::PluginMeta) {
+                metas.extend(self.decode(item));
+            }
+        }
+        metas.sort_by_key(|m| m.uploaded_at);
+        Ok(metas)
+    }
+
+    async fn set_plugin_status(
+        &self,
+        tenant: &str,
+        version: &str,
+        status: PluginStatus,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let mut table = self.lock();
+        let key = (model::tenant_pk(tenant), model::plugin_meta_sk(version));
+        let status = serde_dynamo::to_attribute_value(status)
+            .map_err(|e| StoreError::Unavailable(format!("cannot encode a plugin status: {e}")))?;
+        let reason = reason.map(|r| AttributeValue::S(r.to_string()));
+        self.update(&mut table, &key, &[("status", Some(status)), ("reason", reason)]);
+        Ok(())
+    }
+
+    async fn active_plugin(&self, tenant: &str) -> Result<Option<PluginActive>> {
+        let table = self.lock();
+        Ok(self.get(&table, &(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string())))
+    }
+
+    async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()> {
+        let mut table = self.lock();
+        let key = (model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string());
+        match version {
+            Some(version) => {
+                let item = encode(&PluginActive::new(tenant, version))?;
+                self.put_item(&mut table, item);
+            }
+            None => {
+                self.delete_item(&mut table, &key, Actor::Client);
+            }
+        }
+        Ok(())
+    }
+
+    async fn plugin_config(&self, tenant: &str) -> Result<Option<model::PluginConfig>> {
+        let table = self.lock();
+        Ok(self.get(&table, &(model::tenant_pk(tenant), model::PLUGIN_CONFIG_SK.to_string())))
+    }
+
+    async fn put_plugin_config(&self, config: &model::PluginConfig) -> Result<()> {
+        let mut table = self.lock();
+        if config.values.is_empty() {
+            self.delete_item(&mut table, &(config.pk.clone(), config.sk.clone()), Actor::Client);
+        } else {
+            let item = encode(config)?;
+            self.put_item(&mut table, item);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TenantStore for MemoryStore {
+    async fn tenant_settings(&self, tenant: &str) -> Result<Option<TenantSettings>> {
+        let table = self.lock();
+        Ok(self.get(&table, &(model::tenant_pk(tenant), model::SETTINGS_SK.to_string())))
+    }
+
+    async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::model::TenantIdentity>> {
+        let table = self.lock();
+        let key = (model::tenant_pk(tenant), crate::model::IDENTITY_SK.to_string());
+        let identity = self.get(&table, &key);
+        if identity.is_none() && table.items.contains_key(&key) {
+            // One that does not decode must not read as "none" (the shared secret would admit).
+            return Err(StoreError::Unavailable(format!("{tenant}'s identity item does not decode")));
+        }
+        Ok(identity)
+    }
+
+    async fn put_tenant_identity(&self, identity: &crate::model::TenantIdentity) -> Result<()> {
+        let item = encode(identity)?;
+        let mut table = self.lock();
+        self.put_item(&mut table, item);
+        Ok(())
+    }
+
+    async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()> {
+        let item = encode(settings)?;
+        let mut table = self.lock();
+        self.put_item(&mut table, item);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl UpkeepStore for MemoryStore {
+    async fn count_in_window(&self, key: &str, window: i64) -> Result<u64> {
+        let mut table = self.lock();
+        if table.counters.len() > 100_000 {
+            table.counters.retain(|(_, w), _| *w >= window - 1);
+        }
+        let count = table.counters.entry((key.to_string(), window)).or_default();
+        *count += 1;
+        Ok(*count)
+    }
+
+    async fn stale_connections(&self, shard: u32, cutoff: DateTime<Utc>) -> Result<Vec<Connection>> {
+        let table = self.lock();
+        let key = model::sweep_shard_pk(shard);
+        let mut found: Vec<Connection> = table
+            .items
+            .values()
+            .filter(|item| matches!(item.get("sweepPk"), Some(AttributeValue::S(k)) if *k == key))
+            .filter_map(|item| self.decode::<Connection>(item))
+            .filter(|c| c.last_seen_at < cutoff)
+            .collect();
+        found.sort_by_key(|c| c.last_seen_at);
+        Ok(found)
+    }
+
+    async fn present_users(&self, shard: u32) -> Result<Vec<Presence>> {
+        let table = self.lock();
+        let key = format!("SWEEP#P{shard:02}");
+        Ok(table
+            .items
+            .values()
+            .filter(|item| matches!(item.get("sweepPk"), Some(AttributeValue::S(k)) if *k == key))
+            .filter_map(|item| self.decode::<Presence>(item))
+            .filter(|p| p.present())
+            .collect())
+    }
+
+    async fn take_sweep_lease(&self, now: i64, until: i64, owner: &str) -> Result<Option<u32>> {
+        let mut table = self.lock();
+        if table.sweep_lease.0 >= now {
+            return Ok(None);
+        }
+        table.sweep_lease.0 = until;
+        table.sweep_lease.2 = owner.to_string();
+        Ok(Some(table.sweep_lease.1))
+    }
+
+    async fn sweep_progress(&self, owner: &str, next_shard: u32, release: bool) -> Result<bool> {
+        let mut table = self.lock();
+        if table.sweep_lease.2 != owner {
+            return Ok(false);
+        }
+        table.sweep_lease.1 = next_shard % model::SWEEP_SHARDS;
+        if release {
+            table.sweep_lease.0 = 0;
+        }
+        Ok(true)
+    }
+
+    async fn mark_seen(&self, connection_id: &str, now: DateTime<Utc>) -> Result<()> {
+        let mut table = self.lock();
+        let key = connection_key(connection_id);
+        self.update(&mut table, &key, &[("lastSeenAt", Some(AttributeValue::S(model::format_ts(&now))))]);
+        Ok(())
+    }
+
+    async fn fanout_progress(&self, key: &str) -> Result<Option<model::FanoutProgress>> {
+        let table = self.lock();
+        Ok(self.get(&table, &(model::fanout_pk(key), model::FANOUT_PROGRESS_SK.to_string())))
+    }
+
+    async fn put_fanout_progress(&self, progress: &model::FanoutProgress) -> Result<()> {
+        let item = encode(progress)?;
+        let mut table = self.lock();
+        self.put_item(&mut table, item);
+        Ok(())
     }
 }

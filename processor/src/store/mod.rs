@@ -1,9 +1,26 @@
-//! The table, behind one trait with two adapters (docs/ARCHITECTURE.md, "The table"):
+//! The table, behind small ports by concern, each with two adapters (docs/ARCHITECTURE.md, "The
+//! table"):
+//!
+//! | port | concern |
+//! |---|---|
+//! | [`ConnectionStore`] | open sockets' records: connect, look up, disconnect, touch, by user, scan |
+//! | [`MembershipStore`] | who has joined which room; pending joins settled; the roster version |
+//! | [`HistoryStore`] | messages and signals written to rooms; verdicts; history pages; idempotent sends |
+//! | [`PresenceStore`] | presence as state: transitions, runs, `who`, counts |
+//! | [`PluginStore`] | plugin versions, their bytes, the active one, configuration |
+//! | [`TenantStore`] | tenants' settings and identity |
+//! | [`UpkeepStore`] | rate-limit counters, the sweeper's shards and lease, fan-out progress |
+//!
+//! [`Store`] is all of them (`Arc<dyn Store>` calls any port's methods). The adapters:
 //!
 //! * [`dynamodb::DynamoStore`] — the real DynamoDB API through `aws-sdk-dynamodb` + `serde_dynamo`
 //!   (AWS, or any local endpoint: moto, DynamoDB Local, LocalStack);
 //! * [`memory::MemoryStore`] — the embedded default: in memory, and it emits stream records in
 //!   DynamoDB Streams' own shape, in write order, including TTL deletions by the service identity.
+//!
+//! [`parts::Parts`] makes a table of ports from different stores: a wrapper that changes one
+//! concern (a fault injected into one read) implements that port alone. Which item a key names
+//! is [`crate::model::ItemKind`], the one list the stream decoder and the reads go by.
 //!
 //! Both pass the same contract suite (`tests/contract.rs`). The operations are the domain's
 //! (connect, join, leave, …), not raw item calls, so that each is atomic in both adapters.
@@ -18,6 +35,7 @@
 
 pub mod dynamodb;
 pub mod memory;
+pub mod parts;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -56,8 +74,9 @@ impl StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// The table's connections: the records of open sockets.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait ConnectionStore: Send + Sync {
     /// Writes a new connection and its memberships in one transaction.
     async fn put_connection(&self, conn: &Connection, memberships: &[Membership]) -> Result<()>;
 
@@ -72,6 +91,27 @@ pub trait Store: Send + Sync + 'static {
     /// deleted all the same and answered as `None` (logged and counted).
     async fn delete_connection(&self, connection_id: &str, reason: Option<LeftReason>) -> Result<Option<Connection>>;
 
+    /// Refreshes `lastSeenAt` and the TTL of the connection and of its memberships.
+    async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()>;
+
+    /// A user's live connections in a tenant, through the `gsi1` index (eventually consistent,
+    /// as any GSI read). One that does not decode is left out (logged and counted).
+    async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>>;
+
+    /// One page of connection records, expired ones included (the sweeper wants those), after
+    /// the connection id `after`. The next page starts after the last one returned; fewer than
+    /// `limit` means the end. A record that does not decode is passed over (logged and counted):
+    /// the page is filled from the records after it.
+    async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>>;
+
+    /// Sets `status` on a connection; `None` when there is no such connection, or when its record
+    /// does not decode (logged and counted; the status is set all the same).
+    async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>>;
+}
+
+/// The table's rooms: who has joined which room, and the room's roster version.
+#[async_trait]
+pub trait MembershipStore: Send + Sync {
     /// Adds the membership and the room to the connection's `rooms`, atomically, unless the
     /// connection already has a live membership of that room: then nothing is written and the
     /// answer is `false`. API Gateway runs one connection's frames concurrently, so two `join`s
@@ -93,13 +133,6 @@ pub trait Store: Send + Sync + 'static {
     /// denied) and the room leaves the connection.
     async fn settle_join(&self, membership: &Membership, allowed: bool) -> Result<bool>;
 
-    /// Records on the `ACTIVE` pointer whether the version it names decides joins (only if it
-    /// still names `version`).
-    async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> Result<()>;
-
-    /// Refreshes `lastSeenAt` and the TTL of the connection and of its memberships.
-    async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()>;
-
     /// The live memberships of a room, ordered by connection id; one that does not decode is
     /// left out (logged and counted), and the rest of the room is served.
     async fn room_members(&self, tenant: &str, room: &str, now: DateTime<Utc>) -> Result<Vec<Membership>>;
@@ -110,11 +143,6 @@ pub trait Store: Send + Sync + 'static {
     /// plain update (`ADD v 1`), never in a transaction.
     async fn bump_roster(&self, tenant: &str, room: &str) -> Result<()>;
 
-    /// Counts one more under a rate limit's `key` in `window` (a whole second since the epoch)
-    /// and answers the count, atomically across every caller ([`crate::limits`]). One
-    /// `UpdateItem ADD` on `LIMIT#{key}` / `W#{window}`, its TTL two minutes on.
-    async fn count_in_window(&self, key: &str, window: i64) -> Result<u64>;
-
     /// The room's roster version, read strongly consistent. `None`: the room has none yet (no
     /// membership written since versions exist), and its members must be read.
     async fn roster_version(&self, tenant: &str, room: &str) -> Result<Option<u64>>;
@@ -122,7 +150,11 @@ pub trait Store: Send + Sync + 'static {
     /// Marks the membership with `leftReason` and deletes it (the processor's cascade when a
     /// connection goes), whether or not it decodes. Idempotent.
     async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()>;
+}
 
+/// The table's history: messages (and signals) written to rooms, and what the tenant's rules decided of them.
+#[async_trait]
+pub trait HistoryStore: Send + Sync {
     async fn put_message(&self, message: &Message) -> Result<()>;
 
     /// Writes an ephemeral signal (its INSERT is delivered; its TTL removes it).
@@ -148,38 +180,43 @@ pub trait Store: Send + Sync + 'static {
     /// One message by its sort key, if it is there and live (rejected ones included).
     async fn message(&self, tenant: &str, room: &str, sk: &str, now: DateTime<Utc>) -> Result<Option<Message>>;
 
-    /// A user's live connections in a tenant, through the `gsi1` index (eventually consistent,
-    /// as any GSI read). One that does not decode is left out (logged and counted).
-    async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>>;
+    /// Up to `limit` live messages of the room on the side of `from` it names, oldest first in
+    /// the answer either way; one that does not decode is left out (logged and counted) and does
+    /// not count to `limit`. With a `viewer`, only the messages that user was sent
+    /// ([`Message::visible_to`]: a direct message to others is left out, and not counted).
+    async fn history(
+        &self,
+        tenant: &str,
+        room: &str,
+        from: &HistoryFrom,
+        limit: usize,
+        now: DateTime<Utc>,
+        viewer: Option<&str>,
+    ) -> Result<Vec<Message>> {
+        self.history_page(tenant, room, from, limit, now, viewer, usize::MAX).await
+    }
 
-    /// One page of connection records, expired ones included (the sweeper wants those), after
-    /// the connection id `after`. The next page starts after the last one returned; fewer than
-    /// `limit` means the end. A record that does not decode is passed over (logged and counted):
-    /// the page is filled from the records after it.
-    async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>>;
+    /// [`HistoryStore::history`] that also stops once the messages' text (as delivered) passes
+    /// `max_bytes`: the message that passes it is the last one read and given, so a caller that
+    /// fits the answer in a frame of `max_bytes` always finds more than fits and says `next`.
+    /// DynamoDB reads in pages of 4, 8, 16, … items, so a page of big messages reads about what
+    /// one frame returns rather than `limit` of them.
+    #[allow(clippy::too_many_arguments, reason = "history's arguments and the byte budget")]
+    async fn history_page(
+        &self,
+        tenant: &str,
+        room: &str,
+        from: &HistoryFrom,
+        limit: usize,
+        now: DateTime<Utc>,
+        viewer: Option<&str>,
+        max_bytes: usize,
+    ) -> Result<Vec<Message>>;
+}
 
-    /// The connections of one sweep shard last seen before `cutoff`, through the sparse `sweep`
-    /// index (connections only, by `lastSeenAt`): the stale ones, and nothing else is read.
-    async fn stale_connections(&self, shard: u32, cutoff: DateTime<Utc>) -> Result<Vec<Connection>>;
-
-    /// The present users' presence items of one sweep shard, through the `sweep` index (present
-    /// users only: no message, connection or tombstone is read). Items written before the index
-    /// are not there until their next write.
-    async fn present_users(&self, shard: u32) -> Result<Vec<crate::model::Presence>>;
-
-    /// Takes the sweeper's lease for run `owner` until `until` (epoch seconds) if no run holds
-    /// it at `now`, and answers the shard the last run stopped at; `None`: another run holds it.
-    async fn take_sweep_lease(&self, now: i64, until: i64, owner: &str) -> Result<Option<u32>>;
-
-    /// Records that run `owner` has swept up to `next_shard` (the shard the next run starts at),
-    /// and with `release` gives the lease back. Only while `owner` holds it: false, and nothing
-    /// written, when the lease ran out and another run took it.
-    async fn sweep_progress(&self, owner: &str, next_shard: u32, release: bool) -> Result<bool>;
-
-    /// The sweeper found the connection open at API Gateway: it is seen now (`lastSeenAt`), so
-    /// the next runs do not ask about it again until it has been silent for the idle limit.
-    async fn mark_seen(&self, connection_id: &str, now: DateTime<Utc>) -> Result<()>;
-
+/// The table's presence: who is present in a room, as state.
+#[async_trait]
+pub trait PresenceStore: Send + Sync {
     /// One page of present users' presence items (tombstones left out), every room's, after the
     /// item key `after` (`pk`, `sk`); fewer than `limit` means the end. For the sweeper's
     /// reconciliation; an item that does not decode is passed over (logged and counted).
@@ -189,43 +226,6 @@ pub trait Store: Send + Sync + 'static {
     /// Writes the sweeper's suspects onto a presence item (`p`, its `ver` one more than the
     /// one read), if the item is still as read. `Ok(false)`: it changed meanwhile.
     async fn put_presence_suspects(&self, p: &crate::model::Presence) -> Result<bool>;
-
-    /// Sets `status` on a connection; `None` when there is no such connection, or when its record
-    /// does not decode (logged and counted; the status is set all the same).
-    async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>>;
-
-    /// Writes an uploaded plugin: its chunks first, then its metadata (whose INSERT the processor
-    /// activates on, so every chunk is there by then).
-    async fn put_plugin(&self, meta: &PluginMeta, chunks: &[PluginChunk]) -> Result<()>;
-
-    /// The component's bytes, reassembled from its chunks; `None` when any chunk is missing or
-    /// does not decode (logged and counted): the version is refused as incomplete.
-    async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>>;
-
-    /// One uploaded version's metadata, by key (strongly consistent); `None` when there is no
-    /// such version or its record does not decode.
-    async fn plugin(&self, tenant: &str, version: &str) -> Result<Option<PluginMeta>>;
-
-    /// Every uploaded version of a tenant's plugin, oldest first; one whose record does not
-    /// decode is left out (logged and counted), as if it had never been uploaded.
-    async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>>;
-
-    /// Records the processor's verdict on a version (on its record as it is, decoding or not).
-    async fn set_plugin_status(
-        &self,
-        tenant: &str,
-        version: &str,
-        status: PluginStatus,
-        reason: Option<&str>,
-    ) -> Result<()>;
-
-    /// The tenant's active version, if any. A pointer that does not decode is `None` (logged and
-    /// counted): the tenant runs without a plugin, by the default rules, until the pointer is
-    /// written again, as when the active version's record or chunks are missing.
-    async fn active_plugin(&self, tenant: &str) -> Result<Option<PluginActive>>;
-
-    /// Points the tenant at a version, or (with `None`) at no plugin.
-    async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()>;
 
     /// Applies one membership record to the room's presence state, atomically (see
     /// [`crate::presence`]): the processor's, never a handler's.
@@ -274,7 +274,59 @@ pub trait Store: Send + Sync + 'static {
     /// The room's count of present users; `None` when no one has been present yet (or the item does
     /// not decode: logged and counted).
     async fn room_presence(&self, tenant: &str, room: &str) -> Result<Option<RoomPresence>>;
+}
 
+/// The table's plugins: uploaded versions, their bytes, the tenant's active one and its configuration.
+#[async_trait]
+pub trait PluginStore: Send + Sync {
+    /// Records on the `ACTIVE` pointer whether the version it names decides joins (only if it
+    /// still names `version`).
+    async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> Result<()>;
+
+    /// Writes an uploaded plugin: its chunks first, then its metadata (whose INSERT the processor
+    /// activates on, so every chunk is there by then).
+    async fn put_plugin(&self, meta: &PluginMeta, chunks: &[PluginChunk]) -> Result<()>;
+
+    /// The component's bytes, reassembled from its chunks; `None` when any chunk is missing or
+    /// does not decode (logged and counted): the version is refused as incomplete.
+    async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>>;
+
+    /// One uploaded version's metadata, by key (strongly consistent); `None` when there is no
+    /// such version or its record does not decode.
+    async fn plugin(&self, tenant: &str, version: &str) -> Result<Option<PluginMeta>>;
+
+    /// Every uploaded version of a tenant's plugin, oldest first; one whose record does not
+    /// decode is left out (logged and counted), as if it had never been uploaded.
+    async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>>;
+
+    /// Records the processor's verdict on a version (on its record as it is, decoding or not).
+    async fn set_plugin_status(
+        &self,
+        tenant: &str,
+        version: &str,
+        status: PluginStatus,
+        reason: Option<&str>,
+    ) -> Result<()>;
+
+    /// The tenant's active version, if any. A pointer that does not decode is `None` (logged and
+    /// counted): the tenant runs without a plugin, by the default rules, until the pointer is
+    /// written again, as when the active version's record or chunks are missing.
+    async fn active_plugin(&self, tenant: &str) -> Result<Option<PluginActive>>;
+
+    /// Points the tenant at a version, or (with `None`) at no plugin.
+    async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()>;
+
+    /// The tenant's plugin configuration, if any (strongly consistent: read with the `ACTIVE`
+    /// pointer).
+    async fn plugin_config(&self, tenant: &str) -> Result<Option<crate::model::PluginConfig>>;
+
+    /// Replaces the tenant's plugin configuration; an empty one deletes the item.
+    async fn put_plugin_config(&self, config: &crate::model::PluginConfig) -> Result<()>;
+}
+
+/// The table's tenants: settings and identity (token keys).
+#[async_trait]
+pub trait TenantStore: Send + Sync {
     /// A tenant's settings; `None` when unset (or the item does not decode: logged and counted).
     async fn tenant_settings(&self, tenant: &str) -> Result<Option<TenantSettings>>;
 
@@ -285,51 +337,62 @@ pub trait Store: Send + Sync + 'static {
     async fn put_tenant_identity(&self, identity: &crate::model::TenantIdentity) -> Result<()>;
 
     async fn put_tenant_settings(&self, settings: &TenantSettings) -> Result<()>;
+}
+
+/// The table's upkeep: rate-limit counters, the sweeper's shards and lease, fan-out progress.
+#[async_trait]
+pub trait UpkeepStore: Send + Sync {
+    /// Counts one more under a rate limit's `key` in `window` (a whole second since the epoch)
+    /// and answers the count, atomically across every caller ([`crate::limits`]). One
+    /// `UpdateItem ADD` on `LIMIT#{key}` / `W#{window}`, its TTL two minutes on.
+    async fn count_in_window(&self, key: &str, window: i64) -> Result<u64>;
+
+    /// The connections of one sweep shard last seen before `cutoff`, through the sparse `sweep`
+    /// index (connections only, by `lastSeenAt`): the stale ones, and nothing else is read.
+    async fn stale_connections(&self, shard: u32, cutoff: DateTime<Utc>) -> Result<Vec<Connection>>;
+
+    /// The present users' presence items of one sweep shard, through the `sweep` index (present
+    /// users only: no message, connection or tombstone is read). Items written before the index
+    /// are not there until their next write.
+    async fn present_users(&self, shard: u32) -> Result<Vec<crate::model::Presence>>;
+
+    /// Takes the sweeper's lease for run `owner` until `until` (epoch seconds) if no run holds
+    /// it at `now`, and answers the shard the last run stopped at; `None`: another run holds it.
+    async fn take_sweep_lease(&self, now: i64, until: i64, owner: &str) -> Result<Option<u32>>;
+
+    /// Records that run `owner` has swept up to `next_shard` (the shard the next run starts at),
+    /// and with `release` gives the lease back. Only while `owner` holds it: false, and nothing
+    /// written, when the lease ran out and another run took it.
+    async fn sweep_progress(&self, owner: &str, next_shard: u32, release: bool) -> Result<bool>;
+
+    /// The sweeper found the connection open at API Gateway: it is seen now (`lastSeenAt`), so
+    /// the next runs do not ask about it again until it has been silent for the idle limit.
+    async fn mark_seen(&self, connection_id: &str, now: DateTime<Utc>) -> Result<()>;
 
     /// How far a big fan-out got ([`crate::model::FanoutProgress`]), strongly consistent.
     async fn fanout_progress(&self, key: &str) -> Result<Option<crate::model::FanoutProgress>>;
 
     async fn put_fanout_progress(&self, progress: &crate::model::FanoutProgress) -> Result<()>;
+}
 
-    /// The tenant's plugin configuration, if any (strongly consistent: read with the `ACTIVE`
-    /// pointer).
-    async fn plugin_config(&self, tenant: &str) -> Result<Option<crate::model::PluginConfig>>;
+/// The whole table: every port, as both adapters (and any wrapper of them) implement it. Code
+/// that needs one concern takes that port; most take `Arc<dyn Store>` and call any of them.
+pub trait Store:
+    ConnectionStore + MembershipStore + HistoryStore + PresenceStore + PluginStore + TenantStore + UpkeepStore + 'static
+{
+}
 
-    /// Replaces the tenant's plugin configuration; an empty one deletes the item.
-    async fn put_plugin_config(&self, config: &crate::model::PluginConfig) -> Result<()>;
-
-    /// Up to `limit` live messages of the room on the side of `from` it names, oldest first in
-    /// the answer either way; one that does not decode is left out (logged and counted) and does
-    /// not count to `limit`. With a `viewer`, only the messages that user was sent
-    /// ([`Message::visible_to`]: a direct message to others is left out, and not counted).
-    async fn history(
-        &self,
-        tenant: &str,
-        room: &str,
-        from: &HistoryFrom,
-        limit: usize,
-        now: DateTime<Utc>,
-        viewer: Option<&str>,
-    ) -> Result<Vec<Message>> {
-        self.history_page(tenant, room, from, limit, now, viewer, usize::MAX).await
-    }
-
-    /// [`Store::history`] that also stops once the messages' text (as delivered) passes
-    /// `max_bytes`: the message that passes it is the last one read and given, so a caller that
-    /// fits the answer in a frame of `max_bytes` always finds more than fits and says `next`.
-    /// DynamoDB reads in pages of 4, 8, 16, … items, so a page of big messages reads about what
-    /// one frame returns rather than `limit` of them.
-    #[allow(clippy::too_many_arguments, reason = "history's arguments and the byte budget")]
-    async fn history_page(
-        &self,
-        tenant: &str,
-        room: &str,
-        from: &HistoryFrom,
-        limit: usize,
-        now: DateTime<Utc>,
-        viewer: Option<&str>,
-        max_bytes: usize,
-    ) -> Result<Vec<Message>>;
+impl<
+    T: ConnectionStore
+        + MembershipStore
+        + HistoryStore
+        + PresenceStore
+        + PluginStore
+        + TenantStore
+        + UpkeepStore
+        + 'static,
+> Store for T
+{
 }
 
 /// Who is in a room. The table answers (every [`Store`] is one); replay may answer from the

@@ -17,8 +17,8 @@ use aws_lambda_events::dynamodb::EventRecord;
 use serde::de::DeserializeOwned;
 use serde_dynamo::{AttributeValue, Item};
 
-use crate::model::TTL_PRINCIPAL;
 use crate::model::{Connection, Membership, Message, PluginActive, PluginMeta};
+use crate::model::{ItemKind, TTL_PRINCIPAL};
 
 /// A decoded table record.
 #[derive(Clone, Debug, PartialEq)]
@@ -187,62 +187,31 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
     fn typed<T: DeserializeOwned>(image: &Item, pk: &str, sk: &str, which: &str) -> Result<T, String> {
         serde_dynamo::from_item(image.clone()).map_err(|e| format!("{pk}/{sk}: {which} does not decode: {e}"))
     }
-    if pk.starts_with("CONN#") && sk == crate::model::CONNECTION_SK {
-        typed(image, pk, sk, which).map(Record::Connection)
-    } else if pk.starts_with("ROOM#") && sk.starts_with("CONN#") {
-        typed(image, pk, sk, which).map(Record::Membership)
-    } else if pk.starts_with("ROOM#") && sk.starts_with("MSG#") && image.contains_key("keptIn") {
+    let Some(kind) = ItemKind::of(pk, sk) else {
+        return Err(format!("{pk}/{sk}: not a record type this processor handles"));
+    };
+    let state = |kind: &'static str, tenant: &str| Ok(Record::State { tenant: tenant.to_string(), kind });
+    match kind {
+        ItemKind::Connection => typed(image, pk, sk, which).map(Record::Connection),
+        ItemKind::Membership => typed(image, pk, sk, which).map(Record::Membership),
         // A routed message's copy, kept for another room's history: delivered already.
-        Ok(Record::State {
-            tenant: pk["ROOM#".len()..].split('#').next().unwrap_or_default().to_string(),
-            kind: "kept-copy",
-        })
-    } else if pk.starts_with("ROOM#") && sk.starts_with("MSG#") {
-        typed(image, pk, sk, which).map(Record::Message)
-    } else if pk.starts_with("ROOM#") && sk.starts_with("SIG#") {
-        typed(image, pk, sk, which).map(Record::Signal)
-    } else if let Some(room) = pk.strip_prefix("PRESENCE#").or_else(|| pk.strip_prefix("ROOM#"))
-        && (sk.starts_with("USER#") || sk == crate::model::ROOM_PRESENCE_SK)
-    {
-        // Presence lives under `PRESENCE#`; items under the room's key are from before (their
-        // TTL deletions still come by).
-        let tenant = room.split('#').next().unwrap_or_default().to_string();
-        Ok(Record::State {
-            tenant,
-            kind: if sk == crate::model::ROOM_PRESENCE_SK { "room-presence" } else { "presence" },
-        })
-    } else if let Some(room) = pk.strip_prefix("ROSTER#")
-        && sk == crate::model::ROSTER_VERSION_SK
-    {
-        Ok(Record::State { tenant: room.split('#').next().unwrap_or_default().to_string(), kind: "roster" })
-    } else if let Some(key) = pk.strip_prefix("LIMIT#") {
-        Ok(Record::State { tenant: key.split('#').next().unwrap_or_default().to_string(), kind: "limit" })
-    } else if pk == crate::model::SWEEPER_PK {
-        Ok(Record::State { tenant: String::new(), kind: "sweeper" })
-    } else if pk.starts_with("FANOUT#") && sk == crate::model::FANOUT_PROGRESS_SK {
-        Ok(Record::State { tenant: String::new(), kind: "fanout" })
-    } else if let Some(rest) = pk.strip_prefix("IDEM#")
-        && sk == crate::model::IDEMPOTENCY_SK
-    {
-        Ok(Record::State { tenant: rest.split('#').next().unwrap_or_default().to_string(), kind: "idempotency" })
-    } else if let Some(tenant) = pk.strip_prefix("TENANT#") {
-        if sk == crate::model::SETTINGS_SK {
-            Ok(Record::State { tenant: tenant.to_string(), kind: "settings" })
-        } else if sk == crate::model::IDENTITY_SK {
-            Ok(Record::State { tenant: tenant.to_string(), kind: "identity" })
-        } else if sk == crate::model::PLUGIN_CONFIG_SK {
-            Ok(Record::State { tenant: tenant.to_string(), kind: "plugin-config" })
-        } else if sk == crate::model::PLUGIN_ACTIVE_SK {
-            typed(image, pk, sk, which).map(Record::PluginActive)
-        } else if sk.starts_with("PLUGIN#") && sk.ends_with("#META") {
-            typed(image, pk, sk, which).map(Record::Plugin)
-        } else if sk.starts_with("CHUNK#") || (sk.starts_with("PLUGIN#") && sk.contains("#CHUNK#")) {
-            Ok(Record::PluginChunk { tenant: tenant.to_string() })
-        } else {
-            Err(format!("{pk}/{sk}: not a record type this processor handles"))
-        }
-    } else {
-        Err(format!("{pk}/{sk}: not a record type this processor handles"))
+        ItemKind::Message if image.contains_key("keptIn") => state("kept-copy", kind.tenant(pk)),
+        ItemKind::Message => typed(image, pk, sk, which).map(Record::Message),
+        ItemKind::Signal => typed(image, pk, sk, which).map(Record::Signal),
+        ItemKind::PluginActive => typed(image, pk, sk, which).map(Record::PluginActive),
+        ItemKind::PluginMeta => typed(image, pk, sk, which).map(Record::Plugin),
+        ItemKind::PluginChunk => Ok(Record::PluginChunk { tenant: kind.tenant(pk).to_string() }),
+        // State the processor keeps for itself, or a tenant's settings: nothing to react to.
+        ItemKind::Presence
+        | ItemKind::RoomPresence
+        | ItemKind::Roster
+        | ItemKind::Limit
+        | ItemKind::Sweeper
+        | ItemKind::Fanout
+        | ItemKind::Idempotency
+        | ItemKind::Settings
+        | ItemKind::Identity
+        | ItemKind::PluginConfig => state(kind.name(), kind.tenant(pk)),
     }
 }
 

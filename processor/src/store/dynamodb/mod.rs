@@ -21,7 +21,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{HistoryFrom, MESSAGES_FROM, MESSAGES_TO, Result, Store, StoreError, decode_or_skip};
+use super::{
+    ConnectionStore, HistoryFrom, HistoryStore, MESSAGES_FROM, MESSAGES_TO, MembershipStore, PluginStore,
+    PresenceStore, Result, StoreError, TenantStore, UpkeepStore, decode_or_skip,
+};
 use crate::metrics::Metrics;
 use crate::model::{
     self, Connection, IdempotencyRecord, LeftReason, Membership, Message, PluginActive, PluginChunk, PluginMeta,
@@ -524,7 +527,7 @@ fn string_set(value: &str) -> AttributeValue {
 }
 
 #[async_trait]
-impl Store for DynamoStore {
+impl ConnectionStore for DynamoStore {
     async fn put_connection(&self, conn: &Connection, memberships: &[Membership]) -> Result<()> {
         let mut items = vec![self.put(encode(conn)?)?];
         for m in memberships {
@@ -565,6 +568,78 @@ impl Store for DynamoStore {
         Ok(out.attributes.filter(|a| !a.is_empty()).and_then(|item| self.decode(item)))
     }
 
+    async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()> {
+        let refresh = |key: DynamoItem, set: &str| {
+            let mut update = Update::builder()
+                .table_name(&self.table)
+                .set_key(Some(key))
+                .update_expression(set)
+                .condition_expression("attribute_exists(pk)")
+                .expression_attribute_names("#ttl", "ttl")
+                .expression_attribute_values(":ttl", AttributeValue::N(ttl.to_string()));
+            if set.contains(":seen") {
+                // sweepPk too: a connection written before the sweep index joins it on its next ping.
+                update = update
+                    .expression_attribute_values(":seen", s(&format_ts(&now)))
+                    .expression_attribute_values(":sp", s(&model::sweep_pk(&conn.connection_id)));
+            }
+            update.build().map_err(build_error).map(|u| TransactWriteItem::builder().update(u).build())
+        };
+        let mut items =
+            vec![refresh(connection_key(&conn.connection_id), "SET lastSeenAt = :seen, #ttl = :ttl, sweepPk = :sp")?];
+        for room in &conn.rooms {
+            items.push(refresh(membership_key(&conn.tenant, room, &conn.connection_id), "SET #ttl = :ttl")?);
+        }
+        self.transact("touch", &conn.connection_id, items).await
+    }
+
+    async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>> {
+        let mut found = Vec::new();
+        let spec = QuerySpec {
+            index: Some(GSI1),
+            key_condition: "gsi1pk = :u AND begins_with(gsi1sk, :conn)",
+            values: vec![(":u", s(&model::user_gsi1pk(tenant, user_id))), (":conn", s("CONN#"))],
+            ..QuerySpec::default()
+        };
+        self.query_all(spec, |item| {
+            if let Some(c) = self.decode::<Connection>(item)
+                && !is_expired(c.ttl, now)
+            {
+                found.push(c);
+            }
+            Ok(true)
+        })
+        .await?;
+        Ok(found)
+    }
+
+    async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>> {
+        self.scan_typed("scan", "#t = :type", "connection", limit, after.map(connection_key)).await
+    }
+
+    async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(connection_key(connection_id)))
+            .update_expression("SET #s = :s")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#s", "status")
+            .expression_attribute_values(":s", s(status))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(out) => Ok(out.attributes.and_then(|item| self.decode(item))),
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
+            Err(err) => Err(unavailable("update_item", err)),
+        }
+    }
+}
+
+#[async_trait]
+impl MembershipStore for DynamoStore {
     async fn join(&self, membership: &Membership) -> Result<bool> {
         // A pending join also marks the connection as one whose joins wait (it may have opened
         // before its tenant's plugin decided joins).
@@ -722,21 +797,6 @@ impl Store for DynamoStore {
         Ok(true)
     }
 
-    async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> Result<()> {
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.into())))
-            .update_expression("SET authorizesJoins = :a")
-            .condition_expression("version = :v")
-            .expression_attribute_values(":a", AttributeValue::Bool(authorizes))
-            .expression_attribute_values(":v", s(version))
-            .send()
-            .await;
-        written("update_item (active plugin joins)", result).map(|_| ())
-    }
-
     async fn leave(&self, connection_id: &str, tenant: &str, room: &str) -> Result<()> {
         let delete = Delete::builder()
             .table_name(&self.table)
@@ -757,31 +817,6 @@ impl Store for DynamoStore {
         ];
         self.transact("leave", connection_id, items).await?;
         self.bump_now(tenant, room).await
-    }
-
-    async fn touch(&self, conn: &Connection, now: DateTime<Utc>, ttl: i64) -> Result<()> {
-        let refresh = |key: DynamoItem, set: &str| {
-            let mut update = Update::builder()
-                .table_name(&self.table)
-                .set_key(Some(key))
-                .update_expression(set)
-                .condition_expression("attribute_exists(pk)")
-                .expression_attribute_names("#ttl", "ttl")
-                .expression_attribute_values(":ttl", AttributeValue::N(ttl.to_string()));
-            if set.contains(":seen") {
-                // sweepPk too: a connection written before the sweep index joins it on its next ping.
-                update = update
-                    .expression_attribute_values(":seen", s(&format_ts(&now)))
-                    .expression_attribute_values(":sp", s(&model::sweep_pk(&conn.connection_id)));
-            }
-            update.build().map_err(build_error).map(|u| TransactWriteItem::builder().update(u).build())
-        };
-        let mut items =
-            vec![refresh(connection_key(&conn.connection_id), "SET lastSeenAt = :seen, #ttl = :ttl, sweepPk = :sp")?];
-        for room in &conn.rooms {
-            items.push(refresh(membership_key(&conn.tenant, room, &conn.connection_id), "SET #ttl = :ttl")?);
-        }
-        self.transact("touch", &conn.connection_id, items).await
     }
 
     async fn room_members(&self, tenant: &str, room: &str, now: DateTime<Utc>) -> Result<Vec<Membership>> {
@@ -819,29 +854,6 @@ impl Store for DynamoStore {
         self.bump_now(tenant, room).await
     }
 
-    async fn count_in_window(&self, key: &str, window: i64) -> Result<u64> {
-        let out = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(&model::limit_pk(key)))
-            .key("sk", s(&format!("W#{window}")))
-            .update_expression("ADD n :one SET #ttl = :ttl, #type = :type")
-            .expression_attribute_names("#ttl", "ttl")
-            .expression_attribute_names("#type", "type")
-            .expression_attribute_values(":one", AttributeValue::N("1".into()))
-            .expression_attribute_values(":ttl", AttributeValue::N((window + 120).to_string()))
-            .expression_attribute_values(":type", s("limit"))
-            .return_values(aws_sdk_dynamodb::types::ReturnValue::UpdatedNew)
-            .send()
-            .await
-            .map_err(|e| unavailable("update_item (rate limit)", e))?;
-        Ok(match out.attributes.as_ref().and_then(|a| a.get("n")) {
-            Some(AttributeValue::N(n)) => n.parse().unwrap_or(u64::MAX),
-            _ => u64::MAX,
-        })
-    }
-
     async fn roster_version(&self, tenant: &str, room: &str) -> Result<Option<u64>> {
         let out = self
             .client
@@ -858,7 +870,10 @@ impl Store for DynamoStore {
             _ => None,
         }))
     }
+}
 
+#[async_trait]
+impl HistoryStore for DynamoStore {
     async fn put_message(&self, message: &Message) -> Result<()> {
         self.client
             .put_item()
@@ -881,130 +896,114 @@ impl Store for DynamoStore {
         Ok(())
     }
 
-    async fn user_connections(&self, tenant: &str, user_id: &str, now: DateTime<Utc>) -> Result<Vec<Connection>> {
-        let mut found = Vec::new();
+    async fn history_page(
+        &self,
+        tenant: &str,
+        room: &str,
+        from: &HistoryFrom,
+        limit: usize,
+        now: DateTime<Utc>,
+        viewer: Option<&str>,
+        max_bytes: usize,
+    ) -> Result<Vec<Message>> {
+        let mut bytes = 0usize;
+        // BETWEEN is inclusive: the cursor's own key is dropped below.
+        let (lo, hi, cursor, newest_first) = match from {
+            HistoryFrom::Latest => (MESSAGES_FROM, MESSAGES_TO, None, true),
+            HistoryFrom::Before(sk) => (MESSAGES_FROM, sk.as_str(), Some(sk.as_str()), true),
+            HistoryFrom::After(sk) => (sk.as_str(), MESSAGES_TO, Some(sk.as_str()), false),
+        };
+        if lo >= hi {
+            return Ok(Vec::new());
+        }
+        let mut page = Vec::new();
         let spec = QuerySpec {
-            index: Some(GSI1),
-            key_condition: "gsi1pk = :u AND begins_with(gsi1sk, :conn)",
-            values: vec![(":u", s(&model::user_gsi1pk(tenant, user_id))), (":conn", s("CONN#"))],
+            key_condition: "pk = :pk AND sk BETWEEN :lo AND :hi",
+            values: vec![(":pk", s(&model::room_pk(tenant, room))), (":lo", s(lo)), (":hi", s(hi))],
+            newest_first,
+            // Items that do not decode or have expired are rare; the cursor's own item is one more.
+            page_size: i32::try_from(limit.saturating_add(2)).ok(),
+            growing: max_bytes < usize::MAX,
             ..QuerySpec::default()
         };
         self.query_all(spec, |item| {
-            if let Some(c) = self.decode::<Connection>(item)
-                && !is_expired(c.ttl, now)
+            let is_cursor = matches!((cursor, item.get("sk")), (Some(c), Some(AttributeValue::S(sk))) if sk == c);
+            if !is_cursor
+                && let Some(m) = self.decode::<Message>(item)
+                && !is_expired(m.ttl, now)
+                && m.rejected.is_none()
+                && m.visible_to(viewer)
             {
-                found.push(c);
+                bytes = bytes.saturating_add(m.delivered_body.as_ref().unwrap_or(&m.body).len());
+                page.push(m);
             }
-            Ok(true)
+            Ok(page.len() < limit && bytes <= max_bytes)
         })
         .await?;
-        Ok(found)
+        if newest_first {
+            page.reverse();
+        }
+        Ok(page)
     }
 
-    async fn scan_connections(&self, limit: usize, after: Option<&str>) -> Result<Vec<Connection>> {
-        self.scan_typed("scan", "#t = :type", "connection", limit, after.map(connection_key)).await
-    }
-
-    async fn stale_connections(&self, shard: u32, cutoff: DateTime<Utc>) -> Result<Vec<Connection>> {
-        let mut found = Vec::new();
-        let spec = QuerySpec {
-            index: Some(SWEEP_INDEX),
-            key_condition: "sweepPk = :s AND lastSeenAt < :cutoff",
-            values: vec![(":s", s(&model::sweep_shard_pk(shard))), (":cutoff", s(&model::format_ts(&cutoff)))],
-            page_size: Some(500),
-            ..QuerySpec::default()
-        };
-        self.query_all(spec, |item| {
-            if let Some(conn) = self.decode::<Connection>(item) {
-                found.push(conn);
-            }
-            Ok(true)
-        })
-        .await?;
-        Ok(found)
-    }
-
-    async fn present_users(&self, shard: u32) -> Result<Vec<Presence>> {
-        let mut found = Vec::new();
-        let spec = QuerySpec {
-            index: Some(SWEEP_INDEX),
-            key_condition: "sweepPk = :s",
-            values: vec![(":s", s(&format!("SWEEP#P{shard:02}")))],
-            page_size: Some(500),
-            ..QuerySpec::default()
-        };
-        self.query_all(spec, |item| {
-            if let Some(p) = self.decode::<Presence>(item).filter(|p| p.present()) {
-                found.push(p);
-            }
-            Ok(true)
-        })
-        .await?;
-        Ok(found)
-    }
-
-    async fn take_sweep_lease(&self, now: i64, until: i64, owner: &str) -> Result<Option<u32>> {
-        let result = self
+    async fn put_message_once(
+        &self,
+        message: &Message,
+        record: &IdempotencyRecord,
+        now: DateTime<Utc>,
+    ) -> Result<Message> {
+        let claim = self
             .client
-            .update_item()
+            .put_item()
             .table_name(&self.table)
-            .set_key(Some(key(model::SWEEPER_PK.into(), model::SWEEPER_LEASE_SK.into())))
-            .update_expression("SET #until = :until, #type = :type, #owner = :owner")
-            .condition_expression("attribute_not_exists(pk) OR #until < :now")
-            .expression_attribute_names("#until", "until")
-            .expression_attribute_names("#type", "type")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":owner", s(owner))
-            .expression_attribute_values(":until", AttributeValue::N(until.to_string()))
-            .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
-            .expression_attribute_values(":type", s("sweeper"))
-            .return_values(ReturnValue::AllNew)
+            .set_item(Some(encode(record)?))
+            .condition_expression("attribute_not_exists(pk) OR #ttl <= :now")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":now", AttributeValue::N(now.timestamp().to_string()))
             .send()
             .await;
-        match result {
-            Ok(out) => Ok(Some(match out.attributes.as_ref().and_then(|a| a.get("nextShard")) {
-                Some(AttributeValue::N(n)) => n.parse().unwrap_or(0) % model::SWEEP_SHARDS,
-                _ => 0,
-            })),
-            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
-            Err(err) => Err(unavailable("update_item (sweeper lease)", err)),
+        if written("put_item (idempotency key)", claim)? {
+            // Only if a repeat has not written it already (and the processor marked it).
+            self.put_if_absent(message).await?;
+            return Ok(message.clone());
         }
-    }
-
-    async fn sweep_progress(&self, owner: &str, next_shard: u32, release: bool) -> Result<bool> {
-        let mut update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key(model::SWEEPER_PK.into(), model::SWEEPER_LEASE_SK.into())))
-            .update_expression(if release { "SET #until = :zero, nextShard = :next" } else { "SET nextShard = :next" })
-            .condition_expression("#owner = :owner")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":owner", s(owner))
-            .expression_attribute_values(":next", AttributeValue::N(next_shard.to_string()));
-        if release {
-            update = update
-                .expression_attribute_names("#until", "until")
-                .expression_attribute_values(":zero", AttributeValue::N("0".into()));
+        let claimed: Option<IdempotencyRecord> =
+            self.get_typed("get_item (idempotency key)", key(record.pk.clone(), record.sk.clone())).await?;
+        let Some(claimed) = claimed else {
+            // Claimed, then gone (its TTL, or a record that does not decode): the caller retries.
+            return Err(StoreError::Unavailable(format!(
+                "idempotency key {} could not be read; try again",
+                record.key
+            )));
+        };
+        let original = &claimed.message;
+        if self.message(&original.tenant, &original.room, &original.sk, now).await?.is_none() {
+            // The first send claimed the key and died before its message: finish it.
+            self.put_if_absent(original).await?;
         }
-        written("update_item (sweeper lease)", update.send().await)
+        Ok(claimed.message)
     }
 
-    async fn mark_seen(&self, connection_id: &str, now: DateTime<Utc>) -> Result<()> {
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(connection_key(connection_id)))
-            .update_expression("SET lastSeenAt = :seen")
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_values(":seen", s(&format_ts(&now)))
-            .send()
-            .await;
-        // Deleted meanwhile ($disconnect): nothing to mark.
-        written("update_item (connection seen)", result).map(|_| ())
+    async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::model::Verdict) -> Result<()> {
+        let (name, value) = match verdict {
+            crate::model::Verdict::Rejected(reason) => ("rejected", s(reason)),
+            crate::model::Verdict::Rewritten(text) => ("deliveredBody", s(text)),
+            crate::model::Verdict::Audience(users) => {
+                ("onlyUsers", AttributeValue::L(users.iter().map(|u| s(u)).collect()))
+            }
+        };
+        self.mark(key(model::room_pk(tenant, room), sk.to_string()), name, value).await
     }
 
+    async fn message(&self, tenant: &str, room: &str, sk: &str, now: DateTime<Utc>) -> Result<Option<Message>> {
+        let message: Option<Message> =
+            self.get_typed("get_item (message)", key(model::room_pk(tenant, room), sk.to_string())).await?;
+        Ok(message.filter(|m| !is_expired(m.ttl, now)))
+    }
+}
+
+#[async_trait]
+impl PresenceStore for DynamoStore {
     async fn scan_presence(&self, limit: usize, after: Option<(String, String)>) -> Result<Vec<Presence>> {
         let filter = "#t = :type AND attribute_exists(connections)";
         self.scan_typed("scan (presence)", filter, "presence", limit, after.map(|(pk, sk)| key(pk, sk))).await
@@ -1013,162 +1012,6 @@ impl Store for DynamoStore {
     async fn put_presence_suspects(&self, p: &Presence) -> Result<bool> {
         let write = self.presence_write(key(p.pk.clone(), p.sk.clone()), Some(p), Guard::Version(p.ver - 1))?;
         self.write_plan(vec![write]).await
-    }
-
-    async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>> {
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(connection_key(connection_id)))
-            .update_expression("SET #s = :s")
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_names("#s", "status")
-            .expression_attribute_values(":s", s(status))
-            .return_values(ReturnValue::AllNew)
-            .send()
-            .await;
-        match result {
-            Ok(out) => Ok(out.attributes.and_then(|item| self.decode(item))),
-            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
-            Err(err) => Err(unavailable("update_item", err)),
-        }
-    }
-
-    async fn put_plugin(&self, meta: &PluginMeta, chunks: &[PluginChunk]) -> Result<()> {
-        for chunk in chunks {
-            self.client
-                .put_item()
-                .table_name(&self.table)
-                .set_item(Some(encode(chunk)?))
-                .send()
-                .await
-                .map_err(|e| unavailable("put_item (plugin chunk)", e))?;
-        }
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(encode(meta)?))
-            .send()
-            .await
-            .map_err(|e| unavailable("put_item (plugin)", e))?;
-        Ok(())
-    }
-
-    async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>> {
-        let mut bytes = Vec::new();
-        // Versions uploaded before chunks had their own prefix keep them under the old key.
-        let mut sk: fn(&str, usize) -> String = model::plugin_chunk_sk;
-        for index in 0..chunks {
-            let mut chunk = self.get_chunk(tenant, &sk(version, index)).await?;
-            if chunk.is_none() && index == 0 {
-                sk = model::legacy_plugin_chunk_sk;
-                chunk = self.get_chunk(tenant, &sk(version, index)).await?;
-            }
-            match chunk {
-                Some(chunk) => bytes.extend_from_slice(&chunk.data),
-                None => return Ok(None),
-            }
-        }
-        Ok(Some(bytes))
-    }
-
-    async fn plugin(&self, tenant: &str, version: &str) -> Result<Option<PluginMeta>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .consistent_read(true)
-            .set_key(Some(key(model::tenant_pk(tenant), model::plugin_meta_sk(version))))
-            .send()
-            .await
-            .map_err(|e| unavailable("get_item (plugin)", e))?;
-        Ok(out.item.and_then(|item| self.decode(item)))
-    }
-
-    async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>> {
-        let mut metas: Vec<PluginMeta> = Vec::new();
-        let spec = QuerySpec {
-            key_condition: "pk = :pk AND begins_with(sk, :plugin)",
-            // The chunks share the partition; only the metadata comes back.
-            filter: Some("#t = :meta"),
-            names: vec![("#t", "type")],
-            values: vec![(":pk", s(&model::tenant_pk(tenant))), (":plugin", s("PLUGIN#")), (":meta", s("plugin"))],
-            ..QuerySpec::default()
-        };
-        self.query_all(spec, |item| {
-            metas.extend(self.decode(item));
-            Ok(true)
-        })
-        .await?;
-        metas.sort_by_key(|m| m.uploaded_at);
-        Ok(metas)
-    }
-
-    async fn set_plugin_status(
-        &self,
-        tenant: &str,
-        version: &str,
-        status: PluginStatus,
-        reason: Option<&str>,
-    ) -> Result<()> {
-        let status = serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-        let mut update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key(model::tenant_pk(tenant), model::plugin_meta_sk(version))))
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_names("#s", "status")
-            .expression_attribute_values(":s", s(&status));
-        update = match reason {
-            Some(reason) => {
-                update.update_expression("SET #s = :s, reason = :r").expression_attribute_values(":r", s(reason))
-            }
-            None => update.update_expression("SET #s = :s REMOVE reason"),
-        };
-        match update.send().await {
-            Ok(_) => Ok(()),
-            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
-            Err(err) => Err(unavailable("update_item (plugin)", err)),
-        }
-    }
-
-    async fn active_plugin(&self, tenant: &str) -> Result<Option<PluginActive>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .consistent_read(true)
-            .set_key(Some(key(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.into())))
-            .send()
-            .await
-            .map_err(|e| unavailable("get_item (active plugin)", e))?;
-        Ok(out.item.and_then(|item| self.decode(item)))
-    }
-
-    async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()> {
-        match version {
-            Some(version) => {
-                self.client
-                    .put_item()
-                    .table_name(&self.table)
-                    .set_item(Some(encode(&PluginActive::new(tenant, version))?))
-                    .send()
-                    .await
-                    .map_err(|e| unavailable("put_item (active plugin)", e))?;
-            }
-            None => {
-                self.client
-                    .delete_item()
-                    .table_name(&self.table)
-                    .set_key(Some(key(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.into())))
-                    .send()
-                    .await
-                    .map_err(|e| unavailable("delete_item (active plugin)", e))?;
-            }
-        }
-        Ok(())
     }
 
     async fn apply_presence(&self, update: &PresenceUpdate) -> Result<PresenceOutcome> {
@@ -1371,7 +1214,189 @@ impl Store for DynamoStore {
         )
         .await
     }
+}
 
+#[async_trait]
+impl PluginStore for DynamoStore {
+    async fn set_authorizes_joins(&self, tenant: &str, version: &str, authorizes: bool) -> Result<()> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.into())))
+            .update_expression("SET authorizesJoins = :a")
+            .condition_expression("version = :v")
+            .expression_attribute_values(":a", AttributeValue::Bool(authorizes))
+            .expression_attribute_values(":v", s(version))
+            .send()
+            .await;
+        written("update_item (active plugin joins)", result).map(|_| ())
+    }
+
+    async fn put_plugin(&self, meta: &PluginMeta, chunks: &[PluginChunk]) -> Result<()> {
+        for chunk in chunks {
+            self.client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(encode(chunk)?))
+                .send()
+                .await
+                .map_err(|e| unavailable("put_item (plugin chunk)", e))?;
+        }
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(meta)?))
+            .send()
+            .await
+            .map_err(|e| unavailable("put_item (plugin)", e))?;
+        Ok(())
+    }
+
+    async fn plugin_bytes(&self, tenant: &str, version: &str, chunks: usize) -> Result<Option<Vec<u8>>> {
+        let mut bytes = Vec::new();
+        // Versions uploaded before chunks had their own prefix keep them under the old key.
+        let mut sk: fn(&str, usize) -> String = model::plugin_chunk_sk;
+        for index in 0..chunks {
+            let mut chunk = self.get_chunk(tenant, &sk(version, index)).await?;
+            if chunk.is_none() && index == 0 {
+                sk = model::legacy_plugin_chunk_sk;
+                chunk = self.get_chunk(tenant, &sk(version, index)).await?;
+            }
+            match chunk {
+                Some(chunk) => bytes.extend_from_slice(&chunk.data),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(bytes))
+    }
+
+    async fn plugin(&self, tenant: &str, version: &str) -> Result<Option<PluginMeta>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .set_key(Some(key(model::tenant_pk(tenant), model::plugin_meta_sk(version))))
+            .send()
+            .await
+            .map_err(|e| unavailable("get_item (plugin)", e))?;
+        Ok(out.item.and_then(|item| self.decode(item)))
+    }
+
+    async fn plugins(&self, tenant: &str) -> Result<Vec<PluginMeta>> {
+        let mut metas: Vec<PluginMeta> = Vec::new();
+        let spec = QuerySpec {
+            key_condition: "pk = :pk AND begins_with(sk, :plugin)",
+            // The chunks share the partition; only the metadata comes back.
+            filter: Some("#t = :meta"),
+            names: vec![("#t", "type")],
+            values: vec![(":pk", s(&model::tenant_pk(tenant))), (":plugin", s("PLUGIN#")), (":meta", s("plugin"))],
+            ..QuerySpec::default()
+        };
+        self.query_all(spec, |item| {
+            metas.extend(self.decode(item));
+            Ok(true)
+        })
+        .await?;
+        metas.sort_by_key(|m| m.uploaded_at);
+        Ok(metas)
+    }
+
+    async fn set_plugin_status(
+        &self,
+        tenant: &str,
+        version: &str,
+        status: PluginStatus,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let status = serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(model::tenant_pk(tenant), model::plugin_meta_sk(version))))
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#s", "status")
+            .expression_attribute_values(":s", s(&status));
+        update = match reason {
+            Some(reason) => {
+                update.update_expression("SET #s = :s, reason = :r").expression_attribute_values(":r", s(reason))
+            }
+            None => update.update_expression("SET #s = :s REMOVE reason"),
+        };
+        match update.send().await {
+            Ok(_) => Ok(()),
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
+            Err(err) => Err(unavailable("update_item (plugin)", err)),
+        }
+    }
+
+    async fn active_plugin(&self, tenant: &str) -> Result<Option<PluginActive>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .set_key(Some(key(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.into())))
+            .send()
+            .await
+            .map_err(|e| unavailable("get_item (active plugin)", e))?;
+        Ok(out.item.and_then(|item| self.decode(item)))
+    }
+
+    async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()> {
+        match version {
+            Some(version) => {
+                self.client
+                    .put_item()
+                    .table_name(&self.table)
+                    .set_item(Some(encode(&PluginActive::new(tenant, version))?))
+                    .send()
+                    .await
+                    .map_err(|e| unavailable("put_item (active plugin)", e))?;
+            }
+            None => {
+                self.client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .set_key(Some(key(model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.into())))
+                    .send()
+                    .await
+                    .map_err(|e| unavailable("delete_item (active plugin)", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn plugin_config(&self, tenant: &str) -> Result<Option<model::PluginConfig>> {
+        self.get_typed("get_item (plugin config)", key(model::tenant_pk(tenant), model::PLUGIN_CONFIG_SK.into())).await
+    }
+
+    async fn put_plugin_config(&self, config: &model::PluginConfig) -> Result<()> {
+        if config.values.is_empty() {
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(key(config.pk.clone(), config.sk.clone())))
+                .send()
+                .await
+                .map_err(|e| unavailable("delete_item (plugin config)", e))?;
+            return Ok(());
+        }
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(config)?))
+            .send()
+            .await
+            .map_err(|e| unavailable("put_item (plugin config)", e))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TenantStore for DynamoStore {
     async fn tenant_settings(&self, tenant: &str) -> Result<Option<TenantSettings>> {
         self.get_typed("get_item (tenant settings)", key(model::tenant_pk(tenant), model::SETTINGS_SK.into())).await
     }
@@ -1406,6 +1431,132 @@ impl Store for DynamoStore {
             .map_err(|e| unavailable("put_item (tenant settings)", e))?;
         Ok(())
     }
+}
+
+#[async_trait]
+impl UpkeepStore for DynamoStore {
+    async fn count_in_window(&self, key: &str, window: i64) -> Result<u64> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(&model::limit_pk(key)))
+            .key("sk", s(&format!("W#{window}")))
+            .update_expression("ADD n :one SET #ttl = :ttl, #type = :type")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_names("#type", "type")
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .expression_attribute_values(":ttl", AttributeValue::N((window + 120).to_string()))
+            .expression_attribute_values(":type", s("limit"))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::UpdatedNew)
+            .send()
+            .await
+            .map_err(|e| unavailable("update_item (rate limit)", e))?;
+        Ok(match out.attributes.as_ref().and_then(|a| a.get("n")) {
+            Some(AttributeValue::N(n)) => n.parse().unwrap_or(u64::MAX),
+            _ => u64::MAX,
+        })
+    }
+
+    async fn stale_connections(&self, shard: u32, cutoff: DateTime<Utc>) -> Result<Vec<Connection>> {
+        let mut found = Vec::new();
+        let spec = QuerySpec {
+            index: Some(SWEEP_INDEX),
+            key_condition: "sweepPk = :s AND lastSeenAt < :cutoff",
+            values: vec![(":s", s(&model::sweep_shard_pk(shard))), (":cutoff", s(&model::format_ts(&cutoff)))],
+            page_size: Some(500),
+            ..QuerySpec::default()
+        };
+        self.query_all(spec, |item| {
+            if let Some(conn) = self.decode::<Connection>(item) {
+                found.push(conn);
+            }
+            Ok(true)
+        })
+        .await?;
+        Ok(found)
+    }
+
+    async fn present_users(&self, shard: u32) -> Result<Vec<Presence>> {
+        let mut found = Vec::new();
+        let spec = QuerySpec {
+            index: Some(SWEEP_INDEX),
+            key_condition: "sweepPk = :s",
+            values: vec![(":s", s(&format!("SWEEP#P{shard:02}")))],
+            page_size: Some(500),
+            ..QuerySpec::default()
+        };
+        self.query_all(spec, |item| {
+            if let Some(p) = self.decode::<Presence>(item).filter(|p| p.present()) {
+                found.push(p);
+            }
+            Ok(true)
+        })
+        .await?;
+        Ok(found)
+    }
+
+    async fn take_sweep_lease(&self, now: i64, until: i64, owner: &str) -> Result<Option<u32>> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(model::SWEEPER_PK.into(), model::SWEEPER_LEASE_SK.into())))
+            .update_expression("SET #until = :until, #type = :type, #owner = :owner")
+            .condition_expression("attribute_not_exists(pk) OR #until < :now")
+            .expression_attribute_names("#until", "until")
+            .expression_attribute_names("#type", "type")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":owner", s(owner))
+            .expression_attribute_values(":until", AttributeValue::N(until.to_string()))
+            .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
+            .expression_attribute_values(":type", s("sweeper"))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(out) => Ok(Some(match out.attributes.as_ref().and_then(|a| a.get("nextShard")) {
+                Some(AttributeValue::N(n)) => n.parse().unwrap_or(0) % model::SWEEP_SHARDS,
+                _ => 0,
+            })),
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
+            Err(err) => Err(unavailable("update_item (sweeper lease)", err)),
+        }
+    }
+
+    async fn sweep_progress(&self, owner: &str, next_shard: u32, release: bool) -> Result<bool> {
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(model::SWEEPER_PK.into(), model::SWEEPER_LEASE_SK.into())))
+            .update_expression(if release { "SET #until = :zero, nextShard = :next" } else { "SET nextShard = :next" })
+            .condition_expression("#owner = :owner")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":owner", s(owner))
+            .expression_attribute_values(":next", AttributeValue::N(next_shard.to_string()));
+        if release {
+            update = update
+                .expression_attribute_names("#until", "until")
+                .expression_attribute_values(":zero", AttributeValue::N("0".into()));
+        }
+        written("update_item (sweeper lease)", update.send().await)
+    }
+
+    async fn mark_seen(&self, connection_id: &str, now: DateTime<Utc>) -> Result<()> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(connection_key(connection_id)))
+            .update_expression("SET lastSeenAt = :seen")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":seen", s(&format_ts(&now)))
+            .send()
+            .await;
+        // Deleted meanwhile ($disconnect): nothing to mark.
+        written("update_item (connection seen)", result).map(|_| ())
+    }
 
     async fn fanout_progress(&self, key: &str) -> Result<Option<model::FanoutProgress>> {
         self.get_typed(
@@ -1424,135 +1575,5 @@ impl Store for DynamoStore {
             .await
             .map_err(|e| unavailable("put_item (fan-out progress)", e))?;
         Ok(())
-    }
-
-    async fn plugin_config(&self, tenant: &str) -> Result<Option<model::PluginConfig>> {
-        self.get_typed("get_item (plugin config)", key(model::tenant_pk(tenant), model::PLUGIN_CONFIG_SK.into())).await
-    }
-
-    async fn put_plugin_config(&self, config: &model::PluginConfig) -> Result<()> {
-        if config.values.is_empty() {
-            self.client
-                .delete_item()
-                .table_name(&self.table)
-                .set_key(Some(key(config.pk.clone(), config.sk.clone())))
-                .send()
-                .await
-                .map_err(|e| unavailable("delete_item (plugin config)", e))?;
-            return Ok(());
-        }
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(encode(config)?))
-            .send()
-            .await
-            .map_err(|e| unavailable("put_item (plugin config)", e))?;
-        Ok(())
-    }
-
-    async fn history_page(
-        &self,
-        tenant: &str,
-        room: &str,
-        from: &HistoryFrom,
-        limit: usize,
-        now: DateTime<Utc>,
-        viewer: Option<&str>,
-        max_bytes: usize,
-    ) -> Result<Vec<Message>> {
-        let mut bytes = 0usize;
-        // BETWEEN is inclusive: the cursor's own key is dropped below.
-        let (lo, hi, cursor, newest_first) = match from {
-            HistoryFrom::Latest => (MESSAGES_FROM, MESSAGES_TO, None, true),
-            HistoryFrom::Before(sk) => (MESSAGES_FROM, sk.as_str(), Some(sk.as_str()), true),
-            HistoryFrom::After(sk) => (sk.as_str(), MESSAGES_TO, Some(sk.as_str()), false),
-        };
-        if lo >= hi {
-            return Ok(Vec::new());
-        }
-        let mut page = Vec::new();
-        let spec = QuerySpec {
-            key_condition: "pk = :pk AND sk BETWEEN :lo AND :hi",
-            values: vec![(":pk", s(&model::room_pk(tenant, room))), (":lo", s(lo)), (":hi", s(hi))],
-            newest_first,
-            // Items that do not decode or have expired are rare; the cursor's own item is one more.
-            page_size: i32::try_from(limit.saturating_add(2)).ok(),
-            growing: max_bytes < usize::MAX,
-            ..QuerySpec::default()
-        };
-        self.query_all(spec, |item| {
-            let is_cursor = matches!((cursor, item.get("sk")), (Some(c), Some(AttributeValue::S(sk))) if sk == c);
-            if !is_cursor
-                && let Some(m) = self.decode::<Message>(item)
-                && !is_expired(m.ttl, now)
-                && m.rejected.is_none()
-                && m.visible_to(viewer)
-            {
-                bytes = bytes.saturating_add(m.delivered_body.as_ref().unwrap_or(&m.body).len());
-                page.push(m);
-            }
-            Ok(page.len() < limit && bytes <= max_bytes)
-        })
-        .await?;
-        if newest_first {
-            page.reverse();
-        }
-        Ok(page)
-    }
-
-    async fn put_message_once(
-        &self,
-        message: &Message,
-        record: &IdempotencyRecord,
-        now: DateTime<Utc>,
-    ) -> Result<Message> {
-        let claim = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(encode(record)?))
-            .condition_expression("attribute_not_exists(pk) OR #ttl <= :now")
-            .expression_attribute_names("#ttl", "ttl")
-            .expression_attribute_values(":now", AttributeValue::N(now.timestamp().to_string()))
-            .send()
-            .await;
-        if written("put_item (idempotency key)", claim)? {
-            // Only if a repeat has not written it already (and the processor marked it).
-            self.put_if_absent(message).await?;
-            return Ok(message.clone());
-        }
-        let claimed: Option<IdempotencyRecord> =
-            self.get_typed("get_item (idempotency key)", key(record.pk.clone(), record.sk.clone())).await?;
-        let Some(claimed) = claimed else {
-            // Claimed, then gone (its TTL, or a record that does not decode): the caller retries.
-            return Err(StoreError::Unavailable(format!(
-                "idempotency key {} could not be read; try again",
-                record.key
-            )));
-        };
-        let original = &claimed.message;
-        if self.message(&original.tenant, &original.room, &original.sk, now).await?.is_none() {
-            // The first send claimed the key and died before its message: finish it.
-            self.put_if_absent(original).await?;
-        }
-        Ok(claimed.message)
-    }
-
-    async fn mark_message(&self, tenant: &str, room: &str, sk: &str, verdict: &crate::model::Verdict) -> Result<()> {
-        let (name, value) = match verdict {
-            crate::model::Verdict::Rejected(reason) => ("rejected", s(reason)),
-            crate::model::Verdict::Rewritten(text) => ("deliveredBody", s(text)),
-            crate::model::Verdict::Audience(users) => {
-                ("onlyUsers", AttributeValue::L(users.iter().map(|u| s(u)).collect()))
-            }
-        };
-        self.mark(key(model::room_pk(tenant, room), sk.to_string()), name, value).await
-    }
-
-    async fn message(&self, tenant: &str, room: &str, sk: &str, now: DateTime<Utc>) -> Result<Option<Message>> {
-        let message: Option<Message> =
-            self.get_typed("get_item (message)", key(model::room_pk(tenant, room), sk.to_string())).await?;
-        Ok(message.filter(|m| !is_expired(m.ttl, now)))
     }
 }
