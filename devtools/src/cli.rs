@@ -8,23 +8,20 @@
 //!   API), the way `roomcast dev --dynamodb-endpoint` does.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Config};
-use crate::metrics::Metrics;
-use crate::model::SystemClock;
-use crate::pipeline::run_from_stream;
-use crate::plugins::WithPlugins;
-use crate::store::dynamodb::{DynamoStore, create_table, wait_until_active};
-use crate::stream::poller::{StartAt, StreamPoller};
+use crate::config;
+use crate::store::dynamodb::DynamoStore;
 
 mod bench;
+mod operate;
 mod plugins;
+mod publish;
 mod replay;
 mod scaffold;
+mod tenant;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,32 +52,7 @@ enum Command {
     /// Publish a message into a room as a backend does: into a running `roomcast dev` (its
     /// `POST /publish`, with a token minted from --jwt-secret) or straight into a table. A deployed
     /// stack's endpoints take any HTTP client (README, "Publishing from a backend").
-    Publish {
-        #[arg(long)]
-        tenant: String,
-        #[arg(long)]
-        room: String,
-        /// The message.
-        message: String,
-        /// Who it is from (default: backend).
-        #[arg(long)]
-        user_id: Option<String>,
-        /// A repeat with the same key within the window sends nothing new and answers the first id.
-        #[arg(long)]
-        idempotency_key: Option<String>,
-        /// The HS256 secret the dev stack checks tokens against.
-        #[arg(long, env = "ROOMCAST_JWT_SECRET", default_value = "roomcast-dev-secret", hide_env_values = true)]
-        jwt_secret: String,
-        /// A deployed stack's endpoint: the `PublishUrl` output (the function URL; the request is
-        /// SigV4-signed with your AWS credentials) or, with --token, `TenantPublishUrl`.
-        #[arg(long, conflicts_with = "dev")]
-        endpoint: Option<String>,
-        /// A tenant's publish token (scope `publish`), for `TenantPublishUrl`.
-        #[arg(long, env = "ROOMCAST_PUBLISH_TOKEN", hide_env_values = true, requires = "endpoint")]
-        token: Option<String>,
-        #[command(flatten)]
-        target: PluginTargetArgs,
-    },
+    Publish(PublishArgs),
     /// A tenant's settings.
     Tenant {
         #[command(subcommand)]
@@ -137,6 +109,35 @@ enum Command {
         #[arg(long)]
         from_trim_horizon: bool,
     },
+}
+
+/// `roomcast publish`'s arguments.
+#[derive(Debug, clap::Args)]
+struct PublishArgs {
+    #[arg(long)]
+    pub(super) tenant: String,
+    #[arg(long)]
+    pub(super) room: String,
+    /// The message.
+    pub(super) message: String,
+    /// Who it is from (default: backend).
+    #[arg(long)]
+    pub(super) user_id: Option<String>,
+    /// A repeat with the same key within the window sends nothing new and answers the first id.
+    #[arg(long)]
+    pub(super) idempotency_key: Option<String>,
+    /// The HS256 secret the dev stack checks tokens against.
+    #[arg(long, env = "ROOMCAST_JWT_SECRET", default_value = "roomcast-dev-secret", hide_env_values = true)]
+    pub(super) jwt_secret: String,
+    /// A deployed stack's endpoint: the `PublishUrl` output (the function URL; the request is
+    /// SigV4-signed with your AWS credentials) or, with --token, `TenantPublishUrl`.
+    #[arg(long, conflicts_with = "dev")]
+    pub(super) endpoint: Option<String>,
+    /// A tenant's publish token (scope `publish`), for `TenantPublishUrl`.
+    #[arg(long, env = "ROOMCAST_PUBLISH_TOKEN", hide_env_values = true, requires = "endpoint")]
+    pub(super) token: Option<String>,
+    #[command(flatten)]
+    pub(super) target: PluginTargetArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -461,237 +462,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Capture(args) => replay::capture_main(args).await,
         Command::Bench(args) => bench::bench_main(args).await,
         Command::Replay(_) => unreachable!("main runs replay itself, for its exit status"),
-        Command::Plugin {
-            command:
-                PluginCommand::Upload {
-                    tenant,
-                    file,
-                    policy,
-                    fuel,
-                    memory_mib,
-                    deadline_ms,
-                    max_extra_rooms,
-                    max_only_users,
-                    target,
-                },
-        } => {
-            let bytes = crate::plugins::read_component(&file)?;
-            let policy = if policy == "closed" {
-                crate::model::FailurePolicy::Closed
-            } else {
-                crate::model::FailurePolicy::Open
-            };
-            let limits = crate::plugins::LimitOverrides {
-                fuel,
-                memory_mib,
-                deadline_ms,
-                max_extra_rooms,
-                max_only_users,
-                ..Default::default()
-            };
-            let meta = target
-                .target()
-                .await
-                .upload(&tenant, bytes, policy, limits)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: {e:#}", file.display()))?;
-            println!(
-                "uploaded {tenant} version {} ({} bytes, {} chunks, sha256 {})",
-                meta.version, meta.size, meta.chunks, meta.sha256
-            );
-            println!("the processor activates it; `roomcast plugin list --tenant {tenant}` shows the outcome");
-            Ok(())
-        }
-        Command::Publish { tenant, room, message, user_id, idempotency_key, jwt_secret, endpoint, token, target } => {
-            let body = serde_json::json!({
-                "tenant": tenant, "room": room, "message": message,
-                "user_id": user_id, "idempotency_key": idempotency_key,
-            });
-            let id = match (&endpoint, &target.dev) {
-                (Some(endpoint), _) => {
-                    publish_to_endpoint(endpoint, token.as_deref(), serde_json::to_vec(&body)?).await?
-                }
-                (None, Some(url)) => {
-                    let exp = chrono::Utc::now().timestamp() + 300;
-                    let claims = crate::auth::Claims {
-                        tenant: tenant.clone(),
-                        sub: "roomcast-cli".into(),
-                        exp,
-                        nbf: None,
-                        scope: Some("publish".into()),
-                        rooms: None,
-                        extra: Default::default(),
-                    };
-                    let token = crate::auth::mint(&claims, jwt_secret.as_bytes());
-                    let answer = crate::dev::api::request_as(
-                        url,
-                        http::Method::POST,
-                        "/publish",
-                        serde_json::to_vec(&body)?,
-                        Some(&token),
-                    )
-                    .await?;
-                    answer["id"].as_str().unwrap_or_default().to_string()
-                }
-                (None, None) => {
-                    let deps = crate::publish::PublishDeps {
-                        store: Arc::new(table_store(&target.table).await),
-                        clock: Arc::new(crate::model::SystemClock),
-                        history_ttl_seconds: std::env::var("HISTORY_TTL_SECONDS")
-                            .ok()
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(7 * 86_400),
-                        idempotency_window_seconds: crate::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
-                        // The operator's publish: no tenant limit applies.
-                        limits: Default::default(),
-                    };
-                    crate::publish::publish(&deps, &crate::publish::Caller::Operator, &serde_json::to_vec(&body)?)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{e}"))?
-                }
-            };
-            println!("published {id} into {tenant}/{room}");
-            Ok(())
-        }
-        Command::Tenant { command: TenantCommand::Show { tenant, target } } => {
-            let settings = target.target().await.settings(&tenant).await?;
-            println!("{}", serde_json::to_string_pretty(&settings)?);
-            Ok(())
-        }
-        Command::Tenant { command: TenantCommand::Set { tenant, presence_announce_max_users, limits, target } } => {
-            // What is given changes; every other setting stays as it was.
-            crate::model::Name::parse("tenant", &tenant).map_err(anyhow::Error::msg)?;
-            let target = target.target().await;
-            let mut settings = target.settings(&tenant).await?;
-            if presence_announce_max_users.is_some() {
-                settings.presence_announce_max_users = presence_announce_max_users;
-            }
-            settings.rate_limits.extend(limits);
-            target.set_settings(&settings).await?;
-            println!("{}", serde_json::to_string_pretty(&settings)?);
-            Ok(())
-        }
-        Command::Tenant {
-            command: TenantCommand::Identity { tenant, jwks_url, issuer, audience, hs256_secret_env, clear, target },
-        } => {
-            let target = target.target().await;
-            let mut identity = target.identity(&tenant).await?;
-            if clear {
-                identity.hs256_secret = None;
-                identity.jwks_url = None;
-                identity.issuer = None;
-                identity.audience = None;
-            }
-            if let Some(url) = jwks_url {
-                identity.jwks_url = Some(url);
-                identity.hs256_secret = None;
-            }
-            if let Some(var) = hs256_secret_env {
-                let secret = std::env::var(&var).map_err(|_| anyhow::anyhow!("{var} is not set"))?;
-                identity.hs256_secret = Some(secret);
-                identity.jwks_url = None;
-            }
-            if issuer.is_some() {
-                identity.issuer = issuer;
-            }
-            if audience.is_some() {
-                identity.audience = audience;
-            }
-            target.set_identity(&identity).await?;
-            identity.hs256_secret = identity.hs256_secret.map(|_| "(set)".into());
-            println!("{}", serde_json::to_string_pretty(&identity)?);
-            Ok(())
-        }
-        Command::Tenant { command: TenantCommand::Revoke { tenant, token_id, until, user, all, target } } => {
-            anyhow::ensure!(
-                token_id.is_some() || user.is_some() || all,
-                "name what to revoke: --token-id, --user or --all"
-            );
-            let target = target.target().await;
-            let mut identity = target.identity(&tenant).await?;
-            anyhow::ensure!(
-                identity.hs256_secret.is_some() || identity.jwks_url.is_some(),
-                "{tenant} has no identity of its own: its tokens are the deployment's (rotate the shared secret, \
-                 or give it one with `roomcast tenant identity`)"
-            );
-            let now = chrono::Utc::now().timestamp();
-            if let (Some(id), Some(until)) = (&token_id, until) {
-                identity.revoke_id(id, until, now);
-            }
-            if let Some(user) = &user {
-                identity.users_revoked_before.insert(user.clone(), now);
-            }
-            if all {
-                identity.revoked_before = Some(now);
-            }
-            target.set_identity(&identity).await?;
-            println!("revoked; authorizers apply it within 30 s");
-            Ok(())
-        }
-        Command::Plugin { command: PluginCommand::List { tenant, target } } => {
-            let (active, versions) = target.target().await.list(&tenant).await?;
-            plugins::print_list(active.as_ref().map(|(v, joins)| (v.as_str(), *joins)), &versions);
-            Ok(())
-        }
-        Command::Plugin { command: PluginCommand::Activate { tenant, version, target } } => {
-            target.target().await.set_active(&tenant, Some(&version)).await?;
-            println!("{tenant} now runs version {version}");
-            Ok(())
-        }
-        Command::Plugin { command: PluginCommand::Disable { tenant, target } } => {
-            target.target().await.set_active(&tenant, None).await?;
-            println!("{tenant} runs without a plugin");
-            Ok(())
-        }
-        Command::Plugin { command: PluginCommand::Config { command } } => match command {
-            ConfigCommand::Set { tenant, pairs, target } => {
-                let target = target.target().await;
-                let mut values = target.config(&tenant).await?;
-                values.extend(plugins::parse_pairs(&pairs)?);
-                println!("{}", serde_json::to_string_pretty(&target.set_config(&tenant, values).await?)?);
-                Ok(())
-            }
-            ConfigCommand::Get { tenant, key, target } => {
-                let values = target.target().await.config(&tenant).await?;
-                match key {
-                    Some(key) => match values.get(&key) {
-                        Some(value) => println!("{value}"),
-                        None => anyhow::bail!("{tenant} has no configuration key {key:?}"),
-                    },
-                    None => println!("{}", serde_json::to_string_pretty(&values)?),
-                }
-                Ok(())
-            }
-            ConfigCommand::Unset { tenant, keys, target } => {
-                let target = target.target().await;
-                let mut values = target.config(&tenant).await?;
-                for key in &keys {
-                    values.remove(key);
-                }
-                println!("{}", serde_json::to_string_pretty(&target.set_config(&tenant, values).await?)?);
-                Ok(())
-            }
-        },
-        Command::Plugin { command: PluginCommand::New { name, dir, sdk_path } } => {
-            let written = crate::cli::scaffold::new_plugin(&name, &dir, sdk_path.as_deref())?;
-            println!("wrote {}", written.display());
-            Ok(())
-        }
-        Command::Plugin { command: PluginCommand::Test { file, event, config, fuel, deadline_ms, memory_mib } } => {
-            let config = config.as_deref().map(plugins::read_config).transpose()?.unwrap_or_default();
-            let limits = crate::plugins::Limits {
-                fuel,
-                deadline: Duration::from_millis(deadline_ms),
-                memory_bytes: memory_mib << 20,
-                ..crate::plugins::Limits::default()
-            };
-            // The plugin host blocks its caller's thread while guest code runs: not this
-            // runtime's worker.
-            let clean = tokio::task::spawn_blocking(move || plugins::test(&file, &event, &limits, config))
-                .await
-                .map_err(|e| anyhow::anyhow!("the plugin test did not complete: {e}"))??;
-            if clean { Ok(()) } else { anyhow::bail!("the plugin faulted") }
-        }
+        Command::Plugin { command } => plugins::run(command).await,
+        Command::Publish(args) => publish::run(args).await,
+        Command::Tenant { command } => tenant::run(command).await,
         Command::Token { tenant, user, secret, ttl, scope, rooms } => {
             crate::model::Name::parse("tenant", &tenant).map_err(|e| anyhow::anyhow!(e))?;
             let exp = chrono::Utc::now().timestamp() + ttl;
@@ -704,77 +477,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Admin { event, table, management_endpoint } => {
-            let event: serde_json::Value =
-                serde_json::from_str(&event).map_err(|e| anyhow::anyhow!("the event is not JSON: {e}"))?;
-            let sdk = config::load_aws().await;
-            let client = config::dynamodb_client(&sdk, table.dynamodb_endpoint.as_deref());
-            let store = Arc::new(DynamoStore::new(client, &table.table));
-            let clock: Arc<dyn crate::model::Clock> = Arc::new(SystemClock);
-            let delivery = crate::deliver::DeliverySettings {
-                endpoint_override: management_endpoint,
-                ..crate::deliver::DeliverySettings::default()
-            };
-            let deliverer =
-                crate::assembly::Assembly::new(sdk, store.clone(), clock.clone(), Arc::new(Metrics::default()))
-                    .with_delivery(delivery)
-                    .deliverer();
-            let admin = crate::admin::Admin {
-                store,
-                deliverer: Arc::new(deliverer),
-                clock,
-                idle_limit: Duration::from_secs(600),
-                presence_grace: Duration::from_secs(crate::presence::RECONCILE_GRACE_SECONDS as u64),
-                connection_ttl: Duration::from_secs(
-                    std::env::var("CONNECTION_TTL_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3600),
-                ),
-            };
-            let answer = admin.handle(&event).await;
-            println!("{}", serde_json::to_string_pretty(&answer)?);
-            if answer["statusCode"] == 200 {
-                Ok(())
-            } else {
-                anyhow::bail!("the operation answered {}", answer["statusCode"])
-            }
-        }
-        Command::Table { command: TableCommand::Create { table } } => {
-            let sdk = config::load_aws().await;
-            let client = config::dynamodb_client(&sdk, table.dynamodb_endpoint.as_deref());
-            let info = create_table(&client, &table.table).await?;
-            let verb = if info.created { "created" } else { "already exists:" };
-            println!("table {verb} {} (stream {})", info.name, info.stream_arn);
-            Ok(())
-        }
+        Command::Admin { event, table, management_endpoint } => operate::admin(event, table, management_endpoint).await,
+        Command::Table { command: TableCommand::Create { table } } => operate::create(table).await,
         Command::Poll { table, management_endpoint, from_trim_horizon } => {
-            let config = Config::from_lookup(|name| match name {
-                "TABLE_NAME" => Some(table.table.clone()),
-                "DYNAMODB_ENDPOINT_URL" => table.dynamodb_endpoint.clone(),
-                "ROOMCAST_MANAGEMENT_ENDPOINT" => management_endpoint.clone(),
-                other => std::env::var(other).ok(),
-            })?;
-            let sdk = config::load_aws().await;
-            let client = config::dynamodb_client(&sdk, config.dynamodb_endpoint.as_deref());
-            let stream_arn = wait_until_active(&client, &config.table_name).await?;
-            let metrics = Arc::new(Metrics::default());
-            let store = Arc::new(DynamoStore::new(client, &config.table_name).with_metrics(metrics.clone()));
-            // Tenant plugins as in the Lambda: the deployment's limits, cache bound and artifacts.
-            let registry = Arc::new(crate::plugins::registry::Registry::from_config(&config, metrics.clone())?);
-            let processor =
-                crate::assembly::Assembly::from_config(&config, sdk.clone(), store, Arc::new(SystemClock), metrics)
-                    .processor()
-                    .with_plugins(registry);
-            let streams = config::streams_client(&sdk, config.dynamodb_endpoint.as_deref());
-            let start = if from_trim_horizon { StartAt::TrimHorizon } else { StartAt::Latest };
-            let mut poller = StreamPoller::new(streams, stream_arn.clone(), start);
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
-                let _ = stop.send(true);
-            });
-            eprintln!("processing stream {stream_arn}; Ctrl-C stops");
-            run_from_stream(&processor, &mut poller, Duration::from_millis(250), None, false, stopped).await?;
-            processor.counts().emit("roomcast.totals");
-            Ok(())
+            operate::poll(table, management_endpoint, from_trim_horizon).await
         }
     }
 }
@@ -869,83 +575,6 @@ fn account_settings(args: &DevArgs) -> crate::gateway::account::AccountSettings 
         quota,
         burst: args.management_burst,
     }
-}
-
-/// POSTs a publish to a deployed endpoint over HTTPS: with a tenant's bearer token, or signed
-/// with SigV4 (service `lambda`) for the IAM-authorized function URL. Answers the message id.
-async fn publish_to_endpoint(endpoint: &str, token: Option<&str>, body: Vec<u8>) -> anyhow::Result<String> {
-    use aws_credential_types::provider::ProvideCredentials;
-    use http_body_util::BodyExt;
-    let uri: http::Uri = endpoint.parse().map_err(|e| anyhow::anyhow!("--endpoint {endpoint:?}: {e}"))?;
-    let mut request = http::Request::builder()
-        .method(http::Method::POST)
-        .uri(&uri)
-        .header("content-type", "application/json")
-        .header("host", uri.authority().map(|a| a.as_str()).unwrap_or_default())
-        .body(body.clone())?;
-    match token {
-        Some(token) => {
-            let value = format!("Bearer {}", token.trim_start_matches("Bearer "));
-            request.headers_mut().insert("authorization", value.parse()?);
-        }
-        None => {
-            let sdk = config::load_aws().await;
-            let credentials = sdk
-                .credentials_provider()
-                .ok_or_else(|| anyhow::anyhow!("no AWS credentials to sign the request with (or pass --token)"))?
-                .provide_credentials()
-                .await?;
-            // A function URL names its region (`{id}.lambda-url.{region}.on.aws`); else the SDK's.
-            let host = uri.host().unwrap_or_default();
-            let region = host
-                .split('.')
-                .skip_while(|part| *part != "lambda-url")
-                .nth(1)
-                .map(str::to_string)
-                .or_else(|| sdk.region().map(|r| r.to_string()))
-                .unwrap_or_else(|| "us-east-1".into());
-            let identity = aws_smithy_runtime_api::client::identity::Identity::from(credentials);
-            let params = aws_sigv4::sign::v4::SigningParams::builder()
-                .identity(&identity)
-                .region(&region)
-                .name("lambda")
-                .time(std::time::SystemTime::now())
-                .settings(aws_sigv4::http_request::SigningSettings::default())
-                .build()?
-                .into();
-            let headers: Vec<(String, String)> = request
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or_default().to_string()))
-                .collect();
-            let signable = aws_sigv4::http_request::SignableRequest::new(
-                "POST",
-                endpoint,
-                headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-                aws_sigv4::http_request::SignableBody::Bytes(&body),
-            )?;
-            let (instructions, _) = aws_sigv4::http_request::sign(signable, &params)?.into_parts();
-            instructions.apply_to_request_http1x(&mut request);
-        }
-    }
-    let https = hyper_rustls::HttpsConnectorBuilder::new().with_native_roots()?.https_or_http().enable_http1().build();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build::<_, http_body_util::Full<bytes::Bytes>>(https);
-    let (parts, body) = request.into_parts();
-    let request = http::Request::from_parts(parts, http_body_util::Full::new(bytes::Bytes::from(body)));
-    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
-        .await
-        .map_err(|_| anyhow::anyhow!("{endpoint}: no answer within 30 s"))??;
-    let status = response.status();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    if !status.is_success() {
-        anyhow::bail!(
-            "{endpoint} answered {status}: {}",
-            answer["error"].as_str().unwrap_or(&String::from_utf8_lossy(&bytes))
-        );
-    }
-    answer["id"].as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("{endpoint} answered without an id"))
 }
 
 async fn table_store(table: &TableArgs) -> DynamoStore {

@@ -2,12 +2,14 @@
 //! DynamoDB table (AWS or any local endpoint) or a running `roomcast dev` (`--dev URL`, which
 //! reaches its embedded store through [`crate::dev::api`]).
 
+use std::time::Duration;
+
+use super::{ConfigCommand, PluginCommand};
 use crate::dev::api::request;
 use crate::model::{FailurePolicy, PluginMeta};
 use crate::plugins::{CallReport, JoinRequest, LimitOverrides, Message, PluginHost, WelcomeInfo};
 use crate::store::dynamodb::DynamoStore;
-use roomcast_core::store::PluginStore;
-use roomcast_core::store::TenantStore;
+use crate::store::{PluginStore, TenantStore};
 
 /// Where a plugin command acts.
 pub enum Target {
@@ -315,4 +317,112 @@ pub fn test(
         anyhow::bail!("the event needs a \"message\", a \"join\" or a \"welcome\" object");
     }
     Ok(clean)
+}
+
+/// `roomcast plugin …`.
+pub(super) async fn run(command: PluginCommand) -> anyhow::Result<()> {
+    match command {
+        PluginCommand::Upload {
+            tenant,
+            file,
+            policy,
+            fuel,
+            memory_mib,
+            deadline_ms,
+            max_extra_rooms,
+            max_only_users,
+            target,
+        } => {
+            let bytes = crate::plugins::read_component(&file)?;
+            let policy = if policy == "closed" {
+                crate::model::FailurePolicy::Closed
+            } else {
+                crate::model::FailurePolicy::Open
+            };
+            let limits = crate::plugins::LimitOverrides {
+                fuel,
+                memory_mib,
+                deadline_ms,
+                max_extra_rooms,
+                max_only_users,
+                ..Default::default()
+            };
+            let meta = target
+                .target()
+                .await
+                .upload(&tenant, bytes, policy, limits)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e:#}", file.display()))?;
+            println!(
+                "uploaded {tenant} version {} ({} bytes, {} chunks, sha256 {})",
+                meta.version, meta.size, meta.chunks, meta.sha256
+            );
+            println!("the processor activates it; `roomcast plugin list --tenant {tenant}` shows the outcome");
+            Ok(())
+        }
+        PluginCommand::List { tenant, target } => {
+            let (active, versions) = target.target().await.list(&tenant).await?;
+            print_list(active.as_ref().map(|(v, joins)| (v.as_str(), *joins)), &versions);
+            Ok(())
+        }
+        PluginCommand::Activate { tenant, version, target } => {
+            target.target().await.set_active(&tenant, Some(&version)).await?;
+            println!("{tenant} now runs version {version}");
+            Ok(())
+        }
+        PluginCommand::Disable { tenant, target } => {
+            target.target().await.set_active(&tenant, None).await?;
+            println!("{tenant} runs without a plugin");
+            Ok(())
+        }
+        PluginCommand::Config { command } => match command {
+            ConfigCommand::Set { tenant, pairs, target } => {
+                let target = target.target().await;
+                let mut values = target.config(&tenant).await?;
+                values.extend(parse_pairs(&pairs)?);
+                println!("{}", serde_json::to_string_pretty(&target.set_config(&tenant, values).await?)?);
+                Ok(())
+            }
+            ConfigCommand::Get { tenant, key, target } => {
+                let values = target.target().await.config(&tenant).await?;
+                match key {
+                    Some(key) => match values.get(&key) {
+                        Some(value) => println!("{value}"),
+                        None => anyhow::bail!("{tenant} has no configuration key {key:?}"),
+                    },
+                    None => println!("{}", serde_json::to_string_pretty(&values)?),
+                }
+                Ok(())
+            }
+            ConfigCommand::Unset { tenant, keys, target } => {
+                let target = target.target().await;
+                let mut values = target.config(&tenant).await?;
+                for key in &keys {
+                    values.remove(key);
+                }
+                println!("{}", serde_json::to_string_pretty(&target.set_config(&tenant, values).await?)?);
+                Ok(())
+            }
+        },
+        PluginCommand::New { name, dir, sdk_path } => {
+            let written = crate::cli::scaffold::new_plugin(&name, &dir, sdk_path.as_deref())?;
+            println!("wrote {}", written.display());
+            Ok(())
+        }
+        PluginCommand::Test { file, event, config, fuel, deadline_ms, memory_mib } => {
+            let config = config.as_deref().map(read_config).transpose()?.unwrap_or_default();
+            let limits = crate::plugins::Limits {
+                fuel,
+                deadline: Duration::from_millis(deadline_ms),
+                memory_bytes: memory_mib << 20,
+                ..crate::plugins::Limits::default()
+            };
+            // The plugin host blocks its caller's thread while guest code runs: not this
+            // runtime's worker.
+            let clean = tokio::task::spawn_blocking(move || test(&file, &event, &limits, config))
+                .await
+                .map_err(|e| anyhow::anyhow!("the plugin test did not complete: {e}"))??;
+            if clean { Ok(()) } else { anyhow::bail!("the plugin faulted") }
+        }
+    }
 }

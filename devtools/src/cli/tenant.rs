@@ -1,0 +1,83 @@
+//! `roomcast tenant …`: a tenant's settings, its identity (its own token keys) and revocations,
+//! against a table or a running `roomcast dev`.
+
+use super::TenantCommand;
+
+/// `roomcast tenant …`.
+pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
+    match command {
+        TenantCommand::Show { tenant, target } => {
+            let settings = target.target().await.settings(&tenant).await?;
+            println!("{}", serde_json::to_string_pretty(&settings)?);
+            Ok(())
+        }
+        TenantCommand::Set { tenant, presence_announce_max_users, limits, target } => {
+            // What is given changes; every other setting stays as it was.
+            crate::model::Name::parse("tenant", &tenant).map_err(anyhow::Error::msg)?;
+            let target = target.target().await;
+            let mut settings = target.settings(&tenant).await?;
+            if presence_announce_max_users.is_some() {
+                settings.presence_announce_max_users = presence_announce_max_users;
+            }
+            settings.rate_limits.extend(limits);
+            target.set_settings(&settings).await?;
+            println!("{}", serde_json::to_string_pretty(&settings)?);
+            Ok(())
+        }
+        TenantCommand::Identity { tenant, jwks_url, issuer, audience, hs256_secret_env, clear, target } => {
+            let target = target.target().await;
+            let mut identity = target.identity(&tenant).await?;
+            if clear {
+                identity.hs256_secret = None;
+                identity.jwks_url = None;
+                identity.issuer = None;
+                identity.audience = None;
+            }
+            if let Some(url) = jwks_url {
+                identity.jwks_url = Some(url);
+                identity.hs256_secret = None;
+            }
+            if let Some(var) = hs256_secret_env {
+                let secret = std::env::var(&var).map_err(|_| anyhow::anyhow!("{var} is not set"))?;
+                identity.hs256_secret = Some(secret);
+                identity.jwks_url = None;
+            }
+            if issuer.is_some() {
+                identity.issuer = issuer;
+            }
+            if audience.is_some() {
+                identity.audience = audience;
+            }
+            target.set_identity(&identity).await?;
+            identity.hs256_secret = identity.hs256_secret.map(|_| "(set)".into());
+            println!("{}", serde_json::to_string_pretty(&identity)?);
+            Ok(())
+        }
+        TenantCommand::Revoke { tenant, token_id, until, user, all, target } => {
+            anyhow::ensure!(
+                token_id.is_some() || user.is_some() || all,
+                "name what to revoke: --token-id, --user or --all"
+            );
+            let target = target.target().await;
+            let mut identity = target.identity(&tenant).await?;
+            anyhow::ensure!(
+                identity.hs256_secret.is_some() || identity.jwks_url.is_some(),
+                "{tenant} has no identity of its own: its tokens are the deployment's (rotate the shared secret, \
+                 or give it one with `roomcast tenant identity`)"
+            );
+            let now = chrono::Utc::now().timestamp();
+            if let (Some(id), Some(until)) = (&token_id, until) {
+                identity.revoke_id(id, until, now);
+            }
+            if let Some(user) = &user {
+                identity.users_revoked_before.insert(user.clone(), now);
+            }
+            if all {
+                identity.revoked_before = Some(now);
+            }
+            target.set_identity(&identity).await?;
+            println!("revoked; authorizers apply it within 30 s");
+            Ok(())
+        }
+    }
+}
