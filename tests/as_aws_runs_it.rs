@@ -6,10 +6,7 @@
 //! and a failed record retried from where the processor said. Big rooms' jobs go through a FIFO
 //! queue on moto's SQS to the `fanout` binary, fed as Lambda's SQS event source feeds it.
 
-use roomcast::store::ConnectionStore;
-use roomcast::store::MembershipStore;
-use roomcast::store::PluginStore;
-use roomcast::store::TenantStore;
+use roomcast::store::{ConnectionStore, MembershipStore, PluginStore, TenantStore};
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -9,8 +9,7 @@
 //! Delivering is measured by `roomcast bench` (docs/PERFORMANCE.md): these must stay a small
 //! fraction of it.
 
-use roomcast::store::ConnectionStore;
-use roomcast::store::HistoryStore;
+use roomcast::store::{ConnectionStore, HistoryStore};
 use std::collections::BTreeSet;
 use std::hint::black_box;
 

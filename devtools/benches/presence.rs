@@ -8,8 +8,7 @@
 //!
 //! docs/PERFORMANCE.md reports the two as a ratio measured in one run.
 
-use roomcast::store::ConnectionStore;
-use roomcast::store::PresenceStore;
+use roomcast::store::{ConnectionStore, PresenceStore};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -17,9 +17,7 @@
 //!
 //! Nothing here opens a WebSocket: the client side of fan-out is API Gateway's work, not ours.
 
-use roomcast_core::store::ConnectionStore;
-use roomcast_core::store::HistoryStore;
-use roomcast_core::store::MembershipStore;
+use crate::store::{ConnectionStore, HistoryStore, MembershipStore};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

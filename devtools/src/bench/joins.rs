@@ -22,8 +22,7 @@
 //!   per join and per second over one partition's 1,000. `--one-by-one` applies presence one
 //!   record at a time (two reads and a write each), as before runs.
 
-use roomcast_core::store::ConnectionStore;
-use roomcast_core::store::HistoryStore;
+use crate::store::{ConnectionStore, HistoryStore};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
