@@ -20,8 +20,8 @@ use super::{
     Routing, Verdict, WelcomeInfo, root_cause, v01, v02,
 };
 
-/// A tenant's configuration as a call sees it (`roomcast plugin config set`).
-pub type ConfigValues = Arc<std::collections::BTreeMap<String, String>>;
+/// A tenant's configuration as a call sees it (`roomcast plugin config set`): the core's type.
+pub use roomcast_core::rules::ConfigValues;
 
 /// The store's state.
 pub struct State {

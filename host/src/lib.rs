@@ -60,17 +60,14 @@ pub use self::calls::MessageCalls;
 pub use self::instance::{ConfigValues, Instance, plain_routing};
 pub use self::lifecycle::{PluginRules, WithPlugins, upload};
 pub use self::v02::roomcast::plugin::host::Level;
-pub use crate::model::LimitOverrides;
-pub use crate::rules::{CEILING, CallRecord, CallReport, Limits};
+pub use roomcast_core::model::LimitOverrides;
+pub use roomcast_core::rules::{CEILING, CallRecord, CallReport, Limits};
 
 mod calls;
 mod instance;
 pub mod lambda;
 pub mod lifecycle;
 pub mod registry;
-
-// The core's modules, under the names this crate's code uses for them.
-use roomcast_core::{config, metrics, model, pipeline, protocol, react, rules, store, stream};
 
 use self::instance::State;
 
@@ -79,7 +76,7 @@ use self::instance::State;
 const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
 /// How often the epoch ticks: the granularity of the wall-clock deadline.
-pub(crate) const EPOCH_TICK: Duration = crate::rules::MIN_DEADLINE;
+pub(crate) const EPOCH_TICK: Duration = roomcast_core::rules::MIN_DEADLINE;
 
 /// A component that could not become a plugin. Found at upload or activation, never later.
 #[derive(Debug, thiserror::Error)]
