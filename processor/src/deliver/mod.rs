@@ -599,6 +599,19 @@ impl Deliverer {
     }
 }
 
+/// A recipient's deadlines: no call runs past `limit`, none starts after `start_limit`.
+struct Deadlines {
+    limit: Instant,
+    start_limit: Instant,
+}
+
+/// 429s in a row held against a client, and since when (not while the account is throttling).
+#[derive(Default)]
+struct Throttled {
+    since: Option<Instant>,
+    counted: u32,
+}
+
 /// How [`Inner::send`] ended.
 enum Sent {
     Done(Outcome),
@@ -636,120 +649,152 @@ impl Inner {
             return Ok(Sent::Done(Outcome::Unfinished(why)));
         };
         let mut slot = Some(first);
-        let started = Instant::now();
-        let own_deadline = started + self.settings.deadline;
+        let own_deadline = Instant::now() + self.settings.deadline;
         let limit = finish_by.map_or(own_deadline, |f| f.min(own_deadline));
-        let start_limit = start_by.map_or(own_deadline, |s| s.min(own_deadline)).min(limit);
+        let window =
+            Deadlines { limit, start_limit: start_by.map_or(own_deadline, |s| s.min(own_deadline)).min(limit) };
         let mut backoff = self.settings.initial_backoff;
-        // 429s in a row, and since when they count against the client (not while the account
-        // is throttling).
-        let mut throttled_since: Option<Instant> = None;
-        let mut counted = 0u32;
+        let mut throttled = Throttled::default();
         loop {
             let slot = match slot.take() {
                 Some(slot) => Ok(slot),
                 None => {
-                    tokio::time::timeout_at(start_limit.into(), self.limit.acquire(self.streak(&to.connection_id)))
-                        .await
+                    let streak = self.streak(&to.connection_id);
+                    tokio::time::timeout_at(window.start_limit.into(), self.limit.acquire(streak)).await
                 }
             };
             let attempt = match slot {
                 Err(_) => Attempt::Retry("no room for another call in flight before the deadline".into()),
-                Ok(slot) if Instant::now() >= start_limit => {
-                    drop(slot);
-                    Attempt::Retry("no time left to start another call".into())
-                }
-                Ok(slot) => {
-                    let left = limit.saturating_duration_since(Instant::now());
-                    let call = client.post_to_connection().connection_id(&to.connection_id).data(body.clone()).send();
-                    let attempt = match tokio::time::timeout(left.min(self.settings.call_timeout), call).await {
-                        Ok(Ok(_)) => Attempt::Ok,
-                        Ok(Err(err)) => classify(err),
-                        Err(_) => {
-                            Attempt::Retry(format!("no response within {:?}", left.min(self.settings.call_timeout)))
-                        }
-                    };
-                    slot.finish(match &attempt {
-                        Attempt::Retry(why) if why.starts_with("429") => Finished::Throttled,
-                        Attempt::Retry(_) => Finished::NoAnswer,
-                        Attempt::Ok | Attempt::Gone | Attempt::GiveUp(_) => Finished::Answered,
-                    });
-                    attempt
-                }
+                Ok(slot) => self.attempt(&client, to, &body, slot, &window).await,
             };
-            let why_retry = match attempt {
-                Attempt::Ok => {
-                    Metrics::add(&self.metrics.delivered, 1);
-                    return Ok(Sent::Done(Outcome::Delivered));
-                }
-                Attempt::Gone => {
-                    let age = self.clock.now() - to.connected_at;
-                    if age.to_std().unwrap_or_default() >= self.settings.young_connection {
-                        tracing::info!(connection_id = %to.connection_id, "410 Gone: deleting the stale connection");
-                        self.store.delete_connection(&to.connection_id, Some(LeftReason::Gone)).await?;
-                        Metrics::add(&self.metrics.gone, 1);
-                        return Ok(Sent::Done(Outcome::Gone));
-                    }
-                    if set_aside_young {
-                        Metrics::add(&self.metrics.retried, 1);
-                        tracing::debug!(connection_id = %to.connection_id, "410 for a young connection: retrying beside the batch");
-                        return Ok(Sent::Young);
-                    }
-                    format!("410 for a connection {}ms old: its $connect may still be running", age.num_milliseconds())
-                }
-                Attempt::Retry(why) => why,
-                Attempt::GiveUp(why) => {
-                    tracing::warn!(connection_id = %to.connection_id, reason = %why, "giving up on recipient");
-                    Metrics::add(&self.metrics.failed, 1);
-                    return Ok(Sent::Done(Outcome::Failed(why)));
-                }
+            let why_retry = match self.judge(to, attempt, set_aside_young).await? {
+                Ok(sent) => return Ok(sent),
+                Err(why) => why,
             };
             if why_retry.starts_with("429") {
-                Metrics::add(&self.metrics.throttled, 1);
-                self.note_429(&to.connection_id);
-                if self.limit.account_throttled() {
-                    // The account's quota, not this client: retried, never held against it.
-                    Metrics::add(&self.metrics.account_throttled, 1);
-                    throttled_since = None;
-                    counted = 0;
-                } else {
-                    let since = *throttled_since.get_or_insert_with(Instant::now);
-                    counted += 1;
-                    // Slow: 429s for the whole budget, and on enough attempts that a slot's wait
-                    // between them cannot make two 429s look like two seconds of them.
-                    if since.elapsed() >= self.settings.slow_consumer && counted >= limit::STREAK {
-                        // One more question before blaming the client: a `GetConnection` that
-                        // answers 429 too says the account is throttled (its buffer is not).
-                        if self.account_says_throttled(to, limit).await {
-                            Metrics::add(&self.metrics.account_throttled, 1);
-                            throttled_since = None;
-                            counted = 0;
-                        } else {
-                            return Ok(Sent::Slow);
-                        }
-                    }
+                if self.throttled_too_long(to, &mut throttled, window.limit).await {
+                    return Ok(Sent::Slow);
                 }
             } else {
                 self.clear_streak(&to.connection_id);
-                throttled_since = None;
-                counted = 0;
+                throttled = Throttled::default();
             }
-            if Instant::now() + backoff > start_limit {
-                let why = format!("deadline of {:?} passed; last: {why_retry}", self.settings.deadline);
-                if start_limit < own_deadline {
-                    let why = format!("the invocation's time ran out; last: {why_retry}");
-                    tracing::warn!(connection_id = %to.connection_id, reason = %why, "recipient unfinished");
-                    return Ok(Sent::Done(Outcome::Unfinished(why)));
-                }
-                tracing::warn!(connection_id = %to.connection_id, reason = %why, "giving up on recipient");
-                Metrics::add(&self.metrics.failed, 1);
-                return Ok(Sent::Done(Outcome::Failed(why)));
+            if Instant::now() + backoff > window.start_limit {
+                return Ok(Sent::Done(self.out_of_time(to, &why_retry, window.start_limit < own_deadline)));
             }
             tracing::debug!(connection_id = %to.connection_id, reason = %why_retry, ?backoff, "retrying");
             Metrics::add(&self.metrics.retried, 1);
             tokio::time::sleep(jitter(backoff)).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
+    }
+
+    /// One `PostToConnection` in `slot`, bounded by the recipient's window; its answer is told
+    /// to the adaptive limit.
+    async fn attempt(
+        &self,
+        client: &Client,
+        to: &Recipient,
+        body: &Blob,
+        slot: limit::Slot<'_>,
+        window: &Deadlines,
+    ) -> Attempt {
+        if Instant::now() >= window.start_limit {
+            drop(slot);
+            return Attempt::Retry("no time left to start another call".into());
+        }
+        let within = window.limit.saturating_duration_since(Instant::now()).min(self.settings.call_timeout);
+        let call = client.post_to_connection().connection_id(&to.connection_id).data(body.clone()).send();
+        let attempt = match tokio::time::timeout(within, call).await {
+            Ok(Ok(_)) => Attempt::Ok,
+            Ok(Err(err)) => classify(err),
+            Err(_) => Attempt::Retry(format!("no response within {within:?}")),
+        };
+        slot.finish(match &attempt {
+            Attempt::Retry(why) if why.starts_with("429") => Finished::Throttled,
+            Attempt::Retry(_) => Finished::NoAnswer,
+            Attempt::Ok | Attempt::Gone | Attempt::GiveUp(_) => Finished::Answered,
+        });
+        attempt
+    }
+
+    /// What an attempt means for the recipient: done (`Ok`), or why it is tried again (`Err`).
+    /// A 410 from a connection older than `young_connection` deletes it; from a young one (its
+    /// `$connect` may still be running) it is retried, here or, with `set_aside_young`, beside
+    /// the batch.
+    async fn judge(
+        &self,
+        to: &Recipient,
+        attempt: Attempt,
+        set_aside_young: bool,
+    ) -> Result<Result<Sent, String>, StoreError> {
+        Ok(Err(match attempt {
+            Attempt::Ok => {
+                Metrics::add(&self.metrics.delivered, 1);
+                return Ok(Ok(Sent::Done(Outcome::Delivered)));
+            }
+            Attempt::Gone => {
+                let age = self.clock.now() - to.connected_at;
+                if age.to_std().unwrap_or_default() >= self.settings.young_connection {
+                    tracing::info!(connection_id = %to.connection_id, "410 Gone: deleting the stale connection");
+                    self.store.delete_connection(&to.connection_id, Some(LeftReason::Gone)).await?;
+                    Metrics::add(&self.metrics.gone, 1);
+                    return Ok(Ok(Sent::Done(Outcome::Gone)));
+                }
+                if set_aside_young {
+                    Metrics::add(&self.metrics.retried, 1);
+                    tracing::debug!(connection_id = %to.connection_id, "410 for a young connection: retrying beside the batch");
+                    return Ok(Ok(Sent::Young));
+                }
+                format!("410 for a connection {}ms old: its $connect may still be running", age.num_milliseconds())
+            }
+            Attempt::Retry(why) => why,
+            Attempt::GiveUp(why) => {
+                tracing::warn!(connection_id = %to.connection_id, reason = %why, "giving up on recipient");
+                Metrics::add(&self.metrics.failed, 1);
+                return Ok(Ok(Sent::Done(Outcome::Failed(why))));
+            }
+        }))
+    }
+
+    /// A 429: counted against the client unless the account is throttling. True when the
+    /// client has answered 429 for the whole slow-consumer budget, on enough attempts that a
+    /// slot's wait between them cannot make two 429s look like two seconds of them, and a
+    /// `GetConnection` (whose buffer is not the client's) does not answer 429 too.
+    async fn throttled_too_long(&self, to: &Recipient, throttled: &mut Throttled, by: Instant) -> bool {
+        Metrics::add(&self.metrics.throttled, 1);
+        self.note_429(&to.connection_id);
+        if self.limit.account_throttled() {
+            // The account's quota, not this client: retried, never held against it.
+            Metrics::add(&self.metrics.account_throttled, 1);
+            *throttled = Throttled::default();
+            return false;
+        }
+        let since = *throttled.since.get_or_insert_with(Instant::now);
+        throttled.counted += 1;
+        if since.elapsed() < self.settings.slow_consumer || throttled.counted < limit::STREAK {
+            return false;
+        }
+        if self.account_says_throttled(to, by).await {
+            Metrics::add(&self.metrics.account_throttled, 1);
+            *throttled = Throttled::default();
+            return false;
+        }
+        true
+    }
+
+    /// No time for another attempt: unfinished when the batch's window ran out (the record is
+    /// redelivered), failed when the recipient's own deadline did.
+    fn out_of_time(&self, to: &Recipient, last: &str, batch_window: bool) -> Outcome {
+        if batch_window {
+            let why = format!("the invocation's time ran out; last: {last}");
+            tracing::warn!(connection_id = %to.connection_id, reason = %why, "recipient unfinished");
+            return Outcome::Unfinished(why);
+        }
+        let why = format!("deadline of {:?} passed; last: {last}", self.settings.deadline);
+        tracing::warn!(connection_id = %to.connection_id, reason = %why, "giving up on recipient");
+        Metrics::add(&self.metrics.failed, 1);
+        Outcome::Failed(why)
     }
 
     /// How many 429s in a row the connection has answered, across records.
