@@ -239,11 +239,17 @@ class Template(unittest.TestCase):
         for f in source["FilterCriteria"]["Filters"]:
             pattern = json.loads(f["Pattern"])
             prefixes |= {p["prefix"] for p in pattern["dynamodb"]["Keys"]["pk"]["S"]}
-        # What processor/src/stream/mod.rs decodes into a record it reacts to (not `State`).
+        # The item kinds processor/src/stream/mod.rs decodes into a record it reacts to (not
+        # `State`), and the `pk` prefixes table/src/model/keys.rs gives each kind.
         decoder = (TEMPLATE.parent / "processor/src/stream/mod.rs").read_text()
-        acted = set(re.findall(r'pk\.starts_with\("([A-Z]+#)"\)[^\n]*\n\s*typed', decoder))
-        acted |= {"TENANT#"} if "typed(image, pk, sk, which).map(Record::PluginActive)" in decoder else set()
-        self.assertTrue(acted, "the decoder's record kinds were found")
+        typed = set(re.findall(r"ItemKind::(\w+) => typed\(", decoder))
+        keys = (TEMPLATE.parent / "table/src/model/keys.rs").read_text()
+        prefixes_of = {}
+        for m in re.finditer(r'\(((?:"[A-Z]+"(?: \| )?)+), [^)]*\)[^\n=]*=> (?:\{\s*)?(\w+)', keys):
+            for prefix in re.findall(r'"([A-Z]+)"', m.group(1)):
+                prefixes_of.setdefault(m.group(2), set()).add(prefix + "#")
+        self.assertTrue(typed and typed <= set(prefixes_of), f"the decoder's record kinds were found: {typed}")
+        acted = set().union(*(prefixes_of[kind] for kind in typed))
         self.assertEqual(prefixes, acted)
         self.assertNotIn("LIMIT#", prefixes, "rate-limit counters never invoke the processor")
 
@@ -283,9 +289,9 @@ class Template(unittest.TestCase):
         self.assertIn(("AWS/Lambda", "Errors"), alarms)
         self.assertIn(("AWS/Lambda", "IteratorAge"), alarms)
         self.assertIn(("AWS/SQS", "ApproximateNumberOfMessagesVisible"), alarms)
-        # The processor's embedded metrics (processor/src/metrics.rs): each alarmed counter exists
+        # The processor's embedded metrics (table/src/metrics.rs): each alarmed counter exists
         # there, on the processor's FunctionName dimension.
-        counters = set(re.findall(r"^    ([a-z_]+),$", (TEMPLATE.parent / "processor/src/metrics.rs").read_text(), re.M))
+        counters = set(re.findall(r"^    ([a-z_]+),$", (TEMPLATE.parent / "table/src/metrics.rs").read_text(), re.M))
         own = {name: a["Properties"] for name, a in self.of_type("AWS::CloudWatch::Alarm").items()
                if a["Properties"]["Namespace"] == "Roomcast"}
         by_function = {}

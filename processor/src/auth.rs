@@ -108,8 +108,8 @@ impl Denied {
     }
 }
 
-/// The longest user id (`sub`) a token may carry, in bytes.
-pub const MAX_USER_ID_BYTES: usize = 128;
+/// The longest user id (`sub`) a token may carry, in bytes (the records' rule, [`crate::model`]).
+pub use crate::model::MAX_USER_ID_BYTES;
 
 /// Checks `token` against `secret` at `now` (epoch seconds).
 pub fn verify(token: &str, secret: &[u8], now: i64) -> Result<Claims, Denied> {

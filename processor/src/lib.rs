@@ -17,14 +17,14 @@
 //!
 //! | step | module | job |
 //! |------|--------|-----|
-//! | records | [`model`] | the single table's records and keys; validated names; the clock |
+//! | records | [`model`] | the single table's records and keys; validated names; the clock (crate `roomcast-table`, `table/`) |
 //! | write path | [`handlers`] | `$connect`, `$disconnect`, messages → records; route responses |
 //! | identity | [`identity`] | each tenant's tokens checked with its own key: an HS256 secret or its identity provider's JWKS |
 //! | rate limits | [`limits`] | per connection, user and tenant, counted in the table before a handler writes |
-//! | table | [`store`] | small ports by concern (connections, memberships, history, presence, plugins, tenants, upkeep), each with a DynamoDB adapter and an embedded one with a stream |
+//! | table | [`store`] | (`roomcast-table`) small ports by concern (connections, memberships, history, presence, plugins, tenants, upkeep), each with a DynamoDB adapter and an embedded one with a stream |
 //! | record → change | [`stream`] | decode stream records into typed [`stream::Change`]s; the batch runner; the Streams poller |
 //! | tenant rules | [`rules`] | the interface the pipeline asks before reacting: a message's verdict and route, who may join a room, a greeting (the plugin host implements it) |
-//! | presence | [`presence`] | who is in a room, as state: exactly one `joined`/`left` per user and room |
+//! | presence | [`presence`] | (`roomcast-table`) who is in a room, as state: exactly one `joined`/`left` per user and room |
 //! | who is in a room | [`roster`] | each container's copy of a room's members, trusted while the room's roster version stands |
 //! | effects | [`react`] | the reaction's vocabulary: `Effect`, `Recipient`, a room's fan-out, recovery and presence frames |
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries within the batch's window; 410 / 429 / 413 rules, slow consumers; big rooms' frames to the fan-out stage ([`deliver::stage`]) |
@@ -35,6 +35,9 @@
 //! [`auth`] (the `$connect` authorizer's rule), [`config`] (the environment), [`metrics`]
 //! (counts), [`lambda`] (the Lambda entry points of this crate).
 
+// The records, the protocol, presence and the table: crate `roomcast-table`, under the same names.
+pub use roomcast_table::{metrics, model, presence, protocol, store};
+
 pub mod admin;
 pub mod assembly;
 pub mod auth;
@@ -44,14 +47,9 @@ pub mod handlers;
 pub mod identity;
 pub mod lambda;
 pub mod limits;
-pub mod metrics;
-pub mod model;
 pub mod pipeline;
-pub mod presence;
-pub mod protocol;
 pub mod publish;
 pub mod react;
 pub mod roster;
 pub mod rules;
-pub mod store;
 pub mod stream;

@@ -119,3 +119,71 @@ pub struct TenantIdentity {
 }
 
 pub const IDENTITY_SK: &str = "IDENTITY";
+
+/// The most revoked token ids a tenant keeps (each until its token would have expired anyway).
+pub const MAX_REVOKED_IDS: usize = 1000;
+/// The most users whose tokens a tenant revokes by time (the item stays far under 400 KB).
+pub const MAX_REVOKED_USERS: usize = 2000;
+/// Plain http for a JWKS on this machine only (tests, a local stack).
+fn loopback_http(url: &str) -> bool {
+    ["http://127.0.0.1:", "http://127.0.0.1/", "http://localhost:", "http://localhost/", "http://[::1]:"]
+        .iter()
+        .any(|prefix| url.starts_with(prefix))
+}
+
+impl TenantIdentity {
+    pub fn new(tenant: &str) -> TenantIdentity {
+        TenantIdentity {
+            pk: tenant_pk(tenant),
+            sk: IDENTITY_SK.into(),
+            record_type: "identity".into(),
+            tenant: tenant.to_string(),
+            ..TenantIdentity::default()
+        }
+    }
+
+    /// What is wrong with these settings, if anything.
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.hs256_secret, &self.jwks_url) {
+            (Some(_), Some(_)) => return Err("a tenant's tokens are either HS256 or from a JWKS, not both".into()),
+            (Some(secret), None) if secret.len() < 32 => {
+                return Err("an HS256 secret must be at least 32 bytes".into());
+            }
+            (None, Some(url)) if !(url.starts_with("https://") || loopback_http(url)) => {
+                return Err(format!("the JWKS URL {url:?} is not https (plain http only on loopback, for tests)"));
+            }
+            (None, Some(_)) if self.issuer.is_none() => {
+                return Err("a JWKS needs the issuer its tokens carry (--issuer)".into());
+            }
+            // Tenants may share an identity provider (one user pool, an app client each): the
+            // audience is what tells their tokens apart.
+            (None, Some(_)) if self.audience.is_none() => {
+                return Err("a JWKS needs the audience its tokens carry for this tenant (--audience)".into());
+            }
+            _ => {}
+        }
+        if self.revoked_ids.len() > MAX_REVOKED_IDS {
+            return Err(format!("at most {MAX_REVOKED_IDS} revoked token ids"));
+        }
+        if self.users_revoked_before.len() > MAX_REVOKED_USERS {
+            return Err(format!(
+                "at most {MAX_REVOKED_USERS} users with revoked tokens: revoke the tenant's tokens (--all) instead"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Revokes one token id until `until` (its expiry), dropping ids whose tokens expired.
+    pub fn revoke_id(&mut self, jti: &str, until: i64, now: i64) {
+        self.revoked_ids.retain(|_, exp| *exp > now);
+        self.revoked_ids.insert(jti.to_string(), until);
+    }
+
+    /// Whether these settings refuse a token of `user` issued at `iat` with id `jti`.
+    pub fn revoked(&self, user: &str, iat: Option<i64>, jti: Option<&str>) -> bool {
+        let issued = iat.unwrap_or(i64::MIN);
+        self.revoked_before.is_some_and(|before| issued <= before)
+            || self.users_revoked_before.get(user).is_some_and(|before| issued <= *before)
+            || jti.is_some_and(|id| self.revoked_ids.contains_key(id))
+    }
+}

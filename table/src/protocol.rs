@@ -219,7 +219,7 @@ fn parse_fields(fields: &serde_json::Map<String, Value>) -> Result<Request, Fram
             };
             let after = match fields.get("after") {
                 None | Some(Value::Null) => None,
-                Some(Value::String(s)) if s.len() <= crate::auth::MAX_USER_ID_BYTES => Some(s.clone()),
+                Some(Value::String(s)) if s.len() <= crate::model::MAX_USER_ID_BYTES => Some(s.clone()),
                 Some(_) => {
                     return Err(FrameError::new(
                         ErrorCode::InvalidRequest,

@@ -126,7 +126,7 @@ pub fn user_gsi1pk(tenant: &str, user_id: &str) -> String {
 pub const TTL_PRINCIPAL: &str = "dynamodb.amazonaws.com";
 
 /// Every kind of item the table holds, told apart by its keys alone: the one list the stream
-/// decoder ([`crate::stream`]) and the stores' reads go by. A new record kind is added here
+/// decoder (`roomcast_core::stream`) and the stores' reads go by. A new record kind is added here
 /// first (its keys), then to the decoder's one match on it; forgetting the second is a compile
 /// error, not an item that streams in as unknown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

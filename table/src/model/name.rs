@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// The longest user id (a token's `sub`) a record may carry, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 128;
+
 /// A tenant or room name: 1–64 of `A-Z a-z 0-9 _ - . :`. Never contains the key separator `#`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Name(String);

@@ -1,0 +1,20 @@
+//! # Roomcast's table
+//!
+//! The records every Lambda reads and writes, and the one DynamoDB table they live in:
+//!
+//! | module | job |
+//! |--------|-----|
+//! | [`model`] | the records, their keys and [`model::ItemKind`] (which item a key names); validated names; the clock |
+//! | [`protocol`] | the client's frames, both ways |
+//! | [`presence`] | presence as state: the transitions the table applies, exactly one `joined`/`left` per user and room |
+//! | [`store`] | the table behind small ports by concern, each with a DynamoDB adapter and an embedded one with a stream |
+//! | [`metrics`] | the counters every part adds to |
+//!
+//! The write path and the processor (`roomcast-core`, re-exporting these modules under the same
+//! names) build on it; nothing here knows of either.
+
+pub mod metrics;
+pub mod model;
+pub mod presence;
+pub mod protocol;
+pub mod store;
