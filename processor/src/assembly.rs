@@ -3,7 +3,7 @@
 //! the tests all build theirs from an [`Assembly`], so a new setting is added here once and a
 //! mode (a dry run) is set once for the processor and everything it sends.
 //!
-//! ```ignore
+//! ```text
 //! let processor = Assembly::from_config(&config, sdk, store, clock, metrics).processor();
 //! ```
 //!

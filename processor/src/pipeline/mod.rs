@@ -346,13 +346,20 @@ impl Processor {
                 span.record("room", room);
             }
             let reaction = self.react_to(&change, record, lookups).await?;
-            let outcomes = match &change {
-                Change::Unknown { .. } => Vec::new(),
-                _ => {
-                    let (effects, pair) = (&reaction.effects, change.tenant_room_pair());
-                    self.perform(effects, window, &record.event_id, pair, reaction.room_size).await?
-                }
-            };
+            if let Change::Unknown { .. } = change {
+                // Skipped (and counted) in `react_to`: nothing to perform.
+                let Reaction { effects, plugin_calls, plugin_actions, presence, .. } = reaction;
+                return Ok(RecordReport {
+                    change,
+                    effects,
+                    outcomes: Vec::new(),
+                    plugin_calls,
+                    plugin_actions,
+                    presence,
+                });
+            }
+            let (effects, pair) = (&reaction.effects, change.tenant_room_pair());
+            let outcomes = self.perform(effects, window, &record.event_id, pair, reaction.room_size).await?;
             tracing::debug!(
                 effects = reaction.effects.len(),
                 recipients = outcomes.len(),

@@ -95,7 +95,7 @@ pub fn limit_pk(key: &str) -> String {
 /// presence writes and the memberships themselves each have a partition key's write units (two
 /// a join on each; see docs/PERFORMANCE.md, "A join storm"). Presence written before it lived
 /// here (under the room's key) is copied over the first time the processor handles the room
-/// (`Store::migrate_presence`).
+/// (`PresenceStore::migrate_presence`).
 pub fn presence_pk(tenant: &str, room: &str) -> String {
     format!("PRESENCE#{tenant}#{room}")
 }
@@ -171,7 +171,11 @@ impl ItemKind {
     /// The kind of the item with these keys; `None` for keys no record of ours has.
     pub fn of(pk: &str, sk: &str) -> Option<ItemKind> {
         use ItemKind::*;
-        let (prefix, _) = pk.split_once('#').unwrap_or((pk, ""));
+        let prefix = match pk.split_once('#') {
+            Some((prefix, _)) => prefix,
+            None if pk == SWEEPER_PK => pk,
+            None => return None,
+        };
         Some(match (prefix, sk) {
             ("CONN", CONNECTION_SK) => Connection,
             ("ROOM", sk) if sk.starts_with("CONN#") => Membership,
@@ -181,7 +185,7 @@ impl ItemKind {
             ("PRESENCE" | "ROOM", ROOM_PRESENCE_SK) => RoomPresence,
             ("ROSTER", ROSTER_VERSION_SK) => Roster,
             ("LIMIT", _) => Limit,
-            (SWEEPER_PK, _) => Sweeper,
+            (SWEEPER_PK, _) if pk == SWEEPER_PK => Sweeper,
             ("FANOUT", FANOUT_PROGRESS_SK) => Fanout,
             ("IDEM", IDEMPOTENCY_SK) => Idempotency,
             ("TENANT", SETTINGS_SK) => Settings,

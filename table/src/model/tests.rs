@@ -125,8 +125,16 @@ fn every_key_builder_makes_an_item_of_its_kind_with_its_tenant() {
         assert_eq!(ItemKind::of(&pk, &sk), Some(kind), "{pk}/{sk}");
         assert_eq!(kind.tenant(&pk), tenant, "{pk}/{sk}");
     }
-    for (pk, sk) in [("CONN#c1", "OTHER"), ("ROOM#acme#lobby", "NOPE#1"), ("TENANT#acme", "PLUGIN#1.0.0"), ("X#1", "Y")]
-    {
+    let strangers = [
+        ("CONN#c1", "OTHER"),
+        ("ROOM#acme#lobby", "NOPE#1"),
+        ("TENANT#acme", "PLUGIN#1.0.0"),
+        ("X#1", "Y"),
+        ("CONN", "META"),
+        ("ROOM", "CONN#c1"),
+        ("SWEEPER#1", "LEASE"),
+    ];
+    for (pk, sk) in strangers {
         assert_eq!(ItemKind::of(pk, sk), None, "{pk}/{sk}");
     }
 }

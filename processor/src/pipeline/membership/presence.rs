@@ -36,7 +36,7 @@ pub(super) async fn apply(
     let outcome = match lookups.presence_runs().take(&record.event_id) {
         // Applied with an earlier record of the room, in its run.
         Some(outcome) => outcome,
-        None => apply_run(p, m, op, record, lookups, max).await?,
+        None => apply_run(p, m, op, record, lookups, (max, now)).await?,
     };
     count(&p.metrics, &outcome);
     let decision = PresenceDecision {
@@ -61,9 +61,8 @@ async fn apply_run(
     op: PresenceOp,
     record: &EventRecord,
     lookups: &Lookups,
-    max: u64,
+    (max, now): (u64, DateTime<Utc>),
 ) -> Result<PresenceOutcome, StoreError> {
-    let now = p.clock.now();
     let update = |m: &Membership, op, event_id: &str, seq: Option<String>, time| PresenceUpdate {
         tenant: m.tenant.clone(),
         room: m.room.clone(),
