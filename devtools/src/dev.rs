@@ -321,19 +321,16 @@ async fn feed_from_memory(
             let processor = &processor;
             order
                 .deliver(batch, |d| async move {
-                    let raw: Vec<serde_json::Value> =
-                        d.records.iter().filter_map(|r| serde_json::to_value(r).ok()).collect();
-                    if let Some((_, sequence)) = processor.process_batch(&raw).await.failure {
+                    if let Some((_, sequence)) = processor.process_records(&d.records).await.failure {
                         tracing::error!(%sequence, shard = d.shard, "a batch failed against the embedded store");
                     }
                 })
                 .await;
             continue;
         }
-        let raw: Vec<serde_json::Value> = batch.iter().filter_map(|r| serde_json::to_value(r).ok()).collect();
-        let mut outcome = processor.process_batch(&raw).await;
+        let mut outcome = processor.process_records(&batch).await;
         if redeliver {
-            outcome = processor.process_batch(&raw).await;
+            outcome = processor.process_records(&batch).await;
         }
         if let Some((_, sequence)) = outcome.failure {
             // The embedded store cannot be unavailable; a failure here is a bug worth shouting about.

@@ -10,11 +10,12 @@ use aws_lambda_events::streams::DynamoDbEventResponse;
 use super::{ANSWER_MARGIN, Processor, START_RESERVE};
 use crate::deliver::Window;
 use crate::metrics::Metrics;
+use crate::model::ItemKind;
 use crate::presence::{PresenceOp, PresenceRuns, RunRecord};
 use crate::rules::Lookups;
 use crate::store::StoreError;
 use crate::stream::Change;
-use crate::stream::batch::{BatchOutcome, run_batch};
+use crate::stream::batch::{BatchOutcome, Decoded, decode_batch, run_decoded};
 
 impl Processor {
     /// One batch, as the Lambda receives it (`Records` of the event, raw), with no deadline.
@@ -26,15 +27,25 @@ impl Processor {
     /// [`START_RESERVE`] left, no delivery runs past it, and the earliest record not done is
     /// reported for redelivery.
     pub async fn process_batch_until(&self, raw: &[serde_json::Value], finish_by: Option<Instant>) -> BatchOutcome {
+        self.process_decoded(decode_batch(raw), finish_by).await
+    }
+
+    /// One batch of records already read (the stream poller's, the local stack's), with no
+    /// deadline: nothing goes through JSON and back.
+    pub async fn process_records(&self, records: &[EventRecord]) -> BatchOutcome {
+        self.process_decoded(records.iter().cloned().map(Ok).collect(), None).await
+    }
+
+    async fn process_decoded(&self, decoded: Decoded, finish_by: Option<Instant>) -> BatchOutcome {
         let before = self.metrics.snapshot();
         // One look-up of each tenant's ACTIVE pointer for the whole batch.
         let lookups = match self.presence_runs {
-            true => Lookups::with_presence_runs(presence_runs_of(raw)),
+            true => Lookups::with_presence_runs(presence_runs_of(&decoded)),
             false => Lookups::default(),
         };
         let window = finish_by.map_or_else(Window::unbounded, Window::until);
         let start_by = finish_by.map(|at| at.checked_sub(START_RESERVE).unwrap_or(at));
-        let outcome = run_batch(raw, self.partitions_at_once, start_by, |_, record| {
+        let outcome = run_decoded(decoded, self.partitions_at_once, start_by, |_, record| {
             let (lookups, window) = (&lookups, &window);
             async move {
                 let record = self.process_in_batch(&record, lookups, window);
@@ -121,24 +132,27 @@ pub(super) fn record_time(record: &EventRecord) -> Option<chrono::DateTime<chron
 /// The batch's membership records that change presence, per room ([`PresenceRuns`]): decoded
 /// ahead only when the batch holds two or more memberships (a join storm), so that a batch of
 /// messages pays nothing for it.
-fn presence_runs_of(raw: &[serde_json::Value]) -> PresenceRuns {
-    let membership = |value: &serde_json::Value| {
-        let key = |name: &str| value.pointer(&format!("/dynamodb/Keys/{name}/S")).and_then(serde_json::Value::as_str);
-        key("pk").is_some_and(|pk| pk.starts_with("ROOM#")) && key("sk").is_some_and(|sk| sk.starts_with("CONN#"))
+fn presence_runs_of(decoded: &Decoded) -> PresenceRuns {
+    let membership = |record: &&EventRecord| {
+        let key = |name: &str| match record.change.keys.get(name) {
+            Some(serde_dynamo::AttributeValue::S(value)) => Some(value.as_str()),
+            _ => None,
+        };
+        matches!((key("pk"), key("sk")), (Some(pk), Some(sk)) if ItemKind::of(pk, sk) == Some(ItemKind::Membership))
     };
-    if raw.iter().filter(|value| membership(value)).nth(1).is_none() {
+    let memberships = || decoded.iter().filter_map(|d| d.as_ref().ok()).filter(membership);
+    if memberships().nth(1).is_none() {
         return PresenceRuns::default();
     }
-    PresenceRuns::of(raw.iter().enumerate().filter(|(_, value)| membership(value)).filter_map(|(position, value)| {
-        let record = crate::stream::decode_record(position, value).ok()?;
-        let change = Change::from_record(&record);
+    PresenceRuns::of(memberships().filter_map(|record| {
+        let change = Change::from_record(record);
         let (m, op, inserted) = match (change.joined(), change.left()) {
             (Some(m), _) => (m.clone(), PresenceOp::Add, matches!(change, Change::Inserted(_))),
             (_, Some(m)) => (m.clone(), PresenceOp::Remove, false),
             _ => return None,
         };
         let seq = record.change.sequence_number.as_deref().map(crate::model::sequence_key);
-        let time = record_time(&record).unwrap_or_else(chrono::Utc::now);
+        let time = record_time(record).unwrap_or_else(chrono::Utc::now);
         Some(RunRecord { event_id: record.event_id.clone(), time, seq, membership: m, op, inserted })
     }))
 }
@@ -168,10 +182,9 @@ pub async fn run_from_stream(
         if let Some(log) = log {
             log.append(&batch.records);
         }
-        let raw: Vec<serde_json::Value> = batch.records.iter().filter_map(|r| serde_json::to_value(r).ok()).collect();
-        let mut outcome = processor.process_batch(&raw).await;
+        let mut outcome = processor.process_records(&batch.records).await;
         if redeliver {
-            outcome = processor.process_batch(&raw).await;
+            outcome = processor.process_records(&batch.records).await;
         }
         if let Some((_, sequence)) = outcome.failure {
             failures_in_a_row += 1;

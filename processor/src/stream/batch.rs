@@ -48,6 +48,14 @@ impl BatchOutcome {
     }
 }
 
+/// A batch's records, each read once: a malformed one is an error value naming its position.
+pub type Decoded = Vec<Result<EventRecord, MalformedRecord>>;
+
+/// Reads the raw records of one batch (the Lambda event's `Records`), one by one.
+pub fn decode_batch(raw: &[serde_json::Value]) -> Decoded {
+    raw.iter().enumerate().map(|(position, value)| decode_record(position, value)).collect()
+}
+
 /// Runs `process` over the raw records of one batch (see the module docs for the rules).
 pub async fn run_batch<F, Fut>(
     raw: &[serde_json::Value],
@@ -59,10 +67,25 @@ where
     F: Fn(usize, EventRecord) -> Fut,
     Fut: Future<Output = Result<(), StoreError>>,
 {
+    run_decoded(decode_batch(raw), partitions_at_once, start_by, process).await
+}
+
+/// [`run_batch`] over records already read: the stream poller's and the local stack's, which
+/// are typed from the start and never go through JSON.
+pub async fn run_decoded<F, Fut>(
+    decoded: Decoded,
+    partitions_at_once: usize,
+    start_by: Option<Instant>,
+    process: F,
+) -> BatchOutcome
+where
+    F: Fn(usize, EventRecord) -> Fut,
+    Fut: Future<Output = Result<(), StoreError>>,
+{
     let mut outcome = BatchOutcome::default();
     let mut groups: Vec<(String, Vec<(usize, EventRecord)>)> = Vec::new();
-    for (position, value) in raw.iter().enumerate() {
-        match decode_record(position, value) {
+    for (position, decoded) in decoded.into_iter().enumerate() {
+        match decoded {
             Ok(record) => {
                 // A record without a key gets a group of its own; decoding it will say why.
                 let key = partition_key(&record).map_or_else(|| format!("\0{position}"), str::to_string);
