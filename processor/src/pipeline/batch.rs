@@ -14,8 +14,8 @@ use crate::model::ItemKind;
 use crate::presence::{PresenceOp, PresenceRuns, RunRecord};
 use crate::rules::Lookups;
 use crate::store::StoreError;
-use crate::stream::Change;
 use crate::stream::batch::{BatchOutcome, Decoded, decode_batch, run_decoded};
+use crate::stream::{Change, item_kind};
 
 impl Processor {
     /// One batch, as the Lambda receives it (`Records` of the event, raw), with no deadline.
@@ -133,13 +133,7 @@ pub(super) fn record_time(record: &EventRecord) -> Option<chrono::DateTime<chron
 /// ahead only when the batch holds two or more memberships (a join storm), so that a batch of
 /// messages pays nothing for it.
 fn presence_runs_of(decoded: &Decoded) -> PresenceRuns {
-    let membership = |record: &&EventRecord| {
-        let key = |name: &str| match record.change.keys.get(name) {
-            Some(serde_dynamo::AttributeValue::S(value)) => Some(value.as_str()),
-            _ => None,
-        };
-        matches!((key("pk"), key("sk")), (Some(pk), Some(sk)) if ItemKind::of(pk, sk) == Some(ItemKind::Membership))
-    };
+    let membership = |record: &&EventRecord| item_kind(record) == Some(ItemKind::Membership);
     let memberships = || decoded.iter().filter_map(|d| d.as_ref().ok()).filter(membership);
     if memberships().nth(1).is_none() {
         return PresenceRuns::default();

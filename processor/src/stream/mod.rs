@@ -246,3 +246,11 @@ pub fn partition_key(record: &EventRecord) -> Option<&str> {
         _ => None,
     }
 }
+
+/// The kind of item a record is about, from its keys alone (nothing of its images is read).
+pub fn item_kind(record: &EventRecord) -> Option<ItemKind> {
+    match (partition_key(record), record.change.keys.get("sk")) {
+        (Some(pk), Some(AttributeValue::S(sk))) => ItemKind::of(pk, sk),
+        _ => None,
+    }
+}
