@@ -104,7 +104,7 @@ class Template(unittest.TestCase):
         for name, f in self.of_type("AWS::Serverless::Function").items():
             # The write-path and operator functions build from the core crate, which links no
             # wasmtime; the processor from the plugin host's crate.
-            expected = "./host" if name == "ProcessorFunction" else "./processor"
+            expected = "./plugins/host" if name == "ProcessorFunction" else "./processor"
             self.assertEqual(f["Properties"]["CodeUri"], expected, f"{name}: cargo-lambda builds {expected}")
             binaries.setdefault(f["Metadata"]["BuildProperties"]["Binary"], []).append(name)
         shared = {b: names for b, names in binaries.items() if len(names) > 1}

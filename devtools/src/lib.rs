@@ -5,7 +5,7 @@
 //! ([`bench`]), stream capture and replay ([`replay`]) and the command line ([`cli`]).
 //!
 //! The data path itself is `roomcast-core` (`processor/`), and the tenant plugin host is
-//! `roomcast-plugin-host` (`host/`). Both are re-exported here under one name —
+//! `roomcast-plugin-host` (`plugins/host/`). Both are re-exported here under one name —
 //! `roomcast::pipeline`, `roomcast::plugins` — for the tools, the tests and the benchmarks.
 
 pub use roomcast_core::{

@@ -2,7 +2,7 @@
 //!
 //! Real-time rooms, presence and tenant rules for AWS API Gateway WebSocket APIs: the data path,
 //! and the write-path and operator Lambdas (`src/bin`). This crate links no wasmtime and no HTTP
-//! or WebSocket server: the plugin host is `host/` (`roomcast-plugin-host`, which also holds the
+//! or WebSocket server: the plugin host is `plugins/host/` (`roomcast-plugin-host`, which also holds the
 //! processor Lambda), the `roomcast` command and the local stack are `devtools/` (`roomcast`).
 //! docs/ARCHITECTURE.md tells the whole design.
 //!

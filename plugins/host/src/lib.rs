@@ -32,7 +32,7 @@ use wasmtime::{Config, Engine};
 pub mod v02 {
     wasmtime::component::bindgen!({
         world: "tenant-plugin",
-        path: "../wit/roomcast-plugin.wit",
+        path: "../../wit/roomcast-plugin.wit",
         additional_derives: [PartialEq, Eq],
         // Guest code runs as a future, so that a call parked in a host call (a sleep, a poll, a
         // read) can be abandoned at its deadline: epoch interruption only stops wasm code.
@@ -46,7 +46,7 @@ pub mod v02 {
 pub mod v01 {
     wasmtime::component::bindgen!({
         world: "tenant-plugin",
-        path: "../wit/0.1.0/roomcast-plugin.wit",
+        path: "../../wit/0.1.0/roomcast-plugin.wit",
         additional_derives: [PartialEq, Eq],
         exports: { default: async },
     });
