@@ -102,9 +102,10 @@ class Template(unittest.TestCase):
         # (test_every_function_is_rust_on_provided_al2023 checks BuildMethod and that the binary exists.)
         binaries = {}
         for name, f in self.of_type("AWS::Serverless::Function").items():
-            # The write-path and operator functions build from the core crate, which links no
-            # wasmtime; the processor from the plugin host's crate.
-            expected = "./plugins/host" if name == "ProcessorFunction" else "./processor"
+            # The write-path and operator functions build from the handlers' crate, the fan-out
+            # stage from the processor's (neither links wasmtime); the processor from its Lambda's
+            # own package, which joins the processor and the plugin host.
+            expected = {"ProcessorFunction": "./processor/lambda", "FanoutFunction": "./processor"}.get(name, "./handlers")
             self.assertEqual(f["Properties"]["CodeUri"], expected, f"{name}: cargo-lambda builds {expected}")
             binaries.setdefault(f["Metadata"]["BuildProperties"]["Binary"], []).append(name)
         shared = {b: names for b, names in binaries.items() if len(names) > 1}

@@ -4,16 +4,19 @@
 //! ([`gateway`]), `roomcast dev` ([`dev`]: the whole system in one process), `roomcast bench`
 //! ([`bench`]), stream capture and replay ([`replay`]) and the command line ([`cli`]).
 //!
-//! The data path itself is `roomcast-core` (`processor/`), and the tenant plugin host is
-//! `roomcast-plugin-host` (`plugins/host/`). Both are re-exported here under one name —
-//! `roomcast::pipeline`, `roomcast::plugins` — for the tools, the tests and the benchmarks.
+//! The system itself is the write path `roomcast-handlers` (`handlers/`), the stream processor
+//! `roomcast-processor` (`processor/`), the table `roomcast-table` (`table/`) and the tenant plugin
+//! host `roomcast-plugin-host` (`plugins/host/`). They are re-exported here under one name —
+//! `roomcast::handlers`, `roomcast::pipeline`, `roomcast::plugins` — for the tools, the tests and
+//! the benchmarks.
 
-pub use roomcast_core::{
-    admin, assembly, auth, config, deliver, handlers, identity, lambda, limits, metrics, model, pipeline, presence,
-    protocol, publish, react, roster, rules, store, stream,
-};
+pub use roomcast_handlers::{admin, auth, handlers, identity, limits, publish};
 /// The tenant plugin host (`roomcast-plugin-host`).
 pub use roomcast_plugin_host as plugins;
+pub use roomcast_processor::{
+    assembly, config, deliver, lambda, metrics, model, pipeline, presence, protocol, react, roster, rules, store,
+    stream,
+};
 
 pub mod bench;
 pub mod cli;

@@ -109,7 +109,7 @@ pub struct Config {
     /// Frames for this many recipients or more go to the fan-out stage.
     pub handoff_recipients: usize,
     /// The rate limits tenants get unless their settings say otherwise (`ROOMCAST_LIMIT_{NAME}`).
-    pub rate_limits: crate::limits::RateLimits,
+    pub rate_limits: roomcast_table::limits::RateLimits,
 }
 
 /// Every problem found, one per line.
@@ -185,7 +185,7 @@ impl Config {
         let history_ttl_seconds = number("HISTORY_TTL_SECONDS", 7 * 86_400, 60, 365 * 86_400) as i64;
         let idempotency_window_seconds = number(
             "ROOMCAST_IDEMPOTENCY_WINDOW_SECONDS",
-            crate::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS as u64,
+            crate::model::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS as u64,
             1,
             86_400,
         ) as i64;
@@ -227,10 +227,10 @@ impl Config {
             number("ROOMCAST_PLUGIN_MEMORY_BUDGET_MIB", function_mib.map_or(1024, |m| (m / 2).max(1)), 1, 65_536)
                 as usize;
 
-        let mut rate_limits = crate::limits::RateLimits::default();
-        for name in crate::limits::NAMES {
+        let mut rate_limits = roomcast_table::limits::RateLimits::default();
+        for name in roomcast_table::limits::NAMES {
             let variable = format!("ROOMCAST_LIMIT_{}", name.to_uppercase());
-            let default = u64::from(crate::limits::RateLimits::default().of_name(name));
+            let default = u64::from(roomcast_table::limits::RateLimits::default().of_name(name));
             let value = number(&variable, default, 0, 1_000_000) as u32;
             let _ = rate_limits.set(name, value);
         }

@@ -1,10 +1,13 @@
-//! # Roomcast core
+//! # Roomcast's stream processor
 //!
-//! Real-time rooms, presence and tenant rules for AWS API Gateway WebSocket APIs: the data path,
-//! and the write-path and operator Lambdas (`src/bin`). This crate links no wasmtime and no HTTP
-//! or WebSocket server: the plugin host is `plugins/host/` (`roomcast-plugin-host`, which also holds the
-//! processor Lambda), the `roomcast` command and the local stack are `devtools/` (`roomcast`).
-//! docs/ARCHITECTURE.md tells the whole design.
+//! What happens after a record is written: the table's stream decoded into typed changes, each
+//! reacted to by its kind, and the effects delivered through the API Gateway Management API. This
+//! crate links no wasmtime and no HTTP or WebSocket server: tenants' rules come through [`rules`],
+//! which the plugin host (`plugins/host/`, `roomcast-plugin-host`) implements, and the
+//! processor's Lambda (`lambda/`, `roomcast-processor-lambda`) joins the two. The fan-out stage's
+//! Lambda is `src/bin/fanout.rs`. The write path is `handlers/` (`roomcast-handlers`), the
+//! `roomcast` command and the local stack `devtools/` (`roomcast`). docs/ARCHITECTURE.md tells the
+//! whole design.
 //!
 //! ```text
 //! client ─ws─▶ API Gateway ─▶ handlers ──write──▶ table ──stream──▶ processor ──@connections──▶ clients
@@ -12,15 +15,12 @@
 //!
 //! # Layout
 //!
-//! The write path (handlers) only writes records. Everything that reaches other clients flows
-//! through the stream, in this order — each step its own module:
+//! The write path only writes records. Everything that reaches other clients flows through the
+//! stream, in this order — each step its own module:
 //!
 //! | step | module | job |
 //! |------|--------|-----|
 //! | records | [`model`] | the single table's records and keys; validated names; the clock (crate `roomcast-table`, `table/`) |
-//! | write path | [`handlers`] | `$connect`, `$disconnect`, messages → records; route responses |
-//! | identity | [`identity`] | each tenant's tokens checked with its own key: an HS256 secret or its identity provider's JWKS |
-//! | rate limits | [`limits`] | per connection, user and tenant, counted in the table before a handler writes |
 //! | table | [`store`] | (`roomcast-table`) small ports by concern (connections, memberships, history, presence, plugins, tenants, upkeep), each with a DynamoDB adapter and an embedded one with a stream |
 //! | record → change | [`stream`] | decode stream records into typed [`stream::Change`]s; the batch runner; the Streams poller |
 //! | tenant rules | [`rules`] | the interface the pipeline asks before reacting: a message's verdict and route, who may join a room, a greeting (the plugin host implements it) |
@@ -31,24 +31,18 @@
 //! | change → effects | [`pipeline`] | one match on the record's kind, a module per kind (`connection`, `membership`, `message`, `signal`, `plugin`) that gathers and reacts purely; `perform`; whole batches within the Lambda deadline |
 //! | assembly | [`assembly`] | the one place a processor and its deliverers are built from configuration; a dry run set once |
 //!
-//! Around it: [`protocol`] (client frames), [`publish`] (a backend's message into a room), [`admin`] (operator operations and the sweeper),
-//! [`auth`] (the `$connect` authorizer's rule), [`config`] (the environment), [`metrics`]
-//! (counts), [`lambda`] (the Lambda entry points of this crate).
+//! Around it: [`protocol`] (client frames), [`config`] (the environment every Lambda reads),
+//! [`metrics`] (counts), [`lambda`] (the fan-out stage's entry point, and what every Lambda's
+//! `main` shares).
 
 // The records, the protocol, presence and the table: crate `roomcast-table`, under the same names.
 pub use roomcast_table::{metrics, model, presence, protocol, store};
 
-pub mod admin;
 pub mod assembly;
-pub mod auth;
 pub mod config;
 pub mod deliver;
-pub mod handlers;
-pub mod identity;
 pub mod lambda;
-pub mod limits;
 pub mod pipeline;
-pub mod publish;
 pub mod react;
 pub mod roster;
 pub mod rules;

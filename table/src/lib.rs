@@ -7,12 +7,15 @@
 //! | [`model`] | the records, their keys and [`model::ItemKind`] (which item a key names); validated names; the clock |
 //! | [`protocol`] | the client's frames, both ways |
 //! | [`presence`] | presence as state: the transitions the table applies, exactly one `joined`/`left` per user and room |
+//! | [`limits`] | rate limits per connection, user and tenant: counters in the table, checked before a handler writes |
 //! | [`store`] | the table behind small ports by concern, each with a DynamoDB adapter and an embedded one with a stream |
 //! | [`metrics`] | the counters every part adds to |
 //!
-//! The write path and the processor (`roomcast-core`, re-exporting these modules under the same
-//! names) build on it; nothing here knows of either.
+//! The write path (`roomcast-handlers`, `handlers/`) and the processor (`roomcast-processor`,
+//! `processor/`) build on it, re-exporting these modules under the same names; nothing here
+//! knows of either.
 
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod presence;

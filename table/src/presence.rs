@@ -117,7 +117,7 @@ pub const EMPTY_ROOM_TTL_SECONDS: i64 = 2 * 86_400;
 /// reconnects all day does not grow their item without bound. A record older than the 32nd
 /// newest departure of the same user in the same room would have waited in the stream for 32
 /// reconnections; it could add back a connection the sweeper then takes out again
-/// (`roomcast_core::admin`'s reconciliation).
+/// (`roomcast_handlers::admin`'s reconciliation).
 pub const MAX_GONE_MARKS: usize = 32;
 
 /// Plans `update` against the user's item and the room's item as read.

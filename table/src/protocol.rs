@@ -115,7 +115,7 @@ pub enum ErrorCode {
     /// Our fault: the table could not be reached. Nothing was written.
     Internal,
     /// Over a rate limit: nothing was written; `retry_after_ms` says when to try again
-    /// (`roomcast_core::limits`).
+    /// ([`crate::limits`]).
     RateLimited,
 }
 

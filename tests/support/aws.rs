@@ -688,7 +688,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = crate::target_dir().join("debug").join(name);
     assert!(
         path.exists(),
-        "{} is missing: build the Lambda binaries first (scripts/test does; or cargo build --bins -p roomcast-core -p roomcast-plugin-host -p roomcast)",
+        "{} is missing: build the Lambda binaries first (scripts/test does; or cargo build --bins -p roomcast-handlers -p roomcast-processor -p roomcast-processor-lambda -p roomcast)",
         path.display()
     );
     path

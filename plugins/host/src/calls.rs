@@ -13,7 +13,7 @@ use super::{
     CallReport, ConfigValues, Fault, JoinDecision, JoinRequest, Limits, Message, MessageOutcome, Plugin, PluginHost,
     Routing, Verdict, WelcomeInfo,
 };
-use roomcast_core::react::Route;
+use roomcast_processor::react::Route;
 
 /// What the plugin did with one message, checked and narrowed: its verdict and route from one
 /// `on-message` call (a 0.1.0 plugin's `validate` and `route`, together), or the fault.
@@ -53,8 +53,11 @@ impl PluginHost {
             let verdict = match verdict {
                 Verdict::Rewrite(text) => {
                     let size = outgoing_size(message, &text);
-                    if size > roomcast_core::protocol::MAX_OUTGOING_BYTES {
-                        return Err(Fault::FrameTooLarge { size, limit: roomcast_core::protocol::MAX_OUTGOING_BYTES });
+                    if size > roomcast_processor::protocol::MAX_OUTGOING_BYTES {
+                        return Err(Fault::FrameTooLarge {
+                            size,
+                            limit: roomcast_processor::protocol::MAX_OUTGOING_BYTES,
+                        });
                     }
                     Verdict::Rewrite(text)
                 }
@@ -78,7 +81,7 @@ impl PluginHost {
     ) -> (Result<Option<String>, Fault>, CallReport) {
         let (mut greeting, report) = self.welcome(plugin, limits, info, record_time_ms, config);
         if let Ok(Some(text)) = &greeting {
-            let welcome = roomcast_core::protocol::ServerMessage::Welcome {
+            let welcome = roomcast_processor::protocol::ServerMessage::Welcome {
                 connection_id: info.connection_id.clone(),
                 tenant: info.tenant.clone(),
                 user_id: info.user_id.clone(),
@@ -88,8 +91,8 @@ impl PluginHost {
                 counts: info.rooms.iter().map(|room| (room.clone(), u64::MAX)).collect(),
             };
             let size = welcome.to_json().len();
-            if size > roomcast_core::protocol::MAX_OUTGOING_BYTES {
-                greeting = Err(Fault::FrameTooLarge { size, limit: roomcast_core::protocol::MAX_OUTGOING_BYTES });
+            if size > roomcast_processor::protocol::MAX_OUTGOING_BYTES {
+                greeting = Err(Fault::FrameTooLarge { size, limit: roomcast_processor::protocol::MAX_OUTGOING_BYTES });
             }
         }
         (greeting, report)
@@ -124,14 +127,14 @@ pub(crate) fn bounded_reason(reason: String) -> String {
 
 /// The frame a recipient gets for `message` with its body rewritten to `text`, in bytes.
 fn outgoing_size(message: &Message, text: &str) -> usize {
-    let chat = roomcast_core::protocol::ChatMessage {
+    let chat = roomcast_processor::protocol::ChatMessage {
         id: message.id.clone(),
         room: message.room.clone(),
         user_id: message.user_id.clone(),
         message: text.to_string(),
         timestamp: message.timestamp.clone(),
     };
-    roomcast_core::protocol::ServerMessage::Message(chat).to_json().len()
+    roomcast_processor::protocol::ServerMessage::Message(chat).to_json().len()
 }
 
 /// A plugin's routing as the processor applies it: extra rooms without repeats, without the
@@ -141,7 +144,10 @@ fn narrow(routing: Routing, own_room: &str, limits: &Limits) -> Result<Route, Fa
     let mut rooms: Vec<String> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for room in routing.extra_rooms {
-        if room != own_room && roomcast_core::model::Name::parse("room", &room).is_ok() && seen.insert(room.clone()) {
+        if room != own_room
+            && roomcast_processor::model::Name::parse("room", &room).is_ok()
+            && seen.insert(room.clone())
+        {
             rooms.push(room);
             if rooms.len() > limits.max_extra_rooms {
                 return Err(Fault::RoutedTooWide {

@@ -21,7 +21,7 @@ use super::{
 };
 
 /// A tenant's configuration as a call sees it (`roomcast plugin config set`): the core's type.
-pub use roomcast_core::rules::ConfigValues;
+pub use roomcast_processor::rules::ConfigValues;
 
 /// The store's state.
 pub struct State {

@@ -60,12 +60,11 @@ pub use self::calls::MessageCalls;
 pub use self::instance::{ConfigValues, Instance, plain_routing};
 pub use self::lifecycle::{PluginRules, WithPlugins, upload};
 pub use self::v02::roomcast::plugin::host::Level;
-pub use roomcast_core::model::LimitOverrides;
-pub use roomcast_core::rules::{CEILING, CallRecord, CallReport, Limits};
+pub use roomcast_processor::model::LimitOverrides;
+pub use roomcast_processor::rules::{CEILING, CallRecord, CallReport, Limits};
 
 mod calls;
 mod instance;
-pub mod lambda;
 pub mod lifecycle;
 pub mod registry;
 
@@ -76,7 +75,7 @@ use self::instance::State;
 const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
 /// How often the epoch ticks: the granularity of the wall-clock deadline.
-pub(crate) const EPOCH_TICK: Duration = roomcast_core::rules::MIN_DEADLINE;
+pub(crate) const EPOCH_TICK: Duration = roomcast_processor::rules::MIN_DEADLINE;
 
 /// A component that could not become a plugin. Found at upload or activation, never later.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! The plugin lifecycle: upload, activation and following each tenant's `ACTIVE` pointer, as
 //! records in the table. [`PluginRules`] is what the processor asks
-//! ([`roomcast_core::rules::TenantRules`](roomcast_core::rules::TenantRules)): it keeps this container's
+//! ([`roomcast_processor::rules::TenantRules`](roomcast_processor::rules::TenantRules)): it keeps this container's
 //! [`Registry`] in step with the table, and asks the registry for decisions.
 //!
 //! * Upload ([`upload`]): the CLI checks a component as the processor will, then writes its
@@ -9,7 +9,7 @@
 //!   installs it, and records the outcome — `active` with the `ACTIVE` pointer, or `rejected`
 //!   with the reason the tenant sees (`roomcast plugin list`).
 //! * Following: many containers run at once, and a record reaches only one of them. The first
-//!   time a batch meets a tenant, its `ACTIVE` pointer is read (once, [`Lookups`](roomcast_core::rules::Lookups))
+//!   time a batch meets a tenant, its `ACTIVE` pointer is read (once, [`Lookups`](roomcast_processor::rules::Lookups))
 //!   and this container loads what it names, so an activation, rollback, disable or re-upload
 //!   elsewhere takes effect here from the next batch on.
 //!
@@ -17,13 +17,13 @@
 
 use std::sync::Arc;
 
-use roomcast_core::model::{FailurePolicy, PluginActive, PluginMeta, PluginStatus};
-use roomcast_core::react::{Decision, Route};
-use roomcast_core::rules::{
+use roomcast_processor::model::{FailurePolicy, PluginActive, PluginMeta, PluginStatus};
+use roomcast_processor::react::{Decision, Route};
+use roomcast_processor::rules::{
     CallRecord, JoinInput, JoinVerdict, MessageInput, Mode, PluginAction, RecordAt, TenantRules, WelcomeInput,
 };
-use roomcast_core::store::{Store, StoreError};
-use roomcast_core::stream::{Change, Record};
+use roomcast_processor::store::{Store, StoreError};
+use roomcast_processor::stream::{Change, Record};
 
 use super::registry::{Policy, Registry};
 use super::{JoinRequest, LimitOverrides, Limits, Message, PluginHost, WelcomeInfo};
@@ -284,7 +284,7 @@ impl TenantRules for PluginRules {
         self.registry.authorize_join(&request, at).await
     }
 
-    fn take_stats(&self) -> Vec<roomcast_core::metrics::PluginStats> {
+    fn take_stats(&self) -> Vec<roomcast_processor::metrics::PluginStats> {
         self.registry.take_stats()
     }
 }
@@ -294,7 +294,7 @@ pub trait WithPlugins {
     fn with_plugins(self, registry: Arc<Registry>) -> Self;
 }
 
-impl WithPlugins for roomcast_core::pipeline::Processor {
+impl WithPlugins for roomcast_processor::pipeline::Processor {
     fn with_plugins(self, registry: Arc<Registry>) -> Self {
         let rules = PluginRules::new(registry, self.store().clone());
         self.with_rules(Arc::new(rules))
@@ -305,19 +305,19 @@ impl WithPlugins for roomcast_core::pipeline::Processor {
 /// world, compiled here), then writes its chunks and metadata. The processor activates it on the
 /// metadata's INSERT and records the outcome in its `status`.
 pub async fn upload(
-    store: &dyn roomcast_core::store::Store,
+    store: &dyn roomcast_processor::store::Store,
     host: &PluginHost,
     tenant: &str,
     bytes: &[u8],
     policy: FailurePolicy,
     limits: LimitOverrides,
     now: chrono::DateTime<chrono::Utc>,
-) -> anyhow::Result<roomcast_core::model::PluginMeta> {
-    roomcast_core::model::Name::parse("tenant", tenant).map_err(|e| anyhow::anyhow!(e))?;
+) -> anyhow::Result<roomcast_processor::model::PluginMeta> {
+    roomcast_processor::model::Name::parse("tenant", tenant).map_err(|e| anyhow::anyhow!(e))?;
     let plugin = host.compile(bytes, &Limits::default())?;
     let mut meta = PluginMeta::new(tenant, &plugin.sha256, bytes.len(), policy, now);
     meta.limits = (!limits.is_empty()).then_some(limits);
-    let chunks = roomcast_core::model::plugin_chunks(tenant, &meta.version, bytes);
+    let chunks = roomcast_processor::model::plugin_chunks(tenant, &meta.version, bytes);
     store.put_plugin(&meta, &chunks).await?;
     Ok(meta)
 }

@@ -11,7 +11,7 @@
 //!   to come back from and are kept apart, never evicted.
 //! * Fresh: every message (and every welcome) runs on a new instance of the tenant's plugin
 //!   ([`PluginHost::message`]), so no state carries between messages and replays decide as the
-//!   live run did. A batch keeps only its [`Lookups`](roomcast_core::rules::Lookups) of `ACTIVE` pointers.
+//!   live run did. A batch keeps only its [`Lookups`](roomcast_processor::rules::Lookups) of `ACTIVE` pointers.
 //! * Blame stays with the tenant: a fault applies the tenant's [`Policy`] (fail open to the
 //!   default rules, or fail closed and reject), is counted, and after [`BREAKER_THRESHOLD`] faults
 //!   in a row opens the breaker: the plugin is skipped (policy applied) for [`BREAKER_COOLDOWN`].
@@ -21,15 +21,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use roomcast_core::store::StoreError;
+use roomcast_processor::store::StoreError;
 
 use super::{
     CallRecord, CallReport, ConfigValues, Fault, Hooks, JoinDecision, JoinRequest, Limits, Message, Plugin, PluginHost,
     Verdict, WelcomeInfo,
 };
-use roomcast_core::metrics::{Metrics, PluginStats};
-use roomcast_core::react::{Decision, Route};
-use roomcast_core::rules::{JoinVerdict, RecordAt};
+use roomcast_processor::metrics::{Metrics, PluginStats};
+use roomcast_processor::react::{Decision, Route};
+use roomcast_processor::rules::{JoinVerdict, RecordAt};
 
 pub const BREAKER_THRESHOLD: u32 = 5;
 pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
@@ -196,7 +196,7 @@ impl Registry {
     }
 
     /// The registry a deployment configures: limits, cache bound and artifact directory.
-    pub fn from_config(config: &roomcast_core::config::Config, metrics: Arc<Metrics>) -> anyhow::Result<Registry> {
+    pub fn from_config(config: &roomcast_processor::config::Config, metrics: Arc<Metrics>) -> anyhow::Result<Registry> {
         let mut host = PluginHost::new()?;
         if let Some(dir) = &config.plugin_artifact_dir {
             host = host.with_artifact_dir(dir)?;

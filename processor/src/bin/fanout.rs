@@ -1,4 +1,4 @@
-//! The fan-out stage's worker Lambda (see `roomcast_core::lambda::run_fanout`): big rooms' jobs
+//! The fan-out stage's worker Lambda (see `roomcast_processor::lambda::run_fanout`): big rooms' jobs
 //! from the SQS FIFO queue, delivered by the processor's own rules.
 /// mimalloc, not glibc's malloc: this function does nothing but `@connections` calls, which
 /// allocate per call from every worker thread (`roomcast bench fanout`).
@@ -7,5 +7,5 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    roomcast_core::lambda::run_fanout().await
+    roomcast_processor::lambda::run_fanout().await
 }

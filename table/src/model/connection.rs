@@ -163,7 +163,7 @@ pub enum LeftReason {
     Gone,
     /// The tenant's rules denied the join.
     Denied,
-    /// The connection kept going over its rate limit after it was told (`roomcast_core::limits`):
+    /// The connection kept going over its rate limit after it was told ([`crate::limits`]):
     /// the processor closes it.
     RateLimited,
 }

@@ -8,6 +8,9 @@ use super::*;
 
 pub const IDEMPOTENCY_SK: &str = "IDEM";
 
+/// The default idempotency window: five minutes (`ROOMCAST_IDEMPOTENCY_WINDOW_SECONDS`).
+pub const DEFAULT_IDEMPOTENCY_WINDOW_SECONDS: i64 = 300;
+
 pub fn idempotency_pk(tenant: &str, scope: &str, key: &str) -> String {
     format!("IDEM#{tenant}#{scope}#{key}")
 }

@@ -16,7 +16,7 @@ pub fn room_pk(tenant: &str, room: &str) -> String {
 /// The roster version: one small item per room, its `v` bumped by every write that adds, removes
 /// or changes a membership of the room (not by a TTL refresh). A processor container that read the
 /// room's members at version `v` may serve them again while `v` stands (see
-/// `roomcast_core::roster`). On its own partition key, so that a join storm's bumps do not share
+/// `roomcast_processor::roster`). On its own partition key, so that a join storm's bumps do not share
 /// the room partition's write units with the memberships themselves.
 pub fn roster_pk(tenant: &str, room: &str) -> String {
     format!("ROSTER#{tenant}#{room}")
@@ -86,7 +86,7 @@ pub fn with_sweep_keys(mut item: serde_dynamo::Item) -> serde_dynamo::Item {
 pub const SWEEPER_PK: &str = "SWEEPER";
 pub const SWEEPER_LEASE_SK: &str = "LEASE";
 
-/// A rate limit's counter (`roomcast_core::limits`): one item per key and one-second window.
+/// A rate limit's counter ([`crate::limits`]): one item per key and one-second window.
 pub fn limit_pk(key: &str) -> String {
     format!("LIMIT#{key}")
 }
@@ -126,7 +126,7 @@ pub fn user_gsi1pk(tenant: &str, user_id: &str) -> String {
 pub const TTL_PRINCIPAL: &str = "dynamodb.amazonaws.com";
 
 /// Every kind of item the table holds, told apart by its keys alone: the one list the stream
-/// decoder (`roomcast_core::stream`) and the stores' reads go by. A new record kind is added here
+/// decoder (`roomcast_processor::stream`) and the stores' reads go by. A new record kind is added here
 /// first (its keys), then to the decoder's one match on it; forgetting the second is a compile
 /// error, not an item that streams in as unknown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -164,7 +164,7 @@ impl PluginActive {
 
 /// Per-tenant plugin limits, stored with an uploaded version (`roomcast plugin upload --fuel …`).
 /// Unset fields take the deployment's value; set ones are capped at
-/// `roomcast_core::rules::CEILING`.
+/// `roomcast_processor::rules::CEILING`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LimitOverrides {

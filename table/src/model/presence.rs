@@ -57,7 +57,7 @@ pub struct Presence {
     pub version: u64,
     /// Live connections the sweeper found without a live membership in the room, with when it
     /// first did (epoch seconds): its REMOVE was lost, or is still on its way. One still suspect
-    /// [`crate::presence::RECONCILE_GRACE_SECONDS`] later is taken out (`roomcast_core::admin`).
+    /// [`crate::presence::RECONCILE_GRACE_SECONDS`] later is taken out (`roomcast_handlers::admin`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub suspects: std::collections::BTreeMap<String, i64>,
     /// Set while the user is not present (a tombstone): DynamoDB's TTL deletes it.

@@ -15,7 +15,7 @@ pub struct TenantSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence_announce_max_users: Option<u64>,
     /// Rate limits of its own over the deployment's, by name (`messages_per_connection`, …;
-    /// `roomcast_core::limits::NAMES`), 0 meaning none.
+    /// `crate::limits::NAMES`), 0 meaning none.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub rate_limits: std::collections::BTreeMap<String, u32>,
 }

@@ -330,7 +330,7 @@ pub trait TenantStore: Send + Sync {
     /// A tenant's settings; `None` when unset (or the item does not decode: logged and counted).
     async fn tenant_settings(&self, tenant: &str) -> Result<Option<TenantSettings>>;
 
-    /// A tenant's own identity (`roomcast_core::identity`), strongly consistent; `None` when it has
+    /// A tenant's own identity (`roomcast_handlers::identity`), strongly consistent; `None` when it has
     /// none (or the item does not decode: logged and counted).
     async fn tenant_identity(&self, tenant: &str) -> Result<Option<crate::model::TenantIdentity>>;
 
@@ -343,7 +343,7 @@ pub trait TenantStore: Send + Sync {
 #[async_trait]
 pub trait UpkeepStore: Send + Sync {
     /// Counts one more under a rate limit's `key` in `window` (a whole second since the epoch)
-    /// and answers the count, atomically across every caller (`roomcast_core::limits`). One
+    /// and answers the count, atomically across every caller ([`crate::limits`]). One
     /// `UpdateItem ADD` on `LIMIT#{key}` / `W#{window}`, its TTL two minutes on.
     async fn count_in_window(&self, key: &str, window: i64) -> Result<u64>;
 

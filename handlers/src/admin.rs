@@ -21,9 +21,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::deliver::{Deliverer, Probe};
 use crate::model::{Clock, Connection, LeftReason, format_ts, is_expired};
 use crate::store::{Store, StoreError};
+use roomcast_processor::deliver::{Deliverer, Probe};
 
 pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;

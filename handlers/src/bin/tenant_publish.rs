@@ -3,5 +3,5 @@
 //! (`TenantPublishFunction`) so that a flood of junk tokens has its own concurrency and throttle.
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    roomcast_core::lambda::run_publish().await
+    roomcast_handlers::lambda::run_publish().await
 }

@@ -63,8 +63,8 @@ impl JoinRules {
     }
 }
 
-/// The default idempotency window: five minutes.
-pub const DEFAULT_IDEMPOTENCY_WINDOW_SECONDS: i64 = 300;
+/// The default idempotency window (kept with the idempotency records).
+pub use crate::model::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS;
 
 fn respond(status: i64, body: Option<String>) -> ApiGatewayProxyResponse {
     let mut response = ApiGatewayProxyResponse::default();

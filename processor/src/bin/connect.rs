@@ -1,5 +1,0 @@
-//! The `$connect` Lambda (see `roomcast_core::handlers::connect`).
-#[tokio::main]
-async fn main() -> Result<(), lambda_runtime::Error> {
-    roomcast_core::lambda::run_handler(roomcast_core::lambda::Route::Connect).await
-}
