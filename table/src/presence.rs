@@ -128,28 +128,93 @@ pub const MAX_GONE_MARKS: usize = 32;
 /// about this record. A user's transitions are decided on the user's item alone, and the room's
 /// count only adds them up, which any order of users gives alike.
 pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&RoomPresence>) -> Plan {
-    let connections = current.map_or(0, |p| p.connections.len());
-    let live = current.is_some_and(|p| p.connections.contains(&update.connection_id));
-    // An item written before marks per connection carries one `seq` (the user's last record
-    // applied): it stands for every connection's mark.
-    let mark = current
-        .and_then(|p| p.marks.get(&update.connection_id).or(if p.marks.is_empty() { p.seq.as_ref() } else { None }));
-    if let (Some(seq), Some(mark)) = (&update.seq, mark)
-        && seq <= mark
-    {
+    let read = Read { update, current, room };
+    if let Some(done) = read.redelivered() {
+        return done;
+    }
+    let connections = read.connections();
+    let live = read.live();
+    let unchanged = Plan::Done(PresenceOutcome { connections, ..PresenceOutcome::default() });
+    match update.op {
+        PresenceOp::Add if live => match update.seq {
+            // Hand-made records carry no sequence number: nothing to move.
+            None => unchanged,
+            Some(_) => read.write(read.user_after(true), None, PresenceOutcome { connections, ..Default::default() }),
+        },
+        PresenceOp::Add if connections > 0 => {
+            let next = read.user_after(true);
+            let outcome = PresenceOutcome { connections: next.connections.len(), ..PresenceOutcome::default() };
+            read.write(next, None, outcome)
+        }
+        PresenceOp::Add => read.joined(),
+        PresenceOp::Remove if live && connections == 1 => read.left(),
+        PresenceOp::Remove if live => {
+            let next = read.user_after(false);
+            let outcome = PresenceOutcome { connections: next.connections.len(), ..PresenceOutcome::default() };
+            read.write(next, None, outcome)
+        }
+        // Not in the set. With a sequence number, the REMOVE still leaves its mark: its INSERT,
+        // re-driven from the dead-letter queue after it (or lost and never applied), is older and
+        // adds nothing.
+        PresenceOp::Remove => match update.seq {
+            None => unchanged,
+            Some(_) => {
+                let mut next = read.user_after(false);
+                if !next.present() && next.ttl.is_none() {
+                    next.ttl = Some(crate::model::expiry(update.now, EMPTY_ROOM_TTL_SECONDS));
+                }
+                read.write(next, None, PresenceOutcome { connections, ..PresenceOutcome::default() })
+            }
+        },
+    }
+}
+
+/// One update and the items [`plan`] read for it: the pieces of its plan.
+struct Read<'a> {
+    update: &'a PresenceUpdate,
+    current: Option<&'a Presence>,
+    room: Option<&'a RoomPresence>,
+}
+
+impl Read<'_> {
+    /// The user's live connections in the room, as read.
+    fn connections(&self) -> usize {
+        self.current.map_or(0, |p| p.connections.len())
+    }
+
+    /// Whether the update's connection is among them.
+    fn live(&self) -> bool {
+        self.current.is_some_and(|p| p.connections.contains(&self.update.connection_id))
+    }
+
+    /// `Done`, when the record is at or below its connection's mark: applied already. A redelivery
+    /// of the record that made the user's last transition says that transition again.
+    fn redelivered(&self) -> Option<Plan> {
+        let (update, current) = (self.update, self.current);
+        // An item written before marks per connection carries one `seq` (the user's last record
+        // applied): it stands for every connection's mark.
+        let mark = current.and_then(|p| {
+            p.marks.get(&update.connection_id).or(if p.marks.is_empty() { p.seq.as_ref() } else { None })
+        });
+        let (Some(seq), Some(mark)) = (&update.seq, mark) else { return None };
+        if seq > mark {
+            return None;
+        }
         let again = current.and_then(|p| p.last_event.as_deref()) == Some(update.event_id.as_str());
-        return Plan::Done(PresenceOutcome {
+        Some(Plan::Done(PresenceOutcome {
             transition: again.then_some(event_of(update.op)),
             redelivered: true,
-            users: room.map(|r| r.users),
-            connections,
+            users: self.room.map(|r| r.users),
+            connections: self.connections(),
             announce: again && current.is_some_and(|p| p.announced),
             version: if again { current.map_or(0, |p| p.version) } else { 0 },
-        });
+        }))
     }
-    let unchanged = Plan::Done(PresenceOutcome { connections, ..PresenceOutcome::default() });
-    let room_after = |delta: i64| {
-        let mut next = room.cloned().unwrap_or_else(|| RoomPresence::new(&update.tenant, &update.room));
+
+    /// The room's item after a transition that moves its count by `delta`.
+    fn room_after(&self, delta: i64) -> RoomPresence {
+        let update = self.update;
+        let mut next = self.room.cloned().unwrap_or_else(|| RoomPresence::new(&update.tenant, &update.room));
         next.users = next.users.saturating_add_signed(delta);
         // The watermark of processors before marks per connection means nothing now.
         next.seq = None;
@@ -158,11 +223,15 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
         next.ttl = (next.users == 0).then(|| crate::model::expiry(update.now, EMPTY_ROOM_TTL_SECONDS));
         next.ver += 1;
         next
-    };
-    // The user's item with the record applied: its connection in or out, its mark moved.
-    let next_of = |live_after: bool| {
-        let mut next =
-            current.cloned().unwrap_or_else(|| Presence::new(&update.tenant, &update.room, &update.user_id, update.at));
+    }
+
+    /// The user's item with the record applied: its connection in or out, its mark moved.
+    fn user_after(&self, live_after: bool) -> Presence {
+        let update = self.update;
+        let mut next = self
+            .current
+            .cloned()
+            .unwrap_or_else(|| Presence::new(&update.tenant, &update.room, &update.user_id, update.at));
         if next.marks.is_empty() && next.seq.is_some() {
             // Carried over from an item written before marks: its connections keep its `seq`.
             let seq = next.seq.clone().unwrap_or_default();
@@ -187,86 +256,59 @@ pub fn plan(update: &PresenceUpdate, current: Option<&Presence>, room: Option<&R
         next.suspects.remove(&update.connection_id);
         next.ver += 1;
         next
-    };
-    let write = |next: Presence, room: Option<RoomPresence>, outcome: PresenceOutcome| Plan::Write {
-        presence: Some(next),
-        presence_ver: current.map(|p| p.ver),
-        room,
-        outcome,
-    };
-    match update.op {
-        PresenceOp::Add if live => match update.seq {
-            // Hand-made records carry no sequence number: nothing to move.
-            None => unchanged,
-            Some(_) => {
-                let next = next_of(true);
-                write(next, None, PresenceOutcome { connections, ..PresenceOutcome::default() })
-            }
-        },
-        PresenceOp::Add if connections > 0 => {
-            let next = next_of(true);
-            let outcome = PresenceOutcome { connections: next.connections.len(), ..PresenceOutcome::default() };
-            write(next, None, outcome)
-        }
-        PresenceOp::Add => {
-            let users = room.map_or(0, |r| r.users) + 1;
-            // Announced when the room, with the user in it, is within its tenant's limit; the
-            // `left` will be announced exactly when this `joined` was.
-            let announce = announces(users, update.announce_max_users);
-            let mut next = next_of(true);
-            next.since = update.at;
-            next.announced = announce;
-            next.last_event = Some(update.event_id.clone());
-            next.ttl = None;
-            next.version = next_version(next.version, update.time);
-            let outcome = PresenceOutcome {
-                transition: Some(PresenceEvent::Joined),
-                redelivered: false,
-                users: Some(users),
-                connections: 1,
-                announce,
-                version: next.version,
-            };
-            write(next, Some(room_after(1)), outcome)
-        }
-        PresenceOp::Remove if live && connections == 1 => {
-            let mut next = next_of(false);
-            let announce = next.announced;
-            next.last_event = Some(update.event_id.clone());
-            next.ttl = Some(crate::model::expiry(update.now, EMPTY_ROOM_TTL_SECONDS));
-            next.version = next_version(next.version, update.time);
-            let version = next.version;
-            let room = room_after(-1);
-            // Nothing to remember (records made by hand carry no sequence number): no tombstone.
-            let next = if next.marks.is_empty() { None } else { Some(next) };
-            let outcome = PresenceOutcome {
-                transition: Some(PresenceEvent::Left),
-                redelivered: false,
-                users: Some(room.users),
-                connections: 0,
-                announce,
-                version,
-            };
-            Plan::Write { presence: next, presence_ver: current.map(|p| p.ver), room: Some(room), outcome }
-        }
-        PresenceOp::Remove if live => {
-            let next = next_of(false);
-            let outcome = PresenceOutcome { connections: next.connections.len(), ..PresenceOutcome::default() };
-            write(next, None, outcome)
-        }
-        // Not in the set. With a sequence number, the REMOVE still leaves its mark: its INSERT,
-        // re-driven from the dead-letter queue after it (or lost and never applied), is older and
-        // adds nothing.
-        PresenceOp::Remove => match update.seq {
-            None => unchanged,
-            Some(_) => {
-                let mut next = next_of(false);
-                if !next.present() && next.ttl.is_none() {
-                    next.ttl = Some(crate::model::expiry(update.now, EMPTY_ROOM_TTL_SECONDS));
-                }
-                write(next, None, PresenceOutcome { connections, ..PresenceOutcome::default() })
-            }
-        },
+    }
+
+    /// Writes the user's item (and the room's, with a transition), if the user's is as read.
+    fn write(&self, next: Presence, room: Option<RoomPresence>, outcome: PresenceOutcome) -> Plan {
+        Plan::Write { presence: Some(next), presence_ver: self.current.map(|p| p.ver), room, outcome }
+    }
+
+    /// The user's first connection in the room: `joined`.
+    fn joined(&self) -> Plan {
+        let update = self.update;
+        let users = self.room.map_or(0, |r| r.users) + 1;
+        // Announced when the room, with the user in it, is within its tenant's limit; the
+        // `left` will be announced exactly when this `joined` was.
+        let announce = announces(users, update.announce_max_users);
+        let mut next = self.user_after(true);
+        next.since = update.at;
+        next.announced = announce;
+        next.last_event = Some(update.event_id.clone());
+        next.ttl = None;
+        next.version = next_version(next.version, update.time);
+        let outcome = PresenceOutcome {
+            transition: Some(PresenceEvent::Joined),
+            redelivered: false,
+            users: Some(users),
+            connections: 1,
+            announce,
+            version: next.version,
+        };
+        self.write(next, Some(self.room_after(1)), outcome)
+    }
+
+    /// The user's last connection in the room gone: `left`. The user's item stays as a tombstone
+    /// (its marks) until its TTL.
+    fn left(&self) -> Plan {
+        let update = self.update;
+        let mut next = self.user_after(false);
+        let announce = next.announced;
+        next.last_event = Some(update.event_id.clone());
+        next.ttl = Some(crate::model::expiry(update.now, EMPTY_ROOM_TTL_SECONDS));
+        next.version = next_version(next.version, update.time);
+        let version = next.version;
+        let room = self.room_after(-1);
+        // Nothing to remember (records made by hand carry no sequence number): no tombstone.
+        let next = if next.marks.is_empty() { None } else { Some(next) };
+        let outcome = PresenceOutcome {
+            transition: Some(PresenceEvent::Left),
+            redelivered: false,
+            users: Some(room.users),
+            connections: 0,
+            announce,
+            version,
+        };
+        Plan::Write { presence: next, presence_ver: self.current.map(|p| p.ver), room: Some(room), outcome }
     }
 }
 
