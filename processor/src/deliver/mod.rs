@@ -194,16 +194,10 @@ impl Deliverer {
         window: &Window,
         resume: Option<&str>,
     ) -> Result<Vec<(String, Outcome)>, StoreError> {
-        let mut outcomes = Vec::new();
         if self.dry_run {
-            for effect in effects {
-                if let Effect::Send { recipients, .. } = effect {
-                    outcomes.extend(recipients.iter().map(|r| (r.connection_id.clone(), Outcome::NotSent)));
-                }
-            }
-            outcomes.sort();
-            return Ok(outcomes);
+            return Ok(not_sent(effects));
         }
+        let mut outcomes = Vec::new();
         // Large frames of the record, counted: the key of each one's progress. (Effects before
         // them can differ between attempts — a plugin's rewrite marks the message first — large
         // frames cannot.)
@@ -217,28 +211,7 @@ impl Deliverer {
                     });
                     match key {
                         Some(key) => outcomes.extend(self.send_resumable(&key, payload, recipients, window).await?),
-                        None => {
-                            let body = Blob::new(payload.to_json());
-                            let sends: Vec<_> = recipients
-                                .iter()
-                                .map(|r| {
-                                    let body = body.clone();
-                                    async move {
-                                        Ok::<_, StoreError>((
-                                            r,
-                                            self.send(r, body, window, window.finish_by, window.finish_by).await?,
-                                        ))
-                                    }
-                                })
-                                .collect();
-                            let results: Vec<Result<(&Recipient, Sent), StoreError>> =
-                                futures::stream::iter(sends).buffer_unordered(self.inner.limit.max()).collect().await;
-                            let mut sent = Vec::with_capacity(results.len());
-                            for result in results {
-                                sent.push(result?);
-                            }
-                            outcomes.extend(self.judge_slow(sent, window, window.finish_by, false).await);
-                        }
+                        None => outcomes.extend(self.send_all(payload, recipients, window).await?),
                     }
                 }
                 Effect::RemoveMembership { tenant, room, connection_id, reason } => {
@@ -276,6 +249,32 @@ impl Deliverer {
     /// known and written before the invocation's time is up. Progress is a saving, never a
     /// condition: a read or write that fails is logged and counted (`progress_failures`), and
     /// the fan-out goes on.
+    /// One frame to each recipient, as many at once as the limit allows, within the window.
+    async fn send_all(
+        &self,
+        payload: &crate::protocol::ServerMessage,
+        recipients: &[Recipient],
+        window: &Window,
+    ) -> Result<Vec<(String, Outcome)>, StoreError> {
+        let body = Blob::new(payload.to_json());
+        let sends: Vec<_> = recipients
+            .iter()
+            .map(|r| {
+                let body = body.clone();
+                async move {
+                    Ok::<_, StoreError>((r, self.send(r, body, window, window.finish_by, window.finish_by).await?))
+                }
+            })
+            .collect();
+        let results: Vec<Result<(&Recipient, Sent), StoreError>> =
+            futures::stream::iter(sends).buffer_unordered(self.inner.limit.max()).collect().await;
+        let mut sent = Vec::with_capacity(results.len());
+        for result in results {
+            sent.push(result?);
+        }
+        Ok(self.judge_slow(sent, window, window.finish_by, false).await)
+    }
+
     /// One recipient: no call starts after `start_by`, none runs past `finish_by` (both the
     /// batch's window, or earlier). A connection that already has retries set aside in this window
     /// queues behind them, so that it receives its frames in order.
@@ -356,4 +355,19 @@ impl Deliverer {
     pub async fn probe(&self, connection_id: &str, endpoint: &str) -> Probe {
         self.inner.probe(connection_id, endpoint, self.inner.settings.call_timeout).await
     }
+}
+
+/// A dry run's outcomes: every recipient of every frame, not sent.
+fn not_sent(effects: &[Effect]) -> Vec<(String, Outcome)> {
+    let mut outcomes: Vec<(String, Outcome)> = effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Send { recipients, .. } => Some(recipients),
+            _ => None,
+        })
+        .flatten()
+        .map(|r| (r.connection_id.clone(), Outcome::NotSent))
+        .collect();
+    outcomes.sort();
+    outcomes
 }
