@@ -20,6 +20,7 @@ roomcast_tests::on_both_stores!(multi_thread:
     injected_410_429_500_and_stalls_are_handled,
     a_tenant_plugin_that_sleeps_forever_never_stops_other_tenants,
     hostile_plugins_in_roomcast_dev_fault_within_their_limits,
+    a_room_that_keeps_its_latest_message_gives_it_to_each_joiner_first,
 );
 
 /// Polls the table until `connection_id` is no longer a member of acme's `general` room.
@@ -603,4 +604,57 @@ async fn hostile_plugins_in_roomcast_dev_fault_within_their_limits(kind: &str) {
     bob.expect("acme's message", |f| f["message"] == "still flowing").await;
     stack.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A tenant's rooms that keep their latest message (`roomcast tenant set --latest-on-join`): a
+/// join, by frame or at connect, gets the room's newest message before anything else the room
+/// says; other rooms give nothing on join; `recover` from it finds nothing missed.
+async fn a_room_that_keeps_its_latest_message_gives_it_to_each_joiner_first(kind: &str) {
+    let stack = ws::dev(kind, |_| {}).await;
+    let settings = roomcast::model::TenantSettings {
+        latest_on_join: vec!["score-*".into()],
+        ..roomcast::model::TenantSettings::new("acme")
+    };
+    stack.store.put_tenant_settings(&settings).await.unwrap();
+    let mut ann = connect(&stack, "acme", "ann", "score-1,general").await;
+    ann.expect_action("welcome").await;
+    let mut sent = Vec::new();
+    for text in ["1-0", "2-0"] {
+        let ack = ann.ask(json!({"action":"sendMessage","room":"score-1","message":text}), "ack").await;
+        sent.push(ack["id"].as_str().unwrap().to_string());
+    }
+    let latest = sent[1].clone();
+    ann.ask(json!({"action":"sendMessage","room":"general","message":"said before"}), "ack").await;
+
+    // By a join frame: the room's latest, to the joiner.
+    let mut bob = connect(&stack, "acme", "bob", "lobby").await;
+    bob.expect_action("welcome").await;
+    bob.ask(json!({"action":"join","room":"score-1"}), "ack").await;
+    let first = bob.expect("score-1's latest message", |f| f["action"] == "message").await;
+    assert_eq!(
+        (first["id"].as_str(), first["room"].as_str(), first["message"].as_str()),
+        (Some(latest.as_str()), Some("score-1"), Some("2-0"))
+    );
+    // A room that keeps nothing: the first message Bob gets there is one said after he joined.
+    bob.ask(json!({"action":"join","room":"general"}), "ack").await;
+    ann.ask(json!({"action":"sendMessage","room":"general","message":"marker"}), "ack").await;
+    bob.expect_before("the marker", |f| f["message"] == "marker", |f| f["message"] == "said before").await;
+
+    // At connect (`?rooms=`): the same.
+    let mut cid = connect(&stack, "acme", "cid", "score-1").await;
+    let first = cid.expect("score-1's latest message", |f| f["action"] == "message").await;
+    assert_eq!(first["id"].as_str(), Some(latest.as_str()));
+    // A message like any other: recovering from it finds nothing after it (what it gives is the
+    // few seconds' margin before it, which a client already holds by id).
+    let recovered = cid.ask(json!({"action":"recover","room":"score-1","since":latest}), "recover").await;
+    assert_eq!(recovered["recovered"], true, "{recovered}");
+    let given: Vec<&str> =
+        recovered["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert!(given.iter().all(|id| *id == sent[0]), "only what came before the latest: {recovered}");
+    // Another tenant's room of that name keeps nothing of acme's.
+    let mut eve = connect(&stack, "globex", "eve", "score-1").await;
+    eve.expect_action("welcome").await;
+    eve.ask(json!({"action":"sendMessage","room":"score-1","message":"globex's own"}), "ack").await;
+    eve.expect_before("her own message", |f| f["message"] == "globex's own", |f| f["message"] == "2-0").await;
+    stack.shutdown().await;
 }

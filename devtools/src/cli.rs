@@ -354,6 +354,14 @@ enum TenantCommand {
         /// take the deployment's (ROOMCAST_LIMIT_{NAME}). Handlers read it within 5 s.
         #[arg(long = "limit", value_name = "NAME=N", value_parser = crate::limits::parse_setting)]
         limits: Vec<(String, u32)>,
+        /// Rooms that keep their latest message, as room names or prefixes ending in `*` (`*`:
+        /// every room); repeatable, added to those set before. Joining one delivers its newest
+        /// message first.
+        #[arg(long = "latest-on-join", value_name = "PATTERN", value_parser = crate::model::parse_room_pattern)]
+        latest_on_join: Vec<String>,
+        /// Forget the rooms that keep their latest message (before adding any --latest-on-join).
+        #[arg(long)]
+        no_latest_on_join: bool,
         #[command(flatten)]
         target: PluginTargetArgs,
     },

@@ -61,10 +61,7 @@ pub const MAX_ROOMS_CLAIM_BYTES: usize = 2048;
 /// Whether the `rooms` claim's `patterns` allow `room`: a name equal to it, or a prefix ending
 /// in `*` that it starts with.
 pub fn room_allowed(patterns: &[String], room: &str) -> bool {
-    patterns.iter().any(|p| match p.strip_suffix('*') {
-        Some(prefix) => room.starts_with(prefix),
-        None => p == room,
-    })
+    crate::model::room_matches(patterns, room)
 }
 
 /// The most patterns a `rooms` claim may hold (it travels in the authorizer's context).

@@ -125,6 +125,7 @@ impl Target {
                 let body = serde_json::to_vec(&serde_json::json!({
                     "presenceAnnounceMaxUsers": settings.presence_announce_max_users,
                     "rateLimits": settings.rate_limits,
+                    "latestOnJoin": settings.latest_on_join,
                 }))?;
                 request(url, http::Method::PUT, &path, body).await.map(|_| ())
             }

@@ -11,7 +11,14 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&settings)?);
             Ok(())
         }
-        TenantCommand::Set { tenant, presence_announce_max_users, limits, target } => {
+        TenantCommand::Set {
+            tenant,
+            presence_announce_max_users,
+            limits,
+            latest_on_join,
+            no_latest_on_join,
+            target,
+        } => {
             // What is given changes; every other setting stays as it was.
             crate::model::Name::parse("tenant", &tenant).map_err(anyhow::Error::msg)?;
             let target = target.target().await;
@@ -20,6 +27,19 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
                 settings.presence_announce_max_users = presence_announce_max_users;
             }
             settings.rate_limits.extend(limits);
+            if no_latest_on_join {
+                settings.latest_on_join.clear();
+            }
+            for pattern in latest_on_join {
+                if !settings.latest_on_join.contains(&pattern) {
+                    settings.latest_on_join.push(pattern);
+                }
+            }
+            anyhow::ensure!(
+                settings.latest_on_join.len() <= crate::model::TenantSettings::MAX_LATEST_ON_JOIN,
+                "at most {} patterns of rooms that keep their latest message",
+                crate::model::TenantSettings::MAX_LATEST_ON_JOIN
+            );
             target.set_settings(&settings).await?;
             println!("{}", serde_json::to_string_pretty(&settings)?);
             Ok(())

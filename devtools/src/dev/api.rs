@@ -227,6 +227,8 @@ struct SetSettings {
     presence_announce_max_users: Option<u64>,
     #[serde(default)]
     rate_limits: std::collections::BTreeMap<String, u32>,
+    #[serde(default)]
+    latest_on_join: Vec<String>,
 }
 
 async fn set_settings(State(api): State<Api>, Path(tenant): Path<String>, body: axum::body::Bytes) -> Response {
@@ -242,9 +244,19 @@ async fn set_settings(State(api): State<Api>, Path(tenant): Path<String>, body: 
             return error(StatusCode::BAD_REQUEST, e);
         }
     }
+    if request.latest_on_join.len() > crate::model::TenantSettings::MAX_LATEST_ON_JOIN {
+        let most = crate::model::TenantSettings::MAX_LATEST_ON_JOIN;
+        return error(StatusCode::BAD_REQUEST, format!("latestOnJoin: at most {most} patterns"));
+    }
+    for pattern in &request.latest_on_join {
+        if let Err(e) = crate::model::parse_room_pattern(pattern) {
+            return error(StatusCode::BAD_REQUEST, format!("latestOnJoin: {e}"));
+        }
+    }
     let settings = crate::model::TenantSettings {
         presence_announce_max_users: request.presence_announce_max_users,
         rate_limits: request.rate_limits,
+        latest_on_join: request.latest_on_join,
         ..crate::model::TenantSettings::new(&tenant)
     };
     match api.store.put_tenant_settings(&settings).await {

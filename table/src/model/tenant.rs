@@ -18,6 +18,20 @@ pub struct TenantSettings {
     /// `crate::limits::NAMES`), 0 meaning none.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub rate_limits: std::collections::BTreeMap<String, u32>,
+    /// Rooms that keep their latest message (room-name patterns, [`room_matches`]): joining one
+    /// delivers its newest message the joiner may see, before anything else the room says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latest_on_join: Vec<String>,
+}
+
+impl TenantSettings {
+    /// The most patterns of rooms that keep their latest message.
+    pub const MAX_LATEST_ON_JOIN: usize = 64;
+
+    /// Whether joining `room` delivers its latest message.
+    pub fn keeps_latest(&self, room: &str) -> bool {
+        room_matches(&self.latest_on_join, room)
+    }
 }
 
 impl TenantSettings {
@@ -29,6 +43,7 @@ impl TenantSettings {
             tenant: tenant.to_string(),
             presence_announce_max_users: None,
             rate_limits: Default::default(),
+            latest_on_join: Vec::new(),
         }
     }
 }

@@ -6,6 +6,10 @@
 //! | INSERT, `pending` | [`Kind::Pending`] | the tenant's rules decide; denied: `join_denied` to the joiner (allowed: its MODIFY follows) |
 //! | INSERT | [`Kind::Joined`] | a tenant whose rules decide joins may still deny it; else presence, and `joined` to the room when the user became present and the room announces |
 //! | MODIFY `pending` → allowed | [`Kind::Joined`] | presence, the join's `ack` with the room's users, what a reconnect missed there, `joined` |
+//!
+//! An allowed join into a room that keeps its latest message (the tenant's
+//! [`latest_on_join`](crate::model::TenantSettings::latest_on_join)) also gets the room's newest
+//! message it may see, before the room's `joined` (unless a reconnect's recovery gives it).
 //! | REMOVE | [`Kind::Left`] | presence, and `left` to the room with why (`expired` for TTL) |
 //! | REMOVE of a pending one, other MODIFYs | [`Kind::Other`] | nothing |
 
@@ -15,7 +19,7 @@ mod presence;
 use super::{MAX_RECOVERED_AT_CONNECT, Processor, Reaction};
 use crate::model::{JoinReason, LeftReason, Membership};
 use crate::presence::{JOIN_ACK_MEMBERS, PresenceOp};
-use crate::protocol::{PresenceEvent, ServerMessage};
+use crate::protocol::{ChatMessage, HistoryFrom, MAX_OUTGOING_BYTES, PresenceEvent, ServerMessage};
 use crate::react::{
     Effect, JoinOutcome, PresenceDecision, Recipient, Recovery, presence_frame, recovery_to, send_to_room,
 };
@@ -64,6 +68,8 @@ pub struct Decided {
     pub presence: Option<PresenceDecision>,
     /// After an allowed join from a reconnect's `?since=`: what the connection missed there.
     pub recovery: Recovery,
+    /// After an allowed join into a room that keeps its latest message: that message.
+    pub latest: Option<ChatMessage>,
 }
 
 /// A membership record: gathers the tenant's answer, the presence transition and the room's
@@ -96,6 +102,12 @@ pub(super) async fn changed(
         let (ack, recovery) = acknowledge(p, membership).await?;
         decided.join = Some(JoinOutcome::Allowed(ack));
         decided.recovery = recovery;
+    }
+    if let Kind::Joined { membership, .. } = kind
+        && !matches!(decided.join, Some(JoinOutcome::Denied(_)))
+        && decided.recovery.is_empty()
+    {
+        decided.latest = latest(p, membership, lookups).await?;
     }
     let members = match decided.presence.as_mut() {
         Some(presence) => audience(p, kind, m, presence, lookups).await?,
@@ -135,6 +147,21 @@ async fn acknowledge(p: &Processor, m: &Membership) -> Result<(ServerMessage, Re
         pending: None,
     };
     Ok((ack, recovery))
+}
+
+/// The newest message of a room that keeps its latest message, as the joiner may see it
+/// (`history`'s rules: never a rejected message, a direct one only to its users); `None` for
+/// other rooms. One Query of one item per join, eventually consistent.
+async fn latest(p: &Processor, m: &Membership, lookups: &Lookups) -> Result<Option<ChatMessage>, StoreError> {
+    let settings = lookups.settings(&m.tenant);
+    let settings = settings.get_or_try_init(|| p.store.tenant_settings(&m.tenant)).await?;
+    if !settings.as_ref().is_some_and(|s| s.keeps_latest(&m.room)) {
+        return Ok(None);
+    }
+    let (now, viewer) = (p.clock.now(), Some(m.user_id.as_str()));
+    let found =
+        p.store.history_page(&m.tenant, &m.room, &HistoryFrom::Latest, 1, now, viewer, MAX_OUTGOING_BYTES).await?;
+    Ok(found.last().map(ChatMessage::from))
 }
 
 /// The room's members a transition is announced to: read afresh (the writer's bump of the
@@ -212,12 +239,19 @@ pub fn react(kind: Kind, members: &[Membership], decided: &Decided) -> Vec<Effec
 }
 
 /// An allowed join's `ack`, then what the connection missed in the room if it reconnected with
-/// `?since=` (held back until the rules allowed the room); `joined` to the room when announced.
+/// `?since=` (held back until the rules allowed the room), or the room's latest message if it
+/// keeps one; `joined` to the room when announced.
 fn joined(m: &Membership, members: &[Membership], join: Option<&JoinOutcome>, decided: &Decided) -> Vec<Effect> {
     let mut effects = Vec::new();
     if let Some(JoinOutcome::Allowed(ack)) = join {
         effects.push(Effect::Send { payload: ack.clone(), recipients: vec![Recipient::from(m)] });
         effects.extend(recovery_to(Recipient::from(m), &decided.recovery));
+    }
+    if let Some(latest) = &decided.latest {
+        effects.push(Effect::Send {
+            payload: ServerMessage::Message(latest.clone()),
+            recipients: vec![Recipient::from(m)],
+        });
     }
     if let Some(p) = announced(decided, PresenceEvent::Joined) {
         let reason = match m.join_reason {
@@ -283,6 +317,31 @@ mod tests {
         let marked = Membership { left_reason: Some("disconnect".into()), ..tab.clone() };
         assert_eq!(react_to(&removed(&marked, Cause::Client), std::slice::from_ref(&bob))[0].0["reason"], "disconnect");
         assert_eq!(react_to(&removed(&tab, Cause::TtlExpired), &[bob])[0].0["reason"], "expired");
+    }
+
+    #[test]
+    fn a_room_that_keeps_its_latest_message_gives_it_to_the_joiner_before_the_room_hears_of_the_join() {
+        let ann = member("c1", "ann", 0);
+        let members = [ann.clone(), member("c9", "bob", 0)];
+        let change = Change::Inserted(Record::Membership(ann));
+        let latest = ChatMessage {
+            id: "m-7".into(),
+            room: "general".into(),
+            user_id: "bob".into(),
+            message: "3-1".into(),
+            timestamp: "2026-12-07T10:00:00Z".into(),
+        };
+        let with_latest = Decided { latest: Some(latest), ..decided(Some(PresenceEvent::Joined), true) };
+        let out = sent(&react(Kind::of(&change), &members, &with_latest));
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!((out[0].0["action"].as_str(), out[0].0["message"].as_str()), (Some("message"), Some("3-1")));
+        assert_eq!(out[0].1, vec!["c1"], "the joiner alone");
+        assert_eq!(out[1].0["event"], "joined");
+        // Denied: the joiner hears only that.
+        let denied = Decided { join: Some(JoinOutcome::Denied("members only".into())), ..with_latest };
+        let out = sent(&react(Kind::of(&change), &members, &denied));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0["action"], "join_denied");
     }
 
     #[test]
