@@ -12,7 +12,7 @@
 //! | [`handlers`] | `$connect`, `$disconnect`, messages → records; route responses | `connect`, `disconnect`, `message` |
 //! | [`auth`] | the `$connect` authorizer's rule: a token's claims, checked | `authorizer` |
 //! | [`identity`] | each tenant's tokens checked with its own key: an HS256 secret or its identity provider's JWKS | |
-//! | [`limits`] | (`roomcast-table`) rate limits per connection, user and tenant, counted in the table before a handler writes | |
+//! | [`limits`] | rate limits per connection, user and tenant, counted in the table before a handler writes (the settings are `roomcast-table`'s) | |
 //! | [`publish`] | a backend's message into a room | `publish`, `tenant_publish` |
 //! | [`admin`] | the operator's operations, and the sweeper of stale connections | `admin`, `sweeper` |
 //! | [`lambda`] | the entry point each binary's `main` calls | |
@@ -21,12 +21,13 @@
 //! the same names; the configuration and the deliverer the admin operations probe connections with
 //! come from `roomcast-processor`. docs/ARCHITECTURE.md tells the whole design.
 
-// The records, the protocol, presence, rate limits and the table: crate `roomcast-table`.
-pub use roomcast_table::{limits, metrics, model, presence, protocol, store};
+// The records, the protocol, presence and the table: crate `roomcast-table`.
+pub use roomcast_table::{metrics, model, presence, protocol, store};
 
 pub mod admin;
 pub mod auth;
 pub mod handlers;
 pub mod identity;
 pub mod lambda;
+pub mod limits;
 pub mod publish;

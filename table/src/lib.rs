@@ -7,7 +7,7 @@
 //! | [`model`] | the records, their keys and [`model::ItemKind`] (which item a key names); validated names; the clock |
 //! | [`protocol`] | the client's frames, both ways |
 //! | [`presence`] | presence as state: the transitions the table applies, exactly one `joined`/`left` per user and room |
-//! | [`limits`] | rate limits per connection, user and tenant: counters in the table, checked before a handler writes |
+//! | [`limits`] | rate limits' settings: what is limited, per whom, how many a second (the write path counts against them) |
 //! | [`store`] | the table behind small ports by concern, each with a DynamoDB adapter and an embedded one with a stream |
 //! | [`metrics`] | the counters every part adds to |
 //!

@@ -20,7 +20,7 @@ use super::{
     Routing, Verdict, WelcomeInfo, root_cause, v01, v02,
 };
 
-/// A tenant's configuration as a call sees it (`roomcast plugin config set`): the core's type.
+/// A tenant's configuration as a call sees it (`roomcast plugin config set`): the processor's type (`rules::ConfigValues`).
 pub use roomcast_processor::rules::ConfigValues;
 
 /// The store's state.
