@@ -21,6 +21,8 @@ roomcast_tests::on_both_stores!(multi_thread:
     a_tenant_plugin_that_sleeps_forever_never_stops_other_tenants,
     hostile_plugins_in_roomcast_dev_fault_within_their_limits,
     a_room_that_keeps_its_latest_message_gives_it_to_each_joiner_first,
+    webhooks_tell_a_tenants_backend_in_order_and_a_hung_endpoint_holds_up_no_other_tenant,
+    undeliverable_webhooks_become_dead_letters_that_an_operator_can_redrive,
 );
 
 /// Polls the table until `connection_id` is no longer a member of acme's `general` room.
@@ -656,5 +658,245 @@ async fn a_room_that_keeps_its_latest_message_gives_it_to_each_joiner_first(kind
     eve.expect_action("welcome").await;
     eve.ask(json!({"action":"sendMessage","room":"score-1","message":"globex's own"}), "ack").await;
     eve.expect_before("her own message", |f| f["message"] == "globex's own", |f| f["message"] == "2-0").await;
+    stack.shutdown().await;
+}
+
+/// A tenant's backend on loopback: `/ok` takes deliveries after refusing the first
+/// `refuse_first`, `/ok-too` takes them all; `/hang` holds every request until released, then refuses it; `/refuse`
+/// refuses while `refusing` is set.
+#[derive(Default)]
+struct Receiver {
+    refuse_first: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicUsize,
+    refusing: std::sync::atomic::AtomicBool,
+    hanging: std::sync::atomic::AtomicUsize,
+    release: tokio::sync::Notify,
+    released: std::sync::atomic::AtomicBool,
+    /// Accepted deliveries: the path, the signature header, the body.
+    got: std::sync::Mutex<Vec<(String, String, Vec<u8>)>>,
+}
+
+impl Receiver {
+    async fn start() -> (std::sync::Arc<Receiver>, String) {
+        use axum::{Router, extract::State, http::HeaderMap, http::StatusCode, routing::post};
+        use std::sync::atomic::Ordering::SeqCst;
+        let receiver = std::sync::Arc::new(Receiver::default());
+        async fn take(
+            State(r): State<std::sync::Arc<Receiver>>,
+            axum::extract::Path(path): axum::extract::Path<String>,
+            headers: HeaderMap,
+            body: axum::body::Bytes,
+        ) -> StatusCode {
+            let refuse = match path.as_str() {
+                "ok" => r.refuse_first.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok(),
+                "ok-too" => false,
+                "refuse" => r.refusing.load(SeqCst),
+                _ => {
+                    r.hanging.fetch_add(1, SeqCst);
+                    if !r.released.load(SeqCst) {
+                        r.release.notified().await;
+                    }
+                    r.hanging.fetch_sub(1, SeqCst);
+                    true
+                }
+            };
+            if refuse {
+                r.refused.fetch_add(1, SeqCst);
+                return StatusCode::SERVICE_UNAVAILABLE;
+            }
+            let signature = headers.get("roomcast-signature").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            r.got.lock().unwrap().push((path, signature, body.to_vec()));
+            StatusCode::OK
+        }
+        let app = Router::new().route("/{path}", post(take)).with_state(receiver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (receiver, url)
+    }
+
+    fn release(&self) {
+        self.released.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.release.notify_waiters();
+    }
+
+    /// The events accepted at `path`, each delivery's signature checked with `secret`.
+    fn events(&self, path: &str, secret: &str) -> Vec<Value> {
+        let now = chrono::Utc::now().timestamp();
+        let got = self.got.lock().unwrap();
+        let mut events = Vec::new();
+        for (at, signature, body) in got.iter().filter(|(at, ..)| at == path) {
+            roomcast::webhook::sign::verify(secret, signature, body, now)
+                .unwrap_or_else(|e| panic!("a delivery to /{at} does not verify: {e}"));
+            let batch: Value = serde_json::from_slice(body).unwrap();
+            events.extend(batch["events"].as_array().unwrap().iter().cloned());
+        }
+        events
+    }
+
+    /// Waits until the events accepted at `path` hold one of `kind` for `user` (10 s at most).
+    async fn wait_for(&self, path: &str, secret: &str, kind: &str, user: &str) -> Vec<Value> {
+        for _ in 0..200 {
+            let events = self.events(path, secret);
+            if events.iter().any(|e| e["type"] == kind && e["user_id"].as_str().unwrap_or("") == user) {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no {kind} for {user} at /{path} within 10 s: {:?}", self.events(path, secret));
+    }
+}
+
+/// One request to the dev stack's HTTP API: its status and JSON body.
+async fn dev_api(stack: &roomcast::dev::DevStack, method: &str, path: &str, body: Value) -> (u16, Value) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<axum::body::Bytes>>();
+    let request = axum::http::Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", stack.addr))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(axum::body::Bytes::from(body.to_string())))
+        .unwrap();
+    let answer = client.request(request).await.unwrap();
+    let status = answer.status().as_u16();
+    let bytes = answer.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn webhook(tenant: &str, url: String, secret: &str) -> roomcast::model::TenantSettings {
+    roomcast::model::TenantSettings {
+        webhook: Some(roomcast::model::WebhookSettings { url, secret: secret.into(), events: Vec::new() }),
+        ..roomcast::model::TenantSettings::new(tenant)
+    }
+}
+
+/// Webhooks (issue 26): a tenant's backend hears rooms occupied and vacated, members joined and
+/// left (with the presence frames' ids) and connections opened and closed, in order, signed,
+/// batched, retried after refusals; another tenant's endpoint that hangs holds none of it up.
+async fn webhooks_tell_a_tenants_backend_in_order_and_a_hung_endpoint_holds_up_no_other_tenant(kind: &str) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (receiver, url) = Receiver::start().await;
+    receiver.refuse_first.store(2, SeqCst);
+    let policy = roomcast::webhook::local::RetryPolicy {
+        first_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(200),
+        retry_for: Duration::from_secs(600),
+        timeout: Duration::from_secs(600),
+        linger: Duration::from_millis(20),
+    };
+    let stack = ws::dev(kind, |o| o.webhook_retry = policy).await;
+    stack.store.put_tenant_settings(&webhook("acme", format!("{url}/ok"), "acme-webhook-secret")).await.unwrap();
+    stack.store.put_tenant_settings(&webhook("globex", format!("{url}/hang"), "globex-webhook-secret")).await.unwrap();
+    // Globex's endpoint takes its first delivery and never answers while acme's go on.
+    let mut eve = connect(&stack, "globex", "eve", "general").await;
+    eve.expect_action("welcome").await;
+
+    let mut ann = connect(&stack, "acme", "ann", "general").await;
+    ann.expect_action("welcome").await;
+    let mut bob = connect(&stack, "acme", "bob", "general").await;
+    bob.expect_action("welcome").await;
+    let joined = ann.expect("bob joined", presence("bob", "joined")).await;
+    bob.close().await;
+    let left = ann.expect("bob left", presence("bob", "left")).await;
+    ann.close().await;
+
+    receiver.wait_for("ok", "acme-webhook-secret", "room.vacated", "").await;
+    let events = receiver.wait_for("ok", "acme-webhook-secret", "connection.closed", "ann").await;
+    assert!(receiver.refused.load(SeqCst) >= 2, "the first two deliveries were refused and retried");
+    assert_eq!(receiver.hanging.load(SeqCst), 1, "globex's delivery is still hanging");
+    assert!(receiver.events("hang", "globex-webhook-secret").is_empty());
+    // Each event once, by id, whatever was retried.
+    let mut ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), events.len(), "{events:?}");
+    assert!(events.iter().all(|e| e["tenant"] == "acme"), "{events:?}");
+    let in_room: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e["room"] == "general")
+        .map(|e| (e["type"].as_str().unwrap().to_string(), e["user_id"].as_str().unwrap_or("").to_string()))
+        .collect();
+    let pairs = |list: &[(&str, &str)]| list.iter().map(|(k, u)| (k.to_string(), u.to_string())).collect::<Vec<_>>();
+    assert_eq!(
+        in_room,
+        pairs(&[
+            ("room.occupied", ""),
+            ("member.joined", "ann"),
+            ("member.joined", "bob"),
+            ("member.left", "bob"),
+            ("member.left", "ann"),
+            ("room.vacated", "")
+        ])
+    );
+    let by_kind = |kind: &str, user: &str| {
+        events.iter().find(|e| e["type"] == kind && e["user_id"] == user).unwrap_or_else(|| panic!("{kind} {user}"))
+    };
+    assert_eq!(by_kind("member.joined", "bob")["id"], joined["id"], "the presence frame's id");
+    assert_eq!(by_kind("member.left", "bob")["id"], left["id"]);
+    assert_eq!(by_kind("member.left", "bob")["data"]["users"], 1);
+    for user in ["ann", "bob"] {
+        assert!(by_kind("connection.opened", user)["connection_id"].is_string());
+        assert_eq!(by_kind("connection.closed", user)["data"]["reason"], "disconnect");
+    }
+    // Globex's endpoint answers at last: its events come once it takes them.
+    receiver.release();
+    stack
+        .store
+        .put_tenant_settings(&webhook("globex", format!("{url}/ok-too"), "globex-webhook-secret"))
+        .await
+        .unwrap();
+    let globex = receiver.wait_for("ok-too", "globex-webhook-secret", "connection.opened", "eve").await;
+    assert!(globex.iter().any(|e| e["tenant"] == "globex"));
+    eve.close().await;
+    stack.shutdown().await;
+}
+
+/// Webhook deliveries that keep failing past the retry budget become dead letters, kept with the
+/// error; re-driven once the endpoint takes them, they are delivered.
+async fn undeliverable_webhooks_become_dead_letters_that_an_operator_can_redrive(kind: &str) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (receiver, url) = Receiver::start().await;
+    receiver.refusing.store(true, SeqCst);
+    let policy = roomcast::webhook::local::RetryPolicy {
+        first_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(50),
+        retry_for: Duration::from_millis(300),
+        timeout: Duration::from_secs(5),
+        linger: Duration::from_millis(20),
+    };
+    let stack = ws::dev(kind, |o| o.webhook_retry = policy).await;
+    // Through the dev API, as `roomcast tenant set --dev` does; a bad webhook is refused.
+    let settings = |url: String, secret: &str| json!({"webhook": {"url": url, "secret": secret}});
+    let (status, answer) = dev_api(&stack, "PUT", "/_dev/tenants/acme/settings", settings(url.clone(), "short")).await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) =
+        dev_api(&stack, "PUT", "/_dev/tenants/acme/settings", settings(format!("{url}/refuse"), "acme-webhook-secret"))
+            .await;
+    assert_eq!(status, 200, "{answer}");
+    let mut ann = connect(&stack, "acme", "ann", "general").await;
+    ann.expect_action("welcome").await;
+    let mut dead = Vec::new();
+    for _ in 0..200 {
+        dead = stack.webhooks.dead_letters();
+        if dead.iter().flat_map(|d| &d.events).any(|e| e.kind == "member.joined") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, listed) = dev_api(&stack, "GET", "/_dev/webhooks/dead", Value::Null).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(dead.len()), "{listed}");
+    assert_eq!(listed[0]["tenant"], "acme");
+    let events: Vec<&str> = dead.iter().flat_map(|d| &d.events).map(|e| e.kind.as_str()).collect();
+    assert!(events.contains(&"connection.opened") && events.contains(&"member.joined"), "{dead:?}");
+    assert!(dead.iter().all(|d| d.error.contains("503") && d.attempts > 1), "{dead:?}");
+    assert!(receiver.events("refuse", "acme-webhook-secret").is_empty());
+
+    receiver.refusing.store(false, SeqCst);
+    let (_, redriven) = dev_api(&stack, "POST", "/_dev/webhooks/redrive?tenant=acme", Value::Null).await;
+    assert_eq!(redriven["events"], events.len());
+    receiver.wait_for("refuse", "acme-webhook-secret", "member.joined", "ann").await;
+    assert!(stack.webhooks.dead_letters().is_empty());
+    ann.close().await;
     stack.shutdown().await;
 }

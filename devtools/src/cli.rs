@@ -362,6 +362,20 @@ enum TenantCommand {
         /// Forget the rooms that keep their latest message (before adding any --latest-on-join).
         #[arg(long)]
         no_latest_on_join: bool,
+        /// Where the tenant's backend hears what happens in its rooms: signed, batched POSTs (the
+        /// README's "Webhooks"). Needs --webhook-secret-env the first time.
+        #[arg(long, value_name = "URL")]
+        webhook_url: Option<String>,
+        /// The environment variable holding the webhook's signing secret (at least 16 bytes).
+        #[arg(long, value_name = "VAR")]
+        webhook_secret_env: Option<String>,
+        /// An event type the webhook gets (repeatable; replaces the list; none named: all but
+        /// message.sent and message.rejected).
+        #[arg(long = "webhook-event", value_name = "TYPE")]
+        webhook_events: Vec<String>,
+        /// Remove the tenant's webhook.
+        #[arg(long)]
+        no_webhook: bool,
         #[command(flatten)]
         target: PluginTargetArgs,
     },

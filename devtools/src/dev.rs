@@ -61,6 +61,8 @@ pub struct DevOptions {
     /// Frames for this many recipients or more go to the in-process fan-out stage
     /// (`deliver::stage::LocalStage`); 0: none does.
     pub handoff_recipients: usize,
+    /// How the tenants' webhook deliveries are retried (ten minutes, then dead letters).
+    pub webhook_retry: crate::webhook::local::RetryPolicy,
     /// The rate limits tenants get unless their settings say otherwise (`--limit NAME=N`).
     pub rate_limits: crate::limits::RateLimits,
 }
@@ -84,6 +86,7 @@ impl Default for DevOptions {
             clock: Arc::new(SystemClock),
             presence_announce_max_users: crate::presence::DEFAULT_ANNOUNCE_MAX_USERS,
             handoff_recipients: crate::deliver::stage::HANDOFF_RECIPIENTS,
+            webhook_retry: Default::default(),
             rate_limits: crate::limits::RateLimits::default(),
         }
     }
@@ -126,6 +129,8 @@ pub struct DevStack {
     pub memory: Option<Arc<MemoryStore>>,
     /// Tenants whose plugin `--plugins` loaded.
     pub plugin_tenants: Vec<String>,
+    /// The tenants' webhook deliveries: dead letters, re-drive.
+    pub webhooks: Arc<crate::webhook::local::LocalWebhooks>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -210,7 +215,9 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         idempotency_window_seconds: crate::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
         limits: crate::limits::Limiter::new(options.rate_limits),
     };
-    let api_routes = api::routes(store.clone(), host, metrics.clone())
+    // The tenants' webhooks: delivered from this process, a worker per tenant.
+    let webhooks = crate::webhook::local::LocalWebhooks::new(store.clone(), options.webhook_retry, metrics.clone());
+    let api_routes = api::routes(store.clone(), host, metrics.clone(), webhooks.clone())
         .merge(api::publish_route(publish, options.auth.secret().to_vec()));
     let plugin_tenants = match &options.plugins {
         Some(dir) => load_plugins(dir, &registry)?,
@@ -224,7 +231,7 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         processor =
             processor.with_hand_off(crate::deliver::stage::HandOff { stage, recipients: options.handoff_recipients });
     }
-    let processor = Arc::new(processor);
+    let processor = Arc::new(processor.with_webhooks(webhooks.clone()));
     let deps = HandlerDeps {
         joins: Default::default(),
         limits: crate::limits::Limiter::new(options.rate_limits),
@@ -290,7 +297,7 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
             }));
         }
     }
-    Ok(DevStack { addr, gateway, store, metrics, memory, plugin_tenants, stop, tasks })
+    Ok(DevStack { addr, gateway, store, metrics, memory, plugin_tenants, webhooks, stop, tasks })
 }
 
 /// The embedded store's stream, in batches of up to 100 records as Lambda would read them.

@@ -15,7 +15,7 @@ pub use roomcast_handlers::{admin, auth, handlers, identity, limits, publish};
 pub use roomcast_plugin_host as plugins;
 pub use roomcast_processor::{
     assembly, config, deliver, lambda, metrics, model, pipeline, presence, protocol, react, roster, rules, store,
-    stream,
+    stream, webhook,
 };
 
 pub mod bench;

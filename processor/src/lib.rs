@@ -29,6 +29,7 @@
 //! | effects | [`react`] | the reaction's vocabulary: `Effect`, `Recipient`, a room's fan-out, recovery and presence frames |
 //! | effects → delivery | [`deliver`] | `PostToConnection` with retries within the batch's window; 410 / 429 / 413 rules, slow consumers; big rooms' frames to the fan-out stage ([`deliver::stage`]) |
 //! | change → effects | [`pipeline`] | one match on the record's kind, a module per kind (`connection`, `membership`, `message`, `signal`, `plugin`) that gathers and reacts purely; `perform`; whole batches within the Lambda deadline |
+//! | the tenant's backend | [`webhook`] | rooms occupied and vacated, members, connections (and, opted in, messages) as signed, batched, retried deliveries |
 //! | assembly | [`assembly`] | the one place a processor and its deliverers are built from configuration; a dry run set once |
 //!
 //! Around it: [`protocol`] (client frames), [`config`] (the environment every Lambda reads),
@@ -47,3 +48,4 @@ pub mod react;
 pub mod roster;
 pub mod rules;
 pub mod stream;
+pub mod webhook;

@@ -122,6 +122,12 @@ counters! {
     /// Plugin versions read and compiled (or loaded from the artifact directory): once per
     /// version however many partitions ask at the same time.
     plugin_compiles,
+    /// Webhook events a tenant's settings asked for, queued for delivery; delivered (its
+    /// endpoint answered 2xx); deliveries tried again; events given up on (dead letters).
+    webhook_events,
+    webhook_delivered,
+    webhook_retried,
+    webhook_dead,
 }
 
 impl Metrics {
@@ -165,6 +171,10 @@ impl Counts {
             plugin_breaker_skips = self.plugin_breaker_skips,
             plugin_evictions = self.plugin_evictions,
             plugin_compiles = self.plugin_compiles,
+            webhook_events = self.webhook_events,
+            webhook_delivered = self.webhook_delivered,
+            webhook_retried = self.webhook_retried,
+            webhook_dead = self.webhook_dead,
             "{what}"
         );
     }

@@ -126,6 +126,7 @@ impl Target {
                     "presenceAnnounceMaxUsers": settings.presence_announce_max_users,
                     "rateLimits": settings.rate_limits,
                     "latestOnJoin": settings.latest_on_join,
+                    "webhook": settings.webhook,
                 }))?;
                 request(url, http::Method::PUT, &path, body).await.map(|_| ())
             }

@@ -15,6 +15,8 @@
 //! | `POST /publish` (a token with the `publish` scope; body `{tenant, room, message, user_id?, idempotency_key?}`) | the `publish` Lambda's HTTP API: `{"id"}`, or `{"error"}` with its status |
 //! | `GET /_dev/tenants/{tenant}/settings` | the tenant's settings (`roomcast tenant show`) |
 //! | `PUT /_dev/tenants/{tenant}/settings` (body: the settings' fields) | writes them (`roomcast tenant set`) |
+//! | `GET /_dev/webhooks/dead` | the tenants' webhook deliveries given up on: tenant, events, error, attempts |
+//! | `POST /_dev/webhooks/redrive` (`?tenant=T`: one tenant's) | queues them again: `{"events": n}` |
 //! | `GET /_dev/tenants/{tenant}/identity` | the tenant's own identity (`roomcast tenant identity`; the dev stack is local) |
 //! | `PUT /_dev/tenants/{tenant}/identity` (body: the identity) | writes it (`roomcast tenant identity`, `roomcast tenant revoke`) |
 //! | `GET /_dev/tenants/{tenant}/config` | the tenant's plugin configuration (`roomcast plugin config get`) |
@@ -46,10 +48,18 @@ struct Api {
     store: Arc<dyn Store>,
     host: Arc<PluginHost>,
     metrics: Arc<Metrics>,
+    webhooks: Arc<crate::webhook::local::LocalWebhooks>,
 }
 
-pub fn routes(store: Arc<dyn Store>, host: Arc<PluginHost>, metrics: Arc<Metrics>) -> axum::Router {
+pub fn routes(
+    store: Arc<dyn Store>,
+    host: Arc<PluginHost>,
+    metrics: Arc<Metrics>,
+    webhooks: Arc<crate::webhook::local::LocalWebhooks>,
+) -> axum::Router {
     axum::Router::new()
+        .route("/_dev/webhooks/dead", get(dead_letters))
+        .route("/_dev/webhooks/redrive", axum::routing::post(redrive))
         .route("/_dev/metrics", get(counts))
         .route("/_dev/plugins/{tenant}", get(list).post(upload))
         .route("/_dev/plugins/{tenant}/active", put(activate))
@@ -58,7 +68,7 @@ pub fn routes(store: Arc<dyn Store>, host: Arc<PluginHost>, metrics: Arc<Metrics
         .route("/_dev/tenants/{tenant}/config", get(plugin_config).put(set_plugin_config))
         // The host refuses components over its limit with a clear reason; let them reach it.
         .layer(DefaultBodyLimit::max(8 << 20))
-        .with_state(Api { store, host, metrics })
+        .with_state(Api { store, host, metrics, webhooks })
 }
 
 async fn counts(State(api): State<Api>) -> Response {
@@ -229,6 +239,22 @@ struct SetSettings {
     rate_limits: std::collections::BTreeMap<String, u32>,
     #[serde(default)]
     latest_on_join: Vec<String>,
+    #[serde(default)]
+    webhook: Option<crate::model::WebhookSettings>,
+}
+
+async fn dead_letters(State(api): State<Api>) -> Response {
+    axum::Json(api.webhooks.dead_letters()).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct RedriveQuery {
+    tenant: Option<String>,
+}
+
+async fn redrive(State(api): State<Api>, axum::extract::Query(q): axum::extract::Query<RedriveQuery>) -> Response {
+    let events = api.webhooks.redrive(q.tenant.as_deref()).await;
+    axum::Json(serde_json::json!({ "events": events })).into_response()
 }
 
 async fn set_settings(State(api): State<Api>, Path(tenant): Path<String>, body: axum::body::Bytes) -> Response {
@@ -253,7 +279,13 @@ async fn set_settings(State(api): State<Api>, Path(tenant): Path<String>, body: 
             return error(StatusCode::BAD_REQUEST, format!("latestOnJoin: {e}"));
         }
     }
+    if let Some(webhook) = &request.webhook
+        && let Err(e) = crate::webhook::check(webhook)
+    {
+        return error(StatusCode::BAD_REQUEST, format!("webhook: {e}"));
+    }
     let settings = crate::model::TenantSettings {
+        webhook: request.webhook,
         presence_announce_max_users: request.presence_announce_max_users,
         rate_limits: request.rate_limits,
         latest_on_join: request.latest_on_join,

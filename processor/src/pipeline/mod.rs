@@ -126,6 +126,8 @@ pub struct Processor {
     /// Whether a batch's membership records of one room are applied to presence in runs
     /// (`without_presence_runs`: one at a time, the figure before runs).
     presence_runs: bool,
+    /// Where the tenants' webhook events go (`with_webhooks`); none: no event is made.
+    webhooks: Option<Arc<dyn crate::webhook::WebhookSink>>,
 }
 
 impl Processor {
@@ -151,8 +153,15 @@ impl Processor {
             hand_off: None,
             staged_rooms: Default::default(),
             presence_runs: true,
+            webhooks: None,
             clock,
         }
+    }
+
+    /// Tells each tenant's webhook (its settings' `webhook`) what its records did, through `sink`.
+    pub fn with_webhooks(mut self, sink: Arc<dyn crate::webhook::WebhookSink>) -> Processor {
+        self.webhooks = Some(sink);
+        self
     }
 
     /// Applies each membership record to presence on its own: two reads and a write each, as
@@ -360,6 +369,9 @@ impl Processor {
             }
             let (effects, pair) = (&reaction.effects, change.tenant_room_pair());
             let outcomes = self.perform(effects, window, &record.event_id, pair, reaction.room_size).await?;
+            if let Some(tenant) = tenant {
+                self.tell_webhook(tenant, &change, &reaction, &record.event_id, lookups).await?;
+            }
             tracing::debug!(
                 effects = reaction.effects.len(),
                 recipients = outcomes.len(),
@@ -371,6 +383,35 @@ impl Processor {
         }
         .instrument(span)
         .await
+    }
+
+    /// The record's events for its tenant's webhook, if the tenant has one and wants them (its
+    /// settings read once per batch); queued, never delivered in the record's way. A dry run
+    /// makes none.
+    async fn tell_webhook(
+        &self,
+        tenant: &str,
+        change: &Change,
+        reaction: &Reaction,
+        event_id: &str,
+        lookups: &Lookups,
+    ) -> Result<(), StoreError> {
+        let Some(sink) = self.webhooks.as_ref().filter(|_| self.mode == Mode::Execute) else {
+            return Ok(());
+        };
+        let settings = lookups.settings(tenant);
+        let settings = settings.get_or_try_init(|| self.store.tenant_settings(tenant)).await?;
+        let Some(webhook) = settings.as_ref().and_then(|s| s.webhook.as_ref()) else {
+            return Ok(());
+        };
+        let mut events =
+            crate::webhook::events(change, reaction.presence.as_ref(), &reaction.effects, event_id, self.clock.now());
+        events.retain(|e| crate::webhook::wants(webhook, &e.kind));
+        if events.is_empty() {
+            return Ok(());
+        }
+        Metrics::add(&self.metrics.webhook_events, events.len() as u64);
+        sink.enqueue(tenant, events).await
     }
 
     /// The one match on a record's kind: its module gathers what the record needs and states the

@@ -22,6 +22,37 @@ pub struct TenantSettings {
     /// delivers its newest message the joiner may see, before anything else the room says.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub latest_on_join: Vec<String>,
+    /// Where the tenant's backend hears what happens in its rooms (the processor's `webhook`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookSettings>,
+}
+
+/// A tenant's webhook: its URL, the secret its deliveries are signed with, and the event types
+/// it wants (none named: all but the messages').
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSettings {
+    pub url: String,
+    pub secret: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<String>,
+}
+
+impl WebhookSettings {
+    /// The shortest secret.
+    pub const MIN_SECRET_BYTES: usize = 16;
+
+    /// Whether it can be used: an `http(s)` URL and a secret of at least
+    /// [`Self::MIN_SECRET_BYTES`]. (Event types are checked where they are known.)
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.url.starts_with("https://") || self.url.starts_with("http://")) {
+            return Err(format!("webhook URL {:?}: it must be http:// or https://", self.url));
+        }
+        if self.secret.len() < Self::MIN_SECRET_BYTES {
+            return Err(format!("a webhook secret is at least {} bytes", Self::MIN_SECRET_BYTES));
+        }
+        Ok(())
+    }
 }
 
 impl TenantSettings {
@@ -44,6 +75,7 @@ impl TenantSettings {
             presence_announce_max_users: None,
             rate_limits: Default::default(),
             latest_on_join: Vec::new(),
+            webhook: None,
         }
     }
 }

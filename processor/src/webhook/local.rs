@@ -1,0 +1,224 @@
+//! Webhook deliveries from this process: one queue and one worker per tenant, so a tenant whose
+//! endpoint is down or slow holds up only its own events. A worker sends its tenant's events in
+//! order, up to [`MAX_BATCH`] a request; a request that fails (no answer within the timeout, or
+//! any status but 2xx) is sent again after a backoff that doubles up to [`RetryPolicy::max_delay`],
+//! for [`RetryPolicy::retry_for`] (ten minutes by default); then its events become a dead letter,
+//! kept for an operator to list and re-drive ([`LocalWebhooks::dead_letters`],
+//! [`LocalWebhooks::redrive`]). The tenant's URL and secret are read for every attempt, so a
+//! corrected setting applies to the next one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::{WebhookEvent, WebhookSink, sign};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+/// The most events in one request.
+pub const MAX_BATCH: usize = 100;
+
+/// The most events a tenant's queue holds; past it, new ones become dead letters at once.
+pub const MAX_QUEUED: usize = 10_000;
+
+/// How a failed delivery is tried again.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// The first backoff; each next one doubles.
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+    /// How long a batch is retried before it becomes a dead letter.
+    pub retry_for: Duration,
+    /// How long one request may take.
+    pub timeout: Duration,
+    /// How long a worker waits to fill a batch once it has an event.
+    pub linger: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+            retry_for: Duration::from_secs(10 * 60),
+            timeout: Duration::from_secs(5),
+            linger: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Events that could not be delivered, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeadLetter {
+    pub tenant: String,
+    pub events: Vec<WebhookEvent>,
+    pub error: String,
+    pub attempts: u32,
+}
+
+/// The webhook sink of `roomcast dev` and the tests.
+pub struct LocalWebhooks {
+    store: Arc<dyn Store>,
+    policy: RetryPolicy,
+    metrics: Arc<Metrics>,
+    http: reqwest::Client,
+    queues: Mutex<HashMap<String, mpsc::Sender<WebhookEvent>>>,
+    dead: Arc<Mutex<Vec<DeadLetter>>>,
+}
+
+impl LocalWebhooks {
+    pub fn new(store: Arc<dyn Store>, policy: RetryPolicy, metrics: Arc<Metrics>) -> Arc<LocalWebhooks> {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(policy.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("an HTTP client with the process's TLS provider");
+        Arc::new(LocalWebhooks { store, policy, metrics, http, queues: Mutex::default(), dead: Arc::default() })
+    }
+
+    /// The dead letters, oldest first.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.dead.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Queues every dead letter again (of `tenant`, or all), and says how many events.
+    pub async fn redrive(&self, tenant: Option<&str>) -> usize {
+        let letters: Vec<DeadLetter> = {
+            let mut dead = self.dead.lock().unwrap_or_else(|p| p.into_inner());
+            let (again, keep) = dead.drain(..).partition(|d| tenant.is_none_or(|t| t == d.tenant));
+            *dead = keep;
+            again
+        };
+        let mut events = 0;
+        for letter in letters {
+            events += letter.events.len();
+            let _ = self.enqueue(&letter.tenant, letter.events).await;
+        }
+        events
+    }
+
+    fn queue(&self, tenant: &str) -> mpsc::Sender<WebhookEvent> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(queue) = queues.get(tenant).filter(|q| !q.is_closed()) {
+            return queue.clone();
+        }
+        let (tx, rx) = mpsc::channel(MAX_QUEUED);
+        let worker = Worker {
+            tenant: tenant.to_string(),
+            store: self.store.clone(),
+            policy: self.policy,
+            metrics: self.metrics.clone(),
+            http: self.http.clone(),
+            dead: self.dead.clone(),
+        };
+        tokio::spawn(worker.run(rx));
+        queues.insert(tenant.to_string(), tx.clone());
+        tx
+    }
+}
+
+#[async_trait::async_trait]
+impl WebhookSink for LocalWebhooks {
+    async fn enqueue(&self, tenant: &str, events: Vec<WebhookEvent>) -> Result<(), StoreError> {
+        let queue = self.queue(tenant);
+        let mut refused = Vec::new();
+        for event in events {
+            if let Err(e) = queue.try_send(event) {
+                refused.push(e.into_inner());
+            }
+        }
+        if !refused.is_empty() {
+            tracing::warn!(tenant, events = refused.len(), "webhook queue full: dead-lettered");
+            Metrics::add(&self.metrics.webhook_dead, refused.len() as u64);
+            let letter =
+                DeadLetter { tenant: tenant.into(), events: refused, error: "the queue was full".into(), attempts: 0 };
+            self.dead.lock().unwrap_or_else(|p| p.into_inner()).push(letter);
+        }
+        Ok(())
+    }
+}
+
+/// One tenant's deliveries, in order.
+struct Worker {
+    tenant: String,
+    store: Arc<dyn Store>,
+    policy: RetryPolicy,
+    metrics: Arc<Metrics>,
+    http: reqwest::Client,
+    dead: Arc<Mutex<Vec<DeadLetter>>>,
+}
+
+impl Worker {
+    async fn run(self, mut rx: mpsc::Receiver<WebhookEvent>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            let until = tokio::time::Instant::now() + self.policy.linger;
+            while batch.len() < MAX_BATCH {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(event)) => batch.push(event),
+                    _ => break,
+                }
+            }
+            self.deliver(batch).await;
+        }
+    }
+
+    /// Sends one batch until it is accepted, or dead-letters it after the retry budget.
+    async fn deliver(&self, events: Vec<WebhookEvent>) {
+        let started = Instant::now();
+        let mut delay = self.policy.first_delay;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let error = match self.attempt(&events).await {
+                Ok(true) => {
+                    Metrics::add(&self.metrics.webhook_delivered, events.len() as u64);
+                    return;
+                }
+                Ok(false) => {
+                    tracing::info!(tenant = %self.tenant, events = events.len(), "the tenant has no webhook now: dropped");
+                    return;
+                }
+                Err(error) => error,
+            };
+            if started.elapsed() + delay > self.policy.retry_for {
+                tracing::warn!(tenant = %self.tenant, events = events.len(), attempts, %error, "webhook dead-lettered");
+                Metrics::add(&self.metrics.webhook_dead, events.len() as u64);
+                let letter = DeadLetter { tenant: self.tenant.clone(), events, error, attempts };
+                self.dead.lock().unwrap_or_else(|p| p.into_inner()).push(letter);
+                return;
+            }
+            tracing::info!(tenant = %self.tenant, attempts, %error, retry_in_ms = delay.as_millis() as u64, "webhook retried");
+            Metrics::add(&self.metrics.webhook_retried, 1);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(self.policy.max_delay);
+        }
+    }
+
+    /// One request: `Ok(true)` accepted, `Ok(false)` the tenant has no webhook any more.
+    async fn attempt(&self, events: &[WebhookEvent]) -> Result<bool, String> {
+        let settings = self.store.tenant_settings(&self.tenant).await.map_err(|e| format!("the table: {e}"))?;
+        let Some(webhook) = settings.and_then(|s| s.webhook) else {
+            return Ok(false);
+        };
+        let body = serde_json::to_vec(&serde_json::json!({ "events": events })).map_err(|e| e.to_string())?;
+        let header = sign::signature(&webhook.secret, chrono::Utc::now().timestamp(), &body);
+        let answer = self
+            .http
+            .post(&webhook.url)
+            .header("content-type", "application/json")
+            .header(sign::HEADER, header)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("POST {}: {e}", webhook.url))?;
+        match answer.status() {
+            status if status.is_success() => Ok(true),
+            status => Err(format!("POST {}: {status}", webhook.url)),
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Webhooks: what happens in a tenant's rooms, told to its backend.
+//!
+//! A tenant that sets a webhook (`roomcast tenant set --webhook-url … --webhook-secret-env …`)
+//! gets, at its URL, signed `POST`s of batches of [`WebhookEvent`]s:
+//!
+//! | type | when | id |
+//! |------|------|----|
+//! | `room.occupied` | a room's first user became present | the presence frame's id + `:occupied` |
+//! | `room.vacated` | its last user left | the presence frame's id + `:vacated` |
+//! | `member.joined` / `member.left` | a user became present in a room / stopped being (announced or not) | the presence frame's id |
+//! | `connection.opened` / `connection.closed` | a connection's record was written / removed (`reason`) | the stream record's id |
+//! | `message.sent` (opt-in) | a message was accepted by the tenant's rules | the stream record's id |
+//! | `message.rejected` (opt-in) | the tenant's rules rejected one (`reason`) | the stream record's id |
+//!
+//! An event's id is the same however often its record is processed (a retry, a redelivery,
+//! a replay): receivers deduplicate by it. [`events`] states a record's events purely;
+//! [`sign`] is the signature; [`local`] delivers them: per tenant, in order, batched, retried with
+//! backoff, and kept as dead letters when they cannot be delivered.
+
+pub mod local;
+pub mod sign;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::model::{Verdict, WebhookSettings, format_ts};
+use crate::protocol::PresenceEvent;
+use crate::react::{Effect, PresenceDecision};
+use crate::store::StoreError;
+use crate::stream::{Cause, Change, Record};
+
+/// One event, as a tenant's endpoint receives it (in a batch: `{"events": […]}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookEvent {
+    /// The same on every delivery of the same event: deduplicate by it.
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_id: Option<String>,
+    /// When the record was processed, RFC 3339.
+    pub at: String,
+    /// What else the type tells: `users` (the room's, after a member's change), `reason`,
+    /// `message_id` and `message`.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub data: Map<String, Value>,
+}
+
+/// Every event type.
+pub const EVENT_TYPES: [&str; 8] = [
+    "room.occupied",
+    "room.vacated",
+    "member.joined",
+    "member.left",
+    "connection.opened",
+    "connection.closed",
+    "message.sent",
+    "message.rejected",
+];
+
+/// The types a webhook gets when it names none: all but the messages'.
+pub const DEFAULT_EVENT_TYPES: [&str; 6] =
+    ["room.occupied", "room.vacated", "member.joined", "member.left", "connection.opened", "connection.closed"];
+
+/// Where a record's events go: delivered later, never in the record's way.
+#[async_trait::async_trait]
+pub trait WebhookSink: Send + Sync {
+    /// Takes the events (of one tenant, in order) for delivery.
+    async fn enqueue(&self, tenant: &str, events: Vec<WebhookEvent>) -> Result<(), StoreError>;
+}
+
+/// Whether a webhook's settings can be used: its URL and secret ([`WebhookSettings::check`]), and
+/// event types this processor knows.
+pub fn check(webhook: &WebhookSettings) -> Result<(), String> {
+    webhook.check()?;
+    match webhook.events.iter().find(|e| !EVENT_TYPES.contains(&e.as_str())) {
+        Some(unknown) => Err(format!("no event type is called {unknown:?}; the types are {}", EVENT_TYPES.join(", "))),
+        None => Ok(()),
+    }
+}
+
+/// Whether `webhook` wants events of `kind`.
+pub fn wants(webhook: &WebhookSettings, kind: &str) -> bool {
+    if webhook.events.is_empty() {
+        DEFAULT_EVENT_TYPES.contains(&kind)
+    } else {
+        webhook.events.iter().any(|e| e == kind)
+    }
+}
+
+/// Pure: a record's events, from its change, what it did to presence and its effects. `event_id`
+/// is the stream record's id; `at` the time it is processed.
+pub fn events(
+    change: &Change,
+    presence: Option<&PresenceDecision>,
+    effects: &[Effect],
+    event_id: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Vec<WebhookEvent> {
+    let at = format_ts(&at);
+    let event = |kind: &str, id: String, tenant: &str, room: Option<&str>, data: Map<String, Value>| WebhookEvent {
+        id,
+        kind: kind.into(),
+        tenant: tenant.into(),
+        room: room.map(str::to_string),
+        user_id: None,
+        connection_id: None,
+        at: at.clone(),
+        data,
+    };
+    let data = |value: Value| match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    match change {
+        Change::Inserted(Record::Connection(c)) => vec![WebhookEvent {
+            user_id: Some(c.user_id.clone()),
+            connection_id: Some(c.connection_id.clone()),
+            ..event("connection.opened", event_id.into(), &c.tenant, None, Map::new())
+        }],
+        Change::Removed { old: Record::Connection(c), cause } => {
+            let reason = match cause {
+                Cause::TtlExpired => "expired".to_string(),
+                Cause::Client => c.close_reason.clone().unwrap_or_else(|| "disconnect".into()),
+            };
+            vec![WebhookEvent {
+                user_id: Some(c.user_id.clone()),
+                connection_id: Some(c.connection_id.clone()),
+                ..event("connection.closed", event_id.into(), &c.tenant, None, data(json!({ "reason": reason })))
+            }]
+        }
+        Change::Inserted(Record::Membership(m))
+        | Change::Modified { new: Record::Membership(m), .. }
+        | Change::Removed { old: Record::Membership(m), .. } => {
+            let Some(p) = presence else { return Vec::new() };
+            let (member, room, empty) = match p.event {
+                Some(PresenceEvent::Joined) => ("member.joined", "room.occupied", Some(1)),
+                Some(PresenceEvent::Left) => ("member.left", "room.vacated", Some(0)),
+                None => return Vec::new(),
+            };
+            let users = data(json!({ "users": p.users }));
+            let mut out = vec![WebhookEvent {
+                user_id: Some(m.user_id.clone()),
+                ..event(member, p.id.clone(), &m.tenant, Some(&m.room), users)
+            }];
+            if p.users == empty {
+                let id = format!("{}:{}", p.id, room.trim_start_matches("room."));
+                let room = event(room, id, &m.tenant, Some(&m.room), Map::new());
+                // A room's start comes before its first member's event, its end after its last's.
+                match p.event {
+                    Some(PresenceEvent::Joined) => out.insert(0, room),
+                    _ => out.push(room),
+                }
+            }
+            out
+        }
+        Change::Inserted(Record::Message(m)) => {
+            let rejected = effects.iter().find_map(|e| match e {
+                Effect::MarkMessage { verdict: Verdict::Rejected(reason), .. } => Some(reason.clone()),
+                _ => None,
+            });
+            let rewritten = effects.iter().find_map(|e| match e {
+                Effect::MarkMessage { verdict: Verdict::Rewritten(body), .. } => Some(body.clone()),
+                _ => None,
+            });
+            let (kind, extra) = match rejected {
+                Some(reason) => ("message.rejected", json!({ "message_id": m.id, "reason": reason })),
+                None => (
+                    "message.sent",
+                    json!({ "message_id": m.id, "message": rewritten.unwrap_or_else(|| m.body.clone()) }),
+                ),
+            };
+            vec![WebhookEvent {
+                user_id: Some(m.user_id.clone()),
+                ..event(kind, event_id.into(), &m.tenant, Some(&m.room), data(extra))
+            }]
+        }
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::react::tests::{conn, member, t};
+
+    fn decision(event: PresenceEvent, users: u64) -> PresenceDecision {
+        PresenceDecision {
+            event: Some(event),
+            id: "ev-9".into(),
+            users: Some(users),
+            connections: 0,
+            redelivered: false,
+            announce: false,
+            version: 3,
+        }
+    }
+
+    fn kinds(events: &[WebhookEvent]) -> Vec<(&str, &str)> {
+        events.iter().map(|e| (e.kind.as_str(), e.id.as_str())).collect()
+    }
+
+    #[test]
+    fn a_rooms_first_and_last_member_open_and_close_it_with_the_presence_frames_id() {
+        let ann = Change::Inserted(Record::Membership(member("c1", "ann", 0)));
+        let first = events(&ann, Some(&decision(PresenceEvent::Joined, 1)), &[], "rec-1", t(0));
+        assert_eq!(kinds(&first), vec![("room.occupied", "ev-9:occupied"), ("member.joined", "ev-9")]);
+        assert_eq!(first[1].data["users"], 1);
+        let second = events(&ann, Some(&decision(PresenceEvent::Joined, 2)), &[], "rec-1", t(0));
+        assert_eq!(kinds(&second), vec![("member.joined", "ev-9")], "announced or not, one event");
+        let gone = Change::Removed { old: Record::Membership(member("c1", "ann", 0)), cause: Cause::TtlExpired };
+        let last = events(&gone, Some(&decision(PresenceEvent::Left, 0)), &[], "rec-2", t(0));
+        assert_eq!(kinds(&last), vec![("member.left", "ev-9"), ("room.vacated", "ev-9:vacated")]);
+        // A membership record that changed no presence tells nothing.
+        assert!(events(&ann, None, &[], "rec-1", t(0)).is_empty());
+    }
+
+    #[test]
+    fn connections_and_messages_carry_the_records_id_and_what_happened() {
+        let c = conn("c1", "ann", &["general"], 0);
+        let expired = Change::Removed { old: Record::Connection(c.clone()), cause: Cause::TtlExpired };
+        let closed = events(&expired, None, &[], "rec-3", t(0));
+        assert_eq!(kinds(&closed), vec![("connection.closed", "rec-3")]);
+        assert_eq!((closed[0].data["reason"].as_str(), closed[0].user_id.as_deref()), (Some("expired"), Some("ann")));
+
+        let message = crate::model::Message::new(&c, "general", "buy spam".into(), t(0), 60);
+        let inserted = Change::Inserted(Record::Message(message.clone()));
+        let sent = events(&inserted, None, &[], "rec-4", t(0));
+        assert_eq!(kinds(&sent), vec![("message.sent", "rec-4")]);
+        assert_eq!(sent[0].data["message"], "buy spam");
+        let mark = Effect::MarkMessage {
+            tenant: "acme".into(),
+            room: "general".into(),
+            sk: message.sk.clone(),
+            verdict: Verdict::Rejected("spam".into()),
+        };
+        let rejected = events(&inserted, None, &[mark], "rec-4", t(0));
+        assert_eq!(kinds(&rejected), vec![("message.rejected", "rec-4")]);
+        assert_eq!(
+            (rejected[0].data["reason"].as_str(), rejected[0].data["message_id"].as_str()),
+            (Some("spam"), Some(message.id.as_str()))
+        );
+    }
+
+    #[test]
+    fn a_webhook_gets_what_it_names_or_all_but_the_messages() {
+        let mut webhook = WebhookSettings {
+            url: "https://example.com/hook".into(),
+            secret: "0123456789abcdef".into(),
+            events: Vec::new(),
+        };
+        assert!(wants(&webhook, "room.vacated") && !wants(&webhook, "message.sent"));
+        webhook.events = vec!["message.rejected".into()];
+        assert!(wants(&webhook, "message.rejected") && !wants(&webhook, "room.vacated"));
+        assert_eq!(check(&webhook), Ok(()));
+        webhook.events = vec!["room.emptied".into()];
+        assert!(check(&webhook).unwrap_err().contains("no event type"));
+        webhook.events.clear();
+        webhook.secret = "short".into();
+        assert!(check(&webhook).is_err());
+        webhook.secret = "0123456789abcdef".into();
+        webhook.url = "ftp://example.com".into();
+        assert!(check(&webhook).is_err());
+    }
+}
