@@ -374,7 +374,7 @@ enum TenantCommand {
         #[arg(long = "webhook-event", value_name = "TYPE")]
         webhook_events: Vec<String>,
         /// Remove the tenant's webhook.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["webhook_url", "webhook_secret_env", "webhook_events"])]
         no_webhook: bool,
         #[command(flatten)]
         target: PluginTargetArgs,

@@ -155,6 +155,11 @@ fn webhook(
             events,
         },
     };
-    crate::webhook::check(&webhook).map_err(anyhow::Error::msg)?;
+    // Through `--dev` the secret is never given out: an empty one keeps the stored.
+    let mut checked = webhook.clone();
+    if checked.secret.is_empty() {
+        checked.secret = "kept".repeat(4);
+    }
+    crate::webhook::check(&checked).map_err(anyhow::Error::msg)?;
     Ok(Some(webhook))
 }

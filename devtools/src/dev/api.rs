@@ -225,7 +225,7 @@ async fn set_identity(State(api): State<Api>, Path(tenant): Path<String>, body: 
 async fn settings(State(api): State<Api>, Path(tenant): Path<String>) -> Response {
     match api.store.tenant_settings(&tenant).await {
         Ok(settings) => {
-            axum::Json(settings.unwrap_or_else(|| crate::model::TenantSettings::new(&tenant))).into_response()
+            axum::Json(redacted(settings.unwrap_or_else(|| crate::model::TenantSettings::new(&tenant)))).into_response()
         }
         Err(e) => unavailable(e),
     }
@@ -241,6 +241,14 @@ struct SetSettings {
     latest_on_join: Vec<String>,
     #[serde(default)]
     webhook: Option<crate::model::WebhookSettings>,
+}
+
+/// Settings as the API gives them: a webhook's secret left out (empty).
+fn redacted(mut settings: crate::model::TenantSettings) -> crate::model::TenantSettings {
+    if let Some(webhook) = settings.webhook.as_mut() {
+        webhook.secret.clear();
+    }
+    settings
 }
 
 async fn dead_letters(State(api): State<Api>) -> Response {
@@ -279,6 +287,16 @@ async fn set_settings(State(api): State<Api>, Path(tenant): Path<String>, body: 
             return error(StatusCode::BAD_REQUEST, format!("latestOnJoin: {e}"));
         }
     }
+    let mut request = request;
+    if let Some(webhook) = request.webhook.as_mut()
+        && webhook.secret.is_empty()
+    {
+        // No secret given: the stored one stands (the API never gives it out).
+        match api.store.tenant_settings(&tenant).await {
+            Ok(stored) => webhook.secret = stored.and_then(|s| s.webhook).map(|w| w.secret).unwrap_or_default(),
+            Err(e) => return unavailable(e),
+        }
+    }
     if let Some(webhook) = &request.webhook
         && let Err(e) = crate::webhook::check(webhook)
     {
@@ -292,7 +310,7 @@ async fn set_settings(State(api): State<Api>, Path(tenant): Path<String>, body: 
         ..crate::model::TenantSettings::new(&tenant)
     };
     match api.store.put_tenant_settings(&settings).await {
-        Ok(()) => axum::Json(settings).into_response(),
+        Ok(()) => axum::Json(redacted(settings)).into_response(),
         Err(e) => unavailable(e),
     }
 }

@@ -370,7 +370,8 @@ impl Processor {
             let (effects, pair) = (&reaction.effects, change.tenant_room_pair());
             let outcomes = self.perform(effects, window, &record.event_id, pair, reaction.room_size).await?;
             if let Some(tenant) = tenant {
-                self.tell_webhook(tenant, &change, &reaction, &record.event_id, lookups).await?;
+                let at = batch::record_time(record);
+                self.tell_webhook(tenant, &change, &reaction, &record.event_id, at, lookups).await?;
             }
             tracing::debug!(
                 effects = reaction.effects.len(),
@@ -394,6 +395,7 @@ impl Processor {
         change: &Change,
         reaction: &Reaction,
         event_id: &str,
+        at: Option<chrono::DateTime<chrono::Utc>>,
         lookups: &Lookups,
     ) -> Result<(), StoreError> {
         let Some(sink) = self.webhooks.as_ref().filter(|_| self.mode == Mode::Execute) else {
@@ -404,8 +406,8 @@ impl Processor {
         let Some(webhook) = settings.as_ref().and_then(|s| s.webhook.as_ref()) else {
             return Ok(());
         };
-        let mut events =
-            crate::webhook::events(change, reaction.presence.as_ref(), &reaction.effects, event_id, self.clock.now());
+        let at = at.unwrap_or_else(|| self.clock.now());
+        let mut events = crate::webhook::events(change, reaction.presence.as_ref(), &reaction.effects, event_id, at);
         events.retain(|e| crate::webhook::wants(webhook, &e.kind));
         if events.is_empty() {
             return Ok(());

@@ -43,7 +43,8 @@ pub struct WebhookEvent {
     pub user_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_id: Option<String>,
-    /// When the record was processed, RFC 3339.
+    /// When it happened: the stream record's time (`ApproximateCreationDateTime`, to the second
+    /// in AWS), RFC 3339.
     pub at: String,
     /// What else the type tells: `users` (the room's, after a member's change), `reason`,
     /// `message_id` and `message`.
@@ -148,7 +149,9 @@ pub fn events(
                 user_id: Some(m.user_id.clone()),
                 ..event(member, p.id.clone(), &m.tenant, Some(&m.room), users)
             }];
-            if p.users == empty {
+            // A redelivered transition's count is the room's now, not at the transition: it
+            // cannot tell whether the room began or ended then, so it says nothing of the room.
+            if p.users == empty && !p.redelivered {
                 let id = format!("{}:{}", p.id, room.trim_start_matches("room."));
                 let room = event(room, id, &m.tenant, Some(&m.room), Map::new());
                 // A room's start comes before its first member's event, its end after its last's.
@@ -218,6 +221,9 @@ mod tests {
         assert_eq!(kinds(&last), vec![("member.left", "ev-9"), ("room.vacated", "ev-9:vacated")]);
         // A membership record that changed no presence tells nothing.
         assert!(events(&ann, None, &[], "rec-1", t(0)).is_empty());
+        // Redelivered: the member's event again (same id), never a room's.
+        let again = PresenceDecision { redelivered: true, ..decision(PresenceEvent::Joined, 1) };
+        assert_eq!(kinds(&events(&ann, Some(&again), &[], "rec-1", t(0))), vec![("member.joined", "ev-9")]);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct TenantSettings {
 #[serde(rename_all = "camelCase")]
 pub struct WebhookSettings {
     pub url: String,
+    /// Given out by no API (empty in their answers); an empty one in a change keeps the stored.
+    #[serde(default)]
     pub secret: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<String>,

@@ -151,11 +151,19 @@ async fn acknowledge(p: &Processor, m: &Membership) -> Result<(ServerMessage, Re
 
 /// The newest message of a room that keeps its latest message, as the joiner may see it
 /// (`history`'s rules: never a rejected message, a direct one only to its users); `None` for
-/// other rooms. One Query of one item per join, eventually consistent.
+/// other rooms, and for a connect that recovers the room. `history`'s read of the newest message
+/// (strongly consistent), per join.
 async fn latest(p: &Processor, m: &Membership, lookups: &Lookups) -> Result<Option<ChatMessage>, StoreError> {
     let settings = lookups.settings(&m.tenant);
     let settings = settings.get_or_try_init(|| p.store.tenant_settings(&m.tenant)).await?;
     if !settings.as_ref().is_some_and(|s| s.keeps_latest(&m.room)) {
+        return Ok(None);
+    }
+    // A connect that recovers the room with `?since=` gets what it missed there instead.
+    if m.join_reason == JoinReason::Connect
+        && let Some(conn) = p.store.get_connection(&m.connection_id, p.clock.now()).await?
+        && conn.recover.contains_key(&m.room)
+    {
         return Ok(None);
     }
     let (now, viewer) = (p.clock.now(), Some(m.user_id.as_str()));
