@@ -7,8 +7,8 @@ use std::sync::Arc;
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use roomcast_processor::assembly::Assembly;
-use roomcast_processor::config::{self, Config};
-use roomcast_processor::lambda::{deadline_instant, init_tracing, store_from};
+use roomcast_table::config::{self, Config};
+use roomcast_table::lambda::{deadline_instant, init_tracing, store_from};
 
 use crate::handlers::{self, HandlerDeps};
 use crate::metrics::Metrics;

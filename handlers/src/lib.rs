@@ -17,12 +17,13 @@
 //! | [`admin`] | the operator's operations, and the sweeper of stale connections | `admin`, `sweeper` |
 //! | [`lambda`] | the entry point each binary's `main` calls | |
 //!
-//! The records, the protocol and the table are `roomcast-table` (`table/`), re-exported here under
-//! the same names; the configuration and the deliverer the admin operations probe connections with
-//! come from `roomcast-processor`. docs/ARCHITECTURE.md tells the whole design.
+//! The records, the protocol, the table and the configuration are `roomcast-table` (`table/`),
+//! re-exported here under the same names; the deliverer the admin operations and the sweeper probe
+//! and close connections with (and the assembly that builds it) come from `roomcast-processor`.
+//! docs/ARCHITECTURE.md tells the whole design.
 
 // The records, the protocol, presence and the table: crate `roomcast-table`.
-pub use roomcast_table::{metrics, model, presence, protocol, store};
+pub use roomcast_table::{config, metrics, model, presence, protocol, store};
 
 pub mod admin;
 pub mod auth;

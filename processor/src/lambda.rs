@@ -1,5 +1,6 @@
-//! The processor's Lambda entry points and what every Lambda shares: [`init_tracing`],
-//! [`store_from`], [`deadline_instant`]. The fan-out stage's binary (`src/bin/fanout.rs`) is
+//! The processor's Lambda entry points. What every Lambda shares — [`init_tracing`],
+//! [`store_from`], [`deadline_instant`] — is the table crate's (`roomcast_table::lambda`),
+//! re-exported here. The fan-out stage's binary (`src/bin/fanout.rs`) is
 //! `main` → [`run_fanout`]; the processor's (`lambda/`, crate `roomcast-processor-lambda`, which
 //! adds the tenants' plugins) builds on [`hand_off_from`]. The write path's are in
 //! `roomcast-handlers`. Clients are built once per container; a bad configuration fails the init
@@ -10,30 +11,11 @@ use std::sync::Arc;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 
 use crate::assembly::Assembly;
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::model::SystemClock;
-use crate::store::dynamodb::DynamoStore;
 
-/// JSON logs for CloudWatch; `RUST_LOG` sets the filter (default `info`).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(true).without_time().init();
-}
-
-/// The table, counting items that do not decode in `metrics`.
-pub async fn store_from(config: &Config, metrics: Arc<Metrics>) -> (aws_config::SdkConfig, Arc<DynamoStore>) {
-    let sdk = config::load_aws().await;
-    let client = config::dynamodb_client(&sdk, config.dynamodb_endpoint.as_deref());
-    (sdk, Arc::new(DynamoStore::new(client, &config.table_name).with_metrics(metrics)))
-}
-
-/// The invocation's deadline (milliseconds since the epoch, as the Runtime API gives it) on
-/// this process's monotonic clock.
-pub fn deadline_instant(deadline_ms: u64) -> std::time::Instant {
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    std::time::Instant::now() + std::time::Duration::from_millis(deadline_ms.saturating_sub(now_ms))
-}
+pub use roomcast_table::lambda::{deadline_instant, init_tracing, store_from};
 
 /// The processor's fan-out stage on SQS, when `ROOMCAST_FANOUT_QUEUE_URL` names its queue (the
 /// SQS endpoint is the SDK's: `AWS_ENDPOINT_URL_SQS` or `AWS_ENDPOINT_URL` point it elsewhere).

@@ -32,15 +32,14 @@
 //! | the tenant's backend | [`webhook`] | rooms occupied and vacated, members, connections (and, opted in, messages) as signed, batched, retried deliveries |
 //! | assembly | [`assembly`] | the one place a processor and its deliverers are built from configuration; a dry run set once |
 //!
-//! Around it: [`protocol`] (client frames), [`config`] (the environment every Lambda reads),
-//! [`metrics`] (counts), [`lambda`] (the fan-out stage's entry point, and what every Lambda's
-//! `main` shares).
+//! Around it: [`protocol`] (client frames), [`config`] (the environment every Lambda reads; the
+//! table crate's), [`metrics`] (counts), [`lambda`] (the fan-out stage's entry point).
 
-// The records, the protocol, presence and the table: crate `roomcast-table`, under the same names.
-pub use roomcast_table::{metrics, model, presence, protocol, store};
+// The records, the protocol, presence, the table and the configuration: crate `roomcast-table`,
+// under the same names.
+pub use roomcast_table::{config, metrics, model, presence, protocol, store};
 
 pub mod assembly;
-pub mod config;
 pub mod deliver;
 pub mod lambda;
 pub mod pipeline;

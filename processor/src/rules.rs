@@ -15,7 +15,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::model::LimitOverrides;
+pub use crate::model::{
+    LimitOverrides, PLUGIN_CEILING as CEILING, PLUGIN_MIN_DEADLINE as MIN_DEADLINE, PluginLimits as Limits,
+};
 use crate::react::{Decision, Route};
 use crate::store::StoreError;
 use crate::stream::Change;
@@ -239,72 +241,4 @@ pub struct CallRecord {
     pub hook: &'static str,
     pub outcome: String,
     pub report: CallReport,
-}
-
-/// The shortest deadline a call may have.
-pub const MIN_DEADLINE: Duration = Duration::from_millis(5);
-
-/// Per-call limits, in the spirit of Shopify Functions' budget. The deployment sets the defaults
-/// (`ROOMCAST_PLUGIN_*`); an uploaded version may carry [`LimitOverrides`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Fuel per call (roughly, wasm instructions).
-    pub fuel: u64,
-    /// Wall-clock backstop per call, for time spent outside fuel (host calls).
-    pub deadline: Duration,
-    /// Linear memory and tables, in bytes.
-    pub memory_bytes: usize,
-    /// The largest component accepted for compilation.
-    pub component_bytes: usize,
-    /// The largest input (message) and output (rewrite, reason, greeting, routing) of a call.
-    pub io_bytes: usize,
-    /// The call's log, in bytes.
-    pub log_bytes: usize,
-    /// Rooms a `route` may add (after dropping repeats and the message's own room).
-    pub max_extra_rooms: usize,
-    /// Users a `route` may narrow a message to.
-    pub max_only_users: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            fuel: 10_000_000,
-            deadline: Duration::from_millis(100),
-            memory_bytes: 16 << 20,
-            component_bytes: 4 << 20,
-            io_bytes: 128 << 10,
-            log_bytes: 1 << 10,
-            max_extra_rooms: 8,
-            max_only_users: 100,
-        }
-    }
-}
-
-/// The most any tenant's overrides may ask for, whatever they say: one plugin call must never be
-/// able to hold a processor for long or take a large share of its memory.
-pub const CEILING: Limits = Limits {
-    fuel: 200_000_000,
-    deadline: Duration::from_secs(1),
-    memory_bytes: 128 << 20,
-    component_bytes: 4 << 20,
-    io_bytes: 128 << 10,
-    log_bytes: 16 << 10,
-    max_extra_rooms: 64,
-    max_only_users: 1000,
-};
-
-impl Limits {
-    /// These limits with a tenant's overrides applied, each capped at [`CEILING`].
-    pub fn with_overrides(&self, o: &LimitOverrides) -> Limits {
-        Limits {
-            fuel: o.fuel.unwrap_or(self.fuel).clamp(1, CEILING.fuel),
-            deadline: o.deadline_ms.map_or(self.deadline, Duration::from_millis).clamp(MIN_DEADLINE, CEILING.deadline),
-            memory_bytes: o.memory_mib.map_or(self.memory_bytes, |m| m << 20).clamp(1 << 20, CEILING.memory_bytes),
-            log_bytes: o.log_bytes.unwrap_or(self.log_bytes).min(CEILING.log_bytes),
-            max_extra_rooms: o.max_extra_rooms.unwrap_or(self.max_extra_rooms).min(CEILING.max_extra_rooms),
-            max_only_users: o.max_only_users.unwrap_or(self.max_only_users).min(CEILING.max_only_users),
-            ..self.clone()
-        }
-    }
 }

@@ -62,44 +62,8 @@ pub use window::{Window, YOUNG_GRACE};
 
 use limit::{AdaptiveLimit, Finished};
 
-#[derive(Clone, Debug)]
-pub struct DeliverySettings {
-    /// The most `@connections` calls in flight at once, per process: the ceiling of the
-    /// adaptive limit ([`limit`]).
-    pub concurrency: usize,
-    /// Where the adaptive limit starts.
-    pub initial_concurrency: usize,
-    /// One `PostToConnection` attempt.
-    pub call_timeout: Duration,
-    /// All attempts for one recipient.
-    pub deadline: Duration,
-    /// A connection this young that answers 410 is retried, not deleted.
-    pub young_connection: Duration,
-    /// First backoff; doubles per attempt, capped at one second.
-    pub initial_backoff: Duration,
-    /// Sends every message here instead of each connection's own endpoint (local stacks).
-    pub endpoint_override: Option<String>,
-    /// A connection answering 429 for this long is a slow consumer.
-    pub slow_consumer: Duration,
-    /// Close slow consumers (`DELETE @connections/{id}`); otherwise only skip them.
-    pub close_slow_consumers: bool,
-}
-
-impl Default for DeliverySettings {
-    fn default() -> Self {
-        DeliverySettings {
-            concurrency: 512,
-            initial_concurrency: 32,
-            call_timeout: Duration::from_secs(3),
-            deadline: Duration::from_secs(20),
-            young_connection: Duration::from_secs(5),
-            initial_backoff: Duration::from_millis(50),
-            endpoint_override: None,
-            slow_consumer: Duration::from_secs(2),
-            close_slow_consumers: true,
-        }
-    }
-}
+/// How deliveries go (the configuration's, `ROOMCAST_DELIVERY_*`).
+pub use crate::config::DeliverySettings;
 
 /// How one recipient's delivery ended.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -187,3 +187,81 @@ impl LimitOverrides {
         *self == LimitOverrides::default()
     }
 }
+
+// What one plugin call may use: the deployment's defaults (the configuration), a version's
+// overrides, the ceiling over both. The processor's `rules` gives them as `Limits`, `CEILING`
+// and `MIN_DEADLINE`.
+
+/// The shortest deadline a call may have.
+pub const PLUGIN_MIN_DEADLINE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Per-call limits, in the spirit of Shopify Functions' budget. The deployment sets the defaults
+/// (`ROOMCAST_PLUGIN_*`); an uploaded version may carry [`LimitOverrides`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginLimits {
+    /// Fuel per call (roughly, wasm instructions).
+    pub fuel: u64,
+    /// Wall-clock backstop per call, for time spent outside fuel (host calls).
+    pub deadline: std::time::Duration,
+    /// Linear memory and tables, in bytes.
+    pub memory_bytes: usize,
+    /// The largest component accepted for compilation.
+    pub component_bytes: usize,
+    /// The largest input (message) and output (rewrite, reason, greeting, routing) of a call.
+    pub io_bytes: usize,
+    /// The call's log, in bytes.
+    pub log_bytes: usize,
+    /// Rooms a `route` may add (after dropping repeats and the message's own room).
+    pub max_extra_rooms: usize,
+    /// Users a `route` may narrow a message to.
+    pub max_only_users: usize,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            fuel: 10_000_000,
+            deadline: std::time::Duration::from_millis(100),
+            memory_bytes: 16 << 20,
+            component_bytes: 4 << 20,
+            io_bytes: 128 << 10,
+            log_bytes: 1 << 10,
+            max_extra_rooms: 8,
+            max_only_users: 100,
+        }
+    }
+}
+
+/// The most any tenant's overrides may ask for, whatever they say: one plugin call must never be
+/// able to hold a processor for long or take a large share of its memory.
+pub const PLUGIN_CEILING: PluginLimits = PluginLimits {
+    fuel: 200_000_000,
+    deadline: std::time::Duration::from_secs(1),
+    memory_bytes: 128 << 20,
+    component_bytes: 4 << 20,
+    io_bytes: 128 << 10,
+    log_bytes: 16 << 10,
+    max_extra_rooms: 64,
+    max_only_users: 1000,
+};
+
+impl PluginLimits {
+    /// These limits with a tenant's overrides applied, each capped at [`PLUGIN_CEILING`].
+    pub fn with_overrides(&self, o: &LimitOverrides) -> PluginLimits {
+        PluginLimits {
+            fuel: o.fuel.unwrap_or(self.fuel).clamp(1, PLUGIN_CEILING.fuel),
+            deadline: o
+                .deadline_ms
+                .map_or(self.deadline, std::time::Duration::from_millis)
+                .clamp(PLUGIN_MIN_DEADLINE, PLUGIN_CEILING.deadline),
+            memory_bytes: o
+                .memory_mib
+                .map_or(self.memory_bytes, |m| m << 20)
+                .clamp(1 << 20, PLUGIN_CEILING.memory_bytes),
+            log_bytes: o.log_bytes.unwrap_or(self.log_bytes).min(PLUGIN_CEILING.log_bytes),
+            max_extra_rooms: o.max_extra_rooms.unwrap_or(self.max_extra_rooms).min(PLUGIN_CEILING.max_extra_rooms),
+            max_only_users: o.max_only_users.unwrap_or(self.max_only_users).min(PLUGIN_CEILING.max_only_users),
+            ..self.clone()
+        }
+    }
+}

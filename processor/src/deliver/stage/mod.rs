@@ -36,11 +36,7 @@ use crate::store::StoreError;
 
 pub mod sqs;
 
-/// A frame for this many recipients or more leaves the batch, when a stage is configured
-/// (`ROOMCAST_HANDOFF_RECIPIENTS`). At 20 ms a call and the account's 10,000 calls a second,
-/// 2,000 members take about 0.2 s to serve in the batch itself: below that, queueing costs more
-/// than it saves.
-pub const HANDOFF_RECIPIENTS: usize = 2_000;
+pub use crate::config::HANDOFF_RECIPIENTS;
 
 /// Recipients per job at most: ~150 bytes each, so a job with a frame of 128 KB stays under SQS's
 /// 256 KB.

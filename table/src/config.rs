@@ -1,4 +1,6 @@
-//! Configuration from the environment, for the Lambda binaries and the CLI.
+//! Configuration from the environment, for every Lambda binary and the CLI: the table, delivery,
+//! plugins, presence, rate limits. (Here, below the write path and the processor, because both
+//! read it; each takes its part.)
 //!
 //! The library never reads the environment itself: binaries call [`Config::from_env`] and hand
 //! the parts on. A bad configuration is reported whole — every missing or invalid variable, by
@@ -7,7 +9,50 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::deliver::DeliverySettings;
+/// A frame for this many recipients or more leaves the batch, when a stage is configured
+/// (`ROOMCAST_HANDOFF_RECIPIENTS`). At 20 ms a call and the account's 10,000 calls a second,
+/// 2,000 members take about 0.2 s to serve in the batch itself: below that, queueing costs more
+/// than it saves.
+pub const HANDOFF_RECIPIENTS: usize = 2_000;
+
+#[derive(Clone, Debug)]
+pub struct DeliverySettings {
+    /// The most `@connections` calls in flight at once, per process: the ceiling of the
+    /// adaptive limit (the processor's `deliver::limit`).
+    pub concurrency: usize,
+    /// Where the adaptive limit starts.
+    pub initial_concurrency: usize,
+    /// One `PostToConnection` attempt.
+    pub call_timeout: Duration,
+    /// All attempts for one recipient.
+    pub deadline: Duration,
+    /// A connection this young that answers 410 is retried, not deleted.
+    pub young_connection: Duration,
+    /// First backoff; doubles per attempt, capped at one second.
+    pub initial_backoff: Duration,
+    /// Sends every message here instead of each connection's own endpoint (local stacks).
+    pub endpoint_override: Option<String>,
+    /// A connection answering 429 for this long is a slow consumer.
+    pub slow_consumer: Duration,
+    /// Close slow consumers (`DELETE @connections/{id}`); otherwise only skip them.
+    pub close_slow_consumers: bool,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        DeliverySettings {
+            concurrency: 512,
+            initial_concurrency: 32,
+            call_timeout: Duration::from_secs(3),
+            deadline: Duration::from_secs(20),
+            young_connection: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(50),
+            endpoint_override: None,
+            slow_consumer: Duration::from_secs(2),
+            close_slow_consumers: true,
+        }
+    }
+}
 
 /// Every variable Roomcast reads, with its meaning, for error messages and the README.
 pub const VARIABLES: &[(&str, &str, &str)] = &[
@@ -93,7 +138,7 @@ pub struct Config {
     /// The sweeper's grace before it takes a present connection without a membership out.
     pub presence_repair_grace: Duration,
     /// The limits tenant plugins run with, unless their upload overrides them.
-    pub plugin_limits: crate::rules::Limits,
+    pub plugin_limits: crate::model::PluginLimits,
     /// How many tenants' compiled plugins are kept.
     pub plugin_cache_tenants: usize,
     /// Where compiled plugins are kept between activations, if anywhere.
@@ -104,12 +149,12 @@ pub struct Config {
     pub plugin_memory_budget_mib: usize,
     /// Rooms with more users announce no `joined`/`left`, unless the tenant's settings say otherwise.
     pub presence_announce_max_users: u64,
-    /// The fan-out stage's SQS FIFO queue, if any ([`crate::deliver::stage::sqs`]).
+    /// The fan-out stage's SQS FIFO queue, if any (the processor's `deliver::stage::sqs`).
     pub fanout_queue_url: Option<String>,
     /// Frames for this many recipients or more go to the fan-out stage.
     pub handoff_recipients: usize,
     /// The rate limits tenants get unless their settings say otherwise (`ROOMCAST_LIMIT_{NAME}`).
-    pub rate_limits: roomcast_table::limits::RateLimits,
+    pub rate_limits: crate::limits::RateLimits,
 }
 
 /// Every problem found, one per line.
@@ -201,8 +246,7 @@ impl Config {
         };
         let partitions_at_once = number("ROOMCAST_PARTITIONS_AT_ONCE", 8, 1, 256) as usize;
         let handoff_recipients =
-            number("ROOMCAST_HANDOFF_RECIPIENTS", crate::deliver::stage::HANDOFF_RECIPIENTS as u64, 1, 10_000_000)
-                as usize;
+            number("ROOMCAST_HANDOFF_RECIPIENTS", HANDOFF_RECIPIENTS as u64, 1, 10_000_000) as usize;
         let idle_limit = Duration::from_secs(number("ROOMCAST_IDLE_LIMIT_SECONDS", 600, 1, 86_400));
         let presence_repair_grace = Duration::from_secs(number(
             "ROOMCAST_PRESENCE_REPAIR_GRACE_SECONDS",
@@ -212,11 +256,11 @@ impl Config {
         ));
         let presence_announce_max_users =
             number("ROOMCAST_PRESENCE_ANNOUNCE_MAX_USERS", crate::presence::DEFAULT_ANNOUNCE_MAX_USERS, 0, 1_000_000);
-        let plugin_limits = crate::rules::Limits {
+        let plugin_limits = crate::model::PluginLimits {
             fuel: number("ROOMCAST_PLUGIN_FUEL", 10_000_000, 1_000, 10_000_000_000),
             memory_bytes: (number("ROOMCAST_PLUGIN_MEMORY_MIB", 16, 1, 512) as usize) << 20,
             deadline: Duration::from_millis(number("ROOMCAST_PLUGIN_DEADLINE_MS", 100, 1, 10_000)),
-            ..crate::rules::Limits::default()
+            ..crate::model::PluginLimits::default()
         };
         let plugin_cache_tenants = number("ROOMCAST_PLUGIN_CACHE_TENANTS", 256, 1, 100_000) as usize;
         let plugin_artifact_dir = get("ROOMCAST_PLUGIN_ARTIFACT_DIR").map(std::path::PathBuf::from);
@@ -227,10 +271,10 @@ impl Config {
             number("ROOMCAST_PLUGIN_MEMORY_BUDGET_MIB", function_mib.map_or(1024, |m| (m / 2).max(1)), 1, 65_536)
                 as usize;
 
-        let mut rate_limits = roomcast_table::limits::RateLimits::default();
-        for name in roomcast_table::limits::NAMES {
+        let mut rate_limits = crate::limits::RateLimits::default();
+        for name in crate::limits::NAMES {
             let variable = format!("ROOMCAST_LIMIT_{}", name.to_uppercase());
-            let default = u64::from(roomcast_table::limits::RateLimits::default().of_name(name));
+            let default = u64::from(crate::limits::RateLimits::default().of_name(name));
             let value = number(&variable, default, 0, 1_000_000) as u32;
             let _ = rate_limits.set(name, value);
         }
@@ -303,7 +347,7 @@ mod tests {
         assert_eq!(c.connection_ttl_seconds, 3600);
         assert_eq!(c.delivery.concurrency, 512);
         assert_eq!(c.dynamodb_endpoint, None);
-        assert_eq!(c.plugin_limits, crate::rules::Limits::default());
+        assert_eq!(c.plugin_limits, crate::model::PluginLimits::default());
         assert_eq!((c.plugin_cache_tenants, c.plugin_artifact_dir), (256, None));
         assert_eq!((c.fanout_queue_url, c.handoff_recipients), (None, 2000));
         let staged = config(&[
