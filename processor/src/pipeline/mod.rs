@@ -96,6 +96,9 @@ pub const MAX_RECOVERED_AT_CONNECT: usize = 200;
 /// A plugin's extra rooms read at once, per record.
 pub const EXTRA_ROOMS_AT_ONCE: usize = 4;
 
+/// A batch's one read of a tenant's settings ([`Lookups::settings`]).
+type TenantSettingsCell = Arc<tokio::sync::OnceCell<Option<crate::model::TenantSettings>>>;
+
 pub struct Processor {
     store: Arc<dyn Store>,
     deliverer: Deliverer,
@@ -310,9 +313,17 @@ impl Processor {
         }
     }
 
+    /// The tenant's settings, read once per batch (the announce limit, rooms that keep their
+    /// latest message and the webhook all come from this one read).
+    async fn tenant_settings(&self, tenant: &str, lookups: &Lookups) -> Result<TenantSettingsCell, StoreError> {
+        let cell = lookups.settings(tenant);
+        cell.get_or_try_init(|| self.store.tenant_settings(tenant)).await?;
+        Ok(cell)
+    }
+
     /// The tenant's announce limit: rooms with more users announce no `joined`/`left`.
     async fn announce_max_users(&self, tenant: &str, lookups: &Lookups) -> Result<u64, StoreError> {
-        Ok(match lookups.settings(tenant).get_or_try_init(|| self.store.tenant_settings(tenant)).await? {
+        Ok(match self.tenant_settings(tenant, lookups).await?.get().and_then(Option::as_ref) {
             Some(settings) => settings.presence_announce_max_users.unwrap_or(self.announce_max_users),
             None => self.announce_max_users,
         })
@@ -401,9 +412,8 @@ impl Processor {
         let Some(sink) = self.webhooks.as_ref().filter(|_| self.mode == Mode::Execute) else {
             return Ok(());
         };
-        let settings = lookups.settings(tenant);
-        let settings = settings.get_or_try_init(|| self.store.tenant_settings(tenant)).await?;
-        let Some(webhook) = settings.as_ref().and_then(|s| s.webhook.as_ref()) else {
+        let settings = self.tenant_settings(tenant, lookups).await?;
+        let Some(webhook) = settings.get().and_then(Option::as_ref).and_then(|s| s.webhook.as_ref()) else {
             return Ok(());
         };
         let at = at.unwrap_or_else(|| self.clock.now());

@@ -133,10 +133,9 @@ impl WebhookSink for LocalWebhooks {
         }
         if !refused.is_empty() {
             tracing::warn!(tenant, events = refused.len(), "webhook queue full: dead-lettered");
-            Metrics::add(&self.metrics.webhook_dead, refused.len() as u64);
             let letter =
                 DeadLetter { tenant: tenant.into(), events: refused, error: "the queue was full".into(), attempts: 0 };
-            self.dead.lock().unwrap_or_else(|p| p.into_inner()).push(letter);
+            bury(&self.dead, &self.metrics, letter);
         }
         Ok(())
     }
@@ -187,9 +186,8 @@ impl Worker {
             };
             if started.elapsed() + delay > self.policy.retry_for {
                 tracing::warn!(tenant = %self.tenant, events = events.len(), attempts, %error, "webhook dead-lettered");
-                Metrics::add(&self.metrics.webhook_dead, events.len() as u64);
                 let letter = DeadLetter { tenant: self.tenant.clone(), events, error, attempts };
-                self.dead.lock().unwrap_or_else(|p| p.into_inner()).push(letter);
+                bury(&self.dead, &self.metrics, letter);
                 return;
             }
             tracing::info!(tenant = %self.tenant, attempts, %error, retry_in_ms = delay.as_millis() as u64, "webhook retried");
@@ -221,4 +219,10 @@ impl Worker {
             status => Err(format!("POST {}: {status}", webhook.url)),
         }
     }
+}
+
+/// Keeps `letter` among the dead letters, counted.
+fn bury(dead: &Mutex<Vec<DeadLetter>>, metrics: &Metrics, letter: DeadLetter) {
+    Metrics::add(&metrics.webhook_dead, letter.events.len() as u64);
+    dead.lock().unwrap_or_else(|p| p.into_inner()).push(letter);
 }

@@ -154,9 +154,8 @@ async fn acknowledge(p: &Processor, m: &Membership) -> Result<(ServerMessage, Re
 /// other rooms, and for a connect that recovers the room. `history`'s read of the newest message
 /// (strongly consistent), per join.
 async fn latest(p: &Processor, m: &Membership, lookups: &Lookups) -> Result<Option<ChatMessage>, StoreError> {
-    let settings = lookups.settings(&m.tenant);
-    let settings = settings.get_or_try_init(|| p.store.tenant_settings(&m.tenant)).await?;
-    if !settings.as_ref().is_some_and(|s| s.keeps_latest(&m.room)) {
+    let settings = p.tenant_settings(&m.tenant, lookups).await?;
+    if !settings.get().and_then(Option::as_ref).is_some_and(|s| s.keeps_latest(&m.room)) {
         return Ok(None);
     }
     // A connect that recovers the room with `?since=` gets what it missed there instead.
