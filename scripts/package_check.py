@@ -273,6 +273,7 @@ CHECKS = {
     "message": (lambda: websocket_event("$default", '{"action":"ping"}'), table_unreachable_route_response),
     "processor": (lambda: {"Records": []}, empty_batch),
     "fanout": (lambda: {"Records": []}, empty_batch),
+    "webhook": (lambda: {"Records": []}, empty_batch),
     "sweeper": (scheduled_event, sweeper_table_unreachable),
     "admin": (lambda: {"action": "get_all_connections", "limit": 1}, admin_table_unreachable),
     "publish": (publish_event, publish_table_unavailable),

@@ -26,7 +26,12 @@ const FUNCTIONS: &[&str] = &[
     "PublishFunction",
     "TenantPublishFunction",
     "FanoutFunction",
+    "WebhookFunction",
 ];
+
+/// The webhook queue's `maxReceiveCount` here: the template's is ten (about 25 minutes of
+/// retries); three lets the test see dead letters in seconds.
+const WEBHOOK_RECEIVES: u32 = 3;
 const SECRET: &str = "as-aws-runs-it-secret";
 const API_ID: &str = "local0001";
 const STAGE: &str = "prod";
@@ -46,6 +51,11 @@ struct Aws {
     /// fanout function's role).
     fanout_queue: String,
     fanout_sqs: aws_sdk_sqs::Client,
+    /// The webhook queue and its dead-letter queue, and the SQS client the webhook function's
+    /// event source reads with (its role).
+    webhook_queue: String,
+    webhook_dead_letters: String,
+    webhook_sqs: aws_sdk_sqs::Client,
 }
 
 impl Aws {
@@ -67,6 +77,27 @@ impl Aws {
             .expect("create the fan-out queue on moto")
             .queue_url
             .expect("a queue URL");
+        // The webhook queue and its dead-letter queue, FIFO, as CloudFormation makes them.
+        let fifo = |name: String| {
+            sqs.create_queue().queue_name(name).attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
+        };
+        let webhook_dead_letters = fifo(format!("webhook-dlq-{}.fifo", admin.table()))
+            .send()
+            .await
+            .expect("create the webhook dead-letter queue on moto")
+            .queue_url
+            .expect("a queue URL");
+        let redrive = json!({
+            "deadLetterTargetArn": roomcast_tests::aws::queue_arn(&webhook_dead_letters),
+            "maxReceiveCount": WEBHOOK_RECEIVES,
+        });
+        let webhook_queue = fifo(format!("webhook-{}.fifo", admin.table()))
+            .attributes(aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy, redrive.to_string())
+            .send()
+            .await
+            .expect("create the webhook queue on moto")
+            .queue_url
+            .expect("a queue URL");
         let deployment = Deployment {
             table: admin.table().to_string(),
             stream_arn,
@@ -74,6 +105,8 @@ impl Aws {
             stage: STAGE.into(),
             parameters: BTreeMap::from([("JwtSecretParameter".to_string(), parameter.clone())]),
             fanout_queue: fanout_queue.clone(),
+            webhook_queue: webhook_queue.clone(),
+            webhook_dead_letters: webhook_dead_letters.clone(),
         };
         // The operator creates the secret before deploying (the template's parameter says so).
         let ssm = aws_sdk_ssm::Client::from_conf(
@@ -113,7 +146,87 @@ impl Aws {
         let fanout_sqs = aws_sdk_sqs::Client::from_conf(
             aws_sdk_sqs::config::Builder::from(&role(fanout).await).endpoint_url(&gate.endpoint).build(),
         );
-        Aws { gate, recorder, admin, lambdas, poller, redeliver, failures: Vec::new(), fanout_queue, fanout_sqs }
+        let webhook = &lambdas["WebhookFunction"].function;
+        let webhook_sqs = aws_sdk_sqs::Client::from_conf(
+            aws_sdk_sqs::config::Builder::from(&role(webhook).await).endpoint_url(&gate.endpoint).build(),
+        );
+        Aws {
+            gate,
+            recorder,
+            admin,
+            lambdas,
+            poller,
+            redeliver,
+            failures: Vec::new(),
+            fanout_queue,
+            fanout_sqs,
+            webhook_queue,
+            webhook_dead_letters,
+            webhook_sqs,
+        }
+    }
+
+    /// Lambda's SQS event source for the webhook function, until no message is visible: up to ten
+    /// an invocation, with their receive counts; the messages it did not report are deleted, the
+    /// reported ones come back after the backoff the function set. The batches' reported ids.
+    async fn pump_webhooks(&mut self) -> Vec<String> {
+        let mut reported = Vec::new();
+        loop {
+            let out = self
+                .webhook_sqs
+                .receive_message()
+                .queue_url(&self.webhook_queue)
+                .max_number_of_messages(10)
+                .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+                .send()
+                .await
+                .expect("the event source receives from the webhook queue");
+            self.assert_allowed();
+            let messages = out.messages.unwrap_or_default();
+            if messages.is_empty() {
+                return reported;
+            }
+            let arn = roomcast_tests::aws::queue_arn(&self.webhook_queue);
+            let records: Vec<Value> = messages
+                .iter()
+                .map(|m| {
+                    let count = m
+                        .attributes
+                        .as_ref()
+                        .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount))
+                        .cloned()
+                        .unwrap_or_else(|| "1".into());
+                    json!({
+                        "messageId": m.message_id, "receiptHandle": m.receipt_handle, "body": m.body,
+                        "md5OfBody": m.md5_of_body, "attributes": { "ApproximateReceiveCount": count },
+                        "messageAttributes": {}, "eventSource": "aws:sqs", "eventSourceARN": arn,
+                        "awsRegion": roomcast_tests::aws::REGION,
+                    })
+                })
+                .collect();
+            let answer = self.invoke("WebhookFunction", json!({ "Records": records })).await;
+            let failed: Vec<String> = answer["batchItemFailures"]
+                .as_array()
+                .unwrap_or_else(|| panic!("the webhook function answered {answer}"))
+                .iter()
+                .map(|f| f["itemIdentifier"].as_str().unwrap().to_string())
+                .collect();
+            for m in &messages {
+                let id = m.message_id.clone().unwrap();
+                if failed.contains(&id) {
+                    continue;
+                }
+                self.webhook_sqs
+                    .delete_message()
+                    .queue_url(&self.webhook_queue)
+                    .receipt_handle(m.receipt_handle.clone().unwrap())
+                    .send()
+                    .await
+                    .expect("the event source deletes what the function did not report");
+                self.assert_allowed();
+            }
+            reported.extend(failed);
+        }
     }
 
     /// Lambda's SQS event source for the fanout function, until the queue is empty: up to ten
@@ -347,8 +460,22 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
         ("ROOMCAST_HANDOFF_RECIPIENTS", "4"),
         ("ROOMCAST_YOUNG_CONNECTION_MS", "0"),
         ("ROOMCAST_PRESENCE_REPAIR_GRACE_SECONDS", "0"),
+        // Acme's webhook is on loopback (the deployed function refuses private addresses).
+        ("ROOMCAST_WEBHOOK_RETRY_SECONDS", "1"),
+        ("ROOMCAST_WEBHOOK_ALLOW_PRIVATE", "true"),
     ];
     let mut aws = Aws::start(Template::load(), true, &staged).await;
+    // Acme has a webhook that refuses its first delivery (webhooks have a test of their own).
+    let (receiver, url) = roomcast_tests::WebhookReceiver::start().await;
+    receiver.refuse_first.store(1, std::sync::atomic::Ordering::SeqCst);
+    let hook = roomcast::model::WebhookSettings {
+        url: format!("{url}/ok"),
+        secret: "acme-hook-secret".into(),
+        events: Vec::new(),
+    };
+    let settings =
+        roomcast::model::TenantSettings { webhook: Some(hook), ..roomcast::model::TenantSettings::new("acme") };
+    aws.admin.put_tenant_settings(&settings).await.expect("acme's webhook");
 
     // The authorizer reads its secret from SSM with its own policy, and refuses a bad token.
     let denied = aws.authorize("not-a-token").await;
@@ -692,6 +819,17 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     let gone = aws.admin.get_connection("c-crowd-4", chrono::Utc::now()).await.unwrap();
     assert!(gone.is_none(), "the fanout function did not delete the member API Gateway said was gone");
 
+    // The webhook function delivers acme's events (after putting off the refused first try).
+    for _ in 0..200 {
+        aws.pump_webhooks().await;
+        let events = receiver.events("ok", "acme-hook-secret");
+        if events.iter().any(|e| e["type"] == "connection.opened" && e["user_id"] == "alice") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(receiver.events("ok", "acme-hook-secret").iter().any(|e| e["type"] == "room.occupied"));
+
     // Least privilege: every action template.yaml grants was needed by this session.
     let unused = aws.gate.unused_grants();
     assert!(unused.is_empty(), "template.yaml grants actions no function used: {unused:?}");
@@ -801,4 +939,150 @@ async fn a_batch_longer_than_the_deadline_answers_in_time_and_is_finished_by_lam
     }
     let logs = aws.lambdas["ProcessorFunction"].logs();
     assert!(logs.contains("\"out_of_time\":1"), "out_of_time not counted:\n{logs}");
+}
+
+/// Webhooks as deployed (issue 26): the processor queues each record's events on the FIFO webhook
+/// queue under its policy, the webhook function posts them to a real receiver on loopback under
+/// its own, with every stream batch delivered twice. The receiver refuses acme's first two
+/// deliveries: the function reports them and puts them off, and they arrive later, in order,
+/// signed, each event once by id. Globex's endpoint refuses everything: its events go to the
+/// dead-letter queue after the queue's receives, holding up none of acme's, and once its endpoint
+/// answers an operator re-drives them (`roomcast webhooks redrive`) and they arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_queued_by_the_processor_and_delivered_by_their_function_under_the_template_policies() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (receiver, url) = roomcast_tests::WebhookReceiver::start().await;
+    receiver.refuse_first.store(2, SeqCst);
+    receiver.refusing.store(true, SeqCst);
+    // The receiver is on loopback, which the deployed function refuses unless allowed.
+    let env = [("ROOMCAST_WEBHOOK_RETRY_SECONDS", "1"), ("ROOMCAST_WEBHOOK_ALLOW_PRIVATE", "true")];
+    let mut aws = Aws::start(Template::load(), true, &env).await;
+    let hook = |tenant: &str, path: &str, secret: &str| roomcast::model::TenantSettings {
+        webhook: Some(roomcast::model::WebhookSettings {
+            url: format!("{url}/{path}"),
+            secret: secret.into(),
+            events: Vec::new(),
+        }),
+        ..roomcast::model::TenantSettings::new(tenant)
+    };
+    aws.admin.put_tenant_settings(&hook("acme", "ok", "acme-webhook-secret")).await.unwrap();
+    aws.admin.put_tenant_settings(&hook("globex", "refuse", "globex-webhook-secret")).await.unwrap();
+
+    aws.connect("c-eve", &token("globex", "eve"), "lobby").await;
+    aws.connect("c-ann", &token("acme", "ann"), "lobby").await;
+    aws.pump().await;
+    aws.connect("c-bob", &token("acme", "bob"), "lobby").await;
+    aws.pump().await;
+    aws.disconnect("c-bob").await;
+    aws.pump().await;
+    assert!(aws.failures.is_empty(), "the processor reported failures: {:?}", aws.failures);
+
+    // Lambda's event source for the webhook function until acme's events are all in.
+    let wanted = ["connection.opened", "room.occupied", "member.joined", "member.left", "connection.closed"];
+    let mut reported = Vec::new();
+    let mut acme = Vec::new();
+    for _ in 0..200 {
+        reported.extend(aws.pump_webhooks().await);
+        acme = receiver.events("ok", "acme-webhook-secret");
+        if acme.iter().any(|e| e["type"] == "connection.closed" && e["user_id"] == "bob") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(receiver.refused.load(SeqCst) >= 2, "the receiver refused nothing");
+    assert!(!reported.is_empty(), "the webhook function reported no refused batch");
+    // Each event once by id (the redelivered stream batches queued nothing twice, and receivers
+    // drop a repeat by id in any case), in the order they happened.
+    let mut seen = std::collections::BTreeSet::new();
+    let once: Vec<&Value> = acme.iter().filter(|e| seen.insert(e["id"].as_str().unwrap().to_string())).collect();
+    let story: Vec<(String, String)> = once
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap().to_string(), e["user_id"].as_str().unwrap_or("").to_string()))
+        .collect();
+    // The stream orders records per item only: a connection's record and its membership's
+    // (written together) may be processed in either order, so their events may come in either.
+    // Each step's events come after the step before's, and a room's start just before its first
+    // member.
+    let steps: [&[(&str, &str)]; 3] = [
+        &[("connection.opened", "ann"), ("room.occupied", ""), ("member.joined", "ann")],
+        &[("connection.opened", "bob"), ("member.joined", "bob")],
+        &[("member.left", "bob"), ("connection.closed", "bob")],
+    ];
+    assert_eq!(story.len(), 7, "acme's events: {acme:?}");
+    let mut at = 0;
+    for step in steps {
+        let mut got: Vec<(String, String)> = story[at..at + step.len()].to_vec();
+        let mut want: Vec<(String, String)> = step.iter().map(|(k, u)| (k.to_string(), u.to_string())).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "acme's events, step by step: {story:?}");
+        at += step.len();
+    }
+    let occupied = story.iter().position(|(k, _)| k == "room.occupied").unwrap();
+    assert_eq!(story[occupied + 1], ("member.joined".to_string(), "ann".to_string()), "{story:?}");
+    assert!(once.iter().all(|e| wanted.contains(&e["type"].as_str().unwrap())));
+    assert!(
+        once.iter()
+            .filter(|e| e["type"] != "connection.opened" && e["type"] != "connection.closed")
+            .all(|e| e["room"] == "lobby")
+    );
+
+    // Globex's endpoint refused every delivery: after the queue's receives its events are
+    // dead letters, and acme's arrived all the same.
+    let dead = |aws: &Aws| {
+        let sqs = aws.webhook_sqs.clone();
+        let url = aws.webhook_dead_letters.clone();
+        async move {
+            sqs.get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+                .send()
+                .await
+                .unwrap()
+                .attributes
+                .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages).cloned())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(0)
+        }
+    };
+    let mut buried = 0;
+    for _ in 0..300 {
+        aws.pump_webhooks().await;
+        buried = dead(&aws).await;
+        if buried > 0 && aws.pump_webhooks().await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(buried > 0, "globex's refused events never reached the dead-letter queue");
+    assert!(receiver.events("refuse", "globex-webhook-secret").is_empty());
+
+    // Its endpoint answers again; the operator re-drives (as `roomcast webhooks redrive` does,
+    // with the operator's credentials) and the function delivers them.
+    receiver.refusing.store(false, SeqCst);
+    let operator = aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::config::Builder::from(&roomcast_tests::sdk_config().await).endpoint_url(moto_endpoint()).build(),
+    );
+    let moved = roomcast::webhook::sqs::redrive(&operator, &aws.webhook_dead_letters, &aws.webhook_queue)
+        .await
+        .expect("re-drive the dead letters");
+    assert_eq!(moved, buried);
+    assert_eq!(dead(&aws).await, 0);
+    let mut globex = Vec::new();
+    for _ in 0..200 {
+        aws.pump_webhooks().await;
+        globex = receiver.events("refuse", "globex-webhook-secret");
+        if globex.iter().any(|e| e["type"] == "member.joined" && e["user_id"] == "eve") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let kinds: Vec<&str> =
+        globex.iter().filter(|e| seen.insert(e["id"].to_string())).map(|e| e["type"].as_str().unwrap()).collect();
+    let mut kinds = kinds;
+    kinds.sort();
+    assert_eq!(kinds, vec!["connection.opened", "member.joined", "room.occupied"], "{globex:?}");
+    let logs = aws.lambdas["WebhookFunction"].logs();
+    assert!(logs.contains("webhook refused: retried"), "the refusals were not logged:\n{logs}");
 }

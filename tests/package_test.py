@@ -69,7 +69,7 @@ while True:
         post(f"{base}/response", authorize(event))
     elif BINARY in ("connect", "disconnect", "message"):
         post(f"{base}/response", route_response())
-    elif BINARY in ("processor", "fanout"):
+    elif BINARY in ("processor", "fanout", "webhook"):
         post(f"{base}/response", {"batchItemFailures": []} if event == {"Records": []} else {})
     elif BINARY == "admin":
         post(f"{base}/response", {"statusCode": 500, "body": {"message": "table unavailable: Scan: refused"}})
@@ -168,7 +168,7 @@ class PackageCheck(unittest.TestCase):
         self.assertIn("no bootstrap at", text)
         self.assertIn("then exited with status 0", text)
         self.assertIn("DisconnectFunction: not in", text)
-        self.assertEqual(text.count("  ok: "), 4, text)  # Message, Publish, TenantPublish, Fanout
+        self.assertEqual(text.count("  ok: "), 5, text)  # Message, Publish, TenantPublish, Fanout, Webhook
 
     def test_the_token_is_one_the_authorizer_accepts(self):
         # roomcast::auth's own test vector: mint(claims(2000), b"test-secret") signs the same bytes.

@@ -90,7 +90,7 @@ class Template(unittest.TestCase):
         functions = self.of_type("AWS::Serverless::Function")
         self.assertEqual(set(functions), {"AuthorizerFunction", "ConnectFunction", "DisconnectFunction", "MessageFunction",
                                           "ProcessorFunction", "SweeperFunction", "AdminFunction", "PublishFunction",
-                                          "TenantPublishFunction", "FanoutFunction"})
+                                          "TenantPublishFunction", "FanoutFunction", "WebhookFunction"})
         for name, f in functions.items():
             self.assertEqual(f["Metadata"]["BuildMethod"], "rust-cargolambda", name)
             self.assertNotIn("Runtime", f["Properties"], f"{name} must not override the runtime")
@@ -105,7 +105,8 @@ class Template(unittest.TestCase):
             # The write-path and operator functions build from the handlers' crate, the fan-out
             # stage from the processor's (neither links wasmtime); the processor from its Lambda's
             # own package, which joins the processor and the plugin host.
-            expected = {"ProcessorFunction": "./processor/lambda", "FanoutFunction": "./processor"}.get(name, "./handlers")
+            expected = {"ProcessorFunction": "./processor/lambda", "FanoutFunction": "./processor",
+                        "WebhookFunction": "./processor"}.get(name, "./handlers")
             self.assertEqual(f["Properties"]["CodeUri"], expected, f"{name}: cargo-lambda builds {expected}")
             binaries.setdefault(f["Metadata"]["BuildProperties"]["Binary"], []).append(name)
         shared = {b: names for b, names in binaries.items() if len(names) > 1}
@@ -226,7 +227,33 @@ class Template(unittest.TestCase):
         stream = self.resources["ProcessorFunction"]["Properties"]["Events"]["TableStream"]["Properties"]
         self.assertEqual(stream["ParallelizationFactor"], 1)
         sends = [s for s in self.statements("ProcessorFunction") if s["Action"] == "sqs:SendMessage"]
-        self.assertEqual([s["Resource"] for s in sends], [{"Fn::GetAtt": ["FanoutQueue", "Arn"]}])
+        self.assertEqual([s["Resource"] for s in sends],
+                         [[{"Fn::GetAtt": ["FanoutQueue", "Arn"]}, {"Fn::GetAtt": ["WebhookQueue", "Arn"]}]])
+
+    def test_webhooks_are_a_fifo_queue_of_tenants_retried_for_ten_minutes_at_least_then_dead_letters(self):
+        queue = self.resources["WebhookQueue"]["Properties"]
+        self.assertIs(queue["FifoQueue"], True, "a message group per tenant: in order, and isolated")
+        self.assertIs(queue["ContentBasedDeduplication"], False, "the first event's id is the deduplication id")
+        self.assertEqual(queue["RedrivePolicy"]["deadLetterTargetArn"], {"Fn::GetAtt": ["WebhookDeadLetterQueue", "Arn"]})
+        self.assertIs(self.resources["WebhookDeadLetterQueue"]["Properties"]["FifoQueue"], True)
+        worker = self.resources["WebhookFunction"]["Properties"]
+        self.assertGreaterEqual(queue["VisibilityTimeout"], 6 * worker["Timeout"])
+        env = worker["Environment"]["Variables"]
+        self.assertEqual(env["ROOMCAST_WEBHOOK_QUEUE_URL"], {"Ref": "WebhookQueue"})
+        self.assertEqual(env["ROOMCAST_WEBHOOK_ALLOW_PRIVATE"], "false", "tenants choose the URLs")
+        # The retries before the dead letters: the backoff of processor/src/webhook/sqs.rs
+        # (first, doubling, at most 300 s) over maxReceiveCount - 1 waits.
+        first, receives = int(env["ROOMCAST_WEBHOOK_RETRY_SECONDS"]), queue["RedrivePolicy"]["maxReceiveCount"]
+        self.assertGreaterEqual(sum(min(first * 2 ** n, 300) for n in range(receives - 1)), 600)
+        (event,) = worker["Events"].values()
+        self.assertEqual(event["Properties"]["Queue"], {"Fn::GetAtt": ["WebhookQueue", "Arn"]})
+        self.assertIn("ReportBatchItemFailures", event["Properties"]["FunctionResponseTypes"])
+        self.assertEqual(self.resources["ProcessorFunction"]["Properties"]["Environment"]["Variables"]
+                         ["ROOMCAST_WEBHOOK_QUEUE_URL"], {"Ref": "WebhookQueue"})
+        dead = [a["Properties"] for a in self.of_type("AWS::CloudWatch::Alarm").values()
+                if a["Properties"]["Dimensions"][0]["Value"] == {"Fn::GetAtt": ["WebhookDeadLetterQueue", "QueueName"]}]
+        self.assertEqual(len(dead), 1, "the webhook dead-letter queue is alarmed")
+        self.assertIn("WebhookDeadLetterQueueUrl", self.t["Outputs"])
 
     def test_the_sweeper_runs_on_a_schedule(self):
         events = self.resources["SweeperFunction"]["Properties"]["Events"].values()
@@ -306,6 +333,7 @@ class Template(unittest.TestCase):
                                   "account_throttled", "progress_failures"},
             # The fan-out stage's worker prints the same counts: where big rooms' deliveries fail.
             "FanoutFunction": {"failed", "fanout_jobs_dropped"},
+            "WebhookFunction": {"webhook_dropped"},
         })
         for output in ["WebSocketUrl", "TableName", "StreamDeadLetterQueueUrl"]:
             self.assertIn(output, self.t["Outputs"])

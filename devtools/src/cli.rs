@@ -98,6 +98,11 @@ enum Command {
     /// Load the local stack over real WebSockets: deliveries per second against the raw
     /// @connections rate, latency p50/p99, CPU per stream record and memory (docs/PERFORMANCE.md).
     Bench(bench::BenchArgs),
+    /// Tenants' webhooks in a deployed stack.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
     /// Run the stream processor over a table's stream until Ctrl-C.
     Poll {
         #[command(flatten)]
@@ -424,6 +429,22 @@ enum TenantCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum WebhooksCommand {
+    /// Move the webhook events given up on (the stack's WebhookDeadLetterQueueUrl) back to the
+    /// webhook queue (WebhookQueueUrl), each in its tenant's order: the webhook function delivers
+    /// them again to each tenant's URL as it is now. (`roomcast dev` re-drives with
+    /// `POST /_dev/webhooks/redrive`.)
+    Redrive {
+        /// The dead-letter queue's URL (output WebhookDeadLetterQueueUrl).
+        #[arg(long)]
+        dead_letter_queue: String,
+        /// The webhook queue's URL (output WebhookQueueUrl).
+        #[arg(long)]
+        queue: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TableCommand {
     /// Create the table (stream NEW_AND_OLD_IMAGES, TTL on `ttl`, the `gsi1` index); an existing
     /// table is left as it is.
@@ -501,6 +522,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Admin { event, table, management_endpoint } => operate::admin(event, table, management_endpoint).await,
         Command::Table { command: TableCommand::Create { table } } => operate::create(table).await,
+        Command::Webhooks { command: WebhooksCommand::Redrive { dead_letter_queue, queue } } => {
+            let client = aws_sdk_sqs::Client::new(&crate::config::load_aws().await);
+            let moved = crate::webhook::sqs::redrive(&client, &dead_letter_queue, &queue)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!("re-drove {moved} message(s) of webhook events to {queue}");
+            Ok(())
+        }
         Command::Poll { table, management_endpoint, from_trim_horizon } => {
             operate::poll(table, management_endpoint, from_trim_horizon).await
         }

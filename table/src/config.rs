@@ -88,6 +88,21 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "with a fan-out queue, frames for this many recipients or more leave the batch for it",
     ),
     (
+        "ROOMCAST_WEBHOOK_QUEUE_URL",
+        "(none: no webhook events are made)",
+        "the tenants' webhook events' SQS FIFO queue, worked by the webhook function",
+    ),
+    (
+        "ROOMCAST_WEBHOOK_RETRY_SECONDS",
+        "10",
+        "the webhook function's first backoff after a refused delivery; each next one doubles, up to 300",
+    ),
+    (
+        "ROOMCAST_WEBHOOK_ALLOW_PRIVATE",
+        "false",
+        "deliver webhooks to loopback, private and link-local addresses too (never in a shared deployment)",
+    ),
+    (
         "ROOMCAST_PRESENCE_ANNOUNCE_MAX_USERS",
         "100",
         "rooms with more users announce no joined/left (a tenant's setting overrides it)",
@@ -153,6 +168,12 @@ pub struct Config {
     pub fanout_queue_url: Option<String>,
     /// Frames for this many recipients or more go to the fan-out stage.
     pub handoff_recipients: usize,
+    /// The tenants' webhook events' SQS FIFO queue, if any (the processor's `webhook::sqs`).
+    pub webhook_queue_url: Option<String>,
+    /// The webhook function's first backoff after a refused delivery.
+    pub webhook_retry: Duration,
+    /// Whether webhooks may be delivered to loopback, private and link-local addresses.
+    pub webhook_allow_private: bool,
     /// The rate limits tenants get unless their settings say otherwise (`ROOMCAST_LIMIT_{NAME}`).
     pub rate_limits: crate::limits::RateLimits,
 }
@@ -205,15 +226,19 @@ impl Config {
         let dynamodb_endpoint = url("DYNAMODB_ENDPOINT_URL");
         let endpoint_override = url("ROOMCAST_MANAGEMENT_ENDPOINT");
         let fanout_queue_url = url("ROOMCAST_FANOUT_QUEUE_URL");
+        let webhook_queue_url = url("ROOMCAST_WEBHOOK_QUEUE_URL");
 
-        let close_slow_consumers = match get("ROOMCAST_CLOSE_SLOW_CONSUMERS").as_deref().map(str::trim) {
-            None | Some("true") => true,
+        let mut flag = |name: &str, default: bool| match get(name).as_deref().map(str::trim) {
+            None => default,
+            Some("true") => true,
             Some("false") => false,
             Some(other) => {
-                problems.push(format!("ROOMCAST_CLOSE_SLOW_CONSUMERS={other:?} must be true or false"));
-                true
+                problems.push(format!("{name}={other:?} must be true or false"));
+                default
             }
         };
+        let close_slow_consumers = flag("ROOMCAST_CLOSE_SLOW_CONSUMERS", true);
+        let webhook_allow_private = flag("ROOMCAST_WEBHOOK_ALLOW_PRIVATE", false);
         let mut number = |name: &str, default: u64, min: u64, max: u64| -> u64 {
             match get(name) {
                 None => default,
@@ -248,6 +273,7 @@ impl Config {
         let handoff_recipients =
             number("ROOMCAST_HANDOFF_RECIPIENTS", HANDOFF_RECIPIENTS as u64, 1, 10_000_000) as usize;
         let idle_limit = Duration::from_secs(number("ROOMCAST_IDLE_LIMIT_SECONDS", 600, 1, 86_400));
+        let webhook_retry = Duration::from_secs(number("ROOMCAST_WEBHOOK_RETRY_SECONDS", 10, 1, 300));
         let presence_repair_grace = Duration::from_secs(number(
             "ROOMCAST_PRESENCE_REPAIR_GRACE_SECONDS",
             crate::presence::RECONCILE_GRACE_SECONDS as u64,
@@ -298,6 +324,9 @@ impl Config {
                 presence_announce_max_users,
                 fanout_queue_url,
                 handoff_recipients,
+                webhook_queue_url,
+                webhook_retry,
+                webhook_allow_private,
                 rate_limits,
             })
         } else {
@@ -358,6 +387,15 @@ mod tests {
         .unwrap();
         assert_eq!(staged.handoff_recipients, 5000);
         assert!(config(&[("TABLE_NAME", "t"), ("ROOMCAST_FANOUT_QUEUE_URL", "roomcast-fanout")]).is_err());
+        let hooks = config(&[
+            ("TABLE_NAME", "t"),
+            ("ROOMCAST_WEBHOOK_QUEUE_URL", "https://sqs.eu-west-1.amazonaws.com/1/roomcast-webhooks.fifo"),
+            ("ROOMCAST_WEBHOOK_RETRY_SECONDS", "2"),
+        ])
+        .unwrap();
+        assert_eq!((hooks.webhook_retry, hooks.webhook_allow_private), (Duration::from_secs(2), false));
+        let problems = config(&[("TABLE_NAME", "t"), ("ROOMCAST_WEBHOOK_ALLOW_PRIVATE", "yes")]).unwrap_err();
+        assert!(problems.to_string().contains("ROOMCAST_WEBHOOK_ALLOW_PRIVATE=\"yes\" must be true or false"));
         let tuned =
             config(&[("TABLE_NAME", "t"), ("ROOMCAST_PLUGIN_FUEL", "5000"), ("ROOMCAST_PLUGIN_MEMORY_MIB", "32")])
                 .unwrap();

@@ -123,11 +123,14 @@ counters! {
     /// version however many partitions ask at the same time.
     plugin_compiles,
     /// Webhook events a tenant's settings asked for, queued for delivery; delivered (its
-    /// endpoint answered 2xx); deliveries tried again; events given up on (dead letters).
+    /// endpoint answered 2xx); deliveries tried again; events given up on (dead letters, in
+    /// `roomcast dev`; in AWS the dead-letter queue counts them); queued messages that are not
+    /// events, dropped (logged with their id).
     webhook_events,
     webhook_delivered,
     webhook_retried,
     webhook_dead,
+    webhook_dropped,
 }
 
 impl Metrics {
@@ -175,6 +178,7 @@ impl Counts {
             webhook_delivered = self.webhook_delivered,
             webhook_retried = self.webhook_retried,
             webhook_dead = self.webhook_dead,
+            webhook_dropped = self.webhook_dropped,
             "{what}"
         );
     }

@@ -48,6 +48,10 @@ pub struct Deployment {
     pub parameters: BTreeMap<String, String>,
     /// The fan-out stage's FIFO queue (`FanoutQueue`), its URL on moto.
     pub fanout_queue: String,
+    /// The tenants' webhook events' FIFO queue (`WebhookQueue`) and its dead-letter queue
+    /// (`WebhookDeadLetterQueue`), their URLs on moto.
+    pub webhook_queue: String,
+    pub webhook_dead_letters: String,
 }
 
 impl Deployment {
@@ -310,6 +314,10 @@ impl Template {
             "StreamDeadLetterQueue.Arn" => format!("arn:aws:sqs:{REGION}:{ACCOUNT}:roomcast-dlq"),
             "FanoutQueue" => at.fanout_queue.clone(),
             "FanoutQueue.Arn" => at.fanout_queue_arn(),
+            "WebhookQueue" => at.webhook_queue.clone(),
+            "WebhookQueue.Arn" => queue_arn(&at.webhook_queue),
+            "WebhookDeadLetterQueue" => at.webhook_dead_letters.clone(),
+            "WebhookDeadLetterQueue.Arn" => queue_arn(&at.webhook_dead_letters),
             other => {
                 if let Some(value) = at.parameters.get(other) {
                     return value.clone();

@@ -47,6 +47,7 @@ mod recorder;
 mod requests;
 mod stack;
 mod table;
+mod webhooks;
 pub mod ws;
 
 pub use faults::*;
@@ -56,6 +57,7 @@ pub use recorder::*;
 pub use requests::*;
 pub use stack::*;
 pub use table::*;
+pub use webhooks::*;
 
 /// Runs each scenario `async fn name(kind: &str)` once per store, as `memory::name` and
 /// `dynamodb::name`. `multi_thread:` first gives each test a two-thread runtime (for tests that

@@ -47,11 +47,11 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             settings.webhook =
                 webhook(settings.webhook.take(), webhook_url, webhook_secret_env, webhook_events, no_webhook)?;
             target.set_settings(&settings).await?;
-            if settings.webhook.is_some() && matches!(target, super::plugins::Target::Table(_)) {
-                eprintln!(
-                    "note: `roomcast dev` delivers webhooks; the processor deployed by template.yaml does not yet \
-                     (its delivery queue and function are not built): this tenant's backend hears nothing from AWS"
-                );
+            // A deployed stack's webhook function posts to public addresses only.
+            if let (Some(webhook), super::plugins::Target::Table(_)) = (&settings.webhook, &target)
+                && let Err(why) = crate::webhook::guard::check_url(&webhook.url, false)
+            {
+                eprintln!("note: {why}; the deployed webhook function will refuse to deliver there");
             }
             println!("{}", serde_json::to_string_pretty(&shown(settings))?);
             Ok(())

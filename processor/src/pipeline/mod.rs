@@ -417,8 +417,12 @@ impl Processor {
             return Ok(());
         };
         let at = at.unwrap_or_else(|| self.clock.now());
-        let mut events = crate::webhook::events(change, reaction.presence.as_ref(), &reaction.effects, event_id, at);
-        events.retain(|e| crate::webhook::wants(webhook, &e.kind));
+        let events: Vec<_> =
+            crate::webhook::events(change, reaction.presence.as_ref(), &reaction.effects, event_id, at)
+                .into_iter()
+                .filter(|e| crate::webhook::wants(webhook, &e.kind))
+                .map(crate::webhook::bounded)
+                .collect();
         if events.is_empty() {
             return Ok(());
         }

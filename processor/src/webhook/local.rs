@@ -5,7 +5,8 @@
 //! for [`RetryPolicy::retry_for`] (ten minutes by default); then its events become a dead letter,
 //! kept for an operator to list and re-drive ([`LocalWebhooks::dead_letters`],
 //! [`LocalWebhooks::redrive`]). The tenant's URL and secret are read for every attempt, so a
-//! corrected setting applies to the next one.
+//! corrected setting applies to the next one. This is the developer's own machine: receivers on
+//! loopback and private addresses are allowed ([`super::guard`] is for the deployed function).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::{WebhookEvent, WebhookSink, sign};
+use super::{WebhookEvent, WebhookSink};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -71,12 +72,7 @@ pub struct LocalWebhooks {
 
 impl LocalWebhooks {
     pub fn new(store: Arc<dyn Store>, policy: RetryPolicy, metrics: Arc<Metrics>) -> Arc<LocalWebhooks> {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .timeout(policy.timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("an HTTP client with the process's TLS provider");
+        let http = super::guard::client(policy.timeout, true);
         Arc::new(LocalWebhooks { store, policy, metrics, http, queues: Mutex::default(), dead: Arc::default() })
     }
 
@@ -203,21 +199,7 @@ impl Worker {
         let Some(webhook) = settings.and_then(|s| s.webhook) else {
             return Ok(false);
         };
-        let body = serde_json::to_vec(&serde_json::json!({ "events": events })).map_err(|e| e.to_string())?;
-        let header = sign::signature(&webhook.secret, chrono::Utc::now().timestamp(), &body);
-        let answer = self
-            .http
-            .post(&webhook.url)
-            .header("content-type", "application/json")
-            .header(sign::HEADER, header)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| format!("POST {}: {e}", webhook.url))?;
-        match answer.status() {
-            status if status.is_success() => Ok(true),
-            status => Err(format!("POST {}: {status}", webhook.url)),
-        }
+        super::post(&self.http, &webhook, events, true).await.map(|()| true)
     }
 }
 

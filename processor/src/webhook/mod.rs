@@ -14,11 +14,15 @@
 //!
 //! An event's id is the same however often its record is processed (a retry, a redelivery,
 //! a replay): receivers deduplicate by it. [`events`] states a record's events purely;
-//! [`sign`] is the signature; [`local`] delivers them: per tenant, in order, batched, retried with
-//! backoff, and kept as dead letters when they cannot be delivered.
+//! [`sign`] is the signature and [`post`] one signed delivery, to a public address only
+//! ([`guard`]). Two sinks deliver them, per tenant, in order, batched, retried with backoff, and
+//! kept as dead letters when they cannot be delivered: [`sqs`] in AWS (a FIFO queue whose message
+//! groups are the tenants, worked by the `webhook` function), [`local`] in `roomcast dev`.
 
+pub mod guard;
 pub mod local;
 pub mod sign;
+pub mod sqs;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -73,6 +77,57 @@ pub const DEFAULT_EVENT_TYPES: [&str; 6] =
 pub trait WebhookSink: Send + Sync {
     /// Takes the events (of one tenant, in order) for delivery.
     async fn enqueue(&self, tenant: &str, events: Vec<WebhookEvent>) -> Result<(), StoreError>;
+}
+
+/// The most bytes of one event as queued: a `message.sent` whose message would pass it carries
+/// `message_truncated: true` instead of the message (the backend reads it with `history`).
+pub const EVENT_BYTES: usize = 64 * 1024;
+
+/// Keeps `event` within [`EVENT_BYTES`].
+pub fn bounded(mut event: WebhookEvent) -> WebhookEvent {
+    let size = serde_json::to_vec(&event).map_or(usize::MAX, |b| b.len());
+    if size > EVENT_BYTES && event.data.remove("message").is_some() {
+        event.data.insert("message_truncated".into(), Value::Bool(true));
+    }
+    event
+}
+
+/// One signed `POST` of `events` (`{"events": […]}`) to `webhook`'s URL with `http` (made by
+/// [`guard::client`]); any answer but 2xx, or none within the client's timeout, is an error that
+/// names the URL.
+pub async fn post(
+    http: &reqwest::Client,
+    webhook: &WebhookSettings,
+    events: &[WebhookEvent],
+    allow_private: bool,
+) -> Result<(), String> {
+    guard::check_url(&webhook.url, allow_private)?;
+    let body = serde_json::to_vec(&json!({ "events": events })).map_err(|e| e.to_string())?;
+    let header = sign::signature(&webhook.secret, chrono::Utc::now().timestamp(), &body);
+    let answer = http
+        .post(&webhook.url)
+        .header("content-type", "application/json")
+        .header(sign::HEADER, header)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("POST {}: {}", webhook.url, error_chain(&e)))?;
+    match answer.status() {
+        status if status.is_success() => Ok(()),
+        status => Err(format!("POST {}: {status}", webhook.url)),
+    }
+}
+
+/// An error with its causes (reqwest's own says only "error sending request").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Whether a webhook's settings can be used: its URL and secret ([`WebhookSettings::check`]), and

@@ -22,6 +22,7 @@ async fn run_processor() -> Result<(), Error> {
     let (sdk, store) = store_from(&config, metrics.clone()).await;
     let clock = Arc::new(SystemClock);
     let hand_off = roomcast_processor::lambda::hand_off_from(&config, &sdk);
+    let webhooks = roomcast_processor::lambda::webhooks_from(&config, &sdk);
     let registry = Arc::new(roomcast_plugin_host::registry::Registry::from_config(&config, metrics.clone())?);
     let emf = roomcast_processor::metrics::Emf {
         namespace: config.metrics_namespace.clone(),
@@ -31,6 +32,9 @@ async fn run_processor() -> Result<(), Error> {
         Assembly::from_config(&config, sdk, store, clock, metrics).processor().with_plugins(registry).with_emf(emf);
     if let Some(hand_off) = hand_off {
         processor = processor.with_hand_off(hand_off);
+    }
+    if let Some(webhooks) = webhooks {
+        processor = processor.with_webhooks(webhooks);
     }
     let processor = &processor;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {

@@ -25,8 +25,8 @@ use crate::store::StoreError;
 pub const JOB_RESERVE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One `SendMessageBatch`: at most ten entries and 256 KiB of bodies.
-const BATCH_ENTRIES: usize = 10;
-const BATCH_BYTES: usize = 256 * 1024;
+pub(crate) const BATCH_ENTRIES: usize = 10;
+pub(crate) const BATCH_BYTES: usize = 256 * 1024;
 
 /// A message group id or deduplication id is at most 128 characters.
 const ID_MAX: usize = 128;
@@ -80,7 +80,7 @@ impl SqsStage {
 
 /// An id SQS accepts: as it is when short enough, else its FNV-1a digest beside its tail (the
 /// lane and part), which keeps it distinct and stable.
-fn fit(id: &str) -> String {
+pub(crate) fn fit(id: &str) -> String {
     if id.len() <= ID_MAX {
         return id.to_string();
     }
