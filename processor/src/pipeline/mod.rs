@@ -427,7 +427,7 @@ impl Processor {
             return Ok(());
         }
         Metrics::add(&self.metrics.webhook_events, events.len() as u64);
-        sink.enqueue(tenant, events).await
+        sink.enqueue(tenant, event_id, events).await
     }
 
     /// The one match on a record's kind: its module gathers what the record needs and states the

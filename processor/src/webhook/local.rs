@@ -92,7 +92,7 @@ impl LocalWebhooks {
         let mut events = 0;
         for letter in letters {
             events += letter.events.len();
-            let _ = self.enqueue(&letter.tenant, letter.events).await;
+            let _ = self.enqueue(&letter.tenant, "", letter.events).await;
         }
         events
     }
@@ -119,7 +119,7 @@ impl LocalWebhooks {
 
 #[async_trait::async_trait]
 impl WebhookSink for LocalWebhooks {
-    async fn enqueue(&self, tenant: &str, events: Vec<WebhookEvent>) -> Result<(), StoreError> {
+    async fn enqueue(&self, tenant: &str, _record_id: &str, events: Vec<WebhookEvent>) -> Result<(), StoreError> {
         let queue = self.queue(tenant);
         let mut refused = Vec::new();
         for event in events {

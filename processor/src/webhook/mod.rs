@@ -75,8 +75,8 @@ pub const DEFAULT_EVENT_TYPES: [&str; 6] =
 /// Where a record's events go: delivered later, never in the record's way.
 #[async_trait::async_trait]
 pub trait WebhookSink: Send + Sync {
-    /// Takes the events (of one tenant, in order) for delivery.
-    async fn enqueue(&self, tenant: &str, events: Vec<WebhookEvent>) -> Result<(), StoreError>;
+    /// Takes the events (of one tenant, in order) of the stream record `record_id` for delivery.
+    async fn enqueue(&self, tenant: &str, record_id: &str, events: Vec<WebhookEvent>) -> Result<(), StoreError>;
 }
 
 /// The most bytes of one event as queued: a `message.sent` whose message would pass it carries

@@ -18,12 +18,16 @@
 //!   the first one's visibility is set to the backoff for its receive count ([`backoff`]:
 //!   `ROOMCAST_WEBHOOK_RETRY_SECONDS`, doubling, up to five minutes) and the others wait behind
 //!   it in their group; after the
-//!   queue's `maxReceiveCount` receives (in `template.yaml`, ten: about 25 minutes of retries),
+//!   queue's `maxReceiveCount` receives (in `template.yaml`, ten: about 30 minutes of retries),
 //!   SQS moves them to the dead-letter queue, which an operator re-drives
 //!   (`roomcast webhooks redrive`, or the console's "Start DLQ redrive").
-//! * **No duplicates from redelivery.** A message's deduplication id is its first event's id, so
-//!   a stream record processed twice within five minutes queues its events once; past that,
-//!   receivers deduplicate by the events' ids.
+//! * **No duplicates from redelivery.** A message's deduplication id is its stream record's id
+//!   and its part, so a record processed twice within five minutes queues its events once (a
+//!   redelivered transition, which makes no room event, queues nothing new); past that, receivers
+//!   deduplicate by the events' ids.
+//! * **What can never succeed is not retried.** A URL the tenant set that is not a public address
+//!   (or not a URL) is logged and its events given up on at once (`webhook_dead`), not retried for
+//!   half an hour into the shared dead-letter queue.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -74,8 +78,8 @@ impl SqsWebhooks {
 }
 
 /// `events` as message bodies of at most [`MESSAGE_BYTES`] (each event is at most
-/// [`super::EVENT_BYTES`]), with each part's first event.
-fn parts(tenant: &str, events: Vec<WebhookEvent>) -> Result<Vec<(String, String)>, StoreError> {
+/// [`super::EVENT_BYTES`]).
+fn parts(tenant: &str, events: Vec<WebhookEvent>) -> Result<Vec<String>, StoreError> {
     let encode = |events: &[WebhookEvent]| {
         serde_json::to_string(&Queued { tenant: tenant.into(), events: events.to_vec() })
             .map_err(|e| StoreError::Unavailable(format!("webhook events: {e}")))
@@ -86,7 +90,7 @@ fn parts(tenant: &str, events: Vec<WebhookEvent>) -> Result<Vec<(String, String)
     for event in events {
         let size = serde_json::to_vec(&event).map_or(0, |b| b.len()) + 1;
         if !part.is_empty() && bytes + size > MESSAGE_BYTES {
-            out.push((part[0].id.clone(), encode(&part)?));
+            out.push(encode(&part)?);
             part.clear();
             bytes = 0;
         }
@@ -94,26 +98,29 @@ fn parts(tenant: &str, events: Vec<WebhookEvent>) -> Result<Vec<(String, String)
         part.push(event);
     }
     if !part.is_empty() {
-        out.push((part[0].id.clone(), encode(&part)?));
+        out.push(encode(&part)?);
     }
     Ok(out)
 }
 
 #[async_trait::async_trait]
 impl WebhookSink for SqsWebhooks {
-    async fn enqueue(&self, tenant: &str, events: Vec<WebhookEvent>) -> Result<(), StoreError> {
-        let bodies = parts(tenant, events)?;
+    async fn enqueue(&self, tenant: &str, record_id: &str, events: Vec<WebhookEvent>) -> Result<(), StoreError> {
+        let bodies: Vec<(String, String)> = parts(tenant, events)?
+            .into_iter()
+            .enumerate()
+            .map(|(part, body)| (format!("{record_id}:{part}"), body))
+            .collect();
         for batch in bodies.chunks(BATCH_ENTRIES) {
-            debug_assert!(batch.iter().map(|(_, b)| b.len()).sum::<usize>() <= BATCH_BYTES || batch.len() == 1);
             let entries = batch
                 .iter()
                 .enumerate()
-                .map(|(i, (first, body))| {
+                .map(|(i, (dedup, body))| {
                     SendMessageBatchRequestEntry::builder()
                         .id(i.to_string())
                         .message_body(body)
                         .message_group_id(fit(tenant))
-                        .message_deduplication_id(fit(first))
+                        .message_deduplication_id(fit(dedup))
                         .build()
                         .map_err(|e| StoreError::Unavailable(format!("sqs entry: {e}")))
                 })
@@ -240,6 +247,13 @@ impl Deliveries {
             tracing::info!(events, "the tenant has no webhook now: its events are dropped");
             return Vec::new();
         };
+        // A URL that can never be posted to: given up on now, not after half an hour of retries.
+        if let Err(why) = super::guard::check_url(&webhook.url, self.allow_private) {
+            let events: usize = received.iter().map(|r| r.events.len()).sum();
+            Metrics::add(&self.metrics.webhook_dead, events as u64);
+            tracing::error!(events, error = %why, "the tenant's webhook URL is refused: its events are given up on");
+            return Vec::new();
+        }
         let mut start = 0;
         while start < received.len() {
             let mut end = start;
@@ -355,14 +369,15 @@ mod tests {
         let first = Duration::from_secs(10);
         let waits: Vec<u64> = (1..=10).map(|n| backoff(first, n).as_secs()).collect();
         assert_eq!(waits, vec![10, 20, 40, 80, 160, 300, 300, 300, 300, 300]);
-        // Ten receives in template.yaml: at least ten minutes of retries before the dead letters.
-        assert!(waits[..9].iter().sum::<u64>() >= 600);
+        // Ten receives in template.yaml, each refusal followed by its wait: at least ten minutes
+        // of retries before the dead letters (1,810 s).
+        assert_eq!(waits.iter().sum::<u64>(), 1810);
         assert_eq!(backoff(first, 0), first);
         assert_eq!(backoff(first, u32::MAX), MAX_BACKOFF);
     }
 
     #[test]
-    fn a_records_events_are_parts_under_sqs_size_each_named_by_its_first_event() {
+    fn a_records_events_are_parts_under_sqs_size_with_nothing_lost() {
         let event = |i: usize, bytes: usize| WebhookEvent {
             id: format!("ev-{i}"),
             kind: "message.sent".into(),
@@ -375,12 +390,11 @@ mod tests {
         };
         let small = parts("acme", vec![event(0, 10), event(1, 10)]).unwrap();
         assert_eq!(small.len(), 1);
-        assert_eq!(small[0].0, "ev-0");
         let big = parts("acme", (0..8).map(|i| event(i, 60 * 1024)).collect()).unwrap();
         assert!(big.len() >= 3, "{}", big.len());
-        assert!(big.iter().all(|(_, body)| body.len() <= MESSAGE_BYTES + 1024));
-        let queued: Vec<Queued> = big.iter().map(|(_, b)| serde_json::from_str(b).unwrap()).collect();
-        assert_eq!(queued.iter().map(|q| q.events.len()).sum::<usize>(), 8, "nothing lost");
-        assert_eq!(big[1].0, queued[1].events[0].id);
+        assert!(big.iter().all(|body| body.len() <= MESSAGE_BYTES + 1024));
+        let queued: Vec<Queued> = big.iter().map(|b| serde_json::from_str(b).unwrap()).collect();
+        let ids: Vec<String> = queued.iter().flat_map(|q| q.events.iter().map(|e| e.id.clone())).collect();
+        assert_eq!(ids, (0..8).map(|i| format!("ev-{i}")).collect::<Vec<_>>(), "nothing lost, in order");
     }
 }
