@@ -20,6 +20,7 @@ roomcast_tests::on_both_stores!(multi_thread:
     presence_and_messages_hold_under_per_item_order,
     a_remove_redriven_from_the_dead_letter_queue_repairs_presence,
     a_remove_lost_for_good_is_taken_out_by_the_sweeper_within_the_bound,
+    a_batchs_webhook_events_are_queued_once_it_is_done_and_again_by_its_retry_if_refused,
 );
 
 /// Seeds per store: moto answers a few hundred requests a second, the embedded store thousands.
@@ -269,4 +270,102 @@ async fn roomcast_dev_with_per_item_order_settles_presence_over_websockets() {
         drop(kept);
         stack.shutdown().await;
     }
+}
+
+/// A webhook sink that refuses its first `refuse` batches and keeps the others.
+#[derive(Default)]
+struct Sink {
+    refuse: std::sync::atomic::AtomicUsize,
+    got: std::sync::Mutex<Vec<roomcast::webhook::Queued>>,
+}
+
+#[async_trait::async_trait]
+impl roomcast::webhook::WebhookSink for Sink {
+    async fn enqueue(&self, batch: Vec<roomcast::webhook::Queued>) -> Result<(), roomcast::store::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.refuse.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(roomcast::store::StoreError::Unavailable("the queue refused".into()));
+        }
+        self.got.lock().unwrap().extend(batch);
+        Ok(())
+    }
+}
+
+/// Webhook events (issue 26) are queued once a batch is done, each tenant's together in the
+/// batch's order. A queue that refuses a few times is tried again within the batch; one that
+/// keeps refusing gets the batch reported from the first record that made events, and Lambda's
+/// retry from there queues every member's and connection's event (a retried transition makes no
+/// room event: README, "Webhooks").
+async fn a_batchs_webhook_events_are_queued_once_it_is_done_and_again_by_its_retry_if_refused(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    for tenant in ["acme", "globex"] {
+        let webhook = roomcast::model::WebhookSettings {
+            url: "https://hooks.example.com/roomcast".into(),
+            secret: "a-webhook-secret-of-16".into(),
+            events: Vec::new(),
+        };
+        let settings =
+            roomcast::model::TenantSettings { webhook: Some(webhook), ..roomcast::model::TenantSettings::new(tenant) };
+        stack.table.store.put_tenant_settings(&settings).await.unwrap();
+    }
+    let sink = std::sync::Arc::new(Sink::default());
+    sink.refuse.store(2, std::sync::atomic::Ordering::SeqCst);
+    stack.processor = stack.assembly(stack.table.metrics.clone()).await.processor().with_webhooks(sink.clone());
+    stack.pump().await;
+    stack.connect("c-ann", "acme", "ann", "lobby").await;
+    stack.connect("c-eve", "globex", "eve", "lobby").await;
+    stack.connect("c-bob", "acme", "bob", "lobby").await;
+    stack.pump().await;
+    // Two refusals: tried again within the batch, nothing reported, everything queued once.
+    assert!(stack.failures.is_empty(), "{:?}", stack.failures);
+    let events = |tenant: &str| -> Vec<(String, String)> {
+        sink.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|q| q.tenant == tenant)
+            .flat_map(|q| q.events.iter().map(|e| (e.kind.clone(), e.user_id.clone().unwrap_or_default())))
+            .collect()
+    };
+    let acme = events("acme");
+    let mut kinds: Vec<&str> = acme.iter().map(|(k, _)| k.as_str()).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        vec!["connection.opened", "connection.opened", "member.joined", "member.joined", "room.occupied"],
+        "{acme:?}"
+    );
+    // In the batch's order: ann's join (the room's first) before bob's.
+    let joined: Vec<&str> = acme.iter().filter(|(k, _)| k == "member.joined").map(|(_, u)| u.as_str()).collect();
+    assert_eq!(joined, vec!["ann", "bob"]);
+    assert_eq!(events("globex").len(), 3, "{:?}", events("globex"));
+
+    // A queue that keeps refusing: the batch is reported from the first record that made events
+    // (a connection's or a membership's, not a rate-limit counter's), and nothing is queued.
+    sink.got.lock().unwrap().clear();
+    sink.refuse.store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+    stack.connect("c-cat", "acme", "cat", "lobby").await;
+    let records = stack.pump_once().await;
+    assert_eq!(stack.failures.len(), 1, "{:?}", stack.failures);
+    let pk = |r: &EventRecord| match r.change.keys.get("pk") {
+        Some(serde_dynamo::AttributeValue::S(pk)) => pk.clone(),
+        _ => String::new(),
+    };
+    let first = records
+        .iter()
+        .find(|r| pk(r).starts_with("CONN#") || pk(r).starts_with("ROOM#"))
+        .and_then(|r| r.change.sequence_number.clone())
+        .expect("a connection's record");
+    assert_eq!(stack.failures[0]["batchItemFailures"][0]["itemIdentifier"], first.as_str());
+    assert!(sink.got.lock().unwrap().is_empty());
+    // Lambda's retry from that record, the queue back: cat's events, once.
+    sink.refuse.store(0, std::sync::atomic::Ordering::SeqCst);
+    stack.deliver(&records).await;
+    assert_eq!(stack.failures.len(), 1, "the retry succeeded: {:?}", stack.failures);
+    let mut cat: Vec<(String, String)> = events("acme");
+    cat.sort();
+    assert_eq!(
+        cat,
+        vec![("connection.opened".to_string(), "cat".to_string()), ("member.joined".to_string(), "cat".to_string())]
+    );
 }

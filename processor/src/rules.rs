@@ -171,6 +171,8 @@ pub struct Lookups {
     /// presence): their later `joined` records of the batch announce nothing without reading
     /// the room again.
     past_limit: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
+    /// The batch's webhook events, queued once it is done.
+    webhooks: Arc<crate::webhook::Held>,
 }
 
 /// One look-up per tenant, shared by the records of a batch.
@@ -186,6 +188,11 @@ impl Lookups {
     /// Lookups for a batch whose membership records are `runs`.
     pub fn with_presence_runs(runs: crate::presence::PresenceRuns) -> Lookups {
         Lookups { presence_runs: Arc::new(runs), ..Lookups::default() }
+    }
+
+    /// The batch's webhook events, held until it is done.
+    pub fn webhooks(&self) -> &crate::webhook::Held {
+        &self.webhooks
     }
 
     /// Marks a room the batch found past its announce limit.

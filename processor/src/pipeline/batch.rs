@@ -17,6 +17,10 @@ use crate::store::StoreError;
 use crate::stream::batch::{BatchOutcome, Decoded, decode_batch, run_decoded};
 use crate::stream::{Change, item_kind};
 
+/// How many times a batch's webhook events are offered to the queue before the batch is
+/// reported (the SQS client retries each of them too).
+const QUEUE_ATTEMPTS: u32 = 4;
+
 impl Processor {
     /// One batch, as the Lambda receives it (`Records` of the event, raw), with no deadline.
     pub async fn process_batch(&self, raw: &[serde_json::Value]) -> BatchOutcome {
@@ -45,7 +49,14 @@ impl Processor {
         };
         let window = finish_by.map_or_else(Window::unbounded, Window::until);
         let start_by = finish_by.map(|at| at.checked_sub(START_RESERVE).unwrap_or(at));
-        let outcome = run_decoded(decoded, self.partitions_at_once, start_by, |_, record| {
+        // Where each record is, for the webhook events held while the batch ran.
+        let positions: std::collections::HashMap<String, (usize, String)> = decoded
+            .iter()
+            .enumerate()
+            .filter_map(|(at, d)| d.as_ref().ok().map(|r| (at, r)))
+            .map(|(at, r)| (r.event_id.clone(), (at, r.change.sequence_number.clone().unwrap_or_default())))
+            .collect();
+        let mut outcome = run_decoded(decoded, self.partitions_at_once, start_by, |_, record| {
             let (lookups, window) = (&lookups, &window);
             async move {
                 let record = self.process_in_batch(&record, lookups, window);
@@ -62,6 +73,7 @@ impl Processor {
         })
         .await;
         Metrics::add(&self.metrics.young_dropped, window.settle().await as u64);
+        self.queue_held_webhooks(&lookups, &positions, &mut outcome, finish_by).await;
         let malformed = outcome.malformed.len() as u64;
         Metrics::add(&self.metrics.records, malformed);
         Metrics::add(&self.metrics.skipped, malformed);
@@ -71,6 +83,56 @@ impl Processor {
         }
         self.log_batch(&before);
         outcome
+    }
+
+    /// Queues the webhook events the batch's records made, from the records before the one
+    /// reported for redelivery (the rest make theirs again then), within the batch's window. When
+    /// they cannot be queued, the batch is reported from the earliest record that made some: its
+    /// retry makes them again (a digest of the same events names the same message, so what was
+    /// queued is not queued twice).
+    async fn queue_held_webhooks(
+        &self,
+        lookups: &Lookups,
+        positions: &std::collections::HashMap<String, (usize, String)>,
+        outcome: &mut BatchOutcome,
+        finish_by: Option<Instant>,
+    ) {
+        let until = outcome.failure.as_ref().map(|(at, _)| *at);
+        let (queued, earliest) = lookups.webhooks().take(|id| positions.get(id).map(|(at, _)| *at), until);
+        if queued.is_empty() {
+            return;
+        }
+        // A refusal is tried again a few times within the window before the batch is reported:
+        // a retried batch makes its members' events again, but not its rooms' (see
+        // `webhook::events`), so a retry costs the tenant its room events.
+        let mut result = Ok(());
+        for attempt in 0..QUEUE_ATTEMPTS {
+            if attempt > 0 {
+                let pause = std::time::Duration::from_millis(50 << attempt);
+                if finish_by.is_some_and(|at| Instant::now() + pause >= at) {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+            }
+            let queueing = self.queue_webhooks(queued.clone());
+            result = match finish_by {
+                Some(at) => tokio::time::timeout_at(at.into(), queueing)
+                    .await
+                    .unwrap_or_else(|_| Err(StoreError::OutOfTime("queueing webhook events at the deadline".into()))),
+                None => queueing.await,
+            };
+            if result.is_ok() || matches!(result, Err(StoreError::OutOfTime(_))) {
+                break;
+            }
+            tracing::info!(attempt, error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(), "queueing webhook events: tried again");
+        }
+        let Err(error) = result else { return };
+        let Some((at, sequence)) = earliest.and_then(|id| positions.get(&id).cloned()) else { return };
+        tracing::warn!(%error, %sequence, "the batch's webhook events could not be queued: retried from the first record that made some");
+        if outcome.failure.as_ref().is_none_or(|(failed, _)| at < *failed) {
+            outcome.out_of_time = matches!(error, StoreError::OutOfTime(_));
+            outcome.failure = Some((at, sequence));
+        }
     }
 
     /// The batch's counts (since `before`) and each tenant plugin's statistics, logged; as

@@ -333,8 +333,11 @@ impl Processor {
     /// Only a platform fault (the table unavailable) is an error.
     pub async fn process_record(&self, record: &EventRecord) -> Result<RecordReport, StoreError> {
         let window = Window::unbounded();
-        let report = self.process_in_batch(record, &Lookups::default(), &window).await;
+        let lookups = Lookups::default();
+        let report = self.process_in_batch(record, &lookups, &window).await;
         Metrics::add(&self.metrics.young_dropped, window.settle().await as u64);
+        let (queued, _) = lookups.webhooks().take(|_| None, None);
+        self.queue_webhooks(queued).await?;
         report
     }
 
@@ -397,9 +400,17 @@ impl Processor {
         .await
     }
 
+    /// Queues a batch's webhook events (nothing without a sink).
+    async fn queue_webhooks(&self, queued: Vec<crate::webhook::Queued>) -> Result<(), StoreError> {
+        match self.webhooks.as_ref() {
+            Some(sink) if !queued.is_empty() => sink.enqueue(queued).await,
+            _ => Ok(()),
+        }
+    }
+
     /// The record's events for its tenant's webhook, if the tenant has one and wants them (its
-    /// settings read once per batch); queued, never delivered in the record's way. A dry run
-    /// makes none.
+    /// settings read once per batch); held with the batch's and queued once it is done
+    /// ([`Processor::queue_webhooks`]), never delivered in the record's way. A dry run makes none.
     async fn tell_webhook(
         &self,
         tenant: &str,
@@ -409,9 +420,9 @@ impl Processor {
         at: Option<chrono::DateTime<chrono::Utc>>,
         lookups: &Lookups,
     ) -> Result<(), StoreError> {
-        let Some(sink) = self.webhooks.as_ref().filter(|_| self.mode == Mode::Execute) else {
+        if self.webhooks.is_none() || self.mode != Mode::Execute {
             return Ok(());
-        };
+        }
         let settings = self.tenant_settings(tenant, lookups).await?;
         let Some(webhook) = settings.get().and_then(Option::as_ref).and_then(|s| s.webhook.as_ref()) else {
             return Ok(());
@@ -427,7 +438,8 @@ impl Processor {
             return Ok(());
         }
         Metrics::add(&self.metrics.webhook_events, events.len() as u64);
-        sink.enqueue(tenant, event_id, events).await
+        lookups.webhooks().hold(event_id, tenant, events);
+        Ok(())
     }
 
     /// The one match on a record's kind: its module gathers what the record needs and states the

@@ -92,7 +92,9 @@ impl LocalWebhooks {
         let mut events = 0;
         for letter in letters {
             events += letter.events.len();
-            let _ = self.enqueue(&letter.tenant, "", letter.events).await;
+            let _ = self
+                .enqueue(vec![super::Queued { tenant: letter.tenant, events: letter.events, records: Vec::new() }])
+                .await;
         }
         events
     }
@@ -119,7 +121,17 @@ impl LocalWebhooks {
 
 #[async_trait::async_trait]
 impl WebhookSink for LocalWebhooks {
-    async fn enqueue(&self, tenant: &str, _record_id: &str, events: Vec<WebhookEvent>) -> Result<(), StoreError> {
+    async fn enqueue(&self, batch: Vec<super::Queued>) -> Result<(), StoreError> {
+        for super::Queued { tenant, events, .. } in batch {
+            self.take(&tenant, events);
+        }
+        Ok(())
+    }
+}
+
+impl LocalWebhooks {
+    /// Queues one tenant's events on its worker; past [`MAX_QUEUED`], dead letters at once.
+    fn take(&self, tenant: &str, events: Vec<WebhookEvent>) {
         let queue = self.queue(tenant);
         let mut refused = Vec::new();
         for event in events {
@@ -133,7 +145,6 @@ impl WebhookSink for LocalWebhooks {
                 DeadLetter { tenant: tenant.into(), events: refused, error: "the queue was full".into(), attempts: 0 };
             bury(&self.dead, &self.metrics, letter);
         }
-        Ok(())
     }
 }
 

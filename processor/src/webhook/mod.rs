@@ -72,11 +72,68 @@ pub const EVENT_TYPES: [&str; 8] = [
 pub const DEFAULT_EVENT_TYPES: [&str; 6] =
     ["room.occupied", "room.vacated", "member.joined", "member.left", "connection.opened", "connection.closed"];
 
-/// Where a record's events go: delivered later, never in the record's way.
+/// One tenant's events, in order: a stream batch's, as queued for delivery.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Queued {
+    pub tenant: String,
+    pub events: Vec<WebhookEvent>,
+    /// The stream records that made them (not sent): what names a queued message, so that the
+    /// same records queue one message however often they are processed.
+    #[serde(skip)]
+    pub records: Vec<String>,
+}
+
+/// Where a batch's events go: delivered later, never in the records' way.
 #[async_trait::async_trait]
 pub trait WebhookSink: Send + Sync {
-    /// Takes the events (of one tenant, in order) of the stream record `record_id` for delivery.
-    async fn enqueue(&self, tenant: &str, record_id: &str, events: Vec<WebhookEvent>) -> Result<(), StoreError>;
+    /// Takes a stream batch's events, a [`Queued`] per tenant, for delivery.
+    async fn enqueue(&self, batch: Vec<Queued>) -> Result<(), StoreError>;
+}
+
+/// A stream batch's events while its records are processed (rooms at once, in any order): held
+/// per record, then queued together once the batch is done, each tenant's in the batch's order
+/// ([`Held::take`]). One queueing per batch, not per record: a tenant's events reach its
+/// backend in as few requests as they can, and a busy tenant costs the queue one call a batch.
+#[derive(Default)]
+pub struct Held(std::sync::Mutex<Vec<(String, String, Vec<WebhookEvent>)>>);
+
+impl Held {
+    /// Holds `events` of `tenant`, made by the stream record `record_id`.
+    pub fn hold(&self, record_id: &str, tenant: &str, events: Vec<WebhookEvent>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push((record_id.into(), tenant.into(), events));
+    }
+
+    /// Takes what is held of the records before position `until` (all, without it), by their
+    /// positions in the batch (`position` of a record id; one it does not know comes last): a
+    /// [`Queued`] per tenant, in the order of each tenant's first event, and the earliest of
+    /// those records. The records from `until` on are left out: they will be processed again
+    /// and make their events again.
+    pub fn take(
+        &self,
+        position: impl Fn(&str) -> Option<usize>,
+        until: Option<usize>,
+    ) -> (Vec<Queued>, Option<String>) {
+        let mut held: Vec<(usize, usize, String, String, Vec<WebhookEvent>)> =
+            std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .enumerate()
+                .map(|(i, (id, tenant, events))| (position(&id).unwrap_or(usize::MAX), i, id, tenant, events))
+                .filter(|(at, ..)| until.is_none_or(|until| *at < until))
+                .collect();
+        held.sort_by_key(|(at, i, ..)| (*at, *i));
+        let earliest = held.first().map(|(_, _, id, ..)| id.clone());
+        let mut queued: Vec<Queued> = Vec::new();
+        for (_, _, record, tenant, events) in held {
+            match queued.iter_mut().find(|q| q.tenant == tenant) {
+                Some(q) => {
+                    q.events.extend(events);
+                    q.records.push(record);
+                }
+                None => queued.push(Queued { tenant, events, records: vec![record] }),
+            }
+        }
+        (queued, earliest)
+    }
 }
 
 /// The most bytes of one event as queued: a `message.sent` whose message would pass it carries
@@ -306,6 +363,38 @@ mod tests {
             (rejected[0].data["reason"].as_str(), rejected[0].data["message_id"].as_str()),
             (Some("spam"), Some(message.id.as_str()))
         );
+    }
+
+    #[test]
+    fn a_batchs_events_are_queued_per_tenant_in_the_batchs_order_up_to_the_record_retried() {
+        let event = |id: &str| WebhookEvent {
+            id: id.into(),
+            kind: "member.joined".into(),
+            tenant: String::new(),
+            room: None,
+            user_id: None,
+            connection_id: None,
+            at: String::new(),
+            data: Map::new(),
+        };
+        let held = Held::default();
+        // Rooms run at once: records are held in any order.
+        held.hold("r3", "acme", vec![event("e3")]);
+        held.hold("r0", "globex", vec![event("e0")]);
+        held.hold("r1", "acme", vec![event("e1a"), event("e1b")]);
+        held.hold("r4", "acme", vec![event("e4")]);
+        let position = |id: &str| id[1..].parse().ok();
+        let ids = |q: &Queued| q.events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+        // r3 was reported for redelivery: it and what follows make their events again then.
+        let (queued, earliest) = held.take(position, Some(3));
+        assert_eq!(earliest.as_deref(), Some("r0"));
+        assert_eq!(queued.iter().map(|q| q.tenant.as_str()).collect::<Vec<_>>(), vec!["globex", "acme"]);
+        assert_eq!(ids(&queued[1]), vec!["e1a", "e1b"]);
+        assert!(held.take(position, None).0.is_empty(), "taken once");
+        held.hold("r4", "acme", vec![event("e4")]);
+        held.hold("r3", "acme", vec![event("e3")]);
+        let (queued, _) = held.take(position, None);
+        assert_eq!(ids(&queued[0]), vec!["e3", "e4"], "in the batch's order, not the processing's");
     }
 
     #[test]

@@ -11,9 +11,10 @@
 //!   while a tenant's batch waits for its retry, its group waits, and every other group (tenant)
 //!   goes on. The function posts the tenants of one invocation concurrently, each bounded by the
 //!   request timeout.
-//! * **Batching.** A record's events are one message; an invocation takes up to ten messages and
-//!   posts each tenant's consecutive messages as one request (up to [`super::local::MAX_BATCH`]
-//!   events).
+//! * **Batching.** A stream batch's events of one tenant are one message (up to
+//!   [`super::local::MAX_BATCH`] events and 200 KiB; more make more), all of a batch's tenants
+//!   queued in one `SendMessageBatch` of up to ten; the function posts each message as one
+//!   request.
 //! * **Retries with backoff.** A refused delivery's messages are reported in `batchItemFailures`;
 //!   the first one's visibility is set to the backoff for its receive count ([`backoff`]:
 //!   `ROOMCAST_WEBHOOK_RETRY_SECONDS`, doubling, up to five minutes) and the others wait behind
@@ -21,10 +22,11 @@
 //!   queue's `maxReceiveCount` receives (in `template.yaml`, ten: about 30 minutes of retries),
 //!   SQS moves them to the dead-letter queue, which an operator re-drives
 //!   (`roomcast webhooks redrive`, or the console's "Start DLQ redrive").
-//! * **No duplicates from redelivery.** A message's deduplication id is its stream record's id
-//!   and its part, so a record processed twice within five minutes queues its events once (a
-//!   redelivered transition, which makes no room event, queues nothing new); past that, receivers
-//!   deduplicate by the events' ids.
+//! * **No duplicates from redelivery.** A message's deduplication id is a digest of the stream
+//!   records that made its events, so a batch processed twice within five minutes queues its
+//!   events once; a batch retried
+//!   in part queues the records from the retried one on only (what came before was queued), and
+//!   receivers deduplicate by the events' ids whatever else happens.
 //! * **What can never succeed is not retried.** A URL the tenant set that is not a public address
 //!   (or not a URL) is logged and its events given up on at once (`webhook_dead`), not retried for
 //!   half an hour into the shared dead-letter queue.
@@ -37,19 +39,11 @@ use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMe
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
-use serde::{Deserialize, Serialize};
 
-use super::{WebhookEvent, WebhookSink};
+use super::{Queued, WebhookEvent, WebhookSink};
 use crate::deliver::stage::sqs::{BATCH_BYTES, BATCH_ENTRIES, fit};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
-
-/// One queued message: a tenant's events, of one record.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Queued {
-    pub tenant: String,
-    pub events: Vec<WebhookEvent>,
-}
 
 /// A queued message's body at most: under SQS's 256 KiB with room for the batch's other entries.
 const MESSAGE_BYTES: usize = 200 * 1024;
@@ -77,25 +71,37 @@ impl SqsWebhooks {
     }
 }
 
-/// `events` as message bodies of at most [`MESSAGE_BYTES`] (each event is at most
-/// [`super::EVENT_BYTES`]).
-fn parts(tenant: &str, events: Vec<WebhookEvent>) -> Result<Vec<String>, StoreError> {
-    let encode = |events: &[WebhookEvent]| {
-        serde_json::to_string(&Queued { tenant: tenant.into(), events: events.to_vec() })
-            .map_err(|e| StoreError::Unavailable(format!("webhook events: {e}")))
+/// A tenant's events as message bodies of at most [`MESSAGE_BYTES`] and
+/// [`super::local::MAX_BATCH`] events (each event is at most [`super::EVENT_BYTES`]), in order,
+/// each with its deduplication id: a digest of the stream records that made them and the
+/// part's number, the same whenever the same records are processed again (a redelivered batch,
+/// whose retried transitions make fewer events) within SQS's five minutes.
+fn parts(queued: &Queued) -> Result<Vec<(String, String)>, StoreError> {
+    let records = crate::deliver::stage::fnv1a(&queued.records.join("\n"));
+    let mut number = 0;
+    let mut encode = |events: &[WebhookEvent]| -> Result<(String, String), StoreError> {
+        let dedup = format!("{}:{records:016x}:{number}", queued.tenant);
+        number += 1;
+        let body = serde_json::to_string(&Queued {
+            tenant: queued.tenant.clone(),
+            events: events.to_vec(),
+            records: Vec::new(),
+        })
+        .map_err(|e| StoreError::Unavailable(format!("webhook events: {e}")))?;
+        Ok((dedup, body))
     };
     let mut out = Vec::new();
     let mut part: Vec<WebhookEvent> = Vec::new();
     let mut bytes = 0;
-    for event in events {
-        let size = serde_json::to_vec(&event).map_or(0, |b| b.len()) + 1;
-        if !part.is_empty() && bytes + size > MESSAGE_BYTES {
+    for event in &queued.events {
+        let size = serde_json::to_vec(event).map_or(0, |b| b.len()) + 1;
+        if !part.is_empty() && (bytes + size > MESSAGE_BYTES || part.len() == super::local::MAX_BATCH) {
             out.push(encode(&part)?);
             part.clear();
             bytes = 0;
         }
         bytes += size;
-        part.push(event);
+        part.push(event.clone());
     }
     if !part.is_empty() {
         out.push(encode(&part)?);
@@ -103,59 +109,59 @@ fn parts(tenant: &str, events: Vec<WebhookEvent>) -> Result<Vec<String>, StoreEr
     Ok(out)
 }
 
+impl SqsWebhooks {
+    /// One `SendMessageBatch`, whole or an error (the batch is processed again, and what SQS
+    /// took is dropped as a repeat).
+    async fn send(&self, entries: Vec<SendMessageBatchRequestEntry>) -> Result<(), StoreError> {
+        let count = entries.len();
+        let out = self
+            .client
+            .send_message_batch()
+            .queue_url(&self.queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| {
+            StoreError::Unavailable(format!("sqs send_message_batch (webhooks): {}", DisplayErrorContext(&e)))
+        })?;
+        match out.failed.first() {
+            None => Ok(()),
+            Some(failed) => Err(StoreError::Unavailable(format!(
+                "sqs send_message_batch (webhooks): {} of {count} refused, first {}: {}",
+                out.failed.len(),
+                failed.code,
+                failed.message.as_deref().unwrap_or("")
+            ))),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl WebhookSink for SqsWebhooks {
-    async fn enqueue(&self, tenant: &str, record_id: &str, events: Vec<WebhookEvent>) -> Result<(), StoreError> {
-        let bodies: Vec<(String, String)> = parts(tenant, events)?
-            .into_iter()
-            .enumerate()
-            .map(|(part, body)| (format!("{record_id}:{part}"), body))
-            .collect();
-        for batch in bodies.chunks(BATCH_ENTRIES) {
-            let entries = batch
-                .iter()
-                .enumerate()
-                .map(|(i, (dedup, body))| {
-                    SendMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .message_body(body)
-                        .message_group_id(fit(tenant))
-                        .message_deduplication_id(fit(dedup))
-                        .build()
-                        .map_err(|e| StoreError::Unavailable(format!("sqs entry: {e}")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            // A record's events are one or two small messages; bigger parts go one a request, so
-            // no request passes SQS's 256 KiB.
-            let requests: Vec<Vec<SendMessageBatchRequestEntry>> =
-                if batch.iter().map(|(_, b)| b.len()).sum::<usize>() > BATCH_BYTES {
-                    entries.into_iter().map(|e| vec![e]).collect()
-                } else {
-                    vec![entries]
-                };
-            for entries in requests {
-                let out = self
-                    .client
-                    .send_message_batch()
-                    .queue_url(&self.queue_url)
-                    .set_entries(Some(entries))
-                    .send()
-                    .await
-                    .map_err(|e| {
-                        StoreError::Unavailable(format!(
-                            "sqs send_message_batch (webhooks): {}",
-                            DisplayErrorContext(&e)
-                        ))
-                    })?;
-                if let Some(failed) = out.failed.first() {
-                    return Err(StoreError::Unavailable(format!(
-                        "sqs send_message_batch (webhooks): {} refused, first {}: {}",
-                        out.failed.len(),
-                        failed.code,
-                        failed.message.as_deref().unwrap_or("")
-                    )));
+    /// A stream batch's events: each tenant's as few messages as fit, sent ten (and at most
+    /// 256 KiB) a request, in order (SQS keeps a request's entries of one group in order).
+    async fn enqueue(&self, batch: Vec<Queued>) -> Result<(), StoreError> {
+        let mut entries: Vec<SendMessageBatchRequestEntry> = Vec::new();
+        let mut bytes = 0;
+        for queued in &batch {
+            for (dedup, body) in parts(queued)? {
+                if entries.len() == BATCH_ENTRIES || (!entries.is_empty() && bytes + body.len() > BATCH_BYTES) {
+                    self.send(std::mem::take(&mut entries)).await?;
+                    bytes = 0;
                 }
+                bytes += body.len();
+                let entry = SendMessageBatchRequestEntry::builder()
+                    .id(entries.len().to_string())
+                    .message_body(body)
+                    .message_group_id(fit(&queued.tenant))
+                    .message_deduplication_id(fit(&dedup))
+                    .build()
+                    .map_err(|e| StoreError::Unavailable(format!("sqs entry: {e}")))?;
+                entries.push(entry);
             }
+        }
+        if !entries.is_empty() {
+            self.send(entries).await?;
         }
         Ok(())
     }
@@ -377,7 +383,7 @@ mod tests {
     }
 
     #[test]
-    fn a_records_events_are_parts_under_sqs_size_with_nothing_lost() {
+    fn a_tenants_events_are_parts_under_sqs_size_in_order_each_named_by_its_events() {
         let event = |i: usize, bytes: usize| WebhookEvent {
             id: format!("ev-{i}"),
             kind: "message.sent".into(),
@@ -388,13 +394,27 @@ mod tests {
             at: "2026-12-07T00:00:00Z".into(),
             data: [("message".to_string(), serde_json::Value::String("x".repeat(bytes)))].into_iter().collect(),
         };
-        let small = parts("acme", vec![event(0, 10), event(1, 10)]).unwrap();
+        let queued = |events: Vec<WebhookEvent>| {
+            let records = events.iter().map(|e| format!("record-of-{}", e.id)).collect();
+            Queued { tenant: "acme".into(), events, records }
+        };
+        let small = parts(&queued(vec![event(0, 10), event(1, 10)])).unwrap();
         assert_eq!(small.len(), 1);
-        let big = parts("acme", (0..8).map(|i| event(i, 60 * 1024)).collect()).unwrap();
+        // The same records, the same deduplication id, even with fewer events (a redelivered
+        // transition makes no room event); other records, another.
+        let again = Queued { events: vec![event(1, 10)], ..queued(vec![event(0, 10), event(1, 10)]) };
+        assert_eq!(small[0].0, parts(&again).unwrap()[0].0);
+        assert_ne!(small[0].0, parts(&queued(vec![event(1, 10)])).unwrap()[0].0);
+        let big = parts(&queued((0..8).map(|i| event(i, 60 * 1024)).collect())).unwrap();
         assert!(big.len() >= 3, "{}", big.len());
-        assert!(big.iter().all(|body| body.len() <= MESSAGE_BYTES + 1024));
-        let queued: Vec<Queued> = big.iter().map(|b| serde_json::from_str(b).unwrap()).collect();
-        let ids: Vec<String> = queued.iter().flat_map(|q| q.events.iter().map(|e| e.id.clone())).collect();
-        assert_eq!(ids, (0..8).map(|i| format!("ev-{i}")).collect::<Vec<_>>(), "nothing lost, in order");
+        assert!(big.iter().all(|(_, body)| body.len() <= MESSAGE_BYTES + 1024));
+        let many = parts(&queued((0..250).map(|i| event(i, 10)).collect())).unwrap();
+        assert_eq!(many.len(), 3, "at most MAX_BATCH events a message");
+        for split in [big, many] {
+            let back: Vec<Queued> = split.iter().map(|(_, b)| serde_json::from_str(b).unwrap()).collect();
+            let ids: Vec<String> = back.iter().flat_map(|q| q.events.iter().map(|e| e.id.clone())).collect();
+            let n = ids.len();
+            assert_eq!(ids, (0..n).map(|i| format!("ev-{i}")).collect::<Vec<_>>(), "nothing lost, in order");
+        }
     }
 }
