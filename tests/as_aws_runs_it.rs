@@ -170,6 +170,13 @@ impl Aws {
     /// an invocation, with their receive counts; the messages it did not report are deleted, the
     /// reported ones come back after the backoff the function set. The batches' reported ids.
     async fn pump_webhooks(&mut self) -> Vec<String> {
+        let timeout = Duration::from_secs(self.lambdas["WebhookFunction"].function.timeout);
+        self.pump_webhooks_within(timeout).await
+    }
+
+    /// [`Aws::pump_webhooks`] with each invocation's deadline `timeout` away: it must answer by
+    /// then.
+    async fn pump_webhooks_within(&mut self, timeout: Duration) -> Vec<String> {
         let mut reported = Vec::new();
         loop {
             let out = self
@@ -204,7 +211,10 @@ impl Aws {
                     })
                 })
                 .collect();
-            let answer = self.invoke("WebhookFunction", json!({ "Records": records })).await;
+            let lambda = &self.lambdas["WebhookFunction"];
+            let answer = lambda.invoke_within(json!({ "Records": records }), timeout).await;
+            self.assert_allowed();
+            let answer = answer.response("WebhookFunction", lambda);
             let failed: Vec<String> = answer["batchItemFailures"]
                 .as_array()
                 .unwrap_or_else(|| panic!("the webhook function answered {answer}"))
@@ -1086,4 +1096,19 @@ async fn webhooks_are_queued_by_the_processor_and_delivered_by_their_function_un
     assert_eq!(kinds, vec!["connection.opened", "member.joined", "room.occupied"], "{globex:?}");
     let logs = aws.lambdas["WebhookFunction"].logs();
     assert!(logs.contains("webhook refused: retried"), "the refusals were not logged:\n{logs}");
+
+    // Initech's endpoint never answers, and the invocation has 3 s: initech's batch is reported
+    // before the deadline, and acme's events of the same invocation are delivered all the same.
+    aws.admin.put_tenant_settings(&hook("initech", "hang", "initech-webhook-secret")).await.unwrap();
+    aws.connect("c-ian", &token("initech", "ian"), "lobby").await;
+    aws.connect("c-cy", &token("acme", "cy"), "lobby").await;
+    aws.pump().await;
+    let reported = aws.pump_webhooks_within(Duration::from_secs(3)).await;
+    assert_eq!(reported.len(), 1, "initech's one message is reported: {reported:?}");
+    assert!(receiver.hanging.load(SeqCst) >= 1, "initech's endpoint was never reached");
+    let acme = receiver.events("ok", "acme-webhook-secret");
+    assert!(acme.iter().any(|e| e["type"] == "connection.opened" && e["user_id"] == "cy"), "{acme:?}");
+    let logs = aws.lambdas["WebhookFunction"].logs();
+    assert!(logs.contains("still delivering at the deadline"), "{logs}");
+    receiver.release();
 }

@@ -65,7 +65,9 @@ pub async fn run_webhooks() -> Result<(), Error> {
     let (deliveries, metrics, emf) = (&deliveries, &metrics, &emf);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<aws_lambda_events::sqs::SqsEvent>| async move {
         let before = metrics.snapshot();
-        let response = deliveries.handle(&event.payload).await;
+        let deadline = deadline_instant(event.context.deadline);
+        let finish_by = deadline.checked_sub(std::time::Duration::from_secs(1)).unwrap_or(deadline);
+        let response = deliveries.handle(&event.payload, Some(finish_by)).await;
         let counts = metrics.snapshot().since(&before);
         counts.emit("roomcast.webhook");
         println!("{}", counts.emf(emf, chrono::Utc::now().timestamp_millis()));

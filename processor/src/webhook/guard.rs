@@ -11,7 +11,7 @@
 //!   that resolves differently on a second lookup (DNS rebinding) gains nothing;
 //! * redirects are never followed, and no proxy from the environment is used.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,13 +30,14 @@ pub fn public(ip: IpAddr) -> bool {
             if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
                 return public_v4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
             }
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // unique local
-                || (s[0] & 0xffc0) == 0xfe80 // link-local
-                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || v6 == Ipv6Addr::from([0, 0, 0, 0, 0, 0, 0, 1]))
+            // 6to4 (2002::/16) reaches the IPv4 address in its second and third groups.
+            if s[0] == 0x2002 {
+                return public_v4(Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8));
+            }
+            // Only global unicast (2000::/3), less documentation (2001:db8::/32) and Teredo
+            // (2001::/32): everything else — loopback, IPv4-compatible, unique local,
+            // link-local, site-local, multicast, local NAT64 — is not the public internet.
+            (s[0] & 0xe000) == 0x2000 && !(s[0] == 0x2001 && (s[1] == 0x0db8 || s[1] == 0))
         }
     }
 }
@@ -136,6 +137,13 @@ mod tests {
             "http://[fd00:ec2::254]/hook",
             "http://[::ffff:169.254.169.254]/hook",
             "http://[64:ff9b::a00:1]/hook",
+            "http://[::127.0.0.1]/hook",
+            "http://[64:ff9b:1::1]/hook",
+            "http://[fec0::1]/hook",
+            "http://[100::1]/hook",
+            "http://[2002:a9fe:a9fe::1]/hook",
+            "http://[2001:0:4136:e378::1]/hook",
+            "http://[2001:db8::1]/hook",
             "http://localhost:3000/hook",
             "http://api.localhost/hook",
             "http://2130706433/hook",
@@ -143,8 +151,12 @@ mod tests {
             assert!(check_url(refused, false).is_err(), "{refused} was allowed");
             assert!(check_url(refused, true).is_ok(), "{refused} is allowed when private addresses are");
         }
-        for allowed in ["https://hooks.example.com/roomcast", "http://93.184.216.34/hook", "https://[2606:4700::1111]/"]
-        {
+        for allowed in [
+            "https://hooks.example.com/roomcast",
+            "http://93.184.216.34/hook",
+            "https://[2606:4700::1111]/",
+            "https://[64:ff9b::5db8:d822]/",
+        ] {
             assert_eq!(check_url(allowed, false), Ok(()), "{allowed}");
         }
         assert!(check_url("ftp://example.com/", true).is_err());

@@ -189,10 +189,13 @@ struct Received<'a> {
 }
 
 impl Deliveries {
-    /// Delivers an invocation's messages: each tenant's in order, the tenants at once. The
-    /// messages of a tenant whose endpoint refused are reported, with their next delivery put
-    /// off by [`backoff`]; a message that is not events is logged and dropped.
-    pub async fn handle(&self, event: &SqsEvent) -> SqsBatchResponse {
+    /// Delivers an invocation's messages: each tenant's in order, the tenants at once, all by
+    /// `finish_by` (a second before the invocation's deadline). The messages of a tenant whose
+    /// endpoint refused are reported, with their next delivery put off by [`backoff`]; so are
+    /// those of a tenant still being delivered at `finish_by` (a stalled table or queue call), so
+    /// that the invocation answers and the other tenants' deliveries stand. A message that is
+    /// not events is logged and dropped.
+    pub async fn handle(&self, event: &SqsEvent, finish_by: Option<std::time::Instant>) -> SqsBatchResponse {
         let mut tenants: Vec<(String, Vec<Received<'_>>)> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         for message in &event.records {
@@ -219,7 +222,18 @@ impl Deliveries {
         }
         let failed = futures::future::join_all(tenants.iter().map(|(tenant, received)| {
             let span = tracing::info_span!("webhook", tenant = %tenant, messages = received.len());
-            tracing::Instrument::instrument(self.deliver(tenant, received), span)
+            let delivery = tracing::Instrument::instrument(self.deliver(tenant, received), span);
+            async move {
+                let Some(at) = finish_by else { return delivery.await };
+                match tokio::time::timeout_at(at.into(), delivery).await {
+                    Ok(failed) => failed,
+                    Err(_) => {
+                        tracing::warn!(tenant = %tenant, "still delivering at the deadline: reported");
+                        Metrics::add(&self.metrics.webhook_retried, 1);
+                        received.iter().map(|r| r.message.message_id.clone().unwrap_or_default()).collect()
+                    }
+                }
+            }
         }))
         .await;
         let mut response = SqsBatchResponse::default();
