@@ -708,6 +708,12 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     // Presence state, written by the processor under its policy (a transaction of a PutItem and a
     // DeleteItem at each transition), read by the message function's `who` under its own.
     assert!(left.iter().all(|p| p["id"].as_str().is_some_and(|id| !id.is_empty())), "{left:?}");
+    // A token refresh: checked by the message function with the deployment's secret (read
+    // from SSM under its policy), the new claims written in place (UpdateItem).
+    let refreshed = aws.send("c-alice", json!({"action": "refresh", "token": token("acme", "alice")})).await;
+    assert_eq!(refreshed["action"], "refreshed", "{refreshed}");
+    let other = aws.send("c-alice", json!({"action": "refresh", "token": token("acme", "bob")})).await;
+    assert_eq!(other["code"], "unauthorized", "{other}");
     let who = aws.send("c-alice", json!({"action": "who", "room": "lobby"})).await;
     assert_eq!(who["action"], "who", "{who}");
     let users: Vec<&str> = who["users"].as_array().unwrap().iter().map(|u| u["user_id"].as_str().unwrap()).collect();
@@ -736,6 +742,7 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
         connection_ttl_seconds: 3 * 3600,
         history_ttl_seconds: 3600,
         idempotency_window_seconds: roomcast::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
+        verifier: None,
     };
     let stale = |id: &'static str, user: &'static str| {
         let (old, recorder) = (&old, &aws.recorder);

@@ -4,7 +4,7 @@
 //!
 //! | port | its contract |
 //! |---|---|
-//! | `ConnectionStore` | `a_connection_round_trips…`, `delete_is_idempotent…`, `touch_refreshes…`, `connections_by_user…` |
+//! | `ConnectionStore` | `a_connection_round_trips…`, `delete_is_idempotent…`, `touch_refreshes…`, `a_connections_claims…`, `connections_by_user…` |
 //! | `MembershipStore` | `join_and_leave…`, `join_or_touch_without_a_connection…`, `room_members_are_live…` |
 //! | `HistoryStore` | `history_is_ordered…`, `an_idempotency_key_writes_once…` |
 //! | `PresenceStore` | `presence_changes_atomically…`, `presence_redelivery_and_who_pages…` |
@@ -30,6 +30,7 @@ roomcast_tests::on_both_stores!(tables:
     join_and_leave_keep_membership_and_rooms_in_step,
     join_or_touch_without_a_connection_writes_nothing,
     touch_refreshes_the_ttl_of_the_connection_and_its_memberships,
+    a_connections_claims_are_replaced_in_place_and_only_if_it_exists,
     room_members_are_live_and_per_tenant,
     history_is_ordered_limited_and_paged,
     the_stream_carries_every_write_in_order_with_both_images,
@@ -123,6 +124,22 @@ async fn touch_refreshes_the_ttl_of_the_connection_and_its_memberships(table: Ta
     for room in ["a", "b"] {
         assert_eq!(table.store.room_members("acme", room, past_first_ttl).await.unwrap().len(), 1, "{room}");
     }
+}
+
+async fn a_connections_claims_are_replaced_in_place_and_only_if_it_exists(table: Table) {
+    let t = now();
+    let mut c = connection("c1", "acme", "ann", &["a"], t);
+    c.claims = [("exp".to_string(), "100".to_string()), ("plan".to_string(), "free".to_string())].into();
+    connect(&table, &c, t).await;
+    let new: std::collections::BTreeMap<String, String> = [("exp".to_string(), "900".to_string())].into();
+    assert!(table.store.set_claims("c1", &new).await.unwrap());
+    let read = table.store.get_connection("c1", t).await.unwrap().expect("live");
+    assert_eq!(read.claims, new, "replaced, not merged");
+    assert_eq!((read.rooms.len(), read.user_id.as_str()), (1, "ann"), "nothing else changed");
+    assert!(table.store.set_claims("c1", &Default::default()).await.unwrap());
+    assert!(table.store.get_connection("c1", t).await.unwrap().unwrap().claims.is_empty());
+    assert!(!table.store.set_claims("nobody", &new).await.unwrap(), "no record, nothing written");
+    assert!(table.store.get_connection("nobody", t).await.unwrap().is_none());
 }
 
 async fn room_members_are_live_and_per_tenant(table: Table) {

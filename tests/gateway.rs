@@ -23,6 +23,7 @@ roomcast_tests::on_both_stores!(multi_thread:
     a_room_that_keeps_its_latest_message_gives_it_to_each_joiner_first,
     webhooks_tell_a_tenants_backend_in_order_and_a_hung_endpoint_holds_up_no_other_tenant,
     undeliverable_webhooks_become_dead_letters_that_an_operator_can_redrive,
+    a_connection_refreshes_its_token_in_place_and_an_expired_one_may_only_refresh,
 );
 
 /// Polls the table until `connection_id` is no longer a member of acme's `general` room.
@@ -829,5 +830,52 @@ async fn undeliverable_webhooks_become_dead_letters_that_an_operator_can_redrive
     assert_eq!(receiver.events("ok-too", "acme-webhook-secret").len(), events.len());
     assert!(stack.webhooks.dead_letters().is_empty());
     ann.close().await;
+    stack.shutdown().await;
+}
+
+/// Token refresh (issue 26): a connection's token expires, and then the connection may only
+/// `refresh` (or `ping`) until it has a new one; `refresh` with a token of its own tenant and user
+/// replaces its claims and expiry in place, and a bad token, another tenant's or another user's
+/// is refused and changes nothing.
+async fn a_connection_refreshes_its_token_in_place_and_an_expired_one_may_only_refresh(kind: &str) {
+    let stack = ws::dev(kind, |_| {}).await;
+    let query = format!("token={}&rooms=general", ws::token_for("acme", "ann", 3));
+    let mut ann = try_connect(&stack, &query).await.expect("ann connects");
+    ann.expect_action("welcome").await;
+    let said = ann.ask(json!({"action":"sendMessage","room":"general","message":"before"}), "ack").await;
+    assert!(said["id"].is_string(), "{said}");
+    // Refused, and nothing changes: a token that does not verify, another tenant's, another user's.
+    for (token, why) in [
+        ("not-a-token".to_string(), "refused"),
+        (ws::token_for("globex", "ann", 3600), "tenant"),
+        (ws::token_for("acme", "bob", 3600), "acme/bob"),
+    ] {
+        let refused = ann.ask(json!({"action":"refresh","token":token}), "error").await;
+        assert_eq!(refused["code"], "unauthorized", "{refused}");
+        assert!(refused["message"].as_str().unwrap().contains(why), "{refused}");
+    }
+    // The connect token expires (3 s): frames are refused until a refresh (polled, not slept).
+    let mut expired = Value::Null;
+    for n in 0..100 {
+        let probe = format!("probe-{n}");
+        ann.send(json!({"action":"info","ref":probe})).await;
+        let answer = ann.expect("the probe's answer", |f| f["ref"] == probe.as_str()).await;
+        if answer["code"] == "token_expired" {
+            expired = answer;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(expired["message"].as_str().unwrap_or("").contains("refresh"), "never expired: {expired}");
+    let refused = ann.ask(json!({"action":"sendMessage","room":"general","message":"late"}), "error").await;
+    assert_eq!(refused["code"], "token_expired");
+    ann.ask(json!({"action":"ping"}), "pong").await;
+    // A refresh with the same tenant and user: in place, the same connection, nothing else asked.
+    let refreshed = ann.ask(json!({"action":"refresh","token":ws::token_for("acme", "ann", 3600)}), "refreshed").await;
+    let until = chrono::DateTime::parse_from_rfc3339(refreshed["expires_at"].as_str().unwrap()).unwrap();
+    assert!(until.timestamp() > chrono::Utc::now().timestamp() + 3000, "{refreshed}");
+    let said = ann.ask(json!({"action":"sendMessage","room":"general","message":"after"}), "ack").await;
+    assert!(said["id"].is_string(), "{said}");
+    ann.expect("its own message after the refresh", |f| f["message"] == "after").await;
     stack.shutdown().await;
 }

@@ -240,6 +240,8 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
         connection_ttl_seconds: options.connection_ttl_seconds,
         history_ttl_seconds: options.history_ttl_seconds,
         idempotency_window_seconds: crate::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
+        // `refresh` checks tokens as `$connect` does here.
+        verifier: Some(Arc::new(crate::identity::Verifier::new(options.auth.secret().to_vec(), Some(store.clone())))),
     };
     let gateway =
         Gateway::new(GatewaySettings { stage, auth: options.auth.clone(), limits: options.limits.clone() }, deps);

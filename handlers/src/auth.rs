@@ -218,6 +218,8 @@ pub fn context(claims: &Claims) -> std::collections::HashMap<String, serde_json:
         ("tenant".to_string(), serde_json::Value::String(claims.tenant.clone())),
         ("userId".to_string(), serde_json::Value::String(claims.sub.clone())),
         ("principalId".to_string(), serde_json::Value::String(claims.sub.clone())),
+        // The connection keeps it: frames after it are refused until a `refresh`.
+        ("exp".to_string(), serde_json::Value::from(claims.exp)),
     ]);
     if let Some(rooms) = &claims.rooms {
         let text = serde_json::to_string(rooms).unwrap_or_default();

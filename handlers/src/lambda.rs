@@ -27,7 +27,14 @@ pub async fn run_handler(route: Route) -> Result<(), Error> {
     let config = Config::from_env()?;
     // The handlers emit no counts: an item that does not decode is told by its log line.
     let (_, store) = store_from(&config, Arc::default()).await;
+    // The message route checks `refresh` tokens as the authorizer does (the secret read once
+    // per container; tenants' own identities from the table).
+    let verifier = match route {
+        Route::Message => Some(Arc::new(crate::identity::Verifier::new(jwt_secret().await?, Some(store.clone())))),
+        Route::Connect | Route::Disconnect => None,
+    };
     let deps = HandlerDeps {
+        verifier,
         joins: Default::default(),
         limits: crate::limits::Limiter::new(config.rate_limits),
         store,

@@ -64,9 +64,12 @@ pub fn operation_of(request: &Request) -> Option<Operation> {
         Request::Join { .. } => Some(Operation::Join),
         // A connection over its limit can always leave.
         Request::Leave { .. } => None,
-        Request::Ping | Request::Info | Request::History { .. } | Request::Recover { .. } | Request::Who { .. } => {
-            Some(Operation::Read)
-        }
+        Request::Ping
+        | Request::Info
+        | Request::History { .. }
+        | Request::Recover { .. }
+        | Request::Who { .. }
+        | Request::Refresh { .. } => Some(Operation::Read),
     }
 }
 

@@ -95,6 +95,11 @@ pub enum Request {
         limit: usize,
         after: Option<String>,
     },
+    /// A new token for this connection: its claims and expiry replace the ones it connected
+    /// with (same tenant and user only).
+    Refresh {
+        token: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +122,12 @@ pub enum ErrorCode {
     /// Over a rate limit: nothing was written; `retry_after_ms` says when to try again
     /// ([`crate::limits`]).
     RateLimited,
+    /// A `refresh` token that is not valid, or not for this connection's tenant and user:
+    /// nothing changed.
+    Unauthorized,
+    /// The connection's token has expired: only `refresh` and `ping` are answered until a
+    /// `refresh` with a new one.
+    TokenExpired,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -191,6 +202,7 @@ fn parse_fields(fields: &serde_json::Map<String, Value>) -> Result<Request, Fram
         "join" => Request::Join { room: room()? },
         "leave" => Request::Leave { room: room()? },
         "ping" => Request::Ping,
+        "refresh" => Request::Refresh { token: string_field(fields, action, "token")? },
         "info" => Request::Info,
         "signal" => {
             let data = fields.get("data").cloned().unwrap_or(Value::Null);
@@ -409,6 +421,12 @@ pub enum ServerMessage {
         retry_after_ms: Option<u64>,
     },
     Pong,
+    /// A `refresh` was taken: the connection's token now expires at `expires_at` (RFC 3339;
+    /// absent for a token without `exp`).
+    Refreshed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<String>,
+    },
     Info {
         connection_id: String,
         tenant: String,
@@ -641,6 +659,13 @@ mod tests {
             serde_json::json!({"action":"error","code":"not_member","message":"x"})
         );
         assert_eq!(ServerMessage::Pong.to_json(), r#"{"action":"pong"}"#);
+        assert_eq!(
+            parse_frame(r#"{"action":"refresh","token":"t.o.k"}"#),
+            Ok(Request::Refresh { token: "t.o.k".into() })
+        );
+        assert_eq!(parse_frame(r#"{"action":"refresh"}"#).unwrap_err().code, ErrorCode::InvalidRequest);
+        let refreshed = ServerMessage::Refreshed { expires_at: Some("2026-12-07T10:00:00.000Z".into()) };
+        assert_eq!(refreshed.to_json(), r#"{"action":"refreshed","expires_at":"2026-12-07T10:00:00.000Z"}"#);
         let msg = ServerMessage::Message(ChatMessage {
             id: "1".into(),
             room: "general".into(),

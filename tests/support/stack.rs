@@ -18,6 +18,9 @@ pub struct Stack {
     pub captured: Vec<aws_lambda_events::dynamodb::EventRecord>,
 }
 
+/// The deployment's HS256 secret in a [`Stack`]: what a `refresh` token is checked against.
+pub const STACK_SECRET: &[u8] = b"stack-test-secret";
+
 /// All attempts for one recipient, in the tests' stacks on loopback (the deployment's is 20 s).
 const TEST_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -111,6 +114,10 @@ impl Stack {
             connection_ttl_seconds: 600,
             history_ttl_seconds: 3600,
             idempotency_window_seconds: roomcast::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
+            verifier: Some(Arc::new(roomcast::identity::Verifier::new(
+                STACK_SECRET.to_vec(),
+                Some(table.store.clone()),
+            ))),
         };
         Stack { table, clock, deps, processor, recorder, failures: Vec::new(), plugins, captured: Vec::new() }
     }

@@ -85,7 +85,12 @@ pub fn take_all(client: &mut Client, want: impl Fn(&Value) -> bool) -> Vec<Value
 }
 
 pub fn token(tenant: &str, user: &str) -> String {
-    let exp = chrono::Utc::now().timestamp() + 3600;
+    token_for(tenant, user, 3600)
+}
+
+/// A token of the dev stack's secret that expires in `ttl_seconds`.
+pub fn token_for(tenant: &str, user: &str, ttl_seconds: i64) -> String {
+    let exp = chrono::Utc::now().timestamp() + ttl_seconds;
     mint(
         &Claims {
             tenant: tenant.into(),

@@ -30,7 +30,43 @@ pub(super) async fn act(
         Request::Recover { room, since } => recover(conn, deps, now, room, since).await?,
         Request::Signal { room, data } => signal(conn, deps, now, room, data).await?,
         Request::Who { room, limit, after } => who(conn, deps, room, limit, after).await?,
+        Request::Refresh { token } => refresh(conn, deps, now, &token).await?,
     })
+}
+
+/// Replaces the connection's token (its claims and expiry) with `token`, checked as the
+/// `$connect` authorizer checks one: the same tenant's key, and the same user (a refresh cannot
+/// change whose connection it is). A token that does not pass changes nothing.
+async fn refresh(
+    conn: &Connection,
+    deps: &HandlerDeps,
+    now: chrono::DateTime<chrono::Utc>,
+    token: &str,
+) -> Result<ServerMessage, Failure> {
+    let refused = |why: String| Failure::Client(FrameError::new(ErrorCode::Unauthorized, why));
+    let Some(verifier) = deps.verifier.as_ref() else {
+        return Err(refused("this deployment checks no tokens after $connect".into()));
+    };
+    let claims = verifier
+        .verify_connect(token, Some(&conn.tenant), now.timestamp())
+        .await
+        .map_err(|denied| refused(format!("the token was refused: {denied}")))?;
+    if claims.tenant != conn.tenant || claims.sub != conn.user_id {
+        return Err(refused(format!(
+            "the token is for {}/{}, this connection is {}/{}: a refresh keeps the connection's tenant and user",
+            claims.tenant, claims.sub, conn.tenant, conn.user_id
+        )));
+    }
+    let kept = super::kept_claims(&crate::auth::context(&claims)).map_err(refused)?;
+    if !deps.store.set_claims(&conn.connection_id, &kept).await? {
+        return Err(Failure::Client(FrameError::new(
+            ErrorCode::NotConnected,
+            "this connection has no record; reconnect",
+        )));
+    }
+    tracing::info!(connection_id = %conn.connection_id, exp = claims.exp, "token refreshed");
+    let expires_at = chrono::DateTime::from_timestamp(claims.exp, 0).map(|at| format_ts(&at));
+    Ok(ServerMessage::Refreshed { expires_at })
 }
 
 /// Sends a message into a room: written once (per idempotency key), acknowledged with its id.

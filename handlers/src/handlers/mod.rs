@@ -37,6 +37,9 @@ pub struct HandlerDeps {
     pub joins: JoinRules,
     /// Rate limits per connection, user and tenant ([`crate::limits`]).
     pub limits: crate::limits::Limiter,
+    /// Checks a `refresh`'s token as the `$connect` authorizer checks one (the deployment's
+    /// secret, or the tenant's own identity); `None`: `refresh` is refused.
+    pub verifier: Option<Arc<crate::identity::Verifier>>,
 }
 
 /// Per tenant, whether its plugin decides joins (the `ACTIVE` pointer's `authorizesJoins`),
@@ -123,6 +126,37 @@ fn not_in_claim(room: &str) -> String {
 /// Claims passed on to plugins: at most this many bytes, names and values together.
 const MAX_CLAIMS_BYTES: usize = 4096;
 
+/// The claims a connection keeps from its token, as the authorizer's context passes them on
+/// (`$connect`) or as a `refresh` gives them: every claim but the tenant and the user, as text.
+pub fn kept_claims(
+    context: &std::collections::HashMap<String, Value>,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut claims = std::collections::BTreeMap::new();
+    let mut size = 0;
+    for (name, value) in context {
+        if matches!(name.as_str(), "tenant" | "userId" | "principalId" | "integrationLatency") {
+            continue;
+        }
+        let value = match value {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            _ => continue,
+        };
+        size += name.len() + value.len();
+        if size > MAX_CLAIMS_BYTES {
+            return Err(format!("the token's claims are over {MAX_CLAIMS_BYTES} bytes"));
+        }
+        claims.insert(name.clone(), value);
+    }
+    Ok(claims)
+}
+
+/// Whether the token a connection holds (its `exp` claim, when it has one) has expired.
+pub fn token_expired(conn: &Connection, now: chrono::DateTime<chrono::Utc>) -> bool {
+    conn.claims.get("exp").and_then(|exp| exp.parse::<i64>().ok()).is_some_and(|exp| exp <= now.timestamp())
+}
+
 /// 401 without any authorizer context; 403 when it lacks a valid tenant or user.
 pub fn identity(request: &ApiGatewayWebsocketProxyRequest) -> Result<Identity, (i64, String)> {
     // A REQUEST authorizer's context arrives flat (`tenant`, `userId`, `principalId`); the event
@@ -150,24 +184,7 @@ pub fn identity(request: &ApiGatewayWebsocketProxyRequest) -> Result<Identity, (
             ),
         ));
     }
-    let mut claims = std::collections::BTreeMap::new();
-    let mut size = 0;
-    for (name, value) in context {
-        if matches!(name.as_str(), "tenant" | "userId" | "principalId" | "integrationLatency") {
-            continue;
-        }
-        let value = match value {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => b.to_string(),
-            _ => continue,
-        };
-        size += name.len() + value.len();
-        if size > MAX_CLAIMS_BYTES {
-            return Err((403, format!("the authorizer context's claims are over {MAX_CLAIMS_BYTES} bytes")));
-        }
-        claims.insert(name.clone(), value);
-    }
+    let claims = kept_claims(context).map_err(|e| (403, format!("the authorizer context: {e}")))?;
     Ok(Identity { tenant, user_id, claims })
 }
 
@@ -354,6 +371,10 @@ async fn answer_frame(
         }
         Err(err) => return unavailable(&err),
     };
+    if token_expired(&conn, now) && !matches!(request, Request::Refresh { .. } | Request::Ping) {
+        let message = "this connection's token has expired: send {\"action\":\"refresh\",\"token\":…} with a new one";
+        return (200, FrameError::new(ErrorCode::TokenExpired, message).into());
+    }
     if let Some(operation) = crate::limits::operation_of(&request) {
         let (tenant, user) = (conn.tenant.as_str(), conn.user_id.as_str());
         match deps.limits.check(deps.store.as_ref(), operation, tenant, user, Some(connection_id), now).await {

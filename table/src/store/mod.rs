@@ -107,6 +107,14 @@ pub trait ConnectionStore: Send + Sync {
     /// Sets `status` on a connection; `None` when there is no such connection, or when its record
     /// does not decode (logged and counted; the status is set all the same).
     async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>>;
+
+    /// Replaces a connection's token claims (a `refresh`); `false` when there is no such
+    /// connection (nothing is written).
+    async fn set_claims(
+        &self,
+        connection_id: &str,
+        claims: &std::collections::BTreeMap<String, String>,
+    ) -> Result<bool>;
 }
 
 /// The table's rooms: who has joined which room, and the room's roster version.

@@ -103,6 +103,13 @@ impl ConnectionStore for Parts {
     async fn set_status(&self, connection_id: &str, status: &str) -> Result<Option<Connection>> {
         self.connections.set_status(connection_id, status).await
     }
+    async fn set_claims(
+        &self,
+        connection_id: &str,
+        claims: &std::collections::BTreeMap<String, String>,
+    ) -> Result<bool> {
+        self.connections.set_claims(connection_id, claims).await
+    }
 }
 
 #[async_trait]

@@ -112,4 +112,30 @@ impl ConnectionStore for DynamoStore {
             Err(err) => Err(unavailable("update_item", err)),
         }
     }
+
+    async fn set_claims(
+        &self,
+        connection_id: &str,
+        claims: &std::collections::BTreeMap<String, String>,
+    ) -> Result<bool> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(connection_key(connection_id)))
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#c", "claims");
+        let update = match claims.is_empty() {
+            true => update.update_expression("REMOVE #c"),
+            false => {
+                let map = claims.iter().map(|(k, v)| (k.clone(), s(v))).collect();
+                update.update_expression("SET #c = :c").expression_attribute_values(":c", AttributeValue::M(map))
+            }
+        };
+        match update.send().await {
+            Ok(_) => Ok(true),
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
+            Err(err) => Err(unavailable("update_item", err)),
+        }
+    }
 }

@@ -87,4 +87,15 @@ impl ConnectionStore for MemoryStore {
         let set = [("status", Some(AttributeValue::S(status.to_string())))];
         Ok(self.update(&mut table, &connection_key(connection_id), &set).and_then(|item| self.decode(&item)))
     }
+
+    async fn set_claims(
+        &self,
+        connection_id: &str,
+        claims: &std::collections::BTreeMap<String, String>,
+    ) -> Result<bool> {
+        let mut table = self.lock();
+        let map = claims.iter().map(|(k, v)| (k.clone(), AttributeValue::S(v.clone()))).collect();
+        let value = (!claims.is_empty()).then_some(AttributeValue::M(map));
+        Ok(self.update(&mut table, &connection_key(connection_id), &[("claims", value)]).is_some())
+    }
 }
