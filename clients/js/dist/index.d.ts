@@ -110,6 +110,18 @@ export interface ConnectOptions {
      * never reaches what the server closes a connection for (three times its limit in a second).
      */
     maxRateLimitRetries?: number;
+    /**
+     * With a token function, the connection's token is refreshed in place this long before it
+     * expires (its `exp`): the function is called and `refresh` sent, so a connection outlives its
+     * token without reconnecting. Default 60 s. A static token cannot be refreshed: the server
+     * answers `token_expired` after its `exp` until the client reconnects with another.
+     */
+    refreshBeforeMs?: number;
+    /**
+     * The connection is replaced by a new one (a fresh token, rooms recovered with `since`, in
+     * order and once) after this long, before API Gateway closes it at two hours. Default 115 min.
+     */
+    maxConnectionMs?: number;
 }
 /** Every error this client gives. `code` is the server's (`not_member`, …) or the client's. */
 export declare class RoomcastError extends Error {
@@ -207,6 +219,10 @@ export declare class RoomcastClient {
     /** Repeats dropped so far: messages and presence events seen before (a redelivered batch, a
      * recovery's overlap). */
     get duplicatesDropped(): number;
+    /** Tokens refreshed in place so far (`refresh`), and connections replaced before the
+     * maximum connection duration. */
+    get tokensRefreshed(): number;
+    get connectionsReplaced(): number;
     /** Presence events dropped as older than one already applied for the same user (frames from
      * two shards that arrived the other way round). */
     get stalePresenceDropped(): number;

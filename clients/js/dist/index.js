@@ -117,6 +117,12 @@ export class RoomcastClient {
     #paced = [];
     #limitedInFlight = 0;
     #pacer;
+    /** The token this connection holds, as last sent (at connect or by `refresh`). */
+    #token;
+    #refreshTimer;
+    #rolloverTimer;
+    #refreshes = 0;
+    #rollovers = 0;
     constructor(options) {
         const WebSocketImpl = options.WebSocket ?? globalThis.WebSocket;
         if (!WebSocketImpl) {
@@ -135,6 +141,8 @@ export class RoomcastClient {
             dedupeWindow: options.dedupeWindow ?? 1000,
             maxFailedAttempts: options.maxFailedAttempts ?? 8,
             maxRateLimitRetries: options.maxRateLimitRetries ?? 5,
+            refreshBeforeMs: options.refreshBeforeMs ?? 60_000,
+            maxConnectionMs: options.maxConnectionMs ?? 115 * 60_000,
         };
         for (const room of this.#options.rooms) {
             this.#room(room).joined = true;
@@ -175,6 +183,14 @@ export class RoomcastClient {
      * recovery's overlap). */
     get duplicatesDropped() {
         return this.#duplicates;
+    }
+    /** Tokens refreshed in place so far (`refresh`), and connections replaced before the
+     * maximum connection duration. */
+    get tokensRefreshed() {
+        return this.#refreshes;
+    }
+    get connectionsReplaced() {
+        return this.#rollovers;
     }
     /** Presence events dropped as older than one already applied for the same user (frames from
      * two shards that arrived the other way round). */
@@ -297,6 +313,7 @@ export class RoomcastClient {
         this.#stopped = true;
         clearTimeout(this.#retryTimer);
         clearTimeout(this.#recoverTimer);
+        this.#stopTimers();
         this.#stopPing();
         const socket = this.#socket;
         this.#socket = undefined;
@@ -329,6 +346,7 @@ export class RoomcastClient {
         }
         if (this.#stopped)
             return;
+        this.#token = token;
         const query = new URLSearchParams({ token });
         const rooms = [...this.#rooms.entries()].filter(([, s]) => s.joined).map(([room]) => room);
         if (rooms.length)
@@ -374,6 +392,7 @@ export class RoomcastClient {
                 return;
             this.#socket = undefined;
             this.#stopPing();
+            this.#stopTimers();
             if (!opened && refusal) {
                 // A refused token is final: retrying would only be refused again.
                 const error = new AuthError(`the connection was refused: ${refusal}`);
@@ -434,6 +453,59 @@ export class RoomcastClient {
     #stopPing() {
         clearInterval(this.#pingTimer);
         this.#pingTimer = undefined;
+    }
+    #stopTimers() {
+        clearTimeout(this.#refreshTimer);
+        clearTimeout(this.#rolloverTimer);
+        this.#refreshTimer = undefined;
+        this.#rolloverTimer = undefined;
+    }
+    /** Refreshes the token `refreshBeforeMs` before its `exp` (with a token function only). */
+    #scheduleRefresh() {
+        clearTimeout(this.#refreshTimer);
+        const exp = this.#token ? tokenExpiry(this.#token) : undefined;
+        if (exp === undefined || typeof this.#options.token !== "function")
+            return;
+        const wait = Math.max(0, exp * 1000 - Date.now() - this.#options.refreshBeforeMs);
+        this.#refreshTimer = setTimeout(() => void this.#refresh(), wait);
+        this.#refreshTimer.unref?.();
+    }
+    /** A new token from the token function, sent with `refresh`; a refusal is an `error` event. */
+    async #refresh() {
+        const source = this.#options.token;
+        if (typeof source !== "function" || this.#state !== "open")
+            return;
+        let token;
+        try {
+            token = await source();
+        }
+        catch (error) {
+            this.#emit("error", new RoomcastError("token", `the token function failed: ${describe(error)}`));
+            return;
+        }
+        try {
+            await this.#request({ action: "refresh", token });
+            this.#token = token;
+            this.#refreshes++;
+            this.#scheduleRefresh();
+        }
+        catch (error) {
+            this.#emit("error", error);
+        }
+    }
+    /** Replaces the connection before API Gateway's two-hour limit: closed here, reopened at once
+     * with a fresh token, its rooms recovered with `since`. */
+    #scheduleRollover() {
+        clearTimeout(this.#rolloverTimer);
+        this.#rolloverTimer = setTimeout(() => {
+            const socket = this.#socket;
+            if (!socket || this.#stopped)
+                return;
+            this.#rollovers++;
+            this.#attempt = 0;
+            socket.close(4001, "replaced before the maximum connection duration");
+        }, this.#options.maxConnectionMs);
+        this.#rolloverTimer.unref?.();
     }
     // --- requests -----------------------------------------------------------------------------
     #request(frame, queueable = false) {
@@ -615,6 +687,9 @@ export class RoomcastClient {
                 }
             }
             else if (frame.action === "error") {
+                // The token ran out before a refresh could replace it: refresh now.
+                if (frame.code === "token_expired")
+                    void this.#refresh();
                 pending.reject(new RoomcastError(String(frame.code), String(frame.message)));
             }
             else if (frame.action === "join_denied") {
@@ -671,6 +746,8 @@ export class RoomcastClient {
         this.#setState("open");
         this.#emit("welcome", frame);
         this.#startPing();
+        this.#scheduleRefresh();
+        this.#scheduleRollover();
         // Rosters start from the server's view of each room the welcome names.
         for (const room of frame.rooms ?? []) {
             this.who(room).catch((error) => this.#emit("error", error));
@@ -877,6 +954,21 @@ function randomKey() {
     if (crypto?.randomUUID)
         return crypto.randomUUID();
     return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}-${Math.random().toString(36).slice(2)}`;
+}
+/** A JWT's `exp` (epoch seconds), read without checking it (the server checks); undefined for
+ * anything else. */
+function tokenExpiry(token) {
+    const payload = token.split(".")[1];
+    if (!payload)
+        return undefined;
+    try {
+        const base64 = payload.replace(/-/g, "+").replace(/_/g, "/").padEnd(Math.ceil(payload.length / 4) * 4, "=");
+        const json = JSON.parse(globalThis.atob(base64));
+        return typeof json.exp === "number" ? json.exp : undefined;
+    }
+    catch {
+        return undefined;
+    }
 }
 function describe(error) {
     if (error instanceof Error)

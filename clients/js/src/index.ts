@@ -113,6 +113,18 @@ export interface ConnectOptions {
    * never reaches what the server closes a connection for (three times its limit in a second).
    */
   maxRateLimitRetries?: number;
+  /**
+   * With a token function, the connection's token is refreshed in place this long before it
+   * expires (its `exp`): the function is called and `refresh` sent, so a connection outlives its
+   * token without reconnecting. Default 60 s. A static token cannot be refreshed: the server
+   * answers `token_expired` after its `exp` until the client reconnects with another.
+   */
+  refreshBeforeMs?: number;
+  /**
+   * The connection is replaced by a new one (a fresh token, rooms recovered with `since`, in
+   * order and once) after this long, before API Gateway closes it at two hours. Default 115 min.
+   */
+  maxConnectionMs?: number;
 }
 
 /** Every error this client gives. `code` is the server's (`not_member`, …) or the client's. */
@@ -306,6 +318,12 @@ export class RoomcastClient {
   #paced: Paced[] = [];
   #limitedInFlight = 0;
   #pacer?: ReturnType<typeof setTimeout>;
+  /** The token this connection holds, as last sent (at connect or by `refresh`). */
+  #token?: string;
+  #refreshTimer?: ReturnType<typeof setTimeout>;
+  #rolloverTimer?: ReturnType<typeof setTimeout>;
+  #refreshes = 0;
+  #rollovers = 0;
 
   constructor(options: ConnectOptions) {
     const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
@@ -328,6 +346,8 @@ export class RoomcastClient {
       dedupeWindow: options.dedupeWindow ?? 1000,
       maxFailedAttempts: options.maxFailedAttempts ?? 8,
       maxRateLimitRetries: options.maxRateLimitRetries ?? 5,
+      refreshBeforeMs: options.refreshBeforeMs ?? 60_000,
+      maxConnectionMs: options.maxConnectionMs ?? 115 * 60_000,
     };
     for (const room of this.#options.rooms) {
       this.#room(room).joined = true;
@@ -372,6 +392,16 @@ export class RoomcastClient {
    * recovery's overlap). */
   get duplicatesDropped(): number {
     return this.#duplicates;
+  }
+
+  /** Tokens refreshed in place so far (`refresh`), and connections replaced before the
+   * maximum connection duration. */
+  get tokensRefreshed(): number {
+    return this.#refreshes;
+  }
+
+  get connectionsReplaced(): number {
+    return this.#rollovers;
   }
 
   /** Presence events dropped as older than one already applied for the same user (frames from
@@ -496,6 +526,7 @@ export class RoomcastClient {
     this.#stopped = true;
     clearTimeout(this.#retryTimer);
     clearTimeout(this.#recoverTimer);
+    this.#stopTimers();
     this.#stopPing();
     const socket = this.#socket;
     this.#socket = undefined;
@@ -527,6 +558,7 @@ export class RoomcastClient {
       return;
     }
     if (this.#stopped) return;
+    this.#token = token;
     const query = new URLSearchParams({ token });
     const rooms = [...this.#rooms.entries()].filter(([, s]) => s.joined).map(([room]) => room);
     if (rooms.length) query.set("rooms", rooms.join(","));
@@ -566,6 +598,7 @@ export class RoomcastClient {
       if (this.#socket !== socket) return;
       this.#socket = undefined;
       this.#stopPing();
+      this.#stopTimers();
       if (!opened && refusal) {
         // A refused token is final: retrying would only be refused again.
         const error = new AuthError(`the connection was refused: ${refusal}`);
@@ -627,6 +660,58 @@ export class RoomcastClient {
   #stopPing(): void {
     clearInterval(this.#pingTimer);
     this.#pingTimer = undefined;
+  }
+
+  #stopTimers(): void {
+    clearTimeout(this.#refreshTimer);
+    clearTimeout(this.#rolloverTimer);
+    this.#refreshTimer = undefined;
+    this.#rolloverTimer = undefined;
+  }
+
+  /** Refreshes the token `refreshBeforeMs` before its `exp` (with a token function only). */
+  #scheduleRefresh(): void {
+    clearTimeout(this.#refreshTimer);
+    const exp = this.#token ? tokenExpiry(this.#token) : undefined;
+    if (exp === undefined || typeof this.#options.token !== "function") return;
+    const wait = Math.max(0, exp * 1000 - Date.now() - this.#options.refreshBeforeMs);
+    this.#refreshTimer = setTimeout(() => void this.#refresh(), wait);
+    (this.#refreshTimer as { unref?: () => void }).unref?.();
+  }
+
+  /** A new token from the token function, sent with `refresh`; a refusal is an `error` event. */
+  async #refresh(): Promise<void> {
+    const source = this.#options.token;
+    if (typeof source !== "function" || this.#state !== "open") return;
+    let token: string;
+    try {
+      token = await source();
+    } catch (error) {
+      this.#emit("error", new RoomcastError("token", `the token function failed: ${describe(error)}`));
+      return;
+    }
+    try {
+      await this.#request({ action: "refresh", token });
+      this.#token = token;
+      this.#refreshes++;
+      this.#scheduleRefresh();
+    } catch (error) {
+      this.#emit("error", error as RoomcastError);
+    }
+  }
+
+  /** Replaces the connection before API Gateway's two-hour limit: closed here, reopened at once
+   * with a fresh token, its rooms recovered with `since`. */
+  #scheduleRollover(): void {
+    clearTimeout(this.#rolloverTimer);
+    this.#rolloverTimer = setTimeout(() => {
+      const socket = this.#socket;
+      if (!socket || this.#stopped) return;
+      this.#rollovers++;
+      this.#attempt = 0;
+      socket.close(4001, "replaced before the maximum connection duration");
+    }, this.#options.maxConnectionMs);
+    (this.#rolloverTimer as { unref?: () => void }).unref?.();
   }
 
   // --- requests -----------------------------------------------------------------------------
@@ -814,6 +899,8 @@ export class RoomcastClient {
           this.#transmit(pending.frame, pending.resolve, pending.reject, pending.limited + 1);
         }
       } else if (frame.action === "error") {
+        // The token ran out before a refresh could replace it: refresh now.
+        if (frame.code === "token_expired") void this.#refresh();
         pending.reject(new RoomcastError(String(frame.code), String(frame.message)));
       } else if (frame.action === "join_denied") {
         const denied = new JoinDeniedError(String(frame.room), String(frame.reason));
@@ -867,6 +954,8 @@ export class RoomcastClient {
     this.#setState("open");
     this.#emit("welcome", frame as unknown as Welcome);
     this.#startPing();
+    this.#scheduleRefresh();
+    this.#scheduleRollover();
     // Rosters start from the server's view of each room the welcome names.
     for (const room of (frame.rooms as string[]) ?? []) {
       this.who(room).catch((error) => this.#emit("error", error));
@@ -1067,6 +1156,20 @@ function randomKey(): string {
   const crypto = (globalThis as { crypto?: { randomUUID?: () => string } }).crypto;
   if (crypto?.randomUUID) return crypto.randomUUID();
   return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}-${Math.random().toString(36).slice(2)}`;
+}
+
+/** A JWT's `exp` (epoch seconds), read without checking it (the server checks); undefined for
+ * anything else. */
+function tokenExpiry(token: string): number | undefined {
+  const payload = token.split(".")[1];
+  if (!payload) return undefined;
+  try {
+    const base64 = payload.replace(/-/g, "+").replace(/_/g, "/").padEnd(Math.ceil(payload.length / 4) * 4, "=");
+    const json = JSON.parse(globalThis.atob(base64)) as { exp?: unknown };
+    return typeof json.exp === "number" ? json.exp : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 function describe(error: unknown): string {

@@ -21,25 +21,33 @@ let dev;
 let base;
 let wsUrl;
 
-before(async () => {
+/** Starts `roomcast dev` on a free port with `args`: the process and its URLs. */
+async function startDev(args = []) {
   // The embedded store: no DynamoDB endpoint from the environment.
   const env = { ...process.env, RUST_LOG: "warn" };
   delete env.DYNAMODB_ENDPOINT_URL;
   delete env.ROOMCAST_JWT_SECRET; // the tokens below are signed with the dev default
-  dev = spawn(binary, ["dev", "--port", "0"], {
+  const proc = spawn(binary, ["dev", "--port", "0", ...args], {
     env,
     stdio: ["ignore", "pipe", "inherit"],
   });
-  const lines = createInterface({ input: dev.stdout });
+  const lines = createInterface({ input: proc.stdout });
+  const found = {};
   await new Promise((resolve, reject) => {
-    dev.once("exit", (code) => reject(new Error(`roomcast dev exited (${code})`)));
+    proc.once("exit", (code) => reject(new Error(`roomcast dev exited (${code})`)));
     lines.on("line", (line) => {
       const words = line.trim().split(/\s+/);
-      if (words[0] === "websocket") wsUrl = words[1].split("?")[0];
-      if (words[0] === "@connections") base = words[1].split("/local")[0];
-      if (wsUrl && base) resolve();
+      if (words[0] === "websocket") found.wsUrl = words[1].split("?")[0];
+      if (words[0] === "@connections") found.base = words[1].split("/local")[0];
+      if (found.wsUrl && found.base) resolve();
     });
   });
+  return { proc, ...found };
+}
+
+before(async () => {
+  const started = await startDev();
+  ({ proc: dev, wsUrl, base } = started);
 });
 
 after(() => dev?.kill());
@@ -409,4 +417,69 @@ test("rate_limited past maxRateLimitRetries rejects with RateLimitedError (a scr
   await assert.rejects(sending, (e) => e instanceof RateLimitedError && e.retryAfterMs === 20);
   assert.equal(c.rateLimited, 2);
   c.close();
+});
+
+test("a token about to expire is refreshed in place: sends go on, on the same connection", async () => {
+  const room = `refresh-${Date.now()}`;
+  // Tokens that live 4 s, refreshed 2.5 s before they expire: about every 1.5 s.
+  const ann = client("acme", "ann", [room], {
+    token: () => token("acme", "ann", { exp: Math.floor(Date.now() / 1000) + 4 }),
+    refreshBeforeMs: 2500,
+  });
+  const errors = [];
+  ann.on("error", (e) => errors.push(e.code));
+  await ann.ready();
+  const first = ann.connectionId;
+  const got = [];
+  ann.on("message", (m) => got.push(m.message));
+  // Past two of the tokens' lifetimes: every send is accepted (no token_expired).
+  const sent = [];
+  const end = Date.now() + 9000;
+  for (let i = 0; Date.now() < end; i++) {
+    await ann.send(room, `s${i}`);
+    sent.push(`s${i}`);
+    await new Promise((r) => setTimeout(r, 300));
+  }
+  await until("every message", () => got.length >= sent.length);
+  assert.deepEqual(got, sent);
+  assert.ok(ann.tokensRefreshed >= 3, `refreshed ${ann.tokensRefreshed} times`);
+  assert.equal(ann.connectionId, first, "refreshed in place, never reconnected");
+  assert.deepEqual(errors, []);
+  ann.close();
+});
+
+test("a connection is replaced before the maximum connection duration, recovering with since: nothing lost or twice", async () => {
+  // A second dev stack whose connections last 3 s (API Gateway's is two hours).
+  const short = await startDev(["--max-connection", "3"]);
+  try {
+    const room = `rollover-${Date.now()}`;
+    const options = { url: short.wsUrl, WebSocket, initialBackoffMs: 50, maxBackoffMs: 100 };
+    const ann = connect({ ...options, token: () => token("acme", "ann"), rooms: [room], maxConnectionMs: 1500 });
+    const bob = connect({ ...options, token: () => token("acme", "bob"), rooms: [room] });
+    const got = [];
+    ann.on("message", (m) => got.push(m.message));
+    await Promise.all([ann.ready(), bob.ready()]);
+    const ids = new Set([ann.connectionId]);
+    ann.on("welcome", (w) => ids.add(w.connection_id));
+    const sent = [];
+    const end = Date.now() + 5000;
+    for (let i = 0; Date.now() < end; i++) {
+      // Bob's own connection is closed at 3 s: his sends wait for his reconnect (and a send
+      // in flight then is sent again under its idempotency key: written once).
+      await bob.send(room, `b${i}`);
+      sent.push(`b${i}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await until("ann's replacements", () => ann.connectionsReplaced >= 2);
+    await bob.ready();
+    await bob.send(room, "marker");
+    await until("the marker", () => got.includes("marker"));
+    // Every message Bob's sends were acknowledged for, in order, once, across ann's connections.
+    assert.deepEqual(got, [...sent, "marker"]);
+    assert.ok(ids.size >= 3, `ann's connections: ${[...ids].join(",")}`);
+    ann.close();
+    bob.close();
+  } finally {
+    short.proc.kill();
+  }
 });
