@@ -48,7 +48,8 @@ async fn the_authorizer_allows_a_valid_token_with_a_flat_context() {
     let event = authorizer_event(json!({"token": token("acme", "ann", NOW + 60, SECRET)}));
     let policy = authorize(&event, &shared(), NOW).await.unwrap();
     assert_eq!(policy["principalId"], "ann");
-    assert_eq!(policy["context"], json!({"tenant": "acme", "userId": "ann"}));
+    // The token's expiry too: the connection keeps it, and asks for a `refresh` after it.
+    assert_eq!(policy["context"], json!({"tenant": "acme", "userId": "ann", "exp": NOW + 60}));
     let statement = &policy["policyDocument"]["Statement"][0];
     assert_eq!(statement["Effect"], "Allow");
     assert_eq!(statement["Action"], "execute-api:Invoke");

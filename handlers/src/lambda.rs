@@ -29,8 +29,16 @@ pub async fn run_handler(route: Route) -> Result<(), Error> {
     let (_, store) = store_from(&config, Arc::default()).await;
     // The message route checks `refresh` tokens as the authorizer does (the secret read once
     // per container; tenants' own identities from the table).
+    // Without it (no secret configured, or SSM unavailable at this cold start) the route works
+    // and `refresh` is refused, logged.
     let verifier = match route {
-        Route::Message => Some(Arc::new(crate::identity::Verifier::new(jwt_secret().await?, Some(store.clone())))),
+        Route::Message => match jwt_secret().await {
+            Ok(secret) => Some(Arc::new(crate::identity::Verifier::new(secret, Some(store.clone())))),
+            Err(e) => {
+                tracing::error!(error = %e, "no JWT secret: this container refuses `refresh`");
+                None
+            }
+        },
         Route::Connect | Route::Disconnect => None,
     };
     let deps = HandlerDeps {

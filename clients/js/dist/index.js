@@ -123,6 +123,8 @@ export class RoomcastClient {
     #rolloverTimer;
     #refreshes = 0;
     #rollovers = 0;
+    /** The refresh under way, if any: one at a time. */
+    #refreshing;
     constructor(options) {
         const WebSocketImpl = options.WebSocket ?? globalThis.WebSocket;
         if (!WebSocketImpl) {
@@ -460,18 +462,26 @@ export class RoomcastClient {
         this.#refreshTimer = undefined;
         this.#rolloverTimer = undefined;
     }
-    /** Refreshes the token `refreshBeforeMs` before its `exp` (with a token function only). */
+    /** Refreshes the token `refreshBeforeMs` before its `exp` (with a token function only), at
+     * least `MIN_REFRESH_MS` from now; not at all when the connection is replaced first. */
     #scheduleRefresh() {
         clearTimeout(this.#refreshTimer);
         const exp = this.#token ? tokenExpiry(this.#token) : undefined;
         if (exp === undefined || typeof this.#options.token !== "function")
             return;
-        const wait = Math.max(0, exp * 1000 - Date.now() - this.#options.refreshBeforeMs);
+        const wait = Math.max(MIN_REFRESH_MS, exp * 1000 - Date.now() - this.#options.refreshBeforeMs);
+        if (wait >= this.#options.maxConnectionMs)
+            return;
         this.#refreshTimer = setTimeout(() => void this.#refresh(), wait);
         this.#refreshTimer.unref?.();
     }
-    /** A new token from the token function, sent with `refresh`; a refusal is an `error` event. */
-    async #refresh() {
+    /** A new token from the token function, sent with `refresh`; a refusal is an `error` event.
+     * One at a time: a second call while one is under way joins it. */
+    #refresh() {
+        this.#refreshing ??= this.#refreshOnce().finally(() => (this.#refreshing = undefined));
+        return this.#refreshing;
+    }
+    async #refreshOnce() {
         const source = this.#options.token;
         if (typeof source !== "function" || this.#state !== "open")
             return;
@@ -487,24 +497,31 @@ export class RoomcastClient {
             await this.#request({ action: "refresh", token });
             this.#token = token;
             this.#refreshes++;
-            this.#scheduleRefresh();
         }
         catch (error) {
             this.#emit("error", error);
         }
+        // Again before the new token expires (a token no later than the last: after the minimum).
+        this.#scheduleRefresh();
     }
     /** Replaces the connection before API Gateway's two-hour limit: closed here, reopened at once
      * with a fresh token, its rooms recovered with `since`. */
     #scheduleRollover() {
         clearTimeout(this.#rolloverTimer);
-        this.#rolloverTimer = setTimeout(() => {
+        const replace = (waited) => {
             const socket = this.#socket;
             if (!socket || this.#stopped)
                 return;
+            // Requests in flight finish first (up to a few seconds; sends would be sent again anyway).
+            if (this.#pending.size > 0 && waited < ROLLOVER_WAIT_MS) {
+                this.#rolloverTimer = setTimeout(() => replace(waited + 100), 100);
+                return;
+            }
             this.#rollovers++;
             this.#attempt = 0;
             socket.close(4001, "replaced before the maximum connection duration");
-        }, this.#options.maxConnectionMs);
+        };
+        this.#rolloverTimer = setTimeout(() => replace(0), Math.min(this.#options.maxConnectionMs, MAX_TIMER_MS));
         this.#rolloverTimer.unref?.();
     }
     // --- requests -----------------------------------------------------------------------------
@@ -955,6 +972,13 @@ function randomKey() {
         return crypto.randomUUID();
     return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}-${Math.random().toString(36).slice(2)}`;
 }
+/** The soonest a token is refreshed again after a refresh (a token function that gives one that
+ * is about to expire must not make the client refresh back to back). */
+const MIN_REFRESH_MS = 1_000;
+/** How long a connection's replacement waits for the requests in flight. */
+const ROLLOVER_WAIT_MS = 5_000;
+/** `setTimeout`'s longest wait (about 24.8 days); a longer one fires at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 /** A JWT's `exp` (epoch seconds), read without checking it (the server checks); undefined for
  * anything else. */
 function tokenExpiry(token) {

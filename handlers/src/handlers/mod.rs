@@ -371,10 +371,6 @@ async fn answer_frame(
         }
         Err(err) => return unavailable(&err),
     };
-    if token_expired(&conn, now) && !matches!(request, Request::Refresh { .. } | Request::Ping) {
-        let message = "this connection's token has expired: send {\"action\":\"refresh\",\"token\":…} with a new one";
-        return (200, FrameError::new(ErrorCode::TokenExpired, message).into());
-    }
     if let Some(operation) = crate::limits::operation_of(&request) {
         let (tenant, user) = (conn.tenant.as_str(), conn.user_id.as_str());
         match deps.limits.check(deps.store.as_ref(), operation, tenant, user, Some(connection_id), now).await {
@@ -382,6 +378,11 @@ async fn answer_frame(
             Ok(Some(limited)) => return (200, refuse(&limited, &conn, deps).await.into()),
             Err(err) => return unavailable(&err),
         }
+    }
+    // After the limits: a connection past its token's expiry is held to them all the same.
+    if token_expired(&conn, now) && !matches!(request, Request::Refresh { .. } | Request::Ping) {
+        let message = "this connection's token has expired: send {\"action\":\"refresh\",\"token\":…} with a new one";
+        return (200, FrameError::new(ErrorCode::TokenExpired, message).into());
     }
     match act(request, &conn, deps, now).await {
         Ok(message) => (200, message),

@@ -21,6 +21,10 @@ use crate::stream::{Change, item_kind};
 /// reported (the SQS client retries each of them too).
 const QUEUE_ATTEMPTS: u32 = 4;
 
+/// With webhooks, the records' work ends this long before the batch must, so that queueing
+/// their events has time of its own.
+const QUEUE_RESERVE: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Processor {
     /// One batch, as the Lambda receives it (`Records` of the event, raw), with no deadline.
     pub async fn process_batch(&self, raw: &[serde_json::Value]) -> BatchOutcome {
@@ -47,8 +51,14 @@ impl Processor {
             true => Lookups::with_presence_runs(presence_runs_of(&decoded)),
             false => Lookups::default(),
         };
-        let window = finish_by.map_or_else(Window::unbounded, Window::until);
-        let start_by = finish_by.map(|at| at.checked_sub(START_RESERVE).unwrap_or(at));
+        // The records' own deadline: the batch's, less the time queueing their webhook events
+        // keeps for itself.
+        let work_by = match self.webhooks.is_some() {
+            true => finish_by.map(|at| at.checked_sub(QUEUE_RESERVE).unwrap_or(at)),
+            false => finish_by,
+        };
+        let window = work_by.map_or_else(Window::unbounded, Window::until);
+        let start_by = work_by.map(|at| at.checked_sub(START_RESERVE).unwrap_or(at));
         // Where each record is, for the webhook events held while the batch ran.
         let positions: std::collections::HashMap<String, (usize, String)> = decoded
             .iter()
@@ -60,7 +70,7 @@ impl Processor {
             let (lookups, window) = (&lookups, &window);
             async move {
                 let record = self.process_in_batch(&record, lookups, window);
-                match finish_by {
+                match work_by {
                     // Reads, compiles and writes are bounded too: a record still running at
                     // the end of the window is left for redelivery (every step is idempotent).
                     Some(at) => match tokio::time::timeout_at(at.into(), record).await {
@@ -85,11 +95,11 @@ impl Processor {
         outcome
     }
 
-    /// Queues the webhook events the batch's records made, from the records before the one
-    /// reported for redelivery (the rest make theirs again then), within the batch's window. When
-    /// they cannot be queued, the batch is reported from the earliest record that made some: its
-    /// retry makes them again (a digest of the same events names the same message, so what was
-    /// queued is not queued twice).
+    /// Queues the webhook events the batch's records made — every record that was done, those
+    /// after one reported for redelivery too ([`crate::webhook::Held::take`]) — by the batch's
+    /// deadline, in the time the records left it ([`QUEUE_RESERVE`]). When they cannot be
+    /// queued, the batch is reported from the earliest record that made some, and its retry
+    /// makes them again (without the room events of transitions already applied).
     async fn queue_held_webhooks(
         &self,
         lookups: &Lookups,
@@ -97,8 +107,7 @@ impl Processor {
         outcome: &mut BatchOutcome,
         finish_by: Option<Instant>,
     ) {
-        let until = outcome.failure.as_ref().map(|(at, _)| *at);
-        let (queued, earliest) = lookups.webhooks().take(|id| positions.get(id).map(|(at, _)| *at), until);
+        let (queued, earliest) = lookups.webhooks().take(|id| positions.get(id).map(|(at, _)| *at));
         if queued.is_empty() {
             return;
         }

@@ -336,7 +336,7 @@ impl Processor {
         let lookups = Lookups::default();
         let report = self.process_in_batch(record, &lookups, &window).await;
         Metrics::add(&self.metrics.young_dropped, window.settle().await as u64);
-        let (queued, _) = lookups.webhooks().take(|_| None, None);
+        let (queued, _) = lookups.webhooks().take(|_| None);
         self.queue_webhooks(queued).await?;
         report
     }

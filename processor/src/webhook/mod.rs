@@ -77,10 +77,10 @@ pub const DEFAULT_EVENT_TYPES: [&str; 6] =
 pub struct Queued {
     pub tenant: String,
     pub events: Vec<WebhookEvent>,
-    /// The stream records that made them (not sent): what names a queued message, so that the
-    /// same records queue one message however often they are processed.
+    /// The stream records that made them, in order, with how many of the events each made (not
+    /// sent): a queued message holds whole records' events and is named by them.
     #[serde(skip)]
-    pub records: Vec<String>,
+    pub records: Vec<(String, usize)>,
 }
 
 /// Where a batch's events go: delivered later, never in the records' way.
@@ -103,33 +103,30 @@ impl Held {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).push((record_id.into(), tenant.into(), events));
     }
 
-    /// Takes what is held of the records before position `until` (all, without it), by their
-    /// positions in the batch (`position` of a record id; one it does not know comes last): a
-    /// [`Queued`] per tenant, in the order of each tenant's first event, and the earliest of
-    /// those records. The records from `until` on are left out: they will be processed again
-    /// and make their events again.
-    pub fn take(
-        &self,
-        position: impl Fn(&str) -> Option<usize>,
-        until: Option<usize>,
-    ) -> (Vec<Queued>, Option<String>) {
+    /// Takes what is held, by the records' positions in the batch (`position` of a record id;
+    /// one it does not know comes last): a [`Queued`] per tenant, in the order of each tenant's
+    /// first event, and the earliest of those records. Every record that made events is here,
+    /// those after a record reported for redelivery too: their effects are done, and a retry
+    /// would make their members' events again but not their rooms' (receivers drop the repeats
+    /// by id).
+    pub fn take(&self, position: impl Fn(&str) -> Option<usize>) -> (Vec<Queued>, Option<String>) {
         let mut held: Vec<(usize, usize, String, String, Vec<WebhookEvent>)> =
             std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .enumerate()
                 .map(|(i, (id, tenant, events))| (position(&id).unwrap_or(usize::MAX), i, id, tenant, events))
-                .filter(|(at, ..)| until.is_none_or(|until| *at < until))
                 .collect();
         held.sort_by_key(|(at, i, ..)| (*at, *i));
         let earliest = held.first().map(|(_, _, id, ..)| id.clone());
         let mut queued: Vec<Queued> = Vec::new();
         for (_, _, record, tenant, events) in held {
+            let made = (record, events.len());
             match queued.iter_mut().find(|q| q.tenant == tenant) {
                 Some(q) => {
                     q.events.extend(events);
-                    q.records.push(record);
+                    q.records.push(made);
                 }
-                None => queued.push(Queued { tenant, events, records: vec![record] }),
+                None => queued.push(Queued { tenant, events, records: vec![made] }),
             }
         }
         (queued, earliest)
@@ -366,7 +363,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batchs_events_are_queued_per_tenant_in_the_batchs_order_up_to_the_record_retried() {
+    fn a_batchs_events_are_queued_per_tenant_in_the_batchs_order() {
         let event = |id: &str| WebhookEvent {
             id: id.into(),
             kind: "member.joined".into(),
@@ -385,16 +382,13 @@ mod tests {
         held.hold("r4", "acme", vec![event("e4")]);
         let position = |id: &str| id[1..].parse().ok();
         let ids = |q: &Queued| q.events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
-        // r3 was reported for redelivery: it and what follows make their events again then.
-        let (queued, earliest) = held.take(position, Some(3));
+        let (queued, earliest) = held.take(position);
         assert_eq!(earliest.as_deref(), Some("r0"));
         assert_eq!(queued.iter().map(|q| q.tenant.as_str()).collect::<Vec<_>>(), vec!["globex", "acme"]);
-        assert_eq!(ids(&queued[1]), vec!["e1a", "e1b"]);
-        assert!(held.take(position, None).0.is_empty(), "taken once");
-        held.hold("r4", "acme", vec![event("e4")]);
-        held.hold("r3", "acme", vec![event("e3")]);
-        let (queued, _) = held.take(position, None);
-        assert_eq!(ids(&queued[0]), vec!["e3", "e4"], "in the batch's order, not the processing's");
+        assert_eq!(ids(&queued[1]), vec!["e1a", "e1b", "e3", "e4"], "in the batch's order, not the processing's");
+        let records: Vec<(&str, usize)> = queued[1].records.iter().map(|(r, n)| (r.as_str(), *n)).collect();
+        assert_eq!(records, vec![("r1", 2), ("r3", 1), ("r4", 1)]);
+        assert!(held.take(position).0.is_empty(), "taken once");
     }
 
     #[test]

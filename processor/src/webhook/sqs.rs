@@ -73,15 +73,14 @@ impl SqsWebhooks {
 
 /// A tenant's events as message bodies of at most [`MESSAGE_BYTES`] and
 /// [`super::local::MAX_BATCH`] events (each event is at most [`super::EVENT_BYTES`]), in order,
-/// each with its deduplication id: a digest of the stream records that made them and the
-/// part's number, the same whenever the same records are processed again (a redelivered batch,
-/// whose retried transitions make fewer events) within SQS's five minutes.
+/// cut only between records (a record's few events stay together), each with its deduplication
+/// id: a digest of the stream records whose events it holds. The same records processed again
+/// within SQS's five minutes (a redelivered batch) name the same message and queue nothing
+/// twice; a part that holds other records (fewer events moved the cut) has another name, so an
+/// event may be queued twice — receivers drop it by id — but never dropped as a repeat.
 fn parts(queued: &Queued) -> Result<Vec<(String, String)>, StoreError> {
-    let records = crate::deliver::stage::fnv1a(&queued.records.join("\n"));
-    let mut number = 0;
-    let mut encode = |events: &[WebhookEvent]| -> Result<(String, String), StoreError> {
-        let dedup = format!("{}:{records:016x}:{number}", queued.tenant);
-        number += 1;
+    let encode = |records: &[&str], events: &[WebhookEvent]| -> Result<(String, String), StoreError> {
+        let dedup = format!("{}:{:016x}", queued.tenant, crate::deliver::stage::fnv1a(&records.join("\n")));
         let body = serde_json::to_string(&Queued {
             tenant: queued.tenant.clone(),
             events: events.to_vec(),
@@ -90,21 +89,32 @@ fn parts(queued: &Queued) -> Result<Vec<(String, String)>, StoreError> {
         .map_err(|e| StoreError::Unavailable(format!("webhook events: {e}")))?;
         Ok((dedup, body))
     };
+    // The events by record; events no record names (a re-drive's) are one record of their own.
+    let named: usize = queued.records.iter().map(|(_, n)| n).sum();
+    let mut records: Vec<(&str, usize)> = queued.records.iter().map(|(r, n)| (r.as_str(), *n)).collect();
+    if named < queued.events.len() {
+        records.push(("", queued.events.len() - named));
+    }
     let mut out = Vec::new();
-    let mut part: Vec<WebhookEvent> = Vec::new();
-    let mut bytes = 0;
-    for event in &queued.events {
-        let size = serde_json::to_vec(event).map_or(0, |b| b.len()) + 1;
-        if !part.is_empty() && (bytes + size > MESSAGE_BYTES || part.len() == super::local::MAX_BATCH) {
-            out.push(encode(&part)?);
+    let (mut part, mut part_records, mut bytes) = (Vec::new(), Vec::new(), 0);
+    let mut next = 0;
+    for (record, count) in records {
+        let count = count.min(queued.events.len() - next);
+        let made = &queued.events[next..next + count];
+        next += count;
+        let size: usize = made.iter().map(|e| serde_json::to_vec(e).map_or(0, |b| b.len()) + 1).sum();
+        if !part.is_empty() && (bytes + size > MESSAGE_BYTES || part.len() + made.len() > super::local::MAX_BATCH) {
+            out.push(encode(&part_records, &part)?);
             part.clear();
+            part_records.clear();
             bytes = 0;
         }
         bytes += size;
-        part.push(event.clone());
+        part.extend_from_slice(made);
+        part_records.push(record);
     }
     if !part.is_empty() {
-        out.push(encode(&part)?);
+        out.push(encode(&part_records, &part)?);
     }
     Ok(out)
 }
@@ -222,15 +232,19 @@ impl Deliveries {
         }
         let failed = futures::future::join_all(tenants.iter().map(|(tenant, received)| {
             let span = tracing::info_span!("webhook", tenant = %tenant, messages = received.len());
-            let delivery = tracing::Instrument::instrument(self.deliver(tenant, received), span);
             async move {
+                // How many of the tenant's messages were delivered: at the deadline, the rest
+                // are reported, not what was already posted.
+                let done = std::sync::atomic::AtomicUsize::new(0);
+                let delivery = tracing::Instrument::instrument(self.deliver(tenant, received, &done), span);
                 let Some(at) = finish_by else { return delivery.await };
                 match tokio::time::timeout_at(at.into(), delivery).await {
                     Ok(failed) => failed,
                     Err(_) => {
-                        tracing::warn!(tenant = %tenant, "still delivering at the deadline: reported");
+                        let from = done.load(std::sync::atomic::Ordering::SeqCst).min(received.len());
+                        tracing::warn!(tenant = %tenant, delivered = from, "still delivering at the deadline: the rest reported");
                         Metrics::add(&self.metrics.webhook_retried, 1);
-                        received.iter().map(|r| r.message.message_id.clone().unwrap_or_default()).collect()
+                        received[from..].iter().map(|r| r.message.message_id.clone().unwrap_or_default()).collect()
                     }
                 }
             }
@@ -252,7 +266,12 @@ impl Deliveries {
     /// One tenant's messages, in order, in requests of up to `MAX_BATCH` events; from the first
     /// refused request on, every message is reported (a later one must not overtake it). The ids
     /// reported.
-    async fn deliver(&self, tenant: &str, received: &[Received<'_>]) -> Vec<String> {
+    async fn deliver(
+        &self,
+        tenant: &str,
+        received: &[Received<'_>],
+        done: &std::sync::atomic::AtomicUsize,
+    ) -> Vec<String> {
         let everything = || received.iter().map(|r| r.message.message_id.clone().unwrap_or_default()).collect();
         let webhook = match self.store.tenant_settings(tenant).await {
             Ok(settings) => settings.and_then(|s| s.webhook),
@@ -289,6 +308,7 @@ impl Deliveries {
                     Metrics::add(&self.metrics.webhook_delivered, events.len() as u64);
                     tracing::debug!(events = events.len(), "webhook delivered");
                     start = end;
+                    done.store(end, std::sync::atomic::Ordering::SeqCst);
                 }
                 Err(error) => {
                     let rest: Vec<&Received<'_>> = received[start..].iter().collect();
@@ -409,16 +429,26 @@ mod tests {
             data: [("message".to_string(), serde_json::Value::String("x".repeat(bytes)))].into_iter().collect(),
         };
         let queued = |events: Vec<WebhookEvent>| {
-            let records = events.iter().map(|e| format!("record-of-{}", e.id)).collect();
+            let records = events.iter().map(|e| (format!("record-of-{}", e.id), 1)).collect();
             Queued { tenant: "acme".into(), events, records }
         };
         let small = parts(&queued(vec![event(0, 10), event(1, 10)])).unwrap();
         assert_eq!(small.len(), 1);
         // The same records, the same deduplication id, even with fewer events (a redelivered
         // transition makes no room event); other records, another.
-        let again = Queued { events: vec![event(1, 10)], ..queued(vec![event(0, 10), event(1, 10)]) };
-        assert_eq!(small[0].0, parts(&again).unwrap()[0].0);
+        let two =
+            Queued { tenant: "acme".into(), events: vec![event(0, 10), event(1, 10)], records: vec![("r0".into(), 2)] };
+        let fewer = Queued { events: vec![event(1, 10)], records: vec![("r0".into(), 1)], ..two.clone() };
+        assert_eq!(parts(&two).unwrap()[0].0, parts(&fewer).unwrap()[0].0);
         assert_ne!(small[0].0, parts(&queued(vec![event(1, 10)])).unwrap()[0].0);
+        // A record's events are never cut apart: three of 40 KiB together.
+        let whole = Queued {
+            tenant: "acme".into(),
+            events: (0..6).map(|i| event(i, 40 * 1024)).collect(),
+            records: vec![("r0".into(), 3), ("r1".into(), 3)],
+        };
+        let cut: Vec<Queued> = parts(&whole).unwrap().iter().map(|(_, b)| serde_json::from_str(b).unwrap()).collect();
+        assert_eq!(cut.iter().map(|q| q.events.len()).collect::<Vec<_>>(), vec![3, 3]);
         let big = parts(&queued((0..8).map(|i| event(i, 60 * 1024)).collect())).unwrap();
         assert!(big.len() >= 3, "{}", big.len());
         assert!(big.iter().all(|(_, body)| body.len() <= MESSAGE_BYTES + 1024));
