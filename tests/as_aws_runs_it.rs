@@ -701,6 +701,39 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     }
     assert!(!published.iter().any(|p| p == "from globex"));
 
+    // Backends act on users (issue 26): the operator disconnects zed (the function URL), acme's
+    // backend disconnects sue and refuses her for a minute (its publish token). Each connection
+    // is told `terminated` and closed by the processor; sue's next token is refused.
+    aws.connect("c-zed", &token("acme", "zed"), "lobby").await;
+    aws.pump().await;
+    let zed = json!({"action": "disconnect_user", "tenant": "acme", "user_id": "zed"});
+    let iam = json!({"iam": {"accessKey": "AKIAOPERATOR", "accountId": "123456789012", "userArn": "arn:aws:iam::123456789012:user/ops"}});
+    let out = aws.invoke("PublishFunction", http(iam, "", zed)).await;
+    assert_eq!((out["statusCode"].as_u64(), out["body"].as_str()), (Some(200), Some(r#"{"disconnected":1}"#)), "{out}");
+    let until = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
+    let sue = json!({"action": "disconnect_user", "tenant": "acme", "user_id": "sue", "refuse_until": until});
+    let not_theirs = aws.invoke("TenantPublishFunction", http(Value::Null, &publisher("globex"), sue.clone())).await;
+    assert_eq!(not_theirs["statusCode"], 403, "another tenant's token: {not_theirs}");
+    let out = aws.invoke("TenantPublishFunction", http(Value::Null, &publisher("acme"), sue)).await;
+    assert_eq!(out["statusCode"], 200, "{out}");
+    assert!(out["body"].as_str().unwrap().contains(r#""disconnected":1"#), "{out}");
+    aws.pump().await;
+    for id in ["c-zed", "c-sue"] {
+        let told = aws.recorder.received_action(id, "error");
+        assert!(told.iter().any(|e| e["code"] == "terminated"), "{id} was not told: {told:?}");
+        assert!(aws.recorder.deleted().contains(&id.to_string()), "{id} was not closed");
+    }
+    // Authorizer containers see a tenant's identity at most IDENTITY_FRESH late: refused by then.
+    let mut effect = Value::Null;
+    for _ in 0..400 {
+        effect = aws.authorize(&token("acme", "sue")).await["policyDocument"]["Statement"][0]["Effect"].clone();
+        if effect == "Deny" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(effect, "Deny", "sue was never refused");
+
     aws.disconnect("c-bob").await;
     aws.pump().await;
     let left = aws.recorder.received_action("c-alice", "presence");

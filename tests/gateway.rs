@@ -24,6 +24,7 @@ roomcast_tests::on_both_stores!(multi_thread:
     webhooks_tell_a_tenants_backend_in_order_and_a_hung_endpoint_holds_up_no_other_tenant,
     undeliverable_webhooks_become_dead_letters_that_an_operator_can_redrive,
     a_connection_refreshes_its_token_in_place_and_an_expired_one_may_only_refresh,
+    a_backend_disconnects_a_user_everywhere_and_keeps_them_out_for_a_while,
 );
 
 /// Polls the table until `connection_id` is no longer a member of acme's `general` room.
@@ -877,5 +878,55 @@ async fn a_connection_refreshes_its_token_in_place_and_an_expired_one_may_only_r
     let said = ann.ask(json!({"action":"sendMessage","room":"general","message":"after"}), "ack").await;
     assert!(said["id"].is_string(), "{said}");
     ann.expect("its own message after the refresh", |f| f["message"] == "after").await;
+    stack.shutdown().await;
+}
+
+/// Acting on a user (issue 26): a tenant's backend disconnects a user everywhere and refuses them
+/// for a minute, through `roomcast dev`'s `POST /publish` with its publish token. Each of their
+/// connections is told `terminated` and closed; the room sees them leave with that reason; their
+/// reconnect is refused; other users go on; another tenant's token can do none of it.
+async fn a_backend_disconnects_a_user_everywhere_and_keeps_them_out_for_a_while(kind: &str) {
+    let stack = ws::dev(kind, |_| {}).await;
+    let base = format!("http://{}", stack.addr);
+    let mut tab1 = connect(&stack, "acme", "ann", "general").await;
+    let mut tab2 = connect(&stack, "acme", "ann", "general").await;
+    let mut bob = connect(&stack, "acme", "bob", "general").await;
+    for client in [&mut tab1, &mut tab2, &mut bob] {
+        client.expect_action("welcome").await;
+    }
+    ws::who_settles_on(&stack, &mut bob, "general", &[("ann", 2), ("bob", 1)]).await;
+    let until = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
+    let body = json!({"action": "disconnect_user", "tenant": "acme", "user_id": "ann", "refuse_until": until});
+    let post = |token: String| {
+        let (base, body) = (base.clone(), body.to_string().into_bytes());
+        async move { roomcast::dev::api::request_as(&base, axum::http::Method::POST, "/publish", body, Some(&token)).await }
+    };
+    let foreign = post(roomcast_tests::publish_token("globex", ws::SECRET)).await;
+    assert!(foreign.expect_err("globex acts on acme").to_string().contains("tenant globex only"));
+    let answer = post(roomcast_tests::publish_token("acme", ws::SECRET)).await.expect("acme's backend");
+    assert_eq!(answer["disconnected"], 2, "{answer}");
+    for tab in [&mut tab1, &mut tab2] {
+        let told = tab.expect("terminated", |f| f["action"] == "error" && f["code"] == "terminated").await;
+        assert!(told["message"].as_str().unwrap().contains("disconnected"), "{told}");
+        tab.expect_close(Duration::from_secs(10)).await;
+    }
+    let left = bob.expect("ann's leaving", ws::presence("ann", "left")).await;
+    assert_eq!(left["reason"], "terminated", "{left}");
+    // Refused at the upgrade while the refusal stands, once the authorizer sees it (it reads a
+    // tenant's identity at most IDENTITY_FRESH late); bob is untouched.
+    let mut refused = None;
+    for _ in 0..400 {
+        match try_connect(&stack, &format!("token={}&rooms=general", ws::token("acme", "ann"))).await {
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+            Ok(early) => early.close().await,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(refused, Some(401 | 403)), "ann was never refused: {refused:?}");
+    let said = bob.ask(json!({"action":"sendMessage","room":"general","message":"still here"}), "ack").await;
+    assert!(said["id"].is_string());
     stack.shutdown().await;
 }

@@ -98,6 +98,13 @@ enum Command {
     /// Load the local stack over real WebSockets: deliveries per second against the raw
     /// @connections rate, latency p50/p99, CPU per stream record and memory (docs/PERFORMANCE.md).
     Bench(bench::BenchArgs),
+    /// Act on a user as a tenant's backend does: disconnect every connection of theirs, and keep
+    /// them out for a while (`--refuse-for`). Through a running `roomcast dev`, a deployed stack's
+    /// publish endpoint, or straight into a table.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
     /// Tenants' webhooks in a deployed stack.
     Webhooks {
         #[command(subcommand)]
@@ -429,6 +436,34 @@ enum TenantCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Close every connection of the user (each is told `terminated`, its rooms see it leave).
+    Disconnect(UserDisconnectArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UserDisconnectArgs {
+    #[arg(long)]
+    tenant: String,
+    #[arg(long)]
+    user: String,
+    /// Refuse the user's tokens (at `$connect` and `refresh`) for this long, e.g. 15m or 24h.
+    #[arg(long, value_name = "DURATION", value_parser = crate::gateway::account::parse_duration)]
+    refuse_for: Option<Duration>,
+    /// The HS256 secret a running `roomcast dev` checks tokens against.
+    #[arg(long, env = "ROOMCAST_JWT_SECRET", default_value = "roomcast-dev-secret", hide_env_values = true)]
+    jwt_secret: String,
+    /// A deployed stack's `PublishUrl` (SigV4-signed) or, with --token, `TenantPublishUrl`.
+    #[arg(long, conflicts_with = "dev")]
+    endpoint: Option<String>,
+    /// A tenant's publish token (scope `publish`), for `TenantPublishUrl`.
+    #[arg(long, env = "ROOMCAST_PUBLISH_TOKEN", hide_env_values = true, requires = "endpoint")]
+    token: Option<String>,
+    #[command(flatten)]
+    target: PluginTargetArgs,
+}
+
+#[derive(Debug, Subcommand)]
 enum WebhooksCommand {
     /// Move the webhook events given up on (the stack's WebhookDeadLetterQueueUrl) back to the
     /// webhook queue (WebhookQueueUrl), each in its tenant's order: the webhook function delivers
@@ -522,6 +557,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Admin { event, table, management_endpoint } => operate::admin(event, table, management_endpoint).await,
         Command::Table { command: TableCommand::Create { table } } => operate::create(table).await,
+        Command::User { command: UserCommand::Disconnect(args) } => publish::disconnect_user(args).await,
         Command::Webhooks { command: WebhooksCommand::Redrive { dead_letter_queue, queue } } => {
             let client = aws_sdk_sqs::Client::new(&crate::config::load_aws().await);
             let moved = crate::webhook::sqs::redrive(&client, &dead_letter_queue, &queue)

@@ -147,7 +147,9 @@ impl Verifier {
                 if iat.is_some_and(|iat| iat > now + IAT_SKEW_SECONDS) {
                     return Err(Denied::Claim("iat"));
                 }
-                if id.revoked(&verified.sub, iat, payload.get("jti").and_then(|v| v.as_str())) {
+                if id.revoked(&verified.sub, iat, payload.get("jti").and_then(|v| v.as_str()))
+                    || id.refused(&verified.sub, now)
+                {
                     return Err(Denied::Revoked);
                 }
                 verified
@@ -342,6 +344,14 @@ mod tests {
         assert!(id.revoked("ann", Some(100), None) && !id.revoked("ann", Some(101), None));
         assert!(id.revoked("ann", None, None), "no iat: issued before any time");
         id.users_revoked_before.insert("bob".into(), 500);
+        id.refuse_user("cat", 900, 100);
+        id.refuse_user("cat", 800, 100);
+        assert!(
+            id.refused("cat", 899) && !id.refused("cat", 900) && !id.refused("ann", 100),
+            "the later refusal stands"
+        );
+        id.refuse_user("dan", 2000, 950);
+        assert!(!id.users_refused_until.contains_key("cat"), "an ended refusal is dropped");
         assert!(id.revoked("bob", Some(400), None) && !id.revoked("ann", Some(400), None));
         id.revoke_id("t-1", 2000, 1000);
         id.revoke_id("t-0", 900, 800);

@@ -139,6 +139,16 @@ pub async fn publish(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result
     }
 }
 
+/// A publish (`{"id"}`), or a user operation when the body names an `action`
+/// ([`crate::users`]).
+async fn answer(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Value, PublishError> {
+    let named = serde_json::from_slice::<Value>(body).ok().is_some_and(|v| crate::users::is_user_request(&v));
+    if named {
+        return crate::users::act(deps, caller, body).await;
+    }
+    publish(deps, caller, body).await.map(|id| json!({ "id": id }))
+}
+
 /// Who an HTTP request (API Gateway HTTP API or function URL, payload 2.0) is from: IAM when
 /// AWS authorized it, else a bearer token with the `publish` scope, checked against `secret`.
 pub fn caller_of(event: &Value, secret: &[u8], now: i64) -> Result<Caller, PublishError> {
@@ -163,8 +173,7 @@ pub fn caller_of(event: &Value, secret: &[u8], now: i64) -> Result<Caller, Publi
 /// `{"id"}` or an error.
 pub async fn handle(deps: &PublishDeps, event: &Value, secret: &[u8]) -> Result<Value, String> {
     if event.get("requestContext").is_none() {
-        let id = publish(deps, &Caller::Operator, event.to_string().as_bytes()).await.map_err(|e| e.to_string())?;
-        return Ok(json!({ "id": id }));
+        return answer(deps, &Caller::Operator, event.to_string().as_bytes()).await.map_err(|e| e.to_string());
     }
     let now = deps.clock.now().timestamp();
     let answer = match caller_of(event, secret, now) {
@@ -176,12 +185,12 @@ pub async fn handle(deps: &PublishDeps, event: &Value, secret: &[u8]) -> Result<
             } else {
                 body.as_bytes().to_vec()
             };
-            publish(deps, &caller, &body).await
+            answer(deps, &caller, &body).await
         }
         Err(e) => Err(e),
     };
     let (status, body) = match answer {
-        Ok(id) => (200, json!({ "id": id })),
+        Ok(body) => (200, body),
         Err(PublishError { status, message, retry_after_ms: Some(ms) }) => {
             (status, json!({ "error": message, "retry_after_ms": ms }))
         }

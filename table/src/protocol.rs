@@ -128,6 +128,8 @@ pub enum ErrorCode {
     /// The connection's token has expired: only `refresh` and `ping` are answered until a
     /// `refresh` with a new one.
     TokenExpired,
+    /// The tenant's backend disconnected this user (`disconnect_user`): the connection closes.
+    Terminated,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -405,8 +405,12 @@ export class RoomcastClient {
                 return;
             }
             this.#rejectInFlight(event.code);
-            if (this.#stopped)
+            if (this.#stopped) {
+                // Told `terminated`: the client ends here.
+                this.#fail(new RoomcastError("terminated", "the service disconnected this user"));
+                this.#setState("closed");
                 return;
+            }
             const offline = globalThis.navigator?.onLine === false;
             if (!opened && !offline)
                 this.#failedAttempts += 1;
@@ -747,6 +751,9 @@ export class RoomcastClient {
                 this.#emit("signal", frame);
                 break;
             case "error":
+                // The service disconnected this user: reconnecting would only be refused (or undo it).
+                if (frame.code === "terminated")
+                    this.#stopped = true;
                 this.#emit("error", new RoomcastError(String(frame.code), String(frame.message)));
                 break;
             default:

@@ -611,7 +611,12 @@ export class RoomcastClient {
         return;
       }
       this.#rejectInFlight(event.code);
-      if (this.#stopped) return;
+      if (this.#stopped) {
+        // Told `terminated`: the client ends here.
+        this.#fail(new RoomcastError("terminated", "the service disconnected this user"));
+        this.#setState("closed");
+        return;
+      }
       const offline = (globalThis as { navigator?: { onLine?: boolean } }).navigator?.onLine === false;
       if (!opened && !offline) this.#failedAttempts += 1;
       if (this.#failedAttempts >= this.#options.maxFailedAttempts) {
@@ -955,6 +960,8 @@ export class RoomcastClient {
         this.#emit("signal", frame as never);
         break;
       case "error":
+        // The service disconnected this user: reconnecting would only be refused (or undo it).
+        if (frame.code === "terminated") this.#stopped = true;
         this.#emit("error", new RoomcastError(String(frame.code), String(frame.message)));
         break;
       default:

@@ -483,3 +483,21 @@ test("a connection is replaced before the maximum connection duration, recoverin
     short.proc.kill();
   }
 });
+
+test("a user the backend disconnects is told terminated and the client ends, no reconnect", async () => {
+  const room = `terminated-${Date.now()}`;
+  const ann = client("acme", "ann", [room]);
+  const errors = [];
+  ann.on("error", (e) => errors.push(e.code));
+  await ann.ready();
+  const response = await fetch(`${base}/publish`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${token("acme", "backend", { scope: "publish" })}` },
+    body: JSON.stringify({ action: "disconnect_user", tenant: "acme", user_id: "ann" }),
+  });
+  assert.equal(response.status, 200, await response.clone().text());
+  assert.deepEqual(await response.json(), { disconnected: 1 });
+  await until("the client to end", () => ann.state === "closed");
+  assert.ok(errors.includes("terminated"), errors.join(","));
+  await assert.rejects(ann.ready(), /closed/);
+});

@@ -5,22 +5,59 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{PublishArgs, config, table_store};
+use super::{PublishArgs, UserDisconnectArgs, config, table_store};
 
 /// `roomcast publish`.
 pub(super) async fn run(args: PublishArgs) -> anyhow::Result<()> {
     let PublishArgs { tenant, room, message, user_id, idempotency_key, jwt_secret, endpoint, token, target } = args;
-
     let body = serde_json::json!({
         "tenant": tenant, "room": room, "message": message,
         "user_id": user_id, "idempotency_key": idempotency_key,
     });
-    let id = match (&endpoint, &target.dev) {
-        (Some(endpoint), _) => publish_to_endpoint(endpoint, token.as_deref(), serde_json::to_vec(&body)?).await?,
+    let via = Via { endpoint: endpoint.as_deref(), token: token.as_deref(), jwt_secret: &jwt_secret, target: &target };
+    let answer = send(&via, &tenant, &body).await?;
+    let id = answer["id"].as_str().ok_or_else(|| anyhow::anyhow!("the answer has no id: {answer}"))?;
+    println!("published {id} into {tenant}/{room}");
+    Ok(())
+}
+
+/// `roomcast user disconnect`.
+pub(super) async fn disconnect_user(args: UserDisconnectArgs) -> anyhow::Result<()> {
+    let UserDisconnectArgs { tenant, user, refuse_for, jwt_secret, endpoint, token, target } = args;
+    let refuse_until = refuse_for
+        .map(|d| chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default())
+        .map(|at| crate::model::format_ts(&at));
+    let body = serde_json::json!({
+        "action": "disconnect_user", "tenant": tenant, "user_id": user, "refuse_until": refuse_until,
+    });
+    let via = Via { endpoint: endpoint.as_deref(), token: token.as_deref(), jwt_secret: &jwt_secret, target: &target };
+    let answer = send(&via, &tenant, &body).await?;
+    let closed =
+        answer["disconnected"].as_u64().ok_or_else(|| anyhow::anyhow!("the answer says nothing closed: {answer}"))?;
+    match answer["refused_until"].as_str() {
+        Some(until) => println!("disconnected {closed} connection(s) of {tenant}/{user}; refused until {until}"),
+        None => println!("disconnected {closed} connection(s) of {tenant}/{user}"),
+    }
+    Ok(())
+}
+
+/// Where a backend's request goes: a deployed endpoint, a running `roomcast dev`, or a table.
+pub(super) struct Via<'a> {
+    pub(super) endpoint: Option<&'a str>,
+    pub(super) token: Option<&'a str>,
+    pub(super) jwt_secret: &'a str,
+    pub(super) target: &'a super::PluginTargetArgs,
+}
+
+/// One backend request (a publish, or a user operation when `body` names an `action`), as the
+/// publish function takes it; its answer.
+pub(super) async fn send(via: &Via<'_>, tenant: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    match (via.endpoint, &via.target.dev) {
+        (Some(endpoint), _) => to_endpoint(endpoint, via.token, serde_json::to_vec(body)?).await,
         (None, Some(url)) => {
             let exp = chrono::Utc::now().timestamp() + 300;
             let claims = crate::auth::Claims {
-                tenant: tenant.clone(),
+                tenant: tenant.to_string(),
                 sub: "roomcast-cli".into(),
                 exp,
                 nbf: None,
@@ -28,41 +65,33 @@ pub(super) async fn run(args: PublishArgs) -> anyhow::Result<()> {
                 rooms: None,
                 extra: Default::default(),
             };
-            let token = crate::auth::mint(&claims, jwt_secret.as_bytes());
-            let answer = crate::dev::api::request_as(
-                url,
-                http::Method::POST,
-                "/publish",
-                serde_json::to_vec(&body)?,
-                Some(&token),
-            )
-            .await?;
-            answer["id"].as_str().unwrap_or_default().to_string()
+            let token = crate::auth::mint(&claims, via.jwt_secret.as_bytes());
+            crate::dev::api::request_as(url, http::Method::POST, "/publish", serde_json::to_vec(body)?, Some(&token))
+                .await
         }
         (None, None) => {
             let deps = crate::publish::PublishDeps {
-                store: Arc::new(table_store(&target.table).await),
+                store: Arc::new(table_store(&via.target.table).await),
                 clock: Arc::new(crate::model::SystemClock),
                 history_ttl_seconds: std::env::var("HISTORY_TTL_SECONDS")
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(7 * 86_400),
                 idempotency_window_seconds: crate::handlers::DEFAULT_IDEMPOTENCY_WINDOW_SECONDS,
-                // The operator's publish: no tenant limit applies.
+                // The operator's: no tenant limit applies.
                 limits: Default::default(),
             };
-            crate::publish::publish(&deps, &crate::publish::Caller::Operator, &serde_json::to_vec(&body)?)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?
+            // The operator's request, as the publish function's direct invoke takes it.
+            let event = serde_json::to_value(body)?;
+            let answer = crate::publish::handle(&deps, &event, b"").await.map_err(|e| anyhow::anyhow!(e))?;
+            Ok(answer)
         }
-    };
-    println!("published {id} into {tenant}/{room}");
-    Ok(())
+    }
 }
 
-/// POSTs a publish to a deployed endpoint over HTTPS: with a tenant's bearer token, or signed
-/// with SigV4 (service `lambda`) for the IAM-authorized function URL. Answers the message id.
-async fn publish_to_endpoint(endpoint: &str, token: Option<&str>, body: Vec<u8>) -> anyhow::Result<String> {
+/// POSTs a backend's request to a deployed endpoint over HTTPS: with a tenant's bearer token, or
+/// signed with SigV4 (service `lambda`) for the IAM-authorized function URL. Its JSON answer.
+async fn to_endpoint(endpoint: &str, token: Option<&str>, body: Vec<u8>) -> anyhow::Result<serde_json::Value> {
     use aws_credential_types::provider::ProvideCredentials;
     use http_body_util::BodyExt;
     let uri: http::Uri = endpoint.parse().map_err(|e| anyhow::anyhow!("--endpoint {endpoint:?}: {e}"))?;
@@ -134,5 +163,5 @@ async fn publish_to_endpoint(endpoint: &str, token: Option<&str>, body: Vec<u8>)
             answer["error"].as_str().unwrap_or(&String::from_utf8_lossy(&bytes))
         );
     }
-    answer["id"].as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("{endpoint} answered without an id"))
+    Ok(answer)
 }

@@ -114,12 +114,16 @@ pub fn closed(c: &Connection, cause: Cause) -> Vec<Effect> {
         (Cause::Client, Some(reason)) => reason,
         (Cause::Client, None) => LeftReason::Disconnect,
     };
-    let closing = (reason == LeftReason::RateLimited).then(|| {
-        let payload = ServerMessage::Error {
-            code: ErrorCode::RateLimited,
-            message: "this connection kept sending over its rate limit and is closed".into(),
-            retry_after_ms: None,
-        };
+    // Closed by the service: told why, then its socket closed (`DELETE @connections`).
+    let why = match reason {
+        LeftReason::RateLimited => {
+            Some((ErrorCode::RateLimited, "this connection kept sending over its rate limit and is closed"))
+        }
+        LeftReason::Terminated => Some((ErrorCode::Terminated, "the service disconnected this user")),
+        _ => None,
+    };
+    let closing = why.map(|(code, message)| {
+        let payload = ServerMessage::Error { code, message: message.into(), retry_after_ms: None };
         [Effect::Send { payload, recipients: vec![me(c)] }, Effect::Close(me(c))]
     });
     c.rooms

@@ -166,6 +166,8 @@ pub enum LeftReason {
     /// The connection kept going over its rate limit after it was told ([`crate::limits`]):
     /// the processor closes it.
     RateLimited,
+    /// The tenant's backend disconnected the user (`disconnect_user`): the processor closes it.
+    Terminated,
 }
 
 impl LeftReason {
@@ -177,6 +179,7 @@ impl LeftReason {
             LeftReason::Gone => "gone",
             LeftReason::Denied => "denied",
             LeftReason::RateLimited => "rate_limited",
+            LeftReason::Terminated => "terminated",
         }
     }
 
@@ -188,6 +191,7 @@ impl LeftReason {
             LeftReason::Gone,
             LeftReason::Denied,
             LeftReason::RateLimited,
+            LeftReason::Terminated,
         ]
         .into_iter()
         .find(|r| r.as_str() == value)

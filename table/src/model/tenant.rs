@@ -165,6 +165,10 @@ pub struct TenantIdentity {
     /// Revoked token ids (`jti`), each kept until the expiry given with it.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub revoked_ids: std::collections::BTreeMap<String, i64>,
+    /// Per user: every token refused until this (epoch seconds), whatever its `iat` (a backend's
+    /// `disconnect_user` with `refuse_until`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub users_refused_until: std::collections::BTreeMap<String, i64>,
 }
 
 pub const IDENTITY_SK: &str = "IDENTITY";
@@ -214,12 +218,28 @@ impl TenantIdentity {
         if self.revoked_ids.len() > MAX_REVOKED_IDS {
             return Err(format!("at most {MAX_REVOKED_IDS} revoked token ids"));
         }
+        if self.users_refused_until.len() > MAX_REVOKED_USERS {
+            return Err(format!("at most {MAX_REVOKED_USERS} users refused at once"));
+        }
         if self.users_revoked_before.len() > MAX_REVOKED_USERS {
             return Err(format!(
                 "at most {MAX_REVOKED_USERS} users with revoked tokens: revoke the tenant's tokens (--all) instead"
             ));
         }
         Ok(())
+    }
+
+    /// Refuses every token of `user` until `until` (the later of this and any refusal standing),
+    /// dropping refusals that have ended.
+    pub fn refuse_user(&mut self, user: &str, until: i64, now: i64) {
+        self.users_refused_until.retain(|_, end| *end > now);
+        let end = self.users_refused_until.entry(user.to_string()).or_insert(until);
+        *end = (*end).max(until);
+    }
+
+    /// Whether `user` is refused at `now`.
+    pub fn refused(&self, user: &str, now: i64) -> bool {
+        self.users_refused_until.get(user).is_some_and(|end| now < *end)
     }
 
     /// Revokes one token id until `until` (its expiry), dropping ids whose tokens expired.

@@ -1,0 +1,116 @@
+//! Acting on a user from the tenant's backend: what Pusher calls `terminateUserConnections` and
+//! Socket.IO `disconnectSockets`. Served by the publish function (its function URL for the
+//! operator, the HTTP API route for a tenant's publish token, a direct invoke), by
+//! `roomcast user`, and by `roomcast dev`'s `POST /publish`: a body with an `action`.
+//!
+//! | `action` | fields | answer |
+//! |---|---|---|
+//! | `disconnect_user` | `tenant`, `user_id`, `refuse_until?` (RFC 3339) | `{"disconnected": n, "refused_until"?}` |
+//!
+//! As everywhere on the write path, nothing is pushed from here: each of the user's connection
+//! records is deleted with `closeReason: terminated`, and the processor, seeing the REMOVE,
+//! sends the connection a `terminated` error, closes its socket (`DELETE @connections`) and
+//! announces it `left` (reason `terminated`) in its rooms. With `refuse_until`, the tenant's
+//! identity keeps the user refused until then: `$connect` and `refresh` refuse their tokens
+//! (`Denied::Revoked`), whatever their `iat`.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::model::{LeftReason, Name};
+use crate::publish::{Caller, PublishDeps, PublishError};
+
+/// The most a user can be refused for at once: a year.
+pub const MAX_REFUSAL_SECONDS: i64 = 365 * 86_400;
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum UserRequest {
+    DisconnectUser {
+        tenant: String,
+        user_id: String,
+        #[serde(default)]
+        refuse_until: Option<String>,
+    },
+}
+
+fn refuse(status: u16, message: impl Into<String>) -> PublishError {
+    PublishError { status, message: message.into(), retry_after_ms: None }
+}
+
+/// Whether a request body asks for a user operation (it names an `action`).
+pub fn is_user_request(body: &Value) -> bool {
+    body.get("action").is_some()
+}
+
+/// One user operation by `caller` (a tenant's token acts on its own tenant only). Nothing is
+/// written for a refusal.
+pub async fn act(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Value, PublishError> {
+    let request: UserRequest = serde_json::from_slice(body).map_err(|e| {
+        refuse(
+            400,
+            format!("a user operation must be {{\"action\":\"disconnect_user\",tenant,user_id,refuse_until?}}: {e}"),
+        )
+    })?;
+    match request {
+        UserRequest::DisconnectUser { tenant, user_id, refuse_until } => {
+            let tenant = Name::parse("tenant", &tenant).map_err(|e| refuse(400, e))?;
+            if let Caller::Tenant(allowed) = caller
+                && *allowed != tenant.as_str()
+            {
+                return Err(refuse(403, format!("this token acts on tenant {allowed} only")));
+            }
+            if user_id.is_empty() || user_id.len() > crate::auth::MAX_USER_ID_BYTES || user_id.contains('#') {
+                return Err(refuse(400, "user_id must be a user id (1 to 128 bytes, no '#')"));
+            }
+            let now = deps.clock.now();
+            let until = match refuse_until.as_deref() {
+                None => None,
+                Some(text) => {
+                    let at = chrono::DateTime::parse_from_rfc3339(text)
+                        .map_err(|e| refuse(400, format!("refuse_until {text:?} is not an RFC 3339 time: {e}")))?
+                        .timestamp();
+                    if at <= now.timestamp() || at > now.timestamp() + MAX_REFUSAL_SECONDS {
+                        return Err(refuse(400, "refuse_until must be in the future, within a year"));
+                    }
+                    Some(at)
+                }
+            };
+            let disconnected = disconnect_user(deps, tenant.as_str(), &user_id, until)
+                .await
+                .map_err(|e| refuse(503, e.to_string()))?;
+            let mut answer = json!({ "disconnected": disconnected });
+            if let Some(until) = until.and_then(|at| chrono::DateTime::from_timestamp(at, 0)) {
+                answer["refused_until"] = json!(crate::model::format_ts(&until));
+            }
+            Ok(answer)
+        }
+    }
+}
+
+/// Keeps the user refused until `until` (if given), then closes each of their connections;
+/// the number closed. The refusal is written first, so a reconnect racing the close is refused
+/// (by an authorizer container whose view of the tenant's identity is fresh: up to 30 s old).
+pub async fn disconnect_user(
+    deps: &PublishDeps,
+    tenant: &str,
+    user_id: &str,
+    until: Option<i64>,
+) -> Result<usize, crate::store::StoreError> {
+    let now = deps.clock.now();
+    if let Some(until) = until {
+        let mut identity =
+            deps.store.tenant_identity(tenant).await?.unwrap_or_else(|| crate::model::TenantIdentity::new(tenant));
+        identity.refuse_user(user_id, until, now.timestamp());
+        deps.store.put_tenant_identity(&identity).await?;
+    }
+    let connections = deps.store.user_connections(tenant, user_id, now).await?;
+    let mut closed = 0;
+    for conn in &connections {
+        if deps.store.delete_connection(&conn.connection_id, Some(LeftReason::Terminated)).await?.is_some() {
+            closed += 1;
+        }
+    }
+    tracing::info!(tenant, user_id, closed, refused_until = until, "user disconnected");
+    Ok(closed)
+}
