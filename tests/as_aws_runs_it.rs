@@ -733,6 +733,20 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(effect, "Deny", "sue was never refused");
+    // And put a user's connections into rooms: the operator alice into `side`, acme's backend
+    // alice into `third` (join_user: memberships written as her own join writes them).
+    let iam = json!({"iam": {"accessKey": "AKIAOPERATOR", "accountId": "123456789012", "userArn": "arn:aws:iam::123456789012:user/ops"}});
+    let side = json!({"action": "join_user", "tenant": "acme", "user_id": "alice", "room": "side"});
+    let out = aws.invoke("PublishFunction", http(iam, "", side)).await;
+    assert!(out["body"].as_str().unwrap().contains(r#""joined":1"#), "{out}");
+    let third = json!({"action": "join_user", "tenant": "acme", "user_id": "alice", "room": "third"});
+    let out = aws.invoke("TenantPublishFunction", http(Value::Null, &publisher("acme"), third)).await;
+    assert!(out["body"].as_str().unwrap().contains(r#""joined":1"#), "{out}");
+    aws.pump().await;
+    let acks = aws.recorder.received_action("c-alice", "ack");
+    for room in ["side", "third"] {
+        assert!(acks.iter().any(|a| a["room"] == room && a["request"] == "join"), "alice not told of {room}: {acks:?}");
+    }
 
     aws.disconnect("c-bob").await;
     aws.pump().await;

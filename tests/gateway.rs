@@ -25,6 +25,7 @@ roomcast_tests::on_both_stores!(multi_thread:
     undeliverable_webhooks_become_dead_letters_that_an_operator_can_redrive,
     a_connection_refreshes_its_token_in_place_and_an_expired_one_may_only_refresh,
     a_backend_disconnects_a_user_everywhere_and_keeps_them_out_for_a_while,
+    a_backend_puts_a_users_connections_into_a_room_under_the_rules_of_a_join_and_takes_them_out,
 );
 
 /// Polls the table until `connection_id` is no longer a member of acme's `general` room.
@@ -928,5 +929,60 @@ async fn a_backend_disconnects_a_user_everywhere_and_keeps_them_out_for_a_while(
     assert!(matches!(refused, Some(401 | 403)), "ann was never refused: {refused:?}");
     let said = bob.ask(json!({"action":"sendMessage","room":"general","message":"still here"}), "ack").await;
     assert!(said["id"].is_string());
+    stack.shutdown().await;
+}
+
+/// Server-side joins (issue 26): a tenant's backend puts every connection of a user into a room
+/// (`join_user`) under the rules of the user's own `join` — the token's `rooms` claim refuses it
+/// for a user whose token does not name the room — and each connection is told with an `ack`,
+/// the room with `joined` (reason `server`); `leave_user` takes them out.
+async fn a_backend_puts_a_users_connections_into_a_room_under_the_rules_of_a_join_and_takes_them_out(kind: &str) {
+    let stack = ws::dev(kind, |_| {}).await;
+    let base = format!("http://{}", stack.addr);
+    let mut tab1 = connect(&stack, "acme", "ann", "general").await;
+    let mut tab2 = connect(&stack, "acme", "ann", "general").await;
+    let mut bob = connect(&stack, "acme", "bob", "vip").await;
+    let claims = roomcast::auth::Claims {
+        tenant: "acme".into(),
+        sub: "cat".into(),
+        exp: chrono::Utc::now().timestamp() + 600,
+        nbf: None,
+        scope: None,
+        rooms: Some(vec!["general".into()]),
+        extra: Default::default(),
+    };
+    let query = format!("token={}&rooms=general", roomcast::auth::mint(&claims, ws::SECRET));
+    let mut cat = try_connect(&stack, &query).await.expect("cat connects");
+    for client in [&mut tab1, &mut tab2, &mut bob, &mut cat] {
+        client.expect_action("welcome").await;
+    }
+    let backend = roomcast_tests::publish_token("acme", ws::SECRET);
+    let act = |body: Value| {
+        let (base, token) = (base.clone(), backend.clone());
+        async move {
+            let body = body.to_string().into_bytes();
+            roomcast::dev::api::request_as(&base, axum::http::Method::POST, "/publish", body, Some(&token))
+                .await
+                .unwrap()
+        }
+    };
+    let joined = act(json!({"action": "join_user", "tenant": "acme", "user_id": "ann", "room": "vip"})).await;
+    assert_eq!(joined, json!({"connections": 2, "joined": 2, "pending": 0, "denied": 0}));
+    for tab in [&mut tab1, &mut tab2] {
+        let ack = tab.expect("the server's join", |f| f["action"] == "ack" && f["room"] == "vip").await;
+        assert_eq!(ack["request"], "join", "{ack}");
+    }
+    let seen = bob.expect("ann joining", ws::presence("ann", "joined")).await;
+    assert_eq!(seen["reason"], "server", "{seen}");
+    tab1.ask(json!({"action":"sendMessage","room":"vip","message":"in by the backend"}), "ack").await;
+    bob.expect("ann's message", |f| f["message"] == "in by the backend").await;
+    // Cat's token names only `general`: the backend cannot put her in `vip` either.
+    let refused = act(json!({"action": "join_user", "tenant": "acme", "user_id": "cat", "room": "vip"})).await;
+    assert_eq!(refused, json!({"connections": 1, "joined": 0, "pending": 0, "denied": 1}));
+    let left = act(json!({"action": "leave_user", "tenant": "acme", "user_id": "ann", "room": "vip"})).await;
+    assert_eq!(left, json!({"connections": 2, "left": 2}));
+    bob.expect("ann leaving", ws::presence("ann", "left")).await;
+    let out = tab2.ask(json!({"action":"sendMessage","room":"vip","message":"x"}), "error").await;
+    assert_eq!(out["code"], "not_member", "{out}");
     stack.shutdown().await;
 }

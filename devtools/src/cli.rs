@@ -439,6 +439,30 @@ enum TenantCommand {
 enum UserCommand {
     /// Close every connection of the user (each is told `terminated`, its rooms see it leave).
     Disconnect(UserDisconnectArgs),
+    /// Put every connection of the user into a room, under the rules of a client's own join.
+    Join(UserRoomArgs),
+    /// Take every connection of the user out of a room.
+    Leave(UserRoomArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UserRoomArgs {
+    #[arg(long)]
+    tenant: String,
+    #[arg(long)]
+    user: String,
+    #[arg(long)]
+    room: String,
+    #[arg(long, env = "ROOMCAST_JWT_SECRET", default_value = "roomcast-dev-secret", hide_env_values = true)]
+    jwt_secret: String,
+    /// A deployed stack's `PublishUrl` (SigV4-signed) or, with --token, `TenantPublishUrl`.
+    #[arg(long, conflicts_with = "dev")]
+    endpoint: Option<String>,
+    /// A tenant's publish token (scope `publish`), for `TenantPublishUrl`.
+    #[arg(long, env = "ROOMCAST_PUBLISH_TOKEN", hide_env_values = true, requires = "endpoint")]
+    token: Option<String>,
+    #[command(flatten)]
+    target: PluginTargetArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -558,6 +582,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Admin { event, table, management_endpoint } => operate::admin(event, table, management_endpoint).await,
         Command::Table { command: TableCommand::Create { table } } => operate::create(table).await,
         Command::User { command: UserCommand::Disconnect(args) } => publish::disconnect_user(args).await,
+        Command::User { command: UserCommand::Join(args) } => publish::user_room("join_user", args).await,
+        Command::User { command: UserCommand::Leave(args) } => publish::user_room("leave_user", args).await,
         Command::Webhooks { command: WebhooksCommand::Redrive { dead_letter_queue, queue } } => {
             let client = aws_sdk_sqs::Client::new(&crate::config::load_aws().await);
             let moved = crate::webhook::sqs::redrive(&client, &dead_letter_queue, &queue)

@@ -14,7 +14,7 @@
 //! | [`identity`] | each tenant's tokens checked with its own key: an HS256 secret or its identity provider's JWKS | |
 //! | [`limits`] | rate limits per connection, user and tenant, counted in the table before a handler writes (the settings are `roomcast-table`'s) | |
 //! | [`publish`] | a backend's message into a room | `publish`, `tenant_publish` |
-//! | [`users`] | a backend acting on a user: disconnect them everywhere, and refuse them for a while | (the same) |
+//! | [`users`] | a backend acting on a user: disconnect them everywhere (and refuse them for a while), put their connections into a room or take them out | (the same) |
 //! | [`admin`] | the operator's operations, and the sweeper of stale connections | `admin`, `sweeper` |
 //! | [`lambda`] | the entry point each binary's `main` calls | |
 //!

@@ -6,6 +6,14 @@
 //! | `action` | fields | answer |
 //! |---|---|---|
 //! | `disconnect_user` | `tenant`, `user_id`, `refuse_until?` (RFC 3339) | `{"disconnected": n, "refused_until"?}` |
+//! | `join_user` | `tenant`, `user_id`, `room` | `{"connections", "joined", "pending", "denied"}` |
+//! | `leave_user` | `tenant`, `user_id`, `room` | `{"connections", "left"}` |
+//!
+//! `join_user` joins each of the user's connections as its own `join` would, under the same
+//! rules — the token's `rooms` claim, the tenant's plugin deciding joins (then `pending`), the
+//! room limit — and the processor tells each connection with an `ack` for the room (its client
+//! learns it is in it) and the room with `joined` (reason `server`); `leave_user` is `leave` on
+//! each.
 //!
 //! As everywhere on the write path, nothing is pushed from here: each of the user's connection
 //! records is deleted with `closeReason: terminated`, and the processor, seeing the REMOVE,
@@ -18,6 +26,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::model::{LeftReason, Name};
+use crate::protocol::ServerMessage;
 use crate::publish::{Caller, PublishDeps, PublishError};
 
 /// The most a user can be refused for at once: a year.
@@ -32,6 +41,26 @@ pub enum UserRequest {
         #[serde(default)]
         refuse_until: Option<String>,
     },
+    JoinUser {
+        tenant: String,
+        user_id: String,
+        room: String,
+    },
+    LeaveUser {
+        tenant: String,
+        user_id: String,
+        room: String,
+    },
+}
+
+impl UserRequest {
+    fn who(&self) -> (&str, &str) {
+        match self {
+            UserRequest::DisconnectUser { tenant, user_id, .. }
+            | UserRequest::JoinUser { tenant, user_id, .. }
+            | UserRequest::LeaveUser { tenant, user_id, .. } => (tenant, user_id),
+        }
+    }
 }
 
 fn refuse(status: u16, message: impl Into<String>) -> PublishError {
@@ -49,21 +78,59 @@ pub async fn act(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Val
     let request: UserRequest = serde_json::from_slice(body).map_err(|e| {
         refuse(
             400,
-            format!("a user operation must be {{\"action\":\"disconnect_user\",tenant,user_id,refuse_until?}}: {e}"),
+            format!(
+                "a user operation is {{\"action\": \"disconnect_user\" (tenant, user_id, refuse_until?), \"join_user\" or \"leave_user\" (tenant, user_id, room)}}: {e}"
+            ),
         )
     })?;
-    match request {
-        UserRequest::DisconnectUser { tenant, user_id, refuse_until } => {
-            let tenant = Name::parse("tenant", &tenant).map_err(|e| refuse(400, e))?;
-            if let Caller::Tenant(allowed) = caller
-                && *allowed != tenant.as_str()
-            {
-                return Err(refuse(403, format!("this token acts on tenant {allowed} only")));
+    let (tenant, user_id) = request.who();
+    let tenant = Name::parse("tenant", tenant).map_err(|e| refuse(400, e))?;
+    if let Caller::Tenant(allowed) = caller
+        && *allowed != tenant.as_str()
+    {
+        return Err(refuse(403, format!("this token acts on tenant {allowed} only")));
+    }
+    if user_id.is_empty() || user_id.len() > crate::auth::MAX_USER_ID_BYTES || user_id.contains('#') {
+        return Err(refuse(400, "user_id must be a user id (1 to 128 bytes, no '#')"));
+    }
+    let now = deps.clock.now();
+    let unavailable = |e: crate::store::StoreError| refuse(503, e.to_string());
+    match &request {
+        UserRequest::JoinUser { user_id, room, .. } | UserRequest::LeaveUser { user_id, room, .. } => {
+            Name::parse("room", room).map_err(|e| refuse(400, e))?;
+            let joining = matches!(request, UserRequest::JoinUser { .. });
+            let connections = deps.store.user_connections(tenant.as_str(), user_id, now).await.map_err(unavailable)?;
+            let joins = crate::handlers::JoinRules::default();
+            let (mut done, mut pending, mut denied) = (0, 0, 0);
+            for conn in &connections {
+                let answer = match joining {
+                    true => {
+                        let reason = crate::model::JoinReason::Server;
+                        crate::handlers::join_as(conn, deps.store.as_ref(), &joins, now, room.clone(), reason).await
+                    }
+                    false => crate::handlers::leave_as(conn, deps.store.as_ref(), room.clone()).await,
+                };
+                match answer {
+                    Ok(ServerMessage::Ack { pending: Some(true), .. }) => pending += 1,
+                    Ok(ServerMessage::Ack { .. }) => done += 1,
+                    Ok(ServerMessage::JoinDenied { .. }) => denied += 1,
+                    Ok(_) => {}
+                    // Not in the room (a leave), over the room limit, gone meanwhile: not this one.
+                    Err(crate::handlers::Failure::Client(e)) => {
+                        tracing::info!(connection_id = %conn.connection_id, reason = %e.message, "user operation: skipped");
+                    }
+                    Err(crate::handlers::Failure::Platform(e)) => return Err(unavailable(e)),
+                }
             }
-            if user_id.is_empty() || user_id.len() > crate::auth::MAX_USER_ID_BYTES || user_id.contains('#') {
-                return Err(refuse(400, "user_id must be a user id (1 to 128 bytes, no '#')"));
-            }
-            let now = deps.clock.now();
+            tracing::info!(tenant = %tenant, user_id, room, joining, connections = connections.len(), done, "user operation");
+            Ok(match joining {
+                true => {
+                    json!({ "connections": connections.len(), "joined": done, "pending": pending, "denied": denied })
+                }
+                false => json!({ "connections": connections.len(), "left": done }),
+            })
+        }
+        UserRequest::DisconnectUser { user_id, refuse_until, .. } => {
             let until = match refuse_until.as_deref() {
                 None => None,
                 Some(text) => {
@@ -76,9 +143,8 @@ pub async fn act(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Val
                     Some(at)
                 }
             };
-            let disconnected = disconnect_user(deps, tenant.as_str(), &user_id, until)
-                .await
-                .map_err(|e| refuse(503, e.to_string()))?;
+            let disconnected =
+                disconnect_user(deps, tenant.as_str(), user_id, until).await.map_err(|e| refuse(503, e.to_string()))?;
             let mut answer = json!({ "disconnected": disconnected });
             if let Some(until) = until.and_then(|at| chrono::DateTime::from_timestamp(at, 0)) {
                 answer["refused_until"] = json!(crate::model::format_ts(&until));

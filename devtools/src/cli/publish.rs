@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{PublishArgs, UserDisconnectArgs, config, table_store};
+use super::{PublishArgs, UserDisconnectArgs, UserRoomArgs, config, table_store};
 
 /// `roomcast publish`.
 pub(super) async fn run(args: PublishArgs) -> anyhow::Result<()> {
@@ -38,6 +38,16 @@ pub(super) async fn disconnect_user(args: UserDisconnectArgs) -> anyhow::Result<
         Some(until) => println!("disconnected {closed} connection(s) of {tenant}/{user}; refused until {until}"),
         None => println!("disconnected {closed} connection(s) of {tenant}/{user}"),
     }
+    Ok(())
+}
+
+/// `roomcast user join` and `roomcast user leave` (`action`: `join_user`, `leave_user`).
+pub(super) async fn user_room(action: &str, args: UserRoomArgs) -> anyhow::Result<()> {
+    let UserRoomArgs { tenant, user, room, jwt_secret, endpoint, token, target } = args;
+    let body = serde_json::json!({ "action": action, "tenant": tenant, "user_id": user, "room": room });
+    let via = Via { endpoint: endpoint.as_deref(), token: token.as_deref(), jwt_secret: &jwt_secret, target: &target };
+    let answer = send(&via, &tenant, &body).await?;
+    println!("{tenant}/{user} {room}: {answer}");
     Ok(())
 }
 

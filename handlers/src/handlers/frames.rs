@@ -13,8 +13,8 @@ pub(super) async fn act(
         Request::SendMessage { room, message, idempotency_key } => {
             send_message(conn, deps, now, room, message, idempotency_key).await?
         }
-        Request::Join { room } => join(conn, deps, now, room).await?,
-        Request::Leave { room } => leave(conn, deps, room).await?,
+        Request::Join { room } => join_as(conn, deps.store.as_ref(), &deps.joins, now, room, JoinReason::Join).await?,
+        Request::Leave { room } => leave_as(conn, deps.store.as_ref(), room).await?,
         Request::Ping => {
             deps.store.touch(conn, now, expiry(now, deps.connection_ttl_seconds)).await?;
             ServerMessage::Pong
@@ -115,14 +115,17 @@ async fn send_message(
     Ok(ServerMessage::ack("sendMessage", &message.room, Some(id)))
 }
 
-/// Joins a room: the membership written (or left pending for the room's rules), acknowledged with who is there.
-async fn join(
+/// Joins a room: the membership written (or left pending for the room's rules), acknowledged with
+/// who is there. `reason`: the connection's own `join`, or its tenant's backend's (`join_user`),
+/// under the same rules (the token's `rooms` claim, the tenant's plugin, the room limit).
+pub(crate) async fn join_as(
     conn: &Connection,
-    deps: &HandlerDeps,
+    store: &dyn crate::store::Store,
+    joins: &JoinRules,
     now: chrono::DateTime<chrono::Utc>,
     room: String,
+    reason: JoinReason,
 ) -> Result<ServerMessage, Failure> {
-    let store = &deps.store;
     let room = room_name(&room)?;
     // `$connect` refused a connection whose claim does not parse, so this one does.
     if let Some(patterns) = room_patterns(&conn.claims).ok().flatten()
@@ -142,10 +145,10 @@ async fn join(
         }
         // A connection opened before its tenant's plugin decided joins learns it here.
         let mut conn = conn.clone();
-        if !conn.authorize_joins && deps.joins.decided(store.as_ref(), &conn.tenant).await? {
+        if !conn.authorize_joins && joins.decided(store, &conn.tenant).await? {
             conn.authorize_joins = true;
         }
-        let membership = conn.membership(room.as_str(), JoinReason::Join, now);
+        let membership = conn.membership(room.as_str(), reason, now);
         // `false`: another frame's join of this room was written first (frames of one
         // connection run concurrently); its answer stands for this one too.
         if !store.join(&membership).await? {
@@ -171,8 +174,11 @@ async fn join(
 }
 
 /// Leaves a room (or a join still pending).
-async fn leave(conn: &Connection, deps: &HandlerDeps, room: String) -> Result<ServerMessage, Failure> {
-    let store = &deps.store;
+pub(crate) async fn leave_as(
+    conn: &Connection,
+    store: &dyn crate::store::Store,
+    room: String,
+) -> Result<ServerMessage, Failure> {
     let room = room_name(&room)?;
     // A join still waiting for the room's rules can be left too.
     if !conn.rooms.contains(room.as_str()) {

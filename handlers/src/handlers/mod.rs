@@ -20,6 +20,7 @@ use crate::store::{HistoryFrom, Store, StoreError};
 
 mod frames;
 use frames::act;
+pub(crate) use frames::{join_as, leave_as};
 
 /// The most rooms one connection may be in (also keeps `$connect` within one transaction).
 pub const MAX_ROOMS_PER_CONNECTION: usize = 50;
@@ -418,7 +419,7 @@ async fn refuse(limited: &crate::limits::Limited, conn: &Connection, deps: &Hand
     refused
 }
 
-enum Failure {
+pub(crate) enum Failure {
     Client(FrameError),
     Platform(StoreError),
 }

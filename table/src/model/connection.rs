@@ -147,6 +147,8 @@ pub enum JoinReason {
     Connect,
     /// A `join` action.
     Join,
+    /// The tenant's backend put the user's connections into the room (`join_user`).
+    Server,
 }
 
 /// Why a user left a room; the `reason` of a presence `left` event.

@@ -98,7 +98,11 @@ pub(super) async fn changed(
     if decided.join.is_none() {
         decided.presence = Some(presence::apply(p, m, op, record, lookups).await?);
     }
-    if let Kind::Joined { membership, inserted: false } = kind {
+    // A join the tenant's rules allowed (its MODIFY), and one the tenant's backend made: the
+    // connection did not ask, so the `ack` tells it (and its client) that it is in the room.
+    if let Kind::Joined { membership, inserted } = kind
+        && (!inserted || membership.join_reason == JoinReason::Server)
+    {
         let (ack, recovery) = acknowledge(p, membership).await?;
         decided.join = Some(JoinOutcome::Allowed(ack));
         decided.recovery = recovery;
@@ -264,6 +268,7 @@ fn joined(m: &Membership, members: &[Membership], join: Option<&JoinOutcome>, de
         let reason = match m.join_reason {
             JoinReason::Connect => "connect",
             JoinReason::Join => "join",
+            JoinReason::Server => "server",
         };
         effects.extend(send_to_room(presence_frame(m, p, PresenceEvent::Joined, reason), members));
     }
