@@ -712,9 +712,12 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     assert_eq!((out["statusCode"].as_u64(), out["body"].as_str()), (Some(200), Some(r#"{"disconnected":1}"#)), "{out}");
     let until = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
     let sue = json!({"action": "disconnect_user", "tenant": "acme", "user_id": "sue", "refuse_until": until});
-    let not_theirs = aws.invoke("TenantPublishFunction", http(Value::Null, &publisher("globex"), sue.clone())).await;
+    let users = |tenant: &str| format!("Bearer {}", roomcast_tests::users_token(tenant, SECRET.as_bytes()));
+    let not_theirs = aws.invoke("TenantPublishFunction", http(Value::Null, &users("globex"), sue.clone())).await;
     assert_eq!(not_theirs["statusCode"], 403, "another tenant's token: {not_theirs}");
-    let out = aws.invoke("TenantPublishFunction", http(Value::Null, &publisher("acme"), sue)).await;
+    let publish_only = aws.invoke("TenantPublishFunction", http(Value::Null, &publisher("acme"), sue.clone())).await;
+    assert_eq!(publish_only["statusCode"], 403, "a publish token: {publish_only}");
+    let out = aws.invoke("TenantPublishFunction", http(Value::Null, &users("acme"), sue)).await;
     assert_eq!(out["statusCode"], 200, "{out}");
     assert!(out["body"].as_str().unwrap().contains(r#""disconnected":1"#), "{out}");
     aws.pump().await;
@@ -740,7 +743,7 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     let out = aws.invoke("PublishFunction", http(iam, "", side)).await;
     assert!(out["body"].as_str().unwrap().contains(r#""joined":1"#), "{out}");
     let third = json!({"action": "join_user", "tenant": "acme", "user_id": "alice", "room": "third"});
-    let out = aws.invoke("TenantPublishFunction", http(Value::Null, &publisher("acme"), third)).await;
+    let out = aws.invoke("TenantPublishFunction", http(Value::Null, &users("acme"), third)).await;
     assert!(out["body"].as_str().unwrap().contains(r#""joined":1"#), "{out}");
     aws.pump().await;
     let acks = aws.recorder.received_action("c-alice", "ack");

@@ -902,9 +902,11 @@ async fn a_backend_disconnects_a_user_everywhere_and_keeps_them_out_for_a_while(
         let (base, body) = (base.clone(), body.to_string().into_bytes());
         async move { roomcast::dev::api::request_as(&base, axum::http::Method::POST, "/publish", body, Some(&token)).await }
     };
-    let foreign = post(roomcast_tests::publish_token("globex", ws::SECRET)).await;
+    let foreign = post(roomcast_tests::users_token("globex", ws::SECRET)).await;
     assert!(foreign.expect_err("globex acts on acme").to_string().contains("tenant globex only"));
-    let answer = post(roomcast_tests::publish_token("acme", ws::SECRET)).await.expect("acme's backend");
+    let publisher = post(roomcast_tests::publish_token("acme", ws::SECRET)).await;
+    assert!(publisher.expect_err("a publish token acts on users").to_string().contains("`users` scope"));
+    let answer = post(roomcast_tests::users_token("acme", ws::SECRET)).await.expect("acme's backend");
     assert_eq!(answer["disconnected"], 2, "{answer}");
     for tab in [&mut tab1, &mut tab2] {
         let told = tab.expect("terminated", |f| f["action"] == "error" && f["code"] == "terminated").await;
@@ -956,7 +958,7 @@ async fn a_backend_puts_a_users_connections_into_a_room_under_the_rules_of_a_joi
     for client in [&mut tab1, &mut tab2, &mut bob, &mut cat] {
         client.expect_action("welcome").await;
     }
-    let backend = roomcast_tests::publish_token("acme", ws::SECRET);
+    let backend = roomcast_tests::users_token("acme", ws::SECRET);
     let act = |body: Value| {
         let (base, token) = (base.clone(), backend.clone());
         async move {

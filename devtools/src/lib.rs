@@ -10,7 +10,7 @@
 //! `roomcast::handlers`, `roomcast::pipeline`, `roomcast::plugins` — for the tools, the tests and
 //! the benchmarks.
 
-pub use roomcast_handlers::{admin, auth, handlers, identity, limits, publish};
+pub use roomcast_handlers::{admin, auth, backend, handlers, identity, limits, publish, users};
 /// The tenant plugin host (`roomcast-plugin-host`).
 pub use roomcast_plugin_host as plugins;
 pub use roomcast_processor::{

@@ -96,7 +96,7 @@ pub async fn run_publish() -> Result<(), Error> {
     };
     let (deps, secret) = (&deps, &secret);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
-        crate::publish::handle(deps, &event.payload, secret).await.map_err(Error::from)
+        crate::backend::handle(deps, &event.payload, secret).await.map_err(Error::from)
     }))
     .await
 }

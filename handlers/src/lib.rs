@@ -13,7 +13,8 @@
 //! | [`auth`] | the `$connect` authorizer's rule: a token's claims, checked | `authorizer` |
 //! | [`identity`] | each tenant's tokens checked with its own key: an HS256 secret or its identity provider's JWKS | |
 //! | [`limits`] | rate limits per connection, user and tenant, counted in the table before a handler writes (the settings are `roomcast-table`'s) | |
-//! | [`publish`] | a backend's message into a room | `publish`, `tenant_publish` |
+//! | [`backend`] | the backends' endpoint: a publish, or an operation on a user | `publish`, `tenant_publish` |
+//! | [`publish`] | a backend's message into a room | |
 //! | [`users`] | a backend acting on a user: disconnect them everywhere (and refuse them for a while), put their connections into a room or take them out | (the same) |
 //! | [`admin`] | the operator's operations, and the sweeper of stale connections | `admin`, `sweeper` |
 //! | [`lambda`] | the entry point each binary's `main` calls | |
@@ -28,6 +29,7 @@ pub use roomcast_table::{config, metrics, model, presence, protocol, store};
 
 pub mod admin;
 pub mod auth;
+pub mod backend;
 pub mod handlers;
 pub mod identity;
 pub mod lambda;

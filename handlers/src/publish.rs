@@ -12,7 +12,7 @@
 //! `roomcast dev` serves the same HTTP API on `POST /publish` (tokens only).
 
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::model::{Clock, IdempotencyRecord, Message, Name, parse_idempotency_key};
 use crate::protocol::{ChatMessage, MAX_MESSAGE_FRAME_BYTES, ServerMessage};
@@ -39,8 +39,21 @@ pub struct PublishRequest {
 pub enum Caller {
     /// IAM-authorized (the function URL) or a direct invoke: any tenant.
     Operator,
-    /// A tenant's backend, by its token: that tenant only.
+    /// A tenant's backend, by its token with the `publish` scope: that tenant only.
     Tenant(String),
+    /// A tenant's backend, by its token with the `users` scope: that tenant only, publishing and
+    /// acting on its users ([`crate::users`]).
+    TenantUsers(String),
+}
+
+impl Caller {
+    /// The tenant a token's caller is held to (`None`: the operator, any tenant).
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Caller::Operator => None,
+            Caller::Tenant(tenant) | Caller::TenantUsers(tenant) => Some(tenant),
+        }
+    }
 }
 
 /// A refusal, as an HTTP status and a reason.
@@ -76,8 +89,8 @@ pub async fn publish(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result
         refuse(400, format!("the body must be JSON {{tenant, room, message, user_id?, idempotency_key?}}: {e}"))
     })?;
     let tenant = Name::parse("tenant", &request.tenant).map_err(|e| refuse(400, e))?;
-    if let Caller::Tenant(allowed) = caller
-        && *allowed != request.tenant
+    if let Some(allowed) = caller.tenant()
+        && allowed != request.tenant
     {
         return Err(refuse(403, format!("this token publishes into tenant {allowed} only")));
     }
@@ -94,7 +107,7 @@ pub async fn publish(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result
     }
     let key = request.idempotency_key.as_deref().map(parse_idempotency_key).transpose().map_err(|e| refuse(400, e))?;
     let now = deps.clock.now();
-    if let Caller::Tenant(_) = caller {
+    if caller.tenant().is_some() {
         let op = crate::limits::Operation::Message;
         let limited = deps
             .limits
@@ -139,16 +152,6 @@ pub async fn publish(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result
     }
 }
 
-/// A publish (`{"id"}`), or a user operation when the body names an `action`
-/// ([`crate::users`]).
-async fn answer(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Value, PublishError> {
-    let named = serde_json::from_slice::<Value>(body).ok().is_some_and(|v| crate::users::is_user_request(&v));
-    if named {
-        return crate::users::act(deps, caller, body).await;
-    }
-    publish(deps, caller, body).await.map(|id| json!({ "id": id }))
-}
-
 /// Who an HTTP request (API Gateway HTTP API or function URL, payload 2.0) is from: IAM when
 /// AWS authorized it, else a bearer token with the `publish` scope, checked against `secret`.
 pub fn caller_of(event: &Value, secret: &[u8], now: i64) -> Result<Caller, PublishError> {
@@ -162,55 +165,18 @@ pub fn caller_of(event: &Value, secret: &[u8], now: i64) -> Result<Caller, Publi
         .unwrap_or_default();
     let claims =
         crate::auth::verify(token, secret, now).map_err(|denied| refuse(denied.status(), denied.to_string()))?;
-    if !claims.scope.as_deref().is_some_and(|scope| scope.split_whitespace().any(|s| s == "publish")) {
-        return Err(refuse(403, "this token has no `publish` scope"));
+    let has = |wanted: &str| claims.scope.as_deref().is_some_and(|scope| scope.split_whitespace().any(|s| s == wanted));
+    match (has("users"), has("publish")) {
+        (true, _) => Ok(Caller::TenantUsers(claims.tenant)),
+        (false, true) => Ok(Caller::Tenant(claims.tenant)),
+        (false, false) => Err(refuse(403, "this token has no `publish` scope")),
     }
-    Ok(Caller::Tenant(claims.tenant))
-}
-
-/// One request as the `publish` Lambda receives it: an HTTP event (function URL or HTTP API) is
-/// answered with an HTTP response; a direct invoke's event is the body itself, answered with
-/// `{"id"}` or an error.
-pub async fn handle(deps: &PublishDeps, event: &Value, secret: &[u8]) -> Result<Value, String> {
-    if event.get("requestContext").is_none() {
-        return answer(deps, &Caller::Operator, event.to_string().as_bytes()).await.map_err(|e| e.to_string());
-    }
-    let now = deps.clock.now().timestamp();
-    let answer = match caller_of(event, secret, now) {
-        Ok(caller) => {
-            let body = event.get("body").and_then(Value::as_str).unwrap_or_default();
-            let body = if event.get("isBase64Encoded").and_then(Value::as_bool) == Some(true) {
-                use base64::Engine;
-                base64::engine::general_purpose::STANDARD.decode(body).unwrap_or_default()
-            } else {
-                body.as_bytes().to_vec()
-            };
-            answer(deps, &caller, &body).await
-        }
-        Err(e) => Err(e),
-    };
-    let (status, body) = match answer {
-        Ok(body) => (200, body),
-        Err(PublishError { status, message, retry_after_ms: Some(ms) }) => {
-            (status, json!({ "error": message, "retry_after_ms": ms }))
-        }
-        Err(e) => (e.status, json!({ "error": e.message })),
-    };
-    if status >= 500 {
-        tracing::error!(status, error = %body["error"], "publish failed");
-    } else if status >= 400 {
-        tracing::info!(status, error = %body["error"], "publish refused");
-    }
-    Ok(json!({
-        "statusCode": status,
-        "headers": {"content-type": "application/json"},
-        "body": body.to_string(),
-    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use crate::auth::{Claims, mint};
     use crate::model::ManualClock;
     use crate::store::memory::MemoryStore;

@@ -85,8 +85,13 @@ pub async fn act(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Val
     })?;
     let (tenant, user_id) = request.who();
     let tenant = Name::parse("tenant", tenant).map_err(|e| refuse(400, e))?;
-    if let Caller::Tenant(allowed) = caller
-        && *allowed != tenant.as_str()
+    // Acting on users takes a token with the `users` scope: a publish token (which a shop's
+    // backend may hold) cannot sign users out or move them.
+    if let Caller::Tenant(_) = caller {
+        return Err(refuse(403, "acting on users takes a token with the `users` scope (this one has `publish`)"));
+    }
+    if let Some(allowed) = caller.tenant()
+        && allowed != tenant.as_str()
     {
         return Err(refuse(403, format!("this token acts on tenant {allowed} only")));
     }
@@ -143,6 +148,21 @@ pub async fn act(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Val
                     Some(at)
                 }
             };
+            // The tenant's identity stays small (every authorizer reads it): a bounded number
+            // of refusals standing at once.
+            if until.is_some() {
+                let identity = deps.store.tenant_identity(tenant.as_str()).await.map_err(unavailable)?;
+                let standing = identity.map_or(0, |id| {
+                    id.users_refused_until.iter().filter(|(u, end)| *u != user_id && **end > now.timestamp()).count()
+                });
+                if standing >= crate::model::MAX_REVOKED_USERS {
+                    let most = crate::model::MAX_REVOKED_USERS;
+                    return Err(refuse(
+                        409,
+                        format!("{standing} users of this tenant are refused already: at most {most}"),
+                    ));
+                }
+            }
             let disconnected =
                 disconnect_user(deps, tenant.as_str(), user_id, until).await.map_err(|e| refuse(503, e.to_string()))?;
             let mut answer = json!({ "disconnected": disconnected });

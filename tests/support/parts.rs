@@ -17,6 +17,20 @@ pub fn publish_token(tenant: &str, secret: &[u8]) -> String {
     roomcast::auth::mint(&claims, secret)
 }
 
+/// A tenant backend's token for acting on its users (scope `users`), valid ten minutes.
+pub fn users_token(tenant: &str, secret: &[u8]) -> String {
+    let claims = roomcast::auth::Claims {
+        tenant: tenant.into(),
+        sub: "admin".into(),
+        exp: chrono::Utc::now().timestamp() + 600,
+        nbf: None,
+        scope: Some("users".into()),
+        rooms: None,
+        extra: Default::default(),
+    };
+    roomcast::auth::mint(&claims, secret)
+}
+
 pub fn sign_hs256(signed: &str, secret: &[u8]) -> String {
     use base64::Engine;
     use hmac::{KeyInit, Mac};

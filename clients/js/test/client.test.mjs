@@ -492,7 +492,7 @@ test("a user the backend disconnects is told terminated and the client ends, no 
   await ann.ready();
   const response = await fetch(`${base}/publish`, {
     method: "POST",
-    headers: { authorization: `Bearer ${token("acme", "backend", { scope: "publish" })}` },
+    headers: { authorization: `Bearer ${token("acme", "backend", { scope: "users" })}` },
     body: JSON.stringify({ action: "disconnect_user", tenant: "acme", user_id: "ann" }),
   });
   assert.equal(response.status, 200, await response.clone().text());

@@ -71,7 +71,8 @@ pub(super) async fn send(via: &Via<'_>, tenant: &str, body: &serde_json::Value) 
                 sub: "roomcast-cli".into(),
                 exp,
                 nbf: None,
-                scope: Some("publish".into()),
+                // Publishing, and acting on users (`roomcast user`).
+                scope: Some("publish users".into()),
                 rooms: None,
                 extra: Default::default(),
             };
@@ -93,7 +94,7 @@ pub(super) async fn send(via: &Via<'_>, tenant: &str, body: &serde_json::Value) 
             };
             // The operator's request, as the publish function's direct invoke takes it.
             let event = serde_json::to_value(body)?;
-            let answer = crate::publish::handle(&deps, &event, b"").await.map_err(|e| anyhow::anyhow!(e))?;
+            let answer = crate::backend::handle(&deps, &event, b"").await.map_err(|e| anyhow::anyhow!(e))?;
             Ok(answer)
         }
     }

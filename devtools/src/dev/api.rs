@@ -174,7 +174,7 @@ pub fn publish_route(deps: crate::publish::PublishDeps, secret: Vec<u8>) -> axum
                         "headers": {"authorization": authorization},
                         "body": String::from_utf8_lossy(&body),
                     });
-                    let answer = match crate::publish::handle(deps, &event, secret).await {
+                    let answer = match crate::backend::handle(deps, &event, secret).await {
                         Ok(answer) => answer,
                         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
                     };

@@ -102,6 +102,7 @@ pub(super) async fn changed(
     // connection did not ask, so the `ack` tells it (and its client) that it is in the room.
     if let Kind::Joined { membership, inserted } = kind
         && (!inserted || membership.join_reason == JoinReason::Server)
+        && decided.join.is_none()
     {
         let (ack, recovery) = acknowledge(p, membership).await?;
         decided.join = Some(JoinOutcome::Allowed(ack));
