@@ -453,16 +453,8 @@ struct UserRoomArgs {
     user: String,
     #[arg(long)]
     room: String,
-    #[arg(long, env = "ROOMCAST_JWT_SECRET", default_value = "roomcast-dev-secret", hide_env_values = true)]
-    jwt_secret: String,
-    /// A deployed stack's `PublishUrl` (SigV4-signed) or, with --token, `TenantPublishUrl`.
-    #[arg(long, conflicts_with = "dev")]
-    endpoint: Option<String>,
-    /// A tenant's publish token (scope `publish`), for `TenantPublishUrl`.
-    #[arg(long, env = "ROOMCAST_PUBLISH_TOKEN", hide_env_values = true, requires = "endpoint")]
-    token: Option<String>,
     #[command(flatten)]
-    target: PluginTargetArgs,
+    via: BackendArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -472,16 +464,40 @@ struct UserDisconnectArgs {
     #[arg(long)]
     user: String,
     /// Refuse the user's tokens (at `$connect` and `refresh`) for this long, e.g. 15m or 24h.
-    #[arg(long, value_name = "DURATION", value_parser = crate::gateway::account::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_refusal)]
     refuse_for: Option<Duration>,
+    #[command(flatten)]
+    via: BackendArgs,
+}
+
+/// A refusal's length: a whole number of seconds, minutes, hours or days (`90s`, `15m`, `24h`,
+/// `7d`).
+fn parse_refusal(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a length such as 15m, 24h or 7d"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
+    };
+    Ok(Duration::from_secs(n * seconds))
+}
+
+/// Where `roomcast user` sends a tenant backend's request.
+#[derive(Debug, clap::Args)]
+struct BackendArgs {
     /// The HS256 secret a running `roomcast dev` checks tokens against.
     #[arg(long, env = "ROOMCAST_JWT_SECRET", default_value = "roomcast-dev-secret", hide_env_values = true)]
     jwt_secret: String,
     /// A deployed stack's `PublishUrl` (SigV4-signed) or, with --token, `TenantPublishUrl`.
     #[arg(long, conflicts_with = "dev")]
     endpoint: Option<String>,
-    /// A tenant's publish token (scope `publish`), for `TenantPublishUrl`.
-    #[arg(long, env = "ROOMCAST_PUBLISH_TOKEN", hide_env_values = true, requires = "endpoint")]
+    /// A tenant's token with the `users` scope, for `TenantPublishUrl`.
+    #[arg(long, env = "ROOMCAST_USERS_TOKEN", hide_env_values = true, requires = "endpoint")]
     token: Option<String>,
     #[command(flatten)]
     target: PluginTargetArgs,
@@ -693,4 +709,19 @@ fn account_settings(args: &DevArgs) -> crate::gateway::account::AccountSettings 
 async fn table_store(table: &TableArgs) -> DynamoStore {
     let sdk = config::load_aws().await;
     DynamoStore::new(config::dynamodb_client(&sdk, table.dynamodb_endpoint.as_deref()), &table.table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_seconds_minutes_hours_or_days() {
+        assert_eq!(parse_refusal("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_refusal("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_refusal("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_refusal("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_refusal("10").unwrap_err().contains("unit"));
+        assert!(parse_refusal("m").is_err() && parse_refusal("1.5h").is_err());
+    }
 }

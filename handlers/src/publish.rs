@@ -176,10 +176,10 @@ pub fn caller_of(event: &Value, secret: &[u8], now: i64) -> Result<Caller, Publi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
     use crate::auth::{Claims, mint};
     use crate::model::ManualClock;
     use crate::store::memory::MemoryStore;
+    use serde_json::json;
     use std::sync::Arc;
 
     const SECRET: &[u8] = b"publish-secret";

@@ -23,15 +23,14 @@ pub(super) async fn run(args: PublishArgs) -> anyhow::Result<()> {
 
 /// `roomcast user disconnect`.
 pub(super) async fn disconnect_user(args: UserDisconnectArgs) -> anyhow::Result<()> {
-    let UserDisconnectArgs { tenant, user, refuse_for, jwt_secret, endpoint, token, target } = args;
+    let UserDisconnectArgs { tenant, user, refuse_for, via } = args;
     let refuse_until = refuse_for
         .map(|d| chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default())
         .map(|at| crate::model::format_ts(&at));
     let body = serde_json::json!({
         "action": "disconnect_user", "tenant": tenant, "user_id": user, "refuse_until": refuse_until,
     });
-    let via = Via { endpoint: endpoint.as_deref(), token: token.as_deref(), jwt_secret: &jwt_secret, target: &target };
-    let answer = send(&via, &tenant, &body).await?;
+    let answer = send(&Via::of(&via), &tenant, &body).await?;
     let closed =
         answer["disconnected"].as_u64().ok_or_else(|| anyhow::anyhow!("the answer says nothing closed: {answer}"))?;
     match answer["refused_until"].as_str() {
@@ -43,10 +42,9 @@ pub(super) async fn disconnect_user(args: UserDisconnectArgs) -> anyhow::Result<
 
 /// `roomcast user join` and `roomcast user leave` (`action`: `join_user`, `leave_user`).
 pub(super) async fn user_room(action: &str, args: UserRoomArgs) -> anyhow::Result<()> {
-    let UserRoomArgs { tenant, user, room, jwt_secret, endpoint, token, target } = args;
+    let UserRoomArgs { tenant, user, room, via } = args;
     let body = serde_json::json!({ "action": action, "tenant": tenant, "user_id": user, "room": room });
-    let via = Via { endpoint: endpoint.as_deref(), token: token.as_deref(), jwt_secret: &jwt_secret, target: &target };
-    let answer = send(&via, &tenant, &body).await?;
+    let answer = send(&Via::of(&via), &tenant, &body).await?;
     println!("{tenant}/{user} {room}: {answer}");
     Ok(())
 }
@@ -57,6 +55,17 @@ pub(super) struct Via<'a> {
     pub(super) token: Option<&'a str>,
     pub(super) jwt_secret: &'a str,
     pub(super) target: &'a super::PluginTargetArgs,
+}
+
+impl<'a> Via<'a> {
+    fn of(args: &'a super::BackendArgs) -> Via<'a> {
+        Via {
+            endpoint: args.endpoint.as_deref(),
+            token: args.token.as_deref(),
+            jwt_secret: &args.jwt_secret,
+            target: &args.target,
+        }
+    }
 }
 
 /// One backend request (a publish, or a user operation when `body` names an `action`), as the
