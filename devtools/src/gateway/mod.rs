@@ -466,6 +466,11 @@ async fn connection(
             },
             _ = close_rx.changed() => {
                 let (code, reason) = close_rx.borrow().clone().unwrap_or((1000, String::new()));
+                // What `@connections` accepted before the DELETE goes out first, as API Gateway
+                // sends a posted frame before it closes (a `terminated` error, then the close).
+                while let Ok(Outbound::Text(text)) = rx.try_recv() {
+                    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(WsMessage::Text(text.into()))).await;
+                }
                 break close(&mut socket, code, &reason).await;
             }
             _ = clock.sleep_until(idle_deadline) => {
