@@ -178,8 +178,14 @@ pub async fn handle_jobs(
             }
         }
     }
+    reported(failures)
+}
+
+/// An SQS event source's answer reporting the messages `ids` (`batchItemFailures`): the rest
+/// of the batch is deleted, these come back after their visibility timeout.
+pub(crate) fn reported(ids: impl IntoIterator<Item = String>) -> SqsBatchResponse {
     let mut response = SqsBatchResponse::default();
-    response.batch_item_failures = failures
+    response.batch_item_failures = ids
         .into_iter()
         .map(|id| {
             let mut failure = BatchItemFailure::default();
