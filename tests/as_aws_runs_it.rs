@@ -750,6 +750,15 @@ async fn every_function_runs_under_its_template_policy_with_every_batch_delivere
     for room in ["side", "third"] {
         assert!(acks.iter().any(|a| a["room"] == room && a["request"] == "join"), "alice not told of {room}: {acks:?}");
     }
+    // And send to a user: acme's backend reaches alice's connection, whatever its rooms (the
+    // publish function queries her connections on the index, the processor posts the record).
+    let note =
+        json!({"action": "send_to_user", "tenant": "acme", "user_id": "alice", "message": "paid", "from": "billing"});
+    let out = aws.invoke("TenantPublishFunction", http(Value::Null, &users("acme"), note)).await;
+    assert!(out["body"].as_str().unwrap().contains(r#""connections":1"#), "{out}");
+    aws.pump().await;
+    let notes = aws.recorder.received_action("c-alice", "user_message");
+    assert!(notes.iter().any(|n| n["message"] == "paid" && n["from"] == "billing"), "alice got {notes:?}");
 
     aws.disconnect("c-bob").await;
     aws.pump().await;

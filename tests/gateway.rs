@@ -26,6 +26,7 @@ roomcast_tests::on_both_stores!(multi_thread:
     a_connection_refreshes_its_token_in_place_and_an_expired_one_may_only_refresh,
     a_backend_disconnects_a_user_everywhere_and_keeps_them_out_for_a_while,
     a_backend_puts_a_users_connections_into_a_room_under_the_rules_of_a_join_and_takes_them_out,
+    a_backend_sends_to_every_connection_of_a_user_in_any_room_or_none,
 );
 
 /// Polls the table until `connection_id` is no longer a member of acme's `general` room.
@@ -986,5 +987,58 @@ async fn a_backend_puts_a_users_connections_into_a_room_under_the_rules_of_a_joi
     bob.expect("ann leaving", ws::presence("ann", "left")).await;
     let out = tab2.ask(json!({"action":"sendMessage","room":"vip","message":"x"}), "error").await;
     assert_eq!(out["code"], "not_member", "{out}");
+    stack.shutdown().await;
+}
+
+/// Send to a user (issue 26): a tenant's backend reaches every connection of a user — one in a
+/// room, one in none — with one `user_message` each (the same id); another user of the room gets
+/// nothing of it; a user with no connection is told so and nothing is written; another tenant's
+/// token, a publish token and an oversize message are refused.
+async fn a_backend_sends_to_every_connection_of_a_user_in_any_room_or_none(kind: &str) {
+    let stack = ws::dev(kind, |_| {}).await;
+    let base = format!("http://{}", stack.addr);
+    let mut tab1 = connect(&stack, "acme", "ann", "general").await;
+    let mut tab2 = connect(&stack, "acme", "ann", "").await;
+    let mut bob = connect(&stack, "acme", "bob", "general").await;
+    for client in [&mut tab1, &mut tab2, &mut bob] {
+        client.expect_action("welcome").await;
+    }
+    let post = |token: String, body: Value| {
+        let base = base.clone();
+        async move {
+            let body = body.to_string().into_bytes();
+            roomcast::dev::api::request_as(&base, axum::http::Method::POST, "/publish", body, Some(&token)).await
+        }
+    };
+    let to = |user: &str, message: &str| json!({"action": "send_to_user", "tenant": "acme", "user_id": user, "message": message, "from": "billing"});
+    let backend = roomcast_tests::users_token("acme", ws::SECRET);
+    let foreign = post(roomcast_tests::users_token("globex", ws::SECRET), to("ann", "x")).await;
+    assert!(foreign.expect_err("globex sends to acme's user").to_string().contains("tenant globex only"));
+    let publisher = post(roomcast_tests::publish_token("acme", ws::SECRET), to("ann", "x")).await;
+    assert!(publisher.expect_err("a publish token sends to a user").to_string().contains("`users` scope"));
+    let big = "x".repeat(roomcast::protocol::MAX_MESSAGE_FRAME_BYTES);
+    let oversize = post(backend.clone(), to("ann", &big)).await;
+    assert!(oversize.expect_err("an oversize message").to_string().contains("limit"));
+    let nobody = post(backend.clone(), to("dan", "hello?")).await.expect("a user without connections");
+    assert_eq!(nobody, json!({"id": null, "connections": 0}));
+
+    let sent = post(backend.clone(), to("ann", "your invoice is paid")).await.expect("acme's backend");
+    assert_eq!(sent["connections"], 2, "{sent}");
+    let id = sent["id"].as_str().expect("an id").to_string();
+    for tab in [&mut tab1, &mut tab2] {
+        let got = tab.expect("the user message", |f| f["action"] == "user_message").await;
+        assert_eq!((got["id"].as_str(), got["from"].as_str()), (Some(id.as_str()), Some("billing")), "{got}");
+        assert_eq!(got["message"], "your invoice is paid");
+    }
+    // Bob shares ann's room and gets nothing of hers: his own message to him is the marker.
+    let marker = post(backend.clone(), to("bob", "marker")).await.expect("to bob");
+    assert_eq!(marker["connections"], 1, "{marker}");
+    let ann_id = id.clone();
+    bob.expect_before(
+        "bob's own user message",
+        |f| f["action"] == "user_message" && f["message"] == "marker",
+        move |f| f["id"] == ann_id.as_str(),
+    )
+    .await;
     stack.shutdown().await;
 }

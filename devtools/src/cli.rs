@@ -443,6 +443,24 @@ enum UserCommand {
     Join(UserRoomArgs),
     /// Take every connection of the user out of a room.
     Leave(UserRoomArgs),
+    /// Send a message to every connection of the user, in any room (a `user_message` frame).
+    Send(UserSendArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UserSendArgs {
+    #[arg(long)]
+    tenant: String,
+    #[arg(long)]
+    user: String,
+    /// The message's text (JSON text if the client expects it).
+    #[arg(long)]
+    message: String,
+    /// Who it says it is from (default `backend`).
+    #[arg(long)]
+    from: Option<String>,
+    #[command(flatten)]
+    via: BackendArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -600,6 +618,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User { command: UserCommand::Disconnect(args) } => publish::disconnect_user(args).await,
         Command::User { command: UserCommand::Join(args) } => publish::user_room("join_user", args).await,
         Command::User { command: UserCommand::Leave(args) } => publish::user_room("leave_user", args).await,
+        Command::User { command: UserCommand::Send(args) } => publish::send_to_user(args).await,
         Command::Webhooks { command: WebhooksCommand::Redrive { dead_letter_queue, queue } } => {
             let client = aws_sdk_sqs::Client::new(&crate::config::load_aws().await);
             let moved = crate::webhook::sqs::redrive(&client, &dead_letter_queue, &queue)

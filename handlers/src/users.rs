@@ -8,6 +8,13 @@
 //! | `disconnect_user` | `tenant`, `user_id`, `refuse_until?` (RFC 3339) | `{"disconnected": n, "refused_until"?}` |
 //! | `join_user` | `tenant`, `user_id`, `room` | `{"connections", "joined", "pending", "denied"}` |
 //! | `leave_user` | `tenant`, `user_id`, `room` | `{"connections", "left"}` |
+//! | `send_to_user` | `tenant`, `user_id`, `message`, `from?` | `{"id", "connections"}` (`id` null for none) |
+//!
+//! `send_to_user` reaches every connection the user has, in any room or none: the processor
+//! sends each a `user_message` frame (`id`, `from`, `message`, `timestamp`). The connections are
+//! the ones open when it is written (a user with none gets nothing, and nothing is written); it
+//! is not kept for history or recovery, and the tenant's plugin does not see it. A tenant's
+//! token counts it against the tenant's message limits, as a publish.
 //!
 //! `join_user` joins each of the user's connections as its own `join` would, under the same
 //! rules — the token's `rooms` claim, the tenant's plugin deciding joins (then `pending`), the
@@ -51,6 +58,13 @@ pub enum UserRequest {
         user_id: String,
         room: String,
     },
+    SendToUser {
+        tenant: String,
+        user_id: String,
+        message: String,
+        #[serde(default)]
+        from: Option<String>,
+    },
 }
 
 impl UserRequest {
@@ -58,7 +72,8 @@ impl UserRequest {
         match self {
             UserRequest::DisconnectUser { tenant, user_id, .. }
             | UserRequest::JoinUser { tenant, user_id, .. }
-            | UserRequest::LeaveUser { tenant, user_id, .. } => (tenant, user_id),
+            | UserRequest::LeaveUser { tenant, user_id, .. }
+            | UserRequest::SendToUser { tenant, user_id, .. } => (tenant, user_id),
         }
     }
 }
@@ -79,7 +94,7 @@ pub async fn act(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Val
         refuse(
             400,
             format!(
-                "a user operation is {{\"action\": \"disconnect_user\" (tenant, user_id, refuse_until?), \"join_user\" or \"leave_user\" (tenant, user_id, room)}}: {e}"
+                "a user operation is {{\"action\": \"disconnect_user\" (tenant, user_id, refuse_until?), \"join_user\" or \"leave_user\" (tenant, user_id, room), \"send_to_user\" (tenant, user_id, message, from?)}}: {e}"
             ),
         )
     })?;
@@ -101,6 +116,9 @@ pub async fn act(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Val
     let now = deps.clock.now();
     let unavailable = |e: crate::store::StoreError| refuse(503, e.to_string());
     match &request {
+        UserRequest::SendToUser { user_id, message, from, .. } => {
+            send_to_user(deps, caller, tenant.as_str(), user_id, message, from.as_deref()).await
+        }
         UserRequest::JoinUser { user_id, room, .. } | UserRequest::LeaveUser { user_id, room, .. } => {
             Name::parse("room", room).map_err(|e| refuse(400, e))?;
             let joining = matches!(request, UserRequest::JoinUser { .. });
@@ -172,6 +190,59 @@ pub async fn act(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Val
             Ok(answer)
         }
     }
+}
+
+/// Writes one message to every connection `user_id` has now (nothing when none); answers its id
+/// and how many connections it names.
+async fn send_to_user(
+    deps: &PublishDeps,
+    caller: &Caller,
+    tenant: &str,
+    user_id: &str,
+    message: &str,
+    from: Option<&str>,
+) -> Result<Value, PublishError> {
+    let from = from.unwrap_or(crate::publish::DEFAULT_PUBLISHER);
+    if from.is_empty() || from.len() > crate::auth::MAX_USER_ID_BYTES || from.chars().any(char::is_control) {
+        return Err(refuse(400, "from must be 1 to 128 bytes, without control characters"));
+    }
+    let now = deps.clock.now();
+    if caller.tenant().is_some() {
+        let op = crate::limits::Operation::Message;
+        let limited = deps
+            .limits
+            .check(deps.store.as_ref(), op, tenant, from, None, now)
+            .await
+            .map_err(|e| refuse(503, e.to_string()))?;
+        if let Some(limited) = limited {
+            return Err(PublishError {
+                status: 429,
+                message: limited.message(),
+                retry_after_ms: Some(limited.retry_after_ms),
+            });
+        }
+    }
+    let connections =
+        deps.store.user_connections(tenant, user_id, now).await.map_err(|e| refuse(503, e.to_string()))?;
+    let record = crate::model::UserMessage::new(tenant, user_id, from, message.to_string(), &connections, now);
+    let frame = ServerMessage::UserMessage {
+        id: record.id.clone(),
+        from: record.from.clone(),
+        message: record.body.clone(),
+        timestamp: crate::model::format_ts(&now),
+    };
+    let size = frame.to_json().len();
+    if size > crate::protocol::MAX_MESSAGE_FRAME_BYTES {
+        let most = crate::protocol::MAX_MESSAGE_FRAME_BYTES;
+        return Err(refuse(413, format!("the message would reach the user as {size} bytes; the limit is {most}")));
+    }
+    if record.recipients.is_empty() {
+        tracing::info!(tenant, user_id, "send to user: no connection");
+        return Ok(json!({ "id": null, "connections": 0 }));
+    }
+    deps.store.put_user_message(&record).await.map_err(|e| refuse(503, e.to_string()))?;
+    tracing::info!(tenant, user_id, id = %record.id, connections = record.recipients.len(), "send to user");
+    Ok(json!({ "id": record.id, "connections": record.recipients.len() }))
 }
 
 /// Keeps the user refused until `until` (if given), then closes each of their connections;

@@ -402,6 +402,16 @@ pub enum ServerMessage {
         user_id: String,
         data: Value,
     },
+    /// A backend's message to this connection's user (`send_to_user`), whatever rooms they are
+    /// in: each of the user's connections gets it once; `id` is the same when a redelivered
+    /// record sends it again.
+    UserMessage {
+        id: String,
+        /// Who the backend says it is from.
+        from: String,
+        message: String,
+        timestamp: String,
+    },
     /// The answer to `who`: a page of the users present, each once with their connection count.
     Who {
         room: String,

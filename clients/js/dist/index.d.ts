@@ -186,8 +186,19 @@ export interface Events {
         user_id: string;
         data: unknown;
     }) => void;
+    /** A message from the tenant's backend to this user (`send_to_user`), in whatever rooms they
+     * are: once per id, however often it is redelivered. */
+    userMessage: (message: UserMessage) => void;
     /** Connection-level trouble (the client goes on, unless it is an `AuthError`). */
     error: (error: RoomcastError) => void;
+}
+/** A backend's message to this user, not to a room: not kept in any room's history. */
+export interface UserMessage {
+    id: string;
+    /** Who the backend says it is from. */
+    from: string;
+    message: string;
+    timestamp: string;
 }
 /** A join's answer: the room's users as it was acknowledged. */
 export interface JoinAck {

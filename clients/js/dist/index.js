@@ -106,6 +106,9 @@ export class RoomcastClient {
     #connectionId;
     #userId;
     #duplicates = 0;
+    /** Ids of the user messages already emitted (the last `dedupeWindow`), oldest first. */
+    #userMessages = new Set();
+    #userMessageOrder = [];
     #stale = 0;
     #reconnecting = false;
     #failedAttempts = 0;
@@ -750,6 +753,9 @@ export class RoomcastClient {
             case "signal":
                 this.#emit("signal", frame);
                 break;
+            case "user_message":
+                this.#onUserMessage(frame);
+                break;
             case "error":
                 // The service disconnected this user: reconnecting would only be refused (or undo it).
                 if (frame.code === "terminated")
@@ -853,6 +859,18 @@ export class RoomcastClient {
             return;
         }
         this.#deliver(state, message);
+    }
+    #onUserMessage(message) {
+        if (this.#userMessages.has(message.id)) {
+            this.#duplicates += 1;
+            return;
+        }
+        this.#userMessages.add(message.id);
+        this.#userMessageOrder.push(message.id);
+        while (this.#userMessageOrder.length > this.#options.dedupeWindow) {
+            this.#userMessages.delete(this.#userMessageOrder.shift());
+        }
+        this.#emit("userMessage", message);
     }
     #deliver(state, message) {
         if (state.seen.has(message.id)) {

@@ -223,8 +223,20 @@ export interface Events {
   rejected: (error: RejectedError) => void;
   join_denied: (error: JoinDeniedError) => void;
   signal: (signal: { id: string; room: string; user_id: string; data: unknown }) => void;
+  /** A message from the tenant's backend to this user (`send_to_user`), in whatever rooms they
+   * are: once per id, however often it is redelivered. */
+  userMessage: (message: UserMessage) => void;
   /** Connection-level trouble (the client goes on, unless it is an `AuthError`). */
   error: (error: RoomcastError) => void;
+}
+
+/** A backend's message to this user, not to a room: not kept in any room's history. */
+export interface UserMessage {
+  id: string;
+  /** Who the backend says it is from. */
+  from: string;
+  message: string;
+  timestamp: string;
 }
 
 /** A join's answer: the room's users as it was acknowledged. */
@@ -307,6 +319,9 @@ export class RoomcastClient {
   #connectionId?: string;
   #userId?: string;
   #duplicates = 0;
+  /** Ids of the user messages already emitted (the last `dedupeWindow`), oldest first. */
+  #userMessages = new Set<string>();
+  #userMessageOrder: string[] = [];
   #stale = 0;
   #reconnecting = false;
   #failedAttempts = 0;
@@ -959,6 +974,9 @@ export class RoomcastClient {
       case "signal":
         this.#emit("signal", frame as never);
         break;
+      case "user_message":
+        this.#onUserMessage(frame as unknown as UserMessage);
+        break;
       case "error":
         // The service disconnected this user: reconnecting would only be refused (or undo it).
         if (frame.code === "terminated") this.#stopped = true;
@@ -1056,6 +1074,19 @@ export class RoomcastClient {
       return;
     }
     this.#deliver(state, message);
+  }
+
+  #onUserMessage(message: UserMessage): void {
+    if (this.#userMessages.has(message.id)) {
+      this.#duplicates += 1;
+      return;
+    }
+    this.#userMessages.add(message.id);
+    this.#userMessageOrder.push(message.id);
+    while (this.#userMessageOrder.length > this.#options.dedupeWindow) {
+      this.#userMessages.delete(this.#userMessageOrder.shift()!);
+    }
+    this.#emit("userMessage", message);
   }
 
   #deliver(state: RoomState, message: ChatMessage): void {

@@ -501,3 +501,39 @@ test("a user the backend disconnects is told terminated and the client ends, no 
   assert.ok(errors.includes("terminated"), errors.join(","));
   await assert.rejects(ann.ready(), /closed/);
 });
+
+test("a backend's message to a user reaches each of their clients once, in any room or none", async () => {
+  const user = `zoe-${Date.now()}`;
+  const inRoom = client("acme", user, [`inbox-${Date.now()}`]);
+  const noRoom = client("acme", user, []);
+  const got = [[], []];
+  inRoom.on("userMessage", (m) => got[0].push(m));
+  noRoom.on("userMessage", (m) => got[1].push(m));
+  await Promise.all([inRoom.ready(), noRoom.ready()]);
+  const response = await fetch(`${base}/publish`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${token("acme", "backend", { scope: "users" })}` },
+    body: JSON.stringify({ action: "send_to_user", tenant: "acme", user_id: user, message: "paid", from: "billing" }),
+  });
+  assert.equal(response.status, 200, await response.clone().text());
+  const { id, connections } = await response.json();
+  assert.equal(connections, 2);
+  await until("both clients", () => got[0].length === 1 && got[1].length === 1);
+  for (const [m] of got) assert.deepEqual([m.id, m.from, m.message], [id, "billing", "paid"]);
+  inRoom.close();
+  noRoom.close();
+});
+
+test("a redelivered user message is emitted once (a scripted socket)", async () => {
+  const c = connect({ url: "ws://scripted", token: "t", rooms: [], WebSocket: Scripted });
+  await c.ready();
+  const got = [];
+  c.on("userMessage", (m) => got.push(m.message));
+  const frame = { action: "user_message", id: "u-1", from: "backend", message: "once", timestamp: "t" };
+  Scripted.last.deliver(frame);
+  Scripted.last.deliver(frame);
+  Scripted.last.deliver({ ...frame, id: "u-2", message: "twice" });
+  await until("the second message", () => got.length === 2);
+  assert.deepEqual(got, ["once", "twice"]);
+  c.close();
+});

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{PublishArgs, UserDisconnectArgs, UserRoomArgs, config, table_store};
+use super::{PublishArgs, UserDisconnectArgs, UserRoomArgs, UserSendArgs, config, table_store};
 
 /// `roomcast publish`.
 pub(super) async fn run(args: PublishArgs) -> anyhow::Result<()> {
@@ -46,6 +46,21 @@ pub(super) async fn user_room(action: &str, args: UserRoomArgs) -> anyhow::Resul
     let body = serde_json::json!({ "action": action, "tenant": tenant, "user_id": user, "room": room });
     let answer = send(&Via::of(&via), &tenant, &body).await?;
     println!("{tenant}/{user} {room}: {answer}");
+    Ok(())
+}
+
+/// `roomcast user send`.
+pub(super) async fn send_to_user(args: UserSendArgs) -> anyhow::Result<()> {
+    let UserSendArgs { tenant, user, message, from, via } = args;
+    let body = serde_json::json!({
+        "action": "send_to_user", "tenant": tenant, "user_id": user, "message": message, "from": from,
+    });
+    let answer = send(&Via::of(&via), &tenant, &body).await?;
+    let connections = answer["connections"].as_u64().unwrap_or_default();
+    match answer["id"].as_str() {
+        Some(id) => println!("sent {id} to {connections} connection(s) of {tenant}/{user}"),
+        None => println!("{tenant}/{user} has no connection: nothing sent"),
+    }
     Ok(())
 }
 

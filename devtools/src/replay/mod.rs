@@ -392,6 +392,10 @@ pub fn describe_change(event: &str, change: &Change) -> Value {
             "record": "signal", "tenant": signal.tenant, "room": signal.room, "id": signal.id,
             "user_id": signal.user_id, "connection_id": signal.sender_connection_id, "data": signal.data,
         }),
+        Record::UserMessage(m) => json!({
+            "record": "user-message", "tenant": m.tenant, "id": m.id, "user_id": m.user_id,
+            "from": m.from, "body": m.body, "recipients": m.recipients.len(),
+        }),
     };
     if let Value::Object(map) = &mut value {
         map.retain(|_, v| !v.is_null());

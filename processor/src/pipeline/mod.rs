@@ -9,6 +9,7 @@
 //! | membership INSERT / MODIFY / REMOVE | [`membership`] | who may join (the tenant's rules), the room's presence, `joined`/`left`, the join's `ack` |
 //! | message INSERT | [`message`] | the tenant's verdict and route, the room's members, fan-out |
 //! | signal INSERT | [`signal`] | the room's other members |
+//! | user message INSERT | [`to_user`] | the connections it names (a backend's `send_to_user`) |
 //! | plugin version / `ACTIVE` pointer | `plugin` | the tenant rules' bookkeeping (activate, follow) |
 //! | anything else | — | nothing: processor state, chunks, kept copies; an unknown record is skipped and counted |
 //!
@@ -23,6 +24,7 @@ mod perform;
 mod plugin;
 mod recover;
 pub mod signal;
+pub mod to_user;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -461,6 +463,7 @@ impl Processor {
             }
             Change::Inserted(Record::Message(m)) => message::sent(self, m, sequence, lookups).await,
             Change::Inserted(Record::Signal(s)) => signal::sent(self, s).await,
+            Change::Inserted(Record::UserMessage(m)) => Ok(Reaction::of(to_user::react(m))),
             _ if change.is_plugin_record() => plugin::changed(self, change).await,
             // Processor state, plugin chunks, kept copies; other changes no client hears of.
             _ => Ok(Reaction::default()),

@@ -36,6 +36,8 @@ pub enum Record {
     PluginActive(PluginActive),
     /// An ephemeral event for a room's members.
     Signal(crate::model::Signal),
+    /// A backend's message to a user, naming their connections.
+    UserMessage(crate::model::UserMessage),
     /// State the processor keeps for itself (a user's presence in a room, a room's count) or a
     /// tenant's settings: nothing to react to. Not decoded.
     State {
@@ -56,6 +58,7 @@ impl Record {
             Record::PluginActive(a) => (Some(&a.tenant), None),
             Record::State { tenant, .. } => (Some(tenant), None),
             Record::Signal(s) => (Some(&s.tenant), Some(&s.room)),
+            Record::UserMessage(m) => (Some(&m.tenant), None),
         }
     }
 }
@@ -198,6 +201,7 @@ fn decode_image(keys: &Item, image: &Item, which: &str) -> Result<Record, String
         ItemKind::Message if image.contains_key("keptIn") => state("kept-copy", kind.tenant(pk)),
         ItemKind::Message => typed(image, pk, sk, which).map(Record::Message),
         ItemKind::Signal => typed(image, pk, sk, which).map(Record::Signal),
+        ItemKind::UserMessage => typed(image, pk, sk, which).map(Record::UserMessage),
         ItemKind::PluginActive => typed(image, pk, sk, which).map(Record::PluginActive),
         ItemKind::PluginMeta => typed(image, pk, sk, which).map(Record::Plugin),
         ItemKind::PluginChunk => Ok(Record::PluginChunk { tenant: kind.tenant(pk).to_string() }),

@@ -117,6 +117,11 @@ pub const SETTINGS_SK: &str = "SETTINGS";
 /// A tenant's plugin configuration (`roomcast plugin config set`).
 pub const PLUGIN_CONFIG_SK: &str = "CONFIG";
 
+/// A backend's message to a user ([`UserMessage`]): `USER#{tenant}#{user}` / `MSG#{id}`.
+pub fn user_message_pk(tenant: &str, user_id: &str) -> String {
+    format!("USER#{tenant}#{user_id}")
+}
+
 pub fn user_gsi1pk(tenant: &str, user_id: &str) -> String {
     format!("TENANT#{tenant}#USER#{user_id}")
 }
@@ -139,6 +144,8 @@ pub enum ItemKind {
     Message,
     /// `ROOM#…` / `SIG#…`.
     Signal,
+    /// `USER#{tenant}#{user}` / `MSG#…`: a backend's message to a user.
+    UserMessage,
     /// `PRESENCE#{tenant}#{room}` / `USER#{user}` (and the same under `ROOM#`, from before).
     Presence,
     /// `PRESENCE#…` / `PRESENCE`: a room's count (and the same under `ROOM#`, from before).
@@ -181,6 +188,7 @@ impl ItemKind {
             ("ROOM", sk) if sk.starts_with("CONN#") => Membership,
             ("ROOM", sk) if sk.starts_with("MSG#") => Message,
             ("ROOM", sk) if sk.starts_with("SIG#") => Signal,
+            ("USER", sk) if sk.starts_with("MSG#") => UserMessage,
             ("PRESENCE" | "ROOM", sk) if sk.starts_with("USER#") => Presence,
             ("PRESENCE" | "ROOM", ROOM_PRESENCE_SK) => RoomPresence,
             ("ROSTER", ROSTER_VERSION_SK) => Roster,
@@ -222,6 +230,7 @@ impl ItemKind {
             ItemKind::Membership => "membership",
             ItemKind::Message => "message",
             ItemKind::Signal => "signal",
+            ItemKind::UserMessage => "user-message",
             ItemKind::Presence => "presence",
             ItemKind::RoomPresence => "room-presence",
             ItemKind::Roster => "roster",

@@ -153,6 +153,78 @@ impl Signal {
     }
 }
 
+/// A backend's message to one user, in whatever rooms they are (`send_to_user`): every
+/// connection the user had when it was written gets it once, as a `user_message` frame. The
+/// write path resolves the connections (one `Query` of the user's index key) and names them
+/// here, so the processor reads nothing to deliver it, and a replay sends to the same ones.
+/// Never listed by history; gone within minutes (its TTL).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserMessage {
+    pub pk: String,
+    pub sk: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub id: String,
+    pub tenant: String,
+    /// Who it is to.
+    pub user_id: String,
+    /// Who the backend says it is from.
+    pub from: String,
+    pub body: String,
+    pub recipients: Vec<UserRecipient>,
+    #[serde(with = "ts_format")]
+    pub timestamp: DateTime<Utc>,
+    pub ttl: i64,
+}
+
+/// One of the user's connections, as delivery needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserRecipient {
+    pub connection_id: String,
+    pub endpoint: String,
+    #[serde(with = "ts_format")]
+    pub connected_at: DateTime<Utc>,
+}
+
+/// How long a message to a user is kept: it is delivered from its INSERT, never read again.
+pub const USER_MESSAGE_TTL_SECONDS: i64 = 300;
+
+/// The most connections one message to a user names (a user with more gets it on the first
+/// this many, by connection id; the answer says how many).
+pub const MAX_USER_MESSAGE_RECIPIENTS: usize = 1_000;
+
+impl UserMessage {
+    pub fn new(tenant: &str, user_id: &str, from: &str, body: String, to: &[Connection], now: DateTime<Utc>) -> Self {
+        let id = message_id_at(now);
+        let mut recipients: Vec<UserRecipient> = to
+            .iter()
+            .map(|c| UserRecipient {
+                connection_id: c.connection_id.clone(),
+                endpoint: c.endpoint.clone(),
+                connected_at: c.connected_at,
+            })
+            .collect();
+        recipients.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
+        recipients.dedup_by(|a, b| a.connection_id == b.connection_id);
+        recipients.truncate(MAX_USER_MESSAGE_RECIPIENTS);
+        UserMessage {
+            pk: user_message_pk(tenant, user_id),
+            sk: format!("MSG#{id}"),
+            record_type: "user-message".into(),
+            id,
+            tenant: tenant.to_string(),
+            user_id: user_id.to_string(),
+            from: from.to_string(),
+            body,
+            recipients,
+            timestamp: now,
+            ttl: expiry(now, USER_MESSAGE_TTL_SECONDS),
+        }
+    }
+}
+
 /// A message id: a UUID v7 whose millisecond is the message's own time (its sort key's), with a
 /// counter that keeps this process's messages of one millisecond in order. So an id alone gives
 /// the message's sort key ([`message_sk_of_id`]): a client's last-seen id is a history cursor.

@@ -105,6 +105,7 @@ fn every_key_builder_makes_an_item_of_its_kind_with_its_tenant() {
         (room_pk("acme", "lobby"), membership_sk("c1"), ItemKind::Membership, "acme"),
         (room_pk("acme", "lobby"), message_sk(&now, "m1"), ItemKind::Message, "acme"),
         (room_pk("acme", "lobby"), "SIG#s1".to_string(), ItemKind::Signal, "acme"),
+        (user_message_pk("acme", "ann"), "MSG#m1".to_string(), ItemKind::UserMessage, "acme"),
         (presence_pk("acme", "lobby"), presence_sk("ann"), ItemKind::Presence, "acme"),
         (room_pk("acme", "lobby"), presence_sk("ann"), ItemKind::Presence, "acme"),
         (presence_pk("acme", "lobby"), ROOM_PRESENCE_SK.to_string(), ItemKind::RoomPresence, "acme"),

@@ -167,6 +167,8 @@ pub trait HistoryStore: Send + Sync {
 
     /// Writes an ephemeral signal (its INSERT is delivered; its TTL removes it).
     async fn put_signal(&self, signal: &crate::model::Signal) -> Result<()>;
+    /// Writes a backend's message to a user (`send_to_user`); the processor delivers it.
+    async fn put_user_message(&self, message: &crate::model::UserMessage) -> Result<()>;
 
     /// Writes `message` unless `record`'s key already stands for one within its window. The key is
     /// claimed with one conditional put of `record` (an expired claim counts as absent), then the

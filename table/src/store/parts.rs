@@ -145,6 +145,9 @@ impl HistoryStore for Parts {
     async fn put_signal(&self, signal: &crate::model::Signal) -> Result<()> {
         self.history.put_signal(signal).await
     }
+    async fn put_user_message(&self, message: &crate::model::UserMessage) -> Result<()> {
+        self.history.put_user_message(message).await
+    }
     async fn put_message_once(
         &self,
         message: &Message,

@@ -26,6 +26,17 @@ impl HistoryStore for DynamoStore {
         Ok(())
     }
 
+    async fn put_user_message(&self, message: &crate::model::UserMessage) -> Result<()> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(message)?))
+            .send()
+            .await
+            .map_err(|e| unavailable("put_item (user message)", e))?;
+        Ok(())
+    }
+
     async fn history_page(
         &self,
         tenant: &str,

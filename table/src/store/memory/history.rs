@@ -18,6 +18,13 @@ impl HistoryStore for MemoryStore {
         Ok(())
     }
 
+    async fn put_user_message(&self, message: &crate::model::UserMessage) -> Result<()> {
+        let item = encode(message)?;
+        let mut table = self.lock();
+        self.put_item(&mut table, item);
+        Ok(())
+    }
+
     async fn history_page(
         &self,
         tenant: &str,
