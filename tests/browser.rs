@@ -343,3 +343,59 @@ async fn a_page_that_goes_offline_and_comes_back_has_every_message() {
     assert_eq!(order, ["before", "while-1", "while-2", "while-3", "recover", "after"], "{entries:?}");
     stack.shutdown().await;
 }
+
+/// The dev page shows the tenant's webhook deliveries as `roomcast dev` attempts them: a
+/// receiver on loopback refuses the first, so the page lists it `retrying` (with the error), then
+/// `delivered`, with the events' types; and a backend's message to the page's user
+/// (`send_to_user`) shows in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_the_tenants_webhook_deliveries_and_messages_to_its_user() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (receiver, url) = roomcast_tests::WebhookReceiver::start().await;
+    receiver.refuse_first.store(1, SeqCst);
+    let mut options = roomcast::dev::DevOptions { port: 0, ..Default::default() };
+    options.webhook_retry.first_delay = Duration::from_millis(200);
+    let stack = roomcast::dev::start(options).await.unwrap();
+    let settings = roomcast::model::TenantSettings {
+        webhook: Some(roomcast::model::WebhookSettings {
+            url: format!("{url}/ok"),
+            secret: "acme-webhook-secret".into(),
+            events: Vec::new(),
+        }),
+        ..roomcast::model::TenantSettings::new("acme")
+    };
+    stack.store.put_tenant_settings(&settings).await.unwrap();
+    let mut browser = Browser::launch().await;
+    let page = format!("{}?tenant=acme&user=ann&rooms=general&room=general", stack.page_url());
+    let ann = browser.open(&page).await;
+    browser.click(&ann, "connect").await;
+    browser.wait_for(&ann, "ann's welcome", &log_has("welcome", "connected as ann")).await;
+    let listed = |outcome: &str, text: &str| {
+        format!(
+            "[...document.querySelectorAll('#deliveries li[data-outcome=\"{outcome}\"]')].some(li => li.textContent.includes({}))",
+            json!(text)
+        )
+    };
+    browser.wait_for(&ann, "the refused attempt", &listed("retrying", "503")).await;
+    browser.wait_for(&ann, "the delivery", &listed("delivered", "connection.opened")).await;
+    browser.wait_for(&ann, "the hint gone", "document.getElementById('deliveries-hint').hidden").await;
+    let events = receiver.events("ok", "acme-webhook-secret");
+    assert!(events.iter().any(|e| e["type"] == "connection.opened" && e["user_id"] == "ann"), "{events:?}");
+
+    let token = roomcast_tests::users_token("acme", b"roomcast-dev-secret");
+    let body =
+        json!({"action": "send_to_user", "tenant": "acme", "user_id": "ann", "message": "paid", "from": "billing"});
+    let base = format!("http://{}", stack.addr);
+    let sent = roomcast::dev::api::request_as(
+        &base,
+        axum::http::Method::POST,
+        "/publish",
+        body.to_string().into_bytes(),
+        Some(&token),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sent["connections"], 1, "{sent}");
+    browser.wait_for(&ann, "the user message", &log_has("user_message", "from billing: paid")).await;
+    stack.shutdown().await;
+}

@@ -15,6 +15,7 @@
 //! | `POST /publish` (a token with the `publish` scope; body `{tenant, room, message, user_id?, idempotency_key?}`) | the `publish` Lambda's HTTP API: `{"id"}`, or `{"error"}` with its status |
 //! | `GET /_dev/tenants/{tenant}/settings` | the tenant's settings (`roomcast tenant show`) |
 //! | `PUT /_dev/tenants/{tenant}/settings` (body: the settings' fields) | writes them (`roomcast tenant set`) |
+//! | `GET /_dev/webhooks/deliveries` (`?tenant=T`: one tenant's) | the last 500 delivery attempts, oldest first: tenant, at, attempt, outcome (`delivered`, `retrying`, `dead-lettered`, `dropped`), error, retry_in_ms, the events' types and ids |
 //! | `GET /_dev/webhooks/dead` | the tenants' webhook deliveries given up on: tenant, events, error, attempts |
 //! | `POST /_dev/webhooks/redrive` (`?tenant=T`: one tenant's) | queues them again: `{"events": n}` |
 //! | `GET /_dev/tenants/{tenant}/identity` | the tenant's own identity (`roomcast tenant identity`; the dev stack is local) |
@@ -59,6 +60,7 @@ pub fn routes(
 ) -> axum::Router {
     axum::Router::new()
         .route("/_dev/webhooks/dead", get(dead_letters))
+        .route("/_dev/webhooks/deliveries", get(deliveries))
         .route("/_dev/webhooks/redrive", axum::routing::post(redrive))
         .route("/_dev/metrics", get(counts))
         .route("/_dev/plugins/{tenant}", get(list).post(upload))
@@ -251,16 +253,21 @@ fn redacted(mut settings: crate::model::TenantSettings) -> crate::model::TenantS
     settings
 }
 
+async fn deliveries(State(api): State<Api>, Query(q): Query<TenantFilter>) -> Response {
+    axum::Json(api.webhooks.deliveries(q.tenant.as_deref())).into_response()
+}
+
 async fn dead_letters(State(api): State<Api>) -> Response {
     axum::Json(api.webhooks.dead_letters()).into_response()
 }
 
+/// `?tenant=T`: one tenant's.
 #[derive(Debug, Deserialize)]
-struct RedriveQuery {
+struct TenantFilter {
     tenant: Option<String>,
 }
 
-async fn redrive(State(api): State<Api>, axum::extract::Query(q): axum::extract::Query<RedriveQuery>) -> Response {
+async fn redrive(State(api): State<Api>, Query(q): Query<TenantFilter>) -> Response {
     let events = api.webhooks.redrive(q.tenant.as_deref()).await;
     axum::Json(serde_json::json!({ "events": events })).into_response()
 }

@@ -7,8 +7,9 @@
 //! [`LocalWebhooks::redrive`]). The tenant's URL and secret are read for every attempt, so a
 //! corrected setting applies to the next one. This is the developer's own machine: receivers on
 //! loopback and private addresses are allowed ([`super::guard`] is for the deployed function).
+//! Every attempt is kept in a short log ([`LocalWebhooks::deliveries`]) for the dev page.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,32 @@ pub struct DeadLetter {
     pub attempts: u32,
 }
 
+/// The most delivery attempts [`LocalWebhooks::deliveries`] keeps (the newest).
+pub const KEPT_ATTEMPTS: usize = 500;
+
+/// One attempt to deliver a batch of a tenant's events, as the dev page lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeliveryAttempt {
+    pub tenant: String,
+    /// When the attempt ended, RFC 3339.
+    pub at: String,
+    /// 1 for the first try of the batch.
+    pub attempt: u32,
+    /// `delivered`, `retrying` (refused or no answer: tried again after `retry_in_ms`),
+    /// `dead-lettered` (given up on) or `dropped` (the tenant has no webhook any more).
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
+    /// Each event's type, in order.
+    pub types: Vec<String>,
+    /// Each event's id.
+    pub ids: Vec<String>,
+}
+
+type Attempts = Arc<Mutex<VecDeque<DeliveryAttempt>>>;
+
 /// The webhook sink of `roomcast dev` and the tests.
 pub struct LocalWebhooks {
     store: Arc<dyn Store>,
@@ -68,12 +95,27 @@ pub struct LocalWebhooks {
     http: reqwest::Client,
     queues: Mutex<HashMap<String, mpsc::Sender<WebhookEvent>>>,
     dead: Arc<Mutex<Vec<DeadLetter>>>,
+    attempts: Attempts,
 }
 
 impl LocalWebhooks {
     pub fn new(store: Arc<dyn Store>, policy: RetryPolicy, metrics: Arc<Metrics>) -> Arc<LocalWebhooks> {
         let http = super::guard::client(policy.timeout, true);
-        Arc::new(LocalWebhooks { store, policy, metrics, http, queues: Mutex::default(), dead: Arc::default() })
+        Arc::new(LocalWebhooks {
+            store,
+            policy,
+            metrics,
+            http,
+            queues: Mutex::default(),
+            dead: Arc::default(),
+            attempts: Arc::default(),
+        })
+    }
+
+    /// The last [`KEPT_ATTEMPTS`] delivery attempts (of `tenant`, or all), oldest first.
+    pub fn deliveries(&self, tenant: Option<&str>) -> Vec<DeliveryAttempt> {
+        let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        attempts.iter().filter(|a| tenant.is_none_or(|t| t == a.tenant)).cloned().collect()
     }
 
     /// The dead letters, oldest first.
@@ -112,6 +154,7 @@ impl LocalWebhooks {
             metrics: self.metrics.clone(),
             http: self.http.clone(),
             dead: self.dead.clone(),
+            attempts: self.attempts.clone(),
         };
         tokio::spawn(worker.run(rx));
         queues.insert(tenant.to_string(), tx.clone());
@@ -156,9 +199,36 @@ struct Worker {
     metrics: Arc<Metrics>,
     http: reqwest::Client,
     dead: Arc<Mutex<Vec<DeadLetter>>>,
+    attempts: Attempts,
 }
 
 impl Worker {
+    /// Keeps one attempt in the log, dropping the oldest past [`KEPT_ATTEMPTS`].
+    fn note(
+        &self,
+        events: &[WebhookEvent],
+        attempt: u32,
+        outcome: &'static str,
+        error: Option<&str>,
+        retry: Option<Duration>,
+    ) {
+        let entry = DeliveryAttempt {
+            tenant: self.tenant.clone(),
+            at: crate::model::format_ts(&chrono::Utc::now()),
+            attempt,
+            outcome,
+            error: error.map(str::to_string),
+            retry_in_ms: retry.map(|d| d.as_millis() as u64),
+            types: events.iter().map(|e| e.kind.clone()).collect(),
+            ids: events.iter().map(|e| e.id.clone()).collect(),
+        };
+        let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        if attempts.len() == KEPT_ATTEMPTS {
+            attempts.pop_front();
+        }
+        attempts.push_back(entry);
+    }
+
     async fn run(self, mut rx: mpsc::Receiver<WebhookEvent>) {
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
@@ -183,22 +253,26 @@ impl Worker {
             let error = match self.attempt(&events).await {
                 Ok(true) => {
                     Metrics::add(&self.metrics.webhook_delivered, events.len() as u64);
+                    self.note(&events, attempts, "delivered", None, None);
                     return;
                 }
                 Ok(false) => {
                     tracing::info!(tenant = %self.tenant, events = events.len(), "the tenant has no webhook now: dropped");
+                    self.note(&events, attempts, "dropped", None, None);
                     return;
                 }
                 Err(error) => error,
             };
             if started.elapsed() + delay > self.policy.retry_for {
                 tracing::warn!(tenant = %self.tenant, events = events.len(), attempts, %error, "webhook dead-lettered");
+                self.note(&events, attempts, "dead-lettered", Some(&error), None);
                 let letter = DeadLetter { tenant: self.tenant.clone(), events, error, attempts };
                 bury(&self.dead, &self.metrics, letter);
                 return;
             }
             tracing::info!(tenant = %self.tenant, attempts, %error, retry_in_ms = delay.as_millis() as u64, "webhook retried");
             Metrics::add(&self.metrics.webhook_retried, 1);
+            self.note(&events, attempts, "retrying", Some(&error), Some(delay));
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(self.policy.max_delay);
         }
