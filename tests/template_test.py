@@ -281,6 +281,11 @@ class Template(unittest.TestCase):
         acted = set().union(*(prefixes_of[kind] for kind in typed))
         self.assertEqual(prefixes, acted)
         self.assertNotIn("LIMIT#", prefixes, "rate-limit counters never invoke the processor")
+        # A message to a user is delivered from its INSERT; its TTL deletion invokes nothing.
+        (users,) = [json.loads(f["Pattern"]) for f in source["FilterCriteria"]["Filters"]
+                    if "USER#" in f["Pattern"]]
+        self.assertEqual(users.get("eventName"), ["INSERT"])
+        self.assertEqual([p["prefix"] for p in users["dynamodb"]["Keys"]["pk"]["S"]], ["USER#"])
 
     def test_a_flood_of_clients_cannot_take_the_processors_concurrency(self):
         props = lambda name: self.resources[name]["Properties"]

@@ -82,6 +82,21 @@ pub struct PublishDeps {
     pub limits: crate::limits::Limiter,
 }
 
+/// A user id a backend names (`field`): 1 to 128 bytes, without `#` (the table's key separator)
+/// or control characters.
+pub fn check_user_id(field: &str, user_id: &str) -> Result<(), PublishError> {
+    if user_id.is_empty()
+        || user_id.len() > crate::auth::MAX_USER_ID_BYTES
+        || user_id.chars().any(|c| c == '#' || c.is_control())
+    {
+        return Err(refuse(
+            400,
+            format!("{field} must be 1 to {} bytes, without '#' or control characters", crate::auth::MAX_USER_ID_BYTES),
+        ));
+    }
+    Ok(())
+}
+
 /// Validates and writes one publish; answers the message's id (the first one's, for a repeated
 /// idempotency key). Nothing is written for a refusal.
 pub async fn publish(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<String, PublishError> {
@@ -96,15 +111,7 @@ pub async fn publish(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result
     }
     let room = Name::parse("room", &request.room).map_err(|e| refuse(400, e))?;
     let user_id = request.user_id.as_deref().unwrap_or(DEFAULT_PUBLISHER);
-    if user_id.is_empty()
-        || user_id.len() > crate::auth::MAX_USER_ID_BYTES
-        || user_id.chars().any(|c| c == '#' || c.is_control())
-    {
-        return Err(refuse(
-            400,
-            format!("user_id must be 1 to {} bytes, without '#' or control characters", crate::auth::MAX_USER_ID_BYTES),
-        ));
-    }
+    check_user_id("user_id", user_id)?;
     let key = request.idempotency_key.as_deref().map(parse_idempotency_key).transpose().map_err(|e| refuse(400, e))?;
     let now = deps.clock.now();
     if caller.tenant().is_some() {

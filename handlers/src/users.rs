@@ -8,13 +8,14 @@
 //! | `disconnect_user` | `tenant`, `user_id`, `refuse_until?` (RFC 3339) | `{"disconnected": n, "refused_until"?}` |
 //! | `join_user` | `tenant`, `user_id`, `room` | `{"connections", "joined", "pending", "denied"}` |
 //! | `leave_user` | `tenant`, `user_id`, `room` | `{"connections", "left"}` |
-//! | `send_to_user` | `tenant`, `user_id`, `message`, `from?` | `{"id", "connections"}` (`id` null for none) |
+//! | `send_to_user` | `tenant`, `user_id`, `message`, `from?` | `{"id", "connections", "found"?}` (`id` null for none; `found` when more than 1,000) |
 //!
 //! `send_to_user` reaches every connection the user has, in any room or none: the processor
 //! sends each a `user_message` frame (`id`, `from`, `message`, `timestamp`). The connections are
 //! the ones open when it is written (a user with none gets nothing, and nothing is written); it
 //! is not kept for history or recovery, and the tenant's plugin does not see it. A tenant's
-//! token counts it against the tenant's message limits, as a publish.
+//! token counts it against the tenant's message limits, the per-user one as the recipient's. A
+//! retried request is a second message (a new id): it has no idempotency key yet.
 //!
 //! `join_user` joins each of the user's connections as its own `join` would, under the same
 //! rules — the token's `rooms` claim, the tenant's plugin deciding joins (then `pending`), the
@@ -110,9 +111,7 @@ pub async fn act(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Val
     {
         return Err(refuse(403, format!("this token acts on tenant {allowed} only")));
     }
-    if user_id.is_empty() || user_id.len() > crate::auth::MAX_USER_ID_BYTES || user_id.contains('#') {
-        return Err(refuse(400, "user_id must be a user id (1 to 128 bytes, no '#')"));
-    }
+    crate::publish::check_user_id("user_id", user_id)?;
     let now = deps.clock.now();
     let unavailable = |e: crate::store::StoreError| refuse(503, e.to_string());
     match &request {
@@ -203,15 +202,15 @@ async fn send_to_user(
     from: Option<&str>,
 ) -> Result<Value, PublishError> {
     let from = from.unwrap_or(crate::publish::DEFAULT_PUBLISHER);
-    if from.is_empty() || from.len() > crate::auth::MAX_USER_ID_BYTES || from.chars().any(char::is_control) {
-        return Err(refuse(400, "from must be 1 to 128 bytes, without control characters"));
-    }
+    crate::publish::check_user_id("from", from)?;
     let now = deps.clock.now();
     if caller.tenant().is_some() {
+        // Counted against the user it goes to (and the tenant): a `from` of the backend's
+        // choosing must not open a way around the per-user limit onto one person's tabs.
         let op = crate::limits::Operation::Message;
         let limited = deps
             .limits
-            .check(deps.store.as_ref(), op, tenant, from, None, now)
+            .check(deps.store.as_ref(), op, tenant, user_id, None, now)
             .await
             .map_err(|e| refuse(503, e.to_string()))?;
         if let Some(limited) = limited {
@@ -241,8 +240,14 @@ async fn send_to_user(
         return Ok(json!({ "id": null, "connections": 0 }));
     }
     deps.store.put_user_message(&record).await.map_err(|e| refuse(503, e.to_string()))?;
-    tracing::info!(tenant, user_id, id = %record.id, connections = record.recipients.len(), "send to user");
-    Ok(json!({ "id": record.id, "connections": record.recipients.len() }))
+    let (named, found) = (record.recipients.len(), connections.len());
+    tracing::info!(tenant, user_id, id = %record.id, connections = named, found, "send to user");
+    let mut answer = json!({ "id": record.id, "connections": named });
+    if found > named {
+        // More connections than one record names: the first ones by id get it.
+        answer["found"] = json!(found);
+    }
+    Ok(answer)
 }
 
 /// Keeps the user refused until `until` (if given), then closes each of their connections;
@@ -270,4 +275,70 @@ pub async fn disconnect_user(
     }
     tracing::info!(tenant, user_id, closed, refused_until = until, "user disconnected");
     Ok(closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ManualClock, Name, NewConnection};
+    use crate::store::ConnectionStore;
+    use crate::store::memory::MemoryStore;
+    use std::sync::Arc;
+
+    fn deps() -> (PublishDeps, Arc<MemoryStore>) {
+        let clock = ManualClock::starting_now();
+        let store = MemoryStore::new(clock.clone());
+        let deps = PublishDeps {
+            store: store.clone(),
+            clock,
+            history_ttl_seconds: 3600,
+            idempotency_window_seconds: 300,
+            limits: Default::default(),
+        };
+        (deps, store)
+    }
+
+    async fn send(deps: &PublishDeps, body: Value) -> Result<Value, PublishError> {
+        act(deps, &Caller::TenantUsers("acme".into()), body.to_string().as_bytes()).await
+    }
+
+    #[tokio::test]
+    async fn a_message_to_a_user_is_one_record_naming_their_connections_and_bad_ones_write_nothing() {
+        let (deps, store) = deps();
+        let to = |user: &str, from: &str| json!({"action": "send_to_user", "tenant": "acme", "user_id": user, "message": "paid", "from": from});
+        for (body, status) in [
+            (to("ann", "acme#admin"), 400),
+            (to("ann", "bill\ning"), 400),
+            (to("an\u{7}n", "billing"), 400),
+            (to("", "billing"), 400),
+            (json!({"action": "send_to_user", "tenant": "globex", "user_id": "ann", "message": "x"}), 403),
+            (json!({"action": "send_to_user", "tenant": "acme", "user_id": "ann"}), 400),
+        ] {
+            let refused = send(&deps, body.clone()).await.unwrap_err();
+            assert_eq!(refused.status, status, "{body}: {refused}");
+        }
+        assert_eq!(send(&deps, to("ann", "billing")).await.unwrap(), json!({"id": null, "connections": 0}));
+        assert_eq!(store.item_count(), 0, "nothing written, a user without connections included");
+
+        let tenant = Name::parse("tenant", "acme").unwrap();
+        for id in ["c2", "c1"] {
+            let conn = crate::model::Connection::new(NewConnection {
+                connection_id: id,
+                tenant: &tenant,
+                user_id: "ann",
+                connection_type: None,
+                deployment_id: None,
+                rooms: Default::default(),
+                endpoint: format!("https://gw/{id}"),
+                now: deps.clock.now(),
+                ttl_seconds: 600,
+            });
+            store.put_connection(&conn, &[]).await.unwrap();
+        }
+        let before = store.item_count();
+        let sent = send(&deps, to("ann", "billing")).await.unwrap();
+        assert_eq!(sent["connections"], 2, "{sent}");
+        assert!(sent.get("found").is_none(), "all of them named: {sent}");
+        assert_eq!(store.item_count(), before + 1, "one record");
+    }
 }

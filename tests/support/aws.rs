@@ -82,9 +82,10 @@ pub struct Function {
     pub timeout: u64,
     pub memory: u64,
     pub policy: Vec<Statement>,
-    /// Its DynamoDB stream event's `FilterCriteria`, as the `pk` prefixes its patterns admit
-    /// (empty: every record). Lambda drops other records without invoking it; so does the harness.
-    pub stream_filter: Vec<String>,
+    /// Its DynamoDB stream event's `FilterCriteria`, as the `pk` prefixes its patterns admit,
+    /// each with the event names it is held to, if any (empty: every record). Lambda drops other
+    /// records without invoking it; so does the harness.
+    pub stream_filter: Vec<(String, Option<Vec<String>>)>,
 }
 
 /// One IAM policy statement, resolved.
@@ -104,7 +105,11 @@ impl Function {
             Some(serde_dynamo::AttributeValue::S(pk)) => pk.as_str(),
             _ => "",
         };
-        self.stream_filter.is_empty() || self.stream_filter.iter().any(|prefix| pk.starts_with(prefix.as_str()))
+        self.stream_filter.is_empty()
+            || self.stream_filter.iter().any(|(prefix, events)| {
+                pk.starts_with(prefix.as_str())
+                    && events.as_ref().is_none_or(|names| names.contains(&record.event_name))
+            })
     }
 
     /// Whether this function's policy allows `action` on `resource` (an explicit deny wins).
@@ -225,8 +230,9 @@ impl Template {
     }
 
     /// The `pk` prefixes a DynamoDB event's `FilterCriteria` admits: patterns of the form
-    /// `{"dynamodb": {"Keys": {"pk": {"S": [{"prefix": …}, …]}}}}`, the one form the harness reads.
-    fn stream_filter(id: &str, props: &Yaml) -> Vec<String> {
+    /// `{"dynamodb": {"Keys": {"pk": {"S": [{"prefix": …}, …]}}}}`, optionally with
+    /// `"eventName": [...]`, the one form the harness reads.
+    fn stream_filter(id: &str, props: &Yaml) -> Vec<(String, Option<Vec<String>>)> {
         let mut prefixes = Vec::new();
         for event in props["Events"].as_mapping().into_iter().flat_map(|m| m.values()) {
             if event["Type"].as_str() != Some("DynamoDB") {
@@ -239,9 +245,19 @@ impl Template {
                 let values = pattern["dynamodb"]["Keys"]["pk"]["S"].as_array().unwrap_or_else(|| {
                     panic!("{id}: a filter the harness cannot read ({text}); only pk prefixes are supported")
                 });
+                let events = pattern.get("eventName").map(|names| {
+                    let names = names.as_array().unwrap_or_else(|| panic!("{id}: eventName is not a list: {text}"));
+                    names.iter().map(|n| n.as_str().expect("an event name").to_string()).collect::<Vec<_>>()
+                });
+                for key in pattern.as_object().into_iter().flat_map(|o| o.keys()) {
+                    assert!(
+                        key == "dynamodb" || key == "eventName",
+                        "{id}: a filter field the harness cannot read: {key}"
+                    );
+                }
                 for value in values {
                     let prefix = value["prefix"].as_str().unwrap_or_else(|| panic!("{id}: not a prefix: {value}"));
-                    prefixes.push(prefix.to_string());
+                    prefixes.push((prefix.to_string(), events.clone()));
                 }
             }
         }

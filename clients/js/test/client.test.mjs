@@ -533,7 +533,7 @@ test("a redelivered user message is emitted once (a scripted socket)", async () 
   Scripted.last.deliver(frame);
   Scripted.last.deliver(frame);
   Scripted.last.deliver({ ...frame, id: "u-2", message: "twice" });
-  await until("the second message", () => got.length === 2);
+  // The scripted socket delivers at once: the events have been emitted (or not) by now.
   assert.deepEqual(got, ["once", "twice"]);
   c.close();
 });

@@ -378,7 +378,7 @@ pub async fn request_as(
     let answer: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|_| anyhow::anyhow!("{uri}: answered {status} with {}", String::from_utf8_lossy(&bytes)))?;
     if !status.is_success() {
-        anyhow::bail!("{}", answer["error"].as_str().unwrap_or(&answer.to_string()));
+        anyhow::bail!("{} ({status})", answer["error"].as_str().unwrap_or(&answer.to_string()));
     }
     Ok(answer)
 }

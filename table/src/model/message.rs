@@ -192,7 +192,7 @@ pub struct UserRecipient {
 pub const USER_MESSAGE_TTL_SECONDS: i64 = 300;
 
 /// The most connections one message to a user names (a user with more gets it on the first
-/// this many, by connection id; the answer says how many).
+/// this many, by connection id; the answer says how many were found).
 pub const MAX_USER_MESSAGE_RECIPIENTS: usize = 1_000;
 
 impl UserMessage {
