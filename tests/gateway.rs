@@ -561,6 +561,34 @@ async fn hostile_plugins_in_roomcast_dev_fault_within_their_limits(kind: &str) {
     let faults = stack.metrics.snapshot().plugin_faults - before.plugin_faults;
     assert_eq!(faults, 3, "memory, too wide, trap");
 
+    // Plugins 0.2's routing under attack: a room named over and over (and the message's own
+    // room among the repeats) reaches its members once; other tenants' rooms as the table keys
+    // them reach no one, and acme's own `side` nothing of lax's.
+    let mut sid = connect(&stack, "lax", "sid", "side").await;
+    let mut cal = connect(&stack, "acme", "cal", "side").await;
+    for c in [&mut sid, &mut cal] {
+        c.expect_action("welcome").await;
+    }
+    for body in ["route-repeats", "route-foreign"] {
+        lou.ask(json!({"action":"sendMessage","room":"general","message":body}), "ack").await;
+        liz.expect(body, |f| f["message"] == body).await;
+    }
+    sid.expect("the repeated route, once", |f| f["message"] == "route-repeats").await;
+    sid.ask(json!({"action":"sendMessage","room":"side","message":"sid's marker"}), "ack").await;
+    sid.expect_before(
+        "sid's marker",
+        |f| f["message"] == "sid's marker",
+        |f| f["action"] == "message" && f["user_id"] == "lou",
+    )
+    .await;
+    cal.ask(json!({"action":"sendMessage","room":"side","message":"cal's marker"}), "ack").await;
+    cal.expect_before(
+        "cal's marker",
+        |f| f["message"] == "cal's marker",
+        |f| f["action"] == "message" && f["user_id"] == "lou",
+    )
+    .await;
+
     // Random numbers and hash order come from the record: what arrived is what this record
     // decides on its own, as a replay of it would.
     lou.ask(json!({"action":"sendMessage","room":"general","message":"random"}), "ack").await;
@@ -1018,7 +1046,14 @@ async fn a_backend_sends_to_every_connection_of_a_user_in_any_room_or_none(kind:
     assert!(publisher.expect_err("a publish token sends to a user").to_string().contains("`users` scope"));
     let big = "x".repeat(roomcast::protocol::MAX_MESSAGE_FRAME_BYTES);
     let oversize = post(backend.clone(), to("ann", &big)).await;
-    assert!(oversize.expect_err("an oversize message").to_string().contains("limit"));
+    assert!(oversize.expect_err("an oversize message").to_string().contains("413"));
+    let impostor = post(
+        backend.clone(),
+        json!({"action": "send_to_user", "tenant": "acme", "user_id": "ann",
+        "message": "x", "from": "acme#admin"}),
+    )
+    .await;
+    assert!(impostor.expect_err("a from with the key separator").to_string().contains("400"));
     let nobody = post(backend.clone(), to("dan", "hello?")).await.expect("a user without connections");
     assert_eq!(nobody, json!({"id": null, "connections": 0}));
 

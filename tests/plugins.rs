@@ -98,6 +98,114 @@ fn every_hostile_behaviour_ends_in_a_specific_fault_and_the_host_goes_on() {
     assert_eq!(host.validate(&moderation, &limits, &message("hello"), RECORD_TIME).0, Ok(Verdict::Accept));
 }
 
+/// Instances come from the host's pool (`POOL`): three times as many messages as the pool has
+/// slots, one fresh instance each, all decide — every slot goes back when its message is done —
+/// and a hostile message's fault in between returns its slot too.
+#[test]
+fn instances_come_from_a_pool_whose_slots_return_after_every_message() {
+    let host = PluginHost::new().unwrap();
+    let limits = Limits::default();
+    let moderation = host.compile(&component("roomcast-plugin-moderation"), &limits).unwrap();
+    let hostile = host.compile(&component("roomcast-hostile-plugin"), &limits).unwrap();
+    for i in 0..3 * roomcast::plugins::POOL.instances {
+        if i % 500 == 0 {
+            let fault = host.validate(&hostile, &limits, &message("trap"), RECORD_TIME).0;
+            assert!(matches!(fault, Err(Fault::Trap(_))), "{fault:?}");
+        }
+        let calls = host.message(&moderation, &limits, &message("buy spam now"), RECORD_TIME);
+        assert!(matches!(calls.outcome.0, Ok((Verdict::Reject(_), _))), "message {i}: {:?}", calls.outcome.0);
+    }
+}
+
+/// The hooks of plugins 0.2 under attack (issue 27): `authorize-join` that decides and then traps,
+/// that reads its configuration without end or hoards it; `config` values at their largest;
+/// `on-message` routing that narrows to 100,000 users, repeats rooms, or names other tenants'
+/// rooms as the table keys them. Each is classified and bounded — never the allow it decided
+/// before trapping, never a room outside the tenant — and the next tenant's plugin is untouched;
+/// `roomcast plugin test` says the same.
+#[test]
+fn the_0_2_hooks_under_attack_end_in_their_faults_and_the_next_tenant_goes_on() {
+    use std::collections::BTreeMap;
+    let host = PluginHost::new().unwrap();
+    let limits = Limits::default();
+    let hostile = host.compile(&component("roomcast-hostile-plugin"), &limits).unwrap();
+    let moderation = host.compile(&component("roomcast-plugin-moderation"), &limits).unwrap();
+    // The tenant's configuration at its largest, in one value.
+    let big = "x".repeat(roomcast::model::PluginConfig::MAX_BYTES - "big".len());
+    let config: roomcast::plugins::ConfigValues = std::sync::Arc::new(BTreeMap::from([("big".into(), big.clone())]));
+    let join = |room: &str| {
+        let request = JoinRequest {
+            connection_id: "c1".into(),
+            tenant: "acme".into(),
+            user_id: "ann".into(),
+            room: room.into(),
+            claims: Vec::new(),
+        };
+        host.join(&hostile, &limits, &request, RECORD_TIME, config.clone()).0
+    };
+    assert!(matches!(join("allow-then-trap"), Err(Fault::Trap(_))), "{:?}", join("allow-then-trap"));
+    assert!(matches!(join("config-loop"), Err(Fault::OutOfFuel(_) | Fault::Deadline(_))), "{:?}", join("config-loop"));
+    assert_eq!(join("config-hoard"), Err(Fault::Memory(limits.memory_bytes)));
+    assert_eq!(join("general"), Ok(JoinDecision::Allow), "the same plugin's next join");
+
+    let outcome =
+        |body: &str| host.message_with(&hostile, &limits, &message(body), RECORD_TIME, config.clone()).outcome.0;
+    // The largest value a configuration holds fits a message: the tenant's own cap bounds it.
+    assert_eq!(outcome("config-echo").map(|(v, _)| v), Ok(Verdict::Rewrite(big)));
+    assert_eq!(outcome("config-hoard").map(|(v, _)| v), Err(Fault::Memory(limits.memory_bytes)));
+    assert!(matches!(outcome("config-loop"), Err(Fault::OutOfFuel(_) | Fault::Deadline(_))));
+    // 5,000 users, all distinct: within the output limit, so counted — and over the tenant's
+    // limit, a fault, not a list cut short (cut, it would reach users the plugin did not mean).
+    assert_eq!(
+        outcome("route-everyone").map(|(v, _)| v),
+        Err(Fault::RoutedTooWide { what: "users", count: limits.max_only_users + 1, limit: limits.max_only_users })
+    );
+    // Repeats of one room and of the message's own room: one extra room.
+    let (_, route) = outcome("route-repeats").unwrap();
+    assert_eq!(route.extra_rooms, ["side"]);
+    // Other tenants' rooms as the table keys them, and names that are not rooms: none is taken
+    // (a route names rooms of the message's own tenant; these are not even room names).
+    let (verdict, route) = outcome("route-foreign").unwrap();
+    assert_eq!((verdict, route.extra_rooms), (Verdict::Accept, Vec::<String>::new()));
+    assert_eq!(host.validate(&moderation, &limits, &message("hello"), RECORD_TIME).0, Ok(Verdict::Accept));
+
+    // `roomcast plugin test` classifies them the same way, and says so in its exit status.
+    let dir = std::env::temp_dir().join(format!("roomcast-hostile-02-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("hostile.wasm");
+    std::fs::write(&file, component("roomcast-hostile-plugin")).unwrap();
+    let config_file = dir.join("config.json");
+    std::fs::write(&config_file, serde_json::json!({"big": "y".repeat(8000)}).to_string()).unwrap();
+    let run = |name: &str, event: serde_json::Value| {
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, event.to_string()).unwrap();
+        let out = std::process::Command::new(roomcast_tests::aws::binary("roomcast"))
+            .args(["plugin", "test"])
+            .arg(&file)
+            .arg("--event")
+            .arg(&path)
+            .arg("--config")
+            .arg(&config_file)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let join_event = |room: &str| serde_json::json!({"time": RECORD_TIME, "join": {"connection_id": "c1", "tenant": "acme", "user_id": "ann", "room": room}});
+    let message_event = |body: &str| {
+        serde_json::json!({"time": RECORD_TIME, "message": {"id": "018f0000-0000-7000-8000-000000000001",
+            "tenant": "acme", "room": "general", "user_id": "ann", "body": body, "timestamp": "2026-11-21T10:00:00.000Z"}})
+    };
+    let (ok, stdout) = run("trap", join_event("allow-then-trap"));
+    assert!(!ok && stdout.contains("authorize-join") && stdout.contains("FAULT"), "{stdout}");
+    assert!(!stdout.contains("Allow"), "the allow it decided before trapping is not taken: {stdout}");
+    let (ok, stdout) = run("hoard", message_event("config-hoard"));
+    assert!(!ok && stdout.contains("FAULT exceeded its memory limit"), "{stdout}");
+    let (ok, stdout) = run("foreign", message_event("route-foreign"));
+    assert!(ok && stdout.contains("on-message") && stdout.contains("Accept"), "{stdout}");
+    assert!(!stdout.contains("globex"), "no foreign room is routed to: {stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Every export misbehaves, and so does instantiation: each ends in its specific fault, within
 /// the call's budget, and capability probes find nothing (no environment, no files).
 #[test]

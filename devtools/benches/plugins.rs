@@ -8,7 +8,9 @@
 //!   `wasm_legacy_warm` is the same decision by a 0.1.0 component: `validate` then `route`, two
 //!   crossings; `wasm_on_message_fresh` adds a new Store and instance from the cached
 //!   `InstancePre`; `wasm_message` is what the processor does for each message: a fresh
-//!   instance, the call, and the host's checks (`PluginHost::message`). Where a warm call's
+//!   instance, the call, and the host's checks (`PluginHost::message`), from the host's pool of
+//!   instance slots; `wasm_message_on_demand` is the same on a host that maps each instance's
+//!   memory anew (`PluginHost::on_demand`, the allocator before the pool). Where a warm call's
 //!   time goes: `wasm_call_fixed` (a call with no input and a constant result: fuel, epoch
 //!   deadline, record time, log, the async call) and `wasm_boundary_warm` (that plus the
 //!   message in and an outcome out, with no rule: the welcome example's default `on-message`).
@@ -84,6 +86,11 @@ fn hook(c: &mut Criterion) {
     });
     group.bench_function("wasm_message", |b| {
         b.iter(|| host.message(&plugin, &limits, black_box(&message), 0).outcome.0.unwrap())
+    });
+    let unpooled = PluginHost::on_demand().unwrap();
+    let unpooled_plugin = unpooled.compile(&component(), &limits).unwrap();
+    group.bench_function("wasm_message_on_demand", |b| {
+        b.iter(|| unpooled.message(&unpooled_plugin, &limits, black_box(&message), 0).outcome.0.unwrap())
     });
     group.finish();
 }

@@ -584,6 +584,9 @@ impl Instance {
     }
 }
 
+/// The most elements a plugin's tables hold, all together (and so each one: the pool's slot).
+pub(crate) const TABLE_ELEMENTS: usize = 100_000;
+
 /// One budget for everything a plugin's store holds: all its linear memories together within
 /// the memory cap, and all its tables together within [`Budget::TABLE_ELEMENTS`], however many
 /// core modules and memories the component brings. (wasmtime's `StoreLimits` caps each memory
@@ -597,7 +600,7 @@ pub(crate) struct Budget {
 
 impl Budget {
     /// Table elements, over all the store's tables.
-    pub(crate) const TABLE_ELEMENTS: usize = 100_000;
+    pub(crate) const TABLE_ELEMENTS: usize = TABLE_ELEMENTS;
     /// Instances, memories and tables a store may hold at all.
     const COUNT: usize = 32;
 

@@ -2,7 +2,8 @@
 //! (`wit/roomcast-plugin.wit`), run sandboxed in wasmtime.
 //!
 //! Scopes, as in Spin:
-//! * process — one [`PluginHost`]: one `Engine` (fuel and epoch interruption on), one `Linker`
+//! * process — one [`PluginHost`]: one `Engine` (fuel and epoch interruption on, instances from
+//!   a pool of reserved slots with copy-on-write memory images: [`POOL`]), one `Linker`
 //!   with WASI locked down (no env, args, directories or network; stdout and stderr into the
 //!   bounded log; clocks that show the record's time; random numbers seeded from the record) and our imports;
 //!   and, optionally, a directory of precompiled artifacts that only this host writes;
@@ -199,6 +200,32 @@ impl fmt::Debug for Plugin {
     }
 }
 
+/// How many plugin instances a process can hold at once, and their parts. Every message gets a
+/// fresh instance, so instantiation is on the hot path: wasmtime's pooling allocator reserves
+/// these slots once (address space, not memory) and reuses them, resetting a memory to its
+/// copy-on-write image instead of mapping a new one, which takes an instance from tens of
+/// microseconds to a few (docs/PERFORMANCE.md, "A plugin hook").
+///
+/// Instances are made and dropped within one call on a blocking thread, and the registry holds
+/// each one's memory cap (at least 1 MiB) of the plugin memory budget while it lives, so fewer
+/// than [`POOL`]`.instances` exist at once in a processor (its budget is 1,024 MiB, and tokio
+/// runs at most 512 blocking threads); a store that asked for a slot past the pool would fail
+/// its instantiation like any other resource limit.
+pub struct Pool {
+    /// Component instances alive at once.
+    pub instances: u32,
+    /// Core module instances, linear memories and tables over all of them (a Rust component
+    /// brings a handful of each).
+    pub core_instances: u32,
+    pub memories: u32,
+    pub tables: u32,
+    /// The most any one component may bring (the store's own limit, `Budget::COUNT`, is the same).
+    pub per_component: u32,
+}
+
+/// The pool every [`PluginHost`] reserves (see [`Pool`]).
+pub const POOL: Pool = Pool { instances: 1000, core_instances: 8000, memories: 2000, tables: 2000, per_component: 32 };
+
 /// The process-wide plugin runtime.
 pub struct PluginHost {
     engine: Engine,
@@ -217,8 +244,39 @@ impl Drop for PluginHost {
 }
 
 impl PluginHost {
+    /// A host whose instances come from the pool ([`POOL`]).
     pub fn new() -> anyhow::Result<PluginHost> {
+        PluginHost::with_allocation(true)
+    }
+
+    /// A host that maps every instance's memory anew and unmaps it after (wasmtime's on-demand
+    /// allocator), as before the pool: for the benchmark's before-and-after in one run.
+    pub fn on_demand() -> anyhow::Result<PluginHost> {
+        PluginHost::with_allocation(false)
+    }
+
+    fn with_allocation(pooling: bool) -> anyhow::Result<PluginHost> {
         let mut config = Config::new();
+        if pooling {
+            let mut pool = wasmtime::PoolingAllocationConfig::default();
+            pool.total_component_instances(POOL.instances)
+                .total_core_instances(POOL.core_instances)
+                .total_memories(POOL.memories)
+                .total_tables(POOL.tables)
+                .max_core_instances_per_component(POOL.per_component)
+                .max_memories_per_component(POOL.per_component)
+                .max_tables_per_component(POOL.per_component)
+                // The most any tenant's limits allow; each store's own cap is its limiter's.
+                .max_memory_size(roomcast_processor::model::PLUGIN_CEILING.memory_bytes)
+                .table_elements(instance::TABLE_ELEMENTS)
+                // A slot's first pages stay mapped between instances (reset in place, not
+                // unmapped), so a small plugin's stack top is reused without page faults; the
+                // rest is given back. Small, because every slot a container has used keeps them:
+                // a hundred tenants' slots keep a few MiB, not hundreds.
+                .linear_memory_keep_resident(64 << 10)
+                .table_keep_resident(16 << 10);
+            config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        }
         config.consume_fuel(true);
         config.epoch_interruption(true);
         // Deep recursion is the guest's problem: it traps within this stack, not ours.

@@ -22,12 +22,20 @@
 //! | `env`       | rewrites the message to the environment variables and arguments it sees (none) |
 //! | `files`     | rewrites the message to what opening `/etc/passwd` and listing `/` gave (refused) |
 //!
+//! | `config-echo` | rewrites the message to its configuration's `big` value |
+//! | `config-loop` | reads its configuration without end (each read a host call and a copy) |
+//! | `config-hoard` | reads its configuration's `big` value without end, keeping every copy |
+//!
 //! Its routing misbehaves the same way: `route-aliased` names one room 18,000 times, `route-wide`
 //! names 20 rooms, `route-trap` panics, `route-loop` spins, `route-grow` allocates without end,
-//! `route-to-bob` narrows the message to the user `bob`.
+//! `route-to-bob` narrows the message to the user `bob`, `route-everyone` narrows it to 5,000
+//! users (a big room's every member, within the output limit), `route-repeats` names `side` and the message's own room over and over, `route-foreign`
+//! names other tenants' rooms as the table keys them (`globex#side`, `ROOM#globex#side`) and
+//! things that are not rooms at all (`""`, `../side`).
 //!
 //! `authorize-join` misbehaves as the room asks: `loop`, `trap`, `grow`, `recurse`, `flood`,
-//! `sleep-forever` as above, `giant` denies with a 1 MiB reason, `deny-…` denies, anything else
+//! `sleep-forever`, `config-loop`, `config-hoard` as above, `giant` denies with a 1 MiB reason,
+//! `allow-then-trap` decides to allow and traps before it returns, `deny-…` denies, anything else
 //! is allowed.
 //! `hooks` claims every hook.
 //!
@@ -41,7 +49,7 @@
 mod component {
     wit_bindgen::generate!({ world: "tenant-plugin", path: "../../../wit/roomcast-plugin.wit" });
 
-    use roomcast::plugin::host::{Level, log};
+    use roomcast::plugin::host::{Level, config, log};
     use roomcast::plugin::types::{Routing, Verdict};
 
     struct Hostile;
@@ -62,6 +70,30 @@ mod component {
             let mut chunk = Vec::<u8>::with_capacity(1 << 20);
             chunk.push(1);
             hoard.push(std::hint::black_box(chunk));
+        }
+    }
+
+    /// Reads the configuration without end: each read a host call and a string copied in.
+    fn read_config_forever() -> ! {
+        loop {
+            std::hint::black_box(config("big"));
+        }
+    }
+
+    /// Reads the configuration's `big` value without end, keeping every copy (the memory cap).
+    fn hoard_config() -> ! {
+        let mut copies = Vec::new();
+        loop {
+            copies.push(std::hint::black_box(config("big")));
+        }
+    }
+
+    /// Panics when dropped: a decision made, then a trap on the way out.
+    struct Bomb;
+
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            panic!("the hostile plugin traps after deciding");
         }
     }
 
@@ -99,6 +131,12 @@ mod component {
                     std::thread::sleep(std::time::Duration::from_secs(3600));
                 },
                 "giant" => JoinDecision::Deny("x".repeat(1 << 20)),
+                "config-loop" => read_config_forever(),
+                "config-hoard" => hoard_config(),
+                "allow-then-trap" => {
+                    let _bomb = Bomb;
+                    JoinDecision::Allow
+                }
                 room if room.starts_with("deny-") => {
                     JoinDecision::Deny(format!("{} may not join {room}", request.user_id))
                 }
@@ -182,6 +220,9 @@ mod component {
                 let root = std::fs::read_dir("/").map(|d| d.count());
                 Verdict::Rewrite(format!("passwd: {:?} root: {:?}", passwd.is_ok(), root.is_ok()))
             }
+            "config-echo" => Verdict::Rewrite(config("big").unwrap_or_default()),
+            "config-loop" => read_config_forever(),
+            "config-hoard" => hoard_config(),
             "clock" => {
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
                 Verdict::Rewrite(now.as_millis().to_string())
@@ -198,6 +239,15 @@ mod component {
             "route-wide" => Routing { extra_rooms: (0..20).map(|i| format!("room{i}")).collect(), ..plain },
             "route-trap" => panic!("the hostile plugin's route panics on purpose"),
             "route-to-bob" => Routing { only_users: Some(vec!["bob".into()]), ..plain },
+            "route-everyone" => Routing { only_users: Some((0..5_000).map(|i| format!("u{i}")).collect()), ..plain },
+            "route-repeats" => {
+                let rooms = ["side", message.room.as_str()].repeat(500).into_iter().map(str::to_string).collect();
+                Routing { extra_rooms: rooms, ..plain }
+            }
+            "route-foreign" => {
+                let rooms = ["globex#side", "ROOM#globex#side", "", "../side"];
+                Routing { extra_rooms: rooms.into_iter().map(str::to_string).collect(), ..plain }
+            }
             "route-loop" => spin(),
             "route-grow" => hoard(),
             _ => plain,
