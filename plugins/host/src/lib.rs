@@ -276,6 +276,12 @@ impl PluginHost {
                 .linear_memory_keep_resident(64 << 10)
                 .table_keep_resident(16 << 10);
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+            // A slot as large as the largest memory any tenant may have, not wasmtime's default
+            // 4 GiB: the pool reserves every slot up front, and 2,000 slots of 4 GiB (8 TiB) per
+            // host would leave room for only a dozen hosts in a process's address space (tests
+            // and `roomcast dev` run several). Accesses are bounds-checked instead of relying on
+            // a 4 GiB guard region.
+            config.memory_reservation(roomcast_processor::model::PLUGIN_CEILING.memory_bytes as u64);
         }
         config.consume_fuel(true);
         config.epoch_interruption(true);
