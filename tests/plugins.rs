@@ -578,6 +578,7 @@ roomcast_tests::on_both_stores!(
     every_warm_container_follows_activation_rollback_disable_and_reupload,
     a_cold_container_runs_no_room_of_a_tenant_without_its_plugin,
     old_plugin_records_never_undo_a_newer_change,
+    a_rollback_right_after_an_upload_is_never_undone,
     an_active_version_that_cannot_load_leaves_no_plugin_and_is_not_retried,
     every_message_runs_on_an_instance_of_its_own,
     per_tenant_limits_from_the_upload_apply_and_are_capped,
@@ -1068,6 +1069,56 @@ async fn old_plugin_records_never_undo_a_newer_change(kind: &str) {
     stack.pump().await;
     assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, v1.version, "the rollback stands");
     assert!(spam_is_rejected(&mut stack).await, "moderation still runs");
+}
+
+/// A rollback right after an upload (issue 28, point 1): `plugin upload` of a new version, then at
+/// once `plugin activate --version <previous>`, before any processor has handled the upload.
+/// The upload's record, handled after the rollback — by this container, or by a second one —
+/// does not activate it over the rollback: the previous version stays active, the upload is
+/// kept inactive with the reason, and both containers run the previous version. A disable
+/// right after an upload stands the same way, and an upload nobody overtook still activates.
+async fn a_rollback_right_after_an_upload_is_never_undone(kind: &str) {
+    let mut stack = Stack::on(kind).await;
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    let store = stack.table.store.clone();
+    let none = roomcast::plugins::LimitOverrides::default;
+    let v1 = stack.upload_plugin("acme", &component("roomcast-plugin-moderation"), FailurePolicy::Closed, none()).await;
+    stack.pump().await;
+    assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, v1.version, "an upload activates");
+    let (mut second, _) = another_container(&stack).await;
+    assert!(spam_is_rejected_by(&mut stack, &mut second).await, "the second container runs moderation");
+
+    // The upload, then the rollback, before either container has seen the upload's record.
+    stack.clock.advance(chrono::Duration::seconds(1));
+    let v2 = stack.upload_plugin("acme", &component("roomcast-plugin-welcome"), FailurePolicy::Closed, none()).await;
+    store.set_active_plugin("acme", Some(&v1.version)).await.unwrap();
+    // The second container handles the batch with the upload's record.
+    std::mem::swap(&mut stack.processor, &mut second);
+    stack.pump().await;
+    std::mem::swap(&mut stack.processor, &mut second);
+    stack.pump().await;
+    assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, v1.version, "the rollback stands");
+    let kept = store.plugin("acme", &v2.version).await.unwrap().unwrap();
+    assert_eq!(kept.status, roomcast::model::PluginStatus::Inactive, "{kept:?}");
+    assert!(kept.reason.as_deref().is_some_and(|r| r.contains("changed after this upload")), "{kept:?}");
+    assert!(spam_is_rejected(&mut stack).await, "this container runs moderation");
+    assert!(spam_is_rejected_by(&mut stack, &mut second).await, "and so does the second");
+
+    // A disable right after an upload stands too.
+    stack.clock.advance(chrono::Duration::seconds(1));
+    let v3 = stack.upload_plugin("acme", &component("roomcast-plugin-routing"), FailurePolicy::Closed, none()).await;
+    store.set_active_plugin("acme", None).await.unwrap();
+    stack.pump().await;
+    assert!(store.active_plugin("acme").await.unwrap().is_none(), "the disable stands");
+    let kept = store.plugin("acme", &v3.version).await.unwrap().unwrap();
+    assert_eq!(kept.status, roomcast::model::PluginStatus::Inactive, "{kept:?}");
+
+    // And an upload nobody overtook is activated as ever, from no plugin.
+    stack.clock.advance(chrono::Duration::seconds(1));
+    let v4 = stack.upload_plugin("acme", &component("roomcast-plugin-moderation"), FailurePolicy::Open, none()).await;
+    stack.pump().await;
+    assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, v4.version);
 }
 
 /// An operator points the tenant at a version that cannot load: the container runs no plugin

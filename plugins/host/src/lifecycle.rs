@@ -66,10 +66,27 @@ impl PluginRules {
                 if mode == Mode::DryRun {
                     return Ok(vec![PluginAction::WouldActivate { tenant, version }]);
                 }
+                // The operator may have changed the pointer since the upload (a rollback, another
+                // activation, a disable): that newer change stands.
+                if let Some(based_on) = &meta.based_on {
+                    let pointer = self.store.active_plugin(&meta.tenant).await?;
+                    if PluginActive::token(pointer.as_ref()) != *based_on {
+                        return self.superseded(&meta, mode).await;
+                    }
+                }
                 match self.load_version(&meta).await? {
                     Ok(()) => {
+                        match &meta.based_on {
+                            // In one conditional write: a change that landed while this version
+                            // compiled wins too.
+                            Some(based_on) => {
+                                if !self.store.set_active_plugin_if(&meta.tenant, &meta.version, based_on).await? {
+                                    return self.superseded(&meta, mode).await;
+                                }
+                            }
+                            None => self.store.set_active_plugin(&meta.tenant, Some(&meta.version)).await?,
+                        }
                         self.mark_active(&meta.tenant, &meta.version).await?;
-                        self.store.set_active_plugin(&meta.tenant, Some(&meta.version)).await?;
                         // This container has loaded what the new pointer names.
                         let revision = self.store.active_plugin(&meta.tenant).await?.and_then(|a| a.revision);
                         registry.set_revision(&meta.tenant, revision);
@@ -98,6 +115,18 @@ impl PluginRules {
             }
             _ => Ok(Vec::new()),
         }
+    }
+
+    /// An upload the tenant's pointer moved on from before it was activated: kept, inactive,
+    /// with the reason; this container runs what the pointer names.
+    async fn superseded(&self, meta: &PluginMeta, mode: Mode) -> Result<Vec<PluginAction>, StoreError> {
+        let (tenant, version) = (meta.tenant.clone(), meta.version.clone());
+        let reason = "not activated: the tenant's active version changed after this upload (a newer activation, \
+                      rollback or disable stands; `roomcast plugin activate` activates this one)";
+        tracing::info!(%tenant, %version, "upload superseded by a newer change of the active version");
+        self.store.set_plugin_status(&tenant, &version, PluginStatus::Inactive, Some(reason)).await?;
+        self.follow_pointer(&tenant, mode).await?;
+        Ok(vec![PluginAction::AlreadyHandled { tenant, version }])
     }
 
     /// Installs `version` of the tenant's plugin from the table.
@@ -317,6 +346,8 @@ pub async fn upload(
     let plugin = host.compile(bytes, &Limits::default())?;
     let mut meta = PluginMeta::new(tenant, &plugin.sha256, bytes.len(), policy, now);
     meta.limits = (!limits.is_empty()).then_some(limits);
+    // The processor activates it only while the pointer is still this one.
+    meta.based_on = Some(PluginActive::token(store.active_plugin(tenant).await?.as_ref()));
     let chunks = roomcast_processor::model::plugin_chunks(tenant, &meta.version, bytes);
     store.put_plugin(&meta, &chunks).await?;
     Ok(meta)

@@ -75,6 +75,12 @@ pub struct PluginMeta {
     /// Per-tenant limits set at upload; unset, the deployment's apply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitOverrides>,
+    /// What the tenant's `ACTIVE` pointer was when this was uploaded ([`PluginActive::token`]):
+    /// the processor activates the upload only while the pointer is still that, so an
+    /// activation, rollback or disable made after the upload (and before the processor got to
+    /// it) is never undone by it. Absent on uploads by CLIs before it: activated as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub based_on: Option<String>,
 }
 
 impl PluginMeta {
@@ -95,6 +101,7 @@ impl PluginMeta {
             uploaded_at: now,
             reason: None,
             limits: None,
+            based_on: None,
         }
     }
 }
@@ -161,6 +168,23 @@ impl PluginActive {
         }
     }
 }
+
+impl PluginActive {
+    /// What identifies one write of a tenant's pointer, `pointer` (`None`: there is none): its
+    /// revision, or for a pointer written before revisions the version it names.
+    pub fn token(pointer: Option<&PluginActive>) -> String {
+        match pointer {
+            None => NO_POINTER.into(),
+            Some(PluginActive { revision: Some(revision), .. }) => revision.clone(),
+            Some(PluginActive { version, .. }) => format!("{UNREVISED}{version}"),
+        }
+    }
+}
+
+/// [`PluginActive::token`] when the tenant has no pointer (no plugin, or disabled).
+pub const NO_POINTER: &str = "none";
+/// [`PluginActive::token`]'s prefix for a pointer written before revisions.
+pub const UNREVISED: &str = "version:";
 
 /// Per-tenant plugin limits, stored with an uploaded version (`roomcast plugin upload --fuel …`).
 /// Unset fields take the deployment's value; set ones are capped at

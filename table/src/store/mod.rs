@@ -326,6 +326,10 @@ pub trait PluginStore: Send + Sync {
     /// Points the tenant at a version, or (with `None`) at no plugin.
     async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()>;
 
+    /// Points the tenant at `version` only if its pointer is still the one `expected` names
+    /// ([`crate::model::PluginActive::token`]), in one conditional write; whether it did.
+    async fn set_active_plugin_if(&self, tenant: &str, version: &str, expected: &str) -> Result<bool>;
+
     /// The tenant's plugin configuration, if any (strongly consistent: read with the `ACTIVE`
     /// pointer).
     async fn plugin_config(&self, tenant: &str) -> Result<Option<crate::model::PluginConfig>>;

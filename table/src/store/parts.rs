@@ -255,6 +255,9 @@ impl PluginStore for Parts {
     async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()> {
         self.plugins.set_active_plugin(tenant, version).await
     }
+    async fn set_active_plugin_if(&self, tenant: &str, version: &str, expected: &str) -> Result<bool> {
+        self.plugins.set_active_plugin_if(tenant, version, expected).await
+    }
     async fn plugin_config(&self, tenant: &str) -> Result<Option<crate::model::PluginConfig>> {
         self.plugins.plugin_config(tenant).await
     }

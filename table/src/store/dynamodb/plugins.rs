@@ -155,6 +155,25 @@ impl PluginStore for DynamoStore {
         Ok(())
     }
 
+    async fn set_active_plugin_if(&self, tenant: &str, version: &str, expected: &str) -> Result<bool> {
+        let put =
+            self.client.put_item().table_name(&self.table).set_item(Some(encode(&PluginActive::new(tenant, version))?));
+        let put = if expected == model::NO_POINTER {
+            put.condition_expression("attribute_not_exists(pk)")
+        } else if let Some(named) = expected.strip_prefix(model::UNREVISED) {
+            put.condition_expression("attribute_not_exists(revision) AND version = :v")
+                .expression_attribute_values(":v", AttributeValue::S(named.to_string()))
+        } else {
+            put.condition_expression("revision = :r")
+                .expression_attribute_values(":r", AttributeValue::S(expected.to_string()))
+        };
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
+            Err(err) => Err(unavailable("put_item (active plugin, conditional)", err)),
+        }
+    }
+
     async fn plugin_config(&self, tenant: &str) -> Result<Option<model::PluginConfig>> {
         self.get_typed("get_item (plugin config)", key(model::tenant_pk(tenant), model::PLUGIN_CONFIG_SK.into())).await
     }

@@ -93,6 +93,18 @@ impl PluginStore for MemoryStore {
         Ok(())
     }
 
+    async fn set_active_plugin_if(&self, tenant: &str, version: &str, expected: &str) -> Result<bool> {
+        let mut table = self.lock();
+        let key = (model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string());
+        let now: Option<PluginActive> = self.get(&table, &key);
+        if PluginActive::token(now.as_ref()) != expected {
+            return Ok(false);
+        }
+        let item = encode(&PluginActive::new(tenant, version))?;
+        self.put_item(&mut table, item);
+        Ok(true)
+    }
+
     async fn plugin_config(&self, tenant: &str) -> Result<Option<model::PluginConfig>> {
         let table = self.lock();
         Ok(self.get(&table, &(model::tenant_pk(tenant), model::PLUGIN_CONFIG_SK.to_string())))
