@@ -173,7 +173,7 @@ async fn the_aws_example_stream_event_and_malformed_records_are_skipped_not_fata
 }
 
 /// A frame's `ref` comes back on its own answer — an ack, an error, a refusal — so a client with
-/// several requests in flight matches each; a `ref` too long, or not a string, is ignored.
+/// several requests in flight matches each; a `ref` too long, or not a string, is refused.
 #[tokio::test]
 async fn every_answer_carries_its_frames_ref() {
     let stack = Stack::memory().await;
@@ -184,10 +184,18 @@ async fn every_answer_carries_its_frames_ref() {
     assert_eq!((refused["code"].as_str(), refused["ref"].as_str()), (Some("not_member"), Some("r2")), "{refused}");
     let unknown = stack.send("c1", json!({"action":"dance","ref":"r3"})).await;
     assert_eq!((unknown["code"].as_str(), unknown["ref"].as_str()), (Some("unknown_action"), Some("r3")), "{unknown}");
+    // A `ref` the client cannot have meant is an error, not a silently unmatched answer (issue 28).
     let long = stack.send("c1", json!({"action":"ping","ref":"x".repeat(65)})).await;
-    assert_eq!((long["action"].as_str(), long.get("ref")), (Some("pong"), None), "{long}");
+    assert_eq!((long["code"].as_str(), long.get("ref")), (Some("invalid_request"), None), "{long}");
+    assert!(long["message"].as_str().unwrap().contains("`ref` must be"), "{long}");
     let number = stack.send("c1", json!({"action":"ping","ref":7})).await;
-    assert_eq!(number.get("ref"), None, "{number}");
+    assert_eq!((number["code"].as_str(), number.get("ref")), (Some("invalid_request"), None), "{number}");
+    // So are an empty message and a field the action does not take, with the frame's `ref`.
+    let empty = stack.send("c1", json!({"action":"sendMessage","room":"general","message":"","ref":"r4"})).await;
+    assert_eq!((empty["code"].as_str(), empty["ref"].as_str()), (Some("invalid_request"), Some("r4")), "{empty}");
+    let extra = stack.send("c1", json!({"action":"join","room":"general","colour":"red","ref":"r5"})).await;
+    assert_eq!((extra["code"].as_str(), extra["ref"].as_str()), (Some("invalid_request"), Some("r5")), "{extra}");
+    assert!(extra["message"].as_str().unwrap().contains("unknown field `colour`"), "{extra}");
 }
 
 /// Room names may hold `:`; `since=room:id` splits at the last one (ids never hold it).

@@ -110,6 +110,9 @@ pub async fn publish(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result
         return Err(refuse(403, format!("this token publishes into tenant {allowed} only")));
     }
     let room = Name::parse("room", &request.room).map_err(|e| refuse(400, e))?;
+    if request.message.is_empty() {
+        return Err(refuse(400, "message is empty"));
+    }
     let user_id = request.user_id.as_deref().unwrap_or(DEFAULT_PUBLISHER);
     check_user_id("user_id", user_id)?;
     let key = request.idempotency_key.as_deref().map(parse_idempotency_key).transpose().map_err(|e| refuse(400, e))?;
@@ -260,6 +263,7 @@ mod tests {
                 "idempotency_key",
             ),
             (json!({"tenant":"acme","room":"general","message":"x","user_id":"a#b"}).to_string(), 400, "user_id"),
+            (json!({"tenant":"acme","room":"general","message":""}).to_string(), 400, "empty"),
             (
                 json!({"tenant":"acme","room":"general","message":"x".repeat(MAX_MESSAGE_FRAME_BYTES)}).to_string(),
                 413,

@@ -151,9 +151,10 @@ pub fn parse_frame(body: &str) -> Result<Request, FrameError> {
     parse_frame_with_ref(body).0
 }
 
-/// [`parse_frame`], and the frame's `ref` if it has one that is a string of at most
-/// [`MAX_REF_BYTES`] (a client's request id, which the handler puts on the frame's answer; a
-/// longer one, or one of another type, is ignored). The frame is parsed once.
+/// [`parse_frame`], and the frame's `ref` if it has one: a string of 1 to [`MAX_REF_BYTES`]
+/// (a client's request id, which the handler puts on the frame's answer). A `ref` of another
+/// type or length is refused, as is a field the action does not take: a client's mistake gets
+/// an error, not silence. The frame is parsed once.
 pub fn parse_frame_with_ref(body: &str) -> (Result<Request, FrameError>, Option<String>) {
     if body.len() > MAX_FRAME_BYTES {
         let error = FrameError::new(
@@ -170,8 +171,12 @@ pub fn parse_frame_with_ref(body: &str) -> (Result<Request, FrameError>, Option<
         return (Err(FrameError::new(ErrorCode::InvalidJson, "frame must be a JSON object")), None);
     };
     let reference = match fields.get("ref") {
+        None => None,
         Some(Value::String(r)) if !r.is_empty() && r.len() <= MAX_REF_BYTES => Some(r.clone()),
-        _ => None,
+        Some(_) => {
+            let message = format!("`ref` must be a string of 1 to {MAX_REF_BYTES} bytes");
+            return (Err(FrameError::new(ErrorCode::InvalidRequest, message)), None);
+        }
     };
     (parse_fields(&fields), reference)
 }
@@ -182,11 +187,26 @@ fn parse_fields(fields: &serde_json::Map<String, Value>) -> Result<Request, Fram
         Some(_) => return Err(FrameError::new(ErrorCode::UnknownAction, "`action` must be a string")),
         None => return Err(FrameError::new(ErrorCode::UnknownAction, "frame has no `action`")),
     };
+    if let Some(takes) = fields_of(action)
+        && let Some(unknown) =
+            fields.keys().find(|k| !matches!(k.as_str(), "action" | "type" | "ref") && !takes.contains(&k.as_str()))
+    {
+        let takes = if takes.is_empty() { "none".to_string() } else { takes.join(", ") };
+        return Err(FrameError::new(
+            ErrorCode::InvalidRequest,
+            format!("{action}: unknown field `{unknown}` (it takes: {takes}; and `ref`)"),
+        ));
+    }
     let room = || -> Result<String, FrameError> { string_field(fields, action, "room") };
     Ok(match action {
         "sendMessage" => Request::SendMessage {
             room: room()?,
-            message: string_field(fields, action, "message")?,
+            message: match string_field(fields, action, "message")? {
+                empty if empty.is_empty() => {
+                    return Err(FrameError::new(ErrorCode::InvalidRequest, "sendMessage: `message` is empty"));
+                }
+                message => message,
+            },
             idempotency_key: match fields.get("idempotency_key") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(key)) => Some(
@@ -292,10 +312,26 @@ fn parse_fields(fields: &serde_json::Map<String, Value>) -> Result<Request, Fram
             return Err(FrameError::new(
                 ErrorCode::UnknownAction,
                 format!(
-                    "unknown action {other:?}; known: sendMessage, join, leave, ping, info, history, recover, signal, who"
+                    "unknown action {other:?}; known: sendMessage, join, leave, ping, info, history, recover, signal, who, refresh"
                 ),
             ));
         }
+    })
+}
+
+/// The fields each action takes besides `action` (or `type`) and `ref`; `None` for an unknown
+/// action.
+fn fields_of(action: &str) -> Option<&'static [&'static str]> {
+    Some(match action {
+        "sendMessage" => &["room", "message", "idempotency_key"],
+        "join" | "leave" => &["room"],
+        "ping" | "info" => &[],
+        "refresh" => &["token"],
+        "signal" => &["room", "data"],
+        "who" => &["room", "limit", "after"],
+        "history" => &["room", "limit", "before", "after"],
+        "recover" => &["room", "since"],
+        _ => return None,
     })
 }
 
@@ -564,6 +600,32 @@ mod tests {
 
     fn code(body: &str) -> ErrorCode {
         parse_frame(body).unwrap_err().code
+    }
+
+    #[test]
+    fn a_clients_mistakes_are_errors_not_silence() {
+        let refused = |frame: Value| parse_frame_with_ref(&frame.to_string()).0.unwrap_err();
+        for (frame, says) in [
+            (serde_json::json!({"action": "ping", "ref": "r".repeat(MAX_REF_BYTES + 1)}), "`ref` must be"),
+            (serde_json::json!({"action": "ping", "ref": 7}), "`ref` must be"),
+            (serde_json::json!({"action": "ping", "ref": ""}), "`ref` must be"),
+            (serde_json::json!({"action": "sendMessage", "room": "general", "message": ""}), "`message` is empty"),
+            (
+                serde_json::json!({"action": "sendMessage", "room": "general", "message": "x", "colour": "red"}),
+                "unknown field `colour`",
+            ),
+            (serde_json::json!({"action": "join", "room": "general", "rooms": ["a"]}), "unknown field `rooms`"),
+            (serde_json::json!({"action": "ping", "room": "general"}), "it takes: none"),
+        ] {
+            let error = refused(frame.clone());
+            assert_eq!(error.code, ErrorCode::InvalidRequest, "{frame}");
+            assert!(error.message.contains(says), "{frame}: {}", error.message);
+        }
+        let (ok, reference) =
+            parse_frame_with_ref(&serde_json::json!({"action": "ping", "ref": "r".repeat(MAX_REF_BYTES)}).to_string());
+        assert_eq!((ok.unwrap(), reference.map(|r| r.len())), (Request::Ping, Some(MAX_REF_BYTES)));
+        let keyed = serde_json::json!({"type": "sendMessage", "room": "g", "message": "x", "idempotency_key": "k-1", "ref": "1"});
+        assert!(matches!(parse_frame(&keyed.to_string()), Ok(Request::SendMessage { .. })));
     }
 
     #[test]
