@@ -1077,3 +1077,43 @@ async fn a_backend_sends_to_every_connection_of_a_user_in_any_room_or_none(kind:
     .await;
     stack.shutdown().await;
 }
+
+/// `roomcast plugin list` against `roomcast dev` says what a newcomer needs (issue 28, point 8): a
+/// tenant with no versions is told so (it printed nothing), and after `plugin disable` the
+/// version that ran is listed inactive (it still said active), under "runs no plugin".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_list_says_when_there_is_nothing_and_what_a_disable_left() {
+    let stack = ws::dev("memory", |_| {}).await;
+    let url = format!("http://{}", stack.addr);
+    let file = std::env::temp_dir().join(format!("roomcast-list-{}.wasm", std::process::id()));
+    std::fs::write(&file, roomcast_tests::component("roomcast-plugin-moderation")).unwrap();
+    let roomcast = |args: &[&str]| {
+        let out = std::process::Command::new(roomcast_tests::aws::binary("roomcast"))
+            .args(args)
+            .args(["--dev", &url])
+            .env_remove("DYNAMODB_ENDPOINT_URL")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = roomcast(&["plugin", "list", "--tenant", "nobody"]);
+    assert!(listed.contains("nobody has no plugin versions"), "{listed}");
+    let path = file.to_str().unwrap();
+    roomcast(&["plugin", "upload", "--tenant", "acme", path]);
+    let mut active = String::new();
+    for _ in 0..200 {
+        active = roomcast(&["plugin", "list", "--tenant", "acme"]);
+        if active.contains("* ") && active.contains("active") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(active.lines().any(|l| l.starts_with('*') && l.contains(" active ")), "{active}");
+    roomcast(&["plugin", "disable", "--tenant", "acme"]);
+    let disabled = roomcast(&["plugin", "list", "--tenant", "acme"]);
+    assert!(disabled.contains("acme runs no plugin"), "{disabled}");
+    assert!(disabled.lines().any(|l| l.contains(" inactive ")) && !disabled.contains(" active "), "{disabled}");
+    let _ = std::fs::remove_file(&file);
+    stack.shutdown().await;
+}

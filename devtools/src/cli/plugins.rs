@@ -193,7 +193,14 @@ pub fn print_list(active: Option<(&str, bool)>, versions: &[PluginMeta]) {
         let is_active = active.is_some_and(|(v, _)| v == meta.version);
         let marker = if is_active { "*" } else { " " };
         let joins = if is_active && active.is_some_and(|(_, joins)| joins) { "  decides joins" } else { "" };
-        let status = serde_json::to_value(meta.status).ok();
+        // The pointer is the truth: a version still marked active that the pointer does not name
+        // (after a disable, or a rollback the processor has not recorded yet) is not running.
+        let status = match meta.status {
+            crate::model::PluginStatus::Active if !is_active => {
+                serde_json::to_value(crate::model::PluginStatus::Inactive).ok()
+            }
+            status => serde_json::to_value(status).ok(),
+        };
         let limits = meta.limits.map(|l| format!("  limits {}", serde_json::to_string(&l).unwrap_or_default()));
         println!(
             "{marker} {}  {:<8}  {:>8} bytes  uploaded {}{}{}{joins}",
@@ -364,6 +371,13 @@ pub(super) async fn run(command: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::List { tenant, target } => {
             let (active, versions) = target.target().await.list(&tenant).await?;
+            if versions.is_empty() {
+                println!(
+                    "{tenant} has no plugin versions (`roomcast plugin upload --tenant {tenant} FILE.wasm` adds one)"
+                );
+            } else if active.is_none() {
+                println!("{tenant} runs no plugin (none active, or disabled); its versions:");
+            }
             print_list(active.as_ref().map(|(v, joins)| (v.as_str(), *joins)), &versions);
             Ok(())
         }
