@@ -46,6 +46,23 @@ async fn connect_uses_principal_id_when_there_is_no_user_id_and_writes_the_callb
     assert_eq!(conn.deployment_id.as_deref(), Some("deploy-1"));
     assert_eq!(conn.connection_type.as_deref(), Some("client"));
     assert_eq!(item_count(&stack), 2, "the connection and its membership");
+    // The client's labels come back in `info` (issue 28, point 7), and `echo` answers its data.
+    let info = stack.send("c1", json!({"action": "info"})).await;
+    assert_eq!((info["deployment_id"].as_str(), info["connection_type"].as_str()), (Some("deploy-1"), Some("client")));
+    let echo = stack.send("c1", json!({"action": "echo", "data": {"n": 1}, "ref": "e1"})).await;
+    assert_eq!(echo, json!({"action": "echo", "data": {"n": 1}, "ref": "e1"}));
+    // A label the handler would store and show everywhere is bounded at connect.
+    let mut v = serde_json::to_value(connect_request("c2", "acme", "ann", "general")).unwrap();
+    for params in ["queryStringParameters", "multiValueQueryStringParameters"] {
+        if let Some(map) = v[params].as_object_mut() {
+            let long = "x".repeat(129);
+            map.insert("deployment_id".into(), if params.starts_with("multi") { json!([long]) } else { json!(long) });
+        }
+    }
+    v["requestContext"]["authorizer"] = json!({"principalId": "ann", "tenant": "acme"});
+    let refused = handlers::connect(&serde_json::from_value(v).unwrap(), &stack.deps).await;
+    assert_eq!(refused.status_code, 400);
+    assert_eq!(item_count(&stack), 2, "nothing written for it");
 }
 
 #[tokio::test]

@@ -69,7 +69,8 @@ pub fn operation_of(request: &Request) -> Option<Operation> {
         | Request::History { .. }
         | Request::Recover { .. }
         | Request::Who { .. }
-        | Request::Refresh { .. } => Some(Operation::Read),
+        | Request::Refresh { .. }
+        | Request::Echo { .. } => Some(Operation::Read),
     }
 }
 

@@ -100,6 +100,10 @@ pub enum Request {
     Refresh {
         token: String,
     },
+    /// `data` back to this connection, at once (a connectivity check that carries something).
+    Echo {
+        data: Value,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +229,17 @@ fn parse_fields(fields: &serde_json::Map<String, Value>) -> Result<Request, Fram
         "leave" => Request::Leave { room: room()? },
         "ping" => Request::Ping,
         "refresh" => Request::Refresh { token: string_field(fields, action, "token")? },
+        "echo" => {
+            let data = fields.get("data").cloned().unwrap_or(Value::Null);
+            let size = data.to_string().len();
+            if size > MAX_SIGNAL_BYTES {
+                return Err(FrameError::new(
+                    ErrorCode::MessageTooLarge,
+                    format!("echo: `data` is {size} bytes as JSON; the limit is {MAX_SIGNAL_BYTES}"),
+                ));
+            }
+            Request::Echo { data }
+        }
         "info" => Request::Info,
         "signal" => {
             let data = fields.get("data").cloned().unwrap_or(Value::Null);
@@ -312,7 +327,7 @@ fn parse_fields(fields: &serde_json::Map<String, Value>) -> Result<Request, Fram
             return Err(FrameError::new(
                 ErrorCode::UnknownAction,
                 format!(
-                    "unknown action {other:?}; known: sendMessage, join, leave, ping, info, history, recover, signal, who, refresh"
+                    "unknown action {other:?}; known: sendMessage, join, leave, ping, info, history, recover, signal, who, refresh, echo"
                 ),
             ));
         }
@@ -327,6 +342,7 @@ fn fields_of(action: &str) -> Option<&'static [&'static str]> {
         "join" | "leave" => &["room"],
         "ping" | "info" => &[],
         "refresh" => &["token"],
+        "echo" => &["data"],
         "signal" => &["room", "data"],
         "who" => &["room", "limit", "after"],
         "history" => &["room", "limit", "before", "after"],
@@ -412,6 +428,11 @@ pub enum ServerMessage {
         /// (whether or not its own membership has been applied yet).
         #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
         counts: std::collections::BTreeMap<String, u64>,
+        /// What the client said at connect (`?deployment_id=`, `?connection_type=`), if it did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deployment_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        connection_type: Option<String>,
     },
     Message(ChatMessage),
     /// A user became present in a room (their first connection joined) or stopped being present
@@ -481,6 +502,15 @@ pub enum ServerMessage {
         user_id: String,
         rooms: Vec<String>,
         connected_at: String,
+        /// What the client said at connect (`?deployment_id=`, `?connection_type=`), if it did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deployment_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        connection_type: Option<String>,
+    },
+    /// The answer to `echo`: its `data`.
+    Echo {
+        data: Value,
     },
     History {
         room: String,

@@ -193,6 +193,9 @@ fn connection_id(request: &ApiGatewayWebsocketProxyRequest) -> Option<&str> {
     request.request_context.connection_id.as_deref().filter(|id| !id.is_empty())
 }
 
+/// The longest `?deployment_id=` or `?connection_type=` a connection may carry.
+pub const MAX_LABEL_BYTES: usize = 128;
+
 /// `$connect`: checks the authorizer's context, reads `rooms`, `deployment_id` and
 /// `connection_type`, and writes the connection with its memberships.
 pub async fn connect(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDeps) -> ApiGatewayProxyResponse {
@@ -276,12 +279,26 @@ pub async fn connect(request: &ApiGatewayWebsocketProxyRequest, deps: &HandlerDe
         Ok(decided) => decided,
         Err(err) => return internal(&err),
     };
+    // The client's own labels, kept with the connection and shown in `welcome` and `info`.
+    let mut labels = [None, None];
+    for (slot, name) in labels.iter_mut().zip(["connection_type", "deployment_id"]) {
+        if let Some(value) = query.first(name) {
+            if value.is_empty() || value.len() > MAX_LABEL_BYTES || value.chars().any(char::is_control) {
+                return respond(
+                    400,
+                    Some(format!("{name} must be 1 to {MAX_LABEL_BYTES} bytes, without control characters")),
+                );
+            }
+            *slot = Some(value.to_string());
+        }
+    }
+    let [connection_type, deployment_id] = labels;
     let mut conn = Connection::new(NewConnection {
         connection_id,
         tenant: &who.tenant,
         user_id: &who.user_id,
-        connection_type: query.first("connection_type").map(str::to_string),
-        deployment_id: query.first("deployment_id").map(str::to_string),
+        connection_type,
+        deployment_id,
         rooms,
         endpoint: format!("https://{domain}/{stage}"),
         now,

@@ -89,6 +89,9 @@ impl PluginHost {
                 greeting: Some(text.clone()),
                 // The counts the welcome will carry, at their widest.
                 counts: info.rooms.iter().map(|room| (room.clone(), u64::MAX)).collect(),
+                // At their widest too: what the handler lets a client name (128 bytes each).
+                deployment_id: Some("x".repeat(128)),
+                connection_type: Some("x".repeat(128)),
             };
             let size = welcome.to_json().len();
             if size > roomcast_processor::protocol::MAX_OUTGOING_BYTES {

@@ -95,6 +95,8 @@ pub fn welcome(c: &Connection, welcome: &Welcome) -> Vec<Effect> {
         rooms: c.rooms.iter().filter(|r| c.in_room(r)).cloned().collect(),
         greeting: welcome.greeting.clone(),
         counts: welcome.counts.clone(),
+        deployment_id: c.deployment_id.clone(),
+        connection_type: c.connection_type.clone(),
     };
     std::iter::once(Effect::Send { payload: hello, recipients: vec![me(c)] })
         .chain(recovery_to(me(c), &welcome.recovery))
