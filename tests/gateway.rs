@@ -1117,3 +1117,49 @@ async fn plugin_list_says_when_there_is_nothing_and_what_a_disable_left() {
     let _ = std::fs::remove_file(&file);
     stack.shutdown().await;
 }
+
+/// The admin operations against the local stack (issue 28, point 4): `roomcast admin --dev URL`
+/// needs no AWS credentials, lists a user's connections with the labels they connected with,
+/// and the sweep probes the stack's own `@connections` — an open dev connection is open, not
+/// `unknown`; one the emulator no longer has is cleaned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roomcast_admin_runs_against_roomcast_dev() {
+    let stack = ws::dev("memory", |_| {}).await;
+    let url = format!("http://{}", stack.addr);
+    let query = format!("token={}&rooms=general&deployment_id=prod-1&connection_type=client", ws::token("acme", "ann"));
+    let mut ann = try_connect(&stack, &query).await.expect("ann connects");
+    let welcome = ann.expect_action("welcome").await;
+    assert_eq!(
+        (welcome["deployment_id"].as_str(), welcome["connection_type"].as_str()),
+        (Some("prod-1"), Some("client"))
+    );
+    let admin = |event: Value| {
+        let out = std::process::Command::new(roomcast_tests::aws::binary("roomcast"))
+            .args(["admin", &event.to_string(), "--dev", &url])
+            .env_remove("DYNAMODB_ENDPOINT_URL")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("ROOMCAST_MANAGEMENT_ENDPOINT")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{event}: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str::<Value>(&stdout).unwrap_or_else(|e| panic!("{stdout}: {e}"))
+    };
+    let found = admin(json!({"action": "get_user_connections", "tenant": "acme", "userId": "ann"}));
+    let connections = found["body"]["connections"].as_array().unwrap();
+    assert_eq!(connections.len(), 1, "{found}");
+    assert_eq!(
+        (connections[0]["deploymentId"].as_str(), connections[0]["connectionType"].as_str()),
+        (Some("prod-1"), Some("client"))
+    );
+    // Every connection idle for the sweep (0 s): ann's is open at the emulator.
+    let swept = admin(json!({"action": "cleanup_stale_connections", "idleSeconds": 0}));
+    assert_eq!(swept["statusCode"], 200, "{swept}");
+    let body = &swept["body"];
+    assert!(body["checked"].as_u64() >= Some(1) && body["stillOpen"].as_u64() >= Some(1), "{swept}");
+    assert_eq!(body["unknown"], 0, "a dev connection was not probed at the emulator: {swept}");
+    assert_eq!(body["cleanedCount"], 0, "{swept}");
+    ann.ask(json!({"action": "ping"}), "pong").await;
+    stack.shutdown().await;
+}

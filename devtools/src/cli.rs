@@ -83,6 +83,10 @@ enum Command {
         /// The event: get_user_connections, get_all_connections, update_connection_status or
         /// cleanup_stale_connections (see the README).
         event: String,
+        /// A running `roomcast dev`, e.g. http://127.0.0.1:8080: the operation runs there, against
+        /// its table and its @connections (no AWS credentials needed).
+        #[arg(long, env = "ROOMCAST_DEV_URL", conflicts_with_all = ["dynamodb_endpoint", "management_endpoint"])]
+        dev: Option<String>,
         #[command(flatten)]
         table: TableArgs,
         /// Where GetConnection asks (cleanup); by default each connection's own endpoint.
@@ -613,7 +617,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Admin { event, table, management_endpoint } => operate::admin(event, table, management_endpoint).await,
+        Command::Admin { event, dev: Some(url), .. } => operate::admin_on_dev(&url, event).await,
+        Command::Admin { event, dev: None, table, management_endpoint } => {
+            operate::admin(event, table, management_endpoint).await
+        }
         Command::Table { command: TableCommand::Create { table } } => operate::create(table).await,
         Command::User { command: UserCommand::Disconnect(args) } => publish::disconnect_user(args).await,
         Command::User { command: UserCommand::Join(args) } => publish::user_room("join_user", args).await,

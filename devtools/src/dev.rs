@@ -217,8 +217,18 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
     };
     // The tenants' webhooks: delivered from this process, a worker per tenant.
     let webhooks = crate::webhook::local::LocalWebhooks::new(store.clone(), options.webhook_retry, metrics.clone());
+    // The operator's admin operations, probing connections through this stack's @connections.
+    let admin = crate::admin::Admin {
+        store: store.clone(),
+        deliverer: Arc::new(assembly.deliverer()),
+        clock: clock.clone(),
+        idle_limit: Duration::from_secs(600),
+        presence_grace: Duration::from_secs(crate::presence::RECONCILE_GRACE_SECONDS as u64),
+        connection_ttl: Duration::from_secs(options.connection_ttl_seconds.max(1) as u64),
+    };
     let api_routes = api::routes(store.clone(), host, metrics.clone(), webhooks.clone())
-        .merge(api::publish_route(publish, options.auth.secret().to_vec()));
+        .merge(api::publish_route(publish, options.auth.secret().to_vec()))
+        .merge(api::admin_route(Arc::new(admin)));
     let plugin_tenants = match &options.plugins {
         Some(dir) => load_plugins(dir, &registry)?,
         None => Vec::new(),

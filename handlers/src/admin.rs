@@ -6,7 +6,7 @@
 //! | `get_user_connections`      | `tenant`, `userId`              | `{connections, count}` |
 //! | `get_all_connections`       | `limit?`, `nextToken?`          | `{connections, count, nextToken?}` |
 //! | `update_connection_status`  | `connectionId`, `status`        | `{connection}`; 404 when unknown |
-//! | `cleanup_stale_connections` | `idleSeconds?`                  | `{message, cleanedCount, presenceRepaired}` |
+//! | `cleanup_stale_connections` | `idleSeconds?`                  | `{message, cleanedCount, checked, stillOpen, unknown, presenceRepaired}` |
 //!
 //! Every answer is `{statusCode, body}`; an invalid event gets 400 with the reason.
 //!
@@ -64,6 +64,11 @@ pub struct ConnectionView {
     pub tenant: String,
     pub rooms: Vec<String>,
     pub last_seen_at: String,
+    /// The labels the client gave at connect (`?deployment_id=`, `?connection_type=`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_type: Option<String>,
 }
 
 impl From<&Connection> for ConnectionView {
@@ -76,6 +81,8 @@ impl From<&Connection> for ConnectionView {
             tenant: c.tenant.clone(),
             rooms: c.rooms.iter().cloned().collect(),
             last_seen_at: format_ts(&c.last_seen_at),
+            deployment_id: c.deployment_id.clone(),
+            connection_type: c.connection_type.clone(),
         }
     }
 }
@@ -211,6 +218,9 @@ impl Admin {
                     json!({
                         "message": "Stale connections cleaned up",
                         "cleanedCount": report.cleaned,
+                        "checked": report.checked,
+                        "stillOpen": report.still_open,
+                        "unknown": report.unknown,
                         "presenceRepaired": report.presence_repaired,
                         "skipped": report.skipped,
                         "shards": report.shards,

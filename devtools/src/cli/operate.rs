@@ -43,6 +43,16 @@ pub(super) async fn admin(event: String, table: TableArgs, management_endpoint: 
     if answer["statusCode"] == 200 { Ok(()) } else { anyhow::bail!("the operation answered {}", answer["statusCode"]) }
 }
 
+/// `roomcast admin --dev URL`: the operation runs in that `roomcast dev`.
+pub(super) async fn admin_on_dev(url: &str, event: String) -> anyhow::Result<()> {
+    let event: serde_json::Value =
+        serde_json::from_str(&event).map_err(|e| anyhow::anyhow!("the event is not JSON: {e}"))?;
+    let answer =
+        crate::dev::api::request_as(url, http::Method::POST, "/_dev/admin", serde_json::to_vec(&event)?, None).await?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    if answer["statusCode"] == 200 { Ok(()) } else { anyhow::bail!("the operation answered {}", answer["statusCode"]) }
+}
+
 /// `roomcast table create`.
 pub(super) async fn create(table: TableArgs) -> anyhow::Result<()> {
     let sdk = config::load_aws().await;

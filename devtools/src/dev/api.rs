@@ -15,6 +15,7 @@
 //! | `POST /publish` (a token with the `publish` scope; body `{tenant, room, message, user_id?, idempotency_key?}`) | the `publish` Lambda's HTTP API: `{"id"}`, or `{"error"}` with its status |
 //! | `GET /_dev/tenants/{tenant}/settings` | the tenant's settings (`roomcast tenant show`) |
 //! | `PUT /_dev/tenants/{tenant}/settings` (body: the settings' fields) | writes them (`roomcast tenant set`) |
+//! | `POST /_dev/admin` | an admin operation (`roomcast admin --dev`): the admin function's event in, its `{statusCode, body}` out |
 //! | `GET /_dev/webhooks/deliveries` (`?tenant=T`: one tenant's) | the last 500 delivery attempts, oldest first: tenant, at, attempt, outcome (`delivered`, `retrying`, `dead-lettered`, `dropped`), error, retry_in_ms, the events' types and ids |
 //! | `GET /_dev/webhooks/dead` | the tenants' webhook deliveries given up on: tenant, events, error, attempts |
 //! | `POST /_dev/webhooks/redrive` (`?tenant=T`: one tenant's) | queues them again: `{"events": n}` |
@@ -160,6 +161,27 @@ async fn activate(State(api): State<Api>, Path(tenant): Path<String>, body: axum
 }
 
 /// `POST /publish`, as the `publish` Lambda answers it behind its HTTP API route.
+/// `POST /_dev/admin`: an admin operation (the `admin` function's event as the body; its answer,
+/// `{statusCode, body}`, as the response) against this stack's table, probing connections through
+/// this stack's own `@connections` — `roomcast admin --dev URL`.
+pub fn admin_route(admin: Arc<crate::admin::Admin>) -> axum::Router {
+    async fn run(State(admin): State<Arc<crate::admin::Admin>>, body: axum::body::Bytes) -> Response {
+        match serde_json::from_slice::<serde_json::Value>(&body) {
+            // On a blocking thread of its own: the sweep's future is not provably `Send` (a
+            // higher-ranked lifetime in its stream of probes), which axum's handlers must be.
+            Ok(event) => {
+                let runtime = tokio::runtime::Handle::current();
+                match tokio::task::spawn_blocking(move || runtime.block_on(admin.handle(&event))).await {
+                    Ok(answer) => axum::Json(answer).into_response(),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("the admin operation failed: {e}")),
+                }
+            }
+            Err(e) => error(StatusCode::BAD_REQUEST, format!("the body must be an admin event (JSON): {e}")),
+        }
+    }
+    axum::Router::new().route("/_dev/admin", axum::routing::post(run)).with_state(admin)
+}
+
 pub fn publish_route(deps: crate::publish::PublishDeps, secret: Vec<u8>) -> axum::Router {
     let state = std::sync::Arc::new((deps, secret));
     axum::Router::new()
