@@ -1163,3 +1163,30 @@ async fn roomcast_admin_runs_against_roomcast_dev() {
     ann.ask(json!({"action": "ping"}), "pong").await;
     stack.shutdown().await;
 }
+
+/// A WebSocket upgrade at `/` (where the dev page is) is refused with where to connect instead
+/// of answered with the page's HTML (issue 28, point 8); the page itself is still served there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_at_the_page_is_told_where_to_connect() {
+    let stack = ws::dev("memory", |_| {}).await;
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/", stack.addr)).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 400);
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
+            assert!(body.contains("the WebSocket endpoint is /"), "{body}");
+        }
+        other => panic!("expected a 400 answer, got {:?}", other.map(|_| "a WebSocket")),
+    }
+    let page = roomcast::dev::api::request_as(
+        &format!("http://{}", stack.addr),
+        axum::http::Method::GET,
+        "/",
+        Vec::new(),
+        None,
+    )
+    .await;
+    // Not JSON: the helper says so, with the page's first bytes.
+    assert!(page.expect_err("the page is HTML").to_string().contains("<!doctype html>"));
+    stack.shutdown().await;
+}

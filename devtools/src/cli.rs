@@ -64,7 +64,8 @@ enum Command {
         tenant: String,
         #[arg(long)]
         user: String,
-        #[arg(long, env = "ROOMCAST_JWT_SECRET", hide_env_values = true)]
+        /// The `$connect` secret (default: `roomcast dev`'s, so a dev token needs no setup).
+        #[arg(long, env = "ROOMCAST_JWT_SECRET", default_value = "roomcast-dev-secret", hide_env_values = true)]
         secret: String,
         /// Lifetime, seconds.
         #[arg(long, default_value_t = 3600)]
@@ -699,6 +700,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("  dev token (tenant demo, user alice, 12 h):");
     println!("    {token}");
     println!("  try: websocat '{}?token={token}&rooms=general'", stack.ws_url());
+    println!(
+        "  more tokens: roomcast token --tenant T --user U   (or GET http://{}/_dev/token?tenant=T&user=U)",
+        stack.addr
+    );
     if args.insecure_dev_auth {
         println!();
         println!(

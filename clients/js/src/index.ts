@@ -207,6 +207,9 @@ export interface Welcome {
   greeting?: string;
   /** Users present per room as the welcome was sent. */
   counts?: Record<string, number>;
+  /** The labels given at connect (`?deployment_id=`, `?connection_type=`), if any. */
+  deployment_id?: string;
+  connection_type?: string;
 }
 
 export interface Events {

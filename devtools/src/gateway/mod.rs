@@ -188,8 +188,19 @@ impl Gateway {
     }
 }
 
-async fn page() -> Html<&'static str> {
-    Html(include_str!("page.html"))
+/// The dev page; a WebSocket upgrade here is told where the WebSocket endpoint is instead of
+/// getting the page's HTML (which a client reads as a failed handshake).
+async fn page(State(gateway): State<Arc<Gateway>>, headers: axum::http::HeaderMap) -> Response {
+    let upgrade =
+        headers.get("upgrade").and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if upgrade {
+        let stage = &gateway.settings.stage;
+        let message = format!(
+            "the WebSocket endpoint is /{stage} (ws://HOST/{stage}?token=…), not /; this path serves the dev page"
+        );
+        return (axum::http::StatusCode::BAD_REQUEST, message).into_response();
+    }
+    Html(include_str!("page.html")).into_response()
 }
 
 /// `@roomcast/client` as built (`clients/js/dist/index.js`, kept in the repository so that this
