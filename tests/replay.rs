@@ -460,12 +460,67 @@ async fn a_replay_with_the_tenants_configuration_decides_as_the_live_run_did() {
     live.sort_by(|a, b| (&a.0, a.1.to_string()).cmp(&(&b.0, b.1.to_string())));
     assert_eq!(decided(sends_in(&first)), decided(live), "the replay decides as the live run did");
 
-    // Without the configuration, the plugin's built-in list decides: the other message is refused.
-    let (defaults, _) = run(&lines(&records), &Options { json: true, ..from_stream(moderation()) }).await;
-    let refused: Vec<String> = sends_in(&defaults)
+    let refused = |jsonl: &str| -> Vec<String> {
+        sends_in(jsonl)
+            .into_iter()
+            .filter(|(_, b)| b["action"] == "rejected")
+            .map(|(_, b)| b["reason"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Without `--config`, the input's own configuration record decides (issue 28: it was
+    // printed "(no effect)" and the plugin's defaults decided instead of what the live run did).
+    let (from_input, _) = run(&lines(&records), &Options { json: true, ..from_stream(moderation()) }).await;
+    assert_eq!(refused(&from_input), vec!["the word \"durian\" is not allowed here".to_string()]);
+    assert!(from_input.contains("acme's configuration from the input: 1 key(s)"), "{from_input}");
+    // `--config` wins over the input's: with the word list given, the other message is refused.
+    let spam: std::collections::BTreeMap<String, String> = [("banned".to_string(), "spam".to_string())].into();
+    let given = Options { json: true, configs: vec![("acme".into(), spam)], ..from_stream(moderation()) };
+    let (overridden, _) = run(&lines(&records), &given).await;
+    assert_eq!(refused(&overridden), vec!["the word \"spam\" is not allowed here".to_string()]);
+}
+
+/// A session captured while a tenant's plugin (uploaded during the capture, with its
+/// configuration) rejected a message replays with no flags as it ran live (issue 28, point 2):
+/// the upload's chunks in the input are reassembled and run from when the pointer named them,
+/// the configuration applies, the rejection is printed (not a delivery), and recipients are
+/// printed as users.
+#[tokio::test]
+async fn a_capture_with_its_plugin_upload_replays_with_no_flags_as_the_live_run_did() {
+    use roomcast::model::FailurePolicy;
+    let mut stack = Stack::memory().await;
+    stack.connect("ann", "acme", "ann", "general").await;
+    stack.connect("bob", "acme", "bob", "general").await;
+    let none = roomcast::plugins::LimitOverrides::default();
+    let bytes = roomcast_tests::component("roomcast-plugin-moderation");
+    stack.upload_plugin("acme", &bytes, FailurePolicy::Closed, none).await;
+    let banned: std::collections::BTreeMap<String, String> = [("banned".to_string(), "durian".to_string())].into();
+    let config = roomcast::model::PluginConfig::new("acme", banned, stack.clock_now()).unwrap();
+    stack.table.store.put_plugin_config(&config).await.unwrap();
+    stack.pump().await;
+    for text in ["durian for lunch", "buy spam now"] {
+        stack.send("ann", json!({"action":"sendMessage","room":"general","message":text})).await;
+    }
+    stack.pump().await;
+    let live = stack.recorder.received_action("ann", "rejected");
+    assert_eq!(live.len(), 1, "live: the configured word is refused: {live:?}");
+    let records = stack.captured.clone();
+
+    let (text, summary) = run(&lines(&records), &Options { membership_from_stream: true, ..Options::default() }).await;
+    assert_eq!(summary.failed, 0, "{text}");
+    assert!(text.contains("acme runs version"), "the upload in the input runs: {text}");
+    assert!(text.contains("not allowed here"), "the live rejection is printed: {text}");
+    let (json_out, _) =
+        run(&lines(&records), &Options { json: true, membership_from_stream: true, ..Options::default() }).await;
+    let rejected: Vec<Value> =
+        sends_in(&json_out).into_iter().filter(|(_, b)| b["action"] == "rejected").map(|(_, b)| b).collect();
+    assert_eq!(rejected.len(), 1, "{json_out}");
+    assert!(rejected[0]["reason"].as_str().unwrap().contains("durian"), "{rejected:?}");
+    let delivered: Vec<String> = sends_in(&json_out)
         .into_iter()
-        .filter(|(_, b)| b["action"] == "rejected")
-        .map(|(_, b)| b["reason"].as_str().unwrap().to_string())
+        .filter(|(_, b)| b["action"] == "message")
+        .map(|(_, b)| b["message"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(refused, vec!["the word \"spam\" is not allowed here".to_string()]);
+    assert!(!delivered.iter().any(|m| m.contains("durian")), "a delivery that never happened: {delivered:?}");
+    // Recipients by user, as the input's connection records name them.
+    assert!(text.contains("bob (bob)") || text.contains("ann (ann)"), "{text}");
 }

@@ -11,6 +11,7 @@
 //! byte-identical output. `execute` re-drives the records for real.
 
 pub mod capture;
+pub mod captured;
 pub mod input;
 pub mod view;
 
@@ -264,8 +265,21 @@ async fn run(items: &[Item], options: &Options, plugins: &[(String, Vec<u8>)]) -
     for (tenant, values) in &options.configs {
         registry.pin_config(tenant, values.clone());
     }
+    // What the capture itself says of plugins and configurations, applied in record order for
+    // every tenant the flags leave alone (`--plugin` and `--config` win).
+    let captured = captured::Captured::read(items);
+    let given: std::collections::BTreeSet<&str> = plugins.iter().map(|(t, _)| t.as_str()).collect();
+    let configured: std::collections::BTreeSet<&str> = options.configs.iter().map(|(t, _)| t.as_str()).collect();
+    for tenant in captured.plugin_tenants.iter().filter(|t| !given.contains(t.as_str())) {
+        if options.table.is_none() {
+            eprintln!(
+                "replay: {tenant} has plugin records in the input: its plugin runs from the input where its upload is \
+                 in it, else by the default rules (pass --plugin {tenant}=FILE.wasm, or --table, to run it)"
+            );
+        }
+    }
     let view = Arc::new(StreamRooms::default());
-    let mut processor = Assembly { partitions_at_once: 1, ..assembly }.processor().with_plugins(registry);
+    let mut processor = Assembly { partitions_at_once: 1, ..assembly }.processor().with_plugins(registry.clone());
     if options.membership_from_stream {
         processor = processor.with_rooms(view.clone());
     }
@@ -292,14 +306,26 @@ async fn run(items: &[Item], options: &Options, plugins: &[(String, Vec<u8>)]) -
                     record_clock.set(time);
                 }
                 view.observe(&change);
+                let mut notes = Vec::new();
+                match captured::Captured::apply(record) {
+                    Some(captured::Apply::Config { tenant, values }) if !configured.contains(tenant.as_str()) => {
+                        notes.push(format!("{tenant}'s configuration from the input: {} key(s)", values.len()));
+                        registry.pin_config(&tenant, values);
+                    }
+                    Some(captured::Apply::Pointer { tenant, version }) if !given.contains(tenant.as_str()) => {
+                        notes.push(install_captured(&registry, &captured, &tenant, version.as_deref()));
+                    }
+                    _ => {}
+                }
                 let mut entry = Entry::new(position, record.event_id.clone());
                 entry.seq = record.change.sequence_number.clone();
                 entry.time = Some(crate::model::format_ts(&time));
                 match (&change, processor.process_in_batch(record, &lookups, &window).await) {
                     (Change::Unknown { reason }, _) => entry.skipped = Some(reason.clone()),
                     (_, Err(e)) => entry.failed = Some(e.to_string()),
-                    (_, Ok(report)) => fill(&mut entry, record, &report, options),
+                    (_, Ok(report)) => fill(&mut entry, record, &report, options, &captured.users),
                 }
+                entry.plugin_actions.extend(notes);
                 entry
             }
         };
@@ -329,7 +355,39 @@ impl Entry {
     }
 }
 
-fn fill(entry: &mut Entry, record: &EventRecord, report: &RecordReport, options: &Options) {
+/// The tenant's pointer moved in the input: run what it names, from the input's own upload.
+fn install_captured(registry: &Registry, captured: &captured::Captured, tenant: &str, version: Option<&str>) -> String {
+    let Some(version) = version else {
+        registry.remove(tenant);
+        return format!("{tenant} runs no plugin from here (the input's pointer)");
+    };
+    let Some((meta, bytes)) = captured.component(tenant, version) else {
+        return format!(
+            "{tenant}'s pointer names version {version}, whose upload is not in the input: its decisions below are the \
+             default rules' (pass --plugin {tenant}=FILE.wasm)"
+        );
+    };
+    let limits = Limits::default().with_overrides(&meta.limits.unwrap_or_default());
+    match registry.host().compile(&bytes, &limits) {
+        Ok(plugin) => {
+            let policy = match meta.policy {
+                crate::model::FailurePolicy::Open => Policy::FailOpen,
+                crate::model::FailurePolicy::Closed => Policy::FailClosed,
+            };
+            registry.install(tenant, plugin, limits, policy, true);
+            format!("{tenant} runs version {version} from here (its upload is in the input)")
+        }
+        Err(e) => format!("{tenant}'s version {version} from the input cannot load: {e}"),
+    }
+}
+
+fn fill(
+    entry: &mut Entry,
+    record: &EventRecord,
+    report: &RecordReport,
+    options: &Options,
+    users: &std::collections::HashMap<String, String>,
+) {
     entry.change = Some(describe_change(&record.event_name, &report.change));
     entry.plugin_calls = report
         .plugin_calls
@@ -354,7 +412,23 @@ fn fill(entry: &mut Entry, record: &EventRecord, report: &RecordReport, options:
             "text": p.to_string(),
         })
     });
-    entry.effects = report.effects.iter().map(describe_effect).collect();
+    entry.effects = report
+        .effects
+        .iter()
+        .map(|effect| {
+            let mut described = describe_effect(effect);
+            // Who each recipient is, as far as the input says (its connection records).
+            if let Some(to) = described.get("to").and_then(Value::as_array) {
+                let named: Vec<Value> = to
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(|id| json!(users.get(id).map_or_else(|| id.to_string(), |user| format!("{user} ({id})"))))
+                    .collect();
+                described["to_users"] = Value::Array(named);
+            }
+            described
+        })
+        .collect();
     if options.execute.is_some() {
         entry.outcomes = report.outcomes.iter().map(|(id, outcome)| (id.clone(), format!("{outcome:?}"))).collect();
     }
@@ -484,7 +558,7 @@ fn write_decisions(out: &mut dyn Write, entry: &Entry, indent: &str) -> std::io:
         writeln!(out, "{}presence {text}", lead())?;
     }
     for effect in &entry.effects {
-        if let Some(to) = effect.get("to") {
+        if let Some(to) = effect.get("to_users").or_else(|| effect.get("to")) {
             let to: Vec<&str> = to.as_array().into_iter().flatten().filter_map(Value::as_str).collect();
             let to = if to.is_empty() { "nobody".to_string() } else { to.join(", ") };
             writeln!(out, "{}send     {} → {to}", lead(), effect["send"])?;
