@@ -1012,7 +1012,13 @@ async fn a_backend_puts_a_users_connections_into_a_room_under_the_rules_of_a_joi
     assert_eq!(refused, json!({"connections": 1, "joined": 0, "pending": 0, "denied": 1}));
     let left = act(json!({"action": "leave_user", "tenant": "acme", "user_id": "ann", "room": "vip"})).await;
     assert_eq!(left, json!({"connections": 2, "left": 2}));
-    bob.expect("ann leaving", ws::presence("ann", "left")).await;
+    // Each connection is told it is out (it did not ask), and the room sees why.
+    for tab in [&mut tab1, &mut tab2] {
+        let told = tab.expect("the server's leave", |f| f["action"] == "ack" && f["request"] == "leave").await;
+        assert_eq!(told["room"], "vip", "{told}");
+    }
+    let gone = bob.expect("ann leaving", ws::presence("ann", "left")).await;
+    assert_eq!(gone["reason"], "server", "{gone}");
     let out = tab2.ask(json!({"action":"sendMessage","room":"vip","message":"x"}), "error").await;
     assert_eq!(out["code"], "not_member", "{out}");
     stack.shutdown().await;

@@ -130,7 +130,19 @@ pub async fn act(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Val
                         let reason = crate::model::JoinReason::Server;
                         crate::handlers::join_as(conn, deps.store.as_ref(), &joins, now, room.clone(), reason).await
                     }
-                    false => crate::handlers::leave_as(conn, deps.store.as_ref(), room.clone()).await,
+                    false => {
+                        // Marked first, so the membership's REMOVE says the backend did it: the
+                        // processor tells the connection, whose client then forgets the room.
+                        if conn.rooms.contains(room.as_str()) || conn.pending_rooms.contains(room.as_str()) {
+                            let (tenant, id) = (conn.tenant.as_str(), conn.connection_id.as_str());
+                            // A membership gone meanwhile is not marked (the mark is conditional).
+                            deps.store
+                                .remove_membership(tenant, room, id, LeftReason::Server)
+                                .await
+                                .map_err(unavailable)?;
+                        }
+                        crate::handlers::leave_as(conn, deps.store.as_ref(), room.clone()).await
+                    }
                 };
                 match answer {
                     Ok(ServerMessage::Ack { pending: Some(true), .. }) => pending += 1,

@@ -178,6 +178,9 @@ export interface Events {
     presence: (event: PresenceEvent) => void;
     /** A room's roster changed (a snapshot arrived, or a presence event): `roster(room)` has it. */
     roster: (room: string) => void;
+    /** The tenant's backend took this connection out of a room (`leave_user`); the client no
+     * longer counts it among its rooms and does not rejoin it on a reconnect. */
+    left: (room: string) => void;
     /** After a reconnect, per room: whether every missed message was delivered. */
     recovered: (recovery: Recovery) => void;
     /** A sent message the tenant's rules refused after the ack. */

@@ -743,6 +743,10 @@ export class RoomcastClient {
                 // A join the tenant's rules allowed, after a `pending` answer or at connect.
                 if (frame.request === "join" && !frame.pending)
                     this.#onJoinAck(frame);
+                // The tenant's backend took this connection out of the room (`leave_user`): forget it,
+                // so a reconnect does not rejoin it.
+                else if (frame.request === "leave")
+                    this.#onServerLeave(String(frame.room));
                 break;
             case "join_denied":
                 this.#onJoinDenied(new JoinDeniedError(String(frame.room), String(frame.reason)));
@@ -818,6 +822,12 @@ export class RoomcastClient {
         this.#queue = this.#queue.filter((q) => String(q.frame.room) !== room);
         for (const queued of ready)
             this.#transmit(queued.frame, queued.resolve, queued.reject);
+    }
+    #onServerLeave(room) {
+        if (!this.#rooms.delete(room))
+            return;
+        this.#emit("left", room);
+        this.#emit("roster", room);
     }
     #onJoinAck(frame) {
         const room = String(frame.room);

@@ -220,6 +220,9 @@ export interface Events {
   presence: (event: PresenceEvent) => void;
   /** A room's roster changed (a snapshot arrived, or a presence event): `roster(room)` has it. */
   roster: (room: string) => void;
+  /** The tenant's backend took this connection out of a room (`leave_user`); the client no
+   * longer counts it among its rooms and does not rejoin it on a reconnect. */
+  left: (room: string) => void;
   /** After a reconnect, per room: whether every missed message was delivered. */
   recovered: (recovery: Recovery) => void;
   /** A sent message the tenant's rules refused after the ack. */
@@ -967,6 +970,9 @@ export class RoomcastClient {
       case "ack":
         // A join the tenant's rules allowed, after a `pending` answer or at connect.
         if (frame.request === "join" && !frame.pending) this.#onJoinAck(frame);
+        // The tenant's backend took this connection out of the room (`leave_user`): forget it,
+        // so a reconnect does not rejoin it.
+        else if (frame.request === "leave") this.#onServerLeave(String(frame.room));
         break;
       case "join_denied":
         this.#onJoinDenied(new JoinDeniedError(String(frame.room), String(frame.reason)));
@@ -1037,6 +1043,12 @@ export class RoomcastClient {
     const ready = this.#queue.filter((q) => String(q.frame.room) === room);
     this.#queue = this.#queue.filter((q) => String(q.frame.room) !== room);
     for (const queued of ready) this.#transmit(queued.frame, queued.resolve, queued.reject);
+  }
+
+  #onServerLeave(room: string): void {
+    if (!this.#rooms.delete(room)) return;
+    this.#emit("left", room);
+    this.#emit("roster", room);
   }
 
   #onJoinAck(frame: Record<string, unknown>): void {

@@ -537,3 +537,26 @@ test("a redelivered user message is emitted once (a scripted socket)", async () 
   assert.deepEqual(got, ["once", "twice"]);
   c.close();
 });
+
+test("a room the backend takes the user out of is forgotten: the reconnect does not rejoin it", async () => {
+  const user = `lea-${Date.now()}`;
+  const [keep, drop] = [`keep-${Date.now()}`, `drop-${Date.now()}`];
+  const c = client("acme", user, [keep, drop]);
+  const left = [];
+  c.on("left", (room) => left.push(room));
+  const welcomes = [];
+  c.on("welcome", (w) => welcomes.push(w));
+  await c.ready();
+  const response = await fetch(`${base}/publish`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${token("acme", "backend", { scope: "users" })}` },
+    body: JSON.stringify({ action: "leave_user", tenant: "acme", user_id: user, room: drop }),
+  });
+  assert.equal(response.status, 200, await response.clone().text());
+  await until("the left event", () => left.includes(drop));
+  assert.deepEqual(c.rooms, [keep]);
+  await forceClose(welcomes[welcomes.length - 1].connection_id);
+  await until("the reconnect's welcome", () => welcomes.length === 2);
+  assert.deepEqual(welcomes[1].rooms, [keep], "the reconnect asked for the room it still has only");
+  c.close();
+});

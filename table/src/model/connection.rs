@@ -170,6 +170,10 @@ pub enum LeftReason {
     RateLimited,
     /// The tenant's backend disconnected the user (`disconnect_user`): the processor closes it.
     Terminated,
+    /// The tenant's backend took the connection out of the room (`leave_user`): the processor
+    /// tells the connection (an `ack` for `leave` it did not ask for). Kept as text on the
+    /// membership, so a processor that predates it reads it as a plain leave.
+    Server,
 }
 
 impl LeftReason {
@@ -182,6 +186,7 @@ impl LeftReason {
             LeftReason::Denied => "denied",
             LeftReason::RateLimited => "rate_limited",
             LeftReason::Terminated => "terminated",
+            LeftReason::Server => "server",
         }
     }
 
@@ -194,6 +199,7 @@ impl LeftReason {
             LeftReason::Denied,
             LeftReason::RateLimited,
             LeftReason::Terminated,
+            LeftReason::Server,
         ]
         .into_iter()
         .find(|r| r.as_str() == value)

@@ -234,17 +234,24 @@ pub fn react(kind: Kind, members: &[Membership], decided: &Decided) -> Vec<Effec
             vec![denied(m, reason)]
         }
         (Kind::Joined { membership, .. }, join) => joined(membership, members, join.as_ref(), decided),
-        (Kind::Left(m, cause), _) => match announced(decided, PresenceEvent::Left) {
-            Some(p) => {
-                let reason = match (cause, m.left_reason.as_deref().and_then(LeftReason::parse)) {
-                    (Cause::TtlExpired, _) => LeftReason::Expired,
-                    (Cause::Client, Some(reason)) => reason,
-                    (Cause::Client, None) => LeftReason::Leave,
-                };
-                send_to_room(presence_frame(m, p, PresenceEvent::Left, reason.as_str()), members)
-            }
-            None => Vec::new(),
-        },
+        (Kind::Left(m, cause), _) => {
+            let reason = match (cause, m.left_reason.as_deref().and_then(LeftReason::parse)) {
+                (Cause::TtlExpired, _) => LeftReason::Expired,
+                (Cause::Client, Some(reason)) => reason,
+                (Cause::Client, None) => LeftReason::Leave,
+            };
+            // The tenant's backend took it out (`leave_user`): the connection did not ask, so
+            // an `ack` for `leave` tells it (and its client, which forgets the room).
+            let told = (reason == LeftReason::Server).then(|| Effect::Send {
+                payload: ServerMessage::ack("leave", &m.room, None),
+                recipients: vec![Recipient::from(m)],
+            });
+            let announced = match announced(decided, PresenceEvent::Left) {
+                Some(p) => send_to_room(presence_frame(m, p, PresenceEvent::Left, reason.as_str()), members),
+                None => Vec::new(),
+            };
+            told.into_iter().chain(announced).collect()
+        }
         // Pending and allowed: its MODIFY makes it present and acknowledges it.
         (Kind::Pending(_) | Kind::Other, _) => Vec::new(),
     }
