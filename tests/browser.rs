@@ -114,6 +114,11 @@ impl Browser {
     }
 
     async fn open(&mut self, url: &str) -> String {
+        self.open_until(url, "document.readyState === 'complete' && !!document.getElementById('connect')").await
+    }
+
+    /// Opens `url` in a new tab and waits until `ready` holds there.
+    async fn open_until(&mut self, url: &str, ready: &str) -> String {
         let target = self.call(None, "Target.createTarget", json!({"url": "about:blank"})).await;
         let attached =
             self.call(None, "Target.attachToTarget", json!({"targetId": target["targetId"], "flatten": true})).await;
@@ -125,12 +130,7 @@ impl Browser {
         )
         .await;
         self.call(Some(&session), "Page.navigate", json!({"url": url})).await;
-        self.wait_for(
-            &session,
-            "the page to load",
-            "document.readyState === 'complete' && !!document.getElementById('connect')",
-        )
-        .await;
+        self.wait_for(&session, "the page to load", ready).await;
         session
     }
 
@@ -397,5 +397,56 @@ async fn the_page_shows_the_tenants_webhook_deliveries_and_messages_to_its_user(
     .unwrap();
     assert_eq!(sent["connections"], 1, "{sent}");
     browser.wait_for(&ann, "the user message", &log_has("user_message", "from billing: paid")).await;
+    stack.shutdown().await;
+}
+
+/// The operator's page (issue 28): tenants with their rooms, members and presence, connections,
+/// plugin versions with status and the breaker, as the stack holds them, refreshed as they
+/// change. `ROOMCAST_UPDATE_SCREENSHOT=1` writes `docs/ops-page.png`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_page_shows_tenants_rooms_connections_and_plugins() {
+    let stack = roomcast::dev::start(roomcast::dev::DevOptions { port: 0, ..Default::default() }).await.unwrap();
+    let host = roomcast::plugins::PluginHost::new().unwrap();
+    let bytes = roomcast_tests::component("roomcast-plugin-moderation");
+    let none = roomcast::plugins::LimitOverrides::default();
+    let meta = roomcast::plugins::upload(
+        &*stack.store,
+        &host,
+        "acme",
+        &bytes,
+        roomcast::model::FailurePolicy::Open,
+        none,
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    let mut browser = Browser::launch().await;
+    let page = |user: &str| format!("{}?tenant=acme&user={user}&rooms=general&room=general", stack.page_url());
+    for user in ["ann", "bob"] {
+        let tab = browser.open(&page(user)).await;
+        browser.click(&tab, "connect").await;
+        browser.wait_for(&tab, "the welcome", &log_has("welcome", &format!("connected as {user}"))).await;
+    }
+    let ops = browser.open_until(&format!("http://{}/_dev/ops", stack.addr), "!!document.body.dataset.refreshed").await;
+    let tenant = "document.querySelector('[data-tenant=\"acme\"]')";
+    let shows = |text: &str| format!("!!{tenant} && {tenant}.innerText.includes({})", json!(text));
+    browser.wait_for(&ops, "acme's room with both users", &format!("{} && {}", shows("ann×1"), shows("bob×1"))).await;
+    browser
+        .wait_for(
+            &ops,
+            "the plugin running, its breaker closed",
+            &format!("{} && {}", shows(&format!("running {}", meta.version)), shows("breaker closed")),
+        )
+        .await;
+    browser.wait_for(&ops, "the version's status", &shows("active")).await;
+    browser
+        .wait_for(&ops, "the connections", "document.getElementById('connections').innerText.includes('ann') && document.getElementById('connections').innerText.includes('bob')")
+        .await;
+    if std::env::var_os("ROOMCAST_UPDATE_SCREENSHOT").is_some() {
+        let shot = browser.call(Some(&ops), "Page.captureScreenshot", json!({"format": "png"})).await;
+        use base64::Engine;
+        let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
+        std::fs::write(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/ops-page.png"), png).unwrap();
+    }
     stack.shutdown().await;
 }

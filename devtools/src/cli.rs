@@ -687,6 +687,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let token = crate::auth::mint(&claims, auth.secret());
     println!("Roomcast dev stack ({store_name})");
     println!("  page       {}", stack.page_url());
+    println!("  operator   http://{}/_dev/ops", stack.addr);
     println!("  websocket  {}?token=<jwt>&rooms=general", stack.ws_url());
     println!("  @connections  http://{}/local/@connections/{{id}}", stack.addr);
     if account != crate::gateway::account::AccountSettings::default() {

@@ -28,6 +28,7 @@ use crate::stream::log::StreamLog;
 use crate::stream::poller::{StartAt, StreamPoller};
 
 pub mod api;
+pub mod ops;
 
 #[derive(Clone, Debug)]
 pub struct DevOptions {
@@ -228,7 +229,8 @@ pub async fn start(options: DevOptions) -> anyhow::Result<DevStack> {
     };
     let api_routes = api::routes(store.clone(), host, metrics.clone(), webhooks.clone())
         .merge(api::publish_route(publish, options.auth.secret().to_vec()))
-        .merge(api::admin_route(Arc::new(admin)));
+        .merge(api::admin_route(Arc::new(admin)))
+        .merge(ops::routes(store.clone(), registry.clone(), metrics.clone(), webhooks.clone()));
     let plugin_tenants = match &options.plugins {
         Some(dir) => load_plugins(dir, &registry)?,
         None => Vec::new(),

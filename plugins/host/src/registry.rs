@@ -273,6 +273,15 @@ impl Registry {
         self.get(tenant).map(|i| i.plugin.version().to_string())
     }
 
+    /// The tenant's breaker here, if it has a plugin: its faults in a row, and whether it is
+    /// open (the failure policy applies without calling the plugin) — for the operator's page.
+    pub fn breaker(&self, tenant: &str) -> Option<(u32, bool)> {
+        self.get(tenant).map(|i| {
+            let breaker = i.breaker.lock().unwrap_or_else(|p| p.into_inner());
+            (breaker.faults_in_a_row, breaker.open_until.is_some_and(|until| Instant::now() < until))
+        })
+    }
+
     /// The limits the tenant's plugin runs with here, if it has one.
     pub fn installed_limits(&self, tenant: &str) -> Option<Limits> {
         self.get(tenant).map(|i| i.limits.clone())
