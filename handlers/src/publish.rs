@@ -97,6 +97,32 @@ pub fn check_user_id(field: &str, user_id: &str) -> Result<(), PublishError> {
     Ok(())
 }
 
+/// A tenant's backend counts against its tenant's message limits, per `user_id` and per tenant
+/// ([`crate::limits`]): 429 with when to try again past them. The operator's requests do not.
+pub async fn within_message_limits(
+    deps: &PublishDeps,
+    caller: &Caller,
+    tenant: &str,
+    user_id: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), PublishError> {
+    if caller.tenant().is_none() {
+        return Ok(());
+    }
+    let op = crate::limits::Operation::Message;
+    let limited = deps
+        .limits
+        .check(deps.store.as_ref(), op, tenant, user_id, None, now)
+        .await
+        .map_err(|e| refuse(503, e.to_string()))?;
+    match limited {
+        Some(limited) => {
+            Err(PublishError { status: 429, message: limited.message(), retry_after_ms: Some(limited.retry_after_ms) })
+        }
+        None => Ok(()),
+    }
+}
+
 /// Validates and writes one publish; answers the message's id (the first one's, for a repeated
 /// idempotency key). Nothing is written for a refusal.
 pub async fn publish(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<String, PublishError> {
@@ -117,21 +143,7 @@ pub async fn publish(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result
     check_user_id("user_id", user_id)?;
     let key = request.idempotency_key.as_deref().map(parse_idempotency_key).transpose().map_err(|e| refuse(400, e))?;
     let now = deps.clock.now();
-    if caller.tenant().is_some() {
-        let op = crate::limits::Operation::Message;
-        let limited = deps
-            .limits
-            .check(deps.store.as_ref(), op, tenant.as_str(), user_id, None, now)
-            .await
-            .map_err(|e| refuse(503, e.to_string()))?;
-        if let Some(limited) = limited {
-            return Err(PublishError {
-                status: 429,
-                message: limited.message(),
-                retry_after_ms: Some(limited.retry_after_ms),
-            });
-        }
-    }
+    within_message_limits(deps, caller, tenant.as_str(), user_id, now).await?;
     let message =
         Message::published(tenant.as_str(), room.as_str(), user_id, request.message, now, deps.history_ttl_seconds);
     let size = ServerMessage::Message(ChatMessage::from(&message)).to_json().len();

@@ -216,23 +216,9 @@ async fn send_to_user(
     let from = from.unwrap_or(crate::publish::DEFAULT_PUBLISHER);
     crate::publish::check_user_id("from", from)?;
     let now = deps.clock.now();
-    if caller.tenant().is_some() {
-        // Counted against the user it goes to (and the tenant): a `from` of the backend's
-        // choosing must not open a way around the per-user limit onto one person's tabs.
-        let op = crate::limits::Operation::Message;
-        let limited = deps
-            .limits
-            .check(deps.store.as_ref(), op, tenant, user_id, None, now)
-            .await
-            .map_err(|e| refuse(503, e.to_string()))?;
-        if let Some(limited) = limited {
-            return Err(PublishError {
-                status: 429,
-                message: limited.message(),
-                retry_after_ms: Some(limited.retry_after_ms),
-            });
-        }
-    }
+    // Counted against the user it goes to (and the tenant): a `from` of the backend's choosing
+    // must not open a way around the per-user limit onto one person's tabs.
+    crate::publish::within_message_limits(deps, caller, tenant, user_id, now).await?;
     let connections =
         deps.store.user_connections(tenant, user_id, now).await.map_err(|e| refuse(503, e.to_string()))?;
     let record = crate::model::UserMessage::new(tenant, user_id, from, message.to_string(), &connections, now);

@@ -67,6 +67,12 @@ impl From<&Membership> for Recipient {
     }
 }
 
+impl From<&crate::model::UserRecipient> for Recipient {
+    fn from(r: &crate::model::UserRecipient) -> Self {
+        Recipient { connection_id: r.connection_id.clone(), endpoint: r.endpoint.clone(), connected_at: r.connected_at }
+    }
+}
+
 /// A tenant plugin's decision about a message (the default: deliver it as written).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {

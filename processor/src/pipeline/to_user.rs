@@ -9,15 +9,7 @@ use crate::react::{Effect, Recipient};
 
 /// Pure: the frame to every connection the record names (sorted, each once); nothing when none.
 pub fn react(m: &UserMessage) -> Vec<Effect> {
-    let mut recipients: Vec<Recipient> = m
-        .recipients
-        .iter()
-        .map(|r| Recipient {
-            connection_id: r.connection_id.clone(),
-            endpoint: r.endpoint.clone(),
-            connected_at: r.connected_at,
-        })
-        .collect();
+    let mut recipients: Vec<Recipient> = m.recipients.iter().map(Recipient::from).collect();
     recipients.sort_unstable();
     recipients.dedup_by(|a, b| a.connection_id == b.connection_id);
     if recipients.is_empty() {
