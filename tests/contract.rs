@@ -50,19 +50,33 @@ roomcast_tests::on_both_stores!(tables:
 async fn the_active_pointer_moves_conditionally_only_from_the_one_expected(table: Table) {
     use roomcast::model::{NO_POINTER, PluginActive};
     let store = &table.store;
-    assert!(!store.set_active_plugin_if("acme", "v1", "some-revision").await.unwrap(), "there is none");
-    assert!(store.set_active_plugin_if("acme", "v1", NO_POINTER).await.unwrap());
+    assert!(
+        !store.set_active_plugin_if(&PluginActive::new("acme", "v1"), "some-revision").await.unwrap(),
+        "there is none"
+    );
+    assert!(store.set_active_plugin_if(&PluginActive::new("acme", "v1"), NO_POINTER).await.unwrap());
     let first = store.active_plugin("acme").await.unwrap();
     assert_eq!(first.as_ref().map(|a| a.version.as_str()), Some("v1"));
-    assert!(!store.set_active_plugin_if("acme", "v2", NO_POINTER).await.unwrap(), "there is one now");
+    assert!(
+        !store.set_active_plugin_if(&PluginActive::new("acme", "v2"), NO_POINTER).await.unwrap(),
+        "there is one now"
+    );
     store.set_active_plugin("acme", Some("v0")).await.unwrap();
-    assert!(!store.set_active_plugin_if("acme", "v2", &PluginActive::token(first.as_ref())).await.unwrap(), "moved on");
+    assert!(
+        !store
+            .set_active_plugin_if(&PluginActive::new("acme", "v2"), &PluginActive::token(first.as_ref()))
+            .await
+            .unwrap(),
+        "moved on"
+    );
     let now = store.active_plugin("acme").await.unwrap();
-    assert!(store.set_active_plugin_if("acme", "v2", &PluginActive::token(now.as_ref())).await.unwrap());
+    assert!(
+        store.set_active_plugin_if(&PluginActive::new("acme", "v2"), &PluginActive::token(now.as_ref())).await.unwrap()
+    );
     assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, "v2");
     let unrevised = PluginActive { revision: None, ..PluginActive::new("acme", "v2") };
     assert_eq!(PluginActive::token(Some(&unrevised)), "version:v2");
-    assert!(store.set_active_plugin_if("globex", "v9", NO_POINTER).await.unwrap(), "tenants apart");
+    assert!(store.set_active_plugin_if(&PluginActive::new("globex", "v9"), NO_POINTER).await.unwrap(), "tenants apart");
     assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, "v2");
 }
 

@@ -566,7 +566,8 @@ async fn hostile_plugins_in_roomcast_dev_fault_within_their_limits(kind: &str) {
     // them reach no one, and acme's own `side` nothing of lax's.
     let mut sid = connect(&stack, "lax", "sid", "side").await;
     let mut cal = connect(&stack, "acme", "cal", "side").await;
-    for c in [&mut sid, &mut cal] {
+    let mut gus = connect(&stack, "globex", "gus", "side").await;
+    for c in [&mut sid, &mut cal, &mut gus] {
         c.expect_action("welcome").await;
     }
     for body in ["route-repeats", "route-foreign"] {
@@ -585,6 +586,14 @@ async fn hostile_plugins_in_roomcast_dev_fault_within_their_limits(kind: &str) {
     cal.expect_before(
         "cal's marker",
         |f| f["message"] == "cal's marker",
+        |f| f["action"] == "message" && f["user_id"] == "lou",
+    )
+    .await;
+    // Globex's `side`, which `route-foreign` names as the table keys it: nothing of lax's.
+    gus.ask(json!({"action":"sendMessage","room":"side","message":"gus's marker"}), "ack").await;
+    gus.expect_before(
+        "gus's marker",
+        |f| f["message"] == "gus's marker",
         |f| f["action"] == "message" && f["user_id"] == "lou",
     )
     .await;

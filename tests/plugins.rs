@@ -1119,6 +1119,21 @@ async fn a_rollback_right_after_an_upload_is_never_undone(kind: &str) {
     let v4 = stack.upload_plugin("acme", &component("roomcast-plugin-moderation"), FailurePolicy::Open, none()).await;
     stack.pump().await;
     assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, v4.version);
+
+    // Two uploads in a row before a processor handles either (a fix right after a bad upload):
+    // the first is activated, then the second replaces it — an upload's own activation does not
+    // stand against a later upload, as an operator's change does.
+    stack.clock.advance(chrono::Duration::seconds(1));
+    let bad = stack.upload_plugin("acme", &component("roomcast-plugin-welcome"), FailurePolicy::Open, none()).await;
+    stack.clock.advance(chrono::Duration::seconds(1));
+    let fix = stack.upload_plugin("acme", &component("roomcast-plugin-routing"), FailurePolicy::Open, none()).await;
+    std::mem::swap(&mut stack.processor, &mut second);
+    stack.pump().await;
+    std::mem::swap(&mut stack.processor, &mut second);
+    stack.pump().await;
+    assert_eq!(store.active_plugin("acme").await.unwrap().unwrap().version, fix.version, "the later upload wins");
+    let first = store.plugin("acme", &bad.version).await.unwrap().unwrap();
+    assert_eq!(first.status, roomcast::model::PluginStatus::Inactive, "{first:?}");
 }
 
 /// An operator points the tenant at a version that cannot load: the container runs no plugin

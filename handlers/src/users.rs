@@ -131,15 +131,13 @@ pub async fn act(deps: &PublishDeps, caller: &Caller, body: &[u8]) -> Result<Val
                         crate::handlers::join_as(conn, deps.store.as_ref(), &joins, now, room.clone(), reason).await
                     }
                     false => {
-                        // Marked first, so the membership's REMOVE says the backend did it: the
-                        // processor tells the connection, whose client then forgets the room.
+                        // Marked first, so the membership's REMOVE (the leave's own transaction,
+                        // which also drops the room from the connection) says the backend did it:
+                        // the processor tells the connection, whose client then forgets the room.
                         if conn.rooms.contains(room.as_str()) || conn.pending_rooms.contains(room.as_str()) {
                             let (tenant, id) = (conn.tenant.as_str(), conn.connection_id.as_str());
                             // A membership gone meanwhile is not marked (the mark is conditional).
-                            deps.store
-                                .remove_membership(tenant, room, id, LeftReason::Server)
-                                .await
-                                .map_err(unavailable)?;
+                            deps.store.mark_left(tenant, room, id, LeftReason::Server).await.map_err(unavailable)?;
                         }
                         crate::handlers::leave_as(conn, deps.store.as_ref(), room.clone()).await
                     }

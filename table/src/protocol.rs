@@ -175,7 +175,7 @@ pub fn parse_frame_with_ref(body: &str) -> (Result<Request, FrameError>, Option<
         return (Err(FrameError::new(ErrorCode::InvalidJson, "frame must be a JSON object")), None);
     };
     let reference = match fields.get("ref") {
-        None => None,
+        None | Some(Value::Null) => None,
         Some(Value::String(r)) if !r.is_empty() && r.len() <= MAX_REF_BYTES => Some(r.clone()),
         Some(_) => {
             let message = format!("`ref` must be a string of 1 to {MAX_REF_BYTES} bytes");
@@ -638,6 +638,7 @@ mod tests {
         for (frame, says) in [
             (serde_json::json!({"action": "ping", "ref": "r".repeat(MAX_REF_BYTES + 1)}), "`ref` must be"),
             (serde_json::json!({"action": "ping", "ref": 7}), "`ref` must be"),
+            (serde_json::json!({"action": "ping", "ref": {"id": 1}}), "`ref` must be"),
             (serde_json::json!({"action": "ping", "ref": ""}), "`ref` must be"),
             (serde_json::json!({"action": "sendMessage", "room": "general", "message": ""}), "`message` is empty"),
             (

@@ -60,6 +60,15 @@ impl MembershipStore for UnavailableRoom {
     ) -> roomcast::store::Result<()> {
         self.inner.remove_membership(tenant, room, id, r).await
     }
+    async fn mark_left(
+        &self,
+        tenant: &str,
+        room: &str,
+        id: &str,
+        r: roomcast::model::LeftReason,
+    ) -> roomcast::store::Result<()> {
+        self.inner.mark_left(tenant, room, id, r).await
+    }
     async fn settle_join(&self, m: &roomcast::model::Membership, allowed: bool) -> roomcast::store::Result<bool> {
         self.inner.settle_join(m, allowed).await
     }

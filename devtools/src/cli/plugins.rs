@@ -28,7 +28,8 @@ impl Target {
     ) -> anyhow::Result<PluginMeta> {
         match self {
             Target::Table(store) => {
-                let host = PluginHost::new()?;
+                // A check and one compile: no pool of instance slots to reserve.
+                let host = PluginHost::on_demand()?;
                 crate::plugins::upload(store, &host, tenant, &bytes, policy, limits, chrono::Utc::now()).await
             }
             Target::Dev(url) => {
@@ -248,7 +249,8 @@ pub fn test(
     let event: serde_json::Value =
         serde_json::from_slice(&std::fs::read(event).map_err(|e| anyhow::anyhow!("reading {}: {e}", event.display()))?)
             .map_err(|e| anyhow::anyhow!("{} is not JSON: {e}", event.display()))?;
-    let host = PluginHost::new()?;
+    // One message, one instance: no pool of slots to reserve.
+    let host = PluginHost::on_demand()?;
     let plugin = host.compile(&bytes, limits).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let hooks = host.hooks(&plugin, limits);
     println!(

@@ -715,6 +715,11 @@ fn within(size: usize, limits: &Limits) -> Result<(), Fault> {
 }
 
 fn classify(error: &wasmtime::Error, limits: &Limits, fuel_used: u64) -> Fault {
+    // The process's pool of instance slots is full: this host's limit, not the tenant's fault
+    // (its breaker and failure policy must not count it).
+    if error.chain().any(|cause| cause.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some()) {
+        return Fault::Host(format!("no plugin instance slot is free: {}", root_cause(error)));
+    }
     match error.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => return Fault::OutOfFuel(fuel_used.max(limits.fuel)),
         Some(Trap::Interrupt) => return Fault::Deadline(limits.deadline),

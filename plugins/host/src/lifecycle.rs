@@ -26,7 +26,7 @@ use roomcast_processor::store::{Store, StoreError};
 use roomcast_processor::stream::{Change, Record};
 
 use super::registry::{Policy, Registry};
-use super::{JoinRequest, LimitOverrides, Limits, Message, PluginHost, WelcomeInfo};
+use super::{JoinRequest, LimitOverrides, Limits, Message, Plugin, PluginHost, WelcomeInfo};
 
 /// The tenants' plugins as the processor's [`TenantRules`]: this container's registry, kept in
 /// step with the table.
@@ -67,28 +67,42 @@ impl PluginRules {
                     return Ok(vec![PluginAction::WouldActivate { tenant, version }]);
                 }
                 // The operator may have changed the pointer since the upload (a rollback, another
-                // activation, a disable): that newer change stands.
-                if let Some(based_on) = &meta.based_on {
-                    let pointer = self.store.active_plugin(&meta.tenant).await?;
-                    if PluginActive::token(pointer.as_ref()) != *based_on {
-                        return self.superseded(&meta, mode).await;
-                    }
+                // activation, a disable): that newer change stands. An older upload's activation
+                // does not: of two uploads in a row, the later one wins.
+                let pointer = self.store.active_plugin(&meta.tenant).await?;
+                let uploaded = roomcast_processor::model::format_ts(&meta.uploaded_at);
+                if let Some(based_on) = &meta.based_on
+                    && !may_replace(pointer.as_ref(), based_on, &uploaded)
+                {
+                    return self.superseded(&meta, mode).await;
                 }
-                match self.load_version(&meta).await? {
-                    Ok(()) => {
-                        match &meta.based_on {
-                            // In one conditional write: a change that landed while this version
-                            // compiled wins too.
-                            Some(based_on) => {
-                                if !self.store.set_active_plugin_if(&meta.tenant, &meta.version, based_on).await? {
+                match self.compile_version(&meta).await? {
+                    Ok(compiled) => {
+                        let ours = pointer.as_ref().is_some_and(|p| {
+                            p.version == meta.version && p.by_upload.as_deref() == Some(uploaded.as_str())
+                        });
+                        let revision = match &meta.based_on {
+                            // Already written by this upload (a redelivery after a partial failure).
+                            Some(_) if ours => pointer.as_ref().and_then(|p| p.revision.clone()),
+                            // In one conditional write against the pointer just read: a change
+                            // that landed while this version compiled wins.
+                            Some(_) => {
+                                let mut written = PluginActive::new(&meta.tenant, &meta.version);
+                                written.by_upload = Some(uploaded.clone());
+                                let expected = PluginActive::token(pointer.as_ref());
+                                if !self.store.set_active_plugin_if(&written, &expected).await? {
                                     return self.superseded(&meta, mode).await;
                                 }
+                                written.revision
                             }
-                            None => self.store.set_active_plugin(&meta.tenant, Some(&meta.version)).await?,
-                        }
+                            None => {
+                                self.store.set_active_plugin(&meta.tenant, Some(&meta.version)).await?;
+                                self.store.active_plugin(&meta.tenant).await?.and_then(|a| a.revision)
+                            }
+                        };
+                        self.install(&meta, compiled);
                         self.mark_active(&meta.tenant, &meta.version).await?;
                         // This container has loaded what the new pointer names.
-                        let revision = self.store.active_plugin(&meta.tenant).await?.and_then(|a| a.revision);
                         registry.set_revision(&meta.tenant, revision);
                         self.record_hooks(&meta.tenant, &meta.version, None).await?;
                         tracing::info!(%tenant, %version, "plugin activated");
@@ -161,6 +175,11 @@ impl PluginRules {
     /// Reassembles, verifies and compiles a version, and installs it. The inner error is the
     /// reason the tenant sees.
     async fn load_version(&self, meta: &PluginMeta) -> Result<Result<(), String>, StoreError> {
+        Ok(self.compile_version(meta).await?.map(|compiled| self.install(meta, compiled)))
+    }
+
+    /// Reassembles, verifies and compiles a version, without installing it.
+    async fn compile_version(&self, meta: &PluginMeta) -> Result<Result<(Plugin, Limits), String>, StoreError> {
         let registry = &*self.registry;
         let limits = registry.limits().with_overrides(&meta.limits.unwrap_or_default());
         // One load per version however many partitions ask at once (`Registry::load`).
@@ -178,22 +197,25 @@ impl PluginRules {
             Ok(Ok(bytes))
         };
         let compiled = registry.load(&meta.tenant, &meta.version, &limits, read).await?;
-        Ok(compiled.map(|plugin| {
-            let policy = match meta.policy {
-                FailurePolicy::Open => Policy::FailOpen,
-                FailurePolicy::Closed => Policy::FailClosed,
-            };
-            tracing::info!(
-                tenant = %meta.tenant,
-                version = %meta.version,
-                from_artifact = plugin.from_artifact,
-                fuel = limits.fuel,
-                memory_bytes = limits.memory_bytes,
-                deadline_ms = limits.deadline.as_millis() as u64,
-                "plugin loaded"
-            );
-            registry.install(&meta.tenant, plugin, limits, policy, false);
-        }))
+        Ok(compiled.map(|plugin| (plugin, limits)))
+    }
+
+    /// Makes a compiled version this container's plugin for its tenant.
+    fn install(&self, meta: &PluginMeta, (plugin, limits): (Plugin, Limits)) {
+        let policy = match meta.policy {
+            FailurePolicy::Open => Policy::FailOpen,
+            FailurePolicy::Closed => Policy::FailClosed,
+        };
+        tracing::info!(
+            tenant = %meta.tenant,
+            version = %meta.version,
+            from_artifact = plugin.from_artifact,
+            fuel = limits.fuel,
+            memory_bytes = limits.memory_bytes,
+            deadline_ms = limits.deadline.as_millis() as u64,
+            "plugin loaded"
+        );
+        self.registry.install(&meta.tenant, plugin, limits, policy, false);
     }
 
     /// Loads what an `ACTIVE` pointer names, unless this container runs exactly that already
@@ -316,6 +338,14 @@ impl TenantRules for PluginRules {
     fn take_stats(&self) -> Vec<roomcast_processor::metrics::PluginStats> {
         self.registry.take_stats()
     }
+}
+
+/// Whether an upload made over the pointer `based_on` may replace `pointer`: it is still that
+/// pointer, or it is an older upload's activation (`by_upload` before this one's time). A
+/// pointer an operator wrote after the upload — an activation, a rollback, a disable — stands.
+fn may_replace(pointer: Option<&PluginActive>, based_on: &str, uploaded_at: &str) -> bool {
+    PluginActive::token(pointer) == based_on
+        || pointer.and_then(|p| p.by_upload.as_deref()).is_some_and(|by| by <= uploaded_at)
 }
 
 /// The processor with the tenants' plugins from `registry`, kept in step with its table.

@@ -153,6 +153,11 @@ pub struct PluginActive {
     /// when it loaded it: `$connect` reads it to know whether joins must wait for a decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorizes_joins: Option<bool>,
+    /// When the processor wrote it activating an upload: that upload's `uploadedAt`. An upload
+    /// made after it may still replace it (two uploads in a row: the later one wins); a pointer
+    /// an operator wrote (activate, rollback) has none, and stands against older uploads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_upload: Option<String>,
 }
 
 impl PluginActive {
@@ -165,6 +170,7 @@ impl PluginActive {
             version: version.to_string(),
             revision: Some(uuid::Uuid::now_v7().to_string()),
             authorizes_joins: None,
+            by_upload: None,
         }
     }
 }

@@ -158,6 +158,10 @@ pub trait MembershipStore: Send + Sync {
     /// Marks the membership with `leftReason` and deletes it (the processor's cascade when a
     /// connection goes), whether or not it decodes. Idempotent.
     async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()>;
+
+    /// Marks the membership with `leftReason` (if it is there), so that the REMOVE of a later
+    /// `leave` says why: a server-side leave (`leave_user`) marks, then leaves in one transaction.
+    async fn mark_left(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()>;
 }
 
 /// The table's history: messages (and signals) written to rooms, and what the tenant's rules decided of them.
@@ -326,9 +330,9 @@ pub trait PluginStore: Send + Sync {
     /// Points the tenant at a version, or (with `None`) at no plugin.
     async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()>;
 
-    /// Points the tenant at `version` only if its pointer is still the one `expected` names
+    /// Writes `pointer` only if the tenant's pointer is still the one `expected` names
     /// ([`crate::model::PluginActive::token`]), in one conditional write; whether it did.
-    async fn set_active_plugin_if(&self, tenant: &str, version: &str, expected: &str) -> Result<bool>;
+    async fn set_active_plugin_if(&self, pointer: &PluginActive, expected: &str) -> Result<bool>;
 
     /// The tenant's plugin configuration, if any (strongly consistent: read with the `ACTIVE`
     /// pointer).

@@ -135,6 +135,9 @@ impl MembershipStore for Parts {
     async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()> {
         self.memberships.remove_membership(tenant, room, connection_id, reason).await
     }
+    async fn mark_left(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()> {
+        self.memberships.mark_left(tenant, room, connection_id, reason).await
+    }
 }
 
 #[async_trait]
@@ -255,8 +258,8 @@ impl PluginStore for Parts {
     async fn set_active_plugin(&self, tenant: &str, version: Option<&str>) -> Result<()> {
         self.plugins.set_active_plugin(tenant, version).await
     }
-    async fn set_active_plugin_if(&self, tenant: &str, version: &str, expected: &str) -> Result<bool> {
-        self.plugins.set_active_plugin_if(tenant, version, expected).await
+    async fn set_active_plugin_if(&self, pointer: &PluginActive, expected: &str) -> Result<bool> {
+        self.plugins.set_active_plugin_if(pointer, expected).await
     }
     async fn plugin_config(&self, tenant: &str) -> Result<Option<crate::model::PluginConfig>> {
         self.plugins.plugin_config(tenant).await

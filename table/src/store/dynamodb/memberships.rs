@@ -202,6 +202,10 @@ impl MembershipStore for DynamoStore {
         Ok(members)
     }
 
+    async fn mark_left(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()> {
+        self.mark(membership_key(tenant, room, connection_id), "leftReason", s(reason.as_str())).await
+    }
+
     async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()> {
         self.mark(membership_key(tenant, room, connection_id), "leftReason", s(reason.as_str())).await?;
         self.client

@@ -155,9 +155,8 @@ impl PluginStore for DynamoStore {
         Ok(())
     }
 
-    async fn set_active_plugin_if(&self, tenant: &str, version: &str, expected: &str) -> Result<bool> {
-        let put =
-            self.client.put_item().table_name(&self.table).set_item(Some(encode(&PluginActive::new(tenant, version))?));
+    async fn set_active_plugin_if(&self, pointer: &PluginActive, expected: &str) -> Result<bool> {
+        let put = self.client.put_item().table_name(&self.table).set_item(Some(encode(pointer)?));
         let put = if expected == model::NO_POINTER {
             put.condition_expression("attribute_not_exists(pk)")
         } else if let Some(named) = expected.strip_prefix(model::UNREVISED) {

@@ -109,6 +109,13 @@ impl MembershipStore for MemoryStore {
         Ok(self.lock().rosters.get(&model::room_pk(tenant, room)).copied())
     }
 
+    async fn mark_left(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()> {
+        let mut table = self.lock();
+        let key = membership_key(tenant, room, connection_id);
+        self.update(&mut table, &key, &[("leftReason", Some(AttributeValue::S(reason.as_str().into())))]);
+        Ok(())
+    }
+
     async fn remove_membership(&self, tenant: &str, room: &str, connection_id: &str, reason: LeftReason) -> Result<()> {
         let mut table = self.lock();
         let key = membership_key(tenant, room, connection_id);

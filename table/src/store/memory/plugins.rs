@@ -93,14 +93,14 @@ impl PluginStore for MemoryStore {
         Ok(())
     }
 
-    async fn set_active_plugin_if(&self, tenant: &str, version: &str, expected: &str) -> Result<bool> {
+    async fn set_active_plugin_if(&self, pointer: &PluginActive, expected: &str) -> Result<bool> {
         let mut table = self.lock();
-        let key = (model::tenant_pk(tenant), model::PLUGIN_ACTIVE_SK.to_string());
+        let key = (pointer.pk.clone(), pointer.sk.clone());
         let now: Option<PluginActive> = self.get(&table, &key);
         if PluginActive::token(now.as_ref()) != expected {
             return Ok(false);
         }
-        let item = encode(&PluginActive::new(tenant, version))?;
+        let item = encode(pointer)?;
         self.put_item(&mut table, item);
         Ok(true)
     }
