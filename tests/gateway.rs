@@ -1110,7 +1110,8 @@ async fn plugin_list_says_when_there_is_nothing_and_what_a_disable_left() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        // What it says besides the listing goes to stderr.
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     };
     let listed = roomcast(&["plugin", "list", "--tenant", "nobody"]);
     assert!(listed.contains("nobody has no plugin versions"), "{listed}");

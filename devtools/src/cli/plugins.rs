@@ -373,12 +373,13 @@ pub(super) async fn run(command: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::List { tenant, target } => {
             let (active, versions) = target.target().await.list(&tenant).await?;
+            // Said on stderr: the listing on stdout stays one line a version, for scripts.
             if versions.is_empty() {
-                println!(
+                eprintln!(
                     "{tenant} has no plugin versions (`roomcast plugin upload --tenant {tenant} FILE.wasm` adds one)"
                 );
             } else if active.is_none() {
-                println!("{tenant} runs no plugin (none active, or disabled); its versions:");
+                eprintln!("{tenant} runs no plugin (none active, or disabled); its versions:");
             }
             print_list(active.as_ref().map(|(v, joins)| (v.as_str(), *joins)), &versions);
             Ok(())
