@@ -46,7 +46,8 @@ async fn connect_is_welcomed_through_the_stream(kind: &str) {
     assert_eq!(
         welcome,
         vec![
-            json!({"action":"welcome","connection_id":"c1=","tenant":"acme","user_id":"ann","rooms":["general","ops"]})
+            json!({"action":"welcome","connection_id":"c1=","tenant":"acme","user_id":"ann","rooms":["general","ops"],
+                   "deployment_id":"deploy-1","connection_type":"client"})
         ]
     );
     let call = &stack.recorder.calls()[0];
