@@ -230,7 +230,7 @@ async fn cleanup_deletes_only_confirmed_stale_connections_and_presence_follows(k
     assert_eq!(
         answer,
         json!({"statusCode": 200, "body": {"message": "Stale connections cleaned up", "cleanedCount": 1, "presenceRepaired": 0,
-            "skipped": false, "shards": 16, "failedShards": 0}})
+            "checked": 2, "stillOpen": 1, "unknown": 0, "skipped": false, "shards": 16, "failedShards": 0}})
     );
     let mut probed = stack.recorder.probed();
     probed.sort();
