@@ -427,7 +427,9 @@ async fn the_operators_page_shows_tenants_rooms_connections_and_plugins() {
         browser.click(&tab, "connect").await;
         browser.wait_for(&tab, "the welcome", &log_has("welcome", &format!("connected as {user}"))).await;
     }
-    let ops = browser.open_until(&format!("http://{}/_dev/ops", stack.addr), "!!document.body && !!document.body.dataset.refreshed").await;
+    let ops = browser
+        .open_until(&format!("http://{}/_dev/ops", stack.addr), "!!document.body && !!document.body.dataset.refreshed")
+        .await;
     let tenant = "document.querySelector('[data-tenant=\"acme\"]')";
     let shows = |text: &str| format!("!!{tenant} && {tenant}.innerText.includes({})", json!(text));
     browser.wait_for(&ops, "acme's room with both users", &format!("{} && {}", shows("ann×1"), shows("bob×1"))).await;
