@@ -5,36 +5,15 @@ use super::*;
 #[async_trait]
 impl HistoryStore for DynamoStore {
     async fn put_message(&self, message: &Message) -> Result<()> {
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(encode(message)?))
-            .send()
-            .await
-            .map_err(|e| unavailable("put_item", e))?;
-        Ok(())
+        self.put_record(message, "put_item").await
     }
 
     async fn put_signal(&self, signal: &crate::model::Signal) -> Result<()> {
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(encode(signal)?))
-            .send()
-            .await
-            .map_err(|e| unavailable("put_item (signal)", e))?;
-        Ok(())
+        self.put_record(signal, "put_item (signal)").await
     }
 
     async fn put_user_message(&self, message: &crate::model::UserMessage) -> Result<()> {
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(encode(message)?))
-            .send()
-            .await
-            .map_err(|e| unavailable("put_item (user message)", e))?;
-        Ok(())
+        self.put_record(message, "put_item (user message)").await
     }
 
     async fn history_page(

@@ -198,6 +198,19 @@ impl DynamoStore {
         written("update_item", result).map(|_| ())
     }
 
+    /// Writes one record as it is (a message, a signal, a message to a user); `what` names it in
+    /// the error.
+    async fn put_record<T: serde::Serialize>(&self, record: &T, what: &str) -> Result<()> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(encode(record)?))
+            .send()
+            .await
+            .map_err(|e| unavailable(what, e))?;
+        Ok(())
+    }
+
     /// Writes a message unless it is there already (a first send and its repeat may both try).
     async fn put_if_absent(&self, message: &Message) -> Result<()> {
         let put = self

@@ -5,24 +5,15 @@ use super::*;
 #[async_trait]
 impl HistoryStore for MemoryStore {
     async fn put_message(&self, message: &Message) -> Result<()> {
-        let item = encode(message)?;
-        let mut table = self.lock();
-        self.put_item(&mut table, item);
-        Ok(())
+        self.put_record(message)
     }
 
     async fn put_signal(&self, signal: &crate::model::Signal) -> Result<()> {
-        let item = encode(signal)?;
-        let mut table = self.lock();
-        self.put_item(&mut table, item);
-        Ok(())
+        self.put_record(signal)
     }
 
     async fn put_user_message(&self, message: &crate::model::UserMessage) -> Result<()> {
-        let item = encode(message)?;
-        let mut table = self.lock();
-        self.put_item(&mut table, item);
-        Ok(())
+        self.put_record(message)
     }
 
     async fn history_page(

@@ -162,6 +162,14 @@ impl MemoryStore {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes one record as it is (a message, a signal, a message to a user).
+    fn put_record<T: serde::Serialize>(&self, record: &T) -> Result<()> {
+        let item = encode(record)?;
+        let mut table = self.lock();
+        self.put_item(&mut table, item);
+        Ok(())
+    }
+
     fn put_item(&self, table: &mut Table, item: Item) {
         let key = item_key(&item);
         let old = table.items.insert(key.clone(), item.clone());
